@@ -1,0 +1,246 @@
+"""A small HTTP client for the manager's API.
+
+Invariants:
+
+- Every method makes one request on a fresh connection and closes it; no state is kept
+  between calls, so a client is safe to share between threads.
+- ``connect``, when given, replaces the TCP connect: it gets ``(host, port, timeout)`` and
+  returns a connected socket (the lab uses it to open sockets inside network namespaces).
+- A non-2xx answer raises ``ApiError(status, message)`` with the server's ``error`` text and,
+  when present, the ``field`` or ``rule`` it named. A failure to connect, send or receive
+  raises ``ConnectionFailed`` (an ``ApiError`` with ``status == 0``). Nothing else escapes
+  except ``ValueError`` for a bad base URL or key given to the constructor.
+- A response body larger than ``max_response`` bytes is refused, never read whole.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+ConnectFn = Callable[[str, int, float], socket.socket]
+JSONObject = dict[str, Any]
+
+_UNSET: Any = object()
+
+
+class ApiError(Exception):
+    """The manager answered with an error status (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, message: str, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+        self.body: dict[str, Any] = dict(body or {})
+        field = self.body.get("field")
+        rule = self.body.get("rule")
+        self.field: str | None = field if isinstance(field, str) else None
+        self.rule: str | None = rule if isinstance(rule, str) else None
+
+
+class ConnectionFailed(ApiError):
+    """The request did not get an HTTP answer (refused, timed out, reset)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, timeout: float, connect: ConnectFn) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._connect_fn = connect
+        self._timeout_s = timeout
+
+    def connect(self) -> None:
+        self.sock = self._connect_fn(self.host, self.port, self._timeout_s)
+
+
+class ManagerClient:
+    """Calls the manager's API. ``base_url`` is ``http://HOST:PORT``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str | bytes,
+        timeout: float = 5.0,
+        connect: ConnectFn | None = None,
+        *,
+        max_response: int = 16 * 1024 * 1024,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http":
+            raise ValueError(f"manager URL {base_url!r} must start with http://")
+        if not parts.hostname:
+            raise ValueError(f"manager URL {base_url!r} has no host")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError(f"manager URL {base_url!r} has a bad port") from None
+        if parts.query or parts.fragment:
+            raise ValueError(f"manager URL {base_url!r} must not have a query or fragment")
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname
+        self.port = port
+        self._prefix = parts.path.rstrip("/")
+        key_text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        key_text = key_text.strip()
+        if not key_text or any(not 33 <= ord(c) <= 126 for c in key_text):
+            raise ValueError("key must be non-empty printable ASCII without spaces")
+        self._auth = f"Bearer {key_text}"
+        self.timeout = float(timeout)
+        self._connect = connect
+        self.max_response = max_response
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._connect is not None:
+            return _Connection(self.host, self.port, self.timeout, self._connect)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        query: Mapping[str, Any] | None = None,
+        auth: bool = True,
+    ) -> tuple[int, JSONObject]:
+        """Send one request; return (status, JSON body) whatever the status."""
+        target = self._prefix + path
+        if query:
+            target += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+        headers = {"Accept": "application/json", "Connection": "close"}
+        if auth:
+            headers["Authorization"] = self._auth
+        data = None
+        if body is not None:
+            data = json.dumps(body, allow_nan=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn = self._connection()
+        try:
+            conn.request(method, target, body=data, headers=headers)
+            resp = conn.getresponse()
+            length = resp.getheader("Content-Length")
+            if length is not None and length.isdigit() and int(length) > self.max_response:
+                raise ApiError(resp.status, f"response of {length} bytes is too large")
+            raw = resp.read(self.max_response + 1)
+            if len(raw) > self.max_response:
+                raise ApiError(resp.status, "response is too large")
+            status = resp.status
+        except ApiError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            what = type(exc).__name__
+            raise ConnectionFailed(
+                f"cannot reach the manager at {self.base_url}: {what}: {exc}"
+            ) from None
+        finally:
+            conn.close()
+        try:
+            obj = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ApiError(status, f"the manager sent a non-JSON answer ({raw[:60]!r})") from None
+        if not isinstance(obj, dict):
+            raise ApiError(status, "the manager sent JSON that is not an object")
+        return status, obj
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        query: Mapping[str, Any] | None = None,
+        auth: bool = True,
+    ) -> JSONObject:
+        status, obj = self.request(method, path, body, query=query, auth=auth)
+        if not 200 <= status < 300:
+            message = obj.get("error")
+            raise ApiError(status, str(message) if message else f"HTTP {status}", obj)
+        return obj
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    def health(self) -> JSONObject:
+        """``GET /v1/health`` (no key needed)."""
+        return self._call("GET", "/v1/health", auth=False)
+
+    def status(self) -> JSONObject:
+        """``GET /v1/status``: hosts, VMs, placements, networks, open actions."""
+        return self._call("GET", "/v1/status")
+
+    def heartbeat(self, host: str, payload: Mapping[str, Any]) -> JSONObject:
+        """``POST /v1/hosts/{host}/heartbeat``; ``payload`` has seq, interfaces, agent..."""
+        return self._call("POST", f"/v1/hosts/{quote(host, safe='')}/heartbeat", payload)
+
+    def get_vm(self, name: str) -> JSONObject:
+        """``GET /v1/vms/{vm}``: the VM object."""
+        return dict(self._call("GET", f"/v1/vms/{quote(name, safe='')}")["vm"])
+
+    def put_vm(
+        self,
+        name: str,
+        *,
+        mac: str | None = None,
+        ip: str | None = None,
+        host: str | None = _UNSET,
+        state: str | None = None,
+        reason: str | None = None,
+        actor: str | None = None,
+    ) -> JSONObject:
+        """``PUT /v1/vms/{vm}``: define or update a VM. Omitted fields stay as they are;
+        ``host=None`` un-places the VM. Returns ``{"vm": {...}, "created": bool}``."""
+        body: dict[str, Any] = {}
+        for k, v in (("mac", mac), ("ip", ip), ("state", state), ("reason", reason),
+                     ("actor", actor)):
+            if v is not None:
+                body[k] = v
+        if host is not _UNSET:
+            body["host"] = host
+        return self._call("PUT", f"/v1/vms/{quote(name, safe='')}", body)
+
+    def migrate(
+        self, vm: str, to: str, reason: str, dry_run: bool = False, actor: str | None = None
+    ) -> JSONObject:
+        """``POST /v1/vms/{vm}/migrate``. Returns ``{"action": {...}}`` (queued) or
+        ``{"dry_run": true, "plan": {...}}``; a refusal raises ``ApiError`` 409 with ``rule``."""
+        body: dict[str, Any] = {"to": to, "reason": reason, "dry_run": dry_run}
+        if actor is not None:
+            body["actor"] = actor
+        return self._call("POST", f"/v1/vms/{quote(vm, safe='')}/migrate", body)
+
+    def claim_actions(self, executor: str) -> list[JSONObject]:
+        """``GET /v1/actions?executor=NAME``: the pending actions, now claimed by ``executor``."""
+        obj = self._call("GET", "/v1/actions", query={"executor": executor})
+        return [dict(a) for a in obj.get("actions", [])]
+
+    def complete_action(self, action_id: str, ok: bool, detail: str = "") -> JSONObject:
+        """``POST /v1/actions/{id}``: report the result of a claimed action."""
+        obj = self._call("POST", f"/v1/actions/{quote(action_id, safe='')}",
+                         {"ok": ok, "detail": detail})
+        return dict(obj["action"])
+
+    def journal(self, since: int = 0, limit: int | None = None) -> list[JSONObject]:
+        """``GET /v1/journal?since=N``: the journal entries with seq > since."""
+        obj = self._call("GET", "/v1/journal", query={"since": since, "limit": limit})
+        return [dict(e) for e in obj.get("entries", [])]
+
+    def post_event(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """``POST /v1/events``: put an external event into the journal; return its seq."""
+        body = {"actor": actor, "action": action, "subject": subject, "reason": reason,
+                "details": dict(details or {}), "dry_run": dry_run}
+        return int(self._call("POST", "/v1/events", body)["seq"])

@@ -1,0 +1,491 @@
+"""The cluster model: hosts, VMs, networks and the placement of VMs on hosts.
+
+Invariants:
+
+- Every name (host, VM, network) matches ``NAME_RE`` (``^[a-z][a-z0-9-]{0,30}$``).
+- ``Host``, ``VM`` and ``Network`` are frozen dataclasses; a change makes a new object. Their
+  constructors validate every field (addresses, MAC, CIDR), so an invalid object cannot exist.
+- A VM is placed on at most one host at any time: the placement is the single field ``VM.host``.
+  ``ClusterModel`` changes it only in ``place_vm`` and ``update_vm``, which check that the target
+  host exists. ``remove_host`` refuses while a VM is placed on the host.
+- A RUNNING or MIGRATING VM is always placed on a host.
+- No two VMs share a MAC address.
+- VM state changes follow ``VM_TRANSITIONS``; host state changes follow ``HOST_TRANSITIONS``.
+  Setting the current state again is a no-op. Any other change raises ``IllegalTransition``
+  (a local error) and leaves the model unchanged.
+- Every ``ClusterModel`` method either applies its whole change or raises and changes nothing.
+- ``ClusterModel.from_json(m.to_json())`` gives a model equal to ``m``; ``from_json`` validates
+  every field through the same constructors, so a loaded model holds the same invariants.
+- The model never reads a clock: ``last_seen`` is a monotonic timestamp passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from netsvc.cluster.errors import (
+    IllegalTransition,
+    InvalidName,
+    InvalidValue,
+    InvariantViolation,
+    ModelError,
+    UnknownEntity,
+)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+NETWORK_KINDS = frozenset({"mgmt", "vm", "storage", "site"})
+INTERFACE_STATES = frozenset({"up", "down"})
+MODEL_FORMAT = 1
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it is a valid cluster name, else raise ``InvalidName``."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidName(
+            f"invalid {what} {name!r}: must match {NAME_RE.pattern} "
+            "(lower-case letter, then up to 30 lower-case letters, digits or '-')"
+        )
+    return name
+
+
+def check_ip(value: object, field_name: str) -> str:
+    """Return the normalised text of an IPv4/IPv6 address, else raise ``InvalidValue``."""
+    if not isinstance(value, str):
+        raise InvalidValue(field_name, f"must be an IP address string, not {type(value).__name__}")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidValue(field_name, f"{value!r} is not an IP address") from None
+
+
+def check_mac(value: object, field_name: str = "mac") -> str:
+    """Return a MAC in lower-case ``aa:bb:cc:dd:ee:ff`` form, else raise ``InvalidValue``."""
+    if not isinstance(value, str) or not MAC_RE.fullmatch(value.lower()):
+        raise InvalidValue(field_name, f"{value!r} is not a MAC address like 52:54:00:12:34:56")
+    return value.lower()
+
+
+class HostState(Enum):
+    UP = "UP"
+    DOWN = "DOWN"
+    UNKNOWN = "UNKNOWN"
+
+
+class VMState(Enum):
+    DEFINED = "DEFINED"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    MIGRATING = "MIGRATING"
+    CRASHED = "CRASHED"
+
+
+HOST_TRANSITIONS: Mapping[HostState, frozenset[HostState]] = MappingProxyType(
+    {
+        HostState.UNKNOWN: frozenset({HostState.UP, HostState.DOWN}),
+        HostState.UP: frozenset({HostState.DOWN, HostState.UNKNOWN}),
+        HostState.DOWN: frozenset({HostState.UP, HostState.UNKNOWN}),
+    }
+)
+
+VM_TRANSITIONS: Mapping[VMState, frozenset[VMState]] = MappingProxyType(
+    {
+        VMState.DEFINED: frozenset({VMState.RUNNING, VMState.STOPPED}),
+        VMState.RUNNING: frozenset({VMState.STOPPED, VMState.MIGRATING, VMState.CRASHED}),
+        VMState.MIGRATING: frozenset({VMState.RUNNING, VMState.CRASHED, VMState.STOPPED}),
+        VMState.STOPPED: frozenset({VMState.RUNNING, VMState.DEFINED}),
+        VMState.CRASHED: frozenset({VMState.RUNNING, VMState.STOPPED}),
+    }
+)
+
+#: VM states that need a host (the VM's process lives somewhere).
+PLACED_STATES = frozenset({VMState.RUNNING, VMState.MIGRATING})
+
+
+def check_host_transition(name: str, old: HostState, new: HostState) -> None:
+    if old is not new and new not in HOST_TRANSITIONS[old]:
+        raise IllegalTransition("host", name, old.value, new.value)
+
+
+def check_vm_transition(name: str, old: VMState, new: VMState) -> None:
+    if old is not new and new not in VM_TRANSITIONS[old]:
+        raise IllegalTransition("VM", name, old.value, new.value)
+
+
+@dataclass(frozen=True)
+class Host:
+    """A hypervisor host. ``agent`` and ``interfaces`` are copied in; treat them as read-only."""
+
+    name: str
+    mgmt_addr: str | None = None
+    vm_addr: str | None = None
+    state: HostState = HostState.UNKNOWN
+    last_seen: float | None = None
+    agent: dict[str, Any] = field(default_factory=dict)
+    interfaces: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "host name")
+        if self.mgmt_addr is not None:
+            object.__setattr__(self, "mgmt_addr", check_ip(self.mgmt_addr, "mgmt_addr"))
+        if self.vm_addr is not None:
+            object.__setattr__(self, "vm_addr", check_ip(self.vm_addr, "vm_addr"))
+        if not isinstance(self.state, HostState):
+            raise InvalidValue("state", f"{self.state!r} is not a HostState")
+        if self.last_seen is not None and (
+            not isinstance(self.last_seen, (int, float))
+            or isinstance(self.last_seen, bool)
+            or not math.isfinite(self.last_seen)
+        ):
+            raise InvalidValue("last_seen", f"{self.last_seen!r} is not a finite number")
+        if not isinstance(self.agent, dict):
+            raise InvalidValue("agent", "must be a dict")
+        if not isinstance(self.interfaces, dict) or not all(
+            isinstance(k, str) and v in INTERFACE_STATES for k, v in self.interfaces.items()
+        ):
+            raise InvalidValue("interfaces", "must map interface names to 'up' or 'down'")
+        object.__setattr__(self, "agent", dict(self.agent))
+        object.__setattr__(self, "interfaces", dict(self.interfaces))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mgmt_addr": self.mgmt_addr,
+            "vm_addr": self.vm_addr,
+            "state": self.state.value,
+            "last_seen": self.last_seen,
+            "agent": dict(self.agent),
+            "interfaces": dict(self.interfaces),
+        }
+
+
+@dataclass(frozen=True)
+class VM:
+    """A virtual machine. ``host`` is its placement (None: not placed anywhere)."""
+
+    name: str
+    mac: str
+    ip: str
+    host: str | None = None
+    state: VMState = VMState.DEFINED
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "VM name")
+        object.__setattr__(self, "mac", check_mac(self.mac))
+        object.__setattr__(self, "ip", check_ip(self.ip, "ip"))
+        if self.host is not None:
+            check_name(self.host, "host name")
+        if not isinstance(self.state, VMState):
+            raise InvalidValue("state", f"{self.state!r} is not a VMState")
+
+    def with_state(self, state: VMState) -> VM:
+        """Return a copy in ``state``; raise ``IllegalTransition`` if the table forbids it."""
+        check_vm_transition(self.name, self.state, state)
+        return replace(self, state=state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mac": self.mac,
+            "ip": self.ip,
+            "host": self.host,
+            "state": self.state.value,
+        }
+
+
+@dataclass(frozen=True)
+class Network:
+    """A cluster network: management, VM, storage fabric or secondary site."""
+
+    name: str
+    cidr: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "network name")
+        if not isinstance(self.cidr, str):
+            raise InvalidValue("cidr", "must be a string like 198.18.0.0/24")
+        try:
+            net = ipaddress.ip_network(self.cidr, strict=True)
+        except ValueError as exc:
+            raise InvalidValue("cidr", f"{self.cidr!r} is not a network: {exc}") from None
+        object.__setattr__(self, "cidr", str(net))
+        if self.kind not in NETWORK_KINDS:
+            raise InvalidValue("kind", f"{self.kind!r} is not one of {sorted(NETWORK_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "cidr": self.cidr, "kind": self.kind}
+
+
+class _Unset(Enum):
+    UNSET = "UNSET"
+
+
+#: Marker for "leave this field as it is" in ``ClusterModel.update_vm``.
+UNSET = _Unset.UNSET
+
+
+class ClusterModel:
+    """Hosts, VMs and networks, with the invariants of the module docstring."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, Host] = {}
+        self._vms: dict[str, VM] = {}
+        self._networks: dict[str, Network] = {}
+
+    # -- read access -------------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> Mapping[str, Host]:
+        return MappingProxyType(self._hosts)
+
+    @property
+    def vms(self) -> Mapping[str, VM]:
+        return MappingProxyType(self._vms)
+
+    @property
+    def networks(self) -> Mapping[str, Network]:
+        return MappingProxyType(self._networks)
+
+    def host(self, name: str) -> Host:
+        try:
+            return self._hosts[name]
+        except KeyError:
+            raise UnknownEntity("host", name) from None
+
+    def vm(self, name: str) -> VM:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise UnknownEntity("VM", name) from None
+
+    def placements(self) -> dict[str, str | None]:
+        """VM name -> host name (or None), sorted by VM name."""
+        return {name: self._vms[name].host for name in sorted(self._vms)}
+
+    def vms_on(self, host: str) -> list[VM]:
+        return [vm for _, vm in sorted(self._vms.items()) if vm.host == host]
+
+    # -- networks ----------------------------------------------------------------------------
+
+    def add_network(self, network: Network) -> None:
+        """Add or replace a network."""
+        if not isinstance(network, Network):
+            raise ModelError("add_network needs a Network")
+        self._networks[network.name] = network
+
+    def remove_network(self, name: str) -> None:
+        if name not in self._networks:
+            raise UnknownEntity("network", name)
+        del self._networks[name]
+
+    # -- hosts -------------------------------------------------------------------------------
+
+    def add_host(self, host: Host) -> None:
+        """Add a new host. Raises ``InvariantViolation`` if the name is taken."""
+        if not isinstance(host, Host):
+            raise ModelError("add_host needs a Host")
+        if host.name in self._hosts:
+            raise InvariantViolation("unique-host", f"host {host.name!r} already exists")
+        self._hosts[host.name] = host
+
+    def update_host(self, name: str, **changes: Any) -> Host:
+        """Replace fields of a host. A ``state`` change follows ``HOST_TRANSITIONS``."""
+        old = self.host(name)
+        if "name" in changes and changes["name"] != name:
+            raise ModelError("a host cannot be renamed")
+        new_state = changes.get("state", old.state)
+        if not isinstance(new_state, HostState):
+            raise InvalidValue("state", f"{new_state!r} is not a HostState")
+        check_host_transition(name, old.state, new_state)
+        new = replace(old, **changes)
+        self._hosts[name] = new
+        return new
+
+    def set_host_state(self, name: str, state: HostState) -> Host:
+        return self.update_host(name, state=state)
+
+    def remove_host(self, name: str) -> None:
+        self.host(name)
+        placed = [vm.name for vm in self.vms_on(name)]
+        if placed:
+            raise InvariantViolation(
+                "host-empty", f"host {name!r} still has VMs placed on it: {', '.join(placed)}"
+            )
+        del self._hosts[name]
+
+    # -- VMs ---------------------------------------------------------------------------------
+
+    def _check_vm(self, vm: VM) -> None:
+        """Raise if ``vm`` (about to be stored) would break an invariant."""
+        if vm.host is not None and vm.host not in self._hosts:
+            raise UnknownEntity("host", vm.host)
+        if vm.state in PLACED_STATES and vm.host is None:
+            raise InvariantViolation(
+                "placed-when-running", f"VM {vm.name!r} is {vm.state.value} but has no host"
+            )
+        for other in self._vms.values():
+            if other.name != vm.name and other.mac == vm.mac:
+                raise InvariantViolation(
+                    "unique-mac",
+                    f"MAC {vm.mac} of VM {vm.name!r} is already used by {other.name!r}",
+                )
+
+    def add_vm(self, vm: VM) -> VM:
+        """Define a new VM (its host, if any, must exist)."""
+        if not isinstance(vm, VM):
+            raise ModelError("add_vm needs a VM")
+        if vm.name in self._vms:
+            raise InvariantViolation("unique-vm", f"VM {vm.name!r} already exists")
+        self._check_vm(vm)
+        self._vms[vm.name] = vm
+        return vm
+
+    def update_vm(
+        self,
+        name: str,
+        *,
+        mac: str | _Unset = UNSET,
+        ip: str | _Unset = UNSET,
+        host: str | _Unset | None = UNSET,
+        state: VMState | _Unset = UNSET,
+    ) -> VM:
+        """Change several fields of a VM at once, checking the final result.
+
+        The state change follows ``VM_TRANSITIONS``; a new placement must name an existing host.
+        """
+        old = self.vm(name)
+        changes: dict[str, Any] = {}
+        if mac is not UNSET:
+            changes["mac"] = mac
+        if ip is not UNSET:
+            changes["ip"] = ip
+        if host is not UNSET:
+            changes["host"] = host
+        if state is not UNSET:
+            if not isinstance(state, VMState):
+                raise InvalidValue("state", f"{state!r} is not a VMState")
+            check_vm_transition(name, old.state, state)
+            changes["state"] = state
+        new = replace(old, **changes)
+        self._check_vm(new)
+        self._vms[name] = new
+        return new
+
+    def place_vm(self, name: str, host: str | None) -> VM:
+        """Move the placement of a VM to ``host`` (which must exist) or to nowhere (None)."""
+        return self.update_vm(name, host=host)
+
+    def set_vm_state(self, name: str, state: VMState) -> VM:
+        return self.update_vm(name, state=state)
+
+    def remove_vm(self, name: str) -> None:
+        self.vm(name)
+        del self._vms[name]
+
+    # -- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self, *, volatile: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict. ``volatile=False`` drops what a restart makes meaningless
+        (host state, last_seen, agent info, interface states)."""
+        hosts = []
+        for name in sorted(self._hosts):
+            h = self._hosts[name].to_dict()
+            if not volatile:
+                h = {"name": h["name"], "mgmt_addr": h["mgmt_addr"], "vm_addr": h["vm_addr"]}
+            hosts.append(h)
+        return {
+            "format": MODEL_FORMAT,
+            "hosts": hosts,
+            "vms": [self._vms[n].to_dict() for n in sorted(self._vms)],
+            "networks": [self._networks[n].to_dict() for n in sorted(self._networks)],
+        }
+
+    def to_json(self, *, volatile: bool = True) -> str:
+        return json.dumps(self.to_dict(volatile=volatile), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: object) -> ClusterModel:
+        """Build a model from ``to_dict`` output; raise ``ModelError`` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise InvalidValue("model", "must be a JSON object")
+        if data.get("format") != MODEL_FORMAT:
+            raise InvalidValue("format", f"unsupported model format {data.get('format')!r}")
+        model = cls()
+        try:
+            for i, n in enumerate(_list(data, "networks")):
+                model.add_network(Network(**_fields(n, f"networks[{i}]", Network)))
+            for i, h in enumerate(_list(data, "hosts")):
+                f = _fields(h, f"hosts[{i}]", Host)
+                if "state" in f:
+                    f["state"] = _enum(HostState, f["state"], f"hosts[{i}].state")
+                model.add_host(Host(**f))
+            vms = []
+            for i, v in enumerate(_list(data, "vms")):
+                f = _fields(v, f"vms[{i}]", VM)
+                if "state" in f:
+                    f["state"] = _enum(VMState, f["state"], f"vms[{i}].state")
+                vms.append(VM(**f))
+        except TypeError as exc:  # a missing required field
+            raise InvalidValue("model", str(exc)) from None
+        for vm in vms:
+            model.add_vm(vm)
+        return model
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ClusterModel:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidValue("model", f"not JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClusterModel):
+            return NotImplemented
+        return (self._hosts, self._vms, self._networks) == (
+            other._hosts,
+            other._vms,
+            other._networks,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> ClusterModel:
+        new = ClusterModel()
+        new._hosts = dict(self._hosts)
+        new._vms = dict(self._vms)
+        new._networks = dict(self._networks)
+        return new
+
+
+def _list(data: Mapping[str, Any], key: str) -> Iterable[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise InvalidValue(key, "must be a list")
+    return value
+
+
+def _fields(obj: object, where: str, cls: type[Host] | type[VM] | type[Network]) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise InvalidValue(where, "must be an object")
+    allowed = set(cls.__dataclass_fields__)
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise InvalidValue(where, f"unknown field {unknown[0]!r}")
+    return dict(obj)
+
+
+def _enum(cls: type[HostState] | type[VMState], value: object, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise InvalidValue(where, f"{value!r} is not one of {[m.value for m in cls]}") from None

@@ -1,0 +1,124 @@
+"""The guest workload a lab VM runs: a small key-value store with a write counter, over TCP.
+
+Protocol: one request per line, one reply per line, ASCII.
+
+    PING                -> PONG <name> <writes>
+    SET <key> <value>   -> OK <writes>          (writes counts every SET since the guest started)
+    GET <key>           -> VALUE <value> | MISSING
+    STATS               -> STATS {"name": ..., "writes": ..., "keys": ...}
+
+Invariants:
+- ``GuestStore`` is pure: it turns a request line into a reply line and never does I/O.
+- A request line is at most ``MAX_LINE`` bytes, a key matches ``KEY_RE`` and a value has no
+  whitespace; anything else gets ``ERR <what was wrong>`` and changes nothing.
+- The write counter only grows, by exactly one per accepted SET, so a client can prove that no
+  write was lost or replayed across a migration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import socket
+import sys
+
+MAX_LINE = 1024
+MAX_KEYS = 100_000
+KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class GuestStore:
+    """The guest's state and request handling, without I/O."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.writes = 0
+        self.data: dict[str, str] = {}
+
+    def handle(self, line: bytes) -> bytes:
+        """The reply (with newline) to one request line (without newline)."""
+        if len(line) > MAX_LINE:
+            return b"ERR line too long\n"
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return b"ERR request is not ASCII\n"
+        parts = text.split()
+        if not parts:
+            return b"ERR empty request\n"
+        cmd, args = parts[0].upper(), parts[1:]
+        if cmd == "PING" and not args:
+            return f"PONG {self.name} {self.writes}\n".encode()
+        if cmd == "SET" and len(args) == 2:
+            key, value = args
+            if not KEY_RE.match(key):
+                return b"ERR bad key\n"
+            if key not in self.data and len(self.data) >= MAX_KEYS:
+                return b"ERR store full\n"
+            self.data[key] = value
+            self.writes += 1
+            return f"OK {self.writes}\n".encode()
+        if cmd == "GET" and len(args) == 1:
+            if not KEY_RE.match(args[0]):
+                return b"ERR bad key\n"
+            value = self.data.get(args[0])
+            return b"MISSING\n" if value is None else f"VALUE {value}\n".encode()
+        if cmd == "STATS" and not args:
+            stats = {"name": self.name, "writes": self.writes, "keys": len(self.data)}
+            return f"STATS {json.dumps(stats, sort_keys=True)}\n".encode()
+        return f"ERR unknown request {cmd[:16]!r} with {len(args)} arguments\n".encode()
+
+
+async def _serve_client(
+    store: GuestStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                writer.write(b"ERR line too long\n")
+                break
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(store.handle(line.rstrip(b"\r\n")))
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(name: str, host: str, port: int) -> None:
+    """Serve the guest store until SIGTERM or SIGINT."""
+    store = GuestStore(name)
+    server = await asyncio.start_server(
+        lambda r, w: _serve_client(store, r, w), host, port, limit=MAX_LINE + 2, reuse_address=True
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"guest {name} listening on {host}:{port}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netsvc-guest", description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True)
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=7000)
+    a = p.parse_args(argv)
+    asyncio.run(serve(a.name, a.bind, a.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,620 @@
+"""The lab harness: build the cluster in Mininet, run VMs on it, and tear it all down.
+
+``Lab`` is the I/O side of the lab. It drives Mininet for the build, pyroute2 for fast link
+operations inside each node's namespace, and ``mnexec`` to start processes there.
+
+Invariants:
+- Nothing is created before the run is registered (``registry.allocate``), and every process the
+  run starts carries the run's marker, so ``teardown`` (and ``netsvc lab clean`` after a
+  SIGKILL) finds and removes all of it.
+- A VM is attached to exactly one host's virtual switch at a time: migration moves the host end
+  of the VM's veth from one host's namespace to the other's. The VM's own namespace, interface,
+  MAC, address, guest process and TCP connections are never touched, so the guest keeps its
+  state.
+- Every operation is recorded on the timeline, if one is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netsvc.lab import registry
+from netsvc.lab.garp import announcement, open_sender
+from netsvc.lab.netns import connector, netns_path, run_in_netns
+from netsvc.lab.plan import GUEST_PORT, MANAGER_PORT, SERVICES_MGMT, LabPlan, PlanError
+
+HOST_PORTS = {"mgmt": ("eth0",), "vmnet": ("eth1", "eth2"), "storage-a": ("eth3",),
+              "storage-b": ("eth4",)}
+
+
+class LabError(RuntimeError):
+    """A lab operation that cannot be done (unknown node, VM not running, ...)."""
+
+
+class Recorder:
+    """What the lab needs of a timeline; ``netsvc.lab.timeline.Timeline`` fits."""
+
+    def record(self, kind: str, subject: str, name: str, **details: Any) -> Any: ...
+
+
+@dataclass
+class VM:
+    name: str
+    host: str
+    mac: str
+    ip: str
+    state: str = "defined"  # defined, running, stopped, crashed
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    vm: str
+    src: str
+    dst: str
+    switch_ms: float  # from detaching the old port to the first announcement sent
+
+
+@dataclass
+class Processes:
+    """Processes this run started, by role, so they can be ended by id."""
+
+    by_role: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def add(self, role: str, proc: subprocess.Popen[bytes]) -> None:
+        self.by_role[role] = proc
+
+    def end(self, role: str, sig: int = signal.SIGKILL, wait: float = 2.0) -> None:
+        proc = self.by_role.pop(role, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=wait)
+
+    def end_all(self, grace: float = 1.0) -> None:
+        procs = list(self.by_role.values())
+        self.by_role.clear()
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Lab:
+    """One lab run: a Mininet cluster with ``hosts`` hypervisors and ``vms_per_host`` VMs each."""
+
+    def __init__(
+        self,
+        hosts: int = 3,
+        vms_per_host: int = 2,
+        timeline: Recorder | None = None,
+        scenario: str = "manual",
+        heartbeat_interval: float = 0.5,
+    ) -> None:
+        LabPlan(prefix="nvzz", hosts=hosts, vms_per_host=vms_per_host)  # validate first
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (it creates network namespaces)")
+        for tool in ("mnexec", "ip", "nft", "brctl"):
+            if shutil.which(tool) is None:
+                raise LabError(f"{tool} is not installed: run scripts/setup.sh")
+        self.hosts_n = hosts
+        self.vms_per_host = vms_per_host
+        self.timeline = timeline
+        self.scenario = scenario
+        self.heartbeat_interval = heartbeat_interval
+        self.info: registry.RunInfo | None = None
+        self.plan: LabPlan | None = None
+        self.net: Any = None
+        self.vms: dict[str, VM] = {}
+        self.crashed: set[str] = set()
+        self.procs = Processes()
+        self._ipr: dict[str, Any] = {}
+        self._garp: dict[str, socket.socket] = {}
+        self._lock = threading.RLock()
+        self.key_file: Path | None = None
+        self.build_s = 0.0
+        self.teardown_s = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        self.build()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def record(self, kind: str, subject: str, name: str, **details: Any) -> None:
+        if self.timeline is not None:
+            self.timeline.record(kind, subject, name, **details)
+
+    @property
+    def prefix(self) -> str:
+        if self.info is None:
+            raise LabError("the lab is not built")
+        return self.info.prefix
+
+    @property
+    def run_dir(self) -> Path:
+        return registry.run_dir(self.prefix)
+
+    def build(self) -> None:
+        """Register the run, then build and start the Mininet cluster with its VMs' guests."""
+        from mininet.log import setLogLevel
+        from mininet.net import Mininet
+        from mininet.nodelib import LinuxBridge
+
+        from netsvc.lab.topo import ClusterTopo
+
+        t0 = time.monotonic()
+        self.info = registry.allocate(self.scenario)
+        self.plan = LabPlan(self.info.prefix, self.hosts_n, self.vms_per_host)
+        self.record("action", "lab", "build-start", prefix=self.prefix, hosts=self.hosts_n,
+                    vms_per_host=self.vms_per_host)
+        with self._marked():
+            setLogLevel("error")
+            topo = ClusterTopo(hosts=self.hosts_n, vms=self.vms_per_host, prefix=self.prefix)
+            self.net = Mininet(topo=topo, switch=LinuxBridge, controller=None, build=False,
+                               autoSetMacs=False, waitConnected=False)
+            self.net.build()
+            self.net.start()
+        for vm, host in self.plan.initial_vms():
+            self.vms[vm] = VM(vm, host, self.plan.vm_mac(vm), self.plan.vm_addr(vm))
+        for vm in self.vms:
+            self._start_guest(vm)
+        self.wait_guests(list(self.vms))
+        self.build_s = time.monotonic() - t0
+        self.record("event", "lab", "build-done", seconds=round(self.build_s, 3))
+
+    @contextlib.contextmanager
+    def _marked(self) -> Iterator[None]:
+        """Put the run's marker in our environment, so Mininet's node shells inherit it."""
+        saved = os.environ.get(registry.ENV_MARKER)
+        os.environ[registry.ENV_MARKER] = self.prefix
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(registry.ENV_MARKER, None)
+            else:
+                os.environ[registry.ENV_MARKER] = saved
+
+    def teardown(self) -> list[str]:
+        """End every process and remove every namespace, link and table of this run.
+
+        Returns the names of links that could not be removed (empty on success). Safe to call
+        twice, and after a failed build.
+        """
+        if self.info is None:
+            return []
+        t0 = time.monotonic()
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.procs.end_all(grace=1.0)
+            for sock in self._garp.values():
+                sock.close()
+            self._garp.clear()
+            for ipr in self._ipr.values():
+                with contextlib.suppress(Exception):
+                    ipr.close()
+            self._ipr.clear()
+            if self.net is not None:
+                for node in list(self.net.hosts) + list(self.net.switches):
+                    with contextlib.suppress(Exception):
+                        node.terminate()
+            registry.kill_processes(registry.marked_processes(self.prefix))
+            left = registry.delete_links(self.prefix)
+            registry.delete_nft(self.prefix)
+            if not left:
+                registry.release(self.prefix)
+            self.teardown_s = time.monotonic() - t0
+            self.record("event", "lab", "teardown-done", seconds=round(self.teardown_s, 3),
+                        links_left=left)
+            self.info = None
+            self.net = None
+            return left
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # --- nodes -------------------------------------------------------------------------
+    def _plan(self) -> LabPlan:
+        if self.plan is None or self.net is None:
+            raise LabError("the lab is not built")
+        return self.plan
+
+    def node(self, public: str) -> Any:
+        plan = self._plan()
+        try:
+            name = plan.node(public)
+        except PlanError as exc:
+            raise LabError(str(exc)) from exc
+        if name not in self.net:
+            raise LabError(f"no node {public!r} in this lab")
+        return self.net[name]
+
+    def pid(self, public: str) -> int:
+        return int(self.node(public).pid)
+
+    def ipr(self, public: str | None) -> Any:
+        """A pyroute2 IPRoute inside the namespace of ``public`` (None: the root namespace)."""
+        from pyroute2 import IPRoute
+
+        key = public or ""
+        with self._lock:
+            if key not in self._ipr:
+                self._ipr[key] = IPRoute(netns=netns_path(self.pid(public))) if public else IPRoute()
+            return self._ipr[key]
+
+    def connect_from(self, public: str) -> Callable[[str, int, float], socket.socket]:
+        """``connect(host, port, timeout)`` for TCP sockets that live in ``public``'s namespace."""
+        return connector(self.pid(public))
+
+    def popen(self, public: str, argv: list[str], role: str) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside ``public``'s namespace; its output goes to the run's log dir."""
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env[registry.ENV_MARKER] = self.prefix
+        with open(logs / f"{role}.log", "ab") as log:
+            proc = subprocess.Popen(
+                ["mnexec", "-a", str(self.pid(public)), *argv],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+        self.procs.add(role, proc)
+        return proc
+
+    # --- links -------------------------------------------------------------------------
+    def peer_of(self, public: str, ifname: str) -> tuple[str | None, str]:
+        """The other end of a node's link: (public node or None for a switch, ifname)."""
+        for link in self.net.links:
+            for a, b in ((link.intf1, link.intf2), (link.intf2, link.intf1)):
+                if a.name == ifname:
+                    other = b.node
+                    if other in self.net.switches:
+                        return None, b.name
+                    return self._public(other.name), b.name
+        raise LabError(f"{public} has no link {ifname}")
+
+    def _public(self, node_name: str) -> str:
+        rest = node_name[len(self.prefix):]
+        if rest[0] == "v" and rest[1:].isdigit():
+            return f"vm{rest[1:]}"
+        if rest[0] == "b" and rest[1:].isdigit():
+            return f"bmc{rest[1:]}"
+        return rest
+
+    def link_ends(self, spec: str) -> list[tuple[str | None, str]]:
+        """Both ends of the links named by ``spec``: ``h1:vmnet``, ``h1:eth3``, ``vm2``, ``gw:eth0``.
+
+        Each end is (public node or None for the root namespace, interface name).
+        """
+        plan = self._plan()
+        node, _, port = spec.partition(":")
+        if node.startswith("vm") and port in ("", "eth0"):
+            vm = self._vm(node)
+            return [(node, plan.vm_ifname(node)), (vm.host, plan.vif_name(node))]
+        self.node(node)
+        if port in HOST_PORTS and node.startswith("h"):
+            ports = list(HOST_PORTS[port])
+        elif port.startswith("eth") and port[3:].isdigit():
+            ports = [port]
+        else:
+            raise LabError(f"invalid link {spec!r}: expected NODE:NETWORK or NODE:ethN")
+        ends: list[tuple[str | None, str]] = []
+        for p in ports:
+            ifname = f"{plan.node(node)}-{p}"
+            peer_node, peer_if = self.peer_of(node, ifname)
+            ends += [(node, ifname), (peer_node, peer_if)]
+        return ends
+
+    def set_link(self, end: tuple[str | None, str], up: bool) -> None:
+        node, ifname = end
+        ipr = self.ipr(node)
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise LabError(f"interface {ifname} not found in {node or 'the root namespace'}")
+        ipr.link("set", index=idx[0], state="up" if up else "down")
+
+    # --- VMs ---------------------------------------------------------------------------
+    def _vm(self, vm: str) -> VM:
+        if vm not in self.vms:
+            raise LabError(f"no VM {vm!r} in this lab")
+        return self.vms[vm]
+
+    def _check_host(self, host: str) -> None:
+        plan = self._plan()
+        if host not in plan.host_names():
+            raise LabError(f"no host {host!r} in this lab (hosts: h1..h{plan.hosts})")
+
+    def create_vm(self, vm: str, host: str, start: bool = True) -> VM:
+        """Define a new VM on ``host``: its namespace, veth to the host's switch, MAC and address."""
+        from netsvc.lab.topo import VMHost
+
+        plan = self._plan()
+        self._check_host(host)
+        if host in self.crashed:
+            raise LabError(f"host {host} is down")
+        try:
+            name = plan.node(vm)
+        except PlanError as exc:
+            raise LabError(str(exc)) from exc
+        if vm in self.vms:
+            raise LabError(f"VM {vm} already exists")
+        with self._marked():
+            node = self.net.addHost(name, cls=VMHost, ip=f"{plan.vm_addr(vm)}/24",
+                                    mac=plan.vm_mac(vm))
+            self.net.addLink(node, self.node(host), intfName1=plan.vm_ifname(vm),
+                             intfName2=plan.vif_name(vm))
+            node.configDefault()
+        ipr = self.ipr(host)
+        vif = ipr.link_lookup(ifname=plan.vif_name(vm))[0]
+        ipr.link("set", index=vif, master=ipr.link_lookup(ifname="vs0")[0], state="up")
+        self.vms[vm] = VM(vm, host, plan.vm_mac(vm), plan.vm_addr(vm))
+        self.record("action", vm, "create", host=host, ip=plan.vm_addr(vm), mac=plan.vm_mac(vm))
+        if start:
+            self.start_vm(vm)
+        return self.vms[vm]
+
+    def _start_guest(self, vm: str) -> None:
+        v = self._vm(vm)
+        v.proc = self.popen(vm, [sys.executable, "-m", "netsvc.lab.guest", "--name", vm,
+                                 "--port", str(GUEST_PORT)], role=f"guest-{vm}")
+        v.state = "running"
+        self.record("event", vm, "start", host=v.host, pid=v.proc.pid)
+
+    def start_vm(self, vm: str) -> None:
+        v = self._vm(vm)
+        if v.state == "running":
+            raise LabError(f"VM {vm} is already running")
+        if v.host in self.crashed:
+            raise LabError(f"VM {vm}'s host {v.host} is down")
+        self._start_guest(vm)
+        self.wait_guests([vm])
+
+    def stop_vm(self, vm: str) -> None:
+        """Stop a VM's guest cleanly (SIGTERM)."""
+        v = self._vm(vm)
+        if v.state != "running":
+            raise LabError(f"VM {vm} is not running")
+        self.procs.end(f"guest-{vm}", signal.SIGTERM)
+        v.proc = None
+        v.state = "stopped"
+        self.record("event", vm, "stop", host=v.host)
+
+    def guest_connect(self, vm: str, via: str = "gw", timeout: float = 2.0
+                      ) -> Callable[[], socket.socket]:
+        """A zero-argument connect function for a TCP connection to ``vm``'s guest from ``via``."""
+        ip = self._vm(vm).ip
+        conn = self.connect_from(via)
+        return lambda: conn(ip, GUEST_PORT, timeout)
+
+    def wait_guests(self, vms: list[str], timeout: float = 20.0) -> None:
+        """Wait until every guest in ``vms`` answers from the gateway."""
+        from netsvc.lab.client import request
+
+        deadline = time.monotonic() + timeout
+        pending = list(vms)
+        while pending:
+            vm = pending[0]
+            try:
+                reply = request(self.guest_connect(vm, timeout=0.5), "PING", timeout=1.0)
+                if not reply.startswith(f"PONG {vm} "):
+                    raise LabError(f"{vm}'s guest answered {reply!r}")
+                pending.pop(0)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"the guest of {vm} did not answer within {timeout:.0f} s"
+                                   ) from None
+                time.sleep(0.05)
+
+    def _garp_socket(self, vm: str) -> socket.socket:
+        with self._lock:
+            if vm not in self._garp:
+                ifname = self._plan().vm_ifname(vm)
+                self._garp[vm] = run_in_netns(self.pid(vm), lambda: open_sender(ifname))
+            return self._garp[vm]
+
+    def announce(self, vm: str, repeats: tuple[float, ...] = (0.0, 0.02, 0.1)) -> None:
+        """Send gratuitous ARP for ``vm`` now and at the later offsets (in a background thread)."""
+        v = self._vm(vm)
+        frame = announcement(v.mac, v.ip)
+        sock = self._garp_socket(vm)
+        sock.send(frame)
+
+        def later() -> None:
+            start = time.monotonic()
+            for offset in repeats[1:]:
+                time.sleep(max(0.0, start + offset - time.monotonic()))
+                with contextlib.suppress(OSError):
+                    sock.send(frame)
+
+        if len(repeats) > 1:
+            threading.Thread(target=later, daemon=True).start()
+
+    def migrate(self, vm: str, dst: str) -> MigrationResult:
+        """Move ``vm`` to ``dst``'s virtual switch and announce it; the guest keeps running."""
+        plan = self._plan()
+        v = self._vm(vm)
+        self._check_host(dst)
+        if v.state != "running":
+            raise LabError(f"VM {vm} is not running (state {v.state})")
+        if dst == v.host:
+            raise LabError(f"VM {vm} is already on {dst}")
+        if dst in self.crashed:
+            raise LabError(f"host {dst} is down")
+        src = v.host
+        vif = plan.vif_name(vm)
+        src_ipr, dst_ipr = self.ipr(src), self.ipr(dst)
+        dst_pid = self.pid(dst)
+        bridge = dst_ipr.link_lookup(ifname="vs0")[0]
+        self._garp_socket(vm)
+        self.record("action", vm, "migrate", src=src, dst=dst)
+        t0 = time.monotonic()
+        src_ipr.link("set", index=src_ipr.link_lookup(ifname=vif)[0], net_ns_pid=dst_pid)
+        idx = dst_ipr.link_lookup(ifname=vif)[0]
+        dst_ipr.link("set", index=idx, master=bridge, state="up")
+        self.announce(vm)
+        switch_ms = (time.monotonic() - t0) * 1000
+        v.host = dst
+        self.record("event", vm, "migrated", src=src, dst=dst, switch_ms=round(switch_ms, 3))
+        return MigrationResult(vm, src, dst, switch_ms)
+
+    # --- hosts -------------------------------------------------------------------------
+    def host_ends(self, host: str) -> list[tuple[str | None, str]]:
+        ends: list[tuple[str | None, str]] = []
+        for net in HOST_PORTS:
+            ends += self.link_ends(f"{host}:{net}")
+        return ends
+
+    def crash_host(self, host: str) -> list[str]:
+        """Crash ``host``: its processes and VMs die at once and all its links go down.
+
+        The host's namespace stays (it is the hardware), so ``power_on`` can bring it back.
+        Returns the VMs that died.
+        """
+        self._check_host(host)
+        if host in self.crashed:
+            raise LabError(f"host {host} is already down")
+        plan = self._plan()
+        died = [v.name for v in self.vms.values() if v.host == host and v.state == "running"]
+        self.record("fault-start", host, "crash", fault_id=f"crash-{host}", vms=died)
+        for role in [r for r in self.procs.by_role if r.endswith(f"-{host}")]:
+            self.procs.end(role, signal.SIGKILL)
+        for vm in died:
+            self.procs.end(f"guest-{vm}", signal.SIGKILL)
+            self.vms[vm].proc = None
+            self.vms[vm].state = "crashed"
+            self.record("event", vm, "died", host=host)
+        for end in self.host_ends(host):
+            self.set_link(end, up=False)
+        ipr = self.ipr(host)
+        for v in self.vms.values():
+            if v.host == host:
+                idx = ipr.link_lookup(ifname=plan.vif_name(v.name))
+                if idx:
+                    ipr.link("set", index=idx[0], state="down")
+        self.crashed.add(host)
+        return died
+
+    def power_on(self, host: str) -> None:
+        """Bring a crashed host back: links up and its agent restarted. Its VMs stay crashed."""
+        if host not in self.crashed:
+            raise LabError(f"host {host} is not down")
+        for end in self.host_ends(host):
+            self.set_link(end, up=True)
+        self.crashed.discard(host)
+        self.record("fault-end", host, "crash", fault_id=f"crash-{host}")
+        if self.key_file is not None:
+            self.start_agent(host)
+
+    # --- manager and agents ------------------------------------------------------------
+    @property
+    def manager_url(self) -> str:
+        return f"http://{SERVICES_MGMT}:{MANAGER_PORT}"
+
+    def start_services(self, wait: float = 20.0) -> None:
+        """Start the manager on the services node and an agent on every host."""
+        self.key_file = self.run_dir / "api.key"
+        self.key_file.write_text(secrets.token_hex(32) + "\n")
+        self.key_file.chmod(0o600)
+        state = self.run_dir / "manager"
+        state.mkdir(exist_ok=True)
+        self.popen("svc", [sys.executable, "-m", "netsvc", "manager", "--listen",
+                           f"{SERVICES_MGMT}:{MANAGER_PORT}", "--key-file", str(self.key_file),
+                           "--state-dir", str(state), "--heartbeat-interval",
+                           str(self.heartbeat_interval)], role="manager")
+        self.record("event", "lab", "manager-start")
+        for h in self._plan().host_names():
+            self.start_agent(h)
+        client = self.manager()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                status = client.status()
+                up = {h["name"] for h in status["hosts"] if h["state"] == "up"}
+                if up >= set(self._plan().host_names()):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise LabError("the agents did not all report to the manager in time")
+            time.sleep(0.1)
+        for v in self.vms.values():
+            client.put_vm(v.name, mac=v.mac, ip=v.ip, host=v.host, state=v.state)
+        self.record("event", "lab", "cluster-ready")
+
+    def start_agent(self, host: str) -> None:
+        plan = self._plan()
+        assert self.key_file is not None
+        self.popen(host, [sys.executable, "-m", "netsvc", "agent", "--host", host,
+                          "--manager", self.manager_url, "--key-file", str(self.key_file),
+                          "--interval", str(self.heartbeat_interval),
+                          "--mgmt-addr", plan.host_addr(host, "mgmt"),
+                          "--vm-addr", plan.host_addr(host, "vmnet")], role=f"agent-{host}")
+
+    def manager(self, via: str = "svc") -> Any:
+        """A ``ManagerClient`` whose connections start in ``via``'s namespace."""
+        from netsvc.cluster.client import ManagerClient
+
+        if self.key_file is None:
+            raise LabError("the manager is not started")
+        key = self.key_file.read_text().strip()
+        return ManagerClient(self.manager_url, key, timeout=3.0, connect=self.connect_from(via))
+
+    def execute_actions(self, executor: str = "lab") -> list[dict[str, Any]]:
+        """Play the hypervisor: carry out the manager's pending actions and report back."""
+        client = self.manager()
+        done = []
+        for action in client.pending_actions(executor):
+            ok, detail = True, ""
+            try:
+                if action["kind"] == "migrate":
+                    r = self.migrate(action["vm"], action["to"])
+                    detail = f"switched in {r.switch_ms:.1f} ms"
+                else:
+                    ok, detail = False, f"the lab cannot carry out {action['kind']!r}"
+            except LabError as exc:
+                ok, detail = False, str(exc)
+            client.complete_action(action["id"], ok=ok, detail=detail)
+            done.append({**action, "ok": ok, "detail": detail})
+        return done
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM (and SIGHUP) into KeyboardInterrupt, so ``finally`` blocks tear down."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

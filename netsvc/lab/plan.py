@@ -1,0 +1,152 @@
+"""The lab's address and name plan: pure functions, no I/O.
+
+Invariants:
+- Every lab address lies in 198.18.0.0/15 (RFC 2544 benchmarking space); ``LabPlan`` refuses a
+  size that would step outside its /24s.
+- Every kernel-visible name (node, bridge, interface) starts with the run's prefix, so that
+  ``netsvc lab clean`` can find what a run made, and only that. Prefixes match
+  ``PREFIX_RE``; interface names stay within the kernel's 15 characters.
+- Public names (``h1``, ``vm3``, ``bmc2``, ``gw``, ``svc``, ``site``) are what users type;
+  node names are ``prefix + short name`` and never leak into reports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+PREFIX_RE = re.compile(r"^nv[a-z0-9]{2}$")
+MAX_HOSTS = 40
+MAX_VMS = 150
+IFNAMSIZ = 15
+
+NETWORKS: dict[str, tuple[str, str]] = {
+    # name: (cidr, kind)
+    "mgmt": ("198.18.0.0/24", "mgmt"),
+    "vmnet": ("198.18.1.0/24", "vm"),
+    "storage-a": ("198.18.2.0/24", "storage"),
+    "storage-b": ("198.18.3.0/24", "storage"),
+    "site": ("198.18.4.0/24", "site"),
+}
+SWITCH_OF = {"mgmt": "s0", "vmnet": "s1", "storage-a": "s2", "storage-b": "s3", "site": "s4"}
+
+GATEWAY = "198.18.1.1"
+SERVICES_MGMT = "198.18.0.2"
+MANAGER_PORT = 8470
+GUEST_PORT = 7000
+
+
+class PlanError(ValueError):
+    """A lab request that cannot be planned (bad size, bad name)."""
+
+
+HOST_RE = re.compile(r"^h([1-9][0-9]?)$")
+VM_RE = re.compile(r"^vm([1-9][0-9]{0,2})$")
+
+
+def host_index(name: str) -> int:
+    """The number of host ``hN``; raises PlanError for anything else."""
+    m = HOST_RE.match(name)
+    if not m:
+        raise PlanError(f"invalid host name {name!r}: expected h1, h2, ...")
+    return int(m.group(1))
+
+
+def vm_index(name: str) -> int:
+    """The number of VM ``vmN``; raises PlanError for anything else."""
+    m = VM_RE.match(name)
+    if not m or int(m.group(1)) > MAX_VMS:
+        raise PlanError(f"invalid VM name {name!r}: expected vm1 .. vm{MAX_VMS}")
+    return int(m.group(1))
+
+
+def _check_ifname(name: str) -> str:
+    if len(name) > IFNAMSIZ:
+        raise PlanError(f"interface name {name!r} is longer than {IFNAMSIZ} characters")
+    return name
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    """Names and addresses for one lab run of ``hosts`` hypervisors."""
+
+    prefix: str
+    hosts: int = 3
+    vms_per_host: int = 2
+
+    def __post_init__(self) -> None:
+        if not PREFIX_RE.match(self.prefix):
+            raise PlanError(f"invalid lab prefix {self.prefix!r}: expected nv + 2 of [a-z0-9]")
+        if not 1 <= self.hosts <= MAX_HOSTS:
+            raise PlanError(f"bad host count {self.hosts}: must be between 1 and {MAX_HOSTS}")
+        if not 0 <= self.vms_per_host or self.hosts * self.vms_per_host > MAX_VMS:
+            raise PlanError(
+                f"bad VM count {self.vms_per_host} per host: at most {MAX_VMS} VMs in all"
+            )
+
+    # --- names -------------------------------------------------------------------------
+    def node(self, public: str) -> str:
+        """The Mininet node name of a public name (``h1`` -> ``nvk3h1``, ``vm2`` -> ``nvk3v2``)."""
+        if public.startswith("vm"):
+            return f"{self.prefix}v{vm_index(public)}"
+        if public.startswith("bmc"):
+            return f"{self.prefix}b{int(public[3:])}"
+        return f"{self.prefix}{public}"
+
+    def switch(self, network: str) -> str:
+        if network not in SWITCH_OF:
+            raise PlanError(f"unknown network {network!r}: one of {', '.join(SWITCH_OF)}")
+        return f"{self.prefix}{SWITCH_OF[network]}"
+
+    def host_names(self) -> list[str]:
+        return [f"h{i}" for i in range(1, self.hosts + 1)]
+
+    def initial_vms(self) -> list[tuple[str, str]]:
+        """(vm, host) pairs placed at build time: vm1, vm2 on h1, and so on."""
+        out = []
+        n = 1
+        for h in self.host_names():
+            for _ in range(self.vms_per_host):
+                out.append((f"vm{n}", h))
+                n += 1
+        return out
+
+    def host_ifname(self, host: str, port: str) -> str:
+        """Host NIC names: eth0 mgmt, eth1/eth2 VM-network uplinks, eth3/eth4 storage A/B."""
+        return _check_ifname(f"{self.node(host)}-{port}")
+
+    def vm_ifname(self, vm: str) -> str:
+        return _check_ifname(f"{self.node(vm)}-eth0")
+
+    def vif_name(self, vm: str) -> str:
+        """The host-side end of a VM's veth; it moves between hosts on migration."""
+        return _check_ifname(f"{self.node(vm)}-vif")
+
+    # --- addresses -----------------------------------------------------------------------
+    def host_addr(self, host: str, network: str) -> str:
+        i = host_index(host)
+        if network not in ("mgmt", "vmnet", "storage-a", "storage-b"):
+            raise PlanError(f"hosts have no address on {network!r}")
+        return _addr(network, 10 + i)
+
+    def bmc_addr(self, host: str) -> str:
+        return _addr("mgmt", 100 + host_index(host))
+
+    def vm_addr(self, vm: str) -> str:
+        return _addr("vmnet", 100 + vm_index(vm))
+
+    def vm_mac(self, vm: str) -> str:
+        i = vm_index(vm)
+        return f"02:4e:56:01:{i >> 8:02x}:{i & 0xFF:02x}"
+
+
+def _addr(network: str, host_part: int) -> str:
+    net = ipaddress.ip_network(NETWORKS[network][0])
+    if not 0 < host_part < net.num_addresses - 1:
+        raise PlanError(f"address {host_part} does not fit in {net}")
+    return str(net.network_address + host_part)
+
+
+def prefix_len(network: str) -> int:
+    return ipaddress.ip_network(NETWORKS[network][0]).prefixlen

@@ -1,0 +1,138 @@
+"""The cluster topology as a Mininet ``Topo``, and the node classes it uses.
+
+Used by the lab harness and by ``mn --custom topologies/cluster.py --topo cluster
+--switch lxbr --controller none``. It needs only Mininet and the stdlib.
+
+Shape (see ``plan.py`` for the addresses):
+- five LinuxBridge switches: management, VM network, storage A, storage B, secondary site;
+- hypervisors ``hN``: eth0 on management; eth1 and eth2 uplinks to the VM network, where eth1 is
+  a port of the host's own virtual switch ``vs0`` (a Linux bridge inside the host's namespace)
+  and eth2 is a standby uplink, cabled and up but not a bridge port (this kernel has no bonding,
+  and two forwarding uplinks into one segment would loop); eth3 and eth4 on the storage fabrics;
+- VMs ``vmN``: a namespace each, one veth to its host's ``vs0`` (host end ``<vm>-vif``);
+- ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management and both
+  storage fabrics; ``gw`` the VM network's gateway (198.18.1.1), routing to the ``site`` node.
+
+Invariant: every node, switch and interface name starts with the plan's prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mininet.node import Host
+from mininet.topo import Topo
+
+from netsvc.lab.plan import GATEWAY, LabPlan, prefix_len
+
+
+class HypervisorHost(Host):  # type: ignore[misc]
+    """A hypervisor: a namespace with a virtual switch ``vs0`` bridging its VM-network uplinks."""
+
+    def config(self, **params: Any) -> Any:
+        vm_addr = params.pop("vm_addr", None)
+        uplinks = params.pop("uplinks", ())
+        standby = params.pop("standby_uplinks", ())
+        r = super().config(**params)
+        cmds = ["ip link add vs0 type bridge stp_state 0 forward_delay 0"]
+        for intf in uplinks:
+            cmds.append(f"ip link set {intf} master vs0 up")
+        for intf in standby:
+            cmds.append(f"ip link set {intf} up")  # standby: cabled and up, not a bridge port
+        cmds.append("ip link set vs0 up")
+        if vm_addr:
+            cmds.append(f"ip addr add {vm_addr}/{prefix_len('vmnet')} dev vs0")
+            cmds.append(f"ip route add 198.18.4.0/24 via {GATEWAY} dev vs0")
+        for intf in self.intfNames():
+            if intf.endswith("-vif"):
+                cmds.append(f"ip link set {intf} master vs0 up")
+        self.cmd(" && ".join(cmds))
+        return r
+
+
+class VMHost(Host):  # type: ignore[misc]
+    """A VM: its own namespace, its own MAC and address, a default route through the gateway."""
+
+    def config(self, **params: Any) -> Any:
+        r = super().config(**params)
+        self.cmd(f"ip route add default via {GATEWAY}")
+        return r
+
+
+class RouterHost(Host):  # type: ignore[misc]
+    """The VM network's gateway; forwards between the VM network and the secondary site."""
+
+    def config(self, **params: Any) -> Any:
+        site_addr = params.pop("site_addr")
+        r = super().config(**params)
+        self.cmd(
+            f"ip addr add {site_addr}/24 dev {self.intfNames()[1]} && "
+            "sysctl -qw net.ipv4.ip_forward=1"
+        )
+        return r
+
+
+class ClusterTopo(Topo):  # type: ignore[misc]
+    """The netsvc cluster: ``hosts`` hypervisors with ``vms`` VMs each, plus the shared nodes."""
+
+    def build(self, hosts: int = 3, vms: int = 2, prefix: str = "nvmn", **_: Any) -> None:
+        plan = LabPlan(prefix=prefix, hosts=hosts, vms_per_host=vms)
+        self.plan = plan
+        sw = {}
+        for i, net in enumerate(("mgmt", "vmnet", "storage-a", "storage-b", "site")):
+            sw[net] = self.addSwitch(plan.switch(net), dpid=f"{0x4E5600 + i:016x}")
+
+        svc = self.addHost(plan.node("svc"), ip=f"198.18.0.2/{prefix_len('mgmt')}")
+        self.addLink(svc, sw["mgmt"])
+        self.addLink(svc, sw["storage-a"], params1={"ip": "198.18.2.2/24"})
+        self.addLink(svc, sw["storage-b"], params1={"ip": "198.18.3.2/24"})
+
+        gw = self.addHost(
+            plan.node("gw"), cls=RouterHost, ip=f"{GATEWAY}/24", site_addr="198.18.4.1"
+        )
+        self.addLink(gw, sw["vmnet"])
+        self.addLink(gw, sw["site"])
+        site = self.addHost(
+            plan.node("site"), ip="198.18.4.10/24", defaultRoute="via 198.18.4.1"
+        )
+        self.addLink(site, sw["site"])
+
+        for h in plan.host_names():
+            node = plan.node(h)
+            self.addHost(
+                node,
+                cls=HypervisorHost,
+                ip=f"{plan.host_addr(h, 'mgmt')}/24",
+                vm_addr=plan.host_addr(h, "vmnet"),
+                uplinks=(plan.host_ifname(h, "eth1"),),
+                standby_uplinks=(plan.host_ifname(h, "eth2"),),
+            )
+            self.addLink(node, sw["mgmt"], intfName1=plan.host_ifname(h, "eth0"))
+            self.addLink(node, sw["vmnet"], intfName1=plan.host_ifname(h, "eth1"))
+            self.addLink(node, sw["vmnet"], intfName1=plan.host_ifname(h, "eth2"))
+            self.addLink(
+                node,
+                sw["storage-a"],
+                intfName1=plan.host_ifname(h, "eth3"),
+                params1={"ip": f"{plan.host_addr(h, 'storage-a')}/24"},
+            )
+            self.addLink(
+                node,
+                sw["storage-b"],
+                intfName1=plan.host_ifname(h, "eth4"),
+                params1={"ip": f"{plan.host_addr(h, 'storage-b')}/24"},
+            )
+            bmc = self.addHost(plan.node(f"bmc{h[1:]}"), ip=f"{plan.bmc_addr(h)}/24")
+            self.addLink(bmc, sw["mgmt"])
+
+        for vm, h in plan.initial_vms():
+            self.add_vm(vm, h)
+
+    def add_vm(self, vm: str, host: str) -> None:
+        plan: LabPlan = self.plan
+        node = self.addHost(
+            plan.node(vm), cls=VMHost, ip=f"{plan.vm_addr(vm)}/24", mac=plan.vm_mac(vm)
+        )
+        self.addLink(
+            node, plan.node(host), intfName1=plan.vm_ifname(vm), intfName2=plan.vif_name(vm)
+        )

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a Debian 12 machine, run as root.
+# Installs the Debian packages the lab and the tests need, then a venv (.venv) with netsvc and
+# its lab and dev extras. Running it twice changes nothing the second time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev
+  mininet          # mnexec, which the PyPI mininet package drives
+  iproute2 bridge-utils nftables iptables ethtool
+  iputils-arping iputils-ping
+  procps
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: run as root (the lab creates network namespaces)" >&2
+  exit 2
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.netsvc-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing netsvc into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[lab,dev]'
+  touch "$stamp"
+fi
+echo "setup: ready (.venv/bin/netsvc)"
