@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -39,6 +40,8 @@ AGENT_VERSION = "0.1.0"
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 60.0
 MAX_INTERFACES = 256
+#: Interface names the manager accepts (printable, no '/', at most 15 characters).
+IFNAME_RE = re.compile(r"^(?!.*/)[!-~]{1,15}$")
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
@@ -209,7 +212,7 @@ def read_interfaces_sysfs(net_dir: str = "/sys/class/net") -> dict[str, str]:
     except OSError:
         return out
     for name in names[:MAX_INTERFACES]:
-        if name == "lo":
+        if name == "lo" or not IFNAME_RE.fullmatch(name):
             continue
         try:
             with open(os.path.join(net_dir, name, "operstate")) as f:
@@ -235,7 +238,7 @@ def read_interfaces_ioctl() -> dict[str, str]:
 
     out: dict[str, str] = {}
     try:
-        names = [name for _, name in socket.if_nameindex()]
+        names = [name for _, name in socket.if_nameindex() if IFNAME_RE.fullmatch(name)]
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     except OSError:
         return out
@@ -286,9 +289,10 @@ def run_agent(
 ) -> int:
     """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code.
 
-    0: stopped cleanly. 2: the manager rejected the key (401) or the payload (400), which
-    retrying cannot fix. ``net_dir`` reads interface states from sysfs there instead of with
-    ioctls in the current network namespace.
+    0: stopped cleanly. 2: the manager rejected the key (401), which retrying cannot fix;
+    every other failure is reported as an event and retried at the next interval.
+    ``net_dir`` reads interface states from sysfs there instead of with ioctls in the current
+    network namespace.
     """
     stop = stop or threading.Event()
     emit = log or (lambda message: None)
@@ -321,8 +325,8 @@ def run_agent(
                     answer = client.heartbeat(host, payload)
                     events = core.handle_response(time.monotonic(), answer)
                 except ApiError as exc:
-                    if exc.status in (400, 401):
-                        emit(f"fatal: the manager refused the heartbeat: {exc}")
+                    if exc.status == 401:
+                        emit(f"fatal: the manager rejected our key: {exc}")
                         return 2
                     events = core.handle_failure(time.monotonic(), str(exc))
                 for ev in events:

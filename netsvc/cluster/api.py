@@ -63,7 +63,7 @@ MAX_INTERFACES = 256
 MAX_AGENT_KEYS = 32
 MAX_JOURNAL_LIMIT = 10000
 DEFAULT_JOURNAL_LIMIT = 1000
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+IFNAME_RE = re.compile(r"^(?!.*/)[!-~]{1,15}$")  # printable, no '/', IFNAMSIZ - 1
 ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
 ACTION_ID_RE = re.compile(r"^a-[0-9]{1,12}$")
 
@@ -121,7 +121,7 @@ class _Fields:
             raise ValidationError(where, f"must be a JSON object, not {_json_type(obj)}")
         for key in obj:
             if key not in allowed:
-                raise ValidationError(f"{prefix}{key}", "unknown field")
+                raise ValidationError(f"{prefix}{key}"[:80] or '""', f"unknown field {key[:40]!r}")
         self.obj: dict[str, Any] = obj
         self.prefix = prefix
 
@@ -263,7 +263,7 @@ def validate_heartbeat(obj: object) -> HeartbeatRequest:
         if len(raw_ifaces) > MAX_INTERFACES:
             raise ValidationError("interfaces", f"more than {MAX_INTERFACES} interfaces")
         for name, state in raw_ifaces.items():
-            where = f"interfaces.{name}"[:80]
+            where = f"interfaces.{name}"[:80]  # never empty
             if not IFNAME_RE.fullmatch(name):
                 raise ValidationError(where, f"invalid interface name {name[:40]!r}")
             if state not in INTERFACE_STATES:
@@ -585,7 +585,7 @@ class Api:
         out = {}
         for key, values in parsed.items():
             if key not in route.query:
-                raise ValidationError(key[:40], "unknown query parameter")
+                raise ValidationError(key[:40] or '""', "unknown query parameter")
             if len(values) != 1:
                 raise ValidationError(key, "given more than once")
             out[key] = values[0]

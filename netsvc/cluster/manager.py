@@ -37,6 +37,7 @@ import math
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -705,7 +706,9 @@ class ManagerCore:
                 "completed",
             )
         subject = _subject("vm", action.vm)
-        duration = now - action.claimed_at if action.claimed_at is not None else None
+        duration = (
+            round(now - action.claimed_at, 6) if action.claimed_at is not None else None
+        )
         details: dict[str, Any] = {"action": action.id, "from": action.from_host,
                                    "to": action.to_host, "executor": action.executor,
                                    "duration_s": duration, "detail": detail}
@@ -803,6 +806,12 @@ class _HTTPServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-answer is not worth a traceback on stderr.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            self.manager.log_always(f"error serving {client_address}: {exc!r}")
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), which may wait on DNS; skip it.
         socketserver.TCPServer.server_bind(self)
@@ -818,15 +827,28 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 10.0
 
-    def _dispatch(self) -> None:
-        mgr = self.server.manager
+    _early: Prepared | None = None
+
+    def _prepare(self) -> Prepared | Response:
         for name in ("content-length", "authorization", "transfer-encoding"):
             if len(self.headers.get_all(name) or []) > 1:
-                self._send(error(400, f"header {name} given more than once", close=True,
-                                 field=name))
-                return
+                return error(400, f"header {name} given more than once", close=True, field=name)
         headers = {k.lower(): v for k, v in self.headers.items()}
-        prepared = mgr.api.prepare(self.command, self.path, headers)
+        return self.server.manager.api.prepare(self.command, self.path, headers)
+
+    def handle_expect_100(self) -> bool:
+        # curl sends "Expect: 100-continue" with larger bodies: check the key and the size
+        # before inviting the body, so a 413 or 401 goes out without reading anything.
+        prepared = self._prepare()
+        if isinstance(prepared, Response):
+            self._send(replace(prepared, close=True))
+            return False
+        self._early = prepared
+        return super().handle_expect_100()
+
+    def _dispatch(self) -> None:
+        prepared = self._early if self._early is not None else self._prepare()
+        self._early = None
         if isinstance(prepared, Response):
             self._send(prepared)
             return
@@ -836,7 +858,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raw = self.rfile.read(prepared.body_length)
             except OSError:
                 raw = b""
-        self._send(mgr.finish(prepared, raw))
+        self._send(self.server.manager.finish(prepared, raw))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
 
@@ -881,6 +903,22 @@ class ManagerServer:
         self._threads: list[threading.Thread] = []
         self.journal = journal
         self.store = store
+        # Bind first: a manager that cannot listen journals nothing.
+        self._httpd = _HTTPServer(address, self)
+        try:
+            self._init_core(key, config, log, start_reason)
+        except BaseException:
+            self._httpd.server_close()
+            raise
+
+    def _init_core(
+        self,
+        key: bytes,
+        config: ManagerConfig | None,
+        log: Callable[[str], None] | None,
+        start_reason: str,
+    ) -> None:
+        journal, store = self.journal, self.store
         with self._lock:
             now, wall = time.monotonic(), time.time()
             if journal.torn_tail is not None:
@@ -907,7 +945,6 @@ class ManagerServer:
             self.core = ManagerCore(store, journal, now=now, wall=wall, config=config,
                                     start_reason=start_reason)
         self.api = Api(self.core, key)
-        self._httpd = _HTTPServer(address, self)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -921,6 +958,10 @@ class ManagerServer:
 
     def log(self, message: str) -> None:
         if self._log is not None and self._access_log:
+            self._log(message)
+
+    def log_always(self, message: str) -> None:
+        if self._log is not None:
             self._log(message)
 
     def finish(self, prepared: Prepared, raw: bytes) -> Response:

@@ -178,9 +178,8 @@ def test_garbage_last_line_refuses_to_open(tmp_path: Path) -> None:
 
 def test_one_writer_at_a_time(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
-    with Journal(path):
-        with pytest.raises(JournalError, match="in use"):
-            Journal(path)
+    with Journal(path), pytest.raises(JournalError, match="in use"):
+        Journal(path)
     with Journal(path) as j:  # released on close
         add(j, 1)
 
