@@ -116,8 +116,9 @@ class LabPlan:
         """Host NIC names: eth0 mgmt, eth1/eth2 VM-network uplinks, eth3/eth4 storage A/B."""
         return _check_ifname(f"{self.node(host)}-{port}")
 
-    def vm_ifname(self, vm: str) -> str:
-        return _check_ifname(f"{self.node(vm)}-eth0")
+    def vm_port(self, vm: str, generation: int) -> str:
+        """The VM end of its veth; migrations alternate between two names."""
+        return _check_ifname(f"{self.node(vm)}-e{generation % 2}")
 
     def vif_name(self, vm: str) -> str:
         """The host-side end of a VM's veth; it moves between hosts on migration."""

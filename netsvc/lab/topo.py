@@ -9,7 +9,8 @@ Shape (see ``plan.py`` for the addresses):
   a port of the host's own virtual switch ``vs0`` (a Linux bridge inside the host's namespace)
   and eth2 is a standby uplink, cabled and up but not a bridge port (this kernel has no bonding,
   and two forwarding uplinks into one segment would loop); eth3 and eth4 on the storage fabrics;
-- VMs ``vmN``: a namespace each, one veth to its host's ``vs0`` (host end ``<vm>-vif``);
+- VMs ``vmN``: a namespace each, whose NIC ``vnic`` holds the VM's MAC and address; one veth
+  from it to its host's ``vs0`` (VM end ``<vm>-e0`` or ``-e1``, host end ``<vm>-vif``);
 - ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management and both
   storage fabrics; ``gw`` the VM network's gateway (198.18.1.1), routing to the ``site`` node.
 
@@ -51,11 +52,23 @@ class HypervisorHost(Host):  # type: ignore[misc]
 
 
 class VMHost(Host):  # type: ignore[misc]
-    """A VM: its own namespace, its own MAC and address, a default route through the gateway."""
+    """A VM: its own namespace, with its NIC ``vnic`` carrying its own MAC and address.
+
+    ``vnic`` is a bridge inside the VM whose one forwarding port is the veth to the current
+    host. Migration adds a port to the next host, then swaps which port is up, so the VM's
+    NIC, MAC, address and TCP connections never change.
+    """
 
     def config(self, **params: Any) -> Any:
+        vm_ip, vm_mac = params.pop("vm_ip"), params.pop("vm_mac")
         r = super().config(**params)
-        self.cmd(f"ip route add default via {GATEWAY}")
+        port = self.intfNames()[0]
+        self.cmd(
+            f"ip link add vnic type bridge stp_state 0 forward_delay 0 && "
+            f"ip link set vnic address {vm_mac} && ip link set {port} master vnic up && "
+            f"ip link set vnic up && ip addr add {vm_ip}/24 dev vnic && "
+            f"ip route add default via {GATEWAY} dev vnic"
+        )
         return r
 
 
@@ -130,9 +143,12 @@ class ClusterTopo(Topo):  # type: ignore[misc]
 
     def add_vm(self, vm: str, host: str) -> None:
         plan: LabPlan = self.plan
-        node = self.addHost(
-            plan.node(vm), cls=VMHost, ip=f"{plan.vm_addr(vm)}/24", mac=plan.vm_mac(vm)
-        )
+        node = self.addHost(plan.node(vm), **vm_params(plan, vm))
         self.addLink(
-            node, plan.node(host), intfName1=plan.vm_ifname(vm), intfName2=plan.vif_name(vm)
+            node, plan.node(host), intfName1=plan.vm_port(vm, 0), intfName2=plan.vif_name(vm)
         )
+
+
+def vm_params(plan: LabPlan, vm: str) -> dict[str, Any]:
+    """Mininet host parameters of a VM (``ip=None`` stops Mininet from picking an address)."""
+    return {"cls": VMHost, "ip": None, "vm_ip": plan.vm_addr(vm), "vm_mac": plan.vm_mac(vm)}

@@ -1,0 +1,7 @@
+"""``python -m netsvc``: the same as the ``netsvc`` command."""
+
+import sys
+
+from netsvc.cli import main
+
+sys.exit(main())

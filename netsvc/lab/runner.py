@@ -1,0 +1,75 @@
+"""Run one scenario end to end: build, drive, tear down, report.
+
+Invariants:
+- Input is checked before anything is built: a bad scenario name or host count creates nothing.
+- Teardown runs on success, on error, on Ctrl-C and on SIGTERM; the report records what was
+  left behind (nothing, or the names of the leftovers), and leftovers fail the run.
+- The exit code is 0 only if every check passed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from netsvc.lab.lab import Lab, LabError, signals_as_exceptions
+from netsvc.lab.plan import MAX_HOSTS
+from netsvc.lab.scenarios import SCENARIOS, Checks
+
+
+class UsageError(ValueError):
+    """Bad input from the command line: reported in one line, exit code 2."""
+
+
+def validate(name: str, hosts: int) -> None:
+    if name not in SCENARIOS:
+        raise UsageError(f"unknown scenario {name!r} (netsvc lab --list names them)")
+    sc = SCENARIOS[name]
+    if not sc.min_hosts <= hosts <= MAX_HOSTS:
+        raise UsageError(
+            f"bad host count {hosts}: scenario {name} needs {sc.min_hosts} to {MAX_HOSTS} hosts"
+        )
+
+
+def run_scenario(name: str, hosts: int, report_dir: Path) -> tuple[int, dict[str, Any]]:
+    """Run scenario ``name`` on ``hosts`` hosts; returns (exit code, report)."""
+    from netsvc.lab.report import write_report
+    from netsvc.lab.timeline import Timeline
+
+    validate(name, hosts)
+    sc = SCENARIOS[name]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    timeline = Timeline(report_dir / "timeline.jsonl")
+    checks = Checks()
+    report: dict[str, Any] = {"scenario": name, "ok": False, "hosts": hosts,
+                              "vms_per_host": sc.vms_per_host}
+    lab = Lab(hosts=hosts, vms_per_host=sc.vms_per_host, timeline=timeline, scenario=name)
+    t0 = time.monotonic()
+    with signals_as_exceptions():
+        try:
+            lab.build()
+            report["build_s"] = round(lab.build_s, 3)
+            report.update(sc.run(lab, checks))
+        except KeyboardInterrupt as exc:
+            report["error"] = f"interrupted ({exc or 'Ctrl-C'})"
+        except (LabError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+            report["traceback"] = traceback.format_exc().splitlines()[-6:]
+            logs = lab.run_dir / "logs" if lab.info else None
+            if logs is not None and logs.exists():
+                shutil.copytree(logs, report_dir / "logs", dirs_exist_ok=True)
+        finally:
+            if lab.info is not None:
+                report["prefix"] = lab.info.prefix
+            left = lab.teardown()
+    report["teardown_s"] = round(lab.teardown_s, 3)
+    report["leftovers"] = left
+    report["duration_s"] = round(time.monotonic() - t0, 3)
+    checks.check("nothing left behind", not left, ", ".join(left))
+    report["checks"] = checks.items
+    report["ok"] = checks.ok and "error" not in report
+    write_report(report_dir, report, timeline)
+    return (0 if report["ok"] else 1), report
