@@ -15,8 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
 
-    p = argparse.ArgumentParser(prog="netsvc", description="Network services for clusters of "
-                                "virtualization hosts.")
+    p = argparse.ArgumentParser(
+        prog="netsvc", description="Network services for clusters of virtualization hosts."
+    )
     p.add_argument("--version", action="version", version=f"netsvc {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     register_cluster(sub)

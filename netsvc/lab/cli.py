@@ -14,8 +14,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run a lab scenario in Mininet (root)",
         description="Build the Mininet cluster lab, run one scenario, tear it down, report.",
     )
-    p.add_argument("command", nargs="?", choices=["clean"],
-                   help="clean: remove what killed lab runs left behind")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["clean"],
+        help="clean: remove what killed lab runs left behind",
+    )
     p.add_argument("--scenario", default="smoke", help="scenario to run (default: smoke)")
     p.add_argument("--hosts", type=int, default=3, help="hypervisor hosts (default: 3)")
     p.add_argument("--report", type=Path, help="report directory (default: reports/SCENARIO)")
@@ -85,8 +89,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{mark} {c['name']}" + (f": {c['detail']}" if c["detail"] else ""))
         if "error" in report:
             print(f"error: {report['error']}")
-        figures = {k: report[k] for k in ("migration_downtime_ms", "build_s", "teardown_s",
-                                          "host_down_detect_ms") if k in report}
+        figures = {
+            k: report[k]
+            for k in ("migration_downtime_ms", "build_s", "teardown_s", "host_down_detect_ms")
+            if k in report
+        }
         print(f"{report['scenario']}: {'PASSED' if report['ok'] else 'FAILED'} {figures}")
         print(f"report: {report_dir}/report.json, timeline.jsonl, timeline.png")
     return code

@@ -85,7 +85,7 @@ class Faults:
         return f
 
     def cut(self, spec: str) -> str:
-        """Cut the link(s) named by ``spec`` (``h1:vmnet``, ``h2:eth0``, ``vm3``): both ends down."""
+        """Cut the link(s) named by ``spec`` (``h1:vmnet``, ``h2:eth0``, ``vm3``), both ends."""
         ends = self.lab.link_ends(spec)
         f = self._new("cut", spec.split(":")[0], link=spec)
         for end in ends:
@@ -113,7 +113,7 @@ class Faults:
         return f.fault_id
 
     def partition(self, hosts: list[str], network: str) -> str:
-        """Split ``hosts`` from every other node on ``network`` (frames between them are dropped)."""
+        """Split ``hosts`` from every other node on ``network``: frames between are dropped."""
         plan = self.lab._plan()
         for h in hosts:
             self.lab._check_host(h)

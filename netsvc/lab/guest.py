@@ -64,8 +64,8 @@ class GuestStore:
         if cmd == "GET" and len(args) == 1:
             if not KEY_RE.match(args[0]):
                 return b"ERR bad key\n"
-            value = self.data.get(args[0])
-            return b"MISSING\n" if value is None else f"VALUE {value}\n".encode()
+            found = self.data.get(args[0])
+            return b"MISSING\n" if found is None else f"VALUE {found}\n".encode()
         if cmd == "STATS" and not args:
             stats = {"name": self.name, "writes": self.writes, "keys": len(self.data)}
             return f"STATS {json.dumps(stats, sort_keys=True)}\n".encode()

@@ -29,25 +29,29 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from netsvc.lab import registry
 from netsvc.lab.garp import announcement, open_sender
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import GUEST_PORT, MANAGER_PORT, SERVICES_MGMT, LabPlan, PlanError, vm_index
 
-HOST_PORTS = {"mgmt": ("eth0",), "vmnet": ("eth1", "eth2"), "storage-a": ("eth3",),
-              "storage-b": ("eth4",)}
+HOST_PORTS = {
+    "mgmt": ("eth0",),
+    "vmnet": ("eth1", "eth2"),
+    "storage-a": ("eth3",),
+    "storage-b": ("eth4",),
+}
 
 
 class LabError(RuntimeError):
     """A lab operation that cannot be done (unknown node, VM not running, ...)."""
 
 
-class Recorder:
+class Recorder(Protocol):
     """What the lab needs of a timeline; ``netsvc.lab.timeline.Timeline`` fits."""
 
-    def record(self, kind: str, subject: str, name: str, **details: Any) -> Any: ...
+    def record(self, kind: Any, subject: str, name: str, **details: Any) -> Any: ...
 
 
 @dataclass
@@ -173,13 +177,25 @@ class Lab:
         t0 = time.monotonic()
         self.info = registry.allocate(self.scenario)
         self.plan = LabPlan(self.info.prefix, self.hosts_n, self.vms_per_host)
-        self.record("action", "lab", "build-start", prefix=self.prefix, hosts=self.hosts_n,
-                    vms_per_host=self.vms_per_host)
+        self.record(
+            "action",
+            "lab",
+            "build-start",
+            prefix=self.prefix,
+            hosts=self.hosts_n,
+            vms_per_host=self.vms_per_host,
+        )
         with self._marked():
             setLogLevel("error")
             topo = ClusterTopo(hosts=self.hosts_n, vms=self.vms_per_host, prefix=self.prefix)
-            self.net = Mininet(topo=topo, switch=LinuxBridge, controller=None, build=False,
-                               autoSetMacs=False, waitConnected=False)
+            self.net = Mininet(
+                topo=topo,
+                switch=LinuxBridge,
+                controller=None,
+                build=False,
+                autoSetMacs=False,
+                waitConnected=False,
+            )
             self.net.build()
             self.net.start()
         for vm, host in self.plan.initial_vms():
@@ -232,8 +248,9 @@ class Lab:
             if not left:
                 registry.release(self.prefix)
             self.teardown_s = time.monotonic() - t0
-            self.record("event", "lab", "teardown-done", seconds=round(self.teardown_s, 3),
-                        links_left=left)
+            self.record(
+                "event", "lab", "teardown-done", seconds=round(self.teardown_s, 3), links_left=left
+            )
             self.info = None
             self.net = None
             return left
@@ -267,7 +284,9 @@ class Lab:
         key = public or ""
         with self._lock:
             if key not in self._ipr:
-                self._ipr[key] = IPRoute(netns=netns_path(self.pid(public))) if public else IPRoute()
+                self._ipr[key] = (
+                    IPRoute(netns=netns_path(self.pid(public))) if public else IPRoute()
+                )
             return self._ipr[key]
 
     def connect_from(self, public: str) -> Callable[[str, int, float], socket.socket]:
@@ -283,7 +302,10 @@ class Lab:
         with open(logs / f"{role}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["mnexec", "-a", str(self.pid(public)), *argv],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,
             )
         self.procs.add(role, proc)
@@ -302,7 +324,7 @@ class Lab:
         raise LabError(f"{public} has no link {ifname}")
 
     def _public(self, node_name: str) -> str:
-        rest = node_name[len(self.prefix):]
+        rest = node_name[len(self.prefix) :]
         if rest[0] == "v" and rest[1:].isdigit():
             return f"vm{rest[1:]}"
         if rest[0] == "b" and rest[1:].isdigit():
@@ -310,7 +332,7 @@ class Lab:
         return rest
 
     def link_ends(self, spec: str) -> list[tuple[str | None, str]]:
-        """Both ends of the links named by ``spec``: ``h1:vmnet``, ``h1:eth3``, ``vm2``, ``gw:eth0``.
+        """Both ends of the links named by ``spec``: ``h1:vmnet``, ``h1:eth3``, ``vm2``.
 
         Each end is (public node or None for the root namespace, interface name).
         """
@@ -357,7 +379,7 @@ class Lab:
             raise LabError(f"no host {host!r} in this lab (hosts: h1..h{plan.hosts})")
 
     def create_vm(self, vm: str, host: str, start: bool = True) -> VM:
-        """Define a new VM on ``host``: its namespace, veth to the host's switch, MAC and address."""
+        """Define a new VM on ``host``: namespace, veth to the host's switch, MAC, address."""
         from netsvc.lab.topo import vm_params
 
         plan = self._plan()
@@ -372,8 +394,9 @@ class Lab:
             raise LabError(f"VM {vm} already exists")
         with self._marked():
             node = self.net.addHost(name, **vm_params(plan, vm))
-            self.net.addLink(node, self.node(host), intfName1=plan.vm_port(vm, 0),
-                             intfName2=plan.vif_name(vm))
+            self.net.addLink(
+                node, self.node(host), intfName1=plan.vm_port(vm, 0), intfName2=plan.vif_name(vm)
+            )
             node.configDefault()
         ipr = self.ipr(host)
         vif = ipr.link_lookup(ifname=plan.vif_name(vm))[0]
@@ -386,8 +409,11 @@ class Lab:
 
     def _start_guest(self, vm: str) -> None:
         v = self._vm(vm)
-        v.proc = self.popen(vm, [sys.executable, "-m", "netsvc.lab.guest", "--name", vm,
-                                 "--port", str(GUEST_PORT)], role=f"guest-{vm}")
+        v.proc = self.popen(
+            vm,
+            [sys.executable, "-m", "netsvc.lab.guest", "--name", vm, "--port", str(GUEST_PORT)],
+            role=f"guest-{vm}",
+        )
         v.state = "running"
         self.record("event", vm, "start", host=v.host, pid=v.proc.pid)
 
@@ -410,8 +436,9 @@ class Lab:
         v.state = "stopped"
         self.record("event", vm, "stop", host=v.host)
 
-    def guest_connect(self, vm: str, via: str = "gw", timeout: float = 2.0
-                      ) -> Callable[[], socket.socket]:
+    def guest_connect(
+        self, vm: str, via: str = "gw", timeout: float = 2.0
+    ) -> Callable[[], socket.socket]:
         """A zero-argument connect function for a TCP connection to ``vm``'s guest from ``via``."""
         ip = self._vm(vm).ip
         conn = self.connect_from(via)
@@ -432,8 +459,9 @@ class Lab:
                 pending.pop(0)
             except OSError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"the guest of {vm} did not answer within {timeout:.0f} s"
-                                   ) from None
+                    raise LabError(
+                        f"the guest of {vm} did not answer within {timeout:.0f} s"
+                    ) from None
                 time.sleep(0.05)
 
     def _garp_socket(self, vm: str) -> socket.socket:
@@ -482,14 +510,19 @@ class Lab:
         vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
         self.record("action", vm, "migrate", src=src, dst=dst)
         t_prep = time.monotonic()
-        vm_ipr.link("add", ifname=new_port, kind="veth",
-                    peer={"ifname": vif, "net_ns_pid": self.pid(dst)})
+        vm_ipr.link(
+            "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": self.pid(dst)}
+        )
         vnic = vm_ipr.link_lookup(ifname="vnic")[0]
         new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
         old_idx = vm_ipr.link_lookup(ifname=old_port)[0]
         vm_ipr.link("set", index=new_idx, master=vnic)
-        dst_ipr.link("set", index=dst_ipr.link_lookup(ifname=vif)[0],
-                     master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
+        dst_ipr.link(
+            "set",
+            index=dst_ipr.link_lookup(ifname=vif)[0],
+            master=dst_ipr.link_lookup(ifname="vs0")[0],
+            state="up",
+        )
         self._garp_socket(vm)
         t0 = time.monotonic()
         vm_ipr.link("set", index=old_idx, state="down")
@@ -499,8 +532,15 @@ class Lab:
         v.host = dst
         v.generation += 1
         vm_ipr.link("del", index=old_idx)
-        self.record("event", vm, "migrated", src=src, dst=dst, switch_ms=round(switch_ms, 3),
-                    prepare_ms=round((t0 - t_prep) * 1000, 3))
+        self.record(
+            "event",
+            vm,
+            "migrated",
+            src=src,
+            dst=dst,
+            switch_ms=round(switch_ms, 3),
+            prepare_ms=round((t0 - t_prep) * 1000, 3),
+        )
         return MigrationResult(vm, src, dst, switch_ms)
 
     # --- hosts -------------------------------------------------------------------------
@@ -570,10 +610,24 @@ class Lab:
         self.key_file.chmod(0o600)
         state = self.run_dir / "manager"
         state.mkdir(exist_ok=True)
-        self.popen("svc", [sys.executable, "-m", "netsvc", "manager", "--listen",
-                           f"{SERVICES_MGMT}:{MANAGER_PORT}", "--key-file", str(self.key_file),
-                           "--state-dir", str(state), "--heartbeat-interval",
-                           str(self.heartbeat_interval)], role="manager")
+        self.popen(
+            "svc",
+            [
+                sys.executable,
+                "-m",
+                "netsvc",
+                "manager",
+                "--listen",
+                f"{SERVICES_MGMT}:{MANAGER_PORT}",
+                "--key-file",
+                str(self.key_file),
+                "--state-dir",
+                str(state),
+                "--heartbeat-interval",
+                str(self.heartbeat_interval),
+            ],
+            role="manager",
+        )
         self.record("event", "lab", "manager-start")
         for h in self._plan().host_names():
             self.start_agent(h)
@@ -599,11 +653,28 @@ class Lab:
     def start_agent(self, host: str) -> None:
         plan = self._plan()
         assert self.key_file is not None
-        self.popen(host, [sys.executable, "-m", "netsvc", "agent", "--host", host,
-                          "--manager", self.manager_url, "--key-file", str(self.key_file),
-                          "--interval", str(self.heartbeat_interval),
-                          "--mgmt-addr", plan.host_addr(host, "mgmt"),
-                          "--vm-addr", plan.host_addr(host, "vmnet")], role=f"agent-{host}")
+        self.popen(
+            host,
+            [
+                sys.executable,
+                "-m",
+                "netsvc",
+                "agent",
+                "--host",
+                host,
+                "--manager",
+                self.manager_url,
+                "--key-file",
+                str(self.key_file),
+                "--interval",
+                str(self.heartbeat_interval),
+                "--mgmt-addr",
+                plan.host_addr(host, "mgmt"),
+                "--vm-addr",
+                plan.host_addr(host, "vmnet"),
+            ],
+            role=f"agent-{host}",
+        )
 
     def manager(self, via: str = "svc") -> Any:
         """A ``ManagerClient`` whose connections start in ``via``'s namespace."""

@@ -80,7 +80,7 @@ class LabPlan:
             raise PlanError(f"invalid lab prefix {self.prefix!r}: expected nv + 2 of [a-z0-9]")
         if not 1 <= self.hosts <= MAX_HOSTS:
             raise PlanError(f"bad host count {self.hosts}: must be between 1 and {MAX_HOSTS}")
-        if not 0 <= self.vms_per_host or self.hosts * self.vms_per_host > MAX_VMS:
+        if not self.vms_per_host >= 0 or self.hosts * self.vms_per_host > MAX_VMS:
             raise PlanError(
                 f"bad VM count {self.vms_per_host} per host: at most {MAX_VMS} VMs in all"
             )

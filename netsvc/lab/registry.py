@@ -101,7 +101,7 @@ def release(prefix: str) -> None:
 
 
 def runs() -> list[RunInfo]:
-    out = []
+    out: list[RunInfo] = []
     if not RUN_ROOT.exists():
         return out
     for p in sorted(RUN_ROOT.glob("nv*.json")):
@@ -181,9 +181,7 @@ def delete_links(prefix: str, timeout: float = 5.0) -> list[str]:
 
 def delete_nft(prefix: str) -> None:
     for family in ("bridge", "netdev", "inet"):
-        subprocess.run(
-            ["nft", "delete", "table", family, f"netsvc_{prefix}"], capture_output=True
-        )
+        subprocess.run(["nft", "delete", "table", family, f"netsvc_{prefix}"], capture_output=True)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,12 @@ def run_scenario(name: str, hosts: int, report_dir: Path) -> tuple[int, dict[str
     report_dir.mkdir(parents=True, exist_ok=True)
     timeline = Timeline(report_dir / "timeline.jsonl")
     checks = Checks()
-    report: dict[str, Any] = {"scenario": name, "ok": False, "hosts": hosts,
-                              "vms_per_host": sc.vms_per_host}
+    report: dict[str, Any] = {
+        "scenario": name,
+        "ok": False,
+        "hosts": hosts,
+        "vms_per_host": sc.vms_per_host,
+    }
     lab = Lab(hosts=hosts, vms_per_host=sc.vms_per_host, timeline=timeline, scenario=name)
     t0 = time.monotonic()
     with signals_as_exceptions():

@@ -105,9 +105,7 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         )
         self.addLink(gw, sw["vmnet"])
         self.addLink(gw, sw["site"])
-        site = self.addHost(
-            plan.node("site"), ip="198.18.4.10/24", defaultRoute="via 198.18.4.1"
-        )
+        site = self.addHost(plan.node("site"), ip="198.18.4.10/24", defaultRoute="via 198.18.4.1")
         self.addLink(site, sw["site"])
 
         for h in plan.host_names():

@@ -44,8 +44,12 @@ def answers_soon(lab: Lab, vm: str, within: float = 3.0) -> bool:
 
 
 def sh(lab: Lab, node: str, cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mnexec", "-a", str(lab.pid(node)), "sh", "-c", cmd],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["mnexec", "-a", str(lab.pid(node)), "sh", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_vms_have_own_mac_and_address_and_answer(lab: Lab) -> None:
@@ -89,8 +93,9 @@ def test_migration_keeps_guest_state_and_client_session(lab: Lab) -> None:
     assert "master vs0" in sh(lab, "h2", f"ip -o link show {vif}").stdout
     assert sh(lab, "h1", f"ip link show {vif}").returncode != 0
     # The VM-network switch learned the VM's MAC behind h2's uplink (gratuitous ARP).
-    fdb = subprocess.run(["bridge", "fdb", "show", "br", lab.plan.switch("vmnet")],
-                         capture_output=True, text=True).stdout
+    fdb = subprocess.run(
+        ["bridge", "fdb", "show", "br", lab.plan.switch("vmnet")], capture_output=True, text=True
+    ).stdout
     port = lab.peer_of("h2", lab.plan.host_ifname("h2", "eth1"))[1]
     assert any(lab.vms["vm1"].mac in line and port in line for line in fdb.splitlines())
     # And back again, a second generation of ports.
@@ -128,8 +133,10 @@ def test_crash_host_kills_its_vms_and_links(lab: Lab) -> None:
     assert not answers(lab, "vm3")
     assert answers(lab, "vm1") and answers(lab, "vm2")
     assert lab.plan is not None
-    assert "state DOWN" in sh(lab, "h3", f"ip -o link show {lab.plan.host_ifname('h3', 'eth0')}"
-                              ).stdout
+    assert (
+        "state DOWN"
+        in sh(lab, "h3", f"ip -o link show {lab.plan.host_ifname('h3', 'eth0')}").stdout
+    )
     assert sh(lab, "h1", "ping -c1 -W1 198.18.0.13").returncode != 0
     with pytest.raises(LabError, match="is down"):
         lab.migrate("vm1", "h3")

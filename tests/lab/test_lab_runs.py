@@ -20,8 +20,9 @@ NETSVC = [sys.executable, "-m", "netsvc"]
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*NETSVC, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run(
+        [*NETSVC, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_smoke_scenario_passes_and_reports(tmp_path: Path) -> None:
@@ -74,8 +75,7 @@ time.sleep(120)
 
 
 def test_sigkill_then_clean_removes_everything() -> None:
-    p = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO)
+    p = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert p.stdout is not None
     prefix = p.stdout.readline().strip()
     assert prefix.startswith("nv"), prefix
@@ -95,8 +95,7 @@ def test_sigkill_then_clean_removes_everything() -> None:
 
 
 def test_clean_leaves_a_live_run_alone() -> None:
-    p = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO)
+    p = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert p.stdout is not None
     prefix = p.stdout.readline().strip()
     try:
@@ -111,8 +110,13 @@ def test_clean_leaves_a_live_run_alone() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_a_scenario_tears_down(tmp_path: Path, sig: int) -> None:
-    p = subprocess.Popen([*NETSVC, "lab", "--scenario", "smoke", "--report", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    p = subprocess.Popen(
+        [*NETSVC, "lab", "--scenario", "smoke", "--report", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     timeline = tmp_path / "timeline.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -120,7 +124,7 @@ def test_signal_during_a_scenario_tears_down(tmp_path: Path, sig: int) -> None:
             break
         time.sleep(0.05)
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    p.communicate(timeout=60)
     assert p.returncode != 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ok"] is False and "interrupted" in report["error"]
@@ -132,9 +136,23 @@ def test_signal_during_a_scenario_tears_down(tmp_path: Path, sig: int) -> None:
 def test_mn_command_line_builds_the_cluster() -> None:
     mn = Path(sys.executable).parent / "mn"
     r = subprocess.run(
-        [str(mn), "--custom", "topologies/cluster.py", "--topo", "cluster,hosts=2,vms=1",
-         "--switch", "lxbr", "--controller", "none", "--test", "none"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            str(mn),
+            "--custom",
+            "topologies/cluster.py",
+            "--topo",
+            "cluster,hosts=2,vms=1",
+            "--switch",
+            "lxbr",
+            "--controller",
+            "none",
+            "--test",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
         env={**os.environ, "PATH": f"{mn.parent}:{os.environ['PATH']}"},
     )
     assert r.returncode == 0, r.stdout + r.stderr

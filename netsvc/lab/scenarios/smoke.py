@@ -34,13 +34,15 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
     out["cluster_ready_s"] = round(time.monotonic() - t0, 3)
     mgr = lab.manager()
     status = mgr.status()
-    checks.check("agents registered", len([h for h in status["hosts"] if h["state"] == "up"])
-                 == lab.hosts_n, f"{len(status['hosts'])} hosts known to the manager")
+    checks.check(
+        "agents registered",
+        len([h for h in status["hosts"] if h["state"] == "up"]) == lab.hosts_n,
+        f"{len(status['hosts'])} hosts known to the manager",
+    )
 
     vm, dst = "vm1", "h2"
     plan = mgr.migrate(vm, to=dst, reason="smoke: planned migration", dry_run=True)
-    checks.check("dry-run queues nothing", not mgr.claim_actions("lab"),
-                 f"plan: {plan}")
+    checks.check("dry-run queues nothing", not mgr.claim_actions("lab"), f"plan: {plan}")
 
     client = GuestClient(lab.guest_connect(vm), interval=0.002).start()
     time.sleep(1.0)
@@ -58,24 +60,37 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
     out["client_requests"] = client.sent
     out["client_interval_ms"] = client.interval * 1000
     checks.check("migration carried out", len(done) == 1 and done[0]["ok"], str(done))
-    checks.check("client answered before and after", before > 100 and after > 100,
-                 f"{before} replies before, {after} after")
+    checks.check(
+        "client answered before and after",
+        before > 100 and after > 100,
+        f"{before} replies before, {after} after",
+    )
     checks.check("no write lost or replayed", not log.violations, "; ".join(log.violations[:3]))
-    checks.check("migration downtime sane", downtime_ms < DOWNTIME_SANITY_MS,
-                 f"{downtime_ms:.1f} ms longest gap (client errors: {len(log.errors)})")
+    checks.check(
+        "migration downtime sane",
+        downtime_ms < DOWNTIME_SANITY_MS,
+        f"{downtime_ms:.1f} ms longest gap (client errors: {len(log.errors)})",
+    )
     stats = request(lab.guest_connect(vm), "STATS")
     checks.check("guest kept its state", f'"writes": {client.sent}' in stats, stats)
-    checks.check("placement updated", _placement(mgr.status(), vm) == dst,
-                 f"manager has {vm} on {_placement(mgr.status(), vm)}")
+    checks.check(
+        "placement updated",
+        _placement(mgr.status(), vm) == dst,
+        f"manager has {vm} on {_placement(mgr.status(), vm)}",
+    )
 
     victim = next(h for h in reversed(lab.plan.host_names()) if h != dst)  # type: ignore[union-attr]
     died = lab.crash_host(victim)
     t_crash = time.monotonic()
     survivors = [v for v in vms if v not in died]
-    checks.check("crashed host's VMs are gone", bool(died) and not any(answers(lab, v)
-                 for v in died), f"{victim}: {died}")
-    checks.check("other VMs still answer", all(answers(lab, v) for v in survivors),
-                 f"{len(survivors)} VMs")
+    checks.check(
+        "crashed host's VMs are gone",
+        bool(died) and not any(answers(lab, v) for v in died),
+        f"{victim}: {died}",
+    )
+    checks.check(
+        "other VMs still answer", all(answers(lab, v) for v in survivors), f"{len(survivors)} VMs"
+    )
     detect = None
     while time.monotonic() - t_crash < 10:
         hosts = {h["name"]: h["state"] for h in mgr.status()["hosts"]}
@@ -84,11 +99,17 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
             break
         time.sleep(0.05)
     out["host_down_detect_ms"] = None if detect is None else round(detect, 1)
-    checks.check("manager saw the crash", detect is not None,
-                 f"{victim} down after {detect and round(detect)} ms")
+    checks.check(
+        "manager saw the crash",
+        detect is not None,
+        f"{victim} down after {detect and round(detect)} ms",
+    )
     journal = mgr.journal(0)
-    checks.check("journal has the migration", any(e.get("action") == "migrate"
-                 and e.get("subject") == vm for e in journal), f"{len(journal)} entries")
+    checks.check(
+        "journal has the migration",
+        any(e.get("action") == "migrate" and e.get("subject") == vm for e in journal),
+        f"{len(journal)} entries",
+    )
     return out
 
 

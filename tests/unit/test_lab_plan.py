@@ -1,0 +1,75 @@
+"""The lab's name and address plan."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from netsvc.lab.plan import MAX_HOSTS, MAX_VMS, LabPlan, PlanError, host_index, vm_index
+
+LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
+
+
+def test_every_address_is_in_the_benchmarking_range() -> None:
+    plan = LabPlan("nvab", hosts=MAX_HOSTS, vms_per_host=MAX_VMS // MAX_HOSTS)
+    addrs = []
+    for h in plan.host_names():
+        addrs += [plan.host_addr(h, n) for n in ("mgmt", "vmnet", "storage-a", "storage-b")]
+        addrs.append(plan.bmc_addr(h))
+    addrs += [plan.vm_addr(vm) for vm, _ in plan.initial_vms()]
+    assert all(ipaddress.ip_address(a) in LAB_RANGE for a in addrs)
+    assert len(set(addrs)) == len(addrs)
+
+
+def test_names_carry_the_prefix_and_fit_the_kernel() -> None:
+    plan = LabPlan("nvab", hosts=MAX_HOSTS, vms_per_host=3)
+    names = [plan.host_ifname(h, "eth4") for h in plan.host_names()]
+    names += [plan.vif_name(f"vm{MAX_VMS}"), plan.vm_port(f"vm{MAX_VMS}", 1)]
+    names += [plan.switch(n) for n in ("mgmt", "vmnet", "storage-a", "storage-b", "site")]
+    assert all(n.startswith("nvab") and len(n) <= 15 for n in names)
+
+
+def test_vm_macs_are_unique_locally_administered_unicast() -> None:
+    plan = LabPlan("nvab", hosts=3)
+    macs = {plan.vm_mac(f"vm{i}") for i in range(1, MAX_VMS + 1)}
+    assert len(macs) == MAX_VMS
+    assert all(int(m.split(":")[0], 16) & 0b11 == 0b10 for m in macs)
+
+
+def test_initial_placement() -> None:
+    assert LabPlan("nvab", hosts=2, vms_per_host=2).initial_vms() == [
+        ("vm1", "h1"), ("vm2", "h1"), ("vm3", "h2"), ("vm4", "h2")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prefix": "eth0"}, "invalid lab prefix"),
+        ({"prefix": "nvAB"}, "invalid lab prefix"),
+        ({"prefix": "nvab", "hosts": 0}, "bad host count 0"),
+        ({"prefix": "nvab", "hosts": MAX_HOSTS + 1}, "bad host count"),
+        ({"prefix": "nvab", "hosts": 40, "vms_per_host": 4}, "bad VM count"),
+        ({"prefix": "nvab", "vms_per_host": -1}, "bad VM count"),
+    ],
+)
+def test_bad_plans_are_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        LabPlan(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["h0", "h", "host1", "h1;rm", "H1", "h100"])
+def test_bad_host_names(name: str) -> None:
+    with pytest.raises(PlanError, match="invalid host name"):
+        host_index(name)
+
+
+@pytest.mark.parametrize("name", ["vm0", "vm", "vm-1", "vm151", "vm1 ", "VM1"])
+def test_bad_vm_names(name: str) -> None:
+    with pytest.raises(PlanError, match="invalid VM name"):
+        vm_index(name)
+
+
+def test_unknown_network() -> None:
+    with pytest.raises(PlanError, match="unknown network 'wan'"):
+        LabPlan("nvab").switch("wan")
