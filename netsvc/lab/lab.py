@@ -44,6 +44,13 @@ HOST_PORTS = {
 }
 
 
+# Bridge-port flags of a VM's NIC ports: a silent port delivers what it receives but sends
+# nothing and learns nothing; a speaking port is an ordinary port.
+_SILENT = {"learning": 0, "unicast_flood": 0, "bcast_flood": 0, "mcast_flood": 0}
+_SPEAKING = {"learning": 1, "unicast_flood": 1, "bcast_flood": 1, "mcast_flood": 1}
+DRAIN_S = 0.05  # how long the old port keeps delivering after the switch
+
+
 class LabError(RuntimeError):
     """A lab operation that cannot be done (unknown node, VM not running, ...)."""
 
@@ -470,7 +477,7 @@ class Lab:
                 self._garp[vm] = run_in_netns(self.pid(vm), lambda: open_sender("vnic"))
             return self._garp[vm]
 
-    def announce(self, vm: str, repeats: tuple[float, ...] = (0.0, 0.02, 0.1)) -> None:
+    def announce(self, vm: str, repeats: tuple[float, ...] = (0.0, 0.005, 0.02, 0.1)) -> None:
         """Send gratuitous ARP for ``vm`` now and at the later offsets (in a background thread)."""
         v = self._vm(vm)
         frame = announcement(v.mac, v.ip)
@@ -487,13 +494,17 @@ class Lab:
         if len(repeats) > 1:
             threading.Thread(target=later, daemon=True).start()
 
-    def migrate(self, vm: str, dst: str) -> MigrationResult:
+    def migrate(self, vm: str, dst: str, method: str = "make-before-break") -> MigrationResult:
         """Move ``vm`` to ``dst``'s virtual switch and announce it; the guest keeps running.
 
-        Make before break: a new veth from the VM's ``vnic`` to ``dst``'s ``vs0`` is made and
-        attached first, with its VM end down. The switch itself is two link changes inside the
-        VM's namespace (old port down, new port up) and a gratuitous ARP. The old veth is
-        deleted afterwards. (Moving one veth between namespaces costs the kernel 20-30 ms.)
+        Make before break: a new veth from the VM's ``vnic`` to ``dst``'s ``vs0`` is made, up but
+        silent. The switch is three bridge-port changes inside the VM (the old port goes silent,
+        the new one speaks) and a gratuitous ARP through the new port. The old port keeps
+        delivering frames still in flight for ``DRAIN_S``, then its veth is deleted. The VM's
+        ports are isolated from each other, so the two cables never form a loop.
+
+        ``method="move"`` is the naive way, kept as a baseline for ``bench/``: move the host end
+        of the veth into ``dst``'s namespace (the kernel takes 20-30 ms to do that).
         """
         plan = self._plan()
         v = self._vm(vm)
@@ -504,12 +515,17 @@ class Lab:
             raise LabError(f"VM {vm} is already on {dst}")
         if dst in self.crashed:
             raise LabError(f"host {dst} is down")
+        if method not in ("make-before-break", "move"):
+            raise LabError(f"unknown migration method {method!r}")
         src = v.host
         vif = plan.vif_name(vm)
+        if method == "move":
+            return self._migrate_by_move(v, dst)
         old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
         vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
         self.record("action", vm, "migrate", src=src, dst=dst)
         t_prep = time.monotonic()
+        # Make: a second port on the VM's NIC, cabled to dst's virtual switch, up but silent.
         vm_ipr.link(
             "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": self.pid(dst)}
         )
@@ -517,20 +533,27 @@ class Lab:
         new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
         old_idx = vm_ipr.link_lookup(ifname=old_port)[0]
         vm_ipr.link("set", index=new_idx, master=vnic)
-        dst_ipr.link(
-            "set",
-            index=dst_ipr.link_lookup(ifname=vif)[0],
-            master=dst_ipr.link_lookup(ifname="vs0")[0],
-            state="up",
-        )
-        self._garp_socket(vm)
-        t0 = time.monotonic()
-        vm_ipr.link("set", index=old_idx, state="down")
+        vm_ipr.brport("set", index=new_idx, isolated=1, **_SILENT)
+        dst_vif = dst_ipr.link_lookup(ifname=vif)[0]
+        dst_ipr.link("set", index=dst_vif, master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
         vm_ipr.link("set", index=new_idx, state="up")
+        # The kernel enables a bridge port from its link-watch work, right after it sets the
+        # port's operstate to UP; wait for that on both ends.
+        if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=1.0):
+            raise LabError(f"the new port of {vm} on {dst} did not come up")
+        self._garp_socket(vm)
+        # Switch: the VM now sends only through the new port and announces itself there; the
+        # old port still delivers what is in flight towards src, so nothing is dropped.
+        t0 = time.monotonic()
+        vm_ipr.brport("set", index=new_idx, **_SPEAKING)
+        vm_ipr.brport("set", index=old_idx, **_SILENT)
+        vm_ipr.brport("set", index=old_idx, flush=True)
         self.announce(vm)
         switch_ms = (time.monotonic() - t0) * 1000
         v.host = dst
         v.generation += 1
+        # Break: once the network has learned the new place, drop the old cable.
+        time.sleep(DRAIN_S)
         vm_ipr.link("del", index=old_idx)
         self.record(
             "event",
@@ -542,6 +565,24 @@ class Lab:
             prepare_ms=round((t0 - t_prep) * 1000, 3),
         )
         return MigrationResult(vm, src, dst, switch_ms)
+
+    def _migrate_by_move(self, v: VM, dst: str) -> MigrationResult:
+        vif = self._plan().vif_name(v.name)
+        src_ipr, dst_ipr = self.ipr(v.host), self.ipr(dst)
+        bridge = dst_ipr.link_lookup(ifname="vs0")[0]
+        idx = src_ipr.link_lookup(ifname=vif)[0]
+        self._garp_socket(v.name)
+        src = v.host
+        self.record("action", v.name, "migrate", src=src, dst=dst, method="move")
+        t0 = time.monotonic()
+        src_ipr.link("set", index=idx, net_ns_pid=self.pid(dst))
+        new = dst_ipr.link_lookup(ifname=vif)[0]
+        dst_ipr.link("set", index=new, master=bridge, state="up")
+        self.announce(v.name)
+        switch_ms = (time.monotonic() - t0) * 1000
+        v.host = dst
+        self.record("event", v.name, "migrated", src=src, dst=dst, switch_ms=round(switch_ms, 3))
+        return MigrationResult(v.name, src, dst, switch_ms)
 
     # --- hosts -------------------------------------------------------------------------
     def host_ends(self, host: str) -> list[tuple[str | None, str]]:
@@ -702,6 +743,21 @@ class Lab:
             client.complete_action(action["id"], ok=ok, detail=detail)
             done.append({**action, "ok": ok, "detail": detail})
         return done
+
+
+def wait_operstate_up(links: list[tuple[Any, int]], timeout: float) -> bool:
+    """Poll until every (IPRoute, ifindex) link reports operstate UP; False on timeout."""
+    deadline = time.monotonic() + timeout
+    pending = list(links)
+    while pending:
+        ipr, idx = pending[0]
+        if ipr.get_links(idx)[0].get_attr("IFLA_OPERSTATE") == "UP":
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0002)
+    return True
 
 
 @contextlib.contextmanager

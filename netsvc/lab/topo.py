@@ -66,6 +66,7 @@ class VMHost(Host):  # type: ignore[misc]
         self.cmd(
             f"ip link add vnic type bridge stp_state 0 forward_delay 0 && "
             f"ip link set vnic address {vm_mac} && ip link set {port} master vnic up && "
+            f"bridge link set dev {port} isolated on && "
             f"ip link set vnic up && ip addr add {vm_ip}/24 dev vnic && "
             f"ip route add default via {GATEWAY} dev vnic"
         )
