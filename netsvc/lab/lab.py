@@ -145,7 +145,7 @@ class Lab:
         self.crashed: set[str] = set()
         self.procs = Processes()
         self._ipr: dict[str, Any] = {}
-        self._garp: dict[str, socket.socket] = {}
+        self._garp: dict[tuple[str, str], socket.socket] = {}
         self._lock = threading.RLock()
         self.key_file: Path | None = None
         self.build_s = 0.0
@@ -471,17 +471,28 @@ class Lab:
                     ) from None
                 time.sleep(0.05)
 
-    def _garp_socket(self, vm: str) -> socket.socket:
+    def _garp_socket(self, vm: str, port: str) -> socket.socket:
+        """A packet socket on one of the VM's ports (its NIC's cable to a host).
+
+        Announcements go out one port, not through ``vnic``: a bridge floods its own
+        broadcasts to every port, whatever the port's flood flags say.
+        """
         with self._lock:
-            if vm not in self._garp:
-                self._garp[vm] = run_in_netns(self.pid(vm), lambda: open_sender("vnic"))
-            return self._garp[vm]
+            if (vm, port) not in self._garp:
+                self._garp[(vm, port)] = run_in_netns(self.pid(vm), lambda: open_sender(port))
+            return self._garp[(vm, port)]
+
+    def _drop_garp_socket(self, vm: str, port: str) -> None:
+        with self._lock:
+            sock = self._garp.pop((vm, port), None)
+        if sock is not None:
+            sock.close()
 
     def announce(self, vm: str, repeats: tuple[float, ...] = (0.0, 0.005, 0.02, 0.1)) -> None:
-        """Send gratuitous ARP for ``vm`` now and at the later offsets (in a background thread)."""
+        """Send gratuitous ARP for ``vm`` through its current port, now and at later offsets."""
         v = self._vm(vm)
         frame = announcement(v.mac, v.ip)
-        sock = self._garp_socket(vm)
+        sock = self._garp_socket(vm, self._plan().vm_port(vm, v.generation))
         sock.send(frame)
 
         def later() -> None:
@@ -541,19 +552,20 @@ class Lab:
         # port's operstate to UP; wait for that on both ends.
         if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=1.0):
             raise LabError(f"the new port of {vm} on {dst} did not come up")
-        self._garp_socket(vm)
+        self._garp_socket(vm, new_port)
         # Switch: the VM now sends only through the new port and announces itself there; the
         # old port still delivers what is in flight towards src, so nothing is dropped.
         t0 = time.monotonic()
         vm_ipr.brport("set", index=new_idx, **_SPEAKING)
         vm_ipr.brport("set", index=old_idx, **_SILENT)
         vm_ipr.brport("set", index=old_idx, flush=True)
-        self.announce(vm)
-        switch_ms = (time.monotonic() - t0) * 1000
         v.host = dst
         v.generation += 1
+        self.announce(vm)
+        switch_ms = (time.monotonic() - t0) * 1000
         # Break: once the network has learned the new place, drop the old cable.
         time.sleep(DRAIN_S)
+        self._drop_garp_socket(vm, old_port)
         vm_ipr.link("del", index=old_idx)
         self.record(
             "event",
@@ -571,7 +583,7 @@ class Lab:
         src_ipr, dst_ipr = self.ipr(v.host), self.ipr(dst)
         bridge = dst_ipr.link_lookup(ifname="vs0")[0]
         idx = src_ipr.link_lookup(ifname=vif)[0]
-        self._garp_socket(v.name)
+        self._garp_socket(v.name, self._plan().vm_port(v.name, v.generation))
         src = v.host
         self.record("action", v.name, "migrate", src=src, dst=dst, method="move")
         t0 = time.monotonic()
