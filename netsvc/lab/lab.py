@@ -691,7 +691,7 @@ class Lab:
         while True:
             try:
                 status = client.status()
-                up = {h["name"] for h in status["hosts"] if h["state"] == "up"}
+                up = {n for n, h in status["hosts"].items() if h["state"] == "UP"}
                 if up >= set(self._plan().host_names()):
                     break
             except (OSError, ApiError):

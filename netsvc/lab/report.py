@@ -108,10 +108,11 @@ def write_report(report_dir: Path, report: dict[str, object], timeline: Timeline
 
     verdict = "PASSED" if report["ok"] else "FAILED"
     figures = [f"{k}={v}" for k, v in sorted(report.items())
-               if isinstance(v, int | float) and not isinstance(v, bool)]
+               if isinstance(v, int | float) and not isinstance(v, bool)
+               and k.endswith(("_ms", "_s")) and k != "duration_s"]
     render_timeline(timeline.events(), report_dir / "timeline.png",
                     f"scenario {report['scenario']}: {verdict}",
-                    subtitle="  ".join(figures[:10]) or None)
+                    subtitle="  ".join(figures[:6]) or None)
 
 
 # --- lanes ---------------------------------------------------------------------------------

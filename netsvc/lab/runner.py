@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from netsvc.lab.lab import Lab, LabError, signals_as_exceptions
+from netsvc.lab.lab import Lab, signals_as_exceptions
 from netsvc.lab.plan import MAX_HOSTS
 from netsvc.lab.scenarios import SCENARIOS, Checks
 
@@ -59,7 +59,7 @@ def run_scenario(name: str, hosts: int, report_dir: Path) -> tuple[int, dict[str
             report.update(sc.run(lab, checks))
         except KeyboardInterrupt as exc:
             report["error"] = f"interrupted ({exc or 'Ctrl-C'})"
-        except (LabError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        except Exception as exc:  # the run's boundary: report any failure, then tear down
             report["error"] = f"{type(exc).__name__}: {exc}"
             report["traceback"] = traceback.format_exc().splitlines()[-6:]
             logs = lab.run_dir / "logs" if lab.info else None

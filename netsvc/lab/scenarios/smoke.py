@@ -36,7 +36,7 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
     status = mgr.status()
     checks.check(
         "agents registered",
-        len([h for h in status["hosts"] if h["state"] == "up"]) == lab.hosts_n,
+        [n for n, h in status["hosts"].items() if h["state"] == "UP"] == lab.plan.host_names(),  # type: ignore[union-attr]
         f"{len(status['hosts'])} hosts known to the manager",
     )
 
@@ -55,6 +55,7 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
     log = client.stop()
     after = len([t for t in log.times if t > t_done])
     downtime_ms = log.max_gap(t_mig, t_done) * 1000
+    lab.record("sample", vm, "client gap", value=round(downtime_ms, 3), unit="ms")
     out["migration_downtime_ms"] = round(downtime_ms, 3)
     out["migration_switch_ms"] = done[0]["detail"] if done else None
     out["client_requests"] = client.sent
@@ -93,9 +94,9 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
     )
     detect = None
     while time.monotonic() - t_crash < 10:
-        hosts = {h["name"]: h["state"] for h in mgr.status()["hosts"]}
-        if hosts.get(victim) == "down":
+        if mgr.status()["hosts"][victim]["state"] == "DOWN":
             detect = (time.monotonic() - t_crash) * 1000
+            lab.record("event", victim, "manager: down", after_ms=round(detect))
             break
         time.sleep(0.05)
     out["host_down_detect_ms"] = None if detect is None else round(detect, 1)
@@ -104,20 +105,21 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
         detect is not None,
         f"{victim} down after {detect and round(detect)} ms",
     )
-    journal = mgr.journal(0)
+    journal = {(e["action"], e["subject"], bool(e.get("dry_run"))) for e in mgr.journal(0)}
+    wanted = {
+        ("migrate-accepted", f"vm:{vm}", True),
+        ("migrate-accepted", f"vm:{vm}", False),
+        ("migrate-done", f"vm:{vm}", False),
+        ("host-down", f"host:{victim}", False),
+    }
     checks.check(
-        "journal has the migration",
-        any(e.get("action") == "migrate" and e.get("subject") == vm for e in journal),
-        f"{len(journal)} entries",
+        "journal has the decisions", wanted <= journal, f"missing: {sorted(wanted - journal)}"
     )
     return out
 
 
 def _placement(status: dict[str, Any], vm: str) -> str | None:
-    for v in status["vms"]:
-        if v["name"] == vm:
-            return v.get("host")  # type: ignore[no-any-return]
-    return None
+    return status["placements"].get(vm)  # type: ignore[no-any-return]
 
 
 SCENARIO = Scenario(
