@@ -9,7 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev
   mininet          # mnexec, which the PyPI mininet package drives
   iproute2 bridge-utils nftables iptables ethtool
-  iputils-arping iputils-ping
+  iputils-arping iputils-ping curl
   procps
 )
 

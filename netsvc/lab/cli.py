@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="clean: remove what killed lab runs left behind",
     )
     p.add_argument("--scenario", default="smoke", help="scenario to run (default: smoke)")
-    p.add_argument("--hosts", type=int, default=3, help="hypervisor hosts (default: 3)")
+    p.add_argument("--hosts", type=int, help="hypervisor hosts (default: 3, or the config's)")
+    p.add_argument("--config", type=Path, help="TOML file: [lab] and per-scenario settings")
     p.add_argument("--report", type=Path, help="report directory (default: reports/SCENARIO)")
     p.add_argument("--list", action="store_true", help="list the scenarios")
     p.add_argument("--prefix", help="with clean: only this run's prefix (e.g. nvk3, nvmn)")
@@ -73,14 +74,14 @@ def _run(args: argparse.Namespace) -> int:
     from netsvc.lab.runner import UsageError, run_scenario, validate
 
     try:
-        validate(args.scenario, args.hosts)
+        validate(args.scenario, args.hosts, args.config)
         if os.geteuid() != 0:
             raise UsageError("the lab needs root (it creates network namespaces)")
     except UsageError as exc:
         print(f"netsvc lab: {exc}", file=sys.stderr)
         return 2
     report_dir = args.report or Path("reports") / args.scenario
-    code, report = run_scenario(args.scenario, args.hosts, report_dir)
+    code, report = run_scenario(args.scenario, args.hosts, report_dir, args.config)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from netsvc.lab.config import ConfigError, LabConfig, load, resolve
 from netsvc.lab.lab import Lab, signals_as_exceptions
-from netsvc.lab.plan import MAX_HOSTS
+from netsvc.lab.plan import MAX_HOSTS, LabPlan, PlanError
 from netsvc.lab.scenarios import SCENARIOS, Checks
 
 
@@ -24,22 +26,34 @@ class UsageError(ValueError):
     """Bad input from the command line: reported in one line, exit code 2."""
 
 
-def validate(name: str, hosts: int) -> None:
+def validate(name: str, hosts: int | None, config: Path | None = None) -> LabConfig:
+    """Check everything about a run before anything is built; raise UsageError."""
     if name not in SCENARIOS:
         raise UsageError(f"unknown scenario {name!r} (netsvc lab --list names them)")
     sc = SCENARIOS[name]
-    if not sc.min_hosts <= hosts <= MAX_HOSTS:
-        raise UsageError(
-            f"bad host count {hosts}: scenario {name} needs {sc.min_hosts} to {MAX_HOSTS} hosts"
-        )
+    try:
+        raw = load(config) if config is not None else {}
+        cfg = resolve(raw, name, sc.params, hosts, source=str(config or "config"))
+        if not sc.min_hosts <= cfg.hosts <= MAX_HOSTS:
+            raise UsageError(
+                f"bad host count {cfg.hosts}: scenario {name} needs {sc.min_hosts} to "
+                f"{MAX_HOSTS} hosts"
+            )
+        plan = LabPlan("nvzz", cfg.hosts, sc.vms_per_host)
+        return replace(cfg, scenario=sc.check(cfg.scenario, plan))
+    except (ConfigError, PlanError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
-def run_scenario(name: str, hosts: int, report_dir: Path) -> tuple[int, dict[str, Any]]:
-    """Run scenario ``name`` on ``hosts`` hosts; returns (exit code, report)."""
+def run_scenario(
+    name: str, hosts: int | None, report_dir: Path, config: Path | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Run scenario ``name``; returns (exit code, report)."""
     from netsvc.lab.report import write_report
     from netsvc.lab.timeline import Timeline
 
-    validate(name, hosts)
+    cfg = validate(name, hosts, config)
+    hosts = cfg.hosts
     sc = SCENARIOS[name]
     report_dir.mkdir(parents=True, exist_ok=True)
     timeline = Timeline(report_dir / "timeline.jsonl")
@@ -50,13 +64,19 @@ def run_scenario(name: str, hosts: int, report_dir: Path) -> tuple[int, dict[str
         "hosts": hosts,
         "vms_per_host": sc.vms_per_host,
     }
-    lab = Lab(hosts=hosts, vms_per_host=sc.vms_per_host, timeline=timeline, scenario=name)
+    lab = Lab(
+        hosts=hosts,
+        vms_per_host=sc.vms_per_host,
+        timeline=timeline,
+        scenario=name,
+        heartbeat_interval=cfg.heartbeat_interval,
+    )
     t0 = time.monotonic()
     with signals_as_exceptions():
         try:
             lab.build()
             report["build_s"] = round(lab.build_s, 3)
-            report.update(sc.run(lab, checks))
+            report.update(sc.run(lab, checks, cfg.scenario))
         except KeyboardInterrupt as exc:
             report["error"] = f"interrupted ({exc or 'Ctrl-C'})"
         except Exception as exc:  # the run's boundary: report any failure, then tear down

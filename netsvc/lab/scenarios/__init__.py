@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from netsvc.lab.plan import LabPlan
+
 if TYPE_CHECKING:
     from netsvc.lab.lab import Lab
 
@@ -32,13 +34,22 @@ class Checks:
         return bool(self.items) and all(c["ok"] for c in self.items)
 
 
+def no_params(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
+    return params
+
+
 @dataclass(frozen=True)
 class Scenario:
+    """A named run. ``params`` are the keys its config table may hold, with their types;
+    ``check`` validates them against the plan (raising ``ConfigError``) and fills defaults."""
+
     name: str
     summary: str
-    run: Callable[[Lab, Checks], dict[str, Any]]
+    run: Callable[[Lab, Checks, dict[str, Any]], dict[str, Any]]
     min_hosts: int = 1
     vms_per_host: int = 2
+    params: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any], LabPlan], dict[str, Any]] = no_params
 
 
 def _load() -> dict[str, Scenario]:

@@ -11,7 +11,10 @@ import time
 from typing import Any
 
 from netsvc.lab.client import GuestClient, request
+from netsvc.lab.config import ConfigError, check_link
+from netsvc.lab.faults import Faults
 from netsvc.lab.lab import Lab
+from netsvc.lab.plan import LabPlan, PlanError, host_index, vm_index
 from netsvc.lab.scenarios import Checks, Scenario
 
 DOWNTIME_SANITY_MS = 1000.0  # a sanity bound only; the goal (p99 < 50 ms) is in bench/
@@ -24,8 +27,47 @@ def answers(lab: Lab, vm: str) -> bool:
         return False
 
 
-def run(lab: Lab, checks: Checks) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+PARAMS: dict[str, type | tuple[type, ...]] = {
+    "vm": str,
+    "to": str,
+    "crash": str,
+    "loss_link": str,
+    "loss_rate": (int, float),
+}
+
+
+def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
+    """Fill in defaults and check the names against the plan; raise ConfigError."""
+    placed = dict(plan.initial_vms())
+    vm = params.get("vm", "vm1")
+    try:
+        vm_index(vm)
+        hosts = [host_index(params[k]) for k in ("to", "crash") if k in params]
+    except PlanError as exc:
+        raise ConfigError(f"smoke: {exc}") from exc
+    if vm not in placed:
+        raise ConfigError(f"smoke: no VM {vm} in a lab of {len(placed)} VMs")
+    if any(h > plan.hosts for h in hosts):
+        raise ConfigError(f"smoke: host out of range in a lab of {plan.hosts} hosts")
+    to = params.get("to", next(h for h in plan.host_names() if h != placed[vm]))
+    if to == placed[vm]:
+        raise ConfigError(f"smoke: {vm} already starts on {to}")
+    crash = params.get("crash", next(h for h in reversed(plan.host_names()) if h != to))
+    if crash == to:
+        raise ConfigError(f"smoke: cannot crash {to}, the migration's target")
+    rate = float(params.get("loss_rate", 0.0))
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"smoke: loss_rate {rate} must be in [0, 1)")
+    link = params.get("loss_link")
+    if link is not None:
+        check_link(link, plan)
+    elif rate:
+        raise ConfigError("smoke: loss_rate needs a loss_link")
+    return {"vm": vm, "to": to, "crash": crash, "loss_link": link, "loss_rate": rate}
+
+
+def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"params": params}
     vms = sorted(lab.vms, key=lambda v: int(v[2:]))
     checks.check("guests answer", all(answers(lab, v) for v in vms), f"{len(vms)} VMs")
 
@@ -40,7 +82,10 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
         f"{len(status['hosts'])} hosts known to the manager",
     )
 
-    vm, dst = "vm1", "h2"
+    vm, dst = params["vm"], params["to"]
+    faults = Faults(lab)
+    if params["loss_link"]:
+        faults.loss(params["loss_link"], params["loss_rate"])
     plan = mgr.migrate(vm, to=dst, reason="smoke: planned migration", dry_run=True)
     checks.check("dry-run queues nothing", not mgr.claim_actions("lab"), f"plan: {plan}")
 
@@ -80,7 +125,8 @@ def run(lab: Lab, checks: Checks) -> dict[str, Any]:
         f"manager has {vm} on {_placement(mgr.status(), vm)}",
     )
 
-    victim = next(h for h in reversed(lab.plan.host_names()) if h != dst)  # type: ignore[union-attr]
+    faults.heal_all()
+    victim = params["crash"]
     died = lab.crash_host(victim)
     t_crash = time.monotonic()
     survivors = [v for v in vms if v not in died]
@@ -127,4 +173,6 @@ SCENARIO = Scenario(
     summary="build, migrate vm1 under client load via the manager, crash a host, tear down",
     run=run,
     min_hosts=2,
+    params=PARAMS,
+    check=check,
 )
