@@ -12,6 +12,7 @@ from netsvc import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from netsvc.acd.cli import register as register_acd
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"netsvc {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     register_cluster(sub)
+    register_acd(sub)
     register_lab(sub)
     return p
 

@@ -10,6 +10,8 @@ APT_PACKAGES=(
   mininet          # mnexec, which the PyPI mininet package drives
   iproute2 bridge-utils nftables iptables ethtool
   iputils-arping iputils-ping curl
+  knot knot-dnsutils bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
+  arpwatch         # the peer in bench/acd_monitor.py
   procps
 )
 

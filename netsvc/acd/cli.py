@@ -1,0 +1,314 @@
+"""``netsvc acd``: probe an address, watch a segment, defend an address.
+
+netsvc acd probe  --iface IF ADDR [--fast] [--json]     exit 0 free, 1 in use, 2 error
+netsvc acd watch  --iface IF [--duration S] [--json]    print monitor events
+netsvc acd defend --iface IF ADDR [--policy retreat|once|always] [--fast] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import random
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+POLICIES = {"retreat": "RETREAT", "once": "DEFEND_ONCE", "always": "DEFEND_ALWAYS"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "acd",
+        help="IPv4 address conflict detection (RFC 5227)",
+        description="IPv4 address conflict detection (RFC 5227).",
+    )
+    acd = p.add_subparsers(dest="acd_cmd", metavar="ACTION")
+
+    probe = acd.add_parser("probe", help="is an address free on a link? (exit 0 free, 1 in use)")
+    probe.add_argument("--iface", required=True, help="interface to probe on")
+    probe.add_argument("addr", help="IPv4 address")
+    probe.add_argument("--fast", action="store_true", help="scaled-down probe timers")
+    probe.add_argument(
+        "--strict",
+        action="store_true",
+        help="also count another host's probe for the address (RFC 5227 §2.1.1)",
+    )
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(func=cmd_probe)
+
+    watch = acd.add_parser("watch", help="passive monitor of a segment; prints events")
+    watch.add_argument("--iface", required=True)
+    watch.add_argument("--duration", type=float, help="stop after S seconds")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.add_argument(
+        "--promisc",
+        action="store_true",
+        help="also see frames the interface forwards (watch a bridge's segment)",
+    )
+    watch.add_argument(
+        "--manager", metavar="URL", help="report conflicts to this manager (POST /v1/conflicts)"
+    )
+    watch.add_argument("--key-file", metavar="F", help="the manager's API key file")
+    watch.add_argument("--reporter", metavar="NAME", default="", help="who reports (a host name)")
+    watch.set_defaults(func=cmd_watch)
+
+    defend = acd.add_parser("defend", help="probe, announce and defend an address (foreground)")
+    defend.add_argument("--iface", required=True)
+    defend.add_argument("addr")
+    defend.add_argument("--policy", choices=sorted(POLICIES), default="once")
+    defend.add_argument("--fast", action="store_true")
+    defend.add_argument("--duration", type=float, help="stop after S seconds")
+    defend.add_argument("--json", action="store_true")
+    defend.set_defaults(func=cmd_defend)
+    p.set_defaults(func=lambda a: _usage(p))
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def _err(msg: str) -> int:
+    print(f"netsvc acd: {msg}", file=sys.stderr)
+    return 2
+
+
+def _addr(text: str) -> str:
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError(f"invalid IPv4 address {text!r}") from None
+    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{text} cannot be claimed by a host")
+    return str(ip)
+
+
+def _jsonable(ev: object) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": type(ev).__name__}
+    if dataclasses.is_dataclass(ev):
+        for f in dataclasses.fields(ev):
+            v = getattr(ev, f.name)
+            if isinstance(v, bytes):
+                continue
+            out[f.name] = v.name if isinstance(v, Enum) else v
+    return out
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def run_engine(
+    engine: Any,
+    sock: Any,
+    on_event: Callable[[Any], bool],
+    stop: threading.Event,
+    deadline: float | None = None,
+) -> None:
+    """Drive a protocol.Engine on a socket until ``on_event`` returns True or ``stop`` is set."""
+    from netsvc.acd.arp import ArpPacket
+    from netsvc.acd.io import RxStats, monotonic, receive_all, wait_readable
+    from netsvc.acd.protocol import Transmit
+
+    stats = RxStats()
+
+    def drain() -> bool:
+        while (ev := engine.next_event()) is not None:
+            if isinstance(ev, Transmit):
+                sock.send(ev.frame)
+            elif on_event(ev):
+                return True
+        return False
+
+    engine.start(monotonic())
+    if drain():
+        return
+    while not stop.is_set():
+        now = monotonic()
+        if deadline is not None and now >= deadline:
+            return
+        timer = engine.next_timer()
+        timeout = 0.5 if timer is None else max(0.0, min(0.5, timer - now))
+        if wait_readable(sock, timeout):
+            for pkt in receive_all(sock, stats):
+                assert isinstance(pkt, ArpPacket)
+                engine.receive(pkt, monotonic())
+        now = monotonic()
+        timer = engine.next_timer()
+        if timer is not None and timer <= now:
+            engine.handle_timer(now)
+        if drain():
+            return
+
+
+def _engine(args: argparse.Namespace, probe_only: bool) -> tuple[Any, Any, str]:
+    from netsvc.acd.io import interface_mac, open_arp_socket
+    from netsvc.acd.protocol import Engine, Policy, Timing
+
+    ip = _addr(args.addr)
+    sock = open_arp_socket(args.iface)
+    mac = interface_mac(sock, args.iface)
+    policy = Policy[POLICIES[getattr(args, "policy", "once")]]
+    timing = Timing.fast() if args.fast else Timing.rfc()
+    engine = Engine(
+        ip,
+        mac,
+        policy=policy,
+        timing=timing,
+        rng=random.Random(),
+        probe_only=probe_only,
+        # probe: like `arping -D`, only a holder's answer counts, unless --strict;
+        # defend: answer probes, so `arping -D` sees the address in use.
+        soft_conflicts=getattr(args, "strict", False),
+        answer_probes=not probe_only,
+    )
+    return engine, sock, mac
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from netsvc.acd.protocol import ProbeResult
+
+    try:
+        engine, sock, mac = _engine(args, probe_only=True)
+    except (ValueError, OSError) as exc:
+        return _err(str(exc))
+    result: list[Any] = []
+
+    def on_event(ev: Any) -> bool:
+        if isinstance(ev, ProbeResult):
+            result.append(ev)
+            return True
+        return False
+
+    with sock:
+        run_engine(engine, sock, on_event, _stop_on_signals())
+    if not result:
+        return _err("interrupted")
+    r = result[0]
+    out = {
+        "address": args.addr,
+        "iface": args.iface,
+        "free": r.free,
+        "other_mac": r.other_mac,
+        "our_mac": mac,
+    }
+    if args.json:
+        print(json.dumps(out))
+    elif r.free:
+        print(f"{args.addr} is free on {args.iface}")
+    else:
+        print(f"{args.addr} is in use on {args.iface} by {r.other_mac}")
+    return 0 if r.free else 1
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from netsvc.acd.io import monotonic
+    from netsvc.acd.protocol import Retreated
+
+    try:
+        engine, sock, _ = _engine(args, probe_only=False)
+    except (ValueError, OSError) as exc:
+        return _err(str(exc))
+    lost: list[Any] = []
+
+    def on_event(ev: Any) -> bool:
+        print(json.dumps(_jsonable(ev)) if args.json else _human(ev), flush=True)
+        if isinstance(ev, Retreated):
+            lost.append(ev)
+        return False
+
+    deadline = None if args.duration is None else monotonic() + args.duration
+    with sock:
+        run_engine(engine, sock, on_event, _stop_on_signals(), deadline)
+    return 1 if lost else 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from netsvc.acd.io import (
+        RxStats,
+        interface_mac,
+        monotonic,
+        open_arp_socket,
+        receive_all,
+        wait_readable,
+    )
+    from netsvc.acd.monitor import Conflict, Monitor
+
+    try:
+        report = _reporter(args)
+        sock = open_arp_socket(args.iface, promisc=args.promisc)
+        own = frozenset({interface_mac(sock, args.iface)})
+    except (ValueError, OSError) as exc:
+        return _err(str(exc))
+    monitor = Monitor(own_macs=own)
+    stats = RxStats()
+    stop = _stop_on_signals()
+    deadline = None if args.duration is None else monotonic() + args.duration
+    with sock:
+        while not stop.is_set() and (deadline is None or monotonic() < deadline):
+            if not wait_readable(sock, 0.2):
+                continue
+            for pkt in receive_all(sock, stats):
+                now = monotonic()
+                for ev in monitor.observe(pkt, now):
+                    print(json.dumps(_jsonable(ev)) if args.json else _human(ev), flush=True)
+                    if report is not None and isinstance(ev, Conflict):
+                        report(monitor, ev, now)
+    summary = {"frames": stats.frames, "dropped": dict(stats.dropped)}
+    print(
+        json.dumps({"event": "Summary", **summary}) if args.json else f"# {summary}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _reporter(args: argparse.Namespace) -> Callable[[Any, Any, float], None] | None:
+    """A function that posts a monitor Conflict to the manager, or None without --manager."""
+    if not args.manager:
+        return None
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.client import ApiError, ManagerClient
+
+    if not args.key_file:
+        raise ValueError("--manager needs --key-file")
+    client = ManagerClient(args.manager, load_key(args.key_file), timeout=2.0)
+
+    def report(monitor: Any, ev: Any, now: float) -> None:
+        claimants = []
+        for mac in ev.macs:
+            first, last = monitor.seen(ev.ip, mac)
+            claimants.append(
+                {
+                    "mac": mac,
+                    "age_s": max(0.0, now - first),
+                    "last_seen_age_s": max(0.0, now - last),
+                }
+            )
+        body = {"ip": ev.ip, "reporter": args.reporter or args.iface, "claimants": claimants}
+        try:
+            status, reply = client.request("POST", "/v1/conflicts", body)
+            print(
+                json.dumps(
+                    {"event": "Reported", "status": status, "reply": reply.get("decision", reply)}
+                ),
+                flush=True,
+            )
+        except (ApiError, OSError) as exc:
+            print(json.dumps({"event": "ReportFailed", "error": str(exc)}), flush=True)
+
+    return report
+
+
+def _human(ev: object) -> str:
+    d = _jsonable(ev)
+    name = d.pop("event")
+    return f"{name:14} " + " ".join(f"{k}={v}" for k, v in d.items())
