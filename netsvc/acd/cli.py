@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     watch.add_argument("--duration", type=float, help="stop after S seconds")
     watch.add_argument("--json", action="store_true", help="one JSON object per line")
     watch.add_argument(
+        "--only",
+        metavar="EVENTS",
+        help="print only these events, e.g. Conflict,FlipFlop (default: all)",
+    )
+    watch.add_argument(
         "--promisc",
         action="store_true",
         help="also see frames the interface forwards (watch a bridge's segment)",
@@ -250,6 +255,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         return _err(str(exc))
     monitor = Monitor(own_macs=own)
+    only = None if not args.only else set(args.only.split(","))
     stats = RxStats()
     stop = _stop_on_signals()
     deadline = None if args.duration is None else monotonic() + args.duration
@@ -260,7 +266,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             for pkt in receive_all(sock, stats):
                 now = monotonic()
                 for ev in monitor.observe(pkt, now):
-                    print(json.dumps(_jsonable(ev)) if args.json else _human(ev), flush=True)
+                    if only is None or type(ev).__name__ in only:
+                        print(json.dumps(_jsonable(ev)) if args.json else _human(ev), flush=True)
                     if report is not None and isinstance(ev, Conflict):
                         report(monitor, ev, now)
     summary = {"frames": stats.frames, "dropped": dict(stats.dropped)}

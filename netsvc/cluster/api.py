@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from netsvc.cluster.auth import check_authorization
+from netsvc.cluster.conflicts import ClaimantReport
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -66,6 +68,11 @@ DEFAULT_JOURNAL_LIMIT = 1000
 IFNAME_RE = re.compile(r"^(?!.*/)[!-~]{1,15}$")  # printable, no '/', IFNAMSIZ - 1
 ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
 ACTION_ID_RE = re.compile(r"^a-[0-9]{1,12}$")
+STEP_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MIN_CLAIMANTS = 2
+MAX_CLAIMANTS = 8
+MAX_STEPS = 16
+MAX_SECONDS = 1e9  # ~31 years: any longer age is a bug, not an observation
 
 JSONObject = dict[str, Any]
 
@@ -241,6 +248,17 @@ class MigrateRequest:
 class ActionResult:
     ok: bool
     detail: str = ""
+    new_ip: str | None = None
+    steps_ms: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class ConflictRequest:
+    ip: str
+    reporter: str
+    claimants: tuple[ClaimantReport, ...]
+    dry_run: bool = False
+    detected_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -360,14 +378,109 @@ def validate_migrate(obj: object) -> MigrateRequest:
 
 
 def validate_action_result(obj: object) -> ActionResult:
-    f = _Fields(obj, {"ok", "detail"})
+    f = _Fields(obj, {"ok", "detail", "result"})
     ok = f.boolean("ok", required=True)
     detail = f.obj.get("detail", "")
     if not isinstance(detail, str):
         raise ValidationError("detail", f"must be a string, not {_json_type(detail)}")
     if len(detail) > MAX_REASON:
         raise ValidationError("detail", f"longer than {MAX_REASON} characters")
-    return ActionResult(ok=ok, detail=detail)
+    raw = f.obj_field("result")
+    if raw is None:
+        return ActionResult(ok=ok, detail=detail)
+    r = _Fields(raw, {"new_ip", "steps_ms"}, prefix="result.")
+    new_ip = None
+    if r.has("new_ip"):
+        new_ip = _ipv4_field(r, "new_ip")
+    steps: dict[str, float] | None = None
+    raw_steps = r.obj_field("steps_ms")
+    if raw_steps is not None:
+        if len(raw_steps) > MAX_STEPS:
+            raise ValidationError("result.steps_ms", f"more than {MAX_STEPS} steps")
+        steps = {}
+        for key, value in raw_steps.items():
+            where = f"result.steps_ms.{key}"[:80]
+            if not STEP_RE.fullmatch(key):
+                raise ValidationError(where, "invalid step name (lower-case letters, digits "
+                                      "and '_', at most 32)")
+            steps[key] = _number(value, where, maximum=MAX_SECONDS * 1000)
+    return ActionResult(ok=ok, detail=detail, new_ip=new_ip, steps_ms=steps)
+
+
+def _number(value: object, where: str, *, maximum: float) -> float:
+    """A finite JSON number in 0..maximum (booleans are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(where, f"must be a number, not {_json_type(value)}")
+    if isinstance(value, int) and abs(value) > 2**63:
+        raise ValidationError(where, "too large")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValidationError(where, "must be a finite number")
+    if number < 0:
+        raise ValidationError(where, "must be >= 0")
+    if number > maximum:
+        raise ValidationError(where, f"must be <= {maximum:g}")
+    return number
+
+
+def _ipv4_field(f: _Fields, key: str) -> str:
+    value = f.text(key, limit=64)
+    assert value is not None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValidationError(f.name(key), f"{value[:40]!r} is not an IPv4 address") from None
+
+
+def validate_conflict(obj: object) -> ConflictRequest:
+    """``POST /v1/conflicts``: an IPv4 address, who reports it, and 2..8 distinct claimants
+    with their ages (seconds, finite, >= 0, last seen no earlier than first claimed)."""
+    f = _Fields(obj, {"ip", "reporter", "claimants", "dry_run", "detected_ms"})
+    ip = _ipv4_field(f, "ip")
+    reporter = f.text("reporter", limit=64)
+    assert reporter is not None
+    _check_actor(reporter, "reporter")
+    if "claimants" not in f.obj:
+        raise ValidationError("claimants", "required field is missing")
+    raw = f.obj["claimants"]
+    if not isinstance(raw, list):
+        raise ValidationError("claimants", f"must be an array, not {_json_type(raw)}")
+    if not MIN_CLAIMANTS <= len(raw) <= MAX_CLAIMANTS:
+        raise ValidationError("claimants", f"must list {MIN_CLAIMANTS} to {MAX_CLAIMANTS} "
+                              f"claimants, not {len(raw)}")
+    claimants: list[ClaimantReport] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        c = _Fields(item, {"mac", "age_s", "last_seen_age_s"}, prefix=f"claimants[{i}].")
+        text = c.text("mac", limit=32)
+        assert text is not None
+        try:
+            mac = check_mac(text)
+        except InvalidValue:
+            raise ValidationError(c.name("mac"), f"{text!r} is not a MAC address like "
+                                  "52:54:00:12:34:56") from None
+        if mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1:
+            raise ValidationError(c.name("mac"), f"{mac} is not a unicast MAC address")
+        if mac in seen:
+            raise ValidationError(c.name("mac"), f"{mac} is listed more than once")
+        seen.add(mac)
+        ages = []
+        for key in ("age_s", "last_seen_age_s"):
+            if not c.has(key):
+                raise ValidationError(c.name(key), "required field is missing")
+            ages.append(_number(c.obj[key], c.name(key), maximum=MAX_SECONDS))
+        age, last = ages
+        if last > age:
+            raise ValidationError(c.name("last_seen_age_s"), f"{last:g} s is more than age_s "
+                                  f"({age:g} s): last seen before it first claimed the address")
+        claimants.append(ClaimantReport(mac, age, last))
+    detected_ms = None
+    if f.has("detected_ms") and f.obj["detected_ms"] is not None:
+        detected_ms = _number(f.obj["detected_ms"], "detected_ms", maximum=MAX_SECONDS * 1000)
+    return ConflictRequest(
+        ip=ip, reporter=reporter, claimants=tuple(claimants), dry_run=f.boolean("dry_run"),
+        detected_ms=detected_ms,
+    )
 
 
 def validate_event(obj: object) -> EventRequest:
@@ -438,7 +551,9 @@ ROUTES: tuple[_Route, ...] = (
     _Route("PUT", re.compile(rf"/v1/vms/{_SEG}"), "put_vm", True),
     _Route("POST", re.compile(rf"/v1/vms/{_SEG}/migrate"), "migrate", True),
     _Route("GET", re.compile(r"/v1/actions"), "claim_actions", False, frozenset({"executor"})),
+    _Route("GET", re.compile(rf"/v1/actions/{_SEG}"), "get_action", False),
     _Route("POST", re.compile(rf"/v1/actions/{_SEG}"), "complete_action", True),
+    _Route("POST", re.compile(r"/v1/conflicts"), "conflict", True),
     _Route("GET", re.compile(r"/v1/journal"), "journal", False, frozenset({"since", "limit"})),
     _Route("POST", re.compile(r"/v1/events"), "event", True),
 )
@@ -654,15 +769,35 @@ class Api:
                 _check_actor(executor, "executor")
                 actions = core.claim_actions(executor, now=now, wall=wall)
                 return Response(200, {"actions": [a.to_dict() for a in actions]})
+            if route.name == "get_action":
+                action_id = params[0]
+                if not ACTION_ID_RE.fullmatch(action_id):
+                    raise ValidationError("id", f"invalid action id {action_id[:40]!r}")
+                return Response(200, {"action": core.action(action_id).to_dict()})
             if route.name == "complete_action":
                 action_id = params[0]
                 if not ACTION_ID_RE.fullmatch(action_id):
                     raise ValidationError("id", f"invalid action id {action_id[:40]!r}")
                 result = validate_action_result(body)
                 action = core.complete_action(
-                    action_id, ok=result.ok, detail=result.detail, now=now, wall=wall
+                    action_id, ok=result.ok, detail=result.detail, now=now, wall=wall,
+                    new_ip=result.new_ip, steps_ms=result.steps_ms,
                 )
                 return Response(200, {"action": action.to_dict()})
+            if route.name == "conflict":
+                rep = validate_conflict(body)
+                out = core.report_conflict(
+                    rep.ip, reporter=rep.reporter, claimants=rep.claimants,
+                    dry_run=rep.dry_run, detected_ms=rep.detected_ms, now=now, wall=wall,
+                )
+                answer: JSONObject = {"status": out.status, "decision": dict(out.decision),
+                                      "action": None if out.action is None
+                                      else out.action.to_dict(),
+                                      "journal_seq": out.journal_seq}
+                if out.status == "dry_run":
+                    answer["dry_run"] = True
+                    answer["plan"] = None if out.plan is None else dict(out.plan)
+                return Response(202 if out.status == "queued" else 200, answer)
             if route.name == "journal":
                 since = _int_param(query, "since", 0, 2**62)
                 limit = _int_param(query, "limit", DEFAULT_JOURNAL_LIMIT, MAX_JOURNAL_LIMIT)

@@ -10,7 +10,9 @@ Invariants:
   config, manager unreachable or key rejected).
 - Options come from the command line, then the TOML config (``manager --config``), then the
   environment (``NETSVC_MANAGER``, ``NETSVC_KEY_FILE`` for ``agent`` and ``status``). A config
-  file with an unknown key or a value of the wrong type is an error (exit 2), never ignored.
+  file with an unknown key or a value of the wrong type is an error (exit 2), never ignored;
+  that holds inside its ``[acd]`` table too (``conflicts.AcdConfig``), whose DNS key file is
+  read, and must be mode 0600, before the manager listens.
 - Importing this module imports only ``argparse``, ``os`` and ``sys``; each command imports what
   it needs when it runs, so ``netsvc agent`` stays small.
 """
@@ -35,6 +37,7 @@ MANAGER_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "action_timeout": (int, float),
     "access_log": (bool,),
     "networks": (list,),
+    "acd": (dict,),
 }
 NETWORK_KEYS = {"name", "cidr", "kind"}
 
@@ -156,6 +159,18 @@ def load_manager_config(path: str) -> dict[str, Any]:
         for k in NETWORK_KEYS:
             if not isinstance(net[k], str):
                 raise UsageError(f"config {path}: networks[{i}].{k} must be a string")
+    if "acd" in data:
+        from netsvc.cluster.conflicts import AcdConfig
+        from netsvc.cluster.errors import ValidationError
+
+        acd = dict(data["acd"])
+        if isinstance(acd.get("dns_key_file"), str) and acd["dns_key_file"]:
+            acd["dns_key_file"] = os.path.join(base, os.path.expanduser(acd["dns_key_file"]))
+        try:
+            AcdConfig.from_mapping(acd)
+        except ValidationError as exc:
+            raise UsageError(f"config {path}: [acd] {exc}") from None
+        data["acd"] = acd
     return data
 
 
@@ -166,6 +181,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from netsvc.cluster.auth import load_key
+    from netsvc.cluster.conflicts import AcdConfig
     from netsvc.cluster.errors import ClusterError
     from netsvc.cluster.journal import Journal
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
@@ -198,6 +214,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 missed_heartbeats=cfg.get("missed_heartbeats", 3),
                 action_timeout=cfg.get("action_timeout", 60.0),
                 networks=networks,
+                acd=AcdConfig.from_mapping(cfg.get("acd", {})),
             )
         except ClusterError as exc:
             raise UsageError(f"invalid setting: {exc}") from None
@@ -332,7 +349,11 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
     if actions:
         rows = [["ACTION", "KIND", "VM", "FROM", "TO", "STATE", "EXECUTOR"]]
         for a in actions:
-            rows.append([a["id"], a["kind"], a["vm"], a.get("from") or "-", a["to"],
+            if a["kind"] == "readdress":  # from one address to another
+                src, dst = a.get("old_ip"), a.get("new_ip")
+            else:
+                src, dst = a.get("from"), a.get("to")
+            rows.append([a["id"], a["kind"], a["vm"], src or "-", dst or "-",
                          a["state"], a.get("executor") or "-"])
         lines += ["", *_table(rows)]
     if problems:

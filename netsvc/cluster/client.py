@@ -18,7 +18,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -220,11 +221,56 @@ class ManagerClient:
         obj = self._call("GET", "/v1/actions", query={"executor": executor})
         return [dict(a) for a in obj.get("actions", [])]
 
-    def complete_action(self, action_id: str, ok: bool, detail: str = "") -> JSONObject:
-        """``POST /v1/actions/{id}``: report the result of a claimed action."""
-        obj = self._call("POST", f"/v1/actions/{quote(action_id, safe='')}",
-                         {"ok": ok, "detail": detail})
+    def complete_action(
+        self, action_id: str, ok: bool, detail: str = "",
+        result: Mapping[str, Any] | None = None,
+    ) -> JSONObject:
+        """``POST /v1/actions/{id}``: report the result of a claimed action. ``result`` is
+        ``{"new_ip": ..., "steps_ms": {...}}`` for a readdress (``new_ip`` required when ok)."""
+        body: dict[str, Any] = {"ok": ok, "detail": detail}
+        if result is not None:
+            body["result"] = dict(result)
+        obj = self._call("POST", f"/v1/actions/{quote(action_id, safe='')}", body)
         return dict(obj["action"])
+
+    def get_action(self, action_id: str) -> JSONObject:
+        """``GET /v1/actions/{id}``: one action, open or finished (a finished readdress has
+        ``result`` and ``dns``: ``{"state": "pending"|"done"|"failed"|"skipped", ...}``)."""
+        obj = self._call("GET", f"/v1/actions/{quote(action_id, safe='')}")
+        return dict(obj["action"])
+
+    def report_conflict(
+        self,
+        ip: str,
+        reporter: str,
+        claimants: Sequence[Mapping[str, Any]],
+        dry_run: bool = False,
+        detected_ms: float | None = None,
+    ) -> JSONObject:
+        """``POST /v1/conflicts``: report 2..8 MACs claiming ``ip``; each claimant is
+        ``{"mac", "age_s", "last_seen_age_s"}``. Returns ``{"status", "decision", "action",
+        ...}``: status ``queued`` (202), ``dry_run``, ``duplicate`` or ``resolved`` (200). A
+        refusal raises ``ApiError`` 409 with ``rule``."""
+        body: dict[str, Any] = {"ip": ip, "reporter": reporter,
+                                "claimants": [dict(c) for c in claimants], "dry_run": dry_run}
+        if detected_ms is not None:
+            body["detected_ms"] = detected_ms
+        return self._call("POST", "/v1/conflicts", body)
+
+    def wait_dns(self, action_id: str, timeout: float = 10.0,
+                 interval: float = 0.05) -> JSONObject:
+        """Poll ``get_action`` until the readdress's DNS update is no longer pending (or
+        ``timeout`` seconds pass); return the action as last seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            action = self.get_action(action_id)
+            dns = action.get("dns")
+            done = isinstance(dns, dict) and dns.get("state") != "pending"
+            if done or action.get("state") in ("FAILED", "CANCELLED", "EXPIRED"):
+                return action
+            if time.monotonic() >= deadline:
+                return action
+            time.sleep(interval)
 
     def journal(self, since: int = 0, limit: int | None = None) -> list[JSONObject]:
         """``GET /v1/journal?since=N``: the journal entries with seq > since."""

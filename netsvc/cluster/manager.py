@@ -13,8 +13,17 @@ Invariants:
 - A migration is accepted only if every safety rule in ``MIGRATION_RULES`` holds; the rules are
   checked again when an executor claims the action, and an action that no longer passes is
   cancelled, not handed out.
-- At most one open (PENDING or CLAIMED) action exists per VM. Action states follow
+- At most one open (PENDING or CLAIMED) action exists per VM, whatever its kind (migrate or
+  readdress), and at most one open readdress per conflicted address: a second report for that
+  address gets the open action back and journals nothing. Action states follow
   ``ACTION_TRANSITIONS``.
+- An address conflict (``report_conflict``) is journaled as ``conflict-detected`` and then
+  ``conflict-decision`` (the resolver's sentence, or the refusal and its rule), dry run or not.
+  Only a managed, unprotected, RUNNING VM is ever told to yield, and only to a pool address
+  that no VM in the model uses, that is not protected and that no other open readdress offers.
+- The core does no I/O for DNS either: a successful readdress queues a ``DnsUpdateNeeded``
+  effect (``take_effects``); the adapter carries it out and feeds the outcome back
+  (``dns_update_done``), which journals ``dns-update`` and shows it on the action.
 - A host is marked DOWN by ``handle_timer`` once ``now - last_seen >= interval * missed``
   (``last_seen`` is the manager's start time for a host that has not been heard from since);
   the next heartbeat marks it UP again. ``next_timer`` is the earliest such deadline.
@@ -24,30 +33,46 @@ Invariants:
   every further change (``Fenced``). Monotonic timestamps are never trusted across a restart:
   restored hosts are UNKNOWN with no ``last_seen``, restored actions restart their timeout.
 
-``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer`` plus a timer thread. It is the
-only place that reads ``time.monotonic()``/``time.time()``, and it serialises every call into
-the core with one lock (request bodies are read outside it).
+``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
+thread. It (with the DNS sender it runs, ``conflicts.make_dns_sender`` unless one is injected)
+is the only place that reads ``time.monotonic()``/``time.time()``, and it serialises every call
+into the core with one lock (request bodies are read, and DNS updates sent, outside it). DNS
+updates go out one at a time, in the order the core asked for them; those still queued when
+the manager stops are journaled as failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import math
+import queue
 import signal
 import socket
 import socketserver
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from netsvc.acd.resolver import DEFAULT_POLICY, Claimant, YieldPolicy, choose_loser
+from netsvc.acd.resolver import Decision as ResolverDecision
 from netsvc.cluster.api import Api, Prepared, Response, error
+from netsvc.cluster.conflicts import (
+    AcdConfig,
+    ClaimantReport,
+    DnsOutcome,
+    DnsSender,
+    DnsUpdateNeeded,
+    load_tsig_secret,
+    make_dns_sender,
+)
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -68,6 +93,8 @@ from netsvc.cluster.model import (
     Network,
     VMState,
     _Unset,
+    check_ip,
+    check_mac,
     check_name,
 )
 from netsvc.cluster.store import Conflict, StateStore
@@ -87,6 +114,14 @@ MIGRATION_RULES = (
     "vm-running",
     "not-on-target",
     "no-pending-action",
+)
+
+#: The safety rules of a readdress (after the resolver's own: a protected claimant never
+#: yields, only a managed VM can), in the order they are checked.
+READDRESS_RULES = (
+    "vm-running",
+    "no-pending-action",
+    "pool-available",
 )
 
 
@@ -116,19 +151,30 @@ OPEN_ACTION_STATES = frozenset({ActionState.PENDING, ActionState.CLAIMED})
 
 @dataclass(frozen=True)
 class Action:
-    """An action queued by the manager for an executor (the lab, a hypervisor driver)."""
+    """An action queued by the manager for an executor (the lab, a hypervisor driver).
+
+    ``kind`` is ``migrate`` (``from_host`` -> ``to_host``) or ``readdress`` (the VM on
+    ``from_host`` gives up ``old_ip``, whose conflict ``decision`` is kept, for one of
+    ``candidates``; ``to_host`` is None). A finished readdress keeps the executor's ``result``
+    and the outcome of the DNS update (``dns``)."""
 
     id: str
     kind: str
     vm: str
     from_host: str | None
-    to_host: str
+    to_host: str | None
     reason: str
     created: float
     state: ActionState = ActionState.PENDING
     executor: str | None = None
     claimed_at: float | None = None
     detail: str | None = None
+    mac: str | None = None
+    old_ip: str | None = None
+    candidates: tuple[str, ...] = ()
+    decision: Mapping[str, Any] | None = None
+    result: Mapping[str, Any] | None = None
+    dns: Mapping[str, Any] | None = None
 
     def with_state(self, state: ActionState, **changes: Any) -> Action:
         if state not in ACTION_TRANSITIONS[self.state]:
@@ -136,36 +182,66 @@ class Action:
         return replace(self, state=state, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "vm": self.vm,
-            "from": self.from_host,
-            "to": self.to_host,
+        }
+        if self.kind == "readdress":
+            decision = self.decision or {}
+            out.update({
+                "host": self.from_host,
+                "mac": self.mac,
+                "old_ip": self.old_ip,
+                "candidates": list(self.candidates),
+                "winner": decision.get("winner"),
+                "new_ip": (self.result or {}).get("new_ip"),
+                "result": None if self.result is None else json.loads(json.dumps(self.result)),
+                "dns": None if self.dns is None else dict(self.dns),
+            })
+        else:
+            out.update({"from": self.from_host, "to": self.to_host})
+        out.update({
             "reason": self.reason,
             "state": self.state.value,
             "executor": self.executor,
             "detail": self.detail,
-        }
+        })
+        return out
 
     def to_record(self) -> dict[str, Any]:
-        return {**self.to_dict(), "created": self.created, "claimed_at": self.claimed_at}
+        rec = {**self.to_dict(), "created": self.created, "claimed_at": self.claimed_at}
+        if self.kind == "readdress":
+            rec["decision"] = None if self.decision is None else dict(self.decision)
+        return rec
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Action:
         try:
+            kind = str(rec["kind"])
+            if kind == "readdress":
+                extra: dict[str, Any] = {
+                    "from_host": rec.get("host"),
+                    "to_host": None,
+                    "mac": check_mac(rec["mac"]),
+                    "old_ip": check_ip(rec["old_ip"], "old_ip"),
+                    "candidates": tuple(check_ip(c, "candidates") for c in rec["candidates"]),
+                    "decision": dict(rec.get("decision") or {}),
+                }
+            else:
+                extra = {"from_host": rec["from"],
+                         "to_host": check_name(rec["to"], "host name")}
             return cls(
                 id=str(rec["id"]),
-                kind=str(rec["kind"]),
+                kind=kind,
                 vm=check_name(rec["vm"], "VM name"),
-                from_host=rec["from"],
-                to_host=check_name(rec["to"], "host name"),
                 reason=str(rec["reason"]),
                 created=float(rec["created"]),
                 state=ActionState(rec["state"]),
                 executor=rec.get("executor"),
                 claimed_at=rec.get("claimed_at"),
                 detail=rec.get("detail"),
+                **extra,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidValue("actions", f"bad stored action {rec!r}: {exc}") from None
@@ -209,11 +285,28 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class ConflictOutcome:
+    """The outcome of a conflict report that was not refused (refusals raise ``Refused``).
+
+    ``status``: ``queued`` (a readdress action was queued), ``dry_run`` (``plan`` says what
+    would be queued), ``duplicate`` (an open readdress for this address exists: ``action``,
+    nothing journaled) or ``resolved`` (every claim but one predates a finished readdress of
+    its VM off this address: ``action`` is that readdress, nothing queued)."""
+
+    status: str
+    decision: Mapping[str, Any]
+    action: Action | None = None
+    plan: Mapping[str, Any] | None = None
+    journal_seq: int | None = None
+
+
+@dataclass(frozen=True)
 class ManagerConfig:
     heartbeat_interval: float = DEFAULT_INTERVAL
     missed_heartbeats: int = DEFAULT_MISSED
     action_timeout: float = DEFAULT_ACTION_TIMEOUT
     networks: tuple[Network, ...] = field(default_factory=tuple)
+    acd: AcdConfig = field(default_factory=AcdConfig)
 
     def __post_init__(self) -> None:
         hb = self.heartbeat_interval
@@ -248,8 +341,13 @@ class ManagerCore:
         config: ManagerConfig | None = None,
         actor: str = "manager",
         start_reason: str = "manager started",
+        policy: YieldPolicy = DEFAULT_POLICY,
     ) -> None:
         self.config = config or ManagerConfig()
+        self._policy = policy
+        self._effects: list[DnsUpdateNeeded] = []
+        # MAC -> (address it was moved off, action id, monotonic time the move finished)
+        self._readdressed: dict[str, tuple[str, str, float]] = {}
         self._store = store
         self._journal = journal
         self._actor = actor
@@ -666,12 +764,16 @@ class ManagerCore:
             if action.state is not ActionState.PENDING:
                 continue
             subject = _subject("action", action.id)
-            problems = [m for r, m in self._migration_violations(action.vm, action.to_host)
-                        if r != "no-pending-action"]
-            vm = self._model.vms.get(action.vm)
-            if vm is not None and vm.host != action.from_host:
-                problems.append(f"VM {action.vm!r} moved from {action.from_host!r} to "
-                                f"{vm.host!r} since the decision")
+            if action.kind == "readdress":
+                problems, action = self._readdress_claim_problems(action)
+            else:
+                assert action.to_host is not None
+                problems = [m for r, m in self._migration_violations(action.vm, action.to_host)
+                            if r != "no-pending-action"]
+                vm = self._model.vms.get(action.vm)
+                if vm is not None and vm.host != action.from_host:
+                    problems.append(f"VM {action.vm!r} moved from {action.from_host!r} to "
+                                    f"{vm.host!r} since the decision")
             if problems:
                 cancelled = action.with_state(ActionState.CANCELLED, detail=problems[0])
                 self._set_action(cancelled)
@@ -682,7 +784,8 @@ class ManagerCore:
                 )
                 continue
             taken = action.with_state(ActionState.CLAIMED, executor=executor, claimed_at=now)
-            self._model.set_vm_state(action.vm, VMState.MIGRATING)
+            if action.kind == "migrate":
+                self._model.set_vm_state(action.vm, VMState.MIGRATING)
             self._set_action(taken)
             self._journal_append(
                 now, wall, "action-claimed", subject, f"claimed by executor {executor}",
@@ -694,9 +797,12 @@ class ManagerCore:
 
     def complete_action(
         self, action_id: str, *, ok: bool, detail: str = "", now: float,
-        wall: float | None = None,
+        wall: float | None = None, new_ip: str | None = None,
+        steps_ms: Mapping[str, float] | None = None,
     ) -> Action:
-        """Record an executor's result; on success the VM is placed on the target."""
+        """Record an executor's result. A migration that succeeded places the VM on its
+        target; a readdress that succeeded (``new_ip`` required) gives the VM its new address
+        and queues a ``DnsUpdateNeeded`` effect (see ``take_effects``)."""
         self._check_fenced()
         action = self.action(action_id)
         if action.state is not ActionState.CLAIMED:
@@ -705,6 +811,12 @@ class ManagerCore:
                 f"action {action_id} is {action.state.value}; only a CLAIMED action can be "
                 "completed",
             )
+        if action.kind == "readdress":
+            return self._complete_readdress(action, ok=ok, detail=detail, new_ip=new_ip,
+                                            steps_ms=steps_ms, now=now, wall=wall)
+        if new_ip is not None:
+            raise ValidationError("result.new_ip", f"only a readdress has a new_ip; action "
+                                  f"{action_id} is a {action.kind}")
         subject = _subject("vm", action.vm)
         duration = (
             round(now - action.claimed_at, 6) if action.claimed_at is not None else None
@@ -712,6 +824,8 @@ class ManagerCore:
         details: dict[str, Any] = {"action": action.id, "from": action.from_host,
                                    "to": action.to_host, "executor": action.executor,
                                    "duration_s": duration, "detail": detail}
+        if steps_ms:
+            details["steps_ms"] = {k: round(float(v), 3) for k, v in steps_ms.items()}
         vm = self._model.vms.get(action.vm)
         try:
             if vm is None:
@@ -737,6 +851,322 @@ class ManagerCore:
             self._journal_append(now, wall, "migrate-failed", subject, reason, details=details)
         self._persist()
         return done
+
+    # -- address conflicts -----------------------------------------------------------------------
+
+    def open_readdress(self, ip: str) -> Action | None:
+        """The open readdress action for ``ip``, if any."""
+        for a in self._actions.values():
+            if a.kind == "readdress" and a.old_ip == ip and a.state in OPEN_ACTION_STATES:
+                return a
+        return None
+
+    def _candidates(self, ip: str, *, skip_action: str | None = None) -> list[str]:
+        """Pool candidates for a VM yielding ``ip``: none used by a VM, protected, the
+        conflicted address, or offered to another open readdress."""
+        avoid = {vm.ip for vm in self._model.vms.values()} | {ip}
+        for a in self._actions.values():
+            if (a.kind == "readdress" and a.state in OPEN_ACTION_STATES
+                    and a.id != skip_action):
+                avoid.update(a.candidates)
+        return self.config.acd.pool_candidates(avoid)
+
+    def _readdress_violations(self, vm_name: str, ip: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        vm = self._model.vms.get(vm_name)
+        if vm is None:  # the resolver only picks a VM the model holds
+            return [("vm-exists", f"VM {vm_name!r} does not exist")]
+        if vm.state is not VMState.RUNNING:
+            out.append(("vm-running", f"VM {vm_name!r} is {vm.state.value}, not RUNNING"))
+        pending = sorted(a.id for a in self._actions.values()
+                         if a.vm == vm_name and a.state in OPEN_ACTION_STATES)
+        if pending:
+            out.append(("no-pending-action", f"VM {vm_name!r} already has an open action "
+                        f"({', '.join(pending)})"))
+        if self.config.acd.address_pool is None:
+            out.append(("pool-available", "no address pool is configured ([acd] pool), so "
+                        "there is no address to move the VM to"))
+        elif not self._candidates(ip):
+            out.append(("pool-available", f"the pool {self.config.acd.pool} has no free "
+                        "address left"))
+        return out
+
+    def report_conflict(
+        self,
+        ip: str,
+        *,
+        reporter: str,
+        claimants: Sequence[ClaimantReport],
+        now: float,
+        wall: float | None = None,
+        dry_run: bool = False,
+        detected_ms: float | None = None,
+    ) -> ConflictOutcome:
+        """Decide who yields an address that several MACs claim; journal it either way.
+
+        Each MAC is mapped to the managed VM that has it; ``first_claimed = now - age_s``. A
+        claimant is protected when ``ip`` is in ``[acd] protected`` and the claimant is either
+        an unmanaged device or a VM whose own address in the model is ``ip`` (the legitimate
+        holder); a VM that took a protected address that is not its own can still yield.
+        Raises ``Refused`` (journaled) when nobody can yield or a readdress safety rule fails.
+        """
+        self._check_fenced()
+        try:
+            ip = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise ValidationError("ip", f"{ip!r} is not an IPv4 address") from None
+        macs = [check_mac(c.mac, "claimants.mac") for c in claimants]
+        if len(macs) < 2:
+            raise ValidationError("claimants", "a conflict needs at least two claimants")
+        if len(set(macs)) != len(macs):
+            raise ValidationError("claimants", "a MAC is listed more than once")
+        existing = self.open_readdress(ip)
+        if existing is not None:
+            return ConflictOutcome("duplicate", dict(existing.decision or {}), existing)
+        subject = _subject("ip", ip)
+        acd = self.config.acd
+        vm_by_mac = {vm.mac: vm for vm in self._model.vms.values()}
+        built: list[Claimant] = []
+        seen: list[dict[str, Any]] = []
+        stale: list[tuple[Claimant, str]] = []
+        by_mac: dict[str, dict[str, Any]] = {}
+        for rep in claimants:
+            mac = check_mac(rep.mac, "claimants.mac")
+            vm = vm_by_mac.get(mac)
+            protected = ip in acd.protected and (vm is None or vm.ip == ip)
+            claimant = Claimant(mac, now - rep.age_s, vm.name if vm else None, protected)
+            info = {**rep.to_dict(), "mac": mac, "vm": claimant.vm, "protected": protected}
+            by_mac[mac] = info
+            moved = self._readdressed.get(mac)
+            if (moved is not None and vm is not None and moved[0] == ip and vm.ip != ip
+                    and now - rep.last_seen_age_s <= moved[2]):
+                info["stale"] = f"last seen before {moved[1]} moved {vm.name} off {ip}"
+                stale.append((claimant, moved[1]))
+            else:
+                built.append(claimant)
+            seen.append(info)
+        n_managed = sum(1 for c in seen if c["vm"] is not None)
+        detected = self._journal_append(
+            now, wall, "conflict-detected", subject,
+            f"{reporter} reports {len(seen)} devices claiming {ip} ({n_managed} managed)",
+            dry_run=dry_run,
+            details={"ip": ip, "reporter": reporter, "claimants": seen,
+                     "detected_ms": detected_ms},
+        )
+        base = {"ip": ip, "reporter": reporter, "detected_seq": detected.seq,
+                "policy": list(self._policy.rules)}
+
+        def who(c: Claimant | None) -> dict[str, Any] | None:
+            if c is None:
+                return None
+            info = by_mac[c.mac]
+            return {"mac": c.mac, "vm": c.vm, "protected": c.protected,
+                    "age_s": info["age_s"]}
+
+        if stale and len(built) < 2:
+            action_id = stale[0][1]
+            reason = (f"{ip}: no conflict left: the claims of "
+                      f"{', '.join(c.label for c, _ in stale)} were last seen before a "
+                      f"finished readdress ({action_id}) moved them off {ip}")
+            decision = {**base, "loser": None, "winner": who(built[0]) if built else None,
+                        "rule": "already-resolved", "reason": reason, "refused": None}
+            entry = self._journal_append(now, wall, "conflict-decision", subject, reason,
+                                         dry_run=dry_run, details=decision)
+            return ConflictOutcome("resolved", decision, self._actions.get(action_id),
+                                   journal_seq=entry.seq)
+        try:
+            res: ResolverDecision = choose_loser(ip, built, self._policy)
+        except ValueError as exc:
+            raise ValidationError("claimants", str(exc)) from None
+        if res.loser is None or res.loser.vm is None:
+            rule = self._refusal_rule(built)
+            decision = {**base, "loser": None, "winner": None, "rule": rule,
+                        "reason": res.reason, "refused": res.refused}
+            self._journal_append(now, wall, "conflict-decision", subject, res.reason,
+                                 dry_run=dry_run, details=decision)
+            raise Refused(rule, res.reason)
+        loser_vm = self._model.vm(res.loser.vm)
+        decision = {**base, "loser": who(res.loser), "winner": who(res.winner),
+                    "rule": res.rule, "reason": res.reason, "refused": None}
+        violations = self._readdress_violations(loser_vm.name, ip)
+        if violations:
+            rule, message = violations[0]
+            decision = {**decision, "refused": message, "rule": rule,
+                        "violations": [r for r, _ in violations]}
+            self._journal_append(
+                now, wall, "conflict-decision", subject,
+                f"refused: {message} (the resolver chose {res.loser.label} to yield)",
+                dry_run=dry_run, details=decision,
+            )
+            raise Refused(rule, message, tuple(r for r, _ in violations))
+        candidates = tuple(self._candidates(ip))
+        plan = {"kind": "readdress", "vm": loser_vm.name, "host": loser_vm.host,
+                "mac": loser_vm.mac, "old_ip": ip, "candidates": list(candidates),
+                "reason": res.reason, "checks": list(READDRESS_RULES)}
+        if dry_run:
+            entry = self._journal_append(now, wall, "conflict-decision", subject, res.reason,
+                                         dry_run=True, details={**decision, "plan": plan})
+            return ConflictOutcome("dry_run", decision, None, plan, entry.seq)
+        action = Action(
+            id=f"a-{self._next_action}", kind="readdress", vm=loser_vm.name,
+            from_host=loser_vm.host, to_host=None, reason=res.reason, created=now,
+            mac=loser_vm.mac, old_ip=ip, candidates=candidates, decision=decision,
+        )
+        self._next_action += 1
+        entry = self._journal_append(
+            now, wall, "conflict-decision", subject, res.reason,
+            details={**decision, "action": action.id, "candidates": list(candidates),
+                     "checks": list(READDRESS_RULES)},
+        )
+        self._set_action(action)
+        self._persist()
+        return ConflictOutcome("queued", decision, action, plan, entry.seq)
+
+    @staticmethod
+    def _refusal_rule(claimants: Sequence[Claimant]) -> str:
+        # The same order as the resolver's sentence: everyone protected, nobody managed,
+        # every managed VM protected, else a tie the policy cannot break.
+        managed = [c for c in claimants if c.vm is not None]
+        if all(c.protected for c in claimants):
+            return "protected"
+        if not managed:
+            return "no-managed-claimant"
+        if all(c.protected for c in managed):
+            return "protected"
+        return "policy-tie"
+
+    def _readdress_claim_problems(self, action: Action) -> tuple[list[str], Action]:
+        """Re-check a readdress at claim time; refresh its candidates."""
+        problems: list[str] = []
+        vm = self._model.vms.get(action.vm)
+        if vm is None:
+            return [f"VM {action.vm!r} no longer exists"], action
+        if vm.state is not VMState.RUNNING:
+            problems.append(f"VM {action.vm!r} is {vm.state.value}, not RUNNING")
+        if vm.mac != action.mac:
+            problems.append(f"VM {action.vm!r} now has MAC {vm.mac}, not {action.mac}")
+        if vm.host != action.from_host:
+            problems.append(f"VM {action.vm!r} moved from {action.from_host!r} to "
+                            f"{vm.host!r} since the decision")
+        used = {v.ip for v in self._model.vms.values()}
+        candidates = tuple(c for c in action.candidates if c not in used)
+        if not candidates:
+            assert action.old_ip is not None
+            candidates = tuple(self._candidates(action.old_ip, skip_action=action.id))
+        if not candidates:
+            problems.append("no free pool address is left for it")
+        return problems, replace(action, candidates=candidates)
+
+    def _complete_readdress(
+        self, action: Action, *, ok: bool, detail: str, new_ip: str | None,
+        steps_ms: Mapping[str, float] | None, now: float, wall: float | None,
+    ) -> Action:
+        if ok and new_ip is None:
+            raise ValidationError("result.new_ip", "required when a readdress succeeds")
+        if new_ip is not None:
+            try:
+                new_ip = str(ipaddress.IPv4Address(new_ip))
+            except ValueError:
+                raise ValidationError("result.new_ip",
+                                      f"{new_ip!r} is not an IPv4 address") from None
+        assert action.old_ip is not None and action.mac is not None
+        subject = _subject("vm", action.vm)
+        duration = round(now - action.claimed_at, 6) if action.claimed_at is not None else None
+        steps = {k: round(float(v), 3) for k, v in (steps_ms or {}).items()}
+        result: dict[str, Any] = {"new_ip": new_ip, "steps_ms": steps}
+        details: dict[str, Any] = {
+            "action": action.id, "mac": action.mac, "host": action.from_host,
+            "old_ip": action.old_ip, "new_ip": new_ip, "executor": action.executor,
+            "duration_s": duration, "steps_ms": steps, "detail": detail,
+            "in_candidates": new_ip in action.candidates if new_ip else None,
+        }
+        updated = False
+        if ok:
+            assert new_ip is not None
+            others = sorted(v.name for v in self._model.vms.values()
+                            if v.ip == new_ip and v.name != action.vm)
+            if others:
+                details["new_ip_also_on"] = others
+            try:
+                self._model.update_vm(action.vm, ip=new_ip)
+                updated = True
+            except ModelError as exc:
+                details["model_error"] = str(exc)
+        done = action.with_state(
+            ActionState.SUCCEEDED if ok else ActionState.FAILED, detail=detail or None,
+            result=result,
+        )
+        if ok:
+            reason = detail or (f"executor {action.executor} moved {action.vm} from "
+                                f"{action.old_ip} to {new_ip}")
+            self._journal_append(now, wall, "readdress-done", subject, reason, details=details)
+            self._readdressed[action.mac] = (action.old_ip, action.id, now)
+            done = self._request_dns(done, updated, details.get("model_error"), now, wall)
+        else:
+            reason = detail or f"executor {action.executor} reported failure"
+            self._journal_append(now, wall, "readdress-failed", subject, reason,
+                                 details=details)
+        self._set_action(done)
+        self._persist()
+        return done
+
+    def _request_dns(self, action: Action, updated: bool, model_error: str | None,
+                     now: float, wall: float | None) -> Action:
+        acd = self.config.acd
+        assert action.result is not None
+        new_ip = str(action.result["new_ip"])
+        if not updated or not acd.dns_configured:
+            why = ("no DNS server configured" if updated else
+                   f"the model was not updated ({model_error}), so DNS is left as it is")
+            entry = self._journal_append(
+                now, wall, "dns-update", _subject("vm", action.vm), why,
+                details={"action": action.id, "ok": False, "rcode": None, "elapsed_ms": None,
+                         "error": why, "new_ip": new_ip, "old_ip": action.old_ip},
+            )
+            return replace(action, dns={"state": "skipped", "ok": False, "error": why,
+                                        "journal_seq": entry.seq})
+        assert acd.dns_zone is not None
+        effect = DnsUpdateNeeded(
+            action=action.id, vm=action.vm, name=acd.dns_name(action.vm), zone=acd.dns_zone,
+            new_ip=new_ip, old_ip=action.old_ip, at=now,
+        )
+        self._effects.append(effect)
+        return replace(action, dns={"state": "pending", "ok": None, "name": effect.name})
+
+    def take_effects(self) -> list[DnsUpdateNeeded]:
+        """The effects queued since the last call, oldest first, for the adapter to carry
+        out (each one's outcome goes back through ``dns_update_done``)."""
+        out, self._effects = self._effects, []
+        return out
+
+    def dns_update_done(
+        self, effect: DnsUpdateNeeded, outcome: DnsOutcome, *, now: float,
+        wall: float | None = None,
+    ) -> JournalEntry:
+        """Journal the outcome of a DNS update (``dns-update``) and show it on the action."""
+        acd = self.config.acd
+        where = f"{acd.dns_server} port {acd.dns_port}"
+        if outcome.ok:
+            reason = (f"{effect.name} A {effect.new_ip} updated at {where} in "
+                      f"{outcome.elapsed_ms} ms")
+        else:
+            reason = f"DNS update of {effect.name} A {effect.new_ip} failed: {outcome.error}"
+        details = {"action": effect.action, "name": effect.name, "zone": effect.zone,
+                   "server": acd.dns_server, "port": acd.dns_port, "new_ip": effect.new_ip,
+                   "old_ip": effect.old_ip, "ok": outcome.ok, "rcode": outcome.rcode,
+                   "elapsed_ms": outcome.elapsed_ms, "error": outcome.error,
+                   "waited_ms": round((now - effect.at) * 1000, 3)}
+        entry = self._journal_append(now, wall, "dns-update", _subject("vm", effect.vm),
+                                     reason, details=details)
+        action = self._actions.get(effect.action)
+        if action is not None:
+            self._actions[action.id] = replace(action, dns={
+                "state": "done" if outcome.ok else "failed", "ok": outcome.ok,
+                "name": effect.name, "rcode": outcome.rcode,
+                "elapsed_ms": outcome.elapsed_ms, "error": outcome.error,
+                "journal_seq": entry.seq,
+            })
+        return entry
 
     # -- journal and status --------------------------------------------------------------------
 
@@ -785,6 +1215,7 @@ class ManagerCore:
             "networks": {n: {"cidr": net.cidr, "kind": net.kind}
                          for n, net in sorted(self._model.networks.items())},
             "actions": [a.to_dict() for a in self.open_actions()],
+            "acd": self.config.acd.to_dict(),
             "journal_seq": self._journal.last_seq,
         }
 
@@ -894,6 +1325,7 @@ class ManagerServer:
         log: Callable[[str], None] | None = None,
         access_log: bool = False,
         start_reason: str = "manager started",
+        dns_sender: DnsSender | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -901,8 +1333,18 @@ class ManagerServer:
         self._log = log
         self._access_log = access_log
         self._threads: list[threading.Thread] = []
+        self._effects: queue.Queue[DnsUpdateNeeded | None] = queue.Queue()
         self.journal = journal
         self.store = store
+        acd = (config or ManagerConfig()).acd
+        if dns_sender is None and acd.dns_configured:
+            # Read the TSIG secret before binding: a bad key file stops the start.
+            assert acd.dns_key_file is not None
+            try:
+                dns_sender = make_dns_sender(acd, load_tsig_secret(acd.dns_key_file))
+            except ValueError as exc:
+                raise ValidationError("acd.dns_key_file", str(exc)) from None
+        self._dns_sender = dns_sender
         # Bind first: a manager that cannot listen journals nothing.
         self._httpd = _HTTPServer(address, self)
         try:
@@ -973,8 +1415,50 @@ class ManagerServer:
                 if self._log is not None:
                     self._log(f"internal error: {type(exc).__name__}: {exc}")
                 resp = error(500, f"internal error: {type(exc).__name__}")
+            effects = self.core.take_effects()
+        for effect in effects:  # carried out by the effects thread, outside the lock
+            self._effects.put(effect)
         self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
+
+    def _perform(self, effect: DnsUpdateNeeded) -> DnsOutcome:
+        if self._dns_sender is None:
+            return DnsOutcome(False, error="no DNS sender")
+        try:
+            return self._dns_sender(effect)
+        except Exception as exc:  # a sender bug must not kill the thread
+            return DnsOutcome(False, error=f"{type(exc).__name__}: {exc}")
+
+    def _record(self, effect: DnsUpdateNeeded, outcome: DnsOutcome) -> None:
+        with self._lock:
+            try:
+                self.core.dns_update_done(effect, outcome, now=time.monotonic(),
+                                          wall=time.time())
+            except ClusterError as exc:
+                self.log_always(f"could not journal the DNS update of {effect.name}: {exc}")
+        if self._log is not None and not outcome.ok:
+            self._log(f"DNS update of {effect.name} failed: {outcome.error}")
+
+    def _effects_loop(self) -> None:
+        """Carry out the core's effects one at a time, in order, outside the core lock."""
+        while True:
+            effect = self._effects.get()
+            if effect is None:
+                return
+            self._record(effect, self._perform(effect))
+
+    def _drop_effects(self, why: str) -> None:
+        with self._lock:
+            left = self.core.take_effects()
+        while True:
+            try:
+                effect = self._effects.get_nowait()
+            except queue.Empty:
+                break
+            if effect is not None:
+                left.insert(0, effect)
+        for effect in left:
+            self._record(effect, DnsOutcome(False, error=why))
 
     def _timer_loop(self) -> None:
         while not self._stop.is_set():
@@ -999,7 +1483,9 @@ class ManagerServer:
         t1 = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                               name="netsvc-manager-http", daemon=True)
         t2 = threading.Thread(target=self._timer_loop, name="netsvc-manager-timer", daemon=True)
-        self._threads = [t1, t2]
+        t3 = threading.Thread(target=self._effects_loop, name="netsvc-manager-effects",
+                              daemon=True)
+        self._threads = [t1, t2, t3]
         for t in self._threads:
             t.start()
 
@@ -1012,8 +1498,10 @@ class ManagerServer:
         if self._threads:
             self._httpd.shutdown()
         self._httpd.server_close()
+        self._effects.put(None)  # after the updates already queued
         for t in self._threads:
             t.join(timeout=5)
+        self._drop_effects("the manager stopped before the update was sent")
         with self._lock:
             try:
                 self.core.shutdown(reason, now=time.monotonic(), wall=time.time())

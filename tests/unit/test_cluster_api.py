@@ -18,6 +18,7 @@ from netsvc.cluster.api import (
     Response,
     parse_body,
     validate_action_result,
+    validate_conflict,
     validate_event,
     validate_heartbeat,
     validate_migrate,
@@ -279,12 +280,13 @@ json_values = st.recursive(
 )
 field_names = st.sampled_from(
     ["seq", "mgmt_addr", "vm_addr", "interfaces", "agent", "mac", "ip", "host", "state",
-     "reason", "actor", "to", "dry_run", "ok", "detail", "action", "subject", "details", "x"]
+     "reason", "actor", "to", "dry_run", "ok", "detail", "action", "subject", "details", "x",
+     "reporter", "claimants", "detected_ms", "result"]
 )
 plausible = st.dictionaries(field_names, json_values, max_size=6)
 bodies = st.one_of(json_values, plausible)
 VALIDATORS = [validate_heartbeat, validate_vm, validate_migrate, validate_action_result,
-              validate_event]
+              validate_event, validate_conflict]
 
 
 @settings(max_examples=300, deadline=None)
@@ -298,7 +300,7 @@ def test_validators_only_raise_validation_errors(obj: object) -> None:
 
 
 ROUTES = ["/v1/hosts/h1/heartbeat", "/v1/vms/vm1", "/v1/vms/vm1/migrate", "/v1/actions/a-1",
-          "/v1/events"]
+          "/v1/events", "/v1/conflicts"]
 METHODS = {"/v1/vms/vm1": "PUT"}
 
 
