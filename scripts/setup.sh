@@ -10,7 +10,7 @@ APT_PACKAGES=(
   mininet          # mnexec, which the PyPI mininet package drives
   iproute2 bridge-utils nftables iptables ethtool
   iputils-arping iputils-ping curl
-  knot knot-dnsutils bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
+  knot bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
   arpwatch         # the peer in bench/acd_monitor.py
   procps
 )
@@ -24,6 +24,10 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Installing knot must not start a system-wide knotd: the lab runs its own, per run.
+if [ -d /etc/systemd/system ] && [ ! -e /etc/systemd/system/knot.service ]; then
+  ln -s /dev/null /etc/systemd/system/knot.service
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

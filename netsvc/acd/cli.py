@@ -259,6 +259,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     stats = RxStats()
     stop = _stop_on_signals()
     deadline = None if args.duration is None else monotonic() + args.duration
+    if only is None or "Listening" in only:
+        ready = {"event": "Listening", "iface": args.iface, "promisc": args.promisc}
+        print(json.dumps(ready) if args.json else _human_dict(ready), flush=True)
     with sock:
         while not stop.is_set() and (deadline is None or monotonic() < deadline):
             if not wait_readable(sock, 0.2):
@@ -316,6 +319,10 @@ def _reporter(args: argparse.Namespace) -> Callable[[Any, Any, float], None] | N
 
 
 def _human(ev: object) -> str:
-    d = _jsonable(ev)
+    return _human_dict(_jsonable(ev))
+
+
+def _human_dict(d: dict[str, Any]) -> str:
+    d = dict(d)
     name = d.pop("event")
     return f"{name:14} " + " ".join(f"{k}={v}" for k, v in d.items())

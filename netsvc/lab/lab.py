@@ -210,6 +210,8 @@ class Lab:
         for vm in self.vms:
             self._start_guest(vm)
         self.wait_guests(list(self.vms))
+        for vm in self.vms:  # as a hypervisor does when a VM boots (QEMU, arp_notify)
+            self.announce(vm, repeats=(0.0,))
         self.build_s = time.monotonic() - t0
         self.record("event", "lab", "build-done", seconds=round(self.build_s, 3))
 
@@ -234,6 +236,8 @@ class Lab:
         """
         if self.info is None:
             return []
+        if os.getpid() != self.info.owner_pid:
+            os._exit(70)  # a forked copy of the owner must not tear the owner's lab down
         t0 = time.monotonic()
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -291,10 +295,30 @@ class Lab:
         key = public or ""
         with self._lock:
             if key not in self._ipr:
+                # flags=0: never let pyroute2 create a namespace that is not there
                 self._ipr[key] = (
-                    IPRoute(netns=netns_path(self.pid(public))) if public else IPRoute()
+                    IPRoute(netns=netns_path(self.pid(public)), flags=0) if public else IPRoute()
                 )
             return self._ipr[key]
+
+    def link_index(self, public: str | None, ifname: str) -> int:
+        """The ifindex of ``ifname`` in ``public``'s namespace (None: the root namespace).
+
+        A miss is retried once on a fresh netlink handle before it is an error.
+        """
+        for attempt in (1, 2):
+            idx = self.ipr(public).link_lookup(ifname=ifname)
+            if idx:
+                return int(idx[0])
+            if attempt == 1:
+                with self._lock:
+                    stale = self._ipr.pop(public or "", None)
+                if stale is not None:
+                    with contextlib.suppress(Exception):
+                        stale.close()
+        names = [x.get_attr("IFLA_IFNAME") for x in self.ipr(public).get_links()]
+        where = f"{public} (pid {self.pid(public)})" if public else "the root namespace"
+        raise LabError(f"interface {ifname} not found in {where}; it has {names}")
 
     def connect_from(self, public: str) -> Callable[[str, int, float], socket.socket]:
         """``connect(host, port, timeout)`` for TCP sockets that live in ``public``'s namespace."""
@@ -364,11 +388,8 @@ class Lab:
 
     def set_link(self, end: tuple[str | None, str], up: bool) -> None:
         node, ifname = end
-        ipr = self.ipr(node)
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise LabError(f"interface {ifname} not found in {node or 'the root namespace'}")
-        ipr.link("set", index=idx[0], state="up" if up else "down")
+        idx = self.link_index(node, ifname)
+        self.ipr(node).link("set", index=idx, state="up" if up else "down")
 
     # --- VMs ---------------------------------------------------------------------------
     def _vm(self, vm: str) -> VM:
@@ -385,8 +406,10 @@ class Lab:
         if host not in plan.host_names():
             raise LabError(f"no host {host!r} in this lab (hosts: h1..h{plan.hosts})")
 
-    def create_vm(self, vm: str, host: str, start: bool = True) -> VM:
-        """Define a new VM on ``host``: namespace, veth to the host's switch, MAC, address."""
+    def create_vm(self, vm: str, host: str, start: bool = True, ip: str | None = None) -> VM:
+        """Define a new VM on ``host``: namespace, veth to the host's switch, MAC, address.
+
+        ``ip`` gives it another address than the plan's (a clone keeps its original's)."""
         from netsvc.lab.topo import vm_params
 
         plan = self._plan()
@@ -399,8 +422,9 @@ class Lab:
             raise LabError(str(exc)) from exc
         if vm in self.vms:
             raise LabError(f"VM {vm} already exists")
+        address = ip or plan.vm_addr(vm)
         with self._marked():
-            node = self.net.addHost(name, **vm_params(plan, vm))
+            node = self.net.addHost(name, **vm_params(plan, vm, address))
             self.net.addLink(
                 node, self.node(host), intfName1=plan.vm_port(vm, 0), intfName2=plan.vif_name(vm)
             )
@@ -408,8 +432,16 @@ class Lab:
         ipr = self.ipr(host)
         vif = ipr.link_lookup(ifname=plan.vif_name(vm))[0]
         ipr.link("set", index=vif, master=ipr.link_lookup(ifname="vs0")[0], state="up")
-        self.vms[vm] = VM(vm, host, plan.vm_mac(vm), plan.vm_addr(vm))
-        self.record("action", vm, "create", host=host, ip=plan.vm_addr(vm), mac=plan.vm_mac(vm))
+        self.vms[vm] = VM(vm, host, plan.vm_mac(vm), address)
+        self.record("action", vm, "create", host=host, ip=address, mac=plan.vm_mac(vm))
+        if self.key_file is not None:  # the hypervisor registers what it defines
+            self.manager().put_vm(
+                vm,
+                mac=plan.vm_mac(vm),
+                ip=address,
+                host=host,
+                state="running" if start else "defined",
+            )
         if start:
             self.start_vm(vm)
         return self.vms[vm]
@@ -423,6 +455,105 @@ class Lab:
         )
         v.state = "running"
         self.record("event", vm, "start", host=v.host, pid=v.proc.pid)
+
+    def clone_vm(self, src: str, vm: str, host: str) -> float:
+        """Clone ``src`` as ``vm`` on ``host``: same address, new MAC, its own guest.
+
+        The clone boots and announces itself with gratuitous ARP, as a cloned VM does. Returns
+        the monotonic time at which that first ARP frame was sent."""
+        original = self._vm(src)
+        clone = self.create_vm(vm, host, start=False, ip=original.ip)
+        self.record("action", vm, "clone", of=src, ip=original.ip, mac=clone.mac)
+        self._start_guest(vm)
+        if self.key_file is not None:
+            self.manager().put_vm(vm, state="running")
+        t = time.monotonic()
+        self.announce(vm, repeats=(0.0,))
+        return t
+
+    def readdress(
+        self, vm: str, candidates: list[str], winner: str | None = None
+    ) -> tuple[str, dict[str, float]]:
+        """Move ``vm`` to the first free address among ``candidates``, without its network.
+
+        Steps (each timed): disconnect (the VM's link down, through pyroute2); probe candidates
+        per RFC 5227 from the host's virtual switch; configure the new address inside the VM's
+        namespace (the host side, not the VM's network); reconnect; announce the VM at its new
+        address, and ``winner`` at the old one, so caches that followed the loser come back.
+        """
+        v = self._vm(vm)
+        plan = self._plan()
+        steps: dict[str, float] = {}
+        t = time.monotonic()
+        host_ipr, vm_ipr = self.ipr(v.host), self.ipr(vm)
+        vif = host_ipr.link_lookup(ifname=plan.vif_name(vm))[0]
+        host_ipr.link("set", index=vif, state="down")
+        self.record("action", vm, "disconnect", reason="address conflict")
+        if winner is not None:  # caches that followed the loser come back to the winner now
+            self._announce_once(winner)
+        steps["disconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
+        new_ip = None
+        for cand in candidates:
+            if self.probe(v.host, cand):
+                new_ip = cand
+                break
+        steps["probe"], t = (time.monotonic() - t) * 1000, time.monotonic()
+        if new_ip is None:
+            host_ipr.link("set", index=vif, state="up")
+            raise LabError(f"no free address among {candidates}")
+        vnic = vm_ipr.link_lookup(ifname="vnic")[0]
+        # Old first: a second address in the same /24 would be a secondary one, which the
+        # kernel deletes together with the primary.
+        vm_ipr.addr("del", index=vnic, address=v.ip, prefixlen=24)
+        vm_ipr.addr("add", index=vnic, address=new_ip, prefixlen=24)
+        vm_ipr.route("replace", dst="0.0.0.0/0", gateway="198.18.1.1", oif=vnic)
+        old_ip, v.ip = v.ip, new_ip
+        self.record("action", vm, "configure", old_ip=old_ip, new_ip=new_ip)
+        steps["configure"], t = (time.monotonic() - t) * 1000, time.monotonic()
+        host_ipr.link("set", index=vif, state="up")
+        wait_operstate_up([(host_ipr, vif)], timeout=1.0)
+        steps["reconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
+        self.announce(vm)
+        if winner is not None:
+            self._announce_once(winner)
+        steps["announce"] = (time.monotonic() - t) * 1000
+        self.record("event", vm, "readdressed", new_ip=new_ip, steps_ms=steps)
+        return new_ip, steps
+
+    def _announce_once(self, vm: str) -> None:
+        v = self._vm(vm)
+        sock = self._garp_socket(vm, self._plan().vm_port(vm, v.generation))
+        sock.send(announcement(v.mac, v.ip))
+
+    def probe(self, node: str, addr: str, timeout: float = 10.0) -> bool:
+        """RFC 5227 probe (fast timing) for ``addr`` from ``node``'s VM-network interface."""
+        import random
+
+        from netsvc.acd.cli import run_engine
+        from netsvc.acd.io import interface_mac, monotonic, open_arp_socket
+        from netsvc.acd.protocol import Engine, ProbeResult, Timing
+
+        ifname = "vs0" if node.startswith("h") else f"{self.prefix}{node}-eth0"
+        sock = run_in_netns(self.pid(node), lambda: open_arp_socket(ifname))
+        with sock:
+            engine = Engine(
+                addr,
+                interface_mac(sock, ifname),
+                timing=Timing.fast(),
+                rng=random.Random(),
+                probe_only=True,
+            )
+            result: list[ProbeResult] = []
+
+            def on_event(ev: object) -> bool:
+                if isinstance(ev, ProbeResult):
+                    result.append(ev)
+                return bool(result)
+
+            run_engine(engine, sock, on_event, threading.Event(), monotonic() + timeout)
+        if not result:
+            raise LabError(f"the probe for {addr} from {node} did not finish")
+        return result[0].free
 
     def start_vm(self, vm: str) -> None:
         v = self._vm(vm)
@@ -656,8 +787,10 @@ class Lab:
     def manager_url(self) -> str:
         return f"http://{SERVICES_MGMT}:{MANAGER_PORT}"
 
-    def start_services(self, wait: float = 20.0) -> None:
-        """Start the manager on the services node and an agent on every host."""
+    def start_services(self, wait: float = 20.0, config: str | None = None) -> None:
+        """Start the manager on the services node and an agent on every host.
+
+        ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table)."""
         self.key_file = self.run_dir / "api.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
         self.key_file.chmod(0o600)
@@ -678,6 +811,7 @@ class Lab:
                 str(state),
                 "--heartbeat-interval",
                 str(self.heartbeat_interval),
+                *(["--config", str(self._write_manager_config(config))] if config else []),
             ],
             role="manager",
         )
@@ -702,6 +836,50 @@ class Lab:
         for v in self.vms.values():
             client.put_vm(v.name, mac=v.mac, ip=v.ip, host=v.host, state=v.state)
         self.record("event", "lab", "cluster-ready")
+
+    def _write_manager_config(self, text: str) -> Path:
+        path = self.run_dir / "manager.toml"
+        path.write_text(text)
+        return path
+
+    def start_acd_watchers(self, timeout: float = 10.0) -> None:
+        """A passive ARP monitor on every host's virtual switch, reporting to the manager.
+
+        Once they all listen, every running VM is announced again, as if the monitors had
+        been there since the VMs booted."""
+        assert self.key_file is not None
+        hosts = self._plan().host_names()
+        for h in hosts:
+            self.popen(
+                h,
+                [
+                    sys.executable,
+                    "-m",
+                    "netsvc",
+                    "acd",
+                    "watch",
+                    "--iface",
+                    "vs0",
+                    "--promisc",
+                    "--json",
+                    "--manager",
+                    self.manager_url,
+                    "--key-file",
+                    str(self.key_file),
+                    "--reporter",
+                    h,
+                ],
+                role=f"acd-watch-{h}",
+            )
+        logs = self.run_dir / "logs"
+        deadline = time.monotonic() + timeout
+        while not all('"Listening"' in _read(logs / f"acd-watch-{h}.log") for h in hosts):
+            if time.monotonic() > deadline:
+                raise LabError("the ARP monitors did not start (see logs/acd-watch-*.log)")
+            time.sleep(0.02)
+        for v in self.vms.values():
+            if v.state == "running":
+                self._announce_once(v.name)
 
     def start_agent(self, host: str) -> None:
         plan = self._plan()
@@ -744,17 +922,45 @@ class Lab:
         done = []
         for action in client.claim_actions(executor):
             ok, detail = True, ""
+            result: dict[str, Any] | None = None
             try:
                 if action["kind"] == "migrate":
                     r = self.migrate(action["vm"], action["to"])
                     detail = f"switched in {r.switch_ms:.1f} ms"
+                elif action["kind"] == "readdress":
+                    old = action["old_ip"]
+                    winner = next(
+                        (
+                            v.name
+                            for v in self.vms.values()
+                            if v.ip == old and v.name != action["vm"]
+                        ),
+                        None,
+                    )
+                    new_ip, steps = self.readdress(action["vm"], list(action["candidates"]), winner)
+                    detail = f"{action['vm']} moved from {old} to {new_ip}"
+                    result = {"new_ip": new_ip, "steps_ms": steps}
                 else:
                     ok, detail = False, f"the lab cannot carry out {action['kind']!r}"
             except LabError as exc:
                 ok, detail = False, str(exc)
-            client.complete_action(action["id"], ok=ok, detail=detail)
-            done.append({**action, "ok": ok, "detail": detail})
+            if result is None:
+                client.complete_action(action["id"], ok=ok, detail=detail)
+            else:
+                client.request(
+                    "POST",
+                    f"/v1/actions/{action['id']}",
+                    {"ok": ok, "detail": detail, "result": result},
+                )
+            done.append({**action, "ok": ok, "detail": detail, "result": result})
         return done
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def wait_operstate_up(links: list[tuple[Any, int]], timeout: float) -> bool:
@@ -776,7 +982,13 @@ def wait_operstate_up(links: list[tuple[Any, int]], timeout: float) -> bool:
 def signals_as_exceptions() -> Iterator[None]:
     """Turn SIGTERM (and SIGHUP) into KeyboardInterrupt, so ``finally`` blocks tear down."""
 
+    owner = os.getpid()
+
     def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            # A forked child (pyroute2 forks to open sockets in other namespaces) must never
+            # unwind into the run's ``finally`` blocks: that would tear the lab down under us.
+            os._exit(128 + signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}

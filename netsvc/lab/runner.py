@@ -82,12 +82,13 @@ def run_scenario(
         except Exception as exc:  # the run's boundary: report any failure, then tear down
             report["error"] = f"{type(exc).__name__}: {exc}"
             report["traceback"] = traceback.format_exc().splitlines()[-6:]
-            logs = lab.run_dir / "logs" if lab.info else None
-            if logs is not None and logs.exists():
-                shutil.copytree(logs, report_dir / "logs", dirs_exist_ok=True)
         finally:
             if lab.info is not None:
                 report["prefix"] = lab.info.prefix
+                logs = lab.run_dir / "logs"
+                if ("error" in report or not checks.ok) and logs.exists():
+                    # a failed run keeps its processes' logs beside the report
+                    shutil.copytree(logs, report_dir / "logs", dirs_exist_ok=True)
             left = lab.teardown()
     report["teardown_s"] = round(lab.teardown_s, 3)
     report["leftovers"] = left

@@ -148,6 +148,8 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         )
 
 
-def vm_params(plan: LabPlan, vm: str) -> dict[str, Any]:
-    """Mininet host parameters of a VM (``ip=None`` stops Mininet from picking an address)."""
-    return {"cls": VMHost, "ip": None, "vm_ip": plan.vm_addr(vm), "vm_mac": plan.vm_mac(vm)}
+def vm_params(plan: LabPlan, vm: str, ip: str | None = None) -> dict[str, Any]:
+    """Mininet host parameters of a VM (``ip=None`` stops Mininet from picking an address).
+
+    ``ip`` overrides the plan's address (a clone keeps its original's address)."""
+    return {"cls": VMHost, "ip": None, "vm_ip": ip or plan.vm_addr(vm), "vm_mac": plan.vm_mac(vm)}

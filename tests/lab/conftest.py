@@ -38,7 +38,13 @@ def no_leftovers() -> Iterator[None]:
     """Every lab test must leave no run, link or process of its own behind."""
     before = {r.prefix for r in registry.runs()}
     yield
-    after = {r.prefix for r in registry.runs()} - before
+    # Ours: new runs owned by this process, or whose owner is gone (a subprocess of the test).
+    # A live run of some other process (a lab someone is running beside the tests) is not.
+    after = {
+        r.prefix
+        for r in registry.runs()
+        if r.prefix not in before and (r.owner_pid == os.getpid() or not r.owner_alive())
+    }
     leftovers = {p: (registry.marked_processes(p), registry._links_with(p)) for p in after}
     for p in after:  # clean so that one failure does not cascade, then fail
         registry.clean(p, force=True)

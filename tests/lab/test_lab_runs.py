@@ -158,3 +158,13 @@ def test_mn_command_line_builds_the_cluster() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nvmnh1" in r.stderr and "nvmnv2" in r.stderr
     assert registry._links_with("nvmn") == []
+
+
+def test_ip_conflict_scenario_resolves_the_clone(tmp_path: Path) -> None:
+    r = run("lab", "--scenario", "ip-conflict", "--report", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is True and report["yielded"] == "vm7" and report["dns_ok"] is True
+    for key in ("detection_ms", "resolution_ms", "client_disruption_ms"):
+        assert isinstance(report[key], float) and 0 <= report[key] < 10_000, (key, report[key])
+    assert report["leftovers"] == []

@@ -53,9 +53,9 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import smoke
+    from netsvc.lab.scenarios import ip_conflict, smoke
 
-    return {s.name: s for s in (smoke.SCENARIO,)}
+    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO)}
 
 
 SCENARIOS = _load()
