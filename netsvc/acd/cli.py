@@ -61,6 +61,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     watch.add_argument("--key-file", metavar="F", help="the manager's API key file")
     watch.add_argument("--reporter", metavar="NAME", default="", help="who reports (a host name)")
+    watch.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --manager: ask for the plan only; nothing is changed",
+    )
+    watch.add_argument(
+        "--proxy-arp",
+        metavar="MAC",
+        action="append",
+        default=[],
+        help="a proxy-ARP responder that answers for others (repeatable)",
+    )
+    watch.add_argument(
+        "--ignore",
+        metavar="IP",
+        action="append",
+        default=[],
+        help="an address not to watch (repeatable)",
+    )
+    watch.add_argument(
+        "--no-vrrp",
+        action="store_true",
+        help="report VRRP/CARP virtual MACs (00:00:5e:00:01/02:xx) as conflicts",
+    )
+
     watch.set_defaults(func=cmd_watch)
 
     defend = acd.add_parser("defend", help="probe, announce and defend an address (foreground)")
@@ -246,7 +271,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         receive_all,
         wait_readable,
     )
-    from netsvc.acd.monitor import Conflict, Monitor
+    from netsvc.acd.monitor import Benign, Conflict, Monitor
 
     try:
         report = _reporter(args)
@@ -254,7 +279,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
         own = frozenset({interface_mac(sock, args.iface)})
     except (ValueError, OSError) as exc:
         return _err(str(exc))
-    monitor = Monitor(own_macs=own)
+    try:
+        benign = Benign(
+            vrrp=not args.no_vrrp,
+            proxy_arp_macs=frozenset(args.proxy_arp),
+            ignore_ips=frozenset(args.ignore),
+        )
+    except ValueError as exc:
+        sock.close()
+        return _err(str(exc))
+    monitor = Monitor(own_macs=own, benign=benign)
     only = None if not args.only else set(args.only.split(","))
     stats = RxStats()
     stop = _stop_on_signals()
@@ -303,7 +337,12 @@ def _reporter(args: argparse.Namespace) -> Callable[[Any, Any, float], None] | N
                     "last_seen_age_s": max(0.0, now - last),
                 }
             )
-        body = {"ip": ev.ip, "reporter": args.reporter or args.iface, "claimants": claimants}
+        body = {
+            "ip": ev.ip,
+            "reporter": args.reporter or args.iface,
+            "claimants": claimants,
+            "dry_run": bool(args.dry_run),
+        }
         try:
             status, reply = client.request("POST", "/v1/conflicts", body)
             print(

@@ -111,6 +111,8 @@ def test_watch_reports_a_clone_conflict(lab: Lab) -> None:
         (["probe", "--iface", "lo", "300.1.1.1"], "invalid IPv4 address"),
         (["probe", "--iface", "lo", "224.0.0.1"], "cannot be claimed"),
         (["watch", "--iface", "a/b"], "invalid interface name"),
+        (["watch", "--iface", "lo", "--proxy-arp", "zz:zz"], "proxy_arp_macs"),
+        (["watch", "--iface", "lo", "--manager", "http://198.18.0.2:8470"], "--key-file"),
     ],
 )
 def test_bad_input_exit_2(lab: Lab, argv: list[str], message: str) -> None:
