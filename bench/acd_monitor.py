@@ -110,7 +110,7 @@ def one(rate: float, seconds: float, workdir: Path) -> dict[str, object]:
         arpwatch = subprocess.Popen(
             ["ip", "netns", "exec", NS_MON, "taskset", "-c", "1", "arpwatch", "-d", "-N",
              "-i", IF_MON, "-f", str(datafile)],
-            stdout=subprocess.DEVNULL, stderr=log)
+            stdout=log, stderr=subprocess.STDOUT)  # -d: reports on stdout, notes on stderr
     time.sleep(1.5)
     c0 = {"netsvc": cpu_s(netsvc.pid), "arpwatch": cpu_s(arpwatch.pid)}
     t0 = time.monotonic()

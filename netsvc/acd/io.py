@@ -27,6 +27,8 @@ ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 SIOCGIFHWADDR = 0x8927
 MIN_ARP_FRAME = 42
+SO_RCVBUFFORCE = 33
+RCVBUF = 8 << 20
 
 # ldh [12]; jeq #0x806 else drop; ld len; jge #42 else drop; ret all
 ARP_FILTER: tuple[tuple[int, int, int, int], ...] = (
@@ -79,6 +81,11 @@ def open_arp_socket(ifname: str, promisc: bool = False) -> socket.socket:
         raise AcdIOError(exc.errno, "packet sockets need root (CAP_NET_RAW)") from exc
     try:
         attach_filter(sock, ARP_FILTER)
+        # Room for bursts: a storm arrives in bursts, and a full queue drops conflicts too.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.bind((ifname, 0))
         if promisc:
             ifindex = socket.if_nametoindex(ifname)
