@@ -201,8 +201,7 @@ def decode(frame: bytes) -> ArpPacket:
         htype, ptype, hlen, plen, _ = _ARP_FIXED.unpack_from(body)
         raise ArpDecodeError(
             "not-ethernet-ipv4",
-            f"htype {htype} ptype 0x{ptype:04x} hlen {hlen} plen {plen} "
-            "(want 1, 0x0800, 6, 4)",
+            f"htype {htype} ptype 0x{ptype:04x} hlen {hlen} plen {plen} (want 1, 0x0800, 6, 4)",
         )
     op = (body[6] << 8) | body[7]
     if op != OP_REQUEST and op != OP_REPLY:

@@ -263,98 +263,52 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from netsvc.acd.io import (
-        RxStats,
-        interface_mac,
-        monotonic,
-        open_arp_socket,
-        receive_all,
-        wait_readable,
-    )
-    from netsvc.acd.monitor import Benign, Conflict, Monitor
+    from netsvc.acd.io import monotonic
+    from netsvc.acd.monitor import Benign
+    from netsvc.acd.watcher import manager_reporter, watch
 
-    try:
-        report = _reporter(args)
-        sock = open_arp_socket(args.iface, promisc=args.promisc)
-        own = frozenset({interface_mac(sock, args.iface)})
-    except (ValueError, OSError) as exc:
-        return _err(str(exc))
+    only = None if not args.only else set(args.only.split(","))
+
+    def show(d: dict[str, Any]) -> None:
+        if only is None or d["event"] in only:
+            print(json.dumps(d) if args.json else _human_dict(d), flush=True)
+
     try:
         benign = Benign(
             vrrp=not args.no_vrrp,
             proxy_arp_macs=frozenset(args.proxy_arp),
             ignore_ips=frozenset(args.ignore),
         )
-    except ValueError as exc:
-        sock.close()
+        report = None
+        if args.manager:
+            from netsvc.cluster.auth import load_key
+            from netsvc.cluster.client import ManagerClient
+
+            if not args.key_file:
+                raise ValueError("--manager needs --key-file")
+            client = ManagerClient(args.manager, load_key(args.key_file), timeout=2.0)
+            report = manager_reporter(client, args.reporter or args.iface, args.dry_run, show)
+        deadline = None if args.duration is None else monotonic() + args.duration
+        stats = watch(
+            args.iface,
+            emit=lambda ev: show(_jsonable(ev)),
+            stop=_stop_on_signals(),
+            promisc=args.promisc,
+            benign=benign,
+            report=report,
+            deadline=deadline,
+            on_ready=lambda: show(
+                {"event": "Listening", "iface": args.iface, "promisc": args.promisc}
+            ),
+        )
+    except (ValueError, OSError) as exc:
         return _err(str(exc))
-    monitor = Monitor(own_macs=own, benign=benign)
-    only = None if not args.only else set(args.only.split(","))
-    stats = RxStats()
-    stop = _stop_on_signals()
-    deadline = None if args.duration is None else monotonic() + args.duration
-    if only is None or "Listening" in only:
-        ready = {"event": "Listening", "iface": args.iface, "promisc": args.promisc}
-        print(json.dumps(ready) if args.json else _human_dict(ready), flush=True)
-    with sock:
-        while not stop.is_set() and (deadline is None or monotonic() < deadline):
-            if not wait_readable(sock, 0.2):
-                continue
-            for pkt in receive_all(sock, stats):
-                now = monotonic()
-                for ev in monitor.observe(pkt, now):
-                    if only is None or type(ev).__name__ in only:
-                        print(json.dumps(_jsonable(ev)) if args.json else _human(ev), flush=True)
-                    if report is not None and isinstance(ev, Conflict):
-                        report(monitor, ev, now)
     summary = {"frames": stats.frames, "dropped": dict(stats.dropped)}
     print(
         json.dumps({"event": "Summary", **summary}) if args.json else f"# {summary}",
         file=sys.stderr,
     )
     return 0
-
-
-def _reporter(args: argparse.Namespace) -> Callable[[Any, Any, float], None] | None:
-    """A function that posts a monitor Conflict to the manager, or None without --manager."""
-    if not args.manager:
-        return None
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ApiError, ManagerClient
-
-    if not args.key_file:
-        raise ValueError("--manager needs --key-file")
-    client = ManagerClient(args.manager, load_key(args.key_file), timeout=2.0)
-
-    def report(monitor: Any, ev: Any, now: float) -> None:
-        claimants = []
-        for mac in ev.macs:
-            first, last = monitor.seen(ev.ip, mac)
-            claimants.append(
-                {
-                    "mac": mac,
-                    "age_s": max(0.0, now - first),
-                    "last_seen_age_s": max(0.0, now - last),
-                }
-            )
-        body = {
-            "ip": ev.ip,
-            "reporter": args.reporter or args.iface,
-            "claimants": claimants,
-            "dry_run": bool(args.dry_run),
-        }
-        try:
-            status, reply = client.request("POST", "/v1/conflicts", body)
-            print(
-                json.dumps(
-                    {"event": "Reported", "status": status, "reply": reply.get("decision", reply)}
-                ),
-                flush=True,
-            )
-        except (ApiError, OSError) as exc:
-            print(json.dumps({"event": "ReportFailed", "error": str(exc)}), flush=True)
-
-    return report
 
 
 def _human(ev: object) -> str:

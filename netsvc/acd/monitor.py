@@ -375,9 +375,7 @@ class Monitor:
                 events.append(ChangedMac(ip, old, mac, now, now - old_last))
         if seen is None:
             if len(macs) >= self.max_macs:
-                victim = min(
-                    (m for m in macs if m != old), key=lambda m: macs[m][1], default=None
-                )
+                victim = min((m for m in macs if m != old), key=lambda m: macs[m][1], default=None)
                 if victim is not None:
                     del macs[victim]
                     self._c.mac_evictions += 1

@@ -86,8 +86,10 @@ class YieldPolicy:
         if "newest" in rules and "oldest" in rules:
             raise ValueError("yield rules cannot hold both 'newest' and 'oldest'")
         t = self.tie_window
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
-            math.isfinite(t) and t >= 0
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, (int, float))
+            or not (math.isfinite(t) and t >= 0)
         ):
             raise ValueError(f"tie_window must be a finite number >= 0, not {t!r}")
 
@@ -158,8 +160,7 @@ def _why(rule: str, ip: str, loser: Claimant, winner: Claimant) -> str:
         return f"{winner.label} is not managed by the cluster and cannot be moved"
     if rule == "newest":
         return (
-            f"it claimed {ip} most recently, {dt:.1f} s after {winner.label}, "
-            "which was serving it"
+            f"it claimed {ip} most recently, {dt:.1f} s after {winner.label}, which was serving it"
         )
     return f"it claimed {ip} first, {dt:.1f} s before {winner.label} (policy: the oldest yields)"
 
@@ -171,8 +172,9 @@ def _refusal(claimants: Sequence[Claimant]) -> str:
         return f"{every} are protected"
     if all(c.vm is None for c in claimants):
         return "no managed VM among the claimants: an unmanaged device cannot be moved"
-    return "every managed VM among the claimants is protected, and an unmanaged device " \
-           "cannot be moved"
+    return (
+        "every managed VM among the claimants is protected, and an unmanaged device cannot be moved"
+    )
 
 
 def choose_loser(
@@ -193,8 +195,9 @@ def choose_loser(
     who = ", ".join(c.label for c in claimants)
     if len(claimants) < 2:
         refused = "fewer than two claimants: there is no conflict to resolve"
-        return Decision(ip, None, None, f"{ip}: nothing to do ({who or 'no claimant'}): "
-                        f"{refused}", refused)
+        return Decision(
+            ip, None, None, f"{ip}: nothing to do ({who or 'no claimant'}): {refused}", refused
+        )
     head = f"{ip} is claimed by {len(claimants)} devices ({who})"
     rules = policy.rules
     order = sorted(claimants, key=lambda c: tuple(_rule_key(r, c) for r in rules))

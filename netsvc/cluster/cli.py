@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 ENV_MANAGER = "NETSVC_MANAGER"
@@ -57,15 +58,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--listen", metavar="ADDR:PORT", help="address to serve the API on")
     p.add_argument("--key-file", metavar="F", help="file holding the shared API key (mode 0600)")
     p.add_argument("--state-dir", metavar="DIR", help="directory for state.sqlite and journal")
-    p.add_argument("--heartbeat-interval", metavar="S", type=float,
-                   help="seconds between agent heartbeats (default 1.0)")
-    p.add_argument("--missed-heartbeats", metavar="N", type=int,
-                   help="missed heartbeats before a host is DOWN (default 3)")
-    p.add_argument("--action-timeout", metavar="S", type=float,
-                   help="seconds before an unclaimed action expires (default 60)")
+    p.add_argument(
+        "--heartbeat-interval",
+        metavar="S",
+        type=float,
+        help="seconds between agent heartbeats (default 1.0)",
+    )
+    p.add_argument(
+        "--missed-heartbeats",
+        metavar="N",
+        type=int,
+        help="missed heartbeats before a host is DOWN (default 3)",
+    )
+    p.add_argument(
+        "--action-timeout",
+        metavar="S",
+        type=float,
+        help="seconds before an unclaimed action expires (default 60)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML file with the same options")
-    p.add_argument("--access-log", action="store_true", default=None,
-                   help="log every request on stderr")
+    p.add_argument(
+        "--access-log", action="store_true", default=None, help="log every request on stderr"
+    )
     p.set_defaults(func=cmd_manager)
 
     p = subparsers.add_parser(
@@ -77,13 +91,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--host", metavar="NAME", required=True, help="this host's cluster name")
     p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
     p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
-    p.add_argument("--interval", metavar="S", type=float, default=1.0,
-                   help="seconds between heartbeats until the manager says otherwise")
+    p.add_argument(
+        "--interval",
+        metavar="S",
+        type=float,
+        default=1.0,
+        help="seconds between heartbeats until the manager says otherwise",
+    )
     p.add_argument("--mgmt-addr", metavar="A", help="this host's management address")
     p.add_argument("--vm-addr", metavar="A", help="this host's VM-network address")
-    p.add_argument("--sysfs", metavar="DIR", default=None,
-                   help="read interface states from DIR/*/operstate (e.g. /sys/class/net) "
-                   "instead of asking the kernel for this network namespace")
+    p.add_argument(
+        "--sysfs",
+        metavar="DIR",
+        default=None,
+        help="read interface states from DIR/*/operstate (e.g. /sys/class/net) "
+        "instead of asking the kernel for this network namespace",
+    )
+    p.add_argument(
+        "--acd-watch",
+        metavar="IFACE",
+        action="append",
+        default=[],
+        help="run the ARP conflict monitor on IFACE and report conflicts to the "
+        "manager (repeatable)",
+    )
+    p.add_argument(
+        "--acd-promisc",
+        action="store_true",
+        help="with --acd-watch: see forwarded frames too (a bridge's segment)",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = subparsers.add_parser(
@@ -139,12 +175,13 @@ def load_manager_config(path: str) -> dict[str, Any]:
     for key, value in data.items():
         types = MANAGER_CONFIG_KEYS.get(key)
         if types is None:
-            raise UsageError(f"config {path}: unknown key {key!r} "
-                             f"(known: {', '.join(sorted(MANAGER_CONFIG_KEYS))})")
+            raise UsageError(
+                f"config {path}: unknown key {key!r} "
+                f"(known: {', '.join(sorted(MANAGER_CONFIG_KEYS))})"
+            )
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in types)
-            raise UsageError(f"config {path}: {key!r} must be {want}, "
-                             f"not {type(value).__name__}")
+            raise UsageError(f"config {path}: {key!r} must be {want}, not {type(value).__name__}")
         if key in ("key_file", "state_dir"):
             data[key] = os.path.join(base, os.path.expanduser(str(value)))
     for i, net in enumerate(data.get("networks", [])):
@@ -194,16 +231,22 @@ def cmd_manager(args: argparse.Namespace) -> int:
     try:
         cfg = load_manager_config(args.config) if args.config else {}
         opts = {
-            "listen": args.listen, "key_file": args.key_file, "state_dir": args.state_dir,
+            "listen": args.listen,
+            "key_file": args.key_file,
+            "state_dir": args.state_dir,
             "heartbeat_interval": args.heartbeat_interval,
             "missed_heartbeats": args.missed_heartbeats,
-            "action_timeout": args.action_timeout, "access_log": args.access_log,
+            "action_timeout": args.action_timeout,
+            "access_log": args.access_log,
         }
         for k, v in opts.items():
             if v is not None:
                 cfg[k] = v
-        for k, flag in (("listen", "--listen"), ("key_file", "--key-file"),
-                        ("state_dir", "--state-dir")):
+        for k, flag in (
+            ("listen", "--listen"),
+            ("key_file", "--key-file"),
+            ("state_dir", "--state-dir"),
+        ):
             if not cfg.get(k):
                 raise UsageError(f"missing {flag} (or {k!r} in the --config file)")
         address = parse_listen(cfg["listen"])
@@ -231,8 +274,15 @@ def cmd_manager(args: argparse.Namespace) -> int:
             store.close()
             raise
         try:
-            server = ManagerServer(address, key, store, journal, config=config, log=log,
-                                   access_log=bool(cfg.get("access_log", False)))
+            server = ManagerServer(
+                address,
+                key,
+                store,
+                journal,
+                config=config,
+                log=log,
+                access_log=bool(cfg.get("access_log", False)),
+            )
         except OSError as exc:
             journal.close()
             store.close()
@@ -283,8 +333,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         url, key_file = _manager_and_key(args)
         check_name(args.host, "host name")
         if not MIN_INTERVAL <= args.interval <= MAX_INTERVAL:
-            raise UsageError(f"bad --interval {args.interval}: must be "
-                             f"{MIN_INTERVAL}..{MAX_INTERVAL} s")
+            raise UsageError(
+                f"bad --interval {args.interval}: must be {MIN_INTERVAL}..{MAX_INTERVAL} s"
+            )
         mgmt = check_ip(args.mgmt_addr, "--mgmt-addr") if args.mgmt_addr else None
         vm = check_ip(args.vm_addr, "--vm-addr") if args.vm_addr else None
         key = load_key(key_file)
@@ -295,10 +346,55 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except (UsageError, ClusterError) as exc:
         return _fail("agent", str(exc))
     log(f"heartbeating to {url} every {args.interval:g} s (pid {os.getpid()})")
-    code = run_agent(args.host, url, key, interval=args.interval, mgmt_addr=mgmt, vm_addr=vm,
-                     net_dir=args.sysfs, log=log)
+    for iface in args.acd_watch:
+        _start_acd_watch(
+            iface, args.acd_promisc, ManagerClient(url, key, timeout=2.0), args.host, log
+        )
+    code = run_agent(
+        args.host,
+        url,
+        key,
+        interval=args.interval,
+        mgmt_addr=mgmt,
+        vm_addr=vm,
+        net_dir=args.sysfs,
+        log=log,
+    )
     log("stopped")
     return code
+
+
+def _start_acd_watch(
+    iface: str, promisc: bool, client: Any, host: str, log: Callable[[str], None]
+) -> None:
+    """Run netsvc.acd's passive monitor on ``iface`` in a daemon thread of the agent."""
+    import json
+    import threading
+
+    from netsvc.acd.watcher import manager_reporter, watch
+
+    def emit(d: dict[str, Any]) -> None:
+        log(json.dumps(d))
+
+    def event(ev: object) -> None:
+        if type(ev).__name__ in ("Conflict", "FlipFlop", "ChangedMac", "ProbeForTaken"):
+            fields = {k: v for k, v in vars(ev).items() if not isinstance(v, bytes)}
+            emit({"event": type(ev).__name__, **fields})
+
+    def run() -> None:
+        try:
+            watch(
+                iface,
+                emit=event,
+                stop=threading.Event(),
+                promisc=promisc,
+                report=manager_reporter(client, host, False, emit),
+                on_ready=lambda: emit({"event": "Listening", "iface": iface}),
+            )
+        except OSError as exc:
+            log(f"acd watch on {iface} stopped: {exc}")
+
+    threading.Thread(target=run, name=f"acd-watch-{iface}", daemon=True).start()
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -335,11 +431,17 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
         for name, h in hosts.items():
             ago = h.get("seconds_since_heartbeat")
             down = [i for i, s in sorted(h.get("interfaces", {}).items()) if s != "up"]
-            rows.append([
-                name, h["state"], "-" if ago is None else f"{ago:.1f}s",
-                h.get("mgmt_addr") or "-", h.get("vm_addr") or "-",
-                ",".join(down) or "-", ",".join(h.get("vms", [])) or "-",
-            ])
+            rows.append(
+                [
+                    name,
+                    h["state"],
+                    "-" if ago is None else f"{ago:.1f}s",
+                    h.get("mgmt_addr") or "-",
+                    h.get("vm_addr") or "-",
+                    ",".join(down) or "-",
+                    ",".join(h.get("vms", [])) or "-",
+                ]
+            )
         lines += ["", *_table(rows)]
     if vms:
         rows = [["VM", "STATE", "HOST", "IP", "MAC"]]
@@ -353,8 +455,17 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
                 src, dst = a.get("old_ip"), a.get("new_ip")
             else:
                 src, dst = a.get("from"), a.get("to")
-            rows.append([a["id"], a["kind"], a["vm"], src or "-", dst or "-",
-                         a["state"], a.get("executor") or "-"])
+            rows.append(
+                [
+                    a["id"],
+                    a["kind"],
+                    a["vm"],
+                    src or "-",
+                    dst or "-",
+                    a["state"],
+                    a.get("executor") or "-",
+                ]
+            )
         lines += ["", *_table(rows)]
     if problems:
         lines += [""] + [f"problem: {p}" for p in problems]

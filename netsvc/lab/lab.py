@@ -148,6 +148,7 @@ class Lab:
         self._garp: dict[tuple[str, str], socket.socket] = {}
         self._lock = threading.RLock()
         self.key_file: Path | None = None
+        self.acd = False
         self.build_s = 0.0
         self.teardown_s = 0.0
 
@@ -787,10 +788,14 @@ class Lab:
     def manager_url(self) -> str:
         return f"http://{SERVICES_MGMT}:{MANAGER_PORT}"
 
-    def start_services(self, wait: float = 20.0, config: str | None = None) -> None:
+    def start_services(
+        self, wait: float = 20.0, config: str | None = None, acd: bool = False
+    ) -> None:
         """Start the manager on the services node and an agent on every host.
 
-        ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table)."""
+        ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table);
+        ``acd`` makes every agent run the ARP conflict monitor on its virtual switch."""
+        self.acd = acd
         self.key_file = self.run_dir / "api.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
         self.key_file.chmod(0o600)
@@ -842,40 +847,17 @@ class Lab:
         path.write_text(text)
         return path
 
-    def start_acd_watchers(self, timeout: float = 10.0) -> None:
-        """A passive ARP monitor on every host's virtual switch, reporting to the manager.
+    def wait_acd_monitors(self, timeout: float = 10.0) -> None:
+        """Wait until every agent's ARP monitor listens (``start_services(acd=True)``).
 
-        Once they all listen, every running VM is announced again, as if the monitors had
-        been there since the VMs booted."""
-        assert self.key_file is not None
+        Then every running VM is announced again, as if the monitors had been there since the
+        VMs booted."""
         hosts = self._plan().host_names()
-        for h in hosts:
-            self.popen(
-                h,
-                [
-                    sys.executable,
-                    "-m",
-                    "netsvc",
-                    "acd",
-                    "watch",
-                    "--iface",
-                    "vs0",
-                    "--promisc",
-                    "--json",
-                    "--manager",
-                    self.manager_url,
-                    "--key-file",
-                    str(self.key_file),
-                    "--reporter",
-                    h,
-                ],
-                role=f"acd-watch-{h}",
-            )
         logs = self.run_dir / "logs"
         deadline = time.monotonic() + timeout
-        while not all('"Listening"' in _read(logs / f"acd-watch-{h}.log") for h in hosts):
+        while not all('"Listening"' in _read(logs / f"agent-{h}.log") for h in hosts):
             if time.monotonic() > deadline:
-                raise LabError("the ARP monitors did not start (see logs/acd-watch-*.log)")
+                raise LabError("the agents' ARP monitors did not start (see logs/agent-*.log)")
             time.sleep(0.02)
         for v in self.vms.values():
             if v.state == "running":
@@ -903,6 +885,7 @@ class Lab:
                 plan.host_addr(host, "mgmt"),
                 "--vm-addr",
                 plan.host_addr(host, "vmnet"),
+                *(["--acd-watch", "vs0", "--acd-promisc"] if self.acd else []),
             ],
             role=f"agent-{host}",
         )

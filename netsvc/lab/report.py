@@ -53,6 +53,7 @@ MAX_LABELS_PER_LANE = 40
 MAX_LABELS = 320  # over all lanes: text is the slow part of drawing
 MAX_ACTION_LINES = 60
 
+
 @dataclass(frozen=True)
 class MarkStyle:
     marker: str
@@ -64,12 +65,27 @@ EVENT_STYLE = MarkStyle("o", "#1f77b4", 26.0)
 ACTION_STYLE = MarkStyle("D", "#2ca02c", 26.0)
 FAULT_COLORS = {"crash": "#d62728", "cut": "#9467bd", "loss": "#ff7f0e", "partition": "#8c564b"}
 _MORE_FAULT_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
-HOST_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-               "#8c8c8c", "#ccb974", "#64b5cd")
+HOST_COLORS = (
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+)
 
 # How a VM's lane shows where it lives: these events start or move a residence bar ...
-RESIDENCE_START = {"start": "host", "started": "host", "vm-started": "host",
-                   "respawned": "host", "migrated": "dst"}
+RESIDENCE_START = {
+    "start": "host",
+    "started": "host",
+    "vm-started": "host",
+    "respawned": "host",
+    "migrated": "dst",
+}
 # ... and these end it.
 RESIDENCE_END = frozenset({"stop", "stopped", "died", "crashed", "vm-stopped", "destroy"})
 
@@ -82,8 +98,9 @@ def validate_report(report: object) -> None:
     if "scenario" not in report:
         raise ValueError("report is missing key 'scenario'")
     if not isinstance(report["scenario"], str) or not report["scenario"]:
-        raise ValueError(f"report key 'scenario' must be a non-empty str, "
-                         f"got {report['scenario']!r}")
+        raise ValueError(
+            f"report key 'scenario' must be a non-empty str, got {report['scenario']!r}"
+        )
     if "ok" not in report:
         raise ValueError("report is missing key 'ok'")
     if not isinstance(report["ok"], bool):
@@ -107,19 +124,26 @@ def write_report(report_dir: Path, report: dict[str, object], timeline: Timeline
         shutil.copyfile(src, jsonl)
 
     verdict = "PASSED" if report["ok"] else "FAILED"
-    figures = [f"{k}={v}" for k, v in sorted(report.items())
-               if isinstance(v, int | float) and not isinstance(v, bool)
-               and k.endswith(("_ms", "_s")) and k != "duration_s"]
-    render_timeline(timeline.events(), report_dir / "timeline.png",
-                    f"scenario {report['scenario']}: {verdict}",
-                    subtitle="  ".join(figures[:6]) or None)
+    figures = [
+        f"{k}={v}"
+        for k, v in sorted(report.items())
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and k.endswith(("_ms", "_s"))
+        and k != "duration_s"
+    ]
+    render_timeline(
+        timeline.events(),
+        report_dir / "timeline.png",
+        f"scenario {report['scenario']}: {verdict}",
+        subtitle="  ".join(figures[:6]) or None,
+    )
 
 
 # --- lanes ---------------------------------------------------------------------------------
 def natural_key(s: str) -> tuple[tuple[int, int, str], ...]:
     """Sort key that orders embedded numbers by value: h2 < h10."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
-                 for p in re.split(r"(\d+)", s) if p)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s) if p)
 
 
 def lane_group(subject: str, networks: Collection[str] = NETWORKS) -> int:
@@ -237,14 +261,21 @@ class _LabelSlots:
         return None
 
 
-def _touches(f: FaultSpan, subjects: set[str],
-             lived: dict[str, list[tuple[float, float, str]]], networks: Collection[str]) -> bool:
+def _touches(
+    f: FaultSpan,
+    subjects: set[str],
+    lived: dict[str, list[tuple[float, float, str]]],
+    networks: Collection[str],
+) -> bool:
     """Whether fault ``f`` can bear on samples of ``subjects``: it is on a network, on one
     of them, or on a host one of them (a VM) lived on while the fault was on."""
     if f.subject in networks or f.subject in subjects:
         return True
-    return any(host == f.subject and t0 < f.end and f.start < t1
-               for s in subjects for t0, t1, host in lived.get(s, ()))
+    return any(
+        host == f.subject and t0 < f.end and f.start < t1
+        for s in subjects
+        for t0, t1, host in lived.get(s, ())
+    )
 
 
 def spread(items: Sequence[Event], k: int) -> list[Event]:
@@ -286,8 +317,9 @@ def render_timeline(
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch, Rectangle
     except ImportError as exc:  # pragma: no cover - matplotlib is in the lab extra
-        raise RuntimeError(f"timeline.png needs matplotlib (pip install 'netsvc[lab]'): {exc}"
-                           ) from exc
+        raise RuntimeError(
+            f"timeline.png needs matplotlib (pip install 'netsvc[lab]'): {exc}"
+        ) from exc
 
     evs = sorted(events, key=lambda e: (e.t, e.seq))
     samples = [e for e in evs if e.kind is Kind.SAMPLE and e.value is not None]
@@ -315,8 +347,9 @@ def render_timeline(
         return px_from_bottom / height
 
     lanes_bottom = BOTTOM_PX + strips_px
-    ax = fig.add_axes((frac_x(LEFT_PX), frac_y(lanes_bottom), plot_w / WIDTH_PX,
-                       n * LANE_PX / height))
+    ax = fig.add_axes(
+        (frac_x(LEFT_PX), frac_y(lanes_bottom), plot_w / WIDTH_PX, n * LANE_PX / height)
+    )
     ax.set_xlim(x_lo, x_hi)
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_yticks(range(n))
@@ -348,66 +381,131 @@ def render_timeline(
         y = row.get(f.subject)
         if y is None:
             continue
-        ax.add_patch(Rectangle((f.start, y - 0.44), max(f.end - f.start, 1e-9), 0.88,
-                               facecolor=color, alpha=0.22, edgecolor=color, linewidth=0.8,
-                               hatch="///" if f.open else None, zorder=1))
+        ax.add_patch(
+            Rectangle(
+                (f.start, y - 0.44),
+                max(f.end - f.start, 1e-9),
+                0.88,
+                facecolor=color,
+                alpha=0.22,
+                edgecolor=color,
+                linewidth=0.8,
+                hatch="///" if f.open else None,
+                zorder=1,
+            )
+        )
         on_net = f.subject in networks
         if (f.name, on_net) not in seen_faults:
             seen_faults.add((f.name, on_net))
             where = f" on a network ({f.subject}, all lanes)" if on_net else ""
-            legend.append(Patch(facecolor=color, alpha=0.35, edgecolor=color,
-                                label=f"fault: {f.name}{where}"))
+            legend.append(
+                Patch(facecolor=color, alpha=0.35, edgecolor=color, label=f"fault: {f.name}{where}")
+            )
         text = f.name + (" (still on at the end)" if f.open else "")
         x0 = px_of(f.start) + 2
         r = slots[f.subject].take(x0, x0 + _text_px(text, LABEL_PT + 0.5), rows=(0,))
         if r is not None:
-            ax.text(f.start, y + row_dy[r], " " + text, fontsize=LABEL_PT + 0.5, color=color,
-                    fontstyle="italic", fontweight="bold", va="center", ha="left", zorder=4)
+            ax.text(
+                f.start,
+                y + row_dy[r],
+                " " + text,
+                fontsize=LABEL_PT + 0.5,
+                color=color,
+                fontstyle="italic",
+                fontweight="bold",
+                va="center",
+                ha="left",
+                zorder=4,
+            )
     for f in net_spans:
-        ax.axvspan(f.start, f.end, color=_fault_color(f.name, extra_colors), alpha=0.07,
-                   zorder=0)
+        ax.axvspan(f.start, f.end, color=_fault_color(f.name, extra_colors), alpha=0.07, zorder=0)
     if any(f.open for f in spans):
-        legend.append(Patch(facecolor="white", edgecolor="#555555", hatch="///",
-                            label="fault still on at the end"))
+        legend.append(
+            Patch(
+                facecolor="white",
+                edgecolor="#555555",
+                hatch="///",
+                label="fault still on at the end",
+            )
+        )
 
     # VM residence: a thin bar per host the VM lived on, named at its start.
     lived = residences(evs, x_hi)
-    host_color = {h: HOST_COLORS[i % len(HOST_COLORS)]
-                  for i, h in enumerate(lane_order(
-                      {h for bars in lived.values() for _, _, h in bars}
-                      | {s for s in lanes if lane_group(s, networks) == 0}, networks))}
+    host_color = {
+        h: HOST_COLORS[i % len(HOST_COLORS)]
+        for i, h in enumerate(
+            lane_order(
+                {h for bars in lived.values() for _, _, h in bars}
+                | {s for s in lanes if lane_group(s, networks) == 0},
+                networks,
+            )
+        )
+    }
     for vm, bars in lived.items():
         y = row.get(vm)
         if y is None:
             continue
         for t0, t1, host in bars:
             c = host_color.get(host, "#888888")
-            ax.plot((t0, t1), (y, y), color=c, linewidth=3.2, alpha=0.55,
-                    solid_capstyle="butt", zorder=2)
+            ax.plot(
+                (t0, t1),
+                (y, y),
+                color=c,
+                linewidth=3.2,
+                alpha=0.55,
+                solid_capstyle="butt",
+                zorder=2,
+            )
             x0 = px_of(t0) + 2
             r = slots[vm].take(x0, x0 + _text_px("on " + host), rows=(1,))
             if r is not None:
-                ax.text(t0, y + row_dy[r], " on " + host, fontsize=LABEL_PT, color=c,
-                        va="center", ha="left", zorder=4)
+                ax.text(
+                    t0,
+                    y + row_dy[r],
+                    " on " + host,
+                    fontsize=LABEL_PT,
+                    color=c,
+                    va="center",
+                    ha="left",
+                    zorder=4,
+                )
     if lived:
-        legend.append(Line2D([], [], color="#888888", linewidth=3.2, alpha=0.55,
-                             label="VM running (on host)"))
+        legend.append(
+            Line2D([], [], color="#888888", linewidth=3.2, alpha=0.55, label="VM running (on host)")
+        )
 
     # Point events and actions: one scatter per kind, then labels where they fit.
-    for kind, style, name in ((Kind.EVENT, EVENT_STYLE, "event"),
-                              (Kind.ACTION, ACTION_STYLE, "action")):
+    for kind, style, name in (
+        (Kind.EVENT, EVENT_STYLE, "event"),
+        (Kind.ACTION, ACTION_STYLE, "action"),
+    ):
         pts = [e for e in marks if e.kind is kind]
         if pts:
-            ax.scatter([e.t for e in pts], [row[e.subject] for e in pts], marker=style.marker,
-                       color=style.color, s=style.size, edgecolors="white",
-                       linewidths=0.6, zorder=5)
-            legend.append(Line2D([], [], linestyle="", marker=style.marker, color=style.color,
-                                 label=name))
+            ax.scatter(
+                [e.t for e in pts],
+                [row[e.subject] for e in pts],
+                marker=style.marker,
+                color=style.color,
+                s=style.size,
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=5,
+            )
+            legend.append(
+                Line2D([], [], linestyle="", marker=style.marker, color=style.color, label=name)
+            )
     if orphans:
-        ax.scatter([e.t for e in orphans], [row[e.subject] for e in orphans], marker="|",
-                   color="black", s=120, zorder=5)
-        legend.append(Line2D([], [], linestyle="", marker="|", color="black",
-                             label="fault end with no start"))
+        ax.scatter(
+            [e.t for e in orphans],
+            [row[e.subject] for e in orphans],
+            marker="|",
+            color="black",
+            s=120,
+            zorder=5,
+        )
+        legend.append(
+            Line2D([], [], linestyle="", marker="|", color="black", label="fault end with no start")
+        )
     by_lane: dict[str, list[Event]] = defaultdict(list)
     for e in marks:
         if e.kind in (Kind.EVENT, Kind.ACTION):
@@ -423,14 +521,23 @@ def render_timeline(
             hidden += 1
         else:
             tx = e.t + (x0 + w / 2 - x) / plot_w * (x_hi - x_lo)  # label centre, kept inside
-            ax.text(tx, row[e.subject] + row_dy[r], text, fontsize=LABEL_PT,
-                    ha="center", va="center", color="#333333", zorder=6)
+            ax.text(
+                tx,
+                row[e.subject] + row_dy[r],
+                text,
+                fontsize=LABEL_PT,
+                ha="center",
+                va="center",
+                color="#333333",
+                zorder=6,
+            )
 
     # Samples: a strip per sample name, a line per subject.
     for i, sname in enumerate(strip_names):
         bottom = BOTTOM_PX + (len(strip_names) - 1 - i) * (STRIP_PX + STRIP_GAP_PX)
-        sax = fig.add_axes((frac_x(LEFT_PX), frac_y(bottom), plot_w / WIDTH_PX,
-                            STRIP_PX / height), sharex=ax)
+        sax = fig.add_axes(
+            (frac_x(LEFT_PX), frac_y(bottom), plot_w / WIDTH_PX, STRIP_PX / height), sharex=ax
+        )
         series: dict[str, list[Event]] = defaultdict(list)
         for e in samples:
             if e.name == sname:
@@ -438,22 +545,35 @@ def render_timeline(
         values = [v for pts in series.values() for e in pts if (v := e.value) is not None]
         for subj in lane_order(series, networks):
             xy = [(e.t, v) for e in series[subj] if (v := e.value) is not None]
-            sax.plot([t for t, _ in xy], [v for _, v in xy], linewidth=0.8, marker=".",
-                     markersize=2.5, label=subj)
+            sax.plot(
+                [t for t, _ in xy],
+                [v for _, v in xy],
+                linewidth=0.8,
+                marker=".",
+                markersize=2.5,
+                label=subj,
+            )
         if values and min(values) > 0 and max(values) / min(values) > 50:
             sax.set_yscale("log")
         for f in spans:
             if _touches(f, set(series), lived, networks):
-                sax.axvspan(f.start, f.end, color=_fault_color(f.name, extra_colors),
-                            alpha=0.12, zorder=0)
+                sax.axvspan(
+                    f.start, f.end, color=_fault_color(f.name, extra_colors), alpha=0.12, zorder=0
+                )
         acts = [e for e in marks if e.kind is Kind.ACTION and e.subject in series]
         for a in acts[:MAX_ACTION_LINES]:
             sax.axvline(a.t, color=ACTION_STYLE.color, linewidth=0.8, linestyle=":", zorder=0)
         sax.set_ylabel(sname, fontsize=8)
         sax.tick_params(labelsize=8)
         sax.grid(color="#e6e6e6", linewidth=0.6)
-        sax.legend(loc="upper right", fontsize=7, title="sample of", title_fontsize=7,
-                   ncols=min(len(series), 6), framealpha=0.8)
+        sax.legend(
+            loc="upper right",
+            fontsize=7,
+            title="sample of",
+            title_fontsize=7,
+            ncols=min(len(series), 6),
+            framealpha=0.8,
+        )
         if i < len(strip_names) - 1:
             sax.tick_params(labelbottom=False)
         else:
@@ -465,8 +585,7 @@ def render_timeline(
     ax.tick_params(axis="x", labelsize=8)
 
     # Title, a line of context, and the legend along the top.
-    fig.text(0.5, 1 - 16 / height, title, ha="center", va="top", fontsize=14,
-             fontweight="bold")
+    fig.text(0.5, 1 - 16 / height, title, ha="center", va="top", fontsize=14, fontweight="bold")
     walls = [e.wall for e in evs]
     context = f"{len(evs)} records, {t_last - t_min:.1f} s"
     if walls:
@@ -474,17 +593,37 @@ def render_timeline(
         context += f", from {start}"
     if subtitle:
         context += "   |   " + subtitle
-    fig.text(0.5, 1 - 46 / height, context, ha="center", va="top", fontsize=8,
-             color="#555555")
+    fig.text(0.5, 1 - 46 / height, context, ha="center", va="top", fontsize=8, color="#555555")
     if legend:
-        fig.legend(handles=legend, loc="upper center", ncols=min(len(legend), 8), fontsize=8,
-                   frameon=False, bbox_to_anchor=(0.5, 1 - 66 / height))
+        fig.legend(
+            handles=legend,
+            loc="upper center",
+            ncols=min(len(legend), 8),
+            fontsize=8,
+            frameon=False,
+            bbox_to_anchor=(0.5, 1 - 66 / height),
+        )
     if hidden:
-        fig.text(frac_x(LEFT_PX), 8 / height, f"{hidden} of {sum(map(len, by_lane.values()))} "
-                 "event labels left out where they would overlap (the markers are all there)",
-                 ha="left", va="bottom", fontsize=7, color="#777777")
+        fig.text(
+            frac_x(LEFT_PX),
+            8 / height,
+            f"{hidden} of {sum(map(len, by_lane.values()))} "
+            "event labels left out where they would overlap (the markers are all there)",
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            color="#777777",
+        )
     if not evs:
-        ax.text(0.5, 0.5, "no events recorded", transform=ax.transAxes, ha="center",
-                va="center", fontsize=11, color="#777777")
+        ax.text(
+            0.5,
+            0.5,
+            "no events recorded",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=11,
+            color="#777777",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")

@@ -99,8 +99,9 @@ class Event:
         """Build an Event from a decoded JSON line; ``ValueError`` names what is wrong."""
         if not isinstance(obj, dict):
             raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in ("seq", "t", "mono", "wall", "kind", "subject", "name")
-                   if k not in obj]
+        missing = [
+            k for k in ("seq", "t", "mono", "wall", "kind", "subject", "name") if k not in obj
+        ]
         if missing:
             raise ValueError(f"missing key(s): {', '.join(missing)}")
         seq = obj["seq"]
@@ -122,8 +123,16 @@ class Event:
         if not isinstance(details, dict):
             raise ValueError(f"details must be an object, got {type(details).__name__}")
         _check(Kind(kind), details)
-        return cls(seq, stamps["mono"], stamps["wall"], stamps["t"], Kind(kind),
-                   obj["subject"], obj["name"], details)
+        return cls(
+            seq,
+            stamps["mono"],
+            stamps["wall"],
+            stamps["t"],
+            Kind(kind),
+            obj["subject"],
+            obj["name"],
+            details,
+        )
 
 
 def _check(kind: Kind, details: dict[str, Any]) -> None:
@@ -219,8 +228,9 @@ class Timeline:
         try:
             yield fid
         except BaseException as exc:
-            self.record(Kind.FAULT_END, subject, name, fault_id=fid,
-                        error=f"{type(exc).__name__}: {exc}")
+            self.record(
+                Kind.FAULT_END, subject, name, fault_id=fid, error=f"{type(exc).__name__}: {exc}"
+            )
             raise
         self.record(Kind.FAULT_END, subject, name, fault_id=fid)
 

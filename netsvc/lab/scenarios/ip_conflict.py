@@ -1,9 +1,9 @@
 """Scenario ``ip-conflict``: a cloned VM takes its original's address; netsvc resolves it.
 
 A client keeps writing to vm1's guest. vm1 is cloned as a new VM on another host (same address,
-new MAC), which boots and announces itself. The ARP monitors on the hosts' virtual switches see
-two live MACs for one address and report it to the manager; the manager's resolver picks the
-clone (the most recent claimant, a managed VM) to yield and queues a readdress; the lab, playing
+new MAC), which boots and announces itself. The ARP monitors that the agents run on the hosts'
+virtual switches see two live MACs for one address and report it to the manager; the
+manager's resolver picks the clone (the most recent claimant, a managed VM) to yield and queues a readdress; the lab, playing
 the hypervisor, disconnects the clone, probes pool addresses per RFC 5227, configures the first
 free one from the host side, reconnects and announces it; the manager updates DNS with a signed
 RFC 2136 update to the lab's Knot server. ``dig`` then shows both VMs at their right addresses.
@@ -84,12 +84,12 @@ def dig(lab: Lab, name: str, dns: Any) -> list[str]:
 
 
 def first_conflict_at(lab: Lab, ip: str) -> float | None:
-    """The monotonic time of the first Conflict any host's monitor printed for ``ip``."""
+    """The monotonic time of the first Conflict any host's agent logged for ``ip``."""
     times = []
-    for log in (lab.run_dir / "logs").glob("acd-watch-*.log"):
+    for log in (lab.run_dir / "logs").glob("agent-*.log"):
         for line in log.read_text().splitlines():
             try:
-                ev = json.loads(line)
+                ev = json.loads(line[line.index("{") :])
             except ValueError:
                 continue
             if ev.get("event") == "Conflict" and ev.get("ip") == ip and "at" in ev:
@@ -106,8 +106,8 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     dns_key = lab.run_dir / "dns.key"
     dns_key.write_text(dns.key_secret + "\n")
     dns_key.chmod(0o600)
-    lab.start_services(config=acd_config(dns, str(dns_key)))
-    lab.start_acd_watchers()
+    lab.start_services(config=acd_config(dns, str(dns_key)), acd=True)
+    lab.wait_acd_monitors()
     mgr = lab.manager()
     original_ip = lab.vms[vm].ip
     checks.check(
