@@ -1,12 +1,13 @@
 """Scenario ``ip-conflict``: a cloned VM takes its original's address; netsvc resolves it.
 
-A client keeps writing to vm1's guest. vm1 is cloned as a new VM on another host (same address,
-new MAC), which boots and announces itself. The ARP monitors that the agents run on the hosts'
-virtual switches see two live MACs for one address and report it to the manager; the
-manager's resolver picks the clone (the most recent claimant, a managed VM) to yield and queues a readdress; the lab, playing
-the hypervisor, disconnects the clone, probes pool addresses per RFC 5227, configures the first
-free one from the host side, reconnects and announces it; the manager updates DNS with a signed
-RFC 2136 update to the lab's Knot server. ``dig`` then shows both VMs at their right addresses.
+A client keeps writing to vm1's guest. vm1 is cloned as a new VM on another host (same
+address, new MAC), which boots and announces itself. The ARP monitors that the agents run on
+the hosts' virtual switches see two live MACs for one address and report it to the manager.
+The manager's resolver picks the clone (the most recent claimant, a managed VM) to yield and
+queues a readdress. The lab, playing the hypervisor, disconnects the clone, probes pool
+addresses per RFC 5227, configures the first free one from the host side, reconnects and
+announces it. The manager then updates DNS with a signed RFC 2136 update to the lab's Knot
+server, and ``dig`` shows both VMs at their right addresses.
 """
 
 from __future__ import annotations
