@@ -181,7 +181,7 @@ def run_engine(
 
 
 def _engine(args: argparse.Namespace, probe_only: bool) -> tuple[Any, Any, str]:
-    from netsvc.acd.io import interface_mac, open_arp_socket
+    from netsvc.acd.io import interface_mac, local_macs, open_arp_socket
     from netsvc.acd.protocol import Engine, Policy, Timing
 
     ip = _addr(args.addr)
@@ -192,6 +192,7 @@ def _engine(args: argparse.Namespace, probe_only: bool) -> tuple[Any, Any, str]:
     engine = Engine(
         ip,
         mac,
+        own_macs=local_macs(sock) - {mac},
         policy=policy,
         timing=timing,
         rng=random.Random(),

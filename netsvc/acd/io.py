@@ -67,6 +67,20 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 
 
+def local_macs(sock: socket.socket) -> frozenset[str]:
+    """Every MAC of every interface in the socket's namespace: other NICs, bridges and their
+    ports, bonds. None of them is ever a conflict with this host."""
+    macs = set()
+    for _, name in socket.if_nameindex():
+        try:
+            mac = interface_mac(sock, name)
+        except OSError:
+            continue
+        if mac != "00:00:00:00:00:00":
+            macs.add(mac)
+    return frozenset(macs)
+
+
 def open_arp_socket(ifname: str, promisc: bool = False) -> socket.socket:
     """A non-blocking packet socket on ``ifname`` that receives only ARP frames.
 
