@@ -1,35 +1,21 @@
-"""Gratuitous ARP announcements, built by hand and sent on a packet socket.
+"""Gratuitous ARP for the lab: the VM announces itself after a migration, a clone at boot.
 
-After a migration the VM announces itself so the network's switches learn its new port, as
-QEMU does after a live migration. The frame is an ARP announcement (RFC 5227 §2.3): an ARP
-request with sender and target IP both set to the VM's address and a broadcast destination.
+The frames are ``netsvc.acd.arp.announcement`` (RFC 5227 §2.3), as QEMU sends after a live
+migration; this module only adds the packet socket they go out on.
 
-Invariant: ``announcement`` is pure and always returns a 42-byte Ethernet frame.
+Invariant: a sender is bound to one interface (one of a VM's ports), so an announcement never
+floods out of every port of the VM's NIC bridge.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-import struct
+
+from netsvc.acd.arp import announcement
+
+__all__ = ["ETH_P_ARP", "announcement", "open_sender"]
 
 ETH_P_ARP = 0x0806
-
-
-def mac_bytes(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6:
-        raise ValueError(f"invalid MAC address {mac!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
-def announcement(mac: str, ip: str) -> bytes:
-    """An Ethernet frame carrying an ARP announcement of ``ip`` at ``mac``."""
-    hw = mac_bytes(mac)
-    addr = ipaddress.IPv4Address(ip).packed
-    eth = b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP)
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + addr + b"\x00" * 6 + addr
-    return eth + arp
 
 
 def open_sender(ifname: str) -> socket.socket:

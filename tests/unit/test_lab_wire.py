@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from netsvc.lab.faults import loss_rule, partition_rules
-from netsvc.lab.garp import announcement, mac_bytes
+from netsvc.lab.garp import announcement
 
 # An ARP announcement of 198.18.1.101 at 02:4e:56:01:00:01, as tcpdump -xx shows it.
 GOLDEN_GARP = bytes.fromhex(
@@ -30,10 +30,10 @@ def test_garp_decodes_with_scapy() -> None:
     assert pkt[ARP].hwsrc == "02:4e:56:01:00:01" and pkt.dst == "ff:ff:ff:ff:ff:ff"
 
 
-@pytest.mark.parametrize("mac", ["02:4e:56", "zz:00:00:00:00:00", ""])
+@pytest.mark.parametrize("mac", ["02:4e:56", "zz:00:00:00:00:00", "", "ff:ff:ff:ff:ff:ff"])
 def test_bad_mac(mac: str) -> None:
     with pytest.raises(ValueError):
-        mac_bytes(mac)
+        announcement(mac, "198.18.1.101")
 
 
 def test_loss_rule_text() -> None:
