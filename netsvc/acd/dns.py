@@ -122,7 +122,8 @@ def owner_name(name: str, zone: str | dns.name.Name) -> dns.name.Name:
     return owner
 
 
-def _ipv4(address: str, what: str) -> str:
+def check_ipv4(address: str, what: str) -> str:
+    """``address`` as a canonical IPv4 string; ValueError naming ``what`` otherwise."""
     try:
         return str(ipaddress.IPv4Address(address))
     except ValueError:
@@ -166,8 +167,8 @@ def build_update(
     """
     origin = zone_name(zone)
     owner = owner_name(name, origin)
-    new = _ipv4(address, "new address")
-    old = None if old_address is None else _ipv4(old_address, "old address")
+    new = check_ipv4(address, "new address")
+    old = None if old_address is None else check_ipv4(old_address, "old address")
     if not 0 <= ttl <= MAX_TTL:
         raise ValueError(f"invalid TTL {ttl}: must be between 0 and {MAX_TTL}")
     key = tsig_key(key_name, key_secret, algorithm)

@@ -40,9 +40,13 @@ def check_key(key: str, where: str = "key") -> bytes:
     return key.encode("ascii")
 
 
-def load_key(path: str | Path, *, allow_insecure: bool = False) -> bytes:
-    """Read the shared key from ``path``."""
-    where = f"key file {path}"
+def read_private_file(
+    path: str | Path, where: str, max_size: int, *, allow_insecure: bool = False
+) -> str:
+    """The ASCII text of a secret file only its owner may read, stripped.
+
+    Refuses (``KeyFileError`` naming ``where``) a file that is not regular, is readable by group
+    or others (unless ``allow_insecure``), is over ``max_size`` bytes, or is not ASCII."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -54,15 +58,21 @@ def load_key(path: str | Path, *, allow_insecure: bool = False) -> bytes:
                     f"{where} is accessible by group or others (mode {mode:04o});"
                     f" run: chmod 600 {path}"
                 )
-            data = f.read(MAX_KEY_FILE + 1)
+            data = f.read(max_size + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read {where}: {exc.strerror}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise KeyFileError(f"{where} is larger than {MAX_KEY_FILE} bytes")
+    if len(data) > max_size:
+        raise KeyFileError(f"{where} is larger than {max_size} bytes")
     try:
-        text = data.decode("ascii").strip()
+        return data.decode("ascii").strip()
     except UnicodeDecodeError:
         raise KeyFileError(f"{where} is not ASCII text") from None
+
+
+def load_key(path: str | Path, *, allow_insecure: bool = False) -> bytes:
+    """Read the shared key from ``path``."""
+    where = f"key file {path}"
+    text = read_private_file(path, where, MAX_KEY_FILE, allow_insecure=allow_insecure)
     return check_key(text, where)
 
 

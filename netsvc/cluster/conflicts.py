@@ -34,7 +34,6 @@ import binascii
 import ipaddress
 import math
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from netsvc.acd.resolver import AddressPool
-from netsvc.cluster.auth import KeyFileError
+from netsvc.cluster.auth import KeyFileError, read_private_file
 from netsvc.cluster.errors import ValidationError
 
 DEFAULT_DNS_PORT = 53
@@ -296,24 +295,10 @@ DnsSender = Callable[[DnsUpdateNeeded], DnsOutcome]
 def load_tsig_secret(path: str | Path) -> str:
     """Read a base64 TSIG secret from a file only its owner can read; return the base64 text."""
     where = f"DNS key file {path}"
+    text = read_private_file(path, where, MAX_SECRET_FILE)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"{where} is not a regular file")
-            if st.st_mode & 0o077:
-                mode = stat.S_IMODE(st.st_mode)
-                raise KeyFileError(f"{where} is accessible by group or others (mode "
-                                   f"{mode:04o}); run: chmod 600 {path}")
-            data = f.read(MAX_SECRET_FILE + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {where}: {exc.strerror}") from None
-    if len(data) > MAX_SECRET_FILE:
-        raise KeyFileError(f"{where} is larger than {MAX_SECRET_FILE} bytes")
-    try:
-        text = data.decode("ascii").strip()
         secret = base64.b64decode(text, validate=True)
-    except (UnicodeDecodeError, binascii.Error, ValueError):
+    except (binascii.Error, ValueError):
         raise KeyFileError(f"{where} does not hold a base64 secret") from None
     if not secret:
         raise KeyFileError(f"{where} is empty")

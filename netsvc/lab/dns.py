@@ -44,6 +44,8 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+from netsvc.acd.dns import check_ipv4, owner_name
+
 if TYPE_CHECKING:
     from netsvc.lab.lab import Lab
 
@@ -95,23 +97,6 @@ def absolute_zone(zone: str) -> dns.name.Name:
     return name
 
 
-def _owner(name: str, origin: dns.name.Name) -> dns.name.Name:
-    try:
-        owner = dns.name.from_text(name, origin=origin)
-    except dns.exception.DNSException as exc:
-        raise ValueError(f"invalid record name {name!r}: {exc}") from exc
-    if not owner.is_subdomain(origin):
-        raise ValueError(f"record name {name!r} is outside the zone {origin}")
-    return owner
-
-
-def _ipv4(address: str, what: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(address))
-    except ValueError as exc:
-        raise ValueError(f"invalid IPv4 address {address!r} for {what}") from exc
-
-
 def render_zone(
     zone: str,
     records: Mapping[str, str],
@@ -131,13 +116,13 @@ def render_zone(
         f"$TTL {ttl}",
         f"{origin} SOA {ns} {hostmaster} {serial} 3600 600 86400 {ttl}",
         f"{origin} NS {ns}",
-        f"{ns} A {_ipv4(ns_address, 'ns')}",
+        f"{ns} A {check_ipv4(ns_address, 'ns')}",
     ]
     for name, address in records.items():
-        owner = _owner(name, origin)
+        owner = owner_name(name, origin)
         if owner == ns:
             raise ValueError(f"record name {name!r} clashes with the zone's name server")
-        lines.append(f"{owner} {ttl} A {_ipv4(address, name)}")
+        lines.append(f"{owner} {ttl} A {check_ipv4(address, name)}")
     return "\n".join(lines) + "\n"
 
 
