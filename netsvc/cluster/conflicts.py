@@ -41,7 +41,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from netsvc.acd.resolver import AddressPool
+from netsvc.acd.resolver import AddressPool, YieldPolicy
 from netsvc.cluster.auth import KeyFileError, read_private_file
 from netsvc.cluster.errors import ValidationError
 
@@ -68,6 +68,8 @@ ACD_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "dns_key_file": (str,),
     "dns_algorithm": (str,),
     "candidates": (int,),
+    "yield_rules": (list,),
+    "yield_tie_window": (int, float),
 }
 _DNS_KEYS = ("dns_server", "dns_zone", "dns_key_name", "dns_key_file")
 
@@ -110,9 +112,26 @@ class AcdConfig:
     dns_key_file: str | None = None
     dns_algorithm: str = DEFAULT_ALGORITHM
     candidates: int = DEFAULT_CANDIDATES
+    # Who yields: the resolver's rules in order (netsvc.acd.resolver.RULES), e.g.
+    # ["protected", "managed", "oldest"] to move the long-standing claimant instead.
+    yield_rules: tuple[str, ...] = ("protected", "managed", "newest")
+    yield_tie_window: float = 0.0
     _pool: AddressPool | None = field(default=None, init=False, repr=False, compare=False)
 
+    def policy(self) -> YieldPolicy:
+        """The resolver's policy these settings describe."""
+        return YieldPolicy(rules=tuple(self.yield_rules), tie_window=float(self.yield_tie_window))
+
     def __post_init__(self) -> None:
+        if isinstance(self.yield_rules, str) or not all(
+            isinstance(r, str) for r in self.yield_rules
+        ):
+            raise ValidationError("acd.yield_rules", "must be a list of rule names")
+        object.__setattr__(self, "yield_rules", tuple(self.yield_rules))
+        try:
+            self.policy()
+        except ValueError as exc:
+            raise ValidationError("acd.yield_rules", str(exc)) from None
         protected = self.protected
         if isinstance(protected, str) or not isinstance(protected, Iterable):
             raise ValidationError("acd.protected", "must be a list of IPv4 addresses")
@@ -243,6 +262,7 @@ class AcdConfig:
             "pool_ranges": [list(r) for r in self.pool_ranges],
             "protected": sorted(self.protected, key=ipaddress.IPv4Address),
             "candidates": self.candidates,
+            "yield_rules": list(self.yield_rules),
             "dns": None if self.dns_server is None else {
                 "server": self.dns_server, "port": self.dns_port, "zone": self.dns_zone,
                 "key_name": self.dns_key_name, "algorithm": self.dns_algorithm,

@@ -1384,8 +1384,9 @@ class ManagerServer:
                     f"{report.error}",
                     details={"first_bad_seq": report.first_bad_seq, "entries": report.entries},
                 )
+            policy = (config or ManagerConfig()).acd.policy()
             self.core = ManagerCore(store, journal, now=now, wall=wall, config=config,
-                                    start_reason=start_reason)
+                                    start_reason=start_reason, policy=policy)
         self.api = Api(self.core, key)
 
     @property

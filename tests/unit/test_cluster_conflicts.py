@@ -916,3 +916,15 @@ def _free_port() -> int:
                     continue
                 return port
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+def test_yield_policy_from_config() -> None:
+    from netsvc.cluster.conflicts import AcdConfig
+
+    cfg = AcdConfig.from_mapping({"yield_rules": ["protected", "managed", "oldest"]})
+    assert cfg.policy().rules == ("protected", "managed", "oldest")
+    assert AcdConfig().policy().rules == ("protected", "managed", "newest")
+    with pytest.raises(ValidationError, match="yield_rules"):
+        AcdConfig.from_mapping({"yield_rules": ["newest", "oldest"]})
+    with pytest.raises(ValidationError, match="yield_rules"):
+        AcdConfig.from_mapping({"yield_rules": ["tallest"]})
