@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from netsvc.acd.cli import register as register_acd
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
+    from netsvc.partition.cli import register as register_partition
 
     p = argparse.ArgumentParser(
         prog="netsvc", description="Network services for clusters of virtualization hosts."
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     register_cluster(sub)
     register_acd(sub)
+    register_partition(sub)
     register_lab(sub)
     return p
 

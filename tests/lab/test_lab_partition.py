@@ -1,0 +1,73 @@
+"""`netsvc partition probe` on real links: both networks, each cut apart, each method."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from netsvc.lab.faults import Faults
+from netsvc.lab.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    lab = Lab(hosts=2, vms_per_host=1)
+    try:
+        lab.build()
+        yield lab
+    finally:
+        assert lab.teardown() == []
+
+
+def probe(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "netsvc", "partition", "probe",
+            "--mgmt", f"{lab.prefix}h1-eth0=198.18.0.2", "--vm", "vs0=198.18.1.1",
+            "--timeout", "0.5", "--json", *extra]
+    return subprocess.run(["mnexec", "-a", str(lab.pid("h1")), *argv], capture_output=True,
+                          text=True, timeout=60)
+
+
+def states(r: subprocess.CompletedProcess[str]) -> dict[str, bool]:
+    return {n["network"]: n["ok"] for n in json.loads(r.stdout)["networks"]}
+
+
+@pytest.mark.parametrize("method", ["arp", "icmp", "tcp"])
+def test_both_networks_up(lab: Lab, method: str) -> None:
+    r = probe(lab, "--method", method)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert states(r) == {"mgmt": True, "vm": True}
+
+
+def test_vm_network_cut_is_seen_apart_from_management(lab: Lab) -> None:
+    faults = Faults(lab)
+    fid = faults.cut("h1:vmnet")
+    r = probe(lab)
+    assert r.returncode == 1 and states(r) == {"mgmt": True, "vm": False}, r.stdout
+    faults.heal(fid)
+    fid = faults.cut("h1:mgmt")
+    r = probe(lab)
+    assert r.returncode == 1 and states(r) == {"mgmt": False, "vm": True}, r.stdout
+    faults.heal(fid)
+    assert probe(lab).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mgmt", "eth0", "--vm", "vs0=198.18.1.1"], "expected IFACE=ADDR"),
+        (["--mgmt", "eth0=1.2.3", "--vm", "vs0=198.18.1.1"], "invalid IPv4 address"),
+        (["--mgmt", "nosuch0=198.18.0.2", "--vm", "vs0=198.18.1.1"], "nosuch0"),
+        (["--mgmt", "lo=198.18.0.2", "--vm", "vs0=198.18.1.1", "--count", "0"], "bad --count"),
+    ],
+)
+def test_bad_input_exit_2(lab: Lab, args: list[str], message: str) -> None:
+    argv = [sys.executable, "-m", "netsvc", "partition", "probe", *args]
+    r = subprocess.run(["mnexec", "-a", str(lab.pid("h1")), *argv], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
