@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then run the default lab scenario, the tour, and print where its report is.
-# Run as root on Debian 12. Extra arguments go to `netsvc lab` (e.g. --hosts 5).
+# Set up (idempotent), then run the lab tour: each scenario in turn, reports in reports/NAME/.
+# Run as root on Debian 12. Extra arguments go to every `netsvc lab` run (e.g. --hosts 4).
+# Later services add their scenario to TOUR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/netsvc lab --scenario smoke --report reports/smoke "$@"
+TOUR=(smoke ip-conflict)
+status=0
+for scenario in "${TOUR[@]}"; do
+  echo "== netsvc lab --scenario $scenario"
+  .venv/bin/netsvc lab --scenario "$scenario" --report "reports/$scenario" "$@" || status=1
+done
+exit "$status"
