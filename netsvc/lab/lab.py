@@ -485,11 +485,17 @@ class Lab:
         v = self._vm(vm)
         plan = self._plan()
         steps: dict[str, float] = {}
-        t = time.monotonic()
+        t = t_start = time.monotonic()
         host_ipr, vm_ipr = self.ipr(v.host), self.ipr(vm)
         vif = host_ipr.link_lookup(ifname=plan.vif_name(vm))[0]
         host_ipr.link("set", index=vif, state="down")
-        self.record("action", vm, "disconnect", reason="address conflict")
+        self.record(
+            "fault-start",
+            vm,
+            "disconnected",
+            fault_id=f"readdress-{vm}-{t_start:.3f}",
+            reason="address conflict",
+        )
         if winner is not None:  # caches that followed the loser come back to the winner now
             self._announce_once(winner)
         steps["disconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
@@ -513,6 +519,7 @@ class Lab:
         steps["configure"], t = (time.monotonic() - t) * 1000, time.monotonic()
         host_ipr.link("set", index=vif, state="up")
         wait_operstate_up([(host_ipr, vif)], timeout=1.0)
+        self.record("fault-end", vm, "disconnected", fault_id=f"readdress-{vm}-{t_start:.3f}")
         steps["reconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
         self.announce(vm)
         if winner is not None:

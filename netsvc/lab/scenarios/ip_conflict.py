@@ -129,6 +129,8 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     while dns_entry is None and time.monotonic() < deadline:
         dns_entry = next((e for e in mgr.journal(0) if e["action"] == "dns-update"), None)
         time.sleep(0.02)
+    if dns_entry is not None:
+        lab.record("event", clone, "DNS updated", rcode=dns_entry.get("details", {}).get("rcode"))
     time.sleep(1.0)
     log = client.stop()
 
