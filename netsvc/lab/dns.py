@@ -44,7 +44,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
-from netsvc.acd.dns import check_ipv4, owner_name
+from netsvc.acd.dns import check_ipv4, owner_name, zone_name
 
 if TYPE_CHECKING:
     from netsvc.lab.lab import Lab
@@ -86,17 +86,6 @@ class KnotFiles:
 
 
 # --- pure rendering ------------------------------------------------------------------------
-def absolute_zone(zone: str) -> dns.name.Name:
-    """The zone as an absolute name; raises ValueError for the root or a malformed name."""
-    try:
-        name = dns.name.from_text(zone)
-    except dns.exception.DNSException as exc:
-        raise ValueError(f"invalid zone {zone!r}: {exc}") from exc
-    if name == dns.name.root:
-        raise ValueError("the zone must not be the root zone")
-    return name
-
-
 def render_zone(
     zone: str,
     records: Mapping[str, str],
@@ -109,7 +98,7 @@ def render_zone(
     Record names are relative to the zone or absolute inside it; every name is written
     absolute and escaped, so nothing in ``records`` can inject zone-file syntax.
     """
-    origin = absolute_zone(zone)
+    origin = zone_name(zone)
     ns = dns.name.from_text("ns", origin=origin)
     hostmaster = dns.name.from_text("hostmaster", origin=origin)
     lines = [
@@ -148,7 +137,7 @@ def render_conf(
     It listens on ``listen@port`` only, serves ``zone`` from ``directory/zones``, and lets only
     updates signed with the key change the zone.
     """
-    origin = absolute_zone(zone)
+    origin = zone_name(zone)
     ip = ipaddress.ip_address(listen)
     if not 0 < port < 65536:
         raise ValueError(f"invalid port {port}")
@@ -227,7 +216,7 @@ def write_server_files(
     Whatever an earlier server left in ``directory`` (journal, zone file, run files) is
     removed first, so the new server starts from exactly ``records``.
     """
-    origin = absolute_zone(zone)
+    origin = zone_name(zone)
     zone_text = render_zone(zone, records, ns_address)  # validate before writing anything
     conf_text = render_conf(directory, zone, listen, port, key_name, key_secret, algorithm, user)
     for sub in ("db", "zones", "run"):  # a journal left by an earlier start would replay
@@ -252,7 +241,7 @@ def soa_answered(
     A ``sock`` given is switched to non-blocking mode, as dnspython requires (on a blocking
     socket its timeout would not apply and a lost answer would block forever).
     """
-    q = dns.message.make_query(absolute_zone(zone), dns.rdatatype.SOA)
+    q = dns.message.make_query(zone_name(zone), dns.rdatatype.SOA)
     if sock is not None:
         sock.setblocking(False)
     try:
@@ -323,7 +312,7 @@ def start_dns(
         raise DnsStartError("knotd is not installed (Debian package knot)")
     if records is None:
         records = {name: vm.ip for name, vm in lab.vms.items()}
-    origin = absolute_zone(zone)
+    origin = zone_name(zone)
     secret = new_secret()
     files = write_server_files(
         lab.run_dir / "dns",
