@@ -120,6 +120,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="with --acd-watch: see forwarded frames too (a bridge's segment)",
     )
+    p.add_argument(
+        "--partition-link",
+        metavar="NET=IFACE,TARGET",
+        action="append",
+        default=[],
+        help="probe NET (mgmt or vm) on IFACE: heartbeats to the other agents and ARP to the "
+        "isolation address TARGET; uses --mgmt-addr / --vm-addr (repeatable)",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = subparsers.add_parser(
@@ -346,6 +354,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except (UsageError, ClusterError) as exc:
         return _fail("agent", str(exc))
     log(f"heartbeating to {url} every {args.interval:g} s (pid {os.getpid()})")
+    try:
+        links = _partition_links(args.partition_link, mgmt, vm)
+    except UsageError as exc:
+        return _fail("agent", str(exc))
+    if links:
+        _start_partition(args.host, key, links, ManagerClient(url, key, timeout=2.0), log)
     for iface in args.acd_watch:
         _start_acd_watch(
             iface, args.acd_promisc, ManagerClient(url, key, timeout=2.0), args.host, log
@@ -362,6 +376,75 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     log("stopped")
     return code
+
+
+def _partition_links(specs: list[str], mgmt: str | None, vm: str | None) -> list[Any]:
+    """``--partition-link NET=IFACE,TARGET`` values as ``netsvc.partition.agent.Link``s."""
+    import ipaddress
+
+    if not specs:
+        return []
+    from netsvc.partition.agent import Link
+    from netsvc.partition.heartbeat import Network
+
+    links = []
+    for spec in specs:
+        net, _, rest = spec.partition("=")
+        iface, _, target = rest.partition(",")
+        if net not in ("mgmt", "vm") or not iface or not target:
+            raise UsageError(f"bad --partition-link {spec!r}: expected mgmt|vm=IFACE,TARGET")
+        try:
+            target = str(ipaddress.IPv4Address(target))
+        except ValueError:
+            raise UsageError(f"bad --partition-link {spec!r}: invalid target address") from None
+        addr = mgmt if net == "mgmt" else vm
+        if addr is None:
+            raise UsageError(f"--partition-link {net}=... needs --{net}-addr")
+        links.append(Link(Network.MGMT if net == "mgmt" else Network.VM, iface, addr, target))
+    return links
+
+
+def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
+                     log: Callable[[str], None]) -> None:
+    """Run the partition prober in a daemon thread; classifications go to the journal."""
+    import json
+    import threading
+
+    from netsvc.cluster.client import ApiError
+    from netsvc.partition.agent import run_prober
+    from netsvc.partition.heartbeat import Network
+
+    def peers() -> dict[str, dict[Network, str]]:
+        try:
+            hosts = client.status()["hosts"]
+        except ApiError as exc:
+            raise OSError(str(exc)) from exc
+        out = {}
+        for name, h in hosts.items():
+            addrs = {}
+            if h.get("mgmt_addr"):
+                addrs[Network.MGMT] = h["mgmt_addr"]
+            if h.get("vm_addr"):
+                addrs[Network.VM] = h["vm_addr"]
+            out[name] = addrs
+        return out
+
+    def report(ev: Any) -> None:
+        details = {"old": ev.old.value, "new": ev.new.value, "reporter": host, "at": ev.at}
+        log(json.dumps({"event": "Classification", "subject": ev.subject, **details}))
+        try:
+            client.post_event(f"agent:{host}", "classification", f"host:{ev.subject}",
+                              ev.reason, details)
+        except (ApiError, OSError) as exc:
+            log(f"could not report a classification: {exc}")
+
+    def run() -> None:
+        try:
+            run_prober(host, key, links, peers, report, threading.Event())
+        except OSError as exc:
+            log(f"partition prober stopped: {exc}")
+
+    threading.Thread(target=run, name="partition-prober", daemon=True).start()
 
 
 def _start_acd_watch(

@@ -34,7 +34,15 @@ from typing import Any, Protocol
 from netsvc.lab import registry
 from netsvc.lab.garp import announcement, open_sender
 from netsvc.lab.netns import connector, netns_path, run_in_netns
-from netsvc.lab.plan import GUEST_PORT, MANAGER_PORT, SERVICES_MGMT, LabPlan, PlanError, vm_index
+from netsvc.lab.plan import (
+    GATEWAY,
+    GUEST_PORT,
+    MANAGER_PORT,
+    SERVICES_MGMT,
+    LabPlan,
+    PlanError,
+    vm_index,
+)
 
 HOST_PORTS = {
     "mgmt": ("eth0",),
@@ -149,6 +157,7 @@ class Lab:
         self._lock = threading.RLock()
         self.key_file: Path | None = None
         self.acd = False
+        self.partition = False
         self.build_s = 0.0
         self.teardown_s = 0.0
 
@@ -796,13 +805,19 @@ class Lab:
         return f"http://{SERVICES_MGMT}:{MANAGER_PORT}"
 
     def start_services(
-        self, wait: float = 20.0, config: str | None = None, acd: bool = False
+        self,
+        wait: float = 20.0,
+        config: str | None = None,
+        acd: bool = False,
+        partition: bool = False,
     ) -> None:
         """Start the manager on the services node and an agent on every host.
 
         ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table);
-        ``acd`` makes every agent run the ARP conflict monitor on its virtual switch."""
+        ``acd`` makes every agent run the ARP conflict monitor on its virtual switch;
+        ``partition`` makes them probe the management and VM networks apart."""
         self.acd = acd
+        self.partition = partition
         self.key_file = self.run_dir / "api.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
         self.key_file.chmod(0o600)
@@ -893,6 +908,16 @@ class Lab:
                 "--vm-addr",
                 plan.host_addr(host, "vmnet"),
                 *(["--acd-watch", "vs0", "--acd-promisc"] if self.acd else []),
+                *(
+                    [
+                        "--partition-link",
+                        f"mgmt={plan.host_ifname(host, 'eth0')},{SERVICES_MGMT}",
+                        "--partition-link",
+                        f"vm=vs0,{GATEWAY}",
+                    ]
+                    if self.partition
+                    else []
+                ),
             ],
             role=f"agent-{host}",
         )

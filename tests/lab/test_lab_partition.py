@@ -71,3 +71,38 @@ def test_bad_input_exit_2(lab: Lab, args: list[str], message: str) -> None:
     r = subprocess.run(["mnexec", "-a", str(lab.pid("h1")), *argv], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_agents_classify_a_vm_network_cut() -> None:
+    """The agents' probers: h1 sees its VM network cut while management is fine, and says so."""
+    import time
+
+    lab = Lab(hosts=3, vms_per_host=1)
+    try:
+        lab.build()
+        lab.start_services(partition=True)
+        mgr = lab.manager()
+
+        def self_reports() -> list[str]:
+            return [e["details"]["new"] for e in mgr.journal(0)
+                    if e["action"] == "classification" and e["subject"] == "host:h1"
+                    and e["details"]["reporter"] == "h1"]
+
+        time.sleep(1.5)
+        assert self_reports() == []  # healthy from the start: nothing to report
+        faults = Faults(lab)
+        fid = faults.cut("h1:vmnet")
+        t0 = time.monotonic()
+        while self_reports() != ["vm-network-failure"]:
+            assert time.monotonic() - t0 < 5, self_reports()
+            time.sleep(0.02)
+        faults.heal(fid)
+        t0 = time.monotonic()
+        while self_reports() != ["vm-network-failure", "healthy"]:
+            assert time.monotonic() - t0 < 10, self_reports()
+            time.sleep(0.05)
+        others = [e for e in mgr.journal(0) if e["action"] == "classification"
+                  and e["details"]["reporter"] != "h1" and e["subject"] != "host:h1"]
+        assert others == []  # h2 and h3 were never in doubt about themselves
+    finally:
+        assert lab.teardown() == []
