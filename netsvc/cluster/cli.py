@@ -418,6 +418,7 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
         try:
             hosts = client.status()["hosts"]
         except ApiError as exc:
+            log(f"partition prober: no peer list yet: {exc}")
             raise OSError(str(exc)) from exc
         out = {}
         for name, h in hosts.items():

@@ -14,7 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import select
@@ -91,7 +90,7 @@ def run_prober(
     report: Callable[[ClassificationChanged], None],
     stop: threading.Event,
     config: Config | None = None,
-    refresh_s: float = 5.0,
+    refresh_s: float = 1.0,
 ) -> None:
     """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network."""
     cfg = config or Config()
@@ -109,9 +108,11 @@ def run_prober(
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_refresh:
-                with contextlib.suppress(OSError):  # keep the last list we had
+                try:
                     known = {p: a for p, a in peers().items() if p != host}
-                next_refresh = now + refresh_s
+                    next_refresh = now + refresh_s
+                except OSError:  # keep the last list we had, and ask again soon
+                    next_refresh = now + min(refresh_s, 0.5)
             if now >= next_tick:
                 for net in nets.values():
                     if net.asked:
