@@ -30,6 +30,10 @@ from netsvc.partition.heartbeat import Heartbeat, MsgType, Network, Receiver
 from netsvc.partition.heartbeat import encode as encode_heartbeat
 
 PORT = 8471
+# The classifier's defaults, but quicker to call this host's own network down: one unanswered
+# isolation probe and a shorter confirmation. A network is only "down" when no peer was heard on
+# it either, and flaps are held down by the flap damping (bench/partition_detection.py).
+DEFAULT_CONFIG = Config(confirm_after=0.15, isolation_failures=1)
 _SOFT_ERRORS = (
     errno.ENETDOWN,
     errno.ENETUNREACH,
@@ -93,7 +97,7 @@ def run_prober(
     refresh_s: float = 1.0,
 ) -> None:
     """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network."""
-    cfg = config or Config()
+    cfg = config or DEFAULT_CONFIG
     nets = {link.network: _Net(link) for link in links}
     by_fd = {n.udp.fileno(): n for n in nets.values()} | {n.arp.fileno(): n for n in nets.values()}
     receiver = Receiver(key, host)
