@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import grp
-import os
-import pwd
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -34,6 +27,7 @@ import dns.update
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loopback_knot import LoopbackKnot, run_loopback_knot
 
 from netsvc.acd.dns import (
     DnsError,
@@ -45,7 +39,6 @@ from netsvc.acd.dns import (
     owner_name,
     send_update,
 )
-from netsvc.lab import dns as labdns
 
 ZONE = "vm.netsvc.test."
 KEY = "netsvc-update."
@@ -258,76 +251,14 @@ def test_decoders_reject_garbage_with_the_right_id(flip: int, tail: bytes) -> No
 
 
 # --- against a real knotd on loopback --------------------------------------------------------
-@dataclass(frozen=True)
-class Knot:
-    port: int
-    secret: str
-    zonefile: Path
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (racy, but only tests use loopback)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
 @pytest.fixture(scope="module")
-def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
-    knotd = shutil.which("knotd") or (
-        "/usr/sbin/knotd" if os.access("/usr/sbin/knotd", os.X_OK) else None
-    )
-    if knotd is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs the knotd tests, but knotd is missing (Debian package knot)")
-        pytest.skip("knotd is not installed (Debian package knot)")
-    d = tmp_path_factory.mktemp("knot")
-    user = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
-    port = free_port()
-    secret = labdns.new_secret()
-    files = labdns.write_server_files(
-        d / "dns",
-        ZONE,
-        {"vm1": "198.18.1.101", "vm2": "198.18.1.102"},
-        listen="127.0.0.1",
-        port=port,
-        key_name=KEY,
-        key_secret=secret,
-        ns_address="198.18.0.2",
-        user=user,
-    )
-    log = d / "knotd.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [knotd, "-c", str(files.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        labdns.wait_ready(
-            proc, lambda: labdns.soa_answered("127.0.0.1", port, ZONE, 0.2), log, timeout=5.0
-        )
-        yield Knot(port, secret, files.zonefile)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackKnot]:
+    records = {"vm1": "198.18.1.101", "vm2": "198.18.1.102"}
+    with run_loopback_knot(tmp_path_factory.mktemp("knot"), ZONE, records, KEY) as k:
+        yield k
 
 
-def test_update_is_served_at_once_and_written_to_the_zone_file(knot: Knot) -> None:
+def test_update_is_served_at_once_and_written_to_the_zone_file(knot: LoopbackKnot) -> None:
     msg = build_update(ZONE, "vm2", "198.18.1.222", KEY, knot.secret)
     r = send_update(msg, "127.0.0.1", knot.port)
     assert (r.ok, r.rcode, r.tsig_error) == (True, "NOERROR", None)
@@ -340,7 +271,7 @@ def test_update_is_served_at_once_and_written_to_the_zone_file(knot: Knot) -> No
         time.sleep(0.02)
 
 
-def test_refusals_change_nothing(knot: Knot) -> None:
+def test_refusals_change_nothing(knot: LoopbackKnot) -> None:
     before = lookup_a("vm1", ZONE, "127.0.0.1", knot.port)
     wrong_secret = build_update(ZONE, "vm1", "198.18.1.66", KEY, OTHER_SECRET)
     r = send_update(wrong_secret, "127.0.0.1", knot.port)
@@ -359,14 +290,14 @@ def test_refusals_change_nothing(knot: Knot) -> None:
     assert lookup_a("nobody", ZONE, "127.0.0.1", knot.port) == []
 
 
-def test_guarded_move_applies_when_the_old_address_matches(knot: Knot) -> None:
+def test_guarded_move_applies_when_the_old_address_matches(knot: LoopbackKnot) -> None:
     now = lookup_a("vm1", ZONE, "127.0.0.1", knot.port)
     msg = build_update(ZONE, "vm1", "198.18.1.77", KEY, knot.secret, old_address=now[0])
     assert send_update(msg, "127.0.0.1", knot.port).ok
     assert lookup_a("vm1", ZONE, "127.0.0.1", knot.port) == ["198.18.1.77"]
 
 
-def test_a_socket_passed_in_is_used_and_left_open(knot: Knot) -> None:
+def test_a_socket_passed_in_is_used_and_left_open(knot: LoopbackKnot) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         msg = build_update(ZONE, "vm3", "198.18.1.103", KEY, knot.secret)
@@ -388,7 +319,7 @@ def test_silence_is_a_dns_error_after_the_timeout() -> None:
         send_update(msg, "dns.example", 53)
 
 
-def test_truncated_udp_answer_falls_back_to_tcp(knot: Knot) -> None:
+def test_truncated_udp_answer_falls_back_to_tcp(knot: LoopbackKnot) -> None:
     """A UDP responder that always sets TC; the TCP retry goes to the real knotd."""
     tsig = dns.tsig.Key(KEY, knot.secret, "hmac-sha256")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:

@@ -4,12 +4,9 @@ validator (with Hypothesis), the [acd] config, and end to end through ManagerSer
 
 from __future__ import annotations
 
-import grp
 import json
 import math
 import os
-import pwd
-import shutil
 import subprocess
 import threading
 import time
@@ -852,30 +849,16 @@ def test_api_conflict_through_the_dispatcher(tmp_path: Path) -> None:
 
 
 def test_end_to_end_with_a_real_knotd(tmp_path: Path) -> None:
-    knotd = shutil.which("knotd") or (
-        "/usr/sbin/knotd" if os.access("/usr/sbin/knotd", os.X_OK) else None)
-    if knotd is None:
-        pytest.skip("knotd is not installed (Debian package knot)")
-    from netsvc.acd.dns import lookup_a
-    from netsvc.lab import dns as labdns
+    from loopback_knot import run_loopback_knot
 
-    port = _free_port()
-    secret = labdns.new_secret()
-    user = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
-    files = labdns.write_server_files(tmp_path / "dns", ZONE, {"vm1": IP}, listen="127.0.0.1",
-                                      port=port, key_name="netsvc-update.", key_secret=secret,
-                                      ns_address="198.18.0.2", user=user)
-    key = tmp_path / "dns.key"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    log = tmp_path / "knotd.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([knotd, "-c", str(files.conf)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        labdns.wait_ready(proc, lambda: labdns.soa_answered("127.0.0.1", port, ZONE, 0.2), log,
-                          timeout=5.0)
+    from netsvc.acd.dns import lookup_a
+
+    with run_loopback_knot(tmp_path, ZONE, {"vm1": IP}, "netsvc-update.") as knot:
+        port = knot.port
+        key = tmp_path / "dns.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(knot.secret + "\n")
         config = acd(dns_server="127.0.0.1", dns_port=port, dns_zone=ZONE,
                      dns_key_name="netsvc-update.", dns_key_file=str(key))
         (tmp_path / "m").mkdir()
@@ -893,29 +876,6 @@ def test_end_to_end_with_a_real_knotd(tmp_path: Path) -> None:
             assert lookup_a("vm1", ZONE, "127.0.0.1", port) == [IP]
         finally:
             s.stop()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def test_yield_policy_from_config() -> None:
