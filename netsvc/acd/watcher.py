@@ -13,7 +13,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +87,3 @@ def watch(
                     if report is not None and isinstance(ev, Conflict):
                         report(monitor, ev, now)
     return stats
-
-
-def json_line(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=False)

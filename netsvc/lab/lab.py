@@ -312,20 +312,10 @@ class Lab:
             return self._ipr[key]
 
     def link_index(self, public: str | None, ifname: str) -> int:
-        """The ifindex of ``ifname`` in ``public``'s namespace (None: the root namespace).
-
-        A miss is retried once on a fresh netlink handle before it is an error.
-        """
-        for attempt in (1, 2):
-            idx = self.ipr(public).link_lookup(ifname=ifname)
-            if idx:
-                return int(idx[0])
-            if attempt == 1:
-                with self._lock:
-                    stale = self._ipr.pop(public or "", None)
-                if stale is not None:
-                    with contextlib.suppress(Exception):
-                        stale.close()
+        """The ifindex of ``ifname`` in ``public``'s namespace (None: the root namespace)."""
+        idx = self.ipr(public).link_lookup(ifname=ifname)
+        if idx:
+            return int(idx[0])
         names = [x.get_attr("IFLA_IFNAME") for x in self.ipr(public).get_links()]
         where = f"{public} (pid {self.pid(public)})" if public else "the root namespace"
         raise LabError(f"interface {ifname} not found in {where}; it has {names}")
