@@ -775,7 +775,8 @@ class Lab:
         """Bring a crashed host back: links up and its agent restarted. Its VMs stay crashed."""
         if host not in self.crashed:
             raise LabError(f"host {host} is not down")
-        for end in self.host_ends(host):
+        ends = self.host_ends(host)
+        for end in ends:
             self.set_link(end, up=True)
         plan = self._plan()
         ipr = self.ipr(host)
@@ -784,6 +785,11 @@ class Lab:
                 idx = ipr.link_lookup(ifname=plan.vif_name(v.name))
                 if idx:
                     ipr.link("set", index=idx[0], state="up")
+        # The kernel's linkwatch may take up to a second to report carrier on the veths, and
+        # a bridge port forwards only after that: wait so the host is reachable on return.
+        links = [(self.ipr(node), self.link_index(node, name)) for node, name in ends]
+        if not wait_operstate_up(links, timeout=5.0):
+            raise LabError(f"host {host}'s links did not come up within 5 s")
         self.crashed.discard(host)
         self.record("fault-end", host, "crash", fault_id=f"crash-{host}")
         if self.key_file is not None:
