@@ -556,6 +556,8 @@ ROUTES: tuple[_Route, ...] = (
     _Route("POST", re.compile(r"/v1/conflicts"), "conflict", True),
     _Route("GET", re.compile(r"/v1/journal"), "journal", False, frozenset({"since", "limit"})),
     _Route("POST", re.compile(r"/v1/events"), "event", True),
+    _Route("GET", re.compile(r"/v1/partition"), "partition_status", False),
+    _Route("POST", re.compile(r"/v1/partition/reports"), "partition_report", True),
 )
 
 
@@ -804,6 +806,10 @@ class Api:
                 entries = core.journal_entries(since, limit)
                 return Response(200, {"entries": [e.to_dict() for e in entries],
                                       "last_seq": core.journal_seq})
+            if route.name == "partition_status":
+                return Response(200, core.partition_status(now))
+            if route.name == "partition_report":
+                return Response(200, core.partition_report(body, now=now, wall=wall))
             if route.name == "event":
                 ev = validate_event(body)
                 entry = core.record_event(

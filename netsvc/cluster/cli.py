@@ -39,6 +39,7 @@ MANAGER_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "access_log": (bool,),
     "networks": (list,),
     "acd": (dict,),
+    "partition": (dict,),
 }
 NETWORK_KEYS = {"name", "cidr", "kind"}
 
@@ -216,6 +217,13 @@ def load_manager_config(path: str) -> dict[str, Any]:
         except ValidationError as exc:
             raise UsageError(f"config {path}: [acd] {exc}") from None
         data["acd"] = acd
+    if "partition" in data:
+        from netsvc.partition.response import Policy, ResponseError
+
+        try:
+            Policy.from_mapping(data["partition"])
+        except ResponseError as exc:
+            raise UsageError(f"config {path}: [partition] {exc}") from None
     return data
 
 
@@ -232,6 +240,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
     from netsvc.cluster.store import SqliteStore
+    from netsvc.partition.response import Policy
 
     def log(message: str) -> None:
         print(f"netsvc manager: {message}", file=sys.stderr, flush=True)
@@ -266,6 +275,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 action_timeout=cfg.get("action_timeout", 60.0),
                 networks=networks,
                 acd=AcdConfig.from_mapping(cfg.get("acd", {})),
+                partition=Policy.from_mapping(cfg.get("partition", {})),
             )
         except ClusterError as exc:
             raise UsageError(f"invalid setting: {exc}") from None
@@ -406,7 +416,12 @@ def _partition_links(specs: list[str], mgmt: str | None, vm: str | None) -> list
 
 def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
                      log: Callable[[str], None]) -> None:
-    """Run the partition prober in a daemon thread; classifications go to the journal."""
+    """Run the partition prober in a daemon thread, and a poster thread that sends its
+    classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
+    manager, so a slow or unreachable manager never stalls the probing. Undelivered
+    classifications are kept (at most 256); of the views only the latest counts."""
+    import collections
+    import contextlib
     import json
     import threading
 
@@ -430,21 +445,46 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
             out[name] = addrs
         return out
 
+    events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(maxlen=256)
+    latest: list[dict[str, object] | None] = [None]
+    wake = threading.Event()
+
     def report(ev: Any) -> None:
         details = {"old": ev.old.value, "new": ev.new.value, "reporter": host, "at": ev.at}
         log(json.dumps({"event": "Classification", "subject": ev.subject, **details}))
-        try:
-            client.post_event(f"agent:{host}", "classification", f"host:{ev.subject}",
-                              ev.reason, details)
-        except (ApiError, OSError) as exc:
-            log(f"could not report a classification: {exc}")
+        events.append((ev.subject, {"reason": ev.reason, **details}))
+        wake.set()
+
+    def publish(view: dict[str, object]) -> None:
+        latest[0] = view
+        wake.set()
+
+    def poster() -> None:
+        while True:
+            wake.wait(1.0)
+            wake.clear()
+            while events:
+                subject, details = events[0]
+                body = {k: v for k, v in details.items() if k != "reason"}
+                try:
+                    client.post_event(f"agent:{host}", "classification", f"host:{subject}",
+                                      details["reason"] or "classification changed", body)
+                except (ApiError, OSError) as exc:
+                    log(f"could not report a classification: {exc}")
+                    break
+                events.popleft()
+            view, latest[0] = latest[0], None
+            if view is not None:
+                with contextlib.suppress(ApiError, OSError):  # the next view replaces it
+                    client.partition_report(view)
 
     def run() -> None:
         try:
-            run_prober(host, key, links, peers, report, threading.Event())
+            run_prober(host, key, links, peers, report, threading.Event(), publish=publish)
         except OSError as exc:
             log(f"partition prober stopped: {exc}")
 
+    threading.Thread(target=poster, name="partition-poster", daemon=True).start()
     threading.Thread(target=run, name="partition-prober", daemon=True).start()
 
 

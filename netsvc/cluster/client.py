@@ -277,6 +277,14 @@ class ManagerClient:
         obj = self._call("GET", "/v1/journal", query={"since": since, "limit": limit})
         return [dict(e) for e in obj.get("entries", [])]
 
+    def partition_report(self, report: Mapping[str, Any]) -> JSONObject:
+        """``POST /v1/partition/reports``: this host's view of both networks."""
+        return self._call("POST", "/v1/partition/reports", report)
+
+    def partition_status(self) -> JSONObject:
+        """``GET /v1/partition``: every host's report, the verdicts and the policy."""
+        return self._call("GET", "/v1/partition")
+
     def post_event(
         self,
         actor: str,

@@ -98,6 +98,15 @@ from netsvc.cluster.model import (
     check_name,
 )
 from netsvc.cluster.store import Conflict, StateStore
+from netsvc.partition.response import (
+    ClusterView,
+    HostReport,
+    Policy,
+    Responder,
+    ResponseError,
+    Verdict,
+    VMInfo,
+)
 
 MODEL_KEY = "netsvc/cluster/model"
 ACTIONS_KEY = "netsvc/cluster/actions"
@@ -105,6 +114,9 @@ DEFAULT_INTERVAL = 1.0
 DEFAULT_MISSED = 3
 DEFAULT_ACTION_TIMEOUT = 60.0
 FINISHED_KEPT = 1000
+
+#: Actions that stop a VM where it is.
+STOP_KINDS = ("power-off", "shutdown")
 
 #: The safety rules of a migration, in the order they are checked.
 MIGRATION_RULES = (
@@ -153,7 +165,9 @@ OPEN_ACTION_STATES = frozenset({ActionState.PENDING, ActionState.CLAIMED})
 class Action:
     """An action queued by the manager for an executor (the lab, a hypervisor driver).
 
-    ``kind`` is ``migrate`` (``from_host`` -> ``to_host``) or ``readdress`` (the VM on
+    ``kind`` is ``migrate`` (``from_host`` -> ``to_host``), ``restart`` (a VM that died with
+    ``from_host`` is started afresh on ``to_host``), ``power-off`` or ``shutdown`` (of the VM
+    on ``from_host``; ``to_host`` is None), or ``readdress`` (the VM on
     ``from_host`` gives up ``old_ip``, whose conflict ``decision`` is kept, for one of
     ``candidates``; ``to_host`` is None). A finished readdress keeps the executor's ``result``
     and the outcome of the DNS update (``dns``)."""
@@ -229,8 +243,9 @@ class Action:
                     "decision": dict(rec.get("decision") or {}),
                 }
             else:
+                to = rec.get("to")
                 extra = {"from_host": rec["from"],
-                         "to_host": check_name(rec["to"], "host name")}
+                         "to_host": None if to is None else check_name(to, "host name")}
             return cls(
                 id=str(rec["id"]),
                 kind=kind,
@@ -307,6 +322,7 @@ class ManagerConfig:
     action_timeout: float = DEFAULT_ACTION_TIMEOUT
     networks: tuple[Network, ...] = field(default_factory=tuple)
     acd: AcdConfig = field(default_factory=AcdConfig)
+    partition: Policy = field(default_factory=Policy)
 
     def __post_init__(self) -> None:
         hb = self.heartbeat_interval
@@ -363,6 +379,10 @@ class ManagerCore:
         self._model_doc = b""
         self._actions_rev = 0
         self._actions_doc = b""
+        self._pview = ClusterView(self.config.partition.report_ttl)
+        self._responder = Responder(self.config.partition)
+        self._verdicts: dict[str, Verdict] = {}
+        self._p_last = now
         self._load()
         for net in self.config.networks:
             self._model.add_network(net)
@@ -584,6 +604,9 @@ class ManagerCore:
         for a in self._actions.values():
             if a.state is ActionState.PENDING:
                 deadlines.append(a.created + self.config.action_timeout)
+        expiry = self._pview.next_expiry(self._p_last)
+        if expiry is not None:
+            deadlines.append(expiry)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float, wall: float | None = None) -> list[ManagerEvent]:
@@ -623,6 +646,8 @@ class ManagerCore:
                     details=expired.to_dict(),
                 )
                 events.append(ActionExpired(expired, now))
+        if self._pview.reports():
+            self._partition_evaluate(now, wall)
         with contextlib.suppress(Fenced):
             self._persist()
         return events
@@ -766,6 +791,8 @@ class ManagerCore:
             subject = _subject("action", action.id)
             if action.kind == "readdress":
                 problems, action = self._readdress_claim_problems(action)
+            elif action.kind in (*STOP_KINDS, "restart"):
+                problems = self._vm_action_problems(action)
             else:
                 assert action.to_host is not None
                 problems = [m for r, m in self._migration_violations(action.vm, action.to_host)
@@ -817,6 +844,8 @@ class ManagerCore:
         if new_ip is not None:
             raise ValidationError("result.new_ip", f"only a readdress has a new_ip; action "
                                   f"{action_id} is a {action.kind}")
+        if action.kind != "migrate":
+            return self._complete_vm_action(action, ok=ok, detail=detail, now=now, wall=wall)
         subject = _subject("vm", action.vm)
         duration = (
             round(now - action.claimed_at, 6) if action.claimed_at is not None else None
@@ -1167,6 +1196,140 @@ class ManagerCore:
                 "journal_seq": entry.seq,
             })
         return entry
+
+    # -- partition responses ---------------------------------------------------------------------
+
+    def partition_report(
+        self, data: Mapping[str, Any], *, now: float, wall: float | None = None
+    ) -> dict[str, Any]:
+        """An agent's view of both networks (``HostReport.from_dict``); re-evaluate."""
+        self._check_fenced()
+        try:
+            rep = HostReport.from_dict(data, now)
+            self._pview.report(rep)
+        except ResponseError as exc:
+            raise ValidationError("report", str(exc)) from None
+        self._partition_evaluate(now, wall)
+        self._persist()
+        v = self._verdicts.get(rep.host)
+        return {"ok": True, "verdict": None if v is None else v.classification.value}
+
+    def _partition_evaluate(self, now: float, wall: float | None) -> None:
+        """Verdicts from the reports, journaled on change; then the responder's decisions."""
+        self._p_last = now
+        pol = self.config.partition
+        verdicts = self._pview.verdicts(now, self._model.hosts)
+        for host in sorted(set(verdicts) | set(self._verdicts)):
+            old, new = self._verdicts.get(host), verdicts.get(host)
+            if (old and old.classification) != (new and new.classification):
+                self._journal_append(
+                    now, wall, "partition-verdict", _subject("host", host),
+                    new.reason if new else "no fresh report or opinion any more",
+                    details={"old": old.classification.value if old else None,
+                             "new": new.classification.value if new else None,
+                             "sources": list(new.sources) if new else []},
+                )
+        self._verdicts = verdicts
+        up = {h: x.state is HostState.UP for h, x in self._model.hosts.items()}
+        vms = [VMInfo(v.name, v.host, v.state in (VMState.RUNNING, VMState.MIGRATING))
+               for v in self._model.vms.values()]
+        decisions, storm = self._responder.decide(verdicts, up, vms, now)
+        if storm is not None:
+            self._journal_append(now, wall, "partition-storm", _subject("cluster", "partition"),
+                                 storm.reason, dry_run=pol.dry_run,
+                                 details={"affected": list(storm.affected),
+                                          "hosts": storm.hosts})
+        for d in decisions:
+            self._journal_append(now, wall, "partition-decision", _subject("vm", d.vm),
+                                 d.reason, dry_run=pol.dry_run, details=d.to_dict())
+            if pol.dry_run or d.action in ("leave", "refused"):
+                continue
+            try:
+                if d.action == "migrate":
+                    assert d.target is not None
+                    self.request_migration(d.vm, to=d.target, reason=d.reason, now=now,
+                                           wall=wall, actor="partition")
+                else:
+                    self._queue_vm_action(d.action, d.vm, d.host, d.target, d.reason, now, wall)
+            except (Refused, UnknownEntity):
+                pass  # journaled as refused by the method that refused it
+
+    def _vm_action_problems(self, action: Action) -> list[str]:
+        vm = self._model.vms.get(action.vm)
+        if vm is None:
+            return [f"VM {action.vm!r} does not exist"]
+        problems = []
+        if vm.host != action.from_host:
+            problems.append(f"VM {action.vm!r} is on {vm.host!r}, not {action.from_host!r}")
+        if action.to_host is not None:
+            target = self._model.hosts.get(action.to_host)
+            if target is None or target.state is not HostState.UP:
+                problems.append(f"target host {action.to_host!r} is not UP")
+        if action.kind in STOP_KINDS and vm.state is not VMState.RUNNING:
+            problems.append(f"VM {action.vm!r} is {vm.state.value}, not RUNNING")
+        return problems
+
+    def _queue_vm_action(self, kind: str, vm: str, host: str, to: str | None, reason: str,
+                         now: float, wall: float | None) -> Action:
+        action = Action(id=f"a-{self._next_action}", kind=kind, vm=vm, from_host=host,
+                        to_host=to, reason=reason, created=now)
+        subject = _subject("vm", vm)
+        pending = [a.id for a in self._actions.values()
+                   if a.vm == vm and a.state in OPEN_ACTION_STATES]
+        problems = self._vm_action_problems(action)
+        if pending:
+            problems.insert(0, f"VM {vm!r} already has an open action ({', '.join(pending)})")
+        if problems:
+            self._journal_append(now, wall, f"{kind}-refused", subject,
+                                 f"refused: {problems[0]}", details={"problems": problems})
+            raise Refused("vm-action", problems[0], ())
+        self._next_action += 1
+        self._journal_append(now, wall, f"{kind}-accepted", subject, reason,
+                             details={"action": action.id, "from": host, "to": to})
+        self._set_action(action)
+        self._persist()
+        return action
+
+    def _complete_vm_action(self, action: Action, *, ok: bool, detail: str, now: float,
+                            wall: float | None) -> Action:
+        """A restart places the VM on its target, RUNNING; a power-off or shutdown leaves it
+        STOPPED where it was."""
+        details: dict[str, Any] = {"action": action.id, "from": action.from_host,
+                                   "to": action.to_host, "executor": action.executor,
+                                   "detail": detail}
+        if ok and action.vm in self._model.vms:
+            try:
+                if action.kind == "restart":
+                    self._model.update_vm(action.vm, host=action.to_host, state=VMState.RUNNING)
+                else:
+                    self._model.set_vm_state(action.vm, VMState.STOPPED)
+            except ModelError as exc:
+                details["model_error"] = str(exc)
+        done = action.with_state(
+            ActionState.SUCCEEDED if ok else ActionState.FAILED, detail=detail or None
+        )
+        self._set_action(done)
+        outcome = "done" if ok else "failed"
+        self._journal_append(now, wall, f"{action.kind}-{outcome}", _subject("vm", action.vm),
+                             detail or f"executor {action.executor} reported {outcome}",
+                             details=details)
+        self._persist()
+        return done
+
+    def partition_status(self, now: float) -> dict[str, Any]:
+        """Each host's report, network by network, the verdicts, and the policy."""
+        groups, main = self._pview.vm_groups(now)
+        return {
+            "policy": self.config.partition.to_dict(),
+            "reports": {h: {**r.to_dict(), "age_s": round(now - r.at, 3),
+                            "fresh": now - r.at <= self._pview.report_ttl}
+                        for h, r in sorted(self._pview.reports().items())},
+            "verdicts": {h: {"classification": v.classification.value, "reason": v.reason,
+                             "sources": list(v.sources)}
+                         for h, v in sorted(self._verdicts.items())},
+            "vm_groups": [sorted(g) for g in groups],
+            "main_group": sorted(main),
+        }
 
     # -- journal and status --------------------------------------------------------------------
 

@@ -3,13 +3,23 @@
 Every ``interval`` the prober sends an authenticated heartbeat to every peer on the management
 network and on the VM network (UDP port ``PORT``, each from this host's own address on that
 network), and an ARP request to each network's isolation address. What comes back feeds the pure
-``Classifier``, and every confirmed change of classification goes to ``report``.
+``Classifier``, and every confirmed change of classification goes to ``report``. Every
+``view_every`` seconds, and at once after a change, the classifier's ``view`` goes to ``publish``
+(the agent posts it to the manager from another thread).
+
+Indirect probes (SWIM's ping-req): when the classifier suspects a peer on one network, this host
+sends a PING_REQ for it to the helpers the classifier chose, over the *other* network when that
+one is up (a different path), else over the same one. A helper answers PING_ACK with REACHED set
+when it has the target ALIVE on that network, i.e. heard it within the suspicion window; with
+heartbeats every ``interval`` that observation is as fresh as a new ping and costs nothing more.
+The answer feeds ``Classifier.indirect_result``.
 
 Invariants:
 - This is the only partition module that reads the clock or touches sockets.
 - A heartbeat counts only on the socket of the network it names; remote garbage, replays and
   wrong keys are counted by the ``Receiver`` and dropped.
 - A network that is down (ENETDOWN, ENETUNREACH) is an unanswered probe, never an exception.
+- ``report`` and ``publish`` must not block (they are called from the probing loop).
 """
 
 from __future__ import annotations
@@ -25,7 +35,13 @@ from dataclasses import dataclass
 
 from netsvc.acd.arp import BROADCAST_MAC, OP_REQUEST, ZERO_MAC, ArpPacket, encode, mac_to_bytes
 from netsvc.acd.io import RxStats, interface_mac, open_arp_socket, receive_all
-from netsvc.partition.classifier import ClassificationChanged, Classifier, Config
+from netsvc.partition.classifier import (
+    ClassificationChanged,
+    Classifier,
+    Config,
+    IndirectProbe,
+    PeerState,
+)
 from netsvc.partition.heartbeat import Heartbeat, MsgType, Network, Receiver
 from netsvc.partition.heartbeat import encode as encode_heartbeat
 
@@ -95,6 +111,8 @@ def run_prober(
     stop: threading.Event,
     config: Config | None = None,
     refresh_s: float = 1.0,
+    publish: Callable[[dict[str, object]], None] | None = None,
+    view_every: float = 0.5,
 ) -> None:
     """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network."""
     cfg = config or DEFAULT_CONFIG
@@ -107,7 +125,37 @@ def run_prober(
     known: Mapping[str, Mapping[Network, str]] = {}
     next_refresh = start
     next_tick = start
+    next_view = start
     stats = RxStats()
+
+    def send(net: _Net, msg: Heartbeat, dst: str) -> None:
+        try:
+            net.udp.sendto(encode_heartbeat(msg, key), (dst, PORT))
+        except OSError as exc:
+            if not _soft(exc):
+                raise
+
+    def stamp(now: float) -> int:
+        return int(now * 1000) & ((1 << 63) - 1)
+
+    def relay(ev: IndirectProbe, now: float) -> None:
+        other = Network.VM if ev.network is Network.MGMT else Network.MGMT
+        use = other if other in nets and clf.isolation_ok(other) is not False else ev.network
+        net = nets.get(use)
+        if net is None:
+            return
+        for helper in ev.via:
+            dst = known.get(helper, {}).get(use)
+            if dst is not None:
+                send(net, Heartbeat(MsgType.PING_REQ, ev.network, host, next(seq), stamp(now),
+                                    target=ev.peer), dst)
+
+    def answer(net: _Net, req: Heartbeat, src: str, now: float) -> None:
+        target = req.target
+        assert target is not None
+        reached = target in clf.peers() and clf.peer_state(req.network, target) is PeerState.ALIVE
+        send(net, Heartbeat(MsgType.PING_ACK, req.network, host, next(seq), stamp(now),
+                            target=target, echo_ms=req.sent_ms, reached=reached), src)
     try:
         while not stop.is_set():
             now = time.monotonic()
@@ -157,7 +205,12 @@ def run_prober(
             for fd in ready:
                 net = by_fd[fd]
                 if fd == net.udp.fileno():
-                    _drain_udp(net, receiver, clf, now)
+                    for msg, src in _drain_udp(net, receiver, clf, now):
+                        if msg.type is MsgType.PING_REQ:
+                            answer(net, msg, src, now)
+                        elif msg.target is not None and msg.target != host:
+                            clf.indirect_result(msg.network, msg.target, msg.reached,
+                                                msg.sender, now)
                 else:
                     try:
                         for pkt in receive_all(net.arp, stats):
@@ -169,25 +222,39 @@ def run_prober(
             timer = clf.next_timer()
             if timer is not None and timer <= now:
                 clf.handle_timer(now)
+            changed = False
             while (ev := clf.next_event()) is not None:
                 if isinstance(ev, ClassificationChanged):
                     report(ev)
+                    changed = True
+                elif isinstance(ev, IndirectProbe):
+                    relay(ev, now)
+            if publish is not None and (changed or now >= next_view):
+                publish(clf.view(now))
+                next_view = now + view_every
     finally:
         for net in nets.values():
             net.close()
 
 
-def _drain_udp(net: _Net, receiver: Receiver, clf: Classifier, now: float) -> None:
+def _drain_udp(
+    net: _Net, receiver: Receiver, clf: Classifier, now: float
+) -> list[tuple[Heartbeat, str]]:
+    """Feed the heartbeats to ``clf``; return the PING_REQ/PING_ACKs with their source."""
+    out: list[tuple[Heartbeat, str]] = []
     while True:
         try:
-            data = net.udp.recv(2048)
+            data, (src, _port) = net.udp.recvfrom(2048)
         except BlockingIOError:
-            return
+            return out
         except OSError as exc:
             if _soft(exc):
-                return
+                return out
             raise
         hb = receiver.receive(data, now)
-        if hb is None or hb.type is not MsgType.HEARTBEAT or hb.network is not net.link.network:
+        if hb is None:
             continue
-        clf.heard(hb.network, hb.sender, now, sees=hb.peers)
+        if hb.type is not MsgType.HEARTBEAT:
+            out.append((hb, src))
+        elif hb.network is net.link.network:
+            clf.heard(hb.network, hb.sender, now, sees=hb.peers)

@@ -303,6 +303,30 @@ class Classifier:
                 out[name] = set(s.views[network])
         return out
 
+    def isolation_ok(self, network: Network) -> bool | None:
+        """Whether the last isolation probe on ``network`` answered (None: never probed)."""
+        fails = self._iso_fail[_check_network(network)]
+        return None if fails is None else fails == 0
+
+    def view(self, now: float) -> dict[str, object]:
+        """This host's report for the manager (``response.HostReport.from_dict`` reads it):
+        its own classification, per network the peers not LOST and the isolation probe, and
+        its classification of every peer."""
+        self.handle_timer(now)
+        nets: dict[str, object] = {}
+        for n in Network:
+            nets["mgmt" if n is Network.MGMT else "vm"] = {
+                "sees": sorted(p for p, s in self._peers.items()
+                               if s.links[n].state is not P.LOST),
+                "isolation_ok": self.isolation_ok(n),
+            }
+        return {
+            "host": self.own_name,
+            "classification": self._self.emitted.value,
+            "networks": nets,
+            "peers": {p: s.subject.emitted.value for p, s in sorted(self._peers.items())},
+        }
+
     def classify_self(self, now: float) -> Classification:
         """This host's emitted (confirmed, dampened) classification after running due timers."""
         self.handle_timer(now)

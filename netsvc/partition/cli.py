@@ -1,8 +1,10 @@
 """``netsvc partition``: check this host's view of the management and VM networks.
 
     netsvc partition probe --mgmt IFACE=ADDR --vm IFACE=ADDR [--method arp|icmp|tcp] [--json]
+    netsvc partition status [--manager URL] [--key-file F] [--json]
 
-Exit codes: 0 both networks answer, 1 one or both are down, 2 usage or environment error.
+Exit codes: 0 both networks answer (probe) or every host is healthy (status), 1 one or both
+networks are down or a host is not healthy, 2 usage or environment error.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     probe.add_argument("--timeout", type=float, default=1.0, help="seconds per network")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_probe)
+    status = part.add_parser(
+        "status", help="each host's view of both networks, and the manager's verdicts"
+    )
+    status.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
+    status.add_argument("--key-file", metavar="F", help="key file (default $NETSVC_KEY_FILE)")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    status.set_defaults(func=cmd_status)
     p.set_defaults(func=lambda a: _usage(p))
 
 
@@ -97,3 +107,55 @@ def cmd_probe(args: argparse.Namespace) -> int:
             state = f"up ({r.rtt_ms} ms)" if r.ok else "DOWN"
             print(f"{r.network:5} {r.iface:12} {r.method} {r.target:15} {state}  {r.detail}")
     return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.cli import UsageError, _manager_and_key
+    from netsvc.cluster.client import ApiError, ManagerClient
+    from netsvc.cluster.errors import ClusterError
+
+    try:
+        url, key_file = _manager_and_key(args)
+        client = ManagerClient(url, load_key(key_file), timeout=args.timeout)
+        st = client.partition_status()
+    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
+        print(f"netsvc partition status: {exc}", file=sys.stderr)
+        return 2
+    verdicts = st.get("verdicts", {})
+    bad = {h for h, v in verdicts.items() if v.get("classification") != "healthy"}
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 1 if bad else 0
+    print(format_status(st))
+    return 1 if bad else 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """One line per host: the verdict, then what it hears on each network."""
+    lines = [f"{'HOST':10} {'VERDICT':20} {'MGMT (hears / isolation)':28} {'VM NETWORK':28} AGE"]
+    reports = st.get("reports", {})
+    verdicts = st.get("verdicts", {})
+    for host in sorted(set(reports) | set(verdicts)):
+        v = verdicts.get(host, {}).get("classification", "-")
+        r = reports.get(host)
+        cols = []
+        for net in ("mgmt", "vm"):
+            view = (r or {}).get("networks", {}).get(net)
+            if view is None:
+                cols.append("-")
+                continue
+            iso = {True: "ok", False: "FAIL", None: "-"}[view.get("isolation_ok")]
+            cols.append(f"{','.join(view.get('sees', [])) or '(none)'} / {iso}")
+        age = "-" if r is None else f"{r['age_s']:.1f}s" + ("" if r.get("fresh") else " stale")
+        lines.append(f"{host:10} {v:20} {cols[0]:28} {cols[1]:28} {age}")
+        reason = verdicts.get(host, {}).get("reason")
+        if v not in ("healthy", "-") and reason:
+            lines.append(f"{'':10} {reason}")
+    groups = st.get("vm_groups", [])
+    if len(groups) > 1:
+        lines.append("VM network split into groups: " + " | ".join(",".join(g) for g in groups))
+    pol = st.get("policy", {})
+    if pol.get("dry_run"):
+        lines.append("policy: dry run (decisions are journaled, nothing is done)")
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""The manager's partition responses: policy parsing, verdicts from reports, decisions and their
+safety rules, and the ManagerCore flow from a report to a queued action. Time is passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netsvc.cluster.journal import Journal
+from netsvc.cluster.manager import ActionState, ManagerConfig, ManagerCore
+from netsvc.cluster.model import VMState
+from netsvc.cluster.store import SqliteStore
+from netsvc.partition.classifier import Classification as C
+from netsvc.partition.response import (
+    ClusterView,
+    HostReport,
+    Policy,
+    Responder,
+    Response,
+    ResponseError,
+    Verdict,
+    VMInfo,
+)
+
+HOSTS = ("h1", "h2", "h3")
+
+
+def report(host: str, cls: str = "healthy", *, vm_sees: list[str] | None = None,
+           mgmt_sees: list[str] | None = None, vm_iso: bool | None = True,
+           peers: dict[str, str] | None = None) -> dict[str, Any]:
+    others = [h for h in HOSTS if h != host]
+    return {
+        "host": host,
+        "classification": cls,
+        "networks": {
+            "mgmt": {"sees": others if mgmt_sees is None else mgmt_sees, "isolation_ok": True},
+            "vm": {"sees": others if vm_sees is None else vm_sees, "isolation_ok": vm_iso},
+        },
+        "peers": {h: "healthy" for h in others} | (peers or {}),
+    }
+
+
+def view(*reps: dict[str, Any], at: float = 0.0) -> ClusterView:
+    cv = ClusterView(report_ttl=1.5)
+    for r in reps:
+        cv.report(HostReport.from_dict(r, at))
+    return cv
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+def test_policy_defaults_migrate_on_vm_network_failure_and_leave_on_isolation() -> None:
+    p = Policy()
+    assert p.response_for("vm1", C.VM_NETWORK_FAILURE) is Response.MIGRATE
+    assert p.response_for("vm1", C.MGMT_ISOLATION) is Response.LEAVE
+    assert p.response_for("vm1", C.HOST_DOWN) is Response.MIGRATE
+
+
+def test_policy_per_cluster_and_per_vm() -> None:
+    p = Policy.from_mapping({"responses": {"vm-network-failure": "power-off"},
+                             "vms": {"db1": "leave"}, "max_affected_share": 0.4})
+    assert p.response_for("vm1", C.VM_NETWORK_FAILURE) is Response.POWER_OFF
+    assert p.response_for("db1", C.VM_NETWORK_FAILURE) is Response.LEAVE
+    # Stopping a VM that died with its host makes no sense: it is left.
+    assert Policy.from_mapping({"vms": {"x": "shutdown"}}).response_for(
+        "x", C.HOST_DOWN) is Response.LEAVE
+    assert p.to_dict()["responses"]["vm-network-failure"] == "power-off"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"colour": 1}, "unknown key 'colour'"),
+        ({"responses": {"sunburn": "leave"}}, "unknown classification"),
+        ({"responses": {"healthy": "leave"}}, "'healthy' takes no response"),
+        ({"responses": {"partition": "reboot"}}, "unknown response 'reboot'"),
+        ({"vms": {"Bad Name": "leave"}}, "invalid VM name"),
+        ({"max_affected_share": 0}, "max_affected_share"),
+        ({"max_affected_share": True}, "max_affected_share"),
+        ({"report_ttl": 0}, "report_ttl"),
+        ({"dry_run": "yes"}, "dry_run"),
+        ({"responses": []}, "must be a table"),
+    ],
+)
+def test_policy_rejects_bad_input_by_name(data: dict[str, Any], match: str) -> None:
+    with pytest.raises(ResponseError, match=match):
+        Policy.from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"host": "h1", "classification": "weird"},
+        {"host": "h 1", "classification": "healthy"},
+        {"host": "h1", "classification": "healthy", "networks": {"wifi": {}}},
+        {"host": "h1", "classification": "healthy", "networks": {"vm": {"sees": "h2"}}},
+        {"host": "h1", "classification": "healthy",
+         "networks": {"vm": {"isolation_ok": "yes"}}},
+        {"host": "h1", "classification": "healthy", "peers": {"h1": "healthy"}},
+        {"host": "h1", "classification": "healthy", "peers": {"h2": "fine"}},
+    ],
+)
+def test_bad_reports_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ResponseError):
+        HostReport.from_dict(bad, 0.0)
+
+
+# -- verdicts ------------------------------------------------------------------------------------
+
+
+def test_a_fresh_host_speaks_for_itself() -> None:
+    cv = view(report("h1", "vm-network-failure", vm_sees=[], vm_iso=False),
+              report("h2", vm_sees=["h3"]), report("h3", vm_sees=["h2"]))
+    v = cv.verdicts(1.0, HOSTS)
+    assert v["h1"].classification is C.VM_NETWORK_FAILURE
+    assert v["h2"].classification is C.HEALTHY
+
+
+def test_a_silent_host_is_judged_by_its_peers_majority() -> None:
+    cv = view(report("h1"), at=0.0)
+    cv.report(HostReport.from_dict(report("h2", peers={"h1": "mgmt-isolation"}), 5.0))
+    cv.report(HostReport.from_dict(report("h3", peers={"h1": "mgmt-isolation"}), 5.0))
+    v = cv.verdicts(5.5, HOSTS)
+    assert v["h1"].classification is C.MGMT_ISOLATION
+    assert v["h1"].sources == ("h2", "h3")
+    # The classifier's PARTITION for a peer (lost on both, BMC alive) is full isolation.
+    cv.report(HostReport.from_dict(report("h2", peers={"h1": "partition"}), 6.0))
+    cv.report(HostReport.from_dict(report("h3", peers={"h1": "partition"}), 6.0))
+    assert cv.verdicts(6.1, HOSTS)["h1"].classification is C.FULL_ISOLATION
+
+
+def test_a_split_opinion_takes_the_least_drastic_class() -> None:
+    cv = view(report("h2", peers={"h1": "host-down"}), report("h3", peers={"h1": "healthy"}),
+              at=5.0)
+    assert cv.verdicts(5.0, HOSTS)["h1"].classification is C.HEALTHY
+
+
+def test_no_opinion_no_verdict() -> None:
+    cv = view(report("h1"), at=0.0)
+    assert cv.verdicts(10.0, HOSTS) == {}
+
+
+def test_a_healthy_minority_on_the_vm_network_is_a_partition() -> None:
+    # h3 still reaches the gateway but hears neither h1 nor h2 on the VM network.
+    cv = view(report("h1", vm_sees=["h2"]), report("h2", vm_sees=["h1"]),
+              report("h3", vm_sees=[], vm_iso=True))
+    v = cv.verdicts(0.5, HOSTS)
+    assert v["h3"].classification is C.PARTITION
+    assert v["h1"].classification is C.HEALTHY
+    assert cv.vm_groups(0.5)[1] == {"h1", "h2"}
+
+
+def test_the_main_group_is_the_one_that_reaches_the_gateway() -> None:
+    cv = view(report("h1", vm_sees=["h2"], vm_iso=False),
+              report("h2", vm_sees=["h1"], vm_iso=False),
+              report("h3", vm_sees=[], vm_iso=True))
+    v = cv.verdicts(0.5, HOSTS)
+    assert v["h1"].classification is C.PARTITION and v["h2"].classification is C.PARTITION
+    assert v["h3"].classification is C.HEALTHY
+
+
+# -- decisions -----------------------------------------------------------------------------------
+
+
+def verdicts(**classes: C) -> dict[str, Verdict]:
+    return {h: Verdict(h, c, "test", (h,)) for h, c in classes.items()}
+
+
+UP = {"h1": True, "h2": True, "h3": True}
+VMS = [VMInfo("vm1", "h1", True), VMInfo("vm2", "h1", True), VMInfo("vm3", "h2", True)]
+
+
+def test_vm_network_failure_migrates_each_vm_once_balancing_targets() -> None:
+    r = Responder()
+    v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY)
+    decisions, storm = r.decide(v, UP, VMS, 0.0)
+    assert storm is None
+    assert [(d.vm, d.action, d.target) for d in decisions] == [
+        ("vm1", "migrate", "h3"), ("vm2", "migrate", "h2")]
+    assert "VM-network connectivity" in decisions[0].reason
+    # The same incident never decides twice.
+    assert r.decide(v, UP, VMS, 1.0) == ([], None)
+
+
+def test_a_new_incident_decides_again() -> None:
+    r = Responder()
+    r.decide(verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
+    r.decide(verdicts(h1=C.HEALTHY, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 1.0)
+    again, _ = r.decide(verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS,
+                        2.0)
+    assert [d.vm for d in again] == ["vm1", "vm2"]
+
+
+def test_storm_refuses_everything_once() -> None:
+    r = Responder(Policy(max_affected_share=0.5))
+    v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.VM_NETWORK_FAILURE, h3=C.HEALTHY)
+    decisions, storm = r.decide(v, UP, VMS, 0.0)
+    assert decisions == [] and storm is not None and storm.affected == ("h1", "h2")
+    assert r.decide(v, UP, VMS, 0.5) == ([], None)  # reported once
+
+
+def test_no_healthy_target_refuses() -> None:
+    r = Responder(Policy(max_affected_share=1.0))
+    v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY)
+    decisions, _ = r.decide(v, {"h1": True, "h2": False}, VMS[:1], 0.0)
+    assert decisions[0].action == "refused" and decisions[0].rule == "target-available"
+
+
+def test_migrating_off_an_isolated_host_is_refused() -> None:
+    pol = Policy.from_mapping({"responses": {"mgmt-isolation": "migrate"}})
+    decisions, _ = Responder(pol).decide(
+        verdicts(h1=C.MGMT_ISOLATION, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
+    assert {d.rule for d in decisions} == {"source-reachable"}
+
+
+def test_isolation_is_left_alone_by_default_and_says_so() -> None:
+    decisions, _ = Responder().decide(
+        verdicts(h1=C.MGMT_ISOLATION, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
+    assert {d.action for d in decisions} == {"leave"}
+
+
+def test_host_down_restarts_elsewhere_and_power_off_needs_a_spare_host() -> None:
+    decisions, _ = Responder().decide(
+        verdicts(h1=C.HOST_DOWN, h2=C.HEALTHY, h3=C.HEALTHY), {**UP, "h1": False}, VMS, 0.0)
+    assert {(d.action, d.target) for d in decisions} == {("restart", "h3"), ("restart", "h2")}
+    pol = Policy.from_mapping({"responses": {"vm-network-failure": "power-off"}})
+    decisions, _ = Responder(pol).decide(
+        verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
+    assert {d.action for d in decisions} == {"power-off"}
+
+
+def test_act_after_waits_for_the_verdict_to_hold() -> None:
+    r = Responder(Policy(act_after=2.0))
+    v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY)
+    assert r.decide(v, UP, VMS, 0.0) == ([], None)
+    assert r.decide(v, UP, VMS, 1.9) == ([], None)
+    assert len(r.decide(v, UP, VMS, 2.0)[0]) == 2
+
+
+# -- in the manager ------------------------------------------------------------------------------
+
+
+def manager(tmp_path: Path, **pol: Any) -> tuple[ManagerCore, Journal]:
+    journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
+                       config=ManagerConfig(partition=Policy.from_mapping(pol)))
+    for i, h in enumerate(HOSTS, 1):
+        core.heartbeat(h, seq=1, now=0.0, mgmt_addr=f"198.18.0.1{i}")
+    core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.100", host="h1",
+                state=VMState.RUNNING, now=0.0)
+    return core, journal
+
+
+def test_manager_queues_a_migration_for_a_vm_network_failure(tmp_path: Path) -> None:
+    core, journal = manager(tmp_path)
+    core.partition_report(report("h2", vm_sees=["h3"]), now=1.0)
+    core.partition_report(report("h3", vm_sees=["h2"]), now=1.0)
+    out = core.partition_report(report("h1", "vm-network-failure", vm_sees=[], vm_iso=False),
+                                now=1.1)
+    assert out["verdict"] == "vm-network-failure"
+    [action] = core.open_actions()
+    assert (action.kind, action.vm, action.to_host) == ("migrate", "vm1", "h2")
+    acts = [e.action for e in journal.read()]
+    assert "partition-verdict" in acts and "partition-decision" in acts
+    assert "migrate-accepted" in acts
+    st = core.partition_status(1.2)
+    assert st["verdicts"]["h1"]["classification"] == "vm-network-failure"
+    assert st["reports"]["h1"]["fresh"] is True
+
+
+def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
+    core, journal = manager(tmp_path, dry_run=True)
+    core.partition_report(report("h2"), now=1.0)
+    core.partition_report(report("h3"), now=1.0)
+    core.partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
+    assert core.open_actions() == []
+    [d] = [e for e in journal.read() if e.action == "partition-decision"]
+    assert d.dry_run and d.details["action"] == "migrate"
+
+
+def test_manager_restarts_the_vms_of_a_dead_host(tmp_path: Path) -> None:
+    core, journal = manager(tmp_path)
+    core.partition_report(report("h1"), now=0.5)
+    for h in ("h2", "h3"):
+        core.heartbeat(h, seq=2, now=5.0)
+        core.partition_report(report(h, peers={"h1": "host-down"}), now=5.0)
+    core.handle_timer(5.0)  # h1's report is stale; h1 is DOWN by heartbeats
+    [action] = core.open_actions()
+    assert action.kind == "restart" and action.from_host == "h1"
+    [claimed] = core.claim_actions("lab", now=5.1)
+    done = core.complete_action(claimed.id, ok=True, detail="restarted", now=5.2)
+    assert done.state is ActionState.SUCCEEDED
+    assert core.model.vm("vm1").host == action.to_host
+    assert any(e.action == "restart-done" for e in journal.read())
+
+
+def test_manager_rejects_a_malformed_report(tmp_path: Path) -> None:
+    from netsvc.cluster.errors import ValidationError
+
+    core, _ = manager(tmp_path)
+    with pytest.raises(ValidationError, match="classification"):
+        core.partition_report({"host": "h1", "classification": 3}, now=1.0)
