@@ -33,6 +33,7 @@ MANAGER_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "listen": (str,),
     "key_file": (str,),
     "state_dir": (str,),
+    "store": (str,),
     "heartbeat_interval": (int, float),
     "missed_heartbeats": (int,),
     "action_timeout": (int, float),
@@ -54,11 +55,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "manager",
         help="run the cluster manager (HTTP+JSON API, decisions, audit journal)",
         description="Run the cluster manager. The state dir holds the SQLite state store "
-        "(state.sqlite) and the audit journal (journal.jsonl).",
+        "(state.sqlite, unless --store names etcd) and the audit journal (journal.jsonl).",
     )
     p.add_argument("--listen", metavar="ADDR:PORT", help="address to serve the API on")
     p.add_argument("--key-file", metavar="F", help="file holding the shared API key (mode 0600)")
     p.add_argument("--state-dir", metavar="DIR", help="directory for state.sqlite and journal")
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="state store: sqlite (default, in the state dir) or etcd://HOST:PORT[/PREFIX]",
+    )
     p.add_argument(
         "--heartbeat-interval",
         metavar="S",
@@ -120,6 +126,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--acd-promisc",
         action="store_true",
         help="with --acd-watch: see forwarded frames too (a bridge's segment)",
+    )
+    p.add_argument(
+        "--partition-bmc",
+        metavar="HOST=ADDR",
+        action="append",
+        default=[],
+        help="a peer's BMC address, the second channel asked before a peer is declared down",
     )
     p.add_argument(
         "--partition-link",
@@ -239,7 +252,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from netsvc.cluster.journal import Journal
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
-    from netsvc.cluster.store import SqliteStore
+    from netsvc.cluster.store import open_store
     from netsvc.partition.response import Policy
 
     def log(message: str) -> None:
@@ -251,6 +264,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "listen": args.listen,
             "key_file": args.key_file,
             "state_dir": args.state_dir,
+            "store": args.store,
             "heartbeat_interval": args.heartbeat_interval,
             "missed_heartbeats": args.missed_heartbeats,
             "action_timeout": args.action_timeout,
@@ -285,7 +299,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise UsageError(f"cannot create state dir {state_dir}: {exc.strerror}") from None
-        store = SqliteStore(state_dir / "state.sqlite")
+        store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)
         except BaseException:
@@ -369,7 +383,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return _fail("agent", str(exc))
     if links:
-        _start_partition(args.host, key, links, ManagerClient(url, key, timeout=2.0), log)
+        bmcs = {}
+        for spec in args.partition_bmc:
+            name, _, addr = spec.partition("=")
+            try:
+                bmcs[check_name(name, "--partition-bmc host")] = check_ip(addr, "--partition-bmc")
+            except ClusterError as exc:
+                return _fail("agent", str(exc))
+        _start_partition(args.host, key, links, ManagerClient(url, key, timeout=2.0), log,
+                         bmcs)
     for iface in args.acd_watch:
         _start_acd_watch(
             iface, args.acd_promisc, ManagerClient(url, key, timeout=2.0), args.host, log
@@ -415,7 +437,7 @@ def _partition_links(specs: list[str], mgmt: str | None, vm: str | None) -> list
 
 
 def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
-                     log: Callable[[str], None]) -> None:
+                     log: Callable[[str], None], bmcs: dict[str, str] | None = None) -> None:
     """Run the partition prober in a daemon thread, and a poster thread that sends its
     classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
     manager, so a slow or unreachable manager never stalls the probing. Undelivered
@@ -480,7 +502,8 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
 
     def run() -> None:
         try:
-            run_prober(host, key, links, peers, report, threading.Event(), publish=publish)
+            run_prober(host, key, links, peers, report, threading.Event(), publish=publish,
+                       bmcs=bmcs)
         except OSError as exc:
             log(f"partition prober stopped: {exc}")
 

@@ -112,22 +112,26 @@ class Faults:
             self._nft(node, text)
         return f.fault_id
 
-    def partition(self, hosts: list[str], network: str) -> str:
-        """Split ``hosts`` from every other node on ``network``: frames between are dropped."""
+    def partition(self, hosts: list[str], network: str, against: list[str] | None = None) -> str:
+        """Split ``hosts`` from every other node on ``network`` (or only from the hosts in
+        ``against``, so both sides keep the rest, e.g. the gateway): frames between are dropped."""
         plan = self.lab._plan()
-        for h in hosts:
+        for h in [*hosts, *(against or [])]:
             self.lab._check_host(h)
+        if against is not None and (not against or set(hosts) & set(against)):
+            raise ValueError("against must name other hosts than the partitioned ones")
         switch = plan.switch(network)
-        side_a: list[str] = []
-        for h in hosts:
-            for _, port in self.lab.link_ends(f"{h}:{network}")[1::2]:
-                side_a.append(port)
-        side_b = [
+
+        def ports(names: list[str]) -> list[str]:
+            return [p for h in names for _, p in self.lab.link_ends(f"{h}:{network}")[1::2]]
+
+        side_a = ports(hosts)
+        side_b = ports(against) if against is not None else [
             i.name
             for i in self.lab.net[switch].intfList()
             if i.name != "lo" and i.name.startswith(switch + "-") and i.name not in side_a
         ]
-        f = self._new("partition", network, hosts=hosts, network=network)
+        f = self._new("partition", network, hosts=hosts, network=network, against=against)
         chain = f.fault_id.replace("-", "_")
         self._nft(None, partition_rules(self.table, chain, side_a, side_b))
         f.undo.append((None, f"delete chain bridge {self.table} {chain}\n"))

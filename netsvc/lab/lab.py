@@ -581,6 +581,55 @@ class Lab:
         v.state = "stopped"
         self.record("event", vm, "stop", host=v.host)
 
+    def power_off_vm(self, vm: str) -> None:
+        """Pull the plug on a VM's guest (SIGKILL): nothing is saved."""
+        v = self._vm(vm)
+        if v.state != "running":
+            raise LabError(f"VM {vm} is not running")
+        self.procs.end(f"guest-{vm}", signal.SIGKILL)
+        v.proc = None
+        v.state = "stopped"
+        self.record("event", vm, "power-off", host=v.host)
+
+    def restart_vm(self, vm: str, dst: str) -> None:
+        """Boot a VM that died with its host afresh on ``dst``: re-cable its NIC to ``dst``'s
+        virtual switch and start a new guest (a cold start: the guest's state is lost).
+
+        Refused while the VM runs, so a VM never runs twice."""
+        plan = self._plan()
+        v = self._vm(vm)
+        self._check_host(dst)
+        if v.state == "running":
+            raise LabError(f"VM {vm} is running on {v.host}; restarting it would run it twice")
+        if dst in self.crashed:
+            raise LabError(f"host {dst} is down")
+        if dst == v.host:
+            raise LabError(f"VM {vm} is already on {dst}")
+        old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
+        vif = plan.vif_name(vm)
+        vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
+        src = v.host
+        self.record("action", vm, "restart", src=src, dst=dst)
+        old = vm_ipr.link_lookup(ifname=old_port)
+        if old:
+            vm_ipr.link("del", index=old[0])
+        vm_ipr.link(
+            "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": self.pid(dst)}
+        )
+        new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
+        vm_ipr.link("set", index=new_idx, master=vm_ipr.link_lookup(ifname="vnic")[0])
+        vm_ipr.brport("set", index=new_idx, isolated=1, **_SPEAKING)
+        dst_vif = dst_ipr.link_lookup(ifname=vif)[0]
+        dst_ipr.link("set", index=dst_vif, master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
+        vm_ipr.link("set", index=new_idx, state="up")
+        if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=2.0):
+            raise LabError(f"the new port of {vm} on {dst} did not come up")
+        v.host = dst
+        v.generation += 1
+        self._start_guest(vm)
+        self.announce(vm)
+        self.record("event", vm, "restarted", src=src, dst=dst)
+
     def guest_connect(
         self, vm: str, via: str = "gw", timeout: float = 2.0
     ) -> Callable[[], socket.socket]:
@@ -769,6 +818,7 @@ class Lab:
                 if idx:
                     ipr.link("set", index=idx[0], state="down")
         self.crashed.add(host)
+        self._set_power(host, False)
         return died
 
     def power_on(self, host: str) -> None:
@@ -791,6 +841,7 @@ class Lab:
         if not wait_operstate_up(links, timeout=5.0):
             raise LabError(f"host {host}'s links did not come up within 5 s")
         self.crashed.discard(host)
+        self._set_power(host, True)
         self.record("fault-end", host, "crash", fault_id=f"crash-{host}")
         if self.key_file is not None:
             self.start_agent(host)
@@ -839,6 +890,8 @@ class Lab:
             role="manager",
         )
         self.record("event", "lab", "manager-start")
+        if partition:
+            self._start_bmcs()
         for h in self._plan().host_names():
             self.start_agent(h)
         from netsvc.cluster.client import ApiError
@@ -859,6 +912,29 @@ class Lab:
         for v in self.vms.values():
             client.put_vm(v.name, mac=v.mac, ip=v.ip, host=v.host, state=v.state)
         self.record("event", "lab", "cluster-ready")
+
+    def _power_file(self, host: str) -> Path:
+        return self.run_dir / "bmc" / f"{host}.power"
+
+    def _set_power(self, host: str, on: bool) -> None:
+        if self.partition:
+            self._power_file(host).write_text("on\n" if on else "off\n")
+
+    def _start_bmcs(self) -> None:
+        """Each BMC answers power-state queries (``netsvc.lab.bmc``) for the probers."""
+        plan = self._plan()
+        assert self.key_file is not None
+        (self.run_dir / "bmc").mkdir(exist_ok=True)
+        for h in plan.host_names():
+            self._set_power(h, h not in self.crashed)
+            n = h[1:]
+            self.popen(
+                f"bmc{n}",
+                [sys.executable, "-m", "netsvc.lab.bmc", "--host", h, "--listen",
+                 plan.bmc_addr(h), "--key-file", str(self.key_file), "--power-file",
+                 str(self._power_file(h))],
+                role=f"bmcd{n}",
+            )
 
     def _write_manager_config(self, text: str) -> Path:
         path = self.run_dir / "manager.toml"
@@ -910,6 +986,11 @@ class Lab:
                         f"mgmt={plan.host_ifname(host, 'eth0')},{SERVICES_MGMT}",
                         "--partition-link",
                         f"vm=vs0,{GATEWAY}",
+                        *(
+                            f"--partition-bmc={h}={plan.bmc_addr(h)}"
+                            for h in plan.host_names()
+                            if h != host
+                        ),
                     ]
                     if self.partition
                     else []
@@ -938,6 +1019,15 @@ class Lab:
                 if action["kind"] == "migrate":
                     r = self.migrate(action["vm"], action["to"])
                     detail = f"switched in {r.switch_ms:.1f} ms"
+                elif action["kind"] == "restart":
+                    self.restart_vm(action["vm"], action["to"])
+                    detail = f"{action['vm']} started afresh on {action['to']}"
+                elif action["kind"] == "power-off":
+                    self.power_off_vm(action["vm"])
+                    detail = f"{action['vm']} powered off"
+                elif action["kind"] == "shutdown":
+                    self.stop_vm(action["vm"])
+                    detail = f"{action['vm']} shut down cleanly"
                 elif action["kind"] == "readdress":
                     old = action["old_ip"]
                     winner = next(

@@ -41,6 +41,7 @@ from netsvc.partition.classifier import (
     Config,
     IndirectProbe,
     PeerState,
+    SecondChannelQuery,
 )
 from netsvc.partition.heartbeat import Heartbeat, MsgType, Network, Receiver
 from netsvc.partition.heartbeat import encode as encode_heartbeat
@@ -113,8 +114,11 @@ def run_prober(
     refresh_s: float = 1.0,
     publish: Callable[[dict[str, object]], None] | None = None,
     view_every: float = 0.5,
+    bmcs: Mapping[str, str] | None = None,
 ) -> None:
-    """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network."""
+    """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network.
+    ``bmcs``: each peer's BMC address, asked (PING_REQ over management) when the classifier
+    wants a second opinion on a peer lost on both networks; it answers as ``bmc<N>``."""
     cfg = config or DEFAULT_CONFIG
     nets = {link.network: _Net(link) for link in links}
     by_fd = {n.udp.fileno(): n for n in nets.values()} | {n.arp.fileno(): n for n in nets.values()}
@@ -149,6 +153,15 @@ def run_prober(
             if dst is not None:
                 send(net, Heartbeat(MsgType.PING_REQ, ev.network, host, next(seq), stamp(now),
                                     target=ev.peer), dst)
+
+    bmc_of = dict(bmcs or {})
+    bmc_names = {f"bmc{h.lstrip('h')}": h for h in bmc_of}
+
+    def ask_bmc(peer: str, now: float) -> None:
+        net, addr = nets.get(Network.MGMT), bmc_of.get(peer)
+        if net is not None and addr is not None:
+            send(net, Heartbeat(MsgType.PING_REQ, Network.MGMT, host, next(seq), stamp(now),
+                                target=peer), addr)
 
     def answer(net: _Net, req: Heartbeat, src: str, now: float) -> None:
         target = req.target
@@ -208,6 +221,8 @@ def run_prober(
                     for msg, src in _drain_udp(net, receiver, clf, now):
                         if msg.type is MsgType.PING_REQ:
                             answer(net, msg, src, now)
+                        elif bmc_names.get(msg.sender) == msg.target and msg.target:
+                            clf.second_channel(msg.target, msg.reached, now)
                         elif msg.target is not None and msg.target != host:
                             clf.indirect_result(msg.network, msg.target, msg.reached,
                                                 msg.sender, now)
@@ -229,6 +244,8 @@ def run_prober(
                     changed = True
                 elif isinstance(ev, IndirectProbe):
                     relay(ev, now)
+                elif isinstance(ev, SecondChannelQuery):
+                    ask_bmc(ev.peer, now)
             if publish is not None and (changed or now >= next_view):
                 publish(clf.view(now))
                 next_view = now + view_every

@@ -9,7 +9,8 @@ Verdicts (``ClusterView.verdicts``):
 - A host whose report is fresh (at most ``Policy.report_ttl`` old) speaks for itself, since it
   alone knows its own links. One exception: a host that calls itself healthy but sits outside
   the main group of the VM network (the largest group of mutually-hearing hosts that reaches
-  the isolation address) is in a PARTITION.
+  the isolation address) is in a PARTITION, once a majority of that main group classifies it
+  as failed too (so peers not yet heard of at start-up split nothing).
 - A host whose report is stale cannot speak (its management network is probably gone): the
   fresh reporters' classifications of it decide, by majority, ties to the least drastic class.
   A peer lost on both networks whose BMC says alive (the classifier's PARTITION for a peer) is a
@@ -300,8 +301,14 @@ class ClusterView:
         for host in sorted(set(hosts) | set(self._reports)):
             rep = fresh.get(host)
             if rep is not None:
-                if rep.classification is C.HEALTHY and len(groups) > 1 and host not in main:
-                    mine = next(g for g in groups if host in g)
+                mine = next((g for g in groups if host in g), {host})
+                # The main group must have lost the host too (each side's own confirmed
+                # classification), so peers not yet heard of at start-up split nothing.
+                judges = [fresh[h].peers.get(host) for h in main if h in fresh]
+                confirmed = bool(judges) and sum(
+                    1 for c in judges if c is not None and c is not C.HEALTHY
+                ) * 2 > len(judges)
+                if rep.classification is C.HEALTHY and host not in main and confirmed:
                     out[host] = Verdict(
                         host, C.PARTITION,
                         f"on the VM network {host} hears only {sorted(mine)}; the main group "

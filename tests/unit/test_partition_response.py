@@ -146,7 +146,8 @@ def test_no_opinion_no_verdict() -> None:
 
 def test_a_healthy_minority_on_the_vm_network_is_a_partition() -> None:
     # h3 still reaches the gateway but hears neither h1 nor h2 on the VM network.
-    cv = view(report("h1", vm_sees=["h2"]), report("h2", vm_sees=["h1"]),
+    lost = {"h3": "vm-network-failure"}
+    cv = view(report("h1", vm_sees=["h2"], peers=lost), report("h2", vm_sees=["h1"], peers=lost),
               report("h3", vm_sees=[], vm_iso=True))
     v = cv.verdicts(0.5, HOSTS)
     assert v["h3"].classification is C.PARTITION
@@ -155,12 +156,21 @@ def test_a_healthy_minority_on_the_vm_network_is_a_partition() -> None:
 
 
 def test_the_main_group_is_the_one_that_reaches_the_gateway() -> None:
+    lost = {"h1": "vm-network-failure", "h2": "vm-network-failure"}
     cv = view(report("h1", vm_sees=["h2"], vm_iso=False),
               report("h2", vm_sees=["h1"], vm_iso=False),
-              report("h3", vm_sees=[], vm_iso=True))
+              report("h3", vm_sees=[], vm_iso=True, peers=lost))
     v = cv.verdicts(0.5, HOSTS)
     assert v["h1"].classification is C.PARTITION and v["h2"].classification is C.PARTITION
     assert v["h3"].classification is C.HEALTHY
+
+
+def test_hosts_not_yet_heard_of_at_start_up_split_nothing() -> None:
+    # Just started: nobody has heard anybody yet, and nobody has an opinion of the others.
+    cv = view(*(report(h, vm_sees=[], peers={}) for h in HOSTS))
+    for h in HOSTS:
+        cv.report(HostReport.from_dict({**report(h, vm_sees=[]), "peers": {}}, 0.0))
+    assert {v.classification for v in cv.verdicts(0.5, HOSTS).values()} == {C.HEALTHY}
 
 
 # -- decisions -----------------------------------------------------------------------------------

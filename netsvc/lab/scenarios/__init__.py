@@ -53,9 +53,9 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import ip_conflict, smoke
+    from netsvc.lab.scenarios import ip_conflict, partition, smoke
 
-    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO)}
+    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO, *partition.SCENARIOS)}
 
 
 SCENARIOS = _load()
