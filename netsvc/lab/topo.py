@@ -40,6 +40,13 @@ class HypervisorHost(Host):  # type: ignore[misc]
             cmds.append(f"ip link set {intf} master vs0 up")
         for intf in standby:
             cmds.append(f"ip link set {intf} up")  # standby: cabled and up, not a bridge port
+        if uplinks:
+            # A bridge takes the lowest MAC of its ports unless one is set: pin it, or every VM
+            # port added later (a migration) could change the host's VM-network MAC under its
+            # peers' ARP caches.
+            cmds.append(
+                f"ip link set vs0 address $(ip -br link show {uplinks[0]} | awk '{{print $3}}')"
+            )
         cmds.append("ip link set vs0 up")
         if vm_addr:
             cmds.append(f"ip addr add {vm_addr}/{prefix_len('vmnet')} dev vs0")

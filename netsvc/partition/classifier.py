@@ -189,11 +189,12 @@ def partition_groups(views: Mapping[str, Iterable[str]]) -> list[set[str]]:
 
 
 class _Link:
-    __slots__ = ("failed", "last_heard", "lost_at", "probe_deadline", "state", "via")
+    __slots__ = ("direct", "failed", "last_heard", "lost_at", "probe_deadline", "state", "via")
 
     def __init__(self, now: float) -> None:
         self.state = PeerState.ALIVE
         self.last_heard = now
+        self.direct: float | None = None  # when a heartbeat of its own last came
         self.probe_deadline = 0.0
         self.lost_at = 0.0
         self.via: tuple[str, ...] = ()
@@ -303,6 +304,18 @@ class Classifier:
                 out[name] = set(s.views[network])
         return out
 
+    def heard_directly(self, network: Network, peer: str, within: float, now: float) -> bool:
+        """Did a heartbeat of ``peer``'s own arrive on ``network`` in the last ``within`` s?
+
+        What a helper answers to a PING_REQ: only first-hand evidence counts, so two hosts can
+        never keep a dead peer alive by vouching for each other's indirect results."""
+        t = self._clock(now)
+        p = self._peers.get(peer)
+        if p is None:
+            return False
+        direct = p.links[_check_network(network)].direct
+        return direct is not None and t - direct <= within
+
     def isolation_ok(self, network: Network) -> bool | None:
         """Whether the last isolation probe on ``network`` answered (None: never probed)."""
         fails = self._iso_fail[_check_network(network)]
@@ -354,6 +367,7 @@ class Classifier:
             if p is None:
                 return
         self._alive(p, network, t)
+        p.links[network].direct = t
         if sees is not None:
             p.views[network] = frozenset(list(sees)[:64])
         self._last_any[network] = t

@@ -11,6 +11,8 @@ Verdicts (``ClusterView.verdicts``):
   the main group of the VM network (the largest group of mutually-hearing hosts that reaches
   the isolation address) is in a PARTITION, once a majority of that main group classifies it
   as failed too (so peers not yet heard of at start-up split nothing).
+- Except when most peers say HOST_DOWN: that rests on the host's BMC saying its power is off,
+  which beats the host's last report.
 - A host whose report is stale cannot speak (its management network is probably gone): the
   fresh reporters' classifications of it decide, by majority, ties to the least drastic class.
   A peer lost on both networks whose BMC says alive (the classifier's PARTITION for a peer) is a
@@ -300,6 +302,14 @@ class ClusterView:
         out: dict[str, Verdict] = {}
         for host in sorted(set(hosts) | set(self._reports)):
             rep = fresh.get(host)
+            opinions = {h: r.peers[host] for h, r in fresh.items() if host in r.peers}
+            down = sorted(h for h, c in opinions.items() if c is C.HOST_DOWN)
+            if rep is not None and len(down) * 2 > len(opinions):
+                # The peers' verdict rests on the BMC's word that the power is off: it beats
+                # the host's last report, which may be up to ``report_ttl`` old.
+                out[host] = Verdict(host, C.HOST_DOWN, f"{len(down)} of {len(opinions)} peers "
+                                    "say host-down (confirmed by its BMC)", tuple(down))
+                continue
             if rep is not None:
                 mine = next((g for g in groups if host in g), {host})
                 # The main group must have lost the host too (each side's own confirmed
@@ -316,7 +326,6 @@ class ClusterView:
                 else:
                     out[host] = Verdict(host, rep.classification, "its own report", (host,))
                 continue
-            opinions = {h: r.peers[host] for h, r in fresh.items() if host in r.peers}
             if not opinions:
                 continue
             counts = Counter(

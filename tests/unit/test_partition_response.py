@@ -314,3 +314,11 @@ def test_manager_rejects_a_malformed_report(tmp_path: Path) -> None:
     core, _ = manager(tmp_path)
     with pytest.raises(ValidationError, match="classification"):
         core.partition_report({"host": "h1", "classification": 3}, now=1.0)
+
+
+def test_the_bmc_backed_host_down_beats_a_last_report_still_fresh() -> None:
+    down = {"h1": "host-down"}
+    cv = view(report("h1"), report("h2", peers=down), report("h3", peers=down))
+    v = cv.verdicts(0.5, HOSTS)
+    assert v["h1"].classification is C.HOST_DOWN
+    assert v["h1"].sources == ("h2", "h3")
