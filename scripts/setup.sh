@@ -12,6 +12,8 @@ APT_PACKAGES=(
   iputils-arping iputils-ping curl
   knot bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
   arpwatch         # the peer in bench/acd_monitor.py
+  etcd-server      # the real etcd behind the state store's etcd backend (tests, lab)
+  usbip iperf3     # the Linux usbip tools (wire peer) and raw TCP beside netsvc.usbip (bench)
   procps
 )
 
@@ -24,10 +26,12 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# Installing knot must not start a system-wide knotd: the lab runs its own, per run.
-if [ -d /etc/systemd/system ] && [ ! -e /etc/systemd/system/knot.service ]; then
-  ln -s /dev/null /etc/systemd/system/knot.service
-fi
+# Installing knot or etcd must not start a system-wide daemon: the lab and tests run their own.
+for unit in knot etcd; do
+  if [ -d /etc/systemd/system ] && [ ! -e "/etc/systemd/system/$unit.service" ]; then
+    ln -s /dev/null "/etc/systemd/system/$unit.service"
+  fi
+done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -21,6 +21,9 @@ Invariants of ``SqliteStore``:
   has been committed to disk;
 - keys are non-empty strings of at most ``MAX_KEY_LEN`` characters, values are bytes of at
   most ``MAX_VALUE_LEN`` bytes (etcd's default request limit is 1.5 MiB).
+
+``open_store(spec, state_dir)`` picks the implementation: SQLite by default, or
+``netsvc.cluster.etcd_store.EtcdStore`` for ``etcd://HOST:PORT[/PREFIX]``.
 """
 
 from __future__ import annotations
@@ -262,3 +265,18 @@ class SqliteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_store(spec: str | None, state_dir: str | Path) -> StateStore:
+    """The store named by ``spec``: None, ``""`` or ``"sqlite"`` for the embedded default
+    (``state_dir/state.sqlite``); ``etcd://HOST:PORT`` or ``etcd://HOST:PORT/PREFIX/`` for
+    ``EtcdStore`` on that etcd (keys under ``/PREFIX/``, default ``/netsvc/``)."""
+    if spec is None or spec in ("", "sqlite"):
+        return SqliteStore(Path(state_dir) / "state.sqlite")
+    if isinstance(spec, str) and spec.startswith("etcd://"):
+        from netsvc.cluster.etcd_store import DEFAULT_PREFIX, EtcdStore
+
+        hostport, _, path = spec[len("etcd://") :].partition("/")
+        prefix = f"/{path.strip('/')}/" if path.strip("/") else DEFAULT_PREFIX
+        return EtcdStore(f"etcd://{hostport}", prefix=prefix)
+    raise StoreError(f"unknown state store {spec!r}: use sqlite or etcd://HOST:PORT[/PREFIX]")

@@ -1,69 +1,95 @@
-"""Unit tests of netsvc.cluster.store: revisions, compare-and-put, scan, threads, files."""
+"""Unit tests of netsvc.cluster.store: revisions, compare-and-put, scan, threads, files.
+
+The behavioural tests run against every ``StateStore``: the embedded ``SqliteStore`` and
+``EtcdStore`` on a real etcd (one per module, on loopback; skipped when etcd is not installed,
+except in CI). Each etcd test gets a fresh key prefix, and since etcd's revision is global and
+starts at 1, the tests check revisions relative to ``store.revision()`` at their start.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcd_server import LoopbackEtcd, run_loopback_etcd
 
+from netsvc.cluster.etcd_store import EtcdStore
 from netsvc.cluster.store import Conflict, KeyValue, SqliteStore, StateStore, StoreError
 
 
-@pytest.fixture
-def store() -> Iterator[SqliteStore]:
-    s = SqliteStore(":memory:")
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[LoopbackEtcd]:
+    with tempfile.TemporaryDirectory(prefix="netsvc-etcd-") as d, run_loopback_etcd(Path(d)) as e:
+        yield e
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store(request: pytest.FixtureRequest) -> Iterator[StateStore]:
+    s: StateStore
+    if request.param == "sqlite":
+        s = SqliteStore(":memory:")
+    else:
+        server: LoopbackEtcd = request.getfixturevalue("etcd")
+        s = EtcdStore(server.endpoint, prefix=f"/test/{uuid.uuid4().hex}/")
     yield s
     s.close()
 
 
-def test_implements_protocol(store: SqliteStore) -> None:
+def test_implements_protocol(store: StateStore) -> None:
     assert isinstance(store, StateStore)
 
 
-def test_put_get_revisions(store: SqliteStore) -> None:
-    assert store.revision() == 0
+def test_put_get_revisions(store: StateStore) -> None:
+    r0 = store.revision()
+    if isinstance(store, SqliteStore):
+        assert r0 == 0  # etcd starts at 1, and its revision is the whole cluster's
     assert store.get("a") is None
-    assert store.put("a", b"1") == 1
-    assert store.put("b", b"2") == 2
-    assert store.put("a", b"3") == 3
-    assert store.get("a") == (b"3", 3)
-    assert store.get("b") == (b"2", 2)
-    assert store.revision() == 3
+    assert store.put("a", b"1") == r0 + 1
+    assert store.put("b", b"2") == r0 + 2
+    assert store.put("a", b"3") == r0 + 3
+    assert store.get("a") == (b"3", r0 + 3)
+    assert store.get("b") == (b"2", r0 + 2)
+    assert store.revision() == r0 + 3
 
 
-def test_compare_and_put(store: SqliteStore) -> None:
+def test_compare_and_put(store: StateStore) -> None:
+    r0 = store.revision()
     rev = store.compare_and_put("k", b"v1", 0)  # 0: must not exist
-    assert rev == 1
+    assert rev == r0 + 1
     with pytest.raises(Conflict) as exc:
         store.compare_and_put("k", b"v2", 0)
-    assert exc.value.expected == 0 and exc.value.actual == 1
+    assert exc.value.expected == 0 and exc.value.actual == rev
     with pytest.raises(Conflict):
-        store.compare_and_put("k", b"v2", 7)
-    assert store.get("k") == (b"v1", 1)
-    assert store.revision() == 1  # failed CAS changed nothing
-    assert store.compare_and_put("k", b"v2", 1) == 2
+        store.compare_and_put("k", b"v2", rev + 7)
+    assert store.get("k") == (b"v1", rev)
+    assert store.revision() == rev  # failed CAS changed nothing
+    assert store.compare_and_put("k", b"v2", rev) == rev + 1
     with pytest.raises(Conflict) as exc:
-        store.compare_and_put("absent", b"x", 2)
+        store.compare_and_put("absent", b"x", rev + 1)
     assert exc.value.actual == 0
 
 
-def test_delete_keeps_revision_monotonic(store: SqliteStore) -> None:
+def test_delete_keeps_revision_monotonic(store: StateStore) -> None:
+    r0 = store.revision()
     store.put("a", b"1")
     store.put("b", b"2")
     assert store.delete("b") is True
-    assert store.revision() == 3
+    assert store.revision() == r0 + 3
     assert store.delete("b") is False
-    assert store.revision() == 3
+    assert store.revision() == r0 + 3
     assert store.get("b") is None
-    assert store.put("b", b"again") == 4
+    assert store.put("b", b"again") == r0 + 4
     # After a delete the key counts as absent for compare_and_put.
     store.delete("a")
-    assert store.compare_and_put("a", b"new", 0) == 6
+    assert store.compare_and_put("a", b"new", 0) == r0 + 6
 
 
-def test_scan_prefix(store: SqliteStore) -> None:
+def test_scan_prefix(store: StateStore) -> None:
+    r0 = store.revision()
     for k in ["x/2", "x/1", "x%/odd", "y/1", "x_/odd", "x"]:
         store.put(k, k.encode())
     assert [kv.key for kv in store.scan("x/")] == ["x/1", "x/2"]
@@ -71,10 +97,11 @@ def test_scan_prefix(store: SqliteStore) -> None:
     assert [kv.key for kv in store.scan("x_")] == ["x_/odd"]
     assert len(store.scan("")) == 6
     got = store.scan("y/")
-    assert got == [KeyValue("y/1", b"y/1", 4)]
+    assert got == [KeyValue("y/1", b"y/1", r0 + 4)]
+    assert store.scan("zzz") == []
 
 
-def test_bad_arguments(store: SqliteStore) -> None:
+def test_bad_arguments(store: StateStore) -> None:
     with pytest.raises(StoreError):
         store.put("", b"x")
     with pytest.raises(StoreError):
@@ -92,7 +119,8 @@ def test_bad_arguments(store: SqliteStore) -> None:
         store.get("k")
 
 
-def test_threads_get_distinct_revisions(store: SqliteStore) -> None:
+def test_threads_get_distinct_revisions(store: StateStore) -> None:
+    r0 = store.revision()
     revs: list[int] = []
     lock = threading.Lock()
 
@@ -107,19 +135,19 @@ def test_threads_get_distinct_revisions(store: SqliteStore) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(revs) == list(range(1, 401))
-    assert store.revision() == 400
+    assert sorted(revs) == list(range(r0 + 1, r0 + 401))
+    assert store.revision() == r0 + 400
 
 
-def test_concurrent_cas_has_one_winner(store: SqliteStore) -> None:
-    store.put("leader", b"none")
+def test_concurrent_cas_has_one_winner(store: StateStore) -> None:
+    rev = store.put("leader", b"none")
     wins: list[int] = []
     barrier = threading.Barrier(6)
 
     def contender(n: int) -> None:
         barrier.wait()
         try:
-            store.compare_and_put("leader", str(n).encode(), 1)
+            store.compare_and_put("leader", str(n).encode(), rev)
             wins.append(n)
         except Conflict:
             pass
