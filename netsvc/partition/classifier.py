@@ -520,8 +520,14 @@ class Classifier:
         raw, reason = self._raw_self(down)
         self._update(self.own_name, self._self, raw, reason, t, now)
         for name, p in self._peers.items():
-            raw, reason = self._raw_peer(p, down, t)
-            self._update(name, p.subject, raw, reason, t, now)
+            maybe, reason = self._raw_peer(p, down, t)
+            if maybe is None:
+                # Waiting for the second channel: nothing is decided, nothing is emitted, and
+                # the wait is no flap (the next verdict counts as one change).
+                s = p.subject
+                s.candidate, s.since, s.reason = s.emitted, t, reason
+                continue
+            self._update(name, p.subject, maybe, reason, t, now)
 
     def _net_down(self, n: Network, t: float) -> bool:
         cfg = self.config
@@ -542,7 +548,9 @@ class Classifier:
             return C.VM_NETWORK_FAILURE, "VM network silent and isolation probe failing"
         return C.HEALTHY, "both networks answer"
 
-    def _raw_peer(self, p: _Peer, down: set[Network], t: float) -> tuple[Classification, str]:
+    def _raw_peer(
+        self, p: _Peer, down: set[Network], t: float
+    ) -> tuple[Classification | None, str]:
         m_lost = p.links[Network.MGMT].state is P.LOST and Network.MGMT not in down
         v_lost = p.links[Network.VM].state is P.LOST and Network.VM not in down
         if m_lost and v_lost:
@@ -553,7 +561,7 @@ class Classifier:
             since = max(lk.lost_at for lk in p.links.values())
             if t >= since + self.config.second_channel_timeout:
                 return C.PARTITION, "lost on both networks; no second-channel verdict"
-            return p.subject.emitted, "lost on both networks; waiting for the second channel"
+            return None, "lost on both networks; waiting for the second channel"
         if v_lost:
             return C.VM_NETWORK_FAILURE, "heard on management, lost on the VM network"
         if m_lost:
