@@ -390,8 +390,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 bmcs[check_name(name, "--partition-bmc host")] = check_ip(addr, "--partition-bmc")
             except ClusterError as exc:
                 return _fail("agent", str(exc))
-        _start_partition(args.host, key, links, ManagerClient(url, key, timeout=2.0), log,
-                         bmcs)
+        _start_partition(args.host, key, links, lambda: ManagerClient(url, key, timeout=2.0),
+                         log, bmcs)
     for iface in args.acd_watch:
         _start_acd_watch(
             iface, args.acd_promisc, ManagerClient(url, key, timeout=2.0), args.host, log
@@ -436,12 +436,13 @@ def _partition_links(specs: list[str], mgmt: str | None, vm: str | None) -> list
     return links
 
 
-def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
+def _start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
                      log: Callable[[str], None], bmcs: dict[str, str] | None = None) -> None:
     """Run the partition prober in a daemon thread, and a poster thread that sends its
     classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
     manager, so a slow or unreachable manager never stalls the probing. Undelivered
-    classifications are kept (at most 256); of the views only the latest counts."""
+    classifications are kept (at most 256); of the views only the latest counts. Each thread
+    has its own ``ManagerClient``: a client's connection is not shared between threads."""
     import collections
     import contextlib
     import json
@@ -450,6 +451,8 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
     from netsvc.cluster.client import ApiError
     from netsvc.partition.agent import run_prober
     from netsvc.partition.heartbeat import Network
+
+    client, poster_client = make_client(), make_client()
 
     def peers() -> dict[str, dict[Network, str]]:
         try:
@@ -489,7 +492,7 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
                 subject, details = events[0]
                 body = {k: v for k, v in details.items() if k != "reason"}
                 try:
-                    client.post_event(f"agent:{host}", "classification", f"host:{subject}",
+                    poster_client.post_event(f"agent:{host}", "classification", f"host:{subject}",
                                       details["reason"] or "classification changed", body)
                 except (ApiError, OSError) as exc:
                     log(f"could not report a classification: {exc}")
@@ -498,7 +501,7 @@ def _start_partition(host: str, key: bytes, links: list[Any], client: Any,
             view, latest[0] = latest[0], None
             if view is not None:
                 with contextlib.suppress(ApiError, OSError):  # the next view replaces it
-                    client.partition_report(view)
+                    poster_client.partition_report(view)
 
     def run() -> None:
         try:

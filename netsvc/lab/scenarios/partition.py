@@ -64,9 +64,18 @@ def wait_healthy(lab: Lab, timeout: float = 15.0) -> None:
     while True:
         st = mgr.partition_status()
         verdicts = st.get("verdicts", {})
-        fresh = {h for h, r in st.get("reports", {}).items() if r.get("fresh")}
-        if fresh >= hosts and all(verdicts.get(h, {}).get("classification") == "healthy"
-                                  for h in hosts):
+        reports = st.get("reports", {})
+        fresh = {h for h, r in reports.items() if r.get("fresh")}
+        # Every host has heard every other on both networks and judges it healthy.
+        known = all(
+            set(reports[h]["peers"]) >= hosts - {h}
+            and set(reports[h]["peers"].values()) == {"healthy"}
+            and all(set(n["sees"]) >= hosts - {h} for n in reports[h]["networks"].values())
+            for h in fresh
+        )
+        if fresh >= hosts and known and all(
+            verdicts.get(h, {}).get("classification") == "healthy" for h in hosts
+        ):
             return
         if time.monotonic() > deadline:
             raise LabError(f"the hosts were not all judged healthy in time: {verdicts}")
