@@ -604,9 +604,10 @@ class ManagerCore:
         for a in self._actions.values():
             if a.state is ActionState.PENDING:
                 deadlines.append(a.created + self.config.action_timeout)
-        expiry = self._pview.next_expiry(self._p_last)
-        if expiry is not None:
-            deadlines.append(expiry)
+        for t in (self._pview.next_expiry(self._p_last),
+                  self._responder.next_deadline(self._p_last)):
+            if t is not None:
+                deadlines.append(t)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float, wall: float | None = None) -> list[ManagerEvent]:

@@ -10,8 +10,9 @@ network), and an ARP request to each network's isolation address. What comes bac
 Indirect probes (SWIM's ping-req): when the classifier suspects a peer on one network, this host
 sends a PING_REQ for it to the helpers the classifier chose, over the *other* network when that
 one is up (a different path), else over the same one. A helper answers PING_ACK with REACHED set
-when a heartbeat of the target's own reached it on that network within 1.5 ``interval``s; with
-heartbeats every ``interval`` that observation is as fresh as a new ping and costs nothing more.
+when a heartbeat of the target's own reached it on that network within the suspicion window
+(``suspect_after`` intervals); with heartbeats every ``interval`` that observation is as fresh
+as a new ping and costs nothing more.
 Only first-hand evidence counts, so two hosts never keep a dead peer alive by vouching for each
 other.
 The answer feeds ``Classifier.indirect_result``.
@@ -167,7 +168,7 @@ def run_prober(
     def answer(net: _Net, req: Heartbeat, src: str, now: float) -> None:
         target = req.target
         assert target is not None
-        reached = clf.heard_directly(req.network, target, 1.5 * cfg.interval, now)
+        reached = clf.heard_directly(req.network, target, cfg.suspect_after * cfg.interval, now)
         send(net, Heartbeat(MsgType.PING_ACK, req.network, host, next(seq), stamp(now),
                             target=target, echo_ms=req.sent_ms, reached=reached), src)
     try:

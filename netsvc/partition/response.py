@@ -95,7 +95,7 @@ class Policy:
     max_affected_share: float = 0.5
     dry_run: bool = False
     report_ttl: float = 1.5
-    act_after: float = 0.0
+    act_after: float = 0.5  # a verdict must hold this long: a stalled peer is no incident
 
     def __post_init__(self) -> None:
         for c in FAILURES:
@@ -400,6 +400,12 @@ class Responder:
 
     def incidents(self) -> dict[str, tuple[Classification, float]]:
         return dict(self._since)
+
+    def next_deadline(self, now: float) -> float | None:
+        """When an incident not yet old enough to act on (``act_after``) becomes so."""
+        ts = [since + self.policy.act_after for c, since in self._since.values()
+              if c in FAILURES and since + self.policy.act_after > now]
+        return min(ts) if ts else None
 
     def decide(
         self,

@@ -185,7 +185,7 @@ VMS = [VMInfo("vm1", "h1", True), VMInfo("vm2", "h1", True), VMInfo("vm3", "h2",
 
 
 def test_vm_network_failure_migrates_each_vm_once_balancing_targets() -> None:
-    r = Responder()
+    r = Responder(Policy(act_after=0.0))
     v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY)
     decisions, storm = r.decide(v, UP, VMS, 0.0)
     assert storm is None
@@ -197,7 +197,7 @@ def test_vm_network_failure_migrates_each_vm_once_balancing_targets() -> None:
 
 
 def test_a_new_incident_decides_again() -> None:
-    r = Responder()
+    r = Responder(Policy(act_after=0.0))
     r.decide(verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
     r.decide(verdicts(h1=C.HEALTHY, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 1.0)
     again, _ = r.decide(verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS,
@@ -206,7 +206,7 @@ def test_a_new_incident_decides_again() -> None:
 
 
 def test_storm_refuses_everything_once() -> None:
-    r = Responder(Policy(max_affected_share=0.5))
+    r = Responder(Policy(max_affected_share=0.5, act_after=0.0))
     v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.VM_NETWORK_FAILURE, h3=C.HEALTHY)
     decisions, storm = r.decide(v, UP, VMS, 0.0)
     assert decisions == [] and storm is not None and storm.affected == ("h1", "h2")
@@ -214,30 +214,31 @@ def test_storm_refuses_everything_once() -> None:
 
 
 def test_no_healthy_target_refuses() -> None:
-    r = Responder(Policy(max_affected_share=1.0))
+    r = Responder(Policy(max_affected_share=1.0, act_after=0.0))
     v = verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY)
     decisions, _ = r.decide(v, {"h1": True, "h2": False}, VMS[:1], 0.0)
     assert decisions[0].action == "refused" and decisions[0].rule == "target-available"
 
 
 def test_migrating_off_an_isolated_host_is_refused() -> None:
-    pol = Policy.from_mapping({"responses": {"mgmt-isolation": "migrate"}})
+    pol = Policy.from_mapping({"responses": {"mgmt-isolation": "migrate"}, "act_after": 0})
     decisions, _ = Responder(pol).decide(
         verdicts(h1=C.MGMT_ISOLATION, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
     assert {d.rule for d in decisions} == {"source-reachable"}
 
 
 def test_isolation_is_left_alone_by_default_and_says_so() -> None:
-    decisions, _ = Responder().decide(
+    decisions, _ = Responder(Policy(act_after=0.0)).decide(
         verdicts(h1=C.MGMT_ISOLATION, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
     assert {d.action for d in decisions} == {"leave"}
 
 
 def test_host_down_restarts_elsewhere_and_power_off_needs_a_spare_host() -> None:
-    decisions, _ = Responder().decide(
+    decisions, _ = Responder(Policy(act_after=0.0)).decide(
         verdicts(h1=C.HOST_DOWN, h2=C.HEALTHY, h3=C.HEALTHY), {**UP, "h1": False}, VMS, 0.0)
     assert {(d.action, d.target) for d in decisions} == {("restart", "h3"), ("restart", "h2")}
-    pol = Policy.from_mapping({"responses": {"vm-network-failure": "power-off"}})
+    pol = Policy.from_mapping({"responses": {"vm-network-failure": "power-off"},
+                               "act_after": 0})
     decisions, _ = Responder(pol).decide(
         verdicts(h1=C.VM_NETWORK_FAILURE, h2=C.HEALTHY, h3=C.HEALTHY), UP, VMS, 0.0)
     assert {d.action for d in decisions} == {"power-off"}
@@ -256,6 +257,7 @@ def test_act_after_waits_for_the_verdict_to_hold() -> None:
 
 def manager(tmp_path: Path, **pol: Any) -> tuple[ManagerCore, Journal]:
     journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    pol.setdefault("act_after", 0.0)
     core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
                        config=ManagerConfig(partition=Policy.from_mapping(pol)))
     for i, h in enumerate(HOSTS, 1):
@@ -322,3 +324,14 @@ def test_the_bmc_backed_host_down_beats_a_last_report_still_fresh() -> None:
     v = cv.verdicts(0.5, HOSTS)
     assert v["h1"].classification is C.HOST_DOWN
     assert v["h1"].sources == ("h2", "h3")
+
+
+def test_the_manager_acts_when_the_verdict_has_held_act_after(tmp_path: Path) -> None:
+    core, _ = manager(tmp_path, act_after=0.5)
+    core.partition_report(report("h2"), now=1.0)
+    core.partition_report(report("h3"), now=1.0)
+    core.partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
+    assert core.open_actions() == []
+    assert core.next_timer() == pytest.approx(1.5)
+    core.handle_timer(1.5)
+    assert [a.kind for a in core.open_actions()] == ["migrate"]
