@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,32 @@ def test_agents_classify_a_vm_network_cut() -> None:
         assert [e for e in journal if e["subject"] != "host:h1"] == []
     finally:
         assert lab.teardown() == []
+
+
+@pytest.mark.parametrize(
+    ("scenario", "classification", "migrations"),
+    [
+        ("vmnet-failure", "vm-network-failure", 2),
+        ("mgmt-isolation", "mgmt-isolation", 0),
+        ("host-crash", "host-down", 2),
+        ("partition", "partition", 2),
+        ("flapping", None, None),
+    ],
+)
+def test_partition_scenarios(tmp_path: Path, scenario: str, classification: str | None,
+                             migrations: int | None) -> None:
+    """Each scenario as a user runs it; its report carries the issue's keys."""
+
+    r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", scenario,
+                        "--report", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("detection_ms", "classification", "recovery_ms", "migrations"):
+        assert key in report, key
+    assert report["leftovers"] == []
+    if classification is not None:
+        assert report["classification"] == classification
+        assert 0 < report["detection_ms"] < 10_000
+        assert report["migrations"] == migrations
+    else:
+        assert report["migrations"] <= 1
