@@ -1,0 +1,354 @@
+"""``netsvc usbip``: export virtual USB devices over USB/IP, list them, and attach to them.
+
+    netsvc usbip serve [--bind ADDR] [--port P] [--device SPEC ...] [TLS] [--json]
+    netsvc usbip list HOST [--port P] [TLS] [--json]
+    netsvc usbip attach HOST BUSID [--port P] [TLS] [--describe | --need | --measure S]
+                        [--unix PATH] [--no-reconnect] [--json]
+
+TLS is ``--tls-psk-file F`` (pre-shared key), or ``--tls-ca CA`` with ``--tls-cert C
+--tls-key K`` (mutual TLS); without them the wire is plain Linux USB/IP.
+
+``attach`` imports the device, enumerates it and then relays its data to a local process:
+with ``--unix PATH`` to one client at a time on a Unix stream socket, otherwise to
+stdin/stdout. Bytes from the process go to the first bulk OUT endpoint; bytes from the first
+bulk IN endpoint go to the process. A keyboard's interrupt reports are relayed as the text
+they type. The channel reconnects by itself (``--no-reconnect`` to fail instead).
+
+Exit codes: 0 fine, 1 the device or server refused (busy, no such device, transfer error),
+2 usage or environment error (bad option, server unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, BinaryIO
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS (optional; plain mode is wire-compatible with Linux usbip)")
+    g.add_argument("--tls-psk-file", metavar="F", help="pre-shared key file (hex or raw, >=16 B)")
+    g.add_argument("--tls-cert", metavar="F", help="our certificate (PEM)")
+    g.add_argument("--tls-key", metavar="F", help="our private key (PEM)")
+    g.add_argument("--tls-ca", metavar="F", help="CA that signs the peer's certificate")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "usbip",
+        help="USB/IP server and client with virtual devices",
+        description="USB/IP (v1.1.1) with virtual devices, TLS and reconnection.",
+    )
+    u = p.add_subparsers(dest="usbip_cmd", metavar="ACTION")
+    serve = u.add_parser("serve", help="export virtual devices")
+    serve.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    serve.add_argument("--port", type=int, default=3240, help="TCP port (0: any free port)")
+    serve.add_argument(
+        "--device",
+        action="append",
+        metavar="SPEC",
+        help="keyboard[:type=TEXT,every=S] | cdc-acm[:buffer=256k] | bulk[:need=400M,max=1M]"
+        " (repeatable; default: one of each)",
+    )
+    serve.add_argument("--max-connections", type=int, default=64)
+    serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    _tls_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    lst = u.add_parser("list", help="list the devices a server exports")
+    lst.add_argument("host")
+    lst.add_argument("--port", type=int, default=3240)
+    lst.add_argument("--timeout", type=float, default=5.0)
+    lst.add_argument("--json", action="store_true")
+    _tls_args(lst)
+    lst.set_defaults(func=cmd_list)
+
+    att = u.add_parser("attach", help="import a device and relay it to a local process")
+    att.add_argument("host")
+    att.add_argument("busid")
+    att.add_argument("--port", type=int, default=3240)
+    mode = att.add_mutually_exclusive_group()
+    mode.add_argument("--describe", action="store_true", help="enumerate, print, exit")
+    mode.add_argument("--need", action="store_true", help="print the declared need (bits/s)")
+    mode.add_argument("--measure", type=float, metavar="S", help="measure bulk throughput")
+    att.add_argument("--direction", choices=("in", "out"), default="in", help="with --measure")
+    att.add_argument("--urb-size", type=int, default=1 << 20, help="with --measure")
+    att.add_argument("--depth", type=int, default=4, help="URBs in flight, with --measure")
+    att.add_argument("--unix", metavar="PATH", help="relay on this Unix socket, not stdio")
+    att.add_argument("--no-reconnect", action="store_true")
+    att.add_argument("--json", action="store_true")
+    _tls_args(att)
+    att.set_defaults(func=cmd_attach)
+    p.set_defaults(func=lambda a: _usage(p))
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from netsvc.usbip.tls import TlsConfig, load_psk
+
+    if not (args.tls_psk_file or args.tls_cert or args.tls_key or args.tls_ca):
+        return None
+    psk = load_psk(args.tls_psk_file) if args.tls_psk_file else None
+    return TlsConfig(psk=psk, cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def _port(port: int, allow_zero: bool = False) -> None:
+    if not (0 if allow_zero else 1) <= port < 65536:
+        raise ValueError(f"bad --port {port}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from netsvc.usbip.devices import from_spec
+    from netsvc.usbip.server import ServerOptions, UsbipServer
+
+    try:
+        _port(args.port, allow_zero=True)
+        if not 1 <= args.max_connections <= 4096:
+            raise ValueError("--max-connections must be 1..4096")
+        devices = [from_spec(s) for s in (args.device or ["keyboard", "cdc-acm", "bulk"])]
+        opts = ServerOptions(max_connections=args.max_connections, tls=_tls(args))
+    except (ValueError, OSError) as exc:
+        print(f"netsvc usbip serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = UsbipServer(devices, opts)
+
+    async def main() -> int:
+        try:
+            await server.start(args.bind, args.port)
+        except (OSError, RuntimeError) as exc:
+            print(f"netsvc usbip serve: {exc}", file=sys.stderr)
+            return 2
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        info = {
+            "bind": args.bind,
+            "port": server.port,
+            "tls": "psk" if opts.tls and opts.tls.psk else ("cert" if opts.tls else "none"),
+            "devices": [
+                {"busid": e.busid, "kind": e.device.kind, "need_bps": e.device.need_bps}
+                for e in server.exports
+            ],
+        }
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            devs = ", ".join(f"{e.busid}={e.device.kind}" for e in server.exports)
+            print(f"usbip: serving {devs} on {args.bind}:{server.port}", flush=True)
+        await stop.wait()
+        await server.close()
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from netsvc.usbip.client import UsbipError, list_devices
+
+    try:
+        _port(args.port)
+        devices = list_devices(args.host, args.port, _tls(args), args.timeout)
+    except (ValueError, OSError, UsbipError) as exc:
+        print(f"netsvc usbip list: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [
+            {
+                "busid": dv.busid,
+                "vendor": f"{dv.vendor:04x}",
+                "product": f"{dv.product:04x}",
+                "class": f"{dv.dev_class:02x}/{dv.dev_subclass:02x}/{dv.dev_protocol:02x}",
+                "speed": dv.speed,
+                "interfaces": [
+                    f"{i.cls:02x}/{i.subclass:02x}/{i.protocol:02x}" for i in dv.interfaces
+                ],
+                "path": dv.path,
+            }
+            for dv in devices
+        ]
+        print(json.dumps({"host": args.host, "port": args.port, "devices": out}))
+    else:
+        for dv in devices:
+            intfs = " ".join(
+                f"{i.cls:02x}/{i.subclass:02x}/{i.protocol:02x}" for i in dv.interfaces
+            )
+            print(
+                f"{dv.busid:8} {dv.vendor:04x}:{dv.product:04x}  class {dv.dev_class:02x}  {intfs}"
+            )
+        if not devices:
+            print("(no exported devices)")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from netsvc.usbip.client import (
+        Channel,
+        ImportRefused,
+        UrbError,
+        UsbipError,
+        measure_throughput,
+    )
+
+    try:
+        _port(args.port)
+        tls = _tls(args)
+        ch = Channel(args.host, args.busid, args.port, tls=tls, reconnect=not args.no_reconnect)
+        ch.open()
+    except ImportRefused as exc:
+        print(f"netsvc usbip attach: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, UsbipError) as exc:
+        print(f"netsvc usbip attach: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.describe:
+            desc = ch.describe()
+            desc["need_bps"] = ch.need_bps()
+            if args.json:
+                print(json.dumps(desc))
+            else:
+                s = desc["strings"]
+                print(f"{args.busid}: {desc['vendor']}:{desc['product']} {s}")
+                print(f"  need {desc['need_bps']} bit/s; interfaces {desc['interfaces']}")
+            return 0
+        if args.need:
+            need = ch.need_bps()
+            print(json.dumps({"busid": args.busid, "need_bps": need}) if args.json else need)
+            return 0
+        if args.measure is not None:
+            if not 0 < args.measure <= 600 or not 1 <= args.depth <= 64:
+                raise ValueError("--measure must be 0..600 s and --depth 1..64")
+            r = measure_throughput(ch, args.measure, args.direction, args.urb_size, args.depth)
+            out = {
+                "direction": r.direction,
+                "bytes": r.bytes,
+                "seconds": round(r.seconds, 4),
+                "mbytes_per_s": round(r.mbytes_per_s, 2),
+                "bps": round(r.bps),
+                "urb_size": r.urb_size,
+                "depth": r.depth,
+                "reconnects": ch.reconnects,
+            }
+            print(json.dumps(out) if args.json else f"{r.mbytes_per_s:.1f} MB/s ({r.direction})")
+            return 0
+        return _relay(ch, args.unix)
+    except (UrbError, UsbipError) as exc:
+        print(f"netsvc usbip attach: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"netsvc usbip attach: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ch.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay between a channel and a local process
+
+
+class _Sink:
+    def __init__(self, write: Any, close: Any) -> None:
+        self.write, self.close = write, close
+
+
+def _relay(ch: Any, unix: str | None) -> int:
+    from netsvc.usbip import descriptors as d
+    from netsvc.usbip.client import UrbError
+    from netsvc.usbip.devices import keyboard_report_text
+
+    ep_in = ch.find_endpoint(d.EP_BULK, True)
+    ep_out = ch.find_endpoint(d.EP_BULK, False)
+    keyboard = False
+    if ep_in is None:
+        ep_in = ch.find_endpoint(d.EP_INTERRUPT, True)
+        keyboard = ep_in is not None and any(i.cls == 3 for i in ch.configuration.interfaces)
+    if ep_in is None and ep_out is None:
+        raise ValueError("the device has no bulk or interrupt endpoint to relay")
+    stop = threading.Event()
+    lock = threading.Lock()
+    current: list[_Sink] = []
+
+    def pump_in() -> None:
+        assert ep_in is not None
+        size = 8 if keyboard else max(ep_in.max_packet, 16384)
+        while not stop.is_set():
+            try:
+                data = ch.transfer_in(ep_in.address, size, timeout=1.0)
+            except TimeoutError:
+                continue
+            except UrbError:
+                if ch.state.value == "closed":
+                    return
+                time.sleep(0.05)
+                continue
+            if keyboard:
+                data = keyboard_report_text(data).encode()
+            if data:
+                with lock:
+                    for s in current:
+                        try:
+                            s.write(data)
+                        except OSError:
+                            current.remove(s)
+
+    def pump_out(read: Any) -> None:
+        while True:
+            data = read(16384)
+            if not data:
+                return
+            if ep_out is not None:
+                ch.bulk_out(ep_out.address, data, timeout=30)
+
+    if ep_in is not None:
+        threading.Thread(target=pump_in, name="usbip-relay-in", daemon=True).start()
+    if unix is None:
+        out: BinaryIO = sys.stdout.buffer
+
+        def wr(b: bytes) -> None:
+            out.write(b)
+            out.flush()
+
+        with lock:
+            current.append(_Sink(wr, lambda: None))
+        pump_out(getattr(sys.stdin.buffer, "read1", sys.stdin.buffer.read))
+        time.sleep(0.5)  # let the last echoes arrive
+        stop.set()
+        return 0
+    if os.path.exists(unix):
+        os.unlink(unix)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(unix)
+    srv.listen(1)
+    print(f"usbip: {ch.busid} relayed on {unix}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with lock:
+                current.append(_Sink(conn.sendall, conn.close))
+            with contextlib.suppress(OSError):
+                pump_out(conn.recv)
+            with lock:
+                current.clear()
+            conn.close()
+    finally:
+        stop.set()
+        srv.close()
+        os.unlink(unix)
