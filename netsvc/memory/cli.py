@@ -1,0 +1,161 @@
+"""``netsvc memory``: make, inspect and check a pooled-memory file.
+
+    netsvc memory init  --pool PATH --size SIZE [--page-size N] [--max-hosts N] [--max-vms N]
+                        [--force]
+    netsvc memory show  --pool PATH [--json]
+    netsvc memory check --pool PATH [--json]
+
+Exit codes: 0 fine; 1 the pool is corrupt (``check``, ``show`` with problems, or a header that
+does not decode); 2 usage or environment error (no such file, bad size, file exists).
+``show`` and ``check`` open the pool read-only and never change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+DEFAULT_POOL = "/dev/shm/netsvc-pool"
+_SIZE = re.compile(r"^(\d+)([KMGkmg]?)(i?[Bb])?$")
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r}: a number with an optional K, M or G suffix")
+    n = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+    if not 1 << 20 <= n <= 1 << 40:
+        raise ValueError(f"bad size {text!r}: must be between 1M and 1T")
+    return n
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="pooled memory: the shared pool file, leases, page tables",
+        description="Pooled memory shared by the hosts (fault-tolerant VMs, respawn from pool).",
+    )
+    mem = p.add_subparsers(dest="memory_cmd", metavar="ACTION")
+    init = mem.add_parser("init", help="create and format a pool file")
+    init.add_argument("--pool", default=DEFAULT_POOL, help=f"pool file (default {DEFAULT_POOL})")
+    init.add_argument("--size", required=True, help="pool size, e.g. 512M or 2G")
+    init.add_argument("--page-size", type=int, default=4096)
+    init.add_argument("--max-hosts", type=int, default=16)
+    init.add_argument("--max-vms", type=int, default=64)
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=cmd_init)
+    for name, fn, text in (
+        ("show", cmd_show, "header, hosts, leases with epochs, VMs and their pages"),
+        ("check", cmd_check, "verify every record (exit 1 on corruption)"),
+    ):
+        sp = mem.add_parser(name, help=text)
+        sp.add_argument("--pool", default=DEFAULT_POOL, help=f"pool file (default {DEFAULT_POOL})")
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=fn)
+    p.set_defaults(func=lambda a: _usage(p))
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from netsvc.memory.errors import PoolUsageError
+    from netsvc.memory.pool import Pool
+
+    try:
+        size = parse_size(args.size)
+        with Pool.create(
+            args.pool,
+            size,
+            page_size=args.page_size,
+            max_hosts=args.max_hosts,
+            max_vms=args.max_vms,
+            overwrite=args.force,
+        ) as pool:
+            g = pool.geometry
+    except (ValueError, PoolUsageError, OSError) as exc:
+        print(f"netsvc memory init: {exc}", file=sys.stderr)
+        return 2
+    out = {"pool": args.pool, "pages": g.n_pages, "page_size": g.page_size, "size": g.file_size}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.pool}: {g.n_pages} pages of {g.page_size} B ({g.file_size} bytes)")
+    return 0
+
+
+def _open_snapshot(path: str) -> tuple[int, dict[str, Any]]:
+    from netsvc.memory.errors import PoolCorrupt
+    from netsvc.memory.pool import Pool
+
+    try:
+        with Pool.open(path, readonly=True) as pool:
+            return 0, pool.snapshot(time.monotonic())
+    except PoolCorrupt as exc:
+        return 1, {"path": path, "problems": [{"where": exc.where, "what": exc.what}]}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        _, snap = _open_snapshot(args.pool)
+    except OSError as exc:
+        print(f"netsvc memory show: {exc}", file=sys.stderr)
+        return 2
+    code = 1 if snap["problems"] else 0
+    if args.json:
+        print(json.dumps(snap, indent=2, sort_keys=True))
+    else:
+        print(format_snapshot(snap))
+    return code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        _, snap = _open_snapshot(args.pool)
+    except OSError as exc:
+        print(f"netsvc memory check: {exc}", file=sys.stderr)
+        return 2
+    problems = snap["problems"]
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+    elif problems:
+        for p in problems:
+            print(f"CORRUPT {p['where']}: {p['what']}")
+    else:
+        print(f"{args.pool}: ok")
+    return 1 if problems else 0
+
+
+def format_snapshot(snap: dict[str, Any]) -> str:
+    lines = []
+    h = snap.get("header")
+    if h:
+        lines.append(
+            f"pool {snap['path']}  id {h['pool_id'][:12]}  {h['pages']} pages of "
+            f"{h['page_size']} B, {h['free_pages']} free"
+        )
+        lines.append(
+            f"{'HOST':12} {'LEASE HOLDER':14} {'EPOCH':>6} {'STATE':8} {'EXPIRES':>8}  VMS"
+        )
+        for name, e in sorted(snap["hosts"].items()):
+            ls = e.get("lease", {})
+            exp = ls.get("expires_in")
+            vms = ", ".join(f"{v}({a})" for v, a in sorted(e.get("vms", {}).items())) or "-"
+            lines.append(
+                f"{name:12} {ls.get('holder') or '-':14} {ls.get('epoch', '?'):>6} "
+                f"{ls.get('state', '?'):8} {'-' if exp is None else f'{exp:.1f}s':>8}  {vms}"
+            )
+        lines.append(f"{'VM':12} {'PAGES':>8} {'EXTENTS':>7}  FLAGS")
+        for name, v in sorted(snap["vms"].items()):
+            flags = ",".join(f for f in ("resumable", "ft") if v[f]) or "-"
+            lines.append(f"{name:12} {v['pages']:>8} {len(v['extents']):>7}  {flags}")
+    for p in snap["problems"]:
+        lines.append(f"CORRUPT {p['where']}: {p['what']}")
+    return "\n".join(lines)
