@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     from netsvc.acd.cli import register as register_acd
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
+    from netsvc.memory.cli import register as register_memory
     from netsvc.partition.cli import register as register_partition
+    from netsvc.usbip.cli import register as register_usbip
 
     p = argparse.ArgumentParser(
         prog="netsvc", description="Network services for clusters of virtualization hosts."
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_cluster(sub)
     register_acd(sub)
     register_partition(sub)
+    register_usbip(sub)
+    register_memory(sub)
     register_lab(sub)
     return p
 

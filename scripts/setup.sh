@@ -14,6 +14,7 @@ APT_PACKAGES=(
   arpwatch         # the peer in bench/acd_monitor.py
   etcd-server      # the real etcd behind the state store's etcd backend (tests, lab)
   usbip iperf3     # the Linux usbip tools (wire peer) and raw TCP beside netsvc.usbip (bench)
+  openssl          # netsvc.usbip's PSK mode makes a throwaway certificate with it
   procps
 )
 
