@@ -8,21 +8,21 @@ network), and an ARP request to each network's isolation address. What comes bac
 (the agent posts it to the manager from another thread).
 
 Indirect probes (SWIM's ping-req): when the classifier suspects a peer on one network, this host
-sends a PING_REQ for it to the helpers the classifier chose, over the *other* network when that
-one is up (a different path), else over the same one. A helper answers PING_ACK with REACHED set
-when a heartbeat of the target's own reached it on that network within the suspicion window
-(``suspect_after`` intervals); with heartbeats every ``interval`` that observation is as fresh
-as a new ping and costs nothing more.
-Only first-hand evidence counts, so two hosts never keep a dead peer alive by vouching for each
-other.
-The answer feeds ``Classifier.indirect_result``.
+sends a PING_REQ for it to the helpers the classifier chose, over both networks (the other one
+is a different path; two datagrams survive loss better than one). A helper answers PING_ACK
+with REACHED set when a heartbeat of the target's own reached it on that network within the
+suspicion window (``suspect_after`` intervals); with heartbeats every ``interval`` that
+observation is as fresh as a new ping and costs nothing more. Only first-hand evidence counts,
+so two hosts never keep a dead peer alive by vouching for each other. The answer feeds
+``Classifier.indirect_result``.
 
 Invariants:
 - This is the only partition module that reads the clock or touches sockets.
 - A heartbeat counts only on the socket of the network it names; remote garbage, replays and
   wrong keys are counted by the ``Receiver`` and dropped.
 - A network that is down (ENETDOWN, ENETUNREACH) is an unanswered probe, never an exception.
-- ``report`` and ``publish`` must not block (they are called from the probing loop).
+- ``report`` and ``publish`` must not block (they are called from the probing loop); ``peers``
+  may block, it runs in a thread of its own.
 """
 
 from __future__ import annotations
@@ -49,10 +49,14 @@ from netsvc.partition.heartbeat import Heartbeat, MsgType, Network, Receiver
 from netsvc.partition.heartbeat import encode as encode_heartbeat
 
 PORT = 8471
-# The classifier's defaults, but quicker to call this host's own network down: one unanswered
-# isolation probe and a shorter confirmation. A network is only "down" when no peer was heard on
-# it either, and flaps are held down by the flap damping (bench/partition_detection.py).
-DEFAULT_CONFIG = Config(confirm_after=0.15, isolation_failures=1)
+# The classifier's defaults, but quicker to call this host's own network down (one unanswered
+# isolation probe, a shorter confirmation) and slower to suspect a peer: with 5 % loss on each
+# of two links a path loses 10 %, and 3 misses in a row would come 0.1 % of the intervals
+# (bench/partition_soak.py); 5 in a row come 0.001 %. A network is only "down" when no peer
+# was heard on it either, and flaps are held down by the flap damping
+# (bench/partition_detection.py).
+DEFAULT_CONFIG = Config(confirm_after=0.15, isolation_failures=1, suspect_after=5,
+                        probe_timeout=0.3)
 _SOFT_ERRORS = (
     errno.ENETDOWN,
     errno.ENETUNREACH,
@@ -129,7 +133,19 @@ def run_prober(
     clf = Classifier(host, config=cfg, now=start)
     seq = itertools.count(1)
     known: Mapping[str, Mapping[Network, str]] = {}
-    next_refresh = start
+    latest: list[Mapping[str, Mapping[Network, str]]] = [known]
+
+    def refresh() -> None:
+        # Its own thread: asking the manager can take a TCP retransmission (a second) on a
+        # lossy management network, and the probing loop must never wait for that.
+        while not stop.is_set():
+            try:
+                latest[0] = {p: a for p, a in peers().items() if p != host}
+                stop.wait(refresh_s)
+            except OSError:  # keep the last list we had, and ask again soon
+                stop.wait(min(refresh_s, 0.5))
+
+    threading.Thread(target=refresh, name="partition-peers", daemon=True).start()
     next_tick = start
     next_view = start
     stats = RxStats()
@@ -145,16 +161,17 @@ def run_prober(
         return int(now * 1000) & ((1 << 63) - 1)
 
     def relay(ev: IndirectProbe, now: float) -> None:
-        other = Network.VM if ev.network is Network.MGMT else Network.MGMT
-        use = other if other in nets and clf.isolation_ok(other) is not False else ev.network
-        net = nets.get(use)
-        if net is None:
-            return
-        for helper in ev.via:
-            dst = known.get(helper, {}).get(use)
-            if dst is not None:
-                send(net, Heartbeat(MsgType.PING_REQ, ev.network, host, next(seq), stamp(now),
-                                    target=ev.peer), dst)
+        # Over both networks (the other one first: a different path), so one lost datagram
+        # does not turn a suspicion into a loss; the helper answers each, the first ACK counts.
+        for use in sorted(nets, key=lambda n: n is ev.network):
+            net = nets[use]
+            if clf.isolation_ok(use) is False and use is not ev.network:
+                continue
+            for helper in ev.via:
+                dst = known.get(helper, {}).get(use)
+                if dst is not None:
+                    send(net, Heartbeat(MsgType.PING_REQ, ev.network, host, next(seq),
+                                        stamp(now), target=ev.peer), dst)
 
     bmc_of = dict(bmcs or {})
     bmc_names = {f"bmc{h.lstrip('h')}": h for h in bmc_of}
@@ -174,12 +191,7 @@ def run_prober(
     try:
         while not stop.is_set():
             now = time.monotonic()
-            if now >= next_refresh:
-                try:
-                    known = {p: a for p, a in peers().items() if p != host}
-                    next_refresh = now + refresh_s
-                except OSError:  # keep the last list we had, and ask again soon
-                    next_refresh = now + min(refresh_s, 0.5)
+            known = latest[0]
             if now >= next_tick:
                 for net in nets.values():
                     if net.asked:
