@@ -82,7 +82,10 @@ def main() -> int:
         c1, b1, t1 = cpu_seconds(agent), udp_bytes(lab), time.monotonic()
         entries = [e for e in mgr.journal(0) if e["seq"] > seq0]
         wrong = [e for e in entries if e["action"] == "classification"]
-        verdicts = [e for e in entries if e["action"] == "partition-verdict"]
+        verdicts = [e for e in entries if e["action"] == "partition-verdict"
+                    and e["details"].get("new") not in ("healthy", None)]
+        unknown = [e for e in entries if e["action"] == "partition-verdict"
+                   and e["details"].get("new") is None]
         decisions = [e for e in entries if e["action"] == "partition-decision"]
         result = {
             "command": " ".join(sys.argv),
@@ -92,6 +95,7 @@ def main() -> int:
             "hosts": 3,
             "wrong_classifications": len(wrong),
             "wrong_verdicts": len(verdicts),
+            "no_verdict_moments": len(unknown),
             "decisions": len(decisions),
             "actions": len(executed),
             "examples": [{k: e.get(k) for k in ("action", "subject", "reason", "details")}
