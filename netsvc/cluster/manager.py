@@ -115,6 +115,9 @@ DEFAULT_MISSED = 3
 DEFAULT_ACTION_TIMEOUT = 60.0
 FINISHED_KEPT = 1000
 
+#: How many recent partition decisions ``partition_status`` shows (the journal has them all).
+PARTITION_DECISIONS_KEPT = 20
+
 #: Actions that stop a VM where it is.
 STOP_KINDS = ("power-off", "shutdown")
 
@@ -383,6 +386,7 @@ class ManagerCore:
         self._responder = Responder(self.config.partition)
         self._verdicts: dict[str, Verdict] = {}
         self._p_last = now
+        self._p_decisions: list[dict[str, Any]] = []
         self._load()
         for net in self.config.networks:
             self._model.add_network(net)
@@ -1241,6 +1245,9 @@ class ManagerCore:
                                  details={"affected": list(storm.affected),
                                           "hosts": storm.hosts})
         for d in decisions:
+            self._p_decisions.append({**d.to_dict(), "dry_run": pol.dry_run,
+                                      "at_s": round(now - self._started, 3)})
+            del self._p_decisions[:-PARTITION_DECISIONS_KEPT]
             self._journal_append(now, wall, "partition-decision", _subject("vm", d.vm),
                                  d.reason, dry_run=pol.dry_run, details=d.to_dict())
             if pol.dry_run or d.action in ("leave", "refused"):
@@ -1330,6 +1337,7 @@ class ManagerCore:
                          for h, v in sorted(self._verdicts.items())},
             "vm_groups": [sorted(g) for g in groups],
             "main_group": sorted(main),
+            "decisions": list(self._p_decisions),
         }
 
     # -- journal and status --------------------------------------------------------------------

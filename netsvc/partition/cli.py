@@ -158,4 +158,10 @@ def format_status(st: dict[str, Any]) -> str:
     pol = st.get("policy", {})
     if pol.get("dry_run"):
         lines.append("policy: dry run (decisions are journaled, nothing is done)")
+    for d in st.get("decisions", [])[-10:]:
+        what = d["action"] + (f" to {d['target']}" if d.get("target") else "")
+        if d.get("rule"):
+            what += f" (rule {d['rule']})"
+        lines.append(f"{'would ' if d.get('dry_run') else ''}{what}: {d['vm']} on {d['host']}, "
+                     f"{d['classification']}")
     return "\n".join(lines)

@@ -292,6 +292,12 @@ def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
     assert core.open_actions() == []
     [d] = [e for e in journal.read() if e.action == "partition-decision"]
     assert d.dry_run and d.details["action"] == "migrate"
+    st = core.partition_status(1.1)
+    [shown] = st["decisions"]
+    assert shown["dry_run"] and shown["target"] in ("h2", "h3")
+    from netsvc.partition.cli import format_status
+
+    assert "would migrate to" in format_status(st)
 
 
 def test_manager_restarts_the_vms_of_a_dead_host(tmp_path: Path) -> None:
