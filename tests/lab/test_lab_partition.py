@@ -104,6 +104,20 @@ def test_agents_classify_a_vm_network_cut() -> None:
         while not (reports("h2") and reports("h3")):
             assert time.monotonic() - t0 < 8, (reports("h2"), reports("h3"))
             time.sleep(0.02)
+        # The operator's view: `netsvc partition status` from the services node, exit 1.
+        status = subprocess.run(
+            ["mnexec", "-a", str(lab.pid("svc")), sys.executable, "-m", "netsvc", "partition",
+             "status", "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--json"],
+            capture_output=True, text=True, timeout=30)
+        assert status.returncode == 1, status.stderr
+        st = json.loads(status.stdout)
+        assert st["verdicts"]["h1"]["classification"] == "vm-network-failure"
+        assert st["reports"]["h1"]["networks"]["vm"]["isolation_ok"] is False
+        human = subprocess.run(
+            ["mnexec", "-a", str(lab.pid("svc")), sys.executable, "-m", "netsvc", "partition",
+             "status", "--manager", lab.manager_url, "--key-file", str(lab.key_file)],
+            capture_output=True, text=True, timeout=30)
+        assert "vm-network-failure" in human.stdout and "FAIL" in human.stdout, human.stdout
         faults.heal(fid)
         t0 = time.monotonic()
         while self_reports() != ["vm-network-failure", "healthy"]:
