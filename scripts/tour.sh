@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-TOUR=(smoke ip-conflict vmnet-failure)
+TOUR=(smoke ip-conflict vmnet-failure peripheral)
 status=0
 for scenario in "${TOUR[@]}"; do
   echo "== netsvc lab --scenario $scenario"

@@ -4,6 +4,9 @@
     netsvc usbip list HOST [--port P] [TLS] [--json]
     netsvc usbip attach HOST BUSID [--port P] [TLS] [--describe | --need | --measure S]
                         [--unix PATH] [--no-reconnect] [--json]
+    netsvc usbip place VM DEVICE_HOST BUSID (--allocation-bps N | --from-tc [PID,]IFACE)
+                       [--classid 1:10] [--device-addr ADDR] [--port P] [--need-bps N]
+                       [--threshold 0.5] [--manager URL --key-file F] [--dry-run] [--json]
 
 TLS is ``--tls-psk-file F`` (pre-shared key), or ``--tls-ca CA`` with ``--tls-cert C
 --tls-key K`` (mutual TLS); without them the wire is plain Linux USB/IP.
@@ -14,8 +17,18 @@ stdin/stdout. Bytes from the process go to the first bulk OUT endpoint; bytes fr
 bulk IN endpoint go to the process. A keyboard's interrupt reports are relayed as the text
 they type. The channel reconnects by itself (``--no-reconnect`` to fail instead).
 
-Exit codes: 0 fine, 1 the device or server refused (busy, no such device, transfer error),
-2 usage or environment error (bad option, server unreachable).
+``place`` decides whether VM should move to DEVICE_HOST (the device's need is more than
+``--threshold`` of the VM's allocated bandwidth) or reach the device over a tunnel. The need is
+asked of the device (at ``--device-addr``, default DEVICE_HOST) unless ``--need-bps`` gives it;
+the allocation is ``--allocation-bps`` or the htb class on IFACE in the namespace of PID
+(``netsvc.usbip.placement``). With ``--manager`` the decision is journaled and a migrate
+decision is asked of the manager (its safety rules apply); ``--dry-run`` prints the numbers and
+moves nothing (the manager, if given, is asked for a plan only). Without ``--manager`` a
+migrate decision is only printed with ``--dry-run``.
+
+Exit codes: 0 fine, 1 the device or server refused (busy, no such device, transfer error; for
+``place``, the manager refused the migration), 2 usage or environment error (bad option,
+server unreachable).
 """
 
 from __future__ import annotations
@@ -85,6 +98,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     att.add_argument("--json", action="store_true")
     _tls_args(att)
     att.set_defaults(func=cmd_attach)
+
+    pl = u.add_parser("place", help="tunnel to a device, or migrate the VM to its host")
+    pl.add_argument("vm", help="the VM that needs the device")
+    pl.add_argument("device_host", help="the host the device is plugged into")
+    pl.add_argument("busid")
+    alloc = pl.add_mutually_exclusive_group(required=True)
+    alloc.add_argument("--allocation-bps", type=_bps, metavar="N", help="the VM's allocation")
+    alloc.add_argument(
+        "--from-tc", metavar="[PID,]IFACE", help="read it from the htb class on IFACE (in PID's"
+        " network namespace)"
+    )
+    pl.add_argument("--classid", metavar="M:N", help="the VM's htb class (default: the default)")
+    pl.add_argument("--device-addr", metavar="ADDR", help="where the device is served")
+    pl.add_argument("--port", type=int, default=3240)
+    pl.add_argument("--need-bps", type=_bps, metavar="N", help="do not ask the device")
+    pl.add_argument("--threshold", type=float, default=0.5, help="share of the allocation")
+    pl.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
+    pl.add_argument("--key-file", metavar="F", help="API key file (default $NETSVC_KEY_FILE)")
+    pl.add_argument("--dry-run", action="store_true", help="print the numbers, move nothing")
+    pl.add_argument("--json", action="store_true")
+    _tls_args(pl)
+    pl.set_defaults(func=cmd_place)
     p.set_defaults(func=lambda a: _usage(p))
 
 
@@ -100,6 +135,19 @@ def _tls(args: argparse.Namespace) -> Any:
         return None
     psk = load_psk(args.tls_psk_file) if args.tls_psk_file else None
     return TlsConfig(psk=psk, cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def _bps(text: str) -> int:
+    """``400M``, ``1.5G``, ``100000`` (bits/s; k, M, G are powers of 1000)."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    num = text[:-1] if scale != 1 else text
+    try:
+        value = round(float(num) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}: expected N, Nk, NM or NG") from None
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}")
+    return value
 
 
 def _port(port: int, allow_zero: bool = False) -> None:
@@ -258,6 +306,103 @@ def cmd_attach(args: argparse.Namespace) -> int:
         return 0
     finally:
         ch.close()
+
+
+def _from_tc(spec: str) -> tuple[int | None, str]:
+    pid_text, sep, iface = spec.rpartition(",")
+    if not iface or (sep and not pid_text.isdigit()):
+        raise ValueError(f"bad --from-tc {spec!r}: expected PID,IFACE or IFACE")
+    return (int(pid_text) if sep else None), iface
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from netsvc.cluster.client import ApiError
+    from netsvc.cluster.errors import ClusterError
+    from netsvc.usbip.client import ImportRefused, UsbipError
+    from netsvc.usbip.placement import (
+        PlacementError,
+        decide,
+        device_need,
+        fmt_bps,
+        parse_classid,
+        place,
+        read_allocation,
+    )
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"netsvc usbip place: {message}", file=sys.stderr)
+        return code
+
+    try:
+        _port(args.port)
+        tls = _tls(args)
+        manager = _manager(args) if (args.manager or os.environ.get("NETSVC_MANAGER")) else None
+        classid = parse_classid(args.classid) if args.classid else None
+        if args.allocation_bps is not None:
+            if classid is not None:
+                raise ValueError("--classid goes with --from-tc")
+            allocation = args.allocation_bps
+            source: dict[str, Any] = {"given": True}
+        else:
+            pid, iface = _from_tc(args.from_tc)
+            htb = read_allocation(pid, iface, classid)
+            allocation = htb.rate_bps
+            source = {"tc": {"pid": pid, "iface": iface, "classid": htb.classid_text,
+                             "chosen_by": htb.chosen_by, "ceil_bps": htb.ceil_bps}}
+        addr = args.device_addr or args.device_host
+        product = ""
+        if args.need_bps is not None:
+            need = args.need_bps
+        else:
+            info = device_need(addr, args.busid, args.port, tls)
+            need, product = info.need_bps, info.product
+        decision = decide(f"{args.device_host}:{args.busid}", need, allocation, args.threshold)
+    except ImportRefused as exc:
+        return fail(str(exc), 1)
+    except (ValueError, OSError, UsbipError, PlacementError, ClusterError) as exc:
+        return fail(str(exc))
+    if manager is None and decision.action == "migrate" and not args.dry_run:
+        return fail(f"{decision.reason}; asking for the migration needs --manager (or --dry-run)")
+    result: dict[str, Any] = {"vm": args.vm, "device_host": args.device_host,
+                              "busid": args.busid, "product": product,
+                              **decision.as_dict(), "allocation_source": source,
+                              "dry_run": args.dry_run, "journal_seq": None, "manager": None}
+    refused = False
+    if manager is not None:
+        try:
+            out = place(manager, args.vm, args.device_host, args.busid, decision, source,
+                        args.dry_run)
+        except (ApiError, ValueError) as exc:
+            return fail(str(exc))
+        refused = out.refused
+        result.update(journal_seq=out.journal_seq, manager_status=out.manager_status,
+                      manager=out.manager_answer, refused=refused)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.vm}: {decision.reason}")
+        print(f"  need {fmt_bps(need)} vs allocation {fmt_bps(allocation)} x threshold "
+              f"{decision.threshold:g} = {fmt_bps(allocation * decision.threshold)} -> "
+              f"{decision.action}{' (dry run)' if args.dry_run else ''}")
+        answer = result.get("manager")
+        if refused and isinstance(answer, dict):
+            print(f"  refused by the manager: {answer.get('error')} (rule {answer.get('rule')})")
+        elif isinstance(answer, dict) and "action" in answer:
+            print(f"  migration queued: {answer['action'].get('id')}")
+        elif decision.action == "tunnel":
+            print(f"  tunnel: netsvc usbip attach {addr} {args.busid} --port {args.port}")
+    return 1 if refused else 0
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.client import ManagerClient
+
+    url = str(args.manager or os.environ.get("NETSVC_MANAGER", ""))
+    key_file = args.key_file or os.environ.get("NETSVC_KEY_FILE")
+    if not key_file:
+        raise ValueError("--manager needs --key-file (or $NETSVC_KEY_FILE)")
+    return ManagerClient(url, load_key(key_file), timeout=5.0)
 
 
 # ---------------------------------------------------------------------------------------------

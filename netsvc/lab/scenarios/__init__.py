@@ -53,9 +53,10 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import ip_conflict, partition, smoke
+    from netsvc.lab.scenarios import ip_conflict, partition, peripheral, smoke
 
-    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO, *partition.SCENARIOS)}
+    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO, *partition.SCENARIOS,
+                                peripheral.SCENARIO)}
 
 
 SCENARIOS = _load()

@@ -1,0 +1,401 @@
+"""USB/IP in the lab: VMs' bandwidth allocations, device servers on hosts, consumers in VMs.
+
+- ``shape_vm(lab, vm, rate_bps)`` gives a VM its allocated bandwidth: an htb qdisc ``1:``
+  (default class ``1:10``) with class ``1:10`` at ``rate_bps`` on the host end of the VM's
+  veth, inside the host's namespace, through pyroute2. ``netsvc.usbip.placement`` reads it
+  back from there. A u32 filter sends frames whose IPv4 source is the host's own VM-network
+  address to ``1:0``, htb's unshaped direct queue: a device passed through by the VM's own
+  hypervisor is not carried by the VM's network, so it is not charged to the allocation.
+  The shaping covers what the VM receives (the host end's egress), the direction a device
+  streams to its consumer.
+- ``reshape_after_migration(lab, vm, rate_bps)``: a migration makes a new veth on the new
+  host (the old one, with its qdisc, is deleted), so the allocation is set again there.
+- ``start_usb_server(lab, host, devices)`` runs ``netsvc usbip serve`` in the host's namespace,
+  bound to its VM-network address, with role ``usbip-<host>`` (``crash_host`` kills it).
+- ``place_in_lab`` runs ``netsvc usbip place`` in the VM's host's namespace (where an agent
+  would run it), reading the allocation from tc and asking the lab's manager.
+- ``start_consumer(lab, vm, ...)`` runs this module (``python -m netsvc.lab.usb keyboard|bulk``)
+  in the VM's namespace: a stand-in for a container that imports a device and writes one JSON
+  object per line to its log (``lab.run_dir / "logs" / f"{role}.log"``).
+
+Invariants:
+
+- Every process is started with ``lab.popen`` (so it carries the run's marker and is ended
+  by the lab's teardown) and every qdisc lives on an interface the lab made, so tearing the
+  lab down removes all of it.
+- pyroute2 is used only through ``lab.ipr(node)`` (opened with ``IPRoute(netns=...)`` on the
+  calling thread, never inside a setns thread).
+- Consumer log lines are JSON objects with ``t`` (``time.monotonic()``: one clock for every
+  namespace, so the scenario can compare them with its own times) and ``event``; the
+  consumer never restarts itself, and says so once (``opened``) per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from netsvc.lab.lab import Lab
+    from netsvc.usbip.placement import HtbAllocation
+
+QDISC = 0x10000  # 1:
+ALLOC_CLASS = 0x10010  # 1:10, the qdisc's default class: the VM's allocation
+DIRECT = 0x10000  # 1:0 as a filter target: htb's direct (unshaped) queue
+ETH_P_IP = 0x0800
+USBIP_PORT = 3240
+
+
+def _err(message: str) -> Exception:
+    from netsvc.lab.lab import LabError
+
+    return LabError(message)
+
+
+def _vif(lab: Lab, vm: str) -> tuple[str, str, int]:
+    """(host, interface, ifindex) of the host end of ``vm``'s veth."""
+    if vm not in lab.vms:
+        raise _err(f"no VM {vm!r} in this lab")
+    host = lab.vms[vm].host
+    vif = lab._plan().vif_name(vm)
+    return host, vif, lab.link_index(host, vif)
+
+
+def htb_burst(rate_bps: int) -> int:
+    """Bytes of burst for an htb class: 20 ms at the rate, at least 96 KiB (GSO frames)."""
+    return max(rate_bps // 8 // 50, 96 * 1024)
+
+
+def shape_vm(lab: Lab, vm: str, rate_bps: int) -> HtbAllocation:
+    """Set ``vm``'s allocation to ``rate_bps`` on its current host; return it as read back."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from netsvc.usbip.placement import read_allocation_ipr
+
+    if isinstance(rate_bps, bool) or not isinstance(rate_bps, int) or rate_bps < 8_000:
+        raise _err(f"bad rate {rate_bps!r}: an integer of bits/s, at least 8000")
+    host, vif, idx = _vif(lab, vm)
+    ipr = lab.ipr(host)
+    with contextlib.suppress(NetlinkError):  # none there yet
+        ipr.tc("del", "htb", idx, QDISC)
+    rate = rate_bps // 8
+    burst = htb_burst(rate_bps)
+    local = int(ipaddress.IPv4Address(lab._plan().host_addr(host, "vmnet")))
+    try:
+        ipr.tc("add", "htb", idx, QDISC, default=ALLOC_CLASS & 0xFFFF)
+        ipr.tc("add-class", "htb", idx, ALLOC_CLASS, parent=QDISC, rate=rate, burst=burst,
+               cburst=burst)  # fmt: skip
+        ipr.tc("add-filter", "u32", idx, parent=QDISC, prio=1, protocol=ETH_P_IP, target=DIRECT,
+               keys=[f"0x{local:08x}/0xffffffff+12"])  # fmt: skip
+    except NetlinkError as exc:
+        raise _err(f"cannot shape {vm} on {host} ({vif}): {exc}") from None
+    got = read_allocation_ipr(ipr, vif)
+    lab.record("action", vm, "shape", host=host, iface=vif, rate_bps=rate_bps,
+               classid=got.classid_text)  # fmt: skip
+    if got.rate_bps != rate_bps // 8 * 8:
+        raise _err(f"{vm}'s htb class reads {got.rate_bps} bit/s, not {rate_bps}")
+    return got
+
+
+def reshape_after_migration(lab: Lab, vm: str, rate_bps: int) -> HtbAllocation:
+    """After ``vm`` migrated, give it its allocation again on its new host's veth end."""
+    host, vif, _ = _vif(lab, vm)
+    got = shape_vm(lab, vm, rate_bps)
+    lab.record("event", vm, "allocation-followed", host=host, iface=vif, rate_bps=got.rate_bps)
+    return got
+
+
+def vm_allocation(lab: Lab, vm: str) -> HtbAllocation:
+    """``vm``'s allocation as tc has it now, on its current host."""
+    from netsvc.usbip.placement import read_allocation_ipr
+
+    host, vif, _ = _vif(lab, vm)
+    return read_allocation_ipr(lab.ipr(host), vif)
+
+
+def _json_lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
+    try:
+        data = path.read_bytes()[start:]
+    except OSError:
+        return []
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    out.append(obj)
+    return out
+
+
+def _log(lab: Lab, role: str) -> tuple[Path, int]:
+    path = lab.run_dir / "logs" / f"{role}.log"
+    return path, (path.stat().st_size if path.exists() else 0)
+
+
+def _tail(path: Path, start: int) -> str:
+    try:
+        return path.read_bytes()[start:].decode("utf-8", "replace").strip()[-600:]
+    except OSError:
+        return ""
+
+
+def start_usb_server(
+    lab: Lab, host: str, devices: list[str], port: int = USBIP_PORT, timeout: float = 15.0
+) -> tuple[str, int, int]:
+    """Serve ``devices`` (``--device`` specs) from ``host``'s VM-network address.
+
+    Returns (address, port, pid) once the server listens."""
+    lab._check_host(host)
+    addr = lab._plan().host_addr(host, "vmnet")
+    role = f"usbip-{host}"
+    path, start = _log(lab, role)
+    argv = [sys.executable, "-m", "netsvc", "usbip", "serve", "--bind", addr, "--port",
+            str(port), "--json"]  # fmt: skip
+    for spec in devices:
+        argv += ["--device", spec]
+    proc = lab.popen(host, argv, role=role)
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = [e for e in _json_lines(path, start) if "port" in e and "devices" in e]
+        if ready:
+            lab.record("event", host, "usbip-serve", addr=addr, port=ready[0]["port"],
+                       devices=[d["kind"] for d in ready[0]["devices"]], pid=proc.pid)
+            return addr, int(ready[0]["port"]), proc.pid
+        if proc.poll() is not None or time.monotonic() > deadline:
+            lab.procs.end(role)
+            raise _err(f"the USB/IP server on {host} did not start: {_tail(path, start)}")
+        time.sleep(0.02)
+
+
+def run_role(
+    lab: Lab, node: str, argv: list[str], role: str, timeout: float
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Run ``argv`` in ``node``'s namespace to its end: (exit code, JSON lines, log text)."""
+    path, start = _log(lab, role)
+    proc = lab.popen(node, argv, role=role)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lab.procs.end(role)
+        raise _err(f"{role} did not finish within {timeout} s: {_tail(path, start)}") from None
+    lab.procs.by_role.pop(role, None)  # it has ended: nothing left to stop
+    return code, _json_lines(path, start), _tail(path, start)
+
+
+def place_in_lab(
+    lab: Lab,
+    vm: str,
+    device_host: str,
+    busid: str,
+    addr: str,
+    port: int = USBIP_PORT,
+    threshold: float = 0.5,
+    dry_run: bool = False,
+) -> tuple[int, dict[str, Any]]:
+    """``netsvc usbip place`` for ``vm``, run in its host's namespace: the allocation from tc,
+    the need from the device, the decision journaled and, to migrate, asked of the manager.
+
+    Returns (exit code, the command's JSON answer)."""
+    if lab.key_file is None:
+        raise _err("place_in_lab needs the manager (lab.start_services())")
+    host, vif, _ = _vif(lab, vm)
+    argv = [sys.executable, "-m", "netsvc", "usbip", "place", vm, device_host, busid,
+            "--device-addr", addr, "--port", str(port), "--from-tc", f"{lab.pid(host)},{vif}",
+            "--threshold", str(threshold), "--manager", lab.manager_url, "--key-file",
+            str(lab.key_file), "--json", *(["--dry-run"] if dry_run else [])]  # fmt: skip
+    code, lines, text = run_role(lab, host, argv, f"place-{vm}-{busid}", timeout=30)
+    if not lines:
+        raise _err(f"netsvc usbip place for {vm} answered nothing (exit {code}): {text}")
+    out = lines[-1]
+    lab.record("event", vm, "usbip-placement", device=out.get("device"),
+               need_bps=out.get("need_bps"), allocation_bps=out.get("allocation_bps"),
+               action=out.get("action"), exit=code)  # fmt: skip
+    return code, out
+
+
+@dataclass
+class Consumer:
+    """A consumer process in a VM, and its JSON log."""
+
+    vm: str
+    role: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    start: int
+
+    def events(self) -> list[dict[str, Any]]:
+        return _json_lines(self.log, self.start)
+
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any] | None:
+        """The first event for which ``pred`` holds, waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = next((e for e in self.events() if pred(e)), None)
+            if hit is not None or time.monotonic() > deadline:
+                return hit
+            if self.proc.poll() is not None:
+                return next((e for e in self.events() if pred(e)), None)
+            time.sleep(0.02)
+
+    def tail(self) -> str:
+        return _tail(self.log, self.start)
+
+
+def start_consumer(
+    lab: Lab, vm: str, mode: str, addr: str, busid: str, role: str, *args: str,
+    port: int = USBIP_PORT,
+) -> Consumer:
+    """Run ``python -m netsvc.lab.usb MODE ADDR BUSID --port P ARGS`` in ``vm``'s namespace."""
+    if mode not in ("keyboard", "bulk"):
+        raise _err(f"unknown consumer mode {mode!r}")
+    if vm not in lab.vms or lab.vms[vm].state != "running":
+        raise _err(f"VM {vm} is not running")
+    path, start = _log(lab, role)
+    argv = [sys.executable, "-m", "netsvc.lab.usb", mode, addr, busid, "--port", str(port),
+            *args]  # fmt: skip
+    proc = lab.popen(vm, argv, role=role)
+    lab.record("action", vm, "usb-consumer", mode=mode, device=f"{addr}:{busid}", pid=proc.pid)
+    return Consumer(vm, role, proc, path, start)
+
+
+def stop_consumer(lab: Lab, c: Consumer, wait: float = 5.0) -> list[dict[str, Any]]:
+    """SIGTERM the consumer (it writes a summary line and exits); return its events."""
+    lab.procs.end(c.role, signal.SIGTERM, wait=wait)
+    return c.events()
+
+
+# ---------------------------------------------------------------------------------------------
+# The consumer itself (runs inside a VM's namespace): only netsvc.usbip is imported here.
+
+
+def _emitter() -> Callable[..., None]:
+    lock = threading.Lock()
+
+    def emit(**kw: Any) -> None:
+        line = json.dumps({"t": round(time.monotonic(), 6), **kw})
+        with lock:
+            print(line, flush=True)
+
+    return emit
+
+
+def _on_event(emit: Callable[..., None]) -> Callable[[Any], None]:
+    def on_event(ev: Any) -> None:
+        emit(event="state", state=ev.state.value, detail=ev.detail, at=round(ev.at, 6),
+             outage_ms=None if ev.outage_s is None else round(ev.outage_s * 1000, 1))  # fmt: skip
+
+    return on_event
+
+
+def _keyboard(args: argparse.Namespace, emit: Callable[..., None]) -> int:
+    from netsvc.usbip import descriptors as d
+    from netsvc.usbip.client import Channel, ChannelState, UrbError
+    from netsvc.usbip.devices import keyboard_report_text
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Quick loss detection: unacknowledged data for user_timeout aborts the connection, and
+    # each reconnection attempt gives up after connect_timeout.
+    ch = Channel(args.host, args.busid, args.port, user_timeout=args.user_timeout,
+                 connect_timeout=0.5, on_event=_on_event(emit))  # fmt: skip
+    ch.open(timeout=15)
+    ep = ch.find_endpoint(d.EP_INTERRUPT, True)
+    if ep is None:
+        emit(event="error", error="the device has no interrupt IN endpoint")
+        ch.close()
+        return 1
+    emit(event="opened", pid=os.getpid(), need_bps=ch.need_bps())
+    chars = errors = 0
+    try:
+        while not stop.is_set():
+            try:
+                data = ch.interrupt_in(ep.address, 8, timeout=args.poll)
+            except TimeoutError:
+                continue
+            except UrbError as exc:
+                if ch.state is ChannelState.CLOSED:
+                    break
+                errors += 1
+                emit(event="urb-error", error=str(exc))
+                time.sleep(0.02)
+                continue
+            text = keyboard_report_text(data)
+            if text:
+                chars += len(text)
+                emit(event="text", text=text)
+    finally:
+        emit(event="summary", chars=chars, errors=errors, reconnects=ch.reconnects,
+             last_outage_ms=None if ch.last_outage_s is None
+             else round(ch.last_outage_s * 1000, 1))  # fmt: skip
+        ch.close()
+    return 0
+
+
+def _bulk(args: argparse.Namespace, emit: Callable[..., None]) -> int:
+    from netsvc.usbip.client import Channel, measure_throughput
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    emit(event="waiting", pid=os.getpid(), wait_file=args.wait_file)
+    if args.wait_file:
+        deadline = time.monotonic() + args.wait_timeout
+        while not os.path.exists(args.wait_file):
+            if stop.is_set() or time.monotonic() > deadline:
+                emit(event="gave-up", reason="no go before the deadline")
+                return 1
+            time.sleep(0.01)
+    t0 = time.monotonic()
+    with Channel(args.host, args.busid, args.port, on_event=_on_event(emit)) as ch:
+        emit(event="opened", pid=os.getpid(), need_bps=ch.need_bps(),
+             open_ms=round((time.monotonic() - t0) * 1000, 1))  # fmt: skip
+        r = measure_throughput(ch, args.seconds, "in", args.urb_size, args.depth)
+        emit(event="measured", bytes=r.bytes, seconds=round(r.seconds, 4),
+             mbytes_per_s=round(r.mbytes_per_s, 2), bps=round(r.bps), urb_size=r.urb_size,
+             depth=r.depth, reconnects=ch.reconnects)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m netsvc.lab.usb",
+                                 description="A lab consumer of a USB/IP device.")
+    ap.add_argument("mode", choices=("keyboard", "bulk"))
+    ap.add_argument("host")
+    ap.add_argument("busid")
+    ap.add_argument("--port", type=int, default=USBIP_PORT)
+    ap.add_argument("--poll", type=float, default=0.3, help="keyboard: URB timeout (s)")
+    ap.add_argument("--user-timeout", type=float, default=0.8, help="keyboard: TCP (s)")
+    ap.add_argument("--wait-file", help="bulk: open the device once this file exists")
+    ap.add_argument("--wait-timeout", type=float, default=120.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="bulk: measure this long")
+    ap.add_argument("--urb-size", type=int, default=256 * 1024)
+    ap.add_argument("--depth", type=int, default=4)
+    args = ap.parse_args(argv)
+    emit = _emitter()
+    from netsvc.usbip.client import UsbipError
+
+    try:
+        return _keyboard(args, emit) if args.mode == "keyboard" else _bulk(args, emit)
+    except (OSError, UsbipError) as exc:
+        emit(event="error", error=f"{type(exc).__name__}: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
