@@ -857,12 +857,14 @@ class Lab:
         config: str | None = None,
         acd: bool = False,
         partition: bool = False,
+        store: str | None = None,
     ) -> None:
         """Start the manager on the services node and an agent on every host.
 
         ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table);
         ``acd`` makes every agent run the ARP conflict monitor on its virtual switch;
-        ``partition`` makes them probe the management and VM networks apart."""
+        ``partition`` makes them probe the management and VM networks apart; ``store`` is
+        the manager's ``--store`` (e.g. ``etcd://198.18.0.2:2379``; default: its SQLite)."""
         self.acd = acd
         self.partition = partition
         self.key_file = self.run_dir / "api.key"
@@ -886,6 +888,7 @@ class Lab:
                 "--heartbeat-interval",
                 str(self.heartbeat_interval),
                 *(["--config", str(self._write_manager_config(config))] if config else []),
+                *(["--store", store] if store else []),
             ],
             role="manager",
         )
