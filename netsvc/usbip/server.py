@@ -7,10 +7,14 @@ Use it in-process (``ServerThread`` runs it on a loop of its own) or as a proces
 Invariants:
 
 - One importer per device: a second OP_REQ_IMPORT for a claimed device gets ST_DEV_BUSY; an
-  unknown bus id gets ST_NODEV. The claim is released (and the device reset) as soon as its
-  connection is lost. A client that vanishes without a FIN or RST is found by TCP keepalive
-  and TCP_USER_TIMEOUT (``keepalive_idle + keepalive_interval * keepalive_count`` seconds at
-  most when idle, ``user_timeout`` when data is unacknowledged).
+  unknown bus id gets ST_NODEV. One exception, so a client that lost its network gets its device
+  back at once: an import from the holder's own IP address takes the device over when the holder
+  has left our data unacknowledged for ``takeover_after`` seconds (its connection is then dead
+  as far as TCP can tell; it is aborted first, so there is never a second owner). The claim is
+  released (and the device reset) as soon as its connection is lost. A client that vanishes
+  without a FIN or RST is found by TCP keepalive and TCP_USER_TIMEOUT (``keepalive_idle +
+  keepalive_interval * keepalive_count`` seconds at most when idle, ``user_timeout`` when data
+  is unacknowledged).
 - At most ``max_connections`` connections exist at once; the next ones are closed at accept.
   A connection that sends no complete request within ``handshake_timeout`` is closed.
 - Bad bytes never raise out of a callback: each gives one log line naming what was wrong
@@ -64,7 +68,24 @@ class ServerOptions:
     keepalive_interval: int = 1
     keepalive_count: int = 3
     user_timeout: float = 5.0
+    takeover_after: float = 0.5
     tls: t.TlsConfig | None = None
+
+
+def peer_unresponsive(sock: socket.socket | None, after_s: float) -> bool:
+    """Has this TCP peer left data of ours unacknowledged for ``after_s`` seconds? (Linux
+    ``TCP_INFO``: ``tcpi_unacked`` at offset 24 and ``tcpi_last_ack_recv`` in ms at 56.)"""
+    if sock is None:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return False
+    if len(info) < 60:
+        return False
+    unacked = int.from_bytes(info[24:28], "little")
+    last_ack_ms = int.from_bytes(info[56:60], "little")
+    return unacked > 0 and last_ack_ms >= after_s * 1000
 
 
 def tune_socket(
@@ -329,6 +350,15 @@ class _Conn(asyncio.Protocol):
             tr.write(conn.reply_import(p.ST_NODEV))
             tr.close()
             return
+        old = exp.owner
+        if old is not None and old.peer.rpartition(":")[0] == self.peer.rpartition(":")[0] \
+                and old.transport is not None and peer_unresponsive(
+                    old.transport.get_extra_info("socket"), srv.options.takeover_after):
+            log.info("usbip: %s taken over by %s from unresponsive %s", busid, self.peer,
+                     old.peer)
+            srv.stats["takeovers"] = srv.stats.get("takeovers", 0) + 1
+            old.abort()
+            old.connection_lost(None)
         if exp.owner is not None:
             srv.stats["busy"] += 1
             log.info("usbip: %s busy (held by %s), refused %s", busid, exp.owner.peer, self.peer)

@@ -197,3 +197,39 @@ def test_a_flood_of_connections_is_capped(server: ServerThread) -> None:
             s.close()
     _wait(lambda: not server.server.active)
     assert [x.busid for x in cl.list_devices("127.0.0.1", server.port)] == ["1-1", "1-2", "1-3"]
+
+
+def test_a_reimport_takes_over_only_from_an_unresponsive_holder_at_the_same_address(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netsvc.usbip import server as srv
+
+    old = _raw(server)
+    _import(old, "1-3")
+    # A live holder keeps its device: the re-import is refused.
+    with pytest.raises(cl.ImportRefused, match="busy"):
+        cl.Channel("127.0.0.1", "1-3", server.port, reconnect=False).open(timeout=0.2)
+    # A holder that left our data unacknowledged (TCP says its path is dead) loses it.
+    monkeypatch.setattr(srv, "peer_unresponsive", lambda sock, after: True)
+    new = cl.Channel("127.0.0.1", "1-3", server.port, reconnect=False).open(timeout=2)
+    try:
+        assert _closed(old)
+        assert server.server.stats["takeovers"] == 1
+    finally:
+        new.close()
+
+
+def test_peer_unresponsive_reads_tcp_info() -> None:
+    from netsvc.usbip.server import peer_unresponsive
+
+    assert not peer_unresponsive(None, 0.5)
+    a, b = socket.socketpair()  # not TCP: TCP_INFO is refused, so never unresponsive
+    with a, b:
+        assert not peer_unresponsive(a, 0.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as c:
+        peer, _ = listener.accept()
+        with peer:
+            c.sendall(b"x")
+            _wait(lambda: peer.recv(1) == b"x")
+            assert not peer_unresponsive(c, 0.0)  # everything acknowledged
