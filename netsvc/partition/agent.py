@@ -131,7 +131,9 @@ def run_prober(
     receiver = Receiver(key, host)
     start = time.monotonic()
     clf = Classifier(host, config=cfg, now=start)
-    seq = itertools.count(1)
+    # Sequence numbers must grow across restarts, or the peers' replay guards would refuse a
+    # restarted host (a crashed host powered on again) until it passed its old numbers.
+    seq = itertools.count(time.time_ns())
     known: Mapping[str, Mapping[Network, str]] = {}
     latest: list[Mapping[str, Mapping[Network, str]]] = [known]
 

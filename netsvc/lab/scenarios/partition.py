@@ -240,7 +240,9 @@ def _host_crash(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, A
     out["note"] = "restarted cold: the guests' state is lost (respawn from pooled memory " \
                   "keeps it; see netsvc.memory)"
     lab.power_on(run.host)
-    run.pump(params["settle_s"])
+    back = run.pump(max(params["settle_s"], 10.0), lambda: lab.manager().partition_status()[
+        "verdicts"].get(run.host, {}).get("classification") == "healthy")
+    checks.check(f"{run.host} is judged healthy again once powered on", back)
     return out
 
 
