@@ -210,6 +210,7 @@ def clean(prefix: str | None = None, force: bool = False) -> list[CleanResult]:
         kill_processes(pids)
         left = delete_links(p)
         delete_nft(p)
+        Path(f"/dev/shm/netsvc-pool-{p}").unlink(missing_ok=True)  # netsvc.lab.pool's pool file
         if not left:
             release(p)
         results.append(CleanResult(p, len(pids), left, False))

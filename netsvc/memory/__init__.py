@@ -11,6 +11,9 @@ A memory-mapped file on a tmpfs that every lab host maps stands in for a CXL-sty
 - ``placement``    choosing a host from profiles and the host-to-VM table (pure)
 - ``views``        what ``recovery`` and ``ft`` see, read from the pool (I/O helper)
 - ``cli``          ``netsvc memory init|show|check``
+- ``agent``        the per-host pool agent process: holds and renews its host's lease (I/O)
+- ``master``       the master process: drives ``recovery`` and ``ft`` over the pool, fences,
+                   journals every decision to the manager (I/O)
 
 Invariants of the package: pure modules never read a clock or touch a file; every write to a
 host's page table or a VM's pages is fenced by that host's lease epoch; every record is

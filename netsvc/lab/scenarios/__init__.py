@@ -53,10 +53,10 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import ip_conflict, partition, peripheral, smoke
+    from netsvc.lab.scenarios import ip_conflict, memory, partition, peripheral, smoke
 
     return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO, *partition.SCENARIOS,
-                                peripheral.SCENARIO)}
+                                peripheral.SCENARIO, *memory.SCENARIOS)}
 
 
 SCENARIOS = _load()

@@ -1,0 +1,450 @@
+"""Scenarios of netsvc.memory: fault-tolerant VMs and respawn from pooled memory (A1, A3).
+
+Every scenario makes a pool file for the run (``netsvc.lab.pool.PoolLab``), starts the manager,
+a pool agent per host (leases with TTL ``ttl``, 0.5 s by default), the master on ``svc``, and
+pooled guests in the VMs' namespaces; the lab plays the hypervisor for the master's journaled
+decisions. Clients talk to the guests from the gateway, at the VM's address.
+
+``report.json`` holds, beside ``ok`` and the checks:
+
+- ``ft-failover``: crash the FT primary's host during a write load: ``failover_ms`` (crash to
+  the first write acknowledged by the promoted secondary), ``acked_writes_lost`` (acknowledged
+  writes not readable afterwards), ``reprotect_ms`` (crash to a new secondary mapped on a third
+  host).
+- ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
+- ``respawn``: crash a host: ``respawn_ms`` (crash to the VM answering on another host),
+  ``state_intact`` (every key and the write counter as before).
+
+Parameters (a ``[NAME]`` table of the lab config): ``ttl`` (the hosts' lease TTL, seconds) and
+``store = "etcd"``, which runs a real etcd on ``svc`` and the manager on it.
+- ``isolation``: cut h1's management link (the partition service says ``mgmt-isolation``; h1
+  still renews its lease, so its VM is *not* respawned), then hang h1 (its pool agent and guest
+  stopped): the lease lapses, the master fences h1 and respawns the VM elsewhere; then
+  reconnect h1: ``stale_writes_accepted`` counts writes the old guest acknowledged after the
+  fence (must be 0); ``isolated_not_respawned`` says whether the first phase was respected.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from netsvc.lab.client import request
+from netsvc.lab.config import ConfigError
+from netsvc.lab.faults import Faults
+from netsvc.lab.lab import Lab, LabError
+from netsvc.lab.plan import LabPlan
+from netsvc.lab.pool import PoolLab, VmSpec
+from netsvc.lab.scenarios import Checks, Scenario
+
+KEYS = 2000  # the writer cycles over this many keys (the guest store holds ~3400 at 1024 pages)
+PAGES = 1024
+PARAMS: dict[str, type | tuple[type, ...]] = {"ttl": (int, float), "store": str}
+
+
+def _check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
+    ttl = float(params.get("ttl", 0.5))
+    if not 0.1 <= ttl <= 10:
+        raise ConfigError(f"ttl {ttl} must be 0.1..10 seconds")
+    store = params.get("store", "sqlite")
+    if store not in ("sqlite", "etcd"):
+        raise ConfigError(f"store {store!r} must be sqlite or etcd")
+    return {"ttl": ttl, "etcd": store == "etcd"}
+
+
+class AckedWriter:
+    """A client thread writing ``SET wK vN`` (K = N mod KEYS) as fast as ``interval`` allows,
+    reconnecting at once on any error, and remembering every acknowledged write."""
+
+    def __init__(
+        self, connect: Callable[[], socket.socket], interval: float = 0.005, start: int = 0
+    ) -> None:
+        self.connect = connect
+        self.interval = interval
+        self.acked: dict[str, int] = {}  # key -> highest acknowledged n
+        self.acks: list[tuple[float, int]] = []  # (time, connection number)
+        self.conns: list[float] = []  # when each connection was made
+        self.refused: list[str] = []
+        self.n = start  # values only grow, across writers too: a later value never hides a loss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> AckedWriter:
+        self._t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(3.0)
+
+    def first_ack_on_conn_after(self, t0: float) -> float | None:
+        """The first acknowledgement on a connection made after ``t0``."""
+        for t, c in self.acks:
+            if self.conns[c] >= t0:
+                return t
+        return None
+
+    def _run(self) -> None:
+        sock: socket.socket | None = None
+        buf = b""
+        while not self._stop.is_set():
+            try:
+                if sock is None:
+                    sock = self.connect()
+                    sock.settimeout(0.15)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.conns.append(time.monotonic())
+                    buf = b""
+                n = self.n + 1
+                key = f"w{n % KEYS}"
+                sock.sendall(f"SET {key} v{n}\n".encode())
+                while b"\n" not in buf:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    buf += chunk
+                line, buf = buf.split(b"\n", 1)
+                self.n = n
+                if line.startswith(b"OK "):
+                    self.acked[key] = n
+                    self.acks.append((time.monotonic(), len(self.conns) - 1))
+                else:
+                    self.refused.append(line.decode(errors="replace")[:80])
+            except (OSError, ValueError):
+                if sock is not None:
+                    sock.close()
+                    sock = None
+                self._stop.wait(0.005)
+                continue
+            self._stop.wait(self.interval)
+        if sock is not None:
+            sock.close()
+
+
+def lost_writes(connect: Callable[[], socket.socket], acked: dict[str, int]) -> int:
+    """How many acknowledged writes the guest does not show (a later value is fine)."""
+    lost = 0
+    sock = connect()
+    try:
+        sock.settimeout(2.0)
+        f = sock.makefile("rwb")
+        for key, n in acked.items():
+            f.write(f"GET {key}\n".encode())
+            f.flush()
+            line = f.readline().decode().split()
+            if len(line) != 2 or line[0] != "VALUE" or int(line[1][1:]) < n:
+                lost += 1
+        f.close()
+    finally:
+        sock.close()
+    return lost
+
+
+def journal_since(lab: Lab, action: str, t0: float) -> list[dict[str, Any]]:
+    return [e for e in lab.manager().journal(0)
+            if e["action"] == action and float(e["mono"]) >= t0]  # fmt: skip
+
+
+def ms(t: float | None, t0: float) -> float | None:
+    return None if t is None else round((t - t0) * 1000, 1)
+
+
+def _ro_host(pl: PoolLab, vm: str, exclude: set[str]) -> str | None:
+    for h, m in pl.mapped().items():
+        if m.get(vm) == "RO" and h not in exclude:
+            return h
+    return None
+
+
+def _ft_setup(lab: Lab, checks: Checks, params: dict[str, Any], pl: PoolLab) -> str:
+    pl.start({"vm1": VmSpec("h1", PAGES, ft=True)})
+    box: list[str] = []
+
+    def ready() -> bool:
+        h = _ro_host(pl, "vm1", {"h1"})
+        if h is not None and f"ftsec-vm1-{h}" in lab.procs.by_role:
+            box.append(h)
+            return True
+        return False
+
+    ok = pl.pump(15.0, ready)
+    checks.check("vm1 is protected: a secondary maps it read-only", ok, str(pl.mapped()))
+    if not ok:
+        raise LabError("no secondary for vm1")
+    return box[0]
+
+
+def _ft_failover(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        out = failover_once(lab, checks, pl, "vm1", "h1", sec)
+        out["secondary_before"] = sec
+        return out
+
+
+def failover_once(
+    lab: Lab, checks: Checks, pl: PoolLab, vm: str, primary: str, sec: str, start: int = 0
+) -> dict[str, Any]:
+    """Crash ``primary`` under a write load on ``vm``; measure; return the figures
+    (``writer_n``: the writer's last value, to start the next run's writer above it)."""
+    w = AckedWriter(lab.guest_connect(vm, timeout=0.1), start=start).start()
+    time.sleep(0.5)
+    before = len(w.acks)
+    t0 = time.monotonic()
+    lab.crash_host(primary)
+    third: list[str] = []
+
+    def done() -> bool:
+        if w.first_ack_on_conn_after(t0) is None:
+            return False
+        h = _ro_host(pl, vm, {primary, sec})
+        if h is not None:
+            third.append(h)
+        return bool(third)
+
+    ok = pl.pump(15.0, done)
+    time.sleep(0.3)
+    w.stop()
+    first = w.first_ack_on_conn_after(t0)
+    ready = journal_since(lab, "memory-secondary-ready", t0)
+    fence = journal_since(lab, "memory-fence", t0)
+    lost = lost_writes(lab.guest_connect(vm, timeout=1.0), w.acked)
+    out = {
+        "failover_ms": ms(first, t0),
+        "acked_writes_lost": lost,
+        "reprotect_ms": ms(float(ready[0]["mono"]), t0) if ready else None,
+        "fence_ms": ms(float(fence[0]["mono"]), t0) if fence else None,
+        "acked_writes": len(w.acks),
+        "acked_before_crash": before,
+        "refused_replies": len(w.refused),
+        "promoted_on": lab.vms[vm].host,
+        "new_secondary": third[0] if third else None,
+        "writer_n": w.n,
+    }
+    assert pl.executor is not None
+    prom = [x for x in pl.executor.done if x.action == "memory-promote" and x.decided >= t0]
+    out["promote_decided_ms"] = ms(prom[0].decided, t0) if prom else None
+    out["promote_done_ms"] = ms(prom[0].done, t0) if prom else None
+    checks.check("the secondary took over read-write", ok and lab.vms[vm].host == sec
+                 and first is not None, f"{vm} on {lab.vms[vm].host}, failover "
+                 f"{out['failover_ms']} ms")  # fmt: skip
+    checks.check("every acknowledged write is there", lost == 0,
+                 f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
+    checks.check("a new secondary appeared on a third host", bool(third), str(pl.mapped()))
+    return out
+
+
+def _ft_secondary_loss(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        lab.crash_host(sec)
+        third: list[str] = []
+
+        def done() -> bool:
+            h = _ro_host(pl, "vm1", {"h1", sec})
+            if h is not None and f"ftsec-vm1-{h}" in lab.procs.by_role:
+                third.append(h)
+            return bool(third)
+
+        ok = pl.pump(15.0, done)
+        time.sleep(0.3)
+        w.stop()
+        ready = journal_since(lab, "memory-secondary-ready", t0)
+        gaps = [b - a for (a, _), (b, _) in zip(w.acks, w.acks[1:], strict=False)]
+        lost = lost_writes(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        gap_ms = round(max(gaps, default=0.0) * 1000, 1)
+        out: dict[str, Any] = {
+            "reprotect_ms": ms(float(ready[0]["mono"]), t0) if ready else None,
+            "secondary_before": sec,
+            "new_secondary": third[0] if third else None,
+            "primary_longest_gap_ms": gap_ms,
+            "acked_writes_lost": lost,
+        }
+        checks.check("a new secondary appeared on a third host", ok, str(pl.mapped()))
+        checks.check("the primary stayed on h1", lab.vms["vm1"].host == "h1")
+        checks.check("the primary kept acknowledging writes",
+                     gap_ms < 500 and lost == 0, str(out))  # fmt: skip
+        return out
+
+
+def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        pl.start({"vm1": VmSpec("h1", PAGES)})
+        state = {f"s{i}": f"v{i}" for i in range(300)}
+        connect = lab.guest_connect("vm1", timeout=0.2)
+        sock = connect()
+        f = sock.makefile("rwb")
+        for k, v in state.items():
+            f.write(f"SET {k} {v}\n".encode())
+            f.flush()
+            f.readline()
+        f.close()
+        sock.close()
+        t0 = time.monotonic()
+        lab.crash_host("h1")
+        back: list[float] = []
+
+        def answers() -> bool:
+            try:
+                if request(connect, "PING", timeout=0.2).startswith("PONG vm1"):
+                    back.append(time.monotonic())
+                    return True
+            except OSError:
+                pass
+            return False
+
+        ok = pl.pump(15.0, answers)
+        seen = {k: request(connect, f"GET {k}", timeout=1.0) for k in state} if ok else {}
+        stats = request(connect, "STATS", timeout=1.0) if ok else ""
+        intact = bool(seen) and all(seen[k] == f"VALUE {v}" for k, v in state.items())
+        intact = intact and f'"writes": {len(state)}' in stats
+        store = "etcd" if params["etcd"] else "sqlite"
+        out = {
+            "respawn_ms": ms(back[0], t0) if back else None,
+            "state_intact": intact,
+            "respawned_on": lab.vms["vm1"].host,
+            "keys": len(state),
+            "stats": stats,
+            "manager_store": store,
+            "fence_ms": ms(float(e[0]["mono"]), t0)
+            if (e := journal_since(lab, "memory-fence", t0))
+            else None,
+        }
+        checks.check("vm1 came back on another host", ok and lab.vms["vm1"].host != "h1",
+                     str(out))  # fmt: skip
+        checks.check("with its state", intact, stats)
+        if params["etcd"]:
+            keys = pl.etcd_keys()
+            out["etcd_keys"] = keys
+            mgr_ok = any(e["action"] == "memory-respawn" for e in lab.manager().journal(0))
+            checks.check("the manager keeps its state in the lab's etcd and journaled the "
+                         "respawn", keys > 0 and mgr_ok, f"{keys} keys under /netsvc/")  # fmt: skip
+        return out
+
+
+def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    from netsvc.lab.scenarios.partition import wait_healthy
+
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"], partition=True,
+                 config="[partition]\nmax_affected_share = 0.5\n") as pl:  # fmt: skip
+        pl.start({"vm1": VmSpec("h1", PAGES)})
+        wait_healthy(lab)
+        connect = lab.guest_connect("vm1", timeout=0.3)
+        request(connect, "SET before 1")
+        faults = Faults(lab)
+        t0 = time.monotonic()
+        # phase 1: management cut, lease still renewed: isolated, not dead
+        fid = faults.cut("h1:mgmt")
+        iso = pl.pump(10.0, lambda: bool(journal_since(lab, "memory-isolated-not-respawned", t0)))
+        pl.pump(1.0)
+        respawned_early = bool(journal_since(lab, "memory-respawn", t0))
+        still = request(connect, "SET during-isolation 1").startswith("OK")
+        checks.check("h1 isolated with its lease: reported, not respawned",
+                     iso and not respawned_early and still, f"reported {iso}, respawned "
+                     f"{respawned_early}, VM writable {still}")  # fmt: skip
+        # phase 2: h1 hangs (pool agent and guest stopped): the lease lapses
+        stale = connect()
+        stale.settimeout(5.0)
+        agent = lab.procs.by_role["poolagent-h1"]
+        guest = lab.procs.by_role["guest-vm1"]
+        t1 = time.monotonic()
+        agent.send_signal(signal.SIGSTOP)
+        guest.send_signal(signal.SIGSTOP)
+        ok = pl.pump(15.0, lambda: bool(journal_since(lab, "memory-respawned", t1)))
+        checks.check(
+            "h1's lease lapsed: fenced and vm1 respawned elsewhere",
+            ok and lab.vms["vm1"].host != "h1",
+            f"vm1 on {lab.vms['vm1'].host}",
+        )
+        fresh: list[str] = []
+
+        def answers() -> bool:
+            try:
+                fresh.append(request(connect, "SET after-fence 1", timeout=0.3))
+                return fresh[-1].startswith("OK")
+            except OSError:
+                return False
+
+        pl.pump(5.0, answers)
+        # writes sent to the hung guest while it is stopped, then it wakes up
+        for i in range(3):
+            stale.sendall(f"SET stale{i} x\n".encode())
+        faults.heal(fid)
+        t2 = time.monotonic()
+        agent.send_signal(signal.SIGCONT)
+        guest.send_signal(signal.SIGCONT)
+        for i in range(3, 6):
+            try:
+                stale.sendall(f"SET stale{i} x\n".encode())
+            except OSError:
+                break
+        replies = _read_lines(stale, 6, 3.0)
+        stale.close()
+        accepted = sum(1 for r in replies if r.startswith("OK"))
+        lost_lease = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-lease-lost", t2)))
+        exited = pl.pump(3.0, lambda: guest.poll() is not None)
+        visible = [request(connect, f"GET stale{i}", timeout=1.0) for i in range(6)]
+        rejoined = pl.pump(5.0, lambda: _holds(pl, "h1"))
+        out = {
+            "stale_writes_accepted": accepted + sum(1 for v in visible if v != "MISSING"),
+            "stale_replies": replies,
+            "isolated_not_respawned": iso and not respawned_early,
+            "respawned_on": lab.vms["vm1"].host,
+            "h1_reported_lease_lost": lost_lease,
+            "fenced_guest_exited": exited,
+            "h1_rejoined_with_new_lease": rejoined,
+            "fence_ms": ms(float(e[0]["mono"]), t1)
+            if (e := journal_since(lab, "memory-fence", t1))
+            else None,
+        }
+        checks.check("the reconnected host wrote nothing", out["stale_writes_accepted"] == 0,
+                     f"replies {replies}, visible {visible}")  # fmt: skip
+        checks.check("h1 found it lost its lease", lost_lease)
+        checks.check("its fenced guest stopped", exited)
+        return out
+
+
+def _holds(pl: PoolLab, host: str) -> bool:
+    with pl.open() as pool:
+        return bool(pool.lease(host).held_by(host, time.monotonic()))
+
+
+def _read_lines(sock: socket.socket, n: int, timeout: float) -> list[str]:
+    out: list[str] = []
+    buf = b""
+    end = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < end:
+        sock.settimeout(max(0.05, end - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            out.append(line.decode(errors="replace")[:120])
+    return out
+
+
+SCENARIOS = [
+    Scenario("ft-failover", "crash the FT primary's host under writes: the secondary takes "
+             "over with every acknowledged write, a new secondary appears", _ft_failover,
+             min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("ft-secondary-loss", "crash the FT secondary's host: a new secondary appears",
+             _ft_secondary_loss, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("respawn", "crash a host: its VM is respawned elsewhere from pooled memory, "
+             "state intact", _respawn, min_hosts=2, vms_per_host=1, params=PARAMS,
+             check=_check),
+    Scenario("isolation", "isolate h1 (kept: it holds its lease), hang it (fenced, VM "
+             "respawned), reconnect it: it writes nothing", _isolation, min_hosts=3,
+             vms_per_host=1, params=PARAMS, check=_check),
+]  # fmt: skip

@@ -1,0 +1,479 @@
+"""The master agent: fences failed hosts, respawns their VMs, fails FT VMs over. One process.
+
+    python -m netsvc.memory.master --pool PATH --manager URL --key-file F
+        [--poll 0.02] [--ttl 0.5] [--partition-poll 0.25] [--no-partition]
+
+It runs on the services node beside the manager. ``MasterLoop`` is the adapter around the two
+sans-IO cores, ``RecoveryMaster`` (A3) and ``FtController`` (A1): each ``step(now)`` reads the
+pool's lease records and page tables (``views``), feeds the cores, and carries out their
+commands. Who does what:
+
+- *Decides*: the cores, in this process. Every decision and state change becomes a
+  ``Decision`` with its reason; ``main`` posts each one to the manager's journal
+  (``POST /v1/events``, actor ``memory-master``), in order.
+- *Fences*: this process, in the pool: it acquires a lapsed host's lease (the epoch moves on,
+  so that host's guests can never write again), unmaps the host's VMs from its table with that
+  fence grant, renews the fence while it works and releases it when every VM was handled.
+- *Executes* what needs a hypervisor: the journaled ``memory-respawn``, ``memory-promote``,
+  ``memory-create-secondary`` and ``memory-remove-secondary`` decisions name a VM and a target
+  host; the hypervisor of the target (``netsvc.lab.pool.Executor`` in the lab) starts, promotes
+  or stops the guest there, and the guest maps the VM in its host's table under that host's own
+  grant (``guest_server --map``). The master sees the mapping appear in the pool: that is the
+  completion (``memory-respawned``, ``memory-promoted``, ``memory-secondary-ready``).
+
+The partition hook: ``classifications`` (host -> the partition service's verdict, from
+``GET /v1/partition``) goes into each ``HostView``, so a host that still holds its lease but is
+classified isolated is reported (``memory-isolated-not-respawned``) and left alone.
+
+Invariants:
+
+- No VM is unmapped from a host's table, respawned or promoted before this process holds that
+  host's lease (a fence grant with a new epoch); every such write carries that grant, so the
+  pool refuses it if the epoch moved on.
+- A VM gets a RW mapping on its new host only after it was unmapped from the fenced one (the
+  pool refuses a second RW mapping): at most one primary at any time.
+- ``--dry-run``: nothing in the pool is written; each lapsed lease is journaled once (per
+  epoch) as ``memory-fence`` with ``dry_run`` set, naming the VMs that would move.
+- Every command of the cores is carried out or journaled; a pool error while carrying one out is
+  journaled (``memory-error``) and reported back to the core as a failure, never swallowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from netsvc.memory import ft as ftm
+from netsvc.memory import recovery as rec
+from netsvc.memory.errors import LeaseHeld, MemoryError_, StaleEpoch
+from netsvc.memory.layout import Access
+from netsvc.memory.lease import Grant
+from netsvc.memory.placement import choose
+from netsvc.memory.pool import Pool
+from netsvc.memory.views import candidates, host_views
+
+ACTOR = "memory-master"
+#: Decisions the hypervisor of the target host carries out.
+EXECUTED = frozenset(
+    {"memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary"}
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One journal entry: ``action`` on ``subject`` (``vm:NAME`` or ``host:NAME``), why."""
+
+    action: str
+    subject: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+
+
+@dataclass
+class _Pending:
+    kind: str  # respawn, promote, secondary
+    host: str
+    since: float
+    ft_lost: bool = False
+
+
+class MasterLoop:
+    """The master's adapter: one ``step(now)`` per poll; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        sink: Callable[[Decision], None],
+        *,
+        holder: str = "master",
+        ttl: float = 0.5,
+        respawn_timeout: float = 15.0,
+        secondary_timeout: float = 10.0,
+        dry_run: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.sink = sink
+        self.holder = holder
+        self.ttl = ttl
+        self.mib_per_page = pool.geometry.page_size / 2**20
+        self.recovery = rec.RecoveryMaster(
+            holder,
+            pool.geometry.page_size,
+            rec.RecoveryConfig(
+                ttl=ttl, take_timeout=max(1.0, ttl), respawn_timeout=respawn_timeout
+            ),
+        )
+        self.ft = ftm.FtController(
+            holder, ftm.FtConfig(create_timeout=secondary_timeout, take_timeout=max(1.0, ttl))
+        )
+        self.grants: dict[str, Grant] = {}  # our fence grants, by fenced host
+        self.pending: dict[str, _Pending] = {}  # by VM
+        self.classifications: dict[str, str] = {}
+        self.errors = 0
+        self.dry_run = dry_run
+        self._would: set[tuple[str, int]] = set()  # (host, lease epoch) reported in dry run
+
+    # -- journal ---------------------------------------------------------------------------
+
+    def _say(self, action: str, subject: str, reason: str, **details: Any) -> None:
+        self.sink(Decision(action, subject, reason, details))
+
+    def _error(self, subject: str, what: str, exc: Exception) -> None:
+        self.errors += 1
+        self._say("memory-error", subject, f"{what}: {exc}", error=type(exc).__name__)
+
+    # -- one poll --------------------------------------------------------------------------
+
+    def step(self, now: float) -> None:
+        views = host_views(self.pool, self.classifications)
+        cmds: list[Any] = list(self.recovery.poll(views, now))
+        cmds += self.ft.set_hosts(candidates(self.pool, now), now)
+        cmds += self._enable_ft(views, now)
+        cmds += self._completions(now)
+        if now >= self.recovery.next_timer():
+            cmds += self.recovery.handle_timer(now)
+        if now >= self.ft.next_timer():
+            cmds += self.ft.handle_timer(now)
+        self._run(cmds, now)
+
+    def _enable_ft(self, views: list[rec.HostView], now: float) -> list[Any]:
+        out: list[Any] = []
+        for view in views:
+            if not view.lease.held_by(view.name, now):
+                continue
+            for v in view.vms:
+                if not (v.ft and v.access is Access.RW) or v.name in self.pending:
+                    continue
+                cur = self.ft.vms.get(v.name)
+                if cur is None or cur.state is ftm.FtState.DISABLED:
+                    out += self.ft.enable(v.name, view.name, v.pages * self.mib_per_page, now)
+        return out
+
+    def _completions(self, now: float) -> list[Any]:
+        out: list[Any] = []
+        for vm, p in list(self.pending.items()):
+            try:
+                access = self.pool.mapped(p.host).get(vm)
+            except MemoryError_ as exc:
+                self._error(f"host:{p.host}", "cannot read its page table", exc)
+                continue
+            ms = round((now - p.since) * 1000, 1)
+            if p.kind == "secondary" and access is Access.RO:
+                del self.pending[vm]
+                self._say("memory-secondary-ready", f"vm:{vm}", f"{p.host} maps {vm} read-only",
+                          vm=vm, host=p.host, ms=ms)  # fmt: skip
+                out += self.ft.secondary_ready(vm, p.host, now)
+            elif p.kind == "promote" and access is Access.RW:
+                del self.pending[vm]
+                self._say("memory-promoted", f"vm:{vm}", f"{p.host} maps {vm} read-write",
+                          vm=vm, host=p.host, ms=ms)  # fmt: skip
+                out += self.ft.promoted(vm, p.host, now)
+                out += self._recovery_done(vm, now)
+            elif p.kind == "respawn" and access is Access.RW:
+                del self.pending[vm]
+                self._say("memory-respawned", f"vm:{vm}", f"{p.host} maps {vm} read-write",
+                          vm=vm, host=p.host, ms=ms)  # fmt: skip
+                out += self._recovery_done(vm, now)
+                if p.ft_lost:
+                    out += self.ft.resumed(vm, p.host, now)
+        return out
+
+    def _recovery_done(self, vm: str, now: float) -> list[Any]:
+        try:
+            return list(self.recovery.completed(vm, now))
+        except MemoryError_:
+            return []  # not one of recovery's (e.g. an FT VM re-protected later)
+
+    # -- carrying out ----------------------------------------------------------------------
+
+    def _run(self, cmds: list[Any], now: float) -> None:
+        while cmds:
+            cmd = cmds.pop(0)
+            try:
+                cmds += self._one(cmd, now)
+            except MemoryError_ as exc:
+                self._error(_subject(cmd), f"carrying out {type(cmd).__name__}", exc)
+
+    def _fence(self, host: str, now: float) -> list[Any]:
+        if self.dry_run:
+            return self._would_fence(host, now)
+        try:
+            g = self.pool.acquire(host, self.holder, now, self.ttl)
+        except LeaseHeld as exc:
+            self._say("memory-fence-refused", f"host:{host}",
+                      f"lease held by {exc.holder} at epoch {exc.epoch}: not fenced",
+                      host=host, holder=exc.holder, epoch=exc.epoch)  # fmt: skip
+            return list(self.recovery.lease_refused(host, exc.holder, now)) + list(
+                self.ft.lease_refused(host, exc.holder, now)
+            )
+        self.grants[host] = g
+        self._say("memory-fence", f"host:{host}",
+                  f"lease of {host} taken at epoch {g.epoch}: its guests can no longer write",
+                  host=host, epoch=g.epoch)  # fmt: skip
+        out: list[Any] = list(self.recovery.lease_taken(host, g.epoch, now))
+        for vm, access in self.pool.mapped(host).items():  # secondaries' read-only mappings
+            if access is Access.RO:
+                self.pool.unmap_vm(g, vm)
+        if host not in self.ft.failed:
+            out += self.ft.host_failed(host, now)
+        return out
+
+    def _would_fence(self, host: str, now: float) -> list[Any]:
+        """Dry run: journal (once per lease epoch) what would be fenced and respawned, with
+        ``dry_run`` set, and change nothing: the core is told the lease was not taken."""
+        lease = self.pool.lease(host)
+        if (host, lease.epoch) not in self._would:
+            self._would.add((host, lease.epoch))
+            vms = self.pool.mapped(host)
+            self.sink(Decision(
+                "memory-fence", f"host:{host}",
+                f"would take the lease of {host} (epoch {lease.epoch}, lapsed) and respawn or "
+                f"promote {sorted(vms) or 'nothing'}",
+                {"host": host, "epoch": lease.epoch, "vms": sorted(vms)}, dry_run=True,
+            ))  # fmt: skip
+        return list(self.recovery.lease_refused(host, lease.holder, now))
+
+    def _one(self, cmd: Any, now: float) -> list[Any]:
+        if isinstance(cmd, rec.TakeLease):
+            return self._fence(cmd.host, now)
+        if isinstance(cmd, rec.Respawn):
+            g = self.grants.get(cmd.from_host)
+            if g is None or g.epoch != cmd.epoch:
+                return list(self.recovery.failed(cmd.vm, "no fence at that epoch", now))
+            return self._respawn(cmd.vm, g, cmd.to_host, cmd.reason, now)
+        if isinstance(cmd, rec.RenewLease):
+            g = self.grants.get(cmd.host)
+            if g is not None:
+                self.grants[cmd.host] = self.pool.renew(g, now, self.ttl)
+            return []
+        if isinstance(cmd, rec.ReleaseLease):
+            g = self.grants.pop(cmd.host, None)
+            if g is not None:
+                self.pool.release(g, now)
+            self._say("memory-release", f"host:{cmd.host}", cmd.reason, host=cmd.host,
+                      epoch=cmd.epoch)  # fmt: skip
+            return []
+        if isinstance(cmd, rec.HostPhaseChanged):
+            if self.dry_run:
+                return []  # the dry run flips TAKING <-> LIVE every poll: not journaled
+            self._say("memory-host-phase", f"host:{cmd.host}", cmd.reason, host=cmd.host,
+                      old=cmd.old.value, new=cmd.new.value)  # fmt: skip
+            return []
+        if isinstance(cmd, rec.IsolatedNotRespawned):
+            self._say("memory-isolated-not-respawned", f"host:{cmd.host}", cmd.reason,
+                      host=cmd.host, classification=cmd.classification, epoch=cmd.epoch,
+                      vms=list(cmd.vms))  # fmt: skip
+            return []
+        if isinstance(cmd, rec.CannotRespawn):
+            self._say("memory-cannot-respawn", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm,
+                      host=cmd.host)  # fmt: skip
+            return []
+        if isinstance(cmd, rec.FtTakeover):
+            return []  # the FT controller learned of the failure in _fence (host_failed)
+        return self._one_ft(cmd, now)
+
+    def _one_ft(self, cmd: Any, now: float) -> list[Any]:
+        if isinstance(cmd, ftm.TakeLease):
+            g = self.grants.get(cmd.host)
+            if g is None:  # the FT controller retries; recovery fences lapsed hosts itself
+                return []
+            if self.ft.epochs.get(cmd.host, 0) >= g.epoch:
+                return []
+            return list(self.ft.lease_taken(cmd.host, g.epoch, now))
+        if isinstance(cmd, ftm.Promote):
+            g = self.grants.get(cmd.old_host)
+            if g is None or g.epoch != cmd.epoch:
+                return []
+            if cmd.vm in self.pool.mapped(cmd.old_host):
+                self.pool.unmap_vm(g, cmd.vm)
+            self.pending[cmd.vm] = _Pending("promote", cmd.host, now)
+            self._say("memory-promote", f"vm:{cmd.vm}",
+                      f"primary host {cmd.old_host} fenced at epoch {cmd.epoch}: promote the "
+                      f"secondary on {cmd.host}",
+                      vm=cmd.vm, to=cmd.host, src=cmd.old_host, epoch=cmd.epoch)  # fmt: skip
+            return []
+        if isinstance(cmd, ftm.CreateSecondary):
+            self.pending[cmd.vm] = _Pending("secondary", cmd.host, now)
+            self._say("memory-create-secondary", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm,
+                      to=cmd.host)  # fmt: skip
+            return []
+        if isinstance(cmd, ftm.RemoveSecondary):
+            p = self.pending.get(cmd.vm)
+            if p is not None and p.kind == "secondary" and p.host == cmd.host:
+                del self.pending[cmd.vm]
+            self._say("memory-remove-secondary", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm,
+                      to=cmd.host)  # fmt: skip
+            return []
+        if isinstance(cmd, ftm.FtLost):
+            return self._ft_lost(cmd, now)
+        if isinstance(cmd, ftm.FtStateChanged):
+            self._say("memory-ft-state", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm,
+                      old=cmd.old.value, new=cmd.new.value)  # fmt: skip
+            return []
+        if isinstance(cmd, ftm.Unprotected | ftm.PromotionRefused):
+            self._say(f"memory-{type(cmd).__name__.lower()}", f"vm:{cmd.vm}", cmd.reason,
+                      vm=cmd.vm)  # fmt: skip
+            return []
+        raise AssertionError(f"unhandled command {cmd!r}")  # pragma: no cover
+
+    def _respawn(self, vm: str, g: Grant, to: str, reason: str, now: float) -> list[Any]:
+        try:
+            if vm in self.pool.mapped(g.host):
+                self.pool.unmap_vm(g, vm)
+        except StaleEpoch as exc:
+            return list(self.recovery.failed(vm, f"fence lost: {exc}", now))
+        self.pending[vm] = _Pending("respawn", to, now, ft_lost=vm in self.ft.vms)
+        self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=g.host,
+                  epoch=g.epoch)  # fmt: skip
+        return []
+
+    def _ft_lost(self, cmd: ftm.FtLost, now: float) -> list[Any]:
+        """An FT VM with no secondary to fail over to: respawn it from the pool (A3)."""
+        self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host)
+        g = self.grants.get(cmd.host)
+        if g is None:
+            return []
+        need = self.pool.vm(cmd.vm).n_pages * self.mib_per_page
+        pick = choose(candidates(self.pool, now), need, exclude={cmd.host})
+        if pick is None:
+            self._say("memory-cannot-respawn", f"vm:{cmd.vm}", "no live host with room",
+                      vm=cmd.vm, host=cmd.host)  # fmt: skip
+            return []
+        return self._respawn(cmd.vm, g, pick.name, "FT VM lost its primary with no secondary",
+                             now)  # fmt: skip
+
+    def next_timer(self) -> float:
+        return min(self.recovery.next_timer(), self.ft.next_timer(), math.inf)
+
+
+def _subject(cmd: Any) -> str:
+    vm = getattr(cmd, "vm", None)
+    return f"vm:{vm}" if vm else f"host:{getattr(cmd, 'host', '?')}"
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+class JournalSink:
+    """Posts decisions to the manager's journal from one thread, in order; prints each too."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.q: queue.Queue[Decision | None] = queue.Queue()
+        self.failed = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def __call__(self, d: Decision) -> None:
+        dry = " (dry run)" if d.dry_run else ""
+        print(f"{d.action}{dry} {d.subject}: {d.reason} {d.details}", flush=True)
+        self.q.put(d)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.q.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        from netsvc.cluster.client import ApiError
+
+        while (d := self.q.get()) is not None:
+            for _ in range(3):
+                try:
+                    self.client.post_event(ACTOR, d.action, d.subject, d.reason, d.details,
+                                           dry_run=d.dry_run)  # fmt: skip
+                    break
+                except ApiError as exc:
+                    print(f"journal: {exc}", file=sys.stderr, flush=True)
+                    time.sleep(0.1)
+            else:
+                self.failed += 1
+
+
+class PartitionFeed:
+    """Polls ``GET /v1/partition`` in a thread; ``verdicts()`` is host -> classification."""
+
+    def __init__(self, client: Any, interval: float) -> None:
+        self.client = client
+        self.interval = interval
+        self._v: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def verdicts(self) -> dict[str, str]:
+        return dict(self._v)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from netsvc.cluster.client import ApiError
+
+        while not self._stop.is_set():
+            try:
+                st = self.client.partition_status()
+                self._v = {
+                    h: str(v["classification"])
+                    for h, v in st.get("verdicts", {}).items()
+                    if isinstance(v, dict) and v.get("classification")
+                }
+            except (ApiError, KeyError, TypeError):
+                pass
+            self._stop.wait(self.interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netsvc-memory-master", description=__doc__.splitlines()[0])
+    p.add_argument("--pool", required=True)
+    p.add_argument("--manager", required=True, help="manager URL, http://HOST:PORT")
+    p.add_argument("--key-file", required=True)
+    p.add_argument("--holder", default="master")
+    p.add_argument("--poll", type=float, default=0.02)
+    p.add_argument("--ttl", type=float, default=0.5, help="TTL of the fence leases")
+    p.add_argument("--partition-poll", type=float, default=0.25)
+    p.add_argument("--no-partition", action="store_true", help="ignore the partition service")
+    p.add_argument("--dry-run", action="store_true",
+                   help="journal what would be fenced (dry_run) and change nothing")  # fmt: skip
+    a = p.parse_args(argv)
+    from netsvc.cluster.client import ManagerClient
+
+    try:
+        with open(a.key_file) as f:
+            client = ManagerClient(a.manager, f.read().strip(), timeout=2.0)
+        pool = Pool.open(a.pool)
+    except (OSError, ValueError, MemoryError_) as exc:
+        print(f"netsvc-memory-master: {exc}", file=sys.stderr)
+        return 2
+    sink = JournalSink(client)
+    feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
+    loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
+                  {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run}))  # fmt: skip
+    try:
+        while not stop.is_set():
+            if feed is not None:
+                loop.classifications = feed.verdicts()
+            loop.step(time.monotonic())
+            stop.wait(a.poll)
+    finally:
+        if feed is not None:
+            feed.stop()
+        sink.close()
+        pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

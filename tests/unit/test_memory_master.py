@@ -1,0 +1,224 @@
+"""The master loop (netsvc.memory.master) and the pool agent's lease keeper (netsvc.memory.agent)
+over a real pool file, with hand-advanced time: the hypervisor is played in-process from the
+journaled decisions, as ``netsvc.lab.pool.Executor`` does in the lab."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netsvc.memory.agent import KeeperState, LeaseKeeper, Renew, parse_vm_spec, start_vms
+from netsvc.memory.errors import IllegalTransition, PoolUsageError, StaleEpoch
+from netsvc.memory.guest_memory import PooledGuestStore
+from netsvc.memory.guest_server import host_grant, open_store
+from netsvc.memory.layout import Access
+from netsvc.memory.lease import Grant
+from netsvc.memory.master import EXECUTED, Decision, MasterLoop
+from netsvc.memory.pool import Pool
+
+TTL = 0.5
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = Pool.create(tmp_path / "pool", 16 << 20, max_hosts=6, max_vms=8)
+    yield p
+    p.close()
+
+
+# -- the lease keeper -----------------------------------------------------------------------------
+
+
+def test_keeper_renews_loses_and_rejoins_with_a_new_epoch(pool: Pool) -> None:
+    pool.register_host("h1", {"mem_mib": 64})
+    k = LeaseKeeper("h1", ttl=0.5, renew_every=0.1, rejoin_after=1.0)
+    op = k.due_op(0.0)
+    assert op is not None and not isinstance(op, Renew)
+    ev = k.acquired(pool.acquire("h1", "h1", 0.0, 0.5), 0.0)
+    assert ev.kind == "acquired" and ev.epoch == 1 and k.state is KeeperState.HOLDING
+    assert k.due_op(0.05) is None and k.next_timer() == pytest.approx(0.1)
+    op = k.due_op(0.1)
+    assert isinstance(op, Renew)
+    k.renewed(pool.renew(op.grant, 0.1, 0.5), 0.1)
+    # the host hangs past its TTL; the master fences it
+    pool.acquire("h1", "master", 0.7, 0.5)
+    op = k.due_op(0.8)
+    assert isinstance(op, Renew)
+    with pytest.raises(StaleEpoch) as ei:
+        pool.renew(op.grant, 0.8, 0.5)
+    ev = k.lost(ei.value.cur_holder, ei.value.cur_epoch, 0.8)
+    assert ev.kind == "lost" and "epoch 2" in ev.reason and k.grant is None
+    assert k.due_op(1.0) is None  # waits before rejoining
+    assert k.due_op(1.8) is not None and k.state is KeeperState.NO_LEASE
+    assert k.held_elsewhere("master", 2, 1.8) is not None
+    assert k.held_elsewhere("master", 2, 1.9) is None  # reported once per wait
+    ev = k.acquired(pool.acquire("h1", "h1", 2.0, 0.5), 2.0)
+    assert ev.epoch == 3
+    with pytest.raises(IllegalTransition):
+        k.acquired(Grant("h1", "h1", 4, 3.0), 2.1)
+
+
+def test_keeper_and_vm_spec_refuse_bad_input(pool: Pool) -> None:
+    with pytest.raises(PoolUsageError):
+        LeaseKeeper("h1", ttl=0.5, renew_every=0.4)
+    with pytest.raises(PoolUsageError):
+        LeaseKeeper("bad name")
+    assert parse_vm_spec("vm1:64:ft") == ("vm1", 64, True, True)
+    assert parse_vm_spec("vm2:8:cold") == ("vm2", 8, False, False)
+    for bad in ("vm1", "vm1:x", "vm1:8:fast"):
+        with pytest.raises(PoolUsageError):
+            parse_vm_spec(bad)
+    pool.register_host("h1")
+    g = pool.acquire("h1", "h1", 0.0, 1.0)
+    assert start_vms(pool, g, ["a:4", "a:4"])[1] == "a: mapped read-write (4 pages)"
+
+
+# -- the master loop, with an in-process hypervisor -----------------------------------------------
+
+
+class World:
+    """Pool agents (renewing unless dead), the master, and the hypervisor playing decisions."""
+
+    def __init__(self, pool: Pool, hosts: tuple[str, ...], dry_run: bool = False) -> None:
+        self.pool = pool
+        self.now = 0.0
+        self.log: list[Decision] = []
+        self.grants: dict[str, Grant] = {}
+        self.dead: set[str] = set()
+        self.guests: dict[tuple[str, str], PooledGuestStore] = {}  # (vm, host) -> store
+        for h in hosts:
+            pool.register_host(h, {"mem_mib": 64})
+            self.grants[h] = pool.acquire(h, h, 0.0, TTL)
+        self.master = MasterLoop(pool, self.log.append, ttl=TTL, dry_run=dry_run)
+        self.done = 0
+
+    def start_vm(self, vm: str, host: str, pages: int, ft: bool = False) -> PooledGuestStore:
+        start_vms(self.pool, self.grants[host], [f"{vm}:{pages}{':ft' if ft else ''}"])
+        s = open_store(self.pool, vm, host, Access.RW, vm)
+        self.guests[(vm, host)] = s
+        return s
+
+    def primary(self, vm: str) -> PooledGuestStore:
+        (s,) = [
+            s for (v, h), s in self.guests.items() if v == vm and s.mem.writable and h not in
+            self.dead
+        ]  # fmt: skip
+        return s
+
+    def crash(self, host: str) -> None:
+        self.dead.add(host)
+        for key in [k for k in self.guests if k[1] == host]:
+            self.guests.pop(key).mem.close()
+
+    def tick(self, dt: float = 0.05) -> None:
+        self.now += dt
+        for h, g in list(self.grants.items()):
+            if h not in self.dead:
+                self.grants[h] = self.pool.renew(g, self.now, TTL)
+        self.master.step(self.now)
+        for d in self.log[self.done :]:
+            self.done += 1
+            if d.action in EXECUTED:
+                self.execute(d)
+
+    def execute(self, d: Decision) -> None:
+        vm, to = d.details["vm"], d.details["to"]
+        if d.action == "memory-respawn":
+            self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RW, vm, map_first=True)
+        elif d.action == "memory-promote":
+            old = self.guests.pop((vm, to))
+            old.mem.close()
+            self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RW, vm, map_first=True)
+        elif d.action == "memory-create-secondary":
+            self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RO, vm, map_first=True)
+        elif d.action == "memory-remove-secondary" and to not in self.dead:
+            s = self.guests.pop((vm, to), None)
+            if s is not None:
+                s.mem.close()
+            self.pool.unmap_vm(host_grant(self.pool, to), vm)
+
+    def actions(self, name: str) -> list[Decision]:
+        return [d for d in self.log if d.action == name]
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / 0.05)):
+            self.tick()
+
+    def close(self) -> None:
+        for s in self.guests.values():
+            s.mem.close()
+
+
+def test_ft_failover_then_reprotect_and_secondary_loss(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3", "h4"))
+    prim = w.start_vm("f", "h1", 16, ft=True)
+    w.run(0.3)
+    (sec,) = w.actions("memory-create-secondary")
+    first_sec = sec.details["to"]
+    assert first_sec != "h1" and pool.mapped(first_sec) == {"f": Access.RO}
+    assert w.actions("memory-secondary-ready")
+    acked = {f"k{i}": str(i) for i in range(30)}
+    for k, v in acked.items():
+        prim.handle(f"SET {k} {v}".encode())
+    w.crash("h1")
+    w.run(1.5)
+    (fence,) = w.actions("memory-fence")
+    (promote,) = w.actions("memory-promote")
+    assert fence.details["host"] == "h1" and promote.details["to"] == first_sec
+    assert w.actions("memory-promoted")
+    new = w.primary("f")
+    assert dict(new.mem.items()) == acked
+    assert new.handle(b"SET after 1") == b"OK 31\n"
+    secs = [d.details["to"] for d in w.actions("memory-create-secondary")]
+    assert len(secs) == 2 and secs[1] not in ("h1", first_sec)
+    assert pool.mapped(secs[1]) == {"f": Access.RO}
+    assert len(w.actions("memory-secondary-ready")) == 2
+    # now the secondary's host dies: a third secondary appears, the primary is untouched
+    w.crash(secs[1])
+    w.run(1.5)
+    secs = [d.details["to"] for d in w.actions("memory-create-secondary")]
+    assert len(secs) == 3 and secs[2] not in ("h1", first_sec, secs[1])
+    assert pool.mapped(secs[2]) == {"f": Access.RO} and pool.mapped(secs[1]) == {}
+    assert new.handle(b"SET more 2") == b"OK 32\n"
+    assert pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
+def test_respawn_and_isolated_host(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3"))
+    a = w.start_vm("a", "h1", 16)
+    a.handle(b"SET k v")
+    w.master.classifications = {"h1": "mgmt-isolation"}
+    w.run(0.5)
+    (iso,) = w.actions("memory-isolated-not-respawned")
+    assert iso.details["host"] == "h1" and not w.actions("memory-respawn")
+    assert a.handle(b"SET k v2") == b"OK 2\n"
+    # now it stops renewing too (hung): fenced and respawned with its memory
+    w.dead.add("h1")
+    w.run(1.5)
+    (rs,) = w.actions("memory-respawn")
+    assert rs.details["vm"] == "a" and rs.details["to"] in ("h2", "h3")
+    b = w.guests[("a", rs.details["to"])]
+    assert b.handle(b"GET k") == b"VALUE v2\n"
+    # the hung host wakes up: its guest's writes are refused
+    assert a.handle(b"SET k stale").startswith(b"ERR fenced")
+    assert b.handle(b"GET k") == b"VALUE v2\n"
+    assert w.actions("memory-release") and pool.lease("h1").holder == ""
+    a.mem.close()
+    w.close()
+
+
+def test_dry_run_reports_the_fence_once_and_changes_nothing(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2"), dry_run=True)
+    w.start_vm("a", "h1", 16).handle(b"SET k v")
+    w.crash("h1")
+    w.run(2.0)
+    (fence,) = w.actions("memory-fence")
+    assert fence.dry_run and fence.details["vms"] == ["a"] and "would take" in fence.reason
+    assert not w.actions("memory-respawn") and not w.actions("memory-host-phase")
+    lease = pool.lease("h1")
+    assert lease.holder == "h1" and lease.epoch == 1  # not taken
+    assert pool.mapped("h1") == {"a": Access.RW}
+    w.close()
