@@ -327,9 +327,11 @@ def cmd_manager(args: argparse.Namespace) -> int:
         return _fail("manager", str(exc))
     except ClusterError as exc:
         return _fail("manager", str(exc))
-    log(f"listening on {server.url} (state in {state_dir}, pid {os.getpid()})")
+    def ready() -> None:
+        log(f"listening on {server.url} (state in {state_dir}, pid {os.getpid()})")
+
     try:
-        reason = server.serve_until_signal()
+        reason = server.serve_until_signal(on_ready=ready)
     finally:
         server.stop()
         journal.close()

@@ -1682,8 +1682,14 @@ class ManagerServer:
                 if self._log is not None:
                     self._log(f"could not journal the stop: {exc}")
 
-    def serve_until_signal(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> str:
-        """Run until one of ``signals`` arrives (main thread only); return the reason."""
+    def serve_until_signal(
+        self,
+        signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+        on_ready: Callable[[], None] | None = None,
+    ) -> str:
+        """Run until one of ``signals`` arrives (main thread only); return the reason.
+        ``on_ready`` runs once the handlers are in place and the server serves, so a signal
+        sent after it (e.g. by whoever waits for a "listening" line) is always handled."""
         got: list[str] = []
         done = threading.Event()
 
@@ -1694,6 +1700,8 @@ class ManagerServer:
         old = {s: signal.signal(s, on_signal) for s in signals}
         try:
             self.start()
+            if on_ready is not None:
+                on_ready()
             while not done.wait(1.0):
                 pass
         finally:
