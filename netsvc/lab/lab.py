@@ -596,7 +596,6 @@ class Lab:
         virtual switch and start a new guest (a cold start: the guest's state is lost).
 
         Refused while the VM runs, so a VM never runs twice."""
-        plan = self._plan()
         v = self._vm(vm)
         self._check_host(dst)
         if v.state == "running":
@@ -605,11 +604,23 @@ class Lab:
             raise LabError(f"host {dst} is down")
         if dst == v.host:
             raise LabError(f"VM {vm} is already on {dst}")
+        src = v.host
+        self.record("action", vm, "restart", src=src, dst=dst)
+        self.recable(vm, dst)
+        self._start_guest(vm)
+        self.announce(vm)
+        self.record("event", vm, "restarted", src=src, dst=dst)
+
+    def recable(self, vm: str, dst: str) -> None:
+        """Move ``vm``'s NIC to ``dst``'s virtual switch at once (break before make: for a VM
+        whose host is gone; a live VM moves with ``migrate``). Its namespace, address and
+        processes stay; nothing is announced."""
+        plan = self._plan()
+        v = self._vm(vm)
         old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
         vif = plan.vif_name(vm)
         vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
-        src = v.host
-        self.record("action", vm, "restart", src=src, dst=dst)
+        self._drop_garp_socket(vm, old_port)
         old = vm_ipr.link_lookup(ifname=old_port)
         if old:
             vm_ipr.link("del", index=old[0])
@@ -626,9 +637,6 @@ class Lab:
             raise LabError(f"the new port of {vm} on {dst} did not come up")
         v.host = dst
         v.generation += 1
-        self._start_guest(vm)
-        self.announce(vm)
-        self.record("event", vm, "restarted", src=src, dst=dst)
 
     def guest_connect(
         self, vm: str, via: str = "gw", timeout: float = 2.0

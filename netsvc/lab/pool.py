@@ -48,12 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netsvc.lab.lab import Lab, LabError, wait_operstate_up
+from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import GUEST_PORT, SERVICES_MGMT
 
 ETCD_PORT = 2379
 SECONDARY_PORT = GUEST_PORT + 1
-_SPEAKING = {"learning": 1, "unicast_flood": 1, "bcast_flood": 1, "mcast_flood": 1}
 
 
 @dataclass(frozen=True)
@@ -95,27 +94,8 @@ def recable(lab: Lab, vm: str, dst: str) -> None:
         idx = ipr.link_lookup(ifname=vif)
         if idx and ipr.get_links(idx[0])[0].get_attr("IFLA_OPERSTATE") == "UP":
             return
-    old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
-    vif = plan.vif_name(vm)
-    vm_ipr, dst_ipr = lab.ipr(vm), lab.ipr(dst)
-    lab._drop_garp_socket(vm, old_port)
-    old = vm_ipr.link_lookup(ifname=old_port)
-    if old:
-        vm_ipr.link("del", index=old[0])
-    vm_ipr.link(
-        "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": lab.pid(dst)}
-    )
-    new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
-    vm_ipr.link("set", index=new_idx, master=vm_ipr.link_lookup(ifname="vnic")[0])
-    vm_ipr.brport("set", index=new_idx, isolated=1, **_SPEAKING)
-    dst_vif = dst_ipr.link_lookup(ifname=vif)[0]
-    dst_ipr.link("set", index=dst_vif, master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
-    vm_ipr.link("set", index=new_idx, state="up")
-    if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=2.0):
-        raise LabError(f"the new port of {vm} on {dst} did not come up")
     src = v.host
-    v.host = dst
-    v.generation += 1
+    lab.recable(vm, dst)
     lab.announce(vm)
     lab.record("event", vm, "recabled", src=src, dst=dst)
 
