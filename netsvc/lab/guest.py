@@ -24,6 +24,7 @@ import re
 import signal
 import socket
 import sys
+from typing import Protocol
 
 MAX_LINE = 1024
 MAX_KEYS = 100_000
@@ -72,9 +73,14 @@ class GuestStore:
         return f"ERR unknown request {cmd[:16]!r} with {len(args)} arguments\n".encode()
 
 
-async def _serve_client(
-    store: GuestStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+class LineHandler(Protocol):
+    def handle(self, line: bytes) -> bytes: ...
+
+
+async def serve_lines(
+    store: LineHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    """One connection: a request per line in, ``store.handle``'s reply out, until EOF."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -99,7 +105,7 @@ async def serve(name: str, host: str, port: int) -> None:
     """Serve the guest store until SIGTERM or SIGINT."""
     store = GuestStore(name)
     server = await asyncio.start_server(
-        lambda r, w: _serve_client(store, r, w), host, port, limit=MAX_LINE + 2, reuse_address=True
+        lambda r, w: serve_lines(store, r, w), host, port, limit=MAX_LINE + 2, reuse_address=True
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,11 +36,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 
+from netsvc.lab.guest import serve_lines
 from netsvc.memory.errors import MemoryError_, PoolUsageError
 from netsvc.memory.guest_memory import GuestMemory, PooledGuestStore
 from netsvc.memory.layout import Access
@@ -96,29 +96,6 @@ def fenced(pool: Pool, store: PooledGuestStore) -> bool:
     return cur.holder != grant.holder or cur.epoch != grant.epoch
 
 
-async def _client(
-    store: PooledGuestStore | Holder, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                writer.write(b"ERR line too long\n")
-                break
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(store.handle(line.rstrip(b"\r\n")))
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 async def serve(
     store: PooledGuestStore | Holder,
     bind: str,
@@ -128,7 +105,7 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set; ``ready`` gets the bound port."""
     server = await asyncio.start_server(
-        lambda r, w: _client(store, r, w),
+        lambda r, w: serve_lines(store, r, w),
         bind,
         port,
         limit=MAX_LINE + 2,
