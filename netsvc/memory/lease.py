@@ -125,8 +125,9 @@ def acquire(cur: Lease, host: str, holder: str, now: float, ttl: float) -> tuple
 
 
 def check_write(cur: Lease, grant: Grant) -> None:
-    """The fence: ``StaleEpoch`` unless ``grant`` is the record's current holder and epoch."""
-    if cur.holder != grant.holder or cur.epoch != grant.epoch:
+    """The fence: ``StaleEpoch`` unless ``grant`` is the record's current holder and epoch
+    (a released or never-held lease has no holder, so no grant passes it)."""
+    if not cur.holder or cur.holder != grant.holder or cur.epoch != grant.epoch:
         raise StaleEpoch(grant.host, grant.holder, grant.epoch, cur.holder, cur.epoch)
 
 

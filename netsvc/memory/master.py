@@ -446,14 +446,26 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from netsvc.cluster.client import ManagerClient
 
+    reported: dict[tuple[str, str], float] = {}
+    sink_ref: list[JournalSink] = []
+
+    def report_once(where: str, what: str, kind: str = "memory-corrupt") -> None:
+        """Journal a fault found in the pool, at most once a minute per (where, what)."""
+        now = time.monotonic()
+        if now - reported.get((where, what), -1e9) < 60.0 or not sink_ref:
+            return
+        reported[(where, what)] = now
+        sink_ref[0](Decision(kind, "pool", f"{where}: {what}", {"where": where}))
+
     try:
         with open(a.key_file) as f:
             client = ManagerClient(a.manager, f.read().strip(), timeout=2.0)
-        pool = Pool.open(a.pool)
+        pool = Pool.open(a.pool, report=lambda prob: report_once(prob.where, prob.what))
     except (OSError, ValueError, MemoryError_) as exc:
         print(f"netsvc-memory-master: {exc}", file=sys.stderr)
         return 2
     sink = JournalSink(client)
+    sink_ref.append(sink)
     feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
     loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
     stop = threading.Event()
@@ -465,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             if feed is not None:
                 loop.classifications = feed.verdicts()
-            loop.step(time.monotonic())
+            try:
+                loop.step(time.monotonic())
+            except MemoryError_ as exc:
+                # A corrupt record must not stop the master: report it and keep polling.
+                report_once("poll", f"{type(exc).__name__}: {exc}", "memory-error")
             stop.wait(a.poll)
     finally:
         if feed is not None:

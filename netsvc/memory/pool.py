@@ -395,9 +395,20 @@ class Pool:
     def _vm_records(self) -> list[VmRecord]:
         return [self._vm_rec(s) for s in range(self.geometry.max_vms)]
 
-    def vms(self) -> list[VmInfo]:
-        recs = enumerate(self._vm_records())
-        return [VmInfo(r.name, s, r.flags, r.extents) for s, r in recs if r.name]
+    def vms(self, *, skip_corrupt: bool = False) -> list[VmInfo]:
+        """Every VM. A corrupt record raises ``PoolCorrupt``, or with ``skip_corrupt`` is left
+        out (it is reported either way), so one bad record cannot blind a reader to the rest."""
+        out = []
+        for s in range(self.geometry.max_vms):
+            try:
+                r = self._vm_rec(s)
+            except PoolCorrupt:
+                if not skip_corrupt:
+                    raise
+                continue
+            if r.name:
+                out.append(VmInfo(r.name, s, r.flags, r.extents))
+        return out
 
     def vm(self, name: str) -> VmInfo:
         check_name(name, "VM")

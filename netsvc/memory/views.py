@@ -23,16 +23,18 @@ def host_views(pool: Pool, classifications: Mapping[str, Any] | None = None) -> 
     """One ``HostView`` per registered host whose lease and page table are sound.
     ``classifications`` maps host names to the partition service's verdicts."""
     cls = classifications or {}
-    vms = {v.name: v for v in pool.vms()}
+    vms = {v.name: v for v in pool.vms(skip_corrupt=True)}
     out = []
     for h in pool.hosts():
         try:
             lease = pool.lease(h.name)
             mapped = pool.mapped(h.name)
         except PoolCorrupt:
-            continue
+            continue  # the pool reports it (``Pool.open(report=...)``)
         rows = tuple(
-            VmView(n, a, vms[n].n_pages, vms[n].resumable, vms[n].ft) for n, a in mapped.items()
+            VmView(n, a, vms[n].n_pages, vms[n].resumable, vms[n].ft)
+            for n, a in mapped.items()
+            if n in vms
         )
         out.append(HostView(h.name, lease, h.profile, rows, cls.get(h.name)))
     return out

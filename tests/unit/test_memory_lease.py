@@ -73,3 +73,15 @@ def test_bad_time_and_holder() -> None:
         L.acquire(L.Lease(), "h1", "h1", float("nan"), 1.0)
     with pytest.raises(PoolUsageError):
         L.acquire(L.Lease(), "h1", "", 0.0, 1.0)
+
+
+def test_no_grant_passes_a_lease_without_holder() -> None:
+    """A fabricated grant with an empty holder must not pass a released or unheld lease."""
+    from netsvc.memory.lease import Grant, Lease, StaleEpoch, check_write
+
+    unheld = Lease("", 0, 0.0, 0.0, 0.0)
+    with pytest.raises(StaleEpoch):
+        check_write(unheld, Grant("h1", "", 0, 0.0))
+    released = Lease("", 4, 10.0, 9.0, 1.0)
+    with pytest.raises(StaleEpoch):
+        check_write(released, Grant("h1", "", 4, 10.0))

@@ -222,3 +222,34 @@ def test_dry_run_reports_the_fence_once_and_changes_nothing(pool: Pool) -> None:
     assert lease.holder == "h1" and lease.epoch == 1  # not taken
     assert pool.mapped("h1") == {"a": Access.RW}
     w.close()
+
+
+def test_a_corrupt_vm_record_neither_stops_nor_blinds_the_master(tmp_path: Path) -> None:
+    """One bad record is reported and skipped; the master still polls every other host."""
+    import time as _time
+
+    from netsvc.memory.layout import Access
+    from netsvc.memory.master import MasterLoop
+    from netsvc.memory.pool import Pool, Problem
+
+    path = tmp_path / "pool"
+    pool = Pool.create(path, 8 << 20, max_hosts=4, max_vms=8)
+    now = _time.monotonic()
+    for h in ("h1", "h2"):
+        pool.register_host(h, {"mem_mib": 1024})
+    grants = {h: pool.acquire(h, h, now, 100) for h in ("h1", "h2")}
+    pool.create_vm(grants["h1"], "a", 8)
+    pool.map_vm(grants["h1"], "a", Access.RW)
+    gm = pool.geometry
+    with open(path, "r+b") as f:  # garbage over both copies of VM slot 1
+        f.seek(gm.vm_rec(1))
+        f.write(b"\x55" * (2 * gm.vm_half))
+    problems: list[Problem] = []
+    seen = Pool.open(path, report=problems.append)
+    decisions: list[object] = []
+    loop = MasterLoop(seen, decisions.append, ttl=0.5)
+    loop.step(_time.monotonic())  # must not raise
+    assert [v.name for v in seen.vms(skip_corrupt=True)] == ["a"]
+    assert problems and "vm" in problems[0].where.lower()
+    seen.close()
+    pool.close()

@@ -406,6 +406,10 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
         }
         checks.check("the reconnected host wrote nothing", out["stale_writes_accepted"] == 0,
                      f"replies {replies}, visible {visible}")  # fmt: skip
+        # Evidence, not silence: the stale guest answered every write, and refused each.
+        checks.check("each stale write was refused as fenced",
+                     len(replies) == 6 and all(r.startswith("ERR fenced") for r in replies),
+                     str(replies))
         checks.check("h1 found it lost its lease", lost_lease)
         checks.check("its fenced guest stopped", exited)
         return out
