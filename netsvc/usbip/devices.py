@@ -473,7 +473,9 @@ class CdcAcm(VirtualDevice):
         cfg = d.Configuration(1, 0x80, 50, (comm, data))
         desc = d.DeviceDescriptor(0x0200, 0x02, 0, 0, 64, 0x1209, 0x0002, 0x0100, 1, 2, 3, 1)
         strings = ("netsvc", "netsvc virtual serial port", "NSACM0001")
-        super().__init__(desc, cfg, strings, p.SPEED_FULL, max_transfer)
+        # An OUT URB larger than the echo buffer could never fit: the endpoint's limit refuses
+        # it at decode time instead of letting it wait forever.
+        super().__init__(desc, cfg, strings, p.SPEED_FULL, min(max_transfer, buffer))
         self.capacity = buffer
         self.buf = bytearray()
         self.line_coding = struct.pack("<IBBB", 115200, 0, 0, 8)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from netsvc.usbip import connection as c
 from netsvc.usbip import protocol as p
 from netsvc.usbip import tls as t
-from netsvc.usbip.devices import Completion, VirtualDevice
+from netsvc.usbip.devices import Completion, DeviceError, VirtualDevice
 
 log = logging.getLogger("netsvc.usbip.server")
 
@@ -160,6 +160,7 @@ class _Conn(asyncio.Protocol):
         self.conn: c.ServerConnection | None = None
         self.export: Export | None = None
         self.peer = "?"
+        self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._dev_timer: asyncio.TimerHandle | None = None
         self._auth: bytearray | None = None
@@ -233,12 +234,18 @@ class _Conn(asyncio.Protocol):
         self.export = None
 
     def pause_writing(self) -> None:
+        # Stop taking requests too: those already parsed wait in the connection's queue, so
+        # a client that never reads cannot make us buffer its completions without bound.
+        self._paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._paused = False
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+            self._process()
+            if not self._paused and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -310,7 +317,7 @@ class _Conn(asyncio.Protocol):
         if conn is None or tr is None:
             return
         now = self._loop.time()
-        while (ev := conn.next_event()) is not None:
+        while not self._paused and (ev := conn.next_event()) is not None:
             if isinstance(ev, c.SubmitReceived):
                 assert self.export is not None
                 dev = self.export.device
@@ -320,7 +327,14 @@ class _Conn(asyncio.Protocol):
                     tr.close()
                     return
                 srv.stats["urbs"] += 1
-                self._send_completions(dev.submit(ev.cmd, now))
+                try:
+                    done = dev.submit(ev.cmd, now)
+                except DeviceError as exc:  # e.g. a seqnum already pending: the peer's fault
+                    srv._error(self.peer, f"bad URB: {exc}")
+                    conn.close()
+                    tr.close()
+                    return
+                self._send_completions(done)
                 if dev.next_timer() is not None and self._dev_timer is None:
                     self._arm_device_timer()
             elif isinstance(ev, c.UnlinkReceived):

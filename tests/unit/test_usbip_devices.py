@@ -219,3 +219,9 @@ def test_server_connection_bad_input_and_timeouts() -> None:
     assert isinstance(ev, c.TransportClosed) and "mid-message (11 bytes" in ev.reason
     with pytest.raises(c.UsageError):
         srv.reply_devlist(())
+
+
+def test_a_serial_port_never_accepts_an_urb_larger_than_its_echo_buffer() -> None:
+    """Such an OUT URB could never fit and would wait forever: the endpoint limit refuses it."""
+    assert dv.CdcAcm(buffer=64).max_transfer == 64
+    assert dv.CdcAcm().max_transfer == 64 << 10

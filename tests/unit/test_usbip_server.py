@@ -3,6 +3,7 @@ unlink, and bad input (each gives a clear error and a closed connection, never a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import struct
@@ -233,3 +234,38 @@ def test_peer_unresponsive_reads_tcp_info() -> None:
             c.sendall(b"x")
             _wait(lambda: peer.recv(1) == b"x")
             assert not peer_unresponsive(c, 0.0)  # everything acknowledged
+
+
+def test_a_repeated_pending_seqnum_is_a_named_error(server: ServerThread) -> None:
+    """The serial port's bulk IN pends until there is data: a second URB with its seqnum is
+    refused with a named error and a closed connection (the device is free again)."""
+    s = _raw(server)
+    dev = _import(s, "1-2")
+    set_config = struct.pack("<BBHHH", 0x00, 9, 1, 0, 0)
+    urb = p.encode(p.CmdSubmit(5, dev.devid, p.DIR_IN, 1, 8))
+    s.sendall(p.encode(p.CmdSubmit(1, dev.devid, p.DIR_OUT, 0, 0, setup=set_config)) + urb + urb)
+    assert _closed(s)
+    _wait(lambda: any("bad URB: seqnum 5 is already pending" in e for e in server.server.errors))
+    _wait(lambda: server.server.export("1-2").owner is None)  # type: ignore[union-attr]
+
+
+def test_a_client_that_never_reads_cannot_grow_the_servers_buffers(server: ServerThread) -> None:
+    """400 bulk-IN URBs of 1 MiB, never read: the server stops taking requests instead of
+    buffering 400 MiB of completions."""
+    s = _raw(server)
+    dev = _import(s, "1-3")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    s.settimeout(0.5)
+    set_config = struct.pack("<BBHHH", 0x00, 9, 1, 0, 0)
+    urbs = p.encode(p.CmdSubmit(1000, dev.devid, p.DIR_OUT, 0, 0, setup=set_config))
+    urbs += b"".join(p.encode(p.CmdSubmit(i, dev.devid, p.DIR_IN, 1, 1 << 20))
+                     for i in range(1, 401))
+    with contextlib.suppress(TimeoutError):  # the server stopped reading: that is the point
+        s.sendall(urbs)
+    time.sleep(0.5)
+    conn = next(iter(server.server.active))
+    assert conn.transport is not None
+    buffered = conn.transport.get_write_buffer_size()
+    assert server.server.stats["urbs"] >= 2  # it did serve some
+    assert buffered <= 8 << 20, buffered
+    s.close()
