@@ -52,6 +52,10 @@ class Export:
     owner: _Conn | None = None
 
     @property
+    def devid(self) -> int:
+        return ((self.busnum & 0xFFFF) << 16) | (self.devnum & 0xFFFF)
+
+    @property
     def path(self) -> str:
         return f"/sys/devices/platform/netsvc-usbip/usb{self.busnum}/{self.busid}"
 
@@ -321,6 +325,13 @@ class _Conn(asyncio.Protocol):
             if isinstance(ev, c.SubmitReceived):
                 assert self.export is not None
                 dev = self.export.device
+                devid = self.export.devid
+                if ev.cmd.devid != devid:  # as the kernel's stub does
+                    srv._error(self.peer, f"URB for devid {ev.cmd.devid:#x}, but this "
+                               f"connection imported {devid:#x}")
+                    conn.close()
+                    tr.close()
+                    return
                 if dev.in_flight >= srv.options.max_in_flight:
                     srv._error(self.peer, f"more than {srv.options.max_in_flight} URBs in flight")
                     conn.close()

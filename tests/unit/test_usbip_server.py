@@ -269,3 +269,11 @@ def test_a_client_that_never_reads_cannot_grow_the_servers_buffers(server: Serve
     assert server.server.stats["urbs"] >= 2  # it did serve some
     assert buffered <= 8 << 20, buffered
     s.close()
+
+
+def test_an_urb_for_another_devid_is_refused(server: ServerThread) -> None:
+    s = _raw(server)
+    dev = _import(s, "1-3")
+    s.sendall(p.encode(p.CmdSubmit(1, dev.devid ^ 1, p.DIR_IN, 1, 8)))
+    assert _closed(s)
+    _wait(lambda: any("but this connection imported" in e for e in server.server.errors))
