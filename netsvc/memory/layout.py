@@ -376,11 +376,11 @@ def decode_pt(body: bytes, g: Geometry, where: str) -> PageTable:
 # -- VM records (the per-VM page set) -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VmRecord:
-    name: str  # "" = free slot
+class VmPages:
+    """What a VM's ``flags`` and ``extents`` say; shared by ``VmRecord`` and ``pool.VmInfo``."""
+
     flags: int
-    extents: tuple[tuple[int, int], ...]  # (first pool page, count), in guest-page order
+    extents: tuple[tuple[int, int], ...]
 
     @property
     def n_pages(self) -> int:
@@ -393,6 +393,13 @@ class VmRecord:
     @property
     def ft(self) -> bool:
         return bool(self.flags & VmFlag.FT)
+
+
+@dataclass(frozen=True)
+class VmRecord(VmPages):
+    name: str  # "" = free slot
+    flags: int
+    extents: tuple[tuple[int, int], ...]  # (first pool page, count), in guest-page order
 
     def pages(self) -> set[int]:
         return {p for first, c in self.extents for p in range(first, first + c)}

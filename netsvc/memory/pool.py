@@ -53,6 +53,7 @@ from netsvc.memory.layout import (
     PageTable,
     PageTableEntry,
     VmFlag,
+    VmPages,
     VmRecord,
     check_name,
     decode_header,
@@ -93,23 +94,11 @@ class HostInfo:
 
 
 @dataclass(frozen=True)
-class VmInfo:
+class VmInfo(VmPages):
     name: str
     slot: int
     flags: int
     extents: tuple[tuple[int, int], ...]
-
-    @property
-    def n_pages(self) -> int:
-        return sum(c for _, c in self.extents)
-
-    @property
-    def resumable(self) -> bool:
-        return bool(self.flags & VmFlag.RESUMABLE)
-
-    @property
-    def ft(self) -> bool:
-        return bool(self.flags & VmFlag.FT)
 
     def owns(self, first: int, count: int) -> bool:
         return any(f <= first and first + count <= f + c for f, c in self.extents)
