@@ -31,6 +31,21 @@ MAX_KEYS = 100_000
 KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
+def parse_request(line: bytes) -> tuple[str, list[str]] | bytes:
+    """A request line as (upper-cased command, arguments), or the error reply (bytes) for a
+    line that is too long, not ASCII or empty. Every guest store parses its lines with it."""
+    if len(line) > MAX_LINE:
+        return b"ERR line too long\n"
+    try:
+        text = line.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return b"ERR request is not ASCII\n"
+    parts = text.split()
+    if not parts:
+        return b"ERR empty request\n"
+    return parts[0].upper(), parts[1:]
+
+
 class GuestStore:
     """The guest's state and request handling, without I/O."""
 
@@ -41,16 +56,10 @@ class GuestStore:
 
     def handle(self, line: bytes) -> bytes:
         """The reply (with newline) to one request line (without newline)."""
-        if len(line) > MAX_LINE:
-            return b"ERR line too long\n"
-        try:
-            text = line.decode("ascii").strip()
-        except UnicodeDecodeError:
-            return b"ERR request is not ASCII\n"
-        parts = text.split()
-        if not parts:
-            return b"ERR empty request\n"
-        cmd, args = parts[0].upper(), parts[1:]
+        req = parse_request(line)
+        if isinstance(req, bytes):
+            return req
+        cmd, args = req
         if cmd == "PING" and not args:
             return f"PONG {self.name} {self.writes}\n".encode()
         if cmd == "SET" and len(args) == 2:

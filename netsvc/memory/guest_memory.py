@@ -430,18 +430,12 @@ class PooledGuestStore:
         self.mem = mem
 
     def handle(self, line: bytes) -> bytes:
-        from netsvc.lab.guest import MAX_LINE
+        from netsvc.lab.guest import parse_request
 
-        if len(line) > MAX_LINE:
-            return b"ERR line too long\n"
-        try:
-            text = line.decode("ascii").strip()
-        except UnicodeDecodeError:
-            return b"ERR request is not ASCII\n"
-        parts = text.split()
-        if not parts:
-            return b"ERR empty request\n"
-        cmd, args = parts[0].upper(), parts[1:]
+        req = parse_request(line)
+        if isinstance(req, bytes):
+            return req
+        cmd, args = req
         try:
             if cmd == "PING" and not args:
                 return f"PONG {self.name} {self.mem.writes}\n".encode()
