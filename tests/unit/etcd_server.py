@@ -11,7 +11,6 @@ the data dir. Outside CI the etcd tests skip when the ``etcd`` binary is missing
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from peer_binary import require_binary
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,7 @@ def free_tcp_port(exclude: tuple[int, ...] = ()) -> int:
 
 
 def etcd_binary() -> str:
-    etcd = shutil.which("etcd") or (
-        "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
-    )
-    if etcd is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs the etcd tests, but etcd is missing (Debian package etcd-server)")
-        pytest.skip("etcd is not installed (Debian package etcd-server)")
-    return etcd
+    return require_binary("etcd", "/usr/bin/etcd", "etcd-server")
 
 
 def _healthy(endpoint: str) -> bool:

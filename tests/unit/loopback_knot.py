@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from peer_binary import require_binary
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,7 @@ def free_port() -> int:
 
 
 def _knotd() -> str:
-    knotd = shutil.which("knotd") or (
-        "/usr/sbin/knotd" if os.access("/usr/sbin/knotd", os.X_OK) else None
-    )
-    if knotd is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs the knotd tests, but knotd is missing (Debian package knot)")
-        pytest.skip("knotd is not installed (Debian package knot)")
-    return knotd
+    return require_binary("knotd", "/usr/sbin/knotd", "knot")
 
 
 @contextmanager
