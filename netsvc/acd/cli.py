@@ -181,37 +181,52 @@ def run_engine(
 
 
 def _engine(args: argparse.Namespace, probe_only: bool) -> tuple[Any, Any, str]:
+    """The engine and its socket. Raises ValueError or OSError (a bad address, an interface
+    that cannot be opened) or EngineError (an interface the engine cannot use, such as ``lo``
+    whose MAC is all zeroes); the socket is closed on any failure."""
     from netsvc.acd.io import interface_mac, local_macs, open_arp_socket
-    from netsvc.acd.protocol import Engine, Policy, Timing
+    from netsvc.acd.protocol import Engine, EngineError, Policy, Timing
 
     ip = _addr(args.addr)
     sock = open_arp_socket(args.iface)
-    mac = interface_mac(sock, args.iface)
-    policy = Policy[POLICIES[getattr(args, "policy", "once")]]
-    timing = Timing.fast() if args.fast else Timing.rfc()
-    engine = Engine(
-        ip,
-        mac,
-        own_macs=local_macs(sock) - {mac},
-        policy=policy,
-        timing=timing,
-        rng=random.Random(),
-        probe_only=probe_only,
-        # probe: like `arping -D`, only a holder's answer counts, unless --strict;
-        # defend: answer probes, so `arping -D` sees the address in use.
-        soft_conflicts=getattr(args, "strict", False),
-        answer_probes=not probe_only,
-    )
+    try:
+        mac = interface_mac(sock, args.iface)
+        policy = Policy[POLICIES[getattr(args, "policy", "once")]]
+        timing = Timing.fast() if args.fast else Timing.rfc()
+        try:
+            engine = Engine(
+                ip,
+                mac,
+                own_macs=local_macs(sock) - {mac},
+                policy=policy,
+                timing=timing,
+                rng=random.Random(),
+                probe_only=probe_only,
+                # probe: like `arping -D`, only a holder's answer counts, unless --strict;
+                # defend: answer probes, so `arping -D` sees the address in use.
+                soft_conflicts=getattr(args, "strict", False),
+                answer_probes=not probe_only,
+            )
+        except EngineError as exc:
+            if mac == "00:00:00:00:00:00":
+                hint = "ARP needs an interface with an Ethernet address"
+                raise EngineError(f"{exc} ({hint})") from exc
+            raise
+    except BaseException:
+        sock.close()
+        raise
     return engine, sock, mac
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from netsvc.acd.protocol import ProbeResult
+    from netsvc.acd.protocol import EngineError, ProbeResult
 
     try:
         engine, sock, mac = _engine(args, probe_only=True)
     except (ValueError, OSError) as exc:
         return _err(str(exc))
+    except EngineError as exc:
+        return _err(f"cannot probe {args.addr} on {args.iface}: {exc}")
     result: list[Any] = []
 
     def on_event(ev: Any) -> bool:
@@ -243,12 +258,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_defend(args: argparse.Namespace) -> int:
     from netsvc.acd.io import monotonic
-    from netsvc.acd.protocol import Retreated
+    from netsvc.acd.protocol import EngineError, Retreated
 
     try:
         engine, sock, _ = _engine(args, probe_only=False)
     except (ValueError, OSError) as exc:
         return _err(str(exc))
+    except EngineError as exc:
+        return _err(f"cannot defend {args.addr} on {args.iface}: {exc}")
     lost: list[Any] = []
 
     def on_event(ev: Any) -> bool:

@@ -9,20 +9,28 @@ Invariants:
   never timestamps, since the manager's clock is not ours.
 - ``watch`` returns when ``stop`` is set or ``deadline`` passes; a failed report is printed as
   an event and never stops the loop.
+- With ``evidence_dir``, the loop keeps the last raw frames claiming each address (bounded, see
+  ``evidence.FrameRing``) and writes them as ``<ip>-<unix time>.pcap`` when a Conflict is
+  emitted, then emits ``EvidenceWritten`` (or ``EvidenceFailed``, which never stops the loop).
+  Without it, nothing is kept and no such event is emitted.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from netsvc.acd.arp import ZERO_IP, ArpDecodeError, ArpPacket, decode
+from netsvc.acd.evidence import EvidenceFailed, EvidenceWritten, FrameRing, prepare, write_pcap
 from netsvc.acd.io import (
     RxStats,
     interface_mac,
     monotonic,
     open_arp_socket,
-    receive_all,
     wait_readable,
 )
 from netsvc.acd.monitor import Benign, Conflict, Monitor
@@ -67,8 +75,16 @@ def watch(
     report: Callable[[Monitor, Conflict, float], None] | None = None,
     deadline: float | None = None,
     on_ready: Callable[[], None] | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> RxStats:
-    """Monitor ARP on ``iface`` until ``stop``; ``emit`` every monitor event."""
+    """Monitor ARP on ``iface`` until ``stop``; ``emit`` every monitor event.
+
+    ``evidence_dir``: write each Conflict's frames there as a pcap file (created if missing;
+    an OSError at once if it cannot be)."""
+    ring = None
+    if evidence_dir is not None:
+        evidence_dir = prepare(evidence_dir)
+        ring = FrameRing()
     sock = open_arp_socket(iface, promisc=promisc)
     with sock:
         monitor = Monitor(
@@ -80,10 +96,46 @@ def watch(
         while not stop.is_set() and (deadline is None or monotonic() < deadline):
             if not wait_readable(sock, 0.2):
                 continue
-            for pkt in receive_all(sock, stats):
+            for frame, pkt in _receive_frames(sock, stats):
                 now = monotonic()
+                if ring is not None and pkt.spa != ZERO_IP:
+                    ring.add(pkt.spa, now, frame)
                 for ev in monitor.observe(pkt, now):
                     emit(ev)
                     if report is not None and isinstance(ev, Conflict):
                         report(monitor, ev, now)
+                    if ring is not None and evidence_dir is not None and isinstance(ev, Conflict):
+                        emit(_write_evidence(evidence_dir, ring, ev))
     return stats
+
+
+def _receive_frames(sock: socket.socket, stats: RxStats) -> Iterator[tuple[bytes, ArpPacket]]:
+    """``io.receive_all``, keeping each packet's raw frame (the same skips and counts)."""
+    while True:
+        try:
+            frame, addr = sock.recvfrom(65535)
+        except BlockingIOError:
+            return
+        if addr[2] == socket.PACKET_OUTGOING:
+            stats.outgoing += 1
+            continue
+        try:
+            pkt = decode(frame)
+        except ArpDecodeError as exc:
+            stats.dropped[exc.reason] += 1
+            continue
+        stats.frames += 1
+        yield frame, pkt
+
+
+def _write_evidence(
+    directory: str | os.PathLike[str], ring: FrameRing, ev: Conflict
+) -> EvidenceWritten | EvidenceFailed:
+    """Write the frames kept for ``ev.ip``, their monotonic times turned into unix times."""
+    to_unix = time.time() - monotonic()
+    frames = [(t + to_unix, frame) for t, frame in ring.frames(ev.ip)]
+    try:
+        path = write_pcap(directory, ev.ip, frames, unix_time=ev.at + to_unix)
+    except (OSError, ValueError) as exc:
+        return EvidenceFailed(ev.ip, str(exc), ev.at)
+    return EvidenceWritten(ev.ip, str(path), len(frames), ev.at)

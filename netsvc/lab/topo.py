@@ -96,7 +96,18 @@ class RouterHost(Host):  # type: ignore[misc]
 class ClusterTopo(Topo):  # type: ignore[misc]
     """The netsvc cluster: ``hosts`` hypervisors with ``vms`` VMs each, plus the shared nodes."""
 
-    def build(self, hosts: int = 3, vms: int = 2, prefix: str = "nvmn", **_: Any) -> None:
+    #: The parameters ``build`` takes (``mn --topo cluster,hosts=4,vms=1``).
+    PARAMS = ("hosts", "vms", "prefix")
+
+    def build(self, hosts: int = 3, vms: int = 2, prefix: str = "nvmn", **unknown: Any) -> None:
+        # Mininet passes every ``--topo`` parameter through as a keyword: refuse a typo such as
+        # ``host=3`` rather than build the default cluster without a word.
+        if unknown:
+            names = ", ".join(repr(k) for k in sorted(unknown))
+            raise TypeError(
+                f"ClusterTopo: unknown parameter{'s' if len(unknown) > 1 else ''} {names} "
+                f"(it takes {', '.join(self.PARAMS)})"
+            )
         plan = LabPlan(prefix=prefix, hosts=hosts, vms_per_host=vms)
         self.plan = plan
         sw = {}

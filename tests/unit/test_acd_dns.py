@@ -260,12 +260,14 @@ def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackKnot]:
 
 def test_update_is_served_at_once_and_written_to_the_zone_file(knot: LoopbackKnot) -> None:
     msg = build_update(ZONE, "vm2", "198.18.1.222", KEY, knot.secret)
+    t0 = time.monotonic()
     r = send_update(msg, "127.0.0.1", knot.port)
+    outside_s = time.monotonic() - t0
     assert (r.ok, r.rcode, r.tsig_error) == (True, "NOERROR", None)
-    assert 0 < r.elapsed_s < 2
+    assert 0 < r.elapsed_s <= outside_s  # the exchange's own time, whatever the machine's speed
     assert lookup_a("vm2", ZONE, "127.0.0.1", knot.port) == ["198.18.1.222"]
     assert lookup_a("vm1.vm.netsvc.test.", ZONE, "127.0.0.1", knot.port) == ["198.18.1.101"]
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10  # a bound on waiting, not a speed requirement
     while "198.18.1.222" not in knot.zonefile.read_text():
         assert time.monotonic() < deadline, "the zone file was not synced"
         time.sleep(0.02)
@@ -314,7 +316,15 @@ def test_silence_is_a_dns_error_after_the_timeout() -> None:
         t0 = time.monotonic()
         with pytest.raises(DnsError, match=f"no answer from 127.0.0.1 port {port} within 0.3 s"):
             send_update(msg, "127.0.0.1", port, timeout=0.3)
-        assert 0.25 < time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 > 0.25  # it did wait (a slow machine only waits longer)
+        # ... and no longer than asked (not the 2 s default), shown without a clock: a caller's
+        # socket is left with the time that remained of the 0.3 s.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine:
+            mine.bind(("127.0.0.1", 0))
+            with pytest.raises(DnsError, match=r"within 0\.3 s"):
+                send_update(msg, "127.0.0.1", port, timeout=0.3, sock=mine)
+            left = mine.gettimeout()
+            assert left is not None and 0 < left <= 0.3
     with pytest.raises(ValueError, match="IP address"):
         send_update(msg, "dns.example", 53)
 

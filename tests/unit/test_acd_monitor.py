@@ -190,6 +190,13 @@ def test_flood_of_random_addresses_stays_bounded() -> None:
 
 
 def test_observe_is_fast() -> None:
+    """observe costs at most a bounded multiple of a plain dict update, whatever the machine.
+
+    No absolute limit: both loops run interleaved, chunk by chunk, and are timed in this
+    thread's CPU time, so a loaded machine slows both alike. Every frame here is a conflict
+    (999 MACs over 1024 addresses), observe's most expensive path: it measures ~160x the
+    reference loop; 1000x still catches a per-frame cost that grows with the table.
+    The absolute rate on a real interface is what bench/acd_monitor.py measures."""
     rng = random.Random(6)
     macs = [bytes([2, 0, 0, 1, i >> 8, i & 255]) for i in range(1, 1000)]
     pkts = [
@@ -198,11 +205,25 @@ def test_observe_is_fast() -> None:
         for hw in (macs[rng.randrange(len(macs))] for _ in range(100_000))
     ]
     m = Monitor()
-    start = time.perf_counter()
-    for i, p in enumerate(pkts):
-        m.observe(p, i * 1e-4)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"100k observes took {elapsed:.2f} s"
+    table: dict[str, tuple[bytes, float]] = {}
+    observe_s = reference_s = 0.0
+    chunk = 5_000
+    for lo in range(0, len(pkts), chunk):
+        part = list(enumerate(pkts[lo : lo + chunk], lo))
+        start = time.thread_time()
+        for i, p in part:
+            table[p.spa] = (p.sha, i * 1e-4)
+        reference_s += time.thread_time() - start
+        start = time.thread_time()
+        for i, p in part:
+            m.observe(p, i * 1e-4)
+        observe_s += time.thread_time() - start
+    assert m.stats()["frames"] == len(pkts) and len(table) == len(m)
+    ratio = observe_s / max(reference_s, 1e-6)
+    assert ratio < 1000, (
+        f"100k observes took {observe_s:.2f} s CPU, {ratio:.0f}x a dict-update loop "
+        f"({reference_s:.3f} s)"
+    )
 
 
 def test_observe_frame_counts_malformed() -> None:

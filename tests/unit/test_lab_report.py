@@ -215,13 +215,13 @@ def test_render_with_no_events(tmp_path: Path) -> None:
     assert (w, h) == (WIDTH_PX, 200 + LANE_PX)
 
 
-def test_render_2000_events_quickly(tmp_path: Path) -> None:
+def _busy_timeline(n: int) -> Timeline:
     rnd = random.Random(3)
     clk = FakeClock()
     tl = Timeline(None, clock=clk)
     subjects = [f"h{i}" for i in range(1, 6)] + [f"vm{i}" for i in range(1, 13)] + ["lab"]
     t = 0.0
-    while len(tl.events()) < 2000:
+    while len(tl.events()) < n:
         t += rnd.random() * 0.02
         clk.at(t)
         r = rnd.random()
@@ -233,11 +233,27 @@ def test_render_2000_events_quickly(tmp_path: Path) -> None:
         else:
             tl.record("event" if r < 0.7 else "action", rnd.choice(subjects), "something",
                       src="h1", dst="h2")
-    t0 = time.monotonic()
-    render_timeline(tl.events(), tmp_path / "busy.png", "busy")
-    elapsed = time.monotonic() - t0
+    return tl
+
+
+def _render_cpu_s(tl: Timeline, path: Path) -> float:
+    start = time.thread_time()
+    render_timeline(tl.events(), path, "busy")
+    return time.thread_time() - start
+
+
+def test_render_2000_events_quickly(tmp_path: Path) -> None:
+    """2000 events cost a small multiple of 20 (the figure, fonts and PNG dominate).
+
+    No absolute limit: both renders are timed in this thread's CPU time, so a loaded machine
+    slows both alike. It measures ~7x; 20x still catches a per-event cost that has blown up
+    (one artist or one text per event)."""
+    small, busy = _busy_timeline(20), _busy_timeline(2000)
+    _render_cpu_s(small, tmp_path / "warm.png")  # imports matplotlib, loads the fonts
+    small_s = min(_render_cpu_s(small, tmp_path / "small.png") for _ in range(2))
+    busy_s = _render_cpu_s(busy, tmp_path / "busy.png")
     assert png_size(tmp_path / "busy.png")[0] == WIDTH_PX
-    assert elapsed < 4.0  # the goal is < 2 s; slack for a loaded CI machine
+    assert busy_s < 20 * small_s, f"2000 events: {busy_s:.2f} s CPU, 20 events: {small_s:.2f} s"
 
 
 def test_importing_report_does_not_import_matplotlib() -> None:
