@@ -286,13 +286,15 @@ def run_agent(
     log: Callable[[str], None] | None = None,
     handle_signals: bool = True,
     max_beats: int | None = None,
+    inventory: Callable[[], Mapping[str, str]] | None = None,
 ) -> int:
     """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code.
 
     0: stopped cleanly. 2: the manager rejected the key (401), which retrying cannot fix;
     every other failure is reported as an event and retried at the next interval.
     ``net_dir`` reads interface states from sysfs there instead of with ioctls in the current
-    network namespace.
+    network namespace. ``inventory`` (the driver's ``list``) adds the VMs this host's
+    hypervisor runs to each heartbeat; if it fails, that heartbeat goes without them.
     """
     stop = stop or threading.Event()
     emit = log or (lambda message: None)
@@ -321,6 +323,11 @@ def run_agent(
             payload = core.handle_timer(time.monotonic(), ifaces, self_usage())
             if payload is not None:
                 beats += 1
+                if inventory is not None:
+                    try:
+                        payload["vms"] = dict(inventory())
+                    except Exception as exc:  # a driver hiccup must not stop heartbeats
+                        emit(f"inventory failed: {type(exc).__name__}: {exc}")
                 try:
                     answer = client.heartbeat(host, payload)
                     events = core.handle_response(time.monotonic(), answer)

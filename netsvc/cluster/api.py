@@ -1,5 +1,7 @@
 """The manager's HTTP+JSON API, sans I/O: request validation and dispatch.
 
+Routes come from the kernel (``kernel_routes``) and from each plugged-in service
+(``ManagerService.routes``); the router merges them and refuses a route contributed twice.
 ``Api.handle`` takes a request (method, target, headers, a ``read_body`` callable and the time)
 and returns a ``Response``; ``ManagerServer`` in ``manager.py`` is the socket adapter around it.
 
@@ -33,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from netsvc.cluster.auth import check_authorization
-from netsvc.cluster.conflicts import ClaimantReport
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -54,6 +55,7 @@ from netsvc.cluster.model import (
     check_ip,
     check_mac,
 )
+from netsvc.cluster.service import Reply, Request, Route
 
 if TYPE_CHECKING:
     from netsvc.cluster.manager import ManagerCore
@@ -65,13 +67,16 @@ MAX_INTERFACES = 256
 MAX_AGENT_KEYS = 32
 MAX_JOURNAL_LIMIT = 10000
 DEFAULT_JOURNAL_LIMIT = 1000
+VM_DOMAIN_STATES = ("running", "stopped", "crashed", "defined")
 IFNAME_RE = re.compile(r"^(?!.*/)[!-~]{1,15}$")  # printable, no '/', IFNAMSIZ - 1
 ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
 ACTION_ID_RE = re.compile(r"^a-[0-9]{1,12}$")
 STEP_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-MIN_CLAIMANTS = 2
-MAX_CLAIMANTS = 8
 MAX_STEPS = 16
+MAX_RESULT = 16 * 1024
+MAX_WAIT = 30.0
+MAX_VMS_LISTED = 1024
+KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 MAX_SECONDS = 1e9  # ~31 years: any longer age is a bug, not an observation
 
 JSONObject = dict[str, Any]
@@ -224,6 +229,7 @@ class HeartbeatRequest:
     vm_addr: str | None = None
     interfaces: dict[str, str] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
+    vms: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -248,17 +254,16 @@ class MigrateRequest:
 class ActionResult:
     ok: bool
     detail: str = ""
-    new_ip: str | None = None
-    steps_ms: dict[str, float] | None = None
+    host: str | None = None
+    result: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
-class ConflictRequest:
-    ip: str
-    reporter: str
-    claimants: tuple[ClaimantReport, ...]
-    dry_run: bool = False
-    detected_ms: float | None = None
+class ClaimRequest:
+    host: str
+    executor: str
+    wait_s: float = 0.0
+    kinds: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ class EventRequest:
 
 
 def validate_heartbeat(obj: object) -> HeartbeatRequest:
-    f = _Fields(obj, {"seq", "mgmt_addr", "vm_addr", "interfaces", "agent"})
+    f = _Fields(obj, {"seq", "mgmt_addr", "vm_addr", "interfaces", "agent", "vms"})
     seq = f.integer("seq")
     assert seq is not None
     interfaces: dict[str, str] = {}
@@ -312,7 +317,21 @@ def validate_heartbeat(obj: object) -> HeartbeatRequest:
                 raise ValidationError(where, f"must be a string, number or boolean, not "
                                       f"{_json_type(value)}")
             agent[key] = value
+    vms: dict[str, str] | None = None
+    raw_vms = f.obj_field("vms")
+    if raw_vms is not None:
+        if len(raw_vms) > MAX_VMS_LISTED:
+            raise ValidationError("vms", f"more than {MAX_VMS_LISTED} VMs")
+        vms = {}
+        for name, state in raw_vms.items():
+            where = f"vms.{name}"[:80]
+            _check_cluster_name(name, where, "VM")
+            if state not in VM_DOMAIN_STATES:
+                raise ValidationError(where, f"must be one of {list(VM_DOMAIN_STATES)}, not "
+                                      f"{_short(state)}")
+            vms[name] = state
     return HeartbeatRequest(
+        vms=vms,
         seq=seq,
         mgmt_addr=_ip_field(f, "mgmt_addr"),
         vm_addr=_ip_field(f, "vm_addr"),
@@ -378,33 +397,67 @@ def validate_migrate(obj: object) -> MigrateRequest:
 
 
 def validate_action_result(obj: object) -> ActionResult:
-    f = _Fields(obj, {"ok", "detail", "result"})
+    """``POST /v1/actions/{id}``: ``ok``, a ``detail`` sentence, the reporting ``host`` and a
+    free-form ``result`` object (at most ``MAX_RESULT`` bytes of JSON; ``steps_ms``, if there,
+    maps step names to milliseconds)."""
+    f = _Fields(obj, {"ok", "detail", "result", "host"})
     ok = f.boolean("ok", required=True)
     detail = f.obj.get("detail", "")
     if not isinstance(detail, str):
         raise ValidationError("detail", f"must be a string, not {_json_type(detail)}")
     if len(detail) > MAX_REASON:
         raise ValidationError("detail", f"longer than {MAX_REASON} characters")
+    host = None
+    if f.has("host"):
+        host = _check_cluster_name(f.obj["host"], "host", "host")
     raw = f.obj_field("result")
     if raw is None:
-        return ActionResult(ok=ok, detail=detail)
-    r = _Fields(raw, {"new_ip", "steps_ms"}, prefix="result.")
-    new_ip = None
-    if r.has("new_ip"):
-        new_ip = _ipv4_field(r, "new_ip")
-    steps: dict[str, float] | None = None
-    raw_steps = r.obj_field("steps_ms")
+        return ActionResult(ok=ok, detail=detail, host=host)
+    try:
+        size = len(json.dumps(raw, allow_nan=False))
+    except (ValueError, TypeError, RecursionError):
+        raise ValidationError("result", "must be plain, not too deeply nested JSON") from None
+    if size > MAX_RESULT:
+        raise ValidationError("result", f"larger than {MAX_RESULT} bytes of JSON")
+    raw_steps = raw.get("steps_ms")
     if raw_steps is not None:
+        if not isinstance(raw_steps, dict):
+            raise ValidationError("result.steps_ms",
+                                  f"must be an object, not {_json_type(raw_steps)}")
         if len(raw_steps) > MAX_STEPS:
             raise ValidationError("result.steps_ms", f"more than {MAX_STEPS} steps")
-        steps = {}
         for key, value in raw_steps.items():
             where = f"result.steps_ms.{key}"[:80]
             if not STEP_RE.fullmatch(key):
                 raise ValidationError(where, "invalid step name (lower-case letters, digits "
                                       "and '_', at most 32)")
-            steps[key] = _number(value, where, maximum=MAX_SECONDS * 1000)
-    return ActionResult(ok=ok, detail=detail, new_ip=new_ip, steps_ms=steps)
+            _number(value, where, maximum=MAX_SECONDS * 1000)
+    return ActionResult(ok=ok, detail=detail, host=host, result=dict(raw))
+
+
+def validate_claim(obj: object) -> ClaimRequest:
+    """``POST /v1/actions/claim``: the claiming ``host`` and ``executor``, an optional long-poll
+    ``wait_s`` (0..30) and the ``kinds`` it can carry out."""
+    f = _Fields(obj, {"host", "executor", "wait_s", "kinds"})
+    if not f.has("host"):
+        raise ValidationError("host", "required field is missing")
+    host = _check_cluster_name(f.obj["host"], "host", "host")
+    executor = f.text("executor", limit=64)
+    assert executor is not None
+    wait = 0.0
+    if f.has("wait_s"):
+        wait = _number(f.obj["wait_s"], "wait_s", maximum=MAX_WAIT)
+    kinds = None
+    if f.has("kinds"):
+        raw = f.obj["kinds"]
+        if not isinstance(raw, list) or len(raw) > 64:
+            raise ValidationError("kinds", "must be an array of at most 64 kind names")
+        for i, k in enumerate(raw):
+            if not isinstance(k, str) or not KIND_RE.fullmatch(k):
+                raise ValidationError(f"kinds[{i}]", f"invalid action kind {_short(k)}")
+        kinds = tuple(raw)
+    return ClaimRequest(host=host, executor=_check_actor(executor, "executor"), wait_s=wait,
+                        kinds=kinds)
 
 
 def _number(value: object, where: str, *, maximum: float) -> float:
@@ -430,57 +483,6 @@ def _ipv4_field(f: _Fields, key: str) -> str:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
         raise ValidationError(f.name(key), f"{value[:40]!r} is not an IPv4 address") from None
-
-
-def validate_conflict(obj: object) -> ConflictRequest:
-    """``POST /v1/conflicts``: an IPv4 address, who reports it, and 2..8 distinct claimants
-    with their ages (seconds, finite, >= 0, last seen no earlier than first claimed)."""
-    f = _Fields(obj, {"ip", "reporter", "claimants", "dry_run", "detected_ms"})
-    ip = _ipv4_field(f, "ip")
-    reporter = f.text("reporter", limit=64)
-    assert reporter is not None
-    _check_actor(reporter, "reporter")
-    if "claimants" not in f.obj:
-        raise ValidationError("claimants", "required field is missing")
-    raw = f.obj["claimants"]
-    if not isinstance(raw, list):
-        raise ValidationError("claimants", f"must be an array, not {_json_type(raw)}")
-    if not MIN_CLAIMANTS <= len(raw) <= MAX_CLAIMANTS:
-        raise ValidationError("claimants", f"must list {MIN_CLAIMANTS} to {MAX_CLAIMANTS} "
-                              f"claimants, not {len(raw)}")
-    claimants: list[ClaimantReport] = []
-    seen: set[str] = set()
-    for i, item in enumerate(raw):
-        c = _Fields(item, {"mac", "age_s", "last_seen_age_s"}, prefix=f"claimants[{i}].")
-        text = c.text("mac", limit=32)
-        assert text is not None
-        try:
-            mac = check_mac(text)
-        except InvalidValue:
-            raise ValidationError(c.name("mac"), f"{text!r} is not a MAC address like "
-                                  "52:54:00:12:34:56") from None
-        if mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1:
-            raise ValidationError(c.name("mac"), f"{mac} is not a unicast MAC address")
-        if mac in seen:
-            raise ValidationError(c.name("mac"), f"{mac} is listed more than once")
-        seen.add(mac)
-        ages = []
-        for key in ("age_s", "last_seen_age_s"):
-            if not c.has(key):
-                raise ValidationError(c.name(key), "required field is missing")
-            ages.append(_number(c.obj[key], c.name(key), maximum=MAX_SECONDS))
-        age, last = ages
-        if last > age:
-            raise ValidationError(c.name("last_seen_age_s"), f"{last:g} s is more than age_s "
-                                  f"({age:g} s): last seen before it first claimed the address")
-        claimants.append(ClaimantReport(mac, age, last))
-    detected_ms = None
-    if f.has("detected_ms") and f.obj["detected_ms"] is not None:
-        detected_ms = _number(f.obj["detected_ms"], "detected_ms", maximum=MAX_SECONDS * 1000)
-    return ConflictRequest(
-        ip=ip, reporter=reporter, claimants=tuple(claimants), dry_run=f.boolean("dry_run"),
-        detected_ms=detected_ms,
-    )
 
 
 def validate_event(obj: object) -> EventRequest:
@@ -534,31 +536,28 @@ def error(status: int, message: str, close: bool = False, **extra: Any) -> Respo
 
 
 @dataclass(frozen=True)
-class _Route:
-    method: str
+class _Compiled:
+    route: Route
     pattern: re.Pattern[str]
-    name: str
-    body: bool
-    query: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def method(self) -> str:
+        return self.route.method
+
+    @property
+    def body(self) -> bool:
+        return self.route.body is not None
+
+    @property
+    def mutates(self) -> bool:
+        return self.route.mutates
 
 
-_SEG = r"([^/]+)"
-ROUTES: tuple[_Route, ...] = (
-    _Route("GET", re.compile(r"/v1/health"), "health", False),
-    _Route("GET", re.compile(r"/v1/status"), "status", False),
-    _Route("POST", re.compile(rf"/v1/hosts/{_SEG}/heartbeat"), "heartbeat", True),
-    _Route("GET", re.compile(rf"/v1/vms/{_SEG}"), "get_vm", False),
-    _Route("PUT", re.compile(rf"/v1/vms/{_SEG}"), "put_vm", True),
-    _Route("POST", re.compile(rf"/v1/vms/{_SEG}/migrate"), "migrate", True),
-    _Route("GET", re.compile(r"/v1/actions"), "claim_actions", False, frozenset({"executor"})),
-    _Route("GET", re.compile(rf"/v1/actions/{_SEG}"), "get_action", False),
-    _Route("POST", re.compile(rf"/v1/actions/{_SEG}"), "complete_action", True),
-    _Route("POST", re.compile(r"/v1/conflicts"), "conflict", True),
-    _Route("GET", re.compile(r"/v1/journal"), "journal", False, frozenset({"since", "limit"})),
-    _Route("POST", re.compile(r"/v1/events"), "event", True),
-    _Route("GET", re.compile(r"/v1/partition"), "partition_status", False),
-    _Route("POST", re.compile(r"/v1/partition/reports"), "partition_report", True),
-)
+SEG = r"([^/]+)"
 
 
 def _int_param(query: Mapping[str, str], key: str, default: int, maximum: int) -> int:
@@ -570,11 +569,122 @@ def _int_param(query: Mapping[str, str], key: str, default: int, maximum: int) -
     return min(int(raw), maximum)
 
 
+def _action_id(text: str) -> str:
+    if not ACTION_ID_RE.fullmatch(text):
+        raise ValidationError("id", f"invalid action id {text[:40]!r}")
+    return text
+
+
+def kernel_routes(core: ManagerCore) -> list[Route]:
+    """The kernel's own endpoints (every service adds its own through its plugin)."""
+
+    def status(r: Request) -> Reply:
+        return Reply(200, core.status(r.now))
+
+    def heartbeat(r: Request) -> Reply:
+        host = _check_cluster_name(r.params[0], "host", "host")
+        hb: HeartbeatRequest = r.body
+        return Reply(200, core.heartbeat(
+            host, seq=hb.seq, mgmt_addr=hb.mgmt_addr, vm_addr=hb.vm_addr,
+            interfaces=hb.interfaces, agent=hb.agent, vms=hb.vms, now=r.now, wall=r.wall))
+
+    def get_vm(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "vm", "VM")
+        return Reply(200, {"vm": core.model.vm(name).to_dict()})
+
+    def put_vm(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "vm", "VM")
+        req: VMRequest = r.body
+        created, vm = core.put_vm(name, mac=req.mac, ip=req.ip, host=req.host, state=req.state,
+                                  reason=req.reason, actor=req.actor, now=r.now, wall=r.wall)
+        return Reply(201 if created else 200, {"vm": vm.to_dict(), "created": created})
+
+    def migrate(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "vm", "VM")
+        mig: MigrateRequest = r.body
+        decision = core.request_migration(name, to=mig.to, reason=mig.reason,
+                                          dry_run=mig.dry_run, actor=mig.actor, now=r.now,
+                                          wall=r.wall)
+        if decision.action is not None:
+            return Reply(202, {"action": decision.action.to_dict(),
+                               "journal_seq": decision.journal_seq})
+        return Reply(200, {"dry_run": True, "plan": decision.plan,
+                           "journal_seq": decision.journal_seq})
+
+    def list_actions(r: Request) -> Reply:
+        which = r.query.get("state", "open")
+        if which not in ("open", "all"):
+            raise ValidationError("state", f"must be 'open' or 'all', not {which[:20]!r}")
+        actions = core.open_actions() if which == "open" else core.actions()
+        return Reply(200, {"actions": [a.to_dict() for a in actions]})
+
+    def claim_actions(r: Request) -> Reply:
+        req: ClaimRequest = r.body
+        actions = core.claim_actions(req.host, req.executor, kinds=req.kinds, now=r.now,
+                                     wall=r.wall)
+        return Reply(200, {"actions": [a.to_dict() for a in actions], "wait_s": req.wait_s})
+
+    def claim_action(r: Request) -> Reply:
+        req: ClaimRequest = r.body
+        action = core.claim_action(_action_id(r.params[0]), req.host, req.executor, now=r.now,
+                                   wall=r.wall)
+        return Reply(200, {"action": action.to_dict()})
+
+    def get_action(r: Request) -> Reply:
+        return Reply(200, {"action": core.action(_action_id(r.params[0])).to_dict()})
+
+    def complete_action(r: Request) -> Reply:
+        res: ActionResult = r.body
+        action = core.complete_action(_action_id(r.params[0]), ok=res.ok, detail=res.detail,
+                                      host=res.host, result=res.result, now=r.now, wall=r.wall)
+        return Reply(200, {"action": action.to_dict()})
+
+    def journal(r: Request) -> Reply:
+        since = _int_param(r.query, "since", 0, 2**62)
+        limit = _int_param(r.query, "limit", DEFAULT_JOURNAL_LIMIT, MAX_JOURNAL_LIMIT)
+        entries = core.journal_entries(since, limit)
+        return Reply(200, {"entries": [e.to_dict() for e in entries],
+                           "last_seq": core.journal_seq})
+
+    def event(r: Request) -> Reply:
+        ev: EventRequest = r.body
+        entry = core.record_event(actor=ev.actor, action=ev.action, subject=ev.subject,
+                                  reason=ev.reason, details=ev.details, dry_run=ev.dry_run,
+                                  now=r.now, wall=r.wall)
+        return Reply(201, {"ok": True, "seq": entry.seq})
+
+    return [
+        Route("GET", r"/v1/status", "status", status, summary="the cluster at a glance"),
+        Route("POST", rf"/v1/hosts/{SEG}/heartbeat", "heartbeat", heartbeat,
+              body=validate_heartbeat, summary="an agent's heartbeat", mutates=True),
+        Route("GET", rf"/v1/vms/{SEG}", "get_vm", get_vm, summary="one VM"),
+        Route("PUT", rf"/v1/vms/{SEG}", "put_vm", put_vm, body=validate_vm,
+              summary="define or update a VM", mutates=True),
+        Route("POST", rf"/v1/vms/{SEG}/migrate", "migrate", migrate, body=validate_migrate,
+              summary="ask for a live migration", mutates=True),
+        Route("GET", r"/v1/actions", "list_actions", list_actions, query=("state",),
+              summary="open (or all recent) actions; changes nothing"),
+        Route("POST", r"/v1/actions/claim", "claim_actions", claim_actions,
+              body=validate_claim, mutates=True,
+              summary="an agent claims its host's pending actions (long poll with wait_s)"),
+        Route("POST", rf"/v1/actions/{SEG}/claim", "claim_action", claim_action,
+              body=validate_claim, mutates=True, summary="claim one action by id"),
+        Route("GET", rf"/v1/actions/{SEG}", "get_action", get_action, summary="one action"),
+        Route("POST", rf"/v1/actions/{SEG}", "complete_action", complete_action,
+              body=validate_action_result, mutates=True,
+              summary="report the result of a claimed phase"),
+        Route("GET", r"/v1/journal", "journal", journal, query=("since", "limit"),
+              summary="audit journal entries"),
+        Route("POST", r"/v1/events", "event", event, body=validate_event, mutates=True,
+              summary="journal an external actor's event"),
+    ]
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request that passed authentication and framing checks; its body is still unread."""
 
-    route: _Route
+    route: _Compiled
     params: tuple[str, ...]
     query: dict[str, str]
     body_length: int
@@ -582,7 +692,7 @@ class Prepared:
 
 
 class Api:
-    """Dispatch HTTP requests to a ``ManagerCore``.
+    """Dispatch HTTP requests to the kernel's and the services' routes.
 
     ``prepare`` needs no lock (it only checks the key, the route and the framing); ``finish``
     calls the core, so the caller serialises it. ``handle`` does both for callers that have
@@ -593,6 +703,16 @@ class Api:
         self.core = core
         self._key = key
         self.max_body = max_body
+        routes = kernel_routes(core)
+        for svc in core.services.values():
+            routes.extend(svc.routes())
+        seen: set[tuple[str, str]] = set()
+        self.routes: list[_Compiled] = []
+        for route in routes:
+            if (route.method, route.path) in seen:
+                raise ValueError(f"route {route.method} {route.path} is contributed twice")
+            seen.add((route.method, route.path))
+            self.routes.append(_Compiled(route, re.compile(route.path)))
 
     def handle(
         self,
@@ -661,22 +781,26 @@ class Api:
         return Prepared(route, params, query, length)
 
     def finish(self, prepared: Prepared, raw: bytes, *, now: float, wall: float) -> Response:
-        """Parse the body and call the core."""
+        """Parse the body and call the route's handler."""
         try:
             if len(raw) != prepared.body_length:
                 return error(400, f"body truncated: got {len(raw)} of {prepared.body_length} "
                              "bytes", close=True, field="body")
-            body = parse_body(raw) if prepared.route.body else {}
-            resp = self._call(prepared.route, prepared.params, prepared.query, body, now, wall)
+            body: Any = None
+            decode = prepared.route.route.body
+            if decode is not None:
+                body = decode(parse_body(raw))
+            resp = self._call(prepared.route, Request(prepared.params, prepared.query, body,
+                                                      now, wall))
         except ValidationError as exc:
             resp = error(400, str(exc), field=exc.field)
         if prepared.close and not resp.close:
             resp = Response(resp.status, resp.body, resp.headers, close=True)
         return resp
 
-    def _route(self, method: str, path: str) -> tuple[_Route | Response, tuple[str, ...]]:
+    def _route(self, method: str, path: str) -> tuple[_Compiled | Response, tuple[str, ...]]:
         allowed = []
-        for route in ROUTES:
+        for route in self.routes:
             m = route.pattern.fullmatch(path)
             if m:
                 if route.method == method:
@@ -693,7 +817,7 @@ class Api:
             )
         return error(404, f"no such endpoint: {method} {path[:200]}"), ()
 
-    def _query(self, raw: str, route: _Route) -> dict[str, str]:
+    def _query(self, raw: str, route: _Compiled) -> dict[str, str]:
         try:
             parsed = parse_qs(raw, keep_blank_values=True, strict_parsing=bool(raw),
                               max_num_fields=16)
@@ -701,122 +825,17 @@ class Api:
             raise ValidationError("query", f"malformed query string: {exc}") from None
         out = {}
         for key, values in parsed.items():
-            if key not in route.query:
+            if key not in route.route.query:
                 raise ValidationError(key[:40] or '""', "unknown query parameter")
             if len(values) != 1:
                 raise ValidationError(key, "given more than once")
             out[key] = values[0]
         return out
 
-    def _call(
-        self,
-        route: _Route,
-        params: tuple[str, ...],
-        query: dict[str, str],
-        body: JSONObject,
-        now: float,
-        wall: float,
-    ) -> Response:
-        core = self.core
+    def _call(self, route: _Compiled, request: Request) -> Response:
         try:
-            if route.name == "status":
-                return Response(200, core.status(now))
-            if route.name == "heartbeat":
-                host = _check_cluster_name(params[0], "host", "host")
-                hb = validate_heartbeat(body)
-                return Response(200, core.heartbeat(
-                    host,
-                    seq=hb.seq,
-                    mgmt_addr=hb.mgmt_addr,
-                    vm_addr=hb.vm_addr,
-                    interfaces=hb.interfaces,
-                    agent=hb.agent,
-                    now=now,
-                    wall=wall,
-                ))
-            if route.name == "get_vm":
-                name = _check_cluster_name(params[0], "vm", "VM")
-                return Response(200, {"vm": core.model.vm(name).to_dict()})
-            if route.name == "put_vm":
-                name = _check_cluster_name(params[0], "vm", "VM")
-                req = validate_vm(body)
-                created, vm = core.put_vm(
-                    name,
-                    mac=req.mac,
-                    ip=req.ip,
-                    host=req.host,
-                    state=req.state,
-                    reason=req.reason,
-                    actor=req.actor,
-                    now=now,
-                    wall=wall,
-                )
-                return Response(201 if created else 200, {"vm": vm.to_dict(), "created": created})
-            if route.name == "migrate":
-                name = _check_cluster_name(params[0], "vm", "VM")
-                mig = validate_migrate(body)
-                decision = core.request_migration(
-                    name, to=mig.to, reason=mig.reason, dry_run=mig.dry_run, actor=mig.actor,
-                    now=now, wall=wall,
-                )
-                if decision.action is not None:
-                    return Response(202, {"action": decision.action.to_dict(),
-                                          "journal_seq": decision.journal_seq})
-                return Response(200, {"dry_run": True, "plan": decision.plan,
-                                      "journal_seq": decision.journal_seq})
-            if route.name == "claim_actions":
-                executor = query.get("executor")
-                if not executor:
-                    raise ValidationError("executor", "required query parameter is missing")
-                _check_actor(executor, "executor")
-                actions = core.claim_actions(executor, now=now, wall=wall)
-                return Response(200, {"actions": [a.to_dict() for a in actions]})
-            if route.name == "get_action":
-                action_id = params[0]
-                if not ACTION_ID_RE.fullmatch(action_id):
-                    raise ValidationError("id", f"invalid action id {action_id[:40]!r}")
-                return Response(200, {"action": core.action(action_id).to_dict()})
-            if route.name == "complete_action":
-                action_id = params[0]
-                if not ACTION_ID_RE.fullmatch(action_id):
-                    raise ValidationError("id", f"invalid action id {action_id[:40]!r}")
-                result = validate_action_result(body)
-                action = core.complete_action(
-                    action_id, ok=result.ok, detail=result.detail, now=now, wall=wall,
-                    new_ip=result.new_ip, steps_ms=result.steps_ms,
-                )
-                return Response(200, {"action": action.to_dict()})
-            if route.name == "conflict":
-                rep = validate_conflict(body)
-                out = core.report_conflict(
-                    rep.ip, reporter=rep.reporter, claimants=rep.claimants,
-                    dry_run=rep.dry_run, detected_ms=rep.detected_ms, now=now, wall=wall,
-                )
-                answer: JSONObject = {"status": out.status, "decision": dict(out.decision),
-                                      "action": None if out.action is None
-                                      else out.action.to_dict(),
-                                      "journal_seq": out.journal_seq}
-                if out.status == "dry_run":
-                    answer["dry_run"] = True
-                    answer["plan"] = None if out.plan is None else dict(out.plan)
-                return Response(202 if out.status == "queued" else 200, answer)
-            if route.name == "journal":
-                since = _int_param(query, "since", 0, 2**62)
-                limit = _int_param(query, "limit", DEFAULT_JOURNAL_LIMIT, MAX_JOURNAL_LIMIT)
-                entries = core.journal_entries(since, limit)
-                return Response(200, {"entries": [e.to_dict() for e in entries],
-                                      "last_seq": core.journal_seq})
-            if route.name == "partition_status":
-                return Response(200, core.partition_status(now))
-            if route.name == "partition_report":
-                return Response(200, core.partition_report(body, now=now, wall=wall))
-            if route.name == "event":
-                ev = validate_event(body)
-                entry = core.record_event(
-                    actor=ev.actor, action=ev.action, subject=ev.subject, reason=ev.reason,
-                    details=ev.details, dry_run=ev.dry_run, now=now, wall=wall,
-                )
-                return Response(201, {"ok": True, "seq": entry.seq})
+            reply = route.route.handler(request)
+            return Response(reply.status, reply.body)
         except ValidationError:
             raise
         except UnknownEntity as exc:
@@ -835,4 +854,3 @@ class Api:
             return error(503, str(exc))
         except ClusterError as exc:
             return error(503, f"{type(exc).__name__}: {exc}")
-        raise AssertionError(f"unhandled route {route.name}")  # pragma: no cover

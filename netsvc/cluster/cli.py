@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from netsvc.cluster.service import ServicePlugin
 
 ENV_MANAGER = "NETSVC_MANAGER"
 ENV_KEY_FILE = "NETSVC_KEY_FILE"
@@ -39,8 +42,6 @@ MANAGER_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "action_timeout": (int, float),
     "access_log": (bool,),
     "networks": (list,),
-    "acd": (dict,),
-    "partition": (dict,),
 }
 NETWORK_KEYS = {"name", "cidr", "kind"}
 
@@ -49,8 +50,10 @@ class UsageError(Exception):
     """A usage or environment problem: exit 2 with a one-line message."""
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``manager``, ``agent`` and ``status`` subcommands."""
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+             plugins: Sequence[ServicePlugin] = ()) -> None:
+    """Add the ``manager``, ``agent`` and ``status`` subcommands; ``plugins`` (from the
+    composition root) add their config tables, agent arguments and agent loops."""
     p = subparsers.add_parser(
         "manager",
         help="run the cluster manager (HTTP+JSON API, decisions, audit journal)",
@@ -87,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--access-log", action="store_true", default=None, help="log every request on stderr"
     )
-    p.set_defaults(func=cmd_manager)
+    p.set_defaults(func=cmd_manager, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
         "agent",
@@ -115,34 +118,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "instead of asking the kernel for this network namespace",
     )
     p.add_argument(
-        "--acd-watch",
-        metavar="IFACE",
-        action="append",
-        default=[],
-        help="run the ARP conflict monitor on IFACE and report conflicts to the "
-        "manager (repeatable)",
+        "--driver",
+        metavar="SPEC",
+        default=None,
+        help="carry out this host's actions through a hypervisor driver: lab:HV_DIR (the "
+        "lab's namespace VMs) or libvirt:URI (e.g. libvirt:qemu:///system); without it the "
+        "agent only reports",
     )
-    p.add_argument(
-        "--acd-promisc",
-        action="store_true",
-        help="with --acd-watch: see forwarded frames too (a bridge's segment)",
-    )
-    p.add_argument(
-        "--partition-bmc",
-        metavar="HOST=ADDR",
-        action="append",
-        default=[],
-        help="a peer's BMC address, the second channel asked before a peer is declared down",
-    )
-    p.add_argument(
-        "--partition-link",
-        metavar="NET=IFACE,TARGET",
-        action="append",
-        default=[],
-        help="probe NET (mgmt or vm) on IFACE: heartbeats to the other agents and ARP to the "
-        "isolation address TARGET; uses --mgmt-addr / --vm-addr (repeatable)",
-    )
-    p.set_defaults(func=cmd_agent)
+    for plugin in plugins:
+        if plugin.agent is not None:
+            plugin.agent.add_arguments(p)
+    p.set_defaults(func=cmd_agent, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
         "status",
@@ -182,8 +168,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def load_manager_config(path: str) -> dict[str, Any]:
-    """Read and check a manager TOML config; paths in it are relative to its directory."""
+def load_manager_config(path: str, plugins: Sequence[ServicePlugin] = ()) -> dict[str, Any]:
+    """Read and check a manager TOML config; paths in it are relative to its directory.
+    Each service's table (``[acd]``, ``[partition]``) is checked by its plugin; the result has
+    the validated configs under ``"services"``."""
     import tomllib
 
     try:
@@ -194,12 +182,18 @@ def load_manager_config(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path} is not valid TOML: {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    for key, value in data.items():
+    tables = {pl.name: pl for pl in plugins if pl.config is not None}
+    services: dict[str, Any] = {}
+    for key, value in list(data.items()):
+        if key in tables:
+            if not isinstance(value, dict):
+                raise UsageError(f"config {path}: [{key}] must be a table")
+            continue
         types = MANAGER_CONFIG_KEYS.get(key)
         if types is None:
             raise UsageError(
                 f"config {path}: unknown key {key!r} "
-                f"(known: {', '.join(sorted(MANAGER_CONFIG_KEYS))})"
+                f"(known: {', '.join(sorted([*MANAGER_CONFIG_KEYS, *tables]))})"
             )
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in types)
@@ -218,26 +212,30 @@ def load_manager_config(path: str) -> dict[str, Any]:
         for k in NETWORK_KEYS:
             if not isinstance(net[k], str):
                 raise UsageError(f"config {path}: networks[{i}].{k} must be a string")
-    if "acd" in data:
-        from netsvc.cluster.conflicts import AcdConfig
-        from netsvc.cluster.errors import ValidationError
+    from netsvc.cluster.errors import ValidationError
 
-        acd = dict(data["acd"])
-        if isinstance(acd.get("dns_key_file"), str) and acd["dns_key_file"]:
-            acd["dns_key_file"] = os.path.join(base, os.path.expanduser(acd["dns_key_file"]))
+    for name, pl in tables.items():
+        assert pl.config is not None
         try:
-            AcdConfig.from_mapping(acd)
+            services[name] = pl.config(data.get(name, {}), base)
         except ValidationError as exc:
-            raise UsageError(f"config {path}: [acd] {exc}") from None
-        data["acd"] = acd
-    if "partition" in data:
-        from netsvc.partition.response import Policy, ResponseError
-
-        try:
-            Policy.from_mapping(data["partition"])
-        except ResponseError as exc:
-            raise UsageError(f"config {path}: [partition] {exc}") from None
+            raise UsageError(f"config {path}: [{name}] {exc}") from None
+    data["services"] = services
     return data
+
+
+def load_manager_config_defaults(plugins: Sequence[ServicePlugin]) -> dict[str, Any]:
+    """The config with no file: every service's table empty (its defaults)."""
+    from netsvc.cluster.errors import ValidationError
+
+    services = {}
+    for pl in plugins:
+        if pl.config is not None:
+            try:
+                services[pl.name] = pl.config({}, None)
+            except ValidationError as exc:
+                raise UsageError(f"[{pl.name}] defaults: {exc}") from None
+    return {"services": services}
 
 
 # -- manager ----------------------------------------------------------------------------------
@@ -247,19 +245,20 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from netsvc.cluster.auth import load_key
-    from netsvc.cluster.conflicts import AcdConfig
     from netsvc.cluster.errors import ClusterError
     from netsvc.cluster.journal import Journal
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
     from netsvc.cluster.store import open_store
-    from netsvc.partition.response import Policy
+
+    plugins: Sequence[ServicePlugin] = args.plugins
 
     def log(message: str) -> None:
         print(f"netsvc manager: {message}", file=sys.stderr, flush=True)
 
     try:
-        cfg = load_manager_config(args.config) if args.config else {}
+        cfg = load_manager_config(args.config, plugins) if args.config else \
+            load_manager_config_defaults(plugins)
         opts = {
             "listen": args.listen,
             "key_file": args.key_file,
@@ -288,9 +287,10 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 missed_heartbeats=cfg.get("missed_heartbeats", 3),
                 action_timeout=cfg.get("action_timeout", 60.0),
                 networks=networks,
-                acd=AcdConfig.from_mapping(cfg.get("acd", {})),
-                partition=Policy.from_mapping(cfg.get("partition", {})),
+                services=cfg["services"],
             )
+            services = [pl.manager(cfg["services"].get(pl.name)) for pl in plugins
+                        if pl.manager is not None]
         except ClusterError as exc:
             raise UsageError(f"invalid setting: {exc}") from None
         key = load_key(cfg["key_file"])
@@ -312,6 +312,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 store,
                 journal,
                 config=config,
+                services=services,
                 log=log,
                 access_log=bool(cfg.get("access_log", False)),
             )
@@ -379,25 +380,47 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise UsageError(f"bad --manager: {exc}") from None
     except (UsageError, ClusterError) as exc:
         return _fail("agent", str(exc))
-    log(f"heartbeating to {url} every {args.interval:g} s (pid {os.getpid()})")
-    try:
-        links = _partition_links(args.partition_link, mgmt, vm)
-    except UsageError as exc:
-        return _fail("agent", str(exc))
-    if links:
-        bmcs = {}
-        for spec in args.partition_bmc:
-            name, _, addr = spec.partition("=")
-            try:
-                bmcs[check_name(name, "--partition-bmc host")] = check_ip(addr, "--partition-bmc")
-            except ClusterError as exc:
-                return _fail("agent", str(exc))
-        _start_partition(args.host, key, links, lambda: ManagerClient(url, key, timeout=2.0),
-                         log, bmcs)
-    for iface in args.acd_watch:
-        _start_acd_watch(
-            iface, args.acd_promisc, ManagerClient(url, key, timeout=2.0), args.host, log
-        )
+    import threading
+
+    from netsvc.cluster.executor import VM_EXECUTORS, run_executor
+    from netsvc.cluster.service import AgentContext
+
+    plugins: Sequence[ServicePlugin] = args.plugins
+    driver = None
+    if args.driver:
+        from netsvc.hypervisor import open_driver
+        from netsvc.hypervisor.driver import DriverError
+
+        try:
+            driver = open_driver(args.driver, args.host)
+        except DriverError as exc:
+            return _fail("agent", f"bad --driver {args.driver!r}: {exc}")
+
+    def make_client(timeout: float = 2.0) -> ManagerClient:
+        return ManagerClient(url, key, timeout=timeout)
+
+    ctx = AgentContext(host=args.host, url=url, key=key, make_client=make_client,
+                       driver=driver, log=log, mgmt_addr=mgmt, vm_addr=vm)
+    log(f"heartbeating to {url} every {args.interval:g} s (pid {os.getpid()}"
+        f"{', driver ' + args.driver if driver else ''})")
+    executors = dict(VM_EXECUTORS)
+    for plugin in plugins:
+        if plugin.agent is None:
+            continue
+        try:
+            plugin.agent.start(args, ctx)
+        except (ValueError, ClusterError) as exc:
+            return _fail("agent", f"{plugin.name}: {exc}")
+        executors.update(plugin.agent.executors)
+    stop = threading.Event()
+    if driver is not None:
+        threading.Thread(target=run_executor, args=(ctx, executors, stop), daemon=True,
+                         name="executor").start()
+
+    def inventory() -> dict[str, str]:
+        assert driver is not None
+        return {d.name: d.state for d in driver.list()}
+
     code = run_agent(
         args.host,
         url,
@@ -407,146 +430,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         vm_addr=vm,
         net_dir=args.sysfs,
         log=log,
+        inventory=inventory if driver is not None else None,
     )
+    stop.set()
+    if driver is not None:
+        driver.close()
     log("stopped")
     return code
-
-
-def _partition_links(specs: list[str], mgmt: str | None, vm: str | None) -> list[Any]:
-    """``--partition-link NET=IFACE,TARGET`` values as ``netsvc.partition.agent.Link``s."""
-    import ipaddress
-
-    if not specs:
-        return []
-    from netsvc.partition.agent import Link
-    from netsvc.partition.heartbeat import Network
-
-    links = []
-    for spec in specs:
-        net, _, rest = spec.partition("=")
-        iface, _, target = rest.partition(",")
-        if net not in ("mgmt", "vm") or not iface or not target:
-            raise UsageError(f"bad --partition-link {spec!r}: expected mgmt|vm=IFACE,TARGET")
-        try:
-            target = str(ipaddress.IPv4Address(target))
-        except ValueError:
-            raise UsageError(f"bad --partition-link {spec!r}: invalid target address") from None
-        addr = mgmt if net == "mgmt" else vm
-        if addr is None:
-            raise UsageError(f"--partition-link {net}=... needs --{net}-addr")
-        links.append(Link(Network.MGMT if net == "mgmt" else Network.VM, iface, addr, target))
-    return links
-
-
-def _start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
-                     log: Callable[[str], None], bmcs: dict[str, str] | None = None) -> None:
-    """Run the partition prober in a daemon thread, and a poster thread that sends its
-    classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
-    manager, so a slow or unreachable manager never stalls the probing. Undelivered
-    classifications are kept (at most 256); of the views only the latest counts. Each thread
-    has its own ``ManagerClient``: a client's connection is not shared between threads."""
-    import collections
-    import contextlib
-    import json
-    import threading
-
-    from netsvc.cluster.client import ApiError
-    from netsvc.partition.agent import run_prober
-    from netsvc.partition.heartbeat import Network
-
-    client, poster_client = make_client(), make_client()
-
-    def peers() -> dict[str, dict[Network, str]]:
-        try:
-            hosts = client.status()["hosts"]
-        except ApiError as exc:
-            log(f"partition prober: no peer list yet: {exc}")
-            raise OSError(str(exc)) from exc
-        out = {}
-        for name, h in hosts.items():
-            addrs = {}
-            if h.get("mgmt_addr"):
-                addrs[Network.MGMT] = h["mgmt_addr"]
-            if h.get("vm_addr"):
-                addrs[Network.VM] = h["vm_addr"]
-            out[name] = addrs
-        return out
-
-    events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(maxlen=256)
-    latest: list[dict[str, object] | None] = [None]
-    wake = threading.Event()
-
-    def report(ev: Any) -> None:
-        details = {"old": ev.old.value, "new": ev.new.value, "reporter": host, "at": ev.at}
-        log(json.dumps({"event": "Classification", "subject": ev.subject, **details}))
-        events.append((ev.subject, {"reason": ev.reason, **details}))
-        wake.set()
-
-    def publish(view: dict[str, object]) -> None:
-        latest[0] = view
-        wake.set()
-
-    def poster() -> None:
-        while True:
-            wake.wait(1.0)
-            wake.clear()
-            while events:
-                subject, details = events[0]
-                body = {k: v for k, v in details.items() if k != "reason"}
-                try:
-                    poster_client.post_event(f"agent:{host}", "classification", f"host:{subject}",
-                                      details["reason"] or "classification changed", body)
-                except (ApiError, OSError) as exc:
-                    log(f"could not report a classification: {exc}")
-                    break
-                events.popleft()
-            view, latest[0] = latest[0], None
-            if view is not None:
-                with contextlib.suppress(ApiError, OSError):  # the next view replaces it
-                    poster_client.partition_report(view)
-
-    def run() -> None:
-        try:
-            run_prober(host, key, links, peers, report, threading.Event(), publish=publish,
-                       bmcs=bmcs)
-        except OSError as exc:
-            log(f"partition prober stopped: {exc}")
-
-    threading.Thread(target=poster, name="partition-poster", daemon=True).start()
-    threading.Thread(target=run, name="partition-prober", daemon=True).start()
-
-
-def _start_acd_watch(
-    iface: str, promisc: bool, client: Any, host: str, log: Callable[[str], None]
-) -> None:
-    """Run netsvc.acd's passive monitor on ``iface`` in a daemon thread of the agent."""
-    import json
-    import threading
-
-    from netsvc.acd.watcher import manager_reporter, watch
-
-    def emit(d: dict[str, Any]) -> None:
-        log(json.dumps(d))
-
-    def event(ev: object) -> None:
-        if type(ev).__name__ in ("Conflict", "FlipFlop", "ChangedMac", "ProbeForTaken"):
-            fields = {k: v for k, v in vars(ev).items() if not isinstance(v, bytes)}
-            emit({"event": type(ev).__name__, **fields})
-
-    def run() -> None:
-        try:
-            watch(
-                iface,
-                emit=event,
-                stop=threading.Event(),
-                promisc=promisc,
-                report=manager_reporter(client, host, False, emit),
-                on_ready=lambda: emit({"event": "Listening", "iface": iface}),
-            )
-        except OSError as exc:
-            log(f"acd watch on {iface} stopped: {exc}")
-
-    threading.Thread(target=run, name=f"acd-watch-{iface}", daemon=True).start()
 
 
 # -- status -----------------------------------------------------------------------------------

@@ -216,22 +216,56 @@ class ManagerClient:
             body["actor"] = actor
         return self._call("POST", f"/v1/vms/{quote(vm, safe='')}/migrate", body)
 
-    def claim_actions(self, executor: str) -> list[JSONObject]:
-        """``GET /v1/actions?executor=NAME``: the pending actions, now claimed by ``executor``."""
-        obj = self._call("GET", "/v1/actions", query={"executor": executor})
+    def claim_actions(self, host: str, executor: str, *, wait_s: float = 0.0,
+                      kinds: list[str] | None = None) -> list[JSONObject]:
+        """``POST /v1/actions/claim``: ``host``'s pending actions, now claimed by ``executor``.
+        With ``wait_s`` the manager holds the request until one is queued (long poll); this
+        client's timeout must be longer than that."""
+        body: dict[str, Any] = {"host": host, "executor": executor, "wait_s": wait_s}
+        if kinds is not None:
+            body["kinds"] = list(kinds)
+        obj = self._call("POST", "/v1/actions/claim", body)
+        return [dict(a) for a in obj.get("actions", [])]
+
+    def claim_action(self, action_id: str, host: str, executor: str) -> JSONObject:
+        """``POST /v1/actions/{id}/claim``: claim one action (refused unless ``host`` carries
+        out its current phase)."""
+        obj = self._call("POST", f"/v1/actions/{quote(action_id, safe='')}/claim",
+                         {"host": host, "executor": executor})
+        return dict(obj["action"])
+
+    def list_actions(self, state: str = "open") -> list[JSONObject]:
+        """``GET /v1/actions?state=open|all``: the actions, changing nothing."""
+        obj = self._call("GET", "/v1/actions", query={"state": state})
         return [dict(a) for a in obj.get("actions", [])]
 
     def complete_action(
         self, action_id: str, ok: bool, detail: str = "",
-        result: Mapping[str, Any] | None = None,
+        result: Mapping[str, Any] | None = None, host: str | None = None,
     ) -> JSONObject:
-        """``POST /v1/actions/{id}``: report the result of a claimed action. ``result`` is
-        ``{"new_ip": ..., "steps_ms": {...}}`` for a readdress (``new_ip`` required when ok)."""
+        """``POST /v1/actions/{id}``: report the result of the claimed phase. ``host`` is the
+        reporting agent's host (checked against the phase's)."""
         body: dict[str, Any] = {"ok": ok, "detail": detail}
         if result is not None:
             body["result"] = dict(result)
+        if host is not None:
+            body["host"] = host
         obj = self._call("POST", f"/v1/actions/{quote(action_id, safe='')}", body)
         return dict(obj["action"])
+
+    def wait_action(self, action_id: str, timeout: float = 20.0,
+                    poll: float = 0.02) -> JSONObject:
+        """Poll ``GET /v1/actions/{id}`` until the action is finished; return it. Raises
+        ``TimeoutError`` if it is still open after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            action = self.get_action(action_id)
+            if action["state"] not in ("PENDING", "CLAIMED"):
+                return action
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"action {action_id} still {action['state']} "
+                                   f"(phase {action.get('phase')}) after {timeout:g} s")
+            time.sleep(poll)
 
     def get_action(self, action_id: str) -> JSONObject:
         """``GET /v1/actions/{id}``: one action, open or finished (a finished readdress has

@@ -1,50 +1,44 @@
-"""The cluster manager: a pure decision core and its HTTP adapter.
+"""The cluster manager: the kernel's pure decision core and its HTTP adapter.
 
-``ManagerCore`` owns the ``ClusterModel``, the queue of actions and the decisions. It never
-reads a clock and never touches a socket: every method takes ``now`` (monotonic seconds) and
-optionally ``wall`` (Unix time; derived from the offset given at construction when omitted).
-It persists through an injected ``StateStore`` and journals through an injected ``Journal``.
+``ManagerCore`` owns the ``ClusterModel``, the queue of actions and the services plugged into
+it (``netsvc.cluster.service``). It never reads a clock and never touches a socket: every
+method takes ``now`` (monotonic seconds) and optionally ``wall`` (Unix time; derived from the
+offset given at construction when omitted). It persists through an injected ``StateStore`` and
+journals through an injected ``Journal``. It imports no service: the services are handed in.
 
 Invariants:
 
 - Every decision (accepted, refused or dry run) and every state change of a host, a VM or an
-  action is journaled, with a non-empty reason, *before* the method returns; a refusal is
-  journaled too.
-- A migration is accepted only if every safety rule in ``MIGRATION_RULES`` holds; the rules are
-  checked again when an executor claims the action, and an action that no longer passes is
+  action is journaled, with a non-empty reason, *before* the method returns.
+- An action is claimed only by the agent of the host that carries out its current phase
+  (``Action.host``); a claim or a completion from another host is refused and journaled. Each
+  phase's safety rules are checked again when it is claimed; one that no longer passes is
   cancelled, not handed out.
-- At most one open (PENDING or CLAIMED) action exists per VM, whatever its kind (migrate or
-  readdress), and at most one open readdress per conflicted address: a second report for that
-  address gets the open action back and journals nothing. Action states follow
-  ``ACTION_TRANSITIONS``.
-- An address conflict (``report_conflict``) is journaled as ``conflict-detected`` and then
-  ``conflict-decision`` (the resolver's sentence, or the refusal and its rule), dry run or not.
-  Only a managed, unprotected, RUNNING VM is ever told to yield, and only to a pool address
-  that no VM in the model uses, that is not protected and that no other open readdress offers.
-- The core does no I/O for DNS either: a successful readdress queues a ``DnsUpdateNeeded``
-  effect (``take_effects``); the adapter carries it out and feeds the outcome back
-  (``dns_update_done``), which journals ``dns-update`` and shows it on the action.
-- A host is marked DOWN by ``handle_timer`` once ``now - last_seen >= interval * missed``
-  (``last_seen`` is the manager's start time for a host that has not been heard from since);
-  the next heartbeat marks it UP again. ``next_timer`` is the earliest such deadline.
-- The durable part of the model (hosts' names and addresses, VMs, placements, networks) and
-  the open actions are written to the store with compare-and-put on the revision this
-  manager last saw. A ``Conflict`` means another writer: the core becomes *fenced* and refuses
-  every further change (``Fenced``). Monotonic timestamps are never trusted across a restart:
-  restored hosts are UNKNOWN with no ``last_seen``, restored actions restart their timeout.
+- Every open action has a deadline: PENDING ones expire, CLAIMED ones whose executor does not
+  report in its kind's ``run_timeout`` fail, through the kind's own completion, so the model
+  says where the VM is.
+- At most one open *exclusive* action exists per VM, whatever its kind.
+- A host is marked DOWN by ``handle_timer`` once ``now - last_seen >= interval * missed``;
+  the next heartbeat marks it UP again. A heartbeat that lists the VMs its hypervisor runs
+  corrects the model's placement of a VM with no open action (``vm-located``).
+- A service whose ``handle_timer`` raises is journaled (``service-error``) and skipped; the
+  kernel and the other services go on.
+- The durable part of the model and the open actions are written to the store with
+  compare-and-put on the revision this manager last saw. A ``Conflict`` means another writer:
+  the core becomes *fenced* and refuses every further change (``Fenced``). Monotonic
+  timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
+  ``last_seen``, restored actions get fresh deadlines.
 
 ``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
-thread. It (with the DNS sender it runs, ``conflicts.make_dns_sender`` unless one is injected)
-is the only place that reads ``time.monotonic()``/``time.time()``, and it serialises every call
-into the core with one lock (request bodies are read, and DNS updates sent, outside it). DNS
-updates go out one at a time, in the order the core asked for them; those still queued when
-the manager stops are journaled as failed.
+thread. It is the only place that reads ``time.monotonic()``/``time.time()``, and it
+serialises every call into the core with one lock (request bodies are read, effects performed
+and long-polling claims wait, outside it). Effects run one at a time, in the order asked for;
+those still queued when the manager stops are reported back as failed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import math
 import queue
@@ -54,29 +48,18 @@ import socketserver
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any
 
-from netsvc.acd.resolver import DEFAULT_POLICY, Claimant, YieldPolicy, choose_loser
-from netsvc.acd.resolver import Decision as ResolverDecision
+from netsvc.cluster.actions import Action, ActionState
 from netsvc.cluster.api import Api, Prepared, Response, error
-from netsvc.cluster.conflicts import (
-    AcdConfig,
-    ClaimantReport,
-    DnsOutcome,
-    DnsSender,
-    DnsUpdateNeeded,
-    load_tsig_secret,
-    make_dns_sender,
-)
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
-    IllegalTransition,
     InvalidValue,
     ModelError,
     Refused,
@@ -93,20 +76,27 @@ from netsvc.cluster.model import (
     Network,
     VMState,
     _Unset,
-    check_ip,
-    check_mac,
     check_name,
 )
+from netsvc.cluster.service import ActionKind, Effect, ManagerService
 from netsvc.cluster.store import Conflict, StateStore
-from netsvc.partition.response import (
-    ClusterView,
-    HostReport,
-    Policy,
-    Responder,
-    ResponseError,
-    Verdict,
-    VMInfo,
-)
+from netsvc.cluster.vmactions import KINDS as VM_KINDS
+from netsvc.cluster.vmactions import MIGRATION_RULES, migration_violations, vm_action_problems
+
+__all__ = [
+    "ACTIONS_KEY",
+    "MIGRATION_RULES",
+    "MODEL_KEY",
+    "Action",
+    "ActionExpired",
+    "ActionState",
+    "Decision",
+    "HostDown",
+    "HostUp",
+    "ManagerConfig",
+    "ManagerCore",
+    "ManagerServer",
+]
 
 MODEL_KEY = "netsvc/cluster/model"
 ACTIONS_KEY = "netsvc/cluster/actions"
@@ -114,155 +104,6 @@ DEFAULT_INTERVAL = 1.0
 DEFAULT_MISSED = 3
 DEFAULT_ACTION_TIMEOUT = 60.0
 FINISHED_KEPT = 1000
-
-#: How many recent partition decisions ``partition_status`` shows (the journal has them all).
-PARTITION_DECISIONS_KEPT = 20
-
-#: Actions that stop a VM where it is.
-STOP_KINDS = ("power-off", "shutdown")
-
-#: The safety rules of a migration, in the order they are checked.
-MIGRATION_RULES = (
-    "vm-exists",
-    "target-exists",
-    "target-up",
-    "vm-running",
-    "not-on-target",
-    "no-pending-action",
-)
-
-#: The safety rules of a readdress (after the resolver's own: a protected claimant never
-#: yields, only a managed VM can), in the order they are checked.
-READDRESS_RULES = (
-    "vm-running",
-    "no-pending-action",
-    "pool-available",
-)
-
-
-class ActionState(Enum):
-    PENDING = "PENDING"
-    CLAIMED = "CLAIMED"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    EXPIRED = "EXPIRED"
-
-
-ACTION_TRANSITIONS: Mapping[ActionState, frozenset[ActionState]] = MappingProxyType(
-    {
-        ActionState.PENDING: frozenset(
-            {ActionState.CLAIMED, ActionState.CANCELLED, ActionState.EXPIRED}
-        ),
-        ActionState.CLAIMED: frozenset({ActionState.SUCCEEDED, ActionState.FAILED}),
-        ActionState.SUCCEEDED: frozenset(),
-        ActionState.FAILED: frozenset(),
-        ActionState.CANCELLED: frozenset(),
-        ActionState.EXPIRED: frozenset(),
-    }
-)
-OPEN_ACTION_STATES = frozenset({ActionState.PENDING, ActionState.CLAIMED})
-
-
-@dataclass(frozen=True)
-class Action:
-    """An action queued by the manager for an executor (the lab, a hypervisor driver).
-
-    ``kind`` is ``migrate`` (``from_host`` -> ``to_host``), ``restart`` (a VM that died with
-    ``from_host`` is started afresh on ``to_host``), ``power-off`` or ``shutdown`` (of the VM
-    on ``from_host``; ``to_host`` is None), or ``readdress`` (the VM on
-    ``from_host`` gives up ``old_ip``, whose conflict ``decision`` is kept, for one of
-    ``candidates``; ``to_host`` is None). A finished readdress keeps the executor's ``result``
-    and the outcome of the DNS update (``dns``)."""
-
-    id: str
-    kind: str
-    vm: str
-    from_host: str | None
-    to_host: str | None
-    reason: str
-    created: float
-    state: ActionState = ActionState.PENDING
-    executor: str | None = None
-    claimed_at: float | None = None
-    detail: str | None = None
-    mac: str | None = None
-    old_ip: str | None = None
-    candidates: tuple[str, ...] = ()
-    decision: Mapping[str, Any] | None = None
-    result: Mapping[str, Any] | None = None
-    dns: Mapping[str, Any] | None = None
-
-    def with_state(self, state: ActionState, **changes: Any) -> Action:
-        if state not in ACTION_TRANSITIONS[self.state]:
-            raise IllegalTransition("action", self.id, self.state.value, state.value)
-        return replace(self, state=state, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "vm": self.vm,
-        }
-        if self.kind == "readdress":
-            decision = self.decision or {}
-            out.update({
-                "host": self.from_host,
-                "mac": self.mac,
-                "old_ip": self.old_ip,
-                "candidates": list(self.candidates),
-                "winner": decision.get("winner"),
-                "new_ip": (self.result or {}).get("new_ip"),
-                "result": None if self.result is None else json.loads(json.dumps(self.result)),
-                "dns": None if self.dns is None else dict(self.dns),
-            })
-        else:
-            out.update({"from": self.from_host, "to": self.to_host})
-        out.update({
-            "reason": self.reason,
-            "state": self.state.value,
-            "executor": self.executor,
-            "detail": self.detail,
-        })
-        return out
-
-    def to_record(self) -> dict[str, Any]:
-        rec = {**self.to_dict(), "created": self.created, "claimed_at": self.claimed_at}
-        if self.kind == "readdress":
-            rec["decision"] = None if self.decision is None else dict(self.decision)
-        return rec
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> Action:
-        try:
-            kind = str(rec["kind"])
-            if kind == "readdress":
-                extra: dict[str, Any] = {
-                    "from_host": rec.get("host"),
-                    "to_host": None,
-                    "mac": check_mac(rec["mac"]),
-                    "old_ip": check_ip(rec["old_ip"], "old_ip"),
-                    "candidates": tuple(check_ip(c, "candidates") for c in rec["candidates"]),
-                    "decision": dict(rec.get("decision") or {}),
-                }
-            else:
-                to = rec.get("to")
-                extra = {"from_host": rec["from"],
-                         "to_host": None if to is None else check_name(to, "host name")}
-            return cls(
-                id=str(rec["id"]),
-                kind=kind,
-                vm=check_name(rec["vm"], "VM name"),
-                reason=str(rec["reason"]),
-                created=float(rec["created"]),
-                state=ActionState(rec["state"]),
-                executor=rec.get("executor"),
-                claimed_at=rec.get("claimed_at"),
-                detail=rec.get("detail"),
-                **extra,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidValue("actions", f"bad stored action {rec!r}: {exc}") from None
 
 
 # -- events returned by the core ----------------------------------------------------------------
@@ -303,29 +144,14 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class ConflictOutcome:
-    """The outcome of a conflict report that was not refused (refusals raise ``Refused``).
-
-    ``status``: ``queued`` (a readdress action was queued), ``dry_run`` (``plan`` says what
-    would be queued), ``duplicate`` (an open readdress for this address exists: ``action``,
-    nothing journaled) or ``resolved`` (every claim but one predates a finished readdress of
-    its VM off this address: ``action`` is that readdress, nothing queued)."""
-
-    status: str
-    decision: Mapping[str, Any]
-    action: Action | None = None
-    plan: Mapping[str, Any] | None = None
-    journal_seq: int | None = None
-
-
-@dataclass(frozen=True)
 class ManagerConfig:
+    """The kernel's settings, and each service's validated config table by service name."""
+
     heartbeat_interval: float = DEFAULT_INTERVAL
     missed_heartbeats: int = DEFAULT_MISSED
     action_timeout: float = DEFAULT_ACTION_TIMEOUT
     networks: tuple[Network, ...] = field(default_factory=tuple)
-    acd: AcdConfig = field(default_factory=AcdConfig)
-    partition: Policy = field(default_factory=Policy)
+    services: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         hb = self.heartbeat_interval
@@ -348,7 +174,7 @@ def _subject(kind: str, name: str) -> str:
 
 
 class ManagerCore:
-    """Model, actions and decisions. Not thread-safe: the adapter serialises calls."""
+    """Model, actions, services. Not thread-safe: the adapter serialises calls."""
 
     def __init__(
         self,
@@ -358,15 +184,11 @@ class ManagerCore:
         now: float,
         wall: float,
         config: ManagerConfig | None = None,
+        services: Sequence[ManagerService] = (),
         actor: str = "manager",
         start_reason: str = "manager started",
-        policy: YieldPolicy = DEFAULT_POLICY,
     ) -> None:
         self.config = config or ManagerConfig()
-        self._policy = policy
-        self._effects: list[DnsUpdateNeeded] = []
-        # MAC -> (address it was moved off, action id, monotonic time the move finished)
-        self._readdressed: dict[str, tuple[str, str, float]] = {}
         self._store = store
         self._journal = journal
         self._actor = actor
@@ -382,21 +204,27 @@ class ManagerCore:
         self._model_doc = b""
         self._actions_rev = 0
         self._actions_doc = b""
-        self._pview = ClusterView(self.config.partition.report_ttl)
-        self._responder = Responder(self.config.partition)
-        self._verdicts: dict[str, Verdict] = {}
-        self._p_last = now
-        self._p_decisions: list[dict[str, Any]] = []
+        self._services: dict[str, ManagerService] = {}
+        self._kinds: dict[str, ActionKind] = {k.name: k for k in VM_KINDS}
+        self._kind_owner: dict[str, str] = {k.name: "kernel" for k in VM_KINDS}
+        for svc in services:
+            if svc.name in self._services:
+                raise ValueError(f"service {svc.name!r} is listed twice")
+            self._services[svc.name] = svc
+            for kind in svc.action_kinds():
+                if kind.name in self._kinds:
+                    raise ValueError(f"action kind {kind.name!r} of {svc.name} is already "
+                                     f"contributed by {self._kind_owner[kind.name]}")
+                self._kinds[kind.name] = kind
+                self._kind_owner[kind.name] = svc.name
         self._load()
         for net in self.config.networks:
             self._model.add_network(net)
+        for svc in self._services.values():
+            svc.bind(self)
         self._persist()
         self._journal_append(
-            now,
-            wall,
-            "manager-start",
-            _subject("manager", actor),
-            start_reason,
+            now, wall, "manager-start", _subject("manager", actor), start_reason,
             details={
                 "hosts": len(self._model.hosts),
                 "vms": len(self._model.vms),
@@ -404,8 +232,26 @@ class ManagerCore:
                 "store_revision": store.revision(),
                 "heartbeat_interval": self.config.heartbeat_interval,
                 "missed_heartbeats": self.config.missed_heartbeats,
+                "services": sorted(self._services),
             },
         )
+
+    # -- services ----------------------------------------------------------------------------
+
+    @property
+    def services(self) -> Mapping[str, ManagerService]:
+        return self._services
+
+    def service(self, name: str) -> Any:
+        """The plugged-in service ``name`` (``UnknownEntity`` if it is not enabled)."""
+        try:
+            return self._services[name]
+        except KeyError:
+            raise UnknownEntity("service", name) from None
+
+    @property
+    def kinds(self) -> Mapping[str, ActionKind]:
+        return self._kinds
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -425,9 +271,12 @@ class ManagerCore:
                     action = Action.from_record(rec)
                     # Monotonic times of an earlier process mean nothing now: restart the
                     # clocks of restored actions at this manager's start.
+                    kind = self._kinds.get(action.kind)
+                    timeout = (self.config.action_timeout
+                               if action.state is ActionState.PENDING or kind is None
+                               else kind.run_timeout)
                     action = replace(
-                        action,
-                        created=self._started,
+                        action, created=self._started, deadline=self._started + timeout,
                         claimed_at=None if action.claimed_at is None else self._started,
                     )
                     self._actions[action.id] = action
@@ -437,8 +286,7 @@ class ManagerCore:
 
     def _persist(self) -> None:
         model_doc = self._model.to_json(volatile=False).encode()
-        open_actions = [a.to_record() for a in self._actions.values()
-                        if a.state in OPEN_ACTION_STATES]
+        open_actions = [a.to_record() for a in self._sorted_actions() if a.is_open]
         actions_doc = json.dumps(
             {"next": self._next_action, "open": open_actions}, sort_keys=True
         ).encode()
@@ -458,15 +306,24 @@ class ManagerCore:
                            "another manager may be running, so this one takes no more decisions"
             raise Fenced(self._fenced) from None
 
-    def _check_fenced(self) -> None:
+    def persist(self) -> None:
+        self._persist()
+
+    def check_fenced(self) -> None:
         if self._fenced is not None:
             raise Fenced(self._fenced)
+
+    _check_fenced = check_fenced
 
     # -- helpers -----------------------------------------------------------------------------
 
     @property
     def model(self) -> ClusterModel:
         return self._model
+
+    @property
+    def started(self) -> float:
+        return self._started
 
     @property
     def fenced(self) -> bool:
@@ -479,7 +336,7 @@ class ManagerCore:
     def _wall(self, now: float, wall: float | None) -> float:
         return now + self._wall_offset if wall is None else wall
 
-    def _journal_append(
+    def journal_append(
         self,
         now: float,
         wall: float | None,
@@ -502,8 +359,13 @@ class ManagerCore:
             details=details,
         )
 
+    _journal_append = journal_append
+
     def open_actions(self) -> list[Action]:
-        return [a for a in self._sorted_actions() if a.state in OPEN_ACTION_STATES]
+        return [a for a in self._sorted_actions() if a.is_open]
+
+    def actions(self) -> list[Action]:
+        return self._sorted_actions()
 
     def action(self, action_id: str) -> Action:
         try:
@@ -511,15 +373,58 @@ class ManagerCore:
         except KeyError:
             raise UnknownEntity("action", action_id) from None
 
+    def get_action(self, action_id: str) -> Action | None:
+        return self._actions.get(action_id)
+
     def _sorted_actions(self) -> list[Action]:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
     def _set_action(self, action: Action) -> None:
         self._actions[action.id] = action
-        if action.state not in OPEN_ACTION_STATES:
+        if not action.is_open:
             self._finished.append(action.id)
             while len(self._finished) > FINISHED_KEPT:
                 self._actions.pop(self._finished.pop(0), None)
+
+    def replace_action(self, action: Action) -> None:
+        """Store a changed copy of an action (a service's annotation, a refreshed payload)."""
+        if action.id not in self._actions:
+            raise UnknownEntity("action", action.id)
+        self._set_action(action)
+
+    def _open_exclusive(self, vm: str) -> list[str]:
+        return [a.id for a in self._sorted_actions()
+                if a.vm == vm and a.is_open and self._kinds[a.kind].exclusive]
+
+    def queue_action(
+        self, kind: str, vm: str, *, payload: Mapping[str, Any], reason: str, now: float,
+        wall: float | None = None,
+    ) -> Action:
+        """Queue an action of a registered kind. The caller journals its decision.
+
+        Raises ``Refused("no-pending-action")`` if the kind is exclusive and the VM already has
+        an open exclusive action."""
+        self._check_fenced()
+        spec = self._kinds.get(kind)
+        if spec is None:
+            raise ValidationError("kind", f"unknown action kind {kind!r}")
+        if spec.exclusive:
+            pending = self._open_exclusive(vm)
+            if pending:
+                raise Refused("no-pending-action", f"VM {vm!r} already has an open action "
+                              f"({', '.join(pending)})")
+        hosts, phases = spec.plan(payload, self._model)
+        if len(hosts) != len(phases) or not phases:
+            raise ValueError(f"kind {kind}: plan gave {hosts} for phases {phases}")
+        action = Action(
+            id=f"a-{self._next_action}", kind=kind, vm=vm, reason=reason, created=now,
+            deadline=now + self.config.action_timeout, hosts=hosts, phases=phases,
+            payload=dict(payload),
+        )
+        self._next_action += 1
+        self._set_action(action)
+        self._persist()
+        return action
 
     # -- heartbeats and timers -----------------------------------------------------------------
 
@@ -539,8 +444,10 @@ class ManagerCore:
         vm_addr: str | None = None,
         interfaces: Mapping[str, str] | None = None,
         agent: Mapping[str, Any] | None = None,
+        vms: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Register or refresh a host; return the answer for the agent."""
+        """Register or refresh a host; return the answer for the agent. ``vms`` is what the
+        host's hypervisor runs (name -> state), if its agent has a driver."""
         self._check_fenced()
         check_name(host, "host name")
         interfaces = dict(interfaces or {})
@@ -594,9 +501,31 @@ class ManagerCore:
                         f"agent reports interface {ifname} {after} (was {before})",
                         details={"interface": ifname, "state": after, "previous": before},
                     )
+        if vms:
+            self._reconcile(host, vms, now, wall)
         self._last_hb_seq[host] = seq
         self._persist()
         return {"ok": True, "interval_s": self.config.heartbeat_interval}
+
+    def _reconcile(self, host: str, vms: Mapping[str, str], now: float,
+                   wall: float | None) -> None:
+        """A VM that ``host``'s hypervisor runs, placed elsewhere in the model and with no
+        open action, is where the hypervisor says (a handover whose report was lost)."""
+        for name, state in sorted(vms.items()):
+            vm = self._model.vms.get(name)
+            if vm is None or state != "running" or vm.host == host:
+                continue
+            if any(a.vm == name and a.is_open for a in self._actions.values()):
+                continue
+            try:
+                self._model.update_vm(name, host=host, state=VMState.RUNNING)
+            except ModelError:
+                continue
+            self._journal_append(
+                now, wall, "vm-located", _subject("vm", name),
+                f"{host}'s hypervisor runs {name}; the model had it on {vm.host} "
+                f"({vm.state.value})", details={"host": host, "was_on": vm.host,
+                                                "was_state": vm.state.value})
 
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``handle_timer`` has something to do, or None."""
@@ -606,16 +535,19 @@ class ManagerCore:
                 base = h.last_seen if h.last_seen is not None else self._started
                 deadlines.append(base + self.down_after)
         for a in self._actions.values():
-            if a.state is ActionState.PENDING:
-                deadlines.append(a.created + self.config.action_timeout)
-        for t in (self._pview.next_expiry(self._p_last),
-                  self._responder.next_deadline(self._p_last)):
+            if a.is_open:
+                deadlines.append(a.deadline)
+        for svc in self._services.values():
+            try:
+                t = svc.next_timer()
+            except Exception:  # a broken service must not stop the timer loop
+                t = None
             if t is not None:
                 deadlines.append(t)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float, wall: float | None = None) -> list[ManagerEvent]:
-        """Mark silent hosts DOWN and expire unclaimed actions."""
+        """Mark silent hosts DOWN, expire and time out actions, run the services' timers."""
         events: list[ManagerEvent] = []
         if self._fenced is not None:
             return events
@@ -641,18 +573,42 @@ class ManagerCore:
                 )
                 events.append(HostDown(name, now, silent, reason))
         for action in self._sorted_actions():
-            if (action.state is ActionState.PENDING
-                    and now - action.created >= cfg.action_timeout):
-                expired = action.with_state(ActionState.EXPIRED, detail="not claimed in time")
+            if not action.is_open or now < action.deadline:
+                continue
+            if action.state is ActionState.PENDING:
+                expired = action.with_state(
+                    ActionState.EXPIRED,
+                    detail=f"phase {action.phase_name} not claimed by {action.host} in time")
                 self._set_action(expired)
                 self._journal_append(
                     now, wall, "action-expired", _subject("action", action.id),
-                    f"no executor claimed it within {cfg.action_timeout:g} s",
-                    details=expired.to_dict(),
+                    f"no executor on {action.host} claimed phase {action.phase_name} within "
+                    f"{cfg.action_timeout:g} s", details=expired.to_dict(),
                 )
+                if action.phase > 0:  # an unfinished multi-phase action: let its kind settle it
+                    self._finish_kind(replace(action, state=ActionState.CLAIMED), False, None,
+                                      "the next phase was never claimed", now, wall,
+                                      record=False)
                 events.append(ActionExpired(expired, now))
-        if self._pview.reports():
-            self._partition_evaluate(now, wall)
+            else:
+                spec = self._kinds[action.kind]
+                why = (f"{action.executor or action.host} did not report phase "
+                       f"{action.phase_name} within {spec.run_timeout:g} s (executor lost?)")
+                self._journal_append(
+                    now, wall, "action-timeout", _subject("action", action.id), why,
+                    details=action.to_dict())
+                self._finish_kind(action, False, None, why, now, wall)
+        for name, svc in sorted(self._services.items()):
+            try:
+                svc.handle_timer(now, wall)
+            except Fenced:
+                break
+            except Exception as exc:
+                self._journal_append(
+                    now, wall, "service-error", _subject("service", name),
+                    f"{name}.handle_timer raised {type(exc).__name__}: {exc}; the service is "
+                    "skipped this tick, the others go on",
+                    details={"traceback": traceback.format_exc(limit=5)[-2000:]})
         with contextlib.suppress(Fenced):
             self._persist()
         return events
@@ -705,29 +661,7 @@ class ManagerCore:
             self._persist()
         return False, new
 
-    # -- migrations ----------------------------------------------------------------------------
-
-    def _migration_violations(self, vm_name: str, to: str) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        vm = self._model.vms.get(vm_name)
-        if vm is None:
-            return [("vm-exists", f"VM {vm_name!r} does not exist")]
-        target = self._model.hosts.get(to)
-        if target is None:
-            out.append(("target-exists", f"target host {to!r} does not exist"))
-        elif target.state is not HostState.UP:
-            out.append(("target-up", f"target host {to!r} is {target.state.value}, not UP"))
-        if vm.state is not VMState.RUNNING:
-            out.append(("vm-running", f"VM {vm_name!r} is {vm.state.value}, not RUNNING"))
-        if vm.host == to:
-            out.append(("not-on-target", f"VM {vm_name!r} is already on {to!r} "
-                        "(source and target are the same)"))
-        pending = [a.id for a in self._actions.values()
-                   if a.vm == vm_name and a.state in OPEN_ACTION_STATES]
-        if pending:
-            out.append(("no-pending-action", f"VM {vm_name!r} already has an open action "
-                        f"({', '.join(pending)})"))
-        return out
+    # -- VM life cycle decisions ---------------------------------------------------------------
 
     def request_migration(
         self,
@@ -748,9 +682,15 @@ class ManagerCore:
         if not isinstance(reason, str) or not reason.strip():
             raise ValidationError("reason", "a migration needs a non-empty reason")
         subject = _subject("vm", vm)
-        violations = self._migration_violations(vm, to)
+        violations = migration_violations(self, vm, to)
+        pending = self._open_exclusive(vm)
+        if pending:
+            violations.append(("no-pending-action", f"VM {vm!r} already has an open action "
+                               f"({', '.join(pending)})"))
         current = self._model.vms.get(vm)
         source = current.host if current else None
+        if current is not None and current.state is VMState.MIGRATING and not pending:
+            violations.insert(0, ("vm-running", f"VM {vm!r} is MIGRATING"))
         request = {"vm": vm, "from": source, "to": to, "requested_reason": reason,
                    "requested_by": actor}
         if violations:
@@ -771,70 +711,128 @@ class ManagerCore:
                 details={**request, "plan": plan},
             )
             return Decision(True, plan, entry.seq)
-        action = Action(
-            id=f"a-{self._next_action}", kind="migrate", vm=vm, from_host=source, to_host=to,
-            reason=reason, created=now,
-        )
-        self._next_action += 1
+        action = self.queue_action("migrate", vm, payload={"from": source, "to": to},
+                                   reason=reason, now=now, wall=wall)
         entry = self._journal_append(
             now, wall, "migrate-accepted", subject, reason,
-            details={**request, "action": action.id, "checks": list(MIGRATION_RULES)},
+            details={**request, "action": action.id, "checks": list(MIGRATION_RULES),
+                     "phases": {p: h for p, h in zip(action.phases, action.hosts,
+                                                     strict=True)}},
         )
-        self._set_action(action)
-        self._persist()
         return Decision(False, plan, entry.seq, action)
 
+    def queue_vm_action(self, kind: str, vm: str, host: str | None, to: str | None,
+                        reason: str, now: float, wall: float | None = None) -> Action:
+        """Queue a restart, start, power-off or shutdown after checking its rules; journal
+        ``<kind>-accepted`` or ``<kind>-refused``."""
+        subject = _subject("vm", vm)
+        probe = Action(id="a-0", kind=kind, vm=vm, reason=reason, created=now, deadline=now,
+                       payload={"from": host, "to": to})
+        problems = vm_action_problems(probe, self)
+        pending = self._open_exclusive(vm)
+        if pending:
+            problems.insert(0, f"VM {vm!r} already has an open action ({', '.join(pending)})")
+        if problems:
+            self._journal_append(now, wall, f"{kind}-refused", subject,
+                                 f"refused: {problems[0]}", details={"problems": problems})
+            raise Refused("vm-action", problems[0], ())
+        action = self.queue_action(kind, vm, payload={"from": host, "to": to}, reason=reason,
+                                   now=now, wall=wall)
+        self._journal_append(now, wall, f"{kind}-accepted", subject, reason,
+                             details={"action": action.id, "from": host, "to": to,
+                                      "host": action.host})
+        return action
+
+    # -- claiming and completing ---------------------------------------------------------------
+
     def claim_actions(
-        self, executor: str, *, now: float, wall: float | None = None
+        self, host: str, executor: str, *, now: float, wall: float | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> list[Action]:
-        """Hand the pending actions to ``executor``, re-checking their safety rules first."""
+        """Hand ``host``'s pending actions (those whose current phase it carries out) to its
+        ``executor``, re-checking their safety rules first."""
         self._check_fenced()
+        check_name(host, "host name")
         claimed: list[Action] = []
         for action in self._sorted_actions():
-            if action.state is not ActionState.PENDING:
+            if action.state is not ActionState.PENDING or action.host != host:
                 continue
-            subject = _subject("action", action.id)
-            if action.kind == "readdress":
-                problems, action = self._readdress_claim_problems(action)
-            elif action.kind in (*STOP_KINDS, "restart"):
-                problems = self._vm_action_problems(action)
-            else:
-                assert action.to_host is not None
-                problems = [m for r, m in self._migration_violations(action.vm, action.to_host)
-                            if r != "no-pending-action"]
-                vm = self._model.vms.get(action.vm)
-                if vm is not None and vm.host != action.from_host:
-                    problems.append(f"VM {action.vm!r} moved from {action.from_host!r} to "
-                                    f"{vm.host!r} since the decision")
-            if problems:
-                cancelled = action.with_state(ActionState.CANCELLED, detail=problems[0])
-                self._set_action(cancelled)
-                self._journal_append(
-                    now, wall, "action-cancelled", subject,
-                    f"safety re-check at claim time failed: {problems[0]}",
-                    details={**cancelled.to_dict(), "problems": problems},
-                )
+            if kinds is not None and action.kind not in kinds:
                 continue
-            taken = action.with_state(ActionState.CLAIMED, executor=executor, claimed_at=now)
-            if action.kind == "migrate":
-                self._model.set_vm_state(action.vm, VMState.MIGRATING)
-            self._set_action(taken)
-            self._journal_append(
-                now, wall, "action-claimed", subject, f"claimed by executor {executor}",
-                details=taken.to_dict(),
-            )
-            claimed.append(taken)
+            taken = self._claim_one(action, host, executor, now, wall)
+            if taken is not None:
+                claimed.append(taken)
         self._persist()
         return claimed
 
+    def claim_action(self, action_id: str, host: str, executor: str, *, now: float,
+                     wall: float | None = None) -> Action:
+        """Claim one action by id; refused (and journaled) unless ``host`` carries out its
+        current phase."""
+        self._check_fenced()
+        action = self.action(action_id)
+        self._check_owner(action, host, executor, "claim", now, wall)
+        if action.state is not ActionState.PENDING:
+            raise Refused("action-pending", f"action {action_id} is {action.state.value}; only "
+                          "a PENDING action can be claimed")
+        taken = self._claim_one(action, host, executor, now, wall)
+        self._persist()
+        if taken is None:
+            raise Refused("safety-recheck", self.action(action_id).detail or "cancelled")
+        return taken
+
+    def _check_owner(self, action: Action, host: str, executor: str, what: str, now: float,
+                     wall: float | None) -> None:
+        if action.host != host:
+            msg = (f"{executor} on {host} may not {what} {action.id}: phase "
+                   f"{action.phase_name} is carried out by {action.host}")
+            self._journal_append(now, wall, f"action-{what}-refused",
+                                 _subject("action", action.id), msg,
+                                 details={"host": host, "executor": executor,
+                                          "owner": action.host, "kind": action.kind})
+            raise Refused("not-owner", msg)
+
+    def _claim_one(self, action: Action, host: str, executor: str, now: float,
+                   wall: float | None) -> Action | None:
+        spec = self._kinds.get(action.kind)
+        subject = _subject("action", action.id)
+        if spec is None:
+            problems, action = [f"no service handles action kind {action.kind!r}"], action
+        else:
+            problems, action = spec.recheck(action, self)
+        if problems:
+            cancelled = action.with_state(ActionState.CANCELLED, detail=problems[0])
+            self._set_action(cancelled)
+            self._journal_append(
+                now, wall, "action-cancelled", subject,
+                f"safety re-check at claim time failed: {problems[0]}",
+                details={**cancelled.to_dict(), "problems": problems},
+            )
+            if action.phase > 0 and spec is not None:
+                self._finish_kind(replace(action, state=ActionState.CLAIMED), False, None,
+                                  f"cancelled before {action.phase_name}: {problems[0]}",
+                                  now, wall, record=False)
+            return None
+        assert spec is not None
+        taken = action.with_state(ActionState.CLAIMED, executor=executor, claimed_at=now,
+                                  deadline=now + spec.run_timeout)
+        if spec.on_claim is not None:
+            spec.on_claim(taken, self, now, wall)
+        self._set_action(taken)
+        self._journal_append(
+            now, wall, "action-claimed", subject,
+            f"phase {taken.phase_name} claimed by {executor} on {host}",
+            details=taken.to_dict(),
+        )
+        return taken
+
     def complete_action(
         self, action_id: str, *, ok: bool, detail: str = "", now: float,
-        wall: float | None = None, new_ip: str | None = None,
-        steps_ms: Mapping[str, float] | None = None,
+        wall: float | None = None, host: str | None = None,
+        result: Mapping[str, Any] | None = None,
     ) -> Action:
-        """Record an executor's result. A migration that succeeded places the VM on its
-        target; a readdress that succeeded (``new_ip`` required) gives the VM its new address
-        and queues a ``DnsUpdateNeeded`` effect (see ``take_effects``)."""
+        """Record an executor's result for the current phase. A phase before the last that
+        succeeded queues the next one; otherwise the kind's completion applies it."""
         self._check_fenced()
         action = self.action(action_id)
         if action.state is not ActionState.CLAIMED:
@@ -843,502 +841,48 @@ class ManagerCore:
                 f"action {action_id} is {action.state.value}; only a CLAIMED action can be "
                 "completed",
             )
-        if action.kind == "readdress":
-            return self._complete_readdress(action, ok=ok, detail=detail, new_ip=new_ip,
-                                            steps_ms=steps_ms, now=now, wall=wall)
-        if new_ip is not None:
-            raise ValidationError("result.new_ip", f"only a readdress has a new_ip; action "
-                                  f"{action_id} is a {action.kind}")
-        if action.kind != "migrate":
-            return self._complete_vm_action(action, ok=ok, detail=detail, now=now, wall=wall)
-        subject = _subject("vm", action.vm)
-        duration = (
-            round(now - action.claimed_at, 6) if action.claimed_at is not None else None
-        )
-        details: dict[str, Any] = {"action": action.id, "from": action.from_host,
-                                   "to": action.to_host, "executor": action.executor,
-                                   "duration_s": duration, "detail": detail}
-        if steps_ms:
-            details["steps_ms"] = {k: round(float(v), 3) for k, v in steps_ms.items()}
-        vm = self._model.vms.get(action.vm)
-        try:
-            if vm is None:
-                details["model_error"] = f"VM {action.vm!r} no longer exists"
-            elif ok:
-                new_state: VMState | _Unset = (
-                    VMState.RUNNING if vm.state is VMState.MIGRATING else UNSET
-                )
-                self._model.update_vm(action.vm, host=action.to_host, state=new_state)
-            elif vm.state is VMState.MIGRATING:
-                self._model.set_vm_state(action.vm, VMState.RUNNING)
-        except ModelError as exc:
-            details["model_error"] = str(exc)
-        done = action.with_state(
-            ActionState.SUCCEEDED if ok else ActionState.FAILED, detail=detail or None
-        )
-        self._set_action(done)
-        if ok:
-            reason = detail or f"executor {action.executor} reported success"
-            self._journal_append(now, wall, "migrate-done", subject, reason, details=details)
-        else:
-            reason = detail or f"executor {action.executor} reported failure"
-            self._journal_append(now, wall, "migrate-failed", subject, reason, details=details)
-        self._persist()
-        return done
-
-    # -- address conflicts -----------------------------------------------------------------------
-
-    def open_readdress(self, ip: str) -> Action | None:
-        """The open readdress action for ``ip``, if any."""
-        for a in self._actions.values():
-            if a.kind == "readdress" and a.old_ip == ip and a.state in OPEN_ACTION_STATES:
-                return a
-        return None
-
-    def _candidates(self, ip: str, *, skip_action: str | None = None) -> list[str]:
-        """Pool candidates for a VM yielding ``ip``: none used by a VM, protected, the
-        conflicted address, or offered to another open readdress."""
-        avoid = {vm.ip for vm in self._model.vms.values()} | {ip}
-        for a in self._actions.values():
-            if (a.kind == "readdress" and a.state in OPEN_ACTION_STATES
-                    and a.id != skip_action):
-                avoid.update(a.candidates)
-        return self.config.acd.pool_candidates(avoid)
-
-    def _readdress_violations(self, vm_name: str, ip: str) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        vm = self._model.vms.get(vm_name)
-        if vm is None:  # the resolver only picks a VM the model holds
-            return [("vm-exists", f"VM {vm_name!r} does not exist")]
-        if vm.state is not VMState.RUNNING:
-            out.append(("vm-running", f"VM {vm_name!r} is {vm.state.value}, not RUNNING"))
-        pending = sorted(a.id for a in self._actions.values()
-                         if a.vm == vm_name and a.state in OPEN_ACTION_STATES)
-        if pending:
-            out.append(("no-pending-action", f"VM {vm_name!r} already has an open action "
-                        f"({', '.join(pending)})"))
-        if self.config.acd.address_pool is None:
-            out.append(("pool-available", "no address pool is configured ([acd] pool), so "
-                        "there is no address to move the VM to"))
-        elif not self._candidates(ip):
-            out.append(("pool-available", f"the pool {self.config.acd.pool} has no free "
-                        "address left"))
-        return out
-
-    def report_conflict(
-        self,
-        ip: str,
-        *,
-        reporter: str,
-        claimants: Sequence[ClaimantReport],
-        now: float,
-        wall: float | None = None,
-        dry_run: bool = False,
-        detected_ms: float | None = None,
-    ) -> ConflictOutcome:
-        """Decide who yields an address that several MACs claim; journal it either way.
-
-        Each MAC is mapped to the managed VM that has it; ``first_claimed = now - age_s``. A
-        claimant is protected when ``ip`` is in ``[acd] protected`` and the claimant is either
-        an unmanaged device or a VM whose own address in the model is ``ip`` (the legitimate
-        holder); a VM that took a protected address that is not its own can still yield.
-        Raises ``Refused`` (journaled) when nobody can yield or a readdress safety rule fails.
-        """
-        self._check_fenced()
-        try:
-            ip = str(ipaddress.IPv4Address(ip))
-        except ValueError:
-            raise ValidationError("ip", f"{ip!r} is not an IPv4 address") from None
-        macs = [check_mac(c.mac, "claimants.mac") for c in claimants]
-        if len(macs) < 2:
-            raise ValidationError("claimants", "a conflict needs at least two claimants")
-        if len(set(macs)) != len(macs):
-            raise ValidationError("claimants", "a MAC is listed more than once")
-        existing = self.open_readdress(ip)
-        if existing is not None:
-            return ConflictOutcome("duplicate", dict(existing.decision or {}), existing)
-        subject = _subject("ip", ip)
-        acd = self.config.acd
-        vm_by_mac = {vm.mac: vm for vm in self._model.vms.values()}
-        built: list[Claimant] = []
-        seen: list[dict[str, Any]] = []
-        stale: list[tuple[Claimant, str]] = []
-        by_mac: dict[str, dict[str, Any]] = {}
-        for rep in claimants:
-            mac = check_mac(rep.mac, "claimants.mac")
-            vm = vm_by_mac.get(mac)
-            protected = ip in acd.protected and (vm is None or vm.ip == ip)
-            claimant = Claimant(mac, now - rep.age_s, vm.name if vm else None, protected)
-            info = {**rep.to_dict(), "mac": mac, "vm": claimant.vm, "protected": protected}
-            by_mac[mac] = info
-            moved = self._readdressed.get(mac)
-            if (moved is not None and vm is not None and moved[0] == ip and vm.ip != ip
-                    and now - rep.last_seen_age_s <= moved[2]):
-                info["stale"] = f"last seen before {moved[1]} moved {vm.name} off {ip}"
-                stale.append((claimant, moved[1]))
-            else:
-                built.append(claimant)
-            seen.append(info)
-        n_managed = sum(1 for c in seen if c["vm"] is not None)
-        detected = self._journal_append(
-            now, wall, "conflict-detected", subject,
-            f"{reporter} reports {len(seen)} devices claiming {ip} ({n_managed} managed)",
-            dry_run=dry_run,
-            details={"ip": ip, "reporter": reporter, "claimants": seen,
-                     "detected_ms": detected_ms},
-        )
-        base = {"ip": ip, "reporter": reporter, "detected_seq": detected.seq,
-                "policy": list(self._policy.rules)}
-
-        def who(c: Claimant | None) -> dict[str, Any] | None:
-            if c is None:
-                return None
-            info = by_mac[c.mac]
-            return {"mac": c.mac, "vm": c.vm, "protected": c.protected,
-                    "age_s": info["age_s"]}
-
-        if stale and len(built) < 2:
-            action_id = stale[0][1]
-            reason = (f"{ip}: no conflict left: the claims of "
-                      f"{', '.join(c.label for c, _ in stale)} were last seen before a "
-                      f"finished readdress ({action_id}) moved them off {ip}")
-            decision = {**base, "loser": None, "winner": who(built[0]) if built else None,
-                        "rule": "already-resolved", "reason": reason, "refused": None}
-            entry = self._journal_append(now, wall, "conflict-decision", subject, reason,
-                                         dry_run=dry_run, details=decision)
-            return ConflictOutcome("resolved", decision, self._actions.get(action_id),
-                                   journal_seq=entry.seq)
-        try:
-            res: ResolverDecision = choose_loser(ip, built, self._policy)
-        except ValueError as exc:
-            raise ValidationError("claimants", str(exc)) from None
-        if res.loser is None or res.loser.vm is None:
-            rule = self._refusal_rule(built)
-            decision = {**base, "loser": None, "winner": None, "rule": rule,
-                        "reason": res.reason, "refused": res.refused}
-            self._journal_append(now, wall, "conflict-decision", subject, res.reason,
-                                 dry_run=dry_run, details=decision)
-            raise Refused(rule, res.reason)
-        loser_vm = self._model.vm(res.loser.vm)
-        decision = {**base, "loser": who(res.loser), "winner": who(res.winner),
-                    "rule": res.rule, "reason": res.reason, "refused": None}
-        violations = self._readdress_violations(loser_vm.name, ip)
-        if violations:
-            rule, message = violations[0]
-            decision = {**decision, "refused": message, "rule": rule,
-                        "violations": [r for r, _ in violations]}
+        if host is not None:
+            self._check_owner(action, host, action.executor or "?", "complete", now, wall)
+        spec = self._kinds[action.kind]
+        if spec.check_result is not None:
+            spec.check_result(action, ok, result)
+        if ok and not action.last_phase:
+            nxt = action.advance(result or {}, now=now,
+                                 deadline=now + self.config.action_timeout)
+            self._set_action(nxt)
             self._journal_append(
-                now, wall, "conflict-decision", subject,
-                f"refused: {message} (the resolver chose {res.loser.label} to yield)",
-                dry_run=dry_run, details=decision,
-            )
-            raise Refused(rule, message, tuple(r for r, _ in violations))
-        candidates = tuple(self._candidates(ip))
-        plan = {"kind": "readdress", "vm": loser_vm.name, "host": loser_vm.host,
-                "mac": loser_vm.mac, "old_ip": ip, "candidates": list(candidates),
-                "reason": res.reason, "checks": list(READDRESS_RULES)}
-        if dry_run:
-            entry = self._journal_append(now, wall, "conflict-decision", subject, res.reason,
-                                         dry_run=True, details={**decision, "plan": plan})
-            return ConflictOutcome("dry_run", decision, None, plan, entry.seq)
-        action = Action(
-            id=f"a-{self._next_action}", kind="readdress", vm=loser_vm.name,
-            from_host=loser_vm.host, to_host=None, reason=res.reason, created=now,
-            mac=loser_vm.mac, old_ip=ip, candidates=candidates, decision=decision,
-        )
-        self._next_action += 1
-        entry = self._journal_append(
-            now, wall, "conflict-decision", subject, res.reason,
-            details={**decision, "action": action.id, "candidates": list(candidates),
-                     "checks": list(READDRESS_RULES)},
-        )
-        self._set_action(action)
-        self._persist()
-        return ConflictOutcome("queued", decision, action, plan, entry.seq)
-
-    @staticmethod
-    def _refusal_rule(claimants: Sequence[Claimant]) -> str:
-        # The same order as the resolver's sentence: everyone protected, nobody managed,
-        # every managed VM protected, else a tie the policy cannot break.
-        managed = [c for c in claimants if c.vm is not None]
-        if all(c.protected for c in claimants):
-            return "protected"
-        if not managed:
-            return "no-managed-claimant"
-        if all(c.protected for c in managed):
-            return "protected"
-        return "policy-tie"
-
-    def _readdress_claim_problems(self, action: Action) -> tuple[list[str], Action]:
-        """Re-check a readdress at claim time; refresh its candidates."""
-        problems: list[str] = []
-        vm = self._model.vms.get(action.vm)
-        if vm is None:
-            return [f"VM {action.vm!r} no longer exists"], action
-        if vm.state is not VMState.RUNNING:
-            problems.append(f"VM {action.vm!r} is {vm.state.value}, not RUNNING")
-        if vm.mac != action.mac:
-            problems.append(f"VM {action.vm!r} now has MAC {vm.mac}, not {action.mac}")
-        if vm.host != action.from_host:
-            problems.append(f"VM {action.vm!r} moved from {action.from_host!r} to "
-                            f"{vm.host!r} since the decision")
-        used = {v.ip for v in self._model.vms.values()}
-        candidates = tuple(c for c in action.candidates if c not in used)
-        if not candidates:
-            assert action.old_ip is not None
-            candidates = tuple(self._candidates(action.old_ip, skip_action=action.id))
-        if not candidates:
-            problems.append("no free pool address is left for it")
-        return problems, replace(action, candidates=candidates)
-
-    def _complete_readdress(
-        self, action: Action, *, ok: bool, detail: str, new_ip: str | None,
-        steps_ms: Mapping[str, float] | None, now: float, wall: float | None,
-    ) -> Action:
-        if ok and new_ip is None:
-            raise ValidationError("result.new_ip", "required when a readdress succeeds")
-        if new_ip is not None:
-            try:
-                new_ip = str(ipaddress.IPv4Address(new_ip))
-            except ValueError:
-                raise ValidationError("result.new_ip",
-                                      f"{new_ip!r} is not an IPv4 address") from None
-        assert action.old_ip is not None and action.mac is not None
-        subject = _subject("vm", action.vm)
-        duration = round(now - action.claimed_at, 6) if action.claimed_at is not None else None
-        steps = {k: round(float(v), 3) for k, v in (steps_ms or {}).items()}
-        result: dict[str, Any] = {"new_ip": new_ip, "steps_ms": steps}
-        details: dict[str, Any] = {
-            "action": action.id, "mac": action.mac, "host": action.from_host,
-            "old_ip": action.old_ip, "new_ip": new_ip, "executor": action.executor,
-            "duration_s": duration, "steps_ms": steps, "detail": detail,
-            "in_candidates": new_ip in action.candidates if new_ip else None,
-        }
-        updated = False
-        if ok:
-            assert new_ip is not None
-            others = sorted(v.name for v in self._model.vms.values()
-                            if v.ip == new_ip and v.name != action.vm)
-            if others:
-                details["new_ip_also_on"] = others
-            try:
-                self._model.update_vm(action.vm, ip=new_ip)
-                updated = True
-            except ModelError as exc:
-                details["model_error"] = str(exc)
-        done = action.with_state(
-            ActionState.SUCCEEDED if ok else ActionState.FAILED, detail=detail or None,
-            result=result,
-        )
-        if ok:
-            reason = detail or (f"executor {action.executor} moved {action.vm} from "
-                                f"{action.old_ip} to {new_ip}")
-            self._journal_append(now, wall, "readdress-done", subject, reason, details=details)
-            self._readdressed[action.mac] = (action.old_ip, action.id, now)
-            done = self._request_dns(done, updated, details.get("model_error"), now, wall)
-        else:
-            reason = detail or f"executor {action.executor} reported failure"
-            self._journal_append(now, wall, "readdress-failed", subject, reason,
-                                 details=details)
-        self._set_action(done)
+                now, wall, "action-phase-done", _subject("action", action.id),
+                f"phase {action.phase_name} done on {action.host}; {nxt.phase_name} is next "
+                f"on {nxt.host}", details=nxt.to_dict())
+            if spec.phase_done is not None:
+                spec.phase_done(nxt, self, now, wall)
+            self._persist()
+            return nxt
+        done = self._finish_kind(action, ok, result, detail, now, wall)
         self._persist()
         return done
 
-    def _request_dns(self, action: Action, updated: bool, model_error: str | None,
-                     now: float, wall: float | None) -> Action:
-        acd = self.config.acd
-        assert action.result is not None
-        new_ip = str(action.result["new_ip"])
-        if not updated or not acd.dns_configured:
-            why = ("no DNS server configured" if updated else
-                   f"the model was not updated ({model_error}), so DNS is left as it is")
-            entry = self._journal_append(
-                now, wall, "dns-update", _subject("vm", action.vm), why,
-                details={"action": action.id, "ok": False, "rcode": None, "elapsed_ms": None,
-                         "error": why, "new_ip": new_ip, "old_ip": action.old_ip},
-            )
-            return replace(action, dns={"state": "skipped", "ok": False, "error": why,
-                                        "journal_seq": entry.seq})
-        assert acd.dns_zone is not None
-        effect = DnsUpdateNeeded(
-            action=action.id, vm=action.vm, name=acd.dns_name(action.vm), zone=acd.dns_zone,
-            new_ip=new_ip, old_ip=action.old_ip, at=now,
-        )
-        self._effects.append(effect)
-        return replace(action, dns={"state": "pending", "ok": None, "name": effect.name})
-
-    def take_effects(self) -> list[DnsUpdateNeeded]:
-        """The effects queued since the last call, oldest first, for the adapter to carry
-        out (each one's outcome goes back through ``dns_update_done``)."""
-        out, self._effects = self._effects, []
-        return out
-
-    def dns_update_done(
-        self, effect: DnsUpdateNeeded, outcome: DnsOutcome, *, now: float,
-        wall: float | None = None,
-    ) -> JournalEntry:
-        """Journal the outcome of a DNS update (``dns-update``) and show it on the action."""
-        acd = self.config.acd
-        where = f"{acd.dns_server} port {acd.dns_port}"
-        if outcome.ok:
-            reason = (f"{effect.name} A {effect.new_ip} updated at {where} in "
-                      f"{outcome.elapsed_ms} ms")
-        else:
-            reason = f"DNS update of {effect.name} A {effect.new_ip} failed: {outcome.error}"
-        details = {"action": effect.action, "name": effect.name, "zone": effect.zone,
-                   "server": acd.dns_server, "port": acd.dns_port, "new_ip": effect.new_ip,
-                   "old_ip": effect.old_ip, "ok": outcome.ok, "rcode": outcome.rcode,
-                   "elapsed_ms": outcome.elapsed_ms, "error": outcome.error,
-                   "waited_ms": round((now - effect.at) * 1000, 3)}
-        entry = self._journal_append(now, wall, "dns-update", _subject("vm", effect.vm),
-                                     reason, details=details)
-        action = self._actions.get(effect.action)
-        if action is not None:
-            self._actions[action.id] = replace(action, dns={
-                "state": "done" if outcome.ok else "failed", "ok": outcome.ok,
-                "name": effect.name, "rcode": outcome.rcode,
-                "elapsed_ms": outcome.elapsed_ms, "error": outcome.error,
-                "journal_seq": entry.seq,
-            })
-        return entry
-
-    # -- partition responses ---------------------------------------------------------------------
-
-    def partition_report(
-        self, data: Mapping[str, Any], *, now: float, wall: float | None = None
-    ) -> dict[str, Any]:
-        """An agent's view of both networks (``HostReport.from_dict``); re-evaluate."""
-        self._check_fenced()
-        try:
-            rep = HostReport.from_dict(data, now)
-            self._pview.report(rep)
-        except ResponseError as exc:
-            raise ValidationError("report", str(exc)) from None
-        self._partition_evaluate(now, wall)
-        self._persist()
-        v = self._verdicts.get(rep.host)
-        return {"ok": True, "verdict": None if v is None else v.classification.value}
-
-    def _partition_evaluate(self, now: float, wall: float | None) -> None:
-        """Verdicts from the reports, journaled on change; then the responder's decisions."""
-        self._p_last = now
-        pol = self.config.partition
-        verdicts = self._pview.verdicts(now, self._model.hosts)
-        for host in sorted(set(verdicts) | set(self._verdicts)):
-            old, new = self._verdicts.get(host), verdicts.get(host)
-            if (old and old.classification) != (new and new.classification):
-                self._journal_append(
-                    now, wall, "partition-verdict", _subject("host", host),
-                    new.reason if new else "no fresh report or opinion any more",
-                    details={"old": old.classification.value if old else None,
-                             "new": new.classification.value if new else None,
-                             "sources": list(new.sources) if new else []},
-                )
-        self._verdicts = verdicts
-        up = {h: x.state is HostState.UP for h, x in self._model.hosts.items()}
-        vms = [VMInfo(v.name, v.host, v.state in (VMState.RUNNING, VMState.MIGRATING))
-               for v in self._model.vms.values()]
-        decisions, storm = self._responder.decide(verdicts, up, vms, now)
-        if storm is not None:
-            self._journal_append(now, wall, "partition-storm", _subject("cluster", "partition"),
-                                 storm.reason, dry_run=pol.dry_run,
-                                 details={"affected": list(storm.affected),
-                                          "hosts": storm.hosts})
-        for d in decisions:
-            self._p_decisions.append({**d.to_dict(), "dry_run": pol.dry_run,
-                                      "at_s": round(now - self._started, 3)})
-            del self._p_decisions[:-PARTITION_DECISIONS_KEPT]
-            self._journal_append(now, wall, "partition-decision", _subject("vm", d.vm),
-                                 d.reason, dry_run=pol.dry_run, details=d.to_dict())
-            if pol.dry_run or d.action in ("leave", "refused"):
-                continue
-            try:
-                if d.action == "migrate":
-                    assert d.target is not None
-                    self.request_migration(d.vm, to=d.target, reason=d.reason, now=now,
-                                           wall=wall, actor="partition")
-                else:
-                    self._queue_vm_action(d.action, d.vm, d.host, d.target, d.reason, now, wall)
-            except (Refused, UnknownEntity):
-                pass  # journaled as refused by the method that refused it
-
-    def _vm_action_problems(self, action: Action) -> list[str]:
-        vm = self._model.vms.get(action.vm)
-        if vm is None:
-            return [f"VM {action.vm!r} does not exist"]
-        problems = []
-        if vm.host != action.from_host:
-            problems.append(f"VM {action.vm!r} is on {vm.host!r}, not {action.from_host!r}")
-        if action.to_host is not None:
-            target = self._model.hosts.get(action.to_host)
-            if target is None or target.state is not HostState.UP:
-                problems.append(f"target host {action.to_host!r} is not UP")
-        if action.kind in STOP_KINDS and vm.state is not VMState.RUNNING:
-            problems.append(f"VM {action.vm!r} is {vm.state.value}, not RUNNING")
-        return problems
-
-    def _queue_vm_action(self, kind: str, vm: str, host: str, to: str | None, reason: str,
-                         now: float, wall: float | None) -> Action:
-        action = Action(id=f"a-{self._next_action}", kind=kind, vm=vm, from_host=host,
-                        to_host=to, reason=reason, created=now)
-        subject = _subject("vm", vm)
-        pending = [a.id for a in self._actions.values()
-                   if a.vm == vm and a.state in OPEN_ACTION_STATES]
-        problems = self._vm_action_problems(action)
-        if pending:
-            problems.insert(0, f"VM {vm!r} already has an open action ({', '.join(pending)})")
-        if problems:
-            self._journal_append(now, wall, f"{kind}-refused", subject,
-                                 f"refused: {problems[0]}", details={"problems": problems})
-            raise Refused("vm-action", problems[0], ())
-        self._next_action += 1
-        self._journal_append(now, wall, f"{kind}-accepted", subject, reason,
-                             details={"action": action.id, "from": host, "to": to})
-        self._set_action(action)
-        self._persist()
-        return action
-
-    def _complete_vm_action(self, action: Action, *, ok: bool, detail: str, now: float,
-                            wall: float | None) -> Action:
-        """A restart places the VM on its target, RUNNING; a power-off or shutdown leaves it
-        STOPPED where it was."""
-        details: dict[str, Any] = {"action": action.id, "from": action.from_host,
-                                   "to": action.to_host, "executor": action.executor,
-                                   "detail": detail}
-        if ok and action.vm in self._model.vms:
-            try:
-                if action.kind == "restart":
-                    self._model.update_vm(action.vm, host=action.to_host, state=VMState.RUNNING)
-                else:
-                    self._model.set_vm_state(action.vm, VMState.STOPPED)
-            except ModelError as exc:
-                details["model_error"] = str(exc)
-        done = action.with_state(
-            ActionState.SUCCEEDED if ok else ActionState.FAILED, detail=detail or None
-        )
-        self._set_action(done)
-        outcome = "done" if ok else "failed"
-        self._journal_append(now, wall, f"{action.kind}-{outcome}", _subject("vm", action.vm),
-                             detail or f"executor {action.executor} reported {outcome}",
-                             details=details)
-        self._persist()
+    def _finish_kind(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                     detail: str, now: float, wall: float | None, *,
+                     record: bool = True) -> Action:
+        spec = self._kinds[action.kind]
+        done = spec.complete(action, ok, result, detail, self, now, wall)
+        if record:
+            self._set_action(done)
         return done
 
-    def partition_status(self, now: float) -> dict[str, Any]:
-        """Each host's report, network by network, the verdicts, and the policy."""
-        groups, main = self._pview.vm_groups(now)
-        return {
-            "policy": self.config.partition.to_dict(),
-            "reports": {h: {**r.to_dict(), "age_s": round(now - r.at, 3),
-                            "fresh": now - r.at <= self._pview.report_ttl}
-                        for h, r in sorted(self._pview.reports().items())},
-            "verdicts": {h: {"classification": v.classification.value, "reason": v.reason,
-                             "sources": list(v.sources)}
-                         for h, v in sorted(self._verdicts.items())},
-            "vm_groups": [sorted(g) for g in groups],
-            "main_group": sorted(main),
-            "decisions": list(self._p_decisions),
-        }
+    # -- effects -------------------------------------------------------------------------------
+
+    def take_effects(self) -> list[Effect]:
+        """The effects the services queued since the last call, oldest first."""
+        out: list[Effect] = []
+        for svc in self._services.values():
+            out.extend(svc.take_effects())
+        return sorted(out, key=lambda e: e.at)
+
+    def effect_done(self, effect: Effect, outcome: Mapping[str, Any], *, now: float,
+                    wall: float | None = None) -> None:
+        self._services[effect.service].effect_done(effect, outcome, now, wall)
 
     # -- journal and status --------------------------------------------------------------------
 
@@ -1375,7 +919,7 @@ class ManagerCore:
                 "agent": dict(h.agent),
                 "vms": [vm.name for vm in self._model.vms_on(name)],
             }
-        return {
+        out: dict[str, Any] = {
             "role": "manager",
             "fenced": self._fenced,
             "heartbeat": {"interval_s": self.config.heartbeat_interval,
@@ -1387,9 +931,14 @@ class ManagerCore:
             "networks": {n: {"cidr": net.cidr, "kind": net.kind}
                          for n, net in sorted(self._model.networks.items())},
             "actions": [a.to_dict() for a in self.open_actions()],
-            "acd": self.config.acd.to_dict(),
+            "services": sorted(self._services),
             "journal_seq": self._journal.last_seq,
         }
+        for name, svc in sorted(self._services.items()):
+            part = svc.status(now)
+            if part:
+                out[name] = dict(part)
+        return out
 
     def shutdown(self, reason: str, *, now: float, wall: float | None = None) -> None:
         """Journal the end of this manager."""
@@ -1494,33 +1043,26 @@ class ManagerServer:
         journal: Journal,
         *,
         config: ManagerConfig | None = None,
+        services: Sequence[ManagerService] = (),
         log: Callable[[str], None] | None = None,
         access_log: bool = False,
         start_reason: str = "manager started",
-        dns_sender: DnsSender | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._claims = threading.Condition()
+        self._claims_gen = 0
         self._log = log
         self._access_log = access_log
         self._threads: list[threading.Thread] = []
-        self._effects: queue.Queue[DnsUpdateNeeded | None] = queue.Queue()
+        self._effects: queue.Queue[Effect | None] = queue.Queue()
         self.journal = journal
         self.store = store
-        acd = (config or ManagerConfig()).acd
-        if dns_sender is None and acd.dns_configured:
-            # Read the TSIG secret before binding: a bad key file stops the start.
-            assert acd.dns_key_file is not None
-            try:
-                dns_sender = make_dns_sender(acd, load_tsig_secret(acd.dns_key_file))
-            except ValueError as exc:
-                raise ValidationError("acd.dns_key_file", str(exc)) from None
-        self._dns_sender = dns_sender
         # Bind first: a manager that cannot listen journals nothing.
         self._httpd = _HTTPServer(address, self)
         try:
-            self._init_core(key, config, log, start_reason)
+            self._init_core(key, config, services, log, start_reason)
         except BaseException:
             self._httpd.server_close()
             raise
@@ -1529,6 +1071,7 @@ class ManagerServer:
         self,
         key: bytes,
         config: ManagerConfig | None,
+        services: Sequence[ManagerService],
         log: Callable[[str], None] | None,
         start_reason: str,
     ) -> None:
@@ -1556,9 +1099,8 @@ class ManagerServer:
                     f"{report.error}",
                     details={"first_bad_seq": report.first_bad_seq, "entries": report.entries},
                 )
-            policy = (config or ManagerConfig()).acd.policy()
             self.core = ManagerCore(store, journal, now=now, wall=wall, config=config,
-                                    start_reason=start_reason, policy=policy)
+                                    services=services, start_reason=start_reason)
         self.api = Api(self.core, key)
 
     @property
@@ -1580,6 +1122,27 @@ class ManagerServer:
             self._log(message)
 
     def finish(self, prepared: Prepared, raw: bytes) -> Response:
+        wait = 0.0
+        while True:
+            with self._claims:
+                gen = self._claims_gen
+            resp = self._finish_once(prepared, raw)
+            if prepared.route.name != "claim_actions" or resp.status != 200 \
+                    or resp.body.get("actions"):
+                return resp
+            if not wait:
+                wait = float(resp.body.get("wait_s") or 0.0)
+                deadline = time.monotonic() + wait
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                return resp
+            # Long poll: nothing for this host yet; wait (outside the core lock) until some
+            # other request or timer may have queued an action, then ask again.
+            with self._claims:
+                if self._claims_gen == gen:
+                    self._claims.wait(min(left, 1.0))
+
+    def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
         with self._lock:
             now, wall = time.monotonic(), time.time()
             try:
@@ -1591,26 +1154,30 @@ class ManagerServer:
             effects = self.core.take_effects()
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
+        if prepared.route.mutates:
+            self._actions_changed()
         self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
 
-    def _perform(self, effect: DnsUpdateNeeded) -> DnsOutcome:
-        if self._dns_sender is None:
-            return DnsOutcome(False, error="no DNS sender")
-        try:
-            return self._dns_sender(effect)
-        except Exception as exc:  # a sender bug must not kill the thread
-            return DnsOutcome(False, error=f"{type(exc).__name__}: {exc}")
+    def _actions_changed(self) -> None:
+        with self._claims:
+            self._claims_gen += 1
+            self._claims.notify_all()
 
-    def _record(self, effect: DnsUpdateNeeded, outcome: DnsOutcome) -> None:
+    def _perform(self, effect: Effect) -> Mapping[str, Any]:
+        try:
+            return self.core.services[effect.service].perform(effect)
+        except Exception as exc:  # a performer bug must not kill the thread
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _record(self, effect: Effect, outcome: Mapping[str, Any]) -> None:
         with self._lock:
             try:
-                self.core.dns_update_done(effect, outcome, now=time.monotonic(),
-                                          wall=time.time())
+                self.core.effect_done(effect, outcome, now=time.monotonic(), wall=time.time())
             except ClusterError as exc:
-                self.log_always(f"could not journal the DNS update of {effect.name}: {exc}")
-        if self._log is not None and not outcome.ok:
-            self._log(f"DNS update of {effect.name} failed: {outcome.error}")
+                self.log_always(f"could not journal the outcome of {effect.kind}: {exc}")
+        if self._log is not None and not outcome.get("ok"):
+            self._log(f"{effect.service} {effect.kind} failed: {outcome.get('error')}")
 
     def _effects_loop(self) -> None:
         """Carry out the core's effects one at a time, in order, outside the core lock."""
@@ -1631,12 +1198,13 @@ class ManagerServer:
             if effect is not None:
                 left.insert(0, effect)
         for effect in left:
-            self._record(effect, DnsOutcome(False, error=why))
+            self._record(effect, {"ok": False, "error": why})
 
     def _timer_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
+                before = self.core.journal_seq
                 try:
                     for ev in self.core.handle_timer(now, time.time()):
                         if self._log is not None and not isinstance(ev, ActionExpired):
@@ -1645,6 +1213,12 @@ class ManagerServer:
                     if self._log is not None:
                         self._log(f"timer: {exc}")
                 deadline = self.core.next_timer()
+                changed = self.core.journal_seq != before
+                effects = self.core.take_effects()
+            for effect in effects:
+                self._effects.put(effect)
+            if changed:  # a timer may have queued actions (a partition response, a retry)
+                self._actions_changed()
             wait = self.core.config.heartbeat_interval
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
@@ -1668,6 +1242,7 @@ class ManagerServer:
             return
         self._stop.set()
         self._wake.set()
+        self._actions_changed()
         if self._threads:
             self._httpd.shutdown()
         self._httpd.server_close()

@@ -12,13 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netsvc.acd.service import validate_conflict
 from netsvc.cluster.api import (
     MAX_BODY,
     Api,
     Response,
     parse_body,
     validate_action_result,
-    validate_conflict,
+    validate_claim,
     validate_event,
     validate_heartbeat,
     validate_migrate,
@@ -201,8 +202,13 @@ def test_routing_errors(h: Harness) -> None:
     assert r.status == 400 and r.body["field"] == "sinse"
     r = h.call("GET", "/v1/journal?since=-1")
     assert r.status == 400 and r.body["field"] == "since"
-    r = h.call("GET", "/v1/actions")
+    r = h.call("GET", "/v1/actions?executor=lab")  # claiming is a POST now
     assert r.status == 400 and r.body["field"] == "executor"
+    r = h.call("POST", "/v1/actions/claim", {"executor": "agent-h1"})
+    assert r.status == 400 and r.body["field"] == "host"
+    r = h.call("POST", "/v1/actions/claim", {"host": "h1", "executor": "agent-h1",
+                                             "wait_s": True})
+    assert r.status == 400 and r.body["field"] == "wait_s"
     r = h.call("PUT", "/v1/vms/Bad_Name", {"mac": "52:54:00:00:00:01", "ip": "198.18.1.2"})
     assert r.status == 400 and r.body["field"] == "vm"
     r = h.call("POST", "/v1/actions/zzz", {"ok": True})
@@ -254,10 +260,30 @@ def test_flow_through_api(h: Harness) -> None:
     assert h.call("POST", "/v1/vms/vm9/migrate", {"to": "h1", "reason": "x"}).status == 404
     r = h.call("POST", "/v1/vms/vm1/migrate", {"to": "h2", "reason": "x"})
     assert r.status == 202 and r.body["action"]["id"] == "a-1"
-    r = h.call("GET", "/v1/actions?executor=lab")
-    assert [a["id"] for a in r.body["actions"]] == ["a-1"]
-    r = h.call("POST", "/v1/actions/a-1", {"ok": True, "detail": "done"})
+    # A GET lists and changes nothing.
+    r = h.call("GET", "/v1/actions")
+    assert [(a["id"], a["state"], a["host"]) for a in r.body["actions"]] == [
+        ("a-1", "PENDING", "h2")]
+    assert h.call("GET", "/v1/actions").body["actions"][0]["state"] == "PENDING"
+    # The source cannot claim the target's phase; the target prepares, the source hands over.
+    r = h.call("POST", "/v1/actions/claim", {"host": "h1", "executor": "agent-h1"})
+    assert r.status == 200 and r.body["actions"] == []
+    r = h.call("POST", "/v1/actions/a-1/claim", {"host": "h1", "executor": "agent-h1"})
+    assert r.status == 409 and r.body["rule"] == "not-owner"
+    r = h.call("POST", "/v1/actions/claim", {"host": "h2", "executor": "agent-h2"})
+    assert [(a["id"], a["phase"]) for a in r.body["actions"]] == [("a-1", "prepare")]
+    r = h.call("POST", "/v1/actions/a-1", {"ok": True, "host": "h1", "result": {}})
+    assert r.status == 409 and r.body["rule"] == "not-owner"
+    r = h.call("POST", "/v1/actions/a-1", {"ok": True, "host": "h2",
+                                           "result": {"port": "p1"}})
+    assert r.body["action"]["state"] == "PENDING" and r.body["action"]["host"] == "h1"
+    r = h.call("POST", "/v1/actions/claim", {"host": "h1", "executor": "agent-h1"})
+    assert r.body["actions"][0]["results"]["prepare"] == {"port": "p1"}
+    r = h.call("POST", "/v1/actions/a-1", {"ok": True, "detail": "done", "host": "h1"})
     assert r.body["action"]["state"] == "SUCCEEDED"
+    refused = [e for e in h.call("GET", "/v1/journal").body["entries"]
+               if e["action"] in ("action-claim-refused", "action-complete-refused")]
+    assert [e["details"]["host"] for e in refused] == ["h1", "h1"]
     st_ = h.call("GET", "/v1/status").body
     assert st_["placements"] == {"vm1": "h2"}
     r = h.call("POST", "/v1/events", {"actor": "lab", "action": "note", "subject": "lab",
@@ -281,12 +307,12 @@ json_values = st.recursive(
 field_names = st.sampled_from(
     ["seq", "mgmt_addr", "vm_addr", "interfaces", "agent", "mac", "ip", "host", "state",
      "reason", "actor", "to", "dry_run", "ok", "detail", "action", "subject", "details", "x",
-     "reporter", "claimants", "detected_ms", "result"]
+     "reporter", "claimants", "detected_ms", "result", "executor", "wait_s", "kinds", "vms"]
 )
 plausible = st.dictionaries(field_names, json_values, max_size=6)
 bodies = st.one_of(json_values, plausible)
 VALIDATORS = [validate_heartbeat, validate_vm, validate_migrate, validate_action_result,
-              validate_event, validate_conflict]
+              validate_event, validate_conflict, validate_claim]
 
 
 @settings(max_examples=300, deadline=None)
@@ -321,8 +347,8 @@ header_values = st.text(max_size=30)
 targets = st.one_of(
     st.text(max_size=60),
     st.builds(lambda a, b: f"/v1/{a}?{b}", st.text(max_size=20), st.text(max_size=20)),
-    st.sampled_from(["/v1/journal?since=1&since=2", "/v1/actions?executor=", "/v1/journal?=",
-                     "/v1/actions?executor=lab&x", "/v1/vms/%2e%2e", "//v1/status"]),
+    st.sampled_from(["/v1/journal?since=1&since=2", "/v1/actions?state=", "/v1/journal?=",
+                     "/v1/actions?state=open&x", "/v1/vms/%2e%2e", "//v1/status"]),
 )
 
 

@@ -98,10 +98,15 @@ def test_full_flow_with_client(mgr: Running) -> None:
     with pytest.raises(ApiError) as exc:
         c.migrate("vm1", "h2", "again")
     assert exc.value.status == 409 and exc.value.rule == "no-pending-action"
-    (claimed,) = c.claim_actions("lab")
-    assert claimed["id"] == queued["id"] and claimed["executor"] == "lab"
+    assert c.claim_actions("h1", "agent-h1") == []  # the target prepares first
+    (claimed,) = c.claim_actions("h2", "agent-h2")
+    assert claimed["id"] == queued["id"] and claimed["executor"] == "agent-h2"
+    assert claimed["phase"] == "prepare"
     assert c.status()["vms"]["vm1"]["state"] == "MIGRATING"
-    done = c.complete_action(claimed["id"], True, "moved")
+    step = c.complete_action(claimed["id"], True, "ready", result={"port": "x"}, host="h2")
+    assert step["state"] == "PENDING" and step["phase"] == "handover" and step["host"] == "h1"
+    (claimed,) = c.claim_actions("h1", "agent-h1")
+    done = c.complete_action(claimed["id"], True, "moved", host="h1")
     assert done["state"] == "SUCCEEDED"
     st = c.status()
     assert st["placements"] == {"vm1": "h2"}

@@ -170,12 +170,21 @@ def test_migration_lifecycle(two_hosts: Env) -> None:
     assert d.action is not None and d.action.state is ActionState.PENDING
     assert d.action.to_dict() == {
         "id": "a-1", "kind": "migrate", "vm": "vm1", "from": "h1", "to": "h2",
+        "host": "h2", "hosts": ["h2", "h1"], "phase": "prepare",
+        "phases": ["prepare", "handover"], "results": {}, "result": None,
         "reason": "drain h1", "state": "PENDING", "executor": None, "detail": None,
     }
-    (claimed,) = env.core.claim_actions("lab", now=T0 + 1.5)
-    assert claimed.state is ActionState.CLAIMED and claimed.executor == "lab"
+    assert env.core.claim_actions("h1", "agent-h1", now=T0 + 1.5) == []  # not the source's
+    (claimed,) = env.core.claim_actions("h2", "agent-h2", now=T0 + 1.5)
+    assert claimed.state is ActionState.CLAIMED and claimed.executor == "agent-h2"
     assert env.core.model.vm("vm1").state is VMState.MIGRATING
-    assert env.core.claim_actions("lab", now=T0 + 1.6) == []  # handed out once
+    assert env.core.claim_actions("h2", "agent-h2", now=T0 + 1.6) == []  # handed out once
+    nxt = env.core.complete_action("a-1", ok=True, host="h2", result={"port": "p"},
+                                   now=T0 + 1.7)
+    assert (nxt.state, nxt.phase_name, nxt.host) == (ActionState.PENDING, "handover", "h1")
+    assert env.core.model.vm("vm1").host == "h1"  # nothing moved before the handover
+    (claimed,) = env.core.claim_actions("h1", "agent-h1", now=T0 + 1.5)
+    assert claimed.to_dict()["results"] == {"prepare": {"port": "p"}}
     done = env.core.complete_action("a-1", ok=True, detail="moved in 0.4 s", now=T0 + 2)
     assert done.state is ActionState.SUCCEEDED
     vm = env.core.model.vm("vm1")
@@ -194,12 +203,78 @@ def test_failed_migration_leaves_vm_on_source(two_hosts: Env) -> None:
     env.core.request_migration("vm1", to="h2", reason="test", now=T0)
     with pytest.raises(Refused):  # not claimed yet
         env.core.complete_action("a-1", ok=False, now=T0)
-    env.core.claim_actions("lab", now=T0)
+    env.core.claim_actions("h2", "agent-h2", now=T0)
     env.core.complete_action("a-1", ok=False, detail="target refused", now=T0 + 1)
     vm = env.core.model.vm("vm1")
     assert vm.host == "h1" and vm.state is VMState.RUNNING
     (entry,) = env.entries("migrate-failed")
-    assert entry.reason == "target refused"
+    assert entry.reason.startswith("target refused (phase prepare); vm1 stays on h1")
+    assert entry.details["vm_on"] == "h1"
+
+
+def test_failed_handover_cleans_up_the_target(two_hosts: Env) -> None:
+    env = two_hosts
+    env.core.request_migration("vm1", to="h2", reason="test", now=T0)
+    env.core.claim_actions("h2", "agent-h2", now=T0)
+    env.core.complete_action("a-1", ok=True, host="h2", result={"port": "p9"}, now=T0 + 0.1)
+    env.core.claim_actions("h1", "agent-h1", now=T0 + 0.2)
+    env.core.complete_action("a-1", ok=False, host="h1", detail="switch failed", now=T0 + 0.3)
+    assert env.core.model.vm("vm1").host == "h1"
+    (abort,) = env.core.open_actions()
+    assert (abort.kind, abort.host, abort.payload["token"]) == ("migrate-abort", "h2",
+                                                                {"port": "p9"})
+    # not exclusive: the VM can be migrated again while the target cleans up
+    assert env.core.request_migration("vm1", to="h2", reason="again", now=T0 + 1).action
+
+
+def test_an_executor_that_dies_mid_phase_times_out(two_hosts: Env) -> None:
+    env = two_hosts
+    env.core.request_migration("vm1", to="h2", reason="test", now=T0)
+    env.core.claim_actions("h2", "agent-h2", now=T0)
+    env.core.complete_action("a-1", ok=True, host="h2", result={}, now=T0 + 0.1)
+    (claimed,) = env.core.claim_actions("h1", "agent-h1", now=T0 + 0.2)
+    assert env.core.next_timer() <= claimed.deadline == T0 + 0.2 + 15.0
+    env.hb("h1", T0 + 15, seq=2)
+    env.hb("h2", T0 + 15, seq=2)
+    env.core.handle_timer(T0 + 15.3)
+    assert env.core.action("a-1").state is ActionState.FAILED
+    (entry,) = env.entries("action-timeout")
+    assert "did not report phase handover" in entry.reason
+    (failed,) = env.entries("migrate-failed")
+    assert failed.details["vm_on"] == "h1"
+    assert env.core.model.vm("vm1").state is VMState.RUNNING
+    # the late report is refused, and the hypervisor's own inventory corrects the model
+    with pytest.raises(Refused):
+        env.core.complete_action("a-1", ok=True, host="h1", now=T0 + 16)
+    env.core.heartbeat("h2", seq=3, now=T0 + 16, vms={"vm1": "running"})
+    assert env.core.model.vm("vm1").host == "h1"  # the abort is still open: no correction
+    env.core.claim_actions("h2", "agent-h2", now=T0 + 16)
+    env.core.complete_action("a-2", ok=True, host="h2", now=T0 + 16.1)
+    env.core.heartbeat("h2", seq=4, now=T0 + 17, vms={"vm1": "running"})
+    assert env.core.model.vm("vm1").host == "h2"
+    (located,) = env.entries("vm-located")
+    assert located.details == {"host": "h2", "was_on": "h1", "was_state": "RUNNING"}
+
+
+def test_a_service_whose_timer_raises_is_isolated(two_hosts: Env) -> None:
+    from netsvc.cluster.service import BaseManagerService
+
+    class Broken(BaseManagerService):
+        name = "broken"
+
+        def next_timer(self) -> float | None:
+            return T0 + 1
+
+        def handle_timer(self, now: float, wall: float | None) -> None:
+            raise RuntimeError("boom")
+
+    env = two_hosts
+    core = ManagerCore(env.store, env.journal, now=T0, wall=1.7e9, services=[Broken()])
+    core.heartbeat("h1", seq=5, now=T0 + 1)
+    core.handle_timer(T0 + 1)  # does not raise
+    (entry,) = env.entries("service-error")
+    assert "broken.handle_timer raised RuntimeError: boom" in entry.reason
+    core.heartbeat("h1", seq=6, now=T0 + 2)  # the kernel goes on
 
 
 @pytest.mark.parametrize(
@@ -247,7 +322,7 @@ def test_claim_rechecks_safety_rules(two_hosts: Env) -> None:
     env.core.request_migration("vm1", to="h2", reason="x", now=T0)
     env.hb("h1", T0 + 3.5, seq=2)
     env.core.handle_timer(T0 + 3.5)  # h2 went silent: DOWN
-    assert env.core.claim_actions("lab", now=T0 + 3.6) == []
+    assert env.core.claim_actions("h2", "agent-h2", now=T0 + 3.6) == []
     (entry,) = env.entries("action-cancelled")
     assert "is DOWN" in entry.reason
     assert env.core.action("a-1").state is ActionState.CANCELLED

@@ -23,6 +23,7 @@ from netsvc.partition.response import (
     Verdict,
     VMInfo,
 )
+from netsvc.partition.service import PartitionService
 
 HOSTS = ("h1", "h2", "h3")
 
@@ -255,11 +256,17 @@ def test_act_after_waits_for_the_verdict_to_hold() -> None:
 # -- in the manager ------------------------------------------------------------------------------
 
 
+def svc(core: ManagerCore) -> PartitionService:
+    out: PartitionService = core.service("partition")
+    return out
+
+
 def manager(tmp_path: Path, **pol: Any) -> tuple[ManagerCore, Journal]:
     journal = Journal(tmp_path / "journal.jsonl", fsync=False)
     pol.setdefault("act_after", 0.0)
     core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
-                       config=ManagerConfig(partition=Policy.from_mapping(pol)))
+                       config=ManagerConfig(),
+                       services=[PartitionService(Policy.from_mapping(pol))])
     for i, h in enumerate(HOSTS, 1):
         core.heartbeat(h, seq=1, now=0.0, mgmt_addr=f"198.18.0.1{i}")
     core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.100", host="h1",
@@ -269,30 +276,30 @@ def manager(tmp_path: Path, **pol: Any) -> tuple[ManagerCore, Journal]:
 
 def test_manager_queues_a_migration_for_a_vm_network_failure(tmp_path: Path) -> None:
     core, journal = manager(tmp_path)
-    core.partition_report(report("h2", vm_sees=["h3"]), now=1.0)
-    core.partition_report(report("h3", vm_sees=["h2"]), now=1.0)
-    out = core.partition_report(report("h1", "vm-network-failure", vm_sees=[], vm_iso=False),
+    svc(core).partition_report(report("h2", vm_sees=["h3"]), now=1.0)
+    svc(core).partition_report(report("h3", vm_sees=["h2"]), now=1.0)
+    out = svc(core).partition_report(report("h1", "vm-network-failure", vm_sees=[], vm_iso=False),
                                 now=1.1)
     assert out["verdict"] == "vm-network-failure"
     [action] = core.open_actions()
-    assert (action.kind, action.vm, action.to_host) == ("migrate", "vm1", "h2")
+    assert (action.kind, action.vm, action.payload["to"]) == ("migrate", "vm1", "h2")
     acts = [e.action for e in journal.read()]
     assert "partition-verdict" in acts and "partition-decision" in acts
     assert "migrate-accepted" in acts
-    st = core.partition_status(1.2)
+    st = svc(core).partition_status(1.2)
     assert st["verdicts"]["h1"]["classification"] == "vm-network-failure"
     assert st["reports"]["h1"]["fresh"] is True
 
 
 def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
     core, journal = manager(tmp_path, dry_run=True)
-    core.partition_report(report("h2"), now=1.0)
-    core.partition_report(report("h3"), now=1.0)
-    core.partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
+    svc(core).partition_report(report("h2"), now=1.0)
+    svc(core).partition_report(report("h3"), now=1.0)
+    svc(core).partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
     assert core.open_actions() == []
     [d] = [e for e in journal.read() if e.action == "partition-decision"]
     assert d.dry_run and d.details["action"] == "migrate"
-    st = core.partition_status(1.1)
+    st = svc(core).partition_status(1.1)
     [shown] = st["decisions"]
     assert shown["dry_run"] and shown["target"] in ("h2", "h3")
     from netsvc.partition.cli import format_status
@@ -302,17 +309,18 @@ def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
 
 def test_manager_restarts_the_vms_of_a_dead_host(tmp_path: Path) -> None:
     core, journal = manager(tmp_path)
-    core.partition_report(report("h1"), now=0.5)
+    svc(core).partition_report(report("h1"), now=0.5)
     for h in ("h2", "h3"):
         core.heartbeat(h, seq=2, now=5.0)
-        core.partition_report(report(h, peers={"h1": "host-down"}), now=5.0)
+        svc(core).partition_report(report(h, peers={"h1": "host-down"}), now=5.0)
     core.handle_timer(5.0)  # h1's report is stale; h1 is DOWN by heartbeats
     [action] = core.open_actions()
-    assert action.kind == "restart" and action.from_host == "h1"
-    [claimed] = core.claim_actions("lab", now=5.1)
+    assert action.kind == "restart" and action.payload["from"] == "h1"
+    assert action.host == action.payload["to"]  # the target boots it
+    [claimed] = core.claim_actions(str(action.host), "agent", now=5.1)
     done = core.complete_action(claimed.id, ok=True, detail="restarted", now=5.2)
     assert done.state is ActionState.SUCCEEDED
-    assert core.model.vm("vm1").host == action.to_host
+    assert core.model.vm("vm1").host == action.payload["to"]
     assert any(e.action == "restart-done" for e in journal.read())
 
 
@@ -321,7 +329,7 @@ def test_manager_rejects_a_malformed_report(tmp_path: Path) -> None:
 
     core, _ = manager(tmp_path)
     with pytest.raises(ValidationError, match="classification"):
-        core.partition_report({"host": "h1", "classification": 3}, now=1.0)
+        svc(core).partition_report({"host": "h1", "classification": 3}, now=1.0)
 
 
 def test_the_bmc_backed_host_down_beats_a_last_report_still_fresh() -> None:
@@ -334,9 +342,9 @@ def test_the_bmc_backed_host_down_beats_a_last_report_still_fresh() -> None:
 
 def test_the_manager_acts_when_the_verdict_has_held_act_after(tmp_path: Path) -> None:
     core, _ = manager(tmp_path, act_after=0.5)
-    core.partition_report(report("h2"), now=1.0)
-    core.partition_report(report("h3"), now=1.0)
-    core.partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
+    svc(core).partition_report(report("h2"), now=1.0)
+    svc(core).partition_report(report("h3"), now=1.0)
+    svc(core).partition_report(report("h1", "vm-network-failure", vm_iso=False), now=1.0)
     assert core.open_actions() == []
     assert core.next_timer() == pytest.approx(1.5)
     core.handle_timer(1.5)

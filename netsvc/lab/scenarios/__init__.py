@@ -3,8 +3,9 @@
 A scenario is a function that takes a built ``Lab`` and a ``Checks`` list, drives the lab
 (operations, faults, clients), records checks, and returns its figures for ``report.json``.
 
-Invariant: ``SCENARIOS`` is the only registry; ``netsvc lab --list`` prints it, and later
-services add their scenarios here.
+Invariant: ``SCENARIOS`` is the only registry; ``netsvc lab --list`` prints it. The lab's own
+scenario (``smoke``) is listed here; every service adds its scenarios through its plugin
+(``LabPart.scenarios``), listed by the composition root (``netsvc/services.py``).
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import ip_conflict, memory, partition, peripheral, smoke
+    from netsvc.lab.scenarios import smoke
+    from netsvc.services import PLUGINS
 
-    return {s.name: s for s in (smoke.SCENARIO, ip_conflict.SCENARIO, *partition.SCENARIOS,
-                                peripheral.SCENARIO, *memory.SCENARIOS)}
+    found: list[Scenario] = [smoke.SCENARIO]
+    for plugin in PLUGINS:
+        if plugin.lab is not None:
+            found.extend(plugin.lab.scenarios())
+    return {s.name: s for s in found}
 
 
 SCENARIOS = _load()

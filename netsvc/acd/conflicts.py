@@ -1,7 +1,7 @@
 """IP address conflict resolution in the manager: its settings, its effects and the DNS adapter.
 
-The decision itself lives in ``ManagerCore.report_conflict`` (``manager.py``), which calls the
-pure resolver ``netsvc.acd.resolver.choose_loser``. This module holds what surrounds it:
+The decision itself lives in ``AcdService.report_conflict`` (``netsvc/acd/service.py``), which
+calls the pure resolver ``netsvc.acd.resolver.choose_loser``. This module holds what surrounds it:
 
 - ``AcdConfig``: the ``[acd]`` table of the manager's config (address pool, protected
   addresses, DNS server, zone and TSIG key), validated when it is built;
@@ -70,6 +70,7 @@ ACD_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "candidates": (int,),
     "yield_rules": (list,),
     "yield_tie_window": (int, float),
+    "gateway": (str,),
 }
 _DNS_KEYS = ("dns_server", "dns_zone", "dns_key_name", "dns_key_file")
 
@@ -116,6 +117,8 @@ class AcdConfig:
     # ["protected", "managed", "oldest"] to move the long-standing claimant instead.
     yield_rules: tuple[str, ...] = ("protected", "managed", "newest")
     yield_tie_window: float = 0.0
+    # The default route a readdressed VM gets (its prefix length is the pool's).
+    gateway: str | None = None
     _pool: AddressPool | None = field(default=None, init=False, repr=False, compare=False)
 
     def policy(self) -> YieldPolicy:
@@ -132,6 +135,8 @@ class AcdConfig:
             self.policy()
         except ValueError as exc:
             raise ValidationError("acd.yield_rules", str(exc)) from None
+        if self.gateway is not None:
+            object.__setattr__(self, "gateway", _ipv4(self.gateway, "acd.gateway"))
         protected = self.protected
         if isinstance(protected, str) or not isinstance(protected, Iterable):
             raise ValidationError("acd.protected", "must be a list of IPv4 addresses")
@@ -263,6 +268,7 @@ class AcdConfig:
             "protected": sorted(self.protected, key=ipaddress.IPv4Address),
             "candidates": self.candidates,
             "yield_rules": list(self.yield_rules),
+            "gateway": self.gateway,
             "dns": None if self.dns_server is None else {
                 "server": self.dns_server, "port": self.dns_port, "zone": self.dns_zone,
                 "key_name": self.dns_key_name, "algorithm": self.dns_algorithm,

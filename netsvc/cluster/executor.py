@@ -1,0 +1,145 @@
+"""The agent's executor: claims its own host's actions and carries them out through a driver.
+
+``run_executor`` long-polls ``POST /v1/actions/claim`` for this host, runs each claimed phase
+with the executor registered for its kind (the kernel's VM life cycle below, plus each
+service's from its plugin), and reports the result (``POST /v1/actions/{id}``).
+
+Invariants:
+
+- Only this host's actions are asked for, and each report names this host: the manager refuses
+  (and journals) anything else.
+- Every claimed phase is reported exactly once: success with the executor's result, or failure
+  with the exception's message. An executor that hangs is bounded by the manager's
+  ``run_timeout``, after which the action fails there and a late report is refused.
+- Phases run on threads of their own, so a slow readdress never delays a migration; two phases
+  of the same VM never run at once (the manager holds one open exclusive action per VM).
+- A lost manager is retried with back-off; it never ends the loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from netsvc.cluster.client import ApiError
+from netsvc.cluster.service import AgentContext, Executor
+from netsvc.hypervisor.driver import DriverError
+
+CLAIM_WAIT = 10.0
+
+
+def _driver(ctx: AgentContext) -> Any:
+    if ctx.driver is None:
+        raise DriverError(f"{ctx.host}'s agent has no hypervisor driver (--driver)")
+    return ctx.driver
+
+
+def _migrate(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    d = _driver(ctx)
+    if a["phase"] == "prepare":
+        return dict(d.migrate_prepare(a["vm"], str(a["from"])))
+    token = dict(a.get("results", {}).get("prepare") or {})
+    return dict(d.migrate_handover(a["vm"], str(a["to"]), token))
+
+
+def _abort(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    return dict(_driver(ctx).migrate_abort(a["vm"], dict(a.get("token") or {})))
+
+
+def _restart(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    return dict(_driver(ctx).restart(a["vm"], a.get("from")))
+
+
+def _start(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    return dict(_driver(ctx).start(a["vm"]))
+
+
+def _power_off(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    return dict(_driver(ctx).power_off(a["vm"]))
+
+
+def _shutdown(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    return dict(_driver(ctx).shutdown(a["vm"]))
+
+
+#: The kernel's own action kinds (``netsvc.cluster.vmactions``), carried out by the driver.
+VM_EXECUTORS: Mapping[str, Executor] = {
+    "migrate": _migrate,
+    "migrate-abort": _abort,
+    "restart": _restart,
+    "start": _start,
+    "power-off": _power_off,
+    "shutdown": _shutdown,
+}
+
+
+def _detail(kind: str, vm: str, phase: str, result: Mapping[str, Any]) -> str:
+    if "detail" in result and isinstance(result["detail"], str):
+        return str(result["detail"])
+    if kind == "migrate" and phase == "handover" and "switch_ms" in result:
+        return f"switched in {float(result['switch_ms']):.1f} ms"
+    return f"{kind} {phase} of {vm} done"
+
+
+def run_executor(
+    ctx: AgentContext,
+    executors: Mapping[str, Executor],
+    stop: threading.Event,
+    *,
+    on_done: Callable[[Mapping[str, Any], bool, str], None] | None = None,
+) -> None:
+    """Claim and carry out this host's actions until ``stop`` is set."""
+    claim_client = ctx.make_client(timeout=CLAIM_WAIT + 5.0)
+    kinds = sorted(executors)
+    backoff = 0.1
+    executor_name = f"agent-{ctx.host}"
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def carry_out(action: Mapping[str, Any]) -> None:
+        client = ctx.make_client()
+        kind, vm, phase = str(action["kind"]), str(action["vm"]), str(action["phase"])
+        t0 = time.monotonic()
+        try:
+            result = dict(executors[kind](action, ctx))
+            ok, detail = True, _detail(kind, vm, phase, result)
+        except Exception as exc:  # any failure is reported, never lost
+            result = {}
+            ok, detail = False, f"{type(exc).__name__}: {exc}"[:1000]
+        result.setdefault("elapsed_ms", round((time.monotonic() - t0) * 1000, 3))
+        result.pop("detail", None)
+        ctx.log(f"{kind} {phase} of {vm} ({action['id']}): {'ok' if ok else 'FAILED'}: {detail}")
+        for attempt in range(5):
+            try:
+                client.complete_action(str(action["id"]), ok, detail, result=result,
+                                       host=ctx.host)
+                break
+            except ApiError as exc:
+                if exc.status and 400 <= exc.status < 500:
+                    ctx.log(f"the manager refused the result of {action['id']}: {exc}")
+                    break
+                time.sleep(0.1 * (attempt + 1))
+        with lock:
+            running.discard(str(action["id"]))
+        if on_done is not None:
+            on_done(action, ok, detail)
+
+    while not stop.is_set():
+        try:
+            claimed = claim_client.claim_actions(ctx.host, executor_name, wait_s=CLAIM_WAIT,
+                                                 kinds=kinds)
+            backoff = 0.1
+        except ApiError as exc:
+            if exc.status == 401:
+                ctx.log(f"executor: the manager rejected our key: {exc}")
+                return
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+            continue
+        for action in claimed:
+            with lock:
+                running.add(str(action["id"]))
+            threading.Thread(target=carry_out, args=(action,), daemon=True,
+                             name=f"exec-{action['id']}").start()

@@ -1,0 +1,294 @@
+"""The contract between the kernel (``netsvc.cluster``) and the services that plug into it.
+
+The kernel owns the model, actions, the store, the journal, timers, the router and the
+effects runner. A service brings, through one ``ServicePlugin`` listed in the composition root
+(``netsvc/services.py``):
+
+- ``config``: its table of the manager's TOML file (``[acd]``, ``[partition]``), validated;
+- ``manager``: a ``ManagerService`` — its routes, action kinds, timers, status and effects;
+- ``agent``: an ``AgentPart`` — its agent arguments, the loops it starts, its action executors;
+- ``lab``: a ``LabPart`` — what its agents need in the lab, and its scenarios;
+- ``cli``: its ``netsvc <name> ...`` subcommands.
+
+Invariants:
+
+- Nothing in ``netsvc.cluster`` imports a service; services import the kernel (as aioquic's
+  ``h3`` imports ``quic``, never the reverse).
+- A ``ManagerService`` is pure like the kernel: every method takes ``now`` (and ``wall``), it
+  touches no socket and no clock. Its I/O is an ``Effect`` that the adapter's effects thread
+  hands to ``perform`` (outside the core lock) and whose outcome comes back through
+  ``effect_done`` (inside it).
+- An exception escaping a service's ``handle_timer`` is journaled (``service-error``) and the
+  service is skipped for that tick; it never stops the kernel or the other services.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from netsvc.cluster.actions import Action
+
+if TYPE_CHECKING:
+    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.journal import JournalEntry
+    from netsvc.cluster.model import ClusterModel
+    from netsvc.hypervisor.driver import HypervisorDriver
+
+
+# -- what the kernel offers a service ----------------------------------------------------------
+
+
+class Kernel(Protocol):
+    """The manager core as a service sees it."""
+
+    @property
+    def model(self) -> ClusterModel: ...
+
+    @property
+    def started(self) -> float: ...
+
+    def journal_append(
+        self, now: float, wall: float | None, action: str, subject: str, reason: str, *,
+        dry_run: bool = False, details: Mapping[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> JournalEntry: ...
+
+    def queue_action(
+        self, kind: str, vm: str, *, payload: Mapping[str, Any], reason: str, now: float,
+        wall: float | None = None,
+    ) -> Action: ...
+
+    def open_actions(self) -> list[Action]: ...
+
+    def actions(self) -> list[Action]: ...
+
+    def get_action(self, action_id: str) -> Action | None: ...
+
+    def replace_action(self, action: Action) -> None: ...
+
+    def request_migration(
+        self, vm: str, *, to: str, reason: str, now: float, wall: float | None = None,
+        dry_run: bool = False, actor: str = "api",
+    ) -> Any: ...
+
+    def queue_vm_action(self, kind: str, vm: str, host: str | None, to: str | None,
+                        reason: str, now: float, wall: float | None = None) -> Action: ...
+
+    def persist(self) -> None: ...
+
+    def check_fenced(self) -> None: ...
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A routed request: path parameters, decoded query and body (None for no body)."""
+
+    params: tuple[str, ...]
+    query: Any
+    body: Any
+    now: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint. ``path`` is a regex with ``([^/]+)`` groups for parameters; ``body``
+    decodes the JSON object of the body into the handler's request (raising only
+    ``ValidationError``; None: the route takes no body); ``query`` names the query parameters
+    it accepts."""
+
+    method: str
+    path: str
+    name: str
+    handler: Callable[[Request], Reply]
+    body: Callable[[Any], Any] | None = None
+    query: tuple[str, ...] = ()
+    summary: str = ""
+    mutates: bool = False
+
+
+# -- action kinds ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a kind's ``complete`` returns: the finished action (its state set) and whether
+    the kernel should persist."""
+
+    action: Action
+
+
+@dataclass(frozen=True)
+class ActionKind:
+    """An action kind a service (or the kernel) contributes.
+
+    ``plan(payload, model)`` gives (hosts per phase, phases) for a new action;
+    ``recheck(action, kernel)`` is the safety re-check at claim time (problems, refreshed
+    action); ``complete(action, ok, result, detail, kernel, now, wall)`` applies a finished
+    last phase (or a failed one) to the model and journals it; ``phase_done`` (optional) is
+    called when a phase other than the last succeeds; ``on_claim`` (optional) when a phase is
+    claimed. ``run_timeout`` bounds each CLAIMED phase; ``exclusive`` kinds count for
+    "one open action per VM"."""
+
+    name: str
+    plan: Callable[[Mapping[str, Any], ClusterModel], tuple[tuple[str | None, ...],
+                                                            tuple[str, ...]]]
+    recheck: Callable[[Action, Kernel], tuple[list[str], Action]]
+    complete: Callable[[Action, bool, Mapping[str, Any] | None, str, Kernel, float,
+                        float | None], Action]
+    phase_done: Callable[[Action, Kernel, float, float | None], None] | None = None
+    on_claim: Callable[[Action, Kernel, float, float | None], None] | None = None
+    run_timeout: float = 30.0
+    exclusive: bool = True
+    #: Checks an executor's report of a phase before anything changes (raise
+    #: ``ValidationError`` naming ``result.<field>``): ``check_result(action, ok, result)``.
+    check_result: Callable[[Action, bool, Mapping[str, Any] | None], None] | None = None
+
+
+# -- effects -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effect:
+    """I/O a service asks for; ``service`` routes it back to the one that asked."""
+
+    service: str
+    kind: str
+    data: Mapping[str, Any]
+    at: float
+
+
+# -- the manager side of a service --------------------------------------------------------------
+
+
+class ManagerService(Protocol):
+    name: str
+
+    def bind(self, kernel: Kernel) -> None:
+        """Called once by the kernel before anything else."""
+
+    def routes(self) -> Sequence[Route]: ...
+
+    def action_kinds(self) -> Sequence[ActionKind]: ...
+
+    def next_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float, wall: float | None) -> None: ...
+
+    def status(self, now: float) -> Mapping[str, Any]: ...
+
+    def take_effects(self) -> list[Effect]: ...
+
+    def perform(self, effect: Effect) -> Mapping[str, Any]:
+        """Adapter side: carry out an effect (I/O allowed); runs outside the core lock."""
+
+    def effect_done(self, effect: Effect, outcome: Mapping[str, Any], now: float,
+                    wall: float | None) -> None: ...
+
+
+class BaseManagerService:
+    """Defaults for a ManagerService: no routes, kinds, timers, status or effects."""
+
+    name = "base"
+    kernel: Kernel
+
+    def bind(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def routes(self) -> Sequence[Route]:
+        return ()
+
+    def action_kinds(self) -> Sequence[ActionKind]:
+        return ()
+
+    def next_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float, wall: float | None) -> None:
+        return None
+
+    def status(self, now: float) -> Mapping[str, Any]:
+        return {}
+
+    def take_effects(self) -> list[Effect]:
+        return []
+
+    def perform(self, effect: Effect) -> Mapping[str, Any]:
+        return {"ok": False, "error": f"{self.name} performs no effects"}
+
+    def effect_done(self, effect: Effect, outcome: Mapping[str, Any], now: float,
+                    wall: float | None) -> None:
+        return None
+
+
+# -- the agent side ------------------------------------------------------------------------------
+
+
+@dataclass
+class AgentContext:
+    """What the agent gives a service's loops and executors."""
+
+    host: str
+    url: str
+    key: bytes
+    make_client: Callable[..., ManagerClient]
+    driver: HypervisorDriver | None
+    log: Callable[[str], None]
+    mgmt_addr: str | None = None
+    vm_addr: str | None = None
+    #: Settings a service's ``start`` leaves for its executors (``"acd.probe_iface"``, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+#: An executor: carries out one claimed action on this host; returns its result, or raises
+#: (any exception fails the action, its message is the detail).
+Executor = Callable[[Mapping[str, Any], AgentContext], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class AgentPart:
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+    start: Callable[[argparse.Namespace, AgentContext], None] = lambda a, c: None
+    executors: Mapping[str, Executor] = field(default_factory=dict)
+
+
+# -- the lab side --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabPart:
+    """``agent_args(plan, host, enabled)``: extra ``netsvc agent`` arguments for a lab host when
+    the service is enabled in a run; ``scenarios()``: its lab scenarios."""
+
+    agent_args: Callable[[Any, str], list[str]] = lambda plan, host: []
+    scenarios: Callable[[], Sequence[Any]] = lambda: ()
+
+
+# -- the plugin ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServicePlugin:
+    """One service, as the composition root lists it. ``config(table, base_dir)`` validates
+    its table of the manager's TOML (raising ``ValidationError``); ``manager(config)`` builds
+    its manager side for a manager process (I/O set-up such as reading secrets included)."""
+
+    name: str
+    summary: str
+    config: Callable[[Mapping[str, Any], str | None], Any] | None = None
+    manager: Callable[[Any], ManagerService] | None = None
+    agent: AgentPart | None = None
+    lab: LabPart | None = None
+    cli: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] | None = None

@@ -1,0 +1,86 @@
+"""netsvc.partition's plugin: its ``[partition]`` table, manager side, agent loops and lab args.
+
+Importing this module is cheap (argparse only); each part imports its code when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlugin
+
+
+def _config(table: Mapping[str, Any], base_dir: str | None) -> Any:
+    from netsvc.cluster.errors import ValidationError
+    from netsvc.partition.response import Policy, ResponseError
+
+    try:
+        return Policy.from_mapping(table)
+    except ResponseError as exc:
+        raise ValidationError("partition", str(exc)) from None
+
+
+def _manager(config: Any) -> Any:
+    from netsvc.partition.service import PartitionService
+
+    return PartitionService(config)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition-bmc", metavar="HOST=ADDR", action="append", default=[],
+                   help="a peer's BMC address, the second channel asked before a peer is "
+                   "declared down")
+    p.add_argument("--partition-link", metavar="NET=IFACE,TARGET", action="append", default=[],
+                   help="probe NET (mgmt or vm) on IFACE: heartbeats to the other agents and "
+                   "ARP to the isolation address TARGET; uses --mgmt-addr / --vm-addr "
+                   "(repeatable)")
+
+
+def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
+    from netsvc.cluster.model import check_ip, check_name
+    from netsvc.partition.runner import parse_links, start_partition
+
+    links = parse_links(args.partition_link, ctx.mgmt_addr, ctx.vm_addr)
+    if not links:
+        return
+    bmcs = {}
+    for spec in args.partition_bmc:
+        name, _, addr = spec.partition("=")
+        bmcs[check_name(name, "--partition-bmc host")] = check_ip(addr, "--partition-bmc")
+    start_partition(ctx.host, ctx.key, links, lambda: ctx.make_client(timeout=2.0),
+                    ctx.log, bmcs)
+
+
+def _lab_agent_args(plan: Any, host: str) -> list[str]:
+    from netsvc.lab.plan import GATEWAY, SERVICES_MGMT
+
+    return [
+        "--partition-link", f"mgmt={plan.host_ifname(host, 'eth0')},{SERVICES_MGMT}",
+        "--partition-link", f"vm=vs0,{GATEWAY}",
+        *(f"--partition-bmc={h}={plan.bmc_addr(h)}" for h in plan.host_names() if h != host),
+    ]
+
+
+def _scenarios() -> tuple[Any, ...]:
+    from netsvc.lab.scenarios import partition
+
+    return tuple(partition.SCENARIOS)
+
+
+def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from netsvc.partition.cli import register
+
+    register(sub)
+
+
+PLUGIN = ServicePlugin(
+    name="partition",
+    summary="probing the VM network apart from management, and the response to a partition",
+    config=_config,
+    manager=_manager,
+    agent=AgentPart(add_arguments=_add_arguments, start=_start),
+    lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
+    cli=_cli,
+)
