@@ -16,6 +16,7 @@ APT_PACKAGES=(
   usbip iperf3     # the Linux usbip tools (wire peer) and raw TCP beside netsvc.usbip (bench)
   openssl          # netsvc.usbip's PSK mode makes a throwaway certificate with it
   procps
+  python3-libvirt  # libvirt bindings (hypervisor driver): linked into .venv below
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -28,8 +29,18 @@ for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # Installing knot or etcd must not start a system-wide daemon: the lab and tests run their own.
-for unit in knot etcd; do
-  if [ -d /etc/systemd/system ] && [ ! -e "/etc/systemd/system/$unit.service" ]; then
+# So mask a unit only when this run is about to install its package (it is in `missing`) and no
+# unit of that name exists yet: a knot or etcd the machine already had, and may be using, is
+# never touched. A mask made by an earlier run stays (the package is installed by then), so a
+# second run changes nothing.
+for pkg_unit in knot:knot etcd-server:etcd; do
+  pkg=${pkg_unit%%:*} unit=${pkg_unit#*:}
+  [[ " ${missing[*]} " == *" $pkg "* ]] || continue
+  present=no
+  for d in /etc/systemd/system /run/systemd/system /lib/systemd/system /usr/lib/systemd/system; do
+    if [ -e "$d/$unit.service" ] || [ -L "$d/$unit.service" ]; then present=yes; fi
+  done
+  if [ -d /etc/systemd/system ] && [ "$present" = no ]; then
     ln -s /dev/null "/etc/systemd/system/$unit.service"
   fi
 done
@@ -45,6 +56,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
+# -- libvirt bindings (hypervisor driver)
+# netsvc.hypervisor.libvirt_driver imports libvirt lazily. The venv has no system site packages,
+# so link only Debian's libvirt modules (python3-libvirt, built for /usr/bin/python3) into it.
+venv_site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for src in /usr/lib/python3/dist-packages/libvirt.py /usr/lib/python3/dist-packages/libvirt_qemu.py \
+           /usr/lib/python3/dist-packages/libvirt_lxc.py /usr/lib/python3/dist-packages/libvirtaio.py \
+           /usr/lib/python3/dist-packages/libvirtmod*.so; do
+  [ -e "$src" ] || continue
+  dst="$venv_site/$(basename "$src")"
+  [ "$(readlink "$dst" 2>/dev/null)" = "$src" ] || ln -sfn "$src" "$dst"
+done
 stamp=.venv/.netsvc-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing netsvc into .venv"
