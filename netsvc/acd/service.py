@@ -41,16 +41,14 @@ from netsvc.acd.conflicts import (
 )
 from netsvc.acd.resolver import Claimant, YieldPolicy, choose_loser
 from netsvc.acd.resolver import Decision as ResolverDecision
+from netsvc.acd.schemas import MAX_CLAIMANTS, MIN_CLAIMANTS, ConflictReport
 from netsvc.cluster.actions import Action, ActionState
-from netsvc.cluster.api import (
-    MAX_SECONDS,
-    _check_actor,
-    _Fields,
-    _ipv4_field,
-    _number,
-)
 from netsvc.cluster.errors import ModelError, Refused, ValidationError
 from netsvc.cluster.model import ClusterModel, VMState, check_mac
+from netsvc.cluster.schema import convert
+
+__all__ = ["MAX_CLAIMANTS", "MIN_CLAIMANTS", "AcdService", "ConflictOutcome",
+           "ConflictRequest", "validate_conflict"]
 from netsvc.cluster.service import (
     ActionKind,
     BaseManagerService,
@@ -64,8 +62,6 @@ from netsvc.cluster.service import (
 #: The safety rules of a readdress (after the resolver's own: a protected claimant never
 #: yields, only a managed VM can), in the order they are checked.
 READDRESS_RULES = ("vm-running", "no-pending-action", "pool-available")
-MIN_CLAIMANTS = 2
-MAX_CLAIMANTS = 8
 
 
 def _subject(kind: str, name: str) -> str:
@@ -85,53 +81,13 @@ class ConflictRequest:
 
 
 def validate_conflict(obj: object) -> ConflictRequest:
-    """``POST /v1/conflicts``: an IPv4 address, who reports it, and 2..8 distinct claimants
-    with their ages (seconds, finite, >= 0, last seen no earlier than first claimed)."""
-    f = _Fields(obj, {"ip", "reporter", "claimants", "dry_run", "detected_ms"})
-    ip = _ipv4_field(f, "ip")
-    reporter = f.text("reporter", limit=64)
-    assert reporter is not None
-    _check_actor(reporter, "reporter")
-    if "claimants" not in f.obj:
-        raise ValidationError("claimants", "required field is missing")
-    raw = f.obj["claimants"]
-    if not isinstance(raw, list):
-        raise ValidationError("claimants", "must be an array")
-    if not MIN_CLAIMANTS <= len(raw) <= MAX_CLAIMANTS:
-        raise ValidationError("claimants", f"must list {MIN_CLAIMANTS} to {MAX_CLAIMANTS} "
-                              f"claimants, not {len(raw)}")
-    claimants: list[ClaimantReport] = []
-    seen: set[str] = set()
-    for i, item in enumerate(raw):
-        c = _Fields(item, {"mac", "age_s", "last_seen_age_s"}, prefix=f"claimants[{i}].")
-        text = c.text("mac", limit=32)
-        assert text is not None
-        try:
-            mac = check_mac(text)
-        except ModelError:
-            raise ValidationError(c.name("mac"), f"{text!r} is not a MAC address like "
-                                  "52:54:00:12:34:56") from None
-        if mac == "00:00:00:00:00:00" or int(mac[:2], 16) & 1:
-            raise ValidationError(c.name("mac"), f"{mac} is not a unicast MAC address")
-        if mac in seen:
-            raise ValidationError(c.name("mac"), f"{mac} is listed more than once")
-        seen.add(mac)
-        ages = []
-        for key in ("age_s", "last_seen_age_s"):
-            if not c.has(key):
-                raise ValidationError(c.name(key), "required field is missing")
-            ages.append(_number(c.obj[key], c.name(key), maximum=MAX_SECONDS))
-        age, last = ages
-        if last > age:
-            raise ValidationError(c.name("last_seen_age_s"), f"{last:g} s is more than age_s "
-                                  f"({age:g} s): last seen before it first claimed the address")
-        claimants.append(ClaimantReport(mac, age, last))
-    detected_ms = None
-    if f.has("detected_ms") and f.obj["detected_ms"] is not None:
-        detected_ms = _number(f.obj["detected_ms"], "detected_ms", maximum=MAX_SECONDS * 1000)
+    """``POST /v1/conflicts`` (``schemas.ConflictReport``): an IPv4 address, who reports it,
+    and 2..8 distinct claimants with their ages."""
+    rep = convert(obj, ConflictReport)
     return ConflictRequest(
-        ip=ip, reporter=reporter, claimants=tuple(claimants), dry_run=f.boolean("dry_run"),
-        detected_ms=detected_ms,
+        ip=rep.ip, reporter=rep.reporter, dry_run=rep.dry_run, detected_ms=rep.detected_ms,
+        claimants=tuple(ClaimantReport(c.mac, c.age_s, c.last_seen_age_s)
+                        for c in rep.claimants),
     )
 
 

@@ -104,17 +104,17 @@ class Reply:
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint. ``path`` is a regex with ``([^/]+)`` groups for parameters; ``body``
-    decodes the JSON object of the body into the handler's request (raising only
-    ``ValidationError``; None: the route takes no body); ``query`` names the query parameters
-    it accepts."""
+    """One endpoint. ``path`` is a regex with ``([^/]+)`` groups for parameters; ``body`` is
+    the schema (a ``netsvc.cluster.schema.Schema``) its body is decoded into, or None for a
+    route without a body; ``query`` is the schema of its query string (or the names it
+    accepts, as plain strings). The docs (``docs/api.md``) are generated from them."""
 
     method: str
     path: str
     name: str
     handler: Callable[[Request], Reply]
-    body: Callable[[Any], Any] | None = None
-    query: tuple[str, ...] = ()
+    body: Any = None
+    query: Any = ()
     summary: str = ""
     mutates: bool = False
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
 from netsvc.cluster.model import HostState, VMState
+from netsvc.cluster.schema import convert
 from netsvc.cluster.service import BaseManagerService, Kernel, Reply, Request, Route
 from netsvc.partition.response import (
     ClusterView,
@@ -32,6 +35,7 @@ from netsvc.partition.response import (
     Verdict,
     VMInfo,
 )
+from netsvc.partition.schemas import HostReportBody
 
 #: How many recent decisions ``status`` shows (the journal has them all).
 DECISIONS_KEPT = 20
@@ -41,8 +45,11 @@ def _subject(kind: str, name: str) -> str:
     return f"{kind}:{name}"
 
 
-def _report_body(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj  # HostReport.from_dict validates it, with the time it arrived
+def _report_body(obj: object) -> dict[str, Any]:
+    """The body as ``schemas.HostReportBody`` declares it; ``HostReport.from_dict`` then builds
+    the report with the time it arrived."""
+    out: dict[str, Any] = msgspec.to_builtins(convert(obj, HostReportBody))
+    return out
 
 
 class PartitionService(BaseManagerService):
