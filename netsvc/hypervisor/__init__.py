@@ -20,7 +20,9 @@ def open_driver(spec: str, host: str) -> HypervisorDriver:
     if kind == "lab":
         from netsvc.lab.driver import LabDriver
 
-        return LabDriver(host, arg)
+        lab = LabDriver(host, arg)
+        lab.warm()
+        return lab
     if kind == "libvirt":
         from netsvc.hypervisor.libvirt_driver import LibvirtDriver
 

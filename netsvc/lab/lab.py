@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from netsvc.hypervisor.driver import DriverError
 from netsvc.lab import registry
+from netsvc.lab.driver import LabDriver
 from netsvc.lab.garp import announcement, open_sender
+from netsvc.lab.hvstate import HvState, Inventory, VmRecord
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import (
     GATEWAY,
@@ -41,6 +44,7 @@ from netsvc.lab.plan import (
     SERVICES_MGMT,
     LabPlan,
     PlanError,
+    prefix_len,
     vm_index,
 )
 
@@ -69,15 +73,17 @@ class Recorder(Protocol):
     def record(self, kind: Any, subject: str, name: str, **details: Any) -> Any: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class VM:
+    """A lab VM as the lab's hypervisor state (``hvstate``) says it is now: a snapshot."""
+
     name: str
     host: str
     mac: str
     ip: str
     state: str = "defined"  # defined, running, stopped, crashed
-    proc: subprocess.Popen[bytes] | None = None
-    generation: int = 0  # how many times it migrated; picks the VM end's name
+    generation: int = 0  # how many times its NIC was re-cabled; picks the VM end's name
+    guest_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,15 +155,15 @@ class Lab:
         self.info: registry.RunInfo | None = None
         self.plan: LabPlan | None = None
         self.net: Any = None
-        self.vms: dict[str, VM] = {}
+        self.hv: HvState | None = None
+        self._drivers: dict[str, LabDriver] = {}
         self.crashed: set[str] = set()
         self.procs = Processes()
         self._ipr: dict[str, Any] = {}
         self._garp: dict[tuple[str, str], socket.socket] = {}
         self._lock = threading.RLock()
         self.key_file: Path | None = None
-        self.acd = False
-        self.partition = False
+        self.services: tuple[str, ...] = ()
         self.build_s = 0.0
         self.teardown_s = 0.0
 
@@ -215,13 +221,21 @@ class Lab:
             )
             self.net.build()
             self.net.start()
-        for vm, host in self.plan.initial_vms():
-            self.vms[vm] = VM(vm, host, self.plan.vm_mac(vm), self.plan.vm_addr(vm))
-        for vm in self.vms:
+        plan = self.plan
+        self.hv = HvState(self.run_dir / "hv")
+        self.hv.init(Inventory(
+            prefix=self.prefix, hosts_n=self.hosts_n, vms_per_host=self.vms_per_host,
+            host_pids={h: self.pid(h) for h in plan.host_names()},
+            vm_pids={vm: self.pid(vm) for vm, _ in plan.initial_vms()},
+            gateway=GATEWAY, prefixlen=prefix_len("vmnet"),
+        ))
+        for vm, host in plan.initial_vms():
+            self.hv.put(VmRecord(vm, host, plan.vm_mac(vm), plan.vm_addr(vm)))
+        for vm, _ in plan.initial_vms():
             self._start_guest(vm)
-        self.wait_guests(list(self.vms))
-        for vm in self.vms:  # as a hypervisor does when a VM boots (QEMU, arp_notify)
-            self.announce(vm, repeats=(0.0,))
+        self.wait_guests([vm for vm, _ in plan.initial_vms()])
+        for vm, _ in plan.initial_vms():  # as a hypervisor does when a VM boots (arp_notify)
+            self.driver(self.vm(vm).host).announce(vm)
         self.build_s = time.monotonic() - t0
         self.record("event", "lab", "build-done", seconds=round(self.build_s, 3))
 
@@ -252,9 +266,10 @@ class Lab:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.procs.end_all(grace=1.0)
-            for sock in self._garp.values():
-                sock.close()
-            self._garp.clear()
+            for drv in self._drivers.values():
+                with contextlib.suppress(Exception):
+                    drv.close()
+            self._drivers.clear()
             for ipr in self._ipr.values():
                 with contextlib.suppress(Exception):
                     ipr.close()
@@ -392,14 +407,48 @@ class Lab:
         self.ipr(node).link("set", index=idx, state="up" if up else "down")
 
     # --- VMs ---------------------------------------------------------------------------
+    # The lab builds VMs (namespaces, cables) and boots the first guests; what happens to a VM
+    # afterwards is the hypervisor's: the agents' ``LabDriver``s, or ``driver(host)`` here for
+    # tests and benches that run without a manager. Where a VM is comes from ``hvstate``.
+
+    @property
+    def vms(self) -> dict[str, VM]:
+        """Every VM, as the hypervisor state says it is now (snapshots)."""
+        if self.hv is None:
+            return {}
+        return {r.name: VM(r.name, r.host, r.mac, r.ip, r.state, r.generation, r.guest_pid)
+                for r in sorted(self.hv.all().values(), key=lambda r: vm_index(r.name))}
+
+    def vm(self, vm: str) -> VM:
+        """One VM as the hypervisor state says it is now."""
+        return self._vm(vm)
+
+    def vm_names(self) -> list[str]:
+        return list(self.vms)
+
+    def running_vms(self, host: str | None = None) -> list[str]:
+        return [v.name for v in self.vms.values()
+                if v.state == "running" and (host is None or v.host == host)]
+
+    def driver(self, host: str) -> LabDriver:
+        """This run's hypervisor driver for ``host``, in this process (the agents run their
+        own). For tests and benches that drive VMs without a manager."""
+        self._check_host(host)
+        with self._lock:
+            if host not in self._drivers:
+                self._drivers[host] = LabDriver(host, self.run_dir / "hv",
+                                                self.run_dir / "logs")
+            return self._drivers[host]
+
     def _vm(self, vm: str) -> VM:
         try:
             vm_index(vm)
         except PlanError as exc:
             raise LabError(str(exc)) from exc
-        if vm not in self.vms:
+        got = self.vms.get(vm)
+        if got is None:
             raise LabError(f"no VM {vm!r} in this lab")
-        return self.vms[vm]
+        return got
 
     def _check_host(self, host: str) -> None:
         plan = self._plan()
@@ -422,6 +471,7 @@ class Lab:
             raise LabError(str(exc)) from exc
         if vm in self.vms:
             raise LabError(f"VM {vm} already exists")
+        assert self.hv is not None
         address = ip or plan.vm_addr(vm)
         with self._marked():
             node = self.net.addHost(name, **vm_params(plan, vm, address))
@@ -432,7 +482,8 @@ class Lab:
         ipr = self.ipr(host)
         vif = ipr.link_lookup(ifname=plan.vif_name(vm))[0]
         ipr.link("set", index=vif, master=ipr.link_lookup(ifname="vs0")[0], state="up")
-        self.vms[vm] = VM(vm, host, plan.vm_mac(vm), address)
+        self.hv.add_vm_pid(vm, self.pid(vm))
+        self.hv.put(VmRecord(vm, host, plan.vm_mac(vm), address))
         self.record("action", vm, "create", host=host, ip=address, mac=plan.vm_mac(vm))
         if self.key_file is not None:  # the hypervisor registers what it defines
             self.manager().put_vm(
@@ -444,17 +495,18 @@ class Lab:
             )
         if start:
             self.start_vm(vm)
-        return self.vms[vm]
+        return self._vm(vm)
 
     def _start_guest(self, vm: str) -> None:
-        v = self._vm(vm)
-        v.proc = self.popen(
+        """Boot a guest at build time (the lab's own Popen, so teardown reaps it)."""
+        assert self.hv is not None
+        proc = self.popen(
             vm,
             [sys.executable, "-m", "netsvc.lab.guest", "--name", vm, "--port", str(GUEST_PORT)],
             role=f"guest-{vm}",
         )
-        v.state = "running"
-        self.record("event", vm, "start", host=v.host, pid=v.proc.pid)
+        rec = self.hv.update(vm, lambda r: r.with_(state="running", guest_pid=proc.pid))
+        self.record("event", vm, "start", host=rec.host, pid=proc.pid)
 
     def clone_vm(self, src: str, vm: str, host: str) -> float:
         """Clone ``src`` as ``vm`` on ``host``: same address, new MAC, its own guest.
@@ -468,99 +520,15 @@ class Lab:
         if self.key_file is not None:
             self.manager().put_vm(vm, state="running")
         t = time.monotonic()
-        self.announce(vm, repeats=(0.0,))
+        self.driver(host).announce(vm)
         return t
 
-    def readdress(
-        self, vm: str, candidates: list[str], winner: str | None = None
-    ) -> tuple[str, dict[str, float]]:
-        """Move ``vm`` to the first free address among ``candidates``, without its network.
-
-        Steps (each timed): disconnect (the VM's link down, through pyroute2); probe candidates
-        per RFC 5227 from the host's virtual switch; configure the new address inside the VM's
-        namespace (the host side, not the VM's network); reconnect; announce the VM at its new
-        address, and ``winner`` at the old one, so caches that followed the loser come back.
-        """
-        v = self._vm(vm)
-        plan = self._plan()
-        steps: dict[str, float] = {}
-        t = t_start = time.monotonic()
-        host_ipr, vm_ipr = self.ipr(v.host), self.ipr(vm)
-        vif = host_ipr.link_lookup(ifname=plan.vif_name(vm))[0]
-        host_ipr.link("set", index=vif, state="down")
-        self.record(
-            "fault-start",
-            vm,
-            "disconnected",
-            fault_id=f"readdress-{vm}-{t_start:.3f}",
-            reason="address conflict",
-        )
-        if winner is not None:  # caches that followed the loser come back to the winner now
-            self._announce_once(winner)
-        steps["disconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
-        new_ip = None
-        for cand in candidates:
-            if self.probe(v.host, cand):
-                new_ip = cand
-                break
-        steps["probe"], t = (time.monotonic() - t) * 1000, time.monotonic()
-        if new_ip is None:
-            host_ipr.link("set", index=vif, state="up")
-            raise LabError(f"no free address among {candidates}")
-        vnic = vm_ipr.link_lookup(ifname="vnic")[0]
-        # Old first: a second address in the same /24 would be a secondary one, which the
-        # kernel deletes together with the primary.
-        vm_ipr.addr("del", index=vnic, address=v.ip, prefixlen=24)
-        vm_ipr.addr("add", index=vnic, address=new_ip, prefixlen=24)
-        vm_ipr.route("replace", dst="0.0.0.0/0", gateway="198.18.1.1", oif=vnic)
-        old_ip, v.ip = v.ip, new_ip
-        self.record("action", vm, "configure", old_ip=old_ip, new_ip=new_ip)
-        steps["configure"], t = (time.monotonic() - t) * 1000, time.monotonic()
-        host_ipr.link("set", index=vif, state="up")
-        wait_operstate_up([(host_ipr, vif)], timeout=1.0)
-        self.record("fault-end", vm, "disconnected", fault_id=f"readdress-{vm}-{t_start:.3f}")
-        steps["reconnect"], t = (time.monotonic() - t) * 1000, time.monotonic()
-        self.announce(vm)
-        if winner is not None:
-            self._announce_once(winner)
-        steps["announce"] = (time.monotonic() - t) * 1000
-        self.record("event", vm, "readdressed", new_ip=new_ip, steps_ms=steps)
-        return new_ip, steps
-
-    def _announce_once(self, vm: str) -> None:
-        v = self._vm(vm)
-        sock = self._garp_socket(vm, self._plan().vm_port(vm, v.generation))
-        sock.send(announcement(v.mac, v.ip))
-
-    def probe(self, node: str, addr: str, timeout: float = 10.0) -> bool:
-        """RFC 5227 probe (fast timing) for ``addr`` from ``node``'s VM-network interface."""
-        import random
-
-        from netsvc.acd.cli import run_engine
-        from netsvc.acd.io import interface_mac, monotonic, open_arp_socket
-        from netsvc.acd.protocol import Engine, ProbeResult, Timing
-
-        ifname = "vs0" if node.startswith("h") else f"{self.prefix}{node}-eth0"
-        sock = run_in_netns(self.pid(node), lambda: open_arp_socket(ifname))
-        with sock:
-            engine = Engine(
-                addr,
-                interface_mac(sock, ifname),
-                timing=Timing.fast(),
-                rng=random.Random(),
-                probe_only=True,
-            )
-            result: list[ProbeResult] = []
-
-            def on_event(ev: object) -> bool:
-                if isinstance(ev, ProbeResult):
-                    result.append(ev)
-                return bool(result)
-
-            run_engine(engine, sock, on_event, threading.Event(), monotonic() + timeout)
-        if not result:
-            raise LabError(f"the probe for {addr} from {node} did not finish")
-        return result[0].free
+    def _call(self, host: str, what: str, fn: Callable[[LabDriver], dict[str, Any]]
+              ) -> dict[str, Any]:
+        try:
+            return fn(self.driver(host))
+        except DriverError as exc:
+            raise LabError(str(exc)) from None
 
     def start_vm(self, vm: str) -> None:
         v = self._vm(vm)
@@ -568,17 +536,15 @@ class Lab:
             raise LabError(f"VM {vm} is already running")
         if v.host in self.crashed:
             raise LabError(f"VM {vm}'s host {v.host} is down")
-        self._start_guest(vm)
-        self.wait_guests([vm])
+        self._call(v.host, "start", lambda d: d.start(vm))
+        self.record("event", vm, "start", host=v.host)
 
     def stop_vm(self, vm: str) -> None:
-        """Stop a VM's guest cleanly (SIGTERM)."""
+        """Stop a VM's guest cleanly (SIGTERM), through its host's driver."""
         v = self._vm(vm)
         if v.state != "running":
             raise LabError(f"VM {vm} is not running")
-        self.procs.end(f"guest-{vm}", signal.SIGTERM)
-        v.proc = None
-        v.state = "stopped"
+        self._call(v.host, "shutdown", lambda d: d.shutdown(vm))
         self.record("event", vm, "stop", host=v.host)
 
     def power_off_vm(self, vm: str) -> None:
@@ -586,65 +552,45 @@ class Lab:
         v = self._vm(vm)
         if v.state != "running":
             raise LabError(f"VM {vm} is not running")
-        self.procs.end(f"guest-{vm}", signal.SIGKILL)
-        v.proc = None
-        v.state = "stopped"
+        self._call(v.host, "power-off", lambda d: d.power_off(vm))
         self.record("event", vm, "power-off", host=v.host)
 
     def restart_vm(self, vm: str, dst: str) -> None:
-        """Boot a VM that died with its host afresh on ``dst``: re-cable its NIC to ``dst``'s
-        virtual switch and start a new guest (a cold start: the guest's state is lost).
-
-        Refused while the VM runs, so a VM never runs twice."""
+        """Boot a VM that died with its host afresh on ``dst`` (through ``dst``'s driver)."""
         v = self._vm(vm)
         self._check_host(dst)
-        if v.state == "running":
-            raise LabError(f"VM {vm} is running on {v.host}; restarting it would run it twice")
         if dst in self.crashed:
             raise LabError(f"host {dst} is down")
-        if dst == v.host:
-            raise LabError(f"VM {vm} is already on {dst}")
-        src = v.host
-        self.record("action", vm, "restart", src=src, dst=dst)
-        self.recable(vm, dst)
-        self._start_guest(vm)
-        self.announce(vm)
-        self.record("event", vm, "restarted", src=src, dst=dst)
+        self.record("action", vm, "restart", src=v.host, dst=dst)
+        self._call(dst, "restart", lambda d: d.restart(vm, v.host))
+        self.record("event", vm, "restarted", src=v.host, dst=dst)
 
     def recable(self, vm: str, dst: str) -> None:
-        """Move ``vm``'s NIC to ``dst``'s virtual switch at once (break before make: for a VM
+        """Cable ``vm``'s NIC to ``dst``'s virtual switch at once and announce it (for a VM
         whose host is gone; a live VM moves with ``migrate``). Its namespace, address and
-        processes stay; nothing is announced."""
-        plan = self._plan()
+        processes stay."""
+        self._check_host(dst)
+        self._call(dst, "recable", lambda d: d.recable(vm))
+
+    def set_guest(self, vm: str, pid: int) -> None:
+        """Record that ``pid`` is now ``vm``'s running guest (a guest the lab started itself,
+        such as a pooled-memory guest)."""
+        assert self.hv is not None
+        self.hv.update(vm, lambda r: r.with_(state="running", guest_pid=pid))
+
+    def announce(self, vm: str) -> None:
+        """Gratuitous ARP for ``vm`` from where it is."""
         v = self._vm(vm)
-        old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
-        vif = plan.vif_name(vm)
-        vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
-        self._drop_garp_socket(vm, old_port)
-        old = vm_ipr.link_lookup(ifname=old_port)
-        if old:
-            vm_ipr.link("del", index=old[0])
-        vm_ipr.link(
-            "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": self.pid(dst)}
-        )
-        new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
-        vm_ipr.link("set", index=new_idx, master=vm_ipr.link_lookup(ifname="vnic")[0])
-        vm_ipr.brport("set", index=new_idx, isolated=1, **_SPEAKING)
-        dst_vif = dst_ipr.link_lookup(ifname=vif)[0]
-        dst_ipr.link("set", index=dst_vif, master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
-        vm_ipr.link("set", index=new_idx, state="up")
-        if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=2.0):
-            raise LabError(f"the new port of {vm} on {dst} did not come up")
-        v.host = dst
-        v.generation += 1
+        self._call(v.host, "announce", lambda d: d.announce(vm))
 
     def guest_connect(
         self, vm: str, via: str = "gw", timeout: float = 2.0
     ) -> Callable[[], socket.socket]:
-        """A zero-argument connect function for a TCP connection to ``vm``'s guest from ``via``."""
-        ip = self._vm(vm).ip
+        """A zero-argument connect function for a TCP connection to ``vm``'s guest from ``via``.
+        The address is read when it connects (a readdress changes it)."""
+        self._vm(vm)
         conn = self.connect_from(via)
-        return lambda: conn(ip, GUEST_PORT, timeout)
+        return lambda: conn(self._vm(vm).ip, GUEST_PORT, timeout)
 
     def wait_guests(self, vms: list[str], timeout: float = 20.0) -> None:
         """Wait until every guest in ``vms`` answers from the gateway."""
@@ -666,53 +612,24 @@ class Lab:
                     ) from None
                 time.sleep(0.05)
 
-    def _garp_socket(self, vm: str, port: str) -> socket.socket:
-        """A packet socket on one of the VM's ports (its NIC's cable to a host).
+    def answers(self, vm: str, timeout: float = 0.5) -> bool:
+        """True if ``vm``'s guest answers PING from the gateway now."""
+        from netsvc.lab.client import request
 
-        Announcements go out one port, not through ``vnic``: a bridge floods its own
-        broadcasts to every port, whatever the port's flood flags say.
-        """
-        with self._lock:
-            if (vm, port) not in self._garp:
-                self._garp[(vm, port)] = run_in_netns(self.pid(vm), lambda: open_sender(port))
-            return self._garp[(vm, port)]
-
-    def _drop_garp_socket(self, vm: str, port: str) -> None:
-        with self._lock:
-            sock = self._garp.pop((vm, port), None)
-        if sock is not None:
-            sock.close()
-
-    def announce(self, vm: str, repeats: tuple[float, ...] = (0.0, 0.005, 0.02, 0.1)) -> None:
-        """Send gratuitous ARP for ``vm`` through its current port, now and at later offsets."""
-        v = self._vm(vm)
-        frame = announcement(v.mac, v.ip)
-        sock = self._garp_socket(vm, self._plan().vm_port(vm, v.generation))
-        sock.send(frame)
-
-        def later() -> None:
-            start = time.monotonic()
-            for offset in repeats[1:]:
-                time.sleep(max(0.0, start + offset - time.monotonic()))
-                with contextlib.suppress(OSError):
-                    sock.send(frame)
-
-        if len(repeats) > 1:
-            threading.Thread(target=later, daemon=True).start()
+        try:
+            reply = request(self.guest_connect(vm, timeout=timeout), "PING", timeout=timeout)
+        except (OSError, LabError):
+            return False
+        return reply.startswith(f"PONG {vm} ")
 
     def migrate(self, vm: str, dst: str, method: str = "make-before-break") -> MigrationResult:
-        """Move ``vm`` to ``dst``'s virtual switch and announce it; the guest keeps running.
-
-        Make before break: a new veth from the VM's ``vnic`` to ``dst``'s ``vs0`` is made, up but
-        silent. The switch is three bridge-port changes inside the VM (the old port goes silent,
-        the new one speaks) and a gratuitous ARP through the new port. The old port keeps
-        delivering frames still in flight for ``DRAIN_S``, then its veth is deleted. The VM's
-        ports are isolated from each other, so the two cables never form a loop.
+        """Live-migrate ``vm`` to ``dst`` in this process, through the two hosts' drivers:
+        ``dst`` prepares a silent port, the source switches and announces (the same code the
+        agents run). For tests and benches; scenarios go through the manager.
 
         ``method="move"`` is the naive way, kept as a baseline for ``bench/``: move the host end
         of the veth into ``dst``'s namespace (the kernel takes 20-30 ms to do that).
         """
-        plan = self._plan()
         v = self._vm(vm)
         self._check_host(dst)
         if v.state != "running":
@@ -723,71 +640,42 @@ class Lab:
             raise LabError(f"host {dst} is down")
         if method not in ("make-before-break", "move"):
             raise LabError(f"unknown migration method {method!r}")
-        src = v.host
-        vif = plan.vif_name(vm)
         if method == "move":
             return self._migrate_by_move(v, dst)
-        old_port, new_port = plan.vm_port(vm, v.generation), plan.vm_port(vm, v.generation + 1)
-        vm_ipr, dst_ipr = self.ipr(vm), self.ipr(dst)
-        self.record("action", vm, "migrate", src=src, dst=dst)
-        t_prep = time.monotonic()
-        # Make: a second port on the VM's NIC, cabled to dst's virtual switch, up but silent.
-        vm_ipr.link(
-            "add", ifname=new_port, kind="veth", peer={"ifname": vif, "net_ns_pid": self.pid(dst)}
-        )
-        vnic = vm_ipr.link_lookup(ifname="vnic")[0]
-        new_idx = vm_ipr.link_lookup(ifname=new_port)[0]
-        old_idx = vm_ipr.link_lookup(ifname=old_port)[0]
-        vm_ipr.link("set", index=new_idx, master=vnic)
-        vm_ipr.brport("set", index=new_idx, isolated=1, **_SILENT)
-        dst_vif = dst_ipr.link_lookup(ifname=vif)[0]
-        dst_ipr.link("set", index=dst_vif, master=dst_ipr.link_lookup(ifname="vs0")[0], state="up")
-        vm_ipr.link("set", index=new_idx, state="up")
-        # The kernel enables a bridge port from its link-watch work, right after it sets the
-        # port's operstate to UP; wait for that on both ends.
-        if not wait_operstate_up([(vm_ipr, new_idx), (dst_ipr, dst_vif)], timeout=1.0):
-            raise LabError(f"the new port of {vm} on {dst} did not come up")
-        self._garp_socket(vm, new_port)
-        # Switch: the VM now sends only through the new port and announces itself there; the
-        # old port still delivers what is in flight towards src, so nothing is dropped.
-        t0 = time.monotonic()
-        vm_ipr.brport("set", index=new_idx, **_SPEAKING)
-        vm_ipr.brport("set", index=old_idx, **_SILENT)
-        vm_ipr.brport("set", index=old_idx, flush=True)
-        v.host = dst
-        v.generation += 1
-        self.announce(vm)
-        switch_ms = (time.monotonic() - t0) * 1000
-        # Break: once the network has learned the new place, drop the old cable.
-        time.sleep(DRAIN_S)
-        self._drop_garp_socket(vm, old_port)
-        vm_ipr.link("del", index=old_idx)
-        self.record(
-            "event",
-            vm,
-            "migrated",
-            src=src,
-            dst=dst,
-            switch_ms=round(switch_ms, 3),
-            prepare_ms=round((t0 - t_prep) * 1000, 3),
-        )
-        return MigrationResult(vm, src, dst, switch_ms)
+        self.record("action", vm, "migrate", src=v.host, dst=dst)
+        token = self._call(dst, "migrate-prepare", lambda d: d.migrate_prepare(vm, v.host))
+        try:
+            out = self._call(v.host, "migrate-handover",
+                             lambda d: d.migrate_handover(vm, dst, token))
+        except LabError:
+            with contextlib.suppress(LabError):
+                self._call(dst, "migrate-abort", lambda d: d.migrate_abort(vm, token))
+            raise
+        switch_ms = float(out.get("switch_ms", 0.0))
+        self.record("event", vm, "migrated", src=v.host, dst=dst, switch_ms=round(switch_ms, 3))
+        return MigrationResult(vm, v.host, dst, switch_ms)
 
     def _migrate_by_move(self, v: VM, dst: str) -> MigrationResult:
-        vif = self._plan().vif_name(v.name)
+        assert self.hv is not None
+        plan = self._plan()
+        vif = plan.vif_name(v.name)
         src_ipr, dst_ipr = self.ipr(v.host), self.ipr(dst)
         bridge = dst_ipr.link_lookup(ifname="vs0")[0]
         idx = src_ipr.link_lookup(ifname=vif)[0]
-        self._garp_socket(v.name, self._plan().vm_port(v.name, v.generation))
+        sender = run_in_netns(self.pid(v.name),
+                              lambda: open_sender(plan.vm_port(v.name, v.generation)))
         src = v.host
         self.record("action", v.name, "migrate", src=src, dst=dst, method="move")
-        t0 = time.monotonic()
-        src_ipr.link("set", index=idx, net_ns_pid=self.pid(dst))
-        new = dst_ipr.link_lookup(ifname=vif)[0]
-        dst_ipr.link("set", index=new, master=bridge, state="up")
-        self.announce(v.name)
-        switch_ms = (time.monotonic() - t0) * 1000
-        v.host = dst
+        try:
+            t0 = time.monotonic()
+            src_ipr.link("set", index=idx, net_ns_pid=self.pid(dst))
+            new = dst_ipr.link_lookup(ifname=vif)[0]
+            dst_ipr.link("set", index=new, master=bridge, state="up")
+            sender.send(announcement(v.mac, v.ip))
+            switch_ms = (time.monotonic() - t0) * 1000
+        finally:
+            sender.close()
+        self.hv.update(v.name, lambda r: r.with_(host=dst))
         self.record("event", v.name, "migrated", src=src, dst=dst, switch_ms=round(switch_ms, 3))
         return MigrationResult(v.name, src, dst, switch_ms)
 
@@ -808,14 +696,19 @@ class Lab:
         if host in self.crashed:
             raise LabError(f"host {host} is already down")
         plan = self._plan()
-        died = [v.name for v in self.vms.values() if v.host == host and v.state == "running"]
+        assert self.hv is not None
+        died = self.running_vms(host)
         self.record("fault-start", host, "crash", fault_id=f"crash-{host}", vms=died)
         for role in [r for r in self.procs.by_role if r.endswith(f"-{host}")]:
             self.procs.end(role, signal.SIGKILL)
         for vm in died:
-            self.procs.end(f"guest-{vm}", signal.SIGKILL)
-            self.vms[vm].proc = None
-            self.vms[vm].state = "crashed"
+            pid = self._vm(vm).guest_pid
+            if f"guest-{vm}" in self.procs.by_role:
+                self.procs.end(f"guest-{vm}", signal.SIGKILL)
+            elif pid is not None:  # a guest an agent's driver started
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.hv.update(vm, lambda r: r.with_(state="crashed", guest_pid=None))
             self.record("event", vm, "died", host=host)
         for end in self.host_ends(host):
             self.set_link(end, up=False)
@@ -866,15 +759,29 @@ class Lab:
         acd: bool = False,
         partition: bool = False,
         store: str | None = None,
+        services: tuple[str, ...] = (),
     ) -> None:
-        """Start the manager on the services node and an agent on every host.
+        """Start the manager on the services node and an agent on every host. Every agent
+        carries out its own host's actions through the lab's hypervisor driver.
 
         ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table);
-        ``acd`` makes every agent run the ARP conflict monitor on its virtual switch;
-        ``partition`` makes them probe the management and VM networks apart; ``store`` is
-        the manager's ``--store`` (e.g. ``etcd://198.18.0.2:2379``; default: its SQLite)."""
-        self.acd = acd
-        self.partition = partition
+        ``services`` names the services whose agent side runs on every host (each plugin's
+        ``LabPart.agent_args``: ``acd`` runs the ARP monitor on the virtual switch,
+        ``partition`` probes the management and VM networks apart); ``acd=True`` and
+        ``partition=True`` are shorthands. ``store`` is the manager's ``--store`` (e.g.
+        ``etcd://198.18.0.2:2379``; default: its SQLite)."""
+        chosen = list(services)
+        for name, on in (("acd", acd), ("partition", partition)):
+            if on and name not in chosen:
+                chosen.append(name)
+        from netsvc.services import plugin
+
+        for name in chosen:
+            try:
+                plugin(name)
+            except KeyError:
+                raise LabError(f"no service {name!r} (see netsvc/services.py)") from None
+        self.services = tuple(chosen)
         self.key_file = self.run_dir / "api.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
         self.key_file.chmod(0o600)
@@ -901,7 +808,7 @@ class Lab:
             role="manager",
         )
         self.record("event", "lab", "manager-start")
-        if partition:
+        if "partition" in self.services:
             self._start_bmcs()
         for h in self._plan().host_names():
             self.start_agent(h)
@@ -928,7 +835,7 @@ class Lab:
         return self.run_dir / "bmc" / f"{host}.power"
 
     def _set_power(self, host: str, on: bool) -> None:
-        if self.partition:
+        if "partition" in self.services:
             self._power_file(host).write_text("on\n" if on else "off\n")
 
     def _start_bmcs(self) -> None:
@@ -966,46 +873,32 @@ class Lab:
             time.sleep(0.02)
         for v in self.vms.values():
             if v.state == "running":
-                self._announce_once(v.name)
+                self.announce(v.name)
 
     def start_agent(self, host: str) -> None:
+        """Start ``host``'s agent: heartbeats, its hypervisor driver (the lab's), and the
+        agent side of every service this run enabled."""
+        from netsvc.services import plugin
+
         plan = self._plan()
         assert self.key_file is not None
+        extra: list[str] = []
+        for name in self.services:
+            lab_part = plugin(name).lab
+            if lab_part is not None:
+                extra += lab_part.agent_args(plan, host)
         self.popen(
             host,
             [
-                sys.executable,
-                "-m",
-                "netsvc",
-                "agent",
-                "--host",
-                host,
-                "--manager",
-                self.manager_url,
-                "--key-file",
-                str(self.key_file),
-                "--interval",
-                str(self.heartbeat_interval),
-                "--mgmt-addr",
-                plan.host_addr(host, "mgmt"),
-                "--vm-addr",
-                plan.host_addr(host, "vmnet"),
-                *(["--acd-watch", "vs0", "--acd-promisc"] if self.acd else []),
-                *(
-                    [
-                        "--partition-link",
-                        f"mgmt={plan.host_ifname(host, 'eth0')},{SERVICES_MGMT}",
-                        "--partition-link",
-                        f"vm=vs0,{GATEWAY}",
-                        *(
-                            f"--partition-bmc={h}={plan.bmc_addr(h)}"
-                            for h in plan.host_names()
-                            if h != host
-                        ),
-                    ]
-                    if self.partition
-                    else []
-                ),
+                sys.executable, "-m", "netsvc", "agent",
+                "--host", host,
+                "--manager", self.manager_url,
+                "--key-file", str(self.key_file),
+                "--interval", str(self.heartbeat_interval),
+                "--mgmt-addr", plan.host_addr(host, "mgmt"),
+                "--vm-addr", plan.host_addr(host, "vmnet"),
+                "--driver", f"lab:{self.run_dir / 'hv'}",
+                *extra,
             ],
             role=f"agent-{host}",
         )
@@ -1019,53 +912,51 @@ class Lab:
         key = self.key_file.read_text().strip()
         return ManagerClient(self.manager_url, key, timeout=3.0, connect=self.connect_from(via))
 
-    def execute_actions(self, executor: str = "lab") -> list[dict[str, Any]]:
-        """Play the hypervisor: carry out the manager's pending actions and report back."""
+    def wait_actions(self, ids: list[str] | None = None, timeout: float = 20.0,
+                     ) -> list[dict[str, Any]]:
+        """Wait until the manager's actions ``ids`` (default: every open one now) are
+        finished, carried out by the hosts' agents; return them (``ok``: it succeeded). The
+        lab carries out nothing itself."""
+        from netsvc.cluster.client import ApiError
+
         client = self.manager()
+        if ids is None:
+            ids = [a["id"] for a in client.list_actions("open")]
         done = []
-        for action in client.claim_actions(executor):
-            ok, detail = True, ""
-            result: dict[str, Any] | None = None
+        for action_id in ids:
             try:
-                if action["kind"] == "migrate":
-                    r = self.migrate(action["vm"], action["to"])
-                    detail = f"switched in {r.switch_ms:.1f} ms"
-                elif action["kind"] == "restart":
-                    self.restart_vm(action["vm"], action["to"])
-                    detail = f"{action['vm']} started afresh on {action['to']}"
-                elif action["kind"] == "power-off":
-                    self.power_off_vm(action["vm"])
-                    detail = f"{action['vm']} powered off"
-                elif action["kind"] == "shutdown":
-                    self.stop_vm(action["vm"])
-                    detail = f"{action['vm']} shut down cleanly"
-                elif action["kind"] == "readdress":
-                    old = action["old_ip"]
-                    winner = next(
-                        (
-                            v.name
-                            for v in self.vms.values()
-                            if v.ip == old and v.name != action["vm"]
-                        ),
-                        None,
-                    )
-                    new_ip, steps = self.readdress(action["vm"], list(action["candidates"]), winner)
-                    detail = f"{action['vm']} moved from {old} to {new_ip}"
-                    result = {"new_ip": new_ip, "steps_ms": steps}
-                else:
-                    ok, detail = False, f"the lab cannot carry out {action['kind']!r}"
-            except LabError as exc:
-                ok, detail = False, str(exc)
-            if result is None:
-                client.complete_action(action["id"], ok=ok, detail=detail)
-            else:
-                client.request(
-                    "POST",
-                    f"/v1/actions/{action['id']}",
-                    {"ok": ok, "detail": detail, "result": result},
-                )
-            done.append({**action, "ok": ok, "detail": detail, "result": result})
+                a = client.wait_action(action_id, timeout=timeout)
+            except (TimeoutError, ApiError) as exc:
+                raise LabError(f"action {action_id}: {exc}") from None
+            done.append({**a, "ok": a["state"] == "SUCCEEDED"})
         return done
+
+    def wait_new_actions(self, after: int, timeout: float, settle: float = 0.0,
+                         ) -> list[dict[str, Any]]:
+        """The actions numbered above ``after`` (``a-N``), once every one of them is finished;
+        waits ``settle`` seconds more for late ones. For scenarios whose faults make the
+        manager decide."""
+        client = self.manager()
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        while True:
+            acts = [a for a in client.list_actions("all") if int(a["id"][2:]) > after]
+            open_ = [a for a in acts if a["state"] in ("PENDING", "CLAIMED")]
+            now = time.monotonic()
+            if acts and not open_:
+                quiet_since = quiet_since or now
+                if now - quiet_since >= settle:
+                    return [{**a, "ok": a["state"] == "SUCCEEDED"} for a in acts]
+            else:
+                quiet_since = None
+            if now > deadline:
+                return [{**a, "ok": a["state"] == "SUCCEEDED"} for a in acts]
+            time.sleep(0.02)
+
+    def last_action_number(self) -> int:
+        """The highest action number the manager has handed out so far (0: none)."""
+        acts = self.manager().list_actions("all")
+        return max((int(a["id"][2:]) for a in acts), default=0)
 
 
 def _read(path: Path) -> str:

@@ -96,7 +96,6 @@ def recable(lab: Lab, vm: str, dst: str) -> None:
             return
     src = v.host
     lab.recable(vm, dst)
-    lab.announce(vm)
     lab.record("event", vm, "recabled", src=src, dst=dst)
 
 
@@ -316,9 +315,9 @@ class PoolLab:
             stale = lab.procs.by_role.pop(f"guest-{vm}", None)
             if stale is not None and stale.poll() is None:  # a fenced copy on a hung host
                 lab.procs.add(f"stale-{vm}-{v.host}", stale)
-            v.proc = lab.popen(vm, self.guest_argv(vm, host, "rw", map_=map_), role=f"guest-{vm}")
-            v.state = "running"
-            lab.record("event", vm, "start", host=host, pid=v.proc.pid, pooled=True)
+            proc = lab.popen(vm, self.guest_argv(vm, host, "rw", map_=map_), role=f"guest-{vm}")
+            lab.set_guest(vm, proc.pid)
+            lab.record("event", vm, "start", host=host, pid=proc.pid, pooled=True)
         else:
             p = lab.popen(vm, self.guest_argv(vm, host, "ro", map_=True),
                           role=f"ftsec-{vm}-{host}")  # fmt: skip
@@ -403,7 +402,7 @@ class Executor:
             if old is not None and old.poll() is None:
                 lab.procs.add(f"stale-{vm}-{v.host}", old)
             lab.procs.add(f"guest-{vm}", sec)
-            v.proc, v.state = sec, "running"
+            lab.set_guest(vm, sec.pid)
             return f"secondary of {vm} on {to} promoted"
         if action == "memory-create-secondary":
             if to in lab.crashed:

@@ -21,7 +21,7 @@ def test_defaults_without_a_file() -> None:
     cfg = validate("smoke", None)
     assert cfg.hosts == 3
     assert cfg.scenario == {"vm": "vm1", "to": "h2", "crash": "h3", "loss_link": None,
-                            "loss_rate": 0.0}
+                            "loss_rate": 0.0, "src": "h1"}
 
 
 def test_a_full_file(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from netsvc.lab.client import GuestClient, request
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab
-from netsvc.lab.plan import LabPlan
+from netsvc.lab.plan import GATEWAY, LabPlan
 from netsvc.lab.scenarios import Checks, Scenario
 
 POOL = ("198.18.1.150", "198.18.1.199")
@@ -50,6 +50,7 @@ def acd_config(dns: Any, key_file: str) -> str:
             'pool = "198.18.1.0/24"',
             f'pool_ranges = [["{POOL[0]}", "{POOL[1]}"]]',
             'protected = ["198.18.1.1"]',
+            f'gateway = "{GATEWAY}"',
             f'dns_server = "{dns.server}"',
             f"dns_port = {dns.port}",
             f'dns_zone = "{dns.zone}"',
@@ -119,12 +120,16 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     client = GuestClient(lab.guest_connect(vm), interval=0.005).start()
     time.sleep(1.0)
     t_clone = lab.clone_vm(vm, clone, on)
+    # The clone's host's agent carries out the readdress; the lab only watches the manager.
     done: list[dict[str, Any]] = []
     deadline = time.monotonic() + 15
     while not done and time.monotonic() < deadline:
-        done = [a for a in lab.execute_actions("lab") if a["kind"] == "readdress"]
+        done = [{**a, "ok": a["state"] == "SUCCEEDED"} for a in mgr.list_actions("all")
+                if a["kind"] == "readdress" and a["state"] not in ("PENDING", "CLAIMED")]
         time.sleep(0.01)
-    t_reconnected = time.monotonic()
+    finished = next((e for e in mgr.journal(0)
+                     if e["action"] in ("readdress-done", "readdress-failed")), None)
+    t_reconnected = float(finished["mono"]) if finished else time.monotonic()
     dns_entry = None
     while dns_entry is None and time.monotonic() < deadline:
         dns_entry = next((e for e in mgr.journal(0) if e["action"] == "dns-update"), None)
@@ -141,6 +146,12 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         yielded == clone and bool(done[0]["ok"]),
         json.dumps(done, default=str)[:300],
     )
+    checks.check(
+        "the clone's host's agent carried it out",
+        bool(done) and done[0]["executor"] == f"agent-{on}" and done[0]["host"] == on,
+        f"executor {done[0]['executor'] if done else None}",
+    )
+    out["readdress_steps_ms"] = (done[0].get("result") or {}).get("steps_ms") if done else None
     detected = first_conflict_at(lab, original_ip)
     out["detection_ms"] = None if detected is None else round((detected - t_clone) * 1000, 2)
     checks.check("a monitor saw the conflict", detected is not None, f"{out['detection_ms']} ms")

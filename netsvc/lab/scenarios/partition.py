@@ -119,19 +119,36 @@ class Run:
         self.clients = {vm: GuestClient(lab.guest_connect(vm, timeout=0.3), interval=0.01,
                                         timeout=0.3, key_prefix=f"p{vm}").start()
                         for vm in self.vms}
-        self.done: dict[str, float] = {}  # VM -> when the lab finished its action
+        self.done: dict[str, float] = {}  # VM -> when its host's agent finished its action
         self.executed: list[dict[str, Any]] = []
+        self._seen: set[str] = set()
+        self._journal_seq = 0
         time.sleep(0.5)
         self.t0 = 0.0
 
     def execute(self) -> None:
-        for a in self.lab.execute_actions("lab"):
-            self.executed.append(a)
-            if a["ok"]:
-                self.done[a["vm"]] = time.monotonic()
+        """Collect the actions the hosts' agents finished (the lab carries out nothing): when
+        each finished is the manager's journal time of its completion."""
+        mgr = self.lab.manager()
+        finished_at: dict[str, float] = {}
+        for e in mgr.journal(self._journal_seq):
+            self._journal_seq = max(self._journal_seq, int(e["seq"]))
+            action_id = (e.get("details") or {}).get("action")
+            if e["action"].endswith(("-done", "-failed")) and action_id:
+                finished_at[str(action_id)] = float(e["mono"])
+        for a in mgr.list_actions("all"):
+            if a["id"] in self._seen or a["state"] in ("PENDING", "CLAIMED"):
+                continue
+            if a["kind"] not in ("migrate", "restart", "power-off", "shutdown"):
+                continue
+            self._seen.add(a["id"])
+            ok = a["state"] == "SUCCEEDED"
+            self.executed.append({**a, "ok": ok})
+            if ok:
+                self.done[a["vm"]] = finished_at.get(a["id"], time.monotonic())
 
     def pump(self, seconds: float, until: Callable[[], bool] | None = None) -> bool:
-        """Carry out actions for ``seconds``, or until ``until()`` holds."""
+        """Watch the agents carry out actions for ``seconds``, or until ``until()`` holds."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.execute()

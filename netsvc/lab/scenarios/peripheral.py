@@ -167,7 +167,8 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                  and bulk_place.get("manager_status") == 202,
                  f"exit {code}: {bulk_place.get('reason')}; manager "
                  f"{bulk_place.get('manager_status')} {bulk_place.get('manager')}")  # fmt: skip
-    done = lab.execute_actions("lab")
+    queued = (bulk_place.get("manager") or {}).get("action") or {}
+    done = lab.wait_actions([queued["id"]] if queued.get("id") else None, timeout=20.0)
     migrated = [a for a in done if a["kind"] == "migrate" and a["vm"] == BULK_VM and a["ok"]]
     out["migration"] = ({"vm": BULK_VM, "from": migrated[0].get("from"),
                          "to": migrated[0].get("to"), "detail": migrated[0]["detail"]}

@@ -63,7 +63,8 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
         check_link(link, plan)
     elif rate:
         raise ConfigError("smoke: loss_rate needs a loss_link")
-    return {"vm": vm, "to": to, "crash": crash, "loss_link": link, "loss_rate": rate}
+    return {"vm": vm, "to": to, "crash": crash, "loss_link": link, "loss_rate": rate,
+            "src": placed[vm]}
 
 
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
@@ -87,14 +88,15 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     if params["loss_link"]:
         faults.loss(params["loss_link"], params["loss_rate"])
     plan = mgr.migrate(vm, to=dst, reason="smoke: planned migration", dry_run=True)
-    checks.check("dry-run queues nothing", not mgr.claim_actions("lab"), f"plan: {plan}")
+    checks.check("dry-run queues nothing", not mgr.list_actions("open"), f"plan: {plan}")
 
     client = GuestClient(lab.guest_connect(vm), interval=0.002).start()
     time.sleep(1.0)
     before = len(client.log.times)
-    mgr.migrate(vm, to=dst, reason="smoke: planned migration", dry_run=False)
+    queued = mgr.migrate(vm, to=dst, reason="smoke: planned migration", dry_run=False)
     t_mig = time.monotonic()
-    done = lab.execute_actions("lab")
+    # The hosts' agents carry it out: dst prepares, the source hands over.
+    done = lab.wait_actions([queued["action"]["id"]], timeout=20.0)
     t_done = time.monotonic()
     time.sleep(1.0)
     log = client.stop()
@@ -105,7 +107,16 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     out["migration_switch_ms"] = done[0]["detail"] if done else None
     out["client_requests"] = client.sent
     out["client_interval_ms"] = client.interval * 1000
-    checks.check("migration carried out", len(done) == 1 and done[0]["ok"], str(done))
+    src = params["src"]
+    checks.check(
+        "migration carried out by the hosts' agents",
+        len(done) == 1 and done[0]["ok"] and done[0]["hosts"] == [dst, src]
+        and done[0]["executor"] == f"agent-{src}" and lab.vm(vm).host == dst,
+        f"{[(a['id'], a['state'], a['hosts'], a['executor'], a['detail']) for a in done]}; "
+        f"the hypervisor state has {vm} on {lab.vm(vm).host}",
+    )
+    out["migration_phases_ms"] = {
+        k: v for a in done for k, v in (a.get("result") or {}).get("steps_ms", {}).items()}
     checks.check(
         "client answered before and after",
         before > 100 and after > 100,
