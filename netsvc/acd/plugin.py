@@ -14,7 +14,10 @@ from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlug
 
 def _config(table: Mapping[str, Any], base_dir: str | None) -> Any:
     from netsvc.acd.conflicts import AcdConfig
+    from netsvc.acd.schemas import AcdTable
+    from netsvc.cluster.schema import convert
 
+    convert(table, AcdTable, prefix="acd")  # the declared schema: types, bounds, unknown keys
     return AcdConfig.from_mapping(table, base_dir=base_dir)
 
 

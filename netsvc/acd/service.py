@@ -91,6 +91,9 @@ def validate_conflict(obj: object) -> ConflictRequest:
     )
 
 
+validate_conflict.__schema__ = ConflictReport  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class ConflictOutcome:
     """The outcome of a conflict report that was not refused (refusals raise ``Refused``).

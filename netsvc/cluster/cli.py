@@ -31,19 +31,6 @@ if TYPE_CHECKING:
 ENV_MANAGER = "NETSVC_MANAGER"
 ENV_KEY_FILE = "NETSVC_KEY_FILE"
 
-#: Keys allowed in the manager's TOML config, with their types.
-MANAGER_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
-    "listen": (str,),
-    "key_file": (str,),
-    "state_dir": (str,),
-    "store": (str,),
-    "heartbeat_interval": (int, float),
-    "missed_heartbeats": (int,),
-    "action_timeout": (int, float),
-    "access_log": (bool,),
-    "networks": (list,),
-}
-NETWORK_KEYS = {"name", "cidr", "kind"}
 
 
 class UsageError(Exception):
@@ -182,42 +169,27 @@ def load_manager_config(path: str, plugins: Sequence[ServicePlugin] = ()) -> dic
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path} is not valid TOML: {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    tables = {pl.name: pl for pl in plugins if pl.config is not None}
-    services: dict[str, Any] = {}
-    for key, value in list(data.items()):
-        if key in tables:
-            if not isinstance(value, dict):
-                raise UsageError(f"config {path}: [{key}] must be a table")
-            continue
-        types = MANAGER_CONFIG_KEYS.get(key)
-        if types is None:
-            raise UsageError(
-                f"config {path}: unknown key {key!r} "
-                f"(known: {', '.join(sorted([*MANAGER_CONFIG_KEYS, *tables]))})"
-            )
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            want = " or ".join(t.__name__ for t in types)
-            raise UsageError(f"config {path}: {key!r} must be {want}, not {type(value).__name__}")
-        if key in ("key_file", "state_dir"):
-            data[key] = os.path.join(base, os.path.expanduser(str(value)))
-    for i, net in enumerate(data.get("networks", [])):
-        if not isinstance(net, dict):
-            raise UsageError(f"config {path}: networks[{i}] must be a table")
-        unknown = sorted(set(net) - NETWORK_KEYS)
-        missing = sorted(NETWORK_KEYS - set(net))
-        if unknown:
-            raise UsageError(f"config {path}: networks[{i}]: unknown key {unknown[0]!r}")
-        if missing:
-            raise UsageError(f"config {path}: networks[{i}]: missing key {missing[0]!r}")
-        for k in NETWORK_KEYS:
-            if not isinstance(net[k], str):
-                raise UsageError(f"config {path}: networks[{i}].{k} must be a string")
-    from netsvc.cluster.errors import ValidationError
+    import msgspec
 
+    from netsvc.cluster.errors import ValidationError
+    from netsvc.cluster.schemas import split_manager_config
+
+    tables = {pl.name: pl for pl in plugins if pl.config is not None}
+    try:
+        kernel, service_tables = split_manager_config(data, tables)
+    except ValidationError as exc:
+        raise UsageError(f"config {path}: {exc}") from None
+    data = {k: v for k, v in msgspec.structs.asdict(kernel).items()
+            if v is not None or k in data}
+    data["networks"] = [msgspec.structs.asdict(n) for n in kernel.networks]
+    for key in ("key_file", "state_dir"):
+        if data.get(key):
+            data[key] = os.path.join(base, os.path.expanduser(str(data[key])))
+    services: dict[str, Any] = {}
     for name, pl in tables.items():
         assert pl.config is not None
         try:
-            services[name] = pl.config(data.get(name, {}), base)
+            services[name] = pl.config(service_tables.get(name, {}), base)
         except ValidationError as exc:
             raise UsageError(f"config {path}: [{name}] {exc}") from None
     data["services"] = services

@@ -14,8 +14,11 @@ from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlug
 
 def _config(table: Mapping[str, Any], base_dir: str | None) -> Any:
     from netsvc.cluster.errors import ValidationError
+    from netsvc.cluster.schema import convert
     from netsvc.partition.response import Policy, ResponseError
+    from netsvc.partition.schemas import PolicyTable
 
+    convert(table, PolicyTable, prefix="partition")  # the declared schema
     try:
         return Policy.from_mapping(table)
     except ResponseError as exc:

@@ -52,6 +52,9 @@ def _report_body(obj: object) -> dict[str, Any]:
     return out
 
 
+_report_body.__schema__ = HostReportBody  # type: ignore[attr-defined]
+
+
 class PartitionService(BaseManagerService):
     name = "partition"
 

@@ -106,13 +106,13 @@ def test_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text,match",
-    [("colour = 1\n", "unknown key 'colour'"),
-     ('heartbeat_interval = "fast"\n', "'heartbeat_interval' must be int or float"),
-     ("missed_heartbeats = true\n", "'missed_heartbeats' must be int"),
-     ("listen = 1\n", "'listen' must be str"),
-     ("[[networks]]\nname = \"x\"\n", "missing key"),
+    [("colour = 1\n", "colour: unknown field 'colour'"),
+     ('heartbeat_interval = "fast"\n', "heartbeat_interval: must be a number, not a string"),
+     ("missed_heartbeats = true\n", "missed_heartbeats: must be an integer, not a boolean"),
+     ("listen = 1\n", "listen: must be a string or null, not an integer"),
+     ("[[networks]]\nname = \"x\"\n", "networks[0].cidr: required field is missing"),
      ("[[networks]]\nname = \"x\"\ncidr = \"1.0.0.0/8\"\nkind = \"vm\"\nvlan = 3\n",
-      "unknown key 'vlan'"),
+      "networks[0].vlan: unknown field 'vlan'"),
      ("listen = \n", "not valid TOML")],
 )
 def test_bad_config_files(tmp_path: Path, text: str, match: str) -> None:

@@ -444,11 +444,11 @@ def test_manager_config_file_with_acd(tmp_path: Path) -> None:
     assert data["services"]["acd"].dns_key_file == str(tmp_path / "dns.key")
     assert data["services"]["acd"].candidates == 4
     for text, match in [
-        ("[acd]\npool = 1\n", "acd.pool: must be str, not int"),
-        ("[acd]\nbogus = 1\n", "acd.bogus: unknown key"),
+        ("[acd]\npool = 1\n", "acd.pool: must be a string or null, not an integer"),
+        ("[acd]\nbogus = 1\n", "acd.bogus: unknown field"),
         ('[acd]\npool = "198.18.1.0/33"\n', "acd.pool"),
         ('[acd]\ndns_server = "198.18.0.2"\n', "acd.dns_zone: required"),
-        ('acd = "x"\n', r"\[acd\] must be a table"),
+        ('acd = "x"\n', "acd: must be an object, not a string"),
     ]:
         cfg.write_text(text)
         with pytest.raises(UsageError, match=match):

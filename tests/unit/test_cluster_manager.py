@@ -396,3 +396,53 @@ def test_record_event(env: Env) -> None:
                                   reason="scenario step 3", details={"loss": 0.3}, now=T0 + 1)
     assert entry.actor == "lab" and entry.wall == WALL0 + T0 + 1
     assert env.core.journal_entries(since=1)[0] == entry
+
+
+def test_a_state_dir_from_before_the_plugins_still_starts(tmp_path: Path) -> None:
+    """Action records written by netsvc 0.1 (no payload, no phases) are read, and carried on
+    by the new owners: a migration restarts at prepare on its target, a readdress on its host."""
+    import json as _json
+
+    from netsvc.acd.service import AcdService
+    from netsvc.cluster.manager import ACTIONS_KEY, MODEL_KEY
+
+    store = SqliteStore(tmp_path / "state.sqlite")
+    journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    old = ManagerCore(store, journal, now=T0, wall=WALL0)
+    old.heartbeat("h1", seq=1, now=T0)
+    old.heartbeat("h2", seq=1, now=T0)
+    old.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.11", host="h1",
+               state=VMState.RUNNING, now=T0)
+    old.put_vm("vm2", mac="52:54:00:00:00:02", ip="198.18.1.12", host="h2",
+               state=VMState.RUNNING, now=T0)
+    model_doc, _ = store.get(MODEL_KEY) or (b"", 0)
+    v1 = {"next": 3, "open": [
+        {"id": "a-1", "kind": "migrate", "vm": "vm1", "from": "h1", "to": "h2",
+         "reason": "drain h1", "state": "PENDING", "executor": None, "detail": None,
+         "created": 12.5, "claimed_at": None},
+        {"id": "a-2", "kind": "readdress", "vm": "vm2", "host": "h2",
+         "mac": "52:54:00:00:00:02", "old_ip": "198.18.1.12", "candidates": ["198.18.1.150"],
+         "winner": None, "new_ip": None, "result": None, "dns": None, "reason": "clone",
+         "state": "CLAIMED", "executor": "lab", "detail": None, "created": 13.0,
+         "claimed_at": 13.5, "decision": {"rule": "newest"}},
+    ]}
+    _, rev = store.get(ACTIONS_KEY) or (b"", 0)
+    store.compare_and_put(ACTIONS_KEY, _json.dumps(v1).encode(), rev)
+    assert model_doc
+    core = ManagerCore(store, journal, now=T0 + 100, wall=WALL0 + 100,
+                       services=[AcdService()])
+    a1, a2 = core.open_actions()
+    assert (a1.kind, a1.phases, a1.hosts, a1.host) == ("migrate", ("prepare", "handover"),
+                                                       ("h2", "h1"), "h2")
+    assert a1.deadline == T0 + 100 + core.config.action_timeout  # fresh deadline
+    assert (a2.kind, a2.host, a2.payload["old_ip"]) == ("readdress", "h2", "198.18.1.12")
+    assert a2.state is ActionState.CLAIMED and a2.deadline == T0 + 100 + 30.0
+    core.heartbeat("h1", seq=2, now=T0 + 100)
+    core.heartbeat("h2", seq=2, now=T0 + 100)
+    (claimed,) = core.claim_actions("h2", "agent-h2", now=T0 + 101)
+    assert claimed.id == "a-1" and claimed.phase_name == "prepare"
+    # what the new manager writes back is the new shape, and reads again
+    again = ManagerCore(store, journal, now=T0 + 200, wall=WALL0 + 200, services=[AcdService()])
+    assert [a.id for a in again.open_actions()] == ["a-1", "a-2"]
+    journal.close()
+    store.close()

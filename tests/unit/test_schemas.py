@@ -131,7 +131,7 @@ OLD_PARSE_BODY = _old("netsvc.cluster.api:parse_body")
 #: netsvc.cluster.api and netsvc.acd.service now call ``convert``); the parity runs against the
 #: hand-written ones passed before they went. Their parity tests now check the corpus only.
 REPLACED = {"heartbeat", "vm", "migrate", "action_result", "claim", "event", "conflict",
-            "int_param"}
+            "int_param", "load_manager_config"}
 OLD = {
     "heartbeat": _old("netsvc.cluster.api:validate_heartbeat"),
     "vm": _old("netsvc.cluster.api:validate_vm"),
