@@ -164,6 +164,8 @@ class Lab:
         self._lock = threading.RLock()
         self.key_file: Path | None = None
         self.services: tuple[str, ...] = ()
+        self._follow_stop = threading.Event()
+        self._follower: threading.Thread | None = None
         self.build_s = 0.0
         self.teardown_s = 0.0
 
@@ -265,6 +267,10 @@ class Lab:
         t0 = time.monotonic()
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self._follow_stop.set()
+            if self._follower is not None:
+                self._follower.join(timeout=2.0)
+                self._follower = None
             self.procs.end_all(grace=1.0)
             for drv in self._drivers.values():
                 with contextlib.suppress(Exception):
@@ -830,6 +836,41 @@ class Lab:
         for v in self.vms.values():
             client.put_vm(v.name, mac=v.mac, ip=v.ip, host=v.host, state=v.state)
         self.record("event", "lab", "cluster-ready")
+        if self.timeline is not None and self._follower is None:
+            self._follower = threading.Thread(target=self._follow_journal, daemon=True,
+                                              name="lab-journal-follower")
+            self._follower.start()
+
+    #: Journal actions the timeline shows (what the manager decided, what the agents did).
+    FOLLOWED = ("-accepted", "-refused", "-done", "-failed", "-prepared", "action-claimed",
+                "action-timeout", "action-expired", "action-cancelled", "host-down", "host-up",
+                "partition-verdict", "conflict-detected", "conflict-decision", "dns-update",
+                "vm-located")
+
+    def _follow_journal(self) -> None:
+        """Put the manager's journal on the timeline as it grows (every 50 ms): the agents
+        carry out the actions, so this is how the run's picture shows them. Each event keeps
+        the journal's own monotonic time (``journal_mono``) beside the time it was seen."""
+        from netsvc.cluster.client import ApiError
+
+        since = 0
+        client = None
+        stopping = False
+        while not stopping:
+            stopping = self._follow_stop.wait(0.05)  # one last read after the stop
+            try:
+                client = client or self.manager()
+                entries = client.journal(since)
+            except (ApiError, OSError, LabError):
+                continue
+            for e in entries:
+                since = max(since, int(e["seq"]))
+                name = str(e["action"])
+                if not (name.endswith(self.FOLLOWED) or name in self.FOLLOWED):
+                    continue
+                subject = str(e["subject"]).split(":", 1)[-1]
+                self.record("event", subject, name, actor=e.get("actor"),
+                            journal_mono=e.get("mono"), reason=str(e.get("reason"))[:120])
 
     def _power_file(self, host: str) -> Path:
         return self.run_dir / "bmc" / f"{host}.power"

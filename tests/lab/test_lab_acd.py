@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from netsvc.lab.garp import announcement
+from netsvc.lab.garp import announcement, open_sender
 from netsvc.lab.lab import Lab
+from netsvc.lab.netns import run_in_netns
 
 pytestmark = pytest.mark.lab
 NETSVC = [sys.executable, "-m", "netsvc"]
@@ -96,7 +97,9 @@ def test_watch_reports_a_clone_conflict(lab: Lab) -> None:
     run(lab, "vm1", "arping", "-U", "-c", "1", "-I", "vnic", "-s", vm1.ip, vm1.ip)
     assert lab.plan is not None
     port = lab.plan.vm_port("vm2", lab.vms["vm2"].generation)
-    lab._garp_socket("vm2", port).send(announcement(lab.vms["vm2"].mac, vm1.ip))
+    sender = run_in_netns(lab.pid("vm2"), lambda: open_sender(port))
+    with sender:
+        sender.send(announcement(lab.vms["vm2"].mac, vm1.ip))
     out, err = w.communicate(timeout=20)
     events = [json.loads(x) for x in out.splitlines()]
     conflicts = [e for e in events if e["event"] == "Conflict" and e["ip"] == vm1.ip]

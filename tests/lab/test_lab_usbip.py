@@ -53,7 +53,7 @@ def test_peripheral_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert report["migration"]["to"] == "h2"
     timeline = [json.loads(x) for x in (tmp_path / "timeline.jsonl").read_text().splitlines()]
     seen = {e["name"] for e in timeline}
-    assert {"shape", "usbip-placement", "migrated", "allocation-followed", "cut"} <= seen
+    assert {"shape", "usbip-placement", "migrate-done", "allocation-followed", "cut"} <= seen
 
 
 def test_allocation_is_read_from_tc_and_follows_the_vm() -> None:
