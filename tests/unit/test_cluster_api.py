@@ -35,7 +35,7 @@ from netsvc.cluster.auth import (
 from netsvc.cluster.errors import ValidationError
 from netsvc.cluster.journal import Journal
 from netsvc.cluster.manager import ManagerConfig, ManagerCore
-from netsvc.cluster.model import UNSET, VMState
+from netsvc.cluster.model import VMState
 from netsvc.cluster.store import SqliteStore
 
 KEY = b"test-key-0123456789"
