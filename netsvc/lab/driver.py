@@ -66,6 +66,13 @@ __all__ = ["LabDriver", "open_lab_driver", "wait_operstate_up"]
 # it receives but sends nothing and learns nothing; a speaking port is an ordinary port.
 _SILENT = {"learning": 0, "unicast_flood": 0, "bcast_flood": 0, "mcast_flood": 0}
 _SPEAKING = {"learning": 1, "unicast_flood": 1, "bcast_flood": 1, "mcast_flood": 1}
+# The flood flags above do not stop the VM's own stack: IGMP/MLD reports and IPv6 neighbour
+# discovery leave a bridge through every forwarding port whatever its flags, and a port state
+# cannot be held at "blocking" on a bridge without STP (the kernel recomputes it). Such a frame
+# out of a prepared port teaches the network the target's location early, and the old host
+# then drops the VM's traffic (one lost TCP segment: a 200 ms retransmission). So a prepared
+# port is *held*: an nftables egress chain on it drops everything until just before the switch.
+HOLD_TABLE = "nvhold"
 DRAIN_S = 0.05  # how long the old port keeps delivering after the switch
 ANNOUNCE_REPEATS = (0.0, 0.005, 0.02, 0.1)  # gratuitous ARP offsets, seconds
 GUEST_READY_S = 10.0  # how long a started guest has to answer PING
@@ -251,6 +258,27 @@ class LabDriver:
                     IPRoute() if _same_netns(pid) else IPRoute(netns=netns_path(pid), flags=0)
                 )
             return self._ipr[pid]
+
+    def _nft(self, vm: str, script: str) -> None:
+        """Run an nftables script inside ``vm``'s namespace."""
+        r = subprocess.run(["mnexec", "-a", str(self._vm_pid(vm)), "nft", "-f", "-"],
+                           input=script, capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise DriverError(f"{vm}: nft failed: {r.stderr.strip()[:200]}")
+
+    def _hold(self, vm: str, port: str) -> None:
+        """Drop everything ``vm``'s stack sends out of ``port`` (see ``HOLD_TABLE``). A chain
+        left by an earlier port of the same name is replaced."""
+        self._release(vm, port)
+        self._nft(vm, f"table netdev {HOLD_TABLE} {{\n chain {port.replace('-', '_')} {{\n"
+                      f"  type filter hook egress device \"{port}\" priority 0; policy drop;\n"
+                      " }\n}\n")
+
+    def _release(self, vm: str, port: str) -> None:
+        """Let ``port`` send again (no error if it was not held)."""
+        chain = port.replace("-", "_")
+        with contextlib.suppress(DriverError):
+            self._nft(vm, f"delete chain netdev {HOLD_TABLE} {chain}\n")
 
     def warm(self) -> None:
         """Do the slow first steps now (import pyroute2, open this host's namespace), so the
@@ -622,6 +650,7 @@ class LabDriver:
                 new_idx = self._index(vm_ipr, new_port, f"{vm}'s namespace")
                 vm_ipr.link("set", index=new_idx, master=vnic)
                 vm_ipr.brport("set", index=new_idx, isolated=1, **_SILENT)
+                self._hold(vm, new_port)
                 host_vif = self._index(host_ipr, vif, f"{self.host}'s namespace")
                 vs0 = self._index(host_ipr, "vs0", f"{self.host}'s namespace")
                 host_ipr.link("set", index=host_vif, master=vs0, state="up")
@@ -687,6 +716,7 @@ class LabDriver:
             steps["ready"] = _ms(t)
             # Switch: the VM now sends only through the new port; the old port still delivers
             # what is in flight towards this host, so nothing is dropped.
+            self._release(vm, new_port)  # the new port may send from here on (it is silent)
             t0 = time.monotonic()
             try:
                 vm_ipr.brport("set", index=new_idx, **_SPEAKING)
@@ -694,6 +724,7 @@ class LabDriver:
                 sock.close()
                 with contextlib.suppress(Exception):
                     vm_ipr.brport("set", index=new_idx, **_SILENT)
+                    self._hold(vm, new_port)
                 raise DriverError(
                     f"{vm}: handover to {target} failed at the switch, the VM is still on "
                     f"{self.host}: {exc}"
@@ -767,6 +798,7 @@ class LabDriver:
             idx = self._lookup(vm_ipr, port)
             if idx is not None:
                 vm_ipr.link("del", index=idx)
+                self._release(vm, port)
                 deleted = True
             vif = self._lookup(host_ipr, self.plan.vif_name(vm))
             if vif is not None:  # normally gone with its peer
