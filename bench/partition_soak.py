@@ -67,9 +67,9 @@ def main() -> int:
         subprocess.run(["mnexec", "-a", str(lab.pid("h1")), "nft", "-f", "-"],
                        input=COUNTERS.replace("add table netdev nvsoakarp\n", ""), text=True,
                        check=True)
-        agent = lab.procs.by_role["agent-h1"].pid
+        agent = lab.process("agent-h1").pid
         faults = Faults(lab)
-        for h in lab._plan().host_names():
+        for h in lab.require_plan().host_names():
             faults.loss(f"{h}:mgmt", a.loss)
             faults.loss(f"{h}:vmnet", a.loss)
         mgr = lab.manager()

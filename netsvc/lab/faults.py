@@ -115,9 +115,9 @@ class Faults:
     def partition(self, hosts: list[str], network: str, against: list[str] | None = None) -> str:
         """Split ``hosts`` from every other node on ``network`` (or only from the hosts in
         ``against``, so both sides keep the rest, e.g. the gateway): frames between are dropped."""
-        plan = self.lab._plan()
+        plan = self.lab.require_plan()
         for h in [*hosts, *(against or [])]:
-            self.lab._check_host(h)
+            self.lab.check_host(h)
         if against is not None and (not against or set(hosts) & set(against)):
             raise ValueError("against must name other hosts than the partitioned ones")
         switch = plan.switch(network)

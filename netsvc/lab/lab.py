@@ -301,6 +301,23 @@ class Lab:
                 signal.signal(s, h)
 
     # --- nodes -------------------------------------------------------------------------
+    # --- the public surface scenarios and helpers use -----------------------------------
+    def require_plan(self) -> LabPlan:
+        """The run's plan (names, addresses); ``LabError`` if the lab is not built."""
+        return self._plan()
+
+    def host_names(self) -> list[str]:
+        return self._plan().host_names()
+
+    def check_host(self, host: str) -> None:
+        """``LabError`` unless ``host`` is one of this run's hosts."""
+        self._check_host(host)
+
+    def process(self, role: str) -> subprocess.Popen[bytes] | None:
+        """The process this run started under ``role`` (``agent-h1``, ``manager``...), if
+        it is still tracked."""
+        return self.procs.by_role.get(role)
+
     def _plan(self) -> LabPlan:
         if self.plan is None or self.net is None:
             raise LabError("the lab is not built")

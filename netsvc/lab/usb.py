@@ -69,7 +69,7 @@ def _vif(lab: Lab, vm: str) -> tuple[str, str, int]:
     if vm not in lab.vms:
         raise _err(f"no VM {vm!r} in this lab")
     host = lab.vms[vm].host
-    vif = lab._plan().vif_name(vm)
+    vif = lab.require_plan().vif_name(vm)
     return host, vif, lab.link_index(host, vif)
 
 
@@ -92,7 +92,7 @@ def shape_vm(lab: Lab, vm: str, rate_bps: int) -> HtbAllocation:
         ipr.tc("del", "htb", idx, QDISC)
     rate = rate_bps // 8
     burst = htb_burst(rate_bps)
-    local = int(ipaddress.IPv4Address(lab._plan().host_addr(host, "vmnet")))
+    local = int(ipaddress.IPv4Address(lab.require_plan().host_addr(host, "vmnet")))
     try:
         ipr.tc("add", "htb", idx, QDISC, default=ALLOC_CLASS & 0xFFFF)
         ipr.tc("add-class", "htb", idx, ALLOC_CLASS, parent=QDISC, rate=rate, burst=burst,
@@ -158,8 +158,8 @@ def start_usb_server(
     """Serve ``devices`` (``--device`` specs) from ``host``'s VM-network address.
 
     Returns (address, port, pid) once the server listens."""
-    lab._check_host(host)
-    addr = lab._plan().host_addr(host, "vmnet")
+    lab.check_host(host)
+    addr = lab.require_plan().host_addr(host, "vmnet")
     role = f"usbip-{host}"
     path, start = _log(lab, role)
     argv = [sys.executable, "-m", "netsvc", "usbip", "serve", "--bind", addr, "--port",

@@ -71,7 +71,7 @@ def test_knot_serves_the_vms_and_takes_only_signed_updates() -> None:
         )
         assert len(base64.b64decode(info.key_secret, validate=True)) == 32
         assert started_s < 10
-        proc = lab.procs.by_role["dns"]
+        proc = lab.process("dns")
         knotd_pid = proc.pid
         # knotd lives in the services node's namespace, not in ours.
         assert netns_of(knotd_pid) == netns_of(lab.pid("svc")) != netns_of(os.getpid())
@@ -112,7 +112,7 @@ def test_start_failure_names_the_log_and_ends_knotd() -> None:
         lab.build()
         with pytest.raises(DnsStartError, match=r"within 0 s; see .*/logs/dns\.log"):
             start_dns(lab, timeout=0.0)
-        assert "dns" not in lab.procs.by_role
+        assert lab.process("dns") is None
         with pytest.raises(ValueError, match="outside the zone"):
             start_dns(lab, records={"vm9.elsewhere.test.": "198.18.1.9"})
         info = start_dns(lab, records={"web": "198.18.1.50"})

@@ -67,7 +67,7 @@ def test_allocation_is_read_from_tc_and_follows_the_vm() -> None:
         lab.build()
         got = shape_vm(lab, "vm1", 250_000_000)
         assert (got.classid_text, got.rate_bps, got.chosen_by) == ("1:10", 250_000_000, "default")
-        vif = lab._plan().vif_name("vm1")
+        vif = lab.require_plan().vif_name("vm1")
         argv = [sys.executable, "-m", "netsvc", "usbip", "place", "vm1", "h2", "1-2",
                 "--need-bps", "200M", "--from-tc", f"{lab.pid('h1')},{vif}", "--dry-run",
                 "--json"]  # fmt: skip

@@ -59,7 +59,7 @@ def _check(default_host: Callable[[LabPlan], str]) -> Callable[[dict[str, Any], 
 def wait_healthy(lab: Lab, timeout: float = 15.0) -> None:
     """Until the manager has a fresh report from every host and judges them all healthy."""
     mgr = lab.manager()
-    hosts = set(lab._plan().host_names())
+    hosts = set(lab.require_plan().host_names())
     deadline = time.monotonic() + timeout
     while True:
         st = mgr.partition_status()
@@ -265,7 +265,7 @@ def _host_crash(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, A
 
 def _partition(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     run = Run(lab, checks, params["host"])
-    others = [h for h in lab._plan().host_names() if h != run.host]
+    others = [h for h in lab.require_plan().host_names() if h != run.host]
     faults = Faults(lab)
     run.t0 = time.monotonic()
     fid = faults.partition([run.host], "vmnet", against=others)
@@ -284,7 +284,7 @@ def _partition(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
 
 def _flapping(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     run = Run(lab, checks, params["host"])
-    plan = lab._plan()
+    plan = lab.require_plan()
     end = (run.host, plan.host_ifname(run.host, "eth1"))
     run.t0 = time.monotonic()
     lab.record("fault-start", run.host, "flapping", fault_id="flap")
