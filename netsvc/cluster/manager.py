@@ -850,12 +850,13 @@ class ManagerCore:
             nxt = action.advance(result or {}, now=now,
                                  deadline=now + self.config.action_timeout)
             self._set_action(nxt)
-            self._journal_append(
-                now, wall, "action-phase-done", _subject("action", action.id),
-                f"phase {action.phase_name} done on {action.host}; {nxt.phase_name} is next "
-                f"on {nxt.host}", details=nxt.to_dict())
-            if spec.phase_done is not None:
+            if spec.phase_done is not None:  # the kind journals the step in its own words
                 spec.phase_done(nxt, self, now, wall)
+            else:
+                self._journal_append(
+                    now, wall, "action-phase-done", _subject("action", action.id),
+                    f"phase {action.phase_name} done on {action.host}; {nxt.phase_name} is "
+                    f"next on {nxt.host}", details=nxt.to_dict())
             self._persist()
             return nxt
         done = self._finish_kind(action, ok, result, detail, now, wall)

@@ -115,8 +115,10 @@ def _migrate_on_claim(action: Action, kernel: Kernel, now: float, wall: float | 
 def _migrate_phase_done(action: Action, kernel: Kernel, now: float, wall: float | None) -> None:
     kernel.journal_append(
         now, wall, "migrate-prepared", subject("vm", action.vm),
-        f"target {action.payload.get('to')} is ready; the source hands over next",
-        details=_details(action, "", action.results.get("prepare"), now),
+        f"target {action.payload.get('to')} is ready; the source "
+        f"{action.payload.get('from')} hands over next",
+        details={**_details(action, "", action.results.get("prepare"), now),
+                 "next_phase": action.phase_name, "next_host": action.host},
     )
 
 
