@@ -15,9 +15,11 @@ other hosts' drivers.
 
 Invariants:
 - A driver acts only for VMs whose record names its host, except ``migrate_prepare``,
-  ``restart`` and ``recable``, which bring a VM here, and ``migrate_abort``, which only removes
-  what prepare made here. Every refusal and failure is a ``DriverError`` naming the VM and
-  where it is; nothing else escapes a public method.
+  ``restart`` and ``recable``, which bring a VM here, ``migrate_abort``, which only removes
+  what prepare made here, and ``guest_exec``, which starts a program in the VM's namespace for
+  this host (a pooled-memory secondary runs on another host than its primary; in the lab every
+  copy of a VM lives in the VM's one namespace). Every refusal and failure is a
+  ``DriverError`` naming the VM and where it is; nothing else escapes a public method.
 - Operations on one VM run one at a time; operations on different VMs run at once (each
   namespace's ``IPRoute`` is called by one thread at a time).
 - The record's ``host`` and ``generation`` change in the same locked update that follows the
@@ -42,13 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,7 @@ GUEST_READY_S = 10.0  # how long a started guest has to answer PING
 SHUTDOWN_S = 10.0  # how long a guest has to exit after SIGTERM
 KILL_WAIT_S = 5.0  # how long a guest has to disappear after SIGKILL
 PORT_UP_S = 2.0  # how long a new cable has to report operstate UP at both ends
+_EXEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a guest_exec log's name
 
 
 def wait_operstate_up(links: list[tuple[Any, int]], timeout: float) -> bool:
@@ -281,10 +285,18 @@ class LabDriver:
             self._nft(vm, f"delete chain netdev {HOLD_TABLE} {chain}\n")
 
     def warm(self) -> None:
-        """Do the slow first steps now (import pyroute2, open this host's namespace), so the
-        first action an agent carries out does not pay for them."""
+        """Do the slow first steps now, so the first action an agent carries out does not pay
+        for them: import pyroute2, open this host's namespace and every VM's (about 10 ms
+        each), and open a GARP sender on the current port of each VM held here."""
         with self._op("the lab VMs", "warm up"):
             self._host_ipr()
+            for vm in self._inventory().vm_pids:
+                with contextlib.suppress(Exception):
+                    self._vm_ipr(vm)
+            for rec in self.state.all().values():
+                if rec.host == self.host:
+                    with contextlib.suppress(Exception):
+                        self._sender(rec.name, self.plan.vm_port(rec.name, rec.generation))
 
     def _host_ipr(self, host: str | None = None) -> Any:
         return self._ipr_of(self._host_pid(host or self.host))
@@ -573,6 +585,33 @@ class LabDriver:
             self._announce(rec)
             steps["announce"] = _ms(t)
             return {"vm": vm, "host": self.host, "generation": rec.generation, "steps_ms": steps}
+
+    def guest_exec(self, vm: str, argv: Sequence[str], name: str) -> int:
+        """Start ``argv`` inside ``vm``'s namespace, as the qemu guest agent's ``guest-exec``
+        does, and return its pid without waiting for it. Its output is appended to
+        ``<log_dir>/<name>.log``; it runs in a session of its own with this process's
+        environment (the lab's marker kept, so teardown finds it). The driver keeps it to reap
+        it; the caller records what it is (a hypervisor record, a file) so it can be found."""
+        if not _EXEC_NAME.fullmatch(name):
+            raise DriverError(f"{vm}: bad log name {name!r} for guest-exec (letters, digits "
+                              "and ._- only)")
+        with self._op(vm, "run a program in"):
+            ns_pid = self._vm_pid(vm)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ)
+            env[registry.ENV_MARKER] = self._inv.prefix  # teardown and `lab clean` find it
+            with open(self.log_dir / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    ["mnexec", "-a", str(ns_pid), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            with self._lock:
+                self._children[f"exec:{name}:{proc.pid}"] = proc  # reaped with the guests
+            return proc.pid
 
     def _recable(self, rec: VmRecord) -> VmRecord:
         """Move ``rec``'s NIC to this host's ``vs0`` at once (break before make: for a VM whose
