@@ -5,15 +5,16 @@
 One lab (``--hosts`` hosts, one VM each); vm1 is a fault-tolerant pooled VM (4 MiB of pool
 pages), primary on h1, its secondary placed by the master. Each run: a client on the gateway
 writes to vm1 every 5 ms (``SET wK vN``, reconnecting at once on any error) and remembers every
-acknowledged write; the primary's host is crashed (``Lab.crash_host``: its processes killed,
-its links down); the pool agent stops renewing, the lease lapses after at most ``--ttl``, the
-master fences the host and promotes the secondary, the lab re-cables the VM's NIC to the
-secondary's host. Timed: from the crash to the first write acknowledged on a connection made
-after the crash (``failover_ms``). Then every acknowledged key is read back (``acked_writes_lost``)
-and the time to a new secondary on a third host is noted (``reprotect_ms``). The crashed host is
-powered on again (its pool agent rejoins with a new epoch) before the next run, so the VM keeps
-moving round the hosts. Goal: p99 < 1 s; 0 acknowledged writes lost over all runs.
-Writes bench/results/memory_failover.json.
+acknowledged write; the primary's host is crashed (``PoolLab.crash_host``: its processes and
+the secondaries its agent started killed, its links down); the pool agent stops renewing, the
+lease lapses after at most ``--ttl``, the master fences the host and asks the manager for the
+promotion, and the secondary's host's agent promotes it in place and re-cables the VM's NIC to
+its host. Timed: from the crash to the first write acknowledged on a connection made after the
+crash (``failover_ms``). Then every acknowledged key is read back (``acked_writes_lost``) and
+the time to a new secondary on a third host is noted (``reprotect_ms``). The crashed host is
+powered on again (its agent and pool agent rejoin, the pool agent with a new epoch) before the
+next run, so the VM keeps moving round the hosts. Goal: p99 < 1 s; 0 acknowledged writes lost
+over all runs. Writes bench/results/memory_failover.json.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> int:
 
                     def protected(prim: str = prim, box: list[str] = box) -> bool:
                         h = _ro_host(pl, "vm1", {prim})
-                        if h is not None and f"ftsec-vm1-{h}" in lab.procs.by_role:
+                        if h is not None and pl.secondary_pid("vm1", h) is not None:
                             box.append(h)
                         return bool(box)
 

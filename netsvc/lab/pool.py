@@ -4,36 +4,39 @@
 
     with PoolLab(lab, ttl=0.5, etcd=False) as pl:
         pl.start({"vm1": VmSpec("h1", 1024, ft=True)})  # manager, agents, master, guests
-        ... lab.crash_host("h1") ...
-        pl.pump(until=...)                               # plays the hypervisor (Executor)
+        ... pl.crash_host("h1") ...
+        pl.pump(15.0, until=...)                         # waits: the hosts' agents act
 
 What runs where (all through ``lab.popen``, so the run's marker is on every process):
 
 - ``svc``: the manager (``lab.start_services``, optionally on a real etcd started here first,
   ``--store etcd://198.18.0.2:2379``) and the master (``python -m netsvc.memory.master``,
   role ``memory-master``).
-- each host ``hN``: its pool agent (role ``poolagent-hN``: ``lab.crash_host`` kills it, so a
-  crashed host stops renewing its lease).
-- each pooled VM's namespace: its guest (``netsvc.memory.guest_server``), role ``guest-VM`` for
-  the primary (``crash_host`` kills it with the VM's host) and ``ftsec-VM-hN`` for an FT
-  secondary (killed with hN). The lab's dict guest of a pooled VM is stopped first.
+- each host ``hN``: its agent (``lab.start_services``: ``netsvc agent --driver lab:<hv>``) and
+  its pool agent (role ``poolagent-hN``: ``lab.crash_host`` kills both, so a crashed host
+  stops renewing its lease and carries out nothing).
+- each pooled VM's namespace: its guest (``netsvc.memory.guest_server``). The first primary is
+  started here (the lab boots its VMs: role ``guest-VM``; the lab's dict guest of a pooled VM
+  is stopped first). Every later guest is started by a host's agent for the master
+  (``netsvc.memory.executor``, through ``LabDriver.guest_exec``): a primary is the VM's
+  ``guest_pid`` in the lab's hypervisor state, a secondary is recorded in
+  ``<hv>/secondaries/<vm>-<host>.json``.
 
-``Executor`` is the hypervisor: it tails the manager's journal and carries out the master's
-``memory-respawn`` / ``memory-promote`` / ``memory-create-secondary`` /
-``memory-remove-secondary`` decisions: it re-cables the VM's NIC to the target host's virtual
-switch (so the VM keeps its address) and starts, promotes (SIGUSR1, in place) or stops the guest.
-The guest maps the VM in its host's table under that host's grant; the master sees the mapping.
+The lab carries out nothing of the master's: the master asks the manager
+(``POST /v1/memory/actions``) and the target host's agent claims the action and carries it out.
+``pump`` only waits; ``executed`` reads what happened from the manager's journal.
 
 Invariants:
 
 - The pool file is ``/dev/shm/netsvc-pool-<prefix>``, unique to the run, and is removed when
   the ``PoolLab`` exits, on success, error, Ctrl-C or SIGTERM (the runner turns it into an
   exception).
-- A VM's primary guest is started only after the master unmapped it from the fenced host (the
-  guest's RW map is refused otherwise), so a VM never has two writable copies; a fenced copy
-  that is still alive (a hung host) keeps its role under ``stale-VM-hN`` and exits on its own
-  once it runs again (``--watch``).
-- Everything ``PoolLab`` starts is ended by the lab's teardown (by role and by marker).
+- ``crash_host`` kills everything of the host that ``Lab.crash_host`` knows (its agents, the
+  guests of the VMs it holds) and the secondaries its agent started; a first guest the lab
+  started that was fenced and replaced (a hung host's) stays with the host it ran on, under
+  ``stale-VM-hN``, and exits on its own once it runs again (``--watch``).
+- Everything ``PoolLab`` and the agents start is ended by ``close`` or the lab's teardown (by
+  role, by record and by marker).
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import GUEST_PORT, SERVICES_MGMT
+from netsvc.memory import executor as mex
+from netsvc.memory.schemas import ACTOR, MEMORY_KINDS
 
 ETCD_PORT = 2379
 SECONDARY_PORT = GUEST_PORT + 1
@@ -70,33 +75,21 @@ class VmSpec:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Executed:
+    """One step the master asked for, as the manager's journal tells it: ``decided`` is the
+    monotonic time of its decision entry (``memory-*``), ``done`` that of its agent's report
+    (``memory-*-done``/``-failed``; None while it is open or if it never ran)."""
+
     action: str
     vm: str
     to: str
-    decided: float  # the journal entry's monotonic time
-    done: float
-    ok: bool
+    decided: float
+    done: float | None
+    ok: bool | None
     detail: str = ""
-
-
-def recable(lab: Lab, vm: str, dst: str) -> None:
-    """Re-cable ``vm``'s NIC to ``dst``'s virtual switch (as ``Lab.restart_vm``, without
-    starting a guest), then announce it. The VM's namespace, address and processes stay."""
-    plan = lab._plan()
-    v = lab._vm(vm)
-    if dst in lab.crashed:
-        raise LabError(f"host {dst} is down")
-    if dst == v.host and v.host not in lab.crashed:
-        vif = plan.vif_name(vm)
-        ipr = lab.ipr(dst)
-        idx = ipr.link_lookup(ifname=vif)
-        if idx and ipr.get_links(idx[0])[0].get_attr("IFLA_OPERSTATE") == "UP":
-            return
-    src = v.host
-    lab.recable(vm, dst)
-    lab.record("event", vm, "recabled", src=src, dst=dst)
+    id: str = ""
+    executor: str | None = None
 
 
 class PoolLab:
@@ -121,7 +114,12 @@ class PoolLab:
         self.etcd, self.partition, self.config = etcd, partition, config
         self.path = Path("/dev/shm") / f"netsvc-pool-{lab.prefix}"
         self.specs: dict[str, VmSpec] = {}
-        self.executor: Executor | None = None
+        self._first: dict[str, str] = {}  # VM -> the host the lab started its first guest on
+
+    @property
+    def hv_root(self) -> Path:
+        """The lab's hypervisor state (where the agents record secondaries)."""
+        return self.lab.run_dir / "hv"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -141,10 +139,13 @@ class PoolLab:
             roles = [
                 r
                 for r in self.lab.procs.by_role
-                if r.startswith(("poolagent-", "ftsec-", "stale-")) or r == "memory-master"
+                if r.startswith(("poolagent-", "stale-")) or r == "memory-master"
             ]
             for role in roles:
                 self.lab.procs.end(role, signal.SIGKILL)
+            for rec in mex.secondaries(self.hv_root):
+                mex.kill_guest(rec["pid"], str(rec["vm"]), str(rec["host"]))
+                mex.drop_secondary(self.hv_root, str(rec["vm"]), str(rec["host"]))
             for vm in self.specs:
                 with contextlib.suppress(LabError):
                     if self.lab._vm(vm).state == "running":
@@ -160,8 +161,9 @@ class PoolLab:
     # -- starting things -------------------------------------------------------------------
 
     def start(self, vms: dict[str, VmSpec], services: bool = True) -> None:
-        """Etcd (if asked), the manager and agents, the pool agents, the pooled guests, the
-        master; returns when every guest answers and the master has started."""
+        """Etcd (if asked), the manager and the hosts' agents (each with the lab's hypervisor
+        driver: they carry out the master's steps), the pool agents, the first pooled guests,
+        the master; returns when every guest answers and the master has started."""
         self.specs = dict(vms)
         if services:
             store = None
@@ -179,11 +181,9 @@ class PoolLab:
                 raise LabError(f"{vm} is on {v.host}, not {spec.host}")
             if v.state == "running":
                 self.lab.stop_vm(vm)
-            self.start_guest(vm, spec.host, "rw", map_=True)
+            self.start_guest(vm, spec.host)
         self.lab.wait_guests(list(vms), timeout=10.0)
-        since = max((int(e["seq"]) for e in self.lab.manager().journal(0)), default=0)
         self.start_master()
-        self.executor = Executor(self, since)  # plays every decision since the master started
 
     def start_etcd(self, timeout: float = 15.0) -> None:
         data = self.lab.run_dir / "etcd"
@@ -285,7 +285,8 @@ class PoolLab:
             "svc",
             [sys.executable, "-m", "netsvc.memory.master", "--pool", str(self.path),
              "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--ttl",
-             str(self.ttl), "--poll", str(self.poll),
+             str(self.ttl), "--poll", str(self.poll), "--guest-port", str(GUEST_PORT),
+             "--secondary-port", str(SECONDARY_PORT),
              *([] if self.partition else ["--no-partition"])],
             role="memory-master",
         )  # fmt: skip
@@ -296,47 +297,115 @@ class PoolLab:
                 raise LabError("the memory master did not start (see logs/memory-master.log)")
             time.sleep(0.05)
 
-    def guest_argv(self, vm: str, host: str, mode: str, *, map_: bool) -> list[str]:
-        argv = [sys.executable, "-m", "netsvc.memory.guest_server", "--pool", str(self.path),
-                "--vm", vm, "--host", host, "--mode", mode, "--watch", "0.1"]  # fmt: skip
-        if map_:
-            argv.append("--map")
-        if mode == "ro":
-            argv += ["--port", str(SECONDARY_PORT), "--promote-port", str(GUEST_PORT)]
-        else:
-            argv += ["--port", str(GUEST_PORT)]
-        return argv
+    def guest_argv(self, vm: str, host: str) -> list[str]:
+        """The command line of ``vm``'s primary guest as ``host``'s process (the same one the
+        agents start, ``netsvc.memory.executor.guest_argv``)."""
+        return mex.guest_argv(str(self.path), vm, host, "rw", port=GUEST_PORT, watch=0.1)
 
-    def start_guest(self, vm: str, host: str, mode: str, map_: bool = False) -> None:
-        """Start ``vm``'s pooled guest in its namespace, as ``host``'s process for it."""
+    def start_guest(self, vm: str, host: str) -> None:
+        """Boot ``vm``'s first pooled guest in its namespace, as ``host``'s process for it (it
+        maps the VM read-write in ``host``'s table). Later guests are the agents' business."""
         lab = self.lab
-        v = lab._vm(vm)
-        if mode == "rw":
-            stale = lab.procs.by_role.pop(f"guest-{vm}", None)
-            if stale is not None and stale.poll() is None:  # a fenced copy on a hung host
-                lab.procs.add(f"stale-{vm}-{v.host}", stale)
-            proc = lab.popen(vm, self.guest_argv(vm, host, "rw", map_=map_), role=f"guest-{vm}")
-            lab.set_guest(vm, proc.pid)
-            lab.record("event", vm, "start", host=host, pid=proc.pid, pooled=True)
-        else:
-            p = lab.popen(vm, self.guest_argv(vm, host, "ro", map_=True),
-                          role=f"ftsec-{vm}-{host}")  # fmt: skip
-            lab.record("event", vm, "secondary-start", host=host, pid=p.pid)
+        proc = lab.popen(vm, self.guest_argv(vm, host), role=f"guest-{vm}")
+        lab.set_guest(vm, proc.pid)
+        self._first[vm] = host
+        lab.record("event", vm, "start", host=host, pid=proc.pid, pooled=True)
 
-    # -- the hypervisor loop ---------------------------------------------------------------
+    # -- watching the agents act -----------------------------------------------------------
 
     def pump(self, seconds: float, until: Callable[[], bool] | None = None,
              every: float = 0.01) -> bool:  # fmt: skip
-        """Carry out the master's decisions for ``seconds``, or until ``until()`` holds."""
-        assert self.executor is not None
+        """Wait ``seconds``, or until ``until()`` holds (True then); the hosts' agents carry
+        out the master's steps meanwhile. Without ``until``: True after the wait."""
         end = time.monotonic() + seconds
         while True:
-            self.executor.step()
             if until is not None and until():
                 return True
             if time.monotonic() >= end:
                 return until is None
             time.sleep(every)
+
+    def journal(self, since: int = 0) -> list[dict[str, Any]]:
+        """The manager's journal after ``since``, every page of it."""
+        out: list[dict[str, Any]] = []
+        mgr = self.lab.manager()
+        while True:
+            page = mgr.journal(since)
+            if not page:
+                return out
+            out += page
+            since = max(int(e["seq"]) for e in page)
+
+    def executed(self, since_mono: float = 0.0) -> list[Executed]:
+        """The master's steps decided at or after ``since_mono``, oldest first, with when
+        (and whether) the target's agent finished each (see ``Executed``)."""
+        decided: dict[str, dict[str, Any]] = {}
+        finished: dict[str, dict[str, Any]] = {}
+        ends = {f"{k}-{o}": k for k in MEMORY_KINDS for o in ("done", "failed")}
+        for e in self.journal():
+            aid = (e.get("details") or {}).get("action")
+            if not aid:
+                continue
+            if (e["action"] in MEMORY_KINDS and e.get("actor") == ACTOR
+                    and not e.get("dry_run") and float(e["mono"]) >= since_mono):
+                decided[str(aid)] = e
+            elif e["action"] in ends:
+                finished[str(aid)] = e
+        out = []
+        for aid, e in decided.items():
+            d, f = e["details"], finished.get(aid)
+            out.append(Executed(
+                e["action"], str(d["vm"]), str(d["to"]), float(e["mono"]),
+                None if f is None else float(f["mono"]),
+                None if f is None else f["action"].endswith("-done"),
+                "" if f is None else str(f.get("reason", "")), aid,
+                None if f is None else (f.get("details") or {}).get("executor")))
+        return sorted(out, key=lambda x: x.decided)
+
+    def finished(self, action: str, since_mono: float, timeout: float = 5.0) -> list[Executed]:
+        """The ``action`` steps (``memory-promote``, ...) decided at or after ``since_mono``,
+        once every one of them has been reported by its agent, or as they are after
+        ``timeout`` seconds (the agents report a little after the guest maps and serves)."""
+        box: list[Executed] = []
+
+        def all_done() -> bool:
+            box[:] = [x for x in self.executed(since_mono) if x.action == action]
+            return bool(box) and all(x.done is not None for x in box)
+
+        self.pump(timeout, all_done, every=0.05)
+        return list(box)
+
+    def secondaries(self) -> dict[tuple[str, str], int]:
+        """The live FT secondaries the agents started: (VM, host) -> pid."""
+        out = {}
+        for rec in mex.secondaries(self.hv_root):
+            vm, host, pid = str(rec["vm"]), str(rec["host"]), rec["pid"]
+            if mex.is_guest(pid, vm, host):
+                out[(vm, host)] = int(pid)
+        return out
+
+    def secondary_pid(self, vm: str, host: str) -> int | None:
+        """The pid of ``vm``'s live secondary on ``host``, if its agent started one."""
+        return self.secondaries().get((vm, host))
+
+    def crash_host(self, host: str) -> list[str]:
+        """``Lab.crash_host`` plus what it cannot know of: the secondaries ``host``'s agent
+        started die with it, and a first guest of a VM that was replaced since (a fenced copy
+        on a hung host) stays with the host it ran on. Returns the VMs that died."""
+        lab = self.lab
+        for vm, first in self._first.items():
+            proc = lab.procs.by_role.get(f"guest-{vm}")
+            if proc is not None and lab.vm(vm).guest_pid != proc.pid:
+                lab.procs.by_role.pop(f"guest-{vm}")
+                lab.procs.add(f"stale-{vm}-{first}", proc)
+        died = lab.crash_host(host)
+        for rec in mex.secondaries(self.hv_root):
+            vm = str(rec["vm"])
+            if rec["host"] == host:
+                mex.kill_guest(rec["pid"], vm, host)
+                mex.drop_secondary(self.hv_root, vm, host)
+                lab.record("event", vm, "secondary-died", host=host, pid=rec["pid"])
+        return died
 
     def mapped(self) -> dict[str, dict[str, str]]:
         """The pool's host-to-VM table, access as ``RW``/``RO``."""
@@ -347,77 +416,6 @@ class PoolLab:
         """Power a crashed host on again, with its pool agent (it rejoins with a new epoch)."""
         self.lab.power_on(host)
         self.start_agent(host)
-
-
-@dataclass
-class Executor:
-    """Plays the hypervisor for the master's decisions (read from the manager's journal)."""
-
-    pl: PoolLab
-    since: int = 0
-    done: list[Executed] = field(default_factory=list)
-
-    def step(self) -> list[Executed]:
-        from netsvc.cluster.client import ApiError
-
-        try:
-            entries = self.pl.lab.manager().journal(self.since)
-        except ApiError:
-            return []
-        out = []
-        for e in entries:
-            self.since = max(self.since, int(e["seq"]))
-            if e.get("actor") != "memory-master" or e["action"] not in (
-                "memory-respawn", "memory-promote", "memory-create-secondary",
-                "memory-remove-secondary",
-            ):  # fmt: skip
-                continue
-            d = e["details"]
-            ok, detail = True, ""
-            try:
-                detail = self._do(e["action"], d["vm"], d["to"])
-            except Exception as exc:  # the executor's boundary: report, keep playing
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            ex = Executed(e["action"], d["vm"], d["to"], float(e["mono"]), time.monotonic(), ok,
-                          detail)  # fmt: skip
-            self.pl.lab.record("action", d["vm"], e["action"], to=d["to"], ok=ok, detail=detail)
-            self.done.append(ex)
-            out.append(ex)
-        return out
-
-    def _do(self, action: str, vm: str, to: str) -> str:
-        lab, pl = self.pl.lab, self.pl
-        if action == "memory-respawn":
-            recable(lab, vm, to)
-            pl.start_guest(vm, to, "rw", map_=True)
-            return f"{vm} respawned on {to} from the pool"
-        if action == "memory-promote":
-            sec = lab.procs.by_role.pop(f"ftsec-{vm}-{to}", None)
-            if sec is None or sec.poll() is not None:
-                raise LabError(f"no live secondary of {vm} on {to}")
-            sec.send_signal(signal.SIGUSR1)  # maps RW and serves :7000, in place
-            recable(lab, vm, to)
-            old = lab.procs.by_role.pop(f"guest-{vm}", None)
-            v = lab._vm(vm)
-            if old is not None and old.poll() is None:
-                lab.procs.add(f"stale-{vm}-{v.host}", old)
-            lab.procs.add(f"guest-{vm}", sec)
-            lab.set_guest(vm, sec.pid)
-            return f"secondary of {vm} on {to} promoted"
-        if action == "memory-create-secondary":
-            if to in lab.crashed:
-                raise LabError(f"host {to} is down")
-            pl.start_guest(vm, to, "ro")
-            return f"secondary of {vm} started on {to}"
-        # memory-remove-secondary
-        lab.procs.end(f"ftsec-{vm}-{to}", signal.SIGTERM)
-        if to not in lab.crashed:
-            from netsvc.memory.errors import MemoryError_
-            from netsvc.memory.guest_server import host_grant
-
-            with self.pl.open(readonly=False) as pool, contextlib.suppress(MemoryError_):
-                pool.unmap_vm(host_grant(pool, to), vm)
-        return f"secondary of {vm} on {to} removed"
 
 
 def _recv_all(sock: socket.socket, limit: int = 65536) -> bytes:

@@ -13,7 +13,14 @@ A memory-mapped file on a tmpfs that every lab host maps stands in for a CXL-sty
 - ``cli``          ``netsvc memory init|show|check``
 - ``agent``        the per-host pool agent process: holds and renews its host's lease (I/O)
 - ``master``       the master process: drives ``recovery`` and ``ft`` over the pool, fences,
-                   journals every decision to the manager (I/O)
+                   journals every decision to the manager and asks it for the hosts' steps (I/O)
+- ``service``      the manager side: ``POST /v1/memory/actions`` and the four action kinds
+                   (respawn, promote, create/remove a secondary), queued for the target host
+                   (pure, a kernel service); ``schemas``: its request; ``client``: the master's
+                   calls
+- ``executor``     the agent side: the target host carries those steps out through its
+                   hypervisor driver (I/O)
+- ``plugin``       what the package brings to the manager, the agent, the lab and the CLI
 
 Invariants of the package: pure modules never read a clock or touch a file; every write to a
 host's page table or a VM's pages is fenced by that host's lease epoch; every record is

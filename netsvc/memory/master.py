@@ -14,12 +14,18 @@ commands. Who does what:
 - *Fences*: this process, in the pool: it acquires a lapsed host's lease (the epoch moves on,
   so that host's guests can never write again), unmaps the host's VMs from its table with that
   fence grant, renews the fence while it works and releases it when every VM was handled.
-- *Executes* what needs a hypervisor: the journaled ``memory-respawn``, ``memory-promote``,
+- *Asks* for what needs a hypervisor: the ``memory-respawn``, ``memory-promote``,
   ``memory-create-secondary`` and ``memory-remove-secondary`` decisions name a VM and a target
-  host; the hypervisor of the target (``netsvc.lab.pool.Executor`` in the lab) starts, promotes
-  or stops the guest there, and the guest maps the VM in its host's table under that host's own
-  grant (``guest_server --map``). The master sees the mapping appear in the pool: that is the
-  completion (``memory-respawned``, ``memory-promoted``, ``memory-secondary-ready``).
+  host; ``main`` posts each to ``POST /v1/memory/actions`` (``netsvc.memory.service``), which
+  journals the decision under the same name and queues the action for the target's agent. That
+  agent (``netsvc.memory.executor``) starts, promotes or stops the guest there, and the guest
+  maps the VM in its host's table under that host's own grant (``guest_server --map``). The
+  master sees the mapping appear in the pool: that is the completion (``memory-respawned``,
+  ``memory-promoted``, ``memory-secondary-ready``). An action that is refused, fails, is
+  cancelled or expires comes back through ``action_failed`` (``ActionWatch`` follows each
+  one): a secondary is placed again (``FtController.secondary_failed``, at most once a second
+  per VM), a respawn goes back to recovery (``RecoveryMaster.failed``) and a failed promotion
+  falls back to a respawn of the VM from its pool pages on another host.
 
 The partition hook: ``classifications`` (host -> the partition service's verdict, from
 ``GET /v1/partition``) goes into each ``HostView``, so a host that still holds its lease but is
@@ -36,12 +42,17 @@ Invariants:
   epoch) as ``memory-fence`` with ``dry_run`` set, naming the VMs that would move.
 - Every command of the cores is carried out or journaled; a pool error while carrying one out is
   journaled (``memory-error``) and reported back to the core as a failure, never swallowed.
+- A hypervisor step that did not happen (refused, failed, cancelled, expired) is journaled
+  (``memory-action-failed``) and handed back to the core that asked for it; nothing waits on
+  it for ever.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import queue
 import signal
 import sys
@@ -78,12 +89,24 @@ class Decision:
     dry_run: bool = False
 
 
+#: The pending kind (``_Pending.kind``) each executed decision waits on.
+PENDING_KIND = {
+    "memory-respawn": "respawn",
+    "memory-promote": "promote",
+    "memory-create-secondary": "secondary",
+}
+#: A VM's failed steps are handled (placed again) at most this often, in seconds: a target
+#: that refuses at once must not make the master ask again in a tight loop.
+RETRY_PAUSE = 1.0
+
+
 @dataclass
 class _Pending:
     kind: str  # respawn, promote, secondary
     host: str
     since: float
     ft_lost: bool = False
+    src: str | None = None  # promote: the failed primary's host
 
 
 class MasterLoop:
@@ -121,6 +144,9 @@ class MasterLoop:
         self.errors = 0
         self.dry_run = dry_run
         self._would: set[tuple[str, int]] = set()  # (host, lease epoch) reported in dry run
+        self._failures: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
+        self._deferred: list[tuple[str, str, str, str]] = []
+        self._retry_at: dict[str, float] = {}  # VM -> when its next failure may be handled
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -139,6 +165,7 @@ class MasterLoop:
         cmds += self.ft.set_hosts(candidates(self.pool, now), now)
         cmds += self._enable_ft(views, now)
         cmds += self._completions(now)
+        cmds += self._failed_actions(now)
         if now >= self.recovery.next_timer():
             cmds += self.recovery.handle_timer(now)
         if now >= self.ft.next_timer():
@@ -186,6 +213,67 @@ class MasterLoop:
                 if p.ft_lost:
                     out += self.ft.resumed(vm, p.host, now)
         return out
+
+    # -- hypervisor steps that did not happen ----------------------------------------------
+
+    def action_failed(self, kind: str, vm: str, host: str, reason: str) -> None:
+        """The ``kind`` step of ``vm`` on ``host`` was refused, failed, was cancelled or
+        expired. Thread-safe: handled at the next ``step``."""
+        self._failures.put((kind, vm, host, reason))
+
+    def _failed_actions(self, now: float) -> list[Any]:
+        while True:
+            try:
+                self._deferred.append(self._failures.get_nowait())
+            except queue.Empty:
+                break
+        out: list[Any] = []
+        later: list[tuple[str, str, str, str]] = []
+        for kind, vm, host, reason in self._deferred:
+            if now < self._retry_at.get(vm, -math.inf):
+                later.append((kind, vm, host, reason))
+                continue
+            p = self.pending.get(vm)
+            matches = p is not None and p.host == host and p.kind == PENDING_KIND.get(kind)
+            self._say("memory-action-failed", f"vm:{vm}", f"{kind} on {host}: {reason}",
+                      vm=vm, to=host, kind=kind, waited=matches)  # fmt: skip
+            if matches:
+                assert p is not None
+                del self.pending[vm]
+                self._retry_at[vm] = now + RETRY_PAUSE
+            if kind == "memory-create-secondary":
+                if vm in self.ft.vms:  # a no-op unless it is the VM's (coming) secondary
+                    self._retry_at[vm] = now + RETRY_PAUSE
+                    out += self.ft.secondary_failed(vm, host, now, reason)
+            elif not matches:
+                continue  # not (or no longer) what this VM waits for
+            elif kind == "memory-promote" or (p is not None and p.ft_lost):
+                assert p is not None
+                out += self._respawn_elsewhere(vm, p, reason, now)
+            elif kind == "memory-respawn":
+                with contextlib.suppress(MemoryError_):  # not one of recovery's
+                    out += self.recovery.failed(vm, reason, now)
+        self._deferred = later
+        return out
+
+    def _respawn_elsewhere(self, vm: str, p: _Pending, reason: str, now: float) -> list[Any]:
+        """An FT VM whose promotion (or fallback respawn) failed: respawn it from its pool
+        pages on another live host, under the fence of its failed primary's host."""
+        g = None if p.src is None else self.grants.get(p.src)
+        if g is None:
+            self._say("memory-cannot-respawn", f"vm:{vm}",
+                      f"{reason}; no fence held for its old host {p.src}", vm=vm, host=p.src)
+            return []
+        need = self.pool.vm(vm).n_pages * self.mib_per_page
+        hosts = candidates(self.pool, now)
+        pick = choose(hosts, need, exclude={g.host, p.host}) or choose(hosts, need,
+                                                                      exclude={g.host})
+        if pick is None:
+            self._say("memory-cannot-respawn", f"vm:{vm}", "no live host with room", vm=vm,
+                      host=g.host)  # fmt: skip
+            return []
+        return self._respawn(vm, g, pick.name, f"{p.kind} on {p.host} failed ({reason}): "
+                             "respawn from the pool", now)  # fmt: skip
 
     def _recovery_done(self, vm: str, now: float) -> list[Any]:
         try:
@@ -295,7 +383,7 @@ class MasterLoop:
                 return []
             if cmd.vm in self.pool.mapped(cmd.old_host):
                 self.pool.unmap_vm(g, cmd.vm)
-            self.pending[cmd.vm] = _Pending("promote", cmd.host, now)
+            self.pending[cmd.vm] = _Pending("promote", cmd.host, now, src=cmd.old_host)
             self._say("memory-promote", f"vm:{cmd.vm}",
                       f"primary host {cmd.old_host} fenced at epoch {cmd.epoch}: promote the "
                       f"secondary on {cmd.host}",
@@ -331,7 +419,7 @@ class MasterLoop:
                 self.pool.unmap_vm(g, vm)
         except StaleEpoch as exc:
             return list(self.recovery.failed(vm, f"fence lost: {exc}", now))
-        self.pending[vm] = _Pending("respawn", to, now, ft_lost=vm in self.ft.vms)
+        self.pending[vm] = _Pending("respawn", to, now, ft_lost=vm in self.ft.vms, src=g.host)
         self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=g.host,
                   epoch=g.epoch)  # fmt: skip
         return []
@@ -363,11 +451,29 @@ def _subject(cmd: Any) -> str:
 # -- the process -------------------------------------------------------------------------------
 
 
-class JournalSink:
-    """Posts decisions to the manager's journal from one thread, in order; prints each too."""
+@dataclass(frozen=True)
+class GuestParams:
+    """What a target host needs to start a VM's pooled guest (the action's payload)."""
 
-    def __init__(self, client: Any) -> None:
+    pool: str
+    port: int = 7000
+    secondary_port: int = 7001
+    watch: float = 0.1
+
+
+class JournalSink:
+    """Posts decisions to the manager from one thread, in order; prints each too. A decision
+    a host must carry out (``EXECUTED``) goes to ``POST /v1/memory/actions``, which journals
+    it and queues its action (followed by ``watch``); any other to the journal
+    (``POST /v1/events``). A refused or unsent step is reported to ``on_failed``."""
+
+    def __init__(self, client: Any, guest: GuestParams | None = None,
+                 on_failed: Callable[[str, str, str, str], None] | None = None,
+                 watch: ActionWatch | None = None) -> None:
         self.client = client
+        self.guest = guest
+        self.on_failed = on_failed
+        self.watch = watch
         self.q: queue.Queue[Decision | None] = queue.Queue()
         self.failed = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -383,19 +489,105 @@ class JournalSink:
         self.thread.join(timeout)
 
     def _run(self) -> None:
+        while (d := self.q.get()) is not None:
+            if d.action in EXECUTED and self.guest is not None:
+                self._ask(d)
+            else:
+                self._event(d)
+
+    def _event(self, d: Decision) -> None:
         from netsvc.cluster.client import ApiError
 
-        while (d := self.q.get()) is not None:
-            for _ in range(3):
+        for _ in range(3):
+            try:
+                self.client.post_event(ACTOR, d.action, d.subject, d.reason, d.details,
+                                       dry_run=d.dry_run)  # fmt: skip
+                return
+            except ApiError as exc:
+                print(f"journal: {exc}", file=sys.stderr, flush=True)
+                time.sleep(0.1)
+        self.failed += 1
+
+    def _ask(self, d: Decision) -> None:
+        """Ask the manager to queue ``d``'s step for its target host."""
+        from netsvc.cluster.client import ApiError
+        from netsvc.memory.client import request_action
+
+        assert self.guest is not None
+        vm, to = str(d.details["vm"]), str(d.details["to"])
+        why = "the manager could not be reached"
+        for _ in range(3):
+            try:
+                status, body = request_action(
+                    self.client, d.action, vm, to, d.reason, pool=self.guest.pool,
+                    port=self.guest.port, secondary_port=self.guest.secondary_port,
+                    watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
+            except ApiError as exc:
+                print(f"{d.action}: {exc}", file=sys.stderr, flush=True)
+                why = str(exc)
+                time.sleep(0.1)
+                continue
+            action = body.get("action")
+            if status == 202 and isinstance(action, dict):
+                if self.watch is not None:
+                    self.watch.follow(str(action["id"]), d.action, vm, to)
+                return
+            if 200 <= status < 300:
+                return  # a dry run
+            why = f"refused ({body.get('rule', status)}): {body.get('error', '')}"
+            print(f"{d.action} {vm} on {to}: {why}", file=sys.stderr, flush=True)
+            if status < 500:
+                break
+            time.sleep(0.1)
+        self.failed += 1
+        if self.on_failed is not None:
+            self.on_failed(d.action, vm, to, why)
+
+
+class ActionWatch:
+    """Follows the actions the master asked for (``GET /v1/actions/{id}``, every ``interval``
+    seconds) until they finish; one that did not succeed is reported to ``on_failed``."""
+
+    def __init__(self, client: Any, on_failed: Callable[[str, str, str, str], None],
+                 interval: float = 0.1) -> None:
+        self.client = client
+        self.on_failed = on_failed
+        self.interval = interval
+        self._open: dict[str, tuple[str, str, str]] = {}  # id -> (kind, vm, to)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def follow(self, action_id: str, kind: str, vm: str, to: str) -> None:
+        with self._lock:
+            self._open[action_id] = (kind, vm, to)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from netsvc.cluster.client import ApiError
+        from netsvc.memory.client import action_state
+
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                todo = list(self._open.items())
+            for action_id, (kind, vm, to) in todo:
                 try:
-                    self.client.post_event(ACTOR, d.action, d.subject, d.reason, d.details,
-                                           dry_run=d.dry_run)  # fmt: skip
-                    break
+                    a = action_state(self.client, action_id)
                 except ApiError as exc:
-                    print(f"journal: {exc}", file=sys.stderr, flush=True)
-                    time.sleep(0.1)
-            else:
-                self.failed += 1
+                    if exc.status == 404:  # forgotten by the manager: nothing more to learn
+                        with self._lock:
+                            self._open.pop(action_id, None)
+                    continue
+                state = str(a.get("state"))
+                if state in ("PENDING", "CLAIMED"):
+                    continue
+                with self._lock:
+                    self._open.pop(action_id, None)
+                if state != "SUCCEEDED":
+                    self.on_failed(kind, vm, to, f"{action_id} {state}: {a.get('detail')}")
 
 
 class PartitionFeed:
@@ -443,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-partition", action="store_true", help="ignore the partition service")
     p.add_argument("--dry-run", action="store_true",
                    help="journal what would be fenced (dry_run) and change nothing")  # fmt: skip
+    p.add_argument("--guest-port", type=int, default=7000,
+                   help="where a VM's pooled guest serves (told to the hosts)")
+    p.add_argument("--secondary-port", type=int, default=7001,
+                   help="where an FT secondary serves read-only until promoted")
+    p.add_argument("--guest-watch", type=float, default=0.1,
+                   help="seconds between a primary guest's fence checks")
     a = p.parse_args(argv)
     from netsvc.cluster.client import ManagerClient
 
@@ -464,10 +662,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, MemoryError_) as exc:
         print(f"netsvc-memory-master: {exc}", file=sys.stderr)
         return 2
-    sink = JournalSink(client)
+    failed: list[Callable[[str, str, str, str], None]] = []
+
+    def on_failed(kind: str, vm: str, to: str, reason: str) -> None:
+        if failed:
+            failed[0](kind, vm, to, reason)
+
+    watch = ActionWatch(client, on_failed)
+    guest = GuestParams(os.path.abspath(a.pool), a.guest_port, a.secondary_port, a.guest_watch)
+    sink = JournalSink(client, guest, on_failed, watch)
     sink_ref.append(sink)
     feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
     loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
+    failed.append(loop.action_failed)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -486,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if feed is not None:
             feed.stop()
+        watch.stop()
         sink.close()
         pool.close()
     return 0

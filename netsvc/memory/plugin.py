@@ -1,15 +1,39 @@
-"""netsvc.memory's plugin: its command line and its lab scenarios.
+"""netsvc.memory's plugin: what pooled memory brings to the manager, the agent and the lab.
 
-It has no manager side yet: it asks the kernel for migrations and journals its decisions
-through the kernel's generic routes (``/v1/vms/{vm}/migrate``, ``/v1/events``).
+- manager: ``MemoryService`` (``netsvc/memory/service.py``): the route through which the memory
+  master asks for a hypervisor step (``POST /v1/memory/actions``) and the four action kinds
+  ``memory-respawn``, ``memory-promote``, ``memory-create-secondary``,
+  ``memory-remove-secondary``. It has no config table (``manager(None)``).
+- agent: the executors of those kinds (``netsvc/memory/executor.py``), carried out by the
+  target host's agent through its hypervisor driver; nothing to start.
+- lab: the pooled-memory scenarios; cli: ``netsvc memory ...``.
+
+Importing this module is cheap (argparse only); each part imports its code when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
-from netsvc.cluster.service import LabPart, ServicePlugin
+from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlugin
+
+
+def _manager(config: Any) -> Any:
+    from netsvc.memory.service import MemoryService
+
+    return MemoryService(config)
+
+
+def _executor(kind: str) -> Any:
+    def run(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+        from netsvc.memory.executor import EXECUTORS
+
+        return EXECUTORS[kind](action, ctx)
+
+    run.__name__ = run.__qualname__ = f"memory_{kind.removeprefix('memory-')}"
+    return run
 
 
 def _scenarios() -> tuple[Any, ...]:
@@ -24,9 +48,15 @@ def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register(sub)
 
 
+#: The action kinds the memory service contributes (``netsvc.memory.schemas.MEMORY_KINDS``).
+KINDS = ("memory-respawn", "memory-promote", "memory-create-secondary",
+         "memory-remove-secondary")
+
 PLUGIN = ServicePlugin(
     name="memory",
     summary="the pooled-memory manager: fault-tolerant VMs and respawn from pool memory",
+    manager=_manager,
+    agent=AgentPart(executors={kind: _executor(kind) for kind in KINDS}),
     lab=LabPart(scenarios=_scenarios),
     cli=_cli,
 )

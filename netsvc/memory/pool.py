@@ -516,17 +516,23 @@ class Pool:
                     )
                 )
 
-    def page_table(self, host: str) -> PageTable:
-        """``host``'s page table, checked against the VM records (``PoolCorrupt`` if impossible)."""
+    def _checked_pt(self, host: str) -> tuple[PageTable, dict[int, VmInfo]]:
+        """``host``'s page table and the VM records it was checked against, read after it: a
+        reader without the lock never sees an entry for a VM created after its VM snapshot."""
         slot = self.host(host).slot
         pt = self._pt_raw(slot, host)
-        self._validate_pt(host, pt, {v.slot: v for v in self.vms()})
-        return pt
+        vms = {v.slot: v for v in self.vms()}
+        self._validate_pt(host, pt, vms)
+        return pt, vms
+
+    def page_table(self, host: str) -> PageTable:
+        """``host``'s page table, checked against the VM records (``PoolCorrupt`` if impossible)."""
+        return self._checked_pt(host)[0]
 
     def mapped(self, host: str) -> dict[str, Access]:
         """The VMs ``host`` maps, and how: its row of the host-to-VM table."""
-        by_slot = {v.slot: v.name for v in self.vms()}
-        return {by_slot[s]: a for s, a in self.page_table(host).vm_slots().items()}
+        pt, vms = self._checked_pt(host)
+        return {vms[s].name: a for s, a in pt.vm_slots().items()}
 
     def host_to_vm(self) -> dict[str, dict[str, Access]]:
         """The host-to-VM table. It is read from the page tables, so the two never disagree."""

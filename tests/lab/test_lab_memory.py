@@ -1,6 +1,7 @@
 """The pooled-memory scenarios end to end in Mininet: FT failover, secondary loss, respawn (with
-the manager on a real etcd on the services node), isolation. Each run goes through the runner,
-its report is checked, and nothing (namespaces, processes, the pool file) is left behind."""
+the manager on a real etcd on the services node), isolation. The hosts' agents carry out the
+master's steps (queued by the manager), never the lab. Each run goes through the runner, its
+report is checked, and nothing (namespaces, processes, the pool file) is left behind."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def test_ft_failover(tmp_path: Path) -> None:
     assert r["acked_writes_lost"] == 0 and r["acked_writes"] > 0
     assert 0 < r["failover_ms"] < 3000 and r["reprotect_ms"] > 0
     assert r["promoted_on"] == r["secondary_before"]
+    # the secondary's host's agent carried the promotion out, not the lab
+    assert r["promote_executor"] == f"agent-{r['secondary_before']}"
+    assert 0 < r["promote_decided_ms"] < r["promote_done_ms"]
 
 
 def test_ft_secondary_loss(tmp_path: Path) -> None:
@@ -57,12 +61,14 @@ def test_respawn_with_manager_on_etcd(tmp_path: Path) -> None:
     r = run("respawn", tmp_path, 2, "[respawn]\nstore = \"etcd\"\n")
     assert r["state_intact"] is True and r["respawn_ms"] > 0
     assert r["respawned_on"] == "h2" and r["manager_store"] == "etcd" and r["etcd_keys"] > 0
+    assert 0 < r["respawn_decided_ms"] < r["respawn_done_ms"]
 
 
 def test_isolation(tmp_path: Path) -> None:
     r = run("isolation", tmp_path, 3)
     assert r["stale_writes_accepted"] == 0
     assert r["isolated_not_respawned"] and r["h1_reported_lease_lost"]
+    assert r["respawn_executor"] == f"agent-{r['respawned_on']}"
 
 
 def test_pool_file_removed_on_failure() -> None:

@@ -1,6 +1,7 @@
 """The master loop (netsvc.memory.master) and the pool agent's lease keeper (netsvc.memory.agent)
-over a real pool file, with hand-advanced time: the hypervisor is played in-process from the
-journaled decisions, as ``netsvc.lab.pool.Executor`` does in the lab."""
+over a real pool file, with hand-advanced time: the hosts' steps (which the master asks the
+manager for, and the target hosts' agents carry out: ``netsvc.memory.executor``) are played
+in-process from the decisions, and a step can be made to fail as an agent would report it."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ class World:
             self.grants[h] = pool.acquire(h, h, 0.0, TTL)
         self.master = MasterLoop(pool, self.log.append, ttl=TTL, dry_run=dry_run)
         self.done = 0
+        self.failing: dict[str, str] = {}  # decision -> the reason its step fails with
 
     def start_vm(self, vm: str, host: str, pages: int, ft: bool = False) -> PooledGuestStore:
         start_vms(self.pool, self.grants[host], [f"{vm}:{pages}{':ft' if ft else ''}"])
@@ -120,7 +122,10 @@ class World:
         self.master.step(self.now)
         for d in self.log[self.done :]:
             self.done += 1
-            if d.action in EXECUTED:
+            if d.action in self.failing:
+                self.master.action_failed(d.action, d.details["vm"], d.details["to"],
+                                          self.failing[d.action])
+            elif d.action in EXECUTED:
                 self.execute(d)
 
     def execute(self, d: Decision) -> None:
@@ -183,6 +188,49 @@ def test_ft_failover_then_reprotect_and_secondary_loss(pool: Pool) -> None:
     assert pool.mapped(secs[2]) == {"f": Access.RO} and pool.mapped(secs[1]) == {}
     assert new.handle(b"SET more 2") == b"OK 32\n"
     assert pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
+def test_a_failed_secondary_is_placed_again_at_most_once_a_second(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3", "h4"))
+    w.start_vm("f", "h1", 16, ft=True)
+    w.failing["memory-create-secondary"] = "RuntimeError: the guest exited"
+    w.tick()  # asks for a secondary, whose agent reports failure
+    w.tick()  # handled: journaled, placed elsewhere at once (the first time)
+    first, second = w.actions("memory-action-failed"), w.actions("memory-create-secondary")
+    assert len(first) == 1 and first[0].details["kind"] == "memory-create-secondary"
+    assert first[0].details["waited"] is True and "the guest exited" in first[0].reason
+    assert len(second) == 2 and second[0].details["to"] != second[1].details["to"]
+    w.run(0.5)  # the second failure waits for the pause: no tight loop of asks
+    assert len(w.actions("memory-action-failed")) == 1
+    w.run(0.6)
+    assert len(w.actions("memory-action-failed")) == 2
+    del w.failing["memory-create-secondary"]
+    w.run(1.5)
+    (ready,) = w.actions("memory-secondary-ready")
+    assert pool.mapped(ready.details["host"]) == {"f": Access.RO}
+    w.close()
+
+
+def test_a_failed_promotion_falls_back_to_a_respawn_from_the_pool(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3"))
+    prim = w.start_vm("f", "h1", 16, ft=True)
+    w.run(0.3)
+    sec = w.actions("memory-secondary-ready")[0].details["host"]
+    prim.handle(b"SET k v1")
+    w.failing["memory-promote"] = "RuntimeError: no live secondary of f"
+    w.crash("h1")
+    w.run(1.5)
+    (promote,) = w.actions("memory-promote")
+    (failed,) = w.actions("memory-action-failed")
+    assert promote.details["to"] == sec and failed.details["kind"] == "memory-promote"
+    (rs,) = w.actions("memory-respawn")
+    third = rs.details["to"]
+    assert third not in ("h1", sec) and "promote on" in rs.reason and rs.details["src"] == "h1"
+    assert w.actions("memory-respawned") and pool.mapped(third)["f"] is Access.RW
+    assert w.guests[("f", third)].handle(b"GET k") == b"VALUE v1\n"  # the pool kept it
+    assert w.master.ft.vms["f"].primary == third  # protected again from there
+    assert w.master.errors == 0
     w.close()
 
 
@@ -253,3 +301,63 @@ def test_a_corrupt_vm_record_neither_stops_nor_blinds_the_master(tmp_path: Path)
     assert problems and "vm" in problems[0].where.lower()
     seen.close()
     pool.close()
+
+
+# -- the process's adapters: asking the manager, following the actions ---------------------------
+
+
+class FakeManager:
+    """``request`` answers ``POST /v1/memory/actions`` from ``answers`` (in order);
+    ``get_action`` from ``states``; events are kept."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, object]]]) -> None:
+        self.answers = answers
+        self.asked: list[dict[str, object]] = []
+        self.events: list[str] = []
+        self.states: dict[str, dict[str, object]] = {}
+
+    def request(self, method: str, path: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
+        assert (method, path) == ("POST", "/v1/memory/actions")
+        self.asked.append(body)
+        return self.answers.pop(0)
+
+    def post_event(self, actor: str, action: str, *args: object, **kw: object) -> int:
+        self.events.append(action)
+        return 1
+
+    def get_action(self, action_id: str) -> dict[str, object]:
+        return self.states[action_id]
+
+
+def test_the_sink_asks_for_steps_and_reports_what_did_not_happen() -> None:
+    import threading
+
+    from netsvc.memory.master import ActionWatch, GuestParams, JournalSink
+
+    mgr = FakeManager([(202, {"action": {"id": "a-1"}}),
+                       (409, {"error": "target host 'h3' is DOWN, not UP", "rule": "target-up"})])
+    failed: list[tuple[str, str, str, str]] = []
+    seen = threading.Event()
+
+    def on_failed(*args: str) -> None:
+        failed.append(args)  # type: ignore[arg-type]
+        if len(failed) == 2:
+            seen.set()
+
+    watch = ActionWatch(mgr, on_failed, interval=0.01)
+    sink = JournalSink(mgr, GuestParams("/dev/shm/p", 7000, 7001, 0.1), on_failed, watch)
+    sink(Decision("memory-fence", "host:h1", "lease taken", {"host": "h1"}))
+    sink(Decision("memory-promote", "vm:f", "promote", {"vm": "f", "to": "h2", "epoch": 2}))
+    sink(Decision("memory-create-secondary", "vm:f", "re-protect", {"vm": "f", "to": "h3"}))
+    mgr.states["a-1"] = {"id": "a-1", "state": "CLAIMED"}
+    sink.close()
+    assert mgr.events == ["memory-fence"]  # the steps went to the memory route, not events
+    promote, create = mgr.asked
+    assert promote["kind"] == "memory-promote" and promote["pool"] == "/dev/shm/p"
+    assert promote["to"] == "h2" and promote["details"] == {"vm": "f", "to": "h2", "epoch": 2}
+    assert create["secondary_port"] == 7001 and create["watch"] == 0.1
+    assert failed[0][:3] == ("memory-create-secondary", "f", "h3") and "target-up" in failed[0][3]
+    mgr.states["a-1"] = {"id": "a-1", "state": "FAILED", "detail": "no live secondary of f"}
+    assert seen.wait(10.0)
+    watch.stop()
+    assert failed[1] == ("memory-promote", "f", "h2", "a-1 FAILED: no live secondary of f")

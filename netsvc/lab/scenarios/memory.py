@@ -1,16 +1,19 @@
 """Scenarios of netsvc.memory: fault-tolerant VMs and respawn from pooled memory (A1, A3).
 
 Every scenario makes a pool file for the run (``netsvc.lab.pool.PoolLab``), starts the manager,
-a pool agent per host (leases with TTL ``ttl``, 0.5 s by default), the master on ``svc``, and
-pooled guests in the VMs' namespaces; the lab plays the hypervisor for the master's journaled
-decisions. Clients talk to the guests from the gateway, at the VM's address.
+an agent per host with the lab's hypervisor driver, a pool agent per host (leases with TTL
+``ttl``, 0.5 s by default), the master on ``svc``, and pooled guests in the VMs' namespaces. The
+master asks the manager for every hypervisor step (``POST /v1/memory/actions``) and the target
+host's agent carries it out; the lab only crashes, cuts and waits. Clients talk to the guests
+from the gateway, at the VM's address.
 
 ``report.json`` holds, beside ``ok`` and the checks:
 
 - ``ft-failover``: crash the FT primary's host during a write load: ``failover_ms`` (crash to
   the first write acknowledged by the promoted secondary), ``acked_writes_lost`` (acknowledged
   writes not readable afterwards), ``reprotect_ms`` (crash to a new secondary mapped on a third
-  host).
+  host), ``promote_decided_ms``/``promote_done_ms`` (crash to the master's ``memory-promote``
+  decision, and to the secondary's agent reporting it done, from the manager's journal).
 - ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
 - ``respawn``: crash a host: ``respawn_ms`` (crash to the VM answering on another host),
   ``state_intact`` (every key and the write counter as before).
@@ -40,6 +43,7 @@ from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import LabPlan
 from netsvc.lab.pool import PoolLab, VmSpec
 from netsvc.lab.scenarios import Checks, Scenario
+from netsvc.memory import executor as mex
 
 KEYS = 2000  # the writer cycles over this many keys (the guest store holds ~3400 at 1024 pages)
 PAGES = 1024
@@ -166,7 +170,7 @@ def _ft_setup(lab: Lab, checks: Checks, params: dict[str, Any], pl: PoolLab) -> 
 
     def ready() -> bool:
         h = _ro_host(pl, "vm1", {"h1"})
-        if h is not None and f"ftsec-vm1-{h}" in lab.procs.by_role:
+        if h is not None and pl.secondary_pid("vm1", h) is not None:
             box.append(h)
             return True
         return False
@@ -195,7 +199,7 @@ def failover_once(
     time.sleep(0.5)
     before = len(w.acks)
     t0 = time.monotonic()
-    lab.crash_host(primary)
+    pl.crash_host(primary)
     third: list[str] = []
 
     def done() -> bool:
@@ -225,13 +229,17 @@ def failover_once(
         "new_secondary": third[0] if third else None,
         "writer_n": w.n,
     }
-    assert pl.executor is not None
-    prom = [x for x in pl.executor.done if x.action == "memory-promote" and x.decided >= t0]
+    prom = pl.finished("memory-promote", t0)
     out["promote_decided_ms"] = ms(prom[0].decided, t0) if prom else None
     out["promote_done_ms"] = ms(prom[0].done, t0) if prom else None
+    out["promote_executor"] = prom[0].executor if prom else None
     checks.check("the secondary took over read-write", ok and lab.vms[vm].host == sec
                  and first is not None, f"{vm} on {lab.vms[vm].host}, failover "
                  f"{out['failover_ms']} ms")  # fmt: skip
+    checks.check(f"the promotion was queued and carried out by {sec}'s agent",
+                 len(prom) == 1 and prom[0].to == sec and prom[0].ok is True
+                 and prom[0].executor == f"agent-{sec}",
+                 str([(x.id, x.to, x.ok, x.executor, x.detail) for x in prom]))  # fmt: skip
     checks.check("every acknowledged write is there", lost == 0,
                  f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
     checks.check("a new secondary appeared on a third host", bool(third), str(pl.mapped()))
@@ -243,13 +251,14 @@ def _ft_secondary_loss(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict
         sec = _ft_setup(lab, checks, params, pl)
         w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
         time.sleep(0.3)
+        old_pid = pl.secondary_pid("vm1", sec)
         t0 = time.monotonic()
-        lab.crash_host(sec)
+        pl.crash_host(sec)
         third: list[str] = []
 
         def done() -> bool:
             h = _ro_host(pl, "vm1", {"h1", sec})
-            if h is not None and f"ftsec-vm1-{h}" in lab.procs.by_role:
+            if h is not None and pl.secondary_pid("vm1", h) is not None:
                 third.append(h)
             return bool(third)
 
@@ -267,7 +276,17 @@ def _ft_secondary_loss(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict
             "primary_longest_gap_ms": gap_ms,
             "acked_writes_lost": lost,
         }
+        created = pl.finished("memory-create-secondary", t0)
+        out["create_secondary_done_ms"] = ms(created[-1].done, t0) if created else None
         checks.check("a new secondary appeared on a third host", ok, str(pl.mapped()))
+        checks.check("it was started by that host's agent",
+                     bool(third) and any(x.to == third[0] and x.ok
+                                         and x.executor == f"agent-{third[0]}"
+                                         for x in created),
+                     str([(x.id, x.to, x.ok, x.executor) for x in created]))  # fmt: skip
+        checks.check("the old secondary died with its host",
+                     old_pid is not None and not mex.is_guest(old_pid, "vm1", sec),
+                     f"pid {old_pid}")  # fmt: skip
         checks.check("the primary stayed on h1", lab.vms["vm1"].host == "h1")
         checks.check("the primary kept acknowledging writes",
                      gap_ms < 500 and lost == 0, str(out))  # fmt: skip
@@ -288,7 +307,7 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
         f.close()
         sock.close()
         t0 = time.monotonic()
-        lab.crash_host("h1")
+        pl.crash_host("h1")
         back: list[float] = []
 
         def answers() -> bool:
@@ -317,8 +336,15 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
             if (e := journal_since(lab, "memory-fence", t0))
             else None,
         }
+        rs = pl.finished("memory-respawn", t0)
+        out["respawn_decided_ms"] = ms(rs[0].decided, t0) if rs else None
+        out["respawn_done_ms"] = ms(rs[0].done, t0) if rs else None
         checks.check("vm1 came back on another host", ok and lab.vms["vm1"].host != "h1",
                      str(out))  # fmt: skip
+        checks.check("the respawn was queued and carried out by the target's agent",
+                     len(rs) == 1 and rs[0].ok is True and rs[0].to == lab.vms["vm1"].host
+                     and rs[0].executor == f"agent-{rs[0].to}",
+                     str([(x.id, x.to, x.ok, x.executor, x.detail) for x in rs]))  # fmt: skip
         checks.check("with its state", intact, stats)
         if params["etcd"]:
             keys = pl.etcd_keys()
@@ -363,6 +389,12 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
             ok and lab.vms["vm1"].host != "h1",
             f"vm1 on {lab.vms['vm1'].host}",
         )
+        respawns = pl.finished("memory-respawn", t1)
+        checks.check("the respawn was carried out by the target's agent",
+                     len(respawns) == 1 and respawns[0].ok is True
+                     and respawns[0].to == lab.vms["vm1"].host
+                     and respawns[0].executor == f"agent-{respawns[0].to}",
+                     str([(x.id, x.to, x.ok, x.executor, x.detail) for x in respawns]))
         fresh: list[str] = []
 
         def answers() -> bool:
@@ -400,6 +432,7 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
             "h1_reported_lease_lost": lost_lease,
             "fenced_guest_exited": exited,
             "h1_rejoined_with_new_lease": rejoined,
+            "respawn_executor": respawns[0].executor if respawns else None,
             "fence_ms": ms(float(e[0]["mono"]), t1)
             if (e := journal_since(lab, "memory-fence", t1))
             else None,

@@ -1,0 +1,242 @@
+"""netsvc.memory as a service of the cluster kernel: the hypervisor's steps of pooled memory as
+queued actions.
+
+The recovery master (``netsvc.memory.master``) decides and fences, in the pool. What needs a
+hypervisor it asks for here, ``POST /v1/memory/actions``; the target host's agent carries it
+out (``netsvc.memory.executor``, through its hypervisor driver):
+
+- ``memory-respawn``: ``to`` cables the VM's NIC to itself and starts the VM's guest from its
+  pool pages (the guest maps them read-write in ``to``'s table, under ``to``'s own grant);
+- ``memory-promote``: the FT secondary on ``to`` maps the pages read-write and serves in place,
+  and ``to`` cables the VM's NIC to itself;
+- ``memory-create-secondary``: ``to`` starts a read-only secondary of the VM;
+- ``memory-remove-secondary``: ``to`` stops its secondary of the VM and unmaps it.
+
+``MemoryService`` is pure like the kernel (time passed in). It checks a request, queues the
+action for ``to`` (``plan``: one phase, ``run``, carried out by ``to``), and journals the
+decision as ``memory-<step>`` with the master's actor and reasoning (or
+``memory-<step>-refused`` with the rule). The agent's report is journaled as
+``memory-<step>-done`` or ``-failed``; a respawn or a promotion that succeeded places the VM on
+``to``, RUNNING, in the model.
+
+Exclusivity (the kernel keeps at most one open *exclusive* action per VM, whatever its kind):
+
+- ``memory-respawn`` and ``memory-promote`` are exclusive: each makes a new primary of the VM,
+  so there is one at a time, and never beside a migration, restart, power-off or readdress of
+  the same VM (a kernel ``restart`` would boot an empty guest in the pooled one's place).
+- ``memory-create-secondary`` and ``memory-remove-secondary`` are not: they touch a read-only
+  copy, never the primary (the pool refuses a second read-write mapping whatever happens). Were
+  they exclusive, re-protection would wait for the promotion's report (the master asks for a
+  new secondary as soon as it sees the promoted mapping, before the promoting agent has
+  reported) and the removal of a stale secondary would block the creation of its replacement.
+  The agent runs one VM's steps one at a time, and a removal never stops a secondary that a
+  later action started (``netsvc.memory.executor``).
+
+Invariants:
+
+- An action is queued only for a VM the model knows and a target host that exists and is UP;
+  the same rules are checked again when the agent claims it (else the kernel cancels it).
+- Every request is journaled before the route answers: the decision (202, with the action),
+  a dry run (200, nothing queued) or a refusal (409 with its ``rule``).
+- The manager never reads the pool. The pool is the authority on who may write (one read-write
+  mapping per VM, fencing epochs); the model follows what the agents report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.errors import ModelError, Refused, ValidationError
+from netsvc.cluster.model import ClusterModel, HostState, VMState
+from netsvc.cluster.service import (
+    ActionKind,
+    BaseManagerService,
+    Kernel,
+    Reply,
+    Request,
+    Route,
+)
+from netsvc.memory.schemas import MEMORY_KINDS, MemoryActionRequest
+
+__all__ = ["MEMORY_KINDS", "MEMORY_RULES", "MemoryOutcome", "MemoryService"]
+
+#: The rules a request must pass, in the order they are checked.
+MEMORY_RULES = ("vm-exists", "target-exists", "target-up", "no-pending-action")
+#: Kinds that make a new primary of the VM (exclusive; see the module docstring).
+PRIMARY_KINDS = frozenset({"memory-respawn", "memory-promote"})
+#: How long a claimed step may run before it fails: what the executor may take (re-cabling,
+#: then the guest's mapping: ``netsvc.memory.executor.READY_S``) with a margin, and no more, so
+#: a step whose agent is gone gives the master its fallback soon.
+RUN_TIMEOUT = {
+    "memory-respawn": 20.0,
+    "memory-promote": 15.0,
+    "memory-create-secondary": 20.0,
+    "memory-remove-secondary": 10.0,
+}
+
+
+def _subject(vm: str) -> str:
+    return f"vm:{vm}"
+
+
+@dataclass(frozen=True)
+class MemoryOutcome:
+    """A request that was not refused (refusals raise ``Refused``): ``queued`` with its
+    ``action``, or ``dry_run`` with the ``plan``."""
+
+    status: str
+    plan: Mapping[str, Any]
+    journal_seq: int
+    action: Action | None = None
+
+
+def _plan(payload: Mapping[str, Any], model: ClusterModel
+          ) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
+    return (str(payload["to"]),), ("run",)
+
+
+def _problems(kernel: Kernel, vm: str, to: str) -> list[tuple[str, str]]:
+    model = kernel.model
+    out: list[tuple[str, str]] = []
+    if vm not in model.vms:
+        out.append(("vm-exists", f"VM {vm!r} does not exist"))
+    host = model.hosts.get(to)
+    if host is None:
+        out.append(("target-exists", f"target host {to!r} does not exist"))
+    elif host.state is not HostState.UP:
+        out.append(("target-up", f"target host {to!r} is {host.state.value}, not UP"))
+    return out
+
+
+def _check_result(action: Action, ok: bool, result: Mapping[str, Any] | None) -> None:
+    pid = (result or {}).get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
+        raise ValidationError("result.pid", "must be a positive integer")
+
+
+class MemoryService(BaseManagerService):
+    """The manager side of pooled memory; see the module docstring."""
+
+    name = "memory"
+
+    def __init__(self, config: object = None) -> None:
+        self.config = config
+
+    # -- plugin surface ------------------------------------------------------------------------
+
+    def routes(self) -> Sequence[Route]:
+        return (Route("POST", r"/v1/memory/actions", "memory_action", self._route_action,
+                      body=MemoryActionRequest, mutates=True,
+                      summary="the memory master asks a host for a pooled-memory step "
+                              "(respawn, promote, create or remove a secondary)"),)
+
+    def action_kinds(self) -> Sequence[ActionKind]:
+        return tuple(
+            ActionKind(kind, _plan, self._recheck, self._complete,
+                       run_timeout=RUN_TIMEOUT[kind], exclusive=kind in PRIMARY_KINDS,
+                       check_result=_check_result)
+            for kind in MEMORY_KINDS
+        )
+
+    def status(self, now: float) -> Mapping[str, Any]:
+        open_ = [a for a in self.kernel.open_actions() if a.kind in MEMORY_KINDS]
+        return {"open_actions": [a.id for a in open_]}
+
+    def _route_action(self, r: Request) -> Reply:
+        out = self.request_action(r.body, now=r.now, wall=r.wall)
+        body: dict[str, Any] = {"status": out.status, "plan": dict(out.plan),
+                                "journal_seq": out.journal_seq,
+                                "action": None if out.action is None else out.action.to_dict()}
+        if out.status == "dry_run":
+            body["dry_run"] = True
+            return Reply(200, body)
+        return Reply(202, body)
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def _pending(self, vm: str) -> list[str]:
+        """Open exclusive actions of ``vm`` (what ``queue_action`` would refuse on)."""
+        kinds: Mapping[str, ActionKind] = getattr(self.kernel, "kinds", {})
+        return [a.id for a in self.kernel.open_actions()
+                if a.vm == vm and (kinds[a.kind].exclusive if a.kind in kinds else True)]
+
+    def request_action(self, req: MemoryActionRequest, *, now: float,
+                       wall: float | None = None) -> MemoryOutcome:
+        """Check ``req``, queue its action for ``req.to`` and journal the decision (or the
+        refusal, which raises ``Refused``)."""
+        k = self.kernel
+        k.check_fenced()
+        subject = _subject(req.vm)
+        details: dict[str, Any] = {**req.details, "vm": req.vm, "to": req.to, "kind": req.kind}
+        plan = {"kind": req.kind, "vm": req.vm, "to": req.to, "host": req.to,
+                "checks": list(MEMORY_RULES)}
+        problems = _problems(k, req.vm, req.to)
+        if req.kind in PRIMARY_KINDS:
+            pending = self._pending(req.vm)
+            if pending:
+                problems.append(("no-pending-action", f"VM {req.vm!r} already has an open "
+                                                      f"action ({', '.join(pending)})"))
+        if problems:
+            self._refuse(req, problems[0][0], problems[0][1], [r for r, _ in problems], now,
+                         wall)
+        if req.dry_run:
+            entry = k.journal_append(now, wall, req.kind, subject, req.reason, dry_run=True,
+                                     details={**details, "plan": plan}, actor=req.actor)
+            return MemoryOutcome("dry_run", plan, entry.seq)
+        payload = {"to": req.to, "pool": req.pool, "port": req.port,
+                   "secondary_port": req.secondary_port, "watch": req.watch,
+                   "details": dict(req.details)}
+        try:
+            action = k.queue_action(req.kind, req.vm, payload=payload, reason=req.reason,
+                                    now=now, wall=wall)
+        except Refused as exc:
+            self._refuse(req, exc.rule, exc.message, [exc.rule], now, wall)
+        entry = k.journal_append(now, wall, req.kind, subject, req.reason,
+                                 details={**details, "action": action.id, "host": action.host},
+                                 actor=req.actor)
+        return MemoryOutcome("queued", plan, entry.seq, action)
+
+    def _refuse(self, req: MemoryActionRequest, rule: str, message: str, rules: list[str],
+                now: float, wall: float | None) -> NoReturn:
+        self.kernel.journal_append(
+            now, wall, f"{req.kind}-refused", _subject(req.vm), f"refused: {message}",
+            dry_run=req.dry_run, actor=req.actor,
+            details={**req.details, "vm": req.vm, "to": req.to, "kind": req.kind, "rule": rule,
+                     "violations": rules, "asked_because": req.reason})
+        raise Refused(rule, message, tuple(rules))
+
+    # -- the action kinds ----------------------------------------------------------------------
+
+    def _recheck(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
+        return [m for _, m in _problems(kernel, action.vm, str(action.payload["to"]))], action
+
+    def _complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                  detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:
+        """Journal ``<kind>-done``/``-failed``; a respawn or promotion that succeeded places
+        the VM on ``to``, RUNNING."""
+        to = str(action.payload["to"])
+        res = dict(result or {})
+        steps = {str(k): round(float(v), 3) for k, v in dict(res.get("steps_ms") or {}).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        details: dict[str, Any] = {
+            **dict(action.payload.get("details") or {}),
+            "action": action.id, "vm": action.vm, "to": to, "executor": action.executor,
+            "detail": detail, "steps_ms": steps, "result": res,
+            "duration_s": None if action.claimed_at is None
+            else round(now - action.claimed_at, 6),
+        }
+        if ok and action.kind in PRIMARY_KINDS and action.vm in kernel.model.vms:
+            try:
+                kernel.model.update_vm(action.vm, host=to, state=VMState.RUNNING)
+            except ModelError as exc:
+                details["model_error"] = str(exc)
+        done = action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                 detail=detail or None, result=res)
+        outcome = "done" if ok else "failed"
+        reason = detail or f"executor {action.executor} on {to} reported {outcome}"
+        kernel.journal_append(now, wall, f"{action.kind}-{outcome}", _subject(action.vm),
+                              reason, details=details)
+        return done
