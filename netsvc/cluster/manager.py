@@ -42,6 +42,7 @@ import contextlib
 import json
 import math
 import queue
+import select
 import signal
 import socket
 import socketserver
@@ -66,6 +67,7 @@ from netsvc.cluster.errors import (
     UnknownEntity,
     ValidationError,
 )
+from netsvc.cluster.fencing import FenceAgent, FencingConfig, FencingService
 from netsvc.cluster.journal import Journal, JournalEntry
 from netsvc.cluster.model import (
     UNSET,
@@ -152,6 +154,7 @@ class ManagerConfig:
     action_timeout: float = DEFAULT_ACTION_TIMEOUT
     networks: tuple[Network, ...] = field(default_factory=tuple)
     services: Mapping[str, Any] = field(default_factory=dict)
+    fencing: FencingConfig = field(default_factory=FencingConfig)
 
     def __post_init__(self) -> None:
         hb = self.heartbeat_interval
@@ -187,8 +190,13 @@ class ManagerCore:
         services: Sequence[ManagerService] = (),
         actor: str = "manager",
         start_reason: str = "manager started",
+        fence_agent: FenceAgent | None = None,
     ) -> None:
         self.config = config or ManagerConfig()
+        if not any(svc.name == "fencing" for svc in services):
+            # Fencing is the kernel's own: every manager has it (with no BMC configured, every
+            # fence fails, and so nothing is restarted on a fence's strength).
+            services = [FencingService(self.config.fencing, fence_agent), *services]
         self._store = store
         self._journal = journal
         self._actor = actor
@@ -1011,7 +1019,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raw = self.rfile.read(prepared.body_length)
             except OSError:
                 raw = b""
-        self._send(self.server.manager.finish(prepared, raw))
+        self._send(self.server.manager.finish(prepared, raw, alive=self._peer_alive))
+
+    def _peer_alive(self) -> bool:
+        """False once the client has gone (its end closed: a crashed agent's long poll)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return True
+            return bool(self.connection.recv(1, socket.MSG_PEEK))
+        except (OSError, ValueError):
+            return False
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
 
@@ -1048,7 +1066,9 @@ class ManagerServer:
         log: Callable[[str], None] | None = None,
         access_log: bool = False,
         start_reason: str = "manager started",
+        fence_agent: FenceAgent | None = None,
     ) -> None:
+        self._fence_agent = fence_agent
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -1101,7 +1121,8 @@ class ManagerServer:
                     details={"first_bad_seq": report.first_bad_seq, "entries": report.entries},
                 )
             self.core = ManagerCore(store, journal, now=now, wall=wall, config=config,
-                                    services=services, start_reason=start_reason)
+                                    services=services, start_reason=start_reason,
+                                    fence_agent=self._fence_agent)
         self.api = Api(self.core, key)
 
     @property
@@ -1122,11 +1143,20 @@ class ManagerServer:
         if self._log is not None:
             self._log(message)
 
-    def finish(self, prepared: Prepared, raw: bytes) -> Response:
+    def finish(self, prepared: Prepared, raw: bytes,
+               alive: Callable[[], bool] | None = None) -> Response:
+        """Answer one request. A claim with ``wait_s`` is a long poll: while nothing is
+        pending for its host it waits (outside the core lock) and asks again; before each new
+        ask it checks ``alive()``, so an agent that died while waiting (its host crashed) never
+        claims an action it cannot carry out."""
         wait = 0.0
+        first = True
         while True:
             with self._claims:
                 gen = self._claims_gen
+            if not first and alive is not None and not alive():
+                return error(499, "the client went away while waiting", close=True)
+            first = False
             resp = self._finish_once(prepared, raw)
             if prepared.route.name != "claim_actions" or resp.status != 200 \
                     or resp.body.get("actions"):
@@ -1177,6 +1207,7 @@ class ManagerServer:
                 self.core.effect_done(effect, outcome, now=time.monotonic(), wall=time.time())
             except ClusterError as exc:
                 self.log_always(f"could not journal the outcome of {effect.kind}: {exc}")
+        self._wake.set()  # an outcome (a confirmed fence) may let a service act now
         if self._log is not None and not outcome.get("ok"):
             self._log(f"{effect.service} {effect.kind} failed: {outcome.get('error')}")
 

@@ -1,0 +1,76 @@
+"""A claim waits (long poll) for its host's next action; an agent that dies while waiting
+never claims one (its host crashed: the action must stay for the agent that comes back)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netsvc.cluster.client import ManagerClient
+from netsvc.cluster.journal import Journal
+from netsvc.cluster.manager import ManagerConfig, ManagerServer
+from netsvc.cluster.store import SqliteStore
+
+KEY = "k" * 32
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ManagerServer, ManagerClient]]:
+    store = SqliteStore(tmp_path / "s.sqlite")
+    journal = Journal(tmp_path / "j.jsonl", fsync=False)
+    server = ManagerServer(("127.0.0.1", 0), KEY.encode(), store, journal,
+                           config=ManagerConfig(heartbeat_interval=5.0))
+    server.start()
+    client = ManagerClient(server.url, KEY, timeout=10.0)
+    for h in ("h1", "h2"):
+        client.heartbeat(h, {"seq": 1})
+    client.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.11", host="h1", state="RUNNING")
+    yield server, client
+    server.stop("test over")
+    journal.close()
+    store.close()
+
+
+def _raw_claim(server: ManagerServer, host: str, wait_s: float) -> socket.socket:
+    addr, port = server.address
+    body = json.dumps({"host": host, "executor": f"agent-{host}", "wait_s": wait_s}).encode()
+    sock = socket.create_connection((addr, port), timeout=5)
+    sock.sendall(b"POST /v1/actions/claim HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_a_long_poll_returns_the_action_as_soon_as_it_is_queued(
+        served: tuple[ManagerServer, ManagerClient]) -> None:
+    server, client = served
+    waiter = ManagerClient(server.url, KEY, timeout=10.0)
+    import threading
+
+    got: list[list[dict[str, object]]] = []
+    t = threading.Thread(target=lambda: got.append(
+        waiter.claim_actions("h2", "agent-h2", wait_s=5.0)))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    client.migrate("vm1", "h2", "test")
+    t.join(timeout=10)
+    assert got and [a["phase"] for a in got[0]] == ["prepare"]
+    assert time.monotonic() - t0 < 4.0  # woken by the queueing, not by the 5 s wait
+
+
+def test_a_dead_waiter_claims_nothing(served: tuple[ManagerServer, ManagerClient]) -> None:
+    server, client = served
+    sock = _raw_claim(server, "h2", 5.0)
+    time.sleep(0.3)  # it waits in the manager now
+    sock.close()  # the agent dies (its host crashed)
+    time.sleep(0.1)
+    action = client.migrate("vm1", "h2", "test")["action"]
+    time.sleep(1.5)
+    assert client.get_action(action["id"])["state"] == "PENDING"
+    assert not [e for e in client.journal(0) if e["action"] == "action-claimed"]
