@@ -13,6 +13,7 @@ from netsvc import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from netsvc.bmc.cli import register as register_bmc
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
     from netsvc.services import PLUGINS
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     for plugin in PLUGINS:
         if plugin.cli is not None:
             plugin.cli(sub)
+    register_bmc(sub)
     register_lab(sub)
     return p
 

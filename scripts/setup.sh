@@ -17,6 +17,7 @@ APT_PACKAGES=(
   openssl          # netsvc.usbip's PSK mode makes a throwaway certificate with it
   procps
   python3-libvirt  # libvirt bindings (hypervisor driver): linked into .venv below
+  ipmitool         # the IPMI 2.0 peer of netsvc.bmc (lanplus) in tests and the lab
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -29,7 +29,8 @@ def _path(pattern: str, params: list[str]) -> str:
 
 
 _PARAMS = {"heartbeat": ["host"], "get_vm": ["vm"], "put_vm": ["vm"], "migrate": ["vm"],
-           "claim_action": ["id"], "get_action": ["id"], "complete_action": ["id"]}
+           "claim_action": ["id"], "get_action": ["id"], "complete_action": ["id"],
+           "fence": ["host"]}
 
 
 def reference(api: Any) -> str:
@@ -48,7 +49,7 @@ def reference(api: Any) -> str:
     lines.append("")
     for r in routes:
         path = _path(r.path, _PARAMS.get(r.name, ["param"] * r.path.count("([^/]+)")))
-        lines += [f"### `{r.method} {path}`", "", r.summary.capitalize() + ".", ""]
+        lines += [f"### `{r.method} {path}`", "", r.summary[:1].upper() + r.summary[1:] + ".", ""]
         if isinstance(r.query, type) and issubclass(r.query, msgspec.Struct):
             lines += ["Query string:", "", markdown_table(r.query).rstrip(), ""]
         elif r.query:

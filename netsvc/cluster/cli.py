@@ -176,7 +176,7 @@ def load_manager_config(path: str, plugins: Sequence[ServicePlugin] = ()) -> dic
 
     tables = {pl.name: pl for pl in plugins if pl.config is not None}
     try:
-        kernel, service_tables = split_manager_config(data, tables)
+        kernel, service_tables = split_manager_config(data, [*tables, "fencing"])
     except ValidationError as exc:
         raise UsageError(f"config {path}: {exc}") from None
     data = {k: v for k, v in msgspec.structs.asdict(kernel).items()
@@ -193,7 +193,23 @@ def load_manager_config(path: str, plugins: Sequence[ServicePlugin] = ()) -> dic
         except ValidationError as exc:
             raise UsageError(f"config {path}: [{name}] {exc}") from None
     data["services"] = services
+    from netsvc.cluster.fencing import FencingConfig
+
+    try:
+        data["fencing"] = FencingConfig.from_table(service_tables.get("fencing", {}), base)
+    except ValidationError as exc:
+        raise UsageError(f"config {path}: [fencing] {exc}") from None
     return data
+
+
+def _fence_agent(config: Any) -> Any:
+    """The BMC fence agent (IPMI), when the config names any BMC; None otherwise."""
+    if not config.fencing.bmcs:
+        return None
+    from netsvc.bmc.fence import ipmi_fence, warm_up
+
+    warm_up(config.fencing.bmcs)
+    return ipmi_fence
 
 
 def load_manager_config_defaults(plugins: Sequence[ServicePlugin]) -> dict[str, Any]:
@@ -260,6 +276,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 action_timeout=cfg.get("action_timeout", 60.0),
                 networks=networks,
                 services=cfg["services"],
+                **({"fencing": cfg["fencing"]} if "fencing" in cfg else {}),
             )
             services = [pl.manager(cfg["services"].get(pl.name)) for pl in plugins
                         if pl.manager is not None]
@@ -285,6 +302,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 journal,
                 config=config,
                 services=services,
+                fence_agent=_fence_agent(config),
                 log=log,
                 access_log=bool(cfg.get("access_log", False)),
             )

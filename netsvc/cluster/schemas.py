@@ -336,3 +336,35 @@ def split_manager_config(
         if name in data:
             tables[name] = convert(data[name], ServiceTable, prefix=name)
     return convert(kernel, ManagerConfigFile), tables
+
+
+class BmcTableEntry(Schema, frozen=True):
+    """One host's BMC in the ``[fencing]`` table."""
+
+    addr: Annotated[IPAddress, Meta(description="the BMC's address (IPMI over LAN)")]
+    user: Annotated[Text, Meta(description="the IPMI user")]
+    password_file: Annotated[PathText, Meta(description="a file holding the password "
+                                                        "(mode 0600); never logged")]
+    port: Annotated[int, Meta(ge=1, le=65535, description="RMCP+ port")] = 623
+
+
+class FencingTable(Schema, frozen=True):
+    """The ``[fencing]`` table of the manager's config: each host's BMC, how long a power-off
+    has to be confirmed, how soon a failed fence may be asked again, and dry run."""
+
+    bmcs: Annotated[dict[HostName, BmcTableEntry],
+                    Meta(max_length=4096, description="host -> its BMC")] \
+        = field(default_factory=dict)
+    timeout: Annotated[float, Meta(gt=0, le=3600, description="seconds to confirm off")] = 5.0
+    retry_after: Annotated[float, Meta(gt=0, le=3600,
+                                       description="seconds before a failed fence is retried")] \
+        = 30.0
+    dry_run: Annotated[bool, Meta(description="journal what would be fenced, do nothing")] \
+        = False
+
+
+class FenceRequest(Schema, frozen=True):
+    """``POST /v1/hosts/{host}/fence``: an operator fences a host by hand."""
+
+    reason: Annotated[Reason, Meta(description="journaled")]
+    actor: Annotated[ActorName, Meta(description="journaled as the requester")] = "api"

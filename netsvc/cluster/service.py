@@ -50,6 +50,10 @@ class Kernel(Protocol):
     @property
     def started(self) -> float: ...
 
+    @property
+    def down_after(self) -> float:
+        """Seconds of heartbeat silence after which a host is DOWN."""
+
     def journal_append(
         self, now: float, wall: float | None, action: str, subject: str, reason: str, *,
         dry_run: bool = False, details: Mapping[str, Any] | None = None,
@@ -80,6 +84,9 @@ class Kernel(Protocol):
     def persist(self) -> None: ...
 
     def check_fenced(self) -> None: ...
+
+    def service(self, name: str) -> Any:
+        """Another plugged-in service (the kernel's ``fencing`` is always there)."""
 
 
 # -- routes --------------------------------------------------------------------------------------

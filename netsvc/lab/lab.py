@@ -164,6 +164,8 @@ class Lab:
         self._lock = threading.RLock()
         self.key_file: Path | None = None
         self.services: tuple[str, ...] = ()
+        self._power_lock = threading.RLock()
+        self._bmcs_started = False
         self._follow_stop = threading.Event()
         self._follower: threading.Thread | None = None
         self.build_s = 0.0
@@ -713,8 +715,12 @@ class Lab:
         """Crash ``host``: its processes and VMs die at once and all its links go down.
 
         The host's namespace stays (it is the hardware), so ``power_on`` can bring it back.
-        Returns the VMs that died.
+        Returns the VMs that died. Its BMC then reports its power off.
         """
+        with self._power_lock:
+            return self._crash(host)
+
+    def _crash(self, host: str) -> list[str]:
         self._check_host(host)
         if host in self.crashed:
             raise LabError(f"host {host} is already down")
@@ -747,6 +753,10 @@ class Lab:
 
     def power_on(self, host: str) -> None:
         """Bring a crashed host back: links up and its agent restarted. Its VMs stay crashed."""
+        with self._power_lock:
+            self._power_on(host)
+
+    def _power_on(self, host: str) -> None:
         if host not in self.crashed:
             raise LabError(f"host {host} is not down")
         ends = self.host_ends(host)
@@ -810,6 +820,8 @@ class Lab:
         self.key_file.chmod(0o600)
         state = self.run_dir / "manager"
         state.mkdir(exist_ok=True)
+        self.start_bmcs()
+        config = (config or "") + self._fencing_table()
         self.popen(
             "svc",
             [
@@ -825,14 +837,12 @@ class Lab:
                 str(state),
                 "--heartbeat-interval",
                 str(self.heartbeat_interval),
-                *(["--config", str(self._write_manager_config(config))] if config else []),
+                "--config", str(self._write_manager_config(config)),
                 *(["--store", store] if store else []),
             ],
             role="manager",
         )
         self.record("event", "lab", "manager-start")
-        if "partition" in self.services:
-            self._start_bmcs()
         for h in self._plan().host_names():
             self.start_agent(h)
         from netsvc.cluster.client import ApiError
@@ -889,28 +899,84 @@ class Lab:
                 self.record("event", subject, name, actor=e.get("actor"),
                             journal_mono=e.get("mono"), reason=str(e.get("reason"))[:120])
 
+    # --- BMCs: IPMI 2.0, one per host, in its own namespace -------------------------------
+    BMC_USER = "admin"
+
     def _power_file(self, host: str) -> Path:
         return self.run_dir / "bmc" / f"{host}.power"
 
     def _set_power(self, host: str, on: bool) -> None:
-        if "partition" in self.services:
+        if self._bmcs_started:
             self._power_file(host).write_text("on\n" if on else "off\n")
 
-    def _start_bmcs(self) -> None:
-        """Each BMC answers power-state queries (``netsvc.lab.bmc``) for the probers."""
+    @property
+    def bmc_map(self) -> Path:
+        """The BMC map (TOML, ``[bmcs.hN]``) the agents and the manager read."""
+        return self.run_dir / "bmc" / "map.toml"
+
+    def bmc_password(self, host: str) -> str:
+        return (self.run_dir / "bmc" / f"{host}.pw").read_text().strip()
+
+    def start_bmcs(self) -> None:
+        """Start every host's BMC (``netsvc bmc serve``, IPMI 2.0 over RMCP+ on UDP 623) in
+        its BMC namespace, each with its own password, and write the BMC map. A BMC's power is
+        the lab's power file for its host: ``chassis power off`` writes ``off`` and the lab's
+        power watcher then crashes the host; ``on`` powers it on again. Idempotent."""
+        if self._bmcs_started:
+            return
         plan = self._plan()
-        assert self.key_file is not None
-        (self.run_dir / "bmc").mkdir(exist_ok=True)
+        d = self.run_dir / "bmc"
+        d.mkdir(exist_ok=True)
+        lines = []
         for h in plan.host_names():
-            self._set_power(h, h not in self.crashed)
+            pw = d / f"{h}.pw"
+            pw.write_text(secrets.token_hex(8) + "\n")
+            pw.chmod(0o600)
+            self._power_file(h).write_text("off\n" if h in self.crashed else "on\n")
             n = h[1:]
             self.popen(
                 f"bmc{n}",
-                [sys.executable, "-m", "netsvc.lab.bmc", "--host", h, "--listen",
-                 plan.bmc_addr(h), "--key-file", str(self.key_file), "--power-file",
-                 str(self._power_file(h))],
+                [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
+                 "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
+                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}"],
                 role=f"bmcd{n}",
             )
+            lines += [f"[bmcs.{h}]", f'addr = "{plan.bmc_addr(h)}"',
+                      f'user = "{self.BMC_USER}"', f'password_file = "{pw}"', ""]
+        self.bmc_map.write_text("\n".join(lines))
+        self._bmcs_started = True
+        threading.Thread(target=self._watch_power, daemon=True, name="lab-power").start()
+        self.record("event", "lab", "bmcs-started", hosts=len(plan.host_names()))
+
+    def _fencing_table(self) -> str:
+        """The manager's ``[fencing]`` table: every lab host's BMC."""
+        plan = self._plan()
+        out = ["", "[fencing]", "timeout = 5.0", ""]
+        for h in plan.host_names():
+            out += [f"[fencing.bmcs.{h}]", f'addr = "{plan.bmc_addr(h)}"',
+                    f'user = "{self.BMC_USER}"',
+                    f'password_file = "{self.run_dir / "bmc" / (h + ".pw")}"', ""]
+        return "\n".join(out)
+
+    def _watch_power(self) -> None:
+        """The hardware's side of a BMC: when a BMC turned its host's power off (IPMI), the
+        host crashes; when it turned it on, the host powers on. Every 10 ms."""
+        while not self._follow_stop.wait(0.01):
+            for h in self._plan().host_names():
+                with self._power_lock:  # read under the lock: crash_host writes it there
+                    try:
+                        want_on = self._power_file(h).read_text().strip() != "off"
+                    except OSError:
+                        continue
+                    try:
+                        if not want_on and h not in self.crashed:
+                            self.record("event", h, "bmc-power-off")
+                            self._crash(h)
+                        elif want_on and h in self.crashed:
+                            self.record("event", h, "bmc-power-on")
+                            self._power_on(h)
+                    except (LabError, OSError) as exc:
+                        self.record("event", h, "bmc-power-error", error=str(exc)[:200])
 
     def _write_manager_config(self, text: str) -> Path:
         path = self.run_dir / "manager.toml"
@@ -945,6 +1011,8 @@ class Lab:
             lab_part = plugin(name).lab
             if lab_part is not None:
                 extra += lab_part.agent_args(plan, host)
+        if "partition" in self.services and self._bmcs_started:
+            extra += ["--bmc-map", str(self.bmc_map)]
         self.popen(
             host,
             [

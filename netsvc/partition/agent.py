@@ -27,8 +27,11 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import itertools
+import os
 import select
 import socket
 import threading
@@ -120,11 +123,12 @@ def run_prober(
     refresh_s: float = 1.0,
     publish: Callable[[dict[str, object]], None] | None = None,
     view_every: float = 0.5,
-    bmcs: Mapping[str, str] | None = None,
+    bmc_query: Callable[[str], bool | None] | None = None,
 ) -> None:
     """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network.
-    ``bmcs``: each peer's BMC address, asked (PING_REQ over management) when the classifier
-    wants a second opinion on a peer lost on both networks; it answers as ``bmc<N>``."""
+    ``bmc_query(peer)``: the second channel, asked (on a thread of its own, IPMI ``chassis
+    power status`` to the peer's BMC) when the classifier wants a second opinion on a peer lost
+    on both networks: True (power on), False (off), None (no answer: nothing is concluded)."""
     cfg = config or DEFAULT_CONFIG
     nets = {link.network: _Net(link) for link in links}
     by_fd = {n.udp.fileno(): n for n in nets.values()} | {n.arp.fileno(): n for n in nets.values()}
@@ -175,14 +179,29 @@ def run_prober(
                     send(net, Heartbeat(MsgType.PING_REQ, ev.network, host, next(seq),
                                         stamp(now), target=ev.peer), dst)
 
-    bmc_of = dict(bmcs or {})
-    bmc_names = {f"bmc{h.lstrip('h')}": h for h in bmc_of}
+    bmc_answers: collections.deque[tuple[str, bool]] = collections.deque(maxlen=256)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    asking: set[str] = set()
 
     def ask_bmc(peer: str, now: float) -> None:
-        net, addr = nets.get(Network.MGMT), bmc_of.get(peer)
-        if net is not None and addr is not None:
-            send(net, Heartbeat(MsgType.PING_REQ, Network.MGMT, host, next(seq), stamp(now),
-                                target=peer), addr)
+        if bmc_query is None or peer in asking:
+            return
+        asking.add(peer)
+
+        def ask() -> None:
+            try:
+                on = bmc_query(peer)
+            except Exception:  # a broken BMC client concludes nothing
+                on = None
+            finally:
+                asking.discard(peer)
+            if on is not None:
+                bmc_answers.append((peer, on))
+                with contextlib.suppress(OSError):
+                    os.write(wake_w, b"!")
+
+        threading.Thread(target=ask, name=f"bmc-{peer}", daemon=True).start()
 
     def answer(net: _Net, req: Heartbeat, src: str, now: float) -> None:
         target = req.target
@@ -229,16 +248,23 @@ def run_prober(
                 next_tick = now + cfg.interval
             timer = clf.next_timer()
             wake = min(next_tick, timer if timer is not None else next_tick)
-            ready, _, _ = select.select(list(by_fd), [], [], max(0.0, wake - time.monotonic()))
+            ready, _, _ = select.select([*by_fd, wake_r], [], [],
+                                        max(0.0, wake - time.monotonic()))
             now = time.monotonic()
+            if wake_r in ready:
+                with contextlib.suppress(OSError):
+                    os.read(wake_r, 4096)
+                while bmc_answers:
+                    peer, on = bmc_answers.popleft()
+                    clf.second_channel(peer, on, now)
             for fd in ready:
+                if fd == wake_r:
+                    continue
                 net = by_fd[fd]
                 if fd == net.udp.fileno():
                     for msg, src in _drain_udp(net, receiver, clf, now):
                         if msg.type is MsgType.PING_REQ:
                             answer(net, msg, src, now)
-                        elif bmc_names.get(msg.sender) == msg.target and msg.target:
-                            clf.second_channel(msg.target, msg.reached, now)
                         elif msg.target is not None and msg.target != host:
                             clf.indirect_result(msg.network, msg.target, msg.reached,
                                                 msg.sender, now)
@@ -268,6 +294,8 @@ def run_prober(
     finally:
         for net in nets.values():
             net.close()
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def _drain_udp(

@@ -32,9 +32,10 @@ def _manager(config: Any) -> Any:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--partition-bmc", metavar="HOST=ADDR", action="append", default=[],
-                   help="a peer's BMC address, the second channel asked before a peer is "
-                   "declared down")
+    p.add_argument("--bmc-map", metavar="FILE", default=None,
+                   help="the peers' BMCs (TOML, as the manager's [fencing] table: [bmcs.h2] "
+                   "addr, user, password_file): asked over IPMI for a peer's power before it "
+                   "is declared down")
     p.add_argument("--partition-link", metavar="NET=IFACE,TARGET", action="append", default=[],
                    help="probe NET (mgmt or vm) on IFACE: heartbeats to the other agents and "
                    "ARP to the isolation address TARGET; uses --mgmt-addr / --vm-addr "
@@ -42,27 +43,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
-    from netsvc.cluster.model import check_ip, check_name
     from netsvc.partition.runner import parse_links, start_partition
 
     links = parse_links(args.partition_link, ctx.mgmt_addr, ctx.vm_addr)
     if not links:
         return
-    bmcs = {}
-    for spec in args.partition_bmc:
-        name, _, addr = spec.partition("=")
-        bmcs[check_name(name, "--partition-bmc host")] = check_ip(addr, "--partition-bmc")
+    query = None
+    if args.bmc_map:
+        from netsvc.bmc.fence import power_query
+        from netsvc.cluster.fencing import load_bmc_map
+
+        try:
+            query = power_query(load_bmc_map(args.bmc_map))
+        except OSError as exc:
+            raise ValueError(f"--bmc-map {args.bmc_map}: {exc.strerror or exc}") from None
     start_partition(ctx.host, ctx.key, links, lambda: ctx.make_client(timeout=2.0),
-                    ctx.log, bmcs)
+                    ctx.log, query)
 
 
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
+    """The probe links; the lab adds ``--bmc-map`` (its BMCs' file) to every agent itself."""
     from netsvc.lab.plan import GATEWAY, SERVICES_MGMT
 
     return [
         "--partition-link", f"mgmt={plan.host_ifname(host, 'eth0')},{SERVICES_MGMT}",
         "--partition-link", f"vm=vs0,{GATEWAY}",
-        *(f"--partition-bmc={h}={plan.bmc_addr(h)}" for h in plan.host_names() if h != host),
     ]
 
 

@@ -23,9 +23,11 @@ Decisions (``Responder.decide``):
 
 - Each VM on an affected host gets the response of ``Policy.response_for(vm, class)``: the
   per-VM choice if the operator set one, else the cluster's choice for that class. The default
-  for a VM-network failure (and a VM-network partition) is MIGRATE; for a host that is down it is
-  MIGRATE too, which then means a restart elsewhere (the VM died with its host); isolation from
-  management defaults to LEAVE.
+  for a VM-network failure (and a VM-network partition) is MIGRATE (the host is reachable, the
+  VM moves live); for a host that is down it is FENCE_RESTART (power it off through its BMC,
+  confirm, then restart the VMs elsewhere; MIGRATE is read the same way there); isolation
+  (from management, or full) defaults to LEAVE: its VMs may still serve, and only the operator
+  should choose to fence a host that may be running.
 - Safety rules, checked in this order; the first that fails refuses the decision, by name:
   ``storm`` (more than ``max_affected_share`` of the known hosts affected at once: more likely
   the observer's own problem), ``target-available`` (another host that is UP, healthy and not
@@ -66,6 +68,10 @@ class Response(Enum):
     POWER_OFF = "power-off"
     SHUTDOWN = "shutdown"
     MIGRATE = "migrate"
+    # Power the host off through its BMC, confirm it is off, then restart its VMs elsewhere
+    # (STONITH, as Pacemaker's fence_ipmilan and vSphere HA do): the only response that is safe
+    # for a host the manager cannot reach, since a fenced host cannot write any more.
+    FENCE_RESTART = "fence-restart"
 
 
 DEFAULT_RESPONSES: Mapping[Classification, Response] = MappingProxyType(
@@ -74,7 +80,7 @@ DEFAULT_RESPONSES: Mapping[Classification, Response] = MappingProxyType(
         C.PARTITION: Response.MIGRATE,
         C.MGMT_ISOLATION: Response.LEAVE,
         C.FULL_ISOLATION: Response.LEAVE,
-        C.HOST_DOWN: Response.MIGRATE,
+        C.HOST_DOWN: Response.FENCE_RESTART,
     }
 )
 #: Least drastic first: breaks ties between peers' opinions of a silent host.
@@ -119,6 +125,10 @@ class Policy:
         r = self.vm_responses.get(vm, self.responses[classification])
         if classification is C.HOST_DOWN and r in (Response.POWER_OFF, Response.SHUTDOWN):
             return Response.LEAVE  # the VM died with its host: nothing left to stop
+        if classification is C.HOST_DOWN and r is Response.MIGRATE:
+            # The VM died with its host: "migrate" means start it elsewhere, and that is safe
+            # only once the host is fenced.
+            return Response.FENCE_RESTART
         return r
 
     @classmethod
@@ -353,8 +363,9 @@ class VMInfo:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do about one VM. ``action``: migrate, restart, power-off, shutdown, leave, or
-    refused (``rule`` names the safety rule that failed)."""
+    """What to do about one VM. ``action``: migrate, restart, fence-restart (restart on
+    ``target`` once the host is fenced), power-off, shutdown, leave, or refused (``rule`` names
+    the safety rule that failed)."""
 
     vm: str
     host: str
@@ -479,6 +490,11 @@ class Responder:
         if not targets:
             return refuse("target-available", "no other host that is UP and healthy could "
                           "run it")
+        if response is Response.FENCE_RESTART:
+            target = min(targets, key=lambda h: (load[h], h))
+            return Decision(vm.name, host, cls, response, "fence-restart", target,
+                            f"{why}; fence {host} through its BMC, then restart it on "
+                            f"{target}", None, incident)
         if response is Response.MIGRATE:
             if cls in (C.MGMT_ISOLATION, C.FULL_ISOLATION):
                 return refuse("source-reachable", "the source host cannot be reached on the "

@@ -38,7 +38,8 @@ def parse_links(specs: list[str], mgmt: str | None, vm: str | None) -> list[Any]
 
 
 def start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
-                     log: Callable[[str], None], bmcs: dict[str, str] | None = None) -> None:
+                     log: Callable[[str], None],
+                    bmc_query: Callable[[str], bool | None] | None = None) -> None:
     """Run the partition prober in a daemon thread, and a poster thread that sends its
     classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
     manager, so a slow or unreachable manager never stalls the probing. Undelivered
@@ -107,7 +108,7 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
     def run() -> None:
         try:
             run_prober(host, key, links, peers, report, threading.Event(), publish=publish,
-                       bmcs=bmcs)
+                       bmc_query=bmc_query)
         except OSError as exc:
             log(f"partition prober stopped: {exc}")
 

@@ -45,7 +45,7 @@ FailureName = Literal[
     "vm-network-failure", "mgmt-isolation", "full-isolation", "host-down", "partition",
 ]
 #: ``netsvc.partition.response.Response`` values.
-ResponseName = Literal["leave", "power-off", "shutdown", "migrate"]
+ResponseName = Literal["leave", "power-off", "shutdown", "migrate", "fence-restart"]
 
 
 class NetViewBody(Schema, frozen=True):

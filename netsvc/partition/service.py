@@ -4,30 +4,39 @@ Agents post their view of the management and VM networks (``POST /v1/partition/r
 ``PartitionService`` (pure, time passed in) turns all views into one verdict per host
 (``response.ClusterView``), journals each change (``partition-verdict``), asks the
 ``Responder`` what to do for each VM, journals each decision (``partition-decision``) and, unless
-``dry_run``, asks the kernel for the VM actions: ``migrate``, ``restart`` (a VM whose host is
-down), ``power-off`` or ``shutdown``, which the hosts' agents carry out.
+``dry_run``, asks the kernel for the VM actions: ``migrate``, ``power-off`` or ``shutdown``,
+which the hosts' agents carry out, or, for ``fence-restart`` (the default for a host that is
+down), asks the kernel's fencing for the host first and queues the ``restart``s only once its
+BMC confirmed it is off.
 
 Invariants:
 
 - Every verdict change and every decision is journaled, dry run or not; a refused action is
   journaled by the kernel with the rule that refused it.
+- A VM whose host was lost is restarted elsewhere only after that host's fence is confirmed
+  (``fence-confirmed``); a failed or contradicted fence blocks the restarts
+  (``partition-restart-blocked``, and ``restart_blocked`` in the status).
 - Verdicts are re-evaluated on every report and on the service's own timer
   (``next_timer``: a report going stale, a verdict's hold-down ending), never on a wall clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
+from netsvc.cluster.fencing import FenceState
 from netsvc.cluster.model import HostState, VMState
 from netsvc.cluster.schema import convert
 from netsvc.cluster.service import BaseManagerService, Kernel, Reply, Request, Route
+from netsvc.partition.classifier import Classification
 from netsvc.partition.response import (
     ClusterView,
+    Decision,
     HostReport,
     Policy,
     Responder,
@@ -60,6 +69,12 @@ class PartitionService(BaseManagerService):
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy or Policy()
+        # host -> the restarts that wait for its fence (decisions "fence-restart")
+        self._after_fence: dict[str, list[Decision]] = {}
+        # hosts whose fence was asked; a host believed down is asked only once it has been
+        # silent for the kernel's down-after (its BMC's word can come sooner than that)
+        self._fence_asked: set[str] = set()
+        self._blocked: dict[str, str] = {}  # host -> why its VMs were not restarted
         self._view = ClusterView(self.policy.report_ttl)
         self._responder = Responder(self.policy)
         self._verdicts: dict[str, Verdict] = {}
@@ -86,11 +101,69 @@ class PartitionService(BaseManagerService):
     def next_timer(self) -> float | None:
         times = [t for t in (self._view.next_expiry(self._last),
                              self._responder.next_deadline(self._last)) if t is not None]
+        fencing = self.kernel.service("fencing")
+        for host, held in self._after_fence.items():
+            if host not in self._fence_asked:
+                times.append(self._ask_at(host, held))
+                continue
+            rec = fencing.record(host)
+            if rec is None or rec.state is not FenceState.REQUESTED:
+                times.append(self._last)  # its fence is settled: act now
         return min(times) if times else None
+
+    def _ask_at(self, host: str, held: list[Decision]) -> float:
+        """When to ask for ``host``'s fence: at once, unless it is believed down and still
+        heard from within the kernel's down-after."""
+        h = self.kernel.model.hosts.get(host)
+        down = any(d.classification is Classification.HOST_DOWN for d in held)
+        if not down or h is None or h.last_seen is None:
+            return self._last
+        return h.last_seen + self.kernel.down_after
+
+    def _ask_fences(self, now: float, wall: float | None) -> None:
+        fencing = self.kernel.service("fencing")
+        for host, held in sorted(self._after_fence.items()):
+            if host in self._fence_asked or now < self._ask_at(host, held):
+                continue
+            self._fence_asked.add(host)
+            fencing.request(host, reason=held[0].reason, requester="partition", now=now,
+                            wall=wall, expect_silent=any(
+                                d.classification is Classification.HOST_DOWN for d in held))
 
     def handle_timer(self, now: float, wall: float | None) -> None:
         if self._view.reports():
             self._evaluate(now, wall)
+        self._ask_fences(now, wall)
+        self._release_fenced(now, wall)
+
+    def _release_fenced(self, now: float, wall: float | None) -> None:
+        """Restart the VMs of hosts whose fence is confirmed; give up (journaled) on those
+        whose fence failed or contradicted itself. Never restart on anything else."""
+        k = self.kernel
+        fencing = k.service("fencing")
+        for host in sorted(self._after_fence):
+            if host not in self._fence_asked:
+                continue
+            rec = fencing.record(host)
+            if rec is not None and rec.state is FenceState.REQUESTED:
+                continue
+            held = self._after_fence.pop(host)
+            self._fence_asked.discard(host)
+            if rec is None or rec.state is not FenceState.OFF:
+                why = (rec.error if rec is not None else "the fence was not asked (dry run?)")
+                self._blocked[host] = f"{host} is not fenced: {why}"
+                for d in held:
+                    k.journal_append(now, wall, "partition-restart-blocked", f"vm:{d.vm}",
+                                     f"not restarted on {d.target}: {host} is not fenced "
+                                     f"({why}); it could still be running it",
+                                     details={**d.to_dict(), "fence": None if rec is None
+                                              else rec.to_dict(now)})
+                continue
+            self._blocked.pop(host, None)
+            for d in held:
+                with contextlib.suppress(Refused, UnknownEntity):  # journaled when refused
+                    k.queue_vm_action("restart", d.vm, d.host, d.target,
+                                      f"{d.reason}; {host} fenced by {rec.bmc}", now, wall)
 
     def status(self, now: float) -> Mapping[str, Any]:
         return {}
@@ -144,6 +217,9 @@ class PartitionService(BaseManagerService):
                              d.reason, dry_run=pol.dry_run, details=d.to_dict())
             if pol.dry_run or d.action in ("leave", "refused"):
                 continue
+            if d.action == "fence-restart":
+                self._after_fence.setdefault(d.host, []).append(d)
+                continue
             try:
                 if d.action == "migrate":
                     assert d.target is not None
@@ -153,6 +229,7 @@ class PartitionService(BaseManagerService):
                     k.queue_vm_action(d.action, d.vm, d.host, d.target, d.reason, now, wall)
             except (Refused, UnknownEntity):
                 pass  # journaled as refused by the method that refused it
+        self._ask_fences(now, wall)
 
     def partition_status(self, now: float) -> dict[str, Any]:
         """Each host's report, network by network, the verdicts, and the policy."""
@@ -168,4 +245,8 @@ class PartitionService(BaseManagerService):
             "vm_groups": [sorted(g) for g in groups],
             "main_group": sorted(main),
             "decisions": list(self._decisions),
+            "awaiting_fence": {h: [d.vm for d in ds] for h, ds in sorted(
+                self._after_fence.items())},
+            "restart_blocked": dict(sorted(self._blocked.items())),
+            "fencing": dict(self.kernel.service("fencing").status(now)),
         }

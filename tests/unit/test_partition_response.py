@@ -57,7 +57,8 @@ def test_policy_defaults_migrate_on_vm_network_failure_and_leave_on_isolation() 
     p = Policy()
     assert p.response_for("vm1", C.VM_NETWORK_FAILURE) is Response.MIGRATE
     assert p.response_for("vm1", C.MGMT_ISOLATION) is Response.LEAVE
-    assert p.response_for("vm1", C.HOST_DOWN) is Response.MIGRATE
+    # a host that is down: fence it, then restart (a "migrate" there means the same)
+    assert p.response_for("vm1", C.HOST_DOWN) is Response.FENCE_RESTART
 
 
 def test_policy_per_cluster_and_per_vm() -> None:
@@ -237,7 +238,8 @@ def test_isolation_is_left_alone_by_default_and_says_so() -> None:
 def test_host_down_restarts_elsewhere_and_power_off_needs_a_spare_host() -> None:
     decisions, _ = Responder(Policy(act_after=0.0)).decide(
         verdicts(h1=C.HOST_DOWN, h2=C.HEALTHY, h3=C.HEALTHY), {**UP, "h1": False}, VMS, 0.0)
-    assert {(d.action, d.target) for d in decisions} == {("restart", "h3"), ("restart", "h2")}
+    assert {(d.action, d.target) for d in decisions} == {("fence-restart", "h3"),
+                                                         ("fence-restart", "h2")}
     pol = Policy.from_mapping({"responses": {"vm-network-failure": "power-off"},
                                "act_after": 0})
     decisions, _ = Responder(pol).decide(
@@ -307,21 +309,107 @@ def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
     assert "would migrate to" in format_status(st)
 
 
-def test_manager_restarts_the_vms_of_a_dead_host(tmp_path: Path) -> None:
-    core, journal = manager(tmp_path)
+def _dead_h1(tmp_path: Path, **fencing: Any) -> tuple[ManagerCore, Journal]:
+    """h1 reported once, then went silent; h2 and h3 (its BMC says off) call it host-down."""
+    from netsvc.cluster.fencing import BmcEntry, FencingConfig
+
+    journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    bmcs = {h: BmcEntry(h, f"198.18.0.10{i}", "admin", "/nonexistent")
+            for i, h in enumerate(HOSTS, 1)}
+    cfg = FencingConfig(bmcs=bmcs, **fencing)
+    core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
+                       config=ManagerConfig(fencing=cfg),
+                       services=[PartitionService(Policy.from_mapping({"act_after": 0.0}))])
+    for i, h in enumerate(HOSTS, 1):
+        core.heartbeat(h, seq=1, now=0.0, mgmt_addr=f"198.18.0.1{i}")
+    core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.100", host="h1",
+                state=VMState.RUNNING, now=0.0)
     svc(core).partition_report(report("h1"), now=0.5)
     for h in ("h2", "h3"):
         core.heartbeat(h, seq=2, now=5.0)
         svc(core).partition_report(report(h, peers={"h1": "host-down"}), now=5.0)
     core.handle_timer(5.0)  # h1's report is stale; h1 is DOWN by heartbeats
+    return core, journal
+
+
+def test_manager_fences_a_dead_host_then_restarts_its_vms(tmp_path: Path) -> None:
+    core, journal = _dead_h1(tmp_path)
+    assert core.open_actions() == []  # nothing restarts before the fence
+    (effect,) = core.take_effects()
+    assert (effect.service, effect.kind, effect.data) == ("fencing", "power-off", {"host": "h1"})
+    core.effect_done(effect, {"ok": True, "off": True, "elapsed_ms": 180.0}, now=5.3)
+    assert core.next_timer() is not None and core.next_timer() <= 5.3
+    core.handle_timer(5.31)
     [action] = core.open_actions()
     assert action.kind == "restart" and action.payload["from"] == "h1"
     assert action.host == action.payload["to"]  # the target boots it
-    [claimed] = core.claim_actions(str(action.host), "agent", now=5.1)
-    done = core.complete_action(claimed.id, ok=True, detail="restarted", now=5.2)
+    assert "fenced by 198.18.0.101:623" in action.reason
+    [claimed] = core.claim_actions(str(action.host), "agent", now=5.4)
+    done = core.complete_action(claimed.id, ok=True, detail="restarted", now=5.5)
     assert done.state is ActionState.SUCCEEDED
     assert core.model.vm("vm1").host == action.payload["to"]
-    assert any(e.action == "restart-done" for e in journal.read())
+    acts = [e.action for e in journal.read()]
+    assert acts.index("fence-requested") < acts.index("fence-confirmed") \
+        < acts.index("restart-accepted") < acts.index("restart-done")
+    (confirmed,) = [e for e in journal.read() if e.action == "fence-confirmed"]
+    assert confirmed.details["fenced_by"] == "198.18.0.101:623"
+    assert confirmed.details["fence_ms"] == 300.0
+
+
+@pytest.mark.parametrize("outcome,kind", [
+    ({"ok": False, "off": False, "error": "no answer in 5 s", "kind": "timeout"}, "timeout"),
+    ({"ok": False, "off": False, "error": "wrong password", "kind": "auth"}, "auth"),
+    ({"ok": True, "off": False}, "unconfirmed"),
+])
+def test_an_unconfirmed_fence_restarts_nothing(tmp_path: Path, outcome: dict[str, Any],
+                                               kind: str) -> None:
+    core, journal = _dead_h1(tmp_path)
+    (effect,) = core.take_effects()
+    core.effect_done(effect, outcome, now=5.3)
+    core.handle_timer(5.4)
+    core.handle_timer(6.0)
+    assert core.open_actions() == []
+    (failed,) = [e for e in journal.read() if e.action == "fence-failed"]
+    assert failed.details["kind"] == kind
+    (blocked,) = [e for e in journal.read() if e.action == "partition-restart-blocked"]
+    assert blocked.subject == "vm:vm1" and "not fenced" in blocked.reason
+    st = svc(core).partition_status(6.0)
+    assert "h1" in st["restart_blocked"] and st["fencing"]["fences"]["h1"]["state"] == "FAILED"
+    assert set(st["fencing"]["bmcs"]["h1"]) == {"addr", "port", "user"}  # no password file
+
+
+def test_a_bmc_that_says_off_while_the_host_heartbeats_is_a_contradiction(
+        tmp_path: Path) -> None:
+    core, journal = _dead_h1(tmp_path)
+    (effect,) = core.take_effects()
+    core.heartbeat("h1", seq=7, now=5.2)  # it is alive after all
+    core.effect_done(effect, {"ok": True, "off": True}, now=5.3)
+    core.handle_timer(5.4)
+    assert core.open_actions() == []
+    assert [e.action for e in journal.read()].count("fence-contradiction") == 1
+
+
+def test_no_bmc_or_a_live_host_is_never_fenced_and_dry_run_does_nothing(
+        tmp_path: Path) -> None:
+    from netsvc.cluster.fencing import FencingConfig
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    core, _ = _dead_h1(tmp_path / "a")
+    fencing = core.service("fencing")
+    rec = fencing.request("h2", reason="test", requester="api", now=6.0)
+    assert rec.state.value == "FAILED" and rec.kind == "host-alive"
+    core2, journal2 = _dead_h1(tmp_path / "b", dry_run=True)
+    assert core2.take_effects() == []
+    (would,) = [e for e in journal2.read() if e.action == "fence-requested"]
+    assert would.dry_run
+    journal3 = Journal(tmp_path / "c.jsonl", fsync=False)
+    core3 = ManagerCore(SqliteStore(":memory:"), journal3, now=0.0, wall=1.7e9,
+                        config=ManagerConfig(fencing=FencingConfig()))
+    core3.heartbeat("h9", seq=1, now=0.0)
+    core3.handle_timer(10.0)
+    rec3 = core3.service("fencing").request("h9", reason="test", requester="api", now=10.0)
+    assert rec3.kind == "no-bmc" and core3.take_effects() == []
 
 
 def test_manager_rejects_a_malformed_report(tmp_path: Path) -> None:
@@ -349,3 +437,29 @@ def test_the_manager_acts_when_the_verdict_has_held_act_after(tmp_path: Path) ->
     assert core.next_timer() == pytest.approx(1.5)
     core.handle_timer(1.5)
     assert [a.kind for a in core.open_actions()] == ["migrate"]
+
+
+def test_a_host_down_on_its_bmc_word_is_fenced_once_it_is_silent_long_enough(
+        tmp_path: Path) -> None:
+    """The BMC's "off" can reach the peers before the manager's heartbeat window ends; the
+    fence is then asked when that window ends, not refused as 'host-alive'."""
+    from netsvc.cluster.fencing import BmcEntry, FencingConfig
+
+    journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    cfg = FencingConfig(bmcs={"h1": BmcEntry("h1", "198.18.0.101", "admin", "/x")})
+    core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
+                       config=ManagerConfig(fencing=cfg),
+                       services=[PartitionService(Policy.from_mapping({"act_after": 0.0}))])
+    for i, h in enumerate(HOSTS, 1):
+        core.heartbeat(h, seq=1, now=0.0, mgmt_addr=f"198.18.0.1{i}")
+    core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.100", host="h1",
+                state=VMState.RUNNING, now=0.0)
+    for h in ("h2", "h3"):
+        core.heartbeat(h, seq=2, now=1.0)
+        svc(core).partition_report(report(h, peers={"h1": "host-down"}), now=1.0)
+    assert core.take_effects() == []  # h1 was heard 1 s ago: too soon to fence
+    assert not [e for e in journal.read() if e.action.startswith("fence-")]
+    assert core.next_timer() is not None and core.next_timer() <= core.down_after
+    core.handle_timer(core.down_after)
+    (effect,) = core.take_effects()
+    assert effect.data == {"host": "h1"}

@@ -990,6 +990,11 @@ VALID: dict[type, dict[str, Any]] = {
     NetViewBody: {},
     HostReportBody: HOST_REPORT_BASE,
     PolicyTable: {},
+    cluster_schemas.FencingTable: {"bmcs": {"h1": {"addr": "198.18.0.101", "user": "admin",
+                                                   "password_file": "h1.pw"}}},
+    cluster_schemas.BmcTableEntry: {"addr": "198.18.0.101", "user": "admin",
+                                    "password_file": "h1.pw"},
+    cluster_schemas.FenceRequest: {"reason": "the host hangs"},
 }
 ALL = list(VALID)
 

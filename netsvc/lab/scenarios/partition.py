@@ -38,6 +38,16 @@ from netsvc.lab.scenarios import Checks, Scenario
 POLICY = """[partition]
 max_affected_share = 0.5
 """
+#: bmc-unreachable: an operator who wants a fully isolated host fenced and its VMs restarted.
+ISOLATION_FENCE_POLICY = """[partition]
+max_affected_share = 0.5
+responses = { "full-isolation" = "fence-restart" }
+"""
+#: The partition scenario: the minority side is fenced, then its VMs restart in the main group.
+FENCE_POLICY = """[partition]
+max_affected_share = 0.5
+responses = { "partition" = "fence-restart" }
+"""
 PARAMS: dict[str, type | tuple[type, ...]] = {"host": str, "settle_s": (int, float)}
 SETTLE_S = 4.0  # after recovery: long enough to see a second, wrong decision
 
@@ -107,12 +117,40 @@ def state_lost(log: ReplyLog) -> bool:
     return False
 
 
+def fence_figures(lab: Lab, host: str, t0: float) -> dict[str, Any]:
+    """From the manager's journal after ``t0``: the fence of ``host`` and the restarts after.
+    ``fence_ms``: fence asked to the BMC's confirmed off; ``restart_ms``: confirmed off to the
+    last restart done; ``fenced_by``: the BMC; ``fence_before_restarts``: no restart was
+    accepted before the confirmation."""
+    entries = [e for e in lab.manager().journal(0) if float(e["mono"]) >= t0]
+    asked = next((e for e in entries if e["action"] == "fence-requested"
+                  and e["subject"] == f"host:{host}" and not e.get("dry_run")), None)
+    done = next((e for e in entries if e["action"] in ("fence-confirmed", "fence-failed",
+                                                       "fence-contradiction")
+                 and e["subject"] == f"host:{host}"), None)
+    restarts = [e for e in entries if e["action"] == "restart-done"]
+    accepted = [float(e["mono"]) for e in entries if e["action"] == "restart-accepted"]
+    confirmed = done is not None and done["action"] == "fence-confirmed"
+    return {
+        "fence_outcome": None if done is None else done["action"],
+        "fence_ms": round((float(done["mono"]) - float(asked["mono"])) * 1000, 1)
+        if asked and done else None,
+        "restart_ms": round((max(float(e["mono"]) for e in restarts) - float(done["mono"]))
+                            * 1000, 1) if confirmed and restarts and done else None,
+        "fenced_by": (done or {}).get("details", {}).get("fenced_by") if confirmed else None,
+        "fence_before_restarts": confirmed and done is not None
+        and all(t >= float(done["mono"]) for t in accepted),
+        "fence_reason": None if done is None else done["reason"],
+        "fence_kind": (done or {}).get("details", {}).get("kind"),
+    }
+
+
 class Run:
     """One scenario run: clients on the affected VMs, the executor loop, the figures."""
 
-    def __init__(self, lab: Lab, checks: Checks, host: str) -> None:
+    def __init__(self, lab: Lab, checks: Checks, host: str, policy: str = POLICY) -> None:
         self.lab, self.checks, self.host = lab, checks, host
-        lab.start_services(partition=True, config=POLICY)
+        lab.start_services(partition=True, config=policy)
         wait_healthy(lab)
         self.vms = sorted(v.name for v in lab.vms.values() if v.host == host
                           and v.state == "running")
@@ -251,6 +289,11 @@ def _host_crash(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, A
     ok = run.pump(20.0, lambda: set(run.done) >= set(run.vms))
     run.pump(1.0)
     out = run.finish("host-down", expect_moves=True)
+    out.update(fence_figures(lab, run.host, run.t0))
+    bmc = lab.require_plan().bmc_addr(run.host)
+    checks.check("the host was fenced through its BMC before any restart",
+                 out["fence_before_restarts"] and str(out["fenced_by"]).startswith(bmc),
+                 f"{out['fence_outcome']} by {out['fenced_by']} in {out['fence_ms']} ms")
     checks.check("every VM of the host was restarted elsewhere", ok, str(out["actions"]))
     checks.check("their clients get answers again", out["recovery_ms"] is not None,
                  f"{out['recovery_ms']} ms")
@@ -264,7 +307,7 @@ def _host_crash(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, A
 
 
 def _partition(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
-    run = Run(lab, checks, params["host"])
+    run = Run(lab, checks, params["host"], FENCE_POLICY)
     others = [h for h in lab.require_plan().host_names() if h != run.host]
     faults = Faults(lab)
     run.t0 = time.monotonic()
@@ -273,12 +316,50 @@ def _partition(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
     run.pump(1.0)
     out = run.finish("partition", expect_moves=True)
     out["groups"] = lab.manager().partition_status().get("vm_groups")
-    checks.check("the minority's VMs moved to the main group", ok and all(
+    out.update(fence_figures(lab, run.host, run.t0))
+    checks.check("the minority host was fenced through its BMC before any restart",
+                 out["fence_before_restarts"] and out["fenced_by"] is not None
+                 and run.host in lab.crashed, f"{out['fence_outcome']} by {out['fenced_by']} "
+                 f"in {out['fence_ms']} ms; {run.host} powered off: {run.host in lab.crashed}")
+    checks.check("the minority's VMs restarted in the main group", ok and all(
         lab.vms[vm].host in others for vm in run.vms), str(out["actions"]))
     checks.check("their clients get answers again", out["recovery_ms"] is not None,
                  f"{out['recovery_ms']} ms")
     faults.heal(fid)
     run.pump(params["settle_s"])
+    return out
+
+
+def _bmc_unreachable(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    """The host is lost and so is its BMC. Without the BMC's word the host cannot be told from
+    one that is fully isolated and still running its VMs, and that is the verdict. The operator
+    chose "fence-restart" for that case, but nobody can confirm the host is off: so nothing of
+    it may be restarted elsewhere, and the manager says why."""
+    run = Run(lab, checks, params["host"], ISOLATION_FENCE_POLICY)
+    faults = Faults(lab)
+    n = run.host[1:]
+    run.t0 = time.monotonic()
+    faults.cut(f"bmc{n}:eth0")  # the BMC's only link: it cannot be reached any more
+    lab.crash_host(run.host)
+    run.pump(20.0, lambda: any(e["action"] == "partition-restart-blocked"
+                               for e in lab.manager().journal(0)))
+    run.pump(2.0)
+    out = run.finish("full-isolation", expect_moves=False)
+    out.update(fence_figures(lab, run.host, run.t0))
+    restarted = [a for a in run.executed if a["kind"] == "restart"]
+    blocked = [e for e in lab.manager().journal(0) if e["action"] == "partition-restart-blocked"]
+    status = lab.manager().partition_status()
+    checks.check("the fence was asked and failed: the BMC did not answer",
+                 out["fence_outcome"] == "fence-failed" and "timeout" in str(
+                     out["fence_reason"]) + str(out.get("fence_kind")),
+                 f"{out['fence_outcome']}: {out['fence_reason']}")
+    checks.check("nothing was restarted", not restarted and all(
+        lab.vm(vm).host == run.host for vm in run.vms), str(restarted))
+    checks.check("the journal says why, VM by VM", {e["subject"] for e in blocked} >=
+                 {f"vm:{vm}" for vm in run.vms}, blocked[0]["reason"] if blocked else "none")
+    checks.check("status shows the blocked restarts", run.host in status.get(
+        "restart_blocked", {}), str(status.get("restart_blocked")))
+    out["blocked"] = status.get("restart_blocked")
     return out
 
 
@@ -326,11 +407,14 @@ SCENARIOS = [
              _vmnet_failure, min_hosts=2, params=PARAMS, check=_check(_first)),
     Scenario("mgmt-isolation", "cut h1's management link: reported, VMs keep running, no move",
              _mgmt_isolation, min_hosts=3, params=PARAMS, check=_check(_first)),
-    Scenario("host-crash", "crash h1: the BMC confirms, its VMs restart on other hosts",
-             _host_crash, min_hosts=2, params=PARAMS, check=_check(_first)),
-    Scenario("partition", "split the last host from the others on the VM network: its VMs "
-             "move to the main group", _partition, min_hosts=3, params=PARAMS,
-             check=_check(_last)),
+    Scenario("host-crash", "crash h1: fenced through its BMC (IPMI), its VMs restart on other "
+             "hosts", _host_crash, min_hosts=2, params=PARAMS, check=_check(_first)),
+    Scenario("partition", "split the last host from the others on the VM network: it is "
+             "fenced, its VMs restart in the main group", _partition, min_hosts=3,
+             params=PARAMS, check=_check(_last)),
+    Scenario("bmc-unreachable", "crash h1 and cut its BMC: no fence, so nothing restarts, and "
+             "the journal says why", _bmc_unreachable, min_hosts=2, params=PARAMS,
+             check=_check(_first)),
     Scenario("flapping", "h1's VM-network uplink flaps every 200 ms for 10 s: at most one "
              "migration", _flapping, min_hosts=2, vms_per_host=1, params=PARAMS,
              check=_check(_first)),
