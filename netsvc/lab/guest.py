@@ -22,28 +22,14 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import sys
-from typing import Protocol
 
-MAX_LINE = 1024
+from netsvc.guestwire import MAX_LINE, parse_request, serve_lines
+
+__all__ = ["MAX_LINE", "GuestStore", "parse_request", "serve_lines"]
+
 MAX_KEYS = 100_000
 KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-
-
-def parse_request(line: bytes) -> tuple[str, list[str]] | bytes:
-    """A request line as (upper-cased command, arguments), or the error reply (bytes) for a
-    line that is too long, not ASCII or empty. Every guest store parses its lines with it."""
-    if len(line) > MAX_LINE:
-        return b"ERR line too long\n"
-    try:
-        text = line.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return b"ERR request is not ASCII\n"
-    parts = text.split()
-    if not parts:
-        return b"ERR empty request\n"
-    return parts[0].upper(), parts[1:]
 
 
 class GuestStore:
@@ -80,34 +66,6 @@ class GuestStore:
             stats = {"name": self.name, "writes": self.writes, "keys": len(self.data)}
             return f"STATS {json.dumps(stats, sort_keys=True)}\n".encode()
         return f"ERR unknown request {cmd[:16]!r} with {len(args)} arguments\n".encode()
-
-
-class LineHandler(Protocol):
-    def handle(self, line: bytes) -> bytes: ...
-
-
-async def serve_lines(
-    store: LineHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """One connection: a request per line in, ``store.handle``'s reply out, until EOF."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                writer.write(b"ERR line too long\n")
-                break
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(store.handle(line.rstrip(b"\r\n")))
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 async def serve(name: str, host: str, port: int) -> None:

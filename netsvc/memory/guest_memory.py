@@ -430,7 +430,7 @@ class PooledGuestStore:
         self.mem = mem
 
     def handle(self, line: bytes) -> bytes:
-        from netsvc.lab.guest import parse_request
+        from netsvc.guestwire import parse_request
 
         req = parse_request(line)
         if isinstance(req, bytes):

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netsvc.lab.guest import serve_lines
+from netsvc.guestwire import serve_lines
 from netsvc.memory.errors import MemoryError_, PoolUsageError
 from netsvc.memory.guest_memory import GuestMemory, PooledGuestStore
 from netsvc.memory.layout import Access
