@@ -39,9 +39,11 @@ def ipmi_fence(entry: BmcEntry, timeout: float) -> Mapping[str, Any]:
                 "elapsed_ms": 0.0}
     bmc = BmcClient(entry.addr, entry.user, password, port=entry.port,
                     timeout=min(timeout, 3.0))
-    out = bmc.power_off(wait=True, wait_timeout=timeout)
+    sent = bmc.power_off(wait=False)
+    out = bmc.confirm_off(timeout, interval=0.05) if sent.ok else sent
     return {"ok": out.ok, "off": out.confirmed_off, "kind": out.kind, "error": out.error,
-            "state": out.state, "elapsed_ms": round((time.monotonic() - t0) * 1000, 1)}
+            "state": out.state, "elapsed_ms": round((time.monotonic() - t0) * 1000, 1),
+            "off_sent_ms": round(sent.elapsed * 1000, 1)}
 
 
 def warm_up(bmcs: Mapping[str, BmcEntry]) -> None:

@@ -13,7 +13,8 @@ Invariants:
   are ``FAILED``, journaled with the reason, and nothing may be restarted on their strength.
 - A BMC that says "off" while the host's heartbeats still arrive (after the fence was asked) is a
   ``CONTRADICTION``: journaled, and it never counts as fenced.
-- A host that still heartbeats (heard within the manager's down-after window) is not fenced: the
+- A host that still heartbeats (heard within the kernel's ``alive_window``, two heartbeat
+  intervals) is not fenced: the
   request is refused (``host-alive``) and journaled.
 - At most one fence per host is in flight; a new request while one is REQUESTED returns it. A
   FAILED fence may be asked again after ``retry_after`` seconds.
@@ -164,7 +165,7 @@ class FencingService(BaseManagerService):
         h = k.model.hosts.get(host)
         entry = self.config.bmcs.get(host)
         silent = None if h is None or h.last_seen is None else now - h.last_seen
-        if expect_silent and silent is not None and silent < k.down_after:
+        if expect_silent and silent is not None and silent < k.alive_window:
             rec = FenceRecord(host, FenceState.FAILED, reason, requester, now, None, now,
                               f"{host} still heartbeats (last {silent:.2f} s ago): a live "
                               "host is not fenced", "host-alive")

@@ -441,6 +441,12 @@ class ManagerCore:
         """Seconds of silence after which a host is marked DOWN."""
         return self.config.heartbeat_interval * self.config.missed_heartbeats
 
+    @property
+    def alive_window(self) -> float:
+        """Heard within this: alive (never fenced as down). Two heartbeat intervals: a host
+        whose BMC already says off need not wait out the whole DOWN window to be fenced."""
+        return min(self.down_after, 2 * self.config.heartbeat_interval)
+
     def heartbeat(
         self,
         host: str,

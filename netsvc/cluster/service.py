@@ -54,6 +54,11 @@ class Kernel(Protocol):
     def down_after(self) -> float:
         """Seconds of heartbeat silence after which a host is DOWN."""
 
+    @property
+    def alive_window(self) -> float:
+        """A host heard within this many seconds is alive: it is never fenced as "down"
+        (two heartbeat intervals)."""
+
     def journal_append(
         self, now: float, wall: float | None, action: str, subject: str, reason: str, *,
         dry_run: bool = False, details: Mapping[str, Any] | None = None,

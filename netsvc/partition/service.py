@@ -72,7 +72,7 @@ class PartitionService(BaseManagerService):
         # host -> the restarts that wait for its fence (decisions "fence-restart")
         self._after_fence: dict[str, list[Decision]] = {}
         # hosts whose fence was asked; a host believed down is asked only once it has been
-        # silent for the kernel's down-after (its BMC's word can come sooner than that)
+        # silent for the kernel's alive window (its BMC's word can come sooner than that)
         self._fence_asked: set[str] = set()
         self._blocked: dict[str, str] = {}  # host -> why its VMs were not restarted
         self._view = ClusterView(self.policy.report_ttl)
@@ -118,7 +118,7 @@ class PartitionService(BaseManagerService):
         down = any(d.classification is Classification.HOST_DOWN for d in held)
         if not down or h is None or h.last_seen is None:
             return self._last
-        return h.last_seen + self.kernel.down_after
+        return h.last_seen + self.kernel.alive_window
 
     def _ask_fences(self, now: float, wall: float | None) -> None:
         fencing = self.kernel.service("fencing")

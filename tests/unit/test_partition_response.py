@@ -459,7 +459,7 @@ def test_a_host_down_on_its_bmc_word_is_fenced_once_it_is_silent_long_enough(
         svc(core).partition_report(report(h, peers={"h1": "host-down"}), now=1.0)
     assert core.take_effects() == []  # h1 was heard 1 s ago: too soon to fence
     assert not [e for e in journal.read() if e.action.startswith("fence-")]
-    assert core.next_timer() is not None and core.next_timer() <= core.down_after
-    core.handle_timer(core.down_after)
+    assert core.next_timer() is not None and core.next_timer() <= core.alive_window
+    core.handle_timer(core.alive_window)
     (effect,) = core.take_effects()
     assert effect.data == {"host": "h1"}
