@@ -86,6 +86,8 @@ def main() -> int:
         unknown = [e for e in entries if e["action"] == "partition-verdict"
                    and e["details"].get("new") is None]
         decisions = [e for e in entries if e["action"] == "partition-decision"]
+        fences = [e for e in entries if e["action"].startswith("fence-")]
+        restarts = [x for x in executed if x.get("kind") == "restart"]
         result = {
             "command": " ".join(sys.argv),
             "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
@@ -97,6 +99,8 @@ def main() -> int:
             "no_verdict_moments": len(unknown),
             "decisions": len(decisions),
             "actions": len(executed),
+            "fences": len(fences),
+            "restarts": len(restarts),
             "examples": [{k: e.get(k) for k in ("action", "subject", "reason", "details")}
                          for e in (wrong + verdicts)[:5]],
             "agent_cpu_percent": round(100 * (c1 - c0) / (t1 - t0), 3),

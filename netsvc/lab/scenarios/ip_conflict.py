@@ -4,9 +4,9 @@ A client keeps writing to vm1's guest. vm1 is cloned as a new VM on another host
 address, new MAC), which boots and announces itself. The ARP monitors that the agents run on
 the hosts' virtual switches see two live MACs for one address and report it to the manager.
 The manager's resolver picks the clone (the most recent claimant, a managed VM) to yield and
-queues a readdress. The lab, playing the hypervisor, disconnects the clone, probes pool
-addresses per RFC 5227, configures the first free one from the host side, reconnects and
-announces it. The manager then updates DNS with a signed RFC 2136 update to the lab's Knot
+queues a readdress for the clone's host. That host's agent, through its hypervisor driver,
+disconnects the clone, probes pool addresses per RFC 5227, configures the first free one from
+the host side, reconnects and announces it. The manager then updates DNS with a signed RFC 2136 update to the lab's Knot
 server, and ``dig`` shows both VMs at their right addresses.
 """
 

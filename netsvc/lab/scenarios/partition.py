@@ -3,8 +3,9 @@
 Every scenario starts the manager and the agents with the partition probers (heartbeats and
 isolation probes on both networks, BMCs as the second channel), waits until every host is
 judged healthy, starts a client on each VM of the affected host (from the gateway, so it
-stands for the VMs' users), injects the fault, and plays the hypervisor: it carries out the
-actions the manager queues (migrate, restart, power-off, shutdown). Then it heals the fault.
+stands for the VMs' users), injects the fault, and watches the hosts' agents carry out the
+actions the manager queues (migrate, restart after a fence, power-off, shutdown). Then it heals
+the fault.
 
 ``report.json`` holds, beside the checks:
 
@@ -12,11 +13,13 @@ actions the manager queues (migrate, restart, power-off, shutdown). Then it heal
 - ``classification``: that verdict;
 - ``recovery_ms``: from the fault until every affected VM answered its client again after its
   action (0 when no VM lost service, null when some never answered);
-- ``migrations``: migrations and restarts carried out after the fault.
+- ``migrations``: migrations and restarts carried out after the fault;
+- ``fence_ms``, ``restart_ms``, ``fenced_by`` (host-crash, partition, bmc-unreachable): the fence
+  asked to confirmed off, confirmed off to the last restart done, and the BMC that confirmed.
 
 The faults, all on ``h1`` unless the scenario's ``host`` says otherwise:
 ``vmnet-failure`` cuts its VM-network uplinks; ``mgmt-isolation`` cuts its management link;
-``host-crash`` crashes it; ``partition`` splits the last host from the others on the VM
+``host-crash`` crashes it; ``bmc-unreachable`` crashes it and cuts its BMC; ``partition`` splits the last host from the others on the VM
 network (all still reach the gateway); ``flapping`` takes its active VM-network uplink down and
 up every 200 ms for 10 s.
 """
