@@ -127,8 +127,9 @@ class RxStats:
     dropped: Counter[str] = field(default_factory=Counter)
 
 
-def receive_all(sock: socket.socket, stats: RxStats) -> Iterator[ArpPacket]:
-    """Decode every frame waiting on ``sock``; skip our own transmissions and bad frames."""
+def receive_frames(sock: socket.socket, stats: RxStats) -> Iterator[tuple[bytes, ArpPacket]]:
+    """Decode every frame waiting on ``sock``, with its raw bytes (kept as conflict evidence);
+    skip our own transmissions and bad frames, counting each."""
     while True:
         try:
             frame, addr = sock.recvfrom(65535)
@@ -143,6 +144,12 @@ def receive_all(sock: socket.socket, stats: RxStats) -> Iterator[ArpPacket]:
             stats.dropped[exc.reason] += 1
             continue
         stats.frames += 1
+        yield frame, pkt
+
+
+def receive_all(sock: socket.socket, stats: RxStats) -> Iterator[ArpPacket]:
+    """Decode every frame waiting on ``sock``; skip our own transmissions and bad frames."""
+    for _frame, pkt in receive_frames(sock, stats):
         yield pkt
 
 

@@ -26,6 +26,15 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, field
 
+from netsvc.acd.conflicts import (
+    DEFAULT_ALGORITHM,
+    DEFAULT_CANDIDATES,
+    DEFAULT_DNS_PORT,
+    MAX_CANDIDATES,
+    MAX_PROTECTED,
+    MAX_RANGES,
+    TSIG_ALGORITHMS,
+)
 from netsvc.acd.resolver import AddressPool, YieldPolicy
 from netsvc.cluster.schema import (
     ActorName,
@@ -43,16 +52,8 @@ from netsvc.cluster.schemas import MAX_DETAIL, StepTimings
 MIN_CLAIMANTS = 2
 MAX_CLAIMANTS = 8
 MAX_REPORTER = 64
-DEFAULT_DNS_PORT = 53
-DEFAULT_ALGORITHM = "hmac-sha256"
-DEFAULT_CANDIDATES = 8
-MAX_CANDIDATES = 64
-MAX_PROTECTED = 4096
-MAX_RANGES = 256
 MAX_DNS_NAME = 255
 MAX_KEY_FILE = 4096
-#: The TSIG algorithms ``netsvc.acd.dns`` signs with.
-TSIG_ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
 DNS_KEYS = ("dns_server", "dns_zone", "dns_key_name", "dns_key_file")
 
 #: A rule of ``netsvc.acd.resolver.RULES``.

@@ -18,19 +18,19 @@ Invariants:
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from netsvc.acd.arp import ZERO_IP, ArpDecodeError, ArpPacket, decode
+from netsvc.acd.arp import ZERO_IP
 from netsvc.acd.evidence import EvidenceFailed, EvidenceWritten, FrameRing, prepare, write_pcap
 from netsvc.acd.io import (
     RxStats,
     interface_mac,
     monotonic,
     open_arp_socket,
+    receive_frames,
     wait_readable,
 )
 from netsvc.acd.monitor import Benign, Conflict, Monitor
@@ -96,7 +96,7 @@ def watch(
         while not stop.is_set() and (deadline is None or monotonic() < deadline):
             if not wait_readable(sock, 0.2):
                 continue
-            for frame, pkt in _receive_frames(sock, stats):
+            for frame, pkt in receive_frames(sock, stats):
                 now = monotonic()
                 if ring is not None and pkt.spa != ZERO_IP:
                     ring.add(pkt.spa, now, frame)
@@ -109,23 +109,6 @@ def watch(
     return stats
 
 
-def _receive_frames(sock: socket.socket, stats: RxStats) -> Iterator[tuple[bytes, ArpPacket]]:
-    """``io.receive_all``, keeping each packet's raw frame (the same skips and counts)."""
-    while True:
-        try:
-            frame, addr = sock.recvfrom(65535)
-        except BlockingIOError:
-            return
-        if addr[2] == socket.PACKET_OUTGOING:
-            stats.outgoing += 1
-            continue
-        try:
-            pkt = decode(frame)
-        except ArpDecodeError as exc:
-            stats.dropped[exc.reason] += 1
-            continue
-        stats.frames += 1
-        yield frame, pkt
 
 
 def _write_evidence(

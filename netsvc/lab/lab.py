@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from netsvc.hypervisor.driver import DriverError
 from netsvc.lab import registry
-from netsvc.lab.driver import LabDriver
+from netsvc.lab.driver import LabDriver, wait_operstate_up
 from netsvc.lab.garp import announcement, open_sender
 from netsvc.lab.hvstate import HvState, Inventory, VmRecord
 from netsvc.lab.netns import connector, netns_path, run_in_netns
@@ -1090,21 +1090,6 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def wait_operstate_up(links: list[tuple[Any, int]], timeout: float) -> bool:
-    """Poll until every (IPRoute, ifindex) link reports operstate UP; False on timeout."""
-    deadline = time.monotonic() + timeout
-    pending = list(links)
-    while pending:
-        ipr, idx = pending[0]
-        if ipr.get_links(idx)[0].get_attr("IFLA_OPERSTATE") == "UP":
-            pending.pop(0)
-            continue
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)
-    return True
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@ the hosts' virtual switches see two live MACs for one address and report it to t
 The manager's resolver picks the clone (the most recent claimant, a managed VM) to yield and
 queues a readdress for the clone's host. That host's agent, through its hypervisor driver,
 disconnects the clone, probes pool addresses per RFC 5227, configures the first free one from
-the host side, reconnects and announces it. The manager then updates DNS with a signed RFC 2136 update to the lab's Knot
-server, and ``dig`` shows both VMs at their right addresses.
+the host side, reconnects and announces it. The manager then updates DNS with a signed RFC 2136
+update to the lab's Knot server, and ``dig`` shows both VMs at their right addresses.
 """
 
 from __future__ import annotations

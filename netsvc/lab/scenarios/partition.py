@@ -19,9 +19,9 @@ the fault.
 
 The faults, all on ``h1`` unless the scenario's ``host`` says otherwise:
 ``vmnet-failure`` cuts its VM-network uplinks; ``mgmt-isolation`` cuts its management link;
-``host-crash`` crashes it; ``bmc-unreachable`` crashes it and cuts its BMC; ``partition`` splits the last host from the others on the VM
-network (all still reach the gateway); ``flapping`` takes its active VM-network uplink down and
-up every 200 ms for 10 s.
+``host-crash`` crashes it; ``bmc-unreachable`` crashes it and cuts its BMC; ``partition``
+splits the last host from the others on the VM network (all still reach the gateway);
+``flapping`` takes its active VM-network uplink down and up every 200 ms for 10 s.
 """
 
 from __future__ import annotations
