@@ -13,10 +13,10 @@ Invariants:
 - A body is read only for a route that takes one, only when ``Content-Length`` is present,
   well formed and at most ``MAX_BODY`` (64 KiB); otherwise 411, 400 or 413 is answered *before*
   reading, and the response asks to close the connection (``Response.close``).
-- A body must be UTF-8 JSON whose top level is an object. Each validator accepts exactly its
-  documented fields: a missing, unknown or mistyped field gives 400 with
-  ``{"error": "...", "field": "<name>"}`` naming it. Validators never raise anything but
-  ``ValidationError``, whatever the JSON (this is fuzzed with Hypothesis).
+- A body must be UTF-8 JSON whose top level is an object, decoded into its route's schema
+  (``netsvc.cluster.schema``): a missing, unknown or mistyped field gives 400 with
+  ``{"error": "...", "field": "<name>"}`` naming it. Decoding never raises anything but
+  ``ValidationError``, whatever the JSON (fuzzed with Hypothesis).
 - Status codes: 200/201/202 success, 400 bad request, 401 bad key, 404 unknown path, VM, host
   or action, 405 wrong method, 409 refused by a safety rule or a state transition
   (``{"error", "rule"}``), 411/413 body framing, 503 the manager is fenced or its store fails.
@@ -58,28 +58,12 @@ if TYPE_CHECKING:
     from netsvc.cluster.manager import ManagerCore
 
 MAX_BODY = 64 * 1024
-MAX_TEXT = 256
-MAX_REASON = 1024
-MAX_INTERFACES = 256
-MAX_AGENT_KEYS = 32
-MAX_JOURNAL_LIMIT = 10000
-DEFAULT_JOURNAL_LIMIT = 1000
-VM_DOMAIN_STATES = ("running", "stopped", "crashed", "defined")
-IFNAME_RE = re.compile(r"^(?!.*/)[!-~]{1,15}$")  # printable, no '/', IFNAMSIZ - 1
-ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,63}$")
 ACTION_ID_RE = re.compile(r"^a-[0-9]{1,12}$")
-STEP_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-MAX_STEPS = 16
-MAX_RESULT = 16 * 1024
-MAX_WAIT = 30.0
-MAX_VMS_LISTED = 1024
-KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-MAX_SECONDS = 1e9  # ~31 years: any longer age is a bug, not an observation
 
 JSONObject = dict[str, Any]
 
 
-# -- validation helpers -----------------------------------------------------------------------
+# -- the body's framing (its fields are the route's schema's) ------------------------------------
 
 
 def parse_body(raw: bytes) -> JSONObject:
