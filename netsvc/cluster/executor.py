@@ -95,8 +95,6 @@ def run_executor(
     kinds = sorted(executors)
     backoff = 0.1
     executor_name = f"agent-{ctx.host}"
-    running: set[str] = set()
-    lock = threading.Lock()
 
     def carry_out(action: Mapping[str, Any]) -> None:
         client = ctx.make_client()
@@ -121,8 +119,6 @@ def run_executor(
                     ctx.log(f"the manager refused the result of {action['id']}: {exc}")
                     break
                 time.sleep(0.1 * (attempt + 1))
-        with lock:
-            running.discard(str(action["id"]))
         if on_done is not None:
             on_done(action, ok, detail)
 
@@ -139,7 +135,5 @@ def run_executor(
             backoff = min(backoff * 2, 2.0)
             continue
         for action in claimed:
-            with lock:
-                running.add(str(action["id"]))
             threading.Thread(target=carry_out, args=(action,), daemon=True,
                              name=f"exec-{action['id']}").start()
