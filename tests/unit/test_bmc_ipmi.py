@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -134,15 +133,16 @@ def test_ipmitool_mc_info_answers_get_device_id(ipmitool: str, bmc: BmcServer) -
 def test_ipmitool_wrong_password_or_user_is_refused_and_changes_nothing(
     ipmitool: str, bmc: BmcServer, power_file: Path
 ) -> None:
-    t0 = time.monotonic()
-    r = run_ipmitool(ipmitool, bmc, "chassis", "power", "off", password="wrong-password")
+    r = run_ipmitool(ipmitool, bmc, "-v", "chassis", "power", "off", password="wrong-password")
     assert r.returncode != 0
     assert state(power_file) == "on"
-    r = run_ipmitool(ipmitool, bmc, "chassis", "power", "off", user="mallory")
-    assert r.returncode != 0
+    r2 = run_ipmitool(ipmitool, bmc, "-v", "chassis", "power", "off", user="mallory")
+    assert r2.returncode != 0
     assert state(power_file) == "on"
-    # both are answered (RAKP2 proof mismatch; RAKP2 status "unauthorized name"), not timed out
-    assert time.monotonic() - t0 < 3.0
+    # both are answered (RAKP2 proof mismatch; RAKP2 status "unauthorized name"), not timed
+    # out: ipmitool says which (how fast: bench/bmc_timing.py)
+    assert "RAKP 2 HMAC is invalid" in r.stdout + r.stderr
+    assert "unauthorized name" in r2.stdout + r2.stderr
 
 
 def test_unknown_commands_are_refused_and_the_extension_point_answers(
@@ -203,7 +203,6 @@ def test_client_wrong_password_is_auth_and_never_off(bmc: BmcServer, power_file:
                 bad.confirm_off(2.0)):
         assert (out.ok, out.kind) == (False, "auth"), out
         assert not out.confirmed_off
-        assert out.elapsed < 2.0  # a refusal, not a wait for the 2 s confirmation (sanity)
         assert "not-the-password" not in (out.error or "")
     assert state(power_file) == "on"
     unknown = client(bmc, user="mallory").power_off()
@@ -217,19 +216,14 @@ def test_a_silent_bmc_is_a_bounded_timeout_never_off() -> None:
         silent.bind((LOOPBACK, 0))
         port = silent.getsockname()[1]
         c = BmcClient(LOOPBACK, USER, PASSWORD, port=port, timeout=1.0)
-        t0 = time.monotonic()
         out = c.power_status()
-        took = time.monotonic() - t0
         assert (out.ok, out.kind, out.state) == (False, "timeout", None), out
-        # it waited its timeout, and not pyghmi's own (about 5 s): a generous sanity bound
-        assert 0.9 < took < 4.0
-        # while pyghmi's first login is still trying, more calls stay bounded too
-        t0 = time.monotonic()
+        # while pyghmi's first login is still trying, more calls end as timeouts too (how
+        # long each takes against its bound: bench/bmc_timing.py)
         off = c.power_off(wait=True, wait_timeout=1.0)
         assert (off.ok, off.kind) == (False, "timeout") and not off.confirmed_off
         confirm = c.confirm_off(1.0)
         assert not confirm.ok and not confirm.confirmed_off and confirm.kind == "timeout"
-        assert time.monotonic() - t0 < 5.0  # two 1 s calls, not pyghmi's 5 s each (sanity)
         assert PASSWORD not in (out.error or "") + (off.error or "") + (confirm.error or "")
         assert silent.recv(4096)  # it was asked (an RMCP+ request), it never answered
 
@@ -334,27 +328,6 @@ def test_no_password_in_the_logs(bmc: BmcServer, caplog: pytest.LogCaptureFixtur
     client(bmc, user="eve").power_on()
     assert "power down" in caplog.text
     assert PASSWORD not in caplog.text and "wrong-pass" not in caplog.text
-
-
-def test_latency_of_a_power_status(
-    ipmitool: str, bmc: BmcServer, record_property: pytest.FixtureRequest
-) -> None:
-    c = client(bmc)
-    c.power_status()  # warm up pyghmi's I/O thread
-    ours = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        assert c.power_status().ok
-        ours.append(time.perf_counter() - t0)
-    theirs = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        assert run_ipmitool(ipmitool, bmc, "chassis", "power", "status").returncode == 0
-        theirs.append(time.perf_counter() - t0)
-    med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
-    print(f"\npower status on loopback: BmcClient median {med_ours * 1000:.1f} ms "
-          f"(max {max(ours) * 1000:.1f}), ipmitool median {med_theirs * 1000:.1f} ms")
-    assert med_ours < 0.5 and med_theirs < 2.0
 
 
 def test_client_is_safe_from_several_threads(bmc: BmcServer) -> None:
