@@ -51,7 +51,7 @@ from netsvc.cluster.model import (
     NAME_RE,
     UNSET,
 )
-from netsvc.cluster.schema import convert, decode_json, decode_query
+from netsvc.cluster.schema import _json_type, convert, decode_json, decode_query
 from netsvc.cluster.service import Reply, Request, Route
 
 if TYPE_CHECKING:
@@ -87,22 +87,6 @@ def parse_body(raw: bytes) -> JSONObject:
 
 def _reject_constant(name: str) -> Any:
     raise ValidationError("body", f"{name} is not allowed in JSON")
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _check_cluster_name(value: object, field_name: str, what: str) -> str:

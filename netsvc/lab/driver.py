@@ -846,25 +846,23 @@ class LabDriver:
 
     def detach_nic(self, vm: str) -> dict[str, Any]:
         """Set this host's end of the VM's cable down; the guest keeps running."""
-        with self._op(vm, "detach the NIC of"):
-            self._here(vm, "detach the NIC of")
-            host_ipr = self._host_ipr()
-            t = time.monotonic()
-            vif = self._index(host_ipr, self.plan.vif_name(vm), f"{self.host}'s namespace")
-            host_ipr.link("set", index=vif, state="down")
-            return {"vm": vm, "steps_ms": {"detach": _ms(t)}}
+        return self._set_nic(vm, up=False)
 
     def attach_nic(self, vm: str) -> dict[str, Any]:
         """Set this host's end of the VM's cable up and wait until it forwards."""
-        with self._op(vm, "attach the NIC of"):
-            self._here(vm, "attach the NIC of")
+        return self._set_nic(vm, up=True)
+
+    def _set_nic(self, vm: str, up: bool) -> dict[str, Any]:
+        what = "attach the NIC of" if up else "detach the NIC of"
+        with self._op(vm, what):
+            self._here(vm, what)
             host_ipr = self._host_ipr()
             t = time.monotonic()
             vif = self._index(host_ipr, self.plan.vif_name(vm), f"{self.host}'s namespace")
-            host_ipr.link("set", index=vif, state="up")
-            if not wait_operstate_up([(host_ipr, vif)], timeout=PORT_UP_S):
+            host_ipr.link("set", index=vif, state="up" if up else "down")
+            if up and not wait_operstate_up([(host_ipr, vif)], timeout=PORT_UP_S):
                 raise DriverError(f"{vm}'s NIC on {self.host} did not come up")
-            return {"vm": vm, "steps_ms": {"attach": _ms(t)}}
+            return {"vm": vm, "steps_ms": {"attach" if up else "detach": _ms(t)}}
 
     def readdress(
         self, vm: str, old_ip: str, new_ip: str, prefixlen: int, gateway: str | None
