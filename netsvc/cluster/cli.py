@@ -402,6 +402,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         except (ValueError, ClusterError) as exc:
             return _fail("agent", f"{plugin.name}: {exc}")
         executors.update(plugin.agent.executors)
+        if plugin.agent.vm_hooks is not None:
+            ctx.vm_hooks.append(plugin.agent.vm_hooks)
     stop = threading.Event()
     if driver is not None:
         threading.Thread(target=run_executor, args=(ctx, executors, stop), daemon=True,

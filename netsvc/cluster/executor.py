@@ -14,6 +14,9 @@ Invariants:
 - Phases run on threads of their own, so a slow readdress never delays a migration; two phases
   of the same VM never run at once (the manager holds one open exclusive action per VM).
 - A lost manager is retried with back-off; it never ends the loop.
+- Every VM the kernel's executors bring to this host passes the services' ``attaching`` hooks
+  first (in plugin order; the first that raises fails the action and nothing is attached), and
+  every VM that left it is announced to their ``detached`` hooks (failures logged only).
 """
 
 from __future__ import annotations
@@ -36,32 +39,62 @@ def _driver(ctx: AgentContext) -> Any:
     return ctx.driver
 
 
+def attaching(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
+    """Run every service's ``attaching`` hook for ``vm`` before it comes to this host.
+    A service executor that starts a VM (a respawn) calls this too."""
+    for hooks in ctx.vm_hooks:
+        if hooks.attaching is not None:
+            hooks.attaching(vm, action, ctx)
+
+
+def detached(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
+    """Tell every service's ``detached`` hook that ``vm`` left this host; never raises."""
+    for hooks in ctx.vm_hooks:
+        if hooks.detached is None:
+            continue
+        try:
+            hooks.detached(vm, action, ctx)
+        except Exception as exc:  # the VM already left: log, never fail the action
+            ctx.log(f"detached hook for {vm} failed: {type(exc).__name__}: {exc}")
+
+
 def _migrate(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     d = _driver(ctx)
     if a["phase"] == "prepare":
+        attaching(a["vm"], a, ctx)
         return dict(d.migrate_prepare(a["vm"], str(a["from"])))
     token = dict(a.get("results", {}).get("prepare") or {})
-    return dict(d.migrate_handover(a["vm"], str(a["to"]), token))
+    out = dict(d.migrate_handover(a["vm"], str(a["to"]), token))
+    detached(a["vm"], a, ctx)
+    return out
 
 
 def _abort(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
-    return dict(_driver(ctx).migrate_abort(a["vm"], dict(a.get("token") or {})))
+    out = dict(_driver(ctx).migrate_abort(a["vm"], dict(a.get("token") or {})))
+    detached(a["vm"], a, ctx)
+    return out
 
 
 def _restart(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    attaching(a["vm"], a, ctx)
     return dict(_driver(ctx).restart(a["vm"], a.get("from")))
 
 
 def _start(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    attaching(a["vm"], a, ctx)
     return dict(_driver(ctx).start(a["vm"]))
 
 
 def _power_off(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
-    return dict(_driver(ctx).power_off(a["vm"]))
+    out = dict(_driver(ctx).power_off(a["vm"]))
+    detached(a["vm"], a, ctx)
+    return out
 
 
 def _shutdown(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
-    return dict(_driver(ctx).shutdown(a["vm"]))
+    out = dict(_driver(ctx).shutdown(a["vm"]))
+    detached(a["vm"], a, ctx)
+    return out
 
 
 #: The kernel's own action kinds (``netsvc.cluster.vmactions``), carried out by the driver.

@@ -262,6 +262,29 @@ class AgentContext:
     vm_addr: str | None = None
     #: Settings a service's ``start`` leaves for its executors (``"acd.probe_iface"``, ...).
     options: dict[str, Any] = field(default_factory=dict)
+    #: The services' parts in the VM life cycle on this host (``VmHooks``), in plugin order.
+    vm_hooks: list[VmHooks] = field(default_factory=list)
+
+
+#: A VM life-cycle hook: ``(vm, action, ctx)``.
+VmHook = Callable[[str, Mapping[str, Any], "AgentContext"], None]
+
+
+@dataclass(frozen=True)
+class VmHooks:
+    """A service's part in the VM life cycle on its agent's host.
+
+    - ``attaching`` runs before a VM is started, restarted or prepared for an incoming
+      migration on this host (the kernel's executors, and a service's own executor that starts
+      a VM, through ``netsvc.cluster.executor.attaching``). It may block until what the VM needs
+      is ready (a switch woken, a shaping applied). Raising fails the action: nothing is
+      attached, and the exception's message is the action's detail.
+    - ``detached`` runs after a VM left this host (its migration handed over, powered off, shut
+      down). Its failure is logged and never fails the action: the VM already left.
+    """
+
+    attaching: VmHook | None = None
+    detached: VmHook | None = None
 
 
 #: An executor: carries out one claimed action on this host; returns its result, or raises
@@ -274,6 +297,7 @@ class AgentPart:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
     start: Callable[[argparse.Namespace, AgentContext], None] = lambda a, c: None
     executors: Mapping[str, Executor] = field(default_factory=dict)
+    vm_hooks: VmHooks | None = None
 
 
 # -- the lab side --------------------------------------------------------------------------------

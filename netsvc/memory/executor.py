@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from netsvc.cluster.executor import attaching
 from netsvc.cluster.service import AgentContext
 from netsvc.memory.layout import Access
 
@@ -293,6 +294,7 @@ def respawn(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     """``memory-respawn``: bring the VM here and start its guest from its pool pages."""
     s = _Step(a, ctx)
     name = f"guest-{s.vm}-{s.host}"
+    s.timed("attaching", lambda: attaching(s.vm, a, ctx))
     with _vm_lock(s.vm):
         s.timed("recable", lambda: s.driver.recable(s.vm))
         argv = guest_argv(s.pool, s.vm, s.host, "rw", port=s.port, watch=s.watch)
@@ -319,6 +321,7 @@ def promote(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
         if not is_guest(pid, s.vm, s.host):
             raise RuntimeError(f"no live secondary of {s.vm} on {s.host}")
         assert isinstance(pid, int)
+        s.timed("attaching", lambda: attaching(s.vm, a, ctx))
         s.timed("signal", lambda: os.kill(pid, signal.SIGUSR1))  # maps RW, serves :port
         try:
             s.timed("recable", lambda: s.driver.recable(s.vm))
