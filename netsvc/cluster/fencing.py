@@ -254,7 +254,7 @@ class FencingService(BaseManagerService):
                       summary="each host's BMC and the fences asked, with their outcome"),
                 Route("POST", r"/v1/hosts/([^/]+)/fence", "fence", self._route_fence,
                       body=_fence_body, mutates=True,
-                      summary="fence a host by hand (refused while it heartbeats)"))
+                      summary="fence a host (refused while it heartbeats, unless host_may_be_alive)"))
 
     def _route_fence(self, r: Request) -> Reply:
         from netsvc.cluster.model import check_name
@@ -265,7 +265,7 @@ class FencingService(BaseManagerService):
 
             raise UnknownEntity("host", host)
         rec = self.request(host, reason=r.body.reason, requester=r.body.actor, now=r.now,
-                           wall=r.wall)
+                           wall=r.wall, expect_silent=not r.body.host_may_be_alive)
         return Reply(202 if rec is not None and rec.state is FenceState.REQUESTED else 200,
                      {"fence": None if rec is None else rec.to_dict(r.now)})
 

@@ -364,7 +364,12 @@ class FencingTable(Schema, frozen=True):
 
 
 class FenceRequest(Schema, frozen=True):
-    """``POST /v1/hosts/{host}/fence``: an operator fences a host by hand."""
+    """``POST /v1/hosts/{host}/fence``: an operator (or a service, such as the memory master)
+    fences a host."""
 
     reason: Annotated[Reason, Meta(description="journaled")]
     actor: Annotated[ActorName, Meta(description="journaled as the requester")] = "api"
+    host_may_be_alive: Annotated[bool, Meta(description=(
+        "the host may still run (it lost a resource, such as its pooled-memory lease, but may "
+        "still heartbeat): fence it anyway; a heartbeat after the BMC's confirmed off is then "
+        "the contradiction. Default: refused while the host heartbeats"))] = False

@@ -53,6 +53,7 @@ HOST_PORTS = {
     "vmnet": ("eth1", "eth2"),
     "storage-a": ("eth3",),
     "storage-b": ("eth4",),
+    "memfab": ("eth5",),
 }
 
 

@@ -28,11 +28,16 @@ NETWORKS: dict[str, tuple[str, str]] = {
     "storage-a": ("198.18.2.0/24", "storage"),
     "storage-b": ("198.18.3.0/24", "storage"),
     "site": ("198.18.4.0/24", "site"),
+    # the memory fabric: the pool agents renew their page-table leases over it (pooled memory)
+    "memfab": ("198.18.6.0/24", "memory"),
 }
-SWITCH_OF = {"mgmt": "s0", "vmnet": "s1", "storage-a": "s2", "storage-b": "s3", "site": "s4"}
+SWITCH_OF = {"mgmt": "s0", "vmnet": "s1", "storage-a": "s2", "storage-b": "s3", "site": "s4",
+             "memfab": "s6"}
 
 GATEWAY = "198.18.1.1"
 SERVICES_MGMT = "198.18.0.2"
+#: The services node on the memory fabric (the pool's lease server listens there).
+MEMFAB_SERVICES = "198.18.6.2"
 MANAGER_PORT = 8470
 GUEST_PORT = 7000
 
@@ -113,7 +118,8 @@ class LabPlan:
         return out
 
     def host_ifname(self, host: str, port: str) -> str:
-        """Host NIC names: eth0 mgmt, eth1/eth2 VM-network uplinks, eth3/eth4 storage A/B."""
+        """Host NIC names: eth0 mgmt, eth1/eth2 VM-network uplinks, eth3/eth4 storage A/B,
+        eth5 the memory fabric."""
         return _check_ifname(f"{self.node(host)}-{port}")
 
     def vm_port(self, vm: str, generation: int) -> str:
@@ -127,7 +133,7 @@ class LabPlan:
     # --- addresses -----------------------------------------------------------------------
     def host_addr(self, host: str, network: str) -> str:
         i = host_index(host)
-        if network not in ("mgmt", "vmnet", "storage-a", "storage-b"):
+        if network not in ("mgmt", "vmnet", "storage-a", "storage-b", "memfab"):
             raise PlanError(f"hosts have no address on {network!r}")
         return _addr(network, 10 + i)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from netsvc.lab.timeline import Event, Kind, Timeline
 
-NETWORKS: tuple[str, ...] = ("mgmt", "vmnet", "storage-a", "storage-b", "site")
+NETWORKS: tuple[str, ...] = ("mgmt", "vmnet", "storage-a", "storage-b", "site", "memfab")
 """The lab's networks; a fault on one of them is shaded across the whole picture."""
 
 _HOST = re.compile(r"h\d+")

@@ -4,15 +4,17 @@ Used by the lab harness and by ``mn --custom topologies/cluster.py --topo cluste
 --switch lxbr --controller none``. It needs only Mininet and the stdlib.
 
 Shape (see ``plan.py`` for the addresses):
-- five LinuxBridge switches: management, VM network, storage A, storage B, secondary site;
+- six LinuxBridge switches: management, VM network, storage A, storage B, secondary site, the
+  memory fabric;
 - hypervisors ``hN``: eth0 on management; eth1 and eth2 uplinks to the VM network, where eth1 is
   a port of the host's own virtual switch ``vs0`` (a Linux bridge inside the host's namespace)
   and eth2 is a standby uplink, cabled and up but not a bridge port (this kernel has no bonding,
   and two forwarding uplinks into one segment would loop); eth3 and eth4 on the storage fabrics;
+  eth5 on the memory fabric (the pool agents renew their leases over it);
 - VMs ``vmN``: a namespace each, whose NIC ``vnic`` holds the VM's MAC and address; one veth
   from it to its host's ``vs0`` (VM end ``<vm>-e0`` or ``-e1``, host end ``<vm>-vif``);
-- ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management and both
-  storage fabrics; ``gw`` the VM network's gateway (198.18.1.1), routing to the ``site`` node.
+- ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management, both
+  storage fabrics and the memory fabric (198.18.6.2: the pool's lease server); ``gw`` the VM network's gateway (198.18.1.1), routing to the ``site`` node.
 
 Invariant: every node, switch and interface name starts with the plan's prefix.
 """
@@ -24,7 +26,7 @@ from typing import Any
 from mininet.node import Host
 from mininet.topo import Topo
 
-from netsvc.lab.plan import GATEWAY, LabPlan, prefix_len
+from netsvc.lab.plan import GATEWAY, MEMFAB_SERVICES, LabPlan, prefix_len
 
 
 class HypervisorHost(Host):  # type: ignore[misc]
@@ -111,13 +113,14 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         plan = LabPlan(prefix=prefix, hosts=hosts, vms_per_host=vms)
         self.plan = plan
         sw = {}
-        for i, net in enumerate(("mgmt", "vmnet", "storage-a", "storage-b", "site")):
+        for i, net in enumerate(("mgmt", "vmnet", "storage-a", "storage-b", "site", "memfab")):
             sw[net] = self.addSwitch(plan.switch(net), dpid=f"{0x4E5600 + i:016x}")
 
         svc = self.addHost(plan.node("svc"), ip=f"198.18.0.2/{prefix_len('mgmt')}")
         self.addLink(svc, sw["mgmt"])
         self.addLink(svc, sw["storage-a"], params1={"ip": "198.18.2.2/24"})
         self.addLink(svc, sw["storage-b"], params1={"ip": "198.18.3.2/24"})
+        self.addLink(svc, sw["memfab"], params1={"ip": f"{MEMFAB_SERVICES}/24"})
 
         gw = self.addHost(
             plan.node("gw"), cls=RouterHost, ip=f"{GATEWAY}/24", site_addr="198.18.4.1"
@@ -151,6 +154,12 @@ class ClusterTopo(Topo):  # type: ignore[misc]
                 sw["storage-b"],
                 intfName1=plan.host_ifname(h, "eth4"),
                 params1={"ip": f"{plan.host_addr(h, 'storage-b')}/24"},
+            )
+            self.addLink(
+                node,
+                sw["memfab"],
+                intfName1=plan.host_ifname(h, "eth5"),
+                params1={"ip": f"{plan.host_addr(h, 'memfab')}/24"},
             )
             bmc = self.addHost(plan.node(f"bmc{h[1:]}"), ip=f"{plan.bmc_addr(h)}/24")
             self.addLink(bmc, sw["mgmt"])

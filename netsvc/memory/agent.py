@@ -2,6 +2,7 @@
 
     python -m netsvc.memory.agent --host h1 --pool PATH [--ttl 0.5] [--renew-every 0.1]
         [--mem-mib 4096] [--vm NAME:PAGES[:ft][:cold]]... [--manager URL --key-file F]
+        [--fabric ADDR[:PORT]]
 
 The lease is the host's write ownership of its page table (``lease.py``): while the agent
 renews it, the master cannot fence the host; once the agent stops renewing (the host crashed,
@@ -11,7 +12,9 @@ started by the hypervisor (the lab); they write under this host's grant (``guest
 they are fenced together with the host.
 
 ``LeaseKeeper`` is the sans-IO core (time passed in); ``run`` is the thin adapter around a
-``Pool``.
+``Pool``. With ``--fabric`` the lease is acquired and renewed over the memory fabric
+(``netsvc.memory.fabric``: the desk beside the pool), so a host cut from that network loses its
+lease as it would on a real memory fabric; without it, in the pool file directly.
 
 Invariants:
 
@@ -22,6 +25,10 @@ Invariants:
   journal), and the keeper waits ``rejoin_after`` seconds before it tries to acquire a *new*
   lease (a new, higher epoch). Guests that still carry the old epoch stay fenced for good.
 - ``LeaseHeld`` on acquire (the master still holds the fence) is retried, never forced.
+- A renewal with no answer (the fabric is unreachable) is retried every ``renew_every / 2``;
+  the grant is kept (a lapsed lease nobody took may still be renewed), and once its expiry has
+  passed with no renewal the keeper reports ``lapsed`` once: from then on the master may fence
+  this host at any moment.
 - States change only along ``TRANSITIONS`` (else ``IllegalTransition``).
 - Exit codes: 0 on SIGTERM/SIGINT, 2 on a usage or environment error.
 """
@@ -42,12 +49,20 @@ from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
+from netsvc.cluster.auth import KeyFileError
 from netsvc.memory.errors import (
     IllegalTransition,
     LeaseHeld,
     MemoryError_,
     PoolUsageError,
     StaleEpoch,
+)
+from netsvc.memory.fabric import (
+    FabricLeases,
+    FabricUnreachable,
+    LeaseStore,
+    parse_fabric,
+    read_key,
 )
 from netsvc.memory.guest_memory import GuestMemory
 from netsvc.memory.layout import Access, check_name
@@ -112,6 +127,7 @@ class LeaseKeeper:
         self.due = 0.0
         self.losses = 0
         self.waiting = False
+        self.lapsed = False  # ``lapsed`` reported for the current grant
 
     def _go(self, new: KeeperState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -162,7 +178,21 @@ class LeaseKeeper:
     def renewed(self, grant: Grant, now: float) -> None:
         if self.state is not K.HOLDING:
             raise IllegalTransition("lease keeper", self.host, self.state.value, "renewed")
-        self.grant, self.due = grant, now + self.renew_every
+        self.grant, self.due, self.lapsed = grant, now + self.renew_every, False
+
+    def unanswered(self, now: float) -> KeeperEvent | None:
+        """An acquire or renewal got no answer (the fabric is away): retry soon. Reports
+        ``lapsed`` once, when the held grant's expiry has passed unrenewed."""
+        self.due = now + self.renew_every / 2
+        g = self.grant
+        if self.state is not K.HOLDING or g is None or now < g.expires or self.lapsed:
+            return None
+        self.lapsed = True
+        return KeeperEvent(
+            "lapsed", self.host, g.epoch, now,
+            f"no renewal answered for {now - g.expires + self.ttl:.2f} s: the lease (epoch "
+            f"{g.epoch}) expired; the master may fence this host",
+        )  # fmt: skip
 
     def lost(self, cur_holder: str, cur_epoch: int, now: float) -> KeeperEvent:
         """A renewal was refused: we were fenced. Drop the grant; rejoin later, afresh."""
@@ -219,15 +249,20 @@ def run(
     report: Report,
     vms: list[str] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    leases: LeaseStore | None = None,
 ) -> None:
-    """The adapter loop: acquire, renew, report, until ``stop`` is set."""
+    """The adapter loop: acquire, renew, report, until ``stop`` is set. ``leases``: where the
+    lease is asked for (the fabric desk's client); default the pool itself."""
+    desk: LeaseStore = pool if leases is None else leases
     started = False
     while not stop.is_set():
         now = clock()
         op = keeper.due_op(now)
         if isinstance(op, Acquire):
             try:
-                grant = pool.acquire(op.host, op.host, now, op.ttl)
+                grant = desk.acquire(op.host, op.host, now, op.ttl)
+            except FabricUnreachable:
+                keeper.unanswered(now)
             except LeaseHeld as exc:
                 ev = keeper.held_elsewhere(exc.holder, exc.epoch, now)
                 if ev is not None:
@@ -240,7 +275,10 @@ def run(
                 started = True
         elif isinstance(op, Renew):
             try:
-                keeper.renewed(pool.renew(op.grant, now, op.ttl), now)
+                keeper.renewed(desk.renew(op.grant, now, op.ttl), now)
+            except FabricUnreachable:
+                if (ev := keeper.unanswered(now)) is not None:
+                    report(ev)
             except StaleEpoch as exc:
                 report(keeper.lost(exc.cur_holder, exc.cur_epoch, now))
         stop.wait(max(0.0, keeper.next_timer() - clock()))
@@ -285,14 +323,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm", action="append", default=[], help="NAME:PAGES[:ft][:cold]")
     p.add_argument("--manager", help="manager URL, to journal lease events")
     p.add_argument("--key-file")
+    p.add_argument("--fabric", metavar="ADDR[:PORT]",
+                   help="renew the lease over the memory fabric, at its desk (needs --key-file)")
     a = p.parse_args(argv)
     try:
         keeper = LeaseKeeper(a.host, a.ttl, a.renew_every, a.rejoin_after)
         for spec in a.vm:
             parse_vm_spec(spec)
+        fabric = parse_fabric(a.fabric) if a.fabric else None
+        if fabric is not None and not a.key_file:
+            raise PoolUsageError("--fabric needs --key-file (the desk checks a MAC)")
+        leases = (FabricLeases(*fabric, read_key(a.key_file), timeout=a.renew_every / 2)
+                  if fabric is not None else None)
         pool = Pool.open(a.pool)
         pool.register_host(a.host, {"mem_mib": a.mem_mib})
-    except (MemoryError_, OSError) as exc:
+    except (MemoryError_, OSError, ValueError, KeyFileError) as exc:
         print(f"netsvc-pool-agent: {exc}", file=sys.stderr)
         return 2
     journal = None
@@ -320,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run(pool, keeper, stop, report, a.vm)
+        run(pool, keeper, stop, report, a.vm, leases=leases)
     finally:
         pool.close()
     return 0
