@@ -158,11 +158,14 @@ class FencingService(BaseManagerService):
         k = self.kernel
         subject = f"host:{host}"
         old = self._records.get(host)
+        h = k.model.hosts.get(host)
+        if (old is not None and old.state is FenceState.OFF and h is not None
+                and h.last_seen is not None and h.last_seen > (old.done_at or old.requested_at)):
+            old = None  # powered on and heard from since that fence: this is a new one
         if old is not None and (old.state in (FenceState.REQUESTED, FenceState.OFF) or
                                 (old.state is FenceState.FAILED
                                  and now - (old.done_at or now) < self.config.retry_after)):
             return old
-        h = k.model.hosts.get(host)
         entry = self.config.bmcs.get(host)
         silent = None if h is None or h.last_seen is None else now - h.last_seen
         if expect_silent and silent is not None and silent < k.alive_window:
@@ -254,7 +257,8 @@ class FencingService(BaseManagerService):
                       summary="each host's BMC and the fences asked, with their outcome"),
                 Route("POST", r"/v1/hosts/([^/]+)/fence", "fence", self._route_fence,
                       body=_fence_body, mutates=True,
-                      summary="fence a host (refused while it heartbeats, unless host_may_be_alive)"))
+                      summary="fence a host (refused while it heartbeats, unless "
+                              "host_may_be_alive)"))
 
     def _route_fence(self, r: Request) -> Reply:
         from netsvc.cluster.model import check_name

@@ -166,6 +166,13 @@ class Lab:
         self.key_file: Path | None = None
         self.services: tuple[str, ...] = ()
         self._power_lock = threading.RLock()
+        #: What a service's lab part adds to the hardware's crash and power-on, whoever asks
+        #: (a scenario or a BMC): ``before_crash``/``after_crash``/``after_power_on(host)``
+        #: run under the power lock (e.g. the pooled-memory lab's secondaries die with the host,
+        #: and its pool agent starts with it).
+        self.before_crash: list[Callable[[str], None]] = []
+        self.after_crash: list[Callable[[str], None]] = []
+        self.after_power_on: list[Callable[[str], None]] = []
         self._bmcs_started = False
         self._follow_stop = threading.Event()
         self._follower: threading.Thread | None = None
@@ -727,6 +734,8 @@ class Lab:
             raise LabError(f"host {host} is already down")
         plan = self._plan()
         assert self.hv is not None
+        for hook in self.before_crash:
+            hook(host)
         died = self.running_vms(host)
         self.record("fault-start", host, "crash", fault_id=f"crash-{host}", vms=died)
         for role in [r for r in self.procs.by_role if r.endswith(f"-{host}")]:
@@ -750,6 +759,8 @@ class Lab:
                     ipr.link("set", index=idx[0], state="down")
         self.crashed.add(host)
         self._set_power(host, False)
+        for hook in self.after_crash:
+            hook(host)
         return died
 
     def power_on(self, host: str) -> None:
@@ -780,6 +791,8 @@ class Lab:
         self.record("fault-end", host, "crash", fault_id=f"crash-{host}")
         if self.key_file is not None:
             self.start_agent(host)
+        for hook in self.after_power_on:
+            hook(host)
 
     # --- manager and agents ------------------------------------------------------------
     @property

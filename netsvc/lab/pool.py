@@ -10,11 +10,13 @@
 What runs where (all through ``lab.popen``, so the run's marker is on every process):
 
 - ``svc``: the manager (``lab.start_services``, optionally on a real etcd started here first,
-  ``--store etcd://198.18.0.2:2379``) and the master (``python -m netsvc.memory.master``,
-  role ``memory-master``).
+  ``--store etcd://198.18.0.2:2379``), the master (``python -m netsvc.memory.master``, role
+  ``memory-master``) and the memory fabric's lease desk (``python -m netsvc.memory.fabric`` on
+  198.18.6.2, the ``memfab`` network; role ``memory-fabric``).
 - each host ``hN``: its agent (``lab.start_services``: ``netsvc agent --driver lab:<hv>``) and
-  its pool agent (role ``poolagent-hN``: ``lab.crash_host`` kills both, so a crashed host
-  stops renewing its lease and carries out nothing).
+  its pool agent (role ``poolagent-hN``, renewing its lease at the desk over ``memfab``: cut
+  ``hN:memfab`` and the lease lapses; a crash, by the lab or by the host's BMC, kills both,
+  so a crashed host stops renewing and carries out nothing; a power-on starts both again).
 - each pooled VM's namespace: its guest (``netsvc.memory.guest_server``). The first primary is
   started here (the lab boots its VMs: role ``guest-VM``; the lab's dict guest of a pooled VM
   is stopped first). Every later guest is started by a host's agent for the master
@@ -31,10 +33,10 @@ Invariants:
 - The pool file is ``/dev/shm/netsvc-pool-<prefix>``, unique to the run, and is removed when
   the ``PoolLab`` exits, on success, error, Ctrl-C or SIGTERM (the runner turns it into an
   exception).
-- ``crash_host`` kills everything of the host that ``Lab.crash_host`` knows (its agents, the
-  guests of the VMs it holds) and the secondaries its agent started; a first guest the lab
-  started that was fenced and replaced (a hung host's) stays with the host it ran on, under
-  ``stale-VM-hN``, and exits on its own once it runs again (``--watch``).
+- A crash (``crash_host``, or the host's BMC powering it off) kills everything of the host that
+  ``Lab.crash_host`` knows (its agents, the guests of the VMs it holds) and, through the lab's
+  crash hooks, the secondaries its agent started; a first guest the lab started that was
+  fenced and replaced stays with the host it ran on, under ``stale-VM-hN``.
 - Everything ``PoolLab`` and the agents start is ended by ``close`` or the lab's teardown (by
   role, by record and by marker).
 """
@@ -52,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from netsvc.lab.lab import Lab, LabError
-from netsvc.lab.plan import GUEST_PORT, SERVICES_MGMT
+from netsvc.lab.plan import GUEST_PORT, MEMFAB_SERVICES, SERVICES_MGMT
 from netsvc.memory import executor as mex
+from netsvc.memory.fabric import PORT as FABRIC_PORT
 from netsvc.memory.schemas import ACTOR, MEMORY_KINDS
 
 ETCD_PORT = 2379
@@ -115,6 +118,9 @@ class PoolLab:
         self.path = Path("/dev/shm") / f"netsvc-pool-{lab.prefix}"
         self.specs: dict[str, VmSpec] = {}
         self._first: dict[str, str] = {}  # VM -> the host the lab started its first guest on
+        lab.before_crash.append(self._before_crash)
+        lab.after_crash.append(self._after_crash)
+        lab.after_power_on.append(self.start_agent)
 
     @property
     def hv_root(self) -> Path:
@@ -135,11 +141,16 @@ class PoolLab:
 
     def close(self) -> None:
         """End the pool's processes (the lab's teardown would too) and delete the pool file."""
+        for hooks, hook in ((self.lab.before_crash, self._before_crash),
+                            (self.lab.after_crash, self._after_crash),
+                            (self.lab.after_power_on, self.start_agent)):
+            with contextlib.suppress(ValueError):
+                hooks.remove(hook)
         try:
             roles = [
                 r
                 for r in self.lab.procs.by_role
-                if r.startswith(("poolagent-", "stale-")) or r == "memory-master"
+                if r.startswith(("poolagent-", "stale-")) or r in ("memory-master", "memory-fabric")
             ]
             for role in roles:
                 self.lab.procs.end(role, signal.SIGKILL)
@@ -171,6 +182,7 @@ class PoolLab:
                 self.start_etcd()
                 store = f"etcd://{SERVICES_MGMT}:{ETCD_PORT}"
             self.lab.start_services(partition=self.partition, config=self.config, store=store)
+        self.start_desk()
         for h in self.lab._plan().host_names():
             self.start_agent(h, initial=True)
         self.wait_leases(self.lab._plan().host_names())
@@ -235,8 +247,28 @@ class PoolLab:
             sock.close()
         return int(json.loads(raw.split(b"\r\n\r\n", 1)[1]).get("count", 0))
 
+    def start_desk(self) -> None:
+        """The memory fabric's lease desk (``netsvc.memory.fabric``) on ``svc``, at
+        198.18.6.2: the pool agents acquire and renew their leases through it, over ``memfab``."""
+        lab = self.lab
+        assert lab.key_file is not None
+        lab.popen(
+            "svc",
+            [sys.executable, "-m", "netsvc.memory.fabric", "--pool", str(self.path),
+             "--bind", MEMFAB_SERVICES, "--port", str(FABRIC_PORT),
+             "--key-file", str(lab.key_file)],
+            role="memory-fabric",
+        )  # fmt: skip
+        log = lab.run_dir / "logs" / "memory-fabric.log"
+        deadline = time.monotonic() + 10.0
+        while '"listening"' not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise LabError("the memory fabric's desk did not start (logs/memory-fabric.log)")
+            time.sleep(0.02)
+
     def start_agent(self, host: str, initial: bool = False) -> None:
-        """Start ``host``'s pool agent; ``initial``: it also creates and maps its VMs."""
+        """Start ``host``'s pool agent, renewing over the memory fabric; ``initial``: it also
+        creates and maps its VMs."""
         lab = self.lab
         assert lab.key_file is not None
         specs = [s.arg(vm) for vm, s in self.specs.items() if s.host == host] if initial else []
@@ -245,7 +277,8 @@ class PoolLab:
             [sys.executable, "-m", "netsvc.memory.agent", "--host", host, "--pool",
              str(self.path), "--ttl", str(self.ttl), "--renew-every", str(self.renew_every),
              "--mem-mib", str(self.mem_mib), *(f"--vm={s}" for s in specs),
-             "--manager", lab.manager_url, "--key-file", str(lab.key_file)],
+             "--manager", lab.manager_url, "--key-file", str(lab.key_file),
+             "--fabric", f"{MEMFAB_SERVICES}:{FABRIC_PORT}"],
             role=f"poolagent-{host}",
         )  # fmt: skip
 
@@ -389,23 +422,30 @@ class PoolLab:
         return self.secondaries().get((vm, host))
 
     def crash_host(self, host: str) -> list[str]:
-        """``Lab.crash_host`` plus what it cannot know of: the secondaries ``host``'s agent
-        started die with it, and a first guest of a VM that was replaced since (a fenced copy
-        on a hung host) stays with the host it ran on. Returns the VMs that died."""
+        """``Lab.crash_host``; returns the VMs that died. The pool's part of a crash, whoever
+        asks for it (this, or the host's BMC powering it off), is in the lab's crash hooks:
+        ``_before_crash`` and ``_after_crash``."""
+        return self.lab.crash_host(host)
+
+    def _before_crash(self, host: str) -> None:
+        """A first guest of a VM that was replaced since (a fenced copy) stays with the host it
+        ran on: the lab must not take it for the VM's current guest."""
         lab = self.lab
         for vm, first in self._first.items():
             proc = lab.procs.by_role.get(f"guest-{vm}")
             if proc is not None and lab.vm(vm).guest_pid != proc.pid:
                 lab.procs.by_role.pop(f"guest-{vm}")
                 lab.procs.add(f"stale-{vm}-{first}", proc)
-        died = lab.crash_host(host)
+
+    def _after_crash(self, host: str) -> None:
+        """The secondaries ``host``'s agent started die with it, and so do its stale guests
+        (the lab's crash ends roles named ``*-host``, which covers ``stale-VM-host``)."""
         for rec in mex.secondaries(self.hv_root):
             vm = str(rec["vm"])
             if rec["host"] == host:
                 mex.kill_guest(rec["pid"], vm, host)
                 mex.drop_secondary(self.hv_root, vm, host)
-                lab.record("event", vm, "secondary-died", host=host, pid=rec["pid"])
-        return died
+                self.lab.record("event", vm, "secondary-died", host=host, pid=rec["pid"])
 
     def mapped(self) -> dict[str, dict[str, str]]:
         """The pool's host-to-VM table, access as ``RW``/``RO``."""
@@ -413,9 +453,9 @@ class PoolLab:
             return {h: {vm: a.name for vm, a in m.items()} for h, m in pool.host_to_vm().items()}
 
     def restart_host(self, host: str) -> None:
-        """Power a crashed host on again, with its pool agent (it rejoins with a new epoch)."""
+        """Power a crashed host on again; its pool agent starts with it (the lab's power-on
+        hook) and rejoins with a new epoch."""
         self.lab.power_on(host)
-        self.start_agent(host)
 
 
 def _recv_all(sock: socket.socket, limit: int = 65536) -> bytes:

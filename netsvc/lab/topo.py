@@ -14,7 +14,8 @@ Shape (see ``plan.py`` for the addresses):
 - VMs ``vmN``: a namespace each, whose NIC ``vnic`` holds the VM's MAC and address; one veth
   from it to its host's ``vs0`` (VM end ``<vm>-e0`` or ``-e1``, host end ``<vm>-vif``);
 - ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management, both
-  storage fabrics and the memory fabric (198.18.6.2: the pool's lease server); ``gw`` the VM network's gateway (198.18.1.1), routing to the ``site`` node.
+  storage fabrics and the memory fabric (198.18.6.2: the pool's lease desk); ``gw`` the VM
+  network's gateway (198.18.1.1), routing to the ``site`` node.
 
 Invariant: every node, switch and interface name starts with the plan's prefix.
 """

@@ -11,9 +11,18 @@ commands. Who does what:
 - *Decides*: the cores, in this process. Every decision and state change becomes a
   ``Decision`` with its reason; ``main`` posts each one to the manager's journal
   (``POST /v1/events``, actor ``memory-master``), in order.
-- *Fences*: this process, in the pool: it acquires a lapsed host's lease (the epoch moves on,
-  so that host's guests can never write again), unmaps the host's VMs from its table with that
-  fence grant, renews the fence while it works and releases it when every VM was handled.
+- *Fences*, in two steps. First in the pool: it acquires a lapsed host's lease (the epoch moves
+  on, so that host's guests, which check it, stop writing). Then through the host's BMC: it asks
+  the manager's kernel fencing (``POST /v1/hosts/{host}/fence`` with ``host_may_be_alive``: a
+  host cut from the memory fabric may still run) to power the host off and waits for the BMC's
+  confirmed "off". Only then are the cores told the lease is ours: nothing of that host is
+  unmapped, respawned or promoted before its power is confirmed off, so a fenced host really
+  cannot write (its processes are gone), whatever its code does. A fence the BMC does not
+  confirm blocks the host's VMs (``memory-respawn-blocked``, with the reason; retried every
+  ``power_retry`` seconds) and keeps the pool lease taken. The master renews the fence while
+  it works and releases it when every VM was handled. ``power=None`` (the unit tests, or
+  ``--no-power-fence`` on a pool whose hosts have no BMC) skips the second step: the fence is
+  then only as good as the guests' epoch checks.
 - *Asks* for what needs a hypervisor: the ``memory-respawn``, ``memory-promote``,
   ``memory-create-secondary`` and ``memory-remove-secondary`` decisions name a VM and a target
   host; ``main`` posts each to ``POST /v1/memory/actions`` (``netsvc.memory.service``), which
@@ -34,8 +43,9 @@ classified isolated is reported (``memory-isolated-not-respawned``) and left alo
 Invariants:
 
 - No VM is unmapped from a host's table, respawned or promoted before this process holds that
-  host's lease (a fence grant with a new epoch); every such write carries that grant, so the
-  pool refuses it if the epoch moved on.
+  host's lease (a fence grant with a new epoch) and, with a power fence, before that host's
+  BMC confirmed it off; every such write carries that grant, so the pool refuses it if the
+  epoch moved on.
 - A VM gets a RW mapping on its new host only after it was unmapped from the fenced one (the
   pool refuses a second RW mapping): at most one primary at any time.
 - ``--dry-run``: nothing in the pool is written; each lapsed lease is journaled once (per
@@ -58,9 +68,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from netsvc.memory import ft as ftm
 from netsvc.memory import recovery as rec
@@ -100,6 +110,25 @@ PENDING_KIND = {
 RETRY_PAUSE = 1.0
 
 
+class PowerFence(Protocol):
+    """The BMC fence the master waits on (``ManagerPowerFence``: the manager's kernel fencing).
+
+    ``request`` must not block; ``state`` answers ``("pending" | "off" | "failed", detail)``
+    for the latest request about ``host``."""
+
+    def request(self, host: str, reason: str) -> None: ...
+    def state(self, host: str) -> tuple[str, str]: ...
+
+
+@dataclass
+class _Powering:
+    """A host whose pool lease we took, waiting for its BMC to confirm it off."""
+
+    grant: Grant
+    asked_at: float
+    blocked: str | None = None  # the failure last journaled
+
+
 @dataclass
 class _Pending:
     kind: str  # respawn, promote, secondary
@@ -122,8 +151,13 @@ class MasterLoop:
         respawn_timeout: float = 15.0,
         secondary_timeout: float = 10.0,
         dry_run: bool = False,
+        power: PowerFence | None = None,
+        power_retry: float = 5.0,
     ) -> None:
         self.pool = pool
+        self.power = power
+        self.power_retry = power_retry
+        self._powering: dict[str, _Powering] = {}  # by host
         self.sink = sink
         self.holder = holder
         self.ttl = ttl
@@ -166,6 +200,7 @@ class MasterLoop:
         cmds += self._enable_ft(views, now)
         cmds += self._completions(now)
         cmds += self._failed_actions(now)
+        cmds += self._power_fences(now)
         if now >= self.recovery.next_timer():
             cmds += self.recovery.handle_timer(now)
         if now >= self.ft.next_timer():
@@ -294,6 +329,8 @@ class MasterLoop:
     def _fence(self, host: str, now: float) -> list[Any]:
         if self.dry_run:
             return self._would_fence(host, now)
+        if host in self._powering:
+            return []  # the pool lease is ours; waiting for the BMC
         try:
             g = self.pool.acquire(host, self.holder, now, self.ttl)
         except LeaseHeld as exc:
@@ -305,8 +342,60 @@ class MasterLoop:
             )
         self.grants[host] = g
         self._say("memory-fence", f"host:{host}",
-                  f"lease of {host} taken at epoch {g.epoch}: its guests can no longer write",
-                  host=host, epoch=g.epoch)  # fmt: skip
+                  f"lease of {host} taken at epoch {g.epoch}: its guests can no longer write"
+                  + ("; powering it off through its BMC before anything of it moves"
+                     if self.power is not None else ""),
+                  host=host, epoch=g.epoch, power_fence=self.power is not None)  # fmt: skip
+        if self.power is not None:
+            self.power.request(host, f"memory: the pool lease of {host} lapsed (taken at epoch "
+                                     f"{g.epoch}); its VMs move only once it is off")
+            self._powering[host] = _Powering(g, now)
+            return []
+        return self._fenced(host, g, now)
+
+    def _power_fences(self, now: float) -> list[Any]:
+        """Hosts waiting for their BMC: renew the pool fence, and move on once confirmed off."""
+        out: list[Any] = []
+        if self.power is None:
+            return out
+        for host, p in list(self._powering.items()):
+            g = self.grants[host]
+            if now >= g.expires - self.ttl / 3:
+                try:
+                    g = self.grants[host] = self.pool.renew(g, now, self.ttl)
+                except StaleEpoch as exc:  # someone else fenced it meanwhile: not ours
+                    del self._powering[host]
+                    self.grants.pop(host, None)
+                    self._error(f"host:{host}", "renewing the fence while powering off", exc)
+                    out += self.recovery.lease_refused(host, exc.cur_holder, now)
+                    continue
+            state, detail = self.power.state(host)
+            if state == "off":
+                del self._powering[host]
+                self._say("memory-power-fenced", f"host:{host}",
+                          f"{host} confirmed off by its BMC ({detail}) "
+                          f"{(now - p.asked_at) * 1000:.0f} ms after the pool fence: its VMs "
+                          "may move", host=host, epoch=g.epoch, bmc=detail,
+                          wait_ms=round((now - p.asked_at) * 1000, 1))  # fmt: skip
+                out += self._fenced(host, g, now)
+            elif state == "failed":
+                if p.blocked != detail:
+                    p.blocked = detail
+                    vms = sorted(self.pool.mapped(host))
+                    self._say("memory-respawn-blocked", f"host:{host}",
+                              f"{host} is not confirmed off ({detail}): none of {vms} is "
+                              "respawned or promoted; the pool lease stays taken (its guests "
+                              f"cannot write under it); asking again every "
+                              f"{self.power_retry:g} s", host=host, vms=vms,
+                              error=detail)  # fmt: skip
+                if now - p.asked_at >= self.power_retry:
+                    p.asked_at = now
+                    self.power.request(host, f"memory: retrying the fence of {host}")
+        return out
+
+    def _fenced(self, host: str, g: Grant, now: float) -> list[Any]:
+        """``host`` is fenced (its lease ours at ``g``; powered off if we have a power fence):
+        tell the cores, so they respawn and promote its VMs."""
         out: list[Any] = list(self.recovery.lease_taken(host, g.epoch, now))
         for vm, access in self.pool.mapped(host).items():  # secondaries' read-only mappings
             if access is Access.RO:
@@ -372,7 +461,9 @@ class MasterLoop:
     def _one_ft(self, cmd: Any, now: float) -> list[Any]:
         if isinstance(cmd, ftm.TakeLease):
             g = self.grants.get(cmd.host)
-            if g is None:  # the FT controller retries; recovery fences lapsed hosts itself
+            if g is None or cmd.host in self._powering:
+                # the FT controller retries; recovery fences lapsed hosts itself, and nothing
+                # is promoted before the host's BMC confirmed it off
                 return []
             if self.ft.epochs.get(cmd.host, 0) >= g.epoch:
                 return []
@@ -623,6 +714,103 @@ class PartitionFeed:
             self._stop.wait(self.interval)
 
 
+class ManagerPowerFence:
+    """``PowerFence`` through the manager's kernel fencing, on a thread of its own: a request
+    is ``POST /v1/hosts/{host}/fence`` (``host_may_be_alive``), and while any is open the
+    thread reads ``GET /v1/fencing`` every ``interval`` seconds. A host's state is the record
+    the manager holds *after* our request was accepted; a refused request or an unreachable
+    manager is ``failed`` with the reason (the loop asks again later)."""
+
+    STATES: ClassVar[Mapping[str, str]] = {"REQUESTED": "pending", "OFF": "off",
+                                           "FAILED": "failed", "CONTRADICTION": "failed"}
+
+    def __init__(self, client: Any, actor: str = ACTOR, interval: float = 0.05) -> None:
+        self.client, self.actor, self.interval = client, actor, interval
+        self._lock = threading.Lock()
+        self._asks: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._state: dict[str, tuple[str, str]] = {}
+        self._open: set[str] = set()  # hosts asked, whose answer we follow
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="power-fence")
+        self.thread.start()
+
+    def request(self, host: str, reason: str) -> None:
+        with self._lock:
+            self._state[host] = ("pending", "asked")
+        self._asks.put((host, reason))
+
+    def state(self, host: str) -> tuple[str, str]:
+        with self._lock:
+            return self._state.get(host, ("failed", "never asked"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._asks.put(("", ""))
+
+    def _set(self, host: str, state: str, detail: str) -> None:
+        with self._lock:
+            self._state[host] = (state, detail)
+            if state == "pending":
+                self._open.add(host)
+            else:
+                self._open.discard(host)
+
+    def _ask(self, host: str, reason: str) -> None:
+        from netsvc.cluster.client import ApiError
+
+        try:
+            status, out = self.client.request("POST", f"/v1/hosts/{host}/fence",
+                                              {"reason": reason, "actor": self.actor,
+                                               "host_may_be_alive": True})
+        except ApiError as exc:
+            self._set(host, "failed", f"the manager is unreachable: {exc}")
+            return
+        if not 200 <= status < 300:
+            self._set(host, "failed", f"the manager refused the fence: HTTP {status} "
+                                      f"{out.get('error', '')}")
+            return
+        rec = out.get("fence")
+        if not isinstance(rec, dict):
+            self._set(host, "failed", "the manager's fencing is a dry run")
+            return
+        self._record(host, rec)
+
+    def _record(self, host: str, rec: Mapping[str, Any]) -> None:
+        state = self.STATES.get(str(rec.get("state")), "failed")
+        if state == "off":
+            detail = f"fenced by {rec.get('fenced_by')} in {rec.get('fence_ms')} ms"
+        elif state == "failed":
+            detail = f"{rec.get('kind')}: {rec.get('error')}"
+        else:
+            detail = f"asked of {rec.get('fenced_by')}"
+        self._set(host, state, detail)
+
+    def _run(self) -> None:
+        from netsvc.cluster.client import ApiError
+
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    host, reason = self._asks.get(timeout=self.interval)
+                    if self._stop.is_set():
+                        return
+                    self._ask(host, reason)
+            with self._lock:
+                follow = set(self._open)
+            if not follow:
+                continue
+            try:
+                status, out = self.client.request("GET", "/v1/fencing")
+            except ApiError:
+                continue
+            fences = out.get("fences", {}) if status == 200 else {}
+            if not isinstance(fences, dict):
+                continue
+            for host in follow:
+                if isinstance(rec := fences.get(host), dict):
+                    self._record(host, rec)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netsvc-memory-master", description=__doc__.splitlines()[0])
     p.add_argument("--pool", required=True)
@@ -641,6 +829,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="where an FT secondary serves read-only until promoted")
     p.add_argument("--guest-watch", type=float, default=0.1,
                    help="seconds between a primary guest's fence checks")
+    p.add_argument("--no-power-fence", action="store_true",
+                   help="do not power a lapsed host off through its BMC before its VMs move "
+                        "(a pool whose hosts have no BMC: the fence is then only the guests' "
+                        "epoch checks)")
+    p.add_argument("--power-retry", type=float, default=5.0,
+                   help="seconds between fence requests while a host's BMC does not confirm")
     a = p.parse_args(argv)
     from netsvc.cluster.client import ManagerClient
 
@@ -673,13 +867,16 @@ def main(argv: list[str] | None = None) -> int:
     sink = JournalSink(client, guest, on_failed, watch)
     sink_ref.append(sink)
     feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
-    loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
+    power = None if a.no_power_fence or a.dry_run else ManagerPowerFence(client)
+    loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run, power=power,
+                      power_retry=a.power_retry)
     failed.append(loop.action_failed)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
-                  {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run}))  # fmt: skip
+                  {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run,
+                   "power_fence": power is not None}))  # fmt: skip
     try:
         while not stop.is_set():
             if feed is not None:
@@ -693,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if feed is not None:
             feed.stop()
+        if power is not None:
+            power.stop()
         watch.stop()
         sink.close()
         pool.close()

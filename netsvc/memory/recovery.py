@@ -1,16 +1,26 @@
 """Recovery from pooled memory (abstract A3): the master agent's sans-IO core. Time passed in.
 
-The master agent (in the manager) polls every host's page-table lease. A host that stopped
-renewing has failed or is isolated; the master *takes* its lease (fencing: the epoch moves on,
-so the host can never write to its table or its VMs' pages again), then respawns that host's
-resumable VMs on other hosts, from the pages the pool still holds. The adapter loop::
+The master agent (beside the manager) polls every host's page-table lease. A host that
+stopped renewing has failed or is isolated (cut from the memory fabric); the master *takes*
+its lease, then respawns that host's resumable VMs on other hosts, from the pages the pool
+still holds.
+
+What the fence enforces, and how. Taking the lease moves the epoch on; from then on the pool
+refuses every table change and lease renewal under the old epoch, and a guest's store checks
+the epoch before each write and refuses it (``ERR fenced``). That much is cooperative: the
+pool is shared memory, and a process that skipped the check could still store into its
+mapping. So the adapter (``netsvc.memory.master``) does not tell this core the lease was
+taken (``lease_taken``) until the host's BMC has also confirmed it powered off (the kernel's
+fencing); only then are VMs respawned or promoted, when nothing of the old host runs any more.
+An unconfirmed power fence respawns nothing. The adapter loop::
 
     master = RecoveryMaster(holder="master", page_size=pool.geometry.page_size)
     loop every poll interval:
         views = views_from_pool(pool, classifications)     # netsvc.memory.views
         for cmd in master.poll(views, now):
             TakeLease -> try pool.acquire(cmd.host, cmd.holder, now, ttl)
-                         ok:        cmds = master.lease_taken(cmd.host, grant.epoch, now)
+                         ok:        power the host off through its BMC, wait for "off", then
+                                    cmds = master.lease_taken(cmd.host, grant.epoch, now)
                          LeaseHeld: cmds = master.lease_refused(cmd.host, exc.holder, now)
             Respawn   -> with the grant: pool.unmap_vm(grant, vm); the target host's agent does
                          pool.map_vm(its grant, vm, RW) and GuestMemory.open(..., RW); then

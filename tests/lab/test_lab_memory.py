@@ -61,14 +61,18 @@ def test_respawn_with_manager_on_etcd(tmp_path: Path) -> None:
     r = run("respawn", tmp_path, 2, "[respawn]\nstore = \"etcd\"\n")
     assert r["state_intact"] is True and r["respawn_ms"] > 0
     assert r["respawned_on"] == "h2" and r["manager_store"] == "etcd" and r["etcd_keys"] > 0
+    assert r["fenced_by"] == "198.18.0.101:623" and r["power_fence_ms"] > r["fence_ms"] > 0
     assert 0 < r["respawn_decided_ms"] < r["respawn_done_ms"]
 
 
 def test_isolation(tmp_path: Path) -> None:
     r = run("isolation", tmp_path, 3)
-    assert r["stale_writes_accepted"] == 0
-    assert r["isolated_not_respawned"] and r["h1_reported_lease_lost"]
+    assert r["stale_writes_accepted"] == 0 and r["stale_writes_sent"] > 0
+    assert r["isolated_not_respawned"] and r["h1_rejoined_with_new_lease"]
     assert r["respawn_executor"] == f"agent-{r['respawned_on']}"
+    # the lease lapsed over the cut fabric, then the pool fence, then the BMC's "off"
+    assert 0 < r["lease_lapsed_ms"] <= r["pool_fence_ms"] <= r["fence_ms"] < r["restart_ms"]
+    assert r["fenced_by"] == "198.18.0.101:623"
 
 
 def test_pool_file_removed_on_failure() -> None:

@@ -76,13 +76,13 @@ def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
         validate("smoke", None, tmp_path / "nope.toml")
 
 
-@pytest.mark.parametrize("spec", ["h1:vmnet", "h3:eth4", "vm6", "vm2:eth0", "gw:eth1",
-                                  "svc:eth2", "bmc2", "site:eth0"])
+@pytest.mark.parametrize("spec", ["h1:vmnet", "h3:eth4", "h1:eth5", "h2:memfab", "svc:eth3",
+                                  "vm6", "vm2:eth0", "gw:eth1", "svc:eth2", "bmc2", "site:eth0"])
 def test_good_links(spec: str) -> None:
     assert check_link(spec, LabPlan("nvab", hosts=3)) == spec
 
 
-@pytest.mark.parametrize("spec", ["h4:eth0", "h1:eth5", "h1", "vm7", "vm1:eth1", "gw:eth2",
+@pytest.mark.parametrize("spec", ["h4:eth0", "h1:eth6", "h1", "vm7", "vm1:eth1", "gw:eth2",
                                   "router:eth0", "h1:wan", ""])
 def test_bad_links(spec: str) -> None:
     with pytest.raises(ConfigError):

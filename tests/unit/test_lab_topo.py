@@ -24,7 +24,7 @@ def test_builds_the_plan() -> None:
     assert set(topo.hosts()) == {
         plan.node(n) for n in ("svc", "gw", "site", "h1", "h2", "bmc1", "bmc2", "vm1", "vm2")
     }
-    assert len(topo.switches()) == 5
+    assert len(topo.switches()) == 6  # mgmt, vmnet, storage A and B, site, memfab
     assert all(n.startswith("nvtt") for n in topo.nodes())
 
 

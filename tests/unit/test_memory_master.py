@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,8 @@ def test_keeper_and_vm_spec_refuse_bad_input(pool: Pool) -> None:
 class World:
     """Pool agents (renewing unless dead), the master, and the hypervisor playing decisions."""
 
-    def __init__(self, pool: Pool, hosts: tuple[str, ...], dry_run: bool = False) -> None:
+    def __init__(self, pool: Pool, hosts: tuple[str, ...], dry_run: bool = False,
+                 power: Any = None) -> None:
         self.pool = pool
         self.now = 0.0
         self.log: list[Decision] = []
@@ -92,7 +94,8 @@ class World:
         for h in hosts:
             pool.register_host(h, {"mem_mib": 64})
             self.grants[h] = pool.acquire(h, h, 0.0, TTL)
-        self.master = MasterLoop(pool, self.log.append, ttl=TTL, dry_run=dry_run)
+        self.master = MasterLoop(pool, self.log.append, ttl=TTL, dry_run=dry_run, power=power,
+                                 power_retry=1.0)
         self.done = 0
         self.failing: dict[str, str] = {}  # decision -> the reason its step fails with
 
@@ -361,3 +364,68 @@ def test_the_sink_asks_for_steps_and_reports_what_did_not_happen() -> None:
     assert seen.wait(10.0)
     watch.stop()
     assert failed[1] == ("memory-promote", "f", "h2", "a-1 FAILED: no live secondary of f")
+
+
+# -- the power fence: nothing of a lapsed host moves before its BMC confirmed it off --------------
+
+
+class FakePower:
+    """The manager's fencing as the master sees it: each request recorded; the state is set
+    by the test (what the BMC answered)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+        self.answer = ("pending", "asked")
+
+    def request(self, host: str, reason: str) -> None:
+        self.asked.append((host, reason))
+
+    def state(self, host: str) -> tuple[str, str]:
+        return self.answer
+
+
+def test_a_respawn_waits_for_the_bmc_to_confirm_the_host_off(pool: Pool) -> None:
+    power = FakePower()
+    w = World(pool, ("h1", "h2", "h3"), power=power)
+    a = w.start_vm("a", "h1", 16)
+    a.handle(b"SET k v")
+    w.crash("h1")
+    w.run(2.0)  # the lease lapsed and was taken; the BMC has not answered yet
+    (fence,) = w.actions("memory-fence")
+    assert fence.details["power_fence"] is True and [h for h, _ in power.asked] == ["h1"]
+    assert not w.actions("memory-respawn") and not w.actions("memory-power-fenced")
+    assert pool.lease("h1").holder == "master"  # the pool fence is kept (renewed) meanwhile
+    assert pool.lease("h1").held_by("master", w.now)
+    assert pool.mapped("h1") == {"a": Access.RW}  # nothing unmapped before the power is off
+    power.answer = ("off", "fenced by 198.18.0.101:623 in 120 ms")
+    w.tick()
+    (off,) = w.actions("memory-power-fenced")
+    assert "198.18.0.101:623" in off.reason
+    w.run(0.5)
+    (rs,) = w.actions("memory-respawn")
+    assert w.log.index(off) < w.log.index(rs)
+    b = w.guests[("a", rs.details["to"])]
+    assert b.handle(b"GET k") == b"VALUE v\n"
+    assert len(power.asked) == 1 and w.master.errors == 0
+    w.close()
+
+
+def test_an_unconfirmed_fence_moves_nothing_and_is_asked_again(pool: Pool) -> None:
+    power = FakePower()
+    power.answer = ("failed", "timeout: no answer from 198.18.0.101:623 in 5 s")
+    w = World(pool, ("h1", "h2", "h3", "h4"), power=power)
+    w.start_vm("f", "h1", 16, ft=True)
+    w.start_vm("a", "h1", 16)
+    w.run(0.3)
+    assert w.actions("memory-secondary-ready")
+    w.crash("h1")
+    w.run(3.0)
+    (blocked,) = w.actions("memory-respawn-blocked")  # journaled once for the same failure
+    assert "timeout" in blocked.reason and blocked.details["vms"] == ["a", "f"]
+    assert not w.actions("memory-respawn") and not w.actions("memory-promote")
+    assert len(power.asked) >= 2  # asked again every power_retry (1 s here)
+    assert pool.lease("h1").held_by("master", w.now)
+    power.answer = ("off", "fenced by 198.18.0.101:623 in 900 ms")
+    w.run(1.0)
+    assert w.actions("memory-promote") and w.actions("memory-respawn")
+    w.close()

@@ -463,3 +463,25 @@ def test_a_host_down_on_its_bmc_word_is_fenced_once_it_is_silent_long_enough(
     core.handle_timer(core.alive_window)
     (effect,) = core.take_effects()
     assert effect.data == {"host": "h1"}
+
+
+def test_a_host_powered_on_since_its_fence_is_fenced_again_not_taken_as_off(
+        tmp_path: Path) -> None:
+    """An OFF record is the truth only until the host is heard from again: a later fence of
+    the same host must power it off again, not answer from the old record."""
+    core, journal = _dead_h1(tmp_path)
+    (effect,) = core.take_effects()
+    core.effect_done(effect, {"ok": True, "off": True}, now=5.3)
+    fencing = core.service("fencing")
+    assert fencing.record("h1").state.value == "OFF"
+    core.heartbeat("h1", seq=9, now=20.0)  # powered on again and back
+    rec = fencing.request("h1", reason="lease lapsed", requester="memory-master", now=21.0,
+                          expect_silent=False)
+    assert rec is not None and rec.state.value == "REQUESTED" and rec.requested_at == 21.0
+    (again,) = core.take_effects()
+    assert again.data == {"host": "h1"}
+    # without news from the host, the OFF record still answers (no second power-off)
+    core.effect_done(again, {"ok": True, "off": True}, now=21.2)
+    same = fencing.request("h1", reason="again", requester="api", now=22.0, expect_silent=False)
+    assert same is not None and same.requested_at == 21.0 and core.take_effects() == []
+    assert [e.action for e in journal.read()].count("fence-requested") == 2

@@ -16,20 +16,26 @@ from the gateway, at the VM's address.
   decision, and to the secondary's agent reporting it done, from the manager's journal).
 - ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
 - ``respawn``: crash a host: ``respawn_ms`` (crash to the VM answering on another host),
-  ``state_intact`` (every key and the write counter as before).
+  ``state_intact`` (every key and the write counter as before), ``fence_ms`` (crash to the
+  master taking the lease), ``power_fence_ms`` and ``fenced_by`` (crash to the BMC confirming
+  the host off, and that BMC).
 
 Parameters (a ``[NAME]`` table of the lab config): ``ttl`` (the hosts' lease TTL, seconds) and
 ``store = "etcd"``, which runs a real etcd on ``svc`` and the manager on it.
 - ``isolation``: cut h1's management link (the partition service says ``mgmt-isolation``; h1
-  still renews its lease, so its VM is *not* respawned), then hang h1 (its pool agent and guest
-  stopped): the lease lapses, the master fences h1 and respawns the VM elsewhere; then
-  reconnect h1: ``stale_writes_accepted`` counts writes the old guest acknowledged after the
-  fence (must be 0); ``isolated_not_respawned`` says whether the first phase was respected.
+  still renews its lease over the memory fabric, so its VM neither respawns nor moves:
+  ``isolated_not_respawned``); heal it, then cut h1's memory fabric link (``h1:memfab``): h1
+  still runs and heartbeats, but its lease lapses (``lease_lapsed_ms``), the master takes it
+  (``pool_fence_ms``), has the manager power h1 off through its BMC (``fence_ms``, to the BMC's
+  confirmation; ``fenced_by``, the BMC) and only then respawns the VM (``restart_ms``, to the
+  VM answering with its state elsewhere). A writer on a connection to the old guest counts
+  writes acknowledged after the pool fence (``stale_writes_accepted``, must be 0). Then the
+  fabric comes back and h1 is powered on through its BMC: it rejoins with a new lease.
 """
 
 from __future__ import annotations
 
-import signal
+import os
 import socket
 import threading
 import time
@@ -336,7 +342,14 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
             if (e := journal_since(lab, "memory-fence", t0))
             else None,
         }
+        confirmed = [e for e in journal_since(lab, "fence-confirmed", t0)
+                     if e["subject"] == "host:h1"]
+        out["power_fence_ms"] = ms(float(confirmed[0]["mono"]), t0) if confirmed else None
+        out["fenced_by"] = confirmed[0]["details"].get("fenced_by") if confirmed else None
         rs = pl.finished("memory-respawn", t0)
+        checks.check("h1 was confirmed off by its BMC before its VM was respawned",
+                     bool(confirmed and rs) and float(confirmed[0]["mono"]) <= rs[0].decided,
+                     f"confirmed off at {out['power_fence_ms']} ms by {out['fenced_by']}")
         out["respawn_decided_ms"] = ms(rs[0].decided, t0) if rs else None
         out["respawn_done_ms"] = ms(rs[0].done, t0) if rs else None
         checks.check("vm1 came back on another host", ok and lab.vms["vm1"].host != "h1",
@@ -364,88 +377,167 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
         wait_healthy(lab)
         connect = lab.guest_connect("vm1", timeout=0.3)
         request(connect, "SET before 1")
+        first_pid = lab.vm("vm1").guest_pid
         faults = Faults(lab)
+        mgr = lab.manager()
+        # phase 1: management cut; the lease is still renewed over the memory fabric: h1 is
+        # isolated, not dead, and nothing of vm1 may move (no respawn, no restart or migration
+        # by the partition service either: either would run vm1 twice)
         t0 = time.monotonic()
-        # phase 1: management cut, lease still renewed: isolated, not dead
         fid = faults.cut("h1:mgmt")
         iso = pl.pump(10.0, lambda: bool(journal_since(lab, "memory-isolated-not-respawned", t0)))
         pl.pump(1.0)
         respawned_early = bool(journal_since(lab, "memory-respawn", t0))
+        moved = [a["id"] for a in mgr.list_actions("all") if a["vm"] == "vm1"]
         still = request(connect, "SET during-isolation 1").startswith("OK")
-        checks.check("h1 isolated with its lease: reported, not respawned",
-                     iso and not respawned_early and still, f"reported {iso}, respawned "
-                     f"{respawned_early}, VM writable {still}")  # fmt: skip
-        # phase 2: h1 hangs (pool agent and guest stopped): the lease lapses
-        stale = connect()
-        stale.settimeout(5.0)
-        agent = lab.procs.by_role["poolagent-h1"]
-        guest = lab.procs.by_role["guest-vm1"]
+        same = lab.vm("vm1").host == "h1" and lab.vm("vm1").guest_pid == first_pid
+        checks.check("h1 isolated with its lease: reported, and vm1 neither respawned nor moved",
+                     iso and not respawned_early and not moved and still and same,
+                     f"reported {iso}, respawned {respawned_early}, actions on vm1 {moved}, "
+                     f"writable {still}, same guest on h1 {same}")  # fmt: skip
+        faults.heal(fid)
+        wait_healthy(lab)
+        # phase 2: h1 loses the memory fabric (it still runs and heartbeats): its lease lapses,
+        # the master takes it, has h1 powered off through its BMC, and only then respawns vm1
+        writer = StaleWriter(connect()).start()
         t1 = time.monotonic()
-        agent.send_signal(signal.SIGSTOP)
-        guest.send_signal(signal.SIGSTOP)
-        ok = pl.pump(15.0, lambda: bool(journal_since(lab, "memory-respawned", t1)))
-        checks.check(
-            "h1's lease lapsed: fenced and vm1 respawned elsewhere",
-            ok and lab.vms["vm1"].host != "h1",
-            f"vm1 on {lab.vms['vm1'].host}",
-        )
-        respawns = pl.finished("memory-respawn", t1)
-        checks.check("the respawn was carried out by the target's agent",
-                     len(respawns) == 1 and respawns[0].ok is True
-                     and respawns[0].to == lab.vms["vm1"].host
-                     and respawns[0].executor == f"agent-{respawns[0].to}",
-                     str([(x.id, x.to, x.ok, x.executor, x.detail) for x in respawns]))
-        fresh: list[str] = []
+        fid = faults.cut("h1:memfab")
+        ok = pl.pump(20.0, lambda: bool(journal_since(lab, "memory-respawned", t1)))
+        back: list[float] = []
 
         def answers() -> bool:
             try:
-                fresh.append(request(connect, "SET after-fence 1", timeout=0.3))
-                return fresh[-1].startswith("OK")
+                if request(connect, "GET before", timeout=0.3) == "VALUE 1":
+                    back.append(time.monotonic())
+                    return True
             except OSError:
-                return False
+                pass
+            return False
 
-        pl.pump(5.0, answers)
-        # writes sent to the hung guest while it is stopped, then it wakes up
-        for i in range(3):
-            stale.sendall(f"SET stale{i} x\n".encode())
+        answered = pl.pump(5.0, answers)
+        writer.stop()
+        pool_fence = journal_since(lab, "memory-fence", t1)
+        confirmed = [e for e in journal_since(lab, "fence-confirmed", t1)
+                     if e["subject"] == "host:h1"]
+        power_fenced = journal_since(lab, "memory-power-fenced", t1)
+        respawn = journal_since(lab, "memory-respawn", t1)
+        lapsed = journal_since(lab, "memory-lease-lapsed", t1)
+        t_fence = float(pool_fence[0]["mono"]) if pool_fence else None
+        after_fence = [r for t, r in writer.replies if t_fence is not None and t >= t_fence]
+        respawns = pl.finished("memory-respawn", t1)
+        out = {
+            "isolated_not_respawned": iso and not respawned_early and not moved,
+            "lease_lapsed_ms": ms(float(lapsed[0]["mono"]), t1) if lapsed else None,
+            "pool_fence_ms": ms(t_fence, t1),
+            "fence_ms": ms(float(confirmed[0]["mono"]), t1) if confirmed else None,
+            "fenced_by": confirmed[0]["details"].get("fenced_by") if confirmed else None,
+            "restart_ms": ms(back[0], t1) if back else None,
+            "respawned_on": lab.vm("vm1").host,
+            "respawn_executor": respawns[0].executor if respawns else None,
+            "stale_writes_sent": len(writer.replies),
+            "stale_writes_accepted": sum(1 for r in after_fence if r.startswith("OK")),
+            "stale_replies_after_fence": sorted(set(after_fence))[:5],
+        }
+        checks.check("h1's pool agent found its lease lapsed over the cut fabric", bool(lapsed),
+                     str(out["lease_lapsed_ms"]))
+        checks.check("h1 was powered off through its BMC, confirmed, before vm1 moved",
+                     bool(pool_fence and confirmed and power_fenced and respawn)
+                     and float(confirmed[0]["mono"]) <= float(respawn[0]["mono"])
+                     and float(power_fenced[0]["mono"]) <= float(respawn[0]["mono"])
+                     and confirmed[0]["details"].get("requester") == "memory-master"
+                     and "h1" in lab.crashed,
+                     f"fence {out['fence_ms']} ms by {out['fenced_by']}, respawn "
+                     f"{ms(float(respawn[0]['mono']), t1) if respawn else None} ms, "
+                     f"h1 down {'h1' in lab.crashed}")  # fmt: skip
+        checks.check("vm1 respawned elsewhere by the target's agent, with its state",
+                     ok and answered and lab.vm("vm1").host != "h1" and len(respawns) == 1
+                     and respawns[0].ok is True
+                     and respawns[0].executor == f"agent-{lab.vm('vm1').host}",
+                     str(out))  # fmt: skip
+        checks.check("the fenced guest acknowledged no write after the fence",
+                     t_fence is not None and out["stale_writes_accepted"] == 0
+                     and len(writer.replies) > 0, str(out["stale_replies_after_fence"]))
+        checks.check("the fenced guest is gone with its host",
+                     first_pid is not None and not _alive(first_pid), f"pid {first_pid}")
+        # phase 3: the fabric comes back and an operator powers h1 on through its BMC: it
+        # rejoins the pool with a new lease, and its old writes never appear
         faults.heal(fid)
         t2 = time.monotonic()
-        agent.send_signal(signal.SIGCONT)
-        guest.send_signal(signal.SIGCONT)
-        for i in range(3, 6):
-            try:
-                stale.sendall(f"SET stale{i} x\n".encode())
-            except OSError:
-                break
-        replies = _read_lines(stale, 6, 3.0)
-        stale.close()
-        accepted = sum(1 for r in replies if r.startswith("OK"))
-        lost_lease = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-lease-lost", t2)))
-        exited = pl.pump(3.0, lambda: guest.poll() is not None)
-        visible = [request(connect, f"GET stale{i}", timeout=1.0) for i in range(6)]
-        rejoined = pl.pump(5.0, lambda: _holds(pl, "h1"))
-        out = {
-            "stale_writes_accepted": accepted + sum(1 for v in visible if v != "MISSING"),
-            "stale_replies": replies,
-            "isolated_not_respawned": iso and not respawned_early,
-            "respawned_on": lab.vms["vm1"].host,
-            "h1_reported_lease_lost": lost_lease,
-            "fenced_guest_exited": exited,
-            "h1_rejoined_with_new_lease": rejoined,
-            "respawn_executor": respawns[0].executor if respawns else None,
-            "fence_ms": ms(float(e[0]["mono"]), t1)
-            if (e := journal_since(lab, "memory-fence", t1))
-            else None,
-        }
-        checks.check("the reconnected host wrote nothing", out["stale_writes_accepted"] == 0,
-                     f"replies {replies}, visible {visible}")  # fmt: skip
-        # Evidence, not silence: the stale guest answered every write, and refused each.
-        checks.check("each stale write was refused as fenced",
-                     len(replies) == 6 and all(r.startswith("ERR fenced") for r in replies),
-                     str(replies))
-        checks.check("h1 found it lost its lease", lost_lease)
-        checks.check("its fenced guest stopped", exited)
+        powered = _bmc_power_on(lab, "h1")
+        rejoined = pl.pump(15.0, lambda: _holds(pl, "h1"))
+        visible = [request(connect, f"GET {k}", timeout=1.0)
+                   for k in writer.refused_keys()[:5]]
+        out.update({"h1_powered_on_by_bmc": powered, "h1_rejoined_with_new_lease": rejoined,
+                    "rejoin_ms": ms(time.monotonic(), t2) if rejoined else None})
+        checks.check("h1, powered on through its BMC, rejoined with a new lease",
+                     powered and rejoined, str(powered))
+        checks.check("no refused write became visible", all(v == "MISSING" for v in visible),
+                     str(visible))
         return out
+
+
+class StaleWriter:
+    """Writes ``SET staleN x`` every 20 ms on one connection to a guest, and keeps each reply
+    with when it came (a connection that died ends it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.replies: list[tuple[float, str]] = []
+        self.sent: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> StaleWriter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3.0)
+        self.sock.close()
+
+    def refused_keys(self) -> list[str]:
+        return [k for k, (_, r) in zip(self.sent, self.replies, strict=False)
+                if not r.startswith("OK")]
+
+    def _run(self) -> None:
+        f = self.sock.makefile("rwb")
+        self.sock.settimeout(1.0)
+        i = 0
+        while not self._stop.wait(0.02):
+            key = f"stale{i}"
+            try:
+                f.write(f"SET {key} x\n".encode())
+                f.flush()
+                line = f.readline()
+            except OSError:
+                return
+            if not line:
+                return
+            self.sent.append(key)
+            self.replies.append((time.monotonic(), line.decode(errors="replace").strip()[:80]))
+            i += 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _bmc_power_on(lab: Lab, host: str) -> bool:
+    """Power ``host`` on as an operator would: IPMI to its BMC, from the services node."""
+    from netsvc.bmc.client import BmcClient
+    from netsvc.lab.netns import run_in_netns
+
+    plan = lab.require_plan()
+    bmc = BmcClient(plan.bmc_addr(host), lab.BMC_USER, lab.bmc_password(host), timeout=3.0)
+    out = run_in_netns(lab.pid("svc"), lambda: bmc.power_on(wait=True, wait_timeout=10.0))
+    return bool(out.ok)
 
 
 def _holds(pl: PoolLab, host: str) -> bool:
@@ -481,7 +573,8 @@ SCENARIOS = [
     Scenario("respawn", "crash a host: its VM is respawned elsewhere from pooled memory, "
              "state intact", _respawn, min_hosts=2, vms_per_host=1, params=PARAMS,
              check=_check),
-    Scenario("isolation", "isolate h1 (kept: it holds its lease), hang it (fenced, VM "
-             "respawned), reconnect it: it writes nothing", _isolation, min_hosts=3,
+    Scenario("isolation", "isolate h1 (kept: it holds its lease), cut its memory fabric (its "
+             "lease lapses: powered off through its BMC, then its VM respawned), power it on: "
+             "it rejoins and wrote nothing", _isolation, min_hosts=3,
              vms_per_host=1, params=PARAMS, check=_check),
 ]  # fmt: skip
