@@ -101,6 +101,25 @@ def verdicts_after(lab: Lab, host: str, t0: float) -> list[tuple[float, str]]:
             and float(e["mono"]) >= t0]
 
 
+def targets_as_judged(lab: Lab, host: str, vms: list[str], t0: float) -> list[dict[str, Any]]:
+    """Each accepted decision to move one of ``vms`` after ``t0``, with its target and the
+    manager's verdict about that target when it decided (the last ``partition-verdict`` about
+    it before the decision; ``None`` if it had judged it never)."""
+    journal = lab.manager().journal(0)
+    out = []
+    for e in journal:
+        d = e["details"]
+        if (e["action"] != "partition-decision" or e.get("dry_run") or float(e["mono"]) < t0
+                or d.get("vm") not in vms or not d.get("target")):
+            continue
+        before = [x["details"]["new"] for x in journal
+                  if x["action"] == "partition-verdict" and x["subject"] == f"host:{d['target']}"
+                  and float(x["mono"]) <= float(e["mono"])]
+        out.append({"vm": d["vm"], "target": d["target"],
+                    "target_verdict": before[-1] if before else None})
+    return out
+
+
 def actions_after(lab: Lab, t0: float) -> list[dict[str, Any]]:
     return [e for e in lab.manager().journal(0)
             if e["action"] in ("migrate-done", "restart-done") and float(e["mono"]) >= t0]
@@ -252,12 +271,17 @@ def _vmnet_failure(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str
     checks.check("every VM of the host was migrated", ok and out["migrations"] == len(run.vms),
                  f"{out['migrations']} of {len(run.vms)}")
     where = {vm: lab.vms[vm].host for vm in run.vms}
-    checks.check("they run on connected hosts", all(h != run.host for h in where.values()),
-                 str(where))
+    chosen = targets_as_judged(lab, run.host, run.vms, run.t0)
+    checks.check("they run on hosts the manager judged connected when it chose them",
+                 len(chosen) == len(run.vms) and all(
+                     c["target"] == where[c["vm"]] and c["target"] != run.host
+                     and c["target_verdict"] == "healthy" for c in chosen),
+                 f"where {where}; chosen {chosen}")
     checks.check("their clients get answers again", out["recovery_ms"] is not None,
                  f"{out['recovery_ms']} ms")
     checks.check("the guests kept their state", not any(out["state_lost"].values()),
-                 str(out["state_lost"]))
+                 "write counter went backwards (state lost), per VM: "
+                 f"{out['state_lost']}")
     faults.heal(fid)
     run.pump(params["settle_s"])
     checks.check("nothing else moved", len(actions_after(lab, run.t0)) == len(run.vms))
