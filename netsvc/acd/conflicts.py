@@ -67,6 +67,7 @@ ACD_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "dns_key_name": (str,),
     "dns_key_file": (str,),
     "dns_algorithm": (str,),
+    "dns_reverse_zone": (str,),
     "candidates": (int,),
     "yield_rules": (list,),
     "yield_tie_window": (int, float),
@@ -112,6 +113,9 @@ class AcdConfig:
     dns_key_name: str | None = None
     dns_key_file: str | None = None
     dns_algorithm: str = DEFAULT_ALGORITHM
+    # The reverse zone (e.g. "1.18.198.in-addr.arpa.") whose PTRs follow a readdress; none:
+    # only the A record is updated.
+    dns_reverse_zone: str | None = None
     candidates: int = DEFAULT_CANDIDATES
     # Who yields: the resolver's rules in order (netsvc.acd.resolver.RULES), e.g.
     # ["protected", "managed", "oldest"] to move the long-standing claimant instead.
@@ -208,6 +212,14 @@ class AcdConfig:
             object.__setattr__(self, "dns_zone", _absolute_name(self.dns_zone, "acd.dns_zone"))
             object.__setattr__(self, "dns_key_name",
                                _absolute_name(self.dns_key_name, "acd.dns_key_name"))
+        if self.dns_reverse_zone is not None:
+            if self.dns_server is None:
+                raise ValidationError("acd.dns_reverse_zone", "given without acd.dns_server")
+            rz = _absolute_name(self.dns_reverse_zone, "acd.dns_reverse_zone")
+            if not rz.endswith(".in-addr.arpa."):
+                raise ValidationError("acd.dns_reverse_zone",
+                                      f"{rz!r} is not an IPv4 reverse zone (...in-addr.arpa.)")
+            object.__setattr__(self, "dns_reverse_zone", rz)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base_dir: str | None = None) -> AcdConfig:
@@ -271,6 +283,7 @@ class AcdConfig:
             "gateway": self.gateway,
             "dns": None if self.dns_server is None else {
                 "server": self.dns_server, "port": self.dns_port, "zone": self.dns_zone,
+                "reverse_zone": self.dns_reverse_zone,
                 "key_name": self.dns_key_name, "algorithm": self.dns_algorithm,
             },
         }
@@ -307,12 +320,15 @@ class DnsOutcome:
     """What the adapter got from the DNS server for one ``DnsUpdateNeeded``.
 
     ``rcode`` is the server's answer ("NOERROR", "REFUSED", ...), None when there was none;
-    ``error`` says what went wrong when ``ok`` is false."""
+    ``error`` says what went wrong when ``ok`` is false. ``ptr`` is the reverse update's
+    outcome ("NOERROR", or what went wrong; None without a reverse zone): a failed PTR
+    update is reported there and does not make the forward update fail."""
 
     ok: bool
     rcode: str | None = None
     elapsed_ms: float | None = None
     error: str | None = None
+    ptr: str | None = None
 
 
 DnsSender = Callable[[DnsUpdateNeeded], DnsOutcome]
@@ -333,12 +349,14 @@ def load_tsig_secret(path: str | Path) -> str:
 
 def make_dns_sender(config: AcdConfig, secret: str, *, timeout: float = DNS_TIMEOUT,
                     ttl: int = DNS_TTL) -> DnsSender:
-    """A sender that performs each update with ``netsvc.acd.dns`` (one signed RFC 2136 update).
+    """A sender that performs each update with ``netsvc.acd.dns`` (signed RFC 2136 updates).
 
-    The update replaces the name's whole A rrset with the new address, with no prerequisite on
-    the old one: the manager is the only writer of its VMs' records and sends their updates one
-    at a time, in order, after the model changed; a readdressed clone usually has no record yet,
-    which an "A rrset is exactly {old}" prerequisite would refuse (NXRRSET)."""
+    The A record moves only if nobody changed it meanwhile: the update carries the
+    prerequisite "the A rrset is exactly {old address}"; if the name has no A record at all
+    (a readdressed clone never had one: NXRRSET), it is sent again with "no A rrset". Any
+    other state (someone else's address: NXRRSET/YXRRSET again) is not overwritten: the
+    outcome fails and says so. Then, with ``dns_reverse_zone``, the PTR of the new address
+    names the VM and the old address's PTR to the VM goes (``build_ptr_update``)."""
     from netsvc.acd import dns as acd_dns
 
     server, port = config.dns_server, config.dns_port
@@ -347,12 +365,34 @@ def make_dns_sender(config: AcdConfig, secret: str, *, timeout: float = DNS_TIME
         raise ValueError("DNS is not configured")
     acd_dns.tsig_key(key_name, secret, algorithm)  # a bad secret fails now, not at first use
 
+    def forward(effect: DnsUpdateNeeded, **prereq: Any) -> Any:
+        assert server is not None and key_name is not None
+        msg = acd_dns.build_update(effect.zone, effect.name, effect.new_ip, key_name, secret,
+                                   algorithm, ttl=ttl, **prereq)
+        return acd_dns.send_update(msg, server, port, timeout=timeout)
+
+    def reverse(effect: DnsUpdateNeeded) -> str | None:
+        if config.dns_reverse_zone is None:
+            return None
+        assert server is not None and key_name is not None
+        try:
+            msg = acd_dns.build_ptr_update(config.dns_reverse_zone, effect.name, effect.new_ip,
+                                           key_name, secret, algorithm, ttl=ttl,
+                                           old_address=effect.old_ip)
+            r = acd_dns.send_update(msg, server, port, timeout=timeout)
+        except (acd_dns.DnsError, ValueError) as exc:
+            return f"not updated: {exc}"
+        return r.rcode if r.ok else f"the server answered {r.rcode}"
+
     def send(effect: DnsUpdateNeeded) -> DnsOutcome:
         t0 = time.monotonic()
         try:
-            msg = acd_dns.build_update(effect.zone, effect.name, effect.new_ip, key_name,
-                                       secret, algorithm, ttl=ttl)
-            result = acd_dns.send_update(msg, server, port, timeout=timeout)
+            if effect.old_ip is not None:
+                result = forward(effect, old_address=effect.old_ip)
+                if result.rcode == "NXRRSET":  # no record, or someone else's: try "none"
+                    result = forward(effect, absent=True)
+            else:
+                result = forward(effect, absent=True)
         except acd_dns.DnsError as exc:
             return DnsOutcome(False, None, _ms(time.monotonic() - t0), str(exc))
         except ValueError as exc:
@@ -361,9 +401,14 @@ def make_dns_sender(config: AcdConfig, secret: str, *, timeout: float = DNS_TIME
         error = None
         if not result.ok:
             error = f"the server answered {result.rcode}"
+            if result.rcode in ("NXRRSET", "YXRRSET"):
+                error += (f": the A record of {effect.name} is neither "
+                          f"{effect.old_ip or '(none)'} nor absent, so someone else changed it; "
+                          "not overwritten")
             if result.tsig_error:
                 error += f" (TSIG {result.tsig_error})"
-        return DnsOutcome(result.ok, result.rcode, _ms(result.elapsed_s), error)
+        ptr = reverse(effect) if result.ok else None
+        return DnsOutcome(result.ok, result.rcode, _ms(time.monotonic() - t0), error, ptr)
 
     return send
 

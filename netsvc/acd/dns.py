@@ -11,7 +11,11 @@ Invariants:
   ValueError naming it, before any message exists.
 - An update replaces the whole A rrset of its name (delete, then add one address). With
   ``old_address`` it also carries the RFC 2136 prerequisite "the A rrset is exactly
-  {old_address}", so a stale move fails (NXRRSET) instead of overwriting a newer one.
+  {old_address}", and with ``absent`` "the name has no A rrset", so a stale move fails
+  (NXRRSET or YXRRSET) instead of overwriting a record someone else changed.
+- A reverse update (``build_ptr_update``) adds ``new -> name`` as the only PTR of the new
+  address, and deletes only the RR ``old -> name`` (never another name's PTR of the old
+  address: after a conflict the winner keeps it). Both reverse names must lie in its zone.
 - ``send_update`` reports ok=True only for a NOERROR answer whose TSIG signature verifies
   with the request's key. A refusal from the server (REFUSED, NOTAUTH, NXRRSET, ...) is a
   result with ok=False, never an exception. Transport failures (timeout, unreachable, garbage
@@ -159,12 +163,16 @@ def build_update(
     algorithm: str = "hmac-sha256",
     ttl: int = 60,
     old_address: str | None = None,
+    absent: bool = False,
 ) -> dns.update.UpdateMessage:
     """A signed update that makes ``address`` the only A record of ``name`` in ``zone``.
 
-    With ``old_address``, the update applies only if the A rrset is exactly that address.
-    The TSIG signature is computed when the message is rendered (``to_wire``).
+    With ``old_address``, the update applies only if the A rrset is exactly that address;
+    with ``absent``, only if the name has no A rrset. The TSIG signature is computed when the
+    message is rendered (``to_wire``).
     """
+    if absent and old_address is not None:
+        raise ValueError("an update expects either the old address or no record, not both")
     origin = zone_name(zone)
     owner = owner_name(name, origin)
     new = check_ipv4(address, "new address")
@@ -175,8 +183,67 @@ def build_update(
     msg = dns.update.UpdateMessage(origin, keyring=key)
     if old is not None:
         msg.present(owner, dns.rdatatype.A, old)
+    if absent:
+        msg.absent(owner, dns.rdatatype.A)
     msg.replace(owner, ttl, dns.rdatatype.A, new)
     return msg
+
+
+def reverse_name(address: str) -> dns.name.Name:
+    """``in-addr.arpa`` name of an IPv4 address."""
+    import dns.reversename
+
+    return dns.reversename.from_address(check_ipv4(address, "address"))
+
+
+def build_ptr_update(
+    reverse_zone: str,
+    name: str,
+    address: str,
+    key_name: str,
+    key_secret: str,
+    algorithm: str = "hmac-sha256",
+    ttl: int = 60,
+    old_address: str | None = None,
+) -> dns.update.UpdateMessage:
+    """A signed update of ``reverse_zone``: ``address``'s PTR becomes ``name`` (absolute), and
+    the RR ``old_address -> name`` goes, if ``old_address`` lies in the zone too."""
+    origin = zone_name(reverse_zone)
+    target = dns.name.from_text(name)
+    if not target.is_absolute() or target == dns.name.root:
+        raise ValueError(f"PTR target {name!r} must be an absolute name")
+    new = reverse_name(address)
+    if not new.is_subdomain(origin):
+        raise ValueError(f"{address} is outside the reverse zone {origin}")
+    if not 0 <= ttl <= MAX_TTL:
+        raise ValueError(f"invalid TTL {ttl}: must be between 0 and {MAX_TTL}")
+    msg = dns.update.UpdateMessage(origin, keyring=tsig_key(key_name, key_secret, algorithm))
+    if old_address is not None:
+        old = reverse_name(old_address)
+        if old.is_subdomain(origin) and old != new:
+            msg.delete(old, dns.rdatatype.PTR, target.to_text())
+    msg.replace(new, ttl, dns.rdatatype.PTR, target.to_text())
+    return msg
+
+
+def lookup_ptr(
+    address: str,
+    server: str,
+    port: int = 53,
+    timeout: float = 2.0,
+    sock: socket.socket | None = None,
+) -> list[str]:
+    """The PTR targets of ``address`` as ``server`` answers them, sorted."""
+    q = dns.message.make_query(reverse_name(address), dns.rdatatype.PTR)
+
+    def decode(wire: bytes) -> list[str]:
+        r = dns.message.from_wire(wire)
+        _check_answers(q, r)
+        return sorted(rd.target.to_text() for rrset in r.answer
+                      if rrset.rdtype == dns.rdatatype.PTR for rd in rrset)
+
+    names, _ = _exchange(q, server, port, timeout, sock, None, decode)
+    return names
 
 
 def build_query(name: str, zone: str) -> dns.message.QueryMessage:

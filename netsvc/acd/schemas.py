@@ -178,6 +178,8 @@ class AcdTable(Schema, frozen=True):
     dns_key_file: Annotated[KeyFile, Meta(description="the TSIG secret (base64, mode 0600)")] \
         | None = None
     dns_algorithm: TsigAlgorithm = DEFAULT_ALGORITHM
+    dns_reverse_zone: Annotated[DnsName, Meta(description="the IPv4 reverse zone whose PTRs "
+                                                          "follow a readdress")] | None = None
     candidates: Annotated[int, Meta(ge=1, le=MAX_CANDIDATES,
                                     description="pool addresses offered per readdress")] \
         = DEFAULT_CANDIDATES

@@ -169,13 +169,14 @@ class AcdService(BaseManagerService):
         update = DnsUpdateNeeded(**dict(effect.data), at=effect.at)
         out = self._dns_sender(update)
         return {"ok": out.ok, "rcode": out.rcode, "elapsed_ms": out.elapsed_ms,
-                "error": out.error}
+                "error": out.error, "ptr": out.ptr}
 
     def effect_done(self, effect: Effect, outcome: Mapping[str, Any], now: float,
                     wall: float | None) -> None:
         update = DnsUpdateNeeded(**dict(effect.data), at=effect.at)
         self.dns_update_done(update, DnsOutcome(bool(outcome.get("ok")), outcome.get("rcode"),
-                                                outcome.get("elapsed_ms"), outcome.get("error")),
+                                                outcome.get("elapsed_ms"), outcome.get("error"),
+                                                outcome.get("ptr")),
                              now=now, wall=wall)
 
     def _route_conflict(self, r: Request) -> Reply:
@@ -480,13 +481,15 @@ class AcdService(BaseManagerService):
         if outcome.ok:
             reason = (f"{effect.name} A {effect.new_ip} updated at {where} in "
                       f"{outcome.elapsed_ms} ms")
+            if outcome.ptr is not None:
+                reason += f"; PTR {effect.new_ip} -> {effect.name}: {outcome.ptr}"
         else:
             reason = f"DNS update of {effect.name} A {effect.new_ip} failed: {outcome.error}"
         details = {"action": effect.action, "name": effect.name, "zone": effect.zone,
                    "server": acd.dns_server, "port": acd.dns_port, "new_ip": effect.new_ip,
                    "old_ip": effect.old_ip, "ok": outcome.ok, "rcode": outcome.rcode,
                    "elapsed_ms": outcome.elapsed_ms, "error": outcome.error,
-                   "waited_ms": round((now - effect.at) * 1000, 3)}
+                   "ptr": outcome.ptr, "waited_ms": round((now - effect.at) * 1000, 3)}
         entry = self.kernel.journal_append(now, wall, "dns-update", _subject("vm", effect.vm),
                                            reason, details=details)
         action = self.kernel.get_action(effect.action)

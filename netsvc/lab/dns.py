@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from netsvc.lab.lab import Lab
 
 DEFAULT_ZONE = "vm.netsvc.test."
+#: The VM network's reverse zone (198.18.1.0/24): a PTR per VM, moved by a readdress.
+REVERSE_ZONE = "1.18.198.in-addr.arpa."
 DNS_NODE = "svc"
 DNS_SERVER = "198.18.0.2"  # the services node on the management network (plan.SERVICES_MGMT)
 DNS_PORT = 53
@@ -74,6 +76,7 @@ class DnsInfo:
     key_secret: str  # base64
     algorithm: str
     node: str
+    reverse_zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,34 @@ def render_zone(
     return "\n".join(lines) + "\n"
 
 
+def render_reverse_zone(
+    reverse_zone: str,
+    ptrs: Mapping[str, str],
+    ns: str,
+    serial: int = 1,
+    ttl: int = DEFAULT_TTL,
+) -> str:
+    """A reverse zone file: SOA and NS naming ``ns`` (absolute), and one PTR per address of
+    ``ptrs`` (address -> absolute name), each address inside the zone."""
+    from netsvc.acd.dns import reverse_name
+
+    origin = zone_name(reverse_zone)
+    server = dns.name.from_text(ns)
+    hostmaster = dns.name.from_text("hostmaster", origin=server.parent())
+    lines = [
+        f"$TTL {ttl}",
+        f"{origin} SOA {server} {hostmaster} {serial} 3600 600 86400 {ttl}",
+        f"{origin} NS {server}",
+    ]
+    for address, name in ptrs.items():
+        owner = reverse_name(address)
+        if not owner.is_subdomain(origin):
+            raise ValueError(f"{address} is outside the reverse zone {origin}")
+        target = dns.name.from_text(name)
+        lines.append(f"{owner} {ttl} PTR {target}")
+    return "\n".join(lines) + "\n"
+
+
 def _q(value: object) -> str:
     text = str(value)
     if any(c in text for c in '"\\\n'):
@@ -131,11 +162,12 @@ def render_conf(
     key_secret: str,
     algorithm: str = ALGORITHM,
     user: str = "root:root",
+    reverse_zone: str | None = None,
 ) -> str:
     """A knot.conf (Knot DNS 3.2) whose every path lies below ``directory``.
 
-    It listens on ``listen@port`` only, serves ``zone`` from ``directory/zones``, and lets only
-    updates signed with the key change the zone.
+    It listens on ``listen@port`` only, serves ``zone`` (and ``reverse_zone``) from
+    ``directory/zones``, and lets only updates signed with the key change them.
     """
     origin = zone_name(zone)
     ip = ipaddress.ip_address(listen)
@@ -190,6 +222,17 @@ zone:
   - domain: {origin}
     file: {_q(zonefile)}
     acl: update-signed
+{_reverse_conf(d, reverse_zone)}"""
+
+
+def _reverse_conf(d: Path, reverse_zone: str | None) -> str:
+    if reverse_zone is None:
+        return ""
+    origin = zone_name(reverse_zone)
+    zonefile = d / "zones" / f"{origin.to_text(omit_final_dot=True)}.zone"
+    return f"""  - domain: {origin}
+    file: {_q(zonefile)}
+    acl: update-signed
 """
 
 
@@ -210,6 +253,8 @@ def write_server_files(
     ns_address: str,
     algorithm: str = ALGORITHM,
     user: str = "root:root",
+    reverse_zone: str | None = None,
+    ptrs: Mapping[str, str] | None = None,
 ) -> KnotFiles:
     """Write knot.conf and the zone file below ``directory`` (mode 0700; files 0600).
 
@@ -218,7 +263,11 @@ def write_server_files(
     """
     origin = zone_name(zone)
     zone_text = render_zone(zone, records, ns_address)  # validate before writing anything
-    conf_text = render_conf(directory, zone, listen, port, key_name, key_secret, algorithm, user)
+    ns = dns.name.from_text("ns", origin=origin).to_text()
+    rev_text = (render_reverse_zone(reverse_zone, ptrs or {}, ns)
+                if reverse_zone is not None else None)
+    conf_text = render_conf(directory, zone, listen, port, key_name, key_secret, algorithm, user,
+                            reverse_zone)
     for sub in ("db", "zones", "run"):  # a journal left by an earlier start would replay
         if (directory / sub).exists():
             shutil.rmtree(directory / sub)
@@ -226,7 +275,11 @@ def write_server_files(
         (directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     conf = directory / "knot.conf"
     zonefile = directory / "zones" / f"{origin.to_text(omit_final_dot=True)}.zone"
-    for path, text in ((conf, conf_text), (zonefile, zone_text)):
+    files = [(conf, conf_text), (zonefile, zone_text)]
+    if reverse_zone is not None and rev_text is not None:
+        rev = zone_name(reverse_zone).to_text(omit_final_dot=True)
+        files.append((directory / "zones" / f"{rev}.zone", rev_text))
+    for path, text in files:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -313,6 +366,7 @@ def start_dns(
     if records is None:
         records = {name: vm.ip for name, vm in lab.vms.items()}
     origin = zone_name(zone)
+    ptrs = {vm.ip: f"{name}.{origin}" for name, vm in lab.vms.items()}
     secret = new_secret()
     files = write_server_files(
         lab.run_dir / "dns",
@@ -323,6 +377,8 @@ def start_dns(
         key_name=KEY_NAME,
         key_secret=secret,
         ns_address=DNS_SERVER,
+        reverse_zone=REVERSE_ZONE,
+        ptrs=ptrs,
     )
     log = lab.run_dir / "logs" / "dns.log"
     lab.record("action", DNS_NODE, "dns-start", zone=origin.to_text())
@@ -349,4 +405,5 @@ def start_dns(
         key_secret=secret,
         algorithm=ALGORITHM,
         node=DNS_NODE,
+        reverse_zone=REVERSE_ZONE,
     )

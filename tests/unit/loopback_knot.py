@@ -47,10 +47,11 @@ def _knotd() -> str:
 
 @contextmanager
 def run_loopback_knot(
-    directory: Path, zone: str, records: dict[str, str], key_name: str
+    directory: Path, zone: str, records: dict[str, str], key_name: str,
+    reverse_zone: str | None = None, ptrs: dict[str, str] | None = None,
 ) -> Iterator[LoopbackKnot]:
-    """A knotd serving ``zone`` on 127.0.0.1 (a free port) that takes updates signed with a
-    fresh TSIG key; ended (by id) when the block exits."""
+    """A knotd serving ``zone`` (and ``reverse_zone`` with ``ptrs``) on 127.0.0.1 (a free port)
+    that takes updates signed with a fresh TSIG key; ended (by id) when the block exits."""
     from netsvc.lab import dns as labdns
 
     knotd = _knotd()
@@ -59,7 +60,8 @@ def run_loopback_knot(
     secret = labdns.new_secret()
     files = labdns.write_server_files(
         directory / "dns", zone, records, listen="127.0.0.1", port=port, key_name=key_name,
-        key_secret=secret, ns_address="198.18.0.2", user=user,
+        key_secret=secret, ns_address="198.18.0.2", user=user, reverse_zone=reverse_zone,
+        ptrs=ptrs,
     )
     log = directory / "knotd.log"
     with open(log, "wb") as out:

@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import dns.flags
 import dns.message
@@ -31,11 +33,13 @@ from loopback_knot import LoopbackKnot, run_loopback_knot
 
 from netsvc.acd.dns import (
     DnsError,
+    build_ptr_update,
     build_query,
     build_update,
     decode_a_response,
     decode_update_response,
     lookup_a,
+    lookup_ptr,
     owner_name,
     send_update,
 )
@@ -357,3 +361,72 @@ def test_truncated_udp_answer_falls_back_to_tcp(knot: LoopbackKnot) -> None:
         responder.join()
     assert r.ok and tcp_calls == [("127.0.0.1", port)]
     assert lookup_a("vm4", ZONE, "127.0.0.1", knot.port) == ["198.18.1.104"]
+
+
+# --- the manager's sender: guarded moves and PTRs, against a real knotd ---------------------
+REVERSE = "1.18.198.in-addr.arpa."
+
+
+@pytest.fixture
+def knot_rev(tmp_path: Path) -> Iterator[LoopbackKnot]:
+    records = {"vm1": "198.18.1.101", "vm3": "198.18.1.103"}
+    ptrs = {"198.18.1.101": f"vm1.{ZONE}", "198.18.1.103": f"vm3.{ZONE}"}
+    with run_loopback_knot(tmp_path, ZONE, records, KEY, REVERSE, ptrs) as k:
+        yield k
+
+
+def _sender(knot: LoopbackKnot, reverse: bool = True) -> Any:
+    from netsvc.acd.conflicts import AcdConfig, make_dns_sender
+
+    cfg = AcdConfig(dns_server="127.0.0.1", dns_port=knot.port, dns_zone=ZONE, dns_key_name=KEY,
+                    dns_key_file="/nonexistent", dns_reverse_zone=REVERSE if reverse else None)
+    return make_dns_sender(cfg, knot.secret)
+
+
+def _effect(vm: str, new: str, old: str | None) -> Any:
+    from netsvc.acd.conflicts import DnsUpdateNeeded
+
+    return DnsUpdateNeeded("a-1", vm, f"{vm}.{ZONE}", ZONE, new, old, 0.0)
+
+
+def test_a_clone_with_no_record_gets_one_and_the_winner_keeps_its_ptr(
+        knot_rev: LoopbackKnot) -> None:
+    """The clone vm7 took vm1's address and yields: its name had no A record (the guarded
+    move falls back to "no record"), and the PTR of 198.18.1.101 still names vm1."""
+    out = _sender(knot_rev)(_effect("vm7", "198.18.1.150", "198.18.1.101"))
+    assert (out.ok, out.rcode, out.ptr) == (True, "NOERROR", "NOERROR"), out
+    assert lookup_a("vm7", ZONE, "127.0.0.1", knot_rev.port) == ["198.18.1.150"]
+    assert lookup_ptr("198.18.1.150", "127.0.0.1", knot_rev.port) == [f"vm7.{ZONE}"]
+    assert lookup_ptr("198.18.1.101", "127.0.0.1", knot_rev.port) == [f"vm1.{ZONE}"]
+    assert lookup_a("vm1", ZONE, "127.0.0.1", knot_rev.port) == ["198.18.1.101"]
+
+
+def test_a_vm_that_moves_takes_its_ptr_along(knot_rev: LoopbackKnot) -> None:
+    out = _sender(knot_rev)(_effect("vm3", "198.18.1.160", "198.18.1.103"))
+    assert out.ok and out.ptr == "NOERROR"
+    assert lookup_a("vm3", ZONE, "127.0.0.1", knot_rev.port) == ["198.18.1.160"]
+    assert lookup_ptr("198.18.1.160", "127.0.0.1", knot_rev.port) == [f"vm3.{ZONE}"]
+    assert lookup_ptr("198.18.1.103", "127.0.0.1", knot_rev.port) == []
+
+
+def test_a_record_someone_else_changed_is_not_overwritten(knot_rev: LoopbackKnot) -> None:
+    """vm3's record was moved by someone else meanwhile (to .199): the manager's move from
+    .103 is refused by its prerequisites, says why, and touches no PTR."""
+    other = build_update(ZONE, "vm3", "198.18.1.199", KEY, knot_rev.secret)
+    assert send_update(other, "127.0.0.1", knot_rev.port).ok
+    out = _sender(knot_rev)(_effect("vm3", "198.18.1.160", "198.18.1.103"))
+    assert not out.ok and out.rcode == "YXRRSET" and out.ptr is None
+    assert out.error is not None and "someone else changed it" in out.error
+    assert lookup_a("vm3", ZONE, "127.0.0.1", knot_rev.port) == ["198.18.1.199"]
+    assert lookup_ptr("198.18.1.160", "127.0.0.1", knot_rev.port) == []
+
+
+def test_ptr_update_refuses_an_address_outside_its_zone_and_keeps_other_names() -> None:
+    with pytest.raises(ValueError, match="outside the reverse zone"):
+        build_ptr_update(REVERSE, f"vm1.{ZONE}", "198.18.2.5", KEY, SECRET)
+    msg = build_ptr_update(REVERSE, f"vm7.{ZONE}", "198.18.1.150", KEY, SECRET,
+                           old_address="198.18.1.101")
+    text = msg.to_text()
+    # only the RR old -> vm7 is deleted (class NONE), never the whole PTR rrset of the old name
+    assert f"101.1.18.198.in-addr.arpa. 0 NONE PTR vm7.{ZONE}" in text
+    assert "101.1.18.198.in-addr.arpa. 0 ANY PTR" not in text

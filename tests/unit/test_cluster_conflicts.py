@@ -383,7 +383,8 @@ def test_status_shows_the_acd_settings_and_readdress_actions(tmp_path: Path) -> 
         st_ = e.core.status(T0 + 11)
         assert st_["acd"]["pool"] == "198.18.1.0/24"
         assert st_["acd"]["dns"] == {"server": "127.0.0.1", "port": 5353, "zone": ZONE,
-                                     "key_name": "netsvc-update.", "algorithm": "hmac-sha256"}
+                                     "key_name": "netsvc-update.", "algorithm": "hmac-sha256",
+                                     "reverse_zone": None}
         assert "dns_key_file" not in json.dumps(st_)
         assert [a["kind"] for a in st_["actions"]] == ["readdress"]
         from netsvc.cluster.cli import format_status

@@ -57,12 +57,16 @@ def acd_config(dns: Any, key_file: str) -> str:
             f'dns_key_name = "{dns.key_name}"',
             f'dns_key_file = "{key_file}"',
             f'dns_algorithm = "{dns.algorithm}"',
+            *([f'dns_reverse_zone = "{dns.reverse_zone}"'] if dns.reverse_zone else []),
             "",
         ]
     )
 
 
-def dig(lab: Lab, name: str, dns: Any) -> list[str]:
+def dig(lab: Lab, name: str, dns: Any, reverse: bool = False) -> list[str]:
+    """``dig +short`` from h1: ``name``'s A records, or with ``reverse`` the PTRs of the
+    address ``name`` (``dig -x``)."""
+    query = ["-x", name] if reverse else [f"{name}.{dns.zone}", "A"]
     r = subprocess.run(
         [
             "mnexec",
@@ -72,8 +76,7 @@ def dig(lab: Lab, name: str, dns: Any) -> list[str]:
             f"@{dns.server}",
             "-p",
             str(dns.port),
-            f"{name}.{dns.zone}",
-            "A",
+            *query,
             "+short",
             "+time=2",
             "+tries=2",
@@ -173,6 +176,12 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     names = {vm: dig(lab, vm, dns), clone: dig(lab, clone, dns)}
     out["dns_ok"] = dns_ok_entry and names == {vm: [original_ip], clone: [new_ip]}
     checks.check("dig shows both VMs at their right addresses", out["dns_ok"], str(names))
+    ptrs = {original_ip: dig(lab, original_ip, dns, reverse=True),
+            new_ip: dig(lab, new_ip, dns, reverse=True)}
+    want = {original_ip: [f"{vm}.{dns.zone}"], new_ip: [f"{clone}.{dns.zone}"]}
+    out["ptr_ok"] = ptrs == want
+    checks.check("dig -x names the original at its address and the clone at its new one "
+                 "(the original's PTR kept)", out["ptr_ok"], f"{ptrs}, want {want}")
     t_last = log.times[-1] if log.times else 0.0
     out["client_disruption_ms"] = round(log.max_gap(t_clone - 0.1, t_last) * 1000, 1)
     checks.check(
