@@ -19,7 +19,10 @@ they type. The channel reconnects by itself (``--no-reconnect`` to fail instead)
 
 ``place`` decides whether VM should move to DEVICE_HOST (the device's need is more than
 ``--threshold`` of the VM's allocated bandwidth) or reach the device over a tunnel. The need is
-asked of the device (at ``--device-addr``, default DEVICE_HOST) unless ``--need-bps`` gives it;
+the larger of what the device declares (its periodic endpoints' reservation, or its answer to
+netsvc's need request when its descriptors announce one) and what its server measured (the
+peak URB throughput over the server's window, ``netsvc.usbip.need``), asked at
+``--device-addr`` (default DEVICE_HOST), unless ``--need-bps`` gives it;
 the allocation is ``--allocation-bps`` or the htb class on IFACE in the namespace of PID
 (``netsvc.usbip.placement``). With ``--manager`` the decision is journaled and a migrate
 decision is asked of the manager (its safety rules apply); ``--dry-run`` prints the numbers and
@@ -66,10 +69,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--device",
         action="append",
         metavar="SPEC",
-        help="keyboard[:type=TEXT,every=S] | cdc-acm[:buffer=256k] | bulk[:need=400M,max=1M]"
-        " (repeatable; default: one of each)",
+        help="keyboard[:type=TEXT,every=S] | cdc-acm[:buffer=256k] | "
+        "bulk[:need=400M,max=1M,announce=yes|no] (repeatable; default: one of each)",
     )
     serve.add_argument("--max-connections", type=int, default=64)
+    serve.add_argument("--need-window", type=float, default=30.0, metavar="S",
+                       help="a device's measured need covers its last S seconds of URBs")
+    serve.add_argument("--need-span", type=float, default=1.0, metavar="S",
+                       help="... as the peak rate over any S seconds in that window")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
     _tls_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -168,7 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 1 <= args.max_connections <= 4096:
             raise ValueError("--max-connections must be 1..4096")
         devices = [from_spec(s) for s in (args.device or ["keyboard", "cdc-acm", "bulk"])]
-        opts = ServerOptions(max_connections=args.max_connections, tls=_tls(args))
+        if not 0 < args.need_span <= args.need_window <= 86400:
+            raise ValueError("need 0 < --need-span <= --need-window <= 86400")
+        opts = ServerOptions(max_connections=args.max_connections, tls=_tls(args),
+                             need_window=args.need_window, need_span=args.need_span)
     except (ValueError, OSError) as exc:
         print(f"netsvc usbip serve: {exc}", file=sys.stderr)
         return 2
@@ -351,11 +361,16 @@ def cmd_place(args: argparse.Namespace) -> int:
                              "chosen_by": htb.chosen_by, "ceil_bps": htb.ceil_bps}}
         addr = args.device_addr or args.device_host
         product = ""
+        need_info: dict[str, Any] = {"need_source": "given"}
         if args.need_bps is not None:
             need = args.need_bps
         else:
             info = device_need(addr, args.busid, args.port, tls)
             need, product = info.need_bps, info.product
+            need_info = {"need_source": info.need_source,
+                         "need_declared_bps": info.declared_bps,
+                         "need_measured_bps": info.measured_bps,
+                         "need_measured_window_s": info.measured_window_s}
         decision = decide(f"{args.device_host}:{args.busid}", need, allocation, args.threshold)
     except ImportRefused as exc:
         return fail(str(exc), 1)
@@ -365,7 +380,7 @@ def cmd_place(args: argparse.Namespace) -> int:
         return fail(f"{decision.reason}; asking for the migration needs --manager (or --dry-run)")
     result: dict[str, Any] = {"vm": args.vm, "device_host": args.device_host,
                               "busid": args.busid, "product": product,
-                              **decision.as_dict(), "allocation_source": source,
+                              **decision.as_dict(), **need_info, "allocation_source": source,
                               "dry_run": args.dry_run, "journal_seq": None, "manager": None}
     refused = False
     if manager is not None:
@@ -381,6 +396,13 @@ def cmd_place(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"{args.vm}: {decision.reason}")
+        if need_info["need_source"] != "given":
+            measured = need_info["need_measured_bps"]
+            print(f"  need: declared {fmt_bps(need_info['need_declared_bps'])}, measured "
+                  + ("n/a (the server does not measure)" if measured is None else
+                     f"{fmt_bps(measured)} (peak over "
+                     f"{need_info['need_measured_window_s']:g} s)")
+                  + f"; using the {need_info['need_source']} one")
         print(f"  need {fmt_bps(need)} vs allocation {fmt_bps(allocation)} x threshold "
               f"{decision.threshold:g} = {fmt_bps(allocation * decision.threshold)} -> "
               f"{decision.action}{' (dry run)' if args.dry_run else ''}")
