@@ -202,7 +202,9 @@ def place_in_lab(
     dry_run: bool = False,
 ) -> tuple[int, dict[str, Any]]:
     """``netsvc usbip place`` for ``vm``, run in its host's namespace: the allocation from tc,
-    the need from the device, the decision journaled and, to migrate, asked of the manager.
+    the need from the device, the decision journaled and, to migrate, asked of the manager;
+    to tunnel, the channel opened by ``place`` in the VM's namespace (``--channel-netns``),
+    relaying the device on ``channel_path(lab, vm, busid)``.
 
     Returns (exit code, the command's JSON answer)."""
     if lab.key_file is None:
@@ -211,7 +213,9 @@ def place_in_lab(
     argv = [sys.executable, "-m", "netsvc", "usbip", "place", vm, device_host, busid,
             "--device-addr", addr, "--port", str(port), "--from-tc", f"{lab.pid(host)},{vif}",
             "--threshold", str(threshold), "--manager", lab.manager_url, "--key-file",
-            str(lab.key_file), "--json", *(["--dry-run"] if dry_run else [])]  # fmt: skip
+            str(lab.key_file), "--json", "--channel", str(channel_path(lab, vm, busid)),
+            "--channel-netns", str(lab.pid(vm)), "--channel-user-timeout", "0.8",
+            *(["--dry-run"] if dry_run else [])]  # fmt: skip
     code, lines, text = run_role(lab, host, argv, f"place-{vm}-{busid}", timeout=30)
     if not lines:
         raise _err(f"netsvc usbip place for {vm} answered nothing (exit {code}): {text}")
@@ -220,6 +224,49 @@ def place_in_lab(
                need_bps=out.get("need_bps"), allocation_bps=out.get("allocation_bps"),
                action=out.get("action"), exit=code)  # fmt: skip
     return code, out
+
+
+def channel_path(lab: Lab, vm: str, busid: str) -> Path:
+    """Where the channel ``place`` opens for ``vm`` relays the device (in the run's dir: the
+    VM's namespace shares the filesystem, so the consumer in the VM connects there)."""
+    return lab.run_dir / "usb" / f"{vm}-{busid}.sock"
+
+
+def wait_json(path: Path, pred: Callable[[dict[str, Any]], bool], timeout: float
+              ) -> dict[str, Any] | None:
+    """The first JSON line of ``path`` for which ``pred`` holds, waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hit = next((e for e in _json_lines(path) if pred(e)), None)
+        if hit is not None or time.monotonic() > deadline:
+            return hit
+        time.sleep(0.02)
+
+
+def end_channel(lab: Lab, channel: dict[str, Any], wait: float = 5.0) -> bool:
+    """End the channel ``place`` opened (by its pid, once it is known to be that channel:
+    a ``usbip attach`` carrying this run's marker). True once it is gone."""
+    from netsvc.lab.registry import ENV_MARKER
+
+    pid = int(channel["pid"])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True  # already gone
+    marker = f"{ENV_MARKER}={lab.prefix}".encode()
+    if b"attach" not in cmdline or marker not in environ:
+        raise _err(f"pid {pid} is not this run's channel: {cmdline[:6]}")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @dataclass
@@ -256,8 +303,9 @@ def start_consumer(
     lab: Lab, vm: str, mode: str, addr: str, busid: str, role: str, *args: str,
     port: int = USBIP_PORT,
 ) -> Consumer:
-    """Run ``python -m netsvc.lab.usb MODE ADDR BUSID --port P ARGS`` in ``vm``'s namespace."""
-    if mode not in ("keyboard", "bulk"):
+    """Run ``python -m netsvc.lab.usb MODE ADDR BUSID --port P ARGS`` in ``vm``'s namespace
+    (``relay``: ADDR is the Unix socket of a channel ``place`` opened)."""
+    if mode not in ("keyboard", "bulk", "relay"):
         raise _err(f"unknown consumer mode {mode!r}")
     if vm not in lab.vms or lab.vms[vm].state != "running":
         raise _err(f"VM {vm} is not running")
@@ -366,10 +414,46 @@ def _bulk(args: argparse.Namespace, emit: Callable[..., None]) -> int:
     return 0
 
 
+def _relay_text(args: argparse.Namespace, emit: Callable[..., None]) -> int:
+    """Read the text a keyboard channel relays on its Unix socket (``host`` is its path)."""
+    import socket
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            s.connect(args.host)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    s.settimeout(args.poll)
+    emit(event="opened", pid=os.getpid(), unix=args.host)
+    chars = 0
+    try:
+        while not stop.is_set():
+            try:
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                emit(event="error", error="the channel closed its socket")
+                return 1
+            chars += len(data)
+            emit(event="text", text=data.decode("utf-8", "replace"))
+    finally:
+        emit(event="summary", chars=chars)
+        s.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netsvc.lab.usb",
                                  description="A lab consumer of a USB/IP device.")
-    ap.add_argument("mode", choices=("keyboard", "bulk"))
+    ap.add_argument("mode", choices=("keyboard", "bulk", "relay"))
     ap.add_argument("host")
     ap.add_argument("busid")
     ap.add_argument("--port", type=int, default=USBIP_PORT)
@@ -385,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     from netsvc.usbip.client import UsbipError
 
     try:
+        if args.mode == "relay":
+            return _relay_text(args, emit)
         return _keyboard(args, emit) if args.mode == "keyboard" else _bulk(args, emit)
     except (OSError, UsbipError) as exc:
         emit(event="error", error=f"{type(exc).__name__}: {exc}")

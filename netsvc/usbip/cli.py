@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     att.add_argument("--depth", type=int, default=4, help="URBs in flight, with --measure")
     att.add_argument("--unix", metavar="PATH", help="relay on this Unix socket, not stdio")
     att.add_argument("--no-reconnect", action="store_true")
+    att.add_argument("--user-timeout", type=float, default=3.0, metavar="S",
+                     help="data unacknowledged this long means the connection is lost "
+                     "(TCP_USER_TIMEOUT); then the channel reconnects")
     att.add_argument("--json", action="store_true")
     _tls_args(att)
     att.set_defaults(func=cmd_attach)
@@ -140,6 +143,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "container's), so the tunnel crosses its port")
     pl.add_argument("--open-timeout", type=float, default=15.0, metavar="S",
                     help="how long the channel has to be ready")
+    pl.add_argument("--channel-user-timeout", type=float, default=3.0, metavar="S",
+                    help="the channel's TCP_USER_TIMEOUT: how soon it notices a lost "
+                    "connection and reconnects (attach --user-timeout)")
     pl.add_argument("--json", action="store_true")
     _tls_args(pl)
     pl.set_defaults(func=cmd_place)
@@ -290,7 +296,11 @@ def cmd_attach(args: argparse.Namespace) -> int:
         tls = _tls(args)
         relay_events = args.json and args.unix is not None and not (
             args.describe or args.need or args.measure is not None)
+        if not 0.1 <= args.user_timeout <= 600:
+            raise ValueError("--user-timeout must be 0.1..600 s")
         ch = Channel(args.host, args.busid, args.port, tls=tls, reconnect=not args.no_reconnect,
+                     user_timeout=args.user_timeout,
+                     connect_timeout=min(3.0, max(0.5, args.user_timeout)),
                      on_event=_print_event if relay_events else None)
         ch.open()
     except ImportRefused as exc:
@@ -469,6 +479,9 @@ def _open_channel(args: argparse.Namespace, addr: str, manager: Any
         if getattr(args, flag):
             tls_argv += [f"--{flag.replace('_', '-')}", os.path.abspath(getattr(args, flag))]
     try:
+        if not 0.1 <= args.channel_user_timeout <= 600:
+            raise ValueError("--channel-user-timeout must be 0.1..600 s")
+        tls_argv += ["--user-timeout", f"{args.channel_user_timeout:g}"]
         argv = attach_argv(addr, args.busid, args.port, unix, tls_argv, args.channel_netns)
         ch = open_channel(argv, unix, args.channel_netns, args.open_timeout)
     except (ChannelOpenError, OSError, ValueError) as exc:
@@ -537,9 +550,12 @@ def _relay(ch: Any, unix: str | None, as_json: bool = False) -> int:
     def pump_in() -> None:
         assert ep_in is not None
         size = 8 if keyboard else max(ep_in.max_packet, 16384)
+        # An interrupt URB is renewed often, so a lost connection shows soon as unacked data
+        # (the channel's user timeout), not only at the next keystroke.
+        poll = 0.3 if keyboard else 1.0
         while not stop.is_set():
             try:
-                data = ch.transfer_in(ep_in.address, size, timeout=1.0)
+                data = ch.transfer_in(ep_in.address, size, timeout=poll)
             except TimeoutError:
                 continue
             except UrbError:

@@ -56,10 +56,11 @@ def default_path(vm: str, device_host: str, busid: str, base: str = DEFAULT_DIR)
     return str(Path(base) / f"{safe}.sock")
 
 
-def attach_argv(addr: str, busid: str, port: int, unix: str, tls_argv: list[str],
+def attach_argv(addr: str, busid: str, port: int, unix: str, extra: list[str],
                 netns_pid: int | None) -> list[str]:
+    """The channel's command line; ``extra`` are more ``attach`` options (TLS, timeouts)."""
     argv = [sys.executable, "-m", "netsvc", "usbip", "attach", addr, busid, "--port", str(port),
-            "--unix", unix, "--json", *tls_argv]
+            "--unix", unix, "--json", *extra]
     if netns_pid is not None:
         if netns_pid <= 0:
             raise ValueError(f"bad --channel-netns {netns_pid}")

@@ -54,6 +54,9 @@ def test_peripheral_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert report["local_bulk_via"]["direct_bytes"] > 0  # exempt by rule, not unshaped
     assert report["tunnel_after_migration_mbytes_per_s"] <= 100 / 8 * 1.1
     assert report["allocation_followed"]["host"] == "h2"
+    measured = report["measured_decision"]
+    assert measured["need_declared_bps"] == 0 and measured["action"] == "migrate"
+    assert report["keyboard_channel"]["pid"] > 0
     assert report["migration"]["to"] == "h2"
     timeline = [json.loads(x) for x in (tmp_path / "timeline.jsonl").read_text().splitlines()]
     seen = {e["name"] for e in timeline}
