@@ -117,6 +117,8 @@ class UsbipAgent:
 
     def read_view(self) -> dict[str, dict[str, Any]]:
         """The htb allocation of every configured port present here."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
         from netsvc.usbip.placement import PlacementError, read_allocation_ipr
 
         view: dict[str, dict[str, Any]] = {}
@@ -125,7 +127,7 @@ class UsbipAgent:
             for vm, iface in sorted(self.core.vifs.items()):
                 try:
                     a = read_allocation_ipr(ipr, iface)
-                except PlacementError:  # not here, or not shaped
+                except (PlacementError, NetlinkError):  # not here, not shaped, or just gone
                     continue
                 view[vm] = {"rate_bps": a.rate_bps, "iface": iface, "classid": a.classid_text}
         finally:

@@ -12,9 +12,12 @@ Invariants:
 - A host's report is its whole view: an entry the book holds *from that host* for a VM the
   report leaves out is dropped (the allocation was removed, or the VM left and its port went
   with it). An entry from another host is never touched by this host's report.
-- For one VM the newest report wins (``at``, the manager's monotonic time); a report older
-  than the entry it would replace changes nothing, so a source host that reports a VM a last
-  time after the target applied its allocation cannot roll it back.
+- Which host speaks for a VM is settled by the manager's placement (``placed(vm)``): while
+  another host's entry exists, only the host the model places the VM on may replace it. So
+  a target that applied the allocation to a prepared port does not take over before the
+  handover, and a source whose last report (read before the handover) arrives after it
+  cannot roll the target's entry back. A VM the model does not place is taken from whoever
+  reports it, the newest report winning.
 - The book holds observations only: it is rebuilt from the agents' next reports after a
   manager restart (each agent reports every ``report_interval`` seconds even with nothing
   new), so it needs no storage of its own.
@@ -24,7 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,10 +58,11 @@ class AllocationBook:
     def __init__(self) -> None:
         self._by_vm: dict[str, Allocation] = {}
 
-    def report(self, host: str, allocations: Mapping[str, Mapping[str, Any]], now: float
-               ) -> list[str]:
+    def report(self, host: str, allocations: Mapping[str, Mapping[str, Any]], now: float,
+               placed: Callable[[str], str | None] = lambda vm: None) -> list[str]:
         """Take ``host``'s whole view (``vm -> {rate_bps, iface, classid}``); return the VMs
-        whose entry changed (added, new rate or host, dropped)."""
+        whose entry changed (added, new rate or host, dropped). ``placed(vm)`` is the host
+        the manager's model places ``vm`` on (None: not placed)."""
         checked: dict[str, Allocation] = {}
         for vm, a in allocations.items():
             rate = a.get("rate_bps")
@@ -75,6 +79,10 @@ class AllocationBook:
                 changed.append(vm)
         for vm, new in checked.items():
             held = self._by_vm.get(vm)
+            if held is not None and held.host != host:
+                where = placed(vm)
+                if where is not None and where != host:
+                    continue  # another host holds the entry, and the VM is not here
             if held is not None and held.at > now:
                 continue
             if held is None or (held.rate_bps, held.host) != (new.rate_bps, new.host):

@@ -58,7 +58,9 @@ class UsbipService(BaseManagerService):
     def _route_report(self, r: Request) -> Reply:
         body: Mapping[str, Any] = r.body
         host = str(body["host"])
-        changed = self.book.report(host, body.get("allocations", {}), r.now)
+        vms = self.kernel.model.vms
+        changed = self.book.report(host, body.get("allocations", {}), r.now,
+                                   lambda vm: vms[vm].host if vm in vms else None)
         for vm in changed:
             a = self.book.get(vm)
             if a is None:

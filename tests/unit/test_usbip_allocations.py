@@ -44,12 +44,21 @@ def test_a_hosts_report_is_its_whole_view() -> None:
     assert book.get("vm2") is None
 
 
-def test_an_older_report_never_rolls_back_a_newer_one() -> None:
+def test_the_host_the_vm_is_placed_on_speaks_for_it() -> None:
     book = AllocationBook()
-    book.report("h2", {"vm1": {"rate_bps": 200_000_000, "iface": "v"}}, now=5.0)
-    book.report("h1", {"vm1": {"rate_bps": 100_000_000, "iface": "v"}}, now=4.0)
+    a = {"rate_bps": 100_000_000, "iface": "v"}
+    where = {"vm1": "h1"}
+    book.report("h1", {"vm1": a}, now=1.0, placed=where.get)
+    # h2 shaped the prepared port: it does not take over before the handover.
+    assert book.report("h2", {"vm1": a}, now=2.0, placed=where.get) == []
     got = book.get("vm1")
-    assert got is not None and (got.host, got.rate_bps) == ("h2", 200_000_000)
+    assert got is not None and got.host == "h1"
+    where["vm1"] = "h2"  # handed over
+    assert book.report("h2", {"vm1": a}, now=3.0, placed=where.get) == ["vm1"]
+    # h1's last report, read before the handover, arrives late: it rolls nothing back.
+    assert book.report("h1", {"vm1": a}, now=4.0, placed=where.get) == []
+    got = book.get("vm1")
+    assert got is not None and got.host == "h2"
 
 
 @pytest.mark.parametrize("rate", [0, 7_999, 1.5e8, True, "100M", None])
