@@ -13,9 +13,11 @@ nothing and its hooks return at once.
   manager that cannot answer fails the action (nothing is attached yet).
 - ``attached`` (once the driver made the VM's port here): applies that allocation to the
   port, reads it back, journals ``usbip-allocation-followed`` (with the source host, the
-  port and the rate tc reads) and reports at once. A failure fails the action; after a
-  migration's prepare the kernel then undoes the prepare, so the VM never runs here
-  unshaped.
+  port and the rate tc reads) and reports at once. After a migration's prepare a failure
+  fails the action and the kernel undoes the prepare, so a migrated VM never runs here
+  unshaped. After a start or a restart the VM already runs: the failure is journaled
+  (``usbip-allocation-failed``) and the action is not failed (failing it would not stop the
+  VM, and could have it started again elsewhere).
 - ``detached``: forgets the VM; the port left with it.
 
 Invariants:
@@ -31,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -192,6 +195,18 @@ class UsbipAgent:
             ipr = self._open_ipr()
             try:
                 got = apply_htb(ipr, plan.iface, plan.rate_bps, self.local)
+            except Exception as exc:
+                if action.get("kind") == "migrate":
+                    raise  # the kernel undoes the prepare: the VM stays on its source, shaped
+                # A started VM already runs here: failing the action would not stop it (and
+                # could make it be started again elsewhere). Say so loudly instead.
+                reason = (f"{vm} runs on {ctx.host} WITHOUT its allocation of "
+                          f"{plan.rate_bps} bit/s: {exc}")
+                ctx.log(f"usbip: {reason}")
+                with contextlib.suppress(Exception):
+                    ctx.make_client().post_event(ACTOR, "usbip-allocation-failed", f"vm:{vm}",
+                                                 reason, {**details, "error": str(exc)})
+                return
             finally:
                 ipr.close()
             details.update(rate_bps=got.rate_bps, asked_bps=plan.rate_bps,

@@ -267,3 +267,18 @@ def test_exemption_matches_tcp_source_address_and_port() -> None:
                     "0x0ca80000/0xffff0000+20"]
     with pytest.raises(ValueError):
         shaping.Exemption("198.18.1.300", 3240)
+
+
+def test_a_restarted_vm_whose_shaping_fails_is_journaled_not_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def apply_htb(ipr: Any, ifname: str, rate: int, local: Any = None) -> HtbAllocation:
+        raise shaping.ShapingError(f"cannot shape {ifname}")
+
+    monkeypatch.setattr(shaping, "apply_htb", apply_htb)
+    driver = FakeDriver()
+    ctx, client = _agent({"vm1": {"rate_bps": 100_000_000, "host": "h1"}}, driver, [])
+    VM_EXECUTORS["restart"]({"id": "a-3", "kind": "restart", "vm": "vm1", "phase": "run",
+                             "from": "h1"}, ctx)
+    assert driver.calls == ["restart vm1"]
+    action, _subject, details = client.events[-1]
+    assert action == "usbip-allocation-failed" and "cannot shape" in details["error"]
