@@ -3,7 +3,10 @@
 Configured by ``--usbip-vif VM=IFACE`` (the host end of each VM's port, as this host's
 hypervisor names it) and ``--usbip-local-port P`` (this host's own USB/IP server, whose
 traffic to its VMs is exempt: ``shaping.Exemption``). Without ``--usbip-vif`` the part does
-nothing and its hooks return at once.
+nothing and its hooks return at once. It is for a hypervisor whose migration prepare makes
+the VM's port on the target (the lab's driver). libvirt makes the tap only when the source
+hands over, and carries a domain's ``<bandwidth>`` to the target by itself: leave the part
+off there (a prepare whose port is missing would fail, and be undone).
 
 - A reporter thread reads the htb allocation of every configured port present on this host
   and posts the whole view to the manager (``POST /v1/usbip/allocations``) every
