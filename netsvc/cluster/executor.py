@@ -15,7 +15,9 @@ Invariants:
   of the same VM never run at once (the manager holds one open exclusive action per VM).
 - A lost manager is retried with back-off; it never ends the loop.
 - Every VM the kernel's executors bring to this host passes the services' ``attaching`` hooks
-  first (in plugin order; the first that raises fails the action and nothing is attached), and
+  first (in plugin order; the first that raises fails the action and nothing is attached), then
+  their ``attached`` hooks once the driver made its place here (the first that raises fails
+  the action; a prepared migration is aborted first, so the VM stays on its source), and
   every VM that left it is announced to their ``detached`` hooks (failures logged only).
 """
 
@@ -47,6 +49,14 @@ def attaching(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
             hooks.attaching(vm, action, ctx)
 
 
+def attached(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
+    """Run every service's ``attached`` hook for ``vm``, whose place on this host the driver
+    has just made (its port exists). The first that raises stops the others."""
+    for hooks in ctx.vm_hooks:
+        if hooks.attached is not None:
+            hooks.attached(vm, action, ctx)
+
+
 def detached(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
     """Tell every service's ``detached`` hook that ``vm`` left this host; never raises."""
     for hooks in ctx.vm_hooks:
@@ -62,7 +72,16 @@ def _migrate(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     d = _driver(ctx)
     if a["phase"] == "prepare":
         attaching(a["vm"], a, ctx)
-        return dict(d.migrate_prepare(a["vm"], str(a["from"])))
+        token = dict(d.migrate_prepare(a["vm"], str(a["from"])))
+        try:
+            attached(a["vm"], a, ctx)
+        except Exception as exc:
+            try:
+                d.migrate_abort(a["vm"], token)
+            except Exception as undo:  # say both: the hook's refusal and the failed undo
+                raise RuntimeError(f"{exc}; and undoing the prepare failed: {undo}") from exc
+            raise
+        return token
     token = dict(a.get("results", {}).get("prepare") or {})
     out = dict(d.migrate_handover(a["vm"], str(a["to"]), token))
     detached(a["vm"], a, ctx)
@@ -77,12 +96,16 @@ def _abort(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
 
 def _restart(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     attaching(a["vm"], a, ctx)
-    return dict(_driver(ctx).restart(a["vm"], a.get("from")))
+    out = dict(_driver(ctx).restart(a["vm"], a.get("from")))
+    attached(a["vm"], a, ctx)
+    return out
 
 
 def _start(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     attaching(a["vm"], a, ctx)
-    return dict(_driver(ctx).start(a["vm"]))
+    out = dict(_driver(ctx).start(a["vm"]))
+    attached(a["vm"], a, ctx)
+    return out
 
 
 def _power_off(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:

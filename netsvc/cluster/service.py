@@ -279,12 +279,19 @@ class VmHooks:
       a VM, through ``netsvc.cluster.executor.attaching``). It may block until what the VM needs
       is ready (a switch woken, a shaping applied). Raising fails the action: nothing is
       attached, and the exception's message is the action's detail.
+    - ``attached`` runs once the driver has made the VM's place on this host: after a start
+      or a restart, and after an incoming migration's prepare (the VM's port exists here but
+      carries nothing until the source hands over). What needs the VM's port (its interface
+      on this host's switch) is done here: ``attaching`` runs before the port exists. Raising
+      fails the action; after a prepare, the kernel first undoes it (``migrate_abort``), so
+      the VM stays on its source.
     - ``detached`` runs after a VM left this host (its migration handed over, powered off, shut
       down). Its failure is logged and never fails the action: the VM already left.
     """
 
     attaching: VmHook | None = None
     detached: VmHook | None = None
+    attached: VmHook | None = None
 
 
 #: An executor: carries out one claimed action on this host; returns its result, or raises

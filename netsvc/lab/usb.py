@@ -1,15 +1,15 @@
 """USB/IP in the lab: VMs' bandwidth allocations, device servers on hosts, consumers in VMs.
 
-- ``shape_vm(lab, vm, rate_bps)`` gives a VM its allocated bandwidth: an htb qdisc ``1:``
-  (default class ``1:10``) with class ``1:10`` at ``rate_bps`` on the host end of the VM's
-  veth, inside the host's namespace, through pyroute2. ``netsvc.usbip.placement`` reads it
-  back from there. A u32 filter sends frames whose IPv4 source is the host's own VM-network
-  address to ``1:0``, htb's unshaped direct queue: a device passed through by the VM's own
-  hypervisor is not carried by the VM's network, so it is not charged to the allocation.
-  The shaping covers what the VM receives (the host end's egress), the direction a device
-  streams to its consumer.
-- ``reshape_after_migration(lab, vm, rate_bps)``: a migration makes a new veth on the new
-  host (the old one, with its qdisc, is deleted), so the allocation is set again there.
+- ``shape_vm(lab, vm, rate_bps)`` gives a VM its allocated bandwidth on its current host, as
+  an operator would: an htb qdisc ``1:`` whose default class ``1:10`` runs at ``rate_bps`` on
+  the host end of the VM's veth (``netsvc.usbip.shaping.apply_htb``, the same code the
+  agents use). It covers what the VM receives (the host end's egress), the direction a
+  device streams to its consumer. One flow is exempt (``shaping.Exemption``): TCP from the
+  host's own USB/IP server (its VM-network address, port ``USBIP_PORT``), the lab's stand-in
+  for a device the VM's own hypervisor passes through, which never crosses the VM network.
+  A tunnel from a device on *another* host is charged to the allocation.
+- After a migration the lab does nothing: the agents' usbip part applies the VM's allocation
+  to its new port (``netsvc.usbip.agent``). ``vm_allocation`` and ``class_bytes`` only read.
 - ``start_usb_server(lab, host, devices)`` runs ``netsvc usbip serve`` in the host's namespace,
   bound to its VM-network address, with role ``usbip-<host>`` (``crash_host`` kills it).
 - ``place_in_lab`` runs ``netsvc usbip place`` in the VM's host's namespace (where an agent
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -50,11 +49,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from netsvc.lab.lab import Lab
     from netsvc.usbip.placement import HtbAllocation
+    from netsvc.usbip.shaping import Exemption
 
-QDISC = 0x10000  # 1:
-ALLOC_CLASS = 0x10010  # 1:10, the qdisc's default class: the VM's allocation
-DIRECT = 0x10000  # 1:0 as a filter target: htb's direct (unshaped) queue
-ETH_P_IP = 0x0800
 USBIP_PORT = 3240
 
 
@@ -73,47 +69,24 @@ def _vif(lab: Lab, vm: str) -> tuple[str, str, int]:
     return host, vif, lab.link_index(host, vif)
 
 
-def htb_burst(rate_bps: int) -> int:
-    """Bytes of burst for an htb class: 20 ms at the rate, at least 96 KiB (GSO frames)."""
-    return max(rate_bps // 8 // 50, 96 * 1024)
+def local_exemption(lab: Lab, host: str) -> Exemption:
+    """The flow ``host``'s own USB/IP server sends its VMs: not charged to allocations."""
+    from netsvc.usbip.shaping import Exemption
+
+    return Exemption(lab.require_plan().host_addr(host, "vmnet"), USBIP_PORT)
 
 
 def shape_vm(lab: Lab, vm: str, rate_bps: int) -> HtbAllocation:
     """Set ``vm``'s allocation to ``rate_bps`` on its current host; return it as read back."""
-    from pyroute2.netlink.exceptions import NetlinkError
+    from netsvc.usbip.shaping import ShapingError, apply_htb
 
-    from netsvc.usbip.placement import read_allocation_ipr
-
-    if isinstance(rate_bps, bool) or not isinstance(rate_bps, int) or rate_bps < 8_000:
-        raise _err(f"bad rate {rate_bps!r}: an integer of bits/s, at least 8000")
-    host, vif, idx = _vif(lab, vm)
-    ipr = lab.ipr(host)
-    with contextlib.suppress(NetlinkError):  # none there yet
-        ipr.tc("del", "htb", idx, QDISC)
-    rate = rate_bps // 8
-    burst = htb_burst(rate_bps)
-    local = int(ipaddress.IPv4Address(lab.require_plan().host_addr(host, "vmnet")))
+    host, vif, _ = _vif(lab, vm)
     try:
-        ipr.tc("add", "htb", idx, QDISC, default=ALLOC_CLASS & 0xFFFF)
-        ipr.tc("add-class", "htb", idx, ALLOC_CLASS, parent=QDISC, rate=rate, burst=burst,
-               cburst=burst)  # fmt: skip
-        ipr.tc("add-filter", "u32", idx, parent=QDISC, prio=1, protocol=ETH_P_IP, target=DIRECT,
-               keys=[f"0x{local:08x}/0xffffffff+12"])  # fmt: skip
-    except NetlinkError as exc:
-        raise _err(f"cannot shape {vm} on {host} ({vif}): {exc}") from None
-    got = read_allocation_ipr(ipr, vif)
+        got = apply_htb(lab.ipr(host), vif, rate_bps, local_exemption(lab, host))
+    except ShapingError as exc:
+        raise _err(f"cannot shape {vm} on {host}: {exc}") from None
     lab.record("action", vm, "shape", host=host, iface=vif, rate_bps=rate_bps,
                classid=got.classid_text)  # fmt: skip
-    if got.rate_bps != rate_bps // 8 * 8:
-        raise _err(f"{vm}'s htb class reads {got.rate_bps} bit/s, not {rate_bps}")
-    return got
-
-
-def reshape_after_migration(lab: Lab, vm: str, rate_bps: int) -> HtbAllocation:
-    """After ``vm`` migrated, give it its allocation again on its new host's veth end."""
-    host, vif, _ = _vif(lab, vm)
-    got = shape_vm(lab, vm, rate_bps)
-    lab.record("event", vm, "allocation-followed", host=host, iface=vif, rate_bps=got.rate_bps)
     return got
 
 
@@ -123,6 +96,29 @@ def vm_allocation(lab: Lab, vm: str) -> HtbAllocation:
 
     host, vif, _ = _vif(lab, vm)
     return read_allocation_ipr(lab.ipr(host), vif)
+
+
+def class_bytes(lab: Lab, vm: str) -> tuple[int, int]:
+    """(bytes sent through ``vm``'s allocation class 1:10, bytes sent by the whole qdisc)
+    on its current host's port, as tc counts them."""
+    from netsvc.usbip.shaping import ALLOC_CLASS, QDISC
+
+    _host, _vif_name, idx = _vif(lab, vm)
+    ipr = lab.ipr(lab.vms[vm].host)
+
+    def sent(msg: Any) -> int:
+        stats = msg.get_attr("TCA_STATS2")
+        basic = stats.get_attr("TCA_STATS_BASIC") if stats is not None else None
+        if basic is not None:
+            return int(basic["bytes"])
+        old = msg.get_attr("TCA_STATS")
+        return int(old["bytes"]) if old is not None else 0
+
+    cls = next((m for m in ipr.get_classes(index=idx) if int(m["handle"]) == ALLOC_CLASS), None)
+    qd = next((m for m in ipr.get_qdiscs(index=idx) if int(m["handle"]) == QDISC), None)
+    if cls is None or qd is None:
+        raise _err(f"{vm} has no htb allocation on {lab.vms[vm].host}")
+    return sent(cls), sent(qd)
 
 
 def _json_lines(path: Path, start: int = 0) -> list[dict[str, Any]]:
@@ -206,7 +202,9 @@ def place_in_lab(
     dry_run: bool = False,
 ) -> tuple[int, dict[str, Any]]:
     """``netsvc usbip place`` for ``vm``, run in its host's namespace: the allocation from tc,
-    the need from the device, the decision journaled and, to migrate, asked of the manager.
+    the need from the device, the decision journaled and, to migrate, asked of the manager;
+    to tunnel, the channel opened by ``place`` in the VM's namespace (``--channel-netns``),
+    relaying the device on ``channel_path(lab, vm, busid)``.
 
     Returns (exit code, the command's JSON answer)."""
     if lab.key_file is None:
@@ -215,7 +213,9 @@ def place_in_lab(
     argv = [sys.executable, "-m", "netsvc", "usbip", "place", vm, device_host, busid,
             "--device-addr", addr, "--port", str(port), "--from-tc", f"{lab.pid(host)},{vif}",
             "--threshold", str(threshold), "--manager", lab.manager_url, "--key-file",
-            str(lab.key_file), "--json", *(["--dry-run"] if dry_run else [])]  # fmt: skip
+            str(lab.key_file), "--json", "--channel", str(channel_path(lab, vm, busid)),
+            "--channel-netns", str(lab.pid(vm)), "--channel-user-timeout", "0.8",
+            *(["--dry-run"] if dry_run else [])]  # fmt: skip
     code, lines, text = run_role(lab, host, argv, f"place-{vm}-{busid}", timeout=30)
     if not lines:
         raise _err(f"netsvc usbip place for {vm} answered nothing (exit {code}): {text}")
@@ -224,6 +224,49 @@ def place_in_lab(
                need_bps=out.get("need_bps"), allocation_bps=out.get("allocation_bps"),
                action=out.get("action"), exit=code)  # fmt: skip
     return code, out
+
+
+def channel_path(lab: Lab, vm: str, busid: str) -> Path:
+    """Where the channel ``place`` opens for ``vm`` relays the device (in the run's dir: the
+    VM's namespace shares the filesystem, so the consumer in the VM connects there)."""
+    return lab.run_dir / "usb" / f"{vm}-{busid}.sock"
+
+
+def wait_json(path: Path, pred: Callable[[dict[str, Any]], bool], timeout: float
+              ) -> dict[str, Any] | None:
+    """The first JSON line of ``path`` for which ``pred`` holds, waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hit = next((e for e in _json_lines(path) if pred(e)), None)
+        if hit is not None or time.monotonic() > deadline:
+            return hit
+        time.sleep(0.02)
+
+
+def end_channel(lab: Lab, channel: dict[str, Any], wait: float = 5.0) -> bool:
+    """End the channel ``place`` opened (by its pid, once it is known to be that channel:
+    a ``usbip attach`` carrying this run's marker). True once it is gone."""
+    from netsvc.lab.registry import ENV_MARKER
+
+    pid = int(channel["pid"])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True  # already gone
+    marker = f"{ENV_MARKER}={lab.prefix}".encode()
+    if b"attach" not in cmdline or marker not in environ:
+        raise _err(f"pid {pid} is not this run's channel: {cmdline[:6]}")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @dataclass
@@ -260,8 +303,9 @@ def start_consumer(
     lab: Lab, vm: str, mode: str, addr: str, busid: str, role: str, *args: str,
     port: int = USBIP_PORT,
 ) -> Consumer:
-    """Run ``python -m netsvc.lab.usb MODE ADDR BUSID --port P ARGS`` in ``vm``'s namespace."""
-    if mode not in ("keyboard", "bulk"):
+    """Run ``python -m netsvc.lab.usb MODE ADDR BUSID --port P ARGS`` in ``vm``'s namespace
+    (``relay``: ADDR is the Unix socket of a channel ``place`` opened)."""
+    if mode not in ("keyboard", "bulk", "relay"):
         raise _err(f"unknown consumer mode {mode!r}")
     if vm not in lab.vms or lab.vms[vm].state != "running":
         raise _err(f"VM {vm} is not running")
@@ -370,10 +414,46 @@ def _bulk(args: argparse.Namespace, emit: Callable[..., None]) -> int:
     return 0
 
 
+def _relay_text(args: argparse.Namespace, emit: Callable[..., None]) -> int:
+    """Read the text a keyboard channel relays on its Unix socket (``host`` is its path)."""
+    import socket
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            s.connect(args.host)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    s.settimeout(args.poll)
+    emit(event="opened", pid=os.getpid(), unix=args.host)
+    chars = 0
+    try:
+        while not stop.is_set():
+            try:
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                emit(event="error", error="the channel closed its socket")
+                return 1
+            chars += len(data)
+            emit(event="text", text=data.decode("utf-8", "replace"))
+    finally:
+        emit(event="summary", chars=chars)
+        s.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netsvc.lab.usb",
                                  description="A lab consumer of a USB/IP device.")
-    ap.add_argument("mode", choices=("keyboard", "bulk"))
+    ap.add_argument("mode", choices=("keyboard", "bulk", "relay"))
     ap.add_argument("host")
     ap.add_argument("busid")
     ap.add_argument("--port", type=int, default=USBIP_PORT)
@@ -389,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     from netsvc.usbip.client import UsbipError
 
     try:
+        if args.mode == "relay":
+            return _relay_text(args, emit)
         return _keyboard(args, emit) if args.mode == "keyboard" else _bulk(args, emit)
     except (OSError, UsbipError) as exc:
         emit(event="error", error=f"{type(exc).__name__}: {exc}")

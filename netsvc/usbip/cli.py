@@ -7,6 +7,7 @@
     netsvc usbip place VM DEVICE_HOST BUSID (--allocation-bps N | --from-tc [PID,]IFACE)
                        [--classid 1:10] [--device-addr ADDR] [--port P] [--need-bps N]
                        [--threshold 0.5] [--manager URL --key-file F] [--dry-run] [--json]
+                       [--no-open | --channel PATH --channel-netns PID --open-timeout S]
 
 TLS is ``--tls-psk-file F`` (pre-shared key), or ``--tls-ca CA`` with ``--tls-cert C
 --tls-key K`` (mutual TLS); without them the wire is plain Linux USB/IP.
@@ -19,12 +20,19 @@ they type. The channel reconnects by itself (``--no-reconnect`` to fail instead)
 
 ``place`` decides whether VM should move to DEVICE_HOST (the device's need is more than
 ``--threshold`` of the VM's allocated bandwidth) or reach the device over a tunnel. The need is
-asked of the device (at ``--device-addr``, default DEVICE_HOST) unless ``--need-bps`` gives it;
+the larger of what the device declares (its periodic endpoints' reservation, or its answer to
+netsvc's need request when its descriptors announce one) and what its server measured (the
+peak URB throughput over the server's window, ``netsvc.usbip.need``), asked at
+``--device-addr`` (default DEVICE_HOST), unless ``--need-bps`` gives it;
 the allocation is ``--allocation-bps`` or the htb class on IFACE in the namespace of PID
 (``netsvc.usbip.placement``). With ``--manager`` the decision is journaled and a migrate
 decision is asked of the manager (its safety rules apply); ``--dry-run`` prints the numbers and
 moves nothing (the manager, if given, is asked for a plan only). Without ``--manager`` a
-migrate decision is only printed with ``--dry-run``.
+migrate decision is only printed with ``--dry-run``. A tunnel decision opens the channel
+(``netsvc.usbip.opener``: a detached ``attach --unix PATH`` in this network namespace or
+``--channel-netns PID``'s), waits until it is ready and prints its pid, socket and log
+(journaled as ``usbip-channel-opened`` with ``--manager``); ``--no-open`` prints the attach
+command instead, and a channel that does not open makes ``place`` exit 1.
 
 Exit codes: 0 fine, 1 the device or server refused (busy, no such device, transfer error; for
 ``place``, the manager refused the migration), 2 usage or environment error (bad option,
@@ -66,10 +74,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--device",
         action="append",
         metavar="SPEC",
-        help="keyboard[:type=TEXT,every=S] | cdc-acm[:buffer=256k] | bulk[:need=400M,max=1M]"
-        " (repeatable; default: one of each)",
+        help="keyboard[:type=TEXT,every=S] | cdc-acm[:buffer=256k] | "
+        "bulk[:need=400M,max=1M,announce=yes|no] (repeatable; default: one of each)",
     )
     serve.add_argument("--max-connections", type=int, default=64)
+    serve.add_argument("--need-window", type=float, default=30.0, metavar="S",
+                       help="a device's measured need covers its last S seconds of URBs")
+    serve.add_argument("--need-span", type=float, default=1.0, metavar="S",
+                       help="... as the peak rate over any S seconds in that window")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
     _tls_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -95,6 +107,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     att.add_argument("--depth", type=int, default=4, help="URBs in flight, with --measure")
     att.add_argument("--unix", metavar="PATH", help="relay on this Unix socket, not stdio")
     att.add_argument("--no-reconnect", action="store_true")
+    att.add_argument("--user-timeout", type=float, default=3.0, metavar="S",
+                     help="data unacknowledged this long means the connection is lost "
+                     "(TCP_USER_TIMEOUT); then the channel reconnects")
     att.add_argument("--json", action="store_true")
     _tls_args(att)
     att.set_defaults(func=cmd_attach)
@@ -117,6 +132,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
     pl.add_argument("--key-file", metavar="F", help="API key file (default $NETSVC_KEY_FILE)")
     pl.add_argument("--dry-run", action="store_true", help="print the numbers, move nothing")
+    pl.add_argument("--no-open", action="store_true",
+                    help="on a tunnel decision, print the attach command instead of opening "
+                    "the channel")
+    pl.add_argument("--channel", metavar="PATH",
+                    help="the Unix socket the opened channel relays the device on (default "
+                    "/run/netsvc/usbip/VM-HOST-BUSID.sock)")
+    pl.add_argument("--channel-netns", metavar="PID", type=int,
+                    help="open the channel in the network namespace of PID (the VM's or the "
+                    "container's), so the tunnel crosses its port")
+    pl.add_argument("--open-timeout", type=float, default=15.0, metavar="S",
+                    help="how long the channel has to be ready")
+    pl.add_argument("--channel-user-timeout", type=float, default=3.0, metavar="S",
+                    help="the channel's TCP_USER_TIMEOUT: how soon it notices a lost "
+                    "connection and reconnects (attach --user-timeout)")
     pl.add_argument("--json", action="store_true")
     _tls_args(pl)
     pl.set_defaults(func=cmd_place)
@@ -168,7 +197,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not 1 <= args.max_connections <= 4096:
             raise ValueError("--max-connections must be 1..4096")
         devices = [from_spec(s) for s in (args.device or ["keyboard", "cdc-acm", "bulk"])]
-        opts = ServerOptions(max_connections=args.max_connections, tls=_tls(args))
+        if not 0 < args.need_span <= args.need_window <= 86400:
+            raise ValueError("need 0 < --need-span <= --need-window <= 86400")
+        opts = ServerOptions(max_connections=args.max_connections, tls=_tls(args),
+                             need_window=args.need_window, need_span=args.need_span)
     except (ValueError, OSError) as exc:
         print(f"netsvc usbip serve: {exc}", file=sys.stderr)
         return 2
@@ -253,10 +285,23 @@ def cmd_attach(args: argparse.Namespace) -> int:
         measure_throughput,
     )
 
+    if args.unix is not None:
+        import signal
+
+        # Ended by its pid (``place`` starts it detached): let the finally blocks close the
+        # channel and remove the socket.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _port(args.port)
         tls = _tls(args)
-        ch = Channel(args.host, args.busid, args.port, tls=tls, reconnect=not args.no_reconnect)
+        relay_events = args.json and args.unix is not None and not (
+            args.describe or args.need or args.measure is not None)
+        if not 0.1 <= args.user_timeout <= 600:
+            raise ValueError("--user-timeout must be 0.1..600 s")
+        ch = Channel(args.host, args.busid, args.port, tls=tls, reconnect=not args.no_reconnect,
+                     user_timeout=args.user_timeout,
+                     connect_timeout=min(3.0, max(0.5, args.user_timeout)),
+                     on_event=_print_event if relay_events else None)
         ch.open()
     except ImportRefused as exc:
         print(f"netsvc usbip attach: {exc}", file=sys.stderr)
@@ -295,7 +340,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             }
             print(json.dumps(out) if args.json else f"{r.mbytes_per_s:.1f} MB/s ({r.direction})")
             return 0
-        return _relay(ch, args.unix)
+        return _relay(ch, args.unix, args.json)
     except (UrbError, UsbipError) as exc:
         print(f"netsvc usbip attach: {exc}", file=sys.stderr)
         return 1
@@ -351,11 +396,16 @@ def cmd_place(args: argparse.Namespace) -> int:
                              "chosen_by": htb.chosen_by, "ceil_bps": htb.ceil_bps}}
         addr = args.device_addr or args.device_host
         product = ""
+        need_info: dict[str, Any] = {"need_source": "given"}
         if args.need_bps is not None:
             need = args.need_bps
         else:
             info = device_need(addr, args.busid, args.port, tls)
             need, product = info.need_bps, info.product
+            need_info = {"need_source": info.need_source,
+                         "need_declared_bps": info.declared_bps,
+                         "need_measured_bps": info.measured_bps,
+                         "need_measured_window_s": info.measured_window_s}
         decision = decide(f"{args.device_host}:{args.busid}", need, allocation, args.threshold)
     except ImportRefused as exc:
         return fail(str(exc), 1)
@@ -363,9 +413,11 @@ def cmd_place(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if manager is None and decision.action == "migrate" and not args.dry_run:
         return fail(f"{decision.reason}; asking for the migration needs --manager (or --dry-run)")
+    if not 0 < args.open_timeout <= 600:
+        return fail("--open-timeout must be in (0, 600] seconds")
     result: dict[str, Any] = {"vm": args.vm, "device_host": args.device_host,
                               "busid": args.busid, "product": product,
-                              **decision.as_dict(), "allocation_source": source,
+                              **decision.as_dict(), **need_info, "allocation_source": source,
                               "dry_run": args.dry_run, "journal_seq": None, "manager": None}
     refused = False
     if manager is not None:
@@ -377,10 +429,27 @@ def cmd_place(args: argparse.Namespace) -> int:
         refused = out.refused
         result.update(journal_seq=out.journal_seq, manager_status=out.manager_status,
                       manager=out.manager_answer, refused=refused)
+    result["channel"] = None
+    attach_cmd = f"netsvc usbip attach {addr} {args.busid} --port {args.port}"
+    if decision.action == "tunnel" and not args.dry_run and not args.no_open:
+        opened, error = _open_channel(args, addr, manager)
+        result["channel"] = opened
+        if error is not None:
+            result["channel_error"] = error
+            if args.json:
+                print(json.dumps(result))
+            return fail(f"the tunnel was decided but its channel did not open: {error}", 1)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.vm}: {decision.reason}")
+        if need_info["need_source"] != "given":
+            measured = need_info["need_measured_bps"]
+            print(f"  need: declared {fmt_bps(need_info['need_declared_bps'])}, measured "
+                  + ("n/a (the server does not measure)" if measured is None else
+                     f"{fmt_bps(measured)} (peak over "
+                     f"{need_info['need_measured_window_s']:g} s)")
+                  + f"; using the {need_info['need_source']} one")
         print(f"  need {fmt_bps(need)} vs allocation {fmt_bps(allocation)} x threshold "
               f"{decision.threshold:g} = {fmt_bps(allocation * decision.threshold)} -> "
               f"{decision.action}{' (dry run)' if args.dry_run else ''}")
@@ -389,9 +458,48 @@ def cmd_place(args: argparse.Namespace) -> int:
             print(f"  refused by the manager: {answer.get('error')} (rule {answer.get('rule')})")
         elif isinstance(answer, dict) and "action" in answer:
             print(f"  migration queued: {answer['action'].get('id')}")
+        elif decision.action == "tunnel" and result["channel"] is not None:
+            ch = result["channel"]
+            print(f"  tunnel: channel open (pid {ch['pid']}), the device is relayed on "
+                  f"{ch['unix']} (log {ch['log']})")
         elif decision.action == "tunnel":
-            print(f"  tunnel: netsvc usbip attach {addr} {args.busid} --port {args.port}")
+            print(f"  tunnel: {attach_cmd}")
     return 1 if refused else 0
+
+
+def _open_channel(args: argparse.Namespace, addr: str, manager: Any
+                  ) -> tuple[dict[str, Any] | None, str | None]:
+    """Open the tunnel's channel (``netsvc.usbip.opener``); journal it when a manager is
+    given. Returns (the channel, None) or (None, why it did not open)."""
+    from netsvc.usbip.opener import ChannelOpenError, attach_argv, default_path, open_channel
+
+    unix = args.channel or default_path(args.vm, args.device_host, args.busid)
+    tls_argv: list[str] = []
+    for flag in ("tls_psk_file", "tls_cert", "tls_key", "tls_ca"):
+        if getattr(args, flag):
+            tls_argv += [f"--{flag.replace('_', '-')}", os.path.abspath(getattr(args, flag))]
+    try:
+        if not 0.1 <= args.channel_user_timeout <= 600:
+            raise ValueError("--channel-user-timeout must be 0.1..600 s")
+        tls_argv += ["--user-timeout", f"{args.channel_user_timeout:g}"]
+        argv = attach_argv(addr, args.busid, args.port, unix, tls_argv, args.channel_netns)
+        ch = open_channel(argv, unix, args.channel_netns, args.open_timeout)
+    except (ChannelOpenError, OSError, ValueError) as exc:
+        return None, str(exc)
+    opened = ch.as_dict()
+    if manager is not None:
+        from netsvc.cluster.client import ApiError
+
+        try:
+            opened["journal_seq"] = manager.post_event(
+                "usbip", "usbip-channel-opened", f"vm:{args.vm}",
+                f"{args.vm}: tunnel to {args.device_host}:{args.busid} open (pid {ch.pid}), "
+                f"relayed on {unix}",
+                {"vm": args.vm, "device_host": args.device_host, "busid": args.busid,
+                 "pid": ch.pid, "unix": unix, "netns_pid": args.channel_netns}, False)
+        except (ApiError, ValueError) as exc:  # the channel is open: say so, and why not journaled
+            opened["journal_error"] = str(exc)
+    return opened, None
 
 
 def _manager(args: argparse.Namespace) -> Any:
@@ -414,7 +522,15 @@ class _Sink:
         self.write, self.close = write, close
 
 
-def _relay(ch: Any, unix: str | None) -> int:
+def _print_event(ev: Any) -> None:
+    """A channel's state change as one JSON line (``attach --unix PATH --json``)."""
+    print(json.dumps({"t": round(ev.at, 6), "event": "state", "state": ev.state.value,
+                      "detail": ev.detail,
+                      "outage_ms": None if ev.outage_s is None
+                      else round(ev.outage_s * 1000, 1)}), flush=True)
+
+
+def _relay(ch: Any, unix: str | None, as_json: bool = False) -> int:
     from netsvc.usbip import descriptors as d
     from netsvc.usbip.client import UrbError
     from netsvc.usbip.devices import keyboard_report_text
@@ -434,9 +550,12 @@ def _relay(ch: Any, unix: str | None) -> int:
     def pump_in() -> None:
         assert ep_in is not None
         size = 8 if keyboard else max(ep_in.max_packet, 16384)
+        # An interrupt URB is renewed often, so a lost connection shows soon as unacked data
+        # (the channel's user timeout), not only at the next keystroke.
+        poll = 0.3 if keyboard else 1.0
         while not stop.is_set():
             try:
-                data = ch.transfer_in(ep_in.address, size, timeout=1.0)
+                data = ch.transfer_in(ep_in.address, size, timeout=poll)
             except TimeoutError:
                 continue
             except UrbError:
@@ -482,7 +601,12 @@ def _relay(ch: Any, unix: str | None) -> int:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(unix)
     srv.listen(1)
-    print(f"usbip: {ch.busid} relayed on {unix}", file=sys.stderr, flush=True)
+    if as_json:  # the line ``place`` waits for: the channel is open and the socket listens
+        print(json.dumps({"t": round(time.monotonic(), 6), "event": "ready", "busid": ch.busid,
+                          "host": ch.host, "port": ch.port, "unix": unix, "pid": os.getpid()}),
+              flush=True)
+    else:
+        print(f"usbip: {ch.busid} relayed on {unix}", file=sys.stderr, flush=True)
     try:
         while True:
             conn, _ = srv.accept()

@@ -43,7 +43,8 @@ from netsvc.usbip import connection as c
 from netsvc.usbip import descriptors as d
 from netsvc.usbip import protocol as p
 from netsvc.usbip import tls as t
-from netsvc.usbip.devices import VENDOR_REQ_NEED, Setup
+from netsvc.usbip.devices import Setup
+from netsvc.usbip.need import Measured
 
 log = logging.getLogger("netsvc.usbip.client")
 
@@ -736,17 +737,48 @@ class Channel:
         return None
 
     def need_bps(self) -> int:
-        """The bandwidth (bits/s) the device declares; for a device without the netsvc vendor
-        request, the bandwidth its periodic endpoints reserve."""
+        """The bandwidth (bits/s) the device declares: what its periodic endpoints reserve
+        (and a CDC-ACM function's line rate, by the standard GET_LINE_CODING), or, when its
+        descriptors announce netsvc's need request (``descriptors.find_need_announcement``),
+        the larger of that and its answer. A device
+        that announces nothing never gets the vendor request (unknown hardware is only sent
+        standard requests); a device that announces it and stalls it declares its periodic
+        reservation only."""
+        assert self.configuration is not None and self.device is not None
+        periodic = max(d.periodic_bps(self.configuration, self.device.speed),
+                       self._line_rate())
+        found = d.find_need_announcement(self.configuration)
+        if found is None:
+            return periodic
+        intf, request = found
         try:
-            raw = self.control_in(0xC0, VENDOR_REQ_NEED, 0, 0, 8)
-            if len(raw) == 8:
-                return int(struct.unpack("<Q", raw)[0])
+            raw = self.control_in(0xC1, request, 0, intf, 8)
         except UrbError as exc:
             if exc.status != -p.EPIPE:
                 raise
-        assert self.configuration is not None and self.device is not None
-        return d.periodic_bps(self.configuration, self.device.speed)
+            log.warning("usbip: %s announces need request %#x but stalls it", self.busid,
+                        request)
+            return periodic
+        if len(raw) != 8:
+            raise UsbipError(f"the need request of {self.busid} answered {len(raw)} bytes, "
+                             "not 8")
+        return max(periodic, int(struct.unpack("<Q", raw)[0]))
+
+    def _line_rate(self) -> int:
+        """A CDC-ACM function's line rate (bits/s) by the standard class request
+        GET_LINE_CODING (CDC PSTN 6.3.11), or 0: a serial port needs its line rate."""
+        assert self.configuration is not None
+        acm = next((i for i in self.configuration.interfaces
+                    if (i.cls, i.subclass, i.alternate) == (0x02, 0x02, 0)), None)
+        if acm is None:
+            return 0
+        try:
+            raw = self.control_in(0xA1, 0x21, 0, acm.number, 7)
+        except UrbError as exc:
+            if exc.status != -p.EPIPE:
+                raise
+            return 0
+        return int(struct.unpack_from("<I", raw)[0]) if len(raw) >= 4 else 0
 
     def describe(self) -> dict[str, object]:
         dd, cfg = self.device_descriptor, self.configuration
@@ -785,6 +817,35 @@ def query_need(
     """Import a device just long enough to ask its declared bandwidth need (bits/s)."""
     with Channel(host, busid, port, tls=tls, reconnect=False) as ch:
         return ch.need_bps()
+
+
+def query_measured_need(
+    host: str, busid: str, port: int = p.USBIP_PORT, tls: t.TlsConfig | None = None,
+    timeout: float = 5.0,
+) -> Measured | None:
+    """The need the server measured for ``busid`` (netsvc's ``OP_REQ_NEED``; no import, so
+    it works while the device is in use). None: the server does not measure (it closed the
+    connection, as Linux ``usbipd`` does on an op it does not know). ``ImportRefused``
+    (ST_NODEV) for a bus id the server does not export."""
+    tr = connect(host, port, tls, timeout)
+    try:
+        tr.sock.settimeout(timeout)
+        conn = c.ClientConnection()
+        tr.send(conn.request_need(busid))
+        try:
+            ev = _pump(tr, conn)
+        except (OSError, UsbipError):  # reset by a server that does not know the op
+            return None
+    except TimeoutError:
+        raise UsbipError(f"no answer about {busid}'s need from {host}:{port} within "
+                         f"{timeout} s") from None
+    finally:
+        tr.close()
+    if isinstance(ev, c.NeedReceived):
+        if ev.status != p.ST_OK:
+            raise ImportRefused(busid, ev.status)
+        return Measured(ev.measured_bps, ev.window_ms / 1000, ev.span_ms / 1000)
+    return None  # TransportClosed / RemoteError: the server does not speak OP_REQ_NEED
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,13 @@ class ImportRequested:
 
 
 @dataclass(frozen=True)
+class NeedRequested:
+    """netsvc's ``OP_REQ_NEED``: the client asks for ``busid``'s measured need."""
+
+    busid: str
+
+
+@dataclass(frozen=True)
 class SubmitReceived:
     cmd: p.CmdSubmit
 
@@ -74,6 +81,14 @@ class DevlistReceived:
 class ImportReplied:
     status: int
     device: p.UsbDevice | None
+
+
+@dataclass(frozen=True)
+class NeedReceived:
+    status: int
+    measured_bps: int
+    window_ms: int
+    span_ms: int
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,12 @@ class TransportClosed:
 Event = (
     DevlistRequested
     | ImportRequested
+    | NeedRequested
     | SubmitReceived
     | UnlinkReceived
     | DevlistReceived
     | ImportReplied
+    | NeedReceived
     | SubmitCompleted
     | UnlinkCompleted
     | RemoteError
@@ -225,6 +242,10 @@ class ServerConnection(_Base):
                     if isinstance(msg, p.OpReqDevlist):
                         self._events.append(DevlistRequested())
                         return  # the reply ends the connection; ignore what follows
+                    if isinstance(msg, p.OpReqNeed):
+                        self.busid = msg.busid
+                        self._events.append(NeedRequested(msg.busid))
+                        return  # the reply ends the connection; ignore what follows
                     self._move(S.IMPORTING)
                     self.busid = msg.busid
                     self._events.append(ImportRequested(msg.busid))
@@ -245,6 +266,13 @@ class ServerConnection(_Base):
         self._need(S.AWAIT_OP)
         self._move(S.CLOSING)
         return p.encode(p.OpRepDevlist(devices))
+
+    def reply_need(self, status: int, measured_bps: int = 0, window_ms: int = 0,
+                   span_ms: int = 0) -> bytes:
+        """Answer an ``OP_REQ_NEED``; the connection then ends (as after a device list)."""
+        self._need(S.AWAIT_OP)
+        self._move(S.CLOSING)
+        return p.encode(p.OpRepNeed(status, measured_bps, window_ms, span_ms))
 
     def reply_import(
         self, status: int, device: p.UsbDevice | None = None, cap: p.EndpointCap | None = None
@@ -284,6 +312,7 @@ class ServerConnection(_Base):
 class ClientState(Enum):
     IDLE = "idle"
     DEVLIST_SENT = "devlist-sent"
+    NEED_SENT = "need-sent"
     IMPORT_SENT = "import-sent"
     IMPORTED = "imported"
     CLOSING = "closing"
@@ -293,8 +322,9 @@ class ClientState(Enum):
 C = ClientState
 CLIENT_TRANSITIONS: Mapping[Enum, frozenset[Enum]] = MappingProxyType(
     {
-        C.IDLE: frozenset({C.DEVLIST_SENT, C.IMPORT_SENT, C.CLOSING, C.CLOSED}),
+        C.IDLE: frozenset({C.DEVLIST_SENT, C.NEED_SENT, C.IMPORT_SENT, C.CLOSING, C.CLOSED}),
         C.DEVLIST_SENT: frozenset({C.CLOSING, C.CLOSED}),
+        C.NEED_SENT: frozenset({C.CLOSING, C.CLOSED}),
         C.IMPORT_SENT: frozenset({C.IMPORTED, C.CLOSING, C.CLOSED}),
         C.IMPORTED: frozenset({C.CLOSING, C.CLOSED}),
         C.CLOSING: frozenset({C.CLOSED}),
@@ -328,6 +358,13 @@ class ClientConnection(_Base):
         self._need(C.IDLE)
         self._move(C.DEVLIST_SENT)
         return p.encode(p.OpReqDevlist())
+
+    def request_need(self, busid: str) -> bytes:
+        """netsvc's ``OP_REQ_NEED`` for ``busid`` (the server closes after its answer)."""
+        self._need(C.IDLE)
+        out = p.encode(p.OpReqNeed(busid))
+        self._move(C.NEED_SENT)
+        return out
 
     def request_import(self, busid: str) -> bytes:
         self._need(C.IDLE)
@@ -386,6 +423,17 @@ class ClientConnection(_Base):
                     msg, n = rep
                     assert isinstance(msg, p.OpRepDevlist)
                     self._events.append(DevlistReceived(msg.devices, msg.status))
+                    self._buf.clear()
+                    self._move(C.CLOSING)
+                    return
+                if self.state is C.NEED_SENT:
+                    rep = p.decode_op_reply(self._buf, p.OP_REP_NEED, self._limits)
+                    if rep is None:
+                        return
+                    need, n = rep
+                    assert isinstance(need, p.OpRepNeed)
+                    self._events.append(NeedReceived(need.status, need.measured_bps,
+                                                     need.window_ms, need.span_ms))
                     self._buf.clear()
                     self._move(C.CLOSING)
                     return

@@ -13,6 +13,16 @@ Invariants:
   bytes are wrong) naming the offset.
 - Class-specific descriptors between an interface and its endpoints (HID, CDC functional) are
   kept verbatim in ``Interface.extra``.
+- A device *announces* netsvc's need request with one vendor-defined descriptor in the
+  ``extra`` of a vendor-class interface (``bInterfaceClass`` 0xFF)::
+
+      bLength 8, bDescriptorType 0x4E, "NSVC", bRequest, bVersion 1
+
+  and then answers ``bRequest`` (bmRequestType 0xC1: vendor, IN, recipient interface;
+  wIndex the interface's number; wLength 8) with its need in bits/s (u64, little-endian).
+  ``find_need_announcement`` accepts only exactly that (the type, the length, the magic and
+  version 1 inside a 0xFF interface), so a client never sends the request to a device that
+  did not ask for it: unknown hardware gets standard requests only.
 """
 
 from __future__ import annotations
@@ -27,6 +37,10 @@ DT_INTERFACE = 4
 DT_ENDPOINT = 5
 DT_HID = 0x21
 DT_HID_REPORT = 0x22
+DT_NETSVC_NEED = 0x4E  # vendor-defined: the need announcement (see the module's docstring)
+NEED_MAGIC = b"NSVC"
+NEED_VERSION = 1
+VENDOR_CLASS = 0xFF
 
 EP_CONTROL = 0
 EP_ISO = 1
@@ -169,6 +183,32 @@ def periodic_bps(cfg: Configuration, speed: int) -> int:
             period = 0.000125 * 2 ** (min(e.interval, 16) - 1) if high else 0.001 * e.interval
             total += (e.max_packet & 0x7FF) * 8 / period
     return round(total)
+
+
+def need_announcement(request: int) -> bytes:
+    """The 8-byte descriptor by which a vendor-class interface announces its need request."""
+    if not 0 <= request <= 0xFF:
+        raise ValueError(f"bad need request {request}")
+    return bytes([8, DT_NETSVC_NEED]) + NEED_MAGIC + bytes([request, NEED_VERSION])
+
+
+def find_need_announcement(cfg: Configuration) -> tuple[int, int] | None:
+    """(interface number, bRequest) of the first vendor-class interface that announces the
+    need request, or None. Walks each ``extra`` by bLength, never past its end."""
+    for intf in cfg.interfaces:
+        if intf.cls != VENDOR_CLASS:
+            continue
+        raw, off = intf.extra, 0
+        while off + 2 <= len(raw):
+            blen = raw[off]
+            if blen < 2 or off + blen > len(raw):
+                break
+            d = raw[off:off + blen]
+            if (blen == 8 and d[1] == DT_NETSVC_NEED and d[2:6] == NEED_MAGIC
+                    and d[7] == NEED_VERSION):
+                return intf.number, d[6]
+            off += blen
+    return None
 
 
 def string_descriptor(text: str) -> bytes:

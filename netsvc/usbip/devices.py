@@ -19,8 +19,12 @@ Invariants:
   does not have), and the decoder enforces it before reading a payload.
 - Control requests are answered from the real descriptor bytes; a request the device does
   not support completes with -EPIPE (a stall), like hardware.
-- ``need_bps`` is the bandwidth the device declares: its vendor request ``VENDOR_REQ_NEED``
-  (bmRequestType 0xC0) returns it as a little-endian u64 in bits/s.
+- ``need_bps`` is the bandwidth the device declares. Only a device whose configuration
+  announces it (``descriptors.need_announcement`` in a vendor-class interface: the bulk
+  source/sink) answers the vendor request ``VENDOR_REQ_NEED`` (bmRequestType 0xC1, wIndex the
+  announcing interface), with a little-endian u64 in bits/s; every other device stalls it,
+  as unknown hardware would. What a device does on the wire is what a server measures
+  (``netsvc.usbip.need``).
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class VirtualDevice:
         self.alternates: dict[int, int] = {}
         self.halted: set[int] = set()
         self._endpoints = {e.address: e for e in configuration.endpoints()}
+        self._announced = d.find_need_announcement(configuration)
         self._pending: dict[int, tuple[int, p.CmdSubmit]] = {}  # seqnum -> (ep address, cmd)
         self._outbox: list[Completion] = []
 
@@ -262,7 +267,8 @@ class VirtualDevice:
             return Completion(cmd.seqnum, -p.EPIPE, 0)
 
     def control_in(self, s: Setup) -> bytes:
-        if s.kind == 2 and s.request == VENDOR_REQ_NEED:
+        if (self._announced is not None and s.kind == 2 and s.recipient == 1
+                and (s.index & 0xFF, s.request) == self._announced):
             return struct.pack("<Q", self.need_bps)
         if s.kind != 0:
             raise _Stall
@@ -534,18 +540,21 @@ class CdcAcm(VirtualDevice):
 class BulkSourceSink(VirtualDevice):
     """A vendor-class bulk device (a camera or a disk, for the network): IN 0x81 sources a
     byte pattern as fast as it is asked for, OUT 0x02 sinks and counts. It declares
-    ``need_bps`` (configurable) through ``VENDOR_REQ_NEED``.
+    ``need_bps`` (configurable) through ``VENDOR_REQ_NEED``, which it announces; with
+    ``announce=False`` it is like real hardware: it declares nothing (its need is measured).
     """
 
     kind = "bulk"
     EP_IN, EP_OUT = 0x81, 0x02
 
-    def __init__(self, need_bps: int = 400_000_000, max_transfer: int = 1 << 20) -> None:
+    def __init__(self, need_bps: int = 400_000_000, max_transfer: int = 1 << 20,
+                 announce: bool = True) -> None:
         if need_bps < 0 or not 0 < max_transfer <= 16 << 20:
             raise DeviceError(f"bad bulk device: need {need_bps}, max_transfer {max_transfer}")
         intf = d.Interface(
             0, 0, 0xFF, 0x00, 0x00,
             (d.Endpoint(self.EP_IN, d.EP_BULK, 512, 0), d.Endpoint(self.EP_OUT, d.EP_BULK, 512, 0)),
+            d.need_announcement(VENDOR_REQ_NEED) if announce else b"",
         )  # fmt: skip
         cfg = d.Configuration(1, 0x80, 250, (intf,))
         desc = d.DeviceDescriptor(0x0200, 0xFF, 0, 0, 64, 0x1209, 0x0003, 0x0100, 1, 2, 3, 1)
@@ -558,7 +567,7 @@ class BulkSourceSink(VirtualDevice):
 
     @property
     def need_bps(self) -> int:
-        return self._need
+        return self._need if self._announced is not None else 0
 
     def on_data(self, ep: d.Endpoint, now: float) -> None:
         cmd = self._oldest(ep.address)
@@ -578,7 +587,8 @@ def pattern(n: int) -> bytes:
 
 
 # -------------------------------------------------------------------------------------------
-# Specs: "keyboard", "keyboard:type=hello,every=2", "cdc-acm", "bulk:need=400M,max=1M"
+# Specs: "keyboard", "keyboard:type=hello,every=2", "cdc-acm", "bulk:need=400M,max=1M",
+# "bulk:announce=no" (declares nothing, as real bulk hardware)
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9}
 _BSUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -620,10 +630,14 @@ def from_spec(spec: str) -> VirtualDevice:
         take({"buffer"})
         return CdcAcm(buffer=max(64, min(_num(opts.get("buffer", "256k"), _BSUFFIX), 16 << 20)))
     if kind == "bulk":
-        take({"need", "max"})
+        take({"need", "max", "announce"})
+        announce = opts.get("announce", "yes")
+        if announce not in ("yes", "no"):
+            raise ValueError(f"device spec {spec!r}: announce must be yes or no")
         try:
             return BulkSourceSink(
-                _num(opts.get("need", "400M"), _SUFFIX), _num(opts.get("max", "1M"), _BSUFFIX)
+                _num(opts.get("need", "400M"), _SUFFIX), _num(opts.get("max", "1M"), _BSUFFIX),
+                announce=announce == "yes",
             )
         except DeviceError as exc:
             raise ValueError(f"device spec {spec!r}: {exc}") from None

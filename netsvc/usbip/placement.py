@@ -302,24 +302,45 @@ def read_allocation(pid: int | None, ifname: str, classid: int | None = None) ->
 
 @dataclass(frozen=True)
 class DeviceInfo:
+    """A device's need: the larger of what it declares and what its server measured."""
+
     need_bps: int
     product: str
     vendor: str
     product_id: str
+    declared_bps: int = 0
+    measured_bps: int | None = None  # None: the server does not measure
+    measured_window_s: float | None = None
+
+    @property
+    def need_source(self) -> str:
+        if self.measured_bps is not None and self.measured_bps > self.declared_bps:
+            return "measured"
+        return "declared"
+
+
+def combine_need(declared_bps: int, measured_bps: int | None) -> int:
+    """The need a placement uses: the larger of the declared and the measured one."""
+    return max(declared_bps, measured_bps or 0)
 
 
 def device_need(
     addr: str, busid: str, port: int = 3240, tls: Any = None, timeout: float = 10.0
 ) -> DeviceInfo:
-    """Import ``busid`` just long enough to ask its declared need (and its name)."""
-    from netsvc.usbip.client import Channel
+    """Ask the server for the device's measured need, then import the device just long
+    enough to ask its declared need (and its name); the need is the larger of the two."""
+    from netsvc.usbip.client import Channel, query_measured_need
 
+    measured = query_measured_need(addr, busid, port, tls, timeout)
     with Channel(addr, busid, port, tls=tls, reconnect=False) as ch:
-        need = ch.need_bps()
+        declared = ch.need_bps()
         dd = ch.device_descriptor
         assert dd is not None
         return DeviceInfo(
-            need, ch.strings.get(dd.product_index, ""), f"{dd.vendor:04x}", f"{dd.product:04x}"
+            combine_need(declared, None if measured is None else measured.bps),
+            ch.strings.get(dd.product_index, ""), f"{dd.vendor:04x}", f"{dd.product:04x}",
+            declared, None if measured is None else measured.bps,
+            None if measured is None else measured.window_s,
         )
 
 

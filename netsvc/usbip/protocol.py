@@ -17,6 +17,11 @@ Invariants:
   field and the value. ``CodecError`` is a local error: we asked to encode something that
   cannot be represented (a bus id too long, a field out of range).
 - ``decode_*`` never mutate the buffer; the caller drops ``consumed`` bytes.
+- One operation is netsvc's own, not Linux's: ``OP_REQ_NEED`` (a bus id, like an import) asks
+  the server for the device's measured need (``netsvc.usbip.need``); ``OP_REP_NEED`` answers
+  with a status and, when OK, bits/s (u64), the window and the span (ms, u32 each). A server
+  that does not know it (Linux ``usbipd``) closes the connection: the client then has no
+  measurement, and that is all.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ OP_REQ_DEVLIST = 0x8005
 OP_REP_DEVLIST = 0x0005
 OP_REQ_IMPORT = 0x8003
 OP_REP_IMPORT = 0x0003
+OP_REQ_NEED = 0x804E  # netsvc's extension: the device's measured need ('N')
+OP_REP_NEED = 0x004E
 
 CMD_SUBMIT = 1
 CMD_UNLINK = 2
@@ -82,6 +89,7 @@ _RET_UNLINK = struct.Struct(">i24x")
 _ISO = struct.Struct(">IIIi")
 _DEV = struct.Struct(">256s32sIIIHHHBBBBBB")
 _INTF = struct.Struct(">BBBx")
+_NEED = struct.Struct(">QII")  # bits/s, window ms, span ms
 
 
 class CodecError(Exception):
@@ -167,6 +175,21 @@ class OpRepImport:
 
 
 @dataclass(frozen=True)
+class OpReqNeed:
+    busid: str
+    version: int = USBIP_VERSION
+
+
+@dataclass(frozen=True)
+class OpRepNeed:
+    status: int
+    measured_bps: int = 0
+    window_ms: int = 0
+    span_ms: int = 0
+    version: int = USBIP_VERSION
+
+
+@dataclass(frozen=True)
 class IsoPacket:
     offset: int
     length: int
@@ -228,6 +251,8 @@ Message = (
     | OpRepDevlist
     | OpReqImport
     | OpRepImport
+    | OpReqNeed
+    | OpRepNeed
     | CmdSubmit
     | RetSubmit
     | CmdUnlink
@@ -311,6 +336,16 @@ def encode(msg: Message) -> bytes:
         return head + struct.pack(">I", len(msg.devices)) + body
     if isinstance(msg, OpReqImport):
         return _OP.pack(msg.version, OP_REQ_IMPORT, 0) + _cstr(msg.busid, BUSID_SIZE, "busid")
+    if isinstance(msg, OpReqNeed):
+        return _OP.pack(msg.version, OP_REQ_NEED, 0) + _cstr(msg.busid, BUSID_SIZE, "busid")
+    if isinstance(msg, OpRepNeed):
+        head = _OP.pack(msg.version, OP_REP_NEED, msg.status)
+        if msg.status != ST_OK:
+            return head
+        _check_u(msg.measured_bps, 64, "measured_bps")
+        _check_u(msg.window_ms, 32, "window_ms")
+        _check_u(msg.span_ms, 32, "span_ms")
+        return head + _NEED.pack(msg.measured_bps, msg.window_ms, msg.span_ms)
     if isinstance(msg, OpRepImport):
         head = _OP.pack(msg.version, OP_REP_IMPORT, msg.status)
         if msg.status != ST_OK:
@@ -410,28 +445,39 @@ def _decode_device(
 
 def decode_op_request(
     buf: bytes | bytearray | memoryview,
-) -> tuple[OpReqDevlist | OpReqImport, int] | None:
-    """An OP_REQ_DEVLIST or OP_REQ_IMPORT from a client (server side)."""
+) -> tuple[OpReqDevlist | OpReqImport | OpReqNeed, int] | None:
+    """An OP_REQ_DEVLIST, OP_REQ_IMPORT or OP_REQ_NEED from a client (server side)."""
     if len(buf) < OP_HEADER_SIZE:
         return None
-    code, _status = _op_header(buf, (OP_REQ_DEVLIST, OP_REQ_IMPORT))
+    code, _status = _op_header(buf, (OP_REQ_DEVLIST, OP_REQ_IMPORT, OP_REQ_NEED))
     if code == OP_REQ_DEVLIST:
         return OpReqDevlist(), OP_HEADER_SIZE
     if len(buf) < OP_HEADER_SIZE + BUSID_SIZE:
         return None
     busid = _text(bytes(buf[OP_HEADER_SIZE : OP_HEADER_SIZE + BUSID_SIZE]), "busid")
+    if code == OP_REQ_NEED:
+        return OpReqNeed(busid), OP_HEADER_SIZE + BUSID_SIZE
     return OpReqImport(busid), OP_HEADER_SIZE + BUSID_SIZE
 
 
 def decode_op_reply(
     buf: bytes | bytearray | memoryview, expect: int, limits: Limits = DEFAULT_LIMITS
-) -> tuple[OpRepDevlist | OpRepImport, int] | None:
-    """An OP_REP_DEVLIST or OP_REP_IMPORT (``expect`` says which) from a server (client side)."""
-    if expect not in (OP_REP_DEVLIST, OP_REP_IMPORT):
-        raise CodecError(f"expect must be OP_REP_DEVLIST or OP_REP_IMPORT, not {expect:#x}")
+) -> tuple[OpRepDevlist | OpRepImport | OpRepNeed, int] | None:
+    """An OP_REP_DEVLIST, OP_REP_IMPORT or OP_REP_NEED (``expect`` says which) from a server
+    (client side)."""
+    if expect not in (OP_REP_DEVLIST, OP_REP_IMPORT, OP_REP_NEED):
+        raise CodecError(f"expect must be OP_REP_DEVLIST, OP_REP_IMPORT or OP_REP_NEED, not "
+                         f"{expect:#x}")
     if len(buf) < OP_HEADER_SIZE:
         return None
     _code, status = _op_header(buf, (expect,))
+    if expect == OP_REP_NEED:
+        if status != ST_OK:
+            return OpRepNeed(status), OP_HEADER_SIZE
+        if len(buf) < OP_HEADER_SIZE + _NEED.size:
+            return None
+        bps, window, span = _NEED.unpack_from(buf, OP_HEADER_SIZE)
+        return OpRepNeed(status, bps, window, span), OP_HEADER_SIZE + _NEED.size
     if expect == OP_REP_IMPORT:
         if status != ST_OK:
             return OpRepImport(status), OP_HEADER_SIZE

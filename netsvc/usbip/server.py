@@ -21,6 +21,9 @@ Invariants:
   (also kept in ``errors``) and a closed connection. Other connections carry on.
 - A connection has at most ``max_in_flight`` URBs pending in its device; more is a remote
   error. Its writes are bounded too: when the transport's buffer is full, reading pauses.
+- Every export measures its device's need (``need.RateMeter``): the bytes of each data URB
+  (any endpoint but 0) that completes with status 0, whoever imported it. netsvc's
+  ``OP_REQ_NEED`` reads it without importing (so it works while the device is in use).
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netsvc.usbip import connection as c
 from netsvc.usbip import protocol as p
 from netsvc.usbip import tls as t
 from netsvc.usbip.devices import Completion, DeviceError, VirtualDevice
+from netsvc.usbip.need import DEFAULT_SPAN_S, DEFAULT_WINDOW_S, RateMeter
 
 log = logging.getLogger("netsvc.usbip.server")
 
@@ -50,6 +54,7 @@ class Export:
     busnum: int
     devnum: int
     owner: _Conn | None = None
+    meter: RateMeter = field(default_factory=RateMeter)
 
     @property
     def devid(self) -> int:
@@ -74,6 +79,8 @@ class ServerOptions:
     user_timeout: float = 5.0
     takeover_after: float = 0.5
     tls: t.TlsConfig | None = None
+    need_window: float = DEFAULT_WINDOW_S  # seconds of URB throughput the measured need spans
+    need_span: float = DEFAULT_SPAN_S  # the measured need is the peak rate over this long
 
 
 def peer_unresponsive(sock: socket.socket | None, after_s: float) -> bool:
@@ -107,7 +114,13 @@ def tune_socket(
 class UsbipServer:
     def __init__(self, devices: Sequence[VirtualDevice], options: ServerOptions | None = None):
         self.options = options or ServerOptions()
-        self.exports = [Export(f"1-{i + 1}", dev, 1, i + 2) for i, dev in enumerate(devices)]
+        opt = self.options
+        self.exports = [
+            Export(f"1-{i + 1}", dev, 1, i + 2,
+                   meter=RateMeter(opt.need_window, opt.need_span,
+                                   min(opt.need_span, 0.25)))
+            for i, dev in enumerate(devices)
+        ]
         self.active: set[_Conn] = set()
         self.errors: deque[str] = deque(maxlen=256)
         self.stats = {"accepted": 0, "refused": 0, "imports": 0, "busy": 0, "urbs": 0}
@@ -170,6 +183,7 @@ class _Conn(asyncio.Protocol):
         self._auth: bytearray | None = None
         self._nonce = b""
         self._loop = asyncio.get_running_loop()
+        self._data_urbs: set[int] = set()  # seqnums of pending URBs on data endpoints
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -309,7 +323,12 @@ class _Conn(asyncio.Protocol):
 
     def _send_completions(self, comps: list[Completion]) -> None:
         assert self.conn is not None and self.transport is not None
+        now = self._loop.time()
         for comp in comps:
+            if comp.seqnum in self._data_urbs:
+                self._data_urbs.discard(comp.seqnum)
+                if comp.status == 0 and self.export is not None:
+                    self.export.meter.add(now, comp.actual_length)
             head = self.conn.ret_submit_header(comp.seqnum, comp.status, comp.actual_length)
             if comp.data:
                 self.transport.writelines((head, comp.data))
@@ -338,6 +357,8 @@ class _Conn(asyncio.Protocol):
                     tr.close()
                     return
                 srv.stats["urbs"] += 1
+                if ev.cmd.ep != 0:
+                    self._data_urbs.add(ev.cmd.seqnum)
                 try:
                     done = dev.submit(ev.cmd, now)
                 except DeviceError as exc:  # e.g. a seqnum already pending: the peer's fault
@@ -351,12 +372,23 @@ class _Conn(asyncio.Protocol):
             elif isinstance(ev, c.UnlinkReceived):
                 assert self.export is not None
                 found = self.export.device.unlink(ev.cmd.unlink_seqnum)
+                if found:
+                    self._data_urbs.discard(ev.cmd.unlink_seqnum)
                 tr.write(conn.ret_unlink(ev.cmd.seqnum, -p.ECONNRESET if found else 0))
             elif isinstance(ev, c.DevlistRequested):
                 tr.write(conn.reply_devlist(tuple(e.usb_device() for e in srv.exports)))
                 tr.close()
             elif isinstance(ev, c.ImportRequested):
                 self._import(ev.busid)
+            elif isinstance(ev, c.NeedRequested):
+                exp = srv.export(ev.busid)
+                if exp is None:
+                    tr.write(conn.reply_need(p.ST_NODEV))
+                else:
+                    m = exp.meter.measured(now)
+                    tr.write(conn.reply_need(p.ST_OK, m.bps, round(m.window_s * 1000),
+                                             round(m.span_s * 1000)))
+                tr.close()
             elif isinstance(ev, c.RemoteError):
                 srv._error(self.peer, ev.reason)
                 tr.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ def test_peripheral_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert report["reconnect_ms"] is not None and 0 <= report["reconnect_ms"] < 15_000
     assert report["tunnel_bulk_mbytes_per_s"] <= 100 / 8 * 1.1
     assert report["local_bulk_mbytes_per_s"] * 8 >= 400
+    assert report["local_bulk_via"]["direct_bytes"] > 0  # exempt by rule, not unshaped
+    assert report["tunnel_after_migration_mbytes_per_s"] <= 100 / 8 * 1.1
+    assert report["allocation_followed"]["host"] == "h2"
+    measured = report["measured_decision"]
+    assert measured["need_declared_bps"] == 0 and measured["action"] == "migrate"
+    assert report["keyboard_channel"]["pid"] > 0
     assert report["migration"]["to"] == "h2"
     timeline = [json.loads(x) for x in (tmp_path / "timeline.jsonl").read_text().splitlines()]
     seen = {e["name"] for e in timeline}
@@ -58,13 +65,15 @@ def test_peripheral_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_allocation_is_read_from_tc_and_follows_the_vm() -> None:
     """``shape_vm`` sets the htb class, ``place --from-tc`` reads it from the host's namespace,
-    and after a migration ``reshape_after_migration`` sets it again on the new host."""
+    and a migration carried out by the agents brings it to the new host by itself (the usbip
+    part's hooks): the test only reads tc there."""
     from netsvc.lab.lab import Lab
-    from netsvc.lab.usb import reshape_after_migration, run_role, shape_vm, vm_allocation
+    from netsvc.lab.usb import run_role, shape_vm, vm_allocation
 
     lab = Lab(hosts=2, vms_per_host=1)
     try:
         lab.build()
+        lab.start_services(services=("usbip",))
         got = shape_vm(lab, "vm1", 250_000_000)
         assert (got.classid_text, got.rate_bps, got.chosen_by) == ("1:10", 250_000_000, "default")
         vif = lab.require_plan().vif_name("vm1")
@@ -77,9 +86,16 @@ def test_allocation_is_read_from_tc_and_follows_the_vm() -> None:
         assert lines[-1]["allocation_source"]["tc"]["classid"] == "1:10"
         code, lines, _ = run_role(lab, "h1", [*argv[:9], "100M", *argv[10:]], "place-dry2", 30)
         assert code == 0 and lines[-1]["action"] == "tunnel"  # 100M <= 0.5 x 250M
-        lab.migrate("vm1", "h2")
+        mgr = lab.manager()
+        deadline = time.monotonic() + 10
+        while mgr.request("GET", "/v1/usbip/allocations/vm1")[0] != 200:
+            assert time.monotonic() < deadline, "h1's agent never reported vm1's allocation"
+            time.sleep(0.1)
+        status, body = mgr.request("POST", "/v1/vms/vm1/migrate", {"to": "h2", "reason": "test"})
+        assert status == 202, body
+        done = lab.wait_actions([body["action"]["id"]], timeout=20)
+        assert done and done[0]["ok"], done
         assert not lab.ipr("h1").link_lookup(ifname=vif)  # the old cable, and its class, went
-        assert reshape_after_migration(lab, "vm1", 250_000_000).rate_bps == 250_000_000
         assert vm_allocation(lab, "vm1").rate_bps == 250_000_000
     finally:
         assert lab.teardown() == []

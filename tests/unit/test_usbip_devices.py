@@ -44,8 +44,16 @@ def test_descriptors_are_answered_from_real_bytes(make: type[dv.VirtualDevice]) 
     assert ctl(dev, 9, dv.Setup(0x00, 9, 7, 0, 0)).status == -p.EPIPE  # no configuration 7
     assert ctl(dev, 10, dv.Setup(0x01, 11, 5, 0, 0)).status == -p.EPIPE  # no alt setting 5
     assert ctl(dev, 11, dv.Setup(0x80, 0, 0, 0, 2)).status == 0  # GET_STATUS
-    need = ctl(dev, 12, dv.Setup(0xC0, dv.VENDOR_REQ_NEED, 0, 0, 8)).data
-    assert struct.unpack("<Q", need)[0] == dev.need_bps
+    # The need request: answered only by a device that announces it, on its interface.
+    announced = d.find_need_announcement(dev.configuration)
+    assert (announced is not None) == (make is dv.BulkSourceSink)
+    assert ctl(dev, 12, dv.Setup(0xC0, dv.VENDOR_REQ_NEED, 0, 0, 8)).status == -p.EPIPE
+    asked = ctl(dev, 14, dv.Setup(0xC1, dv.VENDOR_REQ_NEED, 0, 0, 8))
+    if announced is None:
+        assert asked.status == -p.EPIPE
+    else:
+        assert announced == (0, dv.VENDOR_REQ_NEED)
+        assert struct.unpack("<Q", asked.data)[0] == dev.need_bps
     assert ctl(dev, 13, dv.Setup(0x40, 0x77, 0, 0, 0)).status == -p.EPIPE  # unknown vendor
 
 

@@ -4,7 +4,14 @@ messages, and ``netsvc usbip place`` against a real in-process manager and devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,8 +344,9 @@ def out_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 def test_cli_asks_the_device_its_need(devices: int, capsys: pytest.CaptureFixture[str]) -> None:
     port = str(devices)
     assert run("place", "vm1", "127.0.0.1", "1-1", "--port", port,
-               "--allocation-bps", "100M", "--json") == 0
+               "--allocation-bps", "100M", "--json", "--no-open") == 0
     r = out_json(capsys)
+    assert r["channel"] is None
     assert (r["action"], r["need_bps"], r["allocation_bps"]) == ("tunnel", 6400, 100_000_000)
     assert r["product"] == "netsvc virtual keyboard" and r["allocation_source"] == {"given": True}
     assert run("place", "vm1", "127.0.0.1", "1-2", "--port", port,
@@ -382,7 +390,7 @@ def test_cli_tunnel_is_journaled(
 ) -> None:
     url, key, client = manager
     assert run("place", "vm1", "h2", "1-1", "--need-bps", "6400", "--allocation-bps", "100M",
-               "--manager", url, "--key-file", str(key)) == 0
+               "--manager", url, "--key-file", str(key), "--no-open") == 0
     assert "tunnel: netsvc usbip attach h2 1-1" in capsys.readouterr().out
     assert not client.list_actions()
     [e] = [e for e in client.journal(0) if e["action"] == "usbip-placement"]
@@ -458,3 +466,77 @@ def test_cli_from_tc_without_htb_is_exit_2(capsys: pytest.CaptureFixture[str]) -
     assert "no htb class on the interface" in capsys.readouterr().err
     assert run("place", "vm1", "h2", "1-2", "--need-bps", "1", "--from-tc", "nosuch9") == 2
     assert "no interface 'nosuch9'" in capsys.readouterr().err
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(ChildProcessError):  # reap it if it is ours
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_tunnel_decision_opens_the_channel(
+    manager: tuple[str, Path, ManagerClient], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``place`` used to print an attach command and launch nothing; now the channel is open
+    when it returns, relays the device on its socket, and is journaled."""
+    url, key, client = manager
+    th = ServerThread([HidKeyboard("hi", every=0.05)]).start()
+    sock = tmp_path / "kbd.sock"
+    pid = None
+    try:
+        assert run("place", "vm1", "127.0.0.1", "1-1", "--port", str(th.port),
+                   "--allocation-bps", "100M", "--manager", url, "--key-file", str(key),
+                   "--channel", str(sock), "--json") == 0
+        r = out_json(capsys)
+        assert r["action"] == "tunnel" and r["channel"]["unix"] == str(sock)
+        pid = int(r["channel"]["pid"])
+        ready = r["channel"]["ready"]
+        assert ready["event"] == "ready" and ready["busid"] == "1-1"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.settimeout(5)
+            got = b""
+            while b"hi" not in got:
+                got += s.recv(100)
+        [e] = [e for e in client.journal(0) if e["action"] == "usbip-channel-opened"]
+        assert e["subject"] == "vm:vm1" and e["details"]["pid"] == pid
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            assert _gone(pid)
+        th.stop()
+    assert not sock.exists()  # the channel closed and removed its socket on SIGTERM
+
+
+def test_a_channel_that_does_not_open_is_ended_and_reported(tmp_path: Path) -> None:
+    from netsvc.usbip.opener import ChannelOpenError, attach_argv, open_channel
+
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen(*a: Any, **k: Any) -> Any:
+        proc = real_popen(*a, **k)
+        started.append(proc.pid)
+        return proc
+
+    sleeper = [sys.executable, "-c", "import time; print('attach 127.0.0.1 1-1'); "
+               "time.sleep(60)", "attach", "127.0.0.1", "1-1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", popen)
+        with pytest.raises(ChannelOpenError, match=r"not ready in 0\.3 s"):
+            open_channel(sleeper, str(tmp_path / "x.sock"), None, timeout=0.3)
+    assert started and _gone(started[0], 1.0)  # ended by the opener, nothing left
+    # A device that is not there: the attach process says why, and has exited.
+    argv = attach_argv("127.0.0.1", "1-1", 1, str(tmp_path / "y.sock"), [], None)
+    with pytest.raises(ChannelOpenError, match="exited with 2"):
+        open_channel(argv, str(tmp_path / "y.sock"), None, timeout=20)
+    assert attach_argv("a", "1-1", 3240, "/s", [], 42)[:3] == ["nsenter", "--net=/proc/42/ns/net",
+                                                                "--"]

@@ -180,10 +180,12 @@ def _never_crashes(fn: Any, *args: Any) -> None:
 def test_fuzz_op_request(raw: bytes) -> None:
     _never_crashes(p.decode_op_request, raw)
     _never_crashes(p.decode_op_request, bytes.fromhex("01118003") + raw)
+    _never_crashes(p.decode_op_request, bytes.fromhex("0111804e") + raw)
 
 
 @FUZZ
-@given(st.binary(max_size=1200), st.sampled_from([p.OP_REP_DEVLIST, p.OP_REP_IMPORT]))
+@given(st.binary(max_size=1200),
+       st.sampled_from([p.OP_REP_DEVLIST, p.OP_REP_IMPORT, p.OP_REP_NEED]))
 def test_fuzz_op_reply(raw: bytes, code: int) -> None:
     _never_crashes(p.decode_op_reply, raw, code)
     _never_crashes(p.decode_op_reply, struct.pack(">HHI", 0x0111, code, 0) + raw, code)
@@ -202,6 +204,17 @@ def test_fuzz_urb_reply(raw: bytes, length: int, direction: int) -> None:
     pend = p.Pending(direction, length, 2)
     _never_crashes(p.decode_urb_reply, raw, lambda s: pend)
     _never_crashes(p.decode_urb_reply, struct.pack(">I", 3) + raw, lambda s: pend)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fuzz_need_announcement(raw: bytes) -> None:
+    """Whatever a vendor-class interface carries, looking for the announcement never raises
+    and never finds one that is not exactly the 8 documented bytes."""
+    cfg = d.Configuration(1, 0x80, 50, (d.Interface(0, 0, 0xFF, 0, 0, (), raw),))
+    found = d.find_need_announcement(cfg)
+    if found is not None:
+        assert d.need_announcement(found[1]) in raw
 
 
 @FUZZ

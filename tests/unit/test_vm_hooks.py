@@ -37,6 +37,11 @@ class FakeDriver:
         self.calls.append(("power-off", vm))
         return {}
 
+    def migrate_abort(self, vm: str, token: Mapping[str, Any]) -> Mapping[str, Any]:
+        self.calls.append(("abort", vm))
+        assert token == {"port": 1}
+        return {"deleted": True}
+
 
 def _ctx(driver: FakeDriver, hooks: list[VmHooks], logs: list[str]) -> AgentContext:
     return AgentContext(host="h1", url="http://x", key=b"k", make_client=lambda **_: None,  # type: ignore[arg-type, return-value]
@@ -83,3 +88,31 @@ def test_a_failing_detached_hook_is_logged_and_the_action_still_succeeds() -> No
                                     _ctx(d, [VmHooks(detached=boom)], logs))
     assert out == {} and d.calls == [("power-off", "vm1")]
     assert any("tc went away" in line for line in logs)
+
+
+def test_attached_runs_once_the_driver_made_the_vms_place() -> None:
+    order: list[str] = []
+    d = FakeDriver()
+
+    def seen(vm: str, a: Mapping[str, Any], c: AgentContext) -> None:
+        order.append(f"attached {vm} after {d.calls[-1][0]}")
+
+    ctx = _ctx(d, [VmHooks(attached=seen)], [])
+    VM_EXECUTORS["start"]({"kind": "start", "vm": "vm1", "phase": "run"}, ctx)
+    VM_EXECUTORS["restart"]({"kind": "restart", "vm": "vm2", "phase": "run", "from": "h2"}, ctx)
+    VM_EXECUTORS["migrate"]({"kind": "migrate", "vm": "vm3", "phase": "prepare", "from": "h2"},
+                            ctx)
+    assert order == ["attached vm1 after start", "attached vm2 after restart",
+                     "attached vm3 after prepare"]
+
+
+def test_a_refusing_attached_hook_undoes_the_prepare() -> None:
+    def refuse(vm: str, a: Mapping[str, Any], c: AgentContext) -> None:
+        raise RuntimeError("cannot shape vm1-vif")
+
+    d = FakeDriver()
+    ctx = _ctx(d, [VmHooks(attached=refuse)], [])
+    with pytest.raises(RuntimeError, match="cannot shape"):
+        VM_EXECUTORS["migrate"]({"kind": "migrate", "vm": "vm1", "phase": "prepare",
+                                 "from": "h2"}, ctx)
+    assert d.calls == [("prepare", "vm1"), ("abort", "vm1")]
