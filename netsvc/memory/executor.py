@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from netsvc.cluster.executor import attaching
+from netsvc.cluster.executor import attached, attaching
 from netsvc.cluster.service import AgentContext
 from netsvc.memory.layout import Access
 
@@ -297,6 +297,7 @@ def respawn(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     s.timed("attaching", lambda: attaching(s.vm, a, ctx))
     with _vm_lock(s.vm):
         s.timed("recable", lambda: s.driver.recable(s.vm))
+        s.timed("attached", lambda: attached(s.vm, a, ctx))  # its port exists: shape it, ...
         argv = guest_argv(s.pool, s.vm, s.host, "rw", port=s.port, watch=s.watch)
         pid = int(s.timed("spawn", lambda: s.driver.guest_exec(s.vm, argv, name)))
         s.set_guest(pid, "running")
@@ -325,6 +326,7 @@ def promote(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
         s.timed("signal", lambda: os.kill(pid, signal.SIGUSR1))  # maps RW, serves :port
         try:
             s.timed("recable", lambda: s.driver.recable(s.vm))
+            s.timed("attached", lambda: attached(s.vm, a, ctx))
         except BaseException:
             _give_up_promotion(s, pid)
             raise

@@ -135,7 +135,7 @@ def test_secondary_promotion_respawn_and_removal(tmp_path: Path, procs: list[Any
     assert pool.mapped("h3") == {"g": Access.RW} and drv["h3"].recabled == ["g"]
     rec = drv["h3"].state.get("g")
     assert (rec.host, rec.state, rec.guest_pid) == ("h3", "running", out["pid"])
-    assert set(out["steps_ms"]) == {"attaching", "recable", "spawn", "mapped"}
+    assert set(out["steps_ms"]) == {"attaching", "recable", "attached", "spawn", "mapped"}
 
     # re-protection of f on h3, then its removal: stopped and unmapped
     out = mex.create_secondary(action(5, "memory-create-secondary", "f", "h3"),
