@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 MAX_LINE = 1024
 
@@ -35,13 +35,24 @@ class LineHandler(Protocol):
     def handle(self, line: bytes) -> bytes: ...
 
 
+class BatchHandler(LineHandler, Protocol):
+    def handle_many(self, lines: list[bytes]) -> bytes: ...
+
+
 async def serve_lines(
     store: LineHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    """One connection: a request per line in, ``store.handle``'s reply out, until EOF."""
+    """One connection: a request per line in, ``store.handle``'s reply out, until EOF.
+
+    A store with ``handle_many`` (``BatchHandler``) gets every complete line that has arrived
+    at once (a pipelining client's burst), and its replies go out in one write."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    many = getattr(store, "handle_many", None)
+    if many is not None:
+        await _serve_batches(many, reader, writer)
+        return
     try:
         while True:
             try:
@@ -52,6 +63,30 @@ async def serve_lines(
             except asyncio.IncompleteReadError:
                 break
             writer.write(store.handle(line.rstrip(b"\r\n")))
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _serve_batches(many: Any, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+    buf = b""
+    try:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" not in buf:
+                if len(buf) > MAX_LINE + 1:
+                    writer.write(b"ERR line too long\n")
+                    break
+                continue
+            complete, _, buf = buf.rpartition(b"\n")
+            lines = [ln.rstrip(b"\r") for ln in complete.split(b"\n")]
+            writer.write(many(lines))
             await writer.drain()
     except ConnectionError:
         pass

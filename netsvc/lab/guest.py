@@ -67,6 +67,10 @@ class GuestStore:
             return f"STATS {json.dumps(stats, sort_keys=True)}\n".encode()
         return f"ERR unknown request {cmd[:16]!r} with {len(args)} arguments\n".encode()
 
+    def handle_many(self, lines: list[bytes]) -> bytes:
+        """The replies to several pipelined lines, in order (one write back to the client)."""
+        return b"".join(self.handle(line) for line in lines)
+
 
 async def serve(name: str, host: str, port: int) -> None:
     """Serve the guest store until SIGTERM or SIGINT."""

@@ -13,18 +13,26 @@ Region layout (offsets in the VM's guest-physical bytes, i.e. its extents in gue
 
 A SET is three writes: (1) the header records the *intent* (slot, seq = writes + 1); (2) the
 slot's other half gets the new (seq, key, value); (3) the header commits writes = seq. Only
-then is the write acknowledged.
+then is the write acknowledged. A batch (``set_many``: a guest's pipelined SETs) is one fence
+check and one commit for up to ``BATCH_MAX`` writes: (1) the slots it will write go to the
+intent list (512..4096, CRC-covered) and the header records a batch intent (pending slot
+``-2``, pending seq = the batch's last seq); (2) each write goes to the slot half that is not
+its slot's committed version (a key written twice in a batch overwrites its own uncommitted
+half); (3) one header commit. Every write of the batch is acknowledged after that commit.
 
 Invariants:
 
 - A slot half is visible iff its CRC holds and ``0 < seq <= header.writes``; of two visible
   halves the higher seq wins. So a write cut short at any point is invisible, and the previous
-  value stays readable; opening read-write rolls back the half named by a pending intent, so an
-  unacknowledged seq can never become visible later.
+  value stays readable; opening read-write rolls back the halves named by a pending intent
+  (one slot, or a batch's intent list), so an unacknowledged seq can never become visible
+  later.
 - ``writes`` grows by exactly one per acknowledged SET and is never reused.
-- Every read-write operation is fenced: under a shared ``flock`` on the pool file (the lease
-  takeover takes it exclusively), the host's lease must still carry the writer's holder and
-  epoch, else ``StaleEpoch`` and nothing is written. So no write lands after a takeover.
+- Every read-write operation (a SET, or a whole batch) is fenced: under a shared ``flock`` on
+  the pool file (the lease takeover takes it exclusively), the host's lease must still carry
+  the writer's holder and epoch, else ``StaleEpoch`` and nothing is written. So no write lands
+  after a takeover. The lease record is decoded again only when its bytes changed since the
+  last check that passed (a renewal, a takeover); unchanged bytes hold the same lease.
 - Writes touch only this VM's pages: the mappings cover exactly the page table entries of this
   VM, which ``Pool.page_table`` checked against the VM's page set before they were mapped.
 - A read-only opener maps the pages with PROT_READ from an O_RDONLY descriptor: a write through
@@ -36,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import builtins
 import contextlib
 import fcntl
 import mmap
@@ -44,7 +53,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from netsvc.memory import lease as leases
 from netsvc.memory.errors import MemoryError_, PoolCorrupt, PoolUsageError, StaleEpoch
@@ -66,6 +75,11 @@ _GHDR = struct.Struct("<IQ8sIIQQqQ")  # crc, gen, magic, slot size, slots, write
 _HALF = struct.Struct("<IQBH")  # crc, seq, klen, vlen (then key[64], value)
 _BODY = struct.Struct("<QBH")
 _FIXED = _BODY.size + KEY_MAX  # bytes covered by the CRC besides the value
+_VALUE_RE = re.compile(rb"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+INTENT_OFF = 2 * HDR_HALF
+_INTENT = struct.Struct("<IQH")  # crc, last seq, count (then count u32 slot numbers)
+BATCH_MAX = (SLOTS_OFF - INTENT_OFF - _INTENT.size) // 4  # 892 slots fit the intent list
+PENDING_BATCH = -2
 
 
 _Version = tuple[int, int, bytes, bytes]  # (half, seq, key, value) of a slot
@@ -79,8 +93,7 @@ class Busy(MemoryError_):
     """A reader could not get a consistent snapshot (the writer kept changing the header)."""
 
 
-@dataclass(frozen=True)
-class GuestHeader:
+class GuestHeader(NamedTuple):
     gen: int
     slot_size: int
     n_slots: int
@@ -127,6 +140,7 @@ class GuestMemory:
         self._grant = grant
         self._host_slot = host_slot
         self._lock_fd = lock_fd
+        self._lease_ok = b""  # the lease record's bytes at the last check that passed
         self.refused = 0  # writes refused because the lease moved on
         self._hdr: GuestHeader | None = None
 
@@ -253,12 +267,12 @@ class GuestMemory:
             raise PoolCorrupt(self.where, f"header: {hdr.n_slots} slots do not fit {self.size} B")
         if hdr.keys > hdr.n_slots or hdr.keys > hdr.writes:
             raise PoolCorrupt(self.where, f"header: {hdr.keys} keys with {hdr.writes} writes")
-        if not -1 <= hdr.pending_slot < hdr.n_slots:
+        if not PENDING_BATCH <= hdr.pending_slot < hdr.n_slots:
             raise PoolCorrupt(self.where, f"header: pending slot {hdr.pending_slot} out of range")
         return hdr
 
     def _write_hdr(self, hdr: GuestHeader) -> GuestHeader:
-        new = replace(hdr, gen=hdr.gen + 1)
+        new = hdr._replace(gen=hdr.gen + 1)
         body = _GHDR.pack(
             0, new.gen, GUEST_MAGIC, new.slot_size, new.n_slots, new.writes, new.keys,
             new.pending_slot, new.pending_seq,
@@ -279,17 +293,37 @@ class GuestMemory:
                 raise PoolUsageError(f"{self.where}: {self.size} bytes is too small") from None
             self._write_hdr(GuestHeader(0, slot_size, n, 0, 0, -1, 0))
             return
-        if hdr.pending_slot >= 0:  # a write was in flight when its writer died: roll it back
+        if hdr.pending_slot != -1:  # writes were in flight when the writer died: roll back
             half = hdr.slot_size // 2
-            base = SLOTS_OFF + hdr.pending_slot * hdr.slot_size
-            for h in (0, 1):
-                _, seq, _, _ = _HALF.unpack(self._get(base + h * half, _HALF.size))
-                if seq > hdr.writes:
-                    self._put(base + h * half, bytes(_HALF.size))
-            hdr = replace(hdr, pending_slot=-1, pending_seq=0)
+            slots = ([hdr.pending_slot] if hdr.pending_slot >= 0
+                     else self._read_intent(hdr))
+            for slot in slots:
+                base = SLOTS_OFF + slot * hdr.slot_size
+                for h in (0, 1):
+                    _, seq, _, _ = _HALF.unpack(self._get(base + h * half, _HALF.size))
+                    if seq > hdr.writes:
+                        self._put(base + h * half, bytes(_HALF.size))
+            hdr = hdr._replace(pending_slot=-1, pending_seq=0)
             # the gen parity picks the half to write; keep it moving forward
             hdr = self._write_hdr(hdr)
         self._hdr = hdr
+
+    def _read_intent(self, hdr: GuestHeader) -> list[int]:
+        """The slots of the batch in flight (the header says one is), checked."""
+        crc, last, count = _INTENT.unpack(self._get(INTENT_OFF, _INTENT.size))
+        if count > BATCH_MAX:
+            raise PoolCorrupt(self.where, f"intent list of {count} slots (at most {BATCH_MAX})")
+        body = self._get(INTENT_OFF + 4, _INTENT.size - 4 + 4 * count)
+        if crc != zlib.crc32(body) or last != hdr.pending_seq:
+            raise PoolCorrupt(self.where, "the batch's intent list fails its check")
+        slots = list(struct.unpack_from(f"<{count}I", body, _INTENT.size - 4))
+        if any(s >= hdr.n_slots for s in slots):
+            raise PoolCorrupt(self.where, "the batch's intent list names a slot out of range")
+        return slots
+
+    def _write_intent(self, last: int, slots: list[int]) -> None:
+        body = struct.pack(f"<QH{len(slots)}I", last, len(slots), *slots)
+        self._put(INTENT_OFF, struct.pack("<I", zlib.crc32(body)) + body)
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -334,12 +368,16 @@ class GuestMemory:
             return
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         try:
-            cur = self._pool.lease_at(self._host_slot, self._grant.host)
-            try:
-                leases.check_write(cur, self._grant)
-            except StaleEpoch:
-                self.refused += 1
-                raise
+            raw = self._pool.lease_raw(self._host_slot)
+            if raw != self._lease_ok:
+                cur = self._pool.lease_at(self._host_slot, self._grant.host)
+                try:
+                    leases.check_write(cur, self._grant)
+                except StaleEpoch:
+                    self._lease_ok = b""
+                    self.refused += 1
+                    raise
+                self._lease_ok = raw
             yield
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -359,14 +397,10 @@ class GuestMemory:
         if not self.writable:
             raise PoolUsageError(f"{self.where} is mapped read-only")
         kb = self._key(key)
-        vb = value.encode("ascii", "replace")
+        vb = self._value(value)
         with self._fenced():
             hdr = self._hdr
             assert hdr is not None
-            if len(vb) > max_value(hdr.slot_size) or not vb or any(c <= 32 for c in vb):
-                raise PoolUsageError(
-                    f"bad value: 1..{max_value(hdr.slot_size)} printable ASCII bytes, no spaces"
-                )
             s, cur = self._find(hdr, kb, hdr.writes)
             keys = hdr.keys
             if cur is None:
@@ -374,13 +408,84 @@ class GuestMemory:
                     raise StoreFull(f"{self.where}: {keys} keys, the store is full")
                 keys += 1
             seq = hdr.writes + 1
-            hdr = self._write_hdr(replace(hdr, pending_slot=s, pending_seq=seq))
+            hdr = self._write_hdr(hdr._replace(pending_slot=s, pending_seq=seq))
             target = 1 if cur is not None and cur[0] == 0 else 0
-            body = _BODY.pack(seq, len(kb), len(vb)) + kb.ljust(KEY_MAX, b"\0") + vb
-            off = SLOTS_OFF + s * hdr.slot_size + target * (hdr.slot_size // 2)
-            self._put(off, struct.pack("<I", zlib.crc32(body)) + body)
-            self._write_hdr(replace(hdr, writes=seq, keys=keys, pending_slot=-1, pending_seq=0))
+            self._put_half(hdr, s, target, seq, kb, vb)
+            self._write_hdr(hdr._replace(writes=seq, keys=keys, pending_slot=-1, pending_seq=0))
         return seq
+
+    def _value(self, value: str) -> bytes:
+        vb = value.encode("ascii", "replace")
+        assert self._hdr is not None
+        if len(vb) > max_value(self._hdr.slot_size) or not _VALUE_RE.match(vb):
+            raise PoolUsageError(
+                f"bad value: 1..{max_value(self._hdr.slot_size)} printable ASCII bytes, no spaces"
+            )
+        return vb
+
+    def _put_half(self, hdr: GuestHeader, s: int, half: int, seq: int, kb: bytes,
+                  vb: bytes) -> None:
+        body = _BODY.pack(seq, len(kb), len(vb)) + kb.ljust(KEY_MAX, b"\0") + vb
+        off = SLOTS_OFF + s * hdr.slot_size + half * (hdr.slot_size // 2)
+        self._put(off, struct.pack("<I", zlib.crc32(body)) + body)
+
+    def set_many(self, pairs: list[tuple[str, str]]) -> list[int | Exception]:
+        """Store several (key, value) pairs with one fence check and one commit (a guest's
+        pipelined SETs); at most ``BATCH_MAX`` per call. Returns, per pair, its write count or
+        the error that refused it (a bad key or value, a full store: that pair only). A
+        ``StaleEpoch`` refuses the whole batch (raised: nothing was written)."""
+        if not self.writable:
+            raise PoolUsageError(f"{self.where} is mapped read-only")
+        if len(pairs) > BATCH_MAX:
+            raise PoolUsageError(f"a batch of {len(pairs)} writes (at most {BATCH_MAX})")
+        out: list[int | Exception] = []
+        with self._fenced():
+            hdr = self._hdr
+            assert hdr is not None
+            plan: list[tuple[int, int, int, bytes, bytes]] = []  # slot, half, seq, key, value
+            mine: dict[bytes, tuple[int, int]] = {}  # key -> (slot, half) in this batch
+            used: builtins.set[int] = builtins.set()  # empty slots a new key of this batch took
+            keys, seq = hdr.keys, hdr.writes
+            for key, value in pairs:
+                try:
+                    kb, vb = self._key(key), self._value(value)
+                    if kb in mine:
+                        s, target = mine[kb]
+                    else:
+                        s, cur = self._find_free(hdr, kb, used)
+                        if cur is None:
+                            if keys + 1 > int(hdr.n_slots * LOAD_MAX):
+                                raise StoreFull(f"{self.where}: {keys} keys, the store is full")
+                            keys += 1
+                            used.add(s)
+                        target = 1 if cur is not None and cur[0] == 0 else 0
+                        mine[kb] = (s, target)
+                except MemoryError_ as exc:
+                    out.append(exc)
+                    continue
+                seq += 1
+                plan.append((s, target, seq, kb, vb))
+                out.append(seq)
+            if not plan:
+                return out
+            self._write_intent(seq, sorted({p[0] for p in plan}))
+            hdr = self._write_hdr(hdr._replace(pending_slot=PENDING_BATCH, pending_seq=seq))
+            for s, target, n, kb, vb in plan:
+                self._put_half(hdr, s, target, n, kb, vb)
+            self._write_hdr(hdr._replace(writes=seq, keys=keys, pending_slot=-1, pending_seq=0))
+        return out
+
+    def _find_free(self, hdr: GuestHeader, key: bytes, used: builtins.set[int]
+                   ) -> tuple[int, _Version | None]:
+        """``_find``, where an empty slot a new key of this batch took (``used``) is taken."""
+        n = hdr.n_slots
+        s = zlib.crc32(key) % n
+        for _ in range(n):
+            cur = self._slot(hdr, s, hdr.writes)
+            if (cur is None and s not in used) or (cur is not None and cur[2] == key):
+                return s, cur
+            s = s + 1 if s + 1 < n else 0
+        raise StoreFull(f"{self.where}: every slot is taken")
 
     def _snapshot_read(self, key: bytes) -> bytes | None:
         if self.writable and self._hdr is not None:
@@ -460,3 +565,47 @@ class PooledGuestStore:
         except MemoryError_ as exc:
             return f"ERR {exc}\n".encode()
         return f"ERR unknown request {cmd[:16]!r} with {len(args)} arguments\n".encode()
+
+    def handle_many(self, lines: list[bytes]) -> bytes:
+        """The replies to several pipelined request lines, in order: each run of consecutive
+        well-formed SETs is one batch (``GuestMemory.set_many``: one fence check, one commit),
+        anything else goes through ``handle``."""
+        from netsvc.guestwire import parse_request
+
+        out: list[bytes] = []
+        run: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            try:
+                for r in self.mem.set_many(run):
+                    out.append(f"OK {r}\n".encode() if isinstance(r, int) else _err(r))
+            except StaleEpoch as exc:
+                out.extend([f"ERR fenced: {exc}\n".encode()] * len(run))
+            except MemoryError_ as exc:
+                out.extend([_err(exc)] * len(run))
+            run.clear()
+
+        for line in lines:
+            req = parse_request(line) if self.mem.writable else b""
+            if isinstance(req, tuple) and req[0] == "SET" and len(req[1]) == 2:
+                run.append((req[1][0], req[1][1]))
+                if len(run) == BATCH_MAX:
+                    flush()
+                continue
+            flush()
+            out.append(self.handle(line))
+        flush()
+        return b"".join(out)
+
+
+def _err(exc: Exception) -> bytes:
+    """The reply line for a refused SET (as ``PooledGuestStore.handle`` words it)."""
+    if isinstance(exc, StaleEpoch):
+        return f"ERR fenced: {exc}\n".encode()
+    if isinstance(exc, StoreFull):
+        return b"ERR store full\n"
+    if isinstance(exc, PoolUsageError):
+        return f"ERR {str(exc).split(':')[0]}\n".encode()
+    return f"ERR {exc}\n".encode()

@@ -86,6 +86,9 @@ class Holder:
     def handle(self, line: bytes) -> bytes:
         return self.store.handle(line)
 
+    def handle_many(self, lines: list[bytes]) -> bytes:
+        return self.store.handle_many(lines)
+
 
 def fenced(pool: Pool, store: PooledGuestStore) -> bool:
     """Whether ``store``'s RW grant no longer owns its host's table (always False for RO)."""

@@ -322,6 +322,12 @@ class Pool:
     def lease(self, host: str) -> Lease:
         return self._lease_rec(self.host(host).slot, host)
 
+    def lease_raw(self, slot: int) -> bytes:
+        """The raw bytes of host slot ``slot``'s lease record (both halves), unchecked: a
+        cheap way for a writer to see whether the record changed since it last decoded it."""
+        off = self.geometry.lease_rec(slot)
+        return self._mm[off : off + 2 * LEASE_HALF]
+
     def lease_at(self, slot: int, host: str) -> Lease:
         """The lease record in host slot ``slot`` (fast path: no scan of the host records)."""
         if not 0 <= slot < self.geometry.max_hosts:
