@@ -25,7 +25,23 @@ commands. Who does what:
   cancelled or expires comes back through ``action_failed`` (``ActionWatch`` follows each
   one): a secondary is placed again (``FtController.secondary_failed``, at most once a second
   per VM), a respawn goes back to recovery (``RecoveryMaster.failed``) and a failed promotion
-  falls back to a respawn of the VM from its pool pages on another host.
+  falls back to a respawn of the VM from its pool pages on another host (``FtLost``).
+- *Does not wait on a report*: a promotion has the FT controller's deadline
+  (``promote_timeout``), a respawn ``respawn_timeout`` here; past it, the step is handled as
+  failed, whether or not a report ever comes. A VM that turns up read-write on another live
+  host than the one asked (a late promotion that beat its fallback: the pool let only one of
+  them map it) is taken as it is (``memory-primary-found``).
+- *Watches the secondaries*: each poll hands the pool's host-to-VM rows to
+  ``FtController.observe``; a secondary whose read-only mapping is gone (its process died and
+  its host's agent unmapped it: ``netsvc.memory.executor.reap_secondaries``) is replaced, and
+  during a promotion the VM falls back to a respawn. A lost host is fenced and reported
+  (``host_failed``) as before.
+- *Rebuilds from the pool*: a master that (re)starts, or a second one that takes over, adopts
+  every FT VM it finds running (its read-only copy on a live host is its secondary), the FT
+  VMs of a host it fences (promoted if a copy exists, else respawned), and respawns an FT VM
+  that no host maps read-write for ``orphan_grace`` seconds (its previous master fenced it and
+  died). FT is switched on and off at run time with the VM's pool flag (``Pool.set_flags``):
+  the next poll creates or removes the secondary.
 
 The partition hook: ``classifications`` (host -> the partition service's verdict, from
 ``GET /v1/partition``) goes into each ``HostView``, so a host that still holds its lease but is
@@ -105,8 +121,9 @@ class _Pending:
     kind: str  # respawn, promote, secondary
     host: str
     since: float
-    ft_lost: bool = False
-    src: str | None = None  # promote: the failed primary's host
+    ft_lost: bool = False  # a respawn of an FT VM that the FT controller holds LOST
+    src: str | None = None  # promote, respawn: the failed primary's host (None: an orphan)
+    deadline: float = math.inf  # respawn: handled as failed after this
 
 
 class MasterLoop:
@@ -121,6 +138,8 @@ class MasterLoop:
         ttl: float = 0.5,
         respawn_timeout: float = 15.0,
         secondary_timeout: float = 10.0,
+        promote_timeout: float = 20.0,
+        orphan_grace: float = 3.0,
         dry_run: bool = False,
     ) -> None:
         self.pool = pool
@@ -136,8 +155,12 @@ class MasterLoop:
             ),
         )
         self.ft = ftm.FtController(
-            holder, ftm.FtConfig(create_timeout=secondary_timeout, take_timeout=max(1.0, ttl))
+            holder, ftm.FtConfig(create_timeout=secondary_timeout, take_timeout=max(1.0, ttl),
+                                 promote_timeout=promote_timeout)
         )
+        self.respawn_timeout = respawn_timeout
+        self.orphan_grace = orphan_grace
+        self._orphans: dict[str, float] = {}  # FT VM mapped RW by nobody -> since when
         self.grants: dict[str, Grant] = {}  # our fence grants, by fenced host
         self.pending: dict[str, _Pending] = {}  # by VM
         self.classifications: dict[str, str] = {}
@@ -162,9 +185,11 @@ class MasterLoop:
     def step(self, now: float) -> None:
         views = host_views(self.pool, self.classifications)
         cmds: list[Any] = list(self.recovery.poll(views, now))
-        cmds += self.ft.set_hosts(candidates(self.pool, now), now)
-        cmds += self._enable_ft(views, now)
+        cmds += self.ft.set_hosts(candidates(self.pool, now, views=views), now)
+        cmds += self.ft.observe({v.name: {x.name: x.access for x in v.vms} for v in views}, now)
+        cmds += self._rebuild_ft(views, now)
         cmds += self._completions(now)
+        cmds += self._overdue(now)
         cmds += self._failed_actions(now)
         if now >= self.recovery.next_timer():
             cmds += self.recovery.handle_timer(now)
@@ -172,21 +197,69 @@ class MasterLoop:
             cmds += self.ft.handle_timer(now)
         self._run(cmds, now)
 
-    def _enable_ft(self, views: list[rec.HostView], now: float) -> list[Any]:
+    def _ft_state(self, vm: str) -> ftm.FtState:
+        v = self.ft.vms.get(vm)
+        return ftm.FtState.DISABLED if v is None else v.state
+
+    def _rebuild_ft(self, views: list[rec.HostView], now: float) -> list[Any]:
+        """Follow the pool's FT flags (``Pool.set_flags``, at run time) and rebuild what the FT
+        controller does not know (a restarted or standby master):
+
+        - an FT VM running read-write on a host that holds its own lease is adopted, with a
+          read-only copy on another such host as its ready secondary (further copies are
+          removed), or enabled (a secondary is placed);
+        - a VM whose FT flag was cleared is disabled (its secondary removed) once no failover
+          of it is under way;
+        - an FT VM that no host maps read-write, that nothing here is bringing back, for
+          ``orphan_grace`` seconds (a previous master fenced its primary and died) is
+          orphaned: LOST, then respawned from its pool pages.
+        """
         out: list[Any] = []
+        live = {v.name for v in views if v.lease.held_by(v.name, now)}
+        rw: dict[str, str] = {}
+        ro: dict[str, list[str]] = {}
         for view in views:
-            if not view.lease.held_by(view.name, now):
+            for x in view.vms:
+                if x.access is Access.RW:
+                    rw[x.name] = view.name
+                elif view.name in live:
+                    ro.setdefault(x.name, []).append(view.name)
+        flags = {v.name: v for v in self.pool.vms(skip_corrupt=True)}
+        for name, info in flags.items():
+            state = self._ft_state(name)
+            if not info.ft:
+                self._orphans.pop(name, None)
+                busy = name in self.pending and self.pending[name].kind != "secondary"
+                if state in (ftm.FtState.PROTECTED, ftm.FtState.NEEDS_SECONDARY) and not busy:
+                    out += self.ft.disable(name, now, "FT switched off (pool flag cleared)")
                 continue
-            for v in view.vms:
-                if not (v.ft and v.access is Access.RW) or v.name in self.pending:
-                    continue
-                cur = self.ft.vms.get(v.name)
-                if cur is None or cur.state is ftm.FtState.DISABLED:
-                    out += self.ft.enable(v.name, view.name, v.pages * self.mib_per_page, now)
+            if state is not ftm.FtState.DISABLED or name in self.pending:
+                self._orphans.pop(name, None)
+                continue
+            need = info.n_pages * self.mib_per_page
+            host = rw.get(name)
+            if host is None:
+                since = self._orphans.setdefault(name, now)
+                if now - since >= self.orphan_grace:
+                    del self._orphans[name]
+                    out += self.ft.orphaned(name, need, now, avoid=tuple(ro.get(name, ())))
+                continue
+            self._orphans.pop(name, None)
+            if host not in live:
+                continue  # its host lapsed: adopted when it is fenced (``_fence``)
+            copies = [h for h in ro.get(name, ()) if h != host]
+            out += self.ft.adopt(name, host, need, now, copies[0] if copies else None)
+            for extra in copies[1:]:
+                out.append(ftm.RemoveSecondary(name, extra, "a second read-only copy"))
         return out
 
     def _completions(self, now: float) -> list[Any]:
+        """Each pending step whose result shows in the pool: a secondary's read-only mapping,
+        a promoted or respawned primary's read-write one. A VM that turns up read-write on
+        another live host than the one asked (a late promotion beat its fallback respawn:
+        the pool let only one of them map it) is taken as it is."""
         out: list[Any] = []
+        owners: dict[str, str] | None = None
         for vm, p in list(self.pending.items()):
             try:
                 access = self.pool.mapped(p.host).get(vm)
@@ -208,11 +281,45 @@ class MasterLoop:
             elif p.kind == "respawn" and access is Access.RW:
                 del self.pending[vm]
                 self._say("memory-respawned", f"vm:{vm}", f"{p.host} maps {vm} read-write",
-                          vm=vm, host=p.host, ms=ms)  # fmt: skip
+                          vm=vm, host=p.host, ms=ms, fallback=p.ft_lost)  # fmt: skip
                 out += self._recovery_done(vm, now)
-                if p.ft_lost:
+                if p.ft_lost and self._ft_state(vm) is ftm.FtState.LOST:
                     out += self.ft.resumed(vm, p.host, now)
+            elif p.kind in ("promote", "respawn"):
+                if owners is None:
+                    owners = self._rw_owners(now)
+                other = owners.get(vm)
+                if other is None or other in (p.host, p.src):
+                    continue
+                del self.pending[vm]
+                self._say("memory-primary-found", f"vm:{vm}",
+                          f"{other} maps {vm} read-write, not {p.host} as asked: taken as the "
+                          "primary", vm=vm, host=other, asked=p.host, kind=p.kind, ms=ms)
+                out += self._recovery_done(vm, now)
+                v = self.ft.vms.get(vm)
+                if v is not None and v.state is ftm.FtState.PROMOTING and v.secondary == other:
+                    out += self.ft.promoted(vm, other, now)
+                elif v is not None and v.state is ftm.FtState.LOST:
+                    out += self.ft.resumed(vm, other, now)
         return out
+
+    def _rw_owners(self, now: float) -> dict[str, str]:
+        """VM -> the host that maps it read-write, among the hosts holding their own lease."""
+        out: dict[str, str] = {}
+        for view in host_views(self.pool):
+            if view.lease.held_by(view.name, now):
+                out.update((x.name, view.name) for x in view.vms if x.access is Access.RW)
+        return out
+
+    def _overdue(self, now: float) -> list[Any]:
+        """A respawn not seen done by its deadline is handled as failed (its report may never
+        come: the manager or its watch lost it); the other steps have the cores' timers."""
+        for vm, p in list(self.pending.items()):
+            if p.kind == "respawn" and now >= p.deadline:
+                p.deadline = math.inf
+                self._failures.put(("memory-respawn", vm, p.host,
+                                    f"not done within {self.respawn_timeout:g} s"))
+        return []
 
     # -- hypervisor steps that did not happen ----------------------------------------------
 
@@ -247,8 +354,10 @@ class MasterLoop:
                     out += self.ft.secondary_failed(vm, host, now, reason)
             elif not matches:
                 continue  # not (or no longer) what this VM waits for
-            elif kind == "memory-promote" or (p is not None and p.ft_lost):
-                assert p is not None
+            elif kind == "memory-promote":
+                if vm in self.ft.vms:  # falls back to a respawn (``FtLost``)
+                    out += self.ft.secondary_failed(vm, host, now, reason)
+            elif p is not None and p.ft_lost:
                 out += self._respawn_elsewhere(vm, p, reason, now)
             elif kind == "memory-respawn":
                 with contextlib.suppress(MemoryError_):  # not one of recovery's
@@ -257,23 +366,38 @@ class MasterLoop:
         return out
 
     def _respawn_elsewhere(self, vm: str, p: _Pending, reason: str, now: float) -> list[Any]:
-        """An FT VM whose promotion (or fallback respawn) failed: respawn it from its pool
-        pages on another live host, under the fence of its failed primary's host."""
-        g = None if p.src is None else self.grants.get(p.src)
-        if g is None:
+        """An FT VM whose fallback respawn failed: respawn it from its pool pages on another
+        live host (under the fence of its failed primary's host, if it had one)."""
+        return self._respawn_ft(vm, p.src, (p.host,), f"{p.kind} on {p.host} failed "
+                                f"({reason}): respawn from the pool", now)  # fmt: skip
+
+    def _respawn_ft(self, vm: str, src: str | None, avoid: tuple[str, ...], reason: str,
+                    now: float) -> list[Any]:
+        """Respawn the LOST FT VM ``vm`` from its pool pages on a live host, not in ``avoid``
+        if possible: under the fence of ``src`` (its failed primary's host), or with no fence
+        for an orphan (``src`` None) that no host maps read-write."""
+        g = None if src is None else self.grants.get(src)
+        if src is not None and g is None:
             self._say("memory-cannot-respawn", f"vm:{vm}",
-                      f"{reason}; no fence held for its old host {p.src}", vm=vm, host=p.src)
+                      f"{reason}; no fence held for its old host {src}", vm=vm, host=src)
+            return []
+        if g is None and vm in self._rw_owners_anywhere():
+            self._say("memory-cannot-respawn", f"vm:{vm}", f"{reason}; still mapped "
+                      "read-write somewhere without a fence of ours", vm=vm)  # fmt: skip
             return []
         need = self.pool.vm(vm).n_pages * self.mib_per_page
         hosts = candidates(self.pool, now)
-        pick = choose(hosts, need, exclude={g.host, p.host}) or choose(hosts, need,
-                                                                      exclude={g.host})
+        old = set() if src is None else {src}
+        pick = choose(hosts, need, exclude=old | set(avoid)) or choose(hosts, need, exclude=old)
         if pick is None:
             self._say("memory-cannot-respawn", f"vm:{vm}", "no live host with room", vm=vm,
-                      host=g.host)  # fmt: skip
+                      host=src)  # fmt: skip
             return []
-        return self._respawn(vm, g, pick.name, f"{p.kind} on {p.host} failed ({reason}): "
-                             "respawn from the pool", now)  # fmt: skip
+        return self._respawn(vm, g, pick.name, reason, now)
+
+    def _rw_owners_anywhere(self) -> set[str]:
+        return {vm for m in self.pool.host_to_vm().values()
+                for vm, a in m.items() if a is Access.RW}
 
     def _recovery_done(self, vm: str, now: float) -> list[Any]:
         try:
@@ -307,12 +431,41 @@ class MasterLoop:
         self._say("memory-fence", f"host:{host}",
                   f"lease of {host} taken at epoch {g.epoch}: its guests can no longer write",
                   host=host, epoch=g.epoch)  # fmt: skip
-        out: list[Any] = list(self.recovery.lease_taken(host, g.epoch, now))
+        out: list[Any] = self._adopt_fenced(host, now)
+        out += self.recovery.lease_taken(host, g.epoch, now)
         for vm, access in self.pool.mapped(host).items():  # secondaries' read-only mappings
             if access is Access.RO:
                 self.pool.unmap_vm(g, vm)
         if host not in self.ft.failed:
             out += self.ft.host_failed(host, now)
+        return out
+
+    def _adopt_fenced(self, host: str, now: float) -> list[Any]:
+        """The FT VMs of the host just fenced that the FT controller does not know (this
+        master started after the host failed): adopted with their read-only copy on a live
+        host as the secondary to promote, or taken LOST at once (respawned from the pool)."""
+        view = self.recovery.views.get(host)
+        if view is None:
+            return []
+        out: list[Any] = []
+        owners: dict[str, list[str]] | None = None
+        for v in view.vms:
+            if not (v.ft and v.access is Access.RW) or self._ft_state(v.name) is not \
+                    ftm.FtState.DISABLED:
+                continue
+            if owners is None:
+                owners = {}
+                for other in host_views(self.pool):
+                    if other.name != host and other.lease.held_by(other.name, now):
+                        for x in other.vms:
+                            if x.access is Access.RO:
+                                owners.setdefault(x.name, []).append(other.name)
+            need = v.pages * self.mib_per_page
+            copies = owners.get(v.name, [])
+            if copies:
+                out += self.ft.adopt(v.name, host, need, now, copies[0])
+            else:
+                out += self.ft.orphaned(v.name, need, now, host=host)
         return out
 
     def _would_fence(self, host: str, now: float) -> list[Any]:
@@ -413,31 +566,30 @@ class MasterLoop:
             return []
         raise AssertionError(f"unhandled command {cmd!r}")  # pragma: no cover
 
-    def _respawn(self, vm: str, g: Grant, to: str, reason: str, now: float) -> list[Any]:
+    def _respawn(self, vm: str, g: Grant | None, to: str, reason: str,
+                 now: float) -> list[Any]:
+        """Unmap ``vm`` from the fenced host's table with our grant ``g`` (None: it is mapped
+        nowhere read-write, an orphan) and ask ``to`` to start it from its pool pages."""
         try:
-            if vm in self.pool.mapped(g.host):
+            if g is not None and vm in self.pool.mapped(g.host):
                 self.pool.unmap_vm(g, vm)
         except StaleEpoch as exc:
             return list(self.recovery.failed(vm, f"fence lost: {exc}", now))
-        self.pending[vm] = _Pending("respawn", to, now, ft_lost=vm in self.ft.vms, src=g.host)
-        self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=g.host,
-                  epoch=g.epoch)  # fmt: skip
+        lost = self._ft_state(vm) is ftm.FtState.LOST
+        src = None if g is None else g.host
+        self.pending[vm] = _Pending("respawn", to, now, ft_lost=lost, src=src,
+                                    deadline=now + self.respawn_timeout)
+        self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=src,
+                  epoch=None if g is None else g.epoch, fallback=lost)  # fmt: skip
         return []
 
     def _ft_lost(self, cmd: ftm.FtLost, now: float) -> list[Any]:
-        """An FT VM with no secondary to fail over to: respawn it from the pool (A3)."""
-        self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host)
-        g = self.grants.get(cmd.host)
-        if g is None:
-            return []
-        need = self.pool.vm(cmd.vm).n_pages * self.mib_per_page
-        pick = choose(candidates(self.pool, now), need, exclude={cmd.host})
-        if pick is None:
-            self._say("memory-cannot-respawn", f"vm:{cmd.vm}", "no live host with room",
-                      vm=cmd.vm, host=cmd.host)  # fmt: skip
-            return []
-        return self._respawn(cmd.vm, g, pick.name, "FT VM lost its primary with no secondary",
-                             now)  # fmt: skip
+        """An FT VM with no secondary to fail over to, or whose promotion did not happen:
+        respawn it from the pool (A3), away from ``cmd.avoid`` if there is room elsewhere."""
+        self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host,
+                  avoid=list(cmd.avoid))  # fmt: skip
+        why = f"FT fallback: {cmd.reason}"
+        return self._respawn_ft(cmd.vm, cmd.host or None, cmd.avoid, why, now)
 
     def next_timer(self) -> float:
         return min(self.recovery.next_timer(), self.ft.next_timer(), math.inf)

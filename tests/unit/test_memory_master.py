@@ -12,10 +12,11 @@ import pytest
 
 from netsvc.memory.agent import KeeperState, LeaseKeeper, Renew, parse_vm_spec, start_vms
 from netsvc.memory.errors import IllegalTransition, PoolUsageError, StaleEpoch
+from netsvc.memory.ft import FtState
 from netsvc.memory.guest_memory import PooledGuestStore
 from netsvc.memory.guest_server import host_grant, open_store
 from netsvc.memory.layout import Access
-from netsvc.memory.lease import Grant
+from netsvc.memory.lease import Grant, LeaseState
 from netsvc.memory.master import EXECUTED, Decision, MasterLoop
 from netsvc.memory.pool import Pool
 
@@ -95,6 +96,8 @@ class World:
         self.master = MasterLoop(pool, self.log.append, ttl=TTL, dry_run=dry_run)
         self.done = 0
         self.failing: dict[str, str] = {}  # decision -> the reason its step fails with
+        self.stalled: set[str] = set()  # hosts whose agent carries out and reports nothing
+        self.held: set[str] = set()  # decisions nobody carries out (nor reports on)
 
     def start_vm(self, vm: str, host: str, pages: int, ft: bool = False) -> PooledGuestStore:
         start_vms(self.pool, self.grants[host], [f"{vm}:{pages}{':ft' if ft else ''}"])
@@ -122,10 +125,14 @@ class World:
         self.master.step(self.now)
         for d in self.log[self.done :]:
             self.done += 1
+            if d.action not in EXECUTED or d.action in self.held:
+                continue
+            if d.details["to"] in self.stalled:
+                continue
             if d.action in self.failing:
                 self.master.action_failed(d.action, d.details["vm"], d.details["to"],
                                           self.failing[d.action])
-            elif d.action in EXECUTED:
+            else:
                 self.execute(d)
 
     def execute(self, d: Decision) -> None:
@@ -144,12 +151,16 @@ class World:
                 s.mem.close()
             self.pool.unmap_vm(host_grant(self.pool, to), vm)
 
+    def new_master(self, holder: str = "master") -> None:
+        """The master process dies; another one (``holder``) starts on the same pool."""
+        self.master = MasterLoop(self.pool, self.log.append, holder=holder, ttl=TTL)
+
     def actions(self, name: str) -> list[Decision]:
         return [d for d in self.log if d.action == name]
 
-    def run(self, seconds: float) -> None:
-        for _ in range(round(seconds / 0.05)):
-            self.tick()
+    def run(self, seconds: float, dt: float = 0.05) -> None:
+        for _ in range(round(seconds / dt)):
+            self.tick(dt)
 
     def close(self) -> None:
         for s in self.guests.values():
@@ -226,11 +237,152 @@ def test_a_failed_promotion_falls_back_to_a_respawn_from_the_pool(pool: Pool) ->
     assert promote.details["to"] == sec and failed.details["kind"] == "memory-promote"
     (rs,) = w.actions("memory-respawn")
     third = rs.details["to"]
-    assert third not in ("h1", sec) and "promote on" in rs.reason and rs.details["src"] == "h1"
+    assert third not in ("h1", sec) and "promotion on" in rs.reason and rs.details["src"] == "h1"
+    assert rs.details["fallback"] is True
     assert w.actions("memory-respawned") and pool.mapped(third)["f"] is Access.RW
     assert w.guests[("f", third)].handle(b"GET k") == b"VALUE v1\n"  # the pool kept it
     assert w.master.ft.vms["f"].primary == third  # protected again from there
     assert w.master.errors == 0
+    w.close()
+
+
+def _protected(w: World, hosts_: int = 16) -> tuple[PooledGuestStore, str]:
+    prim = w.start_vm("f", "h1", hosts_, ft=True)
+    w.run(0.3)
+    (ready,) = w.actions("memory-secondary-ready")
+    prim.handle(b"SET k v1")
+    return prim, ready.details["host"]
+
+
+def test_a_promotion_never_carried_out_falls_back_to_a_respawn(pool: Pool) -> None:
+    """The issue's case: the secondary process is dead (its agent reports nothing either) and
+    h1 crashed. The promotion must not hang: a deadline, then a respawn from the pool."""
+    w = World(pool, ("h1", "h2", "h3", "h4"))
+    _, sec = _protected(w)
+    w.guests.pop(("f", sec)).mem.close()  # the secondary's process is dead...
+    w.stalled.add(sec)  # ...and nothing on its host carries out or reports a step
+    w.crash("h1")
+    w.run(2.0)
+    w.run(118.0, dt=0.25)  # coarser steps, still well inside the leases' TTL
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec
+    v = w.master.ft.vms["f"]
+    assert v.state is not FtState.PROMOTING
+    lease = pool.lease("h1")
+    assert lease.state(w.now) is not LeaseState.HELD and lease.holder == ""  # released
+    (lost,) = w.actions("memory-ft-lost")
+    assert "not done within 20 s" in lost.reason and lost.details["avoid"] == [sec]
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to not in ("h1", sec) and rs.details["fallback"] is True
+    assert pool.mapped(to)["f"] is Access.RW and v.primary == to
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"  # from the pool pages
+    assert v.state is FtState.PROTECTED and v.secondary not in (None, "h1", to)
+    assert w.master.errors == 0
+    w.close()
+
+
+def test_a_dead_secondary_is_replaced_while_the_primary_lives(pool: Pool) -> None:
+    """Liveness: the secondary's process died and its agent unmapped it: placed again."""
+    w = World(pool, ("h1", "h2", "h3"))
+    prim, sec = _protected(w)
+    w.guests.pop(("f", sec)).mem.close()
+    pool.unmap_vm(host_grant(pool, sec), "f")  # what its agent does (executor.reap_secondaries)
+    w.run(0.3)
+    assert any(sec in d.reason and "no longer maps" in d.reason
+               for d in w.actions("memory-ft-state"))
+    _, second = w.actions("memory-create-secondary")
+    assert second.details["to"] not in ("h1", sec)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
+    assert w.master.ft.vms["f"].secondary == second.details["to"]
+    assert prim.handle(b"SET k v2") == b"OK 2\n"
+    w.close()
+
+
+def test_the_primary_dies_before_its_secondary_is_ready(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3"))
+    w.held.add("memory-create-secondary")  # the secondary is still starting
+    prim = w.start_vm("f", "h1", 16, ft=True)
+    w.run(0.2)
+    (create,) = w.actions("memory-create-secondary")
+    prim.handle(b"SET k v1")
+    w.held.clear()
+    w.crash("h1")
+    w.run(2.0)
+    assert not w.actions("memory-promote")
+    (lost,) = w.actions("memory-ft-lost")
+    assert "no secondary" in lost.reason
+    assert any(d.details["to"] == create.details["to"]
+               for d in w.actions("memory-remove-secondary"))
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to != "h1" and pool.mapped(to)["f"] is Access.RW
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == ""
+    w.run(1.0)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
+    assert pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
+def test_a_restarted_master_adopts_the_running_pair(pool: Pool) -> None:
+    """The master restarts: it rebuilds its FT state from the pool (the RO copy is the
+    secondary), creates nothing, and a later failover promotes that secondary."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.new_master()
+    w.run(0.5)
+    assert len(w.actions("memory-create-secondary")) == 1  # none more
+    v = w.master.ft.vms["f"]
+    assert v.state is FtState.PROTECTED and (v.primary, v.secondary) == ("h1", sec)
+    w.crash("h1")
+    w.run(1.5)
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec and w.actions("memory-promoted")
+    assert w.primary("f").handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == ""
+    w.close()
+
+
+def test_a_master_started_after_the_primary_host_died_promotes(pool: Pool) -> None:
+    """The master died with h1 (it never saw the crash); its successor fences h1 and
+    promotes the read-only copy it finds, instead of holding h1's fence for ever."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.crash("h1")
+    w.new_master("standby")
+    w.run(2.0)
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec and w.actions("memory-promoted")
+    assert w.primary("f").handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and w.master.errors == 0
+    w.close()
+
+
+def test_the_master_fails_over_in_the_middle_of_a_promotion(pool: Pool) -> None:
+    """The master fenced h1, unmapped the VM and asked for the promotion, then died before it
+    was carried out (it never was). A second master process finds the VM mapped read-write by
+    nobody and respawns it from the pool; the stale read-only copy is removed."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.held.add("memory-promote")
+    w.crash("h1")
+    w.run(1.0)
+    assert w.actions("memory-promote") and "f" not in pool.mapped("h1")
+    w.held.clear()
+    w.new_master("standby")
+    w.run(5.0)
+    (lost,) = w.actions("memory-ft-lost")
+    assert "no host" in lost.reason
+    assert any(d.details["to"] == sec for d in w.actions("memory-remove-secondary"))
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to not in ("h1", sec) and rs.details["src"] is None
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"
+    owners = [h for h, m in pool.host_to_vm().items() if m.get("f") is Access.RW]
+    assert owners == [to]
+    assert pool.lease("h1").state(w.now) is not LeaseState.HELD
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED and w.master.errors == 0
     w.close()
 
 
