@@ -5,7 +5,9 @@
   ``memory-respawn``, ``memory-promote``, ``memory-create-secondary``,
   ``memory-remove-secondary``. It has no config table (``manager(None)``).
 - agent: the executors of those kinds (``netsvc/memory/executor.py``), carried out by the
-  target host's agent through its hypervisor driver; nothing to start.
+  target host's agent through its hypervisor driver, and one loop, the watch of this host's
+  FT secondaries (``executor.watch_secondaries``: a dead one is unmapped, so the master
+  replaces it).
 - lab: the pooled-memory scenarios; cli: ``netsvc memory ...``.
 
 Importing this module is cheap (argparse only); each part imports its code when it runs.
@@ -36,6 +38,17 @@ def _executor(kind: str) -> Any:
     return run
 
 
+def _agent_start(args: argparse.Namespace, ctx: AgentContext) -> None:
+    if ctx.driver is None:
+        return
+    import threading
+
+    from netsvc.memory.executor import watch_secondaries
+
+    threading.Thread(target=watch_secondaries, args=(ctx,), daemon=True,
+                     name="memory-secondaries").start()
+
+
 def _scenarios() -> tuple[Any, ...]:
     from netsvc.lab.scenarios import memory
 
@@ -56,7 +69,7 @@ PLUGIN = ServicePlugin(
     name="memory",
     summary="the pooled-memory manager: fault-tolerant VMs and respawn from pool memory",
     manager=_manager,
-    agent=AgentPart(executors={kind: _executor(kind) for kind in KINDS}),
+    agent=AgentPart(start=_agent_start, executors={kind: _executor(kind) for kind in KINDS}),
     lab=LabPart(scenarios=_scenarios),
     cli=_cli,
 )
