@@ -15,6 +15,9 @@ it with the action (its payload at the top level: ``to``, ``pool``, ``port``,
   wait until it maps the VM read-only;
 - ``remove_secondary``: stop this host's secondary of the VM and unmap its read-only mapping
   with this host's own grant.
+- ``set_ft`` (``memory-set-ft``): set or clear the VM's FT flag in the pool with this host's
+  own grant, only while this host maps the VM read-write (its primary's host owns the VM);
+  needs no driver.
 
 Beside the steps, ``reap_secondaries`` (a loop the agent starts: ``watch_secondaries``) finds
 this host's secondaries whose process died, drops their record and unmaps their read-only
@@ -450,8 +453,30 @@ def watch_secondaries(ctx: AgentContext, interval: float = 0.2,
             ctx.log(f"secondaries watch: {type(exc).__name__}: {exc}")
 
 
+def set_ft(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    """``memory-set-ft``: switch the VM's fault tolerance on or off in the pool."""
+    from netsvc.memory.guest_server import host_grant
+    from netsvc.memory.pool import Pool
+
+    vm, host, on = str(a["vm"]), str(a["to"]), bool(a["ft"])
+    if host != ctx.host:
+        raise RuntimeError(f"memory-set-ft of {vm} is for {host}, not {ctx.host}")
+    t0 = time.monotonic()
+    with Pool.open(str(a["pool"])) as pool:
+        if pool.mapped(host).get(vm) is not Access.RW:
+            raise RuntimeError(f"{host} does not run {vm} read-write from the pool: its "
+                               "primary's host sets its flags")
+        was = pool.vm(vm).ft
+        pool.set_flags(host_grant(pool, host), vm, ft=on)
+    word = "on" if on else "off"
+    return {"pid": None, "host": host, "ft": on, "was": was, "steps_ms": {"set": _ms(t0)},
+            "detail": f"FT of {vm} switched {word} in the pool"
+                      + ("" if was != on else f" (it already was {word})")}
+
+
 #: The executors of ``netsvc.memory.service``'s action kinds.
 EXECUTORS = {
+    "memory-set-ft": set_ft,
     "memory-respawn": respawn,
     "memory-promote": promote,
     "memory-create-secondary": create_secondary,

@@ -90,8 +90,12 @@ from netsvc.memory.views import candidates, host_views
 ACTOR = "memory-master"
 #: Decisions the hypervisor of the target host carries out.
 EXECUTED = frozenset(
-    {"memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary"}
+    {"memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary",
+     "memory-cold-boot"}
 )
+#: A VM that cannot be resumed from the pool is booted afresh by the kernel's ``restart``,
+#: asked for through ``POST /v1/memory/cold-boot``; its completion is the action's success.
+COLD_BOOT = "memory-cold-boot"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ PENDING_KIND = {
     "memory-respawn": "respawn",
     "memory-promote": "promote",
     "memory-create-secondary": "secondary",
+    COLD_BOOT: "coldboot",
 }
 #: A VM's failed steps are handled (placed again) at most this often, in seconds: a target
 #: that refuses at once must not make the master ask again in a tight loop.
@@ -168,6 +173,7 @@ class MasterLoop:
         self.dry_run = dry_run
         self._would: set[tuple[str, int]] = set()  # (host, lease epoch) reported in dry run
         self._failures: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
+        self._dones: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
         self._deferred: list[tuple[str, str, str, str]] = []
         self._retry_at: dict[str, float] = {}  # VM -> when its next failure may be handled
 
@@ -190,6 +196,7 @@ class MasterLoop:
         cmds += self._rebuild_ft(views, now)
         cmds += self._completions(now)
         cmds += self._overdue(now)
+        cmds += self._done_actions(now)
         cmds += self._failed_actions(now)
         if now >= self.recovery.next_timer():
             cmds += self.recovery.handle_timer(now)
@@ -323,6 +330,26 @@ class MasterLoop:
 
     # -- hypervisor steps that did not happen ----------------------------------------------
 
+    def action_done(self, kind: str, vm: str, host: str, detail: str) -> None:
+        """The ``kind`` step of ``vm`` on ``host`` succeeded, as its agent reported (only a
+        cold boot needs this: the other steps show in the pool). Thread-safe."""
+        self._dones.put((kind, vm, host, detail))
+
+    def _done_actions(self, now: float) -> list[Any]:
+        out: list[Any] = []
+        while True:
+            try:
+                kind, vm, host, detail = self._dones.get_nowait()
+            except queue.Empty:
+                return out
+            p = self.pending.get(vm)
+            if kind != COLD_BOOT or p is None or p.kind != "coldboot" or p.host != host:
+                continue
+            del self.pending[vm]
+            self._say("memory-cold-booted", f"vm:{vm}", f"{host} booted {vm} afresh: {detail}",
+                      vm=vm, host=host, ms=round((now - p.since) * 1000, 1))  # fmt: skip
+            out += self._recovery_done(vm, now)
+
     def action_failed(self, kind: str, vm: str, host: str, reason: str) -> None:
         """The ``kind`` step of ``vm`` on ``host`` was refused, failed, was cancelled or
         expired. Thread-safe: handled at the next ``step``."""
@@ -359,7 +386,7 @@ class MasterLoop:
                     out += self.ft.secondary_failed(vm, host, now, reason)
             elif p is not None and p.ft_lost:
                 out += self._respawn_elsewhere(vm, p, reason, now)
-            elif kind == "memory-respawn":
+            elif kind in ("memory-respawn", COLD_BOOT):
                 with contextlib.suppress(MemoryError_):  # not one of recovery's
                     out += self.recovery.failed(vm, reason, now)
         self._deferred = later
@@ -491,6 +518,11 @@ class MasterLoop:
             if g is None or g.epoch != cmd.epoch:
                 return list(self.recovery.failed(cmd.vm, "no fence at that epoch", now))
             return self._respawn(cmd.vm, g, cmd.to_host, cmd.reason, now)
+        if isinstance(cmd, rec.ColdBoot):
+            g = self.grants.get(cmd.from_host)
+            if g is None or g.epoch != cmd.epoch:
+                return list(self.recovery.failed(cmd.vm, "no fence at that epoch", now))
+            return self._cold_boot(cmd, g, now)
         if isinstance(cmd, rec.RenewLease):
             g = self.grants.get(cmd.host)
             if g is not None:
@@ -583,6 +615,19 @@ class MasterLoop:
                   epoch=None if g is None else g.epoch, fallback=lost)  # fmt: skip
         return []
 
+    def _cold_boot(self, cmd: rec.ColdBoot, g: Grant, now: float) -> list[Any]:
+        """Unmap ``cmd.vm`` from the fenced host's table (its pages are not resumed; they stay
+        the VM's) and ask ``cmd.to_host`` to boot it afresh (the kernel's ``restart``)."""
+        try:
+            if cmd.vm in self.pool.mapped(g.host):
+                self.pool.unmap_vm(g, cmd.vm)
+        except StaleEpoch as exc:
+            return list(self.recovery.failed(cmd.vm, f"fence lost: {exc}", now))
+        self.pending[cmd.vm] = _Pending("coldboot", cmd.to_host, now, src=g.host)
+        self._say(COLD_BOOT, f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, to=cmd.to_host, src=g.host,
+                  epoch=g.epoch)  # fmt: skip
+        return []
+
     def _ft_lost(self, cmd: ftm.FtLost, now: float) -> list[Any]:
         """An FT VM with no secondary to fail over to, or whose promotion did not happen:
         respawn it from the pool (A3), away from ``cmd.avoid`` if there is room elsewhere."""
@@ -642,7 +687,9 @@ class JournalSink:
 
     def _run(self) -> None:
         while (d := self.q.get()) is not None:
-            if d.action in EXECUTED and self.guest is not None:
+            if d.action == COLD_BOOT and self.guest is not None:
+                self._ask(d, cold_boot=True)
+            elif d.action in EXECUTED and self.guest is not None:
                 self._ask(d)
             else:
                 self._event(d)
@@ -660,20 +707,26 @@ class JournalSink:
                 time.sleep(0.1)
         self.failed += 1
 
-    def _ask(self, d: Decision) -> None:
-        """Ask the manager to queue ``d``'s step for its target host."""
+    def _ask(self, d: Decision, cold_boot: bool = False) -> None:
+        """Ask the manager to queue ``d``'s step for its target host (a cold boot: the
+        kernel's ``restart``, through ``POST /v1/memory/cold-boot``)."""
         from netsvc.cluster.client import ApiError
-        from netsvc.memory.client import request_action
+        from netsvc.memory.client import request_action, request_cold_boot
 
         assert self.guest is not None
         vm, to = str(d.details["vm"]), str(d.details["to"])
         why = "the manager could not be reached"
         for _ in range(3):
             try:
-                status, body = request_action(
-                    self.client, d.action, vm, to, d.reason, pool=self.guest.pool,
-                    port=self.guest.port, secondary_port=self.guest.secondary_port,
-                    watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
+                if cold_boot:
+                    status, body = request_cold_boot(
+                        self.client, vm, str(d.details["src"]), to, d.reason,
+                        details=d.details, dry_run=d.dry_run)
+                else:
+                    status, body = request_action(
+                        self.client, d.action, vm, to, d.reason, pool=self.guest.pool,
+                        port=self.guest.port, secondary_port=self.guest.secondary_port,
+                        watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
             except ApiError as exc:
                 print(f"{d.action}: {exc}", file=sys.stderr, flush=True)
                 why = str(exc)
@@ -698,12 +751,15 @@ class JournalSink:
 
 class ActionWatch:
     """Follows the actions the master asked for (``GET /v1/actions/{id}``, every ``interval``
-    seconds) until they finish; one that did not succeed is reported to ``on_failed``."""
+    seconds) until they finish; one that did not succeed is reported to ``on_failed``, one
+    that did to ``on_done`` (if given)."""
 
     def __init__(self, client: Any, on_failed: Callable[[str, str, str, str], None],
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1,
+                 on_done: Callable[[str, str, str, str], None] | None = None) -> None:
         self.client = client
         self.on_failed = on_failed
+        self.on_done = on_done
         self.interval = interval
         self._open: dict[str, tuple[str, str, str]] = {}  # id -> (kind, vm, to)
         self._lock = threading.Lock()
@@ -740,6 +796,8 @@ class ActionWatch:
                     self._open.pop(action_id, None)
                 if state != "SUCCEEDED":
                     self.on_failed(kind, vm, to, f"{action_id} {state}: {a.get('detail')}")
+                elif self.on_done is not None:
+                    self.on_done(kind, vm, to, str(a.get("detail") or ""))
 
 
 class PartitionFeed:
@@ -820,13 +878,20 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             failed[0](kind, vm, to, reason)
 
-    watch = ActionWatch(client, on_failed)
+    done: list[Callable[[str, str, str, str], None]] = []
+
+    def on_done(kind: str, vm: str, to: str, detail: str) -> None:
+        if done:
+            done[0](kind, vm, to, detail)
+
+    watch = ActionWatch(client, on_failed, on_done=on_done)
     guest = GuestParams(os.path.abspath(a.pool), a.guest_port, a.secondary_port, a.guest_watch)
     sink = JournalSink(client, guest, on_failed, watch)
     sink_ref.append(sink)
     feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
     loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
     failed.append(loop.action_failed)
+    done.append(loop.action_done)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

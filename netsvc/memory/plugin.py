@@ -3,7 +3,9 @@
 - manager: ``MemoryService`` (``netsvc/memory/service.py``): the route through which the memory
   master asks for a hypervisor step (``POST /v1/memory/actions``) and the four action kinds
   ``memory-respawn``, ``memory-promote``, ``memory-create-secondary``,
-  ``memory-remove-secondary``. It has no config table (``manager(None)``).
+  ``memory-remove-secondary``, ``memory-set-ft`` (FT switched on or off at run time, ``POST
+  /v1/memory/vms/{vm}/ft``); a cold boot is the kernel's ``restart`` (``POST
+  /v1/memory/cold-boot``). It has no config table (``manager(None)``).
 - agent: the executors of those kinds (``netsvc/memory/executor.py``), carried out by the
   target host's agent through its hypervisor driver, and one loop, the watch of this host's
   FT secondaries (``executor.watch_secondaries``: a dead one is unmapped, so the master
@@ -61,9 +63,9 @@ def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register(sub)
 
 
-#: The action kinds the memory service contributes (``netsvc.memory.schemas.MEMORY_KINDS``).
+#: The action kinds the memory service contributes (``netsvc.memory.service.ALL_KINDS``).
 KINDS = ("memory-respawn", "memory-promote", "memory-create-secondary",
-         "memory-remove-secondary")
+         "memory-remove-secondary", "memory-set-ft")
 
 PLUGIN = ServicePlugin(
     name="memory",

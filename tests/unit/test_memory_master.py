@@ -98,6 +98,7 @@ class World:
         self.failing: dict[str, str] = {}  # decision -> the reason its step fails with
         self.stalled: set[str] = set()  # hosts whose agent carries out and reports nothing
         self.held: set[str] = set()  # decisions nobody carries out (nor reports on)
+        self.booted: list[tuple[str, str]] = []  # cold boots carried out: (vm, host)
 
     def start_vm(self, vm: str, host: str, pages: int, ft: bool = False) -> PooledGuestStore:
         start_vms(self.pool, self.grants[host], [f"{vm}:{pages}{':ft' if ft else ''}"])
@@ -145,6 +146,9 @@ class World:
             self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RW, vm, map_first=True)
         elif d.action == "memory-create-secondary":
             self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RO, vm, map_first=True)
+        elif d.action == "memory-cold-boot":  # the kernel's restart, reported by the watch
+            self.booted.append((vm, to))
+            self.master.action_done(d.action, vm, to, f"{vm} booted afresh on {to}")
         elif d.action == "memory-remove-secondary" and to not in self.dead:
             s = self.guests.pop((vm, to), None)
             if s is not None:
@@ -383,6 +387,58 @@ def test_the_master_fails_over_in_the_middle_of_a_promotion(pool: Pool) -> None:
     assert owners == [to]
     assert pool.lease("h1").state(w.now) is not LeaseState.HELD
     assert w.master.ft.vms["f"].state is FtState.PROTECTED and w.master.errors == 0
+    w.close()
+
+
+def test_a_vm_that_cannot_resume_is_cold_booted_elsewhere(pool: Pool) -> None:
+    """Not resumable from the pool: booted afresh on another host (the kernel's restart),
+    under the fence; the fence is released only once the boot is reported done."""
+    w = World(pool, ("h1", "h2", "h3"))
+    start_vms(pool, w.grants["h1"], ["c:8:cold"])
+    w.start_vm("a", "h1", 16).handle(b"SET k v")
+    w.held.add("memory-cold-boot")
+    w.crash("h1")
+    w.run(1.5)
+    (cold,) = w.actions("memory-cold-boot")
+    assert cold.details["vm"] == "c" and cold.details["src"] == "h1"
+    assert cold.details["to"] in ("h2", "h3") and "booted afresh" in cold.reason
+    assert not w.actions("memory-cannot-respawn")
+    assert "c" not in pool.mapped("h1") and w.actions("memory-respawned")  # a: resumed
+    assert pool.lease("h1").holder == "master"  # still fenced: the boot is not done
+    w.held.clear()
+    w.master.action_failed("memory-cold-boot", "c", cold.details["to"], "a-9 FAILED: boom")
+    w.run(1.0)  # placed again, and this time carried out
+    again = w.actions("memory-cold-boot")
+    assert len(again) == 2 and w.booted == [("c", again[1].details["to"])]
+    (booted,) = w.actions("memory-cold-booted")
+    assert booted.details["host"] == again[1].details["to"]
+    assert pool.lease("h1").holder == "" and w.actions("memory-release")
+    assert w.master.errors == 0
+    w.close()
+
+
+def test_ft_is_switched_off_and_on_at_run_time(pool: Pool) -> None:
+    """``Pool.set_flags`` (what the VM's host does for ``memory-set-ft``): the master removes
+    the secondary when FT goes off, and creates one when it comes back on."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    pool.set_flags(w.grants["h1"], "f", ft=False)
+    w.run(0.3)
+    (rm,) = w.actions("memory-remove-secondary")
+    assert rm.details["to"] == sec and "switched off" in rm.reason
+    assert w.master.ft.vms["f"].state is FtState.DISABLED and pool.mapped(sec) == {}
+    w.crash("h1")  # no FT now: an ordinary respawn, no promotion
+    w.run(1.5)
+    assert not w.actions("memory-promote")
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert rs.details["fallback"] is False and pool.mapped(to)["f"] is Access.RW
+    pool.set_flags(host_grant(pool, to), "f", ft=True)
+    w.run(0.3)
+    creates = w.actions("memory-create-secondary")
+    assert len(creates) == 2 and creates[1].details["to"] not in ("h1", to)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
+    assert w.master.errors == 0
     w.close()
 
 
