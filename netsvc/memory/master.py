@@ -119,6 +119,8 @@ PENDING_KIND = {
 #: A VM's failed steps are handled (placed again) at most this often, in seconds: a target
 #: that refuses at once must not make the master ask again in a tight loop.
 RETRY_PAUSE = 1.0
+#: A LOST FT VM that could not be respawned (no room, no fence) is tried again this often.
+LOST_RETRY = 5.0
 
 
 @dataclass
@@ -166,6 +168,7 @@ class MasterLoop:
         self.respawn_timeout = respawn_timeout
         self.orphan_grace = orphan_grace
         self._orphans: dict[str, float] = {}  # FT VM mapped RW by nobody -> since when
+        self._lost_retry: dict[str, float] = {}  # LOST FT VM -> when its respawn is retried
         self.grants: dict[str, Grant] = {}  # our fence grants, by fenced host
         self.pending: dict[str, _Pending] = {}  # by VM
         self.classifications: dict[str, str] = {}
@@ -219,7 +222,9 @@ class MasterLoop:
           of it is under way;
         - an FT VM that no host maps read-write, that nothing here is bringing back, for
           ``orphan_grace`` seconds (a previous master fenced its primary and died) is
-          orphaned: LOST, then respawned from its pool pages.
+          orphaned: LOST, then respawned from its pool pages (not in a dry run);
+        - a LOST FT VM whose respawn could not be asked for (no room) is retried every
+          ``LOST_RETRY`` seconds.
         """
         out: list[Any] = []
         live = {v.name for v in views if v.lease.held_by(v.name, now)}
@@ -240,12 +245,23 @@ class MasterLoop:
                 if state in (ftm.FtState.PROTECTED, ftm.FtState.NEEDS_SECONDARY) and not busy:
                     out += self.ft.disable(name, now, "FT switched off (pool flag cleared)")
                 continue
+            if state is ftm.FtState.LOST and name not in self.pending and not self.dry_run \
+                    and now >= self._lost_retry.get(name, -math.inf):
+                self._lost_retry[name] = now + LOST_RETRY
+                v = self.ft.vms[name]
+                try:
+                    out += self._respawn_ft(name, v.primary or None, (),
+                                            "FT VM still lost: respawn from the pool", now)
+                except MemoryError_ as exc:
+                    self._error(f"vm:{name}", "retrying the respawn of a lost FT VM", exc)
             if state is not ftm.FtState.DISABLED or name in self.pending:
                 self._orphans.pop(name, None)
                 continue
             need = info.n_pages * self.mib_per_page
             host = rw.get(name)
             if host is None:
+                if self.dry_run:
+                    continue  # a dry run moves nothing
                 since = self._orphans.setdefault(name, now)
                 if now - since >= self.orphan_grace:
                     del self._orphans[name]
@@ -634,6 +650,7 @@ class MasterLoop:
         self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host,
                   avoid=list(cmd.avoid))  # fmt: skip
         why = f"FT fallback: {cmd.reason}"
+        self._lost_retry[cmd.vm] = now + LOST_RETRY
         return self._respawn_ft(cmd.vm, cmd.host or None, cmd.avoid, why, now)
 
     def next_timer(self) -> float:

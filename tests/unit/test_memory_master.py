@@ -286,6 +286,30 @@ def test_a_promotion_never_carried_out_falls_back_to_a_respawn(pool: Pool) -> No
     w.close()
 
 
+def test_a_late_promotion_that_beats_its_fallback_is_taken_as_it_is(pool: Pool) -> None:
+    """The promotion timed out and the master asked for a fallback respawn, but the promotion
+    then happened after all: the pool let only one of them map the VM read-write, and the
+    master takes the VM where it runs rather than wait for a respawn that cannot succeed."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.held |= {"memory-promote", "memory-respawn", "memory-remove-secondary"}
+    w.crash("h1")
+    w.run(22.0, dt=0.25)
+    (rs,) = w.actions("memory-respawn")
+    assert rs.details["fallback"] is True and rs.details["to"] != sec
+    w.guests.pop(("f", sec)).mem.close()  # the late promotion
+    w.guests[("f", sec)] = open_store(pool, "f", sec, Access.RW, "f", map_first=True)
+    w.held.clear()
+    w.run(1.0)
+    (found,) = w.actions("memory-primary-found")
+    assert found.details["host"] == sec and found.details["asked"] == rs.details["to"]
+    v = w.master.ft.vms["f"]
+    assert v.primary == sec and v.state is FtState.PROTECTED
+    assert w.guests[("f", sec)].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
 def test_a_dead_secondary_is_replaced_while_the_primary_lives(pool: Pool) -> None:
     """Liveness: the secondary's process died and its agent unmapped it: placed again."""
     w = World(pool, ("h1", "h2", "h3"))
