@@ -489,10 +489,10 @@ class FtController:
                 self._go(v, F.NEEDS_SECONDARY, now, "secondary not ready in time: re-place", out)
                 self._place(v, now, "retry", out)
             elif v.state is F.PROMOTING:
-                what = "promotion" if v.promoting else "lease of the failed primary"
                 waited = self.config.promote_timeout
-                self._fall_back(v, now, f"{what} on {v.secondary} not done within {waited:g} s",
-                                out)  # fmt: skip
+                why = (f"promotion on {v.secondary} not done within {waited:g} s"
+                       if v.promoting else f"lease of {v.primary} not taken within {waited:g} s")
+                self._fall_back(v, now, why, out)
             else:
                 v.deadline = math.inf
         return out

@@ -239,12 +239,6 @@ class MasterLoop:
         flags = {v.name: v for v in self.pool.vms(skip_corrupt=True)}
         for name, info in flags.items():
             state = self._ft_state(name)
-            if not info.ft:
-                self._orphans.pop(name, None)
-                busy = name in self.pending and self.pending[name].kind != "secondary"
-                if state in (ftm.FtState.PROTECTED, ftm.FtState.NEEDS_SECONDARY) and not busy:
-                    out += self.ft.disable(name, now, "FT switched off (pool flag cleared)")
-                continue
             if state is ftm.FtState.LOST and name not in self.pending and not self.dry_run \
                     and now >= self._lost_retry.get(name, -math.inf):
                 self._lost_retry[name] = now + LOST_RETRY
@@ -254,6 +248,12 @@ class MasterLoop:
                                             "FT VM still lost: respawn from the pool", now)
                 except MemoryError_ as exc:
                     self._error(f"vm:{name}", "retrying the respawn of a lost FT VM", exc)
+            if not info.ft:
+                self._orphans.pop(name, None)
+                busy = name in self.pending and self.pending[name].kind != "secondary"
+                if state in (ftm.FtState.PROTECTED, ftm.FtState.NEEDS_SECONDARY) and not busy:
+                    out += self.ft.disable(name, now, "FT switched off (pool flag cleared)")
+                continue
             if state is not ftm.FtState.DISABLED or name in self.pending:
                 self._orphans.pop(name, None)
                 continue

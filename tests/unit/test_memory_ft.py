@@ -217,3 +217,14 @@ def test_adopt_and_orphaned_rebuild_from_the_pool() -> None:
     assert ft.vms["a"].state is S.PROMOTING
     with pytest.raises(IllegalTransition):  # a failover under way is finished first
         ft.disable("a", 3.1)
+
+
+def test_a_lease_never_taken_does_not_keep_the_vm_promoting() -> None:
+    ft = FtController(config=FtConfig(take_timeout=2.0, promote_timeout=5.0))
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    protected(ft)
+    ft.host_failed("h1", 1.0)  # TakeLease, never answered
+    assert only(ft.handle_timer(3.0), TakeLease)  # retried meanwhile
+    (lost,) = only(ft.handle_timer(6.0), FtLost)
+    assert "lease of h1 not taken within 5 s" in lost.reason and ft.vms["vm1"].state is S.LOST
+    assert ft.handle_timer(8.0) == []  # nothing more to retry: no VM waits on h1's lease
