@@ -1,8 +1,8 @@
 """The pooled-memory scenarios end to end in Mininet: FT failover, a failed promotion's fallback,
-secondary loss, cold boot, respawn (with the manager on a real etcd on the services node),
-isolation. The hosts' agents carry out the
-master's steps (queued by the manager), never the lab. Each run goes through the runner, its
-report is checked, and nothing (namespaces, processes, the pool file) is left behind."""
+the master's own failover, secondary loss, cold boot, respawn (with the manager on a real etcd
+on the services node), isolation. The hosts' agents carry out the master's steps (queued by
+the manager), never the lab. Each run goes through the runner, its report is checked, and
+nothing (namespaces, processes, the pool file) is left behind."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def test_ft_fallback(tmp_path: Path) -> None:
     assert r["takeover"] == "fallback-respawn" and r["acked_writes_lost"] == 0
     assert r["respawned_on"] not in ("h1", r["secondary_before"]) and r["released"]
     assert r["promote_failed"] and r["fallback_ms"] > 0
+
+
+def test_master_failover(tmp_path: Path) -> None:
+    r = run("master-failover", tmp_path, 3)
+    assert r["takeover"] == "promotion" and r["promoted_on"] == r["secondary_before"]
+    assert r["acked_writes_lost"] == 0 and r["released"] and r["standby_failover_ms"] > 0
 
 
 def test_cold_boot(tmp_path: Path) -> None:

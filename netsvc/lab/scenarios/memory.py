@@ -22,6 +22,12 @@ from the gateway, at the VM's address.
   (its agent gives it up), the master falls back to a respawn from the pool pages on the
   third host: ``takeover`` (must be ``fallback-respawn``), ``fallback_ms`` (crash to the
   first write acknowledged after it), ``acked_writes_lost``, ``released`` (h1's fence).
+- ``master-failover``: kill the memory master, then crash the FT primary's host with no master
+  running; a second master process (holder ``standby``) starts on the same pool, rebuilds its
+  FT state from it, fences h1 and promotes the secondary it finds: ``takeover`` (must be
+  ``promotion``), ``failover_ms`` (crash to the first acknowledged write, including the time
+  with no master), ``standby_failover_ms`` (standby start to that write),
+  ``acked_writes_lost``.
 - ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
 - ``cold-boot``: vm1 is pooled but not resumable from the pool; crash its host: it is booted
   afresh on another host by the kernel's ``restart`` action (asked by the master through the
@@ -159,6 +165,14 @@ def lost_writes(connect: Callable[[], socket.socket], acked: dict[str, int]) -> 
     finally:
         sock.close()
     return lost
+
+
+def lost_or_none(connect: Callable[[], socket.socket], acked: dict[str, int]) -> int | None:
+    """``lost_writes``, or None when the VM does not answer at all."""
+    try:
+        return lost_writes(connect, acked)
+    except OSError:
+        return None
 
 
 def journal_since(lab: Lab, action: str, t0: float) -> list[dict[str, Any]]:
@@ -310,7 +324,7 @@ def _ft_fallback(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, 
         time.sleep(0.3)
         w.stop()
         first = w.first_ack_on_conn_after(t0)
-        lost = lost_writes(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
         how = takeover(lab, "vm1", sec, t0)
         released = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-release", t0)))
         prom = pl.finished("memory-promote", t0)
@@ -330,10 +344,86 @@ def _ft_fallback(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, 
         checks.check("vm1 answers writes on the third host", ok and bool(where),
                      f"vm1 on {lab.vms['vm1'].host}, after {out['fallback_ms']} ms")
         checks.check("every acknowledged write is there", lost == 0,
-                     f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
+                     "vm1 does not answer" if lost is None
+                     else f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
         checks.check("h1's fence was released once vm1 was back", released)
         checks.check("the hung secondary is gone", not mex.is_guest(pid, "vm1", sec),
                      f"pid {pid}")
+        return out
+
+
+def _start_standby(lab: Lab, pl: PoolLab, holder: str = "standby") -> None:
+    """A second master process on the same pool (the lab's ``PoolLab.start_master`` command
+    line, another holder name), role ``memory-master-<holder>``; ended by the lab's teardown."""
+    import sys
+
+    from netsvc.lab.plan import GUEST_PORT
+    from netsvc.lab.pool import SECONDARY_PORT
+
+    assert lab.key_file is not None
+    lab.popen(
+        "svc",
+        [sys.executable, "-m", "netsvc.memory.master", "--pool", str(pl.path),
+         "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--ttl", str(pl.ttl),
+         "--poll", str(pl.poll), "--guest-port", str(GUEST_PORT),
+         "--secondary-port", str(SECONDARY_PORT), "--holder", holder, "--no-partition"],
+        role=f"memory-master-{holder}",
+    )  # fmt: skip
+
+
+def _master_failover(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        pl.pump(1.0)  # the first master journaled the pair
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        lab.procs.end("memory-master", signal.SIGKILL)
+        pl.crash_host("h1")
+        time.sleep(max(1.0, 3 * params["ttl"]))  # h1's lease lapses; nobody fences it
+        with pl.open() as pool:
+            unfenced = pool.lease("h1").holder == "h1"
+        t1 = time.monotonic()
+        _start_standby(lab, pl)
+        started = pl.pump(10.0, lambda: bool(journal_since(lab, "memory-master-start", t1)))
+        third: list[str] = []
+
+        def done() -> bool:
+            if w.first_ack_on_conn_after(t1) is None:
+                return False
+            h = _ro_host(pl, "vm1", {"h1", sec})
+            if h is not None:
+                third.append(h)
+            return bool(third)
+
+        ok = pl.pump(20.0, done)
+        time.sleep(0.3)
+        w.stop()
+        first = w.first_ack_on_conn_after(t1)
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        how = takeover(lab, "vm1", sec, t1)
+        released = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-release", t1)))
+        out: dict[str, Any] = {
+            "takeover": how["how"],
+            "failover_ms": ms(first, t0),
+            "standby_failover_ms": ms(first, t1),
+            "acked_writes_lost": lost,
+            "acked_writes": len(w.acks),
+            "secondary_before": sec,
+            "promoted_on": lab.vms["vm1"].host,
+            "new_secondary": third[0] if third else None,
+            "released": released,
+        }
+        checks.check("with no master running, nothing fenced h1", unfenced)
+        checks.check("a second master process started on the same pool", started)
+        checks.check("it fenced h1 and promoted the secondary it found (not a fallback)",
+                     how["how"] == "promotion" and lab.vms["vm1"].host == sec
+                     and first is not None, f"{how['how']}: {how['detail']}")
+        checks.check("every acknowledged write is there", lost == 0,
+                     "vm1 does not answer" if lost is None
+                     else f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
+        checks.check("a new secondary appeared on a third host", ok, str(pl.mapped()))
+        checks.check("h1's fence was released", released)
         return out
 
 
@@ -619,6 +709,9 @@ SCENARIOS = [
              "the promotion fails and the VM is respawned from the pool with every "
              "acknowledged write", _ft_fallback, min_hosts=3, vms_per_host=1, params=PARAMS,
              check=_check),
+    Scenario("master-failover", "kill the memory master, crash the FT primary's host: a "
+             "second master process rebuilds from the pool and promotes the secondary",
+             _master_failover, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
     Scenario("ft-secondary-loss", "crash the FT secondary's host: a new secondary appears",
              _ft_secondary_loss, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
     Scenario("cold-boot", "crash the host of a pooled VM that cannot be resumed: it is booted "
