@@ -2,6 +2,7 @@
 
     python -m netsvc.memory.master --pool PATH --manager URL --key-file F
         [--poll 0.02] [--ttl 0.5] [--partition-poll 0.25] [--no-partition]
+        [--holder master] [--promote-timeout 20] [--respawn-timeout 15] [--orphan-grace 3]
 
 It runs on the services node beside the manager. ``MasterLoop`` is the adapter around the two
 sans-IO cores, ``RecoveryMaster`` (A3) and ``FtController`` (A1): each ``step(now)`` reads the
@@ -26,6 +27,11 @@ commands. Who does what:
   one): a secondary is placed again (``FtController.secondary_failed``, at most once a second
   per VM), a respawn goes back to recovery (``RecoveryMaster.failed``) and a failed promotion
   falls back to a respawn of the VM from its pool pages on another host (``FtLost``).
+- *Cold-boots* a VM that cannot be resumed from the pool (``RecoveryMaster``'s ``ColdBoot``):
+  it unmaps the VM from the fenced table and posts ``memory-cold-boot`` to ``POST
+  /v1/memory/cold-boot``, which queues the kernel's ``restart`` for the target host; the
+  completion is that action's success (``ActionWatch``'s ``on_done`` -> ``action_done``),
+  journaled ``memory-cold-booted``.
 - *Does not wait on a report*: a promotion has the FT controller's deadline
   (``promote_timeout``), a respawn ``respawn_timeout`` here; past it, the step is handled as
   failed, whether or not a report ever comes. A VM that turns up read-write on another live
@@ -868,6 +874,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="where an FT secondary serves read-only until promoted")
     p.add_argument("--guest-watch", type=float, default=0.1,
                    help="seconds between a primary guest's fence checks")
+    p.add_argument("--promote-timeout", type=float, default=20.0,
+                   help="a promotion not done by then falls back to a respawn from the pool")
+    p.add_argument("--respawn-timeout", type=float, default=15.0,
+                   help="a respawn not done by then is placed again")
+    p.add_argument("--orphan-grace", type=float, default=3.0,
+                   help="an FT VM mapped read-write by no host this long is respawned")
     a = p.parse_args(argv)
     from netsvc.cluster.client import ManagerClient
 
@@ -905,8 +917,17 @@ def main(argv: list[str] | None = None) -> int:
     guest = GuestParams(os.path.abspath(a.pool), a.guest_port, a.secondary_port, a.guest_watch)
     sink = JournalSink(client, guest, on_failed, watch)
     sink_ref.append(sink)
+    try:
+        loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run,
+                          promote_timeout=a.promote_timeout,
+                          respawn_timeout=a.respawn_timeout, orphan_grace=a.orphan_grace)
+    except MemoryError_ as exc:
+        print(f"netsvc-memory-master: {exc}", file=sys.stderr)
+        sink.close()
+        watch.stop()
+        pool.close()
+        return 2
     feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
-    loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run)
     failed.append(loop.action_failed)
     done.append(loop.action_done)
     stop = threading.Event()
