@@ -480,12 +480,12 @@ class MasterLoop:
         self._say("memory-fence", f"host:{host}",
                   f"lease of {host} taken at epoch {g.epoch}: its guests can no longer write",
                   host=host, epoch=g.epoch)  # fmt: skip
-        out: list[Any] = self._adopt_fenced(host, now)
-        out += self.recovery.lease_taken(host, g.epoch, now)
+        out: list[Any] = list(self.recovery.lease_taken(host, g.epoch, now))
         for vm, access in self.pool.mapped(host).items():  # secondaries' read-only mappings
             if access is Access.RO:
                 self.pool.unmap_vm(g, vm)
         if host not in self.ft.failed:
+            out += self._adopt_fenced(host, now)  # FT VMs this master never followed
             out += self.ft.host_failed(host, now)
         return out
 
