@@ -66,6 +66,11 @@ def test_master_failover(tmp_path: Path) -> None:
     assert r["acked_writes_lost"] == 0 and r["released"] and r["standby_failover_ms"] > 0
 
 
+def test_ft_switch(tmp_path: Path) -> None:
+    r = run("ft-switch", tmp_path, 3)
+    assert r["off_ms"] > 0 and r["on_ms"] > 0 and r["acked_writes_lost"] == 0
+
+
 def test_cold_boot(tmp_path: Path) -> None:
     r = run("cold-boot", tmp_path, 2)
     assert r["booted_on"] == "h2" and r["state_lost"] and r["released"]

@@ -28,6 +28,10 @@ from the gateway, at the VM's address.
   ``promotion``), ``failover_ms`` (crash to the first acknowledged write, including the time
   with no master), ``standby_failover_ms`` (standby start to that write),
   ``acked_writes_lost``.
+- ``ft-switch``: switch vm1's FT off, then on again, through the manager (``POST
+  /v1/memory/vms/vm1/ft``, what ``netsvc memory ft`` sends) while a client writes: h1's agent
+  sets the pool flag and the master removes, then re-creates, the secondary: ``off_ms``
+  (request to the secondary's mapping gone), ``on_ms`` (request to a new secondary mapped).
 - ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
 - ``cold-boot``: vm1 is pooled but not resumable from the pool; crash its host: it is booted
   afresh on another host by the kernel's ``restart`` action (asked by the master through the
@@ -427,6 +431,60 @@ def _master_failover(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[s
         return out
 
 
+def _ft_switch(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    from netsvc.memory.client import set_ft
+
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.3)
+        mgr = lab.manager()
+        t0 = time.monotonic()
+        off = set_ft(mgr, "vm1", False, "FT switched off by the lab", pool=str(pl.path),
+                     actor="lab")
+        gone = pl.pump(10.0, lambda: _ro_host(pl, "vm1", {"h1"}) is None)
+        t_off = time.monotonic()
+        removed = pl.finished("memory-remove-secondary", t0)
+        stopped = pl.secondary_pid("vm1", sec) is None
+        t1 = time.monotonic()
+        on = set_ft(mgr, "vm1", True, "FT switched on by the lab", pool=str(pl.path),
+                    actor="lab")
+        back: list[str] = []
+
+        def protected() -> bool:
+            h = _ro_host(pl, "vm1", {"h1"})
+            if h is not None and pl.secondary_pid("vm1", h) is not None:
+                back.append(h)
+                return True
+            return False
+
+        again = pl.pump(15.0, protected)
+        t_on = time.monotonic()
+        w.stop()
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        sets = [e for e in journal_since(lab, "memory-set-ft-done", t0)]
+        out: dict[str, Any] = {
+            "off_ms": ms(t_off, t0) if gone else None,
+            "on_ms": ms(t_on, t1) if again else None,
+            "secondary_before": sec,
+            "secondary_after": back[0] if back else None,
+            "set_ft_done": len(sets),
+            "acked_writes_lost": lost,
+        }
+        checks.check("both switches were queued for h1's agent",
+                     off[0] == 202 and on[0] == 202
+                     and (off[1].get("action") or {}).get("host") == "h1",
+                     f"{off[0]} {off[1].get('error', '')}; {on[0]} {on[1].get('error', '')}")
+        checks.check("FT off: the master removed the secondary (its agent stopped it)",
+                     gone and stopped and any(x.to == sec and x.ok for x in removed),
+                     str([(x.to, x.ok, x.detail) for x in removed]))
+        checks.check("FT on: a secondary maps vm1 read-only again", again, str(pl.mapped()))
+        checks.check("h1's agent set the flag both times", len(sets) == 2,
+                     str([e.get("reason") for e in sets]))
+        checks.check("the primary kept every acknowledged write", lost == 0, str(lost))
+        return out
+
+
 def _ft_secondary_loss(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
         sec = _ft_setup(lab, checks, params, pl)
@@ -712,6 +770,9 @@ SCENARIOS = [
     Scenario("master-failover", "kill the memory master, crash the FT primary's host: a "
              "second master process rebuilds from the pool and promotes the secondary",
              _master_failover, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("ft-switch", "switch an FT VM's fault tolerance off and on at run time: its "
+             "secondary is removed, then made again", _ft_switch, min_hosts=3,
+             vms_per_host=1, params=PARAMS, check=_check),
     Scenario("ft-secondary-loss", "crash the FT secondary's host: a new secondary appears",
              _ft_secondary_loss, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
     Scenario("cold-boot", "crash the host of a pooled VM that cannot be resumed: it is booted "
