@@ -55,9 +55,11 @@ classified isolated is reported (``memory-isolated-not-respawned``) and left alo
 
 Invariants:
 
-- No VM is unmapped from a host's table, respawned or promoted before this process holds that
-  host's lease (a fence grant with a new epoch); every such write carries that grant, so the
-  pool refuses it if the epoch moved on.
+- No VM is unmapped from a host's table, respawned, cold-booted or promoted before this
+  process holds that host's lease (a fence grant with a new epoch); every such write carries
+  that grant, so the pool refuses it if the epoch moved on. The one exception is an FT VM that
+  no host has mapped read-write for ``orphan_grace`` seconds (its last primary's host was
+  fenced by a master that died): it is respawned with no fence, as nothing can write it.
 - A VM gets a RW mapping on its new host only after it was unmapped from the fenced one (the
   pool refuses a second RW mapping): at most one primary at any time.
 - ``--dry-run``: nothing in the pool is written; each lapsed lease is journaled once (per
@@ -66,7 +68,10 @@ Invariants:
   journaled (``memory-error``) and reported back to the core as a failure, never swallowed.
 - A hypervisor step that did not happen (refused, failed, cancelled, expired) is journaled
   (``memory-action-failed``) and handed back to the core that asked for it; nothing waits on
-  it for ever.
+  it for ever: a promotion, a respawn and a cold boot each have a deadline whether or not a
+  report comes.
+- The fence of a failed host is released only once each of its VMs runs elsewhere (promoted,
+  respawned or cold-booted); until then it is renewed, never held by a waiting that cannot end.
 """
 
 from __future__ import annotations
