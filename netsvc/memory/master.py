@@ -71,7 +71,8 @@ Invariants:
   it for ever: a promotion, a respawn and a cold boot each have a deadline whether or not a
   report comes.
 - The fence of a failed host is released only once each of its VMs runs elsewhere (promoted,
-  respawned or cold-booted); until then it is renewed, never held by a waiting that cannot end.
+  respawned or cold-booted); until then it is renewed. Every step it waits on has a deadline;
+  a VM with no host to go to keeps it (``memory-cannot-respawn``, placed again later).
 """
 
 from __future__ import annotations
