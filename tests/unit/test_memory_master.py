@@ -549,8 +549,8 @@ class FakeManager:
         self.states: dict[str, dict[str, object]] = {}
 
     def request(self, method: str, path: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
-        assert (method, path) == ("POST", "/v1/memory/actions")
-        self.asked.append(body)
+        assert method == "POST" and path in ("/v1/memory/actions", "/v1/memory/cold-boot")
+        self.asked.append({**body, "path": path})
         return self.answers.pop(0)
 
     def post_event(self, actor: str, action: str, *args: object, **kw: object) -> int:
@@ -593,3 +593,31 @@ def test_the_sink_asks_for_steps_and_reports_what_did_not_happen() -> None:
     assert seen.wait(10.0)
     watch.stop()
     assert failed[1] == ("memory-promote", "f", "h2", "a-1 FAILED: no live secondary of f")
+
+
+def test_a_cold_boot_is_asked_of_the_kernel_and_its_success_reported() -> None:
+    import threading
+
+    from netsvc.memory.master import ActionWatch, GuestParams, JournalSink
+
+    mgr = FakeManager([(202, {"action": {"id": "a-7"}})])
+    done: list[tuple[str, ...]] = []
+    seen = threading.Event()
+
+    def on_done(*args: str) -> None:
+        done.append(args)
+        seen.set()
+
+    watch = ActionWatch(mgr, lambda *a: None, interval=0.01, on_done=on_done)
+    sink = JournalSink(mgr, GuestParams("/dev/shm/p"), None, watch)
+    mgr.states["a-7"] = {"id": "a-7", "state": "CLAIMED"}
+    sink(Decision("memory-cold-boot", "vm:c", "not resumable",
+                  {"vm": "c", "to": "h2", "src": "h1", "epoch": 3}))
+    sink.close()
+    (asked,) = mgr.asked
+    assert asked["path"] == "/v1/memory/cold-boot" and asked["src"] == "h1"
+    assert asked["to"] == "h2" and asked["details"]["epoch"] == 3 and "pool" not in asked
+    mgr.states["a-7"] = {"id": "a-7", "state": "SUCCEEDED", "detail": "restart run of c done"}
+    assert seen.wait(10.0)
+    watch.stop()
+    assert done == [("memory-cold-boot", "c", "h2", "restart run of c done")]
