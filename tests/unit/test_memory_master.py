@@ -310,6 +310,28 @@ def test_a_late_promotion_that_beats_its_fallback_is_taken_as_it_is(pool: Pool) 
     w.close()
 
 
+def test_a_lost_vm_with_no_room_is_tried_again(pool: Pool) -> None:
+    """No host has room when the promotion fails: the VM stays LOST (h1 stays fenced), and its
+    respawn is tried again until a host has room."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _protected(w)
+    for h in ("h2", "h3"):
+        pool.register_host(h, {"mem_mib": 0})
+    w.failing["memory-promote"] = "RuntimeError: no live secondary of f"
+    w.crash("h1")
+    w.run(3.0)
+    assert any("no live host with room" in d.reason for d in w.actions("memory-cannot-respawn"))
+    assert not w.actions("memory-respawn") and w.master.ft.vms["f"].state is FtState.LOST
+    assert pool.lease("h1").holder == "master"  # the fence is kept meanwhile
+    pool.register_host("h3", {"mem_mib": 64})
+    w.run(6.0)
+    (rs,) = w.actions("memory-respawn")
+    assert rs.details["to"] == "h3" and "still lost" in rs.reason
+    assert w.guests[("f", "h3")].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and w.master.errors == 0
+    w.close()
+
+
 def test_a_dead_secondary_is_replaced_while_the_primary_lives(pool: Pool) -> None:
     """Liveness: the secondary's process died and its agent unmapped it: placed again."""
     w = World(pool, ("h1", "h2", "h3"))
