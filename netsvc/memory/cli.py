@@ -4,10 +4,15 @@
                         [--force]
     netsvc memory show  --pool PATH [--json]
     netsvc memory check --pool PATH [--json]
+    netsvc memory ft VM on|off --pool PATH [--reason TEXT] [--manager URL] [--key-file F]
+                        [--dry-run] [--json]
 
 Exit codes: 0 fine; 1 the pool is corrupt (``check``, ``show`` with problems, or a header that
-does not decode); 2 usage or environment error (no such file, bad size, file exists).
-``show`` and ``check`` open the pool read-only and never change it.
+does not decode), or the manager refused the FT switch (``ft``, with its rule); 2 usage or
+environment error (no such file, bad size, file exists, no manager).
+``show`` and ``check`` open the pool read-only and never change it. ``ft`` asks the manager
+(``POST /v1/memory/vms/{vm}/ft``): the VM's host sets its FT flag in the pool, and the memory
+master creates or removes its secondary; it prints the queued action.
 """
 
 from __future__ import annotations
@@ -57,6 +62,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sp.add_argument("--pool", default=DEFAULT_POOL, help=f"pool file (default {DEFAULT_POOL})")
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=fn)
+    ft = mem.add_parser("ft", help="switch a VM's fault tolerance on or off (through the "
+                        "manager)")
+    ft.add_argument("vm", help="the VM")
+    ft.add_argument("state", choices=("on", "off"))
+    ft.add_argument("--pool", default=DEFAULT_POOL,
+                    help=f"pool file, as the VM's host sees it (default {DEFAULT_POOL})")
+    ft.add_argument("--reason", default=None, help="journaled (default: says who asked)")
+    ft.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
+    ft.add_argument("--key-file", metavar="F", help="shared key file (default $NETSVC_KEY_FILE)")
+    ft.add_argument("--dry-run", action="store_true", help="check and journal, change nothing")
+    ft.add_argument("--json", action="store_true")
+    ft.set_defaults(func=cmd_ft)
     p.set_defaults(func=lambda a: _usage(p))
 
 
@@ -159,3 +176,51 @@ def format_snapshot(snap: dict[str, Any]) -> str:
     for p in snap["problems"]:
         lines.append(f"CORRUPT {p['where']}: {p['what']}")
     return "\n".join(lines)
+
+
+def cmd_ft(args: argparse.Namespace) -> int:
+    """``netsvc memory ft VM on|off``: ask the manager to switch the VM's FT."""
+    import os
+
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.cli import UsageError, _manager_and_key
+    from netsvc.cluster.client import ApiError, ManagerClient
+    from netsvc.cluster.errors import ClusterError
+    from netsvc.memory.client import set_ft
+
+    on = args.state == "on"
+    reason = args.reason or f"FT switched {args.state} by {os.environ.get('USER', 'an operator')}"
+    try:
+        url, key_file = _manager_and_key(args)
+        try:
+            client = ManagerClient(url, load_key(key_file), timeout=5.0)
+        except ValueError as exc:
+            raise UsageError(f"bad --manager: {exc}") from None
+        status, body = set_ft(client, args.vm, on, reason, pool=os.path.abspath(args.pool),
+                              dry_run=args.dry_run, actor="cli")
+    except ApiError as exc:
+        return _ft_fail(args, f"the manager answered {exc}")
+    except (UsageError, ClusterError) as exc:
+        return _ft_fail(args, str(exc))
+    if args.json:
+        print(json.dumps({**body, "http_status": status}, sort_keys=True))
+    if status == 409 or status >= 400:
+        if not args.json:
+            print(f"netsvc memory ft: refused ({body.get('rule', status)}): "
+                  f"{body.get('error', '')}", file=sys.stderr)
+        return 1 if status == 409 else 2
+    if not args.json:
+        a = body.get("action") or {}
+        if body.get("dry_run"):
+            print(f"{args.vm}: FT {args.state} would be asked of its host (dry run)")
+        else:
+            print(f"{args.vm}: FT {args.state} queued as {a.get('id')} for {a.get('host')}; "
+                  "the memory master follows the pool flag")
+    return 0
+
+
+def _ft_fail(args: argparse.Namespace, message: str) -> int:
+    if args.json:
+        print(json.dumps({"error": message}))
+    print(f"netsvc memory ft: {message}", file=sys.stderr)
+    return 2

@@ -3,6 +3,10 @@
 - ``request_action``: ``POST /v1/memory/actions`` (``netsvc.memory.schemas.MemoryActionRequest``):
   ask the host ``to`` for one pooled-memory step. Returns the HTTP status with the answer, so
   the caller tells a refusal (409, with ``rule``) from a manager it could not reach.
+- ``request_cold_boot``: ``POST /v1/memory/cold-boot`` (``ColdBootRequest``): ask for the
+  kernel's ``restart`` of a VM that cannot be resumed from the pool, on the host ``to``.
+- ``set_ft``: ``POST /v1/memory/vms/{vm}/ft`` (``FtSwitch``): switch a VM's fault tolerance
+  on or off (its primary's host sets the pool flag; the master follows it).
 - ``action_state``: ``GET /v1/actions/{id}``: the action as the manager has it now.
 
 Invariant: nothing here retries or interprets; the master decides what a refusal means.
@@ -22,6 +26,7 @@ from netsvc.memory.schemas import (
 )
 
 PATH = "/v1/memory/actions"
+COLD_BOOT_PATH = "/v1/memory/cold-boot"
 
 
 def request_action(
@@ -36,6 +41,30 @@ def request_action(
             "secondary_port": secondary_port, "watch": watch,
             "details": dict(details or {}), "dry_run": dry_run, "actor": actor}
     status, obj = client.request("POST", PATH, body)
+    return status, dict(obj)
+
+
+def request_cold_boot(
+    client: ManagerClient, vm: str, src: str, to: str, reason: str, *,
+    details: Mapping[str, Any] | None = None, dry_run: bool = False, actor: str = ACTOR,
+) -> tuple[int, dict[str, Any]]:
+    """Ask for a cold boot of ``vm`` (on ``src``, fenced) on ``to``: answers as
+    ``request_action``."""
+    body = {"vm": vm, "src": src, "to": to, "reason": reason, "details": dict(details or {}),
+            "dry_run": dry_run, "actor": actor}
+    status, obj = client.request("POST", COLD_BOOT_PATH, body)
+    return status, dict(obj)
+
+
+def set_ft(
+    client: ManagerClient, vm: str, enabled: bool, reason: str, *, pool: str,
+    dry_run: bool = False, actor: str = "operator",
+) -> tuple[int, dict[str, Any]]:
+    """Switch ``vm``'s fault tolerance on or off: (202, ``{"action": {...}}``) when queued
+    for its host, (200, dry run), (409, ``{"error", "rule"}``) when refused."""
+    body = {"enabled": enabled, "reason": reason, "pool": pool, "dry_run": dry_run,
+            "actor": actor}
+    status, obj = client.request("POST", f"/v1/memory/vms/{vm}/ft", body)
     return status, dict(obj)
 
 

@@ -15,6 +15,14 @@ it with the action (its payload at the top level: ``to``, ``pool``, ``port``,
   wait until it maps the VM read-only;
 - ``remove_secondary``: stop this host's secondary of the VM and unmap its read-only mapping
   with this host's own grant.
+- ``set_ft`` (``memory-set-ft``): set or clear the VM's FT flag in the pool with this host's
+  own grant, only while this host maps the VM read-write (its primary's host owns the VM);
+  needs no driver.
+
+Beside the steps, ``reap_secondaries`` (a loop the agent starts: ``watch_secondaries``) finds
+this host's secondaries whose process died, drops their record and unmaps their read-only
+mapping: the memory master sees the mapping gone and places another secondary (a dead
+secondary must not be left for a promotion to find).
 
 Invariants:
 
@@ -29,6 +37,9 @@ Invariants:
   removal never stops a secondary that a later action started (the master asks in order: a late
   removal must not stop the replacement that followed it), and it unmaps only a read-only
   mapping, never a primary's.
+- The reaper touches only a secondary whose recorded process is no longer a live guest of
+  that VM and host, under the VM's lock (so never one a step is starting, replacing or
+  promoting), and unmaps only a read-only mapping.
 - A process is signalled only after checking that its pid is still a live pooled guest of that
   VM and host (its command line), so a reused pid is never signalled.
 - A step that fails leaves nothing it started behind: a guest that did not map the VM in time is
@@ -366,7 +377,8 @@ def create_secondary(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, An
         argv = guest_argv(s.pool, s.vm, s.host, "ro", port=s.secondary_port,
                           promote_port=s.port, watch=s.watch)
         pid = int(s.timed("spawn", lambda: s.driver.guest_exec(s.vm, argv, name)))
-        _write_secondary(s.root, {"vm": s.vm, "host": s.host, "pid": pid, "action": s.id})
+        _write_secondary(s.root, {"vm": s.vm, "host": s.host, "pid": pid, "action": s.id,
+                                  "pool": s.pool})
     try:
         s.timed("mapped", lambda: _wait_mapped(s.pool, s.vm, s.host, Access.RO, pid,
                                                 READY_S["ro"], s.log(name)))
@@ -403,8 +415,70 @@ def remove_secondary(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, An
                     detail=f"secondary of {s.vm} on {s.host} removed")
 
 
+# -- the secondaries' liveness ----------------------------------------------------------------
+
+
+def reap_secondaries(hv_root: Path | str, host: str) -> list[str]:
+    """One pass over ``host``'s recorded secondaries: each one whose process is no longer a
+    live guest of its VM here loses its record and its read-only mapping (unmapped with this
+    host's own grant). Returns one sentence per secondary reaped."""
+    out = []
+    for rec in secondaries(hv_root):
+        vm = str(rec["vm"])
+        if rec["host"] != host or is_guest(rec["pid"], vm, host):
+            continue
+        with _vm_lock(vm):
+            cur = read_secondary(hv_root, vm, host)
+            if cur is None or cur.get("pid") != rec["pid"] or is_guest(cur["pid"], vm, host):
+                continue  # replaced, promoted or removed meanwhile
+            drop_secondary(hv_root, vm, host)
+            pool = cur.get("pool")
+            unmapped = isinstance(pool, str) and _unmap(pool, vm, host, Access.RO)
+            out.append(f"secondary of {vm} on {host} (pid {cur['pid']}) died: record dropped"
+                       f"{', read-only mapping removed' if unmapped else ''}")
+    return out
+
+
+def watch_secondaries(ctx: AgentContext, interval: float = 0.2,
+                      stop: threading.Event | None = None) -> None:
+    """The agent's loop around ``reap_secondaries`` (every ``interval`` seconds, until
+    ``stop``); a host without a driver that keeps records has nothing to watch."""
+    root = getattr(getattr(ctx.driver, "state", None), "root", None)
+    if root is None:
+        return
+    stop = stop or threading.Event()
+    while not stop.wait(interval):
+        try:
+            for line in reap_secondaries(root, ctx.host):
+                ctx.log(line)
+        except Exception as exc:  # a bad record must not end the loop
+            ctx.log(f"secondaries watch: {type(exc).__name__}: {exc}")
+
+
+def set_ft(a: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    """``memory-set-ft``: switch the VM's fault tolerance on or off in the pool."""
+    from netsvc.memory.guest_server import host_grant
+    from netsvc.memory.pool import Pool
+
+    vm, host, on = str(a["vm"]), str(a["to"]), bool(a["ft"])
+    if host != ctx.host:
+        raise RuntimeError(f"memory-set-ft of {vm} is for {host}, not {ctx.host}")
+    t0 = time.monotonic()
+    with Pool.open(str(a["pool"])) as pool:
+        if pool.mapped(host).get(vm) is not Access.RW:
+            raise RuntimeError(f"{host} does not run {vm} read-write from the pool: its "
+                               "primary's host sets its flags")
+        was = pool.vm(vm).ft
+        pool.set_flags(host_grant(pool, host), vm, ft=on)
+    word = "on" if on else "off"
+    return {"pid": None, "host": host, "ft": on, "was": was, "steps_ms": {"set": _ms(t0)},
+            "detail": f"FT of {vm} switched {word} in the pool"
+                      + ("" if was != on else f" (it already was {word})")}
+
+
 #: The executors of ``netsvc.memory.service``'s action kinds.
 EXECUTORS = {
+    "memory-set-ft": set_ft,
     "memory-respawn": respawn,
     "memory-promote": promote,
     "memory-create-secondary": create_secondary,

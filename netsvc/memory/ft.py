@@ -12,6 +12,10 @@ feeds what happened and executes the commands the controller returns::
     cmds = ft.lease_taken(host, epoch, now)          # -> Promote(vm, secondary, epoch, old)
     cmds = ft.promoted(vm, host, now)                # -> CreateSecondary(vm, third host)
     cmds = ft.lease_refused(host, holder, now)       # the old primary still holds it: no promotion
+    cmds = ft.secondary_failed(vm, host, now, why)   # its process died, or a step failed
+    cmds = ft.observe(mapped, now)                   # the pool's host-to-VM rows: liveness
+    cmds = ft.adopt(vm, primary, need_mib, now, secondary)  # a (re)started master's view
+    cmds = ft.orphaned(vm, need_mib, now, avoid)     # mapped read-write by nobody: LOST
     cmds = ft.handle_timer(now) when now >= ft.next_timer()
 
 Invariants:
@@ -28,6 +32,21 @@ Invariants:
 - Every state change is reported as an ``FtStateChanged`` event, with a reason.
 - A VM whose primary failed with no secondary ready is LOST: ``FtLost`` hands it to recovery
   (respawn from the pool, A3); ``resumed`` brings it back under protection.
+- No state waits for ever. PROMOTING has a deadline (``promote_timeout``, from the failure,
+  and again from the ``Promote``): a promotion that is not carried out by then, that fails
+  (``secondary_failed``), or whose secondary's mapping disappears (``observe``) *falls back*:
+  the VM goes LOST with ``FtLost`` (respawn from its pool pages, ``avoid`` naming the failed
+  secondary's host) and a ``RemoveSecondary`` for that secondary, so a late promotion is
+  stopped where it can be (the pool refuses a second read-write mapping whatever happens).
+  NEEDS_SECONDARY re-places after ``create_timeout``. LOST and DISABLED have no timer: LOST
+  waits for recovery (``resumed``), whose own steps have deadlines.
+- Liveness of a secondary: ``observe`` gets the pool's rows of the hosts that could be read;
+  a PROTECTED VM whose secondary's host no longer maps it read-only has lost its secondary
+  (its process died and its agent unmapped it, or a step removed it): ``secondary_failed``.
+- A (re)started controller rebuilds from the pool: ``adopt`` takes a running primary (and a
+  read-only copy on a live host as its ready secondary) without creating anything;
+  ``orphaned`` takes an FT VM that no host maps read-write (a previous master fenced its
+  primary and died before the promotion or respawn was done) straight to LOST.
 """
 
 from __future__ import annotations
@@ -39,7 +58,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from netsvc.memory.errors import IllegalTransition, PoolUsageError, UnknownName
-from netsvc.memory.layout import check_name
+from netsvc.memory.layout import Access, check_name
 from netsvc.memory.placement import Candidate, choose
 
 
@@ -54,7 +73,7 @@ class FtState(Enum):
 F = FtState
 TRANSITIONS: Mapping[FtState, frozenset[FtState]] = MappingProxyType(
     {
-        F.DISABLED: frozenset({F.NEEDS_SECONDARY}),
+        F.DISABLED: frozenset({F.NEEDS_SECONDARY, F.PROTECTED, F.LOST}),
         F.NEEDS_SECONDARY: frozenset({F.NEEDS_SECONDARY, F.PROTECTED, F.LOST, F.DISABLED}),
         F.PROTECTED: frozenset({F.NEEDS_SECONDARY, F.PROMOTING, F.DISABLED}),
         F.PROMOTING: frozenset({F.NEEDS_SECONDARY, F.PROTECTED, F.LOST}),
@@ -105,11 +124,14 @@ class Promote:
 
 @dataclass(frozen=True)
 class FtLost:
-    """``vm`` has no copy to fail over to; recovery from the pool (A3) should respawn it."""
+    """``vm`` has no copy to fail over to; recovery from the pool (A3) should respawn it, under
+    the fence of ``host`` (its failed primary's; empty for an orphan that no host maps), on a
+    host not in ``avoid`` if there is one (a secondary that failed to take over)."""
 
     vm: str
     host: str
     reason: str
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,9 +169,10 @@ FtCommand = (
 class FtConfig:
     create_timeout: float = 10.0  # a secondary not ready by then is placed elsewhere
     take_timeout: float = 5.0  # a TakeLease with no answer by then is re-issued
+    promote_timeout: float = 10.0  # a promotion not done by then falls back to a respawn
 
     def __post_init__(self) -> None:
-        for k in ("create_timeout", "take_timeout"):
+        for k in ("create_timeout", "take_timeout", "promote_timeout"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v > 0):
                 raise PoolUsageError(f"FtConfig.{k} must be > 0")
@@ -165,6 +188,7 @@ class FtVm:
     pending: str | None = None  # secondary being created
     deadline: float = math.inf
     tried: set[str] = field(default_factory=set)
+    promoting: bool = False  # PROMOTING: the Promote was issued (the lease is ours)
 
 
 class FtController:
@@ -235,15 +259,17 @@ class FtController:
         self._place(v, now, "FT enabled", out)
         return out
 
-    def disable(self, vm: str, now: float) -> list[FtCommand]:
+    def disable(self, vm: str, now: float, reason: str = "FT disabled") -> list[FtCommand]:
+        """FT switched off: its secondary (ready or coming) is removed. Refused
+        (``IllegalTransition``) while PROMOTING: a failover under way is finished first."""
         v = self._vm(vm)
         out: list[FtCommand] = []
+        self._go(v, F.DISABLED, now, reason, out)
         for h in (v.secondary, v.pending):
             if h is not None:
-                out.append(RemoveSecondary(vm, h, "FT disabled"))
+                out.append(RemoveSecondary(vm, h, reason))
         v.secondary = v.pending = None
-        v.deadline = math.inf
-        self._go(v, F.DISABLED, now, "FT disabled", out)
+        v.deadline, v.promoting = math.inf, False
         return out
 
     def secondary_ready(self, vm: str, host: str, now: float) -> list[FtCommand]:
@@ -258,15 +284,95 @@ class FtController:
         return out
 
     def secondary_failed(self, vm: str, host: str, now: float, reason: str) -> list[FtCommand]:
+        """The secondary of ``vm`` on ``host`` is gone or its step failed (its process died,
+        its agent reported a failure): place another one; during a promotion, fall back to a
+        respawn from the pool. A no-op for any other host."""
         v = self._vm(vm)
         out: list[FtCommand] = []
         if v.state is F.NEEDS_SECONDARY and v.pending == host:
             self._go(v, F.NEEDS_SECONDARY, now, f"secondary on {host} failed: {reason}", out)
             self._place(v, now, f"secondary on {host} failed", out)
         elif v.state is F.PROTECTED and v.secondary == host:
-            v.secondary = None
+            v.secondary, v.tried = None, {host}  # elsewhere first
             self._go(v, F.NEEDS_SECONDARY, now, f"secondary on {host} failed: {reason}", out)
             self._place(v, now, f"secondary on {host} failed", out)
+        elif v.state is F.PROMOTING and v.secondary == host:
+            self._fall_back(v, now, f"promotion on {host} failed: {reason}", out)
+        return out
+
+    def _fall_back(self, v: FtVm, now: float, reason: str, out: list[FtCommand]) -> None:
+        """PROMOTING -> LOST: the secondary did not take over; respawn from the pool pages."""
+        sec, v.secondary, v.promoting, v.deadline = v.secondary, None, False, math.inf
+        self._go(v, F.LOST, now, f"{reason}: fall back to a respawn from the pool", out)
+        if sec is not None:
+            out.append(RemoveSecondary(v.name, sec, reason))
+        out.append(FtLost(v.name, v.primary, reason, avoid=(sec,) if sec else ()))
+
+    def observe(self, mapped: Mapping[str, Mapping[str, Access]], now: float) -> list[FtCommand]:
+        """The pool's rows (host -> VM -> access) of the hosts that could be read: a secondary
+        whose host no longer maps its VM read-only is gone (``secondary_failed``); so is a
+        promoting one whose host maps the VM no more (its agent gave the promotion up)."""
+        out: list[FtCommand] = []
+        for v in list(self.vms.values()):
+            sec = v.secondary
+            if sec is None or sec not in mapped or sec in self.failed:
+                continue
+            got = mapped[sec].get(v.name)
+            if v.state is F.PROTECTED and got is not Access.RO:
+                why = f"{sec} no longer maps {v.name} read-only (its secondary is gone)"
+                out += self.secondary_failed(v.name, sec, now, why)
+            elif v.state is F.PROMOTING and v.promoting and got is None:
+                why = f"{sec} no longer maps {v.name}"
+                out += self.secondary_failed(v.name, sec, now, why)
+        return out
+
+    def adopt(self, vm: str, primary: str, need_mib: float, now: float,
+              secondary: str | None = None) -> list[FtCommand]:
+        """Take over a VM found running on ``primary`` (a restarted master rebuilding from the
+        pool): with ``secondary`` (a live host mapping it read-only) it is PROTECTED at once,
+        nothing created; without, it is enabled (a secondary is placed)."""
+        if secondary is None:
+            return self.enable(vm, primary, need_mib, now)
+        check_name(vm, "VM")
+        check_name(primary, "host")
+        check_name(secondary, "host")
+        if secondary == primary:
+            raise PoolUsageError(f"{vm}: the secondary cannot be on its primary's host")
+        v = self.vms.get(vm)
+        if v is None:
+            v = self.vms[vm] = FtVm(vm, primary, need_mib)
+        elif v.state is not F.DISABLED:
+            raise IllegalTransition("FT VM", vm, v.state.value, F.PROTECTED.value)
+        v.primary, v.need_mib, v.secondary, v.pending = primary, need_mib, secondary, None
+        v.deadline, v.promoting = math.inf, False
+        v.tried.clear()
+        out: list[FtCommand] = []
+        self._go(v, F.PROTECTED, now, f"adopted from the pool: primary on {primary}, "
+                 f"secondary on {secondary}", out)  # fmt: skip
+        return out
+
+    def orphaned(self, vm: str, need_mib: float, now: float, avoid: tuple[str, ...] = (),
+                 host: str = "") -> list[FtCommand]:
+        """An FT VM with no copy to take over that this controller did not follow: no host
+        maps it read-write and nobody is bringing it back (its primary was fenced and
+        unmapped by a master that died before the takeover was done), or ``host``, its
+        primary's, was just fenced with no read-only copy anywhere. LOST at once; ``avoid``
+        (stale read-only copies) get a ``RemoveSecondary``."""
+        check_name(vm, "VM")
+        v = self.vms.get(vm)
+        if v is None:
+            v = self.vms[vm] = FtVm(vm, host, need_mib)
+        elif v.state is not F.DISABLED:
+            raise IllegalTransition("FT VM", vm, v.state.value, F.LOST.value)
+        v.primary, v.need_mib, v.secondary, v.pending = host, need_mib, None, None
+        v.deadline, v.promoting = math.inf, False
+        why = (f"primary host {host} fenced with no read-only copy" if host
+               else "mapped read-write by no host, and no takeover under way")
+        out: list[FtCommand] = []
+        self._go(v, F.LOST, now, why, out)
+        for h in avoid:
+            out.append(RemoveSecondary(vm, h, "a stale secondary of an orphaned VM"))
+        out.append(FtLost(vm, host, why, avoid=avoid))
         return out
 
     def host_failed(self, host: str, now: float) -> list[FtCommand]:
@@ -281,7 +387,7 @@ class FtController:
             if v.primary == host:
                 if v.state is F.PROTECTED:
                     self._go(v, F.PROMOTING, now, f"primary host {host} failed", out)
-                    v.deadline = now + self.config.take_timeout
+                    v.deadline, v.promoting = now + self.config.promote_timeout, False
                     promoting.append(v.name)
                 elif v.state is F.NEEDS_SECONDARY:
                     if v.pending is not None:
@@ -290,9 +396,9 @@ class FtController:
                     self._go(v, F.LOST, now, f"primary host {host} failed, no secondary", out)
                     out.append(FtLost(v.name, host, "primary host failed with no secondary"))
             elif v.state is F.PROMOTING and v.secondary == host:
-                v.deadline = math.inf
+                v.deadline, v.promoting, v.secondary = math.inf, False, None
                 self._go(v, F.LOST, now, f"secondary host {host} failed during promotion", out)
-                out.append(FtLost(v.name, v.primary, "both hosts failed"))
+                out.append(FtLost(v.name, v.primary, "both hosts failed", avoid=(host,)))
             elif v.state is F.PROTECTED and v.secondary == host:
                 v.secondary = None
                 self._go(v, F.NEEDS_SECONDARY, now, f"secondary host {host} failed", out)
@@ -317,7 +423,7 @@ class FtController:
         for v in self.vms.values():
             if v.state is F.PROMOTING and v.primary == host and v.secondary is not None:
                 out.append(Promote(v.name, v.secondary, host, epoch))
-                v.deadline = now + self.config.take_timeout
+                v.deadline, v.promoting = now + self.config.promote_timeout, True
         return out
 
     def lease_refused(self, host: str, holder: str, now: float) -> list[FtCommand]:
@@ -327,7 +433,7 @@ class FtController:
         out: list[FtCommand] = []
         for v in self.vms.values():
             if v.state is F.PROMOTING and v.primary == host:
-                v.deadline = math.inf
+                v.deadline, v.promoting = math.inf, False
                 why = f"lease of {host} still held by {holder}: the primary is alive"
                 out.append(PromotionRefused(v.name, host, holder, why))
                 self._go(v, F.PROTECTED, now, why, out)
@@ -340,7 +446,7 @@ class FtController:
             raise IllegalTransition("FT VM", vm, v.state.value, f"promoted on {host}")
         out: list[FtCommand] = []
         old = v.primary
-        v.primary, v.secondary = host, None
+        v.primary, v.secondary, v.promoting = host, None, False
         self._go(v, F.NEEDS_SECONDARY, now, f"secondary on {host} promoted (was on {old})", out)
         self._place(v, now, "re-protect after failover", out)
         return out
@@ -349,7 +455,7 @@ class FtController:
         """A LOST VM was respawned from the pool on ``host``: protect it again."""
         v = self._vm(vm)
         out: list[FtCommand] = []
-        v.primary, v.secondary, v.pending = host, None, None
+        v.primary, v.secondary, v.pending, v.promoting = host, None, None, False
         self._go(v, F.NEEDS_SECONDARY, now, f"respawned on {host}", out)
         self._place(v, now, "re-protect after respawn", out)
         return out
@@ -383,7 +489,10 @@ class FtController:
                 self._go(v, F.NEEDS_SECONDARY, now, "secondary not ready in time: re-place", out)
                 self._place(v, now, "retry", out)
             elif v.state is F.PROMOTING:
-                v.deadline = math.inf  # the TakeLease retry above covers it
+                waited = self.config.promote_timeout
+                why = (f"promotion on {v.secondary} not done within {waited:g} s"
+                       if v.promoting else f"lease of {v.primary} not taken within {waited:g} s")
+                self._fall_back(v, now, why, out)
             else:
                 v.deadline = math.inf
         return out

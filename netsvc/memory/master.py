@@ -2,6 +2,7 @@
 
     python -m netsvc.memory.master --pool PATH --manager URL --key-file F
         [--poll 0.02] [--ttl 0.5] [--partition-poll 0.25] [--no-partition]
+        [--holder master] [--promote-timeout 20] [--respawn-timeout 15] [--orphan-grace 3]
 
 It runs on the services node beside the manager. ``MasterLoop`` is the adapter around the two
 sans-IO cores, ``RecoveryMaster`` (A3) and ``FtController`` (A1): each ``step(now)`` reads the
@@ -34,7 +35,28 @@ commands. Who does what:
   cancelled or expires comes back through ``action_failed`` (``ActionWatch`` follows each
   one): a secondary is placed again (``FtController.secondary_failed``, at most once a second
   per VM), a respawn goes back to recovery (``RecoveryMaster.failed``) and a failed promotion
-  falls back to a respawn of the VM from its pool pages on another host.
+  falls back to a respawn of the VM from its pool pages on another host (``FtLost``).
+- *Cold-boots* a VM that cannot be resumed from the pool (``RecoveryMaster``'s ``ColdBoot``):
+  it unmaps the VM from the fenced table and posts ``memory-cold-boot`` to ``POST
+  /v1/memory/cold-boot``, which queues the kernel's ``restart`` for the target host; the
+  completion is that action's success (``ActionWatch``'s ``on_done`` -> ``action_done``),
+  journaled ``memory-cold-booted``.
+- *Does not wait on a report*: a promotion has the FT controller's deadline
+  (``promote_timeout``), a respawn ``respawn_timeout`` here; past it, the step is handled as
+  failed, whether or not a report ever comes. A VM that turns up read-write on another live
+  host than the one asked (a late promotion that beat its fallback: the pool let only one of
+  them map it) is taken as it is (``memory-primary-found``).
+- *Watches the secondaries*: each poll hands the pool's host-to-VM rows to
+  ``FtController.observe``; a secondary whose read-only mapping is gone (its process died and
+  its host's agent unmapped it: ``netsvc.memory.executor.reap_secondaries``) is replaced, and
+  during a promotion the VM falls back to a respawn. A lost host is fenced and reported
+  (``host_failed``) as before.
+- *Rebuilds from the pool*: a master that (re)starts, or a second one that takes over, adopts
+  every FT VM it finds running (its read-only copy on a live host is its secondary), the FT
+  VMs of a host it fences (promoted if a copy exists, else respawned), and respawns an FT VM
+  that no host maps read-write for ``orphan_grace`` seconds (its previous master fenced it and
+  died). FT is switched on and off at run time with the VM's pool flag (``Pool.set_flags``):
+  the next poll creates or removes the secondary.
 
 The partition hook: ``classifications`` (host -> the partition service's verdict, from
 ``GET /v1/partition``) goes into each ``HostView``, so a host that still holds its lease but is
@@ -42,10 +64,13 @@ classified isolated is reported (``memory-isolated-not-respawned``) and left alo
 
 Invariants:
 
-- No VM is unmapped from a host's table, respawned or promoted before this process holds that
-  host's lease (a fence grant with a new epoch) and, with a power fence, before that host's
-  BMC confirmed it off; every such write carries that grant, so the pool refuses it if the
-  epoch moved on.
+- No VM is unmapped from a host's table, respawned, cold-booted or promoted before this
+  process holds that host's lease (a fence grant with a new epoch) and, with a power fence,
+  before that host's BMC confirmed it off; every such write carries that grant, so the pool
+  refuses it if the epoch moved on. The one exception is an FT VM that no host has mapped
+  read-write for ``orphan_grace`` seconds (its last primary's host was fenced, and unmapped
+  after its power was confirmed off, by a master that died): it is respawned with no fence,
+  as nothing can write it.
 - A VM gets a RW mapping on its new host only after it was unmapped from the fenced one (the
   pool refuses a second RW mapping): at most one primary at any time.
 - ``--dry-run``: nothing in the pool is written; each lapsed lease is journaled once (per
@@ -54,7 +79,11 @@ Invariants:
   journaled (``memory-error``) and reported back to the core as a failure, never swallowed.
 - A hypervisor step that did not happen (refused, failed, cancelled, expired) is journaled
   (``memory-action-failed``) and handed back to the core that asked for it; nothing waits on
-  it for ever.
+  it for ever: a promotion, a respawn and a cold boot each have a deadline whether or not a
+  report comes.
+- The fence of a failed host is released only once each of its VMs runs elsewhere (promoted,
+  respawned or cold-booted); until then it is renewed. Every step it waits on has a deadline;
+  a VM with no host to go to keeps it (``memory-cannot-respawn``, placed again later).
 """
 
 from __future__ import annotations
@@ -84,8 +113,12 @@ from netsvc.memory.views import candidates, host_views
 ACTOR = "memory-master"
 #: Decisions the hypervisor of the target host carries out.
 EXECUTED = frozenset(
-    {"memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary"}
+    {"memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary",
+     "memory-cold-boot"}
 )
+#: A VM that cannot be resumed from the pool is booted afresh by the kernel's ``restart``,
+#: asked for through ``POST /v1/memory/cold-boot``; its completion is the action's success.
+COLD_BOOT = "memory-cold-boot"
 
 
 @dataclass(frozen=True)
@@ -104,10 +137,13 @@ PENDING_KIND = {
     "memory-respawn": "respawn",
     "memory-promote": "promote",
     "memory-create-secondary": "secondary",
+    COLD_BOOT: "coldboot",
 }
 #: A VM's failed steps are handled (placed again) at most this often, in seconds: a target
 #: that refuses at once must not make the master ask again in a tight loop.
 RETRY_PAUSE = 1.0
+#: A LOST FT VM that could not be respawned (no room, no fence) is tried again this often.
+LOST_RETRY = 5.0
 
 
 class PowerFence(Protocol):
@@ -134,8 +170,9 @@ class _Pending:
     kind: str  # respawn, promote, secondary
     host: str
     since: float
-    ft_lost: bool = False
-    src: str | None = None  # promote: the failed primary's host
+    ft_lost: bool = False  # a respawn of an FT VM that the FT controller holds LOST
+    src: str | None = None  # promote, respawn: the failed primary's host (None: an orphan)
+    deadline: float = math.inf  # respawn: handled as failed after this
 
 
 class MasterLoop:
@@ -150,6 +187,8 @@ class MasterLoop:
         ttl: float = 0.5,
         respawn_timeout: float = 15.0,
         secondary_timeout: float = 10.0,
+        promote_timeout: float = 20.0,
+        orphan_grace: float = 3.0,
         dry_run: bool = False,
         power: PowerFence | None = None,
         power_retry: float = 5.0,
@@ -170,8 +209,13 @@ class MasterLoop:
             ),
         )
         self.ft = ftm.FtController(
-            holder, ftm.FtConfig(create_timeout=secondary_timeout, take_timeout=max(1.0, ttl))
+            holder, ftm.FtConfig(create_timeout=secondary_timeout, take_timeout=max(1.0, ttl),
+                                 promote_timeout=promote_timeout)
         )
+        self.respawn_timeout = respawn_timeout
+        self.orphan_grace = orphan_grace
+        self._orphans: dict[str, float] = {}  # FT VM mapped RW by nobody -> since when
+        self._lost_retry: dict[str, float] = {}  # LOST FT VM -> when its respawn is retried
         self.grants: dict[str, Grant] = {}  # our fence grants, by fenced host
         self.pending: dict[str, _Pending] = {}  # by VM
         self.classifications: dict[str, str] = {}
@@ -179,6 +223,7 @@ class MasterLoop:
         self.dry_run = dry_run
         self._would: set[tuple[str, int]] = set()  # (host, lease epoch) reported in dry run
         self._failures: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
+        self._dones: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
         self._deferred: list[tuple[str, str, str, str]] = []
         self._retry_at: dict[str, float] = {}  # VM -> when its next failure may be handled
 
@@ -196,9 +241,12 @@ class MasterLoop:
     def step(self, now: float) -> None:
         views = host_views(self.pool, self.classifications)
         cmds: list[Any] = list(self.recovery.poll(views, now))
-        cmds += self.ft.set_hosts(candidates(self.pool, now), now)
-        cmds += self._enable_ft(views, now)
+        cmds += self.ft.set_hosts(candidates(self.pool, now, views=views), now)
+        cmds += self.ft.observe({v.name: {x.name: x.access for x in v.vms} for v in views}, now)
+        cmds += self._rebuild_ft(views, now)
         cmds += self._completions(now)
+        cmds += self._overdue(now)
+        cmds += self._done_actions(now)
         cmds += self._failed_actions(now)
         cmds += self._power_fences(now)
         if now >= self.recovery.next_timer():
@@ -207,21 +255,82 @@ class MasterLoop:
             cmds += self.ft.handle_timer(now)
         self._run(cmds, now)
 
-    def _enable_ft(self, views: list[rec.HostView], now: float) -> list[Any]:
+    def _ft_state(self, vm: str) -> ftm.FtState:
+        v = self.ft.vms.get(vm)
+        return ftm.FtState.DISABLED if v is None else v.state
+
+    def _rebuild_ft(self, views: list[rec.HostView], now: float) -> list[Any]:
+        """Follow the pool's FT flags (``Pool.set_flags``, at run time) and rebuild what the FT
+        controller does not know (a restarted or standby master):
+
+        - an FT VM running read-write on a host that holds its own lease is adopted, with a
+          read-only copy on another such host as its ready secondary (further copies are
+          removed), or enabled (a secondary is placed);
+        - a VM whose FT flag was cleared is disabled (its secondary removed) once no failover
+          of it is under way;
+        - an FT VM that no host maps read-write, that nothing here is bringing back, for
+          ``orphan_grace`` seconds (a previous master fenced its primary and died) is
+          orphaned: LOST, then respawned from its pool pages (not in a dry run);
+        - a LOST FT VM whose respawn could not be asked for (no room) is retried every
+          ``LOST_RETRY`` seconds.
+        """
         out: list[Any] = []
+        live = {v.name for v in views if v.lease.held_by(v.name, now)}
+        rw: dict[str, str] = {}
+        ro: dict[str, list[str]] = {}
         for view in views:
-            if not view.lease.held_by(view.name, now):
+            for x in view.vms:
+                if x.access is Access.RW:
+                    rw[x.name] = view.name
+                elif view.name in live:
+                    ro.setdefault(x.name, []).append(view.name)
+        flags = {v.name: v for v in self.pool.vms(skip_corrupt=True)}
+        for name, info in flags.items():
+            state = self._ft_state(name)
+            if state is ftm.FtState.LOST and name not in self.pending and not self.dry_run \
+                    and now >= self._lost_retry.get(name, -math.inf):
+                self._lost_retry[name] = now + LOST_RETRY
+                v = self.ft.vms[name]
+                try:
+                    out += self._respawn_ft(name, v.primary or None, (),
+                                            "FT VM still lost: respawn from the pool", now)
+                except MemoryError_ as exc:
+                    self._error(f"vm:{name}", "retrying the respawn of a lost FT VM", exc)
+            if not info.ft:
+                self._orphans.pop(name, None)
+                busy = name in self.pending and self.pending[name].kind != "secondary"
+                if state in (ftm.FtState.PROTECTED, ftm.FtState.NEEDS_SECONDARY) and not busy:
+                    out += self.ft.disable(name, now, "FT switched off (pool flag cleared)")
                 continue
-            for v in view.vms:
-                if not (v.ft and v.access is Access.RW) or v.name in self.pending:
-                    continue
-                cur = self.ft.vms.get(v.name)
-                if cur is None or cur.state is ftm.FtState.DISABLED:
-                    out += self.ft.enable(v.name, view.name, v.pages * self.mib_per_page, now)
+            if state is not ftm.FtState.DISABLED or name in self.pending:
+                self._orphans.pop(name, None)
+                continue
+            need = info.n_pages * self.mib_per_page
+            host = rw.get(name)
+            if host is None:
+                if self.dry_run:
+                    continue  # a dry run moves nothing
+                since = self._orphans.setdefault(name, now)
+                if now - since >= self.orphan_grace:
+                    del self._orphans[name]
+                    out += self.ft.orphaned(name, need, now, avoid=tuple(ro.get(name, ())))
+                continue
+            self._orphans.pop(name, None)
+            if host not in live:
+                continue  # its host lapsed: adopted when it is fenced (``_fence``)
+            copies = [h for h in ro.get(name, ()) if h != host]
+            out += self.ft.adopt(name, host, need, now, copies[0] if copies else None)
+            for extra in copies[1:]:
+                out.append(ftm.RemoveSecondary(name, extra, "a second read-only copy"))
         return out
 
     def _completions(self, now: float) -> list[Any]:
+        """Each pending step whose result shows in the pool: a secondary's read-only mapping,
+        a promoted or respawned primary's read-write one. A VM that turns up read-write on
+        another live host than the one asked (a late promotion beat its fallback respawn:
+        the pool let only one of them map it) is taken as it is."""
         out: list[Any] = []
+        owners: dict[str, str] | None = None
         for vm, p in list(self.pending.items()):
             try:
                 access = self.pool.mapped(p.host).get(vm)
@@ -243,13 +352,67 @@ class MasterLoop:
             elif p.kind == "respawn" and access is Access.RW:
                 del self.pending[vm]
                 self._say("memory-respawned", f"vm:{vm}", f"{p.host} maps {vm} read-write",
-                          vm=vm, host=p.host, ms=ms)  # fmt: skip
+                          vm=vm, host=p.host, ms=ms, fallback=p.ft_lost)  # fmt: skip
                 out += self._recovery_done(vm, now)
-                if p.ft_lost:
+                if p.ft_lost and self._ft_state(vm) is ftm.FtState.LOST:
                     out += self.ft.resumed(vm, p.host, now)
+            elif p.kind in ("promote", "respawn"):
+                if owners is None:
+                    owners = self._rw_owners(now)
+                other = owners.get(vm)
+                if other is None or other in (p.host, p.src):
+                    continue
+                del self.pending[vm]
+                self._say("memory-primary-found", f"vm:{vm}",
+                          f"{other} maps {vm} read-write, not {p.host} as asked: taken as the "
+                          "primary", vm=vm, host=other, asked=p.host, kind=p.kind, ms=ms)
+                out += self._recovery_done(vm, now)
+                v = self.ft.vms.get(vm)
+                if v is not None and v.state is ftm.FtState.PROMOTING and v.secondary == other:
+                    out += self.ft.promoted(vm, other, now)
+                elif v is not None and v.state is ftm.FtState.LOST:
+                    out += self.ft.resumed(vm, other, now)
         return out
 
+    def _rw_owners(self, now: float) -> dict[str, str]:
+        """VM -> the host that maps it read-write, among the hosts holding their own lease."""
+        out: dict[str, str] = {}
+        for view in host_views(self.pool):
+            if view.lease.held_by(view.name, now):
+                out.update((x.name, view.name) for x in view.vms if x.access is Access.RW)
+        return out
+
+    def _overdue(self, now: float) -> list[Any]:
+        """A respawn not seen done by its deadline is handled as failed (its report may never
+        come: the manager or its watch lost it); the other steps have the cores' timers."""
+        for vm, p in list(self.pending.items()):
+            if p.kind == "respawn" and now >= p.deadline:
+                p.deadline = math.inf
+                self._failures.put(("memory-respawn", vm, p.host,
+                                    f"not done within {self.respawn_timeout:g} s"))
+        return []
+
     # -- hypervisor steps that did not happen ----------------------------------------------
+
+    def action_done(self, kind: str, vm: str, host: str, detail: str) -> None:
+        """The ``kind`` step of ``vm`` on ``host`` succeeded, as its agent reported (only a
+        cold boot needs this: the other steps show in the pool). Thread-safe."""
+        self._dones.put((kind, vm, host, detail))
+
+    def _done_actions(self, now: float) -> list[Any]:
+        out: list[Any] = []
+        while True:
+            try:
+                kind, vm, host, detail = self._dones.get_nowait()
+            except queue.Empty:
+                return out
+            p = self.pending.get(vm)
+            if kind != COLD_BOOT or p is None or p.kind != "coldboot" or p.host != host:
+                continue
+            del self.pending[vm]
+            self._say("memory-cold-booted", f"vm:{vm}", f"{host} booted {vm} afresh: {detail}",
+                      vm=vm, host=host, ms=round((now - p.since) * 1000, 1))  # fmt: skip
+            out += self._recovery_done(vm, now)
 
     def action_failed(self, kind: str, vm: str, host: str, reason: str) -> None:
         """The ``kind`` step of ``vm`` on ``host`` was refused, failed, was cancelled or
@@ -282,33 +445,50 @@ class MasterLoop:
                     out += self.ft.secondary_failed(vm, host, now, reason)
             elif not matches:
                 continue  # not (or no longer) what this VM waits for
-            elif kind == "memory-promote" or (p is not None and p.ft_lost):
-                assert p is not None
+            elif kind == "memory-promote":
+                if vm in self.ft.vms:  # falls back to a respawn (``FtLost``)
+                    out += self.ft.secondary_failed(vm, host, now, reason)
+            elif p is not None and p.ft_lost:
                 out += self._respawn_elsewhere(vm, p, reason, now)
-            elif kind == "memory-respawn":
+            elif kind in ("memory-respawn", COLD_BOOT):
                 with contextlib.suppress(MemoryError_):  # not one of recovery's
                     out += self.recovery.failed(vm, reason, now)
         self._deferred = later
         return out
 
     def _respawn_elsewhere(self, vm: str, p: _Pending, reason: str, now: float) -> list[Any]:
-        """An FT VM whose promotion (or fallback respawn) failed: respawn it from its pool
-        pages on another live host, under the fence of its failed primary's host."""
-        g = None if p.src is None else self.grants.get(p.src)
-        if g is None:
+        """An FT VM whose fallback respawn failed: respawn it from its pool pages on another
+        live host (under the fence of its failed primary's host, if it had one)."""
+        return self._respawn_ft(vm, p.src, (p.host,), f"{p.kind} on {p.host} failed "
+                                f"({reason}): respawn from the pool", now)  # fmt: skip
+
+    def _respawn_ft(self, vm: str, src: str | None, avoid: tuple[str, ...], reason: str,
+                    now: float) -> list[Any]:
+        """Respawn the LOST FT VM ``vm`` from its pool pages on a live host, not in ``avoid``
+        if possible: under the fence of ``src`` (its failed primary's host), or with no fence
+        for an orphan (``src`` None) that no host maps read-write."""
+        g = None if src is None else self.grants.get(src)
+        if src is not None and g is None:
             self._say("memory-cannot-respawn", f"vm:{vm}",
-                      f"{reason}; no fence held for its old host {p.src}", vm=vm, host=p.src)
+                      f"{reason}; no fence held for its old host {src}", vm=vm, host=src)
+            return []
+        if g is None and vm in self._rw_owners_anywhere():
+            self._say("memory-cannot-respawn", f"vm:{vm}", f"{reason}; still mapped "
+                      "read-write somewhere without a fence of ours", vm=vm)  # fmt: skip
             return []
         need = self.pool.vm(vm).n_pages * self.mib_per_page
         hosts = candidates(self.pool, now)
-        pick = choose(hosts, need, exclude={g.host, p.host}) or choose(hosts, need,
-                                                                      exclude={g.host})
+        old = set() if src is None else {src}
+        pick = choose(hosts, need, exclude=old | set(avoid)) or choose(hosts, need, exclude=old)
         if pick is None:
             self._say("memory-cannot-respawn", f"vm:{vm}", "no live host with room", vm=vm,
-                      host=g.host)  # fmt: skip
+                      host=src)  # fmt: skip
             return []
-        return self._respawn(vm, g, pick.name, f"{p.kind} on {p.host} failed ({reason}): "
-                             "respawn from the pool", now)  # fmt: skip
+        return self._respawn(vm, g, pick.name, reason, now)
+
+    def _rw_owners_anywhere(self) -> set[str]:
+        return {vm for m in self.pool.host_to_vm().values()
+                for vm, a in m.items() if a is Access.RW}
 
     def _recovery_done(self, vm: str, now: float) -> list[Any]:
         try:
@@ -401,7 +581,36 @@ class MasterLoop:
             if access is Access.RO:
                 self.pool.unmap_vm(g, vm)
         if host not in self.ft.failed:
+            out += self._adopt_fenced(host, now)  # FT VMs this master never followed
             out += self.ft.host_failed(host, now)
+        return out
+
+    def _adopt_fenced(self, host: str, now: float) -> list[Any]:
+        """The FT VMs of the host just fenced that the FT controller does not know (this
+        master started after the host failed): adopted with their read-only copy on a live
+        host as the secondary to promote, or taken LOST at once (respawned from the pool)."""
+        view = self.recovery.views.get(host)
+        if view is None:
+            return []
+        out: list[Any] = []
+        owners: dict[str, list[str]] | None = None
+        for v in view.vms:
+            if not (v.ft and v.access is Access.RW) or self._ft_state(v.name) is not \
+                    ftm.FtState.DISABLED:
+                continue
+            if owners is None:
+                owners = {}
+                for other in host_views(self.pool):
+                    if other.name != host and other.lease.held_by(other.name, now):
+                        for x in other.vms:
+                            if x.access is Access.RO:
+                                owners.setdefault(x.name, []).append(other.name)
+            need = v.pages * self.mib_per_page
+            copies = owners.get(v.name, [])
+            if copies:
+                out += self.ft.adopt(v.name, host, need, now, copies[0])
+            else:
+                out += self.ft.orphaned(v.name, need, now, host=host)
         return out
 
     def _would_fence(self, host: str, now: float) -> list[Any]:
@@ -427,6 +636,11 @@ class MasterLoop:
             if g is None or g.epoch != cmd.epoch:
                 return list(self.recovery.failed(cmd.vm, "no fence at that epoch", now))
             return self._respawn(cmd.vm, g, cmd.to_host, cmd.reason, now)
+        if isinstance(cmd, rec.ColdBoot):
+            g = self.grants.get(cmd.from_host)
+            if g is None or g.epoch != cmd.epoch:
+                return list(self.recovery.failed(cmd.vm, "no fence at that epoch", now))
+            return self._cold_boot(cmd, g, now)
         if isinstance(cmd, rec.RenewLease):
             g = self.grants.get(cmd.host)
             if g is not None:
@@ -504,31 +718,50 @@ class MasterLoop:
             return []
         raise AssertionError(f"unhandled command {cmd!r}")  # pragma: no cover
 
-    def _respawn(self, vm: str, g: Grant, to: str, reason: str, now: float) -> list[Any]:
+    def _respawn(self, vm: str, g: Grant | None, to: str, reason: str,
+                 now: float) -> list[Any]:
+        """Unmap ``vm`` from the fenced host's table with our grant ``g`` (None: it is mapped
+        nowhere read-write, an orphan) and ask ``to`` to start it from its pool pages. Never
+        while the fenced host's BMC has not confirmed it off (an FT fallback can come first)."""
+        if g is not None and g.host in self._powering:
+            self._say("memory-respawn-blocked", f"vm:{vm}",
+                      f"{g.host} is not yet confirmed off by its BMC: {vm} is not respawned "
+                      "(asked again later)", vm=vm, host=g.host)  # fmt: skip
+            return []
         try:
-            if vm in self.pool.mapped(g.host):
+            if g is not None and vm in self.pool.mapped(g.host):
                 self.pool.unmap_vm(g, vm)
         except StaleEpoch as exc:
             return list(self.recovery.failed(vm, f"fence lost: {exc}", now))
-        self.pending[vm] = _Pending("respawn", to, now, ft_lost=vm in self.ft.vms, src=g.host)
-        self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=g.host,
+        lost = self._ft_state(vm) is ftm.FtState.LOST
+        src = None if g is None else g.host
+        self.pending[vm] = _Pending("respawn", to, now, ft_lost=lost, src=src,
+                                    deadline=now + self.respawn_timeout)
+        self._say("memory-respawn", f"vm:{vm}", reason, vm=vm, to=to, src=src,
+                  epoch=None if g is None else g.epoch, fallback=lost)  # fmt: skip
+        return []
+
+    def _cold_boot(self, cmd: rec.ColdBoot, g: Grant, now: float) -> list[Any]:
+        """Unmap ``cmd.vm`` from the fenced host's table (its pages are not resumed; they stay
+        the VM's) and ask ``cmd.to_host`` to boot it afresh (the kernel's ``restart``)."""
+        try:
+            if cmd.vm in self.pool.mapped(g.host):
+                self.pool.unmap_vm(g, cmd.vm)
+        except StaleEpoch as exc:
+            return list(self.recovery.failed(cmd.vm, f"fence lost: {exc}", now))
+        self.pending[cmd.vm] = _Pending("coldboot", cmd.to_host, now, src=g.host)
+        self._say(COLD_BOOT, f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, to=cmd.to_host, src=g.host,
                   epoch=g.epoch)  # fmt: skip
         return []
 
     def _ft_lost(self, cmd: ftm.FtLost, now: float) -> list[Any]:
-        """An FT VM with no secondary to fail over to: respawn it from the pool (A3)."""
-        self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host)
-        g = self.grants.get(cmd.host)
-        if g is None:
-            return []
-        need = self.pool.vm(cmd.vm).n_pages * self.mib_per_page
-        pick = choose(candidates(self.pool, now), need, exclude={cmd.host})
-        if pick is None:
-            self._say("memory-cannot-respawn", f"vm:{cmd.vm}", "no live host with room",
-                      vm=cmd.vm, host=cmd.host)  # fmt: skip
-            return []
-        return self._respawn(cmd.vm, g, pick.name, "FT VM lost its primary with no secondary",
-                             now)  # fmt: skip
+        """An FT VM with no secondary to fail over to, or whose promotion did not happen:
+        respawn it from the pool (A3), away from ``cmd.avoid`` if there is room elsewhere."""
+        self._say("memory-ft-lost", f"vm:{cmd.vm}", cmd.reason, vm=cmd.vm, host=cmd.host,
+                  avoid=list(cmd.avoid))  # fmt: skip
+        why = f"FT fallback: {cmd.reason}"
+        self._lost_retry[cmd.vm] = now + LOST_RETRY
+        return self._respawn_ft(cmd.vm, cmd.host or None, cmd.avoid, why, now)
 
     def next_timer(self) -> float:
         return min(self.recovery.next_timer(), self.ft.next_timer(), math.inf)
@@ -581,7 +814,9 @@ class JournalSink:
 
     def _run(self) -> None:
         while (d := self.q.get()) is not None:
-            if d.action in EXECUTED and self.guest is not None:
+            if d.action == COLD_BOOT and self.guest is not None:
+                self._ask(d, cold_boot=True)
+            elif d.action in EXECUTED and self.guest is not None:
                 self._ask(d)
             else:
                 self._event(d)
@@ -599,20 +834,26 @@ class JournalSink:
                 time.sleep(0.1)
         self.failed += 1
 
-    def _ask(self, d: Decision) -> None:
-        """Ask the manager to queue ``d``'s step for its target host."""
+    def _ask(self, d: Decision, cold_boot: bool = False) -> None:
+        """Ask the manager to queue ``d``'s step for its target host (a cold boot: the
+        kernel's ``restart``, through ``POST /v1/memory/cold-boot``)."""
         from netsvc.cluster.client import ApiError
-        from netsvc.memory.client import request_action
+        from netsvc.memory.client import request_action, request_cold_boot
 
         assert self.guest is not None
         vm, to = str(d.details["vm"]), str(d.details["to"])
         why = "the manager could not be reached"
         for _ in range(3):
             try:
-                status, body = request_action(
-                    self.client, d.action, vm, to, d.reason, pool=self.guest.pool,
-                    port=self.guest.port, secondary_port=self.guest.secondary_port,
-                    watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
+                if cold_boot:
+                    status, body = request_cold_boot(
+                        self.client, vm, str(d.details["src"]), to, d.reason,
+                        details=d.details, dry_run=d.dry_run)
+                else:
+                    status, body = request_action(
+                        self.client, d.action, vm, to, d.reason, pool=self.guest.pool,
+                        port=self.guest.port, secondary_port=self.guest.secondary_port,
+                        watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
             except ApiError as exc:
                 print(f"{d.action}: {exc}", file=sys.stderr, flush=True)
                 why = str(exc)
@@ -637,12 +878,15 @@ class JournalSink:
 
 class ActionWatch:
     """Follows the actions the master asked for (``GET /v1/actions/{id}``, every ``interval``
-    seconds) until they finish; one that did not succeed is reported to ``on_failed``."""
+    seconds) until they finish; one that did not succeed is reported to ``on_failed``, one
+    that did to ``on_done`` (if given)."""
 
     def __init__(self, client: Any, on_failed: Callable[[str, str, str, str], None],
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1,
+                 on_done: Callable[[str, str, str, str], None] | None = None) -> None:
         self.client = client
         self.on_failed = on_failed
+        self.on_done = on_done
         self.interval = interval
         self._open: dict[str, tuple[str, str, str]] = {}  # id -> (kind, vm, to)
         self._lock = threading.Lock()
@@ -679,6 +923,8 @@ class ActionWatch:
                     self._open.pop(action_id, None)
                 if state != "SUCCEEDED":
                     self.on_failed(kind, vm, to, f"{action_id} {state}: {a.get('detail')}")
+                elif self.on_done is not None:
+                    self.on_done(kind, vm, to, str(a.get("detail") or ""))
 
 
 class PartitionFeed:
@@ -835,6 +1081,12 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch checks)")
     p.add_argument("--power-retry", type=float, default=5.0,
                    help="seconds between fence requests while a host's BMC does not confirm")
+    p.add_argument("--promote-timeout", type=float, default=20.0,
+                   help="a promotion not done by then falls back to a respawn from the pool")
+    p.add_argument("--respawn-timeout", type=float, default=15.0,
+                   help="a respawn not done by then is placed again")
+    p.add_argument("--orphan-grace", type=float, default=3.0,
+                   help="an FT VM mapped read-write by no host this long is respawned")
     a = p.parse_args(argv)
     from netsvc.cluster.client import ManagerClient
 
@@ -862,15 +1114,33 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             failed[0](kind, vm, to, reason)
 
-    watch = ActionWatch(client, on_failed)
+    done: list[Callable[[str, str, str, str], None]] = []
+
+    def on_done(kind: str, vm: str, to: str, detail: str) -> None:
+        if done:
+            done[0](kind, vm, to, detail)
+
+    watch = ActionWatch(client, on_failed, on_done=on_done)
     guest = GuestParams(os.path.abspath(a.pool), a.guest_port, a.secondary_port, a.guest_watch)
     sink = JournalSink(client, guest, on_failed, watch)
     sink_ref.append(sink)
-    feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
     power = None if a.no_power_fence or a.dry_run else ManagerPowerFence(client)
-    loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run, power=power,
-                      power_retry=a.power_retry)
+    try:
+        loop = MasterLoop(pool, sink, holder=a.holder, ttl=a.ttl, dry_run=a.dry_run,
+                          promote_timeout=a.promote_timeout,
+                          respawn_timeout=a.respawn_timeout, orphan_grace=a.orphan_grace,
+                          power=power, power_retry=a.power_retry)
+    except MemoryError_ as exc:
+        print(f"netsvc-memory-master: {exc}", file=sys.stderr)
+        if power is not None:
+            power.stop()
+        sink.close()
+        watch.stop()
+        pool.close()
+        return 2
+    feed = None if a.no_partition else PartitionFeed(client, a.partition_poll)
     failed.append(loop.action_failed)
+    done.append(loop.action_done)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -25,6 +25,8 @@ An unconfirmed power fence respawns nothing. The adapter loop::
             Respawn   -> with the grant: pool.unmap_vm(grant, vm); the target host's agent does
                          pool.map_vm(its grant, vm, RW) and GuestMemory.open(..., RW); then
                          master.completed(cmd.vm, now) (or master.failed(cmd.vm, reason, now))
+            ColdBoot  -> with the grant: pool.unmap_vm(grant, vm); the target host boots the VM
+                         afresh (the kernel's ``restart``); then completed / failed as above
             FtTakeover -> FtController.lease_taken(cmd.host, cmd.epoch, now) (promotion)
             RenewLease / ReleaseLease -> pool.renew / pool.release with the grant
             IsolatedNotRespawned -> apply the operator's partition response (A2 policy)
@@ -41,9 +43,13 @@ Invariants:
 - No ``Respawn`` is issued for a host before ``lease_taken`` reported its lease ours, and every
   ``Respawn`` carries that fencing epoch (the adapter's unmap is refused if it moved on).
 - A host whose lease is held by itself is never fenced, whatever its classification.
-- A VM is respawned at most once per incident, only if resumable, mapped read-write on the
-  failed host and not fault-tolerant (FT VMs are promoted instead: ``FtTakeover``); never onto
-  the failed host, an isolated host, or a host without the memory its profile promises.
+- A VM is respawned at most once at a time per incident, only if resumable, mapped read-write
+  on the failed host and not fault-tolerant (FT VMs are promoted instead: ``FtTakeover``);
+  never onto the failed host, an isolated host, or a host without the memory its profile
+  promises. A VM that is not resumable from the pool is *cold-booted* (``ColdBoot``: booted
+  afresh, its memory state is lost) under the same rules and the same fence.
+- Every respawn or cold boot under way has a deadline (``respawn_timeout``,
+  ``coldboot_timeout``); one not completed by then is placed again.
 - Per host, ``HostPhase`` changes only along ``TRANSITIONS`` (else ``IllegalTransition``); each
   change is reported with a reason.
 - The master renews every lease it holds a third of the TTL before expiry, and releases it
@@ -161,6 +167,19 @@ class Respawn:
 
 
 @dataclass(frozen=True)
+class ColdBoot:
+    """``vm`` is not resumable from the pool: unmap it from ``from_host``'s table with the
+    master's ``epoch`` and boot it afresh on ``to_host`` (its memory state is not kept)."""
+
+    vm: str
+    from_host: str
+    to_host: str
+    epoch: int
+    pages: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class FtTakeover:
     """An FT VM's primary host is fenced at ``epoch``: the FT controller promotes its secondary."""
 
@@ -201,7 +220,7 @@ class HostPhaseChanged:
 
 
 Command = (
-    TakeLease | RenewLease | ReleaseLease | Respawn | FtTakeover | CannotRespawn
+    TakeLease | RenewLease | ReleaseLease | Respawn | ColdBoot | FtTakeover | CannotRespawn
     | IsolatedNotRespawned | HostPhaseChanged
 )  # fmt: skip
 
@@ -211,9 +230,10 @@ class RecoveryConfig:
     ttl: float = 2.0  # the TTL of the leases the master takes
     take_timeout: float = 3.0  # a TakeLease with no answer is re-issued after this
     respawn_timeout: float = 30.0  # a Respawn not completed by then is re-placed
+    coldboot_timeout: float = 60.0  # a ColdBoot not completed by then is re-placed
 
     def __post_init__(self) -> None:
-        for k in ("ttl", "take_timeout", "respawn_timeout"):
+        for k in ("ttl", "take_timeout", "respawn_timeout", "coldboot_timeout"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v > 0):
                 raise PoolUsageError(f"RecoveryConfig.{k} must be > 0")
@@ -319,13 +339,9 @@ class RecoveryMaster:
         for v in view.vms if view else ():
             if v.access is not Access.RW:
                 continue  # a secondary's read-only mapping: nothing to respawn
+            h.todo[v.name] = v
             if v.ft:  # promoted by the FT controller; the fence stays until ``completed``
-                h.todo[v.name] = v
                 out.append(FtTakeover(v.name, host, epoch))
-            elif not v.resumable:
-                out.append(CannotRespawn(v.name, host, "not resumable from the pool: cold-boot"))
-            else:
-                h.todo[v.name] = v
         self._place(h, now, out)
         self._maybe_done(h, now, out)
         return out
@@ -358,11 +374,18 @@ class RecoveryMaster:
         return out
 
     def failed(self, vm: str, reason: str, now: float) -> list[Command]:
-        """The respawn of ``vm`` failed on its target: place it elsewhere at the next poll."""
+        """The respawn (or cold boot) of ``vm`` failed on its target: place it again at the
+        next poll or timer."""
         h = self._find(vm)
         target, _ = h.running.pop(vm, ("?", 0.0))
-        out: list[Command] = [CannotRespawn(vm, h.name, f"respawn on {target} failed: {reason}")]
+        what = self._what(h, vm)
+        out: list[Command] = [CannotRespawn(vm, h.name, f"{what} on {target} failed: {reason}")]
         return out
+
+    @staticmethod
+    def _what(h: _Host, vm: str) -> str:
+        v = h.todo.get(vm)
+        return "cold boot" if v is not None and not v.resumable else "respawn"
 
     def _candidates(self, failed: str) -> list[Candidate]:
         out = []
@@ -389,12 +412,17 @@ class RecoveryMaster:
             if pick is None:
                 out.append(CannotRespawn(name, h.name, f"no live host with {need:.0f} MiB free"))
                 continue
-            h.running[name] = (pick.name, now + self.config.respawn_timeout)
             why = (
                 f"host {h.name} fenced at epoch {h.epoch}; "
                 f"{pick.name} has {pick.free_mib:.0f} MiB free"
             )
-            out.append(Respawn(name, h.name, pick.name, h.epoch, v.pages, why))
+            if v.resumable:
+                h.running[name] = (pick.name, now + self.config.respawn_timeout)
+                out.append(Respawn(name, h.name, pick.name, h.epoch, v.pages, why))
+            else:
+                h.running[name] = (pick.name, now + self.config.coldboot_timeout)
+                why += "; not resumable from the pool: booted afresh, its memory state is lost"
+                out.append(ColdBoot(name, h.name, pick.name, h.epoch, v.pages, why))
 
     def _maybe_done(self, h: _Host, now: float, out: list[Command]) -> None:
         if h.phase is P.FENCED and not h.todo and not h.running:
@@ -426,6 +454,7 @@ class RecoveryMaster:
                 for vm, (target, dl) in list(h.running.items()):
                     if now >= dl:
                         del h.running[vm]
-                        out.append(CannotRespawn(vm, h.name, f"respawn on {target} timed out"))
+                        what = self._what(h, vm)
+                        out.append(CannotRespawn(vm, h.name, f"{what} on {target} timed out"))
                 self._place(h, now, out)
         return out

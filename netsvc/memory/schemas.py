@@ -4,6 +4,11 @@
   path (respawn, promote, create or remove a secondary) for the host ``to`` to carry out, with
   what that host needs to start the VM's pooled guest (the pool file, the guest's ports, how
   often a primary checks its fence).
+- ``ColdBootRequest``: ``POST /v1/memory/cold-boot``: a VM that cannot be resumed from the pool
+  (its host ``src`` fenced by the master) is booted afresh on ``to`` by the kernel's
+  ``restart`` action.
+- ``FtSwitch``: ``POST /v1/memory/vms/{vm}/ft``: switch a VM's fault tolerance on or off at
+  run time; the VM's host sets the pool flag (``memory-set-ft``) and the master follows it.
 
 Invariants:
 
@@ -37,6 +42,8 @@ MEMORY_KINDS = (
     "memory-create-secondary",
     "memory-remove-secondary",
 )
+#: The action kind that sets a VM's FT flag in the pool, carried out by the VM's host.
+SET_FT_KIND = "memory-set-ft"
 MemoryKind = Literal[
     "memory-respawn", "memory-promote", "memory-create-secondary", "memory-remove-secondary"
 ]
@@ -80,3 +87,33 @@ class MemoryActionRequest(Schema, frozen=True):
         super().__post_init__()
         if self.port == self.secondary_port:
             raise FieldError("secondary_port", f"must differ from port ({self.port})")
+
+
+class ColdBootRequest(Schema, frozen=True):
+    """``POST /v1/memory/cold-boot``: the memory master asks for a fresh boot of a VM that
+    cannot be resumed from the pool; the kernel's ``restart`` action, carried out by ``to``."""
+
+    vm: Annotated[VMName, Meta(description="the VM")]
+    src: Annotated[HostName, Meta(description="the host it ran on (fenced)")]
+    to: Annotated[HostName, Meta(description="the host that boots it")]
+    reason: Annotated[Reason, Meta(description="why (journaled)")]
+    details: Annotated[FreeObject, Meta(description="the master's reasoning (journaled)")] = \
+        field(default_factory=dict)
+    dry_run: Annotated[bool, Meta(description="check and journal, queue nothing")] = False
+    actor: Annotated[ActorName, Meta(description="journaled as the actor")] = ACTOR
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.src == self.to:
+            raise FieldError("to", f"must differ from src ({self.src}): a cold boot moves")
+
+
+class FtSwitch(Schema, frozen=True):
+    """``POST /v1/memory/vms/{vm}/ft``: switch the VM's fault tolerance on or off; its host
+    sets the VM's flag in the pool, and the memory master creates or removes the secondary."""
+
+    enabled: Annotated[bool, Meta(description="FT on (a secondary is kept) or off")]
+    reason: Annotated[Reason, Meta(description="why (journaled)")]
+    pool: Annotated[PoolPath, Meta(description="the pool file, as the VM's host sees it")]
+    dry_run: Annotated[bool, Meta(description="check and journal, queue nothing")] = False
+    actor: Annotated[ActorName, Meta(description="journaled as the actor")] = "api"

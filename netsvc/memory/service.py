@@ -12,6 +12,18 @@ out (``netsvc.memory.executor``, through its hypervisor driver):
 - ``memory-create-secondary``: ``to`` starts a read-only secondary of the VM;
 - ``memory-remove-secondary``: ``to`` stops its secondary of the VM and unmaps it.
 
+Two more routes, for what is not one of these steps:
+
+- ``POST /v1/memory/cold-boot``: a VM that cannot be resumed from the pool is booted afresh on
+  ``to`` by the kernel's own ``restart`` action (``netsvc.cluster.vmactions``: ``to`` re-cables
+  the VM and starts a fresh guest through its driver); journaled as ``memory-cold-boot`` with
+  the master's actor, beside the kernel's ``restart-accepted`` (or ``-refused``).
+- ``POST /v1/memory/vms/{vm}/ft``: an operator switches a VM's fault tolerance on or off at
+  run time. The VM's host (where the model has it) carries out ``memory-set-ft``: it sets the
+  VM's FT flag in the pool (``Pool.set_flags``, under its own grant, only while it maps the VM
+  read-write). The memory master follows the flag: it creates a secondary when FT is switched
+  on and removes it when off. Journaled as ``memory-set-ft`` (and its ``-done``/``-failed``).
+
 ``MemoryService`` is pure like the kernel (time passed in). It checks a request, queues the
 action for ``to`` (``plan``: one phase, ``run``, carried out by ``to``), and journals the
 decision as ``memory-<step>`` with the master's actor and reasoning (or
@@ -50,7 +62,7 @@ from typing import Any, NoReturn
 
 from netsvc.cluster.actions import Action, ActionState
 from netsvc.cluster.errors import ModelError, Refused, ValidationError
-from netsvc.cluster.model import ClusterModel, HostState, VMState
+from netsvc.cluster.model import ClusterModel, HostState, VMState, check_name
 from netsvc.cluster.service import (
     ActionKind,
     BaseManagerService,
@@ -59,7 +71,13 @@ from netsvc.cluster.service import (
     Request,
     Route,
 )
-from netsvc.memory.schemas import MEMORY_KINDS, MemoryActionRequest
+from netsvc.memory.schemas import (
+    MEMORY_KINDS,
+    SET_FT_KIND,
+    ColdBootRequest,
+    FtSwitch,
+    MemoryActionRequest,
+)
 
 __all__ = ["MEMORY_KINDS", "MEMORY_RULES", "MemoryOutcome", "MemoryService"]
 
@@ -75,7 +93,10 @@ RUN_TIMEOUT = {
     "memory-promote": 15.0,
     "memory-create-secondary": 20.0,
     "memory-remove-secondary": 10.0,
+    SET_FT_KIND: 10.0,
 }
+#: Every action kind of this service.
+ALL_KINDS = (*MEMORY_KINDS, SET_FT_KIND)
 
 
 def _subject(vm: str) -> str:
@@ -131,18 +152,26 @@ class MemoryService(BaseManagerService):
         return (Route("POST", r"/v1/memory/actions", "memory_action", self._route_action,
                       body=MemoryActionRequest, mutates=True,
                       summary="the memory master asks a host for a pooled-memory step "
-                              "(respawn, promote, create or remove a secondary)"),)
+                              "(respawn, promote, create or remove a secondary)"),
+                Route("POST", r"/v1/memory/cold-boot", "memory_cold_boot",
+                      self._route_cold_boot, body=ColdBootRequest, mutates=True,
+                      summary="the memory master asks for a fresh boot of a VM that cannot "
+                              "be resumed from the pool (the kernel's restart action)"),
+                Route("POST", r"/v1/memory/vms/([^/]+)/ft", "memory_ft", self._route_ft,
+                      body=FtSwitch, mutates=True,
+                      summary="switch a VM's fault tolerance on or off (its host sets the "
+                              "pool flag; the memory master follows it)"))
 
     def action_kinds(self) -> Sequence[ActionKind]:
         return tuple(
             ActionKind(kind, _plan, self._recheck, self._complete,
                        run_timeout=RUN_TIMEOUT[kind], exclusive=kind in PRIMARY_KINDS,
                        check_result=_check_result)
-            for kind in MEMORY_KINDS
+            for kind in ALL_KINDS
         )
 
     def status(self, now: float) -> Mapping[str, Any]:
-        open_ = [a for a in self.kernel.open_actions() if a.kind in MEMORY_KINDS]
+        open_ = [a for a in self.kernel.open_actions() if a.kind in ALL_KINDS]
         return {"open_actions": [a.id for a in open_]}
 
     def _route_action(self, r: Request) -> Reply:
@@ -155,7 +184,100 @@ class MemoryService(BaseManagerService):
             return Reply(200, body)
         return Reply(202, body)
 
+    def _route_cold_boot(self, r: Request) -> Reply:
+        req: ColdBootRequest = r.body
+        action, seq = self.request_cold_boot(req, now=r.now, wall=r.wall)
+        if action is None:
+            return Reply(200, {"status": "dry_run", "dry_run": True, "journal_seq": seq,
+                               "action": None})
+        return Reply(202, {"status": "queued", "journal_seq": seq, "action": action.to_dict()})
+
+    def _route_ft(self, r: Request) -> Reply:
+        try:
+            vm = check_name(r.params[0], "VM name")
+        except ModelError as exc:
+            raise ValidationError("vm", str(exc)) from None
+        req: FtSwitch = r.body
+        action, seq = self.switch_ft(vm, req, now=r.now, wall=r.wall)
+        if action is None:
+            return Reply(200, {"status": "dry_run", "dry_run": True, "journal_seq": seq,
+                               "action": None})
+        return Reply(202, {"status": "queued", "journal_seq": seq, "action": action.to_dict()})
+
     # -- decisions -----------------------------------------------------------------------------
+
+    def request_cold_boot(self, req: ColdBootRequest, *, now: float,
+                          wall: float | None = None) -> tuple[Action | None, int]:
+        """Queue the kernel's ``restart`` of ``req.vm`` from ``req.src`` on ``req.to`` (its
+        rules checked by the kernel) and journal ``memory-cold-boot``; a refusal is
+        journaled (``memory-cold-boot-refused``) and raises ``Refused``."""
+        k = self.kernel
+        k.check_fenced()
+        subject = _subject(req.vm)
+        details: dict[str, Any] = {**req.details, "vm": req.vm, "src": req.src, "to": req.to,
+                                   "kind": "restart"}
+        problems = _problems(k, req.vm, req.to)
+        if problems:
+            self._refuse_as("memory-cold-boot", req.vm, req.actor, req.dry_run, req.reason,
+                            details, problems[0][0], problems[0][1],
+                            [r for r, _ in problems], now, wall)
+        if req.dry_run:
+            entry = k.journal_append(now, wall, "memory-cold-boot", subject, req.reason,
+                                     dry_run=True, details=details, actor=req.actor)
+            return None, entry.seq
+        try:
+            action = k.queue_vm_action("restart", req.vm, req.src, req.to, req.reason, now,
+                                       wall)
+        except Refused as exc:
+            self._refuse_as("memory-cold-boot", req.vm, req.actor, False, req.reason, details,
+                            exc.rule, exc.message, [exc.rule], now, wall)
+        entry = k.journal_append(now, wall, "memory-cold-boot", subject, req.reason,
+                                 details={**details, "action": action.id,
+                                          "host": action.host}, actor=req.actor)
+        return action, entry.seq
+
+    def switch_ft(self, vm: str, req: FtSwitch, *, now: float,
+                  wall: float | None = None) -> tuple[Action | None, int]:
+        """Queue ``memory-set-ft`` for the host the model has ``vm`` on (it must be UP) and
+        journal it; a refusal is journaled (``memory-set-ft-refused``) and raises."""
+        k = self.kernel
+        k.check_fenced()
+        subject = _subject(vm)
+        v = k.model.vms.get(vm)
+        host = None if v is None else v.host
+        details: dict[str, Any] = {"vm": vm, "enabled": req.enabled, "host": host,
+                                   "kind": SET_FT_KIND}
+        problems = [("vm-exists", f"VM {vm!r} does not exist")] if host is None else \
+            [p for p in _problems(k, vm, host) if p[0] != "target-exists"]
+        if problems:
+            self._refuse_as(SET_FT_KIND, vm, req.actor, req.dry_run, req.reason, details,
+                            problems[0][0], problems[0][1].replace("target host", "its host"),
+                            [r for r, _ in problems], now, wall)
+        assert host is not None
+        if req.dry_run:
+            entry = k.journal_append(now, wall, SET_FT_KIND, subject, req.reason, dry_run=True,
+                                     details=details, actor=req.actor)
+            return None, entry.seq
+        payload = {"to": host, "pool": req.pool, "ft": req.enabled,
+                   "details": {"enabled": req.enabled}}
+        try:
+            action = k.queue_action(SET_FT_KIND, vm, payload=payload, reason=req.reason,
+                                    now=now, wall=wall)
+        except Refused as exc:
+            self._refuse_as(SET_FT_KIND, vm, req.actor, False, req.reason, details, exc.rule,
+                            exc.message, [exc.rule], now, wall)
+        entry = k.journal_append(now, wall, SET_FT_KIND, subject, req.reason,
+                                 details={**details, "action": action.id}, actor=req.actor)
+        return action, entry.seq
+
+    def _refuse_as(self, kind: str, vm: str, actor: str, dry_run: bool, reason: str,
+                   details: Mapping[str, Any], rule: str, message: str, rules: list[str],
+                   now: float, wall: float | None) -> NoReturn:
+        self.kernel.journal_append(
+            now, wall, f"{kind}-refused", _subject(vm), f"refused: {message}", dry_run=dry_run,
+            actor=actor, details={**details, "rule": rule, "violations": rules,
+                                  "asked_because": reason})
+        raise Refused(rule, message, tuple(rules))
 
     def _pending(self, vm: str) -> list[str]:
         """Open exclusive actions of ``vm`` (what ``queue_action`` would refuse on)."""

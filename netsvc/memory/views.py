@@ -40,12 +40,14 @@ def host_views(pool: Pool, classifications: Mapping[str, Any] | None = None) -> 
     return out
 
 
-def candidates(pool: Pool, now: float, alive: set[str] | None = None) -> list[Candidate]:
+def candidates(pool: Pool, now: float, alive: set[str] | None = None,
+               views: list[HostView] | None = None) -> list[Candidate]:
     """Hosts that hold their own lease at ``now`` (and are in ``alive`` if given), with their
-    free memory: profile ``mem_mib`` less the pages of the VMs they map read-write."""
+    free memory: profile ``mem_mib`` less the pages of the VMs they map read-write. ``views``:
+    the ``host_views`` just read, to read the pool once."""
     ps = pool.geometry.page_size
     out = []
-    for v in host_views(pool):
+    for v in host_views(pool) if views is None else views:
         if not v.lease.held_by(v.name, now) or (alive is not None and v.name not in alive):
             continue
         used = sum(x.pages for x in v.vms if x.access is Access.RW) * ps / 2**20

@@ -1,7 +1,8 @@
-"""The pooled-memory scenarios end to end in Mininet: FT failover, secondary loss, respawn (with
-the manager on a real etcd on the services node), isolation. The hosts' agents carry out the
-master's steps (queued by the manager), never the lab. Each run goes through the runner, its
-report is checked, and nothing (namespaces, processes, the pool file) is left behind."""
+"""The pooled-memory scenarios end to end in Mininet: FT failover, a failed promotion's fallback,
+the master's own failover, secondary loss, cold boot, respawn (with the manager on a real etcd
+on the services node), isolation. The hosts' agents carry out the master's steps (queued by
+the manager), never the lab. Each run goes through the runner, its report is checked, and
+nothing (namespaces, processes, the pool file) is left behind."""
 
 from __future__ import annotations
 
@@ -46,10 +47,34 @@ def test_ft_failover(tmp_path: Path) -> None:
     r = run("ft-failover", tmp_path, 3)
     assert r["acked_writes_lost"] == 0 and r["acked_writes"] > 0
     assert 0 < r["failover_ms"] < 3000 and r["reprotect_ms"] > 0
-    assert r["promoted_on"] == r["secondary_before"]
+    assert r["promoted_on"] == r["secondary_before"] and r["takeover"] == "promotion"
     # the secondary's host's agent carried the promotion out, not the lab
     assert r["promote_executor"] == f"agent-{r['secondary_before']}"
     assert 0 < r["promote_decided_ms"] < r["promote_done_ms"]
+
+
+def test_ft_fallback(tmp_path: Path) -> None:
+    r = run("ft-fallback", tmp_path, 3)
+    assert r["takeover"] == "fallback-respawn" and r["acked_writes_lost"] == 0
+    assert r["respawned_on"] not in ("h1", r["secondary_before"]) and r["released"]
+    assert r["promote_failed"] and r["fallback_ms"] > 0
+
+
+def test_master_failover(tmp_path: Path) -> None:
+    r = run("master-failover", tmp_path, 3)
+    assert r["takeover"] == "promotion" and r["promoted_on"] == r["secondary_before"]
+    assert r["acked_writes_lost"] == 0 and r["released"] and r["standby_failover_ms"] > 0
+
+
+def test_ft_switch(tmp_path: Path) -> None:
+    r = run("ft-switch", tmp_path, 3)
+    assert r["off_ms"] > 0 and r["on_ms"] > 0 and r["acked_writes_lost"] == 0
+
+
+def test_cold_boot(tmp_path: Path) -> None:
+    r = run("cold-boot", tmp_path, 2)
+    assert r["booted_on"] == "h2" and r["state_lost"] and r["released"]
+    assert r["restart_executor"] == "agent-h2" and r["boot_ms"] > 0
 
 
 def test_ft_secondary_loss(tmp_path: Path) -> None:

@@ -107,7 +107,8 @@ def test_secondary_promotion_respawn_and_removal(tmp_path: Path, procs: list[Any
     pid = out["pid"]
     assert pool.mapped("h2") == {"f": Access.RO} and mex.is_guest(pid, "f", "h2")
     assert mex.read_secondary(drv["h2"].state.root, "f", "h2") == {
-        "vm": "f", "host": "h2", "pid": pid, "action": "a-2"}
+        "vm": "f", "host": "h2", "pid": pid, "action": "a-2", "pool": str(path)}
+    assert mex.reap_secondaries(drv["h2"].state.root, "h2") == []  # alive: left alone
     assert set(out["steps_ms"]) == {"spawn", "mapped"}
     assert ask(sec_port, "SET k x") == "ERR read-only"
     # a removal the master asked for before this secondary was made leaves it alone
@@ -189,6 +190,50 @@ def test_failures_say_why_and_leave_nothing(tmp_path: Path, procs: list[Any]) ->
     procs.append(me)
     assert not mex.is_guest(me.pid, "f", "h2")  # a live pid that is not a guest
     assert mex.kill_guest(me.pid, "f", "h2") and me.poll() is None  # never signalled
+    pool.close()
+
+
+def test_a_dead_secondary_is_reaped_and_unmapped(tmp_path: Path, procs: list[Any]) -> None:
+    """Liveness: the agent's watch finds a secondary whose process died, drops its record and
+    unmaps it read-only, so the master sees it gone; a live one and a primary are untouched."""
+    import threading
+
+    path = tmp_path / "pool"
+    pool = Pool.create(path, 16 << 20, max_hosts=4, max_vms=4)
+    now = time.monotonic()
+    grants = {}
+    for h in ("h1", "h2"):
+        pool.register_host(h)
+        grants[h] = pool.acquire(h, h, now, 600.0)
+    start_vms(pool, grants["h1"], ["f:16:ft"])
+    start_vms(pool, grants["h2"], ["p:16"])
+    d2 = FakeDriver("h2", tmp_path, procs)
+    a = {"id": "a-1", "kind": "memory-create-secondary", "vm": "f", "to": "h2",
+         "pool": str(path), "port": free_port(), "secondary_port": free_port(), "watch": 0.05}
+    pid = mex.create_secondary(a, ctx(d2))["pid"]
+    assert pool.mapped("h2") == {"p": Access.RW, "f": Access.RO}
+    lines: list[str] = []
+    stop = threading.Event()
+    c = AgentContext(host="h2", url="http://127.0.0.1:1", key=b"k",
+                     make_client=lambda **kw: None,  # type: ignore[arg-type,return-value]
+                     driver=d2, log=lines.append)
+    t = threading.Thread(target=mex.watch_secondaries, args=(c, 0.02, stop), daemon=True)
+    t.start()
+    try:
+        time.sleep(0.1)
+        assert lines == [] and pool.mapped("h2")["f"] is Access.RO
+        (proc,) = [p for p in procs if p.pid == pid]
+        proc.kill()
+        proc.wait(5)
+        deadline = time.monotonic() + 10.0
+        while "f" in pool.mapped("h2") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(5)
+    assert pool.mapped("h2") == {"p": Access.RW}  # the primary of p untouched
+    assert mex.read_secondary(d2.state.root, "f", "h2") is None
+    assert len(lines) == 1 and f"(pid {pid}) died" in lines[0] and "mapping removed" in lines[0]
     pool.close()
 
 

@@ -8,6 +8,7 @@ from netsvc.memory.errors import IllegalTransition, PoolUsageError
 from netsvc.memory.ft import (
     TRANSITIONS,
     CreateSecondary,
+    FtConfig,
     FtController,
     FtLost,
     FtState,
@@ -18,6 +19,7 @@ from netsvc.memory.ft import (
     TakeLease,
     Unprotected,
 )
+from netsvc.memory.layout import Access
 from netsvc.memory.placement import Candidate
 
 S = FtState
@@ -142,3 +144,87 @@ def test_transition_table_enforced() -> None:
         ft.promoted("vm1", "h2", 1.0)  # not promoting
     with pytest.raises(IllegalTransition):
         ft.enable("vm1", "h1", 1, 1.0)  # already enabled
+
+
+def test_a_promotion_not_done_in_time_falls_back_to_a_respawn() -> None:
+    """PROMOTING has a real deadline: no promotion hangs waiting for a retry that never comes."""
+    ft = FtController(config=FtConfig(promote_timeout=8.0))
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    protected(ft)
+    ft.host_failed("h1", 1.0)
+    assert ft.lease_taken("h1", 2, 1.2) == [Promote("vm1", "h2", "h1", 2)]
+    assert ft.next_timer() == pytest.approx(9.2)
+    assert ft.handle_timer(9.0) == []
+    cmds = ft.handle_timer(9.2)
+    assert ft.vms["vm1"].state is S.LOST and ft.vms["vm1"].secondary is None
+    (lost,) = only(cmds, FtLost)
+    assert lost.host == "h1" and lost.avoid == ("h2",) and "not done within 8 s" in lost.reason
+    assert only(cmds, RemoveSecondary) == [RemoveSecondary("vm1", "h2", lost.reason)]
+    assert ft.next_timer() == float("inf")  # LOST waits for recovery, nothing fires again
+    ft.set_hosts(hosts("h2", "h3"), 10.0)
+    assert only(ft.resumed("vm1", "h3", 10.0), CreateSecondary)[0].host == "h2"
+
+
+def test_a_failed_or_vanished_promotion_falls_back_at_once() -> None:
+    ft = FtController()
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    protected(ft, "a")
+    protected(ft, "b")
+    ft.host_failed("h1", 1.0)
+    ft.lease_taken("h1", 2, 1.1)
+    cmds = ft.secondary_failed("a", "h2", 1.5, "no live secondary of a")
+    assert only(cmds, FtLost)[0].avoid == ("h2",) and ft.vms["a"].state is S.LOST
+    # b's secondary still maps it read-only, then read-write: fine; then nothing: failed
+    assert ft.observe({"h2": {"b": Access.RO}}, 1.6) == []
+    assert ft.observe({"h2": {"b": Access.RW}}, 1.7) == []
+    assert ft.observe({}, 1.8) == []  # h2 unreadable: no judgement
+    cmds = ft.observe({"h2": {}}, 1.9)
+    assert only(cmds, FtLost) and ft.vms["b"].state is S.LOST
+
+
+def test_observe_replaces_a_secondary_that_is_gone() -> None:
+    ft = FtController()
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    protected(ft)
+    assert ft.observe({"h2": {"vm1": Access.RO}}, 1.0) == []
+    cmds = ft.observe({"h2": {}}, 2.0)
+    assert only(cmds, CreateSecondary) == [
+        CreateSecondary("vm1", "h3", "secondary on h2 failed")
+    ]  # another host first
+    assert ft.vms["vm1"].state is S.NEEDS_SECONDARY
+
+
+def test_adopt_and_orphaned_rebuild_from_the_pool() -> None:
+    ft = FtController()
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    cmds = ft.adopt("a", "h1", 64, 0.0, secondary="h2")
+    assert not only(cmds, CreateSecondary) and ft.vms["a"].state is S.PROTECTED
+    assert only(ft.adopt("b", "h1", 64, 0.0), CreateSecondary)  # no copy: a secondary placed
+    with pytest.raises(IllegalTransition):
+        ft.adopt("a", "h1", 64, 0.1, secondary="h3")
+    cmds = ft.orphaned("c", 64, 0.0, avoid=("h3",))
+    assert ft.vms["c"].state is S.LOST
+    assert only(cmds, RemoveSecondary) == [RemoveSecondary("c", "h3", "a stale secondary of "
+                                                                      "an orphaned VM")]
+    assert only(cmds, FtLost)[0].host == "" and only(cmds, FtLost)[0].avoid == ("h3",)
+    (lost,) = only(ft.orphaned("d", 64, 0.0, host="h1"), FtLost)
+    assert lost.host == "h1" and "fenced" in lost.reason
+    assert only(ft.disable("a", 0.5), RemoveSecondary) == [
+        RemoveSecondary("a", "h2", "FT disabled")
+    ]
+    ft.adopt("a", "h1", 64, 2.0, secondary="h2")
+    ft.host_failed("h1", 3.0)
+    assert ft.vms["a"].state is S.PROMOTING
+    with pytest.raises(IllegalTransition):  # a failover under way is finished first
+        ft.disable("a", 3.1)
+
+
+def test_a_lease_never_taken_does_not_keep_the_vm_promoting() -> None:
+    ft = FtController(config=FtConfig(take_timeout=2.0, promote_timeout=5.0))
+    ft.set_hosts(hosts("h1", "h2", "h3"), 0.0)
+    protected(ft)
+    ft.host_failed("h1", 1.0)  # TakeLease, never answered
+    assert only(ft.handle_timer(3.0), TakeLease)  # retried meanwhile
+    (lost,) = only(ft.handle_timer(6.0), FtLost)
+    assert "lease of h1 not taken within 5 s" in lost.reason and ft.vms["vm1"].state is S.LOST
+    assert ft.handle_timer(8.0) == []  # nothing more to retry: no VM waits on h1's lease

@@ -13,10 +13,11 @@ import pytest
 
 from netsvc.memory.agent import KeeperState, LeaseKeeper, Renew, parse_vm_spec, start_vms
 from netsvc.memory.errors import IllegalTransition, PoolUsageError, StaleEpoch
+from netsvc.memory.ft import FtState
 from netsvc.memory.guest_memory import PooledGuestStore
 from netsvc.memory.guest_server import host_grant, open_store
 from netsvc.memory.layout import Access
-from netsvc.memory.lease import Grant
+from netsvc.memory.lease import Grant, LeaseState
 from netsvc.memory.master import EXECUTED, Decision, MasterLoop
 from netsvc.memory.pool import Pool
 
@@ -98,6 +99,9 @@ class World:
                                  power_retry=1.0)
         self.done = 0
         self.failing: dict[str, str] = {}  # decision -> the reason its step fails with
+        self.stalled: set[str] = set()  # hosts whose agent carries out and reports nothing
+        self.held: set[str] = set()  # decisions nobody carries out (nor reports on)
+        self.booted: list[tuple[str, str]] = []  # cold boots carried out: (vm, host)
 
     def start_vm(self, vm: str, host: str, pages: int, ft: bool = False) -> PooledGuestStore:
         start_vms(self.pool, self.grants[host], [f"{vm}:{pages}{':ft' if ft else ''}"])
@@ -125,10 +129,14 @@ class World:
         self.master.step(self.now)
         for d in self.log[self.done :]:
             self.done += 1
+            if d.action not in EXECUTED or d.action in self.held:
+                continue
+            if d.details["to"] in self.stalled:
+                continue
             if d.action in self.failing:
                 self.master.action_failed(d.action, d.details["vm"], d.details["to"],
                                           self.failing[d.action])
-            elif d.action in EXECUTED:
+            else:
                 self.execute(d)
 
     def execute(self, d: Decision) -> None:
@@ -141,18 +149,25 @@ class World:
             self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RW, vm, map_first=True)
         elif d.action == "memory-create-secondary":
             self.guests[(vm, to)] = open_store(self.pool, vm, to, Access.RO, vm, map_first=True)
+        elif d.action == "memory-cold-boot":  # the kernel's restart, reported by the watch
+            self.booted.append((vm, to))
+            self.master.action_done(d.action, vm, to, f"{vm} booted afresh on {to}")
         elif d.action == "memory-remove-secondary" and to not in self.dead:
             s = self.guests.pop((vm, to), None)
             if s is not None:
                 s.mem.close()
             self.pool.unmap_vm(host_grant(self.pool, to), vm)
 
+    def new_master(self, holder: str = "master") -> None:
+        """The master process dies; another one (``holder``) starts on the same pool."""
+        self.master = MasterLoop(self.pool, self.log.append, holder=holder, ttl=TTL)
+
     def actions(self, name: str) -> list[Decision]:
         return [d for d in self.log if d.action == name]
 
-    def run(self, seconds: float) -> None:
-        for _ in range(round(seconds / 0.05)):
-            self.tick()
+    def run(self, seconds: float, dt: float = 0.05) -> None:
+        for _ in range(round(seconds / dt)):
+            self.tick(dt)
 
     def close(self) -> None:
         for s in self.guests.values():
@@ -229,10 +244,249 @@ def test_a_failed_promotion_falls_back_to_a_respawn_from_the_pool(pool: Pool) ->
     assert promote.details["to"] == sec and failed.details["kind"] == "memory-promote"
     (rs,) = w.actions("memory-respawn")
     third = rs.details["to"]
-    assert third not in ("h1", sec) and "promote on" in rs.reason and rs.details["src"] == "h1"
+    assert third not in ("h1", sec) and "promotion on" in rs.reason and rs.details["src"] == "h1"
+    assert rs.details["fallback"] is True
     assert w.actions("memory-respawned") and pool.mapped(third)["f"] is Access.RW
     assert w.guests[("f", third)].handle(b"GET k") == b"VALUE v1\n"  # the pool kept it
     assert w.master.ft.vms["f"].primary == third  # protected again from there
+    assert w.master.errors == 0
+    w.close()
+
+
+def _protected(w: World, hosts_: int = 16) -> tuple[PooledGuestStore, str]:
+    prim = w.start_vm("f", "h1", hosts_, ft=True)
+    w.run(0.3)
+    (ready,) = w.actions("memory-secondary-ready")
+    prim.handle(b"SET k v1")
+    return prim, ready.details["host"]
+
+
+def test_a_promotion_never_carried_out_falls_back_to_a_respawn(pool: Pool) -> None:
+    """The issue's case: the secondary process is dead (its agent reports nothing either) and
+    h1 crashed. The promotion must not hang: a deadline, then a respawn from the pool."""
+    w = World(pool, ("h1", "h2", "h3", "h4"))
+    _, sec = _protected(w)
+    w.guests.pop(("f", sec)).mem.close()  # the secondary's process is dead...
+    w.stalled.add(sec)  # ...and nothing on its host carries out or reports a step
+    w.crash("h1")
+    w.run(2.0)
+    w.run(118.0, dt=0.25)  # coarser steps, still well inside the leases' TTL
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec
+    v = w.master.ft.vms["f"]
+    assert v.state is not FtState.PROMOTING
+    lease = pool.lease("h1")
+    assert lease.state(w.now) is not LeaseState.HELD and lease.holder == ""  # released
+    (lost,) = w.actions("memory-ft-lost")
+    assert "not done within 20 s" in lost.reason and lost.details["avoid"] == [sec]
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to not in ("h1", sec) and rs.details["fallback"] is True
+    assert pool.mapped(to)["f"] is Access.RW and v.primary == to
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"  # from the pool pages
+    assert v.state is FtState.PROTECTED and v.secondary not in (None, "h1", to)
+    assert w.master.errors == 0
+    w.close()
+
+
+def test_a_late_promotion_that_beats_its_fallback_is_taken_as_it_is(pool: Pool) -> None:
+    """The promotion timed out and the master asked for a fallback respawn, but the promotion
+    then happened after all: the pool let only one of them map the VM read-write, and the
+    master takes the VM where it runs rather than wait for a respawn that cannot succeed."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.held |= {"memory-promote", "memory-respawn", "memory-remove-secondary"}
+    w.crash("h1")
+    w.run(22.0, dt=0.25)
+    (rs,) = w.actions("memory-respawn")
+    assert rs.details["fallback"] is True and rs.details["to"] != sec
+    w.guests.pop(("f", sec)).mem.close()  # the late promotion
+    w.guests[("f", sec)] = open_store(pool, "f", sec, Access.RW, "f", map_first=True)
+    w.held.clear()
+    w.run(1.0)
+    (found,) = w.actions("memory-primary-found")
+    assert found.details["host"] == sec and found.details["asked"] == rs.details["to"]
+    v = w.master.ft.vms["f"]
+    assert v.primary == sec and v.state is FtState.PROTECTED
+    assert w.guests[("f", sec)].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
+def test_a_lost_vm_with_no_room_is_tried_again(pool: Pool) -> None:
+    """No host has room when the promotion fails: the VM stays LOST (h1 stays fenced), and its
+    respawn is tried again until a host has room."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _protected(w)
+    for h in ("h2", "h3"):
+        pool.register_host(h, {"mem_mib": 0})
+    w.failing["memory-promote"] = "RuntimeError: no live secondary of f"
+    w.crash("h1")
+    w.run(3.0)
+    assert any("no live host with room" in d.reason for d in w.actions("memory-cannot-respawn"))
+    assert not w.actions("memory-respawn") and w.master.ft.vms["f"].state is FtState.LOST
+    assert pool.lease("h1").holder == "master"  # the fence is kept meanwhile
+    pool.register_host("h3", {"mem_mib": 64})
+    w.run(6.0)
+    (rs,) = w.actions("memory-respawn")
+    assert rs.details["to"] == "h3" and "still lost" in rs.reason
+    assert w.guests[("f", "h3")].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and w.master.errors == 0
+    w.close()
+
+
+def test_a_dead_secondary_is_replaced_while_the_primary_lives(pool: Pool) -> None:
+    """Liveness: the secondary's process died and its agent unmapped it: placed again."""
+    w = World(pool, ("h1", "h2", "h3"))
+    prim, sec = _protected(w)
+    w.guests.pop(("f", sec)).mem.close()
+    pool.unmap_vm(host_grant(pool, sec), "f")  # what its agent does (executor.reap_secondaries)
+    w.run(0.3)
+    assert any(sec in d.reason and "no longer maps" in d.reason
+               for d in w.actions("memory-ft-state"))
+    _, second = w.actions("memory-create-secondary")
+    assert second.details["to"] not in ("h1", sec)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
+    assert w.master.ft.vms["f"].secondary == second.details["to"]
+    assert prim.handle(b"SET k v2") == b"OK 2\n"
+    w.close()
+
+
+def test_the_primary_dies_before_its_secondary_is_ready(pool: Pool) -> None:
+    w = World(pool, ("h1", "h2", "h3"))
+    w.held.add("memory-create-secondary")  # the secondary is still starting
+    prim = w.start_vm("f", "h1", 16, ft=True)
+    w.run(0.2)
+    (create,) = w.actions("memory-create-secondary")
+    prim.handle(b"SET k v1")
+    w.held.clear()
+    w.crash("h1")
+    w.run(2.0)
+    assert not w.actions("memory-promote")
+    (lost,) = w.actions("memory-ft-lost")
+    assert "no secondary" in lost.reason
+    assert any(d.details["to"] == create.details["to"]
+               for d in w.actions("memory-remove-secondary"))
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to != "h1" and pool.mapped(to)["f"] is Access.RW
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == ""
+    w.run(1.0)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
+    assert pool.check() == [] and w.master.errors == 0
+    w.close()
+
+
+def test_a_restarted_master_adopts_the_running_pair(pool: Pool) -> None:
+    """The master restarts: it rebuilds its FT state from the pool (the RO copy is the
+    secondary), creates nothing, and a later failover promotes that secondary."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.new_master()
+    w.run(0.5)
+    assert len(w.actions("memory-create-secondary")) == 1  # none more
+    v = w.master.ft.vms["f"]
+    assert v.state is FtState.PROTECTED and (v.primary, v.secondary) == ("h1", sec)
+    w.crash("h1")
+    w.run(1.5)
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec and w.actions("memory-promoted")
+    assert w.primary("f").handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == ""
+    w.close()
+
+
+def test_a_master_started_after_the_primary_host_died_promotes(pool: Pool) -> None:
+    """The master died with h1 (it never saw the crash); its successor fences h1 and
+    promotes the read-only copy it finds, instead of holding h1's fence for ever."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.crash("h1")
+    w.new_master("standby")
+    w.run(2.0)
+    (promote,) = w.actions("memory-promote")
+    assert promote.details["to"] == sec and w.actions("memory-promoted")
+    assert w.primary("f").handle(b"GET k") == b"VALUE v1\n"
+    assert pool.lease("h1").holder == "" and w.master.errors == 0
+    w.close()
+
+
+def test_the_master_fails_over_in_the_middle_of_a_promotion(pool: Pool) -> None:
+    """The master fenced h1, unmapped the VM and asked for the promotion, then died before it
+    was carried out (it never was). A second master process finds the VM mapped read-write by
+    nobody and respawns it from the pool; the stale read-only copy is removed."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    w.held.add("memory-promote")
+    w.crash("h1")
+    w.run(1.0)
+    assert w.actions("memory-promote") and "f" not in pool.mapped("h1")
+    w.held.clear()
+    w.new_master("standby")
+    w.run(5.0)
+    (lost,) = w.actions("memory-ft-lost")
+    assert "no host" in lost.reason
+    assert any(d.details["to"] == sec for d in w.actions("memory-remove-secondary"))
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert to not in ("h1", sec) and rs.details["src"] is None
+    assert w.guests[("f", to)].handle(b"GET k") == b"VALUE v1\n"
+    owners = [h for h, m in pool.host_to_vm().items() if m.get("f") is Access.RW]
+    assert owners == [to]
+    assert pool.lease("h1").state(w.now) is not LeaseState.HELD
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED and w.master.errors == 0
+    w.close()
+
+
+def test_a_vm_that_cannot_resume_is_cold_booted_elsewhere(pool: Pool) -> None:
+    """Not resumable from the pool: booted afresh on another host (the kernel's restart),
+    under the fence; the fence is released only once the boot is reported done."""
+    w = World(pool, ("h1", "h2", "h3"))
+    start_vms(pool, w.grants["h1"], ["c:8:cold"])
+    w.start_vm("a", "h1", 16).handle(b"SET k v")
+    w.held.add("memory-cold-boot")
+    w.crash("h1")
+    w.run(1.5)
+    (cold,) = w.actions("memory-cold-boot")
+    assert cold.details["vm"] == "c" and cold.details["src"] == "h1"
+    assert cold.details["to"] in ("h2", "h3") and "booted afresh" in cold.reason
+    assert not w.actions("memory-cannot-respawn")
+    assert "c" not in pool.mapped("h1") and w.actions("memory-respawned")  # a: resumed
+    assert pool.lease("h1").holder == "master"  # still fenced: the boot is not done
+    w.held.clear()
+    w.master.action_failed("memory-cold-boot", "c", cold.details["to"], "a-9 FAILED: boom")
+    w.run(1.0)  # placed again, and this time carried out
+    again = w.actions("memory-cold-boot")
+    assert len(again) == 2 and w.booted == [("c", again[1].details["to"])]
+    (booted,) = w.actions("memory-cold-booted")
+    assert booted.details["host"] == again[1].details["to"]
+    assert pool.lease("h1").holder == "" and w.actions("memory-release")
+    assert w.master.errors == 0
+    w.close()
+
+
+def test_ft_is_switched_off_and_on_at_run_time(pool: Pool) -> None:
+    """``Pool.set_flags`` (what the VM's host does for ``memory-set-ft``): the master removes
+    the secondary when FT goes off, and creates one when it comes back on."""
+    w = World(pool, ("h1", "h2", "h3"))
+    _, sec = _protected(w)
+    pool.set_flags(w.grants["h1"], "f", ft=False)
+    w.run(0.3)
+    (rm,) = w.actions("memory-remove-secondary")
+    assert rm.details["to"] == sec and "switched off" in rm.reason
+    assert w.master.ft.vms["f"].state is FtState.DISABLED and pool.mapped(sec) == {}
+    w.crash("h1")  # no FT now: an ordinary respawn, no promotion
+    w.run(1.5)
+    assert not w.actions("memory-promote")
+    (rs,) = w.actions("memory-respawn")
+    to = rs.details["to"]
+    assert rs.details["fallback"] is False and pool.mapped(to)["f"] is Access.RW
+    pool.set_flags(host_grant(pool, to), "f", ft=True)
+    w.run(0.3)
+    creates = w.actions("memory-create-secondary")
+    assert len(creates) == 2 and creates[1].details["to"] not in ("h1", to)
+    assert w.master.ft.vms["f"].state is FtState.PROTECTED
     assert w.master.errors == 0
     w.close()
 
@@ -320,8 +574,8 @@ class FakeManager:
         self.states: dict[str, dict[str, object]] = {}
 
     def request(self, method: str, path: str, body: dict[str, object]) -> tuple[int, dict]:  # type: ignore[type-arg]
-        assert (method, path) == ("POST", "/v1/memory/actions")
-        self.asked.append(body)
+        assert method == "POST" and path in ("/v1/memory/actions", "/v1/memory/cold-boot")
+        self.asked.append({**body, "path": path})
         return self.answers.pop(0)
 
     def post_event(self, actor: str, action: str, *args: object, **kw: object) -> int:
@@ -428,4 +682,54 @@ def test_an_unconfirmed_fence_moves_nothing_and_is_asked_again(pool: Pool) -> No
     power.answer = ("off", "fenced by 198.18.0.101:623 in 900 ms")
     w.run(1.0)
     assert w.actions("memory-promote") and w.actions("memory-respawn")
+    w.close()
+
+
+def test_a_cold_boot_is_asked_of_the_kernel_and_its_success_reported() -> None:
+    import threading
+
+    from netsvc.memory.master import ActionWatch, GuestParams, JournalSink
+
+    mgr = FakeManager([(202, {"action": {"id": "a-7"}})])
+    done: list[tuple[str, ...]] = []
+    seen = threading.Event()
+
+    def on_done(*args: str) -> None:
+        done.append(args)
+        seen.set()
+
+    watch = ActionWatch(mgr, lambda *a: None, interval=0.01, on_done=on_done)
+    sink = JournalSink(mgr, GuestParams("/dev/shm/p"), None, watch)
+    mgr.states["a-7"] = {"id": "a-7", "state": "CLAIMED"}
+    sink(Decision("memory-cold-boot", "vm:c", "not resumable",
+                  {"vm": "c", "to": "h2", "src": "h1", "epoch": 3}))
+    sink.close()
+    (asked,) = mgr.asked
+    assert asked["path"] == "/v1/memory/cold-boot" and asked["src"] == "h1"
+    assert asked["to"] == "h2" and asked["details"]["epoch"] == 3 and "pool" not in asked
+    mgr.states["a-7"] = {"id": "a-7", "state": "SUCCEEDED", "detail": "restart run of c done"}
+    assert seen.wait(10.0)
+    watch.stop()
+    assert done == [("memory-cold-boot", "c", "h2", "restart run of c done")]
+
+
+def test_an_ft_fallback_never_outruns_the_power_fence(pool: Pool) -> None:
+    """The BMC does not answer for longer than the promotion deadline: the FT core gives the
+    promotion up and falls back, but nothing of the VM moves until its host is confirmed off."""
+    power = FakePower()
+    w = World(pool, ("h1", "h2", "h3"), power=power)
+    prim = w.start_vm("f", "h1", 16, ft=True)
+    w.run(0.3)
+    assert w.actions("memory-secondary-ready")
+    prim.handle(b"SET k v1")
+    w.crash("h1")
+    w.run(30.0)  # past the promotion deadline (20 s)
+    assert not w.actions("memory-promote") and not w.actions("memory-respawn")
+    assert pool.mapped("h1").get("f") is Access.RW  # untouched while h1 may still run
+    power.answer = ("off", "fenced by 198.18.0.101:623 in 30 s")
+    w.run(8.0)
+    moved = w.actions("memory-promote") + w.actions("memory-respawn")
+    assert moved and "f" not in pool.mapped("h1")
+    (off,) = w.actions("memory-power-fenced")
+    assert all(w.log.index(off) < w.log.index(d) for d in moved)
     w.close()

@@ -19,6 +19,7 @@ from netsvc.memory.lease import Grant, Lease
 from netsvc.memory.pool import Pool
 from netsvc.memory.recovery import (
     CannotRespawn,
+    ColdBoot,
     FtTakeover,
     HostPhase,
     HostView,
@@ -68,11 +69,14 @@ def test_lapsed_lease_is_taken_before_any_respawn() -> None:
         Respawn("a", "h1", "h3", 4, 100 * MiB, kinds(cmds, Respawn)[0].reason)
     ]
     assert kinds(cmds, FtTakeover) == [FtTakeover("c", "h1", 4)]
-    assert [x.vm for x in kinds(cmds, CannotRespawn)] == ["b"]
+    (cold,) = kinds(cmds, ColdBoot)  # not resumable: booted afresh, under the same fence
+    assert (cold.vm, cold.from_host, cold.to_host, cold.epoch) == ("b", "h1", "h3", 4)
+    assert "booted afresh" in cold.reason and not kinds(cmds, CannotRespawn)
     assert m.hosts["h1"].phase is HostPhase.FENCED
     assert m.next_timer() == pytest.approx(10.2 + 2.0 - 2.0 / 3)
     assert kinds(m.handle_timer(m.next_timer()), RenewLease) == [RenewLease("h1", "master", 4)]
     assert m.completed("a", 11.0) == []  # the FT VM still needs the fence
+    assert m.completed("b", 11.05) == []
     cmds = m.completed("c", 11.1)
     assert kinds(cmds, ReleaseLease) == [ReleaseLease("h1", "master", 4, "every VM handled")]
     assert m.hosts["h1"].phase is HostPhase.DONE

@@ -55,6 +55,12 @@ class Env:
         return self.api.handle("POST", "/v1/memory/actions", headers, lambda n: data[:n],
                                now=now, wall=WALL0 + now)
 
+    def post(self, path: str, body: dict[str, Any], now: float = T0 + 0.1) -> Response:
+        data = json.dumps(body).encode()
+        headers = {**AUTH, "content-length": str(len(data))}
+        return self.api.handle("POST", path, headers, lambda n: data[:n], now=now,
+                               wall=WALL0 + now)
+
     def entries(self, action: str | None = None) -> list[JournalEntry]:
         return [e for e in self.journal.read() if action is None or e.action == action]
 
@@ -79,12 +85,15 @@ def test_the_plugin_contributes_the_route_and_the_kinds() -> None:
     assert isinstance(svc, MemoryService)
     assert any(isinstance(s, MemoryService) for s in manager_services())
     kinds = {k.name: k for k in svc.action_kinds()}
-    assert tuple(kinds) == MEMORY_KINDS
+    assert tuple(kinds) == (*MEMORY_KINDS, "memory-set-ft")
     assert kinds["memory-respawn"].exclusive and kinds["memory-promote"].exclusive
     assert not kinds["memory-create-secondary"].exclusive
     assert not kinds["memory-remove-secondary"].exclusive
-    assert PLUGIN.agent is not None and set(PLUGIN.agent.executors) == set(MEMORY_KINDS)
-    assert [(r.method, r.path) for r in svc.routes()] == [("POST", "/v1/memory/actions")]
+    assert not kinds["memory-set-ft"].exclusive
+    assert PLUGIN.agent is not None and set(PLUGIN.agent.executors) == set(kinds)
+    assert [(r.method, r.path) for r in svc.routes()] == [
+        ("POST", "/v1/memory/actions"), ("POST", "/v1/memory/cold-boot"),
+        ("POST", "/v1/memory/vms/([^/]+)/ft")]
 
 
 def test_queue_claim_by_the_target_only_complete_and_journal(env: Env) -> None:
@@ -222,3 +231,57 @@ def test_the_request_schema() -> None:
             assert t.max_length is not None, f.name
         if isinstance(t, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
             assert t.ge is not None and t.le is not None, f.name
+
+
+def test_a_cold_boot_is_the_kernels_restart_on_the_target(env: Env) -> None:
+    """A VM that cannot be resumed from the pool is booted afresh by the kernel's ``restart``
+    action, queued for ``to``; journaled under the master's name beside the kernel's entry."""
+    body = {"vm": "vm1", "src": "h1", "to": "h3", "reason": "host h1 fenced at epoch 2; "
+            "not resumable from the pool", "details": {"epoch": 2}}
+    r = env.post("/v1/memory/cold-boot", body)
+    assert r.status == 202, r.body
+    a = r.body["action"]
+    assert a["kind"] == "restart" and a["host"] == "h3" and a["from"] == "h1"
+    (decision,) = env.entries("memory-cold-boot")
+    assert decision.actor == "memory-master" and decision.details["action"] == a["id"]
+    assert decision.details["epoch"] == 2 and env.entries("restart-accepted")
+    (claimed,) = env.core.claim_actions("h3", "agent-h3", now=T0 + 0.2)
+    env.core.complete_action(claimed.id, ok=True, host="h3", now=T0 + 0.3, detail="booted")
+    vm = env.core.model.vm("vm1")
+    assert vm.host == "h3" and vm.state is VMState.RUNNING
+    # refusals: a target that does not exist, a VM not on src (the kernel's rule)
+    r = env.post("/v1/memory/cold-boot", {**body, "to": "h9"})
+    assert r.status == 409 and r.body["rule"] == "target-exists"
+    r = env.post("/v1/memory/cold-boot", {**body, "to": "h2"})
+    assert r.status == 409 and "not 'h1'" in r.body["error"]
+    assert [e.details["rule"] for e in env.entries("memory-cold-boot-refused")] == [
+        "target-exists", "vm-action"]
+    r = env.post("/v1/memory/cold-boot", {**body, "src": "h3", "to": "h3"})
+    assert r.status == 400
+    r = env.post("/v1/memory/cold-boot", {**body, "src": "h3", "to": "h2", "dry_run": True})
+    assert r.status == 200 and r.body["dry_run"] and env.entries("memory-cold-boot")[-1].dry_run
+
+
+def test_ft_is_switched_by_the_vms_host(env: Env) -> None:
+    r = env.post("/v1/memory/vms/vm1/ft", {"enabled": True, "reason": "protect it",
+                                           "pool": POOL, "actor": "cli"})
+    assert r.status == 202, r.body
+    a = r.body["action"]
+    assert a["kind"] == "memory-set-ft" and a["host"] == "h1" and a["ft"] is True
+    assert a["pool"] == POOL
+    (decision,) = env.entries("memory-set-ft")
+    assert decision.actor == "cli" and decision.details["enabled"] is True
+    (claimed,) = env.core.claim_actions("h1", "agent-h1", now=T0 + 0.2)
+    env.core.complete_action(claimed.id, ok=True, host="h1", now=T0 + 0.3,
+                             detail="FT of vm1 switched on in the pool", result={"ft": True})
+    assert env.entries("memory-set-ft-done")
+    r = env.post("/v1/memory/vms/vm9/ft", {"enabled": False, "reason": "x", "pool": POOL})
+    assert r.status == 409 and r.body["rule"] == "vm-exists"
+    r = env.post("/v1/memory/vms/Bad_Name/ft", {"enabled": False, "reason": "x", "pool": POOL})
+    assert r.status == 400
+    r = env.post("/v1/memory/vms/vm1/ft", {"enabled": "yes", "reason": "x", "pool": POOL})
+    assert r.status == 400
+    env.core.handle_timer(T0 + 10.0)  # h1 silent: DOWN
+    r = env.post("/v1/memory/vms/vm1/ft", {"enabled": False, "reason": "x", "pool": POOL},
+                 now=T0 + 10.0)
+    assert r.status == 409 and r.body["rule"] == "target-up" and "its host" in r.body["error"]

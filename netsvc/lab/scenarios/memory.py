@@ -9,12 +9,35 @@ from the gateway, at the VM's address.
 
 ``report.json`` holds, beside ``ok`` and the checks:
 
-- ``ft-failover``: crash the FT primary's host during a write load: ``failover_ms`` (crash to
+- ``ft-failover``: crash the FT primary's host during a write load: ``takeover`` (how the VM
+  came back, from the master's journal: ``promotion``, or ``fallback-respawn`` when the
+  promotion failed or timed out and the VM was respawned from its pool pages, which fails
+  the check), ``failover_ms`` (crash to
   the first write acknowledged by the promoted secondary), ``acked_writes_lost`` (acknowledged
   writes not readable afterwards), ``reprotect_ms`` (crash to a new secondary mapped on a third
   host), ``promote_decided_ms``/``promote_done_ms`` (crash to the master's ``memory-promote``
   decision, and to the secondary's agent reporting it done, from the manager's journal).
+- ``ft-fallback``: hang the FT secondary's process (SIGSTOP: it holds its read-only mapping
+  and cannot be promoted), then crash the primary's host under writes: the promotion fails
+  (its agent gives it up), the master falls back to a respawn from the pool pages on the
+  third host: ``takeover`` (must be ``fallback-respawn``), ``fallback_ms`` (crash to the
+  first write acknowledged after it), ``acked_writes_lost``, ``released`` (h1's fence).
+- ``master-failover``: kill the memory master, then crash the FT primary's host with no master
+  running; a second master process (holder ``standby``) starts on the same pool, rebuilds its
+  FT state from it, fences h1 and promotes the secondary it finds: ``takeover`` (must be
+  ``promotion``), ``failover_ms`` (crash to the first acknowledged write, including the time
+  with no master), ``standby_failover_ms`` (standby start to that write),
+  ``acked_writes_lost``.
+- ``ft-switch``: switch vm1's FT off, then on again, through the manager (``POST
+  /v1/memory/vms/vm1/ft``, what ``netsvc memory ft`` sends) while a client writes: h1's agent
+  sets the pool flag and the master removes, then re-creates, the secondary: ``off_ms``
+  (request to the secondary's mapping gone), ``on_ms`` (request to a new secondary mapped).
 - ``ft-secondary-loss``: crash the secondary's host: ``reprotect_ms`` (crash to a new secondary).
+- ``cold-boot``: vm1 is pooled but not resumable from the pool; crash its host: it is booted
+  afresh on another host by the kernel's ``restart`` action (asked by the master through the
+  manager, carried out by the target's agent): ``boot_ms`` (crash to the VM answering there),
+  ``state_lost`` (a cold boot keeps no memory state: expected True), ``restart_executor``,
+  ``released`` (h1's fence, once the boot was reported done).
 - ``respawn``: crash a host: ``respawn_ms`` (crash to the VM answering on another host),
   ``state_intact`` (every key and the write counter as before), ``fence_ms`` (crash to the
   master taking the lease), ``power_fence_ms`` and ``fenced_by`` (crash to the BMC confirming
@@ -36,6 +59,7 @@ Parameters (a ``[NAME]`` table of the lab config): ``ttl`` (the hosts' lease TTL
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -154,6 +178,14 @@ def lost_writes(connect: Callable[[], socket.socket], acked: dict[str, int]) -> 
     return lost
 
 
+def lost_or_none(connect: Callable[[], socket.socket], acked: dict[str, int]) -> int | None:
+    """``lost_writes``, or None when the VM does not answer at all."""
+    try:
+        return lost_writes(connect, acked)
+    except OSError:
+        return None
+
+
 def journal_since(lab: Lab, action: str, t0: float) -> list[dict[str, Any]]:
     return [e for e in lab.manager().journal(0)
             if e["action"] == action and float(e["mono"]) >= t0]  # fmt: skip
@@ -239,8 +271,12 @@ def failover_once(
     out["promote_decided_ms"] = ms(prom[0].decided, t0) if prom else None
     out["promote_done_ms"] = ms(prom[0].done, t0) if prom else None
     out["promote_executor"] = prom[0].executor if prom else None
-    checks.check("the secondary took over read-write", ok and lab.vms[vm].host == sec
-                 and first is not None, f"{vm} on {lab.vms[vm].host}, failover "
+    how = takeover(lab, vm, sec, t0)
+    out["takeover"] = how["how"]
+    checks.check("the secondary took over read-write by promotion (not a fallback respawn)",
+                 ok and how["how"] == "promotion" and lab.vms[vm].host == sec
+                 and first is not None,
+                 f"{how['how']}: {how['detail']}; {vm} on {lab.vms[vm].host}, failover "
                  f"{out['failover_ms']} ms")  # fmt: skip
     checks.check(f"the promotion was queued and carried out by {sec}'s agent",
                  len(prom) == 1 and prom[0].to == sec and prom[0].ok is True
@@ -250,6 +286,210 @@ def failover_once(
                  f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
     checks.check("a new secondary appeared on a third host", bool(third), str(pl.mapped()))
     return out
+
+
+def takeover(lab: Lab, vm: str, sec: str, t0: float) -> dict[str, str]:
+    """How ``vm`` came back after ``t0``, from the master's journal entries: ``promotion``
+    (``memory-promoted`` on ``sec``, and no fallback), ``fallback-respawn`` (the promotion
+    failed or timed out: ``memory-ft-lost``, then ``memory-respawned`` from the pool pages),
+    ``respawn`` (no promotion was tried) or ``none``; ``detail`` names the entries."""
+    got = {a: [e for e in journal_since(lab, a, t0) if (e.get("details") or {}).get("vm") == vm]
+           for a in ("memory-promoted", "memory-ft-lost", "memory-respawned",
+                     "memory-primary-found")}  # fmt: skip
+    seen = {a: [str((e.get("details") or {}).get("host", "")) for e in es]
+            for a, es in got.items() if es}  # fmt: skip
+    detail = ", ".join(f"{a} {hs}" for a, hs in seen.items()) or "no takeover journaled"
+    promoted = sec in seen.get("memory-promoted", [])
+    fell_back = bool(got["memory-ft-lost"]) or any(
+        (e.get("details") or {}).get("fallback") for e in got["memory-respawned"])
+    if promoted and not fell_back:
+        how = "promotion"
+    elif fell_back:
+        how = "fallback-respawn"
+    elif got["memory-respawned"] or got["memory-primary-found"]:
+        how = "respawn"
+    else:
+        how = "none"
+    return {"how": how, "detail": detail}
+
+
+def _ft_fallback(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        pid = pl.secondary_pid("vm1", sec)
+        assert pid is not None
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        mex.kill_guest(pid, "vm1", sec, signal.SIGSTOP, wait=0.0)  # hung: cannot promote
+        pl.crash_host("h1")
+        where: list[str] = []
+
+        def done() -> bool:
+            if w.first_ack_on_conn_after(t0) is None or lab.vms["vm1"].host in ("h1", sec):
+                return False
+            where.append(lab.vms["vm1"].host)
+            return True
+
+        ok = pl.pump(30.0, done)
+        time.sleep(0.3)
+        w.stop()
+        first = w.first_ack_on_conn_after(t0)
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        how = takeover(lab, "vm1", sec, t0)
+        released = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-release", t0)))
+        prom = pl.finished("memory-promote", t0)
+        out: dict[str, Any] = {
+            "takeover": how["how"],
+            "fallback_ms": ms(first, t0),
+            "acked_writes_lost": lost,
+            "acked_writes": len(w.acks),
+            "secondary_before": sec,
+            "respawned_on": where[0] if where else lab.vms["vm1"].host,
+            "promote_failed": [x.detail for x in prom if x.ok is False],
+            "released": released,
+        }
+        checks.check("the promotion failed and the master fell back to a respawn from the pool",
+                     how["how"] == "fallback-respawn" and any(x.ok is False for x in prom),
+                     f"{how['how']}: {how['detail']}; promote {out['promote_failed']}")
+        checks.check("vm1 answers writes on the third host", ok and bool(where),
+                     f"vm1 on {lab.vms['vm1'].host}, after {out['fallback_ms']} ms")
+        checks.check("every acknowledged write is there", lost == 0,
+                     "vm1 does not answer" if lost is None
+                     else f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
+        checks.check("h1's fence was released once vm1 was back", released)
+        checks.check("the hung secondary is gone", not mex.is_guest(pid, "vm1", sec),
+                     f"pid {pid}")
+        return out
+
+
+def _start_standby(lab: Lab, pl: PoolLab, holder: str = "standby") -> None:
+    """A second master process on the same pool (the lab's ``PoolLab.start_master`` command
+    line, another holder name), role ``memory-master-<holder>``; ended by the lab's teardown."""
+    import sys
+
+    from netsvc.lab.plan import GUEST_PORT
+    from netsvc.lab.pool import SECONDARY_PORT
+
+    assert lab.key_file is not None
+    lab.popen(
+        "svc",
+        [sys.executable, "-m", "netsvc.memory.master", "--pool", str(pl.path),
+         "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--ttl", str(pl.ttl),
+         "--poll", str(pl.poll), "--guest-port", str(GUEST_PORT),
+         "--secondary-port", str(SECONDARY_PORT), "--holder", holder, "--no-partition"],
+        role=f"memory-master-{holder}",
+    )  # fmt: skip
+
+
+def _master_failover(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        pl.pump(1.0)  # the first master journaled the pair
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        lab.procs.end("memory-master", signal.SIGKILL)
+        pl.crash_host("h1")
+        time.sleep(max(1.0, 3 * params["ttl"]))  # h1's lease lapses; nobody fences it
+        with pl.open() as pool:
+            unfenced = pool.lease("h1").holder == "h1"
+        t1 = time.monotonic()
+        _start_standby(lab, pl)
+        started = pl.pump(10.0, lambda: bool(journal_since(lab, "memory-master-start", t1)))
+        third: list[str] = []
+
+        def done() -> bool:
+            if w.first_ack_on_conn_after(t1) is None:
+                return False
+            h = _ro_host(pl, "vm1", {"h1", sec})
+            if h is not None:
+                third.append(h)
+            return bool(third)
+
+        ok = pl.pump(20.0, done)
+        time.sleep(0.3)
+        w.stop()
+        first = w.first_ack_on_conn_after(t1)
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        how = takeover(lab, "vm1", sec, t1)
+        released = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-release", t1)))
+        out: dict[str, Any] = {
+            "takeover": how["how"],
+            "failover_ms": ms(first, t0),
+            "standby_failover_ms": ms(first, t1),
+            "acked_writes_lost": lost,
+            "acked_writes": len(w.acks),
+            "secondary_before": sec,
+            "promoted_on": lab.vms["vm1"].host,
+            "new_secondary": third[0] if third else None,
+            "released": released,
+        }
+        checks.check("with no master running, nothing fenced h1", unfenced)
+        checks.check("a second master process started on the same pool", started)
+        checks.check("it fenced h1 and promoted the secondary it found (not a fallback)",
+                     how["how"] == "promotion" and lab.vms["vm1"].host == sec
+                     and first is not None, f"{how['how']}: {how['detail']}")
+        checks.check("every acknowledged write is there", lost == 0,
+                     "vm1 does not answer" if lost is None
+                     else f"{lost} of {len(w.acked)} keys lost")  # fmt: skip
+        checks.check("a new secondary appeared on a third host", ok, str(pl.mapped()))
+        checks.check("h1's fence was released", released)
+        return out
+
+
+def _ft_switch(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    from netsvc.memory.client import set_ft
+
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        sec = _ft_setup(lab, checks, params, pl)
+        w = AckedWriter(lab.guest_connect("vm1", timeout=0.1)).start()
+        time.sleep(0.3)
+        mgr = lab.manager()
+        t0 = time.monotonic()
+        off = set_ft(mgr, "vm1", False, "FT switched off by the lab", pool=str(pl.path),
+                     actor="lab")
+        gone = pl.pump(10.0, lambda: _ro_host(pl, "vm1", {"h1"}) is None)
+        t_off = time.monotonic()
+        removed = pl.finished("memory-remove-secondary", t0)
+        stopped = pl.secondary_pid("vm1", sec) is None
+        t1 = time.monotonic()
+        on = set_ft(mgr, "vm1", True, "FT switched on by the lab", pool=str(pl.path),
+                    actor="lab")
+        back: list[str] = []
+
+        def protected() -> bool:
+            h = _ro_host(pl, "vm1", {"h1"})
+            if h is not None and pl.secondary_pid("vm1", h) is not None:
+                back.append(h)
+                return True
+            return False
+
+        again = pl.pump(15.0, protected)
+        t_on = time.monotonic()
+        w.stop()
+        lost = lost_or_none(lab.guest_connect("vm1", timeout=1.0), w.acked)
+        sets = [e for e in journal_since(lab, "memory-set-ft-done", t0)]
+        out: dict[str, Any] = {
+            "off_ms": ms(t_off, t0) if gone else None,
+            "on_ms": ms(t_on, t1) if again else None,
+            "secondary_before": sec,
+            "secondary_after": back[0] if back else None,
+            "set_ft_done": len(sets),
+            "acked_writes_lost": lost,
+        }
+        checks.check("both switches were queued for h1's agent",
+                     off[0] == 202 and on[0] == 202
+                     and (off[1].get("action") or {}).get("host") == "h1",
+                     f"{off[0]} {off[1].get('error', '')}; {on[0]} {on[1].get('error', '')}")
+        checks.check("FT off: the master removed the secondary (its agent stopped it)",
+                     gone and stopped and any(x.to == sec and x.ok for x in removed),
+                     str([(x.to, x.ok, x.detail) for x in removed]))
+        checks.check("FT on: a secondary maps vm1 read-only again", again, str(pl.mapped()))
+        checks.check("h1's agent set the flag both times", len(sets) == 2,
+                     str([e.get("reason") for e in sets]))
+        checks.check("the primary kept every acknowledged write", lost == 0, str(lost))
+        return out
 
 
 def _ft_secondary_loss(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +605,54 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
             mgr_ok = any(e["action"] == "memory-respawn" for e in lab.manager().journal(0))
             checks.check("the manager keeps its state in the lab's etcd and journaled the "
                          "respawn", keys > 0 and mgr_ok, f"{keys} keys under /netsvc/")  # fmt: skip
+        return out
+
+
+def _cold_boot(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    with PoolLab(lab, ttl=params["ttl"], etcd=params["etcd"]) as pl:
+        pl.start({"vm1": VmSpec("h1", PAGES, resumable=False)})
+        connect = lab.guest_connect("vm1", timeout=0.2)
+        request(connect, "SET before 1")
+        t0 = time.monotonic()
+        pl.crash_host("h1")
+        back: list[float] = []
+
+        def answers() -> bool:
+            try:
+                if lab.vms["vm1"].host != "h1" and request(connect, "PING", timeout=0.2
+                                                           ).startswith("PONG vm1"):
+                    back.append(time.monotonic())
+                    return True
+            except OSError:
+                pass
+            return False
+
+        ok = pl.pump(20.0, answers)
+        state = request(connect, "GET before", timeout=1.0) if ok else ""
+        released = pl.pump(5.0, lambda: bool(journal_since(lab, "memory-release", t0)))
+        decided = journal_since(lab, "memory-cold-boot", t0)
+        restarts = journal_since(lab, "restart-done", t0)
+        booted = journal_since(lab, "memory-cold-booted", t0)
+        out: dict[str, Any] = {
+            "boot_ms": ms(back[0], t0) if back else None,
+            "booted_on": lab.vms["vm1"].host,
+            "state_lost": state != "" and not state.startswith("VALUE"),
+            "restart_executor": (restarts[0].get("details") or {}).get("executor")
+            if restarts else None,
+            "cold_boot_decided_ms": ms(float(decided[0]["mono"]), t0) if decided else None,
+            "released": released,
+            "respawned": bool(journal_since(lab, "memory-respawn", t0)),
+        }
+        checks.check("vm1 came back on another host", ok and lab.vms["vm1"].host != "h1",
+                     str(out))
+        checks.check("it was booted afresh (a cold boot keeps no memory state), not resumed",
+                     out["state_lost"] and not out["respawned"], f"GET before: {state!r}")
+        checks.check("the master asked, and the target's agent carried out the kernel's restart",
+                     bool(decided) and len(restarts) == 1
+                     and out["restart_executor"] == f"agent-{lab.vms['vm1'].host}",
+                     str([(e["action"], e.get("details")) for e in restarts]))  # fmt: skip
+        checks.check("h1's fence was released once the boot was reported done",
+                     released and bool(booted))
         return out
 
 
@@ -568,8 +856,21 @@ SCENARIOS = [
     Scenario("ft-failover", "crash the FT primary's host under writes: the secondary takes "
              "over with every acknowledged write, a new secondary appears", _ft_failover,
              min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("ft-fallback", "hang the FT secondary, crash the primary's host under writes: "
+             "the promotion fails and the VM is respawned from the pool with every "
+             "acknowledged write", _ft_fallback, min_hosts=3, vms_per_host=1, params=PARAMS,
+             check=_check),
+    Scenario("master-failover", "kill the memory master, crash the FT primary's host: a "
+             "second master process rebuilds from the pool and promotes the secondary",
+             _master_failover, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("ft-switch", "switch an FT VM's fault tolerance off and on at run time: its "
+             "secondary is removed, then made again", _ft_switch, min_hosts=3,
+             vms_per_host=1, params=PARAMS, check=_check),
     Scenario("ft-secondary-loss", "crash the FT secondary's host: a new secondary appears",
              _ft_secondary_loss, min_hosts=3, vms_per_host=1, params=PARAMS, check=_check),
+    Scenario("cold-boot", "crash the host of a pooled VM that cannot be resumed: it is booted "
+             "afresh elsewhere (the kernel's restart)", _cold_boot, min_hosts=2,
+             vms_per_host=1, params=PARAMS, check=_check),
     Scenario("respawn", "crash a host: its VM is respawned elsewhere from pooled memory, "
              "state intact", _respawn, min_hosts=2, vms_per_host=1, params=PARAMS,
              check=_check),
