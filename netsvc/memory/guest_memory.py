@@ -141,6 +141,10 @@ class GuestMemory:
         self._host_slot = host_slot
         self._lock_fd = lock_fd
         self._lease_ok = b""  # the lease record's bytes at the last check that passed
+        # The writer's index: key -> (slot, committed half) of keys it found or wrote. Only
+        # this process writes the region (one RW mapping), so an entry stays true; a miss
+        # probes the pages. The values live only in the pages.
+        self._index: dict[bytes, tuple[int, int]] = {}
         self.refused = 0  # writes refused because the lease moved on
         self._hdr: GuestHeader | None = None
 
@@ -401,18 +405,33 @@ class GuestMemory:
         with self._fenced():
             hdr = self._hdr
             assert hdr is not None
-            s, cur = self._find(hdr, kb, hdr.writes)
+            s, committed = self._locate(hdr, kb)
             keys = hdr.keys
-            if cur is None:
+            if committed is None:
                 if keys + 1 > int(hdr.n_slots * LOAD_MAX):
                     raise StoreFull(f"{self.where}: {keys} keys, the store is full")
                 keys += 1
             seq = hdr.writes + 1
             hdr = self._write_hdr(hdr._replace(pending_slot=s, pending_seq=seq))
-            target = 1 if cur is not None and cur[0] == 0 else 0
+            target = 1 if committed == 0 else 0
             self._put_half(hdr, s, target, seq, kb, vb)
             self._write_hdr(hdr._replace(writes=seq, keys=keys, pending_slot=-1, pending_seq=0))
+            self._index[kb] = (s, target)
         return seq
+
+    def _locate(self, hdr: GuestHeader, kb: bytes, used: builtins.set[int] | None = None
+                ) -> tuple[int, int | None]:
+        """(slot, committed half or None for a new key) of ``kb``, from the writer's index or
+        by probing (where an empty slot in ``used`` counts as taken)."""
+        hit = self._index.get(kb)
+        if hit is not None:
+            return hit
+        s, cur = self._find(hdr, kb, hdr.writes) if not used else \
+            self._find_free(hdr, kb, used)
+        if cur is None:
+            return s, None
+        self._index[kb] = (s, cur[0])
+        return s, cur[0]
 
     def _value(self, value: str) -> bytes:
         vb = value.encode("ascii", "replace")
@@ -452,13 +471,13 @@ class GuestMemory:
                     if kb in mine:
                         s, target = mine[kb]
                     else:
-                        s, cur = self._find_free(hdr, kb, used)
-                        if cur is None:
+                        s, committed = self._locate(hdr, kb, used)
+                        if committed is None:
                             if keys + 1 > int(hdr.n_slots * LOAD_MAX):
                                 raise StoreFull(f"{self.where}: {keys} keys, the store is full")
                             keys += 1
                             used.add(s)
-                        target = 1 if cur is not None and cur[0] == 0 else 0
+                        target = 1 if committed == 0 else 0
                         mine[kb] = (s, target)
                 except MemoryError_ as exc:
                     out.append(exc)
@@ -473,6 +492,7 @@ class GuestMemory:
             for s, target, n, kb, vb in plan:
                 self._put_half(hdr, s, target, n, kb, vb)
             self._write_hdr(hdr._replace(writes=seq, keys=keys, pending_slot=-1, pending_seq=0))
+            self._index.update(mine)
         return out
 
     def _find_free(self, hdr: GuestHeader, key: bytes, used: builtins.set[int]
@@ -489,7 +509,16 @@ class GuestMemory:
 
     def _snapshot_read(self, key: bytes) -> bytes | None:
         if self.writable and self._hdr is not None:
-            _, cur = self._find(self._hdr, key, self._hdr.writes)
+            hdr = self._hdr
+            hit = self._index.get(key)
+            if hit is not None:
+                half = hdr.slot_size // 2
+                v = self._half(SLOTS_OFF + hit[0] * hdr.slot_size + hit[1] * half, hdr.writes,
+                               max_value(hdr.slot_size))
+                if v is None or v[1] != key:
+                    raise PoolCorrupt(self.where, f"slot {hit[0]} lost the key it held")
+                return v[2]
+            _, cur = self._find(hdr, key, hdr.writes)
             return None if cur is None else cur[3]
         for _ in range(READ_RETRIES):
             hdr = self._read_hdr()
