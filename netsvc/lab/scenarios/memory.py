@@ -191,6 +191,18 @@ def journal_since(lab: Lab, action: str, t0: float) -> list[dict[str, Any]]:
             if e["action"] == action and float(e["mono"]) >= t0]  # fmt: skip
 
 
+def fence_steps(lab: Lab, host: str, t0: float) -> dict[str, float | None]:
+    """Where a memory fence's time goes, from the manager's journal (ms after ``t0``): the
+    master takes the lease, the manager is asked, the BMC confirms, the master sees it."""
+    steps = {"pool_fence": "memory-fence", "asked": "fence-requested",
+             "confirmed": "fence-confirmed", "master_saw_off": "memory-power-fenced"}
+    out: dict[str, float | None] = {}
+    for key, action in steps.items():
+        e = [x for x in journal_since(lab, action, t0) if x["subject"] == f"host:{host}"]
+        out[key] = ms(float(e[0]["mono"]), t0) if e else None
+    return out
+
+
 def ms(t: float | None, t0: float) -> float | None:
     return None if t is None else round((t - t0) * 1000, 1)
 
@@ -586,6 +598,7 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
                      if e["subject"] == "host:h1"]
         out["power_fence_ms"] = ms(float(confirmed[0]["mono"]), t0) if confirmed else None
         out["fenced_by"] = confirmed[0]["details"].get("fenced_by") if confirmed else None
+        out["power_fence_steps_ms"] = fence_steps(lab, "h1", t0)
         rs = pl.finished("memory-respawn", t0)
         checks.check("h1 was confirmed off by its BMC before its VM was respawned",
                      bool(confirmed and rs) and float(confirmed[0]["mono"]) <= rs[0].decided,
