@@ -166,8 +166,9 @@ class Planner:
         self.config = config or PlannerConfig()
         self._sw: dict[tuple[str, str], _Switch] = {}
         self._heap: list[tuple[float, int, tuple[str, str]]] = []
-        # pending attaches whose switch is not known yet: host -> action ids
-        self._pending_host: dict[str, set[str]] = {}
+        # pending attaches kept for switches not reported yet: (host, switch or None for
+        # every switch of the host) -> action ids
+        self._pending_early: dict[tuple[str, str | None], set[str]] = {}
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -176,7 +177,8 @@ class Planner:
         key = view.key
         sw = self._sw.get(key)
         if sw is None:
-            sw = _Switch(view, pending=set(self._pending_host.get(view.host, ())))
+            sw = _Switch(view, pending=set(self._pending_early.get((view.host, None), ()))
+                         | self._pending_early.get(key, set()))
             self._sw[key] = sw
             if view.mode is Mode.STANDBY:
                 sw.why = "found in standby"
@@ -208,9 +210,10 @@ class Planner:
         """An attach onto ``host`` (onto ``switch``, or onto any of its switches when the VM's
         switch is unknown) is pending (``on``) or no longer (``not on``)."""
         keys = [k for k in self._sw if k[0] == host and (switch is None or k[1] == switch)]
-        if switch is None:
-            held = self._pending_host.setdefault(host, set())
-            (held.add if on else held.discard)(action)
+        held = self._pending_early.setdefault((host, switch), set())
+        (held.add if on else held.discard)(action)
+        if not held:
+            del self._pending_early[(host, switch)]
         out = []
         for key in keys:
             sw = self._sw[key]
@@ -225,7 +228,8 @@ class Planner:
         for key in [k for k in self._sw if k[0] == host and switch in (None, k[1])]:
             del self._sw[key]
         if switch is None:
-            self._pending_host.pop(host, None)
+            for k in [k for k in self._pending_early if k[0] == host]:
+                del self._pending_early[k]
 
     def started(self, host: str, switch: str, op: str) -> None:
         """An action of ours (``standby``/``wake``) for this switch is now in flight."""
