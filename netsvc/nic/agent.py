@@ -73,7 +73,11 @@ class NicAgent:
 
     def __init__(self, ctx: AgentContext, switches: Mapping[str, SwitchConf], *,
                  wake_timeout: float = DEFAULT_WAKE_TIMEOUT_S, ipr: Any = None,
+                 netns: str | None = None,
                  post: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``ipr``/``netns``: the namespace to act in (default: the agent's own; tests and
+        benches pass a lab host's ``IPRoute`` and ``/proc/<pid>/ns/net``); ``post``: where
+        events go (default: the manager's journal)."""
         if ipr is None:
             from pyroute2 import IPRoute
 
@@ -82,6 +86,7 @@ class NicAgent:
         self.switches = dict(switches)
         self.wake_timeout = wake_timeout
         self.ipr = ipr
+        self.netns = netns
         self._ipr_lock = threading.Lock()
         self._locks = {name: threading.Lock() for name in self.switches}
         self._holds: dict[str, dict[str, float]] = {name: {} for name in self.switches}
@@ -94,7 +99,7 @@ class NicAgent:
     def caps(self, nic: str) -> dict[str, Any]:
         """What ethtool can do for ``nic`` (asked once)."""
         if nic not in self._caps:
-            self._caps[nic] = io.ethtool_caps(nic)
+            self._caps[nic] = io.ethtool_caps(nic, self.netns)
         return self._caps[nic]
 
     def _conf(self, switch: str) -> SwitchConf:
@@ -181,7 +186,7 @@ class NicAgent:
                 return {"switch": switch, "already": True, "nics": {}, "standby_ms": 0.0}
             caps = {u: self.caps(u) for u in conf.uplinks}
             with self._ipr_lock:
-                out = io.standby(self.ipr, switch, conf.uplinks, caps)
+                out = io.standby(self.ipr, switch, conf.uplinks, caps, self.netns)
         self._changed.set()
         return out
 

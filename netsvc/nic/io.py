@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import time
@@ -39,6 +40,9 @@ class WakeError(NicError):
     """A wake that did not reach carrier within its timeout."""
 
 
+BR_STATE_FORWARDING = 3
+
+
 @dataclass(frozen=True)
 class LinkInfo:
     name: str
@@ -48,11 +52,13 @@ class LinkInfo:
     operstate: str
     master: int | None
     kind: str | None
+    port_state: int | None = None  # as a bridge port (3: forwarding)
 
 
 def _info(msg: Any) -> LinkInfo:
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+    slave = linkinfo.get_attr("IFLA_INFO_SLAVE_DATA") if linkinfo is not None else None
     return LinkInfo(
         name=str(msg.get_attr("IFLA_IFNAME")),
         index=int(msg["index"]),
@@ -61,6 +67,7 @@ def _info(msg: Any) -> LinkInfo:
         operstate=str(msg.get_attr("IFLA_OPERSTATE")),
         master=msg.get_attr("IFLA_MASTER"),
         kind=kind,
+        port_state=slave.get_attr("IFLA_BRPORT_STATE") if slave is not None else None,
     )
 
 
@@ -74,8 +81,14 @@ def links(ipr: Any) -> dict[str, LinkInfo]:
 
 
 def _addrs(ipr: Any, index: int) -> list[str]:
-    return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)
-            if a.get_attr("IFA_ADDRESS")]
+    """The addresses on a link that the host's services could use: link-local ones (IPv6
+    fe80::/10, IPv4 169.254/16, assigned by the kernel on every link) do not count."""
+    out = []
+    for a in ipr.get_addr(index=index):
+        text = a.get_attr("IFA_ADDRESS")
+        if text and not ipaddress.ip_address(text).is_link_local:
+            out.append(str(text))
+    return out
 
 
 def read_switch(ipr: Any, name: str, uplinks: Sequence[str],
@@ -113,12 +126,14 @@ def read_switch(ipr: Any, name: str, uplinks: Sequence[str],
     }
 
 
-def _ethtool(*argv: str) -> tuple[bool, str]:
+def _ethtool(*argv: str, netns: str | None = None) -> tuple[bool, str]:
+    """Run ethtool (in the network namespace at path ``netns``, if given); (ok, why)."""
     exe = shutil.which("ethtool")
     if exe is None:
         return False, "ethtool is not installed"
+    cmd = [exe, *argv] if netns is None else ["nsenter", f"--net={netns}", exe, *argv]
     try:
-        p = subprocess.run([exe, *argv], capture_output=True, text=True,
+        p = subprocess.run(cmd, capture_output=True, text=True,
                            timeout=ETHTOOL_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"ethtool {' '.join(argv)}: {exc}"
@@ -128,22 +143,31 @@ def _ethtool(*argv: str) -> tuple[bool, str]:
     return True, "ok"
 
 
-def ethtool_caps(ifname: str) -> dict[str, Any]:
+def ethtool_caps(ifname: str, netns: str | None = None) -> dict[str, Any]:
     """What ``ethtool`` can do for this NIC: Wake-on-LAN (magic packet) and EEE low-power
     modes. Read once per NIC (a veth says "Operation not supported" to both)."""
-    ok_wol, wol = _ethtool(ifname)
-    supports_wol = False
-    if ok_wol:
-        p = subprocess.run(["ethtool", ifname], capture_output=True, text=True,
-                           timeout=ETHTOOL_TIMEOUT_S, check=False)
-        for line in p.stdout.splitlines():
-            if "Supports Wake-on:" in line:
-                supports_wol = "g" in line.split(":", 1)[1]
-    ok_eee, eee = _ethtool("--show-eee", ifname)
-    return {
-        "wol": "supported" if supports_wol else f"unsupported ({wol if not ok_wol else 'no g'})",
-        "low_power": "supported" if ok_eee else f"unsupported ({eee})",
-    }
+    ok, text = _ethtool_out(ifname, netns)  # read-only: changes nothing on the NIC
+    modes = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if "Supports Wake-on:" in line), None) if ok else None
+    if modes is None:
+        wol = "unsupported (the driver reports no Wake-on-LAN)"
+    elif "g" in modes:
+        wol = "supported"
+    else:
+        wol = f"unsupported (no magic-packet wake: modes {modes!r})"
+    ok_eee, eee = _ethtool("--show-eee", ifname, netns=netns)
+    return {"wol": wol, "low_power": "supported" if ok_eee else f"unsupported ({eee})"}
+
+
+def _ethtool_out(ifname: str, netns: str | None) -> tuple[bool, str]:
+    exe = shutil.which("ethtool") or "ethtool"
+    cmd = [exe, ifname] if netns is None else ["nsenter", f"--net={netns}", exe, ifname]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=ETHTOOL_TIMEOUT_S,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    return p.returncode == 0, p.stdout
 
 
 def _set(ipr: Any, index: int, up: bool) -> None:
@@ -151,7 +175,7 @@ def _set(ipr: Any, index: int, up: bool) -> None:
 
 
 def standby(ipr: Any, name: str, uplinks: Sequence[str],
-            caps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+            caps: Mapping[str, Mapping[str, Any]], netns: str | None = None) -> dict[str, Any]:
     """Put ``name`` and its uplinks in standby (see the module docstring); returns what was
     done to each NIC, and the fallbacks."""
     found = links(ipr)
@@ -164,7 +188,7 @@ def standby(ipr: Any, name: str, uplinks: Sequence[str],
         for what, argv in (("wol", ("-s", u, "wol", "g")),
                            ("low_power", ("--set-eee", u, "eee", "on"))):
             if str(cap.get(what, "")).startswith("supported"):
-                ok, why = _ethtool(*argv)
+                ok, why = _ethtool(*argv, netns=netns)
                 done[what] = "armed" if ok and what == "wol" else "on" if ok else f"refused: {why}"
             else:
                 done[what] = f"not used: {cap.get(what, 'unknown')}"
@@ -189,14 +213,21 @@ def wake(ipr: Any, name: str, uplinks: Sequence[str], timeout: float) -> dict[st
         _set(ipr, i, True)
     _set(ipr, found[name].index, True)
     deadline = t0 + timeout
-    pending = [*idx, found[name].index]
+    bridge = found[name].index
+    pending = [*idx, bridge]
+    # Ready: every uplink has carrier (IFLA_CARRIER is the driver's own state, not the
+    # linkwatch-delayed operstate), those that are ports of the switch forward, and the
+    # switch itself has carrier.
     while pending:
         li = _info(ipr.get_links(pending[0])[0])
-        if li.carrier and li.operstate in ("UP", "UNKNOWN"):
+        ready = li.carrier and (li.master != bridge or li.port_state == BR_STATE_FORWARDING)
+        if ready:
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
-            raise WakeError(f"{li.name} of switch {name} has no carrier "
-                            f"{timeout * 1000:.0f} ms after the wake (operstate {li.operstate})")
+            what = ("has no carrier" if not li.carrier
+                    else f"does not forward (port state {li.port_state})")
+            raise WakeError(f"{li.name} of switch {name} {what} {timeout * 1000:.0f} ms "
+                            f"after the wake")
         time.sleep(0.0002)
     return {"switch": name, "wake_ms": round((time.monotonic() - t0) * 1000, 3)}
