@@ -3,7 +3,11 @@ side (``NicAgent``) in this process."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +17,7 @@ from netsvc.lab.lab import Lab
 from netsvc.nic.agent import NicAgent, parse_switches
 from netsvc.nic.io import NicError, WakeError
 
+REPO = Path(__file__).resolve().parents[2]
 WAKE_SANITY_MS = 500.0  # a sanity bound; the goal (< 20 ms) is measured in bench/
 
 
@@ -109,3 +114,20 @@ def test_a_wake_without_carrier_fails_the_attach(lab: Lab) -> None:
             lab.set_link(end, up=True)
     assert a.wake("vs1")["wake_ms"] < WAKE_SANITY_MS
     assert all(admin(lab, "h1", ["vs1", plan.host_ifname("h1", "eth6")]))
+
+
+def test_nic_standby_scenario_passes_and_reports_the_issue_keys(tmp_path: Path) -> None:
+    """The scenario as a user runs it (``flap_s`` shortened through its config table)."""
+    config = tmp_path / "lab.toml"
+    config.write_text('[nic-standby]\nflap_s = 8\n')
+    r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "nic-standby",
+                        "--config", str(config), "--report", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is True and report["leftovers"] == []
+    assert report["standby_switches"] == 3 and report["standby_nics"] == 6
+    assert report["false_partition_verdicts"] == 0
+    for key in ("wake_ms", "attach_ms", "migration_downtime_ms"):
+        assert isinstance(report[key], float) and 0 < report[key] < 10_000, (key, report[key])
+    assert report["flap_standbys"] <= 1 + report["params"]["flap_s"] // 2
