@@ -153,10 +153,27 @@ class _Switch:
     inflight: str | None = None  # "standby" | "wake" while an action of ours is open
     why: str = "reported"  # the reason for its current state
     version: int = 0  # for the deadline heap's lazy deletion
+    # resolved once per view (the config is immutable): idle_after, auto, protection
+    idle_after: float = DEFAULT_IDLE_AFTER
+    auto: bool = True
+    prot: str | None = None
 
     @property
     def busy(self) -> bool:
         return bool(self.running or self.view.unknown_ports or self.pending)
+
+
+def _protection(v: SwitchView, protected: bool, roles: frozenset[str]) -> str | None:
+    """Why a switch may never sleep (see the module docstring), or None."""
+    if protected:
+        return f"{v.host}/{v.name} is protected by the config"
+    if v.role in roles:
+        return f"{v.host}/{v.name} is on a {v.role} network (a protected role)"
+    if v.host_addrs:
+        return f"{v.host}/{v.name} carries the host's address {v.host_addrs[0]}"
+    if v.probed:
+        return f"{v.host}/{v.name} is probed by a service of {v.host} (the partition prober)"
+    return None
 
 
 class Planner:
@@ -187,6 +204,8 @@ class Planner:
             sw.why = "found awake"
         sw.view = view
         sw.running = sum(1 for r in view.vm_ports.values() if r)
+        sw.idle_after, sw.auto, protected = self.config.resolve(*key)
+        sw.prot = _protection(view, protected, self.config.protected_roles)
         return self._touch(key, sw, now)
 
     def vm_event(self, host: str, switch: str, vm: str, running: bool | None,
@@ -253,12 +272,13 @@ class Planner:
     # -- outputs ---------------------------------------------------------------------------
 
     def plan(self, now: float) -> list[Decision]:
-        """Every decision due now, over every switch (a full pass)."""
+        """Every decision due now, over every switch (a full pass), by host and switch."""
         out = []
-        for key in sorted(self._sw):
-            d = self._decide(self._sw[key], now)
+        for sw in self._sw.values():
+            d = self._decide(sw, now)
             if d is not None:
                 out.append(d)
+        out.sort(key=lambda d: (d.host, d.switch))
         return out
 
     def due(self, now: float) -> list[Decision]:
@@ -285,18 +305,7 @@ class Planner:
 
     def protection(self, host: str, switch: str) -> str | None:
         """Why this switch may never sleep, or None."""
-        sw = self._get(host, switch)
-        v = sw.view
-        _, _, protected = self.config.resolve(host, switch)
-        if protected:
-            return f"{host}/{switch} is protected by the config"
-        if v.role in self.config.protected_roles:
-            return f"{host}/{switch} is on a {v.role} network (a protected role)"
-        if v.host_addrs:
-            return f"{host}/{switch} carries the host's address {v.host_addrs[0]}"
-        if v.probed:
-            return f"{host}/{switch} is probed by a service of {host} (the partition prober)"
-        return None
+        return self._get(host, switch).prot
 
     def check_standby(self, host: str, switch: str, now: float,
                       operator: bool = False) -> list[tuple[str, str]]:
@@ -304,9 +313,8 @@ class Planner:
         why; empty if allowed. An operator skips the hysteresis rule."""
         sw = self._get(host, switch)
         out: list[tuple[str, str]] = []
-        prot = self.protection(host, switch)
-        if prot is not None:
-            out.append(("not-protected", prot))
+        if sw.prot is not None:
+            out.append(("not-protected", sw.prot))
         running = sorted(vm for vm, r in sw.view.vm_ports.items() if r)
         if running:
             out.append(("no-running-vm", f"running VMs on {host}/{switch}: "
@@ -318,7 +326,7 @@ class Planner:
             out.append(("no-pending-attach", f"an attach onto {host}/{switch} is pending "
                         f"({', '.join(sorted(sw.pending))})"))
         if not operator:
-            idle_after, _, _ = self.config.resolve(host, switch)
+            idle_after = sw.idle_after
             idle = 0.0 if sw.idle_since is None else now - sw.idle_since
             if idle < idle_after:
                 out.append(("idle-long-enough", f"{host}/{switch} idle for {idle:.1f} s, "
@@ -331,12 +339,11 @@ class Planner:
     def figures(self, host: str, switch: str, now: float) -> dict[str, Any]:
         """The numbers a decision about this switch uses (journaled with it)."""
         sw = self._get(host, switch)
-        idle_after, auto, _ = self.config.resolve(host, switch)
         return {
             "mode": sw.view.mode.value,
             "idle_s": None if sw.idle_since is None else round(now - sw.idle_since, 3),
-            "idle_after": idle_after,
-            "auto": auto,
+            "idle_after": sw.idle_after,
+            "auto": sw.auto,
             "running_vms": sw.running,
             "vm_ports": len(sw.view.vm_ports),
             "unknown_ports": len(sw.view.unknown_ports),
@@ -377,10 +384,9 @@ class Planner:
             sw.idle_since = now
         sw.version += 1
         if sw.idle_since is not None and sw.view.mode is not Mode.STANDBY:
-            idle_after, _, _ = self.config.resolve(*key)
-            at = sw.idle_since + idle_after
+            at = sw.idle_since + sw.idle_after
             if sw.last_standby is not None:
-                at = max(at, sw.last_standby + idle_after)
+                at = max(at, sw.last_standby + sw.idle_after)
             heapq.heappush(self._heap, (at, sw.version, key))
         return self._decide(sw, now)
 
@@ -388,24 +394,26 @@ class Planner:
         if sw.inflight is not None:
             return None
         v = sw.view
-        host, name = v.host, v.name
-        if v.mode is not Mode.AWAKE:
-            prot = self.protection(host, name)
-            if prot is not None:
-                return Decision(host, name, "wake", f"{prot}; it must not sleep",
-                                self.figures(host, name, now))
-            if sw.busy:
-                return Decision(host, name, "wake", self._busy_reason(sw),
-                                self.figures(host, name, now))
-            if v.mode is Mode.STANDBY:
+        busy = sw.running or v.unknown_ports or sw.pending
+        if v.mode is Mode.AWAKE:  # the common case first: only an idle one may sleep
+            if busy or not sw.auto or sw.prot is not None or sw.idle_since is None:
                 return None
-        _, auto, _ = self.config.resolve(host, name)
-        if not auto or sw.busy or self.check_standby(host, name, now):
+        else:
+            if sw.prot is not None:
+                return Decision(v.host, v.name, "wake", f"{sw.prot}; it must not sleep",
+                                self.figures(v.host, v.name, now))
+            if busy:
+                return Decision(v.host, v.name, "wake", self._busy_reason(sw),
+                                self.figures(v.host, v.name, now))
+            if v.mode is Mode.STANDBY or not sw.auto or sw.idle_since is None:
+                return None
+        idle = now - sw.idle_since
+        if idle < sw.idle_after or (sw.last_standby is not None
+                                    and now - sw.last_standby < sw.idle_after):
             return None
-        idle_after, _, _ = self.config.resolve(host, name)
-        return Decision(host, name, "standby",
-                        f"no running VM on {host}/{name} for {now - (sw.idle_since or now):.1f} s"
-                        f" (idle_after {idle_after:g} s)", self.figures(host, name, now))
+        return Decision(v.host, v.name, "standby",
+                        f"no running VM on {v.host}/{v.name} for {idle:.1f} s"
+                        f" (idle_after {sw.idle_after:g} s)", self.figures(v.host, v.name, now))
 
     @staticmethod
     def _busy_reason(sw: _Switch) -> str:
