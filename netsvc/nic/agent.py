@@ -91,6 +91,7 @@ class NicAgent:
         self._locks = {name: threading.Lock() for name in self.switches}
         self._holds: dict[str, dict[str, float]] = {name: {} for name in self.switches}
         self._caps: dict[str, dict[str, Any]] = {}
+        self._idx: dict[str, tuple[int, tuple[int, ...]]] = {}  # switch -> its ifindexes
         self._changed = threading.Event()
         self._post = post
 
@@ -194,15 +195,22 @@ class NicAgent:
         """Wake ``switch`` and wait for carrier (``io.WakeError`` past ``wake_timeout``).
         ``hold_for``: a VM being attached; the switch is held awake for it."""
         conf = self._conf(switch)
+        names = (switch, *conf.uplinks)
         with self._locks[switch]:
             if hold_for is not None:
                 self._holds[switch][hold_for] = time.monotonic()
             with self._ipr_lock:
-                sw = io.read_switch(self.ipr, switch, conf.uplinks)
-            if sw["mode"] == "awake" and all(u["carrier"] for u in sw["uplinks"]):
-                return {"switch": switch, "wake_ms": 0.0, "already": True}
-            with self._ipr_lock:
-                out = io.wake(self.ipr, switch, conf.uplinks, self.wake_timeout)
+                idx = self._idx.get(switch)
+                try:
+                    if idx is None:
+                        raise io.NicError("not resolved yet")
+                    now = io.states(self.ipr, names, (idx[0], *idx[1]))
+                except io.NicError:  # first use, or an interface re-created: look it up
+                    idx = self._idx[switch] = io.indexes(self.ipr, switch, conf.uplinks)
+                    now = io.states(self.ipr, names, (idx[0], *idx[1]))
+                if io.is_ready(idx[0], now):
+                    return {"switch": switch, "wake_ms": 0.0, "already": True}
+                out = io.wake(self.ipr, switch, conf.uplinks, self.wake_timeout, idx)
         self._changed.set()
         return out
 

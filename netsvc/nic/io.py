@@ -202,26 +202,50 @@ def standby(ipr: Any, name: str, uplinks: Sequence[str],
     return {"switch": name, "nics": nics, "standby_ms": round((time.monotonic() - t0) * 1000, 3)}
 
 
-def wake(ipr: Any, name: str, uplinks: Sequence[str], timeout: float) -> dict[str, Any]:
-    """Bring ``name``'s uplinks and the switch up; wait for carrier (``WakeError`` on
-    timeout). Returns ``wake_ms``: from the request to carrier on every uplink."""
+def indexes(ipr: Any, name: str, uplinks: Sequence[str]) -> tuple[int, tuple[int, ...]]:
+    """The ifindexes of the switch and its uplinks (``NicError`` if one does not exist)."""
+    out = []
+    for n in (name, *uplinks):
+        found = ipr.link_lookup(ifname=n)
+        if not found:
+            what = "switch" if n == name else f"switch {name}: uplink"
+            raise NicError(f"no {what} {n!r} on this host")
+        out.append(int(found[0]))
+    return out[0], tuple(out[1:])
+
+
+def states(ipr: Any, names: Sequence[str], idx: Sequence[int]) -> list[LinkInfo]:
+    """The links at ``idx``, checked to still be ``names`` (``NicError``: re-resolve)."""
+    out = [_info(m) for m in ipr.get_links(*idx)]
+    if [li.name for li in out] != list(names):
+        raise NicError(f"the links at {list(idx)} are no longer {list(names)}")
+    return out
+
+
+def is_ready(bridge: int, links_: Sequence[LinkInfo]) -> bool:
+    """Awake and ready: every link up with carrier (IFLA_CARRIER is the driver's own state,
+    not the linkwatch-delayed operstate), and each port of the switch forwarding."""
+    return all(li.admin_up and li.carrier
+               and (li.master != bridge or li.port_state == BR_STATE_FORWARDING)
+               for li in links_)
+
+
+def wake(ipr: Any, name: str, uplinks: Sequence[str], timeout: float,
+         idx: tuple[int, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Bring ``name``'s uplinks and the switch up; wait until every uplink has carrier, the
+    uplinks that are its ports forward and the switch has carrier (``WakeError`` past
+    ``timeout``). ``idx``: the ifindexes (``indexes``) if known. Returns ``wake_ms``: from the
+    request to ready."""
     t0 = time.monotonic()
-    found = links(ipr)
-    read_switch(ipr, name, uplinks, found)
-    idx = [found[u].index for u in uplinks]
-    for i in idx:
+    bridge, ups = idx if idx is not None else indexes(ipr, name, uplinks)
+    for i in ups:
         _set(ipr, i, True)
-    _set(ipr, found[name].index, True)
+    _set(ipr, bridge, True)
     deadline = t0 + timeout
-    bridge = found[name].index
-    pending = [*idx, bridge]
-    # Ready: every uplink has carrier (IFLA_CARRIER is the driver's own state, not the
-    # linkwatch-delayed operstate), those that are ports of the switch forward, and the
-    # switch itself has carrier.
+    pending = [*ups, bridge]
     while pending:
         li = _info(ipr.get_links(pending[0])[0])
-        ready = li.carrier and (li.master != bridge or li.port_state == BR_STATE_FORWARDING)
-        if ready:
+        if is_ready(bridge, [li]):
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
