@@ -13,8 +13,9 @@ hook first, then the driver). All in one run:
   the gateway), with vs1 asleep before each start, and with vs1 already awake;
 - ``migration``: that VM migrated between h2 and h3 under a client writing every 2 ms (from the
   gateway), with the target's vs1 asleep before each migration, and already awake: the
-  client's downtime (longest gap between replies) and the migration's total time (hook +
-  prepare + handover).
+  client's downtime (longest gap between replies, from the end of the wake to 0.5 s after the
+  handover; the gap while the wake ran is reported apart, ``gap_during_hook_ms``) and the
+  migration's total time (hook + prepare + handover).
 
 Goal: wake under 20 ms in the lab; migration downtime p99 still under 50 ms.
 """
@@ -105,7 +106,7 @@ def bench_migrate(lab: Lab, agents: dict[str, NicAgent], n: int, asleep: bool
                   ) -> dict[str, Any]:
     client = GuestClient(lab.guest_connect(VM), interval=0.002).start()
     time.sleep(0.5)
-    downtime, total, hook, switch = [], [], [], []
+    downtime, total, hook, switch, during = [], [], [], [], []
     for i in range(n):
         src = lab.vm(VM).host
         dst = "h3" if src == "h2" else "h2"
@@ -120,13 +121,18 @@ def bench_migrate(lab: Lab, agents: dict[str, NicAgent], n: int, asleep: bool
         t2 = time.monotonic()
         agents[dst].release(VM)
         time.sleep(0.5)
-        downtime.append(client.log.max_gap(t0 - 0.1, t2 + 0.5) * 1000)
+        # the switch-over: from the end of the wake (the VM still runs on the source) to
+        # 0.5 s after the handover; the client's longest gap while the hook ran is kept apart
+        # (this process's client thread shares the GIL with the wake's carrier poll)
+        downtime.append(client.log.max_gap(t1, t2 + 0.5) * 1000)
+        during.append(client.log.max_gap(t0, t1) * 1000)
         total.append((t2 - t0) * 1000)
         hook.append((t1 - t0) * 1000)
         switch.append(float(out.get("switch_ms", 0.0)))
     log = client.stop()
     return {"downtime_ms": summary(downtime), "total_ms": summary(total),
             "hook_ms": summary(hook), "switch_ms": summary(switch),
+            "gap_during_hook_ms": summary(during),
             "violations": len(log.violations)}
 
 

@@ -253,5 +253,5 @@ def wake(ipr: Any, name: str, uplinks: Sequence[str], timeout: float,
                     else f"does not forward (port state {li.port_state})")
             raise WakeError(f"{li.name} of switch {name} {what} {timeout * 1000:.0f} ms "
                             f"after the wake")
-        time.sleep(0.0002)
+        time.sleep(0.0005)
     return {"switch": name, "wake_ms": round((time.monotonic() - t0) * 1000, 3)}

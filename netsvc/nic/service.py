@@ -345,6 +345,13 @@ class NicService(BaseManagerService):
         self._sync_pending(now, wall)
         subject = f"switch:{host}/{switch}"
         figures = self.planner.figures(host, switch, now)
+        busy = [(aid, o) for aid, (h, s, o) in self._inflight.items() if (h, s) == (host, switch)]
+        if busy:
+            why = f"a {busy[0][1]} of {host}/{switch} is in flight ({busy[0][0]})"
+            k.journal_append(now, wall, f"nic-{op}-refused", subject, f"{why} (rule "
+                             "no-pending-action)", dry_run=req.dry_run, actor="operator",
+                             details={"rule": "no-pending-action", "figures": figures})
+            raise Refused("no-pending-action", f"{op} of {host}/{switch} refused: {why}")
         if op == "standby":
             rules = self.planner.check_standby(host, switch, now, operator=True)
             if rules:
