@@ -23,6 +23,9 @@ Invariants:
   an unknown VM) is on the switch and that no attach onto it began within ``HOLD_S``
   (an attach's wake holds its switch until the VM runs); it refuses otherwise.
 - An ``ethtool`` refusal never fails a standby: it falls back to admin-down and says so.
+- A switch another service of this agent probes (``<service>.probe_iface(s)`` in the
+  context's options: the partition prober's links) is reported ``probed`` and never put in
+  standby, so the prober never reads a sleeping NIC as a failed network.
 """
 
 from __future__ import annotations
@@ -121,8 +124,16 @@ class NicAgent:
             return {}
 
     def _probed(self) -> set[str]:
-        """Interfaces another service of this agent probes (``<service>.probe_iface``)."""
-        return {str(v) for k, v in self.ctx.options.items() if k.endswith(".probe_iface")}
+        """Interfaces another service of this agent probes or watches: the convention is an
+        option ``<service>.probe_iface`` (one name) or ``<service>.probe_ifaces`` (a list),
+        left by that service's ``start`` (the partition prober, the ACD readdress probe)."""
+        out: set[str] = set()
+        for k, v in self.ctx.options.items():
+            if k.endswith(".probe_iface") and isinstance(v, str):
+                out.add(v)
+            elif k.endswith(".probe_ifaces") and isinstance(v, (list, tuple, set)):
+                out.update(str(x) for x in v)
+        return out
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every managed switch as the kernel has it now (the report's ``switches``)."""
@@ -178,6 +189,8 @@ class NicAgent:
                 problems.append(f"an attach onto it began: {', '.join(snap['attaching'])}")
             if snap["host_addrs"]:
                 problems.append(f"it carries the host's address {snap['host_addrs'][0]}")
+            if snap["probed"]:
+                problems.append("a service of this host probes it (the partition prober)")
             if problems:
                 raise io.NicError(f"standby of {self.ctx.host}/{switch} refused on the host: "
                                   + "; ".join(problems))

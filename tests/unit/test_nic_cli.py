@@ -131,3 +131,15 @@ def test_bad_nic_switch_is_refused(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match="given twice"):
         parse_switches(["vs1=eth6", "vs1=eth7"])
     assert parse_switches(["vs0=eth1,eth2:mgmt"])["vs0"].role == "mgmt"
+
+
+def test_interfaces_another_service_probes_are_reported_probed() -> None:
+    from netsvc.cluster.service import AgentContext
+    from netsvc.nic.agent import NicAgent
+
+    ctx = AgentContext(host="h1", url="", key=b"", make_client=lambda **k: None, driver=None,
+                       log=lambda m: None,
+                       options={"partition.probe_ifaces": ["h1-eth0", "vs0"],
+                                "acd.probe_iface": "vs9", "other.thing": "vs1"})
+    agent = NicAgent(ctx, parse_switches(["vs1=eth6"]), ipr=object())
+    assert agent._probed() == {"h1-eth0", "vs0", "vs9"}
