@@ -133,34 +133,40 @@ def bench_migrate(lab: Lab, agents: dict[str, NicAgent], n: int, asleep: bool
     return {"downtime_ms": summary(downtime), "total_ms": summary(total),
             "hook_ms": summary(hook), "switch_ms": summary(switch),
             "gap_during_hook_ms": summary(during),
-            "violations": len(log.violations)}
+            "violations": len(log.violations),
+            "downtime_each_ms": [round(x, 1) for x in downtime]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", choices=("all", "migrate"), default="all",
+                    help="migrate: only the two migration rows (more samples in less time)")
     args = ap.parse_args()
     n = args.repeat
     res: dict[str, Any] = {"repeat": n}
     with Lab(hosts=3, vms_per_host=1, scenario="bench-nic") as lab:
         agents = {h: agent(lab, h) for h in ("h2", "h3")}
-        res["wake"] = bench_wake(agents["h2"], n)
         lab.create_vm(VM, "h2", start=False, switch="vs1")
-        res["start_asleep"] = bench_start(lab, agents["h2"], n, asleep=True)
-        res["start_awake"] = bench_start(lab, agents["h2"], n, asleep=False)
+        if args.only == "all":
+            res["wake"] = bench_wake(agents["h2"], n)
+            res["start_asleep"] = bench_start(lab, agents["h2"], n, asleep=True)
+            res["start_awake"] = bench_start(lab, agents["h2"], n, asleep=False)
         lab.driver("h2").start(VM)
         first_reply(lab, VM)
         res["migrate_asleep"] = bench_migrate(lab, agents, n, asleep=True)
         res["migrate_awake"] = bench_migrate(lab, agents, n, asleep=False)
-    res["added_to_start_ms_p50"] = round(res["start_asleep"]["start_to_first_reply_ms"]["p50"]
-                                         - res["start_awake"]["start_to_first_reply_ms"]["p50"],
-                                         3)
+    if args.only == "all":
+        res["added_to_start_ms_p50"] = round(
+            res["start_asleep"]["start_to_first_reply_ms"]["p50"]
+            - res["start_awake"]["start_to_first_reply_ms"]["p50"], 3)
     res["added_to_migration_ms_p50"] = round(res["migrate_asleep"]["total_ms"]["p50"]
                                              - res["migrate_awake"]["total_ms"]["p50"], 3)
     res["goal"] = {"wake_ms": 20, "migration_downtime_p99_ms": 50}
-    res["met"] = {"wake": res["wake"]["wake_ms"]["p99"] < 20,
-                  "downtime": res["migrate_asleep"]["downtime_ms"]["p99"] < 50}
+    res["met"] = {"downtime": res["migrate_asleep"]["downtime_ms"]["p99"] < 50}
+    if "wake" in res:
+        res["met"]["wake"] = res["wake"]["wake_ms"]["p99"] < 20
     res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                       "kernel": platform.release()}
     print(json.dumps(res, indent=2))
