@@ -103,5 +103,5 @@ class NicTable(Schema, frozen=True):
     hosts: Annotated[dict[HostName, SwitchTable], Meta(max_length=4096)] \
         = field(default_factory=dict)
     switches: Annotated[dict[Annotated[str, Meta(pattern=r"^([a-z][a-z0-9-]{0,30}/)?"
-                                                 r"[A-Za-z0-9._@-]{1,15}\Z")],
+                                                 r"[A-Za-z0-9._@-]{1,15}\Z", max_length=47)],
                              SwitchTable], Meta(max_length=4096)] = field(default_factory=dict)
