@@ -165,7 +165,8 @@ class NicAgent:
                 holds = {vm: round(now - t, 3) for vm, t in self._holds[name].items()
                          if now - t < HOLD_S}
                 out.append({**sw, "role": conf.role, "vm_ports": vm_ports,
-                            "unknown_ports": unknown, "probed": name in probed,
+                            "unknown_ports": unknown,
+                            "probed": bool({name, *conf.uplinks} & probed),
                             "attaching": sorted(holds)})
         return out
 
