@@ -272,10 +272,15 @@ class NicAgent:
             with contextlib.suppress(Exception):
                 self._post({"event": what, "switch": switch, "reason": reason, **details})
                 return
-        with contextlib.suppress(Exception):
-            self.ctx.make_client(timeout=2.0).post_event(
-                f"agent:{self.ctx.host}", what, f"switch:{self.ctx.host}/{switch}", reason,
-                dict(details))
+
+        def post() -> None:
+            with contextlib.suppress(Exception):
+                self.ctx.make_client(timeout=2.0).post_event(
+                    f"agent:{self.ctx.host}", what, f"switch:{self.ctx.host}/{switch}",
+                    reason, dict(details))
+
+        # on a thread: the attach it reports on does not wait for the manager
+        threading.Thread(target=post, name=f"nic-event-{switch}", daemon=True).start()
 
     # -- the report loop -------------------------------------------------------------------
 
