@@ -98,6 +98,13 @@ class NicAgent:
         self._changed = threading.Event()
         self._post = post
 
+    def check(self) -> None:
+        """Every managed switch and uplink exists here (``io.NicError`` names the first that
+        does not): the agent refuses to start on a name that is wrong."""
+        with self._ipr_lock:
+            for name, conf in sorted(self.switches.items()):
+                self._idx[name] = io.indexes(self.ipr, name, conf.uplinks)
+
     # -- reading ---------------------------------------------------------------------------
 
     def caps(self, nic: str) -> dict[str, Any]:

@@ -208,8 +208,8 @@ def indexes(ipr: Any, name: str, uplinks: Sequence[str]) -> tuple[int, tuple[int
     for n in (name, *uplinks):
         found = ipr.link_lookup(ifname=n)
         if not found:
-            what = "switch" if n == name else f"switch {name}: uplink"
-            raise NicError(f"no {what} {n!r} on this host")
+            raise NicError(f"no switch {n!r} on this host" if n == name
+                           else f"switch {name}: no uplink {n!r} on this host")
         out.append(int(found[0]))
     return out[0], tuple(out[1:])
 

@@ -48,7 +48,13 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
     if not 0 < args.nic_wake_timeout <= 60 or not 0.05 <= args.nic_report_every <= 60:
         raise ValueError("--nic-wake-timeout must be in (0, 60] and --nic-report-every in "
                          "[0.05, 60] seconds")
+    from netsvc.nic.io import NicError
+
     agent = NicAgent(ctx, parse_switches(args.nic_switch), wake_timeout=args.nic_wake_timeout)
+    try:
+        agent.check()
+    except NicError as exc:
+        raise ValueError(f"--nic-switch: {exc}") from None
     ctx.options[AGENT_KEY] = agent
     threading.Thread(target=agent.run, args=(threading.Event(), args.nic_report_every),
                      name="nic-reports", daemon=True).start()

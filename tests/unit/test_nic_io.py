@@ -137,3 +137,16 @@ def test_states_notice_a_recreated_interface() -> None:
     ipr.links[11]["name"] = "other"
     with pytest.raises(io.NicError, match="no longer"):
         io.states(ipr, ["vs1", "eth6"], (10, 11))
+
+
+def test_the_agent_refuses_a_switch_or_uplink_that_does_not_exist() -> None:
+    from netsvc.cluster.service import AgentContext
+    from netsvc.nic.agent import NicAgent, parse_switches
+
+    ctx = AgentContext(host="h1", url="", key=b"", make_client=lambda **k: None, driver=None,
+                       log=lambda m: None)
+    NicAgent(ctx, parse_switches(["vs1=eth6,eth7"]), ipr=FakeIPR()).check()
+    with pytest.raises(io.NicError, match="switch vs1: no uplink 'eth8'"):
+        NicAgent(ctx, parse_switches(["vs1=eth6,eth8"]), ipr=FakeIPR()).check()
+    with pytest.raises(io.NicError, match="no switch 'vs2'"):
+        NicAgent(ctx, parse_switches(["vs2=eth6"]), ipr=FakeIPR()).check()
