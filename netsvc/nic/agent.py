@@ -232,7 +232,8 @@ class NicAgent:
                 if io.is_ready(idx[0], now):
                     return {"switch": switch, "wake_ms": 0.0, "already": True}
                 out = io.wake(self.ipr, switch, conf.uplinks, self.wake_timeout, idx)
-        self._changed.set()
+        # No report at once: a wake is usually followed by an attach or a migration's
+        # switch-over, which should not share the cores with a report; the next one says it.
         return out
 
     def release(self, vm: str) -> None:
