@@ -257,3 +257,30 @@ def test_the_kernel_route_starts_a_vm_on_its_host_and_its_rules_apply(env: Env) 
     assert env.http("POST", "/v1/vms/vm99/start", {"reason": "x"}).status == 404
     assert env.http("POST", "/v1/vms/vm9/reboot", {"reason": "x"}).status in (404, 405)
     assert env.http("POST", "/v1/vms/vm9/shutdown", {}).status == 400  # reason required
+
+
+def test_a_migration_onto_a_sleeping_switch_wakes_it_and_only_there(env: Env) -> None:
+    env.core.put_vm("vm5", mac="52:54:00:00:00:05", ip="198.18.5.105", host="h2",
+                    state=VMState.RUNNING, now=T0)
+    env.standard("h2", T0, vms={"vm5": True})  # vm5's port is on h2's vs1
+    env.standard("h3", T0, mode="standby")
+    env.report("h1", T0, switch("vs0", addrs=("198.18.1.11",)), switch("vs1", mode="standby"))
+    env.core.request_migration("vm5", to="h3", reason="test", now=T0 + 1)
+    env.tick(T0 + 1.3)
+    wakes = env.open("nic-wake")
+    assert [(a.host, a.payload["switch"]) for a in wakes] == [("h3", "vs1")]
+    assert "pending" in wakes[0].reason
+    [c] = env.core.claim_actions("h3", "agent-h3", now=T0 + 1.4, kinds=["nic-wake"])
+    env.core.complete_action(c.id, ok=True, now=T0 + 1.45, host="h3", result={"wake_ms": 4.2})
+    [done] = env.entries("nic-wake-done")
+    assert done.details["wake_ms"] == 4.2
+    # h3's vs1, awake and idle, does not sleep while the migration onto it is open ...
+    env.standard("h3", T0 + 2, vms={})
+    env.tick(T0 + 8)
+    assert [a.kind for a in env.open()] == ["migrate"]
+    # ... and does once it is gone (here: cancelled) and the hysteresis has run out
+    mig = env.open("migrate")[0]
+    env.core.replace_action(mig.with_state(ActionState.CANCELLED, detail="test"))
+    env.tick(T0 + 8.5)
+    env.tick(T0 + 13.6)
+    assert [(a.host, a.kind) for a in env.open()] == [("h3", "nic-standby")]
