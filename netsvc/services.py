@@ -13,6 +13,7 @@ from typing import Any
 from netsvc.acd.plugin import PLUGIN as ACD
 from netsvc.cluster.service import ManagerService, ServicePlugin
 from netsvc.memory.plugin import PLUGIN as MEMORY
+from netsvc.nic.plugin import PLUGIN as NIC
 from netsvc.partition.plugin import PLUGIN as PARTITION
 from netsvc.usbip.plugin import PLUGIN as USBIP
 
@@ -21,6 +22,7 @@ PLUGINS: tuple[ServicePlugin, ...] = (
     PARTITION,
     USBIP,
     MEMORY,
+    NIC,
 )
 
 

@@ -238,6 +238,16 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         return Reply(200, {"dry_run": True, "plan": decision.plan,
                            "journal_seq": decision.journal_seq})
 
+    def lifecycle(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "vm", "VM")
+        vm = core.model.vms.get(name)
+        if vm is None:
+            raise UnknownEntity("VM", name)
+        req: schemas.VMLifecycle = r.body
+        action = core.queue_vm_action(r.params[1], name, vm.host, None, req.reason, r.now,
+                                      r.wall)
+        return Reply(202, {"action": action.to_dict()})
+
     def list_actions(r: Request) -> Reply:
         q: schemas.ActionListQuery = r.query
         actions = core.open_actions() if q.state == "open" else core.actions()
@@ -286,6 +296,9 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
               summary="define or update a VM", mutates=True),
         Route("POST", rf"/v1/vms/{SEG}/migrate", "migrate", migrate, body=schemas.Migrate,
               summary="ask for a live migration", mutates=True),
+        Route("POST", rf"/v1/vms/{SEG}/(start|shutdown|power-off)", "vm_lifecycle", lifecycle,
+              body=schemas.VMLifecycle, mutates=True,
+              summary="start a VM, shut it down or power it off on its host (its rules apply)"),
         Route("GET", r"/v1/actions", "list_actions", list_actions, query=schemas.ActionListQuery,
               summary="open (or all recent) actions; changes nothing"),
         Route("POST", r"/v1/actions/claim", "claim_actions", claim_actions,

@@ -196,6 +196,13 @@ class Migrate(Schema, frozen=True):
     actor: Annotated[ActorName, Meta(description="journaled as the actor")] = "api"
 
 
+class VMLifecycle(Schema, frozen=True):
+    """``POST /v1/vms/{vm}/start|shutdown|power-off``: ask the VM's host to start it, shut it
+    down or power it off where it is (the VM's own safety rules apply)."""
+
+    reason: Annotated[Reason, Meta(description="journaled")]
+
+
 class ActionResult(Schema, frozen=True):
     """``POST /v1/actions/{id}``: an executor reports how a claimed action went. ``result``
     is the kind's own payload (free-form here, at most ``MAX_RESULT_BYTES`` of compact JSON,

@@ -385,6 +385,44 @@ class LibvirtDriver:
                     return str(a["addr"])
         return None
 
+    # -- the VMs' NIC configuration (optional, for NIC standby) -------------------------------
+
+    def vm_switches(self, vm: str) -> list[str]:
+        """The host bridges ``vm``'s interfaces use, from its definition here: a bridge
+        interface's ``<source bridge=.../>``, a network interface's network's bridge.
+        ``DriverError`` if it is not defined here (the caller then wakes every switch)."""
+        dom = self._dom(vm)
+        out: list[str] = []
+        try:
+            root = ET.fromstring(dom.XMLDesc(0))
+            for iface in root.findall("./devices/interface"):
+                src = iface.find("source")
+                if src is None:
+                    continue
+                if src.get("bridge"):
+                    out.append(str(src.get("bridge")))
+                elif src.get("network"):
+                    out.append(str(self._c().networkLookupByName(src.get("network"))
+                                   .bridgeName()))
+        except self._lv.libvirtError as e:
+            raise DriverError(f"cannot read {vm}'s interfaces on {self.host}: "
+                              f"{_one_line(e)}") from e
+        return sorted(set(out))
+
+    def vm_of_port(self, ifname: str) -> str | None:
+        """The running VM whose interface's host side (``<target dev=.../>``) is ``ifname``."""
+        lv = self._lv
+        try:
+            doms = self._c().listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            for dom in doms:
+                root = ET.fromstring(dom.XMLDesc(0))
+                for target in root.findall("./devices/interface/target"):
+                    if target.get("dev") == ifname:
+                        return str(dom.name())
+        except lv.libvirtError:
+            return None  # unknown: the port keeps its switch awake
+        return None
+
     # -- the contract ------------------------------------------------------------------------
 
     def list(self) -> list[DomainInfo]:

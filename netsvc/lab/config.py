@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 
 
 # Per node kind: the ports a link spec may name.
-HOST_LINKS = {"mgmt", "vmnet", "storage-a", "storage-b", "memfab",
-              "eth0", "eth1", "eth2", "eth3", "eth4", "eth5"}
+HOST_LINKS = {"mgmt", "vmnet", "storage-a", "storage-b", "memfab", "vmnet-b",
+              "eth0", "eth1", "eth2", "eth3", "eth4", "eth5", "eth6", "eth7"}
 OTHER_LINKS = {"gw": 2, "svc": 4, "site": 1}  # node: number of ethN ports
 
 

@@ -3,11 +3,12 @@
 A lab VM is a network namespace running the guest (``netsvc.lab.guest``). Its NIC is a bridge
 ``vnic`` inside that namespace holding the VM's MAC and address; the bridge's ports are veths
 named ``plan.vm_port(vm, generation)`` whose peer, ``plan.vif_name(vm)``, sits in the holding
-host's namespace, enslaved to the host's virtual switch ``vs0``. ``LabDriver`` carries out the
-hypervisor's side of every VM operation with pyroute2 (one ``IPRoute`` per namespace, opened on
-``/proc/<pid>/ns/net``), ``mnexec`` (to start a guest inside its namespace) and packet sockets
-(gratuitous ARP). The mechanics are those of ``netsvc.lab.lab.Lab``: make-before-break
-migration with silent and speaking bridge ports, break-before-make re-cabling on restart.
+host's namespace, enslaved to the host's virtual switch its record names (``vs0``, ``vs1``).
+``LabDriver`` carries out the hypervisor's side of every VM operation with pyroute2 (one
+``IPRoute`` per namespace, opened on ``/proc/<pid>/ns/net``), ``mnexec`` (to start a guest
+inside its namespace) and packet sockets (gratuitous ARP). The mechanics are those of
+``netsvc.lab.lab.Lab``: make-before-break migration with silent and speaking bridge ports,
+break-before-make re-cabling on restart.
 
 Where things are is ``netsvc.lab.hvstate``: the inventory (namespace pids) and one record per
 VM (host, port generation, address, MAC, state, guest pid), shared with the lab and with the
@@ -59,7 +60,7 @@ from netsvc.hypervisor.driver import DomainInfo, DriverError
 from netsvc.lab import registry
 from netsvc.lab.client import request
 from netsvc.lab.garp import announcement, open_sender
-from netsvc.lab.hvstate import HvState, Inventory, VmRecord
+from netsvc.lab.hvstate import HvState, HvStateError, Inventory, VmRecord
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import GUEST_PORT, PREFIX_RE, LabPlan, PlanError, vm_index
 
@@ -460,6 +461,19 @@ class LabDriver:
             time.sleep(0.005)
         return True
 
+    # --- the VMs' NIC configuration ---------------------------------------------------------
+    def vm_switches(self, vm: str) -> list[str]:
+        """The host switches ``vm``'s NICs use (its configuration, wherever it runs)."""
+        try:
+            return [self.state.get(vm).switch]
+        except HvStateError as exc:
+            raise DriverError(f"no VM {vm!r} in this lab: {exc}") from None
+
+    def vm_of_port(self, ifname: str) -> str | None:
+        """The VM whose host-side port (``plan.vif_name``) is ``ifname``, or None."""
+        m = re.fullmatch(rf"{re.escape(self.plan.prefix)}v([0-9]+)-vif", ifname)
+        return f"vm{int(m.group(1))}" if m else None
+
     # --- HypervisorDriver ------------------------------------------------------------------
     def list(self) -> list[DomainInfo]:
         """The VMs whose record puts them on this host; running only if the guest lives."""
@@ -573,9 +587,9 @@ class LabDriver:
             }
 
     def recable(self, vm: str) -> dict[str, Any]:
-        """Cable ``vm``'s NIC to this host's ``vs0`` at once (break before make) and announce
-        it, whatever runs in the VM: for a VM whose host is gone and whose guest is started
-        by someone else (a pooled-memory guest). A live VM moves with the migration."""
+        """Cable ``vm``'s NIC to this host's switch (its record's) at once (break before make)
+        and announce it, whatever runs in the VM: for a VM whose host is gone and whose guest
+        is started by someone else (a pooled-memory guest). A live VM moves with the migration."""
         with self._op(vm, "recable"):
             rec = self._record(vm)
             t = time.monotonic()
@@ -614,7 +628,7 @@ class LabDriver:
             return proc.pid
 
     def _recable(self, rec: VmRecord) -> VmRecord:
-        """Move ``rec``'s NIC to this host's ``vs0`` at once (break before make: for a VM whose
+        """Move ``rec``'s NIC to this host's switch at once (break before make: for a VM whose
         guest is dead). Its namespace and address stay; nothing is announced."""
         vm = rec.name
         old_port = self.plan.vm_port(vm, rec.generation)
@@ -642,7 +656,7 @@ class LabDriver:
         host_ipr.link(
             "set",
             index=host_vif,
-            master=self._index(host_ipr, "vs0", f"{self.host}'s namespace"),
+            master=self._index(host_ipr, rec.switch, f"{self.host}'s namespace"),
             state="up",
         )
         vm_ipr.link("set", index=new_idx, state="up")
@@ -653,7 +667,7 @@ class LabDriver:
         )
 
     def migrate_prepare(self, vm: str, source: str) -> dict[str, Any]:
-        """Target side: cable ``vm``'s NIC to this host's ``vs0`` with a new port that is up,
+        """Target side: cable ``vm``'s NIC to this host's switch with a new port that is up,
         silent and isolated. The VM still runs on ``source``."""
         with self._op(vm, "prepare the migration of"):
             rec = self._record(vm)
@@ -691,8 +705,8 @@ class LabDriver:
                 vm_ipr.brport("set", index=new_idx, isolated=1, **_SILENT)
                 self._hold(vm, new_port)
                 host_vif = self._index(host_ipr, vif, f"{self.host}'s namespace")
-                vs0 = self._index(host_ipr, "vs0", f"{self.host}'s namespace")
-                host_ipr.link("set", index=host_vif, master=vs0, state="up")
+                vswitch = self._index(host_ipr, rec.switch, f"{self.host}'s namespace")
+                host_ipr.link("set", index=host_vif, master=vswitch, state="up")
                 vm_ipr.link("set", index=new_idx, state="up")
                 steps["make"], t = _ms(t), time.monotonic()
                 # The kernel enables a bridge port from its link-watch work, right after it

@@ -2,7 +2,8 @@
 
 The lab builds the hardware (host and VM namespaces) and writes the *inventory* once
 (``inventory.json``: the run's prefix and plan size, the namespace pid of every host and VM).
-Each VM's *record* (``vms/<vm>.json``: host, port generation, address, MAC, state, guest pid)
+Each VM's *record* (``vms/<vm>.json``: host, port generation, address, MAC, state, guest pid,
+and the host switch its NIC uses)
 is the hypervisor's own state: written by whoever changes it (the lab when it builds or crashes
 a host, an agent's ``LabDriver`` when it starts, stops, migrates or readdresses a VM).
 
@@ -62,6 +63,7 @@ class VmRecord:
     state: str = "defined"
     generation: int = 0  # how many times its NIC was re-cabled; picks its port's name
     guest_pid: int | None = None
+    switch: str = "vs0"  # the host switch its NIC uses, wherever it runs (its config)
 
     def with_(self, **changes: Any) -> VmRecord:
         return replace(self, **changes)

@@ -54,6 +54,7 @@ HOST_PORTS = {
     "storage-a": ("eth3",),
     "storage-b": ("eth4",),
     "memfab": ("eth5",),
+    "vmnet-b": ("eth6", "eth7"),
 }
 
 
@@ -85,6 +86,7 @@ class VM:
     state: str = "defined"  # defined, running, stopped, crashed
     generation: int = 0  # how many times its NIC was re-cabled; picks the VM end's name
     guest_pid: int | None = None
+    switch: str = "vs0"  # the host switch its NIC uses
 
 
 @dataclass(frozen=True)
@@ -449,7 +451,8 @@ class Lab:
         """Every VM, as the hypervisor state says it is now (snapshots)."""
         if self.hv is None:
             return {}
-        return {r.name: VM(r.name, r.host, r.mac, r.ip, r.state, r.generation, r.guest_pid)
+        return {r.name: VM(r.name, r.host, r.mac, r.ip, r.state, r.generation, r.guest_pid,
+                           r.switch)
                 for r in sorted(self.hv.all().values(), key=lambda r: vm_index(r.name))}
 
     def vm(self, vm: str) -> VM:
@@ -488,10 +491,12 @@ class Lab:
         if host not in plan.host_names():
             raise LabError(f"no host {host!r} in this lab (hosts: h1..h{plan.hosts})")
 
-    def create_vm(self, vm: str, host: str, start: bool = True, ip: str | None = None) -> VM:
+    def create_vm(self, vm: str, host: str, start: bool = True, ip: str | None = None,
+                  switch: str = "vs0") -> VM:
         """Define a new VM on ``host``: namespace, veth to the host's switch, MAC, address.
 
-        ``ip`` gives it another address than the plan's (a clone keeps its original's)."""
+        ``ip`` gives it another address than the plan's (a clone keeps its original's);
+        ``switch`` is the host switch its NIC uses (``vs1``: an address on vmnet-b)."""
         from netsvc.lab.topo import vm_params
 
         plan = self._plan()
@@ -505,18 +510,21 @@ class Lab:
         if vm in self.vms:
             raise LabError(f"VM {vm} already exists")
         assert self.hv is not None
-        address = ip or plan.vm_addr(vm)
+        try:
+            address = ip or plan.vm_addr(vm, switch)
+        except PlanError as exc:
+            raise LabError(str(exc)) from exc
         with self._marked():
-            node = self.net.addHost(name, **vm_params(plan, vm, address))
+            node = self.net.addHost(name, **vm_params(plan, vm, address, switch))
             self.net.addLink(
                 node, self.node(host), intfName1=plan.vm_port(vm, 0), intfName2=plan.vif_name(vm)
             )
             node.configDefault()
         ipr = self.ipr(host)
         vif = ipr.link_lookup(ifname=plan.vif_name(vm))[0]
-        ipr.link("set", index=vif, master=ipr.link_lookup(ifname="vs0")[0], state="up")
+        ipr.link("set", index=vif, master=ipr.link_lookup(ifname=switch)[0], state="up")
         self.hv.add_vm_pid(vm, self.pid(vm))
-        self.hv.put(VmRecord(vm, host, plan.vm_mac(vm), address))
+        self.hv.put(VmRecord(vm, host, plan.vm_mac(vm), address, switch=switch))
         self.record("action", vm, "create", host=host, ip=address, mac=plan.vm_mac(vm))
         if self.key_file is not None:  # the hypervisor registers what it defines
             self.manager().put_vm(
@@ -547,7 +555,7 @@ class Lab:
         The clone boots and announces itself with gratuitous ARP, as a cloned VM does. Returns
         the monotonic time at which that first ARP frame was sent."""
         original = self._vm(src)
-        clone = self.create_vm(vm, host, start=False, ip=original.ip)
+        clone = self.create_vm(vm, host, start=False, ip=original.ip, switch=original.switch)
         self.record("action", vm, "clone", of=src, ip=original.ip, mac=clone.mac)
         self._start_guest(vm)
         if self.key_file is not None:
@@ -693,7 +701,7 @@ class Lab:
         plan = self._plan()
         vif = plan.vif_name(v.name)
         src_ipr, dst_ipr = self.ipr(v.host), self.ipr(dst)
-        bridge = dst_ipr.link_lookup(ifname="vs0")[0]
+        bridge = dst_ipr.link_lookup(ifname=v.switch)[0]
         idx = src_ipr.link_lookup(ifname=vif)[0]
         sender = run_in_netns(self.pid(v.name),
                               lambda: open_sender(plan.vm_port(v.name, v.generation)))

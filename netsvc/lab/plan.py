@@ -33,8 +33,19 @@ NETWORKS: dict[str, tuple[str, str]] = {
 }
 SWITCH_OF = {"mgmt": "s0", "vmnet": "s1", "storage-a": "s2", "storage-b": "s3", "site": "s4",
              "memfab": "s6"}
+# The second VM network (NIC standby): each host's switch ``vs1`` bridges its uplinks eth6 (a
+# port) and eth7 (a standby uplink), as ``vs0`` does eth1/eth2. Kept apart from the tables
+# above so other networks can be added beside it.
+NETWORKS["vmnet-b"] = ("198.18.5.0/24", "vm")
+SWITCH_OF["vmnet-b"] = "sb"
+#: Each host's virtual switch on a VM network, and its uplinks (the first one its bridge port).
+VSWITCHES: dict[str, tuple[str, tuple[str, str]]] = {
+    "vs0": ("vmnet", ("eth1", "eth2")),
+    "vs1": ("vmnet-b", ("eth6", "eth7")),
+}
 
 GATEWAY = "198.18.1.1"
+GATEWAY_B = "198.18.5.1"  # the gateway node's address on vmnet-b (the clients' way to its VMs)
 SERVICES_MGMT = "198.18.0.2"
 #: The services node on the memory fabric (the pool's lease server listens there).
 MEMFAB_SERVICES = "198.18.6.2"
@@ -119,7 +130,7 @@ class LabPlan:
 
     def host_ifname(self, host: str, port: str) -> str:
         """Host NIC names: eth0 mgmt, eth1/eth2 VM-network uplinks, eth3/eth4 storage A/B,
-        eth5 the memory fabric."""
+        eth5 the memory fabric, eth6/eth7 vmnet-b uplinks (of ``vs1``)."""
         return _check_ifname(f"{self.node(host)}-{port}")
 
     def vm_port(self, vm: str, generation: int) -> str:
@@ -140,8 +151,9 @@ class LabPlan:
     def bmc_addr(self, host: str) -> str:
         return _addr("mgmt", 100 + host_index(host))
 
-    def vm_addr(self, vm: str) -> str:
-        return _addr("vmnet", 100 + vm_index(vm))
+    def vm_addr(self, vm: str, switch: str = "vs0") -> str:
+        """A VM's address on the network of the host switch ``switch`` its NIC uses."""
+        return _addr(switch_network(switch), 100 + vm_index(vm))
 
     def vm_mac(self, vm: str) -> str:
         i = vm_index(vm)
@@ -153,6 +165,18 @@ def _addr(network: str, host_part: int) -> str:
     if not 0 < host_part < net.num_addresses - 1:
         raise PlanError(f"address {host_part} does not fit in {net}")
     return str(net.network_address + host_part)
+
+
+def switch_network(switch: str) -> str:
+    """The VM network a host's virtual switch (``vs0``, ``vs1``) bridges."""
+    if switch not in VSWITCHES:
+        raise PlanError(f"unknown virtual switch {switch!r}: one of {', '.join(VSWITCHES)}")
+    return VSWITCHES[switch][0]
+
+
+def switch_gateway(switch: str) -> str:
+    """The gateway address of a VM on ``switch`` (the lab's ``gw`` node on both networks)."""
+    return GATEWAY_B if switch_network(switch) == "vmnet-b" else GATEWAY
 
 
 def prefix_len(network: str) -> int:

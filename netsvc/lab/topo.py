@@ -10,12 +10,15 @@ Shape (see ``plan.py`` for the addresses):
   a port of the host's own virtual switch ``vs0`` (a Linux bridge inside the host's namespace)
   and eth2 is a standby uplink, cabled and up but not a bridge port (this kernel has no bonding,
   and two forwarding uplinks into one segment would loop); eth3 and eth4 on the storage fabrics;
-  eth5 on the memory fabric (the pool agents renew their leases over it);
+  eth5 on the memory fabric (the pool agents renew their leases over it); eth6 and eth7
+  on the second VM network (vmnet-b), the same way to the host's switch ``vs1`` (which
+  carries no host address);
 - VMs ``vmN``: a namespace each, whose NIC ``vnic`` holds the VM's MAC and address; one veth
-  from it to its host's ``vs0`` (VM end ``<vm>-e0`` or ``-e1``, host end ``<vm>-vif``);
+  from it to its host's ``vs0`` or ``vs1``, as its record says (VM end ``<vm>-e0`` or ``-e1``,
+  host end ``<vm>-vif``);
 - ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management, both
   storage fabrics and the memory fabric (198.18.6.2: the pool's lease desk); ``gw`` the VM
-  network's gateway (198.18.1.1), routing to the ``site`` node.
+  networks' gateway (198.18.1.1, and 198.18.5.1 on vmnet-b), routing to the ``site`` node.
 
 Invariant: every node, switch and interface name starts with the plan's prefix.
 """
@@ -27,7 +30,14 @@ from typing import Any
 from mininet.node import Host
 from mininet.topo import Topo
 
-from netsvc.lab.plan import GATEWAY, MEMFAB_SERVICES, LabPlan, prefix_len
+from netsvc.lab.plan import (
+    GATEWAY,
+    GATEWAY_B,
+    MEMFAB_SERVICES,
+    LabPlan,
+    prefix_len,
+    switch_gateway,
+)
 
 
 class HypervisorHost(Host):  # type: ignore[misc]
@@ -37,6 +47,7 @@ class HypervisorHost(Host):  # type: ignore[misc]
         vm_addr = params.pop("vm_addr", None)
         uplinks = params.pop("uplinks", ())
         standby = params.pop("standby_uplinks", ())
+        b_uplinks = params.pop("b_uplinks", ())
         r = super().config(**params)
         cmds = ["ip link add vs0 type bridge stp_state 0 forward_delay 0"]
         for intf in uplinks:
@@ -57,6 +68,13 @@ class HypervisorHost(Host):  # type: ignore[misc]
         for intf in self.intfNames():
             if intf.endswith("-vif"):
                 cmds.append(f"ip link set {intf} master vs0 up")
+        if b_uplinks:  # vs1 on vmnet-b: the first uplink a port, the second a standby uplink
+            port, *spare = b_uplinks
+            cmds += ["ip link add vs1 type bridge stp_state 0 forward_delay 0",
+                     f"ip link set {port} master vs1 up",
+                     *(f"ip link set {intf} up" for intf in spare),
+                     f"ip link set vs1 address $(ip -br link show {port} | awk '{{print $3}}')",
+                     "ip link set vs1 up"]
         self.cmd(" && ".join(cmds))
         return r
 
@@ -71,6 +89,7 @@ class VMHost(Host):  # type: ignore[misc]
 
     def config(self, **params: Any) -> Any:
         vm_ip, vm_mac = params.pop("vm_ip"), params.pop("vm_mac")
+        gateway = params.pop("vm_gateway", GATEWAY)
         r = super().config(**params)
         port = self.intfNames()[0]
         self.cmd(
@@ -78,7 +97,7 @@ class VMHost(Host):  # type: ignore[misc]
             f"ip link set vnic address {vm_mac} && ip link set {port} master vnic up && "
             f"bridge link set dev {port} isolated on && "
             f"ip link set vnic up && ip addr add {vm_ip}/24 dev vnic && "
-            f"ip route add default via {GATEWAY} dev vnic"
+            f"ip route add default via {gateway} dev vnic"
         )
         return r
 
@@ -88,11 +107,14 @@ class RouterHost(Host):  # type: ignore[misc]
 
     def config(self, **params: Any) -> Any:
         site_addr = params.pop("site_addr")
+        b_addr = params.pop("b_addr", None)
         r = super().config(**params)
         self.cmd(
             f"ip addr add {site_addr}/24 dev {self.intfNames()[1]} && "
             "sysctl -qw net.ipv4.ip_forward=1"
         )
+        if b_addr:
+            self.cmd(f"ip addr add {b_addr}/24 dev {self.intfNames()[2]}")
         return r
 
 
@@ -123,11 +145,14 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         self.addLink(svc, sw["storage-b"], params1={"ip": "198.18.3.2/24"})
         self.addLink(svc, sw["memfab"], params1={"ip": f"{MEMFAB_SERVICES}/24"})
 
+        sw["vmnet-b"] = self.addSwitch(plan.switch("vmnet-b"), dpid=f"{0x4E5610:016x}")
         gw = self.addHost(
-            plan.node("gw"), cls=RouterHost, ip=f"{GATEWAY}/24", site_addr="198.18.4.1"
+            plan.node("gw"), cls=RouterHost, ip=f"{GATEWAY}/24", site_addr="198.18.4.1",
+            b_addr=GATEWAY_B,
         )
         self.addLink(gw, sw["vmnet"])
         self.addLink(gw, sw["site"])
+        self.addLink(gw, sw["vmnet-b"])
         site = self.addHost(plan.node("site"), ip="198.18.4.10/24", defaultRoute="via 198.18.4.1")
         self.addLink(site, sw["site"])
 
@@ -140,6 +165,7 @@ class ClusterTopo(Topo):  # type: ignore[misc]
                 vm_addr=plan.host_addr(h, "vmnet"),
                 uplinks=(plan.host_ifname(h, "eth1"),),
                 standby_uplinks=(plan.host_ifname(h, "eth2"),),
+                b_uplinks=(plan.host_ifname(h, "eth6"), plan.host_ifname(h, "eth7")),
             )
             self.addLink(node, sw["mgmt"], intfName1=plan.host_ifname(h, "eth0"))
             self.addLink(node, sw["vmnet"], intfName1=plan.host_ifname(h, "eth1"))
@@ -162,6 +188,8 @@ class ClusterTopo(Topo):  # type: ignore[misc]
                 intfName1=plan.host_ifname(h, "eth5"),
                 params1={"ip": f"{plan.host_addr(h, 'memfab')}/24"},
             )
+            for port in ("eth6", "eth7"):
+                self.addLink(node, sw["vmnet-b"], intfName1=plan.host_ifname(h, port))
             bmc = self.addHost(plan.node(f"bmc{h[1:]}"), ip=f"{plan.bmc_addr(h)}/24")
             self.addLink(bmc, sw["mgmt"])
 
@@ -176,8 +204,11 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         )
 
 
-def vm_params(plan: LabPlan, vm: str, ip: str | None = None) -> dict[str, Any]:
+def vm_params(plan: LabPlan, vm: str, ip: str | None = None,
+              switch: str = "vs0") -> dict[str, Any]:
     """Mininet host parameters of a VM (``ip=None`` stops Mininet from picking an address).
 
-    ``ip`` overrides the plan's address (a clone keeps its original's address)."""
-    return {"cls": VMHost, "ip": None, "vm_ip": ip or plan.vm_addr(vm), "vm_mac": plan.vm_mac(vm)}
+    ``ip`` overrides the plan's address (a clone keeps its original's address); ``switch`` is
+    the host switch its NIC uses (its network gives the address and the gateway)."""
+    return {"cls": VMHost, "ip": None, "vm_ip": ip or plan.vm_addr(vm, switch),
+            "vm_mac": plan.vm_mac(vm), "vm_gateway": switch_gateway(switch)}

@@ -48,6 +48,9 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
     links = parse_links(args.partition_link, ctx.mgmt_addr, ctx.vm_addr)
     if not links:
         return
+    # The interfaces the prober needs up: a service that could take one down (NIC standby)
+    # reads ``<service>.probe_ifaces`` and leaves them alone.
+    ctx.options["partition.probe_ifaces"] = [link.iface for link in links]
     query = None
     if args.bmc_map:
         from netsvc.bmc.fence import power_query

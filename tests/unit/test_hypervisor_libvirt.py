@@ -431,3 +431,34 @@ def test_plan_guest_readdress() -> None:
     assert cmds == [["ip", "-4", "addr", "replace", "10.0.0.9/24", "dev", "eth0"]]
     with pytest.raises(DriverError, match="no interface with MAC 52:54:00:00:00:99"):
         plan_guest_readdress(nics, "52:54:00:00:00:99", "10.0.0.5", "10.0.0.9", 24, None)
+
+
+def test_vm_switches_and_ports_for_nic_standby(tmp_path: Path) -> None:
+    dom = """
+  <domain type='test'>
+    <name>vm7</name>
+    <memory>65536</memory>
+    <os><type arch='x86_64'>hvm</type></os>
+    <devices>
+      <interface type='network'>
+        <mac address='52:54:00:00:00:07'/>
+        <source network='default'/>
+        <target dev='vnet7'/>
+      </interface>
+      <interface type='bridge'>
+        <mac address='52:54:00:00:01:07'/>
+        <source bridge='vs1'/>
+      </interface>
+    </devices>
+  </domain>"""
+    drv = open_libvirt("hA", _node(tmp_path / "n.xml", dom))
+    try:
+        assert drv.vm_switches("vm7") == ["virbr0", "vs1"]
+        with pytest.raises(DriverError, match="not defined on hA"):
+            drv.vm_switches("vm9")
+        assert drv.vm_of_port("nothing0") is None
+        # the test driver names the host side itself (testnet0, ...): read it back
+        dev = _xml(drv, "vm7").split("<target dev='")[1].split("'")[0]
+        assert drv.vm_of_port(dev) == "vm7"
+    finally:
+        drv.close()

@@ -82,7 +82,7 @@ def test_good_links(spec: str) -> None:
     assert check_link(spec, LabPlan("nvab", hosts=3)) == spec
 
 
-@pytest.mark.parametrize("spec", ["h4:eth0", "h1:eth6", "h1", "vm7", "vm1:eth1", "gw:eth2",
+@pytest.mark.parametrize("spec", ["h4:eth0", "h1:eth8", "h1", "vm7", "vm1:eth1", "gw:eth2",
                                   "router:eth0", "h1:wan", ""])
 def test_bad_links(spec: str) -> None:
     with pytest.raises(ConfigError):

@@ -73,3 +73,15 @@ def test_bad_vm_names(name: str) -> None:
 def test_unknown_network() -> None:
     with pytest.raises(PlanError, match="unknown network 'wan'"):
         LabPlan("nvab").switch("wan")
+
+
+def test_a_vm_on_vs1_is_addressed_on_vmnet_b_and_an_unknown_switch_is_refused() -> None:
+    from netsvc.lab.plan import switch_gateway, switch_network
+
+    plan = LabPlan(prefix="nvtt", hosts=3, vms_per_host=1)
+    assert plan.vm_addr("vm7") == "198.18.1.107"
+    assert plan.vm_addr("vm7", "vs1") == "198.18.5.107"
+    assert switch_network("vs1") == "vmnet-b" and switch_gateway("vs1") == "198.18.5.1"
+    assert plan.host_ifname("h2", "eth7") == "nvtth2-eth7"
+    with pytest.raises(PlanError, match="unknown virtual switch 'vs9'"):
+        plan.vm_addr("vm7", "vs9")

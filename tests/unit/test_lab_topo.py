@@ -24,8 +24,22 @@ def test_builds_the_plan() -> None:
     assert set(topo.hosts()) == {
         plan.node(n) for n in ("svc", "gw", "site", "h1", "h2", "bmc1", "bmc2", "vm1", "vm2")
     }
-    assert len(topo.switches()) == 6  # mgmt, vmnet, storage A and B, site, memfab
+    assert len(topo.switches()) == 7  # mgmt, vmnet, storage A and B, site, memfab, vmnet-b
     assert all(n.startswith("nvtt") for n in topo.nodes())
+
+
+def test_every_host_has_two_vmnet_b_uplinks_and_the_gateway_is_on_vmnet_b() -> None:
+    topo = ClusterTopo(hosts=2, vms=1, prefix="nvtt")
+    plan = LabPlan(prefix="nvtt", hosts=2, vms_per_host=1)
+    sb = plan.switch("vmnet-b")
+    on_b = {(info["node1"], info.get("intfName1"))
+            for _, _, info in topo.links(withInfo=True) if info["node2"] == sb}
+    for h in ("h1", "h2"):
+        names = {i for n, i in on_b if n == plan.node(h)}
+        assert names == {plan.host_ifname(h, "eth6"), plan.host_ifname(h, "eth7")}
+    assert plan.node("gw") in {n for n, _ in on_b}
+    # VMs stay on vs0 unless their config says otherwise
+    assert topo.nodeInfo(plan.node("vm1"))["vm_gateway"] == "198.18.1.1"
 
 
 @pytest.mark.parametrize(

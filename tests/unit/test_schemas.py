@@ -97,6 +97,7 @@ from netsvc.cluster.schemas import (
     VMPut,
     split_manager_config,
 )
+from netsvc.nic import schemas as nic_schemas
 from netsvc.partition import schemas as partition_schemas
 from netsvc.partition.schemas import HostReportBody, NetViewBody, PolicyTable, WireName
 
@@ -995,12 +996,19 @@ VALID: dict[type, dict[str, Any]] = {
     cluster_schemas.BmcTableEntry: {"addr": "198.18.0.101", "user": "admin",
                                     "password_file": "h1.pw"},
     cluster_schemas.FenceRequest: {"reason": "the host hangs"},
+    cluster_schemas.VMLifecycle: {"reason": "start it"},
+    nic_schemas.UplinkReport: {"name": "h1-eth6", "admin_up": True, "carrier": True},
+    nic_schemas.SwitchReport: {"name": "vs1", "vm_ports": {"vm1": True}},
+    nic_schemas.NicReport: {"host": "h1", "switches": [{"name": "vs1"}]},
+    nic_schemas.OperatorRequest: {},
+    nic_schemas.SwitchTable: {"idle_after": 5},
+    nic_schemas.NicTable: {"idle_after": 30, "switches": {"h2/vs1": {"protected": True}}},
 }
 ALL = list(VALID)
 
 
 def _schema_classes() -> Iterator[type]:
-    for module in (cluster_schemas, acd_schemas, partition_schemas):
+    for module in (cluster_schemas, acd_schemas, partition_schemas, nic_schemas):
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Schema) and obj is not Schema \
                     and obj.__module__ == module.__name__:

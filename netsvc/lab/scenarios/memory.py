@@ -583,7 +583,7 @@ def _respawn(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]
         intact = bool(seen) and all(seen[k] == f"VALUE {v}" for k, v in state.items())
         intact = intact and f'"writes": {len(state)}' in stats
         store = "etcd" if params["etcd"] else "sqlite"
-        out = {
+        out: dict[str, Any] = {
             "respawn_ms": ms(back[0], t0) if back else None,
             "state_intact": intact,
             "respawned_on": lab.vms["vm1"].host,
