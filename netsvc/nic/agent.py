@@ -268,7 +268,10 @@ class NicAgent:
                 self._event("nic-wake", switch,
                             f"woken for {vm} ({action.get('kind')} {action.get('id')})",
                             {"vm": vm, "action": action.get("id"), "kind": action.get("kind"),
-                             "wake_ms": out["wake_ms"]})
+                             "wake_ms": out["wake_ms"],
+                             # when it was ready, on this host's clock (the post may land in
+                             # the journal after what follows the attach)
+                             "ready_mono": round(time.monotonic(), 6)})
 
     def detached(self, vm: str, action: Mapping[str, Any]) -> None:
         self.release(vm)

@@ -68,6 +68,7 @@ def test_knot_serves_the_vms_and_takes_only_signed_updates() -> None:
             key_secret=info.key_secret,
             algorithm="hmac-sha256",
             node="svc",
+            reverse_zone="1.18.198.in-addr.arpa.",
         )
         assert len(base64.b64decode(info.key_secret, validate=True)) == 32
         assert started_s < 10

@@ -198,11 +198,16 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      and (e.get("details") or {}).get("id") == queued["action"]["id"]
                      and (e.get("details") or {}).get("phase") == "handover"), None)
     out["migration_wake_ms"] = None if wake3 is None else wake3["details"]["wake_ms"]
+    # when the wake was ready: the agent's own clock (its event is posted on a thread and may
+    # be journaled after the handover's claim; the lab's hosts share one CLOCK_MONOTONIC), or
+    # the manager's nic-wake action's completion
+    woke = None if wake3 is None else float((wake3.get("details") or {}).get("ready_mono")
+                                            or wake3["mono"])
     checks.check("h3's vs1 awake before the switch-over",
-                 mig["ok"] and wake3 is not None and handover is not None
-                 and int(wake3["seq"]) < int(handover["seq"]),
-                 f"migration {mig['state']}; wake seq {wake3 and wake3['seq']}, handover "
-                 f"claimed seq {handover and handover['seq']}")
+                 mig["ok"] and woke is not None and handover is not None
+                 and woke < float(handover["mono"]),
+                 f"migration {mig['state']}; wake ready at {woke}, handover claimed at "
+                 f"{handover and handover['mono']}")
     checks.check("migration downtime sane and nothing lost",
                  downtime < DOWNTIME_SANITY_MS and not log.violations,
                  f"{downtime:.1f} ms longest gap; {len(log.violations)} violations")
