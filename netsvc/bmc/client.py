@@ -232,6 +232,24 @@ class BmcClient:
         """Hard reset (Chassis Control 3)."""
         return self._control("reset")
 
+    def power_off_confirmed(self, timeout: float, interval: float = 0.05) -> Outcome:
+        """Hard power off, then Get Chassis Status every ``interval`` s until the BMC says
+        off, in one session (one login instead of one per poll), all within ``timeout`` s.
+        ``ok`` only on an authenticated "off"; ``state`` is what the BMC last said."""
+        deadline = self._clock() + max(0.0, timeout)
+
+        def work(cmd: Any) -> Outcome:
+            self._control_work(cmd, _DIRECTIVES["off"])
+            while True:
+                out = self._status_work(cmd)
+                if out.state == "off" or self._clock() + interval >= deadline:
+                    return out if out.state == "off" else Outcome(
+                        False, state=out.state, kind="timeout",
+                        error=f"host still {out.state} after {timeout:g}s (wanted off)")
+                time.sleep(interval)
+
+        return self._call(work, timeout)
+
     def confirm_off(self, timeout: float, interval: float = 0.2) -> Outcome:
         """Poll the status until the BMC says "off", for at most ``timeout`` s. ``ok`` only on
         an authenticated "off"; a wrong password ends the wait at once."""

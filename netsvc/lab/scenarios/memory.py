@@ -200,6 +200,9 @@ def fence_steps(lab: Lab, host: str, t0: float) -> dict[str, float | None]:
     for key, action in steps.items():
         e = [x for x in journal_since(lab, action, t0) if x["subject"] == f"host:{host}"]
         out[key] = ms(float(e[0]["mono"]), t0) if e else None
+        if action == "fence-confirmed" and e:  # the BMC exchange alone (off, then status)
+            d = e[0].get("details") or {}
+            out["bmc_exchange"] = d.get("bmc_elapsed_ms")
     return out
 
 
