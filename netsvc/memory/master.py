@@ -970,7 +970,7 @@ class ManagerPowerFence:
     STATES: ClassVar[Mapping[str, str]] = {"REQUESTED": "pending", "OFF": "off",
                                            "FAILED": "failed", "CONTRADICTION": "failed"}
 
-    def __init__(self, client: Any, actor: str = ACTOR, interval: float = 0.05) -> None:
+    def __init__(self, client: Any, actor: str = ACTOR, interval: float = 0.01) -> None:
         self.client, self.actor, self.interval = client, actor, interval
         self._lock = threading.Lock()
         self._asks: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
