@@ -213,6 +213,7 @@ class ManagerCore:
         self._actions_rev = 0
         self._actions_doc = b""
         self._services: dict[str, ManagerService] = {}
+        self._recovery: dict[str, str] = {}  # VM -> the service that recovers it itself
         self._kinds: dict[str, ActionKind] = {k.name: k for k in VM_KINDS}
         self._kind_owner: dict[str, str] = {k.name: "kernel" for k in VM_KINDS}
         for svc in services:
@@ -249,6 +250,15 @@ class ManagerCore:
     @property
     def services(self) -> Mapping[str, ManagerService]:
         return self._services
+
+    def set_recovery_owner(self, service: str, vms: Iterable[str]) -> None:
+        """``service`` recovers ``vms`` itself; replaces that service's set (volatile)."""
+        self._recovery = {v: o for v, o in self._recovery.items() if o != service}
+        for vm in vms:
+            self._recovery.setdefault(vm, service)
+
+    def recovery_owner(self, vm: str) -> str | None:
+        return self._recovery.get(vm)
 
     def service(self, name: str) -> Any:
         """The plugged-in service ``name`` (``UnknownEntity`` if it is not enabled)."""

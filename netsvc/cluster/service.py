@@ -25,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +92,14 @@ class Kernel(Protocol):
 
     def service(self, name: str) -> Any:
         """Another plugged-in service (the kernel's ``fencing`` is always there)."""
+
+    def set_recovery_owner(self, service: str, vms: Iterable[str]) -> None:
+        """``service`` recovers ``vms`` itself (the pooled-memory master respawns its VMs):
+        replaces that service's set. Volatile: the owner says it again periodically."""
+
+    def recovery_owner(self, vm: str) -> str | None:
+        """The service that recovers ``vm`` itself, if any: another service's response (a
+        partition restart) must leave it alone, or the VM could run twice."""
 
 
 # -- routes --------------------------------------------------------------------------------------

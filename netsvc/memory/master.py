@@ -58,6 +58,11 @@ commands. Who does what:
   died). FT is switched on and off at run time with the VM's pool flag (``Pool.set_flags``):
   the next poll creates or removes the secondary.
 
+The master names every VM in the pool to the manager every ``POOLED_EVERY`` seconds
+(``POST /v1/memory/pooled``): the kernel then knows that the memory service recovers them
+itself, and the partition service's responses (a fence-restart of a crashed host's VMs) leave
+them alone, so a pooled VM is never both respawned here and restarted there.
+
 The partition hook: ``classifications`` (host -> the partition service's verdict, from
 ``GET /v1/partition``) goes into each ``HostView``, so a host that still holds its lease but is
 classified isolated is reported (``memory-isolated-not-respawned``) and left alone.
@@ -960,6 +965,47 @@ class PartitionFeed:
             self._stop.wait(self.interval)
 
 
+#: How often the master names its VMs to the manager (``POST /v1/memory/pooled``).
+POOLED_EVERY = 2.0
+
+
+class PooledReport:
+    """Tells the manager, from a thread, which VMs the master recovers itself (the latest list
+    wins; an unreachable manager is retried with the next one), so that no other service's
+    response (a partition restart of a crashed host's VMs) touches a pooled VM."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._latest: list[str] | None = None
+        self._cv = threading.Condition()
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="pooled-report")
+        self.thread.start()
+
+    def put(self, vms: list[str]) -> None:
+        with self._cv:
+            self._latest = vms
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        from netsvc.cluster.client import ApiError
+
+        while True:
+            with self._cv:
+                while self._latest is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                vms, self._latest = self._latest, None
+            with contextlib.suppress(ApiError):
+                self.client.request("POST", "/v1/memory/pooled", {"vms": vms, "actor": ACTOR})
+
+
 class ManagerPowerFence:
     """``PowerFence`` through the manager's kernel fencing, on a thread of its own: a request
     is ``POST /v1/hosts/{host}/fence`` (``host_may_be_alive``), and while any is open the
@@ -1147,17 +1193,23 @@ def main(argv: list[str] | None = None) -> int:
     sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
                   {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run,
                    "power_fence": power is not None}))  # fmt: skip
+    owned = PooledReport(client)
+    next_owned = 0.0
     try:
         while not stop.is_set():
             if feed is not None:
                 loop.classifications = feed.verdicts()
             try:
+                if time.monotonic() >= next_owned:
+                    owned.put(sorted(v.name for v in pool.vms()))
+                    next_owned = time.monotonic() + POOLED_EVERY
                 loop.step(time.monotonic())
             except MemoryError_ as exc:
                 # A corrupt record must not stop the master: report it and keep polling.
                 report_once("poll", f"{type(exc).__name__}: {exc}", "memory-error")
             stop.wait(a.poll)
     finally:
+        owned.stop()
         if feed is not None:
             feed.stop()
         if power is not None:

@@ -9,6 +9,8 @@
   ``restart`` action.
 - ``FtSwitch``: ``POST /v1/memory/vms/{vm}/ft``: switch a VM's fault tolerance on or off at
   run time; the VM's host sets the pool flag (``memory-set-ft``) and the master follows it.
+- ``PooledVms``: ``POST /v1/memory/pooled``: the master says which VMs it recovers itself
+  (every VM in the pool), so no other service's response restarts one of them.
 
 Invariants:
 
@@ -117,3 +119,16 @@ class FtSwitch(Schema, frozen=True):
     pool: Annotated[PoolPath, Meta(description="the pool file, as the VM's host sees it")]
     dry_run: Annotated[bool, Meta(description="check and journal, queue nothing")] = False
     actor: Annotated[ActorName, Meta(description="journaled as the actor")] = "api"
+
+
+#: At most this many pooled VMs in one report (the pool's own VM table is smaller).
+MAX_POOLED = 4096
+
+
+class PooledVms(Schema, frozen=True):
+    """``POST /v1/memory/pooled``: every VM the memory master recovers itself (replaces the
+    last report; sent periodically, as the manager keeps it in memory only)."""
+
+    vms: Annotated[list[VMName], Meta(max_length=MAX_POOLED,
+                                      description="the pool's VMs")]
+    actor: Annotated[ActorName, Meta(description="who says so")] = ACTOR

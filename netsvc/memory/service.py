@@ -77,6 +77,7 @@ from netsvc.memory.schemas import (
     ColdBootRequest,
     FtSwitch,
     MemoryActionRequest,
+    PooledVms,
 )
 
 __all__ = ["MEMORY_KINDS", "MEMORY_RULES", "MemoryOutcome", "MemoryService"]
@@ -145,6 +146,7 @@ class MemoryService(BaseManagerService):
 
     def __init__(self, config: object = None) -> None:
         self.config = config
+        self._pooled: set[str] = set()  # the master's last report of the VMs it recovers
 
     # -- plugin surface ------------------------------------------------------------------------
 
@@ -160,7 +162,22 @@ class MemoryService(BaseManagerService):
                 Route("POST", r"/v1/memory/vms/([^/]+)/ft", "memory_ft", self._route_ft,
                       body=FtSwitch, mutates=True,
                       summary="switch a VM's fault tolerance on or off (its host sets the "
-                              "pool flag; the memory master follows it)"))
+                              "pool flag; the memory master follows it)"),
+                Route("POST", r"/v1/memory/pooled", "memory_pooled", self._route_pooled,
+                      body=PooledVms,
+                      summary="the memory master names the VMs it recovers itself: other "
+                              "services' responses (a partition restart) leave them alone"))
+
+    def _route_pooled(self, r: Request) -> Reply:
+        req: PooledVms = r.body
+        self.kernel.set_recovery_owner("memory", req.vms)
+        if set(req.vms) != self._pooled:
+            self._pooled = set(req.vms)
+            self.kernel.journal_append(
+                r.now, r.wall, "memory-pooled", "service:memory",
+                f"{len(req.vms)} VMs are recovered from the pool by the memory master",
+                details={"vms": sorted(req.vms)}, actor=req.actor)
+        return Reply(200, {"vms": len(req.vms)})
 
     def action_kinds(self) -> Sequence[ActionKind]:
         return tuple(

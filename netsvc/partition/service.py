@@ -71,6 +71,7 @@ class PartitionService(BaseManagerService):
         self.policy = policy or Policy()
         # host -> the restarts that wait for its fence (decisions "fence-restart")
         self._after_fence: dict[str, list[Decision]] = {}
+        self._left: set[tuple[str, str, str]] = set()  # (vm, host, verdict) left to its owner
         # hosts whose fence was asked; a host believed down is asked only once it has been
         # silent for the kernel's alive window (its BMC's word can come sooner than that)
         self._fence_asked: set[str] = set()
@@ -203,7 +204,8 @@ class PartitionService(BaseManagerService):
         self._verdicts = verdicts
         up = {h: x.state is HostState.UP for h, x in k.model.hosts.items()}
         vms = [VMInfo(v.name, v.host, v.state in (VMState.RUNNING, VMState.MIGRATING))
-               for v in k.model.vms.values()]
+               for v in k.model.vms.values() if not self._owned(v.name, v.host, verdicts,
+                                                               now, wall)]
         decisions, storm = self._responder.decide(verdicts, up, vms, now)
         if storm is not None:
             k.journal_append(now, wall, "partition-storm", _subject("cluster", "partition"),
@@ -230,6 +232,25 @@ class PartitionService(BaseManagerService):
             except (Refused, UnknownEntity):
                 pass  # journaled as refused by the method that refused it
         self._ask_fences(now, wall)
+
+    def _owned(self, vm: str, host: str | None, verdicts: Mapping[str, Any], now: float,
+               wall: float | None) -> bool:
+        """Whether another service recovers ``vm`` itself (pooled memory respawns its VMs from
+        the pool): then no response of ours touches it, or it could run twice. Journaled once
+        per (VM, host, verdict) while its host is judged unhealthy."""
+        owner = self.kernel.recovery_owner(vm)
+        if owner is None or owner == self.name:
+            return False
+        v = verdicts.get(host) if host is not None else None
+        cls = getattr(getattr(v, "classification", None), "value", None)
+        if host is not None and cls not in (None, "healthy") and (vm, host, cls) not in self._left:
+            self._left.add((vm, host, cls))
+            self.kernel.journal_append(
+                now, wall, "partition-decision", _subject("vm", vm),
+                f"{host} is {cls}, but {vm} is recovered by the {owner} service: left to it",
+                details={"vm": vm, "host": host, "classification": cls, "action": "leave",
+                         "rule": "recovered-by-another-service", "owner": owner})
+        return True
 
     def partition_status(self, now: float) -> dict[str, Any]:
         """Each host's report, network by network, the verdicts, and the policy."""

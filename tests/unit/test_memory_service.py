@@ -93,7 +93,7 @@ def test_the_plugin_contributes_the_route_and_the_kinds() -> None:
     assert PLUGIN.agent is not None and set(PLUGIN.agent.executors) == set(kinds)
     assert [(r.method, r.path) for r in svc.routes()] == [
         ("POST", "/v1/memory/actions"), ("POST", "/v1/memory/cold-boot"),
-        ("POST", "/v1/memory/vms/([^/]+)/ft")]
+        ("POST", "/v1/memory/vms/([^/]+)/ft"), ("POST", "/v1/memory/pooled")]
 
 
 def test_queue_claim_by_the_target_only_complete_and_journal(env: Env) -> None:
@@ -285,3 +285,14 @@ def test_ft_is_switched_by_the_vms_host(env: Env) -> None:
     r = env.post("/v1/memory/vms/vm1/ft", {"enabled": False, "reason": "x", "pool": POOL},
                  now=T0 + 10.0)
     assert r.status == 409 and r.body["rule"] == "target-up" and "its host" in r.body["error"]
+
+
+def test_the_master_names_its_vms_and_the_kernel_knows_their_owner(env: Env) -> None:
+    r = env.post("/v1/memory/pooled", {"vms": ["vm1", "vm9"]})
+    assert r.status == 200
+    assert env.core.recovery_owner("vm1") == "memory" and env.core.recovery_owner("vm2") is None
+    env.post("/v1/memory/pooled", {"vms": ["vm1", "vm9"]})  # the same list: journaled once
+    assert len(env.entries("memory-pooled")) == 1
+    env.post("/v1/memory/pooled", {"vms": ["vm9"]})  # vm1 left the pool: no owner any more
+    assert env.core.recovery_owner("vm1") is None and len(env.entries("memory-pooled")) == 2
+    assert env.post("/v1/memory/pooled", {"vms": ["bad name"]}).status == 400

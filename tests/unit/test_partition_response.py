@@ -485,3 +485,34 @@ def test_a_host_powered_on_since_its_fence_is_fenced_again_not_taken_as_off(
     same = fencing.request("h1", reason="again", requester="api", now=22.0, expect_silent=False)
     assert same is not None and same.requested_at == 21.0 and core.take_effects() == []
     assert [e.action for e in journal.read()].count("fence-requested") == 2
+
+
+def test_a_vm_another_service_recovers_is_left_to_it(tmp_path: Path) -> None:
+    """vm1 is pooled: the memory master respawns it from the pool. A host-down of h1 must not
+    also have the partition service fence-restart it (it would run twice)."""
+    from netsvc.cluster.fencing import BmcEntry, FencingConfig
+
+    journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+    bmcs = {h: BmcEntry(h, f"198.18.0.10{i}", "admin", "/nonexistent")
+            for i, h in enumerate(HOSTS, 1)}
+    core = ManagerCore(SqliteStore(":memory:"), journal, now=0.0, wall=1.7e9,
+                       config=ManagerConfig(fencing=FencingConfig(bmcs=bmcs)),
+                       services=[PartitionService(Policy.from_mapping({"act_after": 0.0}))])
+    for i, h in enumerate(HOSTS, 1):
+        core.heartbeat(h, seq=1, now=0.0, mgmt_addr=f"198.18.0.1{i}")
+    for n in (1, 2):
+        core.put_vm(f"vm{n}", mac=f"52:54:00:00:00:0{n}", ip=f"198.18.1.10{n}", host="h1",
+                    state=VMState.RUNNING, now=0.0)
+    core.set_recovery_owner("memory", ["vm1"])
+    svc(core).partition_report(report("h1"), now=0.5)
+    for h in ("h2", "h3"):
+        core.heartbeat(h, seq=2, now=5.0)
+        svc(core).partition_report(report(h, peers={"h1": "host-down"}), now=5.0)
+    core.handle_timer(5.0)
+    core.handle_timer(5.1)
+    decisions = [e for e in journal.read() if e.action == "partition-decision"]
+    left = [e for e in decisions if e.details.get("rule") == "recovered-by-another-service"]
+    assert [e.subject for e in left] == ["vm:vm1"] and "memory" in left[0].reason
+    assert all(e.subject != "vm:vm1" or e in left for e in decisions)
+    assert any(e.subject == "vm:vm2" and e.details.get("action") == "fence-restart"
+               for e in decisions)  # vm2 is partition's to restart, after the fence
