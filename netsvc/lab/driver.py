@@ -380,6 +380,9 @@ class LabDriver:
         env = dict(os.environ)
         env[registry.ENV_MARKER] = self._inv.prefix  # teardown and `lab clean` find it
         argv = [sys.executable, "-m", "netsvc.lab.guest", "--name", vm, "--port", str(GUEST_PORT)]
+        datastore = self.state.get(vm).datastore
+        if datastore:
+            argv += ["--datastore", datastore]
         with open(self.log_dir / f"guest-{vm}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["mnexec", "-a", str(self._vm_pid(vm)), *argv],

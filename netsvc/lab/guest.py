@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -72,9 +73,44 @@ class GuestStore:
         return b"".join(self.handle(line) for line in lines)
 
 
-async def serve(name: str, host: str, port: int) -> None:
-    """Serve the guest store until SIGTERM or SIGINT."""
-    store = GuestStore(name)
+class Persisted:
+    """A ``GuestStore`` whose accepted writes are also appended to a log on a datastore
+    (``<dir>/<name>.log``, one ``SET key value`` line each, written before the reply goes out;
+    not fsynced: the lab's datastore is the run directory). A fresh boot replays the log, so
+    the state and the write counter come back as they were: a cold restart's reload.
+
+    Invariant: a write is acknowledged only after its line was written to the log."""
+
+    def __init__(self, store: GuestStore, directory: str) -> None:
+        self.store = store
+        self.path = f"{directory}/{store.name}.log"
+        self.replayed = 0
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            for line in f:
+                if store.handle(line.rstrip(b"\n")).startswith(b"OK"):
+                    self.replayed += 1
+        self._log = open(self.path, "ab")  # noqa: SIM115 - kept open for the guest's life
+
+    def handle(self, line: bytes) -> bytes:
+        return self.handle_many([line])
+
+    def handle_many(self, lines: list[bytes]) -> bytes:
+        replies = [self.store.handle(line) for line in lines]
+        kept = [line for line, r in zip(lines, replies, strict=True)
+                if r.startswith(b"OK ") and line.lstrip()[:4].upper() == b"SET "]
+        if kept:
+            self._log.write(b"".join(line.strip() + b"\n" for line in kept))
+            self._log.flush()
+        return b"".join(replies)
+
+
+async def serve(name: str, host: str, port: int, datastore: str | None = None) -> None:
+    """Serve the guest store until SIGTERM or SIGINT (its writes kept on ``datastore``)."""
+    store: GuestStore | Persisted = GuestStore(name)
+    if datastore is not None:
+        assert isinstance(store, GuestStore)
+        store = Persisted(store, datastore)
+        print(f"guest {name} reloaded {store.replayed} writes from {store.path}", flush=True)
     server = await asyncio.start_server(
         lambda r, w: serve_lines(store, r, w), host, port, limit=MAX_LINE + 2, reuse_address=True
     )
@@ -92,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--port", type=int, default=7000)
+    p.add_argument("--datastore", help="a directory: keep every write there, reload at boot")
     a = p.parse_args(argv)
-    asyncio.run(serve(a.name, a.bind, a.port))
+    asyncio.run(serve(a.name, a.bind, a.port, a.datastore))
     return 0
 
 

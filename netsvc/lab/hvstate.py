@@ -64,6 +64,9 @@ class VmRecord:
     generation: int = 0  # how many times its NIC was re-cabled; picks its port's name
     guest_pid: int | None = None
     switch: str = "vs0"  # the host switch its NIC uses, wherever it runs (its config)
+    # a directory standing for a datastore every host reaches: the guest keeps its writes
+    # there (``netsvc.lab.guest --datastore``) and a fresh boot reloads them
+    datastore: str | None = None
 
     def with_(self, **changes: Any) -> VmRecord:
         return replace(self, **changes)

@@ -613,6 +613,17 @@ class Lab:
         self._check_host(dst)
         self._call(dst, "recable", lambda d: d.recable(vm))
 
+    def set_datastore(self, vm: str, directory: Path) -> None:
+        """Give ``vm`` a datastore (a directory every host reaches): its guest keeps each
+        write there and a fresh boot, anywhere, reloads them. The running guest is restarted
+        through its host's driver to pick it up (its state so far is lost)."""
+        assert self.hv is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hv.update(vm, lambda r: r.with_(datastore=str(directory)))
+        if self._vm(vm).state == "running":
+            self.stop_vm(vm)
+        self.start_vm(vm)
+
     def set_guest(self, vm: str, pid: int) -> None:
         """Record that ``pid`` is now ``vm``'s running guest (a guest the lab started itself,
         such as a pooled-memory guest)."""

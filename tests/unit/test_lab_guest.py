@@ -52,3 +52,17 @@ def test_reply_log_gap_and_violations() -> None:
     log.reply(0.058, 7)  # a lost write
     log.reply(0.060, 7)  # a replayed one
     assert len(log.violations) == 2
+
+
+def test_a_guest_on_a_datastore_reloads_its_writes_and_counter_at_boot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from netsvc.lab.guest import GuestStore, Persisted
+
+    first = Persisted(GuestStore("vm2"), str(tmp_path))
+    assert first.handle_many([b"SET a 1", b"SET b 2", b"SET bad key x", b"GET a"]) == \
+        b"OK 1\nOK 2\nERR unknown request 'SET' with 3 arguments\nVALUE 1\n"
+    assert first.handle(b"SET a 3") == b"OK 3\n"
+    # the host crashes; a fresh boot elsewhere reads the same datastore
+    again = Persisted(GuestStore("vm2"), str(tmp_path))
+    assert again.replayed == 3
+    assert again.handle_many([b"GET a", b"GET b", b"PING"]) == b"VALUE 3\nVALUE 2\nPONG vm2 3\n"
+    assert (tmp_path / "vm2.log").read_bytes() == b"SET a 1\nSET b 2\nSET a 3\n"
