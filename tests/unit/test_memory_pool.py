@@ -237,13 +237,23 @@ def _child_control_writes(path: Path, grant_host: str, acked: mmap.mmap) -> None
         struct.pack_into("<Q", acked, 0, i)
 
 
-def run_and_kill(target, delay: float) -> None:  # type: ignore[no-untyped-def]
+def run_and_kill(target, delay: float, started=None) -> None:  # type: ignore[no-untyped-def]
+    """Fork ``target``, kill it with SIGKILL ``delay`` s after ``started()`` says it made
+    progress (waited for with a generous bound, so a busy machine only makes it slower)."""
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         try:
             target()
         finally:
             os._exit(0)
+    if started is not None:
+        deadline = time.monotonic() + 30.0
+        while not started():
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child made no progress in 30 s")
+            time.sleep(0.001)
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
@@ -259,7 +269,10 @@ def test_sigkill_during_control_writes_leaves_pool_consistent(pool: Pool) -> Non
     rng = random.Random(7)
     epoch = 1
     for _ in range(6):
-        run_and_kill(lambda: _child_control_writes(pool.path, "h1", acked), rng.uniform(0.02, 0.08))
+        struct.pack_into("<Q", acked, 0, 0)
+        run_and_kill(lambda: _child_control_writes(pool.path, "h1", acked),
+                     rng.uniform(0.0, 0.03),
+                     started=lambda: struct.unpack_from("<Q", acked, 0)[0] > 0)
         n = struct.unpack_from("<Q", acked, 0)[0]
         assert n > 0
         with Pool.open(pool.path) as q:
