@@ -58,7 +58,7 @@ PORT = 8471
 # (bench/partition_soak.py); 5 in a row come 0.001 %. A network is only "down" when no peer
 # was heard on it either, and flaps are held down by the flap damping
 # (bench/partition_detection.py).
-DEFAULT_CONFIG = Config(confirm_after=0.15, isolation_failures=1, suspect_after=5,
+DEFAULT_CONFIG = Config(confirm_after=0.1, isolation_failures=1, suspect_after=5,
                         probe_timeout=0.3)
 _SOFT_ERRORS = (
     errno.ENETDOWN,

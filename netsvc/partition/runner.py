@@ -90,6 +90,11 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
         while True:
             wake.wait(1.0)
             wake.clear()
+            # the view first: the manager judges on it; the journal's events can follow
+            view, latest[0] = latest[0], None
+            if view is not None:
+                with contextlib.suppress(ApiError, OSError):  # the next view replaces it
+                    poster_client.partition_report(view)
             while events:
                 subject, details = events[0]
                 body = {k: v for k, v in details.items() if k != "reason"}
@@ -100,10 +105,6 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
                     log(f"could not report a classification: {exc}")
                     break
                 events.popleft()
-            view, latest[0] = latest[0], None
-            if view is not None:
-                with contextlib.suppress(ApiError, OSError):  # the next view replaces it
-                    poster_client.partition_report(view)
 
     def run() -> None:
         try:

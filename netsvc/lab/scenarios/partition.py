@@ -223,9 +223,16 @@ class Run:
         first = next(((t, c) for t, c in seen if c == expected), None)
         logs = {vm: c.stop() for vm, c in self.clients.items()}
         moved = actions_after(self.lab, t0)
+        own = next((e for e in self.lab.manager().journal(0)
+                    if e["action"] == "classification" and e["subject"] == f"host:{self.host}"
+                    and (e.get("details") or {}).get("new") == expected
+                    and float(e["mono"]) >= t0), None)
         out: dict[str, Any] = {
             "host": self.host,
             "detection_ms": None if first is None else round((first[0] - t0) * 1000, 1),
+            # where it went: the host's own classification (its clock), and its arrival
+            "classified_ms": None if own is None
+            else round((float(own["details"]["at"]) - t0) * 1000, 1),
             "classification": first[1] if first else (seen[-1][1] if seen else "healthy"),
             "verdicts": [{"at_ms": round((t - t0) * 1000, 1), "classification": c}
                          for t, c in seen],
