@@ -122,7 +122,9 @@ def main() -> int:
                 if c and c[-1][1] == "healthy" and pl and pl[-1][1] == "UP":
                     break
                 time.sleep(0.05)
-            time.sleep(1.0)
+            # past the classifier's flap window (5 s): each cut is an independent failure,
+            # not the next flap of one link (a flapping link is held down on purpose: 3 s)
+            time.sleep(6.0)
     finally:
         lab.teardown()
     summary = {
