@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
@@ -48,7 +48,7 @@ class NoPath(Exception):
     """A hold that would leave this datastore with no path (unless forced)."""
 
 
-class PathState(str, Enum):
+class PathState(StrEnum):
     ACTIVE = "active"
     STANDBY = "standby"
     FAILED = "failed"
