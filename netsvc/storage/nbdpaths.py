@@ -36,6 +36,7 @@ from netsvc.storage.multipath import (
     Dispatch,
     Event,
     IoFailed,
+    Moved,
     Multipath,
     PathId,
 )
@@ -134,6 +135,7 @@ class Datastore:
         self._errors: dict[int, str] = {}
         self._rid = 0
         self._reconnecting: set[str] = set()
+        self._moves: list[Moved] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.size = 0
@@ -225,17 +227,35 @@ class Datastore:
         """Move the I/O off ``switch`` (drain-then-switch) and hold its paths; waits (up to
         the drain timeout and a little) until no request is left on a path through it."""
         with self._lock:
+            mark = len(self._moves)
             events = self.core.hold_switch(switch, self.clock(), reason, force=force)
             self._apply(events)
+        return self._wait_drain(events, mark)
+
+    def switch_to(self, path: str, reason: str) -> list[Event]:
+        """Drain-then-switch to ``path`` (a healthy STANDBY path); waits for the drain."""
+        with self._lock:
+            mark = len(self._moves)
+            events = self.core.switch_to(path, self.clock(), reason)
+            self._apply(events)
+        return self._wait_drain(events, mark)
+
+    def _wait_drain(self, events: list[Event], mark: int) -> list[Event]:
+        """Wait for the drain under way; return ``events`` and every ``Moved`` since
+        ``mark`` (the drain's own is usually made by the I/O thread that finished it)."""
         self._notify(events)
         deadline = self.clock() + self.core.drain_timeout + 1.0
+        late: list[Event] = []
         with self._cv:
             while self.core.draining is not None and self.clock() < deadline:
                 self._cv.wait(0.01)
                 ev = self.core.handle_timer(self.clock())
                 self._apply(ev)
-                events += ev
-        return events
+                late += ev
+            moves = self._moves[mark:]
+        self._notify([e for e in late if not isinstance(e, Moved)])
+        return [e for e in events if not isinstance(e, Moved)] + \
+            [e for e in late if not isinstance(e, Moved)] + list(moves)
 
     def release_switch(self, switch: str, reason: str) -> list[Event]:
         with self._lock:
@@ -261,6 +281,10 @@ class Datastore:
                 conn = self._conns.get(e.path)
                 if conn is not None:
                     kill(conn)
+            elif isinstance(e, Moved):
+                self._moves.append(e)
+                if len(self._moves) > 10_000:
+                    del self._moves[:5_000]
         self._cv.notify_all()
 
     def _notify(self, events: Sequence[Event]) -> None:
