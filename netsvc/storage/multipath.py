@@ -122,7 +122,8 @@ class PathFailed:
     path: str
     reason: str
     at: float
-    #: a path failed while a switch of this datastore is in maintenance: the real emergency
+    #: a path not held failed while a switch of this datastore is in maintenance (the real
+    #: emergency: it may be the last one)
     emergency: bool
 
 
@@ -387,7 +388,8 @@ class Multipath:
         p = self._paths[path]
         was = p.state
         self._set(path, PathState.FAILED, now, reason)
-        emergency = any(q.held for q in self._paths.values())
+        # a held path failing is its switch's maintenance doing; another failing then is not
+        emergency = not p.held and any(q.held for q in self._paths.values())
         out: list[Event] = [PathFailed(self.datastore, path, reason, now, emergency)]
         if p.inflight:
             out.append(Abort(path, reason))

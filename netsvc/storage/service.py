@@ -24,8 +24,9 @@ Invariants:
   ``normal``, and the hosts that held it are asked to release it: every path is then either
   moved (to a healthy path, which it keeps) or still active where it was.
 - A dry run plans and journals (``dry_run``), and queues nothing.
-- A path that fails while any switch is in maintenance is journaled at once as
-  ``storage-emergency`` (and shown in the status): it may be the last one.
+- A path through another switch that fails while a switch is in maintenance is journaled at
+  once as ``storage-emergency`` (and shown in the status): it may be the last one. A path
+  through the switch in maintenance failing is expected (``storage-path-failed``).
 - The service keeps only what the reports cannot rebuild: the switches' maintenance states.
 """
 
@@ -201,7 +202,8 @@ class StorageService(BaseManagerService):
                     ev = {"host": host, "datastore": d.name, "path": p.path,
                           "switch": p.switch, "reason": p.reason,
                           "maintenance": busy, "at_s": round(now - self.kernel.started, 3)}
-                    emergency = bool(busy)
+                    # a path through the switch in maintenance is expected to fail
+                    emergency = bool(busy) and p.switch not in busy
                     self.kernel.journal_append(
                         now, wall, "storage-emergency" if emergency else "storage-path-failed",
                         f"path:{host}/{d.name}/{p.path}",

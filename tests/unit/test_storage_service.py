@@ -198,6 +198,10 @@ def test_path_failure_in_maintenance_is_an_emergency(env: Env) -> None:
     env.report("h1", T0 + 1, dual("ds1", "standby", "failed", held_a=True), dual("ds2"))
     [e] = env.entries("storage-emergency")
     assert "stor-a" in e.reason and env.service.storage_status(T0 + 1)["emergencies"]
+    # the held path through stor-a failing (its switch really goes down) is expected
+    env.report("h2", T0 + 2, dual("ds1", "failed", "active", held_a=True), dual("ds2"))
+    assert len(env.entries("storage-emergency")) == 1
+    assert env.entries("storage-path-failed")
 
 
 def test_http_routes(env: Env) -> None:
