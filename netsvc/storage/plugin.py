@@ -82,6 +82,28 @@ def _release(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
                                     rebalance=bool(action.get("rebalance"))))
 
 
+def _lab_agent_args(plan: Any, host: str) -> list[str]:
+    """Both datastores over both fabrics (eth3 via stor-a, eth4 via stor-b), served on the
+    host's local socket; the last host (with 3 or more) has fabric A only, by config."""
+    from netsvc.lab.plan import ARRAY_ADDRS, ARRAY_PORT
+    from netsvc.lab.scenarios.storage import DATASTORES, single_fabric, socket_path
+
+    legs = [(plan.host_ifname(host, "eth3"), "stor-a", ARRAY_ADDRS["storage-a"])]
+    if host != single_fabric(plan):
+        legs.append((plan.host_ifname(host, "eth4"), "stor-b", ARRAY_ADDRS["storage-b"]))
+    paths = ",".join(f"{nic}>{sw}>{addr}:{ARRAY_PORT}" for nic, sw, addr in legs)
+    out = []
+    for ds in DATASTORES:
+        out += ["--storage-datastore", f"{ds}={ds}@{paths}"]
+    return [*out, "--storage-socket", socket_path(plan, host), "--storage-report-every", "0.5"]
+
+
+def _scenarios() -> tuple[Any, ...]:
+    from netsvc.lab.scenarios import storage
+
+    return (storage.MAINTENANCE, storage.FAILURE)
+
+
 def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from netsvc.storage.cli import register
 
@@ -95,6 +117,6 @@ PLUGIN = ServicePlugin(
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
                     executors={"storage-hold": _hold, "storage-release": _release}),
-    lab=LabPart(),
+    lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )
