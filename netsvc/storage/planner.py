@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 HEALTHY = ("active", "standby")
+_HEALTHY = frozenset(HEALTHY)
+_BUSY = frozenset(("active", "draining"))
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,9 @@ class DatastoreView:
     paths: tuple[PathView, ...]
 
 
-@dataclass(frozen=True)
-class Move:
+class Move(NamedTuple):
+    """An active path through the switch, and the path that takes its I/O."""
+
     host: str
     datastore: str
     from_path: str
@@ -56,8 +59,9 @@ class Move:
                 "to": self.to_path}
 
 
-@dataclass(frozen=True)
-class Loser:
+class Loser(NamedTuple):
+    """A (host, datastore) left with no healthy path through another switch."""
+
     host: str
     datastore: str
     why: str
@@ -111,34 +115,44 @@ def views(reports: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[DatastoreV
 
 
 def plan_enter(switch: str, dss: Iterable[DatastoreView], *, force: bool = False) -> EnterPlan:
+    """One pass over every path (see the module docstring)."""
     moves: list[Move] = []
     losers: list[Loser] = []
     hosts: dict[str, None] = {}
     on_switch = 0
+    healthy, busy = _HEALTHY, _BUSY
     for ds in dss:
-        mine = [p for p in ds.paths if p.switch == switch]
+        mine = 0
+        active: PathView | None = None
+        to: PathView | None = None
+        other_ok = False
+        for p in ds.paths:
+            if p.switch == switch:
+                mine += 1
+                if active is None and p.state in busy:
+                    active = p
+            elif not p.held and p.state in healthy:
+                other_ok = True
+                if to is None and p.state == "standby":
+                    to = p
         if not mine:
             continue
         hosts[ds.host] = None
-        on_switch += len(mine)
-        others = [p for p in ds.paths if p.switch != switch and p.state in HEALTHY
-                  and not p.held]
-        active = next((p for p in mine if p.state in ("active", "draining")), None)
-        if not others:
-            n_other = sum(1 for p in ds.paths if p.switch != switch)
-            why = (f"its only path{'s go' if len(mine) > 1 else ' goes'} through {switch}"
-                   if n_other == 0 else
-                   f"no healthy path through another switch ({n_other} there: "
-                   + ", ".join(f"{p.path} {p.state}{' held' if p.held else ''}"
-                               for p in ds.paths if p.switch != switch) + ")")
-            losers.append(Loser(ds.host, ds.datastore, why))
-            continue
-        if active is not None:
-            to = next((p for p in others if p.state == "standby"), None)
-            if to is None:  # another path is already active: nothing to move to
-                continue
+        on_switch += mine
+        if not other_ok:
+            losers.append(Loser(ds.host, ds.datastore, _why(switch, ds, mine)))
+        elif active is not None and to is not None:  # else another path is already active
             moves.append(Move(ds.host, ds.datastore, active.path, to.path))
     return EnterPlan(switch, tuple(moves), tuple(losers), tuple(hosts), on_switch, force)
+
+
+def _why(switch: str, ds: DatastoreView, mine: int) -> str:
+    others = [p for p in ds.paths if p.switch != switch]
+    if not others:
+        return f"its only path{'s go' if mine > 1 else ' goes'} through {switch}"
+    return (f"no healthy path through another switch ({len(others)} there: "
+            + ", ".join(f"{p.path} {p.state}{' held' if p.held else ''}" for p in others)
+            + ")")
 
 
 def plan_exit(switch: str, dss: Iterable[DatastoreView]) -> ExitPlan:
