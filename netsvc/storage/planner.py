@@ -29,8 +29,9 @@ _HEALTHY = frozenset(HEALTHY)
 _BUSY = frozenset(("active", "draining"))
 
 
-@dataclass(frozen=True)
-class PathView:
+class PathView(NamedTuple):
+    """One path as its agent last reported it."""
+
     path: str
     nic: str
     switch: str
@@ -39,8 +40,9 @@ class PathView:
     held: bool = False
 
 
-@dataclass(frozen=True)
-class DatastoreView:
+class DatastoreView(NamedTuple):
+    """One datastore on one host, with its paths."""
+
     host: str
     datastore: str
     paths: tuple[PathView, ...]
@@ -102,16 +104,18 @@ class ExitPlan:
                 "held": [{"host": h, "datastore": d, "path": p} for h, d, p in self.held]}
 
 
+def host_views(host: str, dss: Sequence[Mapping[str, Any]]) -> list[DatastoreView]:
+    """One host's report (its datastores as the agent sends them) as views: built once per
+    report, so a plan only walks them."""
+    return [DatastoreView(host, str(ds["name"]), tuple(
+        PathView(str(p["path"]), str(p["nic"]), str(p["switch"]), str(p["port"]),
+                 str(p["state"]), bool(p.get("held", False)))
+        for p in ds.get("paths", ()))) for ds in dss]
+
+
 def views(reports: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[DatastoreView]:
     """Reports (host -> its datastores as the agents send them) as views."""
-    out = []
-    for host, dss in reports.items():
-        for ds in dss:
-            out.append(DatastoreView(host, str(ds["name"]), tuple(
-                PathView(str(p["path"]), str(p["nic"]), str(p["switch"]), str(p["port"]),
-                         str(p["state"]), bool(p.get("held", False)))
-                for p in ds.get("paths", ()))))
-    return out
+    return [v for host, dss in reports.items() for v in host_views(host, dss)]
 
 
 def plan_enter(switch: str, dss: Iterable[DatastoreView], *, force: bool = False) -> EnterPlan:

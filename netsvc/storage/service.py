@@ -43,7 +43,7 @@ from netsvc.cluster.errors import Refused, UnknownEntity
 from netsvc.cluster.model import ClusterModel
 from netsvc.cluster.schema import convert
 from netsvc.cluster.service import ActionKind, BaseManagerService, Kernel, Reply, Request, Route
-from netsvc.storage.planner import active_on, plan_enter, plan_exit, views
+from netsvc.storage.planner import DatastoreView, active_on, host_views, plan_enter, plan_exit
 from netsvc.storage.schemas import MaintenanceRequest, StorageReport, StorageTable
 
 KINDS = ("storage-hold", "storage-release")
@@ -115,6 +115,7 @@ class StorageService(BaseManagerService):
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config or StorageConfig()
         self._reports: dict[str, list[dict[str, Any]]] = {}
+        self._views: dict[str, list[DatastoreView]] = {}  # built once per report
         self._reported_at: dict[str, float] = {}
         self._switches: dict[str, dict[str, Any]] = {
             s: {"state": "normal", "since": None, "forced": False, "reason": ""}
@@ -188,6 +189,7 @@ class StorageService(BaseManagerService):
                   for d in self._reports.get(host, []) for p in d["paths"]}
         body = [msgspec.to_builtins(d) for d in rep.datastores]
         self._reports[host] = body
+        self._views[host] = host_views(host, body)
         self._reported_at[host] = now
         for s in rep.datastores:
             if s.name and s.paths:
@@ -240,8 +242,11 @@ class StorageService(BaseManagerService):
                                    details={"rule": "maintenance-in-progress", "op": op.id})
         raise Refused("maintenance-in-progress", f"{what} of {switch} refused: {why}")
 
+    def _all_views(self) -> list[DatastoreView]:
+        return [v for vs in self._views.values() for v in vs]
+
     def plan(self, switch: str, *, force: bool = False) -> dict[str, Any]:
-        return plan_enter(switch, views(self._reports), force=force).to_dict()
+        return plan_enter(switch, self._all_views(), force=force).to_dict()
 
     def enter(self, switch: str, req: MaintenanceRequest, *, now: float,
               wall: float | None = None) -> dict[str, Any]:
@@ -252,7 +257,7 @@ class StorageService(BaseManagerService):
         st = self._switches[switch]
         if st["state"] == "maintenance":
             return {"status": "unchanged", "reason": f"{switch} is already in maintenance"}
-        p = plan_enter(switch, views(self._reports), force=req.force)
+        p = plan_enter(switch, self._all_views(), force=req.force)
         plan = p.to_dict()
         subject = f"switch:{switch}"
         if p.losers and not req.force:
@@ -292,7 +297,7 @@ class StorageService(BaseManagerService):
         self._check_switch(switch)
         self._refuse_busy("exit", switch, req, now, wall)
         st = self._switches[switch]
-        p = plan_exit(switch, views(self._reports))
+        p = plan_exit(switch, self._all_views())
         if st["state"] == "normal" and not p.held:
             return {"status": "unchanged", "reason": f"{switch} is not in maintenance"}
         plan = p.to_dict()
@@ -410,7 +415,7 @@ class StorageService(BaseManagerService):
     # -- status ----------------------------------------------------------------------------
 
     def storage_status(self, now: float) -> dict[str, Any]:
-        vs = views(self._reports)
+        vs = self._all_views()
         switches = {}
         for s, v in sorted(self._switches.items()):
             switches[s] = {**v, "active_paths": len(active_on(s, vs)),
