@@ -136,25 +136,32 @@ def stall_pass(tmp: Path, mode: str, check_every: float, seconds: float) -> dict
         t.start()
     time.sleep(1.0)
     t_event = time.monotonic()
+    t_event_end = t_event
     move_ms = None
     if mode == "maintenance":
         t0 = time.monotonic()
         ds.hold_switch("stor-a", "bench")
-        move_ms = (time.monotonic() - t0) * 1000
+        t_event_end = time.monotonic()
+        move_ms = (t_event_end - t0) * 1000
         time.sleep(0.2)
     t_cut = time.monotonic()
     arr.freeze(0)
+    if mode == "cut":
+        t_event_end = t_cut
     time.sleep(seconds + (check_every if mode == "cut" else 0))
     stop.set()
     for t in ts:
         t.join(timeout=30)
     ds.close()
     arr.stop()
-    before = [ms for t, ms in lat if t < t_event]
-    after = [ms for t, ms in lat if t >= t_event]
+    before = [ms for t, ms in lat if t + ms / 1000 < t_event]
+    # the writes in flight during the move (maintenance) or at the cut, or issued then
+    spanning = [ms for t, ms in lat if t <= t_event_end and t + ms / 1000 >= t_event]
+    after = [ms for t, ms in lat if t + ms / 1000 >= t_event]
     after_cut = [ms for t, ms in lat if t + ms / 1000 >= t_cut]
     return {"mode": mode, "check_every_s": check_every, "writes": len(lat),
             "io_errors": len(errors), "retries": ds.stats["retries"],
+            "max_ms_spanning_event": round(max(spanning, default=0.0), 3),
             "max_stall_ms_after_event": round(max(after, default=0.0), 3),
             "max_stall_ms_around_cut": round(max(after_cut, default=0.0), 3),
             "p50_ms_after": round(pct(after, 0.5), 3),

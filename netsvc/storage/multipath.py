@@ -177,6 +177,8 @@ class Multipath:
         self._target: str | None = None
         self._drain_started = 0.0
         self._drain_reason = ""
+        self._active: str | None = None
+        self._draining: str | None = None
         self._set(self._order[0], PathState.ACTIVE, now, "first path")
 
     # -- reading -------------------------------------------------------------------------
@@ -186,12 +188,11 @@ class Multipath:
 
     @property
     def active(self) -> str | None:
-        return next((n for n in self._order if self._paths[n].state is PathState.ACTIVE), None)
+        return self._active
 
     @property
     def draining(self) -> str | None:
-        return next((n for n in self._order if self._paths[n].state is PathState.DRAINING),
-                    None)
+        return self._draining
 
     def paths(self) -> list[PathId]:
         return [self._paths[n].pid for n in self._order]
@@ -382,7 +383,21 @@ class Multipath:
         p = self._paths[path]
         if state not in _ALLOWED[p.state]:
             raise PathError(f"{path}: {p.state.value} -> {state.value} is not allowed")
+        old = p.state
         p.state, p.since, p.reason = state, now, reason
+        # the two cached names (at most one path in each state: the invariant)
+        if old is PathState.ACTIVE:
+            self._active = None
+        elif old is PathState.DRAINING:
+            self._draining = None
+        if state is PathState.ACTIVE:
+            if self._active is not None:
+                raise PathError(f"{path}: {self._active} is already active")
+            self._active = path
+        elif state is PathState.DRAINING:
+            if self._draining is not None:
+                raise PathError(f"{path}: {self._draining} is already draining")
+            self._draining = path
 
     def _fail(self, path: str, now: float, reason: str) -> list[Event]:
         p = self._paths[path]

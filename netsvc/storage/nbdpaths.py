@@ -135,7 +135,8 @@ class Datastore:
         self._errors: dict[int, str] = {}
         self._rid = 0
         self._reconnecting: set[str] = set()
-        self._moves: list[Moved] = []
+        self._moves: list[Moved] = []  # the last moves; _moves[0] is move number _base
+        self._base = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.size = 0
@@ -184,27 +185,33 @@ class Datastore:
         self._io(lambda h: h.flush())
 
     def _io(self, fn: Callable[[Any], Any]) -> Any:
+        """One VM request: ask the core for a path, run ``fn`` on its handle outside the
+        lock, report the outcome; again on the path the core gives for its one retry."""
         nbd = _nbd()
         with self._lock:
             self._rid += 1
             rid = self._rid
             self.stats["requests"] += 1
             events = self.core.submit(rid, self.clock())
-            self._apply(events)
-        self._notify(events)
+            self._apply(events, rid)
+            path = self._where.pop(rid, None)
+            conn = self._conns.get(path) if path is not None else None
+        if len(events) > 1:
+            self._notify(events)
         while True:
-            with self._cv:
-                while rid not in self._where and rid not in self._errors:
-                    self._cv.wait(0.5)
-                    ev = self.core.handle_timer(self.clock())
-                    self._apply(ev)
-                    if ev:
-                        self._notify_later(ev)
-                if rid in self._errors:
-                    self.stats["io_errors"] += 1
-                    raise StorageIoError(self._errors.pop(rid))
-                path = self._where.pop(rid)
-                conn = self._conns.get(path)
+            if path is None:  # queued (a drain, or no path): wait for the core
+                with self._cv:
+                    while rid not in self._where and rid not in self._errors:
+                        self._cv.wait(0.5)
+                        ev = self.core.handle_timer(self.clock())
+                        self._apply(ev)
+                        if ev:
+                            self._notify_later(ev)
+                    if rid in self._errors:
+                        self.stats["io_errors"] += 1
+                        raise StorageIoError(self._errors.pop(rid))
+                    path = self._where.pop(rid)
+                    conn = self._conns.get(path)
             try:
                 if conn is None:
                     raise OSError(f"{path} has no connection")
@@ -214,10 +221,19 @@ class Datastore:
                 out, ok, err = None, False, str(exc)
             with self._lock:
                 events = self.core.done(rid, ok, self.clock(), err)
-                if not ok:
+                if ok:
+                    if events:
+                        self._apply(events)
+                else:
                     self.stats["retries"] += 1
-                self._apply(events)
-            self._notify(events)
+                    self._apply(events, rid)
+                    if rid in self._errors:
+                        self.stats["io_errors"] += 1
+                        raise StorageIoError(self._errors.pop(rid))
+                    path = self._where.pop(rid, None)
+                    conn = self._conns.get(path) if path is not None else None
+            if events:
+                self._notify(events)
             if ok:
                 return out
 
@@ -227,7 +243,7 @@ class Datastore:
         """Move the I/O off ``switch`` (drain-then-switch) and hold its paths; waits (up to
         the drain timeout and a little) until no request is left on a path through it."""
         with self._lock:
-            mark = len(self._moves)
+            mark = self._base + len(self._moves)
             events = self.core.hold_switch(switch, self.clock(), reason, force=force)
             self._apply(events)
         return self._wait_drain(events, mark)
@@ -235,7 +251,7 @@ class Datastore:
     def switch_to(self, path: str, reason: str) -> list[Event]:
         """Drain-then-switch to ``path`` (a healthy STANDBY path); waits for the drain."""
         with self._lock:
-            mark = len(self._moves)
+            mark = self._base + len(self._moves)
             events = self.core.switch_to(path, self.clock(), reason)
             self._apply(events)
         return self._wait_drain(events, mark)
@@ -252,7 +268,7 @@ class Datastore:
                 ev = self.core.handle_timer(self.clock())
                 self._apply(ev)
                 late += ev
-            moves = self._moves[mark:]
+            moves = self._moves[max(0, mark - self._base):]
         self._notify([e for e in late if not isinstance(e, Moved)])
         return [e for e in events if not isinstance(e, Moved)] + \
             [e for e in late if not isinstance(e, Moved)] + list(moves)
@@ -270,22 +286,29 @@ class Datastore:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _apply(self, events: Sequence[Event]) -> None:
-        """Under the lock: route dispatches and errors to their waiters, abort paths."""
+    def _apply(self, events: Sequence[Event], me: int | None = None) -> None:
+        """Under the lock: route dispatches and errors to their waiters (waking them only if
+        one is for another request than ``me``, the caller's own), abort paths."""
+        wake = False
         for e in events:
             if isinstance(e, Dispatch):
                 self._where[e.rid] = e.path
+                wake = wake or e.rid != me
             elif isinstance(e, IoFailed):
                 self._errors[e.rid] = e.error
+                wake = wake or e.rid != me
             elif isinstance(e, Abort):
                 conn = self._conns.get(e.path)
                 if conn is not None:
                     kill(conn)
             elif isinstance(e, Moved):
                 self._moves.append(e)
-                if len(self._moves) > 10_000:
-                    del self._moves[:5_000]
-        self._cv.notify_all()
+                if len(self._moves) > 1000:
+                    del self._moves[:500]
+                    self._base += 500
+                wake = True
+        if wake:
+            self._cv.notify_all()
 
     def _notify(self, events: Sequence[Event]) -> None:
         if self.on_event is None:
