@@ -183,3 +183,13 @@ def test_illegal_transitions_and_bad_input() -> None:
     with pytest.raises(PathError):
         PathId.parse("a>b")
     assert PathId.parse(A.name) == A
+
+
+def test_a_held_path_failing_is_no_emergency() -> None:
+    m = mp()
+    m.hold_switch("stor-a", 0.0, "maint")
+    m.checks_due(0.0)
+    ev = m.checked(A.name, False, 0.1, "bridge down")  # its switch is really down: expected
+    assert [e.emergency for e in ev if isinstance(e, PathFailed)] == [False]
+    ev = m.checked(B.name, False, 0.2, "cut")  # the other one failing is the emergency
+    assert [e.emergency for e in ev if isinstance(e, PathFailed)] == [True]

@@ -25,6 +25,20 @@ def _paths(arr: object) -> list[PathId]:
             PathId("lo", "stor-b", arr.port(1))]  # type: ignore[attr-defined]
 
 
+def settle(ds: Datastore) -> None:
+    """Wait until the checks due at open are done (the next is ``check_every`` away)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        with ds._lock:
+            t = ds.core.next_timer()
+        if t is not None and t > time.monotonic() + 1.0:
+            return
+        assert time.monotonic() < deadline, "the first checks did not finish"
+        time.sleep(0.01)
+
+
 def _writer(ds: Datastore, stop: threading.Event, acked: dict[int, bytes],
             errors: list[str], blocks: int = 256) -> None:
     i = 0
@@ -93,10 +107,12 @@ def test_server_closing_mid_request_moves_io(tmp_path: Path) -> None:
     with nbdkit_array(tmp_path, {"ds1": 1 * MiB}) as arr:
         ds = Datastore("ds1", "ds1", _paths(arr), check_every=5.0)
         ds.open()
+        settle(ds)
         try:
             arr.kill(0)
             ds.pwrite(b"z" * 512, 0)  # path A's connection is closed: retried on B
             assert ds.stats["retries"] == 1 and ds.stats["io_errors"] == 0
+            assert ds.core.state(_paths(arr)[0].name) is PathState.FAILED
             assert (arr.directory / "ds1").read_bytes()[:512] == b"z" * 512
         finally:
             ds.close()
@@ -181,3 +197,72 @@ def test_endpoint_cuts_off_garbage(tmp_path: Path) -> None:
         assert errs and "magic" in errs[0]
     finally:
         ep.close()
+
+
+class GarbageProxy:
+    """A TCP proxy in front of an nbdkit port; once ``corrupt`` is set, every byte the server
+    sends back is replaced by garbage (a server that answers garbage mid-request)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = port
+        self.corrupt = threading.Event()
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.port = int(self.lsock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, True), daemon=True).start()
+
+    def _pump(self, src: object, dst: object, back: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)  # type: ignore[attr-defined]
+                if not data:
+                    break
+                if back and self.corrupt.is_set():
+                    data = b"\xde\xad\xbe\xef" * (len(data) // 4 + 1)
+                dst.sendall(data)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                with contextlib.suppress(OSError):
+                    x.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+def test_garbage_reply_fails_the_path_and_the_io_moves(tmp_path: Path) -> None:
+    with nbdkit_array(tmp_path, {"ds1": MiB}) as arr:
+        proxy = GarbageProxy(arr.ports[0])
+        paths = [PathId("lo", "stor-a", f"127.0.0.1:{proxy.port}"), _paths(arr)[1]]
+        events: list[object] = []
+        ds = Datastore("ds1", "ds1", paths, check_every=5.0, on_event=events.append)
+        ds.open()
+        settle(ds)
+        try:
+            ds.pwrite(b"a" * 4096, 0)
+            proxy.corrupt.set()
+            ds.pwrite(b"b" * 4096, 4096)  # the reply is garbage: path A fails, retried on B
+            assert ds.stats["retries"] == 1 and ds.stats["io_errors"] == 0
+            assert ds.core.state(paths[0].name) is PathState.FAILED
+            assert ds.core.active == paths[1].name
+            data = (arr.directory / "ds1").read_bytes()
+            assert data[:4096] == b"a" * 4096 and data[4096:8192] == b"b" * 4096
+        finally:
+            ds.close()
+            proxy.close()
