@@ -22,7 +22,8 @@ Invariants:
 - An entry that fails (an agent that refuses, does not answer within ``move_timeout``, or
   leaves an active path on the switch without ``force``) is journaled, the switch stays
   ``normal``, and the hosts that held it are asked to release it: every path is then either
-  moved (to a healthy path, which it keeps) or still active where it was.
+  moved (to a healthy path, which it keeps) or still active where it was. A host whose hold
+  was still open then is released once that hold is over (answered late, or expired).
 - A dry run plans and journals (``dry_run``), and queues nothing.
 - A path through another switch that fails while a switch is in maintenance is journaled at
   once as ``storage-emergency`` (and shown in the status): it may be the last one. A path
@@ -124,6 +125,10 @@ class StorageService(BaseManagerService):
         self._n = 0
         self._decisions: list[dict[str, Any]] = []
         self._emergencies: list[dict[str, Any]] = []
+        self._after_queue: list[tuple[_Op, str, str]] = []  # queued at the next timer
+        #: holds still open when their entry failed: released once they are over
+        self._watch: dict[str, tuple[str, str, str]] = {}  # action id -> (op, switch, host)
+        self._last_watch = -1e18
 
     # -- plugin surface --------------------------------------------------------------------
 
@@ -151,11 +156,24 @@ class StorageService(BaseManagerService):
                            run_timeout=t))
 
     def next_timer(self) -> float | None:
-        if self._op is None:
-            return None
-        return self._op.started + self.config.move_timeout + 1.0
+        if self._after_queue:
+            return self.kernel.started  # due now
+        times = [self._last_watch + 1.0] if self._watch else []
+        if self._op is not None:
+            times.append(self._op.started + self.config.move_timeout + 1.0)
+        return min(times) if times else None
 
     def handle_timer(self, now: float, wall: float | None) -> None:
+        pending, self._after_queue = self._after_queue, []
+        for late, kind, host in pending:
+            self._queue(late, kind, [host], now, wall, rollback=True)
+        self._last_watch = now
+        for aid, (op_id, switch, host) in list(self._watch.items()):
+            if not self._is_open(aid):  # expired by the kernel: it may have held
+                del self._watch[aid]
+                late = _Op(f"{op_id}-late", "exit", switch, False,
+                           "rollback of a hold that did not answer", now, {})
+                self._queue(late, "storage-release", [host], now, wall, rollback=True)
         op = self._op
         if op is None:
             return
@@ -323,8 +341,13 @@ class StorageService(BaseManagerService):
         return op
 
     def _queue(self, op: _Op, kind: str, hosts: Sequence[str], now: float,
-               wall: float | None, *, rollback: bool = False) -> None:
+               wall: float | None, *, rollback: bool = False, after: str | None = None) -> None:
+        """One action per host; ``after``: the host's action now completing (the kernel
+        still counts it open until ``_complete`` returns), so its key is free."""
         for host in hosts:
+            if after is not None:
+                self._after_queue.append((op, kind, host))
+                continue
             try:
                 a = self.kernel.queue_action(
                     kind, host_key(host),
@@ -357,6 +380,14 @@ class StorageService(BaseManagerService):
             else:
                 op.failed[host] = detail or "failed"
             self._maybe_finish(now, wall)
+        elif action.id in self._watch:
+            del self._watch[action.id]
+            # a hold that answered (or failed: it may have held some) after its entry failed:
+            # release it too, so no host keeps a switch held that is not in maintenance
+            late = _Op(f"{action.payload['op']}-late", "exit", str(action.payload["switch"]),
+                       False, "rollback of a late hold", now, {})
+            self._queue(late, "storage-release", [host], now, wall, rollback=True,
+                        after=action.id)
         return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                  detail=detail or None, result=res or None)
 
@@ -388,7 +419,15 @@ class StorageService(BaseManagerService):
                 self._switches[op.switch] = {"state": "normal", "since": now,
                                              "forced": False, "reason": f"enter failed: {why}"}
                 rb = _Op(op.id + "-rollback", "exit", op.switch, False, "rollback", now, {})
-                self._queue(rb, "storage-release", sorted(op.results), now, wall,
+                # every host whose action is over releases now (one that failed or expired
+                # may still have held: a release of nothing is harmless); a host whose action
+                # is still open releases when it answers (``_complete``)
+                over = [h for aid, h in op.actions.items()
+                        if h in op.results or not self._is_open(aid)]
+                for aid, h in op.actions.items():
+                    if h not in over:
+                        self._watch[aid] = (op.id, op.switch, h)
+                self._queue(rb, "storage-release", sorted(set(over)), now, wall,
                             rollback=True)
                 return
             self._switches[op.switch] = {"state": "maintenance", "since": now,
@@ -407,6 +446,10 @@ class StorageService(BaseManagerService):
                              + (f" ({len(moved)} made active again)" if moved else ""),
                              details={**details, "released": released,
                                       "failed_hosts": dict(op.failed)})
+
+    def _is_open(self, action_id: str) -> bool:
+        a = self.kernel.get_action(action_id)
+        return a is not None and a.is_open
 
     def _decide(self, d: dict[str, Any]) -> None:
         self._decisions.append(d)

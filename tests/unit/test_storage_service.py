@@ -223,3 +223,35 @@ def test_config_validation() -> None:
     with pytest.raises(ValidationError):
         StorageConfig.from_table({"move_timeout": 0})
     assert StorageConfig.from_table({}).switches == ("stor-a", "stor-b")
+
+
+def test_an_expired_hold_is_released_too(tmp_path: Path) -> None:
+    e = Env(tmp_path, move_timeout=2.0)
+    e.report("h1", T0, dual("ds1"))
+    e.report("h2", T0, dual("ds1"))
+    e.enter("stor-a")
+    e.run("h1", T0 + 0.1, moved=[], left=[], max_drain_ms=0)
+    e.core.claim_actions("h2", "agent-h2", now=T0 + 0.2)  # claimed, then silent
+    e.core.handle_timer(T0 + 3.5, WALL0 + T0 + 3.5)  # the kernel expires it; we give up
+    assert e.entries("storage-maintenance-enter-failed")
+    # h2 may have held before it went silent: both are asked to release
+    assert sorted((a.kind, a.host) for a in e.core.open_actions()) == [
+        ("storage-release", "h1"), ("storage-release", "h2")]
+
+
+def test_a_late_hold_after_a_failed_entry_is_released(tmp_path: Path) -> None:
+    e = Env(tmp_path, move_timeout=2.0)
+    e.report("h1", T0, dual("ds1"))
+    e.report("h2", T0, dual("ds1"))
+    e.enter("stor-a")
+    e.run("h1", T0 + 0.1, moved=[], left=[], max_drain_ms=0)
+    [c] = e.core.claim_actions("h2", "agent-h2", now=T0 + 1.9)  # claimed late, then slow
+    e.core.handle_timer(T0 + 3.5, WALL0 + T0 + 3.5)  # our deadline passes first
+    assert e.entries("storage-maintenance-enter-failed")
+    assert [(a.kind, a.host) for a in e.core.open_actions()] == [
+        ("storage-hold", "h2"), ("storage-release", "h1")]
+    # h2's hold answers at last: it is released too, so nothing stays held
+    e.core.complete_action(c.id, ok=True, now=T0 + 3.6, host="h2", result={"moved": []})
+    e.core.handle_timer(T0 + 3.7, WALL0 + T0 + 3.7)
+    assert sorted((a.kind, a.host) for a in e.core.open_actions()) == [
+        ("storage-release", "h1"), ("storage-release", "h2")]
