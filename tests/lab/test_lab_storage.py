@@ -27,7 +27,9 @@ def _run(scenario: str, tmp_path: Path) -> dict[str, object]:
     assert r.returncode == 0, r.stdout + r.stderr
     report: dict[str, object] = json.loads((tmp_path / "report.json").read_text())
     assert report["leftovers"] == []
-    assert not list(Path("/run").glob(f"netsvc-lab-{report['prefix']}-*"))
+    from netsvc.lab.registry import run_dir
+
+    assert not list(run_dir(str(report["prefix"])).glob("storage-*.sock"))
     return report
 
 

@@ -55,8 +55,11 @@ PARAMS: dict[str, type | tuple[type, ...]] = {"down_s": (int, float),
 
 
 def socket_path(plan: LabPlan, host: str) -> str:
-    """Where ``host``'s agent serves its datastores (a path on the shared file system)."""
-    return f"/run/netsvc-lab-{plan.prefix}-{host}-storage.sock"
+    """Where ``host``'s agent serves its datastores: in the run's directory (shared by every
+    namespace; removed with the run, by teardown or ``netsvc lab clean``)."""
+    from netsvc.lab.registry import run_dir
+
+    return str(run_dir(plan.prefix) / f"storage-{host}.sock")
 
 
 def single_fabric(plan: LabPlan) -> str | None:
