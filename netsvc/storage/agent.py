@@ -81,8 +81,13 @@ class StorageAgent:
         self.endpoint: Any = None
 
     def open(self) -> None:
-        for ds in self.datastores.values():
-            ds.open()
+        """Open every datastore; one whose paths all fail to connect is logged, not fatal:
+        the agent's other work goes on and its checker keeps trying."""
+        for name, ds in self.datastores.items():
+            ds.open(require=False)
+            if ds.core.active is None:
+                self.ctx.log(f"storage: datastore {name}: no path connects yet; the checker "
+                             "keeps trying")
         if self.socket_path:
             from netsvc.storage.endpoint import Endpoint
 

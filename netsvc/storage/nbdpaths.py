@@ -144,9 +144,10 @@ class Datastore:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *, require: bool = True) -> None:
         """Connect every path (one that does not connect is FAILED) and start the checker.
-        ``OSError`` if no path connects."""
+        ``OSError`` if no path connects and ``require`` (else the checker keeps trying, and
+        requests wait for a path up to the queue timeout)."""
         errors = []
         for pid in self.core.paths():
             try:
@@ -158,7 +159,7 @@ class Datastore:
             self._conns[pid.name] = conn
             if not self.size:
                 self.size = int(conn.handle.get_size())
-        if not self._conns:
+        if not self._conns and require:
             raise OSError(f"datastore {self.name}: no path connects ({'; '.join(errors)})")
         self._thread = threading.Thread(target=self._check_loop, name=f"paths-{self.name}",
                                         daemon=True)
@@ -389,6 +390,9 @@ class Datastore:
             return  # the probe thread ends when its socket does (kill, or TCP's timeout)
         new = result.get("new")
         if new is not None:
+            if not self.size:
+                with contextlib.suppress(Exception):
+                    self.size = int(new.handle.get_size())
             with self._lock:
                 old = self._conns.get(path)
                 self._conns[path] = new

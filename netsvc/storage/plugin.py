@@ -55,10 +55,7 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
     agent = StorageAgent(ctx, parse_datastores(args.storage_datastore),
                          socket_path=args.storage_socket, check_every=args.storage_check_every,
                          io_timeout=args.storage_io_timeout)
-    try:
-        agent.open()
-    except OSError as exc:
-        raise ValueError(f"--storage-datastore: {exc}") from None
+    agent.open()
     ctx.options[AGENT_KEY] = agent
     threading.Thread(target=agent.run, args=(threading.Event(), args.storage_report_every),
                      name="storage-reports", daemon=True).start()

@@ -58,3 +58,34 @@ def test_hold_release_and_refusal(tmp_path: Path) -> None:
             assert ag.datastores["ds1"].core.active == a.name
         finally:
             ag.close()
+
+
+def test_an_array_down_at_start_is_not_fatal(tmp_path: Path) -> None:
+    import time
+
+    with nbdkit_array(tmp_path, {"ds1": MiB}) as arr:
+        logs: list[str] = []
+        c = ctx()
+        c.log = logs.append
+        dead = PathId("lo", "stor-a", "127.0.0.1:1")  # nothing listens there
+        ag = StorageAgent(c, {"ds1": DatastoreConf("ds1", "ds1", (dead,))}, check_every=0.1)
+        ag.open()
+        try:
+            assert any("no path connects yet" in m for m in logs)
+            assert ag.datastores["ds1"].core.active is None
+        finally:
+            ag.close()
+        # a dead first path fails at open: the other one takes the I/O, the size is learned
+        good = PathId("lo", "stor-b", arr.port(1))
+        ag = StorageAgent(c, {"ds1": DatastoreConf("ds1", "ds1", (dead, good))},
+                          check_every=0.1)
+        ag.open()
+        try:
+            ds = ag.datastores["ds1"]
+            deadline = time.monotonic() + 5
+            while ds.core.active != good.name and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert ds.core.active == good.name and ds.size == MiB
+            ds.pwrite(b"k" * 512, 0)
+        finally:
+            ag.close()
