@@ -15,6 +15,7 @@ from netsvc.cluster.service import ManagerService, ServicePlugin
 from netsvc.memory.plugin import PLUGIN as MEMORY
 from netsvc.nic.plugin import PLUGIN as NIC
 from netsvc.partition.plugin import PLUGIN as PARTITION
+from netsvc.storage.plugin import PLUGIN as STORAGE
 from netsvc.usbip.plugin import PLUGIN as USBIP
 
 PLUGINS: tuple[ServicePlugin, ...] = (
@@ -23,6 +24,7 @@ PLUGINS: tuple[ServicePlugin, ...] = (
     USBIP,
     MEMORY,
     NIC,
+    STORAGE,
 )
 
 

@@ -18,6 +18,9 @@ APT_PACKAGES=(
   procps
   python3-libvirt  # libvirt bindings (hypervisor driver): linked into .venv below
   ipmitool         # the IPMI 2.0 peer of netsvc.bmc (lanplus) in tests and the lab
+  nbdkit nbdkit-plugin-python  # the lab's storage array and netsvc.storage's local endpoint
+  libnbd-bin       # nbdinfo, nbdcopy (the switch-maintenance scenario's read-back)
+  python3-libnbd   # libnbd bindings (netsvc.storage's paths): linked into .venv below
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -64,6 +67,14 @@ venv_site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["
 for src in /usr/lib/python3/dist-packages/libvirt.py /usr/lib/python3/dist-packages/libvirt_qemu.py \
            /usr/lib/python3/dist-packages/libvirt_lxc.py /usr/lib/python3/dist-packages/libvirtaio.py \
            /usr/lib/python3/dist-packages/libvirtmod*.so; do
+  [ -e "$src" ] || continue
+  dst="$venv_site/$(basename "$src")"
+  [ "$(readlink "$dst" 2>/dev/null)" = "$src" ] || ln -sfn "$src" "$dst"
+done
+# -- libnbd bindings (netsvc.storage)
+# The same for Debian's python3-libnbd: the package nbd/ (nbd.py) and its C module libnbdmod.
+for src in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/nbd \
+           /usr/lib/python3/dist-packages/libnbdmod*.so; do
   [ -e "$src" ] || continue
   dst="$venv_site/$(basename "$src")"
   [ "$(readlink "$dst" 2>/dev/null)" = "$src" ] || ln -sfn "$src" "$dst"

@@ -49,6 +49,9 @@ GATEWAY_B = "198.18.5.1"  # the gateway node's address on vmnet-b (the clients' 
 SERVICES_MGMT = "198.18.0.2"
 #: The services node on the memory fabric (the pool's lease server listens there).
 MEMFAB_SERVICES = "198.18.6.2"
+#: The storage array node (``arr``): on both storage fabrics, nbdkit on ``ARRAY_PORT``.
+ARRAY_ADDRS = {"storage-a": "198.18.2.3", "storage-b": "198.18.3.3"}
+ARRAY_PORT = 10809
 MANAGER_PORT = 8470
 GUEST_PORT = 7000
 

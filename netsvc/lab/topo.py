@@ -18,7 +18,9 @@ Shape (see ``plan.py`` for the addresses):
   host end ``<vm>-vif``);
 - ``bmcN`` on management; ``svc`` (services node: manager, DNS, datastore) on management, both
   storage fabrics and the memory fabric (198.18.6.2: the pool's lease desk); ``gw`` the VM
-  networks' gateway (198.18.1.1, and 198.18.5.1 on vmnet-b), routing to the ``site`` node.
+  networks' gateway (198.18.1.1, and 198.18.5.1 on vmnet-b), routing to the ``site`` node;
+  ``arr`` the storage array (198.18.2.3 and 198.18.3.3, one leg on each storage fabric), where
+  the storage scenarios run nbdkit.
 
 Invariant: every node, switch and interface name starts with the plan's prefix.
 """
@@ -31,6 +33,7 @@ from mininet.node import Host
 from mininet.topo import Topo
 
 from netsvc.lab.plan import (
+    ARRAY_ADDRS,
     GATEWAY,
     GATEWAY_B,
     MEMFAB_SERVICES,
@@ -144,6 +147,11 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         self.addLink(svc, sw["storage-a"], params1={"ip": "198.18.2.2/24"})
         self.addLink(svc, sw["storage-b"], params1={"ip": "198.18.3.2/24"})
         self.addLink(svc, sw["memfab"], params1={"ip": f"{MEMFAB_SERVICES}/24"})
+
+        # the storage array (netsvc.storage): on both fabrics, nothing else
+        arr = self.addHost(plan.node("arr"), ip=f"{ARRAY_ADDRS['storage-a']}/24")
+        self.addLink(arr, sw["storage-a"])
+        self.addLink(arr, sw["storage-b"], params1={"ip": f"{ARRAY_ADDRS['storage-b']}/24"})
 
         sw["vmnet-b"] = self.addSwitch(plan.switch("vmnet-b"), dpid=f"{0x4E5610:016x}")
         gw = self.addHost(

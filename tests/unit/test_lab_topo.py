@@ -22,7 +22,8 @@ def test_builds_the_plan() -> None:
     topo = ClusterTopo(hosts=2, vms=1, prefix="nvtt")
     plan = LabPlan(prefix="nvtt", hosts=2, vms_per_host=1)
     assert set(topo.hosts()) == {
-        plan.node(n) for n in ("svc", "gw", "site", "h1", "h2", "bmc1", "bmc2", "vm1", "vm2")
+        plan.node(n) for n in ("svc", "gw", "site", "arr", "h1", "h2", "bmc1", "bmc2", "vm1",
+                                 "vm2")
     }
     assert len(topo.switches()) == 7  # mgmt, vmnet, storage A and B, site, memfab, vmnet-b
     assert all(n.startswith("nvtt") for n in topo.nodes())
