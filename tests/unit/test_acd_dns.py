@@ -268,7 +268,7 @@ def test_update_is_served_at_once_and_written_to_the_zone_file(knot: LoopbackKno
     r = send_update(msg, "127.0.0.1", knot.port)
     outside_s = time.monotonic() - t0
     assert (r.ok, r.rcode, r.tsig_error) == (True, "NOERROR", None)
-    assert 0 < r.elapsed_s <= outside_s  # the exchange's own time, whatever the machine's speed
+    assert outside_s >= r.elapsed_s > 0  # the exchange's own time, whatever the machine's speed
     assert lookup_a("vm2", ZONE, "127.0.0.1", knot.port) == ["198.18.1.222"]
     assert lookup_a("vm1.vm.netsvc.test.", ZONE, "127.0.0.1", knot.port) == ["198.18.1.101"]
     deadline = time.monotonic() + 10  # a bound on waiting, not a speed requirement
