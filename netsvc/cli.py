@@ -10,6 +10,7 @@ import json
 import sys
 
 from netsvc import __version__
+from netsvc.ops.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     try:
         parser = build_parser()
+        try:
+            _apply_config_file(parser, words)
+        except ConfigError as exc:
+            print(f"netsvc: error: {exc}", file=sys.stderr, flush=True)
+            return 2
         args = parser.parse_args(words)
         if not hasattr(args, "func"):
             parser.print_help(sys.stderr)
@@ -48,6 +54,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         return _unexpected(exc, as_json="--json" in words)
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """If ``words`` name a daemon whose options a file in /etc/netsvc may set (its parser is
+    in ``CONFIG_FILES``), make that file's values its defaults (``netsvc.ops.config``)."""
+    from netsvc.cluster.cli import CONFIG_FILES
+    from netsvc.ops import config
+
+    p = parser
+    for word in words:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        p = subs[0].choices[word]
+        if p in CONFIG_FILES:
+            config.apply(p, words, CONFIG_FILES[p])
+            return
 
 
 def _unexpected(exc: Exception, as_json: bool) -> int:

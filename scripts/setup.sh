@@ -18,6 +18,7 @@ APT_PACKAGES=(
   procps
   python3-libvirt  # libvirt bindings (hypervisor driver): linked into .venv below
   ipmitool         # the IPMI 2.0 peer of netsvc.bmc (lanplus) in tests and the lab
+  systemd          # systemd-analyze verify checks packaging/systemd/*.service in the tests
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -37,6 +37,19 @@ class UsageError(Exception):
     """A usage or environment problem: exit 2 with a one-line message."""
 
 
+#: Subcommand parsers whose options a TOML file in /etc/netsvc may set (``netsvc.ops.config``),
+#: with the file's name; ``netsvc.cli.main`` applies it before parsing.
+CONFIG_FILES: dict[argparse.ArgumentParser, str] = {}
+
+
+def _daemon_arguments(p: argparse.ArgumentParser, log_default: str | None = "info") -> None:
+    """``--log-level`` and ``--metrics-addr``, which every long-running command takes."""
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
+                   default=log_default, help="least severe level logged (default info)")
+    p.add_argument("--metrics-addr", metavar="ADDR:PORT", default=None,
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics")
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
              plugins: Sequence[ServicePlugin] = ()) -> None:
     """Add the ``manager``, ``agent`` and ``status`` subcommands; ``plugins`` (from the
@@ -73,10 +86,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         type=float,
         help="seconds before an unclaimed action expires (default 60)",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML file with the same options")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with the same options (default /etc/netsvc/manager.toml, "
+                   "if it exists)")
     p.add_argument(
         "--access-log", action="store_true", default=None, help="log every request on stderr"
     )
+    _daemon_arguments(p, log_default=None)
     p.set_defaults(func=cmd_manager, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
@@ -115,6 +131,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     for plugin in plugins:
         if plugin.agent is not None:
             plugin.agent.add_arguments(p)
+    _daemon_arguments(p)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML file of these options (default /etc/netsvc/agent.toml, if it "
+                   "exists)")
+    CONFIG_FILES[p] = "agent"
     p.set_defaults(func=cmd_agent, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
@@ -238,15 +259,23 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
     from netsvc.cluster.store import open_store
+    from netsvc.ops import logs, notify
 
     plugins: Sequence[ServicePlugin] = args.plugins
+    logger = logs.setup("netsvc manager", args.log_level or "info").getChild("manager")
 
     def log(message: str) -> None:
-        print(f"netsvc manager: {message}", file=sys.stderr, flush=True)
+        if message.startswith("WARNING: "):
+            logger.warning(message[len("WARNING: "):])
+        else:
+            logger.info(message)
 
     try:
-        cfg = load_manager_config(args.config, plugins) if args.config else \
+        config_path = args.config or _default_config("manager")
+        cfg = load_manager_config(config_path, plugins) if config_path else \
             load_manager_config_defaults(plugins)
+        if args.log_level is None and cfg.get("log_level"):
+            logs.setup("netsvc manager", cfg["log_level"])
         opts = {
             "listen": args.listen,
             "key_file": args.key_file,
@@ -256,6 +285,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "missed_heartbeats": args.missed_heartbeats,
             "action_timeout": args.action_timeout,
             "access_log": args.access_log,
+            "metrics_addr": args.metrics_addr,
         }
         for k, v in opts.items():
             if v is not None:
@@ -288,6 +318,15 @@ def cmd_manager(args: argparse.Namespace) -> int:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise UsageError(f"cannot create state dir {state_dir}: {exc.strerror}") from None
+        metrics = metrics_server = None
+        if cfg.get("metrics_addr"):
+            from netsvc.ops.metrics import ManagerMetrics, MetricsServer, parse_addr
+
+            try:
+                parse_addr(cfg["metrics_addr"])
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            metrics = ManagerMetrics()
         store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)
@@ -305,7 +344,10 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 fence_agent=_fence_agent(config),
                 log=log,
                 access_log=bool(cfg.get("access_log", False)),
+                observer=metrics,
             )
+            if metrics is not None:
+                metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)
         except OSError as exc:
             journal.close()
             store.close()
@@ -320,15 +362,29 @@ def cmd_manager(args: argparse.Namespace) -> int:
         return _fail("manager", str(exc))
     def ready() -> None:
         log(f"listening on {server.url} (state in {state_dir}, pid {os.getpid()})")
+        if metrics_server is not None:
+            log(f"metrics on {metrics_server.url}")
+        notify.ready(f"serving on {server.url}")
 
     try:
         reason = server.serve_until_signal(on_ready=ready)
     finally:
+        notify.stopping()
         server.stop()
+        if metrics_server is not None:
+            metrics_server.close()
         journal.close()
         store.close()
     log(f"stopped: {reason}")
     return 0
+
+
+def _default_config(daemon: str) -> str | None:
+    """``/etc/netsvc/<daemon>.toml`` (or under ``$NETSVC_CONFIG_DIR``) if it exists."""
+    from netsvc.ops.config import default_path
+
+    path = default_path(daemon)
+    return path if os.path.exists(path) else None
 
 
 # -- agent ------------------------------------------------------------------------------------
@@ -350,9 +406,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from netsvc.cluster.client import ManagerClient
     from netsvc.cluster.errors import ClusterError
     from netsvc.cluster.model import check_ip, check_name
+    from netsvc.ops import logs, notify
+
+    logger = logs.setup(f"netsvc agent {args.host}", args.log_level).getChild("agent")
 
     def log(message: str) -> None:
-        print(f"netsvc agent {args.host}: {message}", file=sys.stderr, flush=True)
+        level = logs.level_of(message)
+        logger.log(level, message)
 
     try:
         url, key_file = _manager_and_key(args)
@@ -404,6 +464,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
         executors.update(plugin.agent.executors)
         if plugin.agent.vm_hooks is not None:
             ctx.vm_hooks.append(plugin.agent.vm_hooks)
+    metrics = metrics_server = None
+    if args.metrics_addr:
+        from netsvc.ops.metrics import AgentMetrics, MetricsServer
+
+        metrics = AgentMetrics(ctx.stats)
+        try:
+            metrics_server = MetricsServer(args.metrics_addr, metrics.registry)
+        except (ValueError, OSError) as exc:
+            return _fail("agent", f"bad --metrics-addr {args.metrics_addr!r}: {exc}")
+        log(f"metrics on {metrics_server.url}")
     stop = threading.Event()
     if driver is not None:
         threading.Thread(target=run_executor, args=(ctx, executors, stop), daemon=True,
@@ -423,8 +493,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         net_dir=args.sysfs,
         log=log,
         inventory=inventory if driver is not None else None,
+        on_beat=metrics.beat if metrics is not None else None,
+        on_start=lambda: notify.ready(f"heartbeating to {url}"),
     )
+    notify.stopping()
     stop.set()
+    if metrics_server is not None:
+        metrics_server.close()
     if driver is not None:
         driver.close()
     log("stopped")
