@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"netsvc: error: {exc}", file=sys.stderr, flush=True)
             return 2
-        args = parser.parse_args(words)
+        args, rest = parser.parse_known_args(words)
+        if getattr(args, "takes_rest", False):
+            args.rest = rest  # a daemon with its own parser (``netsvc memory agent ...``)
+        elif rest:
+            parser.parse_args(words)  # exits 2 naming the unrecognized arguments
         if not hasattr(args, "func"):
             parser.print_help(sys.stderr)
             return 2
@@ -58,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _apply_config_file(parser: argparse.ArgumentParser, words: list[str]) -> None:
     """If ``words`` name a daemon whose options a file in /etc/netsvc may set (its parser is
-    in ``CONFIG_FILES``), make that file's values its defaults (``netsvc.ops.config``)."""
-    from netsvc.cluster.cli import CONFIG_FILES
+    in ``config.FILES``), make that file's values its defaults (``netsvc.ops.config``)."""
     from netsvc.ops import config
 
     p = parser
@@ -68,8 +71,8 @@ def _apply_config_file(parser: argparse.ArgumentParser, words: list[str]) -> Non
         if not subs or word not in subs[0].choices:
             break
         p = subs[0].choices[word]
-        if p in CONFIG_FILES:
-            config.apply(p, words, CONFIG_FILES[p])
+        if p in config.FILES:
+            config.apply(p, words, config.FILES[p])
             return
 
 

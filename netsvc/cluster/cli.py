@@ -37,11 +37,6 @@ class UsageError(Exception):
     """A usage or environment problem: exit 2 with a one-line message."""
 
 
-#: Subcommand parsers whose options a TOML file in /etc/netsvc may set (``netsvc.ops.config``),
-#: with the file's name; ``netsvc.cli.main`` applies it before parsing.
-CONFIG_FILES: dict[argparse.ArgumentParser, str] = {}
-
-
 def _daemon_arguments(p: argparse.ArgumentParser, log_default: str | None = "info") -> None:
     """``--log-level`` and ``--metrics-addr``, which every long-running command takes."""
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
@@ -132,10 +127,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         if plugin.agent is not None:
             plugin.agent.add_arguments(p)
     _daemon_arguments(p)
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="TOML file of these options (default /etc/netsvc/agent.toml, if it "
-                   "exists)")
-    CONFIG_FILES[p] = "agent"
+    from netsvc.ops import config
+
+    config.register(p, "agent")
     p.set_defaults(func=cmd_agent, plugins=tuple(plugins))
 
     p = subparsers.add_parser(

@@ -35,10 +35,21 @@ def default_path(daemon: str) -> str:
     return os.path.join(os.environ.get(ENV_DIR) or DEFAULT_DIR, f"{daemon}.toml")
 
 
+#: Subcommand parsers of ``netsvc`` whose options a file may set, with the daemon's name;
+#: ``netsvc.cli.main`` applies the file before parsing (``register``).
+FILES: dict[argparse.ArgumentParser, str] = {}
+
+
 def add_argument(p: argparse.ArgumentParser, daemon: str) -> None:
     p.add_argument("--config", metavar="FILE", default=None,
                    help=f"TOML file of these options (default {default_path(daemon)}, "
                    "if it exists)")
+
+
+def register(p: argparse.ArgumentParser, daemon: str) -> None:
+    """``--config`` on a ``netsvc`` subcommand, whose file ``netsvc.cli.main`` applies."""
+    add_argument(p, daemon)
+    FILES[p] = daemon
 
 
 def _given_config(words: Sequence[str]) -> str | None:

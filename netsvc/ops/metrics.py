@@ -177,8 +177,8 @@ class AgentMetrics:
         self.stats_errors = Counter("netsvc_agent_stats_errors",
                                     "service stats sources that raised at a scrape",
                                     ["service"], registry=r)
-        self._sources = sources
-        r.register(_StatsCollector(self))
+        r.register(StatsCollector("netsvc_agent", sources,
+                                  lambda name: self.stats_errors.labels(name).inc()))
 
     def beat(self, ok: bool, seconds: float) -> None:
         """``run_agent``'s ``on_beat``."""
@@ -190,11 +190,12 @@ class AgentMetrics:
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
-def stats_families(service: str, values: Mapping[str, float]) -> list[Metric]:
+def stats_families(service: str, values: Mapping[str, float],
+                   prefix: str = "netsvc_agent") -> list[Metric]:
     """``{key: value}`` of one service as metric families (see the module docstring)."""
     out: list[Metric] = []
     for key, value in sorted(values.items()):
-        base = f"netsvc_agent_{_NAME.sub('_', service)}_{_NAME.sub('_', key)}"
+        base = f"{prefix}_{_NAME.sub('_', service)}_{_NAME.sub('_', key)}"
         if key.endswith("_total"):
             c = CounterMetricFamily(base[: -len("_total")], f"{service} {key[:-6]}")
             c.add_metric([], float(value))
@@ -206,18 +207,25 @@ def stats_families(service: str, values: Mapping[str, float]) -> list[Metric]:
     return out
 
 
-class _StatsCollector(Collector):
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self._m = metrics
+class StatsCollector(Collector):
+    """``{name: source}`` read at each scrape into ``<prefix>_<name>_<key>`` families; a source
+    that raises is skipped (and ``on_error(name)`` told)."""
+
+    def __init__(self, prefix: str, sources: Mapping[str, StatsSource],
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self._prefix = prefix
+        self._sources = sources
+        self._on_error = on_error
 
     def collect(self) -> Iterable[Metric]:
-        for service, source in sorted(dict(self._m._sources).items()):
+        for name, source in sorted(dict(self._sources).items()):
             try:
                 values = dict(source())
             except Exception:
-                self._m.stats_errors.labels(service).inc()
+                if self._on_error is not None:
+                    self._on_error(name)
                 continue
-            yield from stats_families(service, values)
+            yield from stats_families(name, values, self._prefix)
 
     def describe(self) -> Iterable[Metric]:
         return []
