@@ -1,4 +1,5 @@
-"""The ``manager``, ``agent`` and ``status`` subcommands.
+"""The ``manager``, ``agent`` and ``status`` subcommands (and, from ``tools``, ``journal`` and
+``migrate``).
 
 ``register(subparsers)`` adds them to a parent parser; each sets ``func(args) -> int``.
 
@@ -141,7 +142,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--timeout", metavar="S", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--watch", metavar="S", type=float, nargs="?", const=2.0, default=None,
+                   help="redraw every S seconds (default 2) until Ctrl-C, like crm_mon")
     p.set_defaults(func=cmd_status)
+
+    from netsvc.cluster import tools
+
+    tools.register(subparsers, _manager_arguments)
+
+
+def _manager_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
+    p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
 
 
 def _fail(command: str, message: str) -> int:
@@ -575,28 +587,36 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def _fetch_status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The manager's status document and its URL; UsageError (exit 2) naming the problem."""
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
+
+    url, key_file = _manager_and_key(args)
+    key = load_key(key_file)
+    try:
+        client = ManagerClient(url, key, timeout=args.timeout)
+    except ValueError as exc:
+        raise UsageError(f"bad --manager: {exc}") from None
+    try:
+        return dict(client.status()), url
+    except ConnectionFailed as exc:
+        raise UsageError(exc.message) from None
+    except ApiError as exc:
+        if exc.status == 401:
+            raise UsageError(f"the manager at {url} rejected the key in {key_file}") from None
+        raise UsageError(f"the manager at {url} answered {exc}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
     from netsvc.cluster.errors import ClusterError
 
+    if args.watch is not None:
+        return _watch_status(args)
     try:
-        url, key_file = _manager_and_key(args)
-        key = load_key(key_file)
-        try:
-            client = ManagerClient(url, key, timeout=args.timeout)
-        except ValueError as exc:
-            raise UsageError(f"bad --manager: {exc}") from None
-        try:
-            st = client.status()
-        except ConnectionFailed as exc:
-            raise UsageError(exc.message) from None
-        except ApiError as exc:
-            if exc.status == 401:
-                raise UsageError(f"the manager at {url} rejected the key in {key_file}") from None
-            raise UsageError(f"the manager at {url} answered {exc}") from None
+        st, url = _fetch_status(args)
     except (UsageError, ClusterError) as exc:
         return _fail("status", str(exc))
     try:
@@ -608,3 +628,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("\n".join(lines))
     return 1 if problems else 0
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch``: a bad key or URL is exit 2 at once; a manager that stops answering
+    while watched is shown as a problem line, and the watch goes on (as crm_mon does)."""
+    from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.tools import watch_status
+
+    if not 0.1 <= args.watch <= 3600:
+        return _fail("status", f"bad --watch {args.watch}: must be 0.1..3600 s")
+    try:
+        _manager_and_key(args)
+        from netsvc.cluster.auth import load_key
+
+        load_key(_manager_and_key(args)[1])
+    except (UsageError, ClusterError) as exc:
+        return _fail("status", str(exc))
+
+    def render() -> tuple[list[str], int]:
+        try:
+            st, url = _fetch_status(args)
+            lines, problems = format_status(st, url)
+        except (UsageError, ClusterError) as exc:
+            return [f"problem: {exc}"], 2
+        except (KeyError, TypeError, AttributeError) as exc:
+            return [f"problem: a status this version cannot read: {exc!r}"], 2
+        return lines, 1 if problems else 0
+
+    return watch_status(render, args.watch)
