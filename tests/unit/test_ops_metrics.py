@@ -192,3 +192,15 @@ def test_acd_counters_as_metrics() -> None:
 def test_bad_metrics_address(text: str) -> None:
     with pytest.raises(ValueError):
         parse_addr(text)
+
+
+def test_partition_receiver_counts_as_metrics() -> None:
+    from netsvc.partition.runner import receiver_stats
+
+    assert receiver_stats({"accepted": 5, "replayed": 1, "bad-mac": 2}) == {
+        "heartbeats_accepted_total": 5.0, "heartbeats_replayed_total": 1.0,
+        "heartbeats_bad-mac_total": 2.0}
+    from netsvc.ops.metrics import stats_families
+
+    names = [f.name for f in stats_families("partition", {"heartbeats_bad-mac_total": 2})]
+    assert names == ["netsvc_agent_partition_heartbeats_bad_mac"]  # sanitised, _total added
