@@ -47,6 +47,8 @@ from netsvc.lab.plan import (
     prefix_len,
     vm_index,
 )
+from netsvc.ops.config import ENV_DIR as ENV_CONFIG_DIR
+from netsvc.ops.config import NO_CONFIG_DIR
 
 HOST_PORTS = {
     "mgmt": ("eth0",),
@@ -380,6 +382,8 @@ class Lab:
         logs.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env[registry.ENV_MARKER] = self.prefix
+        # The lab's daemons run on their flags alone, whatever /etc/netsvc holds on this host.
+        env[ENV_CONFIG_DIR] = NO_CONFIG_DIR
         with open(logs / f"{role}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["mnexec", "-a", str(self.pid(public)), *argv],

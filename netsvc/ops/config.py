@@ -25,6 +25,9 @@ from typing import Any
 
 DEFAULT_DIR = "/etc/netsvc"
 ENV_DIR = "NETSVC_CONFIG_DIR"
+#: A config dir that can never exist (``/dev/null`` is no directory): the lab and the tests set
+#: ``NETSVC_CONFIG_DIR`` to it, so their daemons run on their flags alone.
+NO_CONFIG_DIR = "/dev/null/netsvc"
 
 
 class ConfigError(Exception):
