@@ -1164,9 +1164,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
-                  {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run,
-                   "power_fence": power is not None}))  # fmt: skip
     code = 0
     try:
         d.start(f"master of {a.pool}")
@@ -1174,6 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
         d.log.error("bad --metrics-addr %r: %s", a.metrics_addr, exc)
         stop.set()
         code = 2
+    sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
+                  {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run,
+                   "power_fence": power is not None}))  # fmt: skip
     try:
         while not stop.is_set():
             if feed is not None:
@@ -1185,7 +1185,6 @@ def main(argv: list[str] | None = None) -> int:
                 report_once("poll", f"{type(exc).__name__}: {exc}", "memory-error")
             stop.wait(a.poll)
     finally:
-        d.stop()
         if feed is not None:
             feed.stop()
         if power is not None:
@@ -1193,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.stop()
         sink.close()
         pool.close()
+        d.stop()
     return code
 
 
