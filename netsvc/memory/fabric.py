@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     desk = Desk(pool)
+    from netsvc.ops.metrics import StatsCollector
+
+    d.registry.register(StatsCollector("netsvc_memory", {"fabric": lambda: {
+        "requests_served_total": float(desk.served),
+        "requests_refused_total": float(desk.refused)}}))
     try:
         d.start(f"lease desk on {a.bind}:{a.port}")
     except (OSError, ValueError) as exc:

@@ -204,3 +204,51 @@ def test_partition_receiver_counts_as_metrics() -> None:
 
     names = [f.name for f in stats_families("partition", {"heartbeats_bad-mac_total": 2})]
     assert names == ["netsvc_agent_partition_heartbeats_bad_mac"]  # sanitised, _total added
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape_until(url: str, ok: Any, tries: int = 200) -> dict[str, float]:
+    import time
+
+    last: dict[str, float] = {}
+    for _ in range(tries):  # generous: a loaded machine starts Python slowly
+        try:
+            last = scrape(url)
+        except OSError:
+            last = {}
+        if ok(last):
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"the endpoint never showed it: {last}")
+
+
+def test_pool_agent_endpoint_counts_renewals(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pool = tmp_path / "pool"
+    netsvc = str(Path(sys.executable).with_name("netsvc"))
+    subprocess.run([netsvc, "memory", "init", "--pool", str(pool), "--size", "4M"], check=True,
+                   capture_output=True, timeout=60)
+    port = _free_port()
+    proc = subprocess.Popen([netsvc, "memory", "agent", "--host", "h1", "--pool", str(pool),
+                             "--metrics-addr", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/metrics"
+    ok = 'netsvc_pool_agent_lease_renewals_total{outcome="ok"}'
+    try:
+        first = _scrape_until(url, lambda s: s.get(ok, 0) >= 1)
+        assert first['netsvc_pool_agent_lease_events_total{event="acquired"}'] == 1
+        second = _scrape_until(url, lambda s: s.get(ok, 0) > first[ok])
+        assert second.get('netsvc_pool_agent_lease_renewals_total{outcome="lost"}', 0) == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
