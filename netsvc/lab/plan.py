@@ -50,6 +50,10 @@ SERVICES_MGMT = "198.18.0.2"
 #: The services node on the memory fabric (the pool's lease server listens there).
 MEMFAB_SERVICES = "198.18.6.2"
 MANAGER_PORT = 8470
+#: The Prometheus endpoints: the manager's (on SERVICES_MGMT) and each agent's (on its host's
+#: management address).
+MANAGER_METRICS_PORT = 9470
+AGENT_METRICS_PORT = 9471
 GUEST_PORT = 7000
 
 
