@@ -429,6 +429,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
             )
         mgmt = check_ip(args.mgmt_addr, "--mgmt-addr") if args.mgmt_addr else None
         vm = check_ip(args.vm_addr, "--vm-addr") if args.vm_addr else None
+        if args.metrics_addr:
+            from netsvc.ops.metrics import parse_addr
+
+            try:
+                parse_addr(args.metrics_addr)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         key = load_key(key_file)
         try:
             ManagerClient(url, key)
@@ -472,14 +479,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
             ctx.vm_hooks.append(plugin.agent.vm_hooks)
     metrics = metrics_server = None
     if args.metrics_addr:
-        from netsvc.ops.metrics import AgentMetrics, MetricsServer
+        from netsvc.ops.metrics import AgentMetrics, RetryingMetricsServer
 
         metrics = AgentMetrics(ctx.stats)
-        try:
-            metrics_server = MetricsServer(args.metrics_addr, metrics.registry)
-        except (ValueError, OSError) as exc:
-            return _fail("agent", f"bad --metrics-addr {args.metrics_addr!r}: {exc}")
-        log(f"metrics on {metrics_server.url}")
+        metrics_server = RetryingMetricsServer(args.metrics_addr, metrics.registry, log)
     stop = threading.Event()
     if driver is not None:
         threading.Thread(target=run_executor, args=(ctx, executors, stop), daemon=True,

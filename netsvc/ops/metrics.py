@@ -74,6 +74,47 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+class RetryingMetricsServer:
+    """A ``MetricsServer`` bound from a thread that retries every ``retry`` seconds while the
+    address cannot be had (a restarted agent whose predecessor's socket is still closing, an
+    address not yet configured): metrics never keep a daemon from doing its work. A malformed
+    address is a ``ValueError`` at once (a usage error)."""
+
+    def __init__(self, addr: str, registry: CollectorRegistry,
+                 log: Callable[[str], None], retry: float = 2.0) -> None:
+        parse_addr(addr)
+        self.addr = addr
+        self.server: MetricsServer | None = None
+        self._registry = registry
+        self._log = log
+        self._retry = retry
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-bind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stop.is_set():
+            try:
+                self.server = MetricsServer(self.addr, self._registry)
+            except OSError as exc:
+                if not warned:
+                    self._log(f"warning: metrics cannot listen on {self.addr}: {exc}; "
+                              f"retrying every {self._retry:g} s")
+                    warned = True
+                self._stop.wait(self._retry)
+                continue
+            self._log(f"metrics on {self.server.url}")
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
 def new_registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)

@@ -241,3 +241,35 @@ def test_example_configs_fit_the_memory_daemons(daemon: str, module: str,
     with pytest.raises(SystemExit):  # --key-file: what the unit adds (its credential)
         importlib.import_module(module).main(["--config", str(path), "--key-file", "k"])
     assert captured[0].pool == "/dev/shm/netsvc-pool"
+
+
+def test_daemons_refuse_a_malformed_metrics_address(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from netsvc.cli import main
+
+    key = tmp_path / "key"
+    key.write_text("k" * 43 + "\n")
+    key.chmod(0o600)
+    assert main(["agent", "--host", "h1", "--manager", "http://127.0.0.1:9",
+                 "--key-file", str(key), "--metrics-addr", "nope"]) == 2
+    assert main(["manager", "--listen", "127.0.0.1:0", "--key-file", str(key),
+                 "--state-dir", str(tmp_path / "s"), "--metrics-addr", "nope"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["netsvc agent: error: bad metrics address 'nope': expected ADDR:PORT",
+                   "netsvc manager: error: bad metrics address 'nope': expected ADDR:PORT"]
+
+
+def test_agent_config_file_through_netsvc_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``netsvc agent`` with no flags at all: everything from /etc/netsvc/agent.toml."""
+    from netsvc.cli import main
+
+    monkeypatch.setenv(config.ENV_DIR, str(tmp_path))
+    (tmp_path / "agent.toml").write_text(
+        'host = "h1"\nmanager = "ftp://x"\nkey-file = "missing-key"\n')
+    assert main(["agent"]) == 2  # got past argparse's required --host: the file gave it
+    err = capsys.readouterr().err
+    assert err.startswith("netsvc agent: error: ") and "missing-key" in err
+    (tmp_path / "agent.toml").write_text('hots = "h1"\n')
+    assert main(["agent"]) == 2
+    assert "unknown key 'hots'" in capsys.readouterr().err

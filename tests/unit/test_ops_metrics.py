@@ -252,3 +252,40 @@ def test_pool_agent_endpoint_counts_renewals(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_agent_metrics_bind_is_retried() -> None:
+    """A taken address delays the endpoint, never the agent; it binds once the address is
+    free."""
+    import socket
+    import time
+
+    from netsvc.ops.metrics import RetryingMetricsServer
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    said: list[str] = []
+    m = AgentMetrics({})
+    srv = RetryingMetricsServer(f"127.0.0.1:{port}", m.registry, said.append, retry=0.05)
+    try:
+        for _ in range(100):
+            if said:
+                break
+            time.sleep(0.05)
+        assert said and said[0].startswith("warning: metrics cannot listen")
+        assert srv.server is None
+        holder.close()
+        for _ in range(200):
+            if srv.server is not None:
+                break
+            time.sleep(0.05)
+        assert srv.server is not None
+        assert "netsvc_agent_heartbeats_total" not in scrape(srv.server.url)  # none sent yet
+        assert said[-1].startswith("metrics on http://127.0.0.1:")
+    finally:
+        srv.close()
+        holder.close()
+    with pytest.raises(ValueError):
+        RetryingMetricsServer("nonsense", m.registry, said.append)
