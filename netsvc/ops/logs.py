@@ -73,18 +73,27 @@ class DaemonFormatter(logging.Formatter):
 _INSTALLED: list[logging.Handler] = []
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at each record (a test's capture, a redirect made
+    after set-up), never to a stream that was replaced and closed since."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup(prefix: str, level: str = "info", stream: TextIO | None = None,
           journal: bool | None = None) -> logging.Logger:
-    """Send the ``netsvc`` loggers to ``stream`` (stderr) at ``level``; return the logger
-    ``netsvc``. ``journal`` None: detect it (``stream_is_journal``)."""
-    stream = sys.stderr if stream is None else stream
+    """Send the ``netsvc`` loggers to ``stream`` (default: ``sys.stderr`` as it is at each
+    record) at ``level``; return the logger ``netsvc``. ``journal`` None: detect it
+    (``stream_is_journal``)."""
     if journal is None:
-        journal = stream_is_journal(stream)
+        journal = stream_is_journal(sys.stderr if stream is None else stream)
     root = logging.getLogger("netsvc")
     for h in _INSTALLED:
         root.removeHandler(h)
     _INSTALLED.clear()
-    handler = logging.StreamHandler(stream)
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(DaemonFormatter(prefix, journal))
     root.addHandler(handler)
     _INSTALLED.append(handler)

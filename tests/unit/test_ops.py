@@ -273,3 +273,13 @@ def test_agent_config_file_through_netsvc_main(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "agent.toml").write_text('hots = "h1"\n')
     assert main(["agent"]) == 2
     assert "unknown key 'hots'" in capsys.readouterr().err
+
+
+def test_default_handler_follows_sys_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    logs.setup("d", "info", journal=False)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    logging.getLogger("netsvc.z").info("one")
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("netsvc.z").info("two")
+    assert (first.getvalue(), second.getvalue()) == ("d: one\n", "d: two\n")
