@@ -10,6 +10,7 @@ APT_PACKAGES=(
   mininet          # mnexec, which the PyPI mininet package drives
   iproute2 bridge-utils nftables iptables ethtool
   iputils-arping iputils-ping curl
+  systemd          # systemd-analyze verify checks packaging/systemd/*.service in the tests
   knot bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
   arpwatch         # the peer in bench/acd_monitor.py
   etcd-server      # the real etcd behind the state store's etcd backend (tests, lab)
@@ -18,7 +19,6 @@ APT_PACKAGES=(
   procps
   python3-libvirt  # libvirt bindings (hypervisor driver): linked into .venv below
   ipmitool         # the IPMI 2.0 peer of netsvc.bmc (lanplus) in tests and the lab
-  systemd          # systemd-analyze verify checks packaging/systemd/*.service in the tests
 )
 
 if [ "$(id -u)" -ne 0 ]; then
