@@ -10,6 +10,7 @@ import json
 import sys
 
 from netsvc import __version__
+from netsvc.ops.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     try:
         parser = build_parser()
-        args = parser.parse_args(words)
+        try:
+            _apply_config_file(parser, words)
+        except ConfigError as exc:
+            print(f"netsvc: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        args, rest = parser.parse_known_args(words)
+        if getattr(args, "takes_rest", False):
+            args.rest = rest  # a daemon with its own parser (``netsvc memory agent ...``)
+        elif rest:
+            parser.parse_args(words)  # exits 2 naming the unrecognized arguments
         if not hasattr(args, "func"):
             parser.print_help(sys.stderr)
             return 2
@@ -48,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         return _unexpected(exc, as_json="--json" in words)
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """If ``words`` name a daemon whose options a file in /etc/netsvc may set (its parser is
+    in ``config.FILES``), make that file's values its defaults (``netsvc.ops.config``)."""
+    from netsvc.ops import config
+
+    p = parser
+    for word in words:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        p = subs[0].choices[word]
+        if p in config.FILES:
+            config.apply(p, words, config.FILES[p])
+            return
 
 
 def _unexpected(exc: Exception, as_json: bool) -> int:

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   mininet          # mnexec, which the PyPI mininet package drives
   iproute2 bridge-utils nftables iptables ethtool
   iputils-arping iputils-ping curl
+  systemd          # systemd-analyze verify checks packaging/systemd/*.service in the tests
   knot bind9-dnsutils   # the lab DNS server (RFC 2136 + TSIG) and dig
   arpwatch         # the peer in bench/acd_monitor.py
   etcd-server      # the real etcd behind the state store's etcd backend (tests, lab)

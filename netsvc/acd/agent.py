@@ -56,12 +56,26 @@ def start_watch(iface: str, promisc: bool, ctx: AgentContext,
                 promisc=promisc,
                 report=manager_reporter(client, ctx.host, False, emit),
                 on_ready=lambda: emit({"event": "Listening", "iface": iface}),
+                on_monitor=lambda monitor, rx: ctx.stats.__setitem__(
+                    "acd", lambda: arp_stats(monitor.stats())),
                 **kw,
             )
         except OSError as exc:
             ctx.log(f"acd watch on {iface} stopped: {exc}")
 
     threading.Thread(target=run, name=f"acd-watch-{iface}", daemon=True).start()
+
+
+def arp_stats(counters: dict[str, int]) -> dict[str, float]:
+    """The monitor's counters as the agent's ``netsvc_agent_acd_*`` metrics."""
+    return {
+        "arp_frames_total": counters.get("frames", 0),
+        "arp_claims_total": counters.get("claims", 0),
+        "arp_probes_total": counters.get("probes", 0),
+        "arp_conflicts_total": counters.get("events.Conflict", 0),
+        "arp_malformed_total": sum(v for k, v in counters.items() if k.startswith("malformed.")),
+        "arp_table_size": counters.get("table_size", 0),
+    }
 
 
 def probe_free(iface: str, addr: str, timeout: float = 10.0) -> bool:

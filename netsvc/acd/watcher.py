@@ -76,8 +76,11 @@ def watch(
     deadline: float | None = None,
     on_ready: Callable[[], None] | None = None,
     evidence_dir: str | os.PathLike[str] | None = None,
+    on_monitor: Callable[[Monitor, RxStats], None] | None = None,
 ) -> RxStats:
     """Monitor ARP on ``iface`` until ``stop``; ``emit`` every monitor event.
+    ``on_monitor(monitor, rx_stats)`` is given the live counters once, before ``on_ready``
+    (the agent's metrics read them at each scrape).
 
     ``evidence_dir``: write each Conflict's frames there as a pcap file (created if missing;
     an OSError at once if it cannot be)."""
@@ -91,6 +94,8 @@ def watch(
             own_macs=frozenset({interface_mac(sock, iface)}), benign=benign or Benign()
         )
         stats = RxStats()
+        if on_monitor is not None:
+            on_monitor(monitor, stats)
         if on_ready is not None:
             on_ready()
         while not stop.is_set() and (deadline is None or monotonic() < deadline):

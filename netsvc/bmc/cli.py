@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from netsvc.bmc.client import Outcome
+from netsvc.ops import config
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--power-file", type=Path, metavar="F", help="the host's power: on/off")
     serve.add_argument("--name", help="this BMC's name in logs (default bmc)")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
+                       default="info", help="least severe level logged (default info)")
+    config.register(serve, "bmc")
     serve.set_defaults(func=cmd_serve)
 
     power = u.add_parser("power", help="ask a BMC for, or change, its host's power")
@@ -107,7 +111,6 @@ def _port(value: int, allow_zero: bool = False) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
     import signal
     import threading
 
@@ -133,7 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from netsvc.ops import logs, notify
+
+    logs.setup(f"bmc {name}", args.log_level)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -145,8 +150,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print(f"bmc {name}: IPMI 2.0 on {args.bind}:{server.port} for user {args.user}, "
                   f"power from {backend.describe()}", flush=True)
+        notify.ready(f"IPMI 2.0 on {args.bind}:{server.port}")
         server.serve_forever(stop)
     finally:
+        notify.stopping()
         server.stop()
         if isinstance(backend, ProcessBackend):
             backend.close()

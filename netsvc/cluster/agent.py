@@ -287,6 +287,8 @@ def run_agent(
     handle_signals: bool = True,
     max_beats: int | None = None,
     inventory: Callable[[], Mapping[str, str]] | None = None,
+    on_beat: Callable[[bool, float], None] | None = None,
+    on_start: Callable[[], object] | None = None,
 ) -> int:
     """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code.
 
@@ -295,6 +297,9 @@ def run_agent(
     ``net_dir`` reads interface states from sysfs there instead of with ioctls in the current
     network namespace. ``inventory`` (the driver's ``list``) adds the VMs this host's
     hypervisor runs to each heartbeat; if it fails, that heartbeat goes without them.
+    ``on_beat(ok, seconds)`` is told each heartbeat's outcome and round trip (metrics).
+    ``on_start()`` runs once the signal handlers are in place, before the first heartbeat
+    (``READY=1`` for systemd).
     """
     stop = stop or threading.Event()
     emit = log or (lambda message: None)
@@ -317,6 +322,8 @@ def run_agent(
         agent_info={"pid": os.getpid(), "version": AGENT_VERSION},
     )
     beats = 0
+    if on_start is not None:
+        on_start()
     try:
         while not stop.is_set():
             ifaces = read_interfaces_sysfs(net_dir) if net_dir else read_interfaces_ioctl()
@@ -328,10 +335,15 @@ def run_agent(
                         payload["vms"] = dict(inventory())
                     except Exception as exc:  # a driver hiccup must not stop heartbeats
                         emit(f"inventory failed: {type(exc).__name__}: {exc}")
+                sent = time.monotonic()
                 try:
                     answer = client.heartbeat(host, payload)
                     events = core.handle_response(time.monotonic(), answer)
+                    if on_beat is not None:
+                        on_beat(True, time.monotonic() - sent)
                 except ApiError as exc:
+                    if on_beat is not None:
+                        on_beat(False, time.monotonic() - sent)
                     if exc.status == 401:
                         emit(f"fatal: the manager rejected our key: {exc}")
                         return 2

@@ -1,4 +1,5 @@
-"""The ``manager``, ``agent`` and ``status`` subcommands.
+"""The ``manager``, ``agent`` and ``status`` subcommands (and, from ``tools``, ``journal`` and
+``migrate``).
 
 ``register(subparsers)`` adds them to a parent parser; each sets ``func(args) -> int``.
 
@@ -37,6 +38,14 @@ class UsageError(Exception):
     """A usage or environment problem: exit 2 with a one-line message."""
 
 
+def _daemon_arguments(p: argparse.ArgumentParser, log_default: str | None = "info") -> None:
+    """``--log-level`` and ``--metrics-addr``, which every long-running command takes."""
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
+                   default=log_default, help="least severe level logged (default info)")
+    p.add_argument("--metrics-addr", metavar="ADDR:PORT", default=None,
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics")
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
              plugins: Sequence[ServicePlugin] = ()) -> None:
     """Add the ``manager``, ``agent`` and ``status`` subcommands; ``plugins`` (from the
@@ -73,10 +82,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         type=float,
         help="seconds before an unclaimed action expires (default 60)",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML file with the same options")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with the same options (default /etc/netsvc/manager.toml, "
+                   "if it exists)")
     p.add_argument(
         "--access-log", action="store_true", default=None, help="log every request on stderr"
     )
+    _daemon_arguments(p, log_default=None)
     p.set_defaults(func=cmd_manager, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
@@ -115,6 +127,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     for plugin in plugins:
         if plugin.agent is not None:
             plugin.agent.add_arguments(p)
+    _daemon_arguments(p)
+    from netsvc.ops import config
+
+    config.register(p, "agent")
     p.set_defaults(func=cmd_agent, plugins=tuple(plugins))
 
     p = subparsers.add_parser(
@@ -126,7 +142,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--timeout", metavar="S", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--watch", metavar="S", type=float, nargs="?", const=2.0, default=None,
+                   help="redraw every S seconds (default 2) until Ctrl-C, like crm_mon")
     p.set_defaults(func=cmd_status)
+
+    from netsvc.cluster import tools
+
+    tools.register(subparsers, _manager_arguments)
+
+
+def _manager_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
+    p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
 
 
 def _fail(command: str, message: str) -> int:
@@ -238,15 +265,23 @@ def cmd_manager(args: argparse.Namespace) -> int:
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
     from netsvc.cluster.store import open_store
+    from netsvc.ops import logs, notify
 
     plugins: Sequence[ServicePlugin] = args.plugins
+    logger = logs.setup("netsvc manager", args.log_level or "info").getChild("manager")
 
     def log(message: str) -> None:
-        print(f"netsvc manager: {message}", file=sys.stderr, flush=True)
+        if message.startswith("WARNING: "):
+            logger.warning(message[len("WARNING: "):])
+        else:
+            logger.info(message)
 
     try:
-        cfg = load_manager_config(args.config, plugins) if args.config else \
+        config_path = args.config or _default_config("manager")
+        cfg = load_manager_config(config_path, plugins) if config_path else \
             load_manager_config_defaults(plugins)
+        if args.log_level is None and cfg.get("log_level"):
+            logs.setup("netsvc manager", cfg["log_level"])
         opts = {
             "listen": args.listen,
             "key_file": args.key_file,
@@ -256,6 +291,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "missed_heartbeats": args.missed_heartbeats,
             "action_timeout": args.action_timeout,
             "access_log": args.access_log,
+            "metrics_addr": args.metrics_addr,
         }
         for k, v in opts.items():
             if v is not None:
@@ -288,6 +324,15 @@ def cmd_manager(args: argparse.Namespace) -> int:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise UsageError(f"cannot create state dir {state_dir}: {exc.strerror}") from None
+        metrics = metrics_server = None
+        if cfg.get("metrics_addr"):
+            from netsvc.ops.metrics import ManagerMetrics, MetricsServer, parse_addr
+
+            try:
+                parse_addr(cfg["metrics_addr"])
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            metrics = ManagerMetrics()
         store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)
@@ -305,7 +350,10 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 fence_agent=_fence_agent(config),
                 log=log,
                 access_log=bool(cfg.get("access_log", False)),
+                observer=metrics,
             )
+            if metrics is not None:
+                metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)
         except OSError as exc:
             journal.close()
             store.close()
@@ -320,15 +368,29 @@ def cmd_manager(args: argparse.Namespace) -> int:
         return _fail("manager", str(exc))
     def ready() -> None:
         log(f"listening on {server.url} (state in {state_dir}, pid {os.getpid()})")
+        if metrics_server is not None:
+            log(f"metrics on {metrics_server.url}")
+        notify.ready(f"serving on {server.url}")
 
     try:
         reason = server.serve_until_signal(on_ready=ready)
     finally:
+        notify.stopping()
         server.stop()
+        if metrics_server is not None:
+            metrics_server.close()
         journal.close()
         store.close()
     log(f"stopped: {reason}")
     return 0
+
+
+def _default_config(daemon: str) -> str | None:
+    """``/etc/netsvc/<daemon>.toml`` (or under ``$NETSVC_CONFIG_DIR``) if it exists."""
+    from netsvc.ops.config import default_path
+
+    path = default_path(daemon)
+    return path if os.path.exists(path) else None
 
 
 # -- agent ------------------------------------------------------------------------------------
@@ -350,9 +412,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from netsvc.cluster.client import ManagerClient
     from netsvc.cluster.errors import ClusterError
     from netsvc.cluster.model import check_ip, check_name
+    from netsvc.ops import logs, notify
+
+    logger = logs.setup(f"netsvc agent {args.host}", args.log_level).getChild("agent")
 
     def log(message: str) -> None:
-        print(f"netsvc agent {args.host}: {message}", file=sys.stderr, flush=True)
+        level = logs.level_of(message)
+        logger.log(level, message)
 
     try:
         url, key_file = _manager_and_key(args)
@@ -363,6 +429,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
             )
         mgmt = check_ip(args.mgmt_addr, "--mgmt-addr") if args.mgmt_addr else None
         vm = check_ip(args.vm_addr, "--vm-addr") if args.vm_addr else None
+        if args.metrics_addr:
+            from netsvc.ops.metrics import parse_addr
+
+            try:
+                parse_addr(args.metrics_addr)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         key = load_key(key_file)
         try:
             ManagerClient(url, key)
@@ -404,6 +477,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         executors.update(plugin.agent.executors)
         if plugin.agent.vm_hooks is not None:
             ctx.vm_hooks.append(plugin.agent.vm_hooks)
+    metrics = metrics_server = None
+    if args.metrics_addr:
+        from netsvc.ops.metrics import AgentMetrics, RetryingMetricsServer
+
+        metrics = AgentMetrics(ctx.stats)
+        metrics_server = RetryingMetricsServer(args.metrics_addr, metrics.registry, log)
     stop = threading.Event()
     if driver is not None:
         threading.Thread(target=run_executor, args=(ctx, executors, stop), daemon=True,
@@ -423,8 +502,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         net_dir=args.sysfs,
         log=log,
         inventory=inventory if driver is not None else None,
+        on_beat=metrics.beat if metrics is not None else None,
+        on_start=lambda: notify.ready(f"heartbeating to {url}"),
     )
+    notify.stopping()
     stop.set()
+    if metrics_server is not None:
+        metrics_server.close()
     if driver is not None:
         driver.close()
     log("stopped")
@@ -506,28 +590,36 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def _fetch_status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The manager's status document and its URL; UsageError (exit 2) naming the problem."""
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
+
+    url, key_file = _manager_and_key(args)
+    key = load_key(key_file)
+    try:
+        client = ManagerClient(url, key, timeout=args.timeout)
+    except ValueError as exc:
+        raise UsageError(f"bad --manager: {exc}") from None
+    try:
+        return dict(client.status()), url
+    except ConnectionFailed as exc:
+        raise UsageError(exc.message) from None
+    except ApiError as exc:
+        if exc.status == 401:
+            raise UsageError(f"the manager at {url} rejected the key in {key_file}") from None
+        raise UsageError(f"the manager at {url} answered {exc}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
     from netsvc.cluster.errors import ClusterError
 
+    if args.watch is not None:
+        return _watch_status(args)
     try:
-        url, key_file = _manager_and_key(args)
-        key = load_key(key_file)
-        try:
-            client = ManagerClient(url, key, timeout=args.timeout)
-        except ValueError as exc:
-            raise UsageError(f"bad --manager: {exc}") from None
-        try:
-            st = client.status()
-        except ConnectionFailed as exc:
-            raise UsageError(exc.message) from None
-        except ApiError as exc:
-            if exc.status == 401:
-                raise UsageError(f"the manager at {url} rejected the key in {key_file}") from None
-            raise UsageError(f"the manager at {url} answered {exc}") from None
+        st, url = _fetch_status(args)
     except (UsageError, ClusterError) as exc:
         return _fail("status", str(exc))
     try:
@@ -539,3 +631,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("\n".join(lines))
     return 1 if problems else 0
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch``: a bad key or URL is exit 2 at once; a manager that stops answering
+    while watched is shown as a problem line, and the watch goes on (as crm_mon does)."""
+    from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.tools import watch_status
+
+    if not 0.1 <= args.watch <= 3600:
+        return _fail("status", f"bad --watch {args.watch}: must be 0.1..3600 s")
+    try:
+        _manager_and_key(args)
+        from netsvc.cluster.auth import load_key
+
+        load_key(_manager_and_key(args)[1])
+    except (UsageError, ClusterError) as exc:
+        return _fail("status", str(exc))
+
+    def render() -> tuple[list[str], int]:
+        try:
+            st, url = _fetch_status(args)
+            lines, problems = format_status(st, url)
+        except (UsageError, ClusterError) as exc:
+            return [f"problem: {exc}"], 2
+        except (KeyError, TypeError, AttributeError) as exc:
+            return [f"problem: a status this version cannot read: {exc!r}"], 2
+        return lines, 1 if problems else 0
+
+    return watch_status(render, args.watch)

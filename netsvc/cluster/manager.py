@@ -80,6 +80,7 @@ from netsvc.cluster.model import (
     _Unset,
     check_name,
 )
+from netsvc.cluster.observe import CoreObserver
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
 from netsvc.cluster.store import Conflict, StateStore
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
@@ -191,8 +192,10 @@ class ManagerCore:
         actor: str = "manager",
         start_reason: str = "manager started",
         fence_agent: FenceAgent | None = None,
+        observer: CoreObserver | None = None,
     ) -> None:
         self.config = config or ManagerConfig()
+        self._observer = observer
         if not any(svc.name == "fencing" for svc in services):
             # Fencing is the kernel's own: every manager has it (with no BMC configured, every
             # fence fails, and so nothing is restarted on a fence's strength).
@@ -366,7 +369,7 @@ class ManagerCore:
         details: Mapping[str, Any] | None = None,
         actor: str | None = None,
     ) -> JournalEntry:
-        return self._journal.append(
+        entry = self._journal.append(
             mono=now,
             wall=self._wall(now, wall),
             actor=actor or self._actor,
@@ -376,6 +379,9 @@ class ManagerCore:
             dry_run=dry_run,
             details=details,
         )
+        if self._observer is not None:
+            self._observer.journaled(entry)
+        return entry
 
     _journal_append = journal_append
 
@@ -398,7 +404,11 @@ class ManagerCore:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
     def _set_action(self, action: Action) -> None:
+        before = self._actions.get(action.id)
         self._actions[action.id] = action
+        if not action.is_open and self._observer is not None and (
+                before is None or before.is_open):
+            self._observer.action_finished(action)
         if not action.is_open:
             self._finished.append(action.id)
             while len(self._finished) > FINISHED_KEPT:
@@ -529,6 +539,8 @@ class ManagerCore:
             self._reconcile(host, vms, now, wall)
         self._last_hb_seq[host] = seq
         self._persist()
+        if self._observer is not None:
+            self._observer.heartbeat(host, now)
         return {"ok": True, "interval_s": self.config.heartbeat_interval}
 
     def _reconcile(self, host: str, vms: Mapping[str, str], now: float,
@@ -1083,8 +1095,10 @@ class ManagerServer:
         access_log: bool = False,
         start_reason: str = "manager started",
         fence_agent: FenceAgent | None = None,
+        observer: CoreObserver | None = None,
     ) -> None:
         self._fence_agent = fence_agent
+        self._observer = observer
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -1138,7 +1152,7 @@ class ManagerServer:
                 )
             self.core = ManagerCore(store, journal, now=now, wall=wall, config=config,
                                     services=services, start_reason=start_reason,
-                                    fence_agent=self._fence_agent)
+                                    fence_agent=self._fence_agent, observer=self._observer)
         self.api = Api(self.core, key)
 
     @property

@@ -318,6 +318,10 @@ class ManagerConfigFile(Schema, frozen=True):
                                           description="seconds an action may stay open")] \
         = 60.0
     access_log: Annotated[bool, Meta(description="log every request")] = False
+    log_level: Literal["debug", "info", "warning", "error", "critical"] | None = None
+    metrics_addr: Annotated[str, Meta(min_length=1, max_length=64,
+                                      description="ADDR:PORT of the Prometheus endpoint")] \
+        | None = None
     networks: Annotated[list[NetworkEntry], Meta(max_length=MAX_NETWORKS,
                                                  description="the cluster's networks")] \
         = field(default_factory=list)

@@ -272,6 +272,10 @@ class AgentContext:
     options: dict[str, Any] = field(default_factory=dict)
     #: The services' parts in the VM life cycle on this host (``VmHooks``), in plugin order.
     vm_hooks: list[VmHooks] = field(default_factory=list)
+    #: Counters a service exports on the agent's metrics endpoint (``--metrics-addr``): service
+    #: name -> a function returning ``{name: value}``, read at each scrape from the scraping
+    #: thread (so quick and thread-safe); a name ending in ``_total`` is a counter.
+    stats: dict[str, Callable[[], Mapping[str, float]]] = field(default_factory=dict)
 
 
 #: A VM life-cycle hook: ``(vm, action, ctx)``.

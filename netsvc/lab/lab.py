@@ -38,8 +38,10 @@ from netsvc.lab.garp import announcement, open_sender
 from netsvc.lab.hvstate import HvState, Inventory, VmRecord
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import (
+    AGENT_METRICS_PORT,
     GATEWAY,
     GUEST_PORT,
+    MANAGER_METRICS_PORT,
     MANAGER_PORT,
     SERVICES_MGMT,
     LabPlan,
@@ -47,6 +49,8 @@ from netsvc.lab.plan import (
     prefix_len,
     vm_index,
 )
+from netsvc.ops.config import ENV_DIR as ENV_CONFIG_DIR
+from netsvc.ops.config import NO_CONFIG_DIR
 
 HOST_PORTS = {
     "mgmt": ("eth0",),
@@ -380,6 +384,8 @@ class Lab:
         logs.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env[registry.ENV_MARKER] = self.prefix
+        # The lab's daemons run on their flags alone, whatever /etc/netsvc holds on this host.
+        env[ENV_CONFIG_DIR] = NO_CONFIG_DIR
         with open(logs / f"{role}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["mnexec", "-a", str(self.pid(public)), *argv],
@@ -870,6 +876,7 @@ class Lab:
                 str(state),
                 "--heartbeat-interval",
                 str(self.heartbeat_interval),
+                "--metrics-addr", f"{SERVICES_MGMT}:{MANAGER_METRICS_PORT}",
                 "--config", str(self._write_manager_config(config)),
                 *(["--store", store] if store else []),
             ],
@@ -1057,10 +1064,41 @@ class Lab:
                 "--mgmt-addr", plan.host_addr(host, "mgmt"),
                 "--vm-addr", plan.host_addr(host, "vmnet"),
                 "--driver", f"lab:{self.run_dir / 'hv'}",
+                "--metrics-addr", f"{plan.host_addr(host, 'mgmt')}:{AGENT_METRICS_PORT}",
                 *extra,
             ],
             role=f"agent-{host}",
         )
+
+    def metrics(self, host: str | None = None, via: str = "svc") -> dict[str, float]:
+        """One scrape of the manager's Prometheus endpoint (``host`` None) or of ``host``'s
+        agent's, from ``via``'s namespace: ``{'name{label="v",...}': value}``."""
+        import http.client
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if host is None:
+            addr, port = SERVICES_MGMT, MANAGER_METRICS_PORT
+        else:
+            addr, port = self._plan().host_addr(host, "mgmt"), AGENT_METRICS_PORT
+        connect = self.connect_from(via)
+
+        class _Conn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = connect(addr, port, 3.0)
+
+        conn = _Conn(addr, port, timeout=3.0)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+        return out
 
     def manager(self, via: str = "svc") -> Any:
         """A ``ManagerClient`` whose connections start in ``via``'s namespace."""

@@ -68,6 +68,7 @@ from netsvc.memory.guest_memory import GuestMemory
 from netsvc.memory.layout import Access, check_name
 from netsvc.memory.lease import Grant
 from netsvc.memory.pool import Conflict, Pool
+from netsvc.ops import daemon
 
 
 class KeeperState(Enum):
@@ -250,9 +251,12 @@ def run(
     vms: list[str] | None = None,
     clock: Callable[[], float] = time.monotonic,
     leases: LeaseStore | None = None,
+    renewed: Callable[[str], None] | None = None,
 ) -> None:
     """The adapter loop: acquire, renew, report, until ``stop`` is set. ``leases``: where the
-    lease is asked for (the fabric desk's client); default the pool itself."""
+    lease is asked for (the fabric desk's client); default the pool itself. ``renewed(outcome)``
+    is told each renewal's outcome: ``ok``, ``unanswered`` or ``lost`` (metrics)."""
+    count = renewed or (lambda outcome: None)
     desk: LeaseStore = pool if leases is None else leases
     started = False
     while not stop.is_set():
@@ -276,10 +280,13 @@ def run(
         elif isinstance(op, Renew):
             try:
                 keeper.renewed(desk.renew(op.grant, now, op.ttl), now)
+                count("ok")
             except FabricUnreachable:
+                count("unanswered")
                 if (ev := keeper.unanswered(now)) is not None:
                     report(ev)
             except StaleEpoch as exc:
+                count("lost")
                 report(keeper.lost(exc.cur_holder, exc.cur_epoch, now))
         stop.wait(max(0.0, keeper.next_timer() - clock()))
 
@@ -325,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-file")
     p.add_argument("--fabric", metavar="ADDR[:PORT]",
                    help="renew the lease over the memory fabric, at its desk (needs --key-file)")
-    a = p.parse_args(argv)
+    daemon.add_arguments(p, "pool-agent")
+    a = daemon.parse(p, argv, "pool-agent")
+    d = daemon.Daemon(p.prog, a)
+    renewals = d.counter("netsvc_pool_agent_lease_renewals",
+                         "lease renewals by outcome (ok, unanswered, lost)", ["outcome"])
+    lease_events = d.counter("netsvc_pool_agent_lease_events",
+                             "lease events (acquired, lost, lapsed, ...)", ["event"])
     try:
         keeper = LeaseKeeper(a.host, a.ttl, a.renew_every, a.rejoin_after)
         for spec in a.vm:
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = Pool.open(a.pool)
         pool.register_host(a.host, {"mem_mib": a.mem_mib})
     except (MemoryError_, OSError, ValueError, KeyFileError) as exc:
-        print(f"netsvc-pool-agent: {exc}", file=sys.stderr)
+        d.log.error("%s", exc)
         return 2
     journal = None
     if a.manager and a.key_file:
@@ -346,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             journal = Journal(a.manager, f.read().strip(), f"poolagent-{a.host}")
 
     def report(ev: KeeperEvent) -> None:
+        lease_events.labels(ev.kind).inc()
         print(
             json.dumps(
                 {
@@ -365,8 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run(pool, keeper, stop, report, a.vm, leases=leases)
+        d.start(f"keeping the lease of {a.host} in {a.pool}")
+    except (OSError, ValueError) as exc:
+        d.log.error("bad --metrics-addr %r: %s", a.metrics_addr, exc)
+        pool.close()
+        return 2
+    try:
+        run(pool, keeper, stop, report, a.vm, leases=leases,
+            renewed=lambda outcome: renewals.labels(outcome).inc())
     finally:
+        d.stop()
         pool.close()
     return 0
 

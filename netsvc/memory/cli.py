@@ -6,6 +6,7 @@
     netsvc memory check --pool PATH [--json]
     netsvc memory ft VM on|off --pool PATH [--reason TEXT] [--manager URL] [--key-file F]
                         [--dry-run] [--json]
+    netsvc memory agent|master|fabric ARGS...   the daemons (``python -m netsvc.memory.X``)
 
 Exit codes: 0 fine; 1 the pool is corrupt (``check``, ``show`` with problems, or a header that
 does not decode), or the manager refused the FT switch (``ft``, with its rule); 2 usage or
@@ -74,7 +75,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ft.add_argument("--dry-run", action="store_true", help="check and journal, change nothing")
     ft.add_argument("--json", action="store_true")
     ft.set_defaults(func=cmd_ft)
+    for name, (module, summary) in DAEMONS.items():
+        d = mem.add_parser(name, help=summary, add_help=False,
+                           description=f"{summary} (the daemon's own options follow; "
+                           f"--help lists them)")
+        d.set_defaults(func=_run_daemon(module), takes_rest=True)
     p.set_defaults(func=lambda a: _usage(p))
+
+
+#: The memory service's daemons, each a module with ``main(argv) -> int`` (also run as
+#: ``python -m MODULE``, as the lab does): ``netsvc memory NAME ARGS...`` runs the same main.
+DAEMONS = {
+    "agent": ("netsvc.memory.agent", "run a host's pool agent (holds and renews its lease)"),
+    "master": ("netsvc.memory.master", "run the pool master (fences, respawns, FT failover)"),
+    "fabric": ("netsvc.memory.fabric", "run the memory fabric's lease desk"),
+}
+
+
+def _run_daemon(module: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        main = importlib.import_module(module).main
+        return int(main(list(args.rest)))
+
+    return run
 
 
 def _usage(p: argparse.ArgumentParser) -> int:

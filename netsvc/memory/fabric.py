@@ -48,6 +48,7 @@ from typing import Any, Protocol
 from netsvc.memory.errors import LeaseHeld, LeaseLost, MemoryError_, PoolUsageError, StaleEpoch
 from netsvc.memory.layout import check_name
 from netsvc.memory.lease import Grant
+from netsvc.ops import daemon
 
 PORT = 7470
 MAX_DATAGRAM = 1024
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind", required=True, help="the desk's address on the memory fabric")
     p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--key-file", required=True)
-    a = p.parse_args(argv)
+    daemon.add_arguments(p, "memory-fabric")
+    a = daemon.parse(p, argv, "memory-fabric")
+    d = daemon.Daemon(p.prog, a)
     from netsvc.cluster.auth import KeyFileError
     from netsvc.memory.pool import Pool
 
@@ -284,17 +287,30 @@ def main(argv: list[str] | None = None) -> int:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((a.bind, a.port))
     except (KeyFileError, OSError, MemoryError_) as exc:
-        print(f"netsvc-memory-fabric: {exc}", file=sys.stderr)
+        d.log.error("%s", exc)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     desk = Desk(pool)
+    from netsvc.ops.metrics import StatsCollector
+
+    d.registry.register(StatsCollector("netsvc_memory", {"fabric": lambda: {
+        "requests_served_total": float(desk.served),
+        "requests_refused_total": float(desk.refused)}}))
+    try:
+        d.start(f"lease desk on {a.bind}:{a.port}")
+    except (OSError, ValueError) as exc:
+        d.log.error("bad --metrics-addr %r: %s", a.metrics_addr, exc)
+        sock.close()
+        pool.close()
+        return 2
     print(json.dumps({"event": "listening", "addr": a.bind, "port": a.port,
                       "pid": os.getpid()}), flush=True)
     try:
         serve(sock, desk, key, threading.Lock(), stop)
     finally:
+        d.stop()
         print(json.dumps({"event": "stopped", "served": desk.served,
                           "refused": desk.refused}), flush=True)
         sock.close()

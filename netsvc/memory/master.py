@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import queue
@@ -114,6 +115,7 @@ from netsvc.memory.lease import Grant
 from netsvc.memory.placement import choose
 from netsvc.memory.pool import Pool
 from netsvc.memory.views import candidates, host_views
+from netsvc.ops import daemon
 
 ACTOR = "memory-master"
 #: Decisions the hypervisor of the target host carries out.
@@ -124,6 +126,8 @@ EXECUTED = frozenset(
 #: A VM that cannot be resumed from the pool is booted afresh by the kernel's ``restart``,
 #: asked for through ``POST /v1/memory/cold-boot``; its completion is the action's success.
 COLD_BOOT = "memory-cold-boot"
+
+_LOG = logging.getLogger("netsvc.memory.master")
 
 
 @dataclass(frozen=True)
@@ -798,7 +802,9 @@ class JournalSink:
 
     def __init__(self, client: Any, guest: GuestParams | None = None,
                  on_failed: Callable[[str, str, str, str], None] | None = None,
-                 watch: ActionWatch | None = None) -> None:
+                 watch: ActionWatch | None = None,
+                 counted: Callable[[Decision], None] | None = None) -> None:
+        self.counted = counted
         self.client = client
         self.guest = guest
         self.on_failed = on_failed
@@ -811,6 +817,8 @@ class JournalSink:
     def __call__(self, d: Decision) -> None:
         dry = " (dry run)" if d.dry_run else ""
         print(f"{d.action}{dry} {d.subject}: {d.reason} {d.details}", flush=True)
+        if self.counted is not None:
+            self.counted(d)
         self.q.put(d)
 
     def close(self, timeout: float = 2.0) -> None:
@@ -835,7 +843,7 @@ class JournalSink:
                                        dry_run=d.dry_run)  # fmt: skip
                 return
             except ApiError as exc:
-                print(f"journal: {exc}", file=sys.stderr, flush=True)
+                _LOG.warning("journal: %s", exc)
                 time.sleep(0.1)
         self.failed += 1
 
@@ -860,7 +868,7 @@ class JournalSink:
                         port=self.guest.port, secondary_port=self.guest.secondary_port,
                         watch=self.guest.watch, details=d.details, dry_run=d.dry_run)
             except ApiError as exc:
-                print(f"{d.action}: {exc}", file=sys.stderr, flush=True)
+                _LOG.warning("%s: %s", d.action, exc)
                 why = str(exc)
                 time.sleep(0.1)
                 continue
@@ -872,7 +880,7 @@ class JournalSink:
             if 200 <= status < 300:
                 return  # a dry run
             why = f"refused ({body.get('rule', status)}): {body.get('error', '')}"
-            print(f"{d.action} {vm} on {to}: {why}", file=sys.stderr, flush=True)
+            _LOG.warning("%s %s on %s: %s", d.action, vm, to, why)
             if status < 500:
                 break
             time.sleep(0.1)
@@ -1133,7 +1141,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="a respawn not done by then is placed again")
     p.add_argument("--orphan-grace", type=float, default=3.0,
                    help="an FT VM mapped read-write by no host this long is respawned")
-    a = p.parse_args(argv)
+    daemon.add_arguments(p, "memory-master")
+    a = daemon.parse(p, argv, "memory-master")
+    d = daemon.Daemon(p.prog, a)
+    decisions = d.counter("netsvc_memory_master_decisions",
+                          "the master's decisions by action", ["action", "dry_run"])
+    fences = d.counter("netsvc_memory_master_fences", "hosts fenced (memory-fence decisions)",
+                       ["dry_run"])
+
+    def counted(dec: Decision) -> None:
+        dry = str(dec.dry_run).lower()
+        decisions.labels(dec.action, dry).inc()
+        if dec.action == "memory-fence":
+            fences.labels(dry).inc()
     from netsvc.cluster.client import ManagerClient
 
     reported: dict[tuple[str, str], float] = {}
@@ -1152,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
             client = ManagerClient(a.manager, f.read().strip(), timeout=2.0)
         pool = Pool.open(a.pool, report=lambda prob: report_once(prob.where, prob.what))
     except (OSError, ValueError, MemoryError_) as exc:
-        print(f"netsvc-memory-master: {exc}", file=sys.stderr)
+        d.log.error("%s", exc)
         return 2
     failed: list[Callable[[str, str, str, str], None]] = []
 
@@ -1168,7 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     watch = ActionWatch(client, on_failed, on_done=on_done)
     guest = GuestParams(os.path.abspath(a.pool), a.guest_port, a.secondary_port, a.guest_watch)
-    sink = JournalSink(client, guest, on_failed, watch)
+    sink = JournalSink(client, guest, on_failed, watch, counted=counted)
     sink_ref.append(sink)
     power = None if a.no_power_fence or a.dry_run else ManagerPowerFence(client)
     try:
@@ -1177,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
                           respawn_timeout=a.respawn_timeout, orphan_grace=a.orphan_grace,
                           power=power, power_retry=a.power_retry)
     except MemoryError_ as exc:
-        print(f"netsvc-memory-master: {exc}", file=sys.stderr)
+        d.log.error("%s", exc)
         if power is not None:
             power.stop()
         sink.close()
@@ -1190,6 +1210,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    code = 0
+    try:
+        d.start(f"master of {a.pool}")
+    except (OSError, ValueError) as exc:
+        d.log.error("bad --metrics-addr %r: %s", a.metrics_addr, exc)
+        stop.set()
+        code = 2
     sink(Decision("memory-master-start", "pool", f"master polling {a.pool} every {a.poll}s",
                   {"ttl": a.ttl, "partition": feed is not None, "dry_run": a.dry_run,
                    "power_fence": power is not None}))  # fmt: skip
@@ -1217,7 +1244,8 @@ def main(argv: list[str] | None = None) -> int:
         watch.stop()
         sink.close()
         pool.close()
-    return 0
+        d.stop()
+    return code
 
 
 if __name__ == "__main__":

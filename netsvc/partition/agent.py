@@ -124,8 +124,11 @@ def run_prober(
     publish: Callable[[dict[str, object]], None] | None = None,
     view_every: float = 0.5,
     bmc_query: Callable[[str], bool | None] | None = None,
+    on_receiver: Callable[[Receiver], None] | None = None,
 ) -> None:
     """Probe until ``stop`` is set. ``peers()`` gives each peer's address per network.
+    ``on_receiver(receiver)`` is given the heartbeat receiver once, whose ``stats()`` the
+    agent's metrics read at each scrape.
     ``bmc_query(peer)``: the second channel, asked (on a thread of its own, IPMI ``chassis
     power status`` to the peer's BMC) when the classifier wants a second opinion on a peer lost
     on both networks: True (power on), False (off), None (no answer: nothing is concluded)."""
@@ -133,6 +136,8 @@ def run_prober(
     nets = {link.network: _Net(link) for link in links}
     by_fd = {n.udp.fileno(): n for n in nets.values()} | {n.arp.fileno(): n for n in nets.values()}
     receiver = Receiver(key, host)
+    if on_receiver is not None:
+        on_receiver(receiver)
     start = time.monotonic()
     clf = Classifier(host, config=cfg, now=start)
     # Sequence numbers must grow across restarts, or the peers' replay guards would refuse a

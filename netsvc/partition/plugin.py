@@ -61,7 +61,7 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
         except OSError as exc:
             raise ValueError(f"--bmc-map {args.bmc_map}: {exc.strerror or exc}") from None
     start_partition(ctx.host, ctx.key, links, lambda: ctx.make_client(timeout=2.0),
-                    ctx.log, query)
+                    ctx.log, query, stats=ctx.stats)
 
 
 def _lab_agent_args(plan: Any, host: str) -> list[str]:

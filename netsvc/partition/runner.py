@@ -7,7 +7,7 @@ sends classifications and views to the manager, each in a daemon thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -37,14 +37,22 @@ def parse_links(specs: list[str], mgmt: str | None, vm: str | None) -> list[Any]
     return links
 
 
+def receiver_stats(counts: Mapping[str, int]) -> dict[str, float]:
+    """The heartbeat receiver's counts as ``netsvc_agent_partition_heartbeats_*_total``."""
+    return {f"heartbeats_{k}_total": float(v) for k, v in counts.items()}
+
+
 def start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
                      log: Callable[[str], None],
-                    bmc_query: Callable[[str], bool | None] | None = None) -> None:
+                    bmc_query: Callable[[str], bool | None] | None = None,
+                    stats: dict[str, Callable[[], Mapping[str, float]]] | None = None) -> None:
     """Run the partition prober in a daemon thread, and a poster thread that sends its
     classifications (to the journal) and its views (to ``/v1/partition/reports``) to the
     manager, so a slow or unreachable manager never stalls the probing. Undelivered
     classifications are kept (at most 256); of the views only the latest counts. Each thread
-    has its own ``ManagerClient``: a client's connection is not shared between threads."""
+    has its own ``ManagerClient``: a client's connection is not shared between threads.
+    ``stats`` (the agent's ``AgentContext.stats``) gets the heartbeat receiver's counters as
+    ``partition``: ``heartbeats_<outcome>_total`` (accepted, own, replayed, each bad reason)."""
     import collections
     import contextlib
     import json
@@ -106,10 +114,14 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
                     break
                 events.popleft()
 
+    def on_receiver(receiver: Any) -> None:
+        if stats is not None:
+            stats["partition"] = lambda: receiver_stats(receiver.stats())
+
     def run() -> None:
         try:
             run_prober(host, key, links, peers, report, threading.Event(), publish=publish,
-                       bmc_query=bmc_query)
+                       bmc_query=bmc_query, on_receiver=on_receiver)
         except OSError as exc:
             log(f"partition prober stopped: {exc}")
 

@@ -83,6 +83,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--need-span", type=float, default=1.0, metavar="S",
                        help="... as the peak rate over any S seconds in that window")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    serve.add_argument("--metrics-addr", metavar="ADDR:PORT", default=None,
+                       help="serve Prometheus metrics (URBs, bytes) on http://ADDR:PORT/metrics")
     _tls_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -184,6 +186,11 @@ def _port(port: int, allow_zero: bool = False) -> None:
         raise ValueError(f"bad --port {port}")
 
 
+def _server_stats(stats: dict[str, int]) -> dict[str, float]:
+    """The server's counters as metrics: ``netsvc_usbip_server_<name>_total``."""
+    return {f"{k}_total": float(v) for k, v in dict(stats).items()}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -226,6 +233,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 for e in server.exports
             ],
         }
+        metrics = None
+        if args.metrics_addr:
+            from netsvc.ops.metrics import MetricsServer, StatsCollector, new_registry
+
+            registry = new_registry()
+            registry.register(StatsCollector("netsvc_usbip",
+                                             {"server": lambda: _server_stats(server.stats)}))
+            try:
+                metrics = MetricsServer(args.metrics_addr, registry)
+            except (OSError, ValueError) as exc:
+                print(f"netsvc usbip serve: bad --metrics-addr: {exc}", file=sys.stderr)
+                await server.close()
+                return 2
         if args.json:
             print(json.dumps(info), flush=True)
         else:
@@ -233,6 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"usbip: serving {devs} on {args.bind}:{server.port}", flush=True)
         await stop.wait()
         await server.close()
+        if metrics is not None:
+            metrics.close()
         return 0
 
     return asyncio.run(main())

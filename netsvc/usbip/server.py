@@ -123,7 +123,10 @@ class UsbipServer:
         ]
         self.active: set[_Conn] = set()
         self.errors: deque[str] = deque(maxlen=256)
-        self.stats = {"accepted": 0, "refused": 0, "imports": 0, "busy": 0, "urbs": 0}
+        #: Counters (``--metrics-addr``): ``bytes_in`` is IN data sent to importers,
+        #: ``bytes_out`` OUT data received from them.
+        self.stats = {"accepted": 0, "refused": 0, "imports": 0, "busy": 0, "urbs": 0,
+                      "bytes_in": 0, "bytes_out": 0}
         self._tls: t.ServerTls | None = None
         self._server: asyncio.Server | None = None
 
@@ -331,6 +334,7 @@ class _Conn(asyncio.Protocol):
                     self.export.meter.add(now, comp.actual_length)
             head = self.conn.ret_submit_header(comp.seqnum, comp.status, comp.actual_length)
             if comp.data:
+                self.server.stats["bytes_in"] += len(comp.data)
                 self.transport.writelines((head, comp.data))
             else:
                 self.transport.write(head)
@@ -357,6 +361,7 @@ class _Conn(asyncio.Protocol):
                     tr.close()
                     return
                 srv.stats["urbs"] += 1
+                srv.stats["bytes_out"] += len(ev.cmd.data)
                 if ev.cmd.ep != 0:
                     self._data_urbs.add(ev.cmd.seqnum)
                 try:

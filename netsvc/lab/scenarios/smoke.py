@@ -172,7 +172,30 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     checks.check(
         "journal has the decisions", wanted <= journal, f"missing: {sorted(wanted - journal)}"
     )
+    _check_metrics(lab, checks, lab.vm(survivors[0]).host if survivors else None)
     return out
+
+
+def _check_metrics(lab: Lab, checks: Checks, host: str | None) -> None:
+    """The manager's and a surviving agent's Prometheus endpoints show what happened."""
+    try:
+        m = lab.metrics()
+        a = lab.metrics(host) if host else {}
+    except OSError as exc:
+        checks.check("metrics endpoints answer", False, str(exc))
+        return
+    migrated = m.get('netsvc_manager_actions_total{kind="migrate",outcome="succeeded"}', 0)
+    dry = m.get('netsvc_manager_decisions_total{dry_run="true",kind="migrate",'
+                'outcome="accepted"}', 0)
+    downs = m.get('netsvc_manager_journal_entries_total{action="host-down"}', 0)
+    beats = sum(v for k, v in m.items() if k.startswith("netsvc_manager_heartbeats_total{"))
+    sent = a.get('netsvc_agent_heartbeats_total{outcome="ok"}', 0)
+    checks.check(
+        "metrics show it",
+        migrated >= 1 and dry >= 1 and downs >= 1 and beats > 0 and sent > 0,
+        f"manager: {migrated:g} migrations succeeded, {dry:g} dry-run accepted, "
+        f"{downs:g} host-down, {beats:g} heartbeats; agent {host}: {sent:g} heartbeats sent",
+    )
 
 
 def _placement(status: dict[str, Any], vm: str) -> str | None:
