@@ -834,14 +834,18 @@ def _alive(pid: int) -> bool:
 
 
 def _bmc_power_on(lab: Lab, host: str) -> bool:
-    """Power ``host`` on as an operator would: IPMI to its BMC, from the services node."""
-    from netsvc.bmc.client import BmcClient
-    from netsvc.lab.netns import run_in_netns
+    """Power ``host`` on as an operator would: ``ipmitool -I lanplus chassis power on`` to its
+    BMC, from the services node (a process of its own: pyghmi's client keeps a process-wide
+    socket, which must not be made inside a lab namespace from the lab's own process)."""
+    import subprocess
 
     plan = lab.require_plan()
-    bmc = BmcClient(plan.bmc_addr(host), lab.BMC_USER, lab.bmc_password(host), timeout=3.0)
-    out = run_in_netns(lab.pid("svc"), lambda: bmc.power_on(wait=True, wait_timeout=10.0))
-    return bool(out.ok)
+    pw = lab.run_dir / "bmc" / f"{host}.pw"
+    r = subprocess.run(["mnexec", "-a", str(lab.pid("svc")), "ipmitool", "-I", "lanplus",
+                        "-H", plan.bmc_addr(host), "-U", lab.BMC_USER, "-f", str(pw),
+                        "chassis", "power", "on"],
+                       capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and "Up/On" in r.stdout
 
 
 def _holds(pl: PoolLab, host: str) -> bool:
