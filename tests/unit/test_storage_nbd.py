@@ -40,10 +40,12 @@ def settle(ds: Datastore) -> None:
 
 
 def _writer(ds: Datastore, stop: threading.Event, acked: dict[int, bytes],
-            errors: list[str], blocks: int = 256) -> None:
+            errors: list[str], blocks: int = 256, first: int = 0, step: int = 1) -> None:
+    """Write blocks ``first``, ``first + step``, ... (each writer its own blocks, so the last
+    acknowledged write of a block is the one on disk, whatever the threads' order)."""
     i = 0
     while not stop.is_set():
-        blk = i % blocks
+        blk = first + (i % (blocks // step)) * step
         data = hashlib.sha256(f"{blk}-{i}".encode()).digest() * 128  # 4 KiB
         try:
             ds.pwrite(data, blk * 4096)
@@ -60,8 +62,9 @@ def test_drain_under_load_moves_without_error(tmp_path: Path) -> None:
         ds.open()
         try:
             stop, acked, errors = threading.Event(), {}, []  # type: ignore[var-annotated]
-            ts = [threading.Thread(target=_writer, args=(ds, stop, acked, errors))
-                  for _ in range(4)]
+            ts = [threading.Thread(target=_writer, args=(ds, stop, acked, errors),
+                                   kwargs={"first": k, "step": 4})
+                  for k in range(4)]
             for t in ts:
                 t.start()
             threading.Event().wait(0.3)
