@@ -396,6 +396,30 @@ def _default_config(daemon: str) -> str | None:
 # -- agent ------------------------------------------------------------------------------------
 
 
+def add_manager_args(q: argparse.ArgumentParser, timeout: float = 5.0) -> None:
+    """The options every service's operator command takes to reach the manager."""
+    q.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
+    q.add_argument("--key-file", metavar="F", help="key file (default $NETSVC_KEY_FILE)")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--timeout", type=float, default=timeout, help=argparse.SUPPRESS)
+
+
+def print_usage(p: argparse.ArgumentParser) -> int:
+    """A command group run without a subcommand: its help on stderr, exit 2."""
+    p.print_help(sys.stderr)
+    return 2
+
+
+def manager_client(args: argparse.Namespace) -> Any:
+    """A client (``ManagerClient``) for ``add_manager_args``' options (a usage error if they
+    are missing)."""
+    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.client import ManagerClient
+
+    url, key_file = _manager_and_key(args)
+    return ManagerClient(url, load_key(key_file), timeout=args.timeout)
+
+
 def _manager_and_key(args: argparse.Namespace) -> tuple[str, str]:
     url = args.manager or os.environ.get(ENV_MANAGER)
     key_file = args.key_file or os.environ.get(ENV_KEY_FILE)

@@ -53,24 +53,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    q.add_argument("--key-file", metavar="F", help="key file (default $NETSVC_KEY_FILE)")
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    from netsvc.cluster.cli import add_manager_args
+
+    add_manager_args(q, timeout=10.0)
 
 
 def _usage(p: argparse.ArgumentParser) -> int:
-    p.print_help(sys.stderr)
-    return 2
+    from netsvc.cluster.cli import print_usage
+
+    return print_usage(p)
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.cli import _manager_and_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.cli import manager_client
 
-    url, key_file = _manager_and_key(args)
-    return ManagerClient(url, load_key(key_file), timeout=args.timeout)
+    return manager_client(args)
 
 
 def _get(args: argparse.Namespace, what: str) -> dict[str, Any] | None:

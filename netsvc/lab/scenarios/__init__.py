@@ -35,6 +35,21 @@ class Checks:
         return bool(self.items) and all(c["ok"] for c in self.items)
 
 
+def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.05) -> float:
+    """Poll ``cond`` until true; the seconds it took (``LabError`` naming ``what`` past
+    ``timeout``)."""
+    import time
+
+    from netsvc.lab.lab import LabError
+
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
 def no_params(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     return params
 

@@ -31,7 +31,7 @@ from netsvc.lab.client import GuestClient, request
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import LabPlan
-from netsvc.lab.scenarios import Checks, Scenario
+from netsvc.lab.scenarios import Checks, Scenario, wait_for
 from netsvc.lab.scenarios.partition import POLICY, wait_healthy
 
 IFF_UP = 0x1
@@ -57,13 +57,7 @@ def _nic(lab: Lab) -> dict[str, Any]:
     return dict(body)
 
 
-def _wait(what: str, cond: Any, timeout: float, every: float = 0.05) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - t0
+_wait = wait_for  # the scenarios' shared poll (netsvc.lab.scenarios)
 
 
 def _mode(lab: Lab, host: str, switch: str) -> str | None:

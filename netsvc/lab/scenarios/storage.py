@@ -44,7 +44,7 @@ from typing import Any
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import ARRAY_PORT, LabPlan
-from netsvc.lab.scenarios import Checks, Scenario
+from netsvc.lab.scenarios import Checks, Scenario, wait_for
 
 DATASTORES = ("ds1", "ds2")
 DS_SIZE = 16 * 1024 * 1024
@@ -134,13 +134,7 @@ def _storage(lab: Lab) -> dict[str, Any]:
     return dict(body)
 
 
-def _wait(what: str, cond: Any, timeout: float, every: float = 0.05) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - t0
+_wait = wait_for  # the scenarios' shared poll (netsvc.lab.scenarios)
 
 
 def _bridge(lab: Lab, up: bool) -> None:
