@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -44,7 +45,7 @@ from typing import Any
 
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
-from netsvc.lab.plan import ARRAY_PORT, LabPlan
+from netsvc.lab.plan import ARRAY_ADDRS, ARRAY_PORT, LabPlan
 from netsvc.lab.scenarios import Checks, Scenario, wait_for
 
 DATASTORES = ("ds1", "ds2")
@@ -83,12 +84,16 @@ class Writer(threading.Thread):
     """Writes 4 KiB blocks without pause to one region of a datastore through a host's local
     endpoint; remembers each acknowledged block's bytes, the errors and the longest write."""
 
-    def __init__(self, sock: str, ds: str, region: int, blocks: int) -> None:
+    def __init__(self, sock: str | socket.socket, ds: str, region: int, blocks: int) -> None:
         super().__init__(daemon=True, name=f"writer-{ds}-{region}")
         nbd = importlib.import_module("nbd")  # Debian's python3-libnbd (untyped)
         self.h = nbd.NBD()
         self.h.set_export_name(ds)
-        self.h.connect_unix(sock)
+        if isinstance(sock, str):
+            self.h.connect_unix(sock)  # a host's local endpoint: through the path manager
+        else:
+            sock.settimeout(None)
+            self.h.connect_socket(sock.detach())  # straight to the array (the control)
         self.ds, self.base, self.blocks = ds, region * blocks, blocks
         self.stop = threading.Event()
         self.acked: dict[int, bytes] = {}
@@ -228,11 +233,15 @@ def _steps(lab: Lab, checks: Checks, params: dict[str, Any], maintenance: bool
           30.0, 0.2)
     dual = [h for h in hosts if h != single]
     writers: list[Writer] = []
-    blocks = DS_SIZE // BLOCK // max(1, len(dual))
+    blocks = DS_SIZE // BLOCK // (len(dual) + 1)
     for i, h in enumerate(dual):
         for ds in DATASTORES:
             writers.append(Writer(socket_path(plan, h), ds, i, blocks))
-    for w in writers:
+    # The control: the same writes from h1's namespace straight to the array over fabric B
+    # (which stays up), with no path manager: what the machine itself costs, in the same run.
+    control = Writer(lab.connect_from(dual[0])(ARRAY_ADDRS["storage-b"], ARRAY_PORT, 5.0),
+                     DATASTORES[0], len(dual), blocks)
+    for w in (*writers, control):
         w.start()
     lab.record("event", "storage", "writers-started", writers=len(writers))
     phases: list[tuple[float, str]] = [(time.monotonic(), "load")]
@@ -298,11 +307,11 @@ def _steps(lab: Lab, checks: Checks, params: dict[str, Any], maintenance: bool
                          all(v in ("standby", "active") for v in back.values()), str(back))
         time.sleep(0.5)
     finally:
-        for w in writers:
+        for w in (*writers, control):
             w.close()
         _bridge_up_quietly(lab)
     errors = sum(len(w.errors) for w in writers)
-    verified, bad = _verify(lab, writers)
+    verified, bad = _verify(lab, [*writers, control])
 
     writes = sum(w.writes for w in writers)
     checks.check("zero I/O errors", errors == 0,
@@ -318,13 +327,21 @@ def _steps(lab: Lab, checks: Checks, params: dict[str, Any], maintenance: bool
         return [name for start, name in phases if start <= t][-1] if t >= phases[0][0] \
             else "load"
 
-    slow: dict[str, dict[str, float]] = {}
-    for w in writers:
-        for t, ms in w.slow:
-            d = slow.setdefault(phase(t), {"writes": 0, "max_ms": 0.0})
-            d["writes"] += 1
-            d["max_ms"] = round(max(d["max_ms"], ms), 3)
-    figures["slow_writes_by_phase"] = slow
+    def by_phase(ws: list[Writer]) -> dict[str, dict[str, float]]:
+        slow: dict[str, dict[str, float]] = {}
+        for w in ws:
+            for t, ms in w.slow:
+                d = slow.setdefault(phase(t), {"writes": 0, "max_ms": 0.0})
+                d["writes"] += 1
+                d["max_ms"] = round(max(d["max_ms"], ms), 3)
+        return slow
+
+    figures["slow_writes_by_phase"] = by_phase(writers)
+    # the control writer, beside: a stall it saw too is the machine's, not the path manager's
+    figures["control_slow_writes_by_phase"] = by_phase([control])
+    figures["control_max_io_stall_ms"] = round(control.max_ms, 3)
+    figures["control_writes"] = control.writes
+    figures["control_io_errors"] = len(control.errors)
     figures["max_io_stall_phase"] = phase(max(writers, key=lambda w: w.max_ms).max_at) \
         if writers else None
     return {"paths_moved": moved, "io_errors": errors,
