@@ -209,7 +209,7 @@ def test_adopted_requests_hold_a_drain_like_submitted_ones() -> None:
     with pytest.raises(PathError):
         m.adopt(8, A.name, issued=2.0)  # nothing is adopted onto a draining path
     ev = m.done(7, True, 2.5)
-    assert [e for e in ev if isinstance(e, Moved)][0].to_path == B.name
+    assert next(e for e in ev if isinstance(e, Moved)).to_path == B.name
     assert m.steady_path() == B.name
 
 
