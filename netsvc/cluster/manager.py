@@ -716,7 +716,8 @@ class ManagerCore:
         """Take ``host`` out of service: plan where its running VMs go
         (``maintenance.plan_evacuation``), refuse (journaled, nothing changed) if one cannot
         move unless ``force``, else mark the host and ask for the migrations. Journaled, dry
-        run or not."""
+        run or not. Asked again while the host is in maintenance, it moves what is still
+        there (an evacuation whose migration failed is retried this way)."""
         from netsvc.cluster.maintenance import plan_evacuation
 
         self._check_fenced()
@@ -724,9 +725,10 @@ class ManagerCore:
         if h is None:
             raise UnknownEntity("host", host)
         subject = _subject("host", host)
-        if h.maintenance is not None and not dry_run:
-            return {"host": host, "maintenance": h.maintenance, "already": True, "moves": []}
         plan = plan_evacuation(self._model, host, self._open_exclusive)
+        if h.maintenance is not None and not dry_run and not plan.moves:
+            return {"host": host, "maintenance": h.maintenance, "already": True,
+                    **plan.to_dict()}
         details = {**plan.to_dict(), "forced": force and bool(plan.stuck)}
         if plan.stuck and not force:
             first = plan.stuck[0]
@@ -741,9 +743,11 @@ class ManagerCore:
             self._journal_append(now, wall, "host-maintenance-enter", subject, why,
                                  dry_run=True, details=details)
             return {"host": host, "dry_run": True, **details}
-        self._model.update_host(host, maintenance=reason)
+        already = h.maintenance is not None  # again: move what is still there (a retry)
+        if not already:
+            self._model.update_host(host, maintenance=reason)
         self._journal_append(now, wall, "host-maintenance-entered", subject, why,
-                             details=details)
+                             details={**details, "again": already})
         moves = []
         for m in plan.moves:
             try:
@@ -755,7 +759,8 @@ class ManagerCore:
             except (Refused, UnknownEntity) as exc:  # journaled by request_migration
                 moves.append({"vm": m.vm, "to": m.to, "action": None, "refused": str(exc)})
         self._persist()
-        return {"host": host, "maintenance": reason, **details, "moves": moves}
+        return {"host": host, "maintenance": h.maintenance or reason, "already": already,
+                **details, "moves": moves}
 
     def exit_maintenance(self, host: str, *, reason: str, now: float,
                          wall: float | None = None) -> dict[str, Any]:

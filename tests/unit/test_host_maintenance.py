@@ -178,3 +178,24 @@ def test_the_cli(served: tuple[ManagerServer, ManagerClient, Path],
     assert out["ok"] and out["maintenance"] and out["stuck"][0]["vm"] == "vm1"
     assert main(["host", "maintenance", "exit", "h1", *a]) == 0
     assert main(["host", "maintenance", "enter", "nosuch", *a]) == 2
+
+
+def test_entering_again_moves_what_is_still_there(
+        served: tuple[ManagerServer, ManagerClient, Path]) -> None:
+    """An evacuation whose migration did not happen (here: vm1 was busy, so forced) is
+    retried by entering again; a host with nothing left says it is already in."""
+    _srv, c, _ = served
+    first = c.migrate("vm1", "h3", "already moving")["action"]
+    assert _enter(c, "h1", force=True)[0] == 200
+    for a in c.list_actions():  # the agents' part: the open migrations fail here
+        if a["id"] != first["id"]:
+            c.claim_action(a["id"], a["host"], "agent")
+            c.complete_action(a["id"], False, "test: not carried out", host=a["host"])
+    c.claim_action(first["id"], "h3", "agent-h3")
+    c.complete_action(first["id"], False, "test: not carried out", host="h3")
+    status, again = _enter(c, "h1")
+    assert status == 200 and again["already"] is True
+    assert sorted(m["vm"] for m in again["moves"]) == ["vm1", "vm2"]  # type: ignore[union-attr]
+    assert c.status()["hosts"]["h1"]["maintenance"] == "firmware update"
+    assert [e["details"]["again"] for e in _journal(c, "host-maintenance-entered")] == [
+        False, True]
