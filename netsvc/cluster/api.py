@@ -244,6 +244,9 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         if r.params[1] == "enter":
             out = core.enter_maintenance(name, reason=req.reason, dry_run=req.dry_run,
                                          force=req.force, now=r.now, wall=r.wall)
+        elif req.dry_run or req.force:
+            raise ValidationError("dry_run" if req.dry_run else "force",
+                                  "exit takes neither dry_run nor force")
         else:
             out = core.exit_maintenance(name, reason=req.reason, now=r.now, wall=r.wall)
         return Reply(200, out)

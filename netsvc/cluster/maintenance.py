@@ -53,9 +53,12 @@ class Evacuation:
 
 
 def plan_evacuation(model: ClusterModel, host: str,
-                    busy: Callable[[str], Sequence[str]]) -> Evacuation:
+                    busy: Callable[[str], Sequence[str]],
+                    leaving: Callable[[str], bool] = lambda vm: False) -> Evacuation:
     """Where each running VM on ``host`` goes; ``busy(vm)`` names its open exclusive
-    actions (none: free to move). ``host`` must exist (the caller checks)."""
+    actions (none: free to move); a VM ``leaving`` (an open migration already takes it off
+    ``host``: an earlier evacuation's) is neither planned again nor stuck. ``host`` must
+    exist (the caller checks)."""
     targets = sorted(h.name for h in model.hosts.values() if h.placeable and h.name != host)
     load = Counter(v.host for v in model.vms.values()
                    if v.host is not None and v.state in (VMState.RUNNING, VMState.MIGRATING))
@@ -63,6 +66,8 @@ def plan_evacuation(model: ClusterModel, host: str,
     stuck: list[Stuck] = []
     for vm in sorted(v.name for v in model.vms.values()
                      if v.host == host and v.state in (VMState.RUNNING, VMState.MIGRATING)):
+        if leaving(vm):
+            continue
         open_actions = busy(vm)
         if open_actions:
             stuck.append(Stuck(vm, "vm-busy", f"{vm} already has an open action "

@@ -725,7 +725,11 @@ class ManagerCore:
         if h is None:
             raise UnknownEntity("host", host)
         subject = _subject("host", host)
-        plan = plan_evacuation(self._model, host, self._open_exclusive)
+        def leaving(vm: str) -> bool:
+            return any(a.vm == vm and a.is_open and a.kind == "migrate"
+                       and a.payload.get("from") == host for a in self._actions.values())
+
+        plan = plan_evacuation(self._model, host, self._open_exclusive, leaving)
         if h.maintenance is not None and not dry_run and not plan.moves:
             return {"host": host, "maintenance": h.maintenance, "already": True,
                     **plan.to_dict()}

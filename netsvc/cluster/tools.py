@@ -262,6 +262,10 @@ def cmd_host_maintenance(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
     def body() -> int:
+        from netsvc.cluster.cli import UsageError
+
+        if args.op == "exit" and (args.dry_run or args.force or args.wait):
+            raise UsageError("exit takes none of --dry-run, --force, --wait")
         client = _client(args, timeout=max(5.0, args.wait + 5.0))
         status, answer = client.request(
             "POST", f"/v1/hosts/{quote(args.host, safe='')}/maintenance/{args.op}",
@@ -277,18 +281,25 @@ def cmd_host_maintenance(args: argparse.Namespace) -> int:
             return _fail("host maintenance", f"HTTP {status}: {answer.get('error', answer)}")
         moves = [dict(m) for m in answer.get("moves") or []]
         if args.op == "enter" and not args.dry_run and args.wait > 0:
+            # one deadline for them all; what is still open then is reported, not raised
+            deadline = time.monotonic() + args.wait
             for m in moves:
                 if m.get("action"):
-                    a = client.wait_action(str(m["action"]), timeout=args.wait)
+                    try:
+                        a = client.wait_action(str(m["action"]),
+                                               timeout=max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        a = client.get_action(str(m["action"]))
                     m["state"] = a.get("state")
         failed = [m for m in moves if m.get("refused")
-                  or m.get("state") in ("FAILED", "EXPIRED", "CANCELLED")]
+                  or m.get("state") in ("FAILED", "EXPIRED", "CANCELLED", "PENDING",
+                                        "CLAIMED")]
         out = {"ok": not failed, **answer, "moves": moves}
         if args.json:
             print(json.dumps(out, sort_keys=True))
         else:
-            what = ("would enter maintenance" if args.dry_run else
-                    "in maintenance" if args.op == "enter" else "back in service")
+            what = ("back in service" if args.op == "exit" else
+                    "would enter maintenance" if args.dry_run else "in maintenance")
             print(f"{args.host}: {what}" + (" (already)" if answer.get("already") else ""))
             for m in moves:
                 print(f"  {m['vm']} -> {m['to']}: " + str(

@@ -22,7 +22,8 @@ Invariants:
   next record of this log (a wrong magic or id, a seq out of order, a bad CRC: a torn record,
   never acknowledged), so a replay yields exactly a prefix of what was appended.
 - ``reopen`` keeps the old connection until the new one shows the same label; a disk that is
-  not this log's is refused and nothing changes.
+  not this log's is refused and nothing changes. Only a blank sector 0 is labelled: a region
+  whose sector 0 holds anything else is refused (``DiskError``), never overwritten.
 - The codec (``label``, ``encode_record``, ``scan``) is pure: the reads are a function passed in.
 """
 
@@ -139,7 +140,11 @@ class DiskLog:
         self._h = self._open(uri)
         first = self._read(SECTOR, 0)
         found = read_label(first)
-        if found is None:  # a fresh region: label it
+        if found is None and any(first):  # neither a label nor a fresh region: not ours
+            self.close()
+            raise DiskError(f"{uri} at {offset}: sector 0 is neither this log's label nor "
+                            "blank (a wrong --disk-region, or another log's region?)")
+        if found is None:  # a fresh (blank) region: label it
             found = os.urandom(16)
             self._write(label(found), 0)
             self._h.flush()
@@ -160,11 +165,13 @@ class DiskLog:
         try:
             h.set_export_name(export)
             h.connect_unix(sock)
-            if h.get_size() < self.offset + self.size:
-                raise DiskError(f"{uri}: {h.get_size()} bytes, the region needs "
-                                f"{self.offset + self.size}")
+            size = h.get_size()
         except nbd.Error as exc:
+            _close(h)
             raise DiskError(f"cannot open {uri}: {exc}") from None
+        if size < self.offset + self.size:
+            _close(h)
+            raise DiskError(f"{uri}: {size} bytes, the region needs {self.offset + self.size}")
         return h
 
     def _read(self, count: int, at: int) -> bytes:

@@ -424,10 +424,24 @@ class LabDriver:
         except Exception as exc:  # ImportError, nbd.Error
             raise DriverError(f"{rec.name}'s disk {rec.disk} is not served on {self.host}: "
                               f"{exc}") from None
-        off, _, length = (rec.disk_region or "0:1048576").partition(":")
-        if int(off) + int(length) > size:
+        from netsvc.lab.disklog import DiskError, parse_region
+
+        try:
+            off, length = parse_region(rec.disk_region or "0:1048576")
+        except DiskError as exc:
+            raise DriverError(f"{rec.name}: {exc}") from None
+        if off + length > size:
             raise DriverError(f"{rec.name}'s disk region {rec.disk_region} is past the end of "
                               f"{rec.disk} ({size} bytes) on {self.host}")
+
+    def _disk_back(self, vm: str, export: str) -> str:
+        """Ask ``vm``'s guest to have its disk through this host's endpoint again (a failed
+        handover); "" if it did, else what went wrong, for the error."""
+        try:
+            self._guest_control(vm, f"DISK {self._disk_uri(export)}", timeout=40.0)
+        except DriverError as exc:
+            return f"; and its disk could not be brought back to {self.host}: {exc}"
+        return ""
 
     def _guest_control(self, vm: str, line: str, timeout: float = 10.0) -> str:
         """One line to ``vm``'s guest over its control socket (the hypervisor's channel to
@@ -821,13 +835,15 @@ class LabDriver:
             steps["ready"], t = _ms(t), time.monotonic()
             if rec.disk:
                 # The disk goes first: the guest reopens it through the target's endpoint
-                # (its requests wait meanwhile); a refusal leaves it all here.
+                # (its requests wait meanwhile); a refusal leaves it all here. A timeout may
+                # hide a reopen that still happened: the disk is asked back here then.
                 try:
                     self._guest_control(vm, f"DISK {self._disk_uri(rec.disk, target)}")
                 except DriverError as exc:
                     sock.close()
+                    back = self._disk_back(vm, rec.disk)
                     raise DriverError(f"{vm}: handover to {target} failed at the disk, the VM "
-                                      f"is still on {self.host}: {exc}") from exc
+                                      f"is still on {self.host}: {exc}{back}") from exc
                 steps["disk"] = _ms(t)
             # Switch: the VM now sends only through the new port; the old port still delivers
             # what is in flight towards this host, so nothing is dropped.
@@ -840,12 +856,10 @@ class LabDriver:
                 with contextlib.suppress(Exception):
                     vm_ipr.brport("set", index=new_idx, **_SILENT)
                     self._hold(vm, new_port)
-                if rec.disk:
-                    with contextlib.suppress(DriverError):  # its disk comes back here too
-                        self._guest_control(vm, f"DISK {self._disk_uri(rec.disk)}")
+                back = self._disk_back(vm, rec.disk) if rec.disk else ""
                 raise DriverError(
                     f"{vm}: handover to {target} failed at the switch, the VM is still on "
-                    f"{self.host}: {exc}"
+                    f"{self.host}: {exc}{back}"
                 ) from exc
             warnings: list[str] = []
             try:

@@ -62,7 +62,7 @@ class Backend(Protocol):
 
     size: int
 
-    def pread(self, count: int, offset: int) -> bytes: ...
+    def pread(self, count: int, offset: int) -> bytes | bytearray: ...
 
     def pwrite(self, buf: bytes | bytearray, offset: int) -> None: ...
 
@@ -217,7 +217,8 @@ class Endpoint:
             if cmd == CMD_DISC:
                 return
             payload = _recv(c, length) if cmd == CMD_WRITE else b""
-            err, data = 0, b""
+            err = 0
+            data: bytes | bytearray = b""
             if cmd in (CMD_READ, CMD_WRITE) and offset + length > b.size:
                 err = EINVAL
             elif cmd == CMD_READ:

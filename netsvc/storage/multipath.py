@@ -231,6 +231,12 @@ class Multipath:
             return None
         return self.active
 
+    def idle(self) -> bool:
+        """Nothing registered in flight or queued and no drain: ``handle_timer`` has nothing
+        to do, and ``done`` of a request changes no path (the adapter's fast path relies on
+        both)."""
+        return not self._reqs and self.draining is None
+
     def adopt(self, rid: int, path: str, issued: float) -> None:
         """A request the adapter issued on the steady ACTIVE ``path`` at ``issued`` without
         ``submit``: from now on it is in flight there as if dispatched then (its

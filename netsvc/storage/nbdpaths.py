@@ -3,7 +3,10 @@
 ``Datastore`` opens, for each path (host NIC, fabric switch, array ``addr:port``), one TCP
 socket (bound to the NIC's address when one is given, with a connect timeout) and hands it to
 a libnbd handle (``connect_socket``). VM I/O (``pread``/``pwrite``/``flush``) asks the core
-where to go, runs the libnbd call outside the lock, and reports back; a checker thread reads
+where to go, runs the libnbd call outside the lock, and reports back, except on the steady
+path (one ACTIVE path, no drain, nothing queued), where a request is only counted in
+(``_fast``) and handed to the core (``_fold`` -> ``Multipath.adopt``) before anything that
+could move or fail a path, or when it nears its ``io_timeout``; a checker thread reads
 the first sector of every path every ``check_every`` seconds (a FAILED path: reconnects).
 
 Invariants:
@@ -183,9 +186,9 @@ class Datastore:
 
     # -- VM I/O ----------------------------------------------------------------------------
 
-    def pread(self, count: int, offset: int) -> bytes:
+    def pread(self, count: int, offset: int) -> bytes | bytearray:
         """``count`` bytes at ``offset``: libnbd's own buffer (a ``bytearray``), not copied."""
-        out: bytes = self._io(lambda h: h.pread(count, offset))
+        out: bytes | bytearray = self._io(lambda h: h.pread(count, offset))
         return out
 
     def pwrite(self, buf: bytes | bytearray, offset: int) -> None:
@@ -211,7 +214,6 @@ class Datastore:
             conn = self._conns.get(path) if path is not None else None
             if conn is not None:
                 self._fast[rid] = self.clock()
-                self.stats["fast"] += 1
                 events: list[Event] = []
             else:
                 self._fold()
@@ -247,10 +249,13 @@ class Datastore:
                 issued = self._fast.pop(rid, None)
                 if issued is not None:
                     if ok:  # a fast request done: the core never needed to know it
+                        self.stats["fast"] += 1
                         return out
                     assert path is not None
                     self.core.adopt(rid, path, issued)  # its failure is the core's to judge
-                self._fold()
+                if not ok:  # a failure may change a path: the fast requests go in first.
+                    self._fold()  # (A success changes none while fast ones are out: they
+                # only are while the core is steady, and there ``done`` moves nothing.)
                 events = self.core.done(rid, ok, self.clock(), err)
                 if ok:
                     if events:
@@ -386,8 +391,12 @@ class Datastore:
         while not self._stop.is_set():
             with self._lock:
                 now = self.clock()
-                self._fold()
-                ev = self.core.handle_timer(now)
+                if self._fast and self.core.idle() and \
+                        now - min(self._fast.values()) < self.core.io_timeout / 2:
+                    ev: list[Event] = []  # nothing for the timer; the fast ones stay fast
+                else:  # (one near its timeout is handed over, and times out like any other)
+                    self._fold()
+                    ev = self.core.handle_timer(now)
                 self._apply(ev)
                 due = self.core.checks_due(now)
                 nxt = self.core.next_timer()

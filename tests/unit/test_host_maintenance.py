@@ -1,7 +1,8 @@
 """Host maintenance (``netsvc host maintenance enter|exit``): the pure evacuation plan, the
 manager's refusals and dry run (journaled, nothing changed), the migrations it asks for, that
-nothing is placed on a host in maintenance (migrations, starts, partition responses), that
-the mark survives a manager restart, and the CLI against a real manager on loopback."""
+nothing is placed on a host in maintenance (migrations, starts; partition's targets: in
+``test_partition_response.py``), that the mark survives a manager restart, and the CLI
+against a real manager on loopback."""
 
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def _enter(c: ManagerClient, host: str, **kw: object) -> tuple[int, dict[str, ob
                      {"reason": "firmware update", **kw})
 
 
+def _busy(c: ManagerClient, vm: str) -> None:
+    """An open action on ``vm`` that does not take it off its host (a power-off)."""
+    status, _ = c.request("POST", f"/v1/vms/{vm}/power-off", {"reason": "test: busy"})
+    assert status == 202
+
+
 def _journal(c: ManagerClient, action: str) -> list[dict[str, object]]:
     return [e for e in c.journal(0) if e["action"] == action]
 
@@ -108,7 +115,7 @@ def test_enter_migrates_the_running_vms_away_and_nothing_is_placed_there(
 def test_a_vm_that_cannot_move_refuses_the_entry_unless_forced(
         served: tuple[ManagerServer, ManagerClient, Path]) -> None:
     _srv, c, _ = served
-    c.migrate("vm1", "h3", "already moving")  # vm1 has an open migration: busy
+    _busy(c, "vm1")
     status, body = _enter(c, "h1")
     assert status == 409 and body["rule"] == "vm-busy" and "vm1" in str(body["error"])
     assert c.status()["hosts"]["h1"]["maintenance"] is None
@@ -149,28 +156,13 @@ def test_the_mark_survives_a_manager_restart(tmp_path: Path) -> None:
         store.close()
 
 
-def test_partition_never_picks_a_host_in_maintenance_as_a_target() -> None:
-    from netsvc.partition.classifier import Classification as C
-    from netsvc.partition.response import Policy, Responder, Verdict, VMInfo
-
-    m = _model({"h1": HostState.UP, "h2": HostState.UP, "h3": HostState.UP}, {})
-    m.update_host("h2", maintenance="x")
-    up = {h: x.placeable for h, x in m.hosts.items()}
-    verdicts = {"h1": Verdict("h1", C.VM_NETWORK_FAILURE, "own", ("h1",)),
-                "h2": Verdict("h2", C.HEALTHY, "own", ("h2",)),
-                "h3": Verdict("h3", C.HEALTHY, "own", ("h3",))}
-    r = Responder(Policy(act_after=0.0, max_affected_share=0.9))
-    decisions, _ = r.decide(verdicts, up, [VMInfo("vm1", "h1", True)], 0.0)
-    assert [(d.vm, d.target) for d in decisions] == [("vm1", "h3")]
-
-
 def test_the_cli(served: tuple[ManagerServer, ManagerClient, Path],
                  capsys: pytest.CaptureFixture[str]) -> None:
     srv, c, key = served
     a = ["--manager", srv.url, "--key-file", str(key)]
     assert main(["host", "maintenance", "enter", "h1", "--dry-run", *a]) == 0
     assert "would enter maintenance" in capsys.readouterr().out
-    c.migrate("vm1", "h3", "busy")
+    _busy(c, "vm1")
     assert main(["host", "maintenance", "enter", "h1", *a]) == 1  # refused: vm1 is busy
     assert "vm-busy" in capsys.readouterr().err
     assert main(["host", "maintenance", "enter", "h1", "--force", "--json", *a]) == 0
@@ -182,20 +174,35 @@ def test_the_cli(served: tuple[ManagerServer, ManagerClient, Path],
 
 def test_entering_again_moves_what_is_still_there(
         served: tuple[ManagerServer, ManagerClient, Path]) -> None:
-    """An evacuation whose migration did not happen (here: vm1 was busy, so forced) is
-    retried by entering again; a host with nothing left says it is already in."""
+    """An evacuation whose migrations failed is retried by entering again; a host with
+    nothing left to move says it is already in."""
     _srv, c, _ = served
-    first = c.migrate("vm1", "h3", "already moving")["action"]
-    assert _enter(c, "h1", force=True)[0] == 200
-    for a in c.list_actions():  # the agents' part: the open migrations fail here
-        if a["id"] != first["id"]:
-            c.claim_action(a["id"], a["host"], "agent")
-            c.complete_action(a["id"], False, "test: not carried out", host=a["host"])
-    c.claim_action(first["id"], "h3", "agent-h3")
-    c.complete_action(first["id"], False, "test: not carried out", host="h3")
+    assert _enter(c, "h1")[0] == 200
+    for a in c.list_actions():  # the agents' part: the migrations fail here
+        c.claim_action(a["id"], a["host"], f"agent-{a['host']}")
+        c.complete_action(a["id"], False, "test: not carried out", host=a["host"])
+    assert not c.list_actions()
     status, again = _enter(c, "h1")
     assert status == 200 and again["already"] is True
     assert sorted(m["vm"] for m in again["moves"]) == ["vm1", "vm2"]  # type: ignore[union-attr]
     assert c.status()["hosts"]["h1"]["maintenance"] == "firmware update"
     assert [e["details"]["again"] for e in _journal(c, "host-maintenance-entered")] == [
         False, True]
+
+
+def test_exit_takes_no_dry_run_and_entering_again_waits_for_moves_under_way(
+        served: tuple[ManagerServer, ManagerClient, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    srv, c, key = served
+    assert _enter(c, "h1")[0] == 200  # vm1 and vm2's migrations are queued, not done
+    status, again = _enter(c, "h1")  # their own moves are not "busy": nothing is refused
+    assert status == 200 and again["already"] is True
+    assert again["moves"] == [] and again["stuck"] == []
+    status, body = c.request("POST", "/v1/hosts/h1/maintenance/exit",
+                             {"reason": "check", "dry_run": True})
+    assert status == 400 and body["field"] == "dry_run"
+    assert c.status()["hosts"]["h1"]["maintenance"] == "firmware update"  # unchanged
+    a = ["--manager", srv.url, "--key-file", str(key)]
+    assert main(["host", "maintenance", "exit", "h1", "--dry-run", *a]) == 2
+    assert "exit takes none of" in capsys.readouterr().err
+    assert c.status()["hosts"]["h1"]["maintenance"] == "firmware update"

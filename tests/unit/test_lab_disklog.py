@@ -132,6 +132,10 @@ def test_the_log_survives_a_reopen_elsewhere_and_a_fresh_open(tmp_path: Path) ->
         # another disk (ds2 has no label of this log): refused, the old connection stays
         with pytest.raises(DiskError, match="not this disk"):
             again.reopen(h1.replace("ds1", "ds2"))
+        # a region whose sector 0 holds something else (here: inside the log) is refused,
+        # never labelled over
+        with pytest.raises(DiskError, match="neither this log's label nor blank"):
+            DiskLog(h1, MiB + SECTOR, 64 * 1024)
         again.append(b"SET after refused")
         again.close()
         assert DiskLog(h1, MiB, 256 * 1024).replayed[-1] == b"SET after refused"
@@ -225,3 +229,23 @@ def test_a_full_disk_refuses_the_write_and_changes_nothing(tmp_path: Path) -> No
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+class _FailingDisk:
+    """A disk whose writes fail (the array gone): what ``OnDisk`` must not acknowledge."""
+
+    replayed: list[bytes] = []
+
+    def fits(self, n: int) -> bool:
+        return True
+
+    def append(self, payload: bytes) -> None:
+        raise DiskError("write of 512 bytes at 512: the connection was closed")
+
+
+def test_a_disk_error_stops_the_guest_and_acknowledges_nothing() -> None:
+    from netsvc.lab.guest import DiskStopped, GuestStore, OnDisk
+
+    store = OnDisk(GuestStore("vm1"), _FailingDisk())
+    with pytest.raises(DiskStopped, match="connection was closed"):
+        store.handle_many([b"SET a 1", b"SET b 2"])

@@ -115,10 +115,13 @@ def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
     assert client.claim_actions("h1", "agent-h1") == []
     assert writes == [], f"an empty claim wrote {writes}"
     del asked[1:]
+    gen = server._claims_gen  # bumped each time waiting claims are woken to ask again
     for seq in range(2, 22):  # 20 heartbeats that change no action
         client.heartbeat("h1", {"seq": seq})
-    assert asked == ["h2"], f"woken {len(asked) - 1} times by requests that changed no action"
+    # (asked may grow by the waiter's own 1 s re-ask on a slow machine; wake-ups may not)
+    assert server._claims_gen == gen, \
+        f"woken {server._claims_gen - gen} times by requests that changed no action"
     client.migrate("vm1", "h2", "test")  # an action for h2: now it is woken, and claims it
     t.join(timeout=10)
     assert not t.is_alive() and got and [a["phase"] for a in got[0]] == ["prepare"]
-    assert len(asked) >= 2
+    assert server._claims_gen > gen and len(asked) >= 2

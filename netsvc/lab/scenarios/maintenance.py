@@ -11,9 +11,11 @@ Three hosts, two VMs each. A client writes to each of h1's VMs every 2 ms from t
 
 Checks (each can fail): the dry run moved nothing; after the entry no VM runs on h1 (the lab's
 hypervisor state, not the manager's word) and each moved VM's guest answers from its new host
-with no write lost or replayed; the status shows h1 in maintenance; the refusal's rule; after
-the exit a migration to h1 succeeds. ``report.json``: ``evacuated``, ``evacuation_s`` (the
-command, queued to every migration done), ``max_client_gap_ms``.
+with no write lost or replayed, no client error, replies after the move, and the guest's own
+write count equal to what its client was acknowledged; the status shows h1 in maintenance;
+the refusal's rule; after the exit a migration to h1 succeeds. ``report.json``:
+``evacuated``, ``evacuation_s`` (the command, queued to every migration done),
+``max_client_gap_ms``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from typing import Any
 
 from netsvc.cluster.client import ApiError
-from netsvc.lab.client import GuestClient
+from netsvc.lab.client import GuestClient, request
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.scenarios import Checks, Scenario
 from netsvc.lab.scenarios.smoke import answers
@@ -63,9 +65,19 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     code, out = _cli(lab, "enter", HOST, "--wait", "30", "--reason",
                      "host-maintenance scenario")
-    took = time.monotonic() - t0
+    t_done = time.monotonic()
+    took = t_done - t0
     time.sleep(0.5)
     logs = {vm: c.stop() for vm, c in clients.items()}
+    after = {vm: sum(1 for t in log.times if t > t_done) for vm, log in logs.items()}
+    errors = {vm: len(log.errors) for vm, log in logs.items()}
+    counted = {vm: request(lab.guest_connect(vm), "STATS") for vm in mine}
+    checks.check("each guest kept answering after its move, with no error, and its own "
+                 "write count is what its client was acknowledged",
+                 all(n > 50 for n in after.values()) and not any(errors.values())
+                 and all(f'"writes": {clients[vm].sent}' in counted[vm] for vm in mine),
+                 f"replies after: {after}; errors: {errors}; sent: "
+                 f"{ {vm: c.sent for vm, c in clients.items()} }; guests: {counted}")
     where = {vm: lab.vm(vm).host for vm in mine}
     checks.check(f"no VM runs on {HOST} any more (the hypervisor's own state)",
                  code == 0 and all(h != HOST for h in where.values()),
