@@ -10,7 +10,9 @@ Demand is the running VMs' CPU demand over the capacity of the hosts that are on
 Power-off requirement (all of it, checked in ``POWER_OFF_RULES`` order; the first rule that
 fails is the one named in a refusal):
 
-- the host is on, not protected, and nothing else is being powered off or on;
+- the host is on, not protected, serves no VM disk itself (its agent is the disk's reader:
+  moving that endpoint with the VM is not done yet), and nothing else is being powered off
+  or on;
 - no host of the cluster is in maintenance or partitioned (its view of the cluster is not
   trusted then);
 - the host has been on for ``min_on_s`` (operator requests skip this);
@@ -47,8 +49,9 @@ from typing import Any
 
 #: The rules that can refuse a power-off, in the order they are checked.
 POWER_OFF_RULES = (
-    "host-on", "not-protected", "one-transition-at-a-time", "no-host-in-maintenance",
-    "no-host-partitioned", "min-time-on", "vms-can-move", "last-copy-has-second-resource",
+    "host-on", "not-protected", "not-a-disk-reader", "one-transition-at-a-time",
+    "no-host-in-maintenance", "no-host-partitioned", "min-time-on", "vms-can-move",
+    "last-copy-has-second-resource",
     "not-last-host-of-network", "remaining-hosts-hold-every-vm", "no-thrash",
     "demand-low-for-window",
 )
@@ -101,6 +104,7 @@ class DiskView:
     owner: str
     copies: int = 1
     second_ok: bool = True
+    reader: str | None = None  # the host whose agent serves the disk to its VM
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,10 @@ class Planner:
             refuse("host-on", f"{host} is {h.power.value}")
         if host in c.protected:
             refuse("not-protected", f"{host} is protected by the config")
+        reads = sorted(d.name for d in view.disks.values() if d.reader == host)
+        if reads:
+            refuse("not-a-disk-reader", f"{host} serves {', '.join(reads)} to its VMs (moving "
+                   "a disk's endpoint with its VM is not done yet)")
         busy = [x.name for x in view.hosts.values()
                 if x.power in (PowerState.GOING_OFF, PowerState.GOING_ON)]
         if busy:

@@ -65,6 +65,7 @@ class PowerVolume:
         self.ds = {Copy.FIRST: first, Copy.SECOND: second}
         self.res = {Copy.FIRST: first_res, Copy.SECOND: second_res}
         self.core = VolumeCore(size, block, where)
+        self.size = size
         self.drain_timeout = drain_timeout
         self._cv = threading.Condition()
         self._go: dict[int, Copy] = {}
@@ -75,10 +76,6 @@ class PowerVolume:
     @property
     def where(self) -> Copy:
         return self.core.where
-
-    @property
-    def size(self) -> int:
-        return self.core.size
 
     # -- VM I/O (the endpoint's Backend) ---------------------------------------------------
 

@@ -198,3 +198,11 @@ def test_auto_off_leaves_decisions_to_the_operator() -> None:
     p.evaluate(v, 0.0)
     e = p.evaluate(v, 100.0)
     assert e.decision is None and e.reasons["h4"] == "power-off requirement met"
+
+
+def test_a_host_that_serves_a_disk_is_not_powered_off() -> None:
+    p = Planner(cfg())
+    v = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2")})
+    assert [r.rule for r in p.check_off(v, "h2", 0.0, operator=True)[0]] == [
+        "not-a-disk-reader"]
+    assert p.check_off(v, "h4", 0.0, operator=True)[0] == []
