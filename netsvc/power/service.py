@@ -68,7 +68,8 @@ from netsvc.power.schemas import OperatorRequest, PowerReport, PowerTable
 OFF_STEPS = ("migrate", "move", "bmc-off", "confirm")
 ON_STEPS = ("bmc-on", "agent-up", "resync")
 EVAL_EVERY_S = 1.0
-READ_EVERY_S = 5.0
+DRIVE_EVERY_S = 0.2  # while an operation runs
+READ_EVERY_S = 2.0  # one host's DCMI readings per effect, round robin
 HISTORY = 20
 
 
@@ -178,6 +179,7 @@ class PowerService(BaseManagerService):
         self._next_eval = 0.0
         self._next_read = 0.0
         self._reading = False
+        self._read_turn = 0
         self._seq = 0
         self._bmcs: dict[str, Any] | None = None
 
@@ -282,17 +284,23 @@ class PowerService(BaseManagerService):
     # -- timers ----------------------------------------------------------------------------
 
     def handle_timer(self, now: float, wall: float | None) -> None:
-        if now >= self._next_read and not self._reading and self._bmc_entries():
+        bmcs = sorted(self._bmc_entries())
+        quiet = self._op is None or self._op.step not in ("bmc-off", "bmc-on")
+        if now >= self._next_read and not self._reading and bmcs and quiet:
+            # one host per effect, so a BMC step never waits long behind the readings
             self._reading = True
-            self._effects.append(Effect(self.name, "readings", {}, now))
-            self._next_read = now + READ_EVERY_S
+            host = bmcs[self._read_turn % len(bmcs)]
+            self._read_turn += 1
+            self._effects.append(Effect(self.name, "readings", {"host": host}, now))
+            self._next_read = now + READ_EVERY_S / len(bmcs)
         if now < self._next_eval:
             return
-        self._next_eval = now + EVAL_EVERY_S
         view = self.view(now)
         if self._op is not None:
+            self._next_eval = now + DRIVE_EVERY_S
             self._drive(now, wall)
             return
+        self._next_eval = now + EVAL_EVERY_S
         ev = self.planner.evaluate(view, now)
         self._demand = ev.demand
         self._reasons = dict(ev.reasons)
@@ -319,7 +327,7 @@ class PowerService(BaseManagerService):
         self._op = op
         self._power[d.host] = (PowerState.GOING_OFF if d.op == "off" else PowerState.GOING_ON,
                                now)
-        k.journal_append(now, wall, f"power-{d.op}-decided", subject,
+        k.journal_append(now, wall, f"power-{d.op}-accepted", subject,
                          f"power {d.host} {d.op} ({d.trigger}): {d.reason}", details=details,
                          actor="power")
         self._drive(now, wall)
@@ -486,7 +494,7 @@ class PowerService(BaseManagerService):
                                   f"{'moved' if ok else 'not all moved'} to the {to} "
                                   f"resource" + ("" if ok else f": {detail}"),
                                   details={"action": action.id, **res}, actor="power")
-            self._drive(now, wall)
+            self._next_eval = now  # the next step at the next tick
         return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                  detail=detail or None, result=res or None)
 
@@ -555,9 +563,9 @@ class PowerService(BaseManagerService):
         from netsvc.power import bmcops
 
         bmcs = self._bmc_entries()
-        if effect.kind == "readings":
-            return {h: dict(bmcops.readings(e)) for h, e in sorted(bmcs.items())}
         entry = bmcs.get(str(effect.data["host"]))
+        if effect.kind == "readings":
+            return dict(bmcops.readings(entry)) if entry else {"error": "no BMC"}
         if entry is None:
             return {"ok": False, "error": "no BMC"}
         if effect.kind == "bmc-off":
@@ -571,8 +579,7 @@ class PowerService(BaseManagerService):
                     wall: float | None) -> None:
         if effect.kind == "readings":
             self._reading = False
-            self._readings = {h: {**dict(r), "at": now} for h, r in outcome.items()
-                              if isinstance(r, Mapping)}
+            self._readings[str(effect.data["host"])] = {**dict(outcome), "at": now}
             return
         op = self._op
         if op is None or op.id != effect.data.get("operation"):

@@ -128,7 +128,7 @@ class PowerVolume:
         ranges = coalesce(blocks, self.core.block, self.core.size)
         return copy_ranges(self.res[src], self.res[src.other], ranges, verify=verify)
 
-    def move(self, to: Copy, *, rounds: int = 5, small: int = 64, verify: bool = True,
+    def move(self, to: Copy, *, rounds: int = 8, small: int = 4, verify: bool = True,
              full: bool | None = None) -> MoveResult:
         """Move the disk to copy ``to`` (see the module docstring). ``full``: copy every
         block first (default: when moving to the second copy)."""

@@ -70,6 +70,7 @@ class Env:
             "bytes_copied": 1 << 20 if a.payload["to"] == "second" else 65536,
             "stall_ms": 3.0}}} if ok else None
         self.core.complete_action(a.id, ok=ok, detail=detail, now=now, host="h1", result=res)
+        self.tick(now)  # the next step starts at the service's next tick
         return a
 
     def effect(self, kind: str, outcome: dict[str, Any], now: float) -> None:
@@ -98,7 +99,7 @@ def test_demand_low_powers_h4_off_step_by_step_and_back(tmp_path: Path) -> None:
     assert env.service.power_status(T0 + 18)["hosts"]["h4"]["state"] == "off"
     assert op.results["data_moved_bytes"] == 1 << 20
     assert env.actions("power-off-") == [
-        "power-off-decided", "power-off-migrate-start", "power-off-migrate-done",
+        "power-off-accepted", "power-off-migrate-start", "power-off-migrate-done",
         "power-off-move-start", "power-off-move-done", "power-off-bmc-off-start",
         "power-off-bmc-off-done", "power-off-confirm-start", "power-off-confirm-done",
         "power-off-done"]
