@@ -7,8 +7,8 @@ Two nbdkit processes (``file`` plugin) stand for one host's first resource and i
 resource (the storage module); a third for another host's disk (the vSAN-style target).
 
 1. ``speed``: the same full copy, first -> second, alternating, ``--repeat`` times each:
-   ``nbdcopy`` (its defaults: 4 connections, 64 requests in flight); netsvc's copier with
-   its read-back check (what ``PowerVolume.move`` does); netsvc's copier without it.
+   ``nbdcopy`` (its defaults); netsvc's copier with its read-back check by CRC-32 (what
+   ``PowerVolume.move`` does), by SHA-256, and without a read-back.
 2. ``power_off``: a host with ``--mib`` of VM data, decision -> data moved -> BMC confirms off:
    A5 (``PowerVolume.move`` to the second resource: full copy with read-back, dirty rounds,
    drain-then-switch; then IPMI soft off through ``ipmitool -I lanplus`` to a netsvc BMC on
@@ -104,7 +104,8 @@ def reset(dst: Nbdkit, size: int) -> None:
 
 
 def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, Any]:
-    runs: dict[str, list[float]] = {"nbdcopy": [], "netsvc-verified": [], "netsvc-unverified": []}
+    runs: dict[str, list[float]] = {"nbdcopy": [], "netsvc-verified": [],
+                                    "netsvc-verified-sha256": [], "netsvc-unverified": []}
     for _ in range(repeat):
         for name in runs:
             reset(second, size)
@@ -113,7 +114,8 @@ def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, An
                 subprocess.run(["nbdcopy", first.uri, second.uri], check=True)
             else:
                 copy_ranges(first.resource("first"), second.resource("second"), [(0, size)],
-                            verify=name == "netsvc-verified")
+                            verify=name != "netsvc-unverified",
+                            checksum="sha256" if name.endswith("sha256") else "crc32")
             runs[name].append(time.monotonic() - t0)
     out: dict[str, Any] = {}
     for name, xs in runs.items():
@@ -121,7 +123,7 @@ def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, An
         out[name] = {"median_s": round(med, 3), "runs_s": [round(x, 3) for x in xs],
                      "mb_s": round(size / MiB / med, 1)}
     base = out["nbdcopy"]["median_s"]
-    for name in ("netsvc-verified", "netsvc-unverified"):
+    for name in ("netsvc-verified", "netsvc-verified-sha256", "netsvc-unverified"):
         out[name]["pct_of_nbdcopy"] = round(100 * base / out[name]["median_s"], 1)
     return out
 

@@ -1,9 +1,12 @@
-"""Copy byte ranges from one NBD export to another, each chunk checked by its SHA-256.
+"""Copy byte ranges from one NBD export to another, each chunk checked by its checksum.
 
 ``copy_ranges(src, dst, ranges)`` opens ``conns`` libnbd connections to each side (its own,
 not the VM's: the VM's I/O keeps its paths), and worker threads copy chunks of at most
 ``chunk`` bytes: read from ``src``, write to ``dst``, read back from ``dst`` and compare the
-SHA-256 of what was read with what was written (``verify``). A resource is reached through
+checksum of what was read back with that of what was written (``verify``). The checksum is
+CRC-32 by default (zlib: about 1 GB/s here, the storage world's usual per-block check, as
+iSCSI's and ext4's) or SHA-256 (``checksum="sha256"``: about 350 MB/s on this machine, which
+made it the bottleneck of a verified copy: ``bench/power_move.py``). A resource is reached through
 its paths in order (the first that connects), so the copy uses whichever fabric works.
 
 Invariants:
@@ -21,6 +24,7 @@ import hashlib
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +34,13 @@ from netsvc.storage.nbdpaths import close, connect
 
 CHUNK = 256 * 1024
 CONNS = 4
+CHECKSUMS = ("crc32", "sha256")
+
+
+def digest(data: bytes, checksum: str) -> bytes:
+    if checksum == "crc32":
+        return zlib.crc32(data).to_bytes(4, "big")
+    return hashlib.sha256(data).digest()
 
 
 class CopyError(Exception):
@@ -63,6 +74,7 @@ class CopyResult:
     chunks: int
     seconds: float
     verified: bool
+    checksum: str = "crc32"
 
 
 def coalesce(blocks: Iterable[int], block: int, size: int) -> list[tuple[int, int]]:
@@ -93,11 +105,14 @@ def chunks(ranges: Sequence[tuple[int, int]], chunk: int = CHUNK) -> list[tuple[
 
 def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]], *,
                 conns: int = CONNS, chunk: int = CHUNK, verify: bool = True,
-                sources: dict[str, str] | None = None) -> CopyResult:
+                checksum: str = "crc32", sources: dict[str, str] | None = None
+                ) -> CopyResult:
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"checksum {checksum!r}: one of {', '.join(CHECKSUMS)}")
     work = chunks(ranges, chunk)
     t0 = time.monotonic()
     if not work:
-        return CopyResult(0, 0, 0.0, verify)
+        return CopyResult(0, 0, 0.0, verify, checksum)
     q: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
     for c in work:
         q.put(c)
@@ -133,7 +148,7 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
                     d.handle.pwrite(data, off)
                     if verify:
                         back = bytes(d.handle.pread(ln, off))
-                        if hashlib.sha256(back).digest() != hashlib.sha256(data).digest():
+                        if digest(back, checksum) != digest(data, checksum):
                             raise CopyError("dst", off, "checksum mismatch on read-back")
                 except CopyError:
                     raise
@@ -166,4 +181,4 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
         t.join()
     if failed:
         raise failed[0]
-    return CopyResult(done[0], done[1], time.monotonic() - t0, verify)
+    return CopyResult(done[0], done[1], time.monotonic() - t0, verify, checksum)

@@ -6,7 +6,7 @@ manager's failover), and the core says which copy a request goes to. ``move(to)`
 disk to the other copy:
 
 1. to the second resource: mark (dirty tracking on), copy every block first -> second with
-   ``copier`` (checksums read back); to the first (resync after power-on): only the blocks
+   ``copier`` (each chunk read back and its checksum compared: CRC-32, or SHA-256); to the first (resync after power-on): only the blocks
    marked since the disk moved to the second;
 2. copy the blocks written meanwhile, again, until few are left (``small``) or ``rounds``;
 3. drain-then-switch: stop new requests, wait for those in flight, copy the last dirty blocks,
@@ -52,6 +52,7 @@ class MoveResult:
     stall_ms: float
     seconds: float
     verified: bool
+    checksum: str = "crc32"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -60,13 +61,15 @@ class MoveResult:
 class PowerVolume:
     def __init__(self, name: str, first: Datastore, second: Datastore, first_res: Resource,
                  second_res: Resource, *, size: int, block: int = 65536,
-                 where: Copy = Copy.FIRST, drain_timeout: float = 10.0) -> None:
+                 where: Copy = Copy.FIRST, drain_timeout: float = 10.0,
+                 checksum: str = "crc32") -> None:
         self.name = name
         self.ds = {Copy.FIRST: first, Copy.SECOND: second}
         self.res = {Copy.FIRST: first_res, Copy.SECOND: second_res}
         self.core = VolumeCore(size, block, where)
         self.size = size
         self.drain_timeout = drain_timeout
+        self.checksum = checksum
         self._cv = threading.Condition()
         self._go: dict[int, Copy] = {}
         self._rid = 0
@@ -126,7 +129,8 @@ class PowerVolume:
 
     def _copy(self, src: Copy, blocks: list[int], verify: bool) -> CopyResult:
         ranges = coalesce(blocks, self.core.block, self.core.size)
-        return copy_ranges(self.res[src], self.res[src.other], ranges, verify=verify)
+        return copy_ranges(self.res[src], self.res[src.other], ranges, verify=verify,
+                           checksum=self.checksum)
 
     def move(self, to: Copy, *, rounds: int = 8, small: int = 4, verify: bool = True,
              full: bool | None = None) -> MoveResult:
@@ -184,7 +188,7 @@ class PowerVolume:
                 self._release(gos)
             stall = (time.monotonic() - gate) * 1000
             return MoveResult(to.value, copied + last, full, n, last, stall,
-                              time.monotonic() - t0, verify)
+                              time.monotonic() - t0, verify, self.checksum)
 
     def dirty(self) -> int:
         with self._cv:

@@ -158,3 +158,18 @@ def test_copy_detects_a_missing_source(tmp_path: Path) -> None:
         with pytest.raises(CopyError) as exc:
             copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [(0, MiB)])
         assert exc.value.side == "src"
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+def test_copy_ranges_copies_exactly_the_ranges(tmp_path: Path, checksum: str) -> None:
+    with two_copies(tmp_path) as (vol, arrays):
+        out = copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND],
+                          [(0, 3 * MiB), (5 * MiB, 100_000)], checksum=checksum, chunk=MiB)
+        assert (out.bytes, out.verified, out.checksum) == (3 * MiB + 100_000, True, checksum)
+        a = (arrays[0].directory / "d1").read_bytes()  # type: ignore[attr-defined]
+        b = (arrays[1].directory / "d1").read_bytes()  # type: ignore[attr-defined]
+        assert a[:3 * MiB] == b[:3 * MiB] and a[5 * MiB:5 * MiB + 100_000] == \
+            b[5 * MiB:5 * MiB + 100_000]
+        assert b[3 * MiB:5 * MiB] == bytes(2 * MiB)  # outside the ranges: untouched
+    with pytest.raises(ValueError, match="checksum"):
+        copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [], checksum="md5")
