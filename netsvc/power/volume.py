@@ -6,8 +6,8 @@ manager's failover), and the core says which copy a request goes to. ``move(to)`
 disk to the other copy:
 
 1. to the second resource: mark (dirty tracking on), copy every block first -> second with
-   ``copier`` (each chunk read back and its checksum compared: CRC-32, or SHA-256); to the first (resync after power-on): only the blocks
-   marked since the disk moved to the second;
+   ``copier`` (each chunk read back and its checksum compared: CRC-32, or SHA-256); to the
+   first (resync after power-on): only the blocks marked since the disk moved to the second;
 2. copy the blocks written meanwhile, again, until few are left (``small``) or ``rounds``;
 3. drain-then-switch: stop new requests, wait for those in flight, copy the last dirty blocks,
    make the other copy authoritative, let the waiting requests go (the stall is this step);
