@@ -21,7 +21,9 @@ Steps:
 ``report.json``: ``power_off_s`` (decision -> BMC confirmed off), ``data_moved_bytes``,
 ``io_errors``, ``max_io_stall_ms`` (the longest write), ``resync_bytes``,
 ``resync_dirty_bytes`` (what was dirty when the power-on began), ``writes_verified``,
-``watts_saved`` (the node's DCMI reading on vs off).
+``watts_saved`` (the node's DCMI reading on vs off); beside them ``move_s`` (the move step)
+and ``full_evacuation_s``: the vSAN-style peer, ``nbdcopy`` of all of h3's disk over the same
+fabric to another node (a scratch export beside h4's storage module), timed before step 1.
 """
 
 from __future__ import annotations
@@ -140,6 +142,39 @@ def _reported_on(lab: Lab, disk: str, where: str) -> bool:
     return True
 
 
+def _step_s(op: dict[str, Any], step: str) -> float | None:
+    """How long ``step`` of an operation took (its start and done journal marks)."""
+    marks = {s["what"]: s["at_s"] for s in op.get("steps") or [] if s["step"] == step}
+    if "start" in marks and "done" in marks:
+        return round(float(marks["done"]) - float(marks["start"]), 3)
+    return None
+
+
+def _evacuate(lab: Lab, store: PowerStorage) -> float:
+    """The vSAN-style peer: a full evacuation of h3's disk with ``nbdcopy`` over the same
+    fabric, from h3's first resource to another node's export (a scratch file beside h4's
+    second resource), run in h4's namespace while the guests write. Its seconds."""
+    import subprocess
+
+    from netsvc.lab.power_storage import FIRST_PORT, SECOND_PORT, module_addr
+
+    plan = lab.require_plan()
+    scratch = store.second_dir("h4") / "evac-d3"
+    with open(scratch, "wb") as f:
+        f.truncate(store.size)
+    src = f"nbd://{plan.host_addr('h3', 'storage-a')}:{FIRST_PORT}/d3"
+    dst = f"nbd://{module_addr('h4', 'storage-a')}:{SECOND_PORT}/evac-d3"
+    t0 = time.monotonic()
+    r = subprocess.run(["mnexec", "-a", str(lab.pid("h4")), "nbdcopy", src, dst],
+                       capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    scratch.unlink()
+    if r.returncode != 0:
+        raise LabError(f"nbdcopy (full evacuation): {r.stderr[:300]}")
+    lab.record("event", "h3", "full-evacuation-nbdcopy", seconds=round(took, 3))
+    return round(took, 3)
+
+
 def _op(lab: Lab, op: str, host: str, timeout: float) -> dict[str, Any]:
     """Wait for the operation ``op`` of ``host`` to end; return it."""
     found: dict[str, Any] = {}
@@ -171,6 +206,7 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         w.start()
     figures: dict[str, Any] = {}
     try:
+        figures["full_evacuation_s"] = _evacuate(lab, store)
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
         watts_on = _power(lab)["hosts"]["h3"]["watts"]
@@ -210,7 +246,8 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "watts_on": watts_on, "watts_off": watts_off,
             "watts_saved": (watts_on - watts_off) if watts_on and watts_off else None,
             "power_on_s": on.get("elapsed_s"), "off_steps": off.get("steps"),
-            "switch_stall_ms": off["results"].get("max_switch_stall_ms")})
+            "switch_stall_ms": off["results"].get("max_switch_stall_ms"),
+            "move_s": _step_s(off, "move")})
     finally:
         for w in writers:
             w.close()
