@@ -6,8 +6,16 @@ not the VM's: the VM's I/O keeps its paths), and worker threads copy chunks of a
 checksum of what was read back with that of what was written (``verify``). The checksum is
 CRC-32 by default (zlib: about 1 GB/s here, the storage world's usual per-block check, as
 iSCSI's and ext4's) or SHA-256 (``checksum="sha256"``: about 350 MB/s on this machine, which
-made it the bottleneck of a verified copy: ``bench/power_move.py``). A resource is reached through
-its paths in order (the first that connects), so the copy uses whichever fabric works.
+made it the bottleneck of a verified copy: ``bench/power_move.py``).
+
+Sparse (``sparse``, the default): where the source's block status (NBD ``base:allocation``)
+says a range reads as zeroes, the destination gets a write-zeroes request instead of the bytes
+(the copy of a thin disk moves its data, not its holes: ``nbdcopy`` does the same), and the
+check is the destination's own block status saying zero, or else a read-back compared with
+zeroes. Every range is written either way, so stale bytes on the destination never survive.
+
+A resource is reached through its paths in order (the first that connects), so the copy uses
+whichever fabric works.
 
 Invariants:
 
@@ -62,7 +70,8 @@ class Resource:
         errors = []
         for p in self.paths:
             try:
-                return connect(p, self.export, source=(sources or {}).get(p.nic))
+                return connect(p, self.export, source=(sources or {}).get(p.nic),
+                               meta=("base:allocation",))
             except Exception as exc:  # try the next path
                 errors.append(f"{p.name}: {exc}")
         raise OSError(f"{self.name}: no path connects ({'; '.join(errors)})")
@@ -75,6 +84,7 @@ class CopyResult:
     seconds: float
     verified: bool
     checksum: str = "crc32"
+    zero_bytes: int = 0  # of ``bytes``, written as zeroes (holes of the source)
 
 
 def coalesce(blocks: Iterable[int], block: int, size: int) -> list[tuple[int, int]]:
@@ -103,10 +113,45 @@ def chunks(ranges: Sequence[tuple[int, int]], chunk: int = CHUNK) -> list[tuple[
     return out
 
 
+def _extents(h: Any, ln: int, off: int) -> list[tuple[int, int, bool]]:
+    """(offset, length, reads as zero) covering [off, off+ln), from block status; one data
+    extent when the server has no block status."""
+    if not h.can_meta_context("base:allocation"):
+        return [(off, ln, False)]
+    found: list[tuple[int, int]] = []
+
+    def cb(meta: str, start: int, entries: list[int], err: Any) -> int:
+        if meta == "base:allocation":
+            for i in range(0, len(entries) - 1, 2):
+                found.append((entries[i], entries[i + 1]))
+        return 0
+
+    h.block_status(ln, off, cb)
+    out: list[tuple[int, int, bool]] = []
+    pos = off
+    for length, flags in found:
+        if pos >= off + ln:
+            break
+        n = min(length, off + ln - pos)
+        zero = bool(flags & 2)  # NBD_STATE_ZERO
+        if out and out[-1][2] == zero:
+            out[-1] = (out[-1][0], out[-1][1] + n, zero)
+        else:
+            out.append((pos, n, zero))
+        pos += n
+    if pos < off + ln:
+        out.append((pos, off + ln - pos, False))
+    return out
+
+
+def _reads_zero(h: Any, ln: int, off: int) -> bool:
+    return all(z for _, _, z in _extents(h, ln, off))
+
+
 def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]], *,
                 conns: int = CONNS, chunk: int = CHUNK, verify: bool = True,
-                checksum: str = "crc32", sources: dict[str, str] | None = None
-                ) -> CopyResult:
+                checksum: str = "crc32", sparse: bool = True,
+                sources: dict[str, str] | None = None) -> CopyResult:
     if checksum not in CHECKSUMS:
         raise ValueError(f"checksum {checksum!r}: one of {', '.join(CHECKSUMS)}")
     work = chunks(ranges, chunk)
@@ -122,7 +167,7 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
     failed: list[CopyError] = []
     stop = threading.Event()
     lock = threading.Lock()
-    done = [0, 0]
+    done = [0, 0, 0]
 
     def worker() -> None:
         s = d = None
@@ -141,22 +186,41 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
                     return
                 off, ln = item
                 try:
-                    data = bytes(s.handle.pread(ln, off))
+                    parts = _extents(s.handle, ln, off) if sparse else [(off, ln, False)]
                 except Exception as exc:
-                    raise CopyError("src", off, str(exc)) from None
-                try:
-                    d.handle.pwrite(data, off)
-                    if verify:
-                        back = bytes(d.handle.pread(ln, off))
-                        if digest(back, checksum) != digest(data, checksum):
-                            raise CopyError("dst", off, "checksum mismatch on read-back")
-                except CopyError:
-                    raise
-                except Exception as exc:
-                    raise CopyError("dst", off, str(exc)) from None
+                    raise CopyError("src", off, f"block status: {exc}") from None
+                zeroed = 0
+                for poff, plen, zero in parts:
+                    if zero:
+                        try:
+                            d.handle.zero(plen, poff)
+                            if verify and not _reads_zero(d.handle, plen, poff) and \
+                                    any(bytes(d.handle.pread(plen, poff))):
+                                raise CopyError("dst", poff, "not zero after write-zeroes")
+                        except CopyError:
+                            raise
+                        except Exception as exc:
+                            raise CopyError("dst", poff, str(exc)) from None
+                        zeroed += plen
+                        continue
+                    try:
+                        data = bytes(s.handle.pread(plen, poff))
+                    except Exception as exc:
+                        raise CopyError("src", poff, str(exc)) from None
+                    try:
+                        d.handle.pwrite(data, poff)
+                        if verify:
+                            back = bytes(d.handle.pread(plen, poff))
+                            if digest(back, checksum) != digest(data, checksum):
+                                raise CopyError("dst", poff, "checksum mismatch on read-back")
+                    except CopyError:
+                        raise
+                    except Exception as exc:
+                        raise CopyError("dst", poff, str(exc)) from None
                 with lock:
                     done[0] += ln
                     done[1] += 1
+                    done[2] += zeroed
         except CopyError as exc:
             with lock:
                 failed.append(exc)
@@ -181,4 +245,4 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
         t.join()
     if failed:
         raise failed[0]
-    return CopyResult(done[0], done[1], time.monotonic() - t0, verify, checksum)
+    return CopyResult(done[0], done[1], time.monotonic() - t0, verify, checksum, done[2])

@@ -53,6 +53,7 @@ class MoveResult:
     seconds: float
     verified: bool
     checksum: str = "crc32"
+    zero_bytes: int = 0  # of bytes_copied, holes of the source written as zeroes
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -142,7 +143,7 @@ class PowerVolume:
                 return MoveResult(to.value, 0, False, 0, 0, 0.0, 0.0, verify)
             full = (to is Copy.SECOND) if full is None else full
             t0 = time.monotonic()
-            copied, n = 0, 0
+            copied, zeroed, n = 0, 0, 0
             with self._cv:
                 if full:
                     self.core.track()
@@ -153,7 +154,9 @@ class PowerVolume:
                         pending = sorted(set(pending) | set(self.core.take_dirty()))
                     if n > 0 and (len(pending) <= small or n > rounds):
                         break
-                    copied += self._copy(src, pending, verify).bytes
+                    res = self._copy(src, pending, verify)
+                    copied += res.bytes
+                    zeroed += res.zero_bytes
                     pending = []
                     n += 1
             except CopyError as exc:
@@ -173,7 +176,9 @@ class PowerVolume:
                     self._cv.wait(0.01)
                 pending = sorted(set(pending) | set(self.core.take_dirty()))
             try:
-                last = self._copy(src, pending, verify).bytes
+                lr = self._copy(src, pending, verify)
+                last = lr.bytes
+                zeroed += lr.zero_bytes
             except CopyError as exc:
                 with self._cv:
                     self._release(self.core.abort_switch())
@@ -188,7 +193,7 @@ class PowerVolume:
                 self._release(gos)
             stall = (time.monotonic() - gate) * 1000
             return MoveResult(to.value, copied + last, full, n, last, stall,
-                              time.monotonic() - t0, verify, self.checksum)
+                              time.monotonic() - t0, verify, self.checksum, zeroed)
 
     def dirty(self) -> int:
         with self._cv:

@@ -173,3 +173,19 @@ def test_copy_ranges_copies_exactly_the_ranges(tmp_path: Path, checksum: str) ->
         assert b[3 * MiB:5 * MiB] == bytes(2 * MiB)  # outside the ranges: untouched
     with pytest.raises(ValueError, match="checksum"):
         copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [], checksum="md5")
+
+
+def test_sparse_copy_zeroes_holes_and_overwrites_stale_bytes(tmp_path: Path) -> None:
+    with two_copies(tmp_path) as (vol, arrays):
+        # stale bytes on the second copy where the first has a hole
+        with open(arrays[1].directory / "d1", "r+b") as f:  # type: ignore[attr-defined]
+            f.seek(2 * MiB + 8192)
+            f.write(b"stale" * 1000)
+        out = copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [(0, 8 * MiB)])
+        assert out.bytes == 8 * MiB and 0 < out.zero_bytes < 8 * MiB
+        a = (arrays[0].directory / "d1").read_bytes()  # type: ignore[attr-defined]
+        b = (arrays[1].directory / "d1").read_bytes()  # type: ignore[attr-defined]
+        assert a == b
+        dense = copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [(0, MiB)],
+                            sparse=False)
+        assert dense.zero_bytes == 0
