@@ -42,6 +42,8 @@ from netsvc.storage.nbdpaths import close, connect
 
 CHUNK = 256 * 1024
 CONNS = 4
+ZERO_CHUNK = 32 * 1024 * 1024  # NBD servers commonly cap a request at 32 MiB
+SPARSE_FROM = 1024 * 1024  # smaller ranges (dirty blocks: just written) are copied as data
 CHECKSUMS = ("crc32", "sha256")
 
 
@@ -114,38 +116,90 @@ def chunks(ranges: Sequence[tuple[int, int]], chunk: int = CHUNK) -> list[tuple[
 
 
 def _extents(h: Any, ln: int, off: int) -> list[tuple[int, int, bool]]:
-    """(offset, length, reads as zero) covering [off, off+ln), from block status; one data
-    extent when the server has no block status."""
+    """(offset, length, reads as zero) covering [off, off+ln) from block status, asked as few
+    times as the server allows (a file on tmpfs answers a hole search by scanning its pages,
+    so one question per chunk would cost the whole file each time); one data extent when the
+    server has no block status."""
     if not h.can_meta_context("base:allocation"):
         return [(off, ln, False)]
-    found: list[tuple[int, int]] = []
-
-    def cb(meta: str, start: int, entries: list[int], err: Any) -> int:
-        if meta == "base:allocation":
-            for i in range(0, len(entries) - 1, 2):
-                found.append((entries[i], entries[i + 1]))
-        return 0
-
-    h.block_status(ln, off, cb)
     out: list[tuple[int, int, bool]] = []
-    pos = off
-    for length, flags in found:
-        if pos >= off + ln:
+    pos, end = off, off + ln
+    while pos < end:
+        found: list[tuple[int, int]] = []
+
+        def cb(meta: str, start: int, entries: list[int], err: Any,
+               found: list[tuple[int, int]] = found) -> int:
+            if meta == "base:allocation":
+                for i in range(0, len(entries) - 1, 2):
+                    found.append((entries[i], entries[i + 1]))
+            return 0
+
+        h.block_status(min(end - pos, 1 << 30), pos, cb)
+        if not found:
+            out.append((pos, end - pos, False))
             break
-        n = min(length, off + ln - pos)
-        zero = bool(flags & 2)  # NBD_STATE_ZERO
-        if out and out[-1][2] == zero:
-            out[-1] = (out[-1][0], out[-1][1] + n, zero)
-        else:
-            out.append((pos, n, zero))
-        pos += n
-    if pos < off + ln:
-        out.append((pos, off + ln - pos, False))
+        for length, flags in found:
+            if pos >= end or length <= 0:
+                break
+            n = min(length, end - pos)
+            zero = bool(flags & 2)  # NBD_STATE_ZERO
+            if out and out[-1][2] == zero:
+                out[-1] = (out[-1][0], out[-1][1] + n, zero)
+            else:
+                out.append((pos, n, zero))
+            pos += n
     return out
 
 
 def _reads_zero(h: Any, ln: int, off: int) -> bool:
     return all(z for _, _, z in _extents(h, ln, off))
+
+
+def plan(src_handle: Any, ranges: Sequence[tuple[int, int]], chunk: int,
+         sparse_from: int = SPARSE_FROM) -> list[tuple[int, int, bool]]:
+    """The work items (offset, length, zero): ranges of at least ``sparse_from`` bytes are
+    split by the source's block status (holes in pieces of ``ZERO_CHUNK``), the rest are
+    data in pieces of ``chunk``."""
+    out: list[tuple[int, int, bool]] = []
+    for off, ln in ranges:
+        parts = _extents(src_handle, ln, off) if src_handle is not None and \
+            ln >= sparse_from else [(off, ln, False)]
+        for poff, plen, zero in parts:
+            out += [(o, n, zero) for o, n in chunks([(poff, plen)],
+                                                      ZERO_CHUNK if zero else chunk)]
+    return out
+
+
+def _zero(d: Any, off: int, ln: int, verify: bool) -> None:
+    """Write zeroes; with ``verify``, the destination's block status must say zero, or a
+    read-back (in ``CHUNK`` pieces) must be all zero."""
+    try:
+        d.zero(ln, off)
+        if verify and not _reads_zero(d, ln, off):
+            for o, n in chunks([(off, ln)]):
+                if any(bytes(d.pread(n, o))):
+                    raise CopyError("dst", o, "not zero after write-zeroes")
+    except CopyError:
+        raise
+    except Exception as exc:
+        raise CopyError("dst", off, str(exc)) from None
+
+
+def _data(s: Any, d: Any, off: int, ln: int, verify: bool, checksum: str) -> None:
+    try:
+        data = bytes(s.pread(ln, off))
+    except Exception as exc:
+        raise CopyError("src", off, str(exc)) from None
+    try:
+        d.pwrite(data, off)
+        if verify:
+            back = bytes(d.pread(ln, off))
+            if digest(back, checksum) != digest(data, checksum):
+                raise CopyError("dst", off, "checksum mismatch on read-back")
+    except CopyError:
+        raise
+    except Exception as exc:
+        raise CopyError("dst", off, str(exc)) from None
 
 
 def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]], *,
@@ -154,11 +208,23 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
                 sources: dict[str, str] | None = None) -> CopyResult:
     if checksum not in CHECKSUMS:
         raise ValueError(f"checksum {checksum!r}: one of {', '.join(CHECKSUMS)}")
-    work = chunks(ranges, chunk)
     t0 = time.monotonic()
-    if not work:
+    if not ranges:
         return CopyResult(0, 0, 0.0, verify, checksum)
-    q: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    if sparse and any(ln >= SPARSE_FROM for _, ln in ranges):
+        try:
+            c = src.connect(sources)
+        except OSError as exc:
+            raise CopyError("src", -1, str(exc)) from None
+        try:
+            work = plan(c.handle, ranges, chunk)
+        except Exception as exc:
+            raise CopyError("src", ranges[0][0], f"block status: {exc}") from None
+        finally:
+            close(c)
+    else:
+        work = plan(None, ranges, chunk)
+    q: queue.SimpleQueue[tuple[int, int, bool] | None] = queue.SimpleQueue()
     for c in work:
         q.put(c)
     n = max(1, min(conns, len(work)))
@@ -184,43 +250,15 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
                 item = q.get()
                 if item is None:
                     return
-                off, ln = item
-                try:
-                    parts = _extents(s.handle, ln, off) if sparse else [(off, ln, False)]
-                except Exception as exc:
-                    raise CopyError("src", off, f"block status: {exc}") from None
-                zeroed = 0
-                for poff, plen, zero in parts:
-                    if zero:
-                        try:
-                            d.handle.zero(plen, poff)
-                            if verify and not _reads_zero(d.handle, plen, poff) and \
-                                    any(bytes(d.handle.pread(plen, poff))):
-                                raise CopyError("dst", poff, "not zero after write-zeroes")
-                        except CopyError:
-                            raise
-                        except Exception as exc:
-                            raise CopyError("dst", poff, str(exc)) from None
-                        zeroed += plen
-                        continue
-                    try:
-                        data = bytes(s.handle.pread(plen, poff))
-                    except Exception as exc:
-                        raise CopyError("src", poff, str(exc)) from None
-                    try:
-                        d.handle.pwrite(data, poff)
-                        if verify:
-                            back = bytes(d.handle.pread(plen, poff))
-                            if digest(back, checksum) != digest(data, checksum):
-                                raise CopyError("dst", poff, "checksum mismatch on read-back")
-                    except CopyError:
-                        raise
-                    except Exception as exc:
-                        raise CopyError("dst", poff, str(exc)) from None
+                off, ln, zero = item
+                if zero:
+                    _zero(d.handle, off, ln, verify)
+                else:
+                    _data(s.handle, d.handle, off, ln, verify, checksum)
                 with lock:
                     done[0] += ln
                     done[1] += 1
-                    done[2] += zeroed
+                    done[2] += ln if zero else 0
         except CopyError as exc:
             with lock:
                 failed.append(exc)
