@@ -84,6 +84,7 @@ class Writer(threading.Thread):
         self.errors: list[str] = []
         self.writes = 0
         self.max_ms = 0.0
+        self.max_at = 0.0
 
     def run(self) -> None:
         i = 0
@@ -96,7 +97,9 @@ class Writer(threading.Thread):
                 self.acked[blk] = data
             except Exception as exc:  # an I/O error the VM would see
                 self.errors.append(str(exc)[:200])
-            self.max_ms = max(self.max_ms, (time.monotonic() - t0) * 1000)
+            ms = (time.monotonic() - t0) * 1000
+            if ms > self.max_ms:
+                self.max_ms, self.max_at = ms, t0
             self.writes += 1
             i += 1
             time.sleep(0.01)  # a guest that writes, not a benchmark
@@ -205,15 +208,19 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     for w in writers:
         w.start()
     figures: dict[str, Any] = {}
+    phases: list[tuple[float, str]] = [(time.monotonic(), "evacuation-peer")]
     try:
         figures["full_evacuation_s"] = _evacuate(lab, store)
+        phases.append((time.monotonic(), "load"))
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
         watts_on = _power(lab)["hosts"]["h3"]["watts"]
         time.sleep(1.0)
         _demand(lab, 0.2)  # 0.8 of 16 cores: 0.05
         t_low = time.monotonic()
+        phases.append((t_low, "power-off"))
         off = _op(lab, "off", "h3", 120.0)
+        phases.append((time.monotonic(), "off"))
         figures["off_decided_after_s"] = round(time.monotonic() - t_low, 2)
         checks.check("the planner powered h3 off (demand low)", off["state"] == "done"
                      and off["trigger"] == "demand-low", f"{off['state']}: {off.get('error')}")
@@ -232,7 +239,9 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      h3["domains"].get("storage", {}).get("on") is True, str(h3["domains"]))
         dirty = _power(lab)["placement"]["d3"]["dirty_blocks"]
         _demand(lab, 3.0)  # 3 VMs x 3.0 of 12 cores: 0.75, above on_above
+        phases.append((time.monotonic(), "power-on"))
         on = _op(lab, "on", "h3", 120.0)
+        phases.append((time.monotonic(), "on"))
         checks.check("h3 powered on (demand high) and its data moved back",
                      on["state"] == "done" and on["trigger"] == "demand-high",
                      f"{on['state']}: {on.get('error')}")
@@ -265,6 +274,10 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     rb, db = figures.get("resync_bytes"), figures.get("resync_dirty_bytes_at_power_on")
     checks.check("only changed blocks were copied back (not a full copy)",
                  isinstance(rb, int) and 0 < rb < params["disk_mib"] << 20, f"{rb} bytes")
+    worst = max(writers, key=lambda w: w.max_ms)
+    figures["max_io_stall_phase"] = [n for t, n in phases if t <= worst.max_at][-1] \
+        if worst.max_at >= phases[0][0] else "start"
+    figures["max_io_stall_disk"] = worst.disk
     return {"io_errors": errors, "writes_verified": verified, "writes_mismatched": bad,
             "max_io_stall_ms": round(max((w.max_ms for w in writers), default=0.0), 3),
             "writes": sum(w.writes for w in writers),
