@@ -174,7 +174,15 @@ class PowerStorage:
         import signal
 
         self.lab.procs.end(f"nbd2-sm{host_index(host)}", signal.SIGKILL)
-        self.lab.record("fault-start", f"sm{host_index(host)}", "second-resource-killed")
+        self.lab.record("fault-start", f"sm{host_index(host)}", "second-resource-killed",
+                        fault_id=f"second-{host}")
+
+    def restart_second(self, host: str) -> None:
+        """End of the fault: the storage module's nbdkit starts again over the same files."""
+        self._start_second(host)
+        self._wait(f"sm{host_index(host)}", "second", SECOND_PORT, disk_of(host))
+        self.lab.record("fault-end", f"sm{host_index(host)}", "second-resource-killed",
+                        fault_id=f"second-{host}")
 
     def figures(self) -> dict[str, Any]:
         return {"disks": {disk_of(h): {"owner": h, "reader": reader_of(h)}

@@ -28,6 +28,10 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["leftovers"] == []
     assert all(c["ok"] for c in report["checks"]), report["checks"]
+    names = {c["name"] for c in report["checks"]}
+    assert {"power off h1 refused (not-a-disk-reader)", "power off h4 refused (not-protected)",
+            "power off h3 refused while its storage module is down",
+            "a dry run of power off h3 changes nothing"} <= names
     assert report["io_errors"] == 0 and report["writes_mismatched"] == 0
     assert report["writes_verified"] > 0
     disk = 64 << 20
@@ -35,7 +39,8 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     assert 0 < report["resync_bytes"] < disk  # never a full copy back
     assert report["power_off_s"] > 0 and report["watts_saved"] > 0
     assert 0 < report["max_io_stall_ms"] < STALL_SANITY_MS
-    names = {json.loads(x)["name"] for x in (tmp_path / "timeline.jsonl").read_text()
-             .splitlines()}
+    events = {json.loads(x)["name"] for x in (tmp_path / "timeline.jsonl").read_text()
+              .splitlines()}
     assert {"power-off-accepted", "power-off-move-done", "power-off-bmc-off-done",
-            "power-off-confirm-done", "power-on-resync-done", "first-resource-started"} <= names
+            "power-off-confirm-done", "power-on-resync-done", "first-resource-started",
+            "power-off-refused"} <= events

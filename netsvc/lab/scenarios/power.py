@@ -9,6 +9,9 @@ reader's local endpoint (libnbd over its Unix socket); each acknowledged write i
 Demand is the lab's knob: every agent reads the same demand file (``{vm: cpu}``).
 
 Steps:
+0. bad input, as an operator: power off h1 (it serves disks) and h4 (protected) refused with
+   their rules; a dry run of h3; h3's storage module killed: power off h3 refused
+   (``last-copy-has-second-resource``), then the module restarted;
 1. demand drops: the planner picks a host (``h1``/``h2`` serve disks and ``h4`` is protected
    by this scenario's config, so ``h3``) after its window; the manager migrates its VM, the
    reader copies ``d3`` to the second resource and switches its paths, the BMC powers ``h3``
@@ -145,6 +148,37 @@ def _reported_on(lab: Lab, disk: str, where: str) -> bool:
     return True
 
 
+def _operator(lab: Lab, host: str, op: str, dry_run: bool = False) -> tuple[int, Any]:
+    status, body = lab.manager().request("POST", f"/v1/power/{host}/{op}",
+                                         {"reason": "power-cycle scenario", "dry_run": dry_run})
+    return status, body
+
+
+def _refusals(lab: Lab, store: PowerStorage, checks: Checks) -> None:
+    """Bad input, through the API as an operator would: each refused with its rule, nothing
+    changed; a dry run journals the plan and does nothing."""
+    for host, rule in (("h1", "not-a-disk-reader"), ("h4", "not-protected")):
+        status, body = _operator(lab, host, "off")
+        checks.check(f"power off {host} refused ({rule})",
+                     status == 409 and body.get("rule") == rule, f"HTTP {status}: {body}"[:300])
+    status, body = _operator(lab, "h3", "off", dry_run=True)
+    checks.check("a dry run of power off h3 changes nothing",
+                 status == 200 and body.get("dry_run") is True
+                 and _power(lab)["hosts"]["h3"]["state"] == "on", f"HTTP {status}"[:300])
+    store.kill_second("h3")  # the storage module fails: d3's last copy would have no refuge
+    try:
+        wait_for("d3's second resource reported down",
+                 lambda: not _power(lab)["placement"]["d3"]["second_ok"], 20.0, 0.2)
+        status, body = _operator(lab, "h3", "off")
+        checks.check("power off h3 refused while its storage module is down",
+                     status == 409 and body.get("rule") == "last-copy-has-second-resource",
+                     f"HTTP {status}: {body}"[:300])
+    finally:
+        store.restart_second("h3")
+    wait_for("d3's second resource back", lambda: _power(lab)["placement"]["d3"]["second_ok"],
+             30.0, 0.2)
+
+
 def _step_s(op: dict[str, Any], step: str) -> float | None:
     """How long ``step`` of an operation took (its start and done journal marks)."""
     marks = {s["what"]: s["at_s"] for s in op.get("steps") or [] if s["step"] == step}
@@ -211,6 +245,7 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     phases: list[tuple[float, str]] = [(time.monotonic(), "evacuation-peer")]
     try:
         figures["full_evacuation_s"] = _evacuate(lab, store)
+        _refusals(lab, store, checks)
         phases.append((time.monotonic(), "load"))
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
