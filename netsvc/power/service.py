@@ -25,9 +25,10 @@ Invariants:
 - A power-off is checked against the planner's rules when decided and again for an
   operator; a refusal names the rule, is journaled, and changes nothing. Dry runs journal
   the plan and do nothing else.
-- Volatile: the host power states and the operation live in the manager's memory; after a
-  restart hosts are taken as on until the readers' reports say otherwise (not done yet: a
-  restarted manager forgets an operation under way).
+- Volatile: the host power states and the operation live in the manager's memory. After a
+  restart a host is on, unless it is down and a reader reports one of its disks on the
+  second resource: then it is off (ours), so it can be powered on and resynced. Not done yet:
+  a restarted manager forgets an operation under way.
 """
 
 from __future__ import annotations
@@ -229,8 +230,13 @@ class PowerService(BaseManagerService):
     # -- the view ----------------------------------------------------------------------------
 
     def _state(self, host: str, now: float) -> tuple[PowerState, float]:
-        st, since = self._power.get(host, (PowerState.ON, self.kernel.started))
         h = self.kernel.model.hosts.get(host)
+        if host not in self._power and h is not None and h.state is HostState.DOWN and any(
+                v.owner == host and v.where == "second"
+                for rep, _ in self._reports.values() for v in rep.volumes):
+            # found after a manager restart: down, its data on the second resource: ours
+            self._power[host] = (PowerState.OFF, now)
+        st, since = self._power.get(host, (PowerState.ON, self.kernel.started))
         if h is None:
             return st, since
         if st is PowerState.ON and h.state is HostState.DOWN:

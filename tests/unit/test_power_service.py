@@ -187,3 +187,16 @@ def test_power_on_of_a_host_that_is_on_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Refused) as exc:
         env.service.operator("h2", "on", OperatorRequest(), now=T0 + 1)
     assert exc.value.rule == "host-off"
+
+
+def test_a_restarted_manager_finds_a_host_it_powered_off(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.reports(T0, where="second")  # h1 serves d4 from the second resource
+    env.core.heartbeat("h1", seq=2, now=T0 + 250)
+    env.core.heartbeat("h2", seq=2, now=T0 + 250)
+    env.core.heartbeat("h3", seq=2, now=T0 + 250)
+    env.tick(T0 + 400)  # h4 silent for 400 s > 300: DOWN
+    assert env.core.model.hosts["h4"].state.value == "DOWN"
+    assert env.service.power_status(T0 + 400)["hosts"]["h4"]["state"] == "off"
+    out = env.service.operator("h4", "on", OperatorRequest(), now=T0 + 401)
+    assert out["operation"]["op"] == "on"
