@@ -208,6 +208,7 @@ class ManagerCore:
         self._fenced: str | None = None
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
+        self._actions_version = 0
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
@@ -403,9 +404,17 @@ class ManagerCore:
     def _sorted_actions(self) -> list[Action]:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
+    @property
+    def actions_version(self) -> int:
+        """Moves on with every change to any action (queued, claimed, advanced, finished):
+        the adapter wakes its long-polling claims only when it moved, and a claim that
+        changed nothing writes nothing."""
+        return self._actions_version
+
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
+        self._actions_version += 1
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -699,6 +708,76 @@ class ManagerCore:
 
     # -- VM life cycle decisions ---------------------------------------------------------------
 
+    # -- host maintenance --------------------------------------------------------------------
+
+    def enter_maintenance(self, host: str, *, reason: str, now: float,
+                          wall: float | None = None, dry_run: bool = False,
+                          force: bool = False) -> dict[str, Any]:
+        """Take ``host`` out of service: plan where its running VMs go
+        (``maintenance.plan_evacuation``), refuse (journaled, nothing changed) if one cannot
+        move unless ``force``, else mark the host and ask for the migrations. Journaled, dry
+        run or not. Asked again while the host is in maintenance, it moves what is still
+        there (an evacuation whose migration failed is retried this way)."""
+        from netsvc.cluster.maintenance import plan_evacuation
+
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        subject = _subject("host", host)
+        plan = plan_evacuation(self._model, host, self._open_exclusive)
+        if h.maintenance is not None and not dry_run and not plan.moves:
+            return {"host": host, "maintenance": h.maintenance, "already": True,
+                    **plan.to_dict()}
+        details = {**plan.to_dict(), "forced": force and bool(plan.stuck)}
+        if plan.stuck and not force:
+            first = plan.stuck[0]
+            self._journal_append(now, wall, "host-maintenance-refused", subject,
+                                 f"refused: {first.why}", dry_run=dry_run,
+                                 details={**details, "rule": first.rule})
+            raise Refused(first.rule, first.why, tuple(s.rule for s in plan.stuck))
+        why = (f"{reason}: {len(plan.moves)} VM(s) move away"
+               + (f"; forced, {len(plan.stuck)} stay ({', '.join(s.vm for s in plan.stuck)})"
+                  if plan.stuck else ""))
+        if dry_run:
+            self._journal_append(now, wall, "host-maintenance-enter", subject, why,
+                                 dry_run=True, details=details)
+            return {"host": host, "dry_run": True, **details}
+        already = h.maintenance is not None  # again: move what is still there (a retry)
+        if not already:
+            self._model.update_host(host, maintenance=reason)
+        self._journal_append(now, wall, "host-maintenance-entered", subject, why,
+                             details={**details, "again": already})
+        moves = []
+        for m in plan.moves:
+            try:
+                d = self.request_migration(m.vm, to=m.to, now=now, wall=wall,
+                                           reason=f"{host} enters maintenance: {reason}",
+                                           actor="maintenance")
+                moves.append({"vm": m.vm, "to": m.to,
+                              "action": d.action.id if d.action else None})
+            except (Refused, UnknownEntity) as exc:  # journaled by request_migration
+                moves.append({"vm": m.vm, "to": m.to, "action": None, "refused": str(exc)})
+        self._persist()
+        return {"host": host, "maintenance": h.maintenance or reason, "already": already,
+                **details, "moves": moves}
+
+    def exit_maintenance(self, host: str, *, reason: str, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        """Bring ``host`` back into service (VMs may be placed on it again; none is moved
+        back by this). Journaled."""
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        if h.maintenance is None:
+            return {"host": host, "maintenance": None, "already": True}
+        self._model.update_host(host, maintenance=None)
+        self._journal_append(now, wall, "host-maintenance-exited", _subject("host", host),
+                             reason, details={"was": h.maintenance})
+        self._persist()
+        return {"host": host, "maintenance": None}
+
     def request_migration(
         self,
         vm: str,
@@ -790,6 +869,7 @@ class ManagerCore:
         self._check_fenced()
         check_name(host, "host name")
         claimed: list[Action] = []
+        version = self._actions_version  # an empty claim (the long polls' usual answer)
         for action in self._sorted_actions():
             if action.state is not ActionState.PENDING or action.host != host:
                 continue
@@ -798,7 +878,8 @@ class ManagerCore:
             taken = self._claim_one(action, host, executor, now, wall)
             if taken is not None:
                 claimed.append(taken)
-        self._persist()
+        if self._actions_version != version:
+            self._persist()
         return claimed
 
     def claim_action(self, action_id: str, host: str, executor: str, *, now: float,
@@ -955,6 +1036,7 @@ class ManagerCore:
                 "interfaces": dict(sorted(h.interfaces.items())),
                 "agent": dict(h.agent),
                 "vms": [vm.name for vm in self._model.vms_on(name)],
+                "maintenance": h.maintenance,
             }
         out: dict[str, Any] = {
             "role": "manager",
@@ -983,6 +1065,10 @@ class ManagerCore:
 
 
 # -- the adapter ---------------------------------------------------------------------------------
+
+
+#: A request that waits for, or holds, the core lock this long is logged (``slow request``).
+SLOW_REQUEST_S = 0.1
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -1204,8 +1290,10 @@ class ManagerServer:
                     self._claims.wait(min(left, 1.0))
 
     def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
+        asked = time.monotonic()
         with self._lock:
             now, wall = time.monotonic(), time.time()
+            version = self.core.actions_version
             try:
                 resp = self.api.finish(prepared, raw, now=now, wall=wall)
             except Exception as exc:  # never let one request kill the daemon
@@ -1213,11 +1301,20 @@ class ManagerServer:
                     self._log(f"internal error: {type(exc).__name__}: {exc}")
                 resp = error(500, f"internal error: {type(exc).__name__}")
             effects = self.core.take_effects()
+            moved = self.core.actions_version != version
+            held = time.monotonic() - now
+        if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
+            # etcd's "apply request took too long": the core lock serialises every request,
+            # so one slow holder delays every decision behind it; say which and where.
+            self.log_always(f"slow request: {prepared.route.name} waited "
+                            f"{(now - asked) * 1000:.0f} ms for the core and held it "
+                            f"{held * 1000:.0f} ms")
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
-        if prepared.route.mutates:
+        if moved:  # only then can a waiting claim find something (not on every heartbeat)
             self._actions_changed()
-        self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        if prepared.route.mutates:
+            self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
 
     def _actions_changed(self) -> None:
@@ -1266,7 +1363,7 @@ class ManagerServer:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                before = self.core.journal_seq
+                before = self.core.actions_version
                 try:
                     for ev in self.core.handle_timer(now, time.time()):
                         if self._log is not None and not isinstance(ev, ActionExpired):
@@ -1275,7 +1372,7 @@ class ManagerServer:
                     if self._log is not None:
                         self._log(f"timer: {exc}")
                 deadline = self.core.next_timer()
-                changed = self.core.journal_seq != before
+                changed = self.core.actions_version != before
                 effects = self.core.take_effects()
             for effect in effects:
                 self._effects.put(effect)

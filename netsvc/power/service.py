@@ -183,6 +183,7 @@ class PowerService(BaseManagerService):
         self._read_turn = 0
         self._seq = 0
         self._bmcs: dict[str, Any] | None = None
+        self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
         super().bind(kernel)
@@ -248,9 +249,11 @@ class PowerService(BaseManagerService):
         return st, since
 
     def view(self, now: float) -> ClusterView:
+        self._now = now
         m = self.kernel.model
         hosts: dict[str, HostView] = {}
         demand: dict[str, Any] = {}
+        partitioned, storage_maint = self._peers()
         for name in sorted(m.hosts):
             st, since = self._state(name, now)
             got = self._reports.get(name)
@@ -260,8 +263,9 @@ class PowerService(BaseManagerService):
                 cpu, mem, nets = r.cpu, r.mem, tuple(r.networks)
                 demand.update(r.demand)
             hosts[name] = HostView(name, st, since, cpu, mem, nets,
-                                   maintenance=bool(m.hosts[name].agent.get("maintenance")),
-                                   partitioned=bool(m.hosts[name].agent.get("partitioned")))
+                                   maintenance=m.hosts[name].maintenance is not None
+                                   or bool(storage_maint),
+                                   partitioned=name in partitioned)
         vms = {}
         for v in m.vms.values():
             if v.host is None or v.state not in (VMState.RUNNING, VMState.MIGRATING):
@@ -275,6 +279,27 @@ class PowerService(BaseManagerService):
                 disks[vol.name] = DiskView(vol.name, vol.owner, vol.copies, vol.second_ok,
                                           r.host)
         return ClusterView(hosts, vms, disks)
+
+    def _peers(self) -> tuple[set[str], list[str]]:
+        """What other services say (asked through the kernel, never imported): the hosts the
+        partition service's verdicts call isolated or partitioned (a host that is down is a
+        power state here, not a partition), and the storage switches in maintenance (no time
+        to move a host's data over the fabrics)."""
+        partitioned: set[str] = set()
+        maint: list[str] = []
+        try:
+            st = self.kernel.service("partition").partition_status(self._now)
+            for host, v in (st.get("verdicts") or {}).items():
+                if v.get("classification") not in (None, "healthy", "host-down"):
+                    partitioned.add(str(host))
+        except Exception:  # not plugged in, or nothing to say yet
+            pass
+        try:
+            st = self.kernel.service("storage").status(self._now)
+            maint = [str(x) for x in st.get("switches_in_maintenance") or []]
+        except Exception:  # not plugged in
+            pass
+        return partitioned, maint
 
     def placement(self) -> dict[str, dict[str, Any]]:
         """disk -> owner, reader, where its authoritative copy is, dirty blocks, errors."""

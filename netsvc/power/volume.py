@@ -86,7 +86,7 @@ class PowerVolume:
     def pread(self, count: int, offset: int) -> bytes:
         return bytes(self._io(lambda d: d.pread(count, offset), None))
 
-    def pwrite(self, buf: bytes, offset: int) -> None:
+    def pwrite(self, buf: bytes | bytearray, offset: int) -> None:
         self._io(lambda d: d.pwrite(buf, offset), blocks_of(offset, len(buf), self.core.block))
 
     def flush(self) -> None:

@@ -200,3 +200,11 @@ def test_a_restarted_manager_finds_a_host_it_powered_off(tmp_path: Path) -> None
     assert env.service.power_status(T0 + 400)["hosts"]["h4"]["state"] == "off"
     out = env.service.operator("h4", "on", OperatorRequest(), now=T0 + 401)
     assert out["operation"]["op"] == "on"
+
+
+def test_a_host_in_the_kernels_maintenance_blocks_power_offs(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.core.enter_maintenance("h2", reason="firmware", now=T0 + 1)
+    with pytest.raises(Refused) as exc:
+        env.service.operator("h4", "off", OperatorRequest(), now=T0 + 2)
+    assert exc.value.rule == "no-host-in-maintenance"
