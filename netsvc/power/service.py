@@ -17,6 +17,9 @@ starts, ends or fails (``power-off-migrate-start``, ``...-done``, ``...-failed``
 Invariants:
 
 - At most one operation at a time (and the planner decides nothing while one runs).
+- The service is idle (no planner, no BMC readings) until an agent reports; the planner then
+  decides only while every host that is up has a fresh report (``REPORT_TTL_S``): with the
+  demand of a host unknown, nothing is powered off.
 - Every step has a deadline (``step_timeout_s``; the BMC's own timeouts inside it).
 - A failure stops the operation where it is and journals it; nothing after it runs. Before
   ``bmc-off`` the host is still on and each disk has exactly one authoritative copy (an
@@ -72,6 +75,7 @@ EVAL_EVERY_S = 1.0
 DRIVE_EVERY_S = 0.2  # while an operation runs
 READ_EVERY_S = 2.0  # one host's DCMI readings per effect, round robin
 HISTORY = 20
+REPORT_TTL_S = 10.0  # a host up whose power report is older: the planner decides nothing
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,8 @@ class PowerService(BaseManagerService):
     # -- timers ----------------------------------------------------------------------------
 
     def handle_timer(self, now: float, wall: float | None) -> None:
+        if not self._reports:
+            return  # no agent runs the power part: this cluster does not use the service
         bmcs = sorted(self._bmc_entries())
         quiet = self._op is None or self._op.step not in ("bmc-off", "bmc-on")
         if now >= self._next_read and not self._reading and bmcs and quiet:
@@ -332,6 +338,14 @@ class PowerService(BaseManagerService):
             self._drive(now, wall)
             return
         self._next_eval = now + EVAL_EVERY_S
+        silent = sorted(h for h, x in self.kernel.model.hosts.items()
+                        if x.state is HostState.UP and view.hosts[h].power is PowerState.ON
+                        and (h not in self._reports
+                             or now - self._reports[h][1] > REPORT_TTL_S))
+        if silent:  # the demand is not known: decide nothing
+            self._reasons = {h: f"waiting: no fresh power report from {', '.join(silent)}"
+                             for h in view.hosts}
+            return
         ev = self.planner.evaluate(view, now)
         self._demand = ev.demand
         self._reasons = dict(ev.reasons)

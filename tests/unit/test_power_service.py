@@ -83,6 +83,7 @@ def test_demand_low_powers_h4_off_step_by_step_and_back(tmp_path: Path) -> None:
     env = Env(tmp_path)
     env.tick(T0 + 1)
     assert env.service._op is None
+    env.reports(T0 + 11)  # the agents report every few seconds
     env.tick(T0 + 12)  # demand low for the 10 s window
     op = env.service._op
     assert op is not None and (op.op, op.host) == ("off", "h4")  # h1 reads a disk: kept
@@ -208,3 +209,23 @@ def test_a_host_in_the_kernels_maintenance_blocks_power_offs(tmp_path: Path) -> 
     with pytest.raises(Refused) as exc:
         env.service.operator("h4", "off", OperatorRequest(), now=T0 + 2)
     assert exc.value.rule == "no-host-in-maintenance"
+
+
+def test_the_planner_decides_nothing_while_a_host_up_has_not_reported(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.tick(T0 + 1)
+    env.reports(T0 + 29)
+    del env.service._reports["h3"]
+    env.tick(T0 + 30)
+    assert env.service._op is None
+    assert "no fresh power report from h3" in env.service.power_status(T0 + 30)["hosts"]["h4"][
+        "reason"]
+    assert [e for e in env.core.take_effects() if e.kind == "readings"]  # readings go on
+
+
+def test_an_unused_service_stays_idle(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.service._reports.clear()
+    env.tick(T0 + 1)
+    env.tick(T0 + 1000)
+    assert env.service._op is None and env.core.take_effects() == []
