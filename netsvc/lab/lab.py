@@ -179,6 +179,9 @@ class Lab:
         self.before_crash: list[Callable[[str], None]] = []
         self.after_crash: list[Callable[[str], None]] = []
         self.after_power_on: list[Callable[[str], None]] = []
+        #: Extra ``netsvc bmc serve`` arguments for every BMC, set before ``start_bmcs`` (the
+        #: power scenario's ``--dcmi-watts``); empty: the BMCs as they always were.
+        self.bmc_args: list[str] = []
         self._bmcs_started = False
         self._follow_stop = threading.Event()
         self._follower: threading.Thread | None = None
@@ -990,7 +993,8 @@ class Lab:
                 f"bmc{n}",
                 [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
                  "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
-                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}"],
+                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}",
+                 *self.bmc_args],
                 role=f"bmcd{n}",
             )
             lines += [f"[bmcs.{h}]", f'addr = "{plan.bmc_addr(h)}"',

@@ -73,8 +73,9 @@ def split_port(port: str) -> tuple[str, int]:
 
 
 def connect(pid: PathId, export: str, *, source: str | None = None,
-            timeout: float = CONNECT_TIMEOUT_S) -> _Conn:
-    """One NBD connection over ``pid`` (bound to ``source``, the NIC's address, if given)."""
+            timeout: float = CONNECT_TIMEOUT_S, meta: Sequence[str] = ()) -> _Conn:
+    """One NBD connection over ``pid`` (bound to ``source``, the NIC's address, if given),
+    asking for the metadata contexts ``meta`` (``base:allocation``: block status)."""
     nbd = _nbd()
     addr, port = split_port(pid.port)
     s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
@@ -92,6 +93,8 @@ def connect(pid: PathId, export: str, *, source: str | None = None,
     h = nbd.NBD()
     try:
         h.set_export_name(export)
+        for m in meta:
+            h.add_meta_context(m)
         h.connect_socket(s.detach())
     except Exception:
         os.close(dup)
