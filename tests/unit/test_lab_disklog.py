@@ -234,7 +234,8 @@ def test_a_full_disk_refuses_the_write_and_changes_nothing(tmp_path: Path) -> No
 class _FailingDisk:
     """A disk whose writes fail (the array gone): what ``OnDisk`` must not acknowledge."""
 
-    replayed: list[bytes] = []
+    def __init__(self) -> None:
+        self.replayed: list[bytes] = []
 
     def fits(self, n: int) -> bool:
         return True
