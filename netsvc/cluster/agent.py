@@ -289,8 +289,10 @@ def run_agent(
     inventory: Callable[[], Mapping[str, str]] | None = None,
     on_beat: Callable[[bool, float], None] | None = None,
     on_start: Callable[[], object] | None = None,
+    tls: Mapping[str, Any] | None = None,
 ) -> int:
-    """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code.
+    """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code. ``tls`` holds the
+    client's TLS options (``ca_file``, ``client_cert``, ``client_key``) for an https:// URL.
 
     0: stopped cleanly. 2: the manager rejected the key (401), which retrying cannot fix;
     every other failure is reported as an event and retried at the next interval.
@@ -312,7 +314,7 @@ def run_agent(
         for sig in (signal.SIGTERM, signal.SIGINT):
             old_handlers[sig] = signal.signal(sig, on_signal)
     timeout = max(0.2, min(interval * 2, 5.0))
-    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect)
+    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect, **(tls or {}))
     core = AgentCore(
         host,
         now=time.monotonic(),

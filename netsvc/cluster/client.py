@@ -11,6 +11,10 @@ Invariants:
   raises ``ConnectionFailed`` (an ``ApiError`` with ``status == 0``). Nothing else escapes
   except ``ValueError`` for a bad base URL or key given to the constructor.
 - A response body larger than ``max_response`` bytes is refused, never read whole.
+- An ``https://`` URL is verified against ``ca_file`` (the cluster's CA; without it, the
+  system's CAs), host name or IP included; ``client_cert``/``client_key`` present a client
+  certificate when the manager asks for one. The TLS context is built once, in the
+  constructor (a missing or bad file is a ``ValueError`` there).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -60,6 +65,40 @@ class _Connection(http.client.HTTPConnection):
         self.sock = self._connect_fn(self.host, self.port, self._timeout_s)
 
 
+class _TlsConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, timeout: float, connect: ConnectFn,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._connect_fn = connect
+        self._timeout_s = timeout
+        self._ctx = context
+
+    def connect(self) -> None:
+        raw = self._connect_fn(self.host, self.port, self._timeout_s)
+        try:
+            self.sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+def tls_context(ca_file: str | None = None, client_cert: str | None = None,
+                client_key: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the manager (against ``ca_file`` if given)."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if client_cert:
+            ctx.load_cert_chain(client_cert, client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot set up TLS: {exc}") from None
+    return ctx
+
+
+def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
 class ManagerClient:
     """Calls the manager's API. ``base_url`` is ``http://HOST:PORT``."""
 
@@ -71,14 +110,24 @@ class ManagerClient:
         connect: ConnectFn | None = None,
         *,
         max_response: int = 16 * 1024 * 1024,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http":
-            raise ValueError(f"manager URL {base_url!r} must start with http://")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"manager URL {base_url!r} must start with http:// or https://")
         if not parts.hostname:
             raise ValueError(f"manager URL {base_url!r} has no host")
+        if parts.scheme == "http" and (ca_file or client_cert):
+            raise ValueError(f"manager URL {base_url!r}: a CA or client certificate needs "
+                             "https://")
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._tls = context or tls_context(ca_file, client_cert, client_key)
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if self._tls is not None else 80)
         except ValueError:
             raise ValueError(f"manager URL {base_url!r} has a bad port") from None
         if parts.query or parts.fragment:
@@ -99,6 +148,9 @@ class ManagerClient:
     # -- transport -------------------------------------------------------------------------------
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return _TlsConnection(self.host, self.port, self.timeout,
+                                  self._connect or _tcp_connect, self._tls)
         if self._connect is not None:
             return _Connection(self.host, self.port, self.timeout, self._connect)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
