@@ -274,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         prepared = self._early if self._early is not None else self._prepare()
         self._early = None
         if isinstance(prepared, Response):
+            self._discard_body()
             self._send(prepared)
             return
         raw = b""
@@ -284,6 +285,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raw = b""
         self.server.guard.serving(self.connection)
         self._send(self.server.manager.finish(prepared, raw, alive=self._peer_alive))
+
+    def _discard_body(self) -> None:
+        """Read (and drop) the body of a request refused before reading it, if it is within the
+        cap: closing with unread bytes would reset the connection, and the client could lose
+        the answer (a 401 or 403) before reading it. A larger body is not read (413)."""
+        declared = (self.headers.get("content-length") or "").strip()
+        if "transfer-encoding" in self.headers or not declared.isdigit() or len(declared) > 12:
+            return
+        if 0 < int(declared) <= self.server.manager.api.max_body:
+            with contextlib.suppress(OSError):
+                self.rfile.read(int(declared))
 
     def _peer_alive(self) -> bool:
         """False once the client has gone (its end closed: a crashed agent's long poll)."""

@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from prometheus_client import generate_latest
 
 from netsvc.cli import main as netsvc_main
 from netsvc.cluster.auth import Keyring, load_keyring, write_key_file
-from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient, tls_context
+from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
 from netsvc.cluster.journal import Journal
 from netsvc.cluster.manager import ManagerConfig, ManagerServer
 from netsvc.cluster.server import KeyringWatcher, ServerLimits, TlsConfig
