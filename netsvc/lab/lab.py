@@ -174,6 +174,7 @@ class Lab:
         self.ca_file: Path | None = None
         #: host -> its agent's own credential file (``start_services(per_host_keys=)``).
         self.agent_keys: dict[str, Path] = {}
+        self.heartbeat_key_file: Path | None = None
         self.services: tuple[str, ...] = ()
         self._power_lock = threading.RLock()
         #: What a service's lab part adds to the hardware's crash and power-on, whoever asks
@@ -881,6 +882,10 @@ class Lab:
             self.ca_file = make_ca(pki)
             cert, key = make_cert(pki, "manager", ips=[SERVICES_MGMT])
             tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        # The peers' heartbeat key (partition probes): shared by the hosts, not the API's.
+        self.heartbeat_key_file = self.run_dir / "heartbeat.key"
+        self.heartbeat_key_file.write_text(secrets.token_hex(32) + "\n")
+        self.heartbeat_key_file.chmod(0o600)
         self.agent_keys = {}
         if per_host_keys:
             from netsvc.cluster.auth import load_keyring, write_key_file
@@ -1087,6 +1092,8 @@ class Lab:
                 extra += lab_part.agent_args(plan, host)
         if "partition" in self.services and self._bmcs_started:
             extra += ["--bmc-map", str(self.bmc_map)]
+        if "partition" in self.services:
+            extra += ["--partition-key-file", str(self.heartbeat_key_file)]
         self.popen(
             host,
             [
