@@ -337,9 +337,10 @@ def cmd_manager(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise UsageError(f"cannot use the TLS files: {exc}") from None
         limits = ServerLimits(
-            max_connections=cfg.get("max_connections", 1024),
+            max_connections=cfg.get("max_connections", 4096),
             max_per_peer=cfg.get("max_per_peer", 64),
             request_timeout=cfg.get("request_timeout", 10.0),
+            idle_timeout=cfg.get("idle_timeout", 60.0),
         )
         state_dir = Path(cfg["state_dir"])
         try:

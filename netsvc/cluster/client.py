@@ -3,7 +3,11 @@
 Invariants:
 
 - Every method makes one request on a fresh connection and closes it; no state is kept
-  between calls, so a client is safe to share between threads.
+  between calls, so a client is safe to share between threads. With ``persistent=True`` (the
+  agent's heartbeats) the client keeps one connection alive instead, used by one request at a
+  time (a lock), dropped on any error or when the server closes it; a request that fails on a
+  *reused* connection (the server closed it while idle) is sent once more on a fresh one. Over
+  TLS that saves a handshake per request (``bench/tls_cost.py``).
 - ``connect``, when given, replaces the TCP connect: it gets ``(host, port, timeout)`` and
   returns a connected socket (the lab uses it to open sockets inside network namespaces).
 - A non-2xx answer raises ``ApiError(status, message)`` with the server's ``error`` text and,
@@ -23,6 +27,7 @@ import http.client
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -114,6 +119,7 @@ class ManagerClient:
         client_cert: str | None = None,
         client_key: str | None = None,
         context: ssl.SSLContext | None = None,
+        persistent: bool = False,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https"):
@@ -144,6 +150,9 @@ class ManagerClient:
         self.timeout = float(timeout)
         self._connect = connect
         self.max_response = max_response
+        self.persistent = persistent
+        self._kept: http.client.HTTPConnection | None = None
+        self._kept_lock = threading.Lock()
 
     # -- transport -------------------------------------------------------------------------------
 
@@ -168,24 +177,24 @@ class ManagerClient:
         target = self._prefix + path
         if query:
             target += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        headers = {"Accept": "application/json", "Connection": "close"}
+        headers = {"Accept": "application/json",
+                   "Connection": "keep-alive" if self.persistent else "close"}
         if auth:
             headers["Authorization"] = self._auth
         data = None
         if body is not None:
             data = json.dumps(body, allow_nan=False).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        conn = self._connection()
         try:
-            conn.request(method, target, body=data, headers=headers)
-            resp = conn.getresponse()
-            length = resp.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > self.max_response:
-                raise ApiError(resp.status, f"response of {length} bytes is too large")
-            raw = resp.read(self.max_response + 1)
-            if len(raw) > self.max_response:
-                raise ApiError(resp.status, "response is too large")
-            status = resp.status
+            if self.persistent:
+                with self._kept_lock:
+                    status, raw = self._kept_exchange(method, target, data, headers)
+            else:
+                conn = self._connection()
+                try:
+                    status, raw, _ = self._exchange(conn, method, target, data, headers)
+                finally:
+                    conn.close()
         except ApiError:
             raise
         except (OSError, http.client.HTTPException) as exc:
@@ -193,8 +202,6 @@ class ManagerClient:
             raise ConnectionFailed(
                 f"cannot reach the manager at {self.base_url}: {what}: {exc}"
             ) from None
-        finally:
-            conn.close()
         try:
             obj = json.loads(raw) if raw else {}
         except ValueError:
@@ -202,6 +209,50 @@ class ManagerClient:
         if not isinstance(obj, dict):
             raise ApiError(status, "the manager sent JSON that is not an object")
         return status, obj
+
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
+                  data: bytes | None, headers: Mapping[str, str]) -> tuple[int, bytes, bool]:
+        """One request and its whole answer on ``conn``: (status, body, server closes)."""
+        conn.request(method, target, body=data, headers=dict(headers))
+        resp = conn.getresponse()
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_response:
+            raise ApiError(resp.status, f"response of {length} bytes is too large")
+        raw = resp.read(self.max_response + 1)
+        if len(raw) > self.max_response:
+            raise ApiError(resp.status, "response is too large")
+        return resp.status, raw, bool(resp.will_close)
+
+    def _kept_exchange(self, method: str, target: str, data: bytes | None,
+                       headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """``_exchange`` on the kept connection (under ``_kept_lock``)."""
+        for attempt in (0, 1):
+            reused = self._kept is not None
+            conn = self._kept or self._connection()
+            self._kept = None
+            try:
+                status, raw, closing = self._exchange(conn, method, target, data, headers)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # closed by the server while idle: once more, on a new one
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if closing:
+                conn.close()
+            else:
+                self._kept = conn
+            return status, raw
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the kept connection, if any (``persistent``)."""
+        with self._kept_lock:
+            if self._kept is not None:
+                self._kept.close()
+                self._kept = None
 
     def _call(
         self,

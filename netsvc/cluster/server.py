@@ -23,11 +23,12 @@ Invariants:
   thread; the TLS handshake happens in that thread.
 - A connection beyond ``max_connections``, or beyond ``max_per_peer`` from one address, is
   closed at once and counted (``refused_connections``); the ones already open go on.
-- A request (its line, headers and body, or the TLS handshake before it, or the wait for the
-  next request on a kept-alive connection) must arrive within ``request_timeout`` seconds of
-  the connection becoming ready for it; the reaper thread shuts a late one down and counts it
-  (``slow_closed``), however slowly its bytes trickle in (slowloris). A request being *served*
-  (a long-poll claim) is never reaped.
+- A connection's first request (its line, headers and body, and the TLS handshake before it)
+  must arrive within ``request_timeout`` seconds; the reaper thread shuts a late one down and
+  counts it (``slow_closed``), however slowly its bytes trickle in (slowloris). A kept-alive
+  connection may then wait ``idle_timeout`` seconds for each next request (an agent's
+  heartbeats), after which it is closed and counted as ``idle_closed``. A request being
+  *served* (a long-poll claim) is never reaped.
 - ``stats`` are plain counters, read by the metrics endpoint; nothing here decides anything
   the ``Api`` decides.
 """
@@ -59,9 +60,10 @@ if TYPE_CHECKING:
 class ServerLimits:
     """The server's bounds (the manager's config keys of the same names)."""
 
-    max_connections: int = 1024
+    max_connections: int = 4096
     max_per_peer: int = 64
     request_timeout: float = 10.0
+    idle_timeout: float = 60.0
     io_timeout: float = 10.0
     reap_interval: float = 0.25
 
@@ -85,8 +87,8 @@ class TlsConfig:
         return ctx
 
 
-STAT_NAMES = ("connections_accepted", "refused_connections", "slow_closed", "oversized",
-              "unauthenticated", "forbidden", "tls_failures")
+STAT_NAMES = ("connections_accepted", "refused_connections", "slow_closed", "idle_closed",
+              "oversized", "unauthenticated", "forbidden", "tls_failures")
 
 
 class _Guard:
@@ -96,8 +98,9 @@ class _Guard:
         self.limits = limits
         self.lock = threading.Lock()
         self.stats = dict.fromkeys(STAT_NAMES, 0)
-        # socket -> (peer, deadline or None while it is being served)
-        self._conns: dict[socket.socket, tuple[str, float | None]] = {}
+        # socket -> (peer, deadline or None while it is being served, what the deadline is for:
+        # "slow_closed" a request, "idle_closed" the wait between two)
+        self._conns: dict[socket.socket, tuple[str, float | None, str]] = {}
         self._per_peer: dict[str, int] = {}
 
     def count(self, name: str) -> None:
@@ -110,7 +113,7 @@ class _Guard:
                     or self._per_peer.get(peer, 0) >= self.limits.max_per_peer:
                 self.stats["refused_connections"] += 1
                 return False
-            self._conns[sock] = (peer, now + self.limits.request_timeout)
+            self._conns[sock] = (peer, now + self.limits.request_timeout, "slow_closed")
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self.stats["connections_accepted"] += 1
             return True
@@ -122,14 +125,16 @@ class _Guard:
                 self._conns[new] = self._conns.pop(old)
 
     def waiting(self, sock: socket.socket, now: float) -> None:
+        """Between two requests of a kept-alive connection."""
         with self.lock:
             if sock in self._conns:
-                self._conns[sock] = (self._conns[sock][0], now + self.limits.request_timeout)
+                self._conns[sock] = (self._conns[sock][0], now + self.limits.idle_timeout,
+                                     "idle_closed")
 
     def serving(self, sock: socket.socket) -> None:
         with self.lock:
             if sock in self._conns:
-                self._conns[sock] = (self._conns[sock][0], None)
+                self._conns[sock] = (self._conns[sock][0], None, "")
 
     def release(self, sock: socket.socket) -> None:
         """Before the socket is closed (so the reaper never shuts a reused descriptor)."""
@@ -151,15 +156,15 @@ class _Guard:
         """Shut down every connection whose request is late; return how many."""
         n = 0
         with self.lock:
-            for sock, (_, deadline) in list(self._conns.items()):
+            for sock, (peer, deadline, why) in list(self._conns.items()):
                 if deadline is not None and now >= deadline:
-                    self._conns[sock] = (self._conns[sock][0], None)  # once
+                    self._conns[sock] = (peer, None, "")  # once
                     with contextlib.suppress(OSError):
                         # socket.socket's own shutdown (not SSLSocket's, which would drop its
                         # TLS state under the thread still reading it): the blocked read ends.
                         socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    self.stats[why] += 1
                     n += 1
-            self.stats["slow_closed"] += n
         return n
 
 

@@ -192,6 +192,7 @@ HTTP_COUNTERS = {
     "connections_accepted": "connections accepted",
     "refused_connections": "connections closed at once: over the total or per-address limit",
     "slow_closed": "connections closed because a request did not arrive in time (slowloris)",
+    "idle_closed": "kept-alive connections closed after idle_timeout without a request",
     "oversized": "requests refused for a body over the size cap (413)",
     "unauthenticated": "requests refused for a missing, wrong or expired credential (401)",
     "forbidden": "requests refused for a credential without the right (403)",

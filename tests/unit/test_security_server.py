@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,40 @@ def test_the_cli_over_tls_with_a_host_credential(tmp_path: Path, pki: Path,
         # a read-only operator's migration is refused by the manager
         rc = netsvc_main(["migrate", "vm1", "h2", *base, "--key-file", str(read_tok)])
         assert rc != 0 and "403" in capsys.readouterr().err
+
+
+def test_an_agent_with_another_hosts_credential_stops_with_2(tmp_path: Path, pki: Path) -> None:
+    """Retrying cannot fix a credential for another host: the agent exits 2 (systemd's
+    RestartPreventExitStatus), and the manager never hears of h2."""
+    from netsvc.cluster.agent import run_agent
+
+    ring = Keyring((ROOT,))
+    with running(tmp_path, keyring=ring, tls=_tls(pki)) as m:
+        logs: list[str] = []
+        code = run_agent("h2", m.server.url, ring.issue("agent", "h1"), interval=0.1,
+                         handle_signals=False, max_beats=5, log=logs.append,
+                         tls={"ca_file": str(pki / "ca.pem")})
+        assert code == 2 and any("rejected our credential" in line for line in logs)
+        assert run_agent("h1", m.server.url, ring.issue("agent", "h1"), interval=0.1,
+                         handle_signals=False, max_beats=2,
+                         tls={"ca_file": str(pki / "ca.pem")}) == 0
+        hosts = ManagerClient(m.server.url, ROOT, ca_file=str(pki / "ca.pem")).status()["hosts"]
+        assert set(hosts) == {"h1"}
+
+
+def test_a_persistent_client_keeps_one_connection_and_survives_idle_closes(
+        tmp_path: Path, pki: Path) -> None:
+    limits = ServerLimits(idle_timeout=0.5, reap_interval=0.05)
+    with running(tmp_path, tls=_tls(pki), limits=limits) as m:
+        c = ManagerClient(m.server.url, ROOT, ca_file=str(pki / "ca.pem"), persistent=True)
+        for seq in range(1, 6):
+            assert c.heartbeat("h1", {**HB, "seq": seq})["ok"]
+        assert m.server.http_stats["connections_accepted"] == 1  # one handshake, 5 beats
+        deadline = time.monotonic() + 10
+        while m.server.http_stats["idle_closed"] < 1:  # the server drops the idle connection
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.heartbeat("h1", {**HB, "seq": 6})["ok"]  # sent again on a new connection
+        stats = m.server.http_stats
+        assert stats["connections_accepted"] == 2 and stats["slow_closed"] == 0
+        c.close()
