@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -60,6 +61,14 @@ class ConnectionFailed(ApiError):
         super().__init__(0, message)
 
 
+def _nodelay(sock: socket.socket) -> socket.socket:
+    """As http.client's own connect does: a request's bytes go out at once, not after the
+    delayed ACK of the previous segment (Nagle: 40 ms on a kept-alive connection)."""
+    with contextlib.suppress(OSError):  # not a TCP socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, timeout: float, connect: ConnectFn) -> None:
         super().__init__(host, port, timeout=timeout)
@@ -67,7 +76,7 @@ class _Connection(http.client.HTTPConnection):
         self._timeout_s = timeout
 
     def connect(self) -> None:
-        self.sock = self._connect_fn(self.host, self.port, self._timeout_s)
+        self.sock = _nodelay(self._connect_fn(self.host, self.port, self._timeout_s))
 
 
 class _TlsConnection(http.client.HTTPSConnection):
@@ -79,7 +88,7 @@ class _TlsConnection(http.client.HTTPSConnection):
         self._ctx = context
 
     def connect(self) -> None:
-        raw = self._connect_fn(self.host, self.port, self._timeout_s)
+        raw = _nodelay(self._connect_fn(self.host, self.port, self._timeout_s))
         try:
             self.sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
         except BaseException:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netsvc.cluster.api import DENIAL_QUIET, Api, Response
 from netsvc.cluster.auth import (
@@ -287,3 +289,11 @@ def test_denials_are_journaled_at_a_bounded_rate(h: Harness) -> None:
     h.call(read, "POST", "/v1/vms/vm1/migrate", {"to": "h2", "reason": "x"})
     d = h.denials()
     assert len(d) == 2 and d[1]["details"]["suppressed_before"] == 49
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_authenticate_never_raises(header: str) -> None:
+    ring = Keyring((ROOT,))
+    for h in (header, f"Bearer {header}", f"Bearer nsv1.{key_id(ROOT)}.{header}"):
+        assert isinstance(ring.authenticate(h, WALL), AuthFailure)
