@@ -205,6 +205,7 @@ class ManagerCore:
         self._fenced: str | None = None
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
+        self._actions_version = 0
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
@@ -400,9 +401,17 @@ class ManagerCore:
     def _sorted_actions(self) -> list[Action]:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
+    @property
+    def actions_version(self) -> int:
+        """Moves on with every change to any action (queued, claimed, advanced, finished):
+        the adapter wakes its long-polling claims only when it moved, and a claim that
+        changed nothing writes nothing."""
+        return self._actions_version
+
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
+        self._actions_version += 1
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -787,6 +796,7 @@ class ManagerCore:
         self._check_fenced()
         check_name(host, "host name")
         claimed: list[Action] = []
+        version = self._actions_version  # an empty claim (the long polls' usual answer)
         for action in self._sorted_actions():
             if action.state is not ActionState.PENDING or action.host != host:
                 continue
@@ -795,7 +805,8 @@ class ManagerCore:
             taken = self._claim_one(action, host, executor, now, wall)
             if taken is not None:
                 claimed.append(taken)
-        self._persist()
+        if self._actions_version != version:
+            self._persist()
         return claimed
 
     def claim_action(self, action_id: str, host: str, executor: str, *, now: float,
@@ -982,6 +993,10 @@ class ManagerCore:
 # -- the adapter ---------------------------------------------------------------------------------
 
 
+#: A request that waits for, or holds, the core lock this long is logged (``slow request``).
+SLOW_REQUEST_S = 0.1
+
+
 class ManagerServer:
     """The manager process: HTTP API + heartbeat timer around one ``ManagerCore``."""
 
@@ -1131,8 +1146,10 @@ class ManagerServer:
                     self._claims.wait(min(left, 1.0))
 
     def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
+        asked = time.monotonic()
         with self._lock:
             now, wall = time.monotonic(), time.time()
+            version = self.core.actions_version
             try:
                 resp = self.api.finish(prepared, raw, now=now, wall=wall)
             except Exception as exc:  # never let one request kill the daemon
@@ -1143,11 +1160,20 @@ class ManagerServer:
                 self.api.audit(resp, now=now, wall=wall)
                 resp = replace(resp, denial=None)
             effects = self.core.take_effects()
+            moved = self.core.actions_version != version
+            held = time.monotonic() - now
+        if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
+            # etcd's "apply request took too long": the core lock serialises every request,
+            # so one slow holder delays every decision behind it; say which and where.
+            self.log_always(f"slow request: {prepared.route.name} waited "
+                            f"{(now - asked) * 1000:.0f} ms for the core and held it "
+                            f"{held * 1000:.0f} ms")
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
-        if prepared.route.mutates:
+        if moved:  # only then can a waiting claim find something (not on every heartbeat)
             self._actions_changed()
-        self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        if prepared.route.mutates:
+            self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
 
     def _actions_changed(self) -> None:
@@ -1196,7 +1222,7 @@ class ManagerServer:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                before = self.core.journal_seq
+                before = self.core.actions_version
                 try:
                     for ev in self.core.handle_timer(now, time.time()):
                         if self._log is not None and not isinstance(ev, ActionExpired):
@@ -1205,7 +1231,7 @@ class ManagerServer:
                     if self._log is not None:
                         self._log(f"timer: {exc}")
                 deadline = self.core.next_timer()
-                changed = self.core.journal_seq != before
+                changed = self.core.actions_version != before
                 effects = self.core.take_effects()
             for effect in effects:
                 self._effects.put(effect)

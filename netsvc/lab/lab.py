@@ -635,6 +635,18 @@ class Lab:
             self.stop_vm(vm)
         self.start_vm(vm)
 
+    def set_disk(self, vm: str, export: str, region: str) -> None:
+        """Give ``vm`` a disk on the datastore ``export`` (``OFFSET:LENGTH`` of it), reached
+        through the local storage endpoint of whichever host runs it (the storage service
+        must be on): its guest keeps each write there, a migration reopens it through the
+        target's endpoint, and a fresh boot anywhere replays it. The running guest is
+        restarted through its host's driver to pick it up (its state so far is lost)."""
+        assert self.hv is not None
+        self.hv.update(vm, lambda r: r.with_(disk=export, disk_region=region, datastore=None))
+        if self._vm(vm).state == "running":
+            self.stop_vm(vm)
+        self.start_vm(vm)
+
     def set_guest(self, vm: str, pid: int) -> None:
         """Record that ``pid`` is now ``vm``'s running guest (a guest the lab started itself,
         such as a pooled-memory guest)."""

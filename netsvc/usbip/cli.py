@@ -86,6 +86,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--metrics-addr", metavar="ADDR:PORT", default=None,
                        help="serve Prometheus metrics (URBs, bytes) on http://ADDR:PORT/metrics")
     _tls_args(serve)
+    from netsvc.ops import config, logs
+
+    config.register(serve, "usbip-serve")  # /etc/netsvc/usbip-serve.toml
+    logs.add_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
     lst = u.add_parser("list", help="list the devices a server exports")
@@ -194,7 +198,6 @@ def _server_stats(stats: dict[str, int]) -> dict[str, float]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
     import signal
 
     from netsvc.usbip.devices import from_spec
@@ -212,7 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"netsvc usbip serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from netsvc.ops import logs, notify
+
+    logs.setup("netsvc usbip serve", getattr(args, "log_level", None) or "info")
     server = UsbipServer(devices, opts)
 
     async def main() -> int:
@@ -252,7 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             devs = ", ".join(f"{e.busid}={e.device.kind}" for e in server.exports)
             print(f"usbip: serving {devs} on {args.bind}:{server.port}", flush=True)
+        notify.ready(f"serving {len(server.exports)} devices on {args.bind}:{server.port}")
         await stop.wait()
+        notify.stopping()
         await server.close()
         if metrics is not None:
             metrics.close()

@@ -30,6 +30,8 @@ CAPS = {
     "netsvc-pool-agent.service": set(),
     "netsvc-memory-master.service": set(),
     "netsvc-bmc.service": {"CAP_NET_BIND_SERVICE", "CAP_KILL"},
+    "netsvc-usbip.service": set(),
+    "netsvc-memory-fabric.service": set(),
 }
 
 
@@ -117,6 +119,8 @@ def _configs(tmp: Path) -> dict[str, str]:
         "memory-master": f'pool = "{pool}"\nmanager = "{manager}"\nno-partition = true\n',
         "bmc": f'user = "admin"\nbind = "127.0.0.1"\nport = 0\n'
                f'power-file = "{tmp / "power"}"\n',
+        "usbip-serve": 'bind = "127.0.0.1"\nport = 0\ndevice = ["keyboard"]\n',
+        "memory-fabric": f'pool = "{pool}"\nbind = "127.0.0.1"\nport = 0\n',
     }
 
 
@@ -136,11 +140,13 @@ def test_unit_command_line_boots_ready(name: str, tmp_path: Path) -> None:
     daemon = {"netsvc-manager.service": "manager", "netsvc-agent.service": "agent",
               "netsvc-pool-agent.service": "pool-agent",
               "netsvc-memory-master.service": "memory-master",
-              "netsvc-bmc.service": "bmc"}[name]
+              "netsvc-bmc.service": "bmc", "netsvc-usbip.service": "usbip-serve",
+              "netsvc-memory-fabric.service": "memory-fabric"}[name]
     (tmp_path / "etc").mkdir()
     (tmp_path / "creds").mkdir()
     for cred, secret in (("api.key", "k" * 43), ("bmc.password", "secret"),
-                         ("agent.token", "nsv1.k00000000.agent.0.hv1.x")):
+                         ("agent.token", "nsv1.k00000000.agent.0.hv1.x"),
+                         ("usbip.psk", "p" * 32)):
         f = tmp_path / "creds" / cred
         f.write_text(secret + "\n")
         f.chmod(0o400)
