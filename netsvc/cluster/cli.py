@@ -555,7 +555,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return _fail("agent", f"bad --driver {args.driver!r}: {exc}")
 
     def make_client(timeout: float = 2.0) -> ManagerClient:
-        return ManagerClient(url, key, timeout=timeout, **tls)
+        # kept-alive: a service's long-lived client (the partition poster, the executor's
+        # claims) pays one TLS handshake, not one per request
+        return ManagerClient(url, key, timeout=timeout, persistent=True, **tls)
 
     ctx = AgentContext(host=args.host, url=url, key=key, make_client=make_client,
                        driver=driver, log=log, mgmt_addr=mgmt, vm_addr=vm)
