@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -378,6 +379,7 @@ class Api:
         self.keyring = key if isinstance(key, Keyring) else Keyring((key,))
         self.max_body = max_body
         self._denials: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._denials_lock = threading.Lock()
         routes = kernel_routes(core)
         for svc in core.services.values():
             routes.extend(svc.routes())
@@ -487,21 +489,37 @@ class Api:
 
     def audit(self, resp: Response, *, now: float, wall: float | None) -> bool:
         """Journal ``resp``'s denial (if any), rate-limited per source and reason; True if an
-        entry was written. Called under the core's lock, like any core call."""
+        entry was written. Called under the core's lock, like any core call (the server calls
+        ``denial_due`` first without it, so a flood of refusals does not queue on the lock)."""
         d = resp.denial
         if d is None:
             return False
+        suppressed = self.denial_due(d, now)
+        return suppressed is not None and self.journal_denial(d, suppressed, now, wall)
+
+    def denial_due(self, d: Denial, now: float) -> int | None:
+        """None if ``d``'s source was journaled less than ``DENIAL_QUIET`` seconds ago (it is
+        counted); otherwise how many of its refusals were left out since its last entry.
+        Thread-safe on its own lock; touches nothing of the core. At most
+        ``MAX_DENIAL_SOURCES`` sources are tracked: beyond, they share one."""
         source = (d.principal if d.principal != "anonymous" else f"peer:{d.peer}",
                   str(d.status), d.route or d.reason)
-        last = self._denials.get(source)
-        if last is not None and now - last[0] < DENIAL_QUIET:
-            self._denials[source] = (last[0], last[1] + 1)
-            return False
-        suppressed = last[1] if last is not None else 0
-        if len(self._denials) >= MAX_DENIAL_SOURCES:
-            self._denials = {k: v for k, v in self._denials.items()
-                             if now - v[0] < DENIAL_QUIET}
-        self._denials[source] = (now, 0)
+        with self._denials_lock:
+            if source not in self._denials and len(self._denials) >= MAX_DENIAL_SOURCES:
+                self._denials = {k: v for k, v in self._denials.items()
+                                 if now - v[0] < DENIAL_QUIET}
+                if len(self._denials) >= MAX_DENIAL_SOURCES:
+                    source = ("overflow", "", "")
+            last = self._denials.get(source)
+            if last is not None and now - last[0] < DENIAL_QUIET:
+                self._denials[source] = (last[0], last[1] + 1)
+                return None
+            self._denials[source] = (now, 0)
+            return last[1] if last is not None else 0
+
+    def journal_denial(self, d: Denial, suppressed: int, now: float,
+                       wall: float | None) -> bool:
+        """The ``access-denied`` entry (under the core's lock)."""
         details: JSONObject = {"status": d.status, "method": d.method, "path": d.path,
                                "principal": d.principal, "suppressed_before": suppressed}
         if d.route:

@@ -1103,9 +1103,14 @@ class ManagerServer:
         self.api.keyring = keyring
 
     def audit(self, resp: Response) -> None:
-        """Journal a refused request (``Api.audit``: rate-limited), under the core lock."""
-        with self._lock:
-            self.api.audit(resp, now=time.monotonic(), wall=time.time())
+        """Journal a refused request (``Api.audit``: rate-limited); the core lock is taken
+        only when an entry is due, so a flood of refusals does not wait on it."""
+        if resp.denial is None:
+            return
+        suppressed = self.api.denial_due(resp.denial, time.monotonic())
+        if suppressed is not None:
+            with self._lock:
+                self.api.journal_denial(resp.denial, suppressed, time.monotonic(), time.time())
 
     def log(self, message: str) -> None:
         if self._log is not None and self._access_log:

@@ -297,3 +297,18 @@ def test_authenticate_never_raises(header: str) -> None:
     ring = Keyring((ROOT,))
     for h in (header, f"Bearer {header}", f"Bearer nsv1.{key_id(ROOT)}.{header}"):
         assert isinstance(ring.authenticate(h, WALL), AuthFailure)
+
+
+def test_the_denial_book_is_bounded(h: Harness) -> None:
+    """Refusals from more sources than ``MAX_DENIAL_SOURCES`` at once share one entry."""
+    from netsvc.cluster.api import MAX_DENIAL_SOURCES, Denial
+
+    due = [h.api.denial_due(Denial(401, "wrong key", "anonymous", "GET", "/v1/status",
+                                   peer=f"10.0.{i // 256}.{i % 256}"), 5.0)
+           for i in range(MAX_DENIAL_SOURCES + 50)]
+    assert due[:MAX_DENIAL_SOURCES] == [0] * MAX_DENIAL_SOURCES
+    assert due[MAX_DENIAL_SOURCES:] == [0] + [None] * 49  # the overflow: one entry, 49 counted
+    assert len(h.api._denials) == MAX_DENIAL_SOURCES + 1
+    # once the quiet period is over, old sources make room again
+    assert h.api.denial_due(Denial(401, "wrong key", "anonymous", "GET", "/v1/status",
+                                   peer="10.9.9.9"), 5.0 + DENIAL_QUIET) == 0
