@@ -263,6 +263,16 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         return Reply(200, {"dry_run": True, "plan": decision.plan,
                            "journal_seq": decision.journal_seq})
 
+    def maintenance(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "host", "host")
+        req: schemas.HostMaintenance = r.body
+        if r.params[1] == "enter":
+            out = core.enter_maintenance(name, reason=req.reason, dry_run=req.dry_run,
+                                         force=req.force, now=r.now, wall=r.wall)
+        else:
+            out = core.exit_maintenance(name, reason=req.reason, now=r.now, wall=r.wall)
+        return Reply(200, out)
+
     def lifecycle(r: Request) -> Reply:
         name = _check_cluster_name(r.params[0], "vm", "VM")
         vm = core.model.vms.get(name)
@@ -323,6 +333,9 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
               summary="define or update a VM", mutates=True),
         Route("POST", rf"/v1/vms/{SEG}/migrate", "migrate", migrate, body=schemas.Migrate,
               summary="ask for a live migration", mutates=True),
+        Route("POST", rf"/v1/hosts/{SEG}/maintenance/(enter|exit)", "host_maintenance",
+              maintenance, body=schemas.HostMaintenance, mutates=True,
+              summary="take a host out of service (its VMs are migrated away first) or back"),
         Route("POST", rf"/v1/vms/{SEG}/(start|shutdown|power-off)", "vm_lifecycle", lifecycle,
               body=schemas.VMLifecycle, mutates=True,
               summary="start a VM, shut it down or power it off on its host (its rules apply)"),

@@ -650,7 +650,7 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
             rows.append(
                 [
                     name,
-                    h["state"],
+                    h["state"] + (" (maintenance)" if h.get("maintenance") else ""),
                     "-" if ago is None else f"{ago:.1f}s",
                     h.get("mgmt_addr") or "-",
                     h.get("vm_addr") or "-",

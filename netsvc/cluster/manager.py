@@ -705,6 +705,76 @@ class ManagerCore:
 
     # -- VM life cycle decisions ---------------------------------------------------------------
 
+    # -- host maintenance --------------------------------------------------------------------
+
+    def enter_maintenance(self, host: str, *, reason: str, now: float,
+                          wall: float | None = None, dry_run: bool = False,
+                          force: bool = False) -> dict[str, Any]:
+        """Take ``host`` out of service: plan where its running VMs go
+        (``maintenance.plan_evacuation``), refuse (journaled, nothing changed) if one cannot
+        move unless ``force``, else mark the host and ask for the migrations. Journaled, dry
+        run or not. Asked again while the host is in maintenance, it moves what is still
+        there (an evacuation whose migration failed is retried this way)."""
+        from netsvc.cluster.maintenance import plan_evacuation
+
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        subject = _subject("host", host)
+        plan = plan_evacuation(self._model, host, self._open_exclusive)
+        if h.maintenance is not None and not dry_run and not plan.moves:
+            return {"host": host, "maintenance": h.maintenance, "already": True,
+                    **plan.to_dict()}
+        details = {**plan.to_dict(), "forced": force and bool(plan.stuck)}
+        if plan.stuck and not force:
+            first = plan.stuck[0]
+            self._journal_append(now, wall, "host-maintenance-refused", subject,
+                                 f"refused: {first.why}", dry_run=dry_run,
+                                 details={**details, "rule": first.rule})
+            raise Refused(first.rule, first.why, tuple(s.rule for s in plan.stuck))
+        why = (f"{reason}: {len(plan.moves)} VM(s) move away"
+               + (f"; forced, {len(plan.stuck)} stay ({', '.join(s.vm for s in plan.stuck)})"
+                  if plan.stuck else ""))
+        if dry_run:
+            self._journal_append(now, wall, "host-maintenance-enter", subject, why,
+                                 dry_run=True, details=details)
+            return {"host": host, "dry_run": True, **details}
+        already = h.maintenance is not None  # again: move what is still there (a retry)
+        if not already:
+            self._model.update_host(host, maintenance=reason)
+        self._journal_append(now, wall, "host-maintenance-entered", subject, why,
+                             details={**details, "again": already})
+        moves = []
+        for m in plan.moves:
+            try:
+                d = self.request_migration(m.vm, to=m.to, now=now, wall=wall,
+                                           reason=f"{host} enters maintenance: {reason}",
+                                           actor="maintenance")
+                moves.append({"vm": m.vm, "to": m.to,
+                              "action": d.action.id if d.action else None})
+            except (Refused, UnknownEntity) as exc:  # journaled by request_migration
+                moves.append({"vm": m.vm, "to": m.to, "action": None, "refused": str(exc)})
+        self._persist()
+        return {"host": host, "maintenance": h.maintenance or reason, "already": already,
+                **details, "moves": moves}
+
+    def exit_maintenance(self, host: str, *, reason: str, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        """Bring ``host`` back into service (VMs may be placed on it again; none is moved
+        back by this). Journaled."""
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        if h.maintenance is None:
+            return {"host": host, "maintenance": None, "already": True}
+        self._model.update_host(host, maintenance=None)
+        self._journal_append(now, wall, "host-maintenance-exited", _subject("host", host),
+                             reason, details={"was": h.maintenance})
+        self._persist()
+        return {"host": host, "maintenance": None}
+
     def request_migration(
         self,
         vm: str,
@@ -963,6 +1033,7 @@ class ManagerCore:
                 "interfaces": dict(sorted(h.interfaces.items())),
                 "agent": dict(h.agent),
                 "vms": [vm.name for vm in self._model.vms_on(name)],
+                "maintenance": h.maintenance,
             }
         out: dict[str, Any] = {
             "role": "manager",

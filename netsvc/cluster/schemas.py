@@ -196,6 +196,17 @@ class Migrate(Schema, frozen=True):
     actor: Annotated[ActorName, Meta(description="journaled as the actor")] = "api"
 
 
+class HostMaintenance(Schema, frozen=True):
+    """``POST /v1/hosts/{host}/maintenance/enter|exit``: take a host out of service (its
+    running VMs are migrated away first) or bring it back."""
+
+    reason: Annotated[Reason, Meta(description="journaled; kept as the host's maintenance "
+                                               "reason")]
+    dry_run: Annotated[bool, Meta(description="enter: plan and journal only")] = False
+    force: Annotated[bool, Meta(description="enter even if some VM cannot move (it stays; "
+                                            "journaled as forced)")] = False
+
+
 class VMLifecycle(Schema, frozen=True):
     """``POST /v1/vms/{vm}/start|shutdown|power-off``: ask the VM's host to start it, shut it
     down or power it off where it is (the VM's own safety rules apply)."""

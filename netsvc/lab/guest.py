@@ -232,13 +232,6 @@ async def serve(name: str, host: str, port: int, datastore: str | None = None,
         print(f"guest {name} stopped: disk error: {stopped[0]}", flush=True)
         return 3
     return 0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"guest {name} listening on {host}:{port}", flush=True)
-    async with server:
-        await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
