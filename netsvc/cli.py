@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from netsvc.bmc.cli import register as register_bmc
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
+    from netsvc.ops.keys import register as register_keys
     from netsvc.services import PLUGINS
 
     p = argparse.ArgumentParser(
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         if plugin.cli is not None:
             plugin.cli(sub)
     register_bmc(sub)
+    register_keys(sub)
     register_lab(sub)
     c = sub.add_parser("completion", help="print a shell completion script (shtab)",
                        description="Print the completion script for SHELL. Bash: "

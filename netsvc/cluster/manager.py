@@ -42,22 +42,18 @@ import contextlib
 import json
 import math
 import queue
-import select
 import signal
-import socket
-import socketserver
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
 from netsvc.cluster.actions import Action, ActionState
 from netsvc.cluster.api import Api, Prepared, Response, error
+from netsvc.cluster.auth import Keyring
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -81,6 +77,7 @@ from netsvc.cluster.model import (
     check_name,
 )
 from netsvc.cluster.observe import CoreObserver
+from netsvc.cluster.server import HTTPServer, ServerLimits, TlsConfig
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
 from netsvc.cluster.store import Conflict, StateStore
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
@@ -1075,107 +1072,13 @@ class ManagerCore:
 SLOW_REQUEST_S = 0.1
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], manager: ManagerServer) -> None:
-        self.manager = manager
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that goes away mid-answer is not worth a traceback on stderr.
-        exc = sys.exc_info()[1]
-        if not isinstance(exc, OSError):
-            self.manager.log_always(f"error serving {client_address}: {exc!r}")
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), which may wait on DNS; skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "netsvc-manager/0.1"
-    sys_version = ""
-    timeout = 10.0
-
-    _early: Prepared | None = None
-
-    def _prepare(self) -> Prepared | Response:
-        for name in ("content-length", "authorization", "transfer-encoding"):
-            if len(self.headers.get_all(name) or []) > 1:
-                return error(400, f"header {name} given more than once", close=True, field=name)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        return self.server.manager.api.prepare(self.command, self.path, headers)
-
-    def handle_expect_100(self) -> bool:
-        # curl sends "Expect: 100-continue" with larger bodies: check the key and the size
-        # before inviting the body, so a 413 or 401 goes out without reading anything.
-        prepared = self._prepare()
-        if isinstance(prepared, Response):
-            self._send(replace(prepared, close=True))
-            return False
-        self._early = prepared
-        return super().handle_expect_100()
-
-    def _dispatch(self) -> None:
-        prepared = self._early if self._early is not None else self._prepare()
-        self._early = None
-        if isinstance(prepared, Response):
-            self._send(prepared)
-            return
-        raw = b""
-        if prepared.body_length:
-            try:
-                raw = self.rfile.read(prepared.body_length)
-            except OSError:
-                raw = b""
-        self._send(self.server.manager.finish(prepared, raw, alive=self._peer_alive))
-
-    def _peer_alive(self) -> bool:
-        """False once the client has gone (its end closed: a crashed agent's long poll)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return True
-            return bool(self.connection.recv(1, socket.MSG_PEEK))
-        except (OSError, ValueError):
-            return False
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
-
-    def _send(self, resp: Response) -> None:
-        body = resp.encode()
-        self.send_response(resp.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in resp.headers:
-            self.send_header(name, value)
-        if resp.close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.manager.log(f"{self.address_string()} {format % args}")
-
-
 class ManagerServer:
     """The manager process: HTTP API + heartbeat timer around one ``ManagerCore``."""
 
     def __init__(
         self,
         address: tuple[str, int],
-        key: bytes,
+        key: bytes | Keyring,
         store: StateStore,
         journal: Journal,
         *,
@@ -1186,7 +1089,11 @@ class ManagerServer:
         start_reason: str = "manager started",
         fence_agent: FenceAgent | None = None,
         observer: CoreObserver | None = None,
+        limits: ServerLimits | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
+        """``key`` is the keyring (a shared key's bytes: a keyring of one); ``tls`` serves
+        HTTPS; ``limits`` bound the connections (``netsvc.cluster.server``)."""
         self._fence_agent = fence_agent
         self._observer = observer
         self._lock = threading.Lock()
@@ -1201,7 +1108,7 @@ class ManagerServer:
         self.journal = journal
         self.store = store
         # Bind first: a manager that cannot listen journals nothing.
-        self._httpd = _HTTPServer(address, self)
+        self._httpd = HTTPServer(address, self, limits, tls)
         try:
             self._init_core(key, config, services, log, start_reason)
         except BaseException:
@@ -1210,7 +1117,7 @@ class ManagerServer:
 
     def _init_core(
         self,
-        key: bytes,
+        key: bytes | Keyring,
         config: ManagerConfig | None,
         services: Sequence[ManagerService],
         log: Callable[[str], None] | None,
@@ -1253,7 +1160,32 @@ class ManagerServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self._httpd.tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    @property
+    def http_stats(self) -> dict[str, int]:
+        """The transport's counters (refused, slow, oversized, denied; ``server.STAT_NAMES``)
+        and the connections open now."""
+        guard = self._httpd.guard
+        with guard.lock:
+            stats = dict(guard.stats)
+        stats["open_connections"] = guard.open_connections
+        return stats
+
+    def set_keyring(self, keyring: Keyring) -> None:
+        """Accept these keys from now on (a rotation): requests under way are unaffected."""
+        self.api.keyring = keyring
+
+    def audit(self, resp: Response) -> None:
+        """Journal a refused request (``Api.audit``: rate-limited); the core lock is taken
+        only when an entry is due, so a flood of refusals does not wait on it."""
+        if resp.denial is None:
+            return
+        suppressed = self.api.denial_due(resp.denial, time.monotonic())
+        if suppressed is not None:
+            with self._lock:
+                self.api.journal_denial(resp.denial, suppressed, time.monotonic(), time.time())
 
     def log(self, message: str) -> None:
         if self._log is not None and self._access_log:
@@ -1304,6 +1236,9 @@ class ManagerServer:
                 if self._log is not None:
                     self._log(f"internal error: {type(exc).__name__}: {exc}")
                 resp = error(500, f"internal error: {type(exc).__name__}")
+            if resp.denial is not None:
+                self.api.audit(resp, now=now, wall=wall)
+                resp = replace(resp, denial=None)
             effects = self.core.take_effects()
             moved = self.core.actions_version != version
             held = time.monotonic() - now

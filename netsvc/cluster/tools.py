@@ -127,16 +127,9 @@ def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyReport:
 
 
 def _client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.cli import UsageError, _manager_and_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.cli import client_from_args
 
-    url, key_file = _manager_and_key(args)
-    key = load_key(key_file)
-    try:
-        return ManagerClient(url, key, timeout=timeout)
-    except ValueError as exc:
-        raise UsageError(f"bad --manager: {exc}") from None
+    return client_from_args(args, timeout)
 
 
 def _fail(command: str, message: str) -> int:

@@ -45,7 +45,7 @@ def receiver_stats(counts: Mapping[str, int]) -> dict[str, float]:
     return {f"heartbeats_{k}_total": float(v) for k, v in counts.items()}
 
 
-def start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
+def start_partition(host: str, key: Any, links: list[Any], make_client: Callable[[], Any],
                      log: Callable[[str], None],
                     bmc_query: Callable[[str], bool | None] | None = None,
                     stats: dict[str, Callable[[], Mapping[str, float]]] | None = None) -> None:

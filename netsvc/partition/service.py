@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
 from netsvc.cluster.fencing import FenceState
 from netsvc.cluster.model import VMState
@@ -90,10 +91,12 @@ class PartitionService(BaseManagerService):
         return (
             Route("GET", r"/v1/partition", "partition_status",
                   lambda r: Reply(200, self.partition_status(r.now)),
-                  summary="each host's view of both networks, the verdicts and decisions"),
+                  summary="each host's view of both networks, the verdicts and decisions",
+                  access=READ),
             Route("POST", r"/v1/partition/reports", "partition_report", self._route_report,
                   body=_report_body, mutates=True,
-                  summary="an agent's view of the management and VM networks"),
+                  summary="an agent's view of the management and VM networks",
+                  access=agent_of(field="host")),
         )
 
     def _route_report(self, r: Request) -> Reply:

@@ -44,6 +44,7 @@ from typing import Any
 import msgspec
 
 from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
 from netsvc.cluster.model import ClusterModel, HostState, VMState
 from netsvc.cluster.schema import convert
@@ -198,11 +199,11 @@ class PowerService(BaseManagerService):
     def routes(self) -> Sequence[Route]:
         return (
             Route("GET", r"/v1/power", "power_status",
-                  lambda r: Reply(200, self.power_status(r.now)),
+                  lambda r: Reply(200, self.power_status(r.now)), access=READ,
                   summary="each host's power state, its disks' placement, the planner's "
                   "reasons, DCMI watts, the operation under way and the last ones"),
             Route("POST", r"/v1/power/reports", "power_report", self._route_report,
-                  body=_report, mutates=True,
+                  body=_report, mutates=True, access=agent_of(field="host"),
                   summary="an agent's VM disks (where each copy is) and its VMs' demand"),
             Route("POST", r"/v1/power/([^/]+)/(off|on)", "power_operator",
                   self._route_operator, body=_operator, mutates=True,

@@ -135,8 +135,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--port", type=int, default=3240)
     pl.add_argument("--need-bps", type=_bps, metavar="N", help="do not ask the device")
     pl.add_argument("--threshold", type=float, default=0.5, help="share of the allocation")
-    pl.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    pl.add_argument("--key-file", metavar="F", help="API key file (default $NETSVC_KEY_FILE)")
+    from netsvc.cluster.cli import add_connection_args
+
+    add_connection_args(pl)
     pl.add_argument("--dry-run", action="store_true", help="print the numbers, move nothing")
     pl.add_argument("--no-open", action="store_true",
                     help="on a tunnel decision, print the attach command instead of opening "
@@ -532,14 +533,12 @@ def _open_channel(args: argparse.Namespace, addr: str, manager: Any
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.cli import UsageError, client_from_args
 
-    url = str(args.manager or os.environ.get("NETSVC_MANAGER", ""))
-    key_file = args.key_file or os.environ.get("NETSVC_KEY_FILE")
-    if not key_file:
-        raise ValueError("--manager needs --key-file (or $NETSVC_KEY_FILE)")
-    return ManagerClient(url, load_key(key_file), timeout=5.0)
+    try:
+        return client_from_args(args, timeout=5.0)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
