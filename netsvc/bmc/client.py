@@ -261,9 +261,12 @@ class BmcClient:
         start = self._clock()
         deadline = start + max(0.0, timeout)
         last = Outcome(False, kind="timeout", error="no status yet")
+        answered: Outcome | None = None  # the last status the BMC did give
         while True:
             remaining = deadline - self._clock()
             last = self.power_status(timeout=max(0.05, min(self.timeout, remaining)))
+            if last.ok:
+                answered = last
             if last.ok and last.state == want:
                 return Outcome(True, state=want, elapsed=self._clock() - start)
             if last.kind == "auth":
@@ -274,9 +277,10 @@ class BmcClient:
                 break
             time.sleep(min(interval, remaining))
         elapsed = self._clock() - start
-        if last.ok:
-            return Outcome(False, state=last.state, kind="timeout", elapsed=elapsed,
-                           error=f"host still {last.state} after {timeout:g}s (wanted {want})")
+        if answered is not None:  # (the last poll itself may have timed out at the deadline)
+            return Outcome(False, state=answered.state, kind="timeout", elapsed=elapsed,
+                           error=f"host still {answered.state} after {timeout:g}s "
+                                 f"(wanted {want})")
         return Outcome(False, kind=last.kind, code=last.code, elapsed=elapsed,
                        error=f"not confirmed {want} within {timeout:g}s: {last.error}")
 

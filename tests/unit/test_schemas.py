@@ -997,6 +997,7 @@ VALID: dict[type, dict[str, Any]] = {
                                     "password_file": "h1.pw"},
     cluster_schemas.FenceRequest: {"reason": "the host hangs"},
     cluster_schemas.VMLifecycle: {"reason": "start it"},
+    cluster_schemas.HostMaintenance: {"reason": "firmware update", "dry_run": True},
     nic_schemas.UplinkReport: {"name": "h1-eth6", "admin_up": True, "carrier": True},
     nic_schemas.SwitchReport: {"name": "vs1", "vm_ports": {"vm1": True}},
     nic_schemas.NicReport: {"host": "h1", "switches": [{"name": "vs1"}]},
