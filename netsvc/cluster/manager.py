@@ -23,10 +23,14 @@ Invariants:
   corrects the model's placement of a VM with no open action (``vm-located``).
 - A service whose ``handle_timer`` raises is journaled (``service-error``) and skipped; the
   kernel and the other services go on.
-- The durable part of the model and the open actions are written to the store with
-  compare-and-put on the revision this manager last saw. A ``Conflict`` means another writer:
-  the core becomes *fenced* and refuses every further change (``Fenced``). Monotonic
-  timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
+- The durable part of the model and the open actions are written to the store one key per
+  host, VM, network and open action (``netsvc.cluster.persist``), only what changed, in one
+  commit per change, each key compared with the revision this manager last saw. A heartbeat
+  that changes only volatile fields (last heard, interface states, agent info) writes nothing.
+  A ``Conflict`` means another writer, and a ``StaleEpoch`` a lost leadership (the store is a
+  fenced one, ``netsvc.cluster.leader``): either way the core becomes *fenced* and refuses
+  every further change (``Fenced``); a journal append refused the same way fences it too.
+  Monotonic timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
   ``last_seen``, restored actions get fresh deadlines.
 
 ``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
@@ -39,7 +43,6 @@ those still queued when the manager stops are reported back as failed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import queue
 import select
@@ -68,7 +71,8 @@ from netsvc.cluster.errors import (
     ValidationError,
 )
 from netsvc.cluster.fencing import FenceAgent, FencingConfig, FencingService
-from netsvc.cluster.journal import Journal, JournalEntry
+from netsvc.cluster.journal import AuditJournal, JournalEntry
+from netsvc.cluster.leases import StaleEpoch
 from netsvc.cluster.model import (
     UNSET,
     VM,
@@ -81,6 +85,7 @@ from netsvc.cluster.model import (
     check_name,
 )
 from netsvc.cluster.observe import CoreObserver
+from netsvc.cluster.persist import ACTIONS_KEY, MODEL_KEY, StatePersister
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
 from netsvc.cluster.store import Conflict, StateStore
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
@@ -101,8 +106,10 @@ __all__ = [
     "ManagerServer",
 ]
 
-MODEL_KEY = "netsvc/cluster/model"
-ACTIONS_KEY = "netsvc/cluster/actions"
+#: Where a deposed leader's refused writes are reported (``leader.FencedStore``), for the
+#: leader to journal.
+REFUSED_PREFIX = "netsvc/cluster/refused/"
+REFUSED_SCAN_EVERY = 1.0
 DEFAULT_INTERVAL = 1.0
 DEFAULT_MISSED = 3
 DEFAULT_ACTION_TIMEOUT = 60.0
@@ -183,7 +190,7 @@ class ManagerCore:
     def __init__(
         self,
         store: StateStore,
-        journal: Journal,
+        journal: AuditJournal,
         *,
         now: float,
         wall: float,
@@ -206,15 +213,15 @@ class ManagerCore:
         self._wall_offset = wall - now
         self._started = now
         self._fenced: str | None = None
+        self._journal_fenced = False
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
-        self._model_rev = 0
-        self._model_doc = b""
-        self._actions_rev = 0
-        self._actions_doc = b""
+        self._persister = StatePersister(store)
+        self._dirty_actions: set[str] = set()
+        self._refused_scan = -math.inf
         self._services: dict[str, ManagerService] = {}
         self._recovery: dict[str, str] = {}  # VM -> the service that recovers it itself
         self._kinds: dict[str, ActionKind] = {k.name: k for k in VM_KINDS}
@@ -242,6 +249,7 @@ class ManagerCore:
                 "vms": len(self._model.vms),
                 "open_actions": len(self._actions),
                 "store_revision": store.revision(),
+                "store_upgraded_from_format": self._upgraded_from,
                 "heartbeat_interval": self.config.heartbeat_interval,
                 "missed_heartbeats": self.config.missed_heartbeats,
                 "services": sorted(self._services),
@@ -277,55 +285,45 @@ class ManagerCore:
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        got = self._store.get(MODEL_KEY)
-        if got is not None:
-            doc, rev = got
-            self._model = ClusterModel.from_json(doc)
-            self._model_rev, self._model_doc = rev, doc
-        got = self._store.get(ACTIONS_KEY)
-        if got is not None:
-            doc, rev = got
-            try:
-                data = json.loads(doc)
-                self._next_action = int(data["next"])
-                for rec in data["open"]:
-                    action = Action.from_record(rec)
-                    # Monotonic times of an earlier process mean nothing now: restart the
-                    # clocks of restored actions at this manager's start.
-                    kind = self._kinds.get(action.kind)
-                    timeout = (self.config.action_timeout
-                               if action.state is ActionState.PENDING or kind is None
-                               else kind.run_timeout)
-                    action = replace(
-                        action, created=self._started, deadline=self._started + timeout,
-                        claimed_at=None if action.claimed_at is None else self._started,
-                    )
-                    self._actions[action.id] = action
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
-            self._actions_rev, self._actions_doc = rev, doc
+        loaded = self._persister.load()
+        self._model = loaded.model
+        self._next_action = loaded.next_action
+        try:
+            for rec in loaded.actions:
+                action = Action.from_record(rec)
+                # Monotonic times of an earlier process mean nothing now: restart the
+                # clocks of restored actions at this manager's start.
+                kind = self._kinds.get(action.kind)
+                timeout = (self.config.action_timeout
+                           if action.state is ActionState.PENDING or kind is None
+                           else kind.run_timeout)
+                action = replace(
+                    action, created=self._started, deadline=self._started + timeout,
+                    claimed_at=None if action.claimed_at is None else self._started,
+                )
+                self._actions[action.id] = action
+                self._dirty_actions.add(action.id)  # written again only if its record changed
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
+        self._upgraded_from = loaded.upgraded_from
 
     def _persist(self) -> None:
-        model_doc = self._model.to_json(volatile=False).encode()
-        open_actions = [a.to_record() for a in self._sorted_actions() if a.is_open]
-        actions_doc = json.dumps(
-            {"next": self._next_action, "open": open_actions}, sort_keys=True
-        ).encode()
+        if self._fenced is not None:
+            raise Fenced(self._fenced)
+        dirty, self._dirty_actions = self._dirty_actions, set()
         try:
-            if model_doc != self._model_doc:
-                self._model_rev = self._store.compare_and_put(
-                    MODEL_KEY, model_doc, self._model_rev
-                )
-                self._model_doc = model_doc
-            if actions_doc != self._actions_doc:
-                self._actions_rev = self._store.compare_and_put(
-                    ACTIONS_KEY, actions_doc, self._actions_rev
-                )
-                self._actions_doc = actions_doc
+            self._persister.save(self._model, self._model.take_dirty(), self._actions, dirty,
+                                 self._next_action)
         except Conflict as exc:
-            self._fenced = f"the state store changed under this manager ({exc}); " \
-                           "another manager may be running, so this one takes no more decisions"
-            raise Fenced(self._fenced) from None
+            self._fence(f"the state store changed under this manager ({exc}); "
+                        "another manager may be running, so this one takes no more decisions")
+        except StaleEpoch as exc:
+            self._fence(f"this manager is no longer the leader ({exc}); its writes are "
+                        "refused, so it takes no more decisions")
+
+    def _fence(self, why: str) -> None:
+        self._fenced = why
+        raise Fenced(why) from None
 
     def persist(self) -> None:
         self._persist()
@@ -369,16 +367,27 @@ class ManagerCore:
         details: Mapping[str, Any] | None = None,
         actor: str | None = None,
     ) -> JournalEntry:
-        entry = self._journal.append(
-            mono=now,
-            wall=self._wall(now, wall),
-            actor=actor or self._actor,
-            action=action,
-            subject=subject,
-            reason=reason,
-            dry_run=dry_run,
-            details=details,
-        )
+        if self._fenced is not None and self._journal_fenced:
+            raise Fenced(self._fenced)
+        try:
+            entry = self._journal.append(
+                mono=now,
+                wall=self._wall(now, wall),
+                actor=actor or self._actor,
+                action=action,
+                subject=subject,
+                reason=reason,
+                dry_run=dry_run,
+                details=details,
+            )
+        except StaleEpoch as exc:
+            self._journal_fenced = True
+            self._fence(f"this manager is no longer the leader ({exc}); its journal entries "
+                        "are refused, so it takes no more decisions")
+        except Conflict as exc:
+            self._journal_fenced = True
+            self._fence(f"another manager appends to the journal ({exc}); this one takes no "
+                        "more decisions")
         if self._observer is not None:
             self._observer.journaled(entry)
         return entry
@@ -406,6 +415,7 @@ class ManagerCore:
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
+        self._dirty_actions.add(action.id)
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -1087,7 +1097,7 @@ class ManagerServer:
         address: tuple[str, int],
         key: bytes,
         store: StateStore,
-        journal: Journal,
+        journal: AuditJournal,
         *,
         config: ManagerConfig | None = None,
         services: Sequence[ManagerService] = (),
