@@ -129,8 +129,8 @@ def cluster(hosts: int, vms: int) -> tuple[list[str], dict[str, list[str]], list
     for i in range(vms):
         host = names[i % hosts]
         name = f"vm{i:06d}"
-        mac = "52:54:%02x:%02x:%02x:%02x" % ((i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255,
-                                             i & 255)
+        mac = f"52:54:{(i >> 24) & 255:02x}:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:" \
+              f"{i & 255:02x}"
         ip = f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}"
         docs.append({"name": name, "mac": mac, "ip": ip, "host": host, "state": "RUNNING"})
         on[host].append(name)

@@ -45,12 +45,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ha_common as hc  # noqa: E402
+import ha_common as hc
 
-from netsvc.cluster.etcd_store import EtcdStore  # noqa: E402
-from netsvc.cluster.model import VM, ClusterModel, Host, VMState  # noqa: E402
-from netsvc.cluster.persist import MODEL_KEY, StatePersister  # noqa: E402
-from netsvc.cluster.store import SqliteStore, StateStore  # noqa: E402
+from netsvc.cluster.etcd_store import EtcdStore
+from netsvc.cluster.model import VM, ClusterModel, Host, VMState
+from netsvc.cluster.persist import MODEL_KEY, StatePersister
+from netsvc.cluster.store import SqliteStore, StateStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "manager_capacity.json"
 ETCD_LIMIT = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
@@ -114,7 +114,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
                                                bodies[h][seq % 2])
                 if status != 200:
                     errors.append(f"{h}: HTTP {status}")
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 errors.append(f"{h}: {type(exc).__name__}")
             lags.append(loop.time() - due)
             seq += 1
