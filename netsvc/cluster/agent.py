@@ -34,7 +34,8 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from netsvc.cluster.client import ApiError, ConnectFn, ManagerClient
+from netsvc.cluster.client import ApiError, ConnectFn
+from netsvc.cluster.failover_client import manager_client
 
 AGENT_VERSION = "0.1.0"
 MIN_INTERVAL = 0.05
@@ -312,7 +313,7 @@ def run_agent(
         for sig in (signal.SIGTERM, signal.SIGINT):
             old_handlers[sig] = signal.signal(sig, on_signal)
     timeout = max(0.2, min(interval * 2, 5.0))
-    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect)
+    client = manager_client(manager_url, key, timeout=timeout, connect=connect)
     core = AgentCore(
         host,
         now=time.monotonic(),

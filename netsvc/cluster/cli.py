@@ -88,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument(
         "--access-log", action="store_true", default=None, help="log every request on stderr"
     )
+    p.add_argument("--ha", action="store_true", default=None,
+                   help="one of several managers on an etcd --store: lead or stand by")
+    p.add_argument("--advertise-url", metavar="URL",
+                   help="with --ha: this manager's URL, which standbys tell clients")
+    p.add_argument("--leader-ttl", metavar="S", type=int,
+                   help="with --ha: seconds of the leader's etcd lease (default 2)")
     _daemon_arguments(p, log_default=None)
     p.set_defaults(func=cmd_manager, plugins=tuple(plugins))
 
@@ -292,6 +298,9 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "action_timeout": args.action_timeout,
             "access_log": args.access_log,
             "metrics_addr": args.metrics_addr,
+            "ha": getattr(args, "ha", None),
+            "advertise_url": getattr(args, "advertise_url", None),
+            "leader_ttl": getattr(args, "leader_ttl", None),
         }
         for k, v in opts.items():
             if v is not None:
@@ -333,6 +342,11 @@ def cmd_manager(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             metrics = ManagerMetrics()
+        if cfg.get("ha"):
+            from netsvc.cluster.leader import run_manager_ha
+
+            return run_manager_ha(cfg, address, key, config, plugins, log,
+                                  fence_agent=_fence_agent(config), observer=metrics)
         store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)
@@ -414,10 +428,10 @@ def manager_client(args: argparse.Namespace) -> Any:
     """A client (``ManagerClient``) for ``add_manager_args``' options (a usage error if they
     are missing)."""
     from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.failover_client import manager_client as client_for
 
     url, key_file = _manager_and_key(args)
-    return ManagerClient(url, load_key(key_file), timeout=args.timeout)
+    return client_for(url, load_key(key_file), timeout=args.timeout)
 
 
 def _manager_and_key(args: argparse.Namespace) -> tuple[str, str]:
@@ -435,6 +449,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from netsvc.cluster.auth import load_key
     from netsvc.cluster.client import ManagerClient
     from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.failover_client import manager_client as client_for
     from netsvc.cluster.model import check_ip, check_name
     from netsvc.ops import logs, notify
 
@@ -462,7 +477,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 raise UsageError(str(exc)) from None
         key = load_key(key_file)
         try:
-            ManagerClient(url, key)
+            client_for(url, key)
         except ValueError as exc:
             raise UsageError(f"bad --manager: {exc}") from None
     except (UsageError, ClusterError) as exc:
@@ -484,7 +499,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return _fail("agent", f"bad --driver {args.driver!r}: {exc}")
 
     def make_client(timeout: float = 2.0) -> ManagerClient:
-        return ManagerClient(url, key, timeout=timeout)
+        return client_for(url, key, timeout=timeout)
 
     ctx = AgentContext(host=args.host, url=url, key=key, make_client=make_client,
                        driver=driver, log=log, mgmt_addr=mgmt, vm_addr=vm)
@@ -617,12 +632,13 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
 def _fetch_status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """The manager's status document and its URL; UsageError (exit 2) naming the problem."""
     from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
+    from netsvc.cluster.client import ApiError, ConnectionFailed
+    from netsvc.cluster.failover_client import manager_client as client_for
 
     url, key_file = _manager_and_key(args)
     key = load_key(key_file)
     try:
-        client = ManagerClient(url, key, timeout=args.timeout)
+        client = client_for(url, key, timeout=args.timeout)
     except ValueError as exc:
         raise UsageError(f"bad --manager: {exc}") from None
     try:

@@ -72,6 +72,7 @@ from netsvc.cluster.errors import (
 )
 from netsvc.cluster.fencing import FenceAgent, FencingConfig, FencingService
 from netsvc.cluster.journal import AuditJournal, JournalEntry
+from netsvc.cluster.leader import refused_reports
 from netsvc.cluster.leases import StaleEpoch
 from netsvc.cluster.model import (
     UNSET,
@@ -87,7 +88,7 @@ from netsvc.cluster.model import (
 from netsvc.cluster.observe import CoreObserver
 from netsvc.cluster.persist import ACTIONS_KEY, MODEL_KEY, StatePersister
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
-from netsvc.cluster.store import Conflict, StateStore
+from netsvc.cluster.store import Conflict, StateStore, StoreError
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
 from netsvc.cluster.vmactions import MIGRATION_RULES, migration_violations, vm_action_problems
 
@@ -106,9 +107,7 @@ __all__ = [
     "ManagerServer",
 ]
 
-#: Where a deposed leader's refused writes are reported (``leader.FencedStore``), for the
-#: leader to journal.
-REFUSED_PREFIX = "netsvc/cluster/refused/"
+#: Seconds between two looks for a deposed leader's refused-write reports (``leader``).
 REFUSED_SCAN_EVERY = 1.0
 DEFAULT_INTERVAL = 1.0
 DEFAULT_MISSED = 3
@@ -597,6 +596,7 @@ class ManagerCore:
         events: list[ManagerEvent] = []
         if self._fenced is not None:
             return events
+        self._journal_refused(now, wall)
         cfg = self.config
         for name in sorted(self._model.hosts):
             h = self._model.hosts[name]
@@ -658,6 +658,25 @@ class ManagerCore:
         with contextlib.suppress(Fenced):
             self._persist()
         return events
+
+    def _journal_refused(self, now: float, wall: float | None) -> None:
+        """Journal each refused-write report a deposed leader left (``leader.FencedStore``),
+        then delete it: the journal shows every split. At most once per second."""
+        if now - self._refused_scan < REFUSED_SCAN_EVERY:
+            return
+        self._refused_scan = now
+        try:
+            reports = refused_reports(self._store)
+        except StoreError:
+            return
+        for key, note in reports:
+            self._journal_append(
+                now, wall, "write-refused", _subject("manager", str(note.get("holder", "?"))),
+                f"a deposed leader (epoch {note.get('epoch')}) tried to write "
+                f"{note.get('writes')} key(s) after it lost the leader lock (now held at "
+                f"epoch {note.get('held_at')}); the store refused them",
+                details=dict(note))
+            self._store.delete(key)
 
     # -- VMs -----------------------------------------------------------------------------------
 

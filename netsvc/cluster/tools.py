@@ -105,12 +105,12 @@ def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyReport:
 def _client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
     from netsvc.cluster.auth import load_key
     from netsvc.cluster.cli import UsageError, _manager_and_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.failover_client import manager_client
 
     url, key_file = _manager_and_key(args)
     key = load_key(key_file)
     try:
-        return ManagerClient(url, key, timeout=timeout)
+        return manager_client(url, key, timeout=timeout)
     except ValueError as exc:
         raise UsageError(f"bad --manager: {exc}") from None
 
