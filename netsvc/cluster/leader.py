@@ -67,6 +67,9 @@ class EtcdLike(Protocol):
 class FencedStore:
     """A ``StateStore`` whose every write is fenced by the leader lock's epoch."""
 
+    #: The leader's core looks for refused-write reports only on such a store.
+    reports_refused = True
+
     def __init__(self, inner: EtcdLike, epoch: int, *, holder: str = "manager",
                  lock_key: str = LEADER_KEY, clock: Callable[[], float] = time.time) -> None:
         self.inner = inner

@@ -662,7 +662,8 @@ class ManagerCore:
     def _journal_refused(self, now: float, wall: float | None) -> None:
         """Journal each refused-write report a deposed leader left (``leader.FencedStore``),
         then delete it: the journal shows every split. At most once per second."""
-        if now - self._refused_scan < REFUSED_SCAN_EVERY:
+        if now - self._refused_scan < REFUSED_SCAN_EVERY or \
+                not getattr(self._store, "reports_refused", False):
             return
         self._refused_scan = now
         try:

@@ -34,7 +34,7 @@ from netsvc.cluster.leader import (
     not_leader_answer,
 )
 from netsvc.cluster.leases import StaleEpoch
-from netsvc.cluster.manager import ManagerConfig, ManagerCore, ManagerServer
+from netsvc.cluster.manager import ManagerCore, ManagerServer
 from netsvc.cluster.model import VMState
 from netsvc.cluster.persist import ACTION_PREFIX, HOST_PREFIX, VM_PREFIX
 from netsvc.cluster.store import Conflict, SqliteStore, Write, commit
