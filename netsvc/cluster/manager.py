@@ -31,7 +31,10 @@ Invariants:
   fenced one, ``netsvc.cluster.leader``): either way the core becomes *fenced* and refuses
   every further change (``Fenced``); a journal append refused the same way fences it too.
   Monotonic timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
-  ``last_seen``, restored actions get fresh deadlines.
+  ``last_seen``, restored actions get fresh deadlines. The one exception is a failover on a
+  shared (HA) store: the leader writes which hosts are UP, with its wall time, once per
+  heartbeat interval (``LIVE_KEY``), and a new leader starts those hosts UP, as heard that
+  long ago, if that was less than one DOWN window before (by the wall clock).
 
 ``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
 thread. It is the only place that reads ``time.monotonic()``/``time.time()``, and it
@@ -43,6 +46,7 @@ those still queued when the manager stops are reported back as failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import queue
 import select
@@ -107,6 +111,8 @@ __all__ = [
     "ManagerServer",
 ]
 
+#: The hosts a leader last saw UP, with its wall time (HA stores only; ``_write_liveness``).
+LIVE_KEY = "netsvc/cluster/live"
 #: Seconds between two looks for a deposed leader's refused-write reports (``leader``).
 REFUSED_SCAN_EVERY = 1.0
 DEFAULT_INTERVAL = 1.0
@@ -236,6 +242,8 @@ class ManagerCore:
                 self._kinds[kind.name] = kind
                 self._kind_owner[kind.name] = svc.name
         self._load()
+        self._live_written = -math.inf
+        restored = self._restore_liveness(now, wall)
         for net in self.config.networks:
             self._model.add_network(net)
         for svc in self._services.values():
@@ -249,6 +257,7 @@ class ManagerCore:
                 "open_actions": len(self._actions),
                 "store_revision": store.revision(),
                 "store_upgraded_from_format": self._upgraded_from,
+                "hosts_restored_up": restored,
                 "heartbeat_interval": self.config.heartbeat_interval,
                 "missed_heartbeats": self.config.missed_heartbeats,
                 "services": sorted(self._services),
@@ -657,7 +666,54 @@ class ManagerCore:
                     details={"traceback": traceback.format_exc(limit=5)[-2000:]})
         with contextlib.suppress(Fenced):
             self._persist()
+            self._write_liveness(now, wall)
         return events
+
+    # -- liveness across a failover (a shared, HA store only) ----------------------------------
+
+    def _ha_store(self) -> bool:
+        return bool(getattr(self._store, "reports_refused", False))
+
+    def _write_liveness(self, now: float, wall: float | None) -> None:
+        """Once per heartbeat interval, on a shared (HA) store: which hosts are UP, batched
+        into one key with this manager's wall time, so that a new leader need not wait a
+        heartbeat of every host before it can decide (``_restore_liveness``)."""
+        if not self._ha_store() or now - self._live_written < self.config.heartbeat_interval:
+            return
+        self._live_written = now
+        up = sorted(n for n, h in self._model.hosts.items() if h.state is HostState.UP
+                    and h.last_seen is not None and now - h.last_seen < self.alive_window)
+        doc = json.dumps({"wall": self._wall(now, wall), "up": up},
+                         separators=(",", ":")).encode()
+        try:
+            self._store.put(LIVE_KEY, doc)
+        except StaleEpoch as exc:
+            self._fence(f"this manager is no longer the leader ({exc}); its writes are "
+                        "refused, so it takes no more decisions")
+        except StoreError:
+            pass  # liveness is only a head start for the next leader
+
+    def _restore_liveness(self, now: float, wall: float) -> int:
+        """On a shared (HA) store, hosts the previous leader saw UP less than one DOWN window
+        ago (by the wall clocks) are UP here too, as heard that long ago; the rest stay
+        UNKNOWN. Returns how many were restored UP."""
+        if not self._ha_store():
+            return 0
+        try:
+            got = self._store.get(LIVE_KEY)
+            data = json.loads(got[0]) if got is not None else None
+            age = wall - float(data["wall"]) if isinstance(data, dict) else math.inf
+            up = [str(h) for h in data["up"]] if isinstance(data, dict) else []
+        except (StoreError, ValueError, KeyError, TypeError):
+            return 0
+        if not 0 <= age < self.down_after:
+            return 0
+        n = 0
+        for name in up:
+            if name in self._model.hosts:
+                self._model.update_host(name, state=HostState.UP, last_seen=now - age)
+                n += 1
+        return n
 
     def _journal_refused(self, now: float, wall: float | None) -> None:
         """Journal each refused-write report a deposed leader left (``leader.FencedStore``),

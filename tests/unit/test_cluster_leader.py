@@ -408,3 +408,31 @@ def _standby_says(url: str, leader: str) -> bool:
     except ApiError:
         return False
     return status == 307 and obj.get("leader") == leader
+
+
+def test_a_new_leader_starts_with_the_hosts_the_last_one_saw_up(estore: EtcdStore) -> None:
+    """Batched liveness: the leader writes which hosts are UP once per interval; a new leader
+    within one DOWN window starts them UP (as heard that long ago), a later one UNKNOWN."""
+    from netsvc.cluster.model import HostState
+
+    lease_a, epoch_a = _leader(estore, "a")
+    fa = FencedStore(estore, epoch_a, holder="a")
+    a = ManagerCore(fa, StoreJournal(fa), now=T0, wall=WALL0)
+    a.heartbeat("h1", seq=1, now=T0)
+    a.heartbeat("h2", seq=1, now=T0)
+    a.handle_timer(T0 + 1.0, WALL0 + 1.0)  # h1 and h2 were heard 1 s ago: UP
+    estore.revoke(lease_a)
+    _, epoch_b = _leader(estore, "b")
+    fb = FencedStore(estore, epoch_b, holder="b")
+    b = ManagerCore(fb, StoreJournal(fb), now=5.0, wall=WALL0 + 2.0)
+    assert {n: h.state for n, h in b.model.hosts.items()} == {"h1": HostState.UP,
+                                                             "h2": HostState.UP}
+    assert b.model.hosts["h1"].last_seen == pytest.approx(5.0 - 1.0)
+    assert b.next_timer() == pytest.approx(4.0 + b.down_after)  # DOWN if it stays silent
+    late = ManagerCore(fb, StoreJournal(fb), now=5.0, wall=WALL0 + 1.0 + b.down_after)
+    assert {h.state for h in late.model.hosts.values()} == {HostState.UNKNOWN}
+    plain = SqliteStore(":memory:")  # a store of one manager: never
+    c = ManagerCore(plain, StoreJournal(plain), now=T0, wall=WALL0)
+    c.heartbeat("h1", seq=1, now=T0)
+    c.handle_timer(T0 + 1, WALL0 + 1)
+    assert plain.get("netsvc/cluster/live") is None
