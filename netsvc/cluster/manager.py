@@ -377,25 +377,33 @@ class ManagerCore:
     ) -> JournalEntry:
         if self._fenced is not None and self._journal_fenced:
             raise Fenced(self._fenced)
+        fields: dict[str, Any] = {
+            "mono": now, "wall": self._wall(now, wall), "actor": actor or self._actor,
+            "action": action, "subject": subject, "reason": reason, "dry_run": dry_run,
+            "details": details,
+        }
+        atomic = getattr(self._journal, "append_with", None)
+        entry: JournalEntry
         try:
-            entry = self._journal.append(
-                mono=now,
-                wall=self._wall(now, wall),
-                actor=actor or self._actor,
-                action=action,
-                subject=subject,
-                reason=reason,
-                dry_run=dry_run,
-                details=details,
-            )
+            if atomic is not None and self._fenced is None:
+                # A journal in the store: the state changes made so far go in the entry's
+                # commit, so the store never holds the entry without the change or the
+                # reverse (a failover in between would hand an action out twice).
+                dirty, self._dirty_actions = self._dirty_actions, set()
+                writes = self._persister.writes(self._model, self._model.take_dirty(),
+                                                self._actions, dirty, self._next_action)
+                entry, revs = atomic(writes, **fields)
+                self._persister.applied(writes, revs)
+            else:
+                entry = self._journal.append(**fields)
         except StaleEpoch as exc:
             self._journal_fenced = True
             self._fence(f"this manager is no longer the leader ({exc}); its journal entries "
                         "are refused, so it takes no more decisions")
         except Conflict as exc:
             self._journal_fenced = True
-            self._fence(f"another manager appends to the journal ({exc}); this one takes no "
-                        "more decisions")
+            self._fence(f"the state store changed under this manager ({exc}); another "
+                        "manager may be running, so this one takes no more decisions")
         if self._observer is not None:
             self._observer.journaled(entry)
         return entry

@@ -74,6 +74,7 @@ class StatePersister:
         self._cache: dict[str, tuple[bytes, int]] = {}  # key -> (document, mod revision)
         self._legacy: dict[str, int] = {}  # format-1 keys still to delete -> revision
         self._next_action = 0
+        self._pending_next = 0
 
     @property
     def keys(self) -> int:
@@ -148,7 +149,24 @@ class StatePersister:
         next_action: int,
     ) -> int:
         """Write what changed; return how many keys were written or deleted."""
+        writes = self.writes(model, dirty, actions, dirty_actions, next_action)
+        if not writes:
+            return 0
+        self.applied(writes, commit(self._store, writes))
+        return len(writes)
+
+    def writes(
+        self,
+        model: ClusterModel,
+        dirty: Iterable[tuple[str, str]],
+        actions: Mapping[str, Action],
+        dirty_actions: Iterable[str],
+        next_action: int,
+    ) -> list[Write]:
+        """The writes that bring the store to what changed (for a caller that commits them
+        with more, e.g. a journal entry: then it must call ``applied``)."""
         writes: list[Write] = []
+        self._pending_next = next_action
 
         def put(key: str, doc: bytes | None) -> None:
             cached = self._cache.get(key)
@@ -178,17 +196,19 @@ class StatePersister:
             put(META_KEY, _doc({"format": FORMAT, "next_action": next_action}))
         for key, rev in sorted(self._legacy.items()):
             writes.append(Write(key, None, rev))
+        return writes
+
+    def applied(self, writes: list[Write], revs: list[int]) -> None:
+        """``writes`` (from ``writes``) were committed at ``revs``: remember them."""
         if not writes:
-            return 0
-        revs = commit(self._store, writes)
+            return
         self._legacy.clear()
-        self._next_action = next_action
+        self._next_action = self._pending_next
         for w, rev in zip(writes, revs, strict=True):
             if w.value is None:
                 self._cache.pop(w.key, None)
             else:
                 self._cache[w.key] = (w.value, rev)
-        return len(writes)
 
 
 __all__ = ["ACTIONS_KEY", "MODEL_KEY", "Loaded", "StatePersister"]

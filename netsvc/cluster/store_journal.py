@@ -11,10 +11,12 @@ Invariants:
 
 - ``append`` writes the entry key (which must be absent) and the head (at the revision this
   writer last saw) in one ``store.commit``: two writers can never both write seq N, and an
-  append never leaves the head and the entries out of step. Through a fenced store
-  (``leader.FencedStore``) a deposed leader's append is refused with ``StaleEpoch``; a
-  writer that lost a race gets ``Conflict``. Either way nothing is written and the caller
-  (the manager) stops deciding;
+  append never leaves the head and the entries out of step. ``append_with`` adds the state
+  writes the entry records to that same commit, so the entry and the change it describes are
+  in the store together or not at all (a leader killed in between leaves neither). Through
+  a fenced store (``leader.FencedStore``) a deposed leader's append is refused with
+  ``StaleEpoch``; a writer that lost a race gets ``Conflict``. Either way nothing is written
+  and the caller (the manager) stops deciding;
 - seq numbers start at 1 and have no gaps, and each ``prev`` is the hash of the line before,
   so ``verify`` checks exactly what ``Journal.verify`` checks, plus that the head names the
   last entry;
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from netsvc.cluster.journal import (
@@ -97,6 +99,25 @@ class StoreJournal:
         details: Mapping[str, Any] | None = None,
     ) -> JournalEntry:
         """Append one entry (``Conflict``/``StaleEpoch`` from the store: nothing written)."""
+        return self.append_with(
+            [], mono=mono, wall=wall, actor=actor, action=action, subject=subject,
+            reason=reason, dry_run=dry_run, details=details)[0]
+
+    def append_with(
+        self,
+        writes: Sequence[Write],
+        *,
+        mono: float,
+        wall: float,
+        actor: str,
+        action: str,
+        subject: str,
+        reason: str,
+        dry_run: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> tuple[JournalEntry, list[int]]:
+        """Append one entry in the same commit as ``writes`` (the state change it records):
+        both or neither. Returns the entry and the revision of each of ``writes``."""
         with self._lock:
             entry = JournalEntry(
                 seq=self._last_seq + 1,
@@ -113,10 +134,10 @@ class StoreJournal:
             line = encode_entry(entry)
             digest = line_hash(line)
             head = json.dumps({"seq": entry.seq, "hash": digest}, sort_keys=True).encode()
-            revs = commit(self._store, [Write(entry_key(entry.seq), line, 0),
+            revs = commit(self._store, [*writes, Write(entry_key(entry.seq), line, 0),
                                         Write(HEAD_KEY, head, self._head_rev)])
             self._last_seq, self._last_hash, self._head_rev = entry.seq, digest, revs[-1]
-            return entry
+            return entry, revs[:len(writes)]
 
     def _lines(self, since_seq: int, limit: int | None) -> Iterator[bytes]:
         start = since_seq + 1

@@ -436,3 +436,24 @@ def test_a_new_leader_starts_with_the_hosts_the_last_one_saw_up(estore: EtcdStor
     c.heartbeat("h1", seq=1, now=T0)
     c.handle_timer(T0 + 1, WALL0 + 1)
     assert plain.get("netsvc/cluster/live") is None
+
+
+def test_a_journal_entry_and_the_change_it_records_are_one_commit() -> None:
+    """With the journal in the store, a claim's entry and the CLAIMED action are written in
+    the same commit: a store with the entry has the change, and the reverse."""
+    store = SqliteStore(":memory:")
+    core = ManagerCore(store, StoreJournal(store), now=T0, wall=WALL0)
+    for h in ("h1", "h2"):
+        core.heartbeat(h, seq=1, now=T0)
+    core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.11", host="h1",
+                state=VMState.RUNNING, now=T0)
+    d = core.request_migration("vm1", to="h2", reason="drain h1", now=T0)
+    assert d.action is not None
+    (_taken,) = core.claim_actions("h2", "exec", now=T0 + 1)
+    claimed = [e for e in StoreJournal(store).read() if e.action == "action-claimed"]
+    key = ACTION_PREFIX + d.action.id
+    doc, rev = store.get(key) or (b"", 0)
+    assert json.loads(doc)["state"] == "CLAIMED"
+    (entry_kv,) = [kv for kv in store.scan("netsvc/journal/e/")
+                   if kv.value.startswith(b'{"action":"action-claimed"')]
+    assert len(claimed) == 1 and entry_kv.revision == rev  # one commit, one revision
