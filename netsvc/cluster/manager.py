@@ -46,6 +46,7 @@ those still queued when the manager stops are reported back as failed.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import math
 import queue
@@ -226,6 +227,8 @@ class ManagerCore:
         self._model = ClusterModel()
         self._persister = StatePersister(store)
         self._dirty_actions: set[str] = set()
+        self._open_ids: set[str] = set()  # the open actions (the timer looks at no other)
+        self._silence: list[tuple[float, str]] = []  # heap of (DOWN deadline, host)
         self._refused_scan = -math.inf
         self._services: dict[str, ManagerService] = {}
         self._recovery: dict[str, str] = {}  # VM -> the service that recovers it itself
@@ -244,6 +247,8 @@ class ManagerCore:
         self._load()
         self._live_written = -math.inf
         restored = self._restore_liveness(now, wall)
+        for name in self._model.hosts:
+            self._watch(name)
         for net in self.config.networks:
             self._model.add_network(net)
         for svc in self._services.values():
@@ -311,6 +316,8 @@ class ManagerCore:
                 )
                 self._actions[action.id] = action
                 self._dirty_actions.add(action.id)  # written again only if its record changed
+                if action.is_open:
+                    self._open_ids.add(action.id)
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
         self._upgraded_from = loaded.upgraded_from
@@ -432,6 +439,10 @@ class ManagerCore:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
         self._dirty_actions.add(action.id)
+        if action.is_open:
+            self._open_ids.add(action.id)
+        else:
+            self._open_ids.discard(action.id)
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -561,6 +572,7 @@ class ManagerCore:
                         f"agent reports interface {ifname} {after} (was {before})",
                         details={"interface": ifname, "state": after, "previous": before},
                     )
+        self._watch(host)
         if vms:
             self._reconcile(host, vms, now, wall)
         self._last_hb_seq[host] = seq
@@ -592,13 +604,11 @@ class ManagerCore:
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``handle_timer`` has something to do, or None."""
         deadlines = []
-        for h in self._model.hosts.values():
-            if h.state is not HostState.DOWN:
-                base = h.last_seen if h.last_seen is not None else self._started
-                deadlines.append(base + self.down_after)
-        for a in self._actions.values():
-            if a.is_open:
-                deadlines.append(a.deadline)
+        first = self._next_silence()
+        if first is not None:
+            deadlines.append(first)
+        for action_id in self._open_ids:
+            deadlines.append(self._actions[action_id].deadline)
         for svc in self._services.values():
             try:
                 t = svc.next_timer()
@@ -608,6 +618,26 @@ class ManagerCore:
                 deadlines.append(t)
         return min(deadlines) if deadlines else None
 
+    def _watch(self, name: str) -> None:
+        """(Re)arm the DOWN deadline of host ``name`` (O(log hosts)); stale ones are skipped
+        when they come up (``_silence_valid``)."""
+        h = self._model.hosts[name]
+        if h.state is not HostState.DOWN:
+            base = h.last_seen if h.last_seen is not None else self._started
+            heapq.heappush(self._silence, (base + self.down_after, name))
+
+    def _silence_valid(self, deadline: float, name: str) -> bool:
+        h = self._model.hosts.get(name)
+        if h is None or h.state is HostState.DOWN:
+            return False
+        base = h.last_seen if h.last_seen is not None else self._started
+        return base + self.down_after == deadline
+
+    def _next_silence(self) -> float | None:
+        while self._silence and not self._silence_valid(*self._silence[0]):
+            heapq.heappop(self._silence)
+        return self._silence[0][0] if self._silence else None
+
     def handle_timer(self, now: float, wall: float | None = None) -> list[ManagerEvent]:
         """Mark silent hosts DOWN, expire and time out actions, run the services' timers."""
         events: list[ManagerEvent] = []
@@ -615,13 +645,18 @@ class ManagerCore:
             return events
         self._journal_refused(now, wall)
         cfg = self.config
-        for name in sorted(self._model.hosts):
+        due: set[str] = set()
+        while self._silence and self._silence[0][0] <= now:
+            deadline, name = heapq.heappop(self._silence)
+            if self._silence_valid(deadline, name):
+                due.add(name)
+        for name in sorted(due):
             h = self._model.hosts[name]
-            if h.state is HostState.DOWN:
-                continue
             base = h.last_seen if h.last_seen is not None else self._started
             silent = now - base
-            if silent >= self.down_after:
+            if silent < self.down_after:  # rounding: not quite due yet, look again later
+                heapq.heappush(self._silence, (base + self.down_after, name))
+            else:
                 self._model.set_host_state(name, HostState.DOWN)
                 heard = "since the last heartbeat" if h.last_seen is not None else \
                     "since the manager started (never heard from)"
@@ -635,7 +670,8 @@ class ManagerCore:
                              "vms": [vm.name for vm in self._model.vms_on(name)]},
                 )
                 events.append(HostDown(name, now, silent, reason))
-        for action in self._sorted_actions():
+        for action in sorted((self._actions[i] for i in self._open_ids),
+                             key=lambda a: int(a.id.split("-", 1)[1])):
             if not action.is_open or now < action.deadline:
                 continue
             if action.state is ActionState.PENDING:
