@@ -345,8 +345,16 @@ def cmd_manager(args: argparse.Namespace) -> int:
         if cfg.get("ha"):
             from netsvc.cluster.leader import run_manager_ha
 
-            return run_manager_ha(cfg, address, key, config, plugins, log,
-                                  fence_agent=_fence_agent(config), observer=metrics)
+            if metrics is not None:
+                from netsvc.ops.metrics import MetricsServer
+
+                metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)
+            try:
+                return run_manager_ha(cfg, address, key, config, plugins, log,
+                                      fence_agent=_fence_agent(config), observer=metrics)
+            finally:
+                if metrics_server is not None:
+                    metrics_server.close()
         store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)

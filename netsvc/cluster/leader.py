@@ -305,34 +305,42 @@ def run_ha(
                 standby = open_standby()
                 if on_role is not None:
                     on_role(Role.STANDBY)
-            lease = store.grant_lease(ttl)
-            camp = Campaign(float(ttl), time.monotonic())
             epoch: int | None = None
-            while not stop.is_set():
-                now = time.monotonic()
-                if now >= camp.next_renewal():
-                    try:
-                        store.keepalive(lease)
-                        camp.renewed(now)
-                    except LeaseLost:
-                        break  # our waiting lease lapsed: grant a new one
-                got = store.get(LEADER_KEY)
-                if got is None:
-                    epoch = store.acquire(LEADER_KEY, me.encode(), lease)
-                    if epoch is not None:
-                        break
-                    continue
-                holder = Holder.decode(got[0])
-                if holder != current["leader"]:
-                    current["leader"] = holder
-                    if holder is not None:
-                        log(f"standby: the leader is {holder.name} ({holder.url})")
-                previous = holder
-                stop.wait(POLL_S)
+            lease = 0
+            try:
+                lease = store.grant_lease(ttl)
+                camp = Campaign(float(ttl), time.monotonic())
+                while not stop.is_set():
+                    now = time.monotonic()
+                    if now >= camp.next_renewal():
+                        try:
+                            store.keepalive(lease)
+                            camp.renewed(now)
+                        except LeaseLost:
+                            break  # our waiting lease lapsed: grant a new one
+                    got = store.get(LEADER_KEY)
+                    if got is None:
+                        epoch = store.acquire(LEADER_KEY, me.encode(), lease)
+                        if epoch is not None:
+                            break
+                        continue
+                    holder = Holder.decode(got[0])
+                    if holder != current["leader"]:
+                        current["leader"] = holder
+                        if holder is not None:
+                            log(f"standby: the leader is {holder.name} ({holder.url})")
+                    previous = holder
+                    stop.wait(POLL_S)
+            except StoreError as exc:  # etcd unreachable for now: a standby waits and retries
+                log(f"WARNING: standby: {exc}")
+                current["leader"] = None
+                stop.wait(1.0)
+                continue
             if epoch is None:
                 if not stop.is_set():
                     continue
-                store.revoke(lease)
+                with contextlib.suppress(StoreError):
+                    store.revoke(lease)
                 break
             # Elected.
             camp.elected(epoch, time.monotonic())
@@ -343,8 +351,16 @@ def run_ha(
             log(reason)
             try:
                 server = build(FencedStore(store, epoch, holder=name), reason)
+            except StoreError as exc:  # etcd went away while the state loaded: stand by again
+                log(f"WARNING: could not take over: {exc}")
+                with contextlib.suppress(StoreError):
+                    store.revoke(lease)
+                current["leader"] = None
+                stop.wait(1.0)
+                continue
             except BaseException:
-                store.revoke(lease)
+                with contextlib.suppress(StoreError):
+                    store.revoke(lease)
                 raise
             server.start()
             if on_role is not None:
