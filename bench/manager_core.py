@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,9 @@ load_s = time.perf_counter() - t
 api = Api(core, hc.KEY.encode())
 hdr = {"authorization": "Bearer " + hc.KEY, "content-type": "application/json"}
 def body(i, h, seq):
+    addr = f"198.18.{(i >> 8) & 255}.{i & 255}"
     return json.dumps({"seq": seq, "interfaces": {"eth0": "up", "eth1": "up"},
-                       "agent": {"pid": 10000 + i}, "mgmt_addr": f"198.18.{(i >> 8) & 255}.{i & 255}",
+                       "agent": {"pid": 10000 + i}, "mgmt_addr": addr,
                        "vms": {v: "running" for v in on[h]}}).encode()
 bodies = [body(i, h, 5) for i, h in enumerate(hosts)]
 def one(i, now):
