@@ -149,9 +149,12 @@ async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds
         i = k
         while loop.time() < end:
             h = hosts[i % len(hosts)]
-            status, _ = await hc.http_post(port, f"/v1/hosts/{h}/heartbeat",
-                                           payload(h, i % len(hosts), 1000 + i, on[h]))
-            done += 1
+            try:
+                status, _ = await hc.http_post(port, f"/v1/hosts/{h}/heartbeat",
+                                               payload(h, i % len(hosts), 1000 + i, on[h]))
+            except (OSError, TimeoutError):
+                status = 0
+            done += status == 200
             errors += status != 200
             i += conc
 
@@ -205,6 +208,7 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         asyncio.run(warm_up(port, hosts, on))
         out["warm_up_s"] = round(time.monotonic() - t, 2)
         out["rate"] = asyncio.run(rate_run(port, hosts, on, duration, proc.pid))
+        print(json.dumps({k: v for k, v in out.items()}), flush=True)
         if do_max:
             out["max"] = asyncio.run(max_run(port, hosts, on, 10.0, proc.pid))
     finally:
