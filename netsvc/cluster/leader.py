@@ -438,6 +438,10 @@ def run_manager_ha(
         print("netsvc manager: --ha needs an etcd --store (etcd://HOST:PORT[/PREFIX])",
               file=sys.stderr)
         return 2
+    if address[1] == 0:
+        print("netsvc manager: --ha needs a fixed --listen port (the standby and the leader "
+              "serve the same one, and it is the URL the others advertise)", file=sys.stderr)
+        return 2
     try:
         store: Any = open_store(spec, cfg.get("state_dir") or ".")
         store.revision()

@@ -457,3 +457,19 @@ def test_a_journal_entry_and_the_change_it_records_are_one_commit() -> None:
     (entry_kv,) = [kv for kv in store.scan("netsvc/journal/e/")
                    if kv.value.startswith(b'{"action":"action-claimed"')]
     assert len(claimed) == 1 and entry_kv.revision == rev  # one commit, one revision
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "needs an etcd --store"),
+    (["--store", "etcd://127.0.0.1:1"], "needs a fixed --listen port"),
+])
+def test_ha_usage_errors_exit_2(tmp_path: Path, extra: list[str], message: str) -> None:
+    key = tmp_path / "key"
+    key.write_text(KEY.decode() + "\n")
+    key.chmod(0o600)
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER, "manager", "--ha", "--listen", "127.0.0.1:0",
+         "--key-file", str(key), "--state-dir", str(tmp_path / "s"), *extra],
+        capture_output=True, text=True, timeout=60,
+        env={"NETSVC_CONFIG_DIR": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and message in r.stderr, r.stderr
