@@ -50,7 +50,7 @@ import ha_common as hc
 from netsvc.cluster.etcd_store import EtcdStore
 from netsvc.cluster.model import VM, ClusterModel, Host, VMState
 from netsvc.cluster.persist import MODEL_KEY, StatePersister
-from netsvc.cluster.store import SqliteStore, StateStore
+from netsvc.cluster.store import MAX_VALUE_LEN, SqliteStore, StateStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "manager_capacity.json"
 ETCD_LIMIT = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
@@ -184,12 +184,14 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         spec = f"etcd://{etcd_url.split('://', 1)[1]}{prefix.rstrip('/')}"
     out: dict[str, Any] = {"code": label, "store": store_kind, "hosts": n_hosts, "vms": n_vms}
     try:
-        if fmt == 1 and store_kind == "etcd":
+        if fmt == 1:
             size = len(hc.model_v1(hosts, docs))
-            if size > ETCD_LIMIT:
-                out["skipped"] = (f"the format-1 model document is {size} bytes, above etcd's "
-                                  f"default request limit of {ETCD_LIMIT}: the old manager "
-                                  "cannot store this cluster on etcd")
+            limit, what = (ETCD_LIMIT, "etcd's default request limit") if store_kind == "etcd" \
+                else (MAX_VALUE_LEN, "the store's value limit")
+            if size > limit:
+                out["skipped"] = (f"the format-1 model document is {size} bytes, above {what} "
+                                  f"of {limit}: the old manager cannot store this cluster")
+                print(json.dumps(out), flush=True)
                 return out
         t = time.monotonic()
         out["largest_value_bytes"] = populate(store, hosts, docs, fmt)
@@ -244,7 +246,7 @@ def main() -> int:
         if "etcd" in stores:
             etcd_proc, etcd_url = hc.start_etcd(tmp / "etcd", tmp / "etcd.log", cpu="1")
         new = hc.ROOT
-        for point in args.old_points.split(","):
+        for point in (p for p in args.old_points.split(",") if p):
             h, v = (int(x) for x in point.split(":"))
             for store in stores:
                 results["runs"].append(one_run(new, "new", store, h, v, args.duration, True,
