@@ -228,6 +228,7 @@ class ManagerCore:
         self._persister = StatePersister(store)
         self._dirty_actions: set[str] = set()
         self._open_ids: set[str] = set()  # the open actions (the timer looks at no other)
+        self._actions_version = 0
         self._silence: list[tuple[float, str]] = []  # heap of (DOWN deadline, host)
         self._refused_scan = -math.inf
         self._services: dict[str, ManagerService] = {}
@@ -435,9 +436,16 @@ class ManagerCore:
     def _sorted_actions(self) -> list[Action]:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
+    @property
+    def actions_version(self) -> int:
+        """Grows with every change of an action (the adapter wakes long-polling claims only
+        when it moved, not on every request)."""
+        return self._actions_version
+
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
+        self._actions_version += 1
         self._dirty_actions.add(action.id)
         if action.is_open:
             self._open_ids.add(action.id)
@@ -1336,6 +1344,7 @@ class ManagerServer:
     def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
         with self._lock:
             now, wall = time.monotonic(), time.time()
+            version = self.core.actions_version
             try:
                 resp = self.api.finish(prepared, raw, now=now, wall=wall)
             except Exception as exc:  # never let one request kill the daemon
@@ -1345,8 +1354,8 @@ class ManagerServer:
             effects = self.core.take_effects()
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
-        if prepared.route.mutates:
-            self._actions_changed()
+        if prepared.route.mutates and self.core.actions_version != version:
+            self._actions_changed()  # only then can a waiting claim find something new
         self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
 
