@@ -97,6 +97,10 @@ while time.perf_counter() - t1 < 2.0:
     core.next_timer()
     m += 1
 timer_ms = 1000 * (time.perf_counter() - t1) / m
+journal.close()
+store.close()
+import shutil
+shutil.rmtree(d, ignore_errors=True)
 print(json.dumps({"heartbeats": n, "heartbeats_per_s": round(hb_s, 1),
                   "cpu_ms_per_heartbeat": round(1000 * cpu / n, 3),
                   "timer_ms": round(timer_ms, 3), "load_s": round(load_s, 2)}))
@@ -141,6 +145,9 @@ def main() -> int:
     finally:
         if etcd_proc is not None:
             hc.stop(etcd_proc)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": hc.machine(),
            "runs": runs}
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
