@@ -34,7 +34,8 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from netsvc.cluster.client import ApiError, ConnectFn, ManagerClient
+from netsvc.cluster.client import ApiError, ConnectFn
+from netsvc.cluster.failover_client import manager_client
 
 AGENT_VERSION = "0.1.0"
 MIN_INTERVAL = 0.05
@@ -315,9 +316,10 @@ def run_agent(
         for sig in (signal.SIGTERM, signal.SIGINT):
             old_handlers[sig] = signal.signal(sig, on_signal)
     timeout = max(0.2, min(interval * 2, 5.0))
-    # One kept-alive connection for the heartbeats (over TLS, no handshake per heartbeat).
-    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect, persistent=True,
-                           **(tls or {}))
+    # One kept-alive connection for the heartbeats (over TLS, no handshake per heartbeat);
+    # with several manager URLs, it follows the leader.
+    client = manager_client(manager_url, key, timeout=timeout, connect=connect,
+                            persistent=True, **(tls or {}))
     core = AgentCore(
         host,
         now=time.monotonic(),

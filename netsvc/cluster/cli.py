@@ -95,6 +95,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument(
         "--access-log", action="store_true", default=None, help="log every request on stderr"
     )
+    p.add_argument("--ha", action="store_true", default=None,
+                   help="one of several managers on an etcd --store: lead or stand by")
+    p.add_argument("--advertise-url", metavar="URL",
+                   help="with --ha: this manager's URL, which standbys tell clients")
+    p.add_argument("--leader-ttl", metavar="S", type=int,
+                   help="with --ha: seconds of the leader's etcd lease (default 2)")
     _daemon_arguments(p, log_default=None)
     p.set_defaults(func=cmd_manager, plugins=tuple(plugins))
 
@@ -300,6 +306,9 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
             "client_ca": args.client_ca,
+            "ha": getattr(args, "ha", None),
+            "advertise_url": getattr(args, "advertise_url", None),
+            "leader_ttl": getattr(args, "leader_ttl", None),
         }
         for k, v in opts.items():
             if v is not None:
@@ -356,6 +365,20 @@ def cmd_manager(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             metrics = ManagerMetrics()
+        if cfg.get("ha"):
+            from netsvc.cluster.leader import run_manager_ha
+
+            if metrics is not None:
+                from netsvc.ops.metrics import MetricsServer
+
+                metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)
+            try:
+                return run_manager_ha(cfg, address, keyring, config, plugins, log,
+                                      fence_agent=_fence_agent(config), observer=metrics,
+                                      limits=limits, tls=tls)
+            finally:
+                if metrics_server is not None:
+                    metrics_server.close()
         store = open_store(cfg.get("store"), state_dir)
         try:
             journal = Journal(state_dir / "journal.jsonl", repair=True)
@@ -464,16 +487,16 @@ def client_from_args(args: argparse.Namespace, timeout: float | None = None) -> 
     """A ``ManagerClient`` for ``add_connection_args``' options; ``UsageError`` (exit 2) for a
     missing URL or key, an unreadable key file or a bad URL or TLS file."""
     from netsvc.cluster.auth import KeyFileError, load_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.failover_client import manager_client as client_for
 
     url, key_file = _manager_and_key(args)
     try:
         key = load_key(key_file)
     except KeyFileError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        return ManagerClient(url, key, timeout=timeout if timeout is not None else
-                             getattr(args, "timeout", 5.0), **tls_options(args))
+    try:  # several URLs (``--manager URL1,URL2``): it follows the leader
+        return client_for(url, key, timeout=timeout if timeout is not None else
+                          getattr(args, "timeout", 5.0), **tls_options(args))
     except ValueError as exc:
         raise UsageError(f"bad --manager: {exc}") from None
 
@@ -505,6 +528,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from netsvc.cluster.auth import load_key
     from netsvc.cluster.client import ManagerClient
     from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.failover_client import manager_client as client_for
     from netsvc.cluster.model import check_ip, check_name
     from netsvc.ops import logs, notify
 
@@ -533,7 +557,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         key = load_key(key_file)
         tls = tls_options(args)
         try:
-            ManagerClient(url, key, **tls)
+            client_for(url, key, **tls)
         except ValueError as exc:
             raise UsageError(f"bad --manager: {exc}") from None
     except (UsageError, ClusterError) as exc:
@@ -556,8 +580,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     def make_client(timeout: float = 2.0) -> ManagerClient:
         # kept-alive: a service's long-lived client (the partition poster, the executor's
-        # claims) pays one TLS handshake, not one per request
-        return ManagerClient(url, key, timeout=timeout, persistent=True, **tls)
+        # claims) pays one TLS handshake, not one per request; it follows the leader
+        return client_for(url, key, timeout=timeout, persistent=True, **tls)
 
     ctx = AgentContext(host=args.host, url=url, key=key, make_client=make_client,
                        driver=driver, log=log, mgmt_addr=mgmt, vm_addr=vm)

@@ -16,6 +16,10 @@ Invariants:
   carries the key's revision read in that same transaction;
 - ``acquire`` / ``fenced_put`` / ``release`` are single transactions too; the fencing epoch is
   the lock key's ``create_revision`` (see ``leases``);
+- ``commit(writes, fence=(lock_key, epoch))`` is one transaction per ``TXN_OPS`` writes: every
+  expected revision and, when fenced, the lock key's create revision are compared in the same
+  transaction as the writes; a batch larger than ``TXN_OPS`` (etcd's default ``--max-txn-ops``
+  is 128) is split, and then each part is atomic, not the whole;
 - a ``scan`` that needs several pages reads them all at the revision of the first page, so it
   is one consistent snapshot (unless etcd compacted that revision meanwhile: ``StoreError``);
 - a write whose outcome is unknown (connection lost after the request was sent, or timeout) is
@@ -51,11 +55,20 @@ import json
 import select
 import ssl
 import threading
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from netsvc.cluster.leases import LeaseLost, LockInfo, StaleEpoch
-from netsvc.cluster.store import Conflict, KeyValue, StoreError, _check_key, _check_value
+from netsvc.cluster.store import (
+    Conflict,
+    KeyValue,
+    StoreError,
+    Write,
+    _check_expected,
+    _check_key,
+    _check_value,
+)
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_PREFIX = "/netsvc/"
@@ -63,6 +76,8 @@ DEFAULT_PREFIX = "/netsvc/"
 SCAN_PAGE = 200
 #: The largest response body read from etcd (a scan page of large values stays far below).
 MAX_RESPONSE = 256 * 1024 * 1024
+#: Writes per transaction in ``commit`` (etcd refuses more than ``--max-txn-ops``, 128).
+TXN_OPS = 120
 #: Idle keep-alive connections kept for reuse (more concurrent calls open more, then close them).
 MAX_IDLE = 8
 #: etcd's gRPC status code NOT_FOUND (an unknown lease).
@@ -409,6 +424,86 @@ class EtcdStore:
             if msg.get("more") is not True or not kvs:
                 return out
             start = _unb64(kvs[-1].get("key"), "key") + b"\0"
+
+    def commit(
+        self, writes: Sequence[Write], fence: tuple[str, int] | None = None
+    ) -> list[int]:
+        """Apply ``writes`` (see ``store.commit``); with ``fence=(lock_key, epoch)`` only while
+        ``lock_key`` has create revision ``epoch``, else ``StaleEpoch`` and nothing written."""
+        checked = [
+            Write(w.key, None if w.value is None else _check_value(w.value),
+                  _check_expected(w.expected))
+            for w in writes
+        ]
+        if fence is not None:
+            epoch = fence[1]
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= 0:
+                raise StoreError(f"epoch must be an int > 0, not {epoch!r}")
+        revs: list[int] = []
+        for i in range(0, len(checked), TXN_OPS):
+            part = checked[i:i + TXN_OPS]
+            revs.extend([self._commit_part(part, fence)] * len(part))
+        return revs
+
+    def _commit_part(self, writes: list[Write], fence: tuple[str, int] | None) -> int:
+        compare: list[dict[str, Any]] = []
+        failure: list[dict[str, Any]] = []
+        checks: list[tuple[str, Write | None]] = []
+        if fence is not None:
+            lk = _b64(self._full(fence[0]))
+            compare.append({"key": lk, "target": "CREATE", "result": "EQUAL",
+                            "create_revision": str(fence[1])})
+            failure.append({"request_range": {"key": lk}})
+            checks.append((fence[0], None))
+        success: list[dict[str, Any]] = []
+        for w in writes:
+            k = _b64(self._full(w.key))
+            if w.expected is not None:
+                if w.expected == 0:
+                    compare.append({"key": k, "target": "CREATE", "result": "EQUAL",
+                                    "create_revision": "0"})
+                else:
+                    compare.append({"key": k, "target": "MOD", "result": "EQUAL",
+                                    "mod_revision": str(w.expected)})
+                failure.append({"request_range": {"key": k}})
+                checks.append((w.key, w))
+            if w.value is None:
+                success.append({"request_delete_range": {"key": k}})
+            else:
+                success.append({"request_put": {"key": k, "value": _b64(w.value)}})
+        msg = self._call("kv/txn", {"compare": compare, "success": success,
+                                    "failure": failure}, idempotent=False)
+        rev = _header_revision(msg)
+        if msg.get("succeeded") is True:
+            return rev
+        responses = msg.get("responses", [])
+        if not isinstance(responses, list) or len(responses) != len(checks):
+            raise StoreError(f"etcd sent a txn answer with {len(responses)} ranges, "
+                             f"not {len(checks)}")
+        for (key, cw), resp in zip(checks, responses, strict=True):
+            rng = _dict(_dict(resp, "response").get("response_range"), "response_range")
+            kvs = self._kvs(rng)
+            if cw is None:
+                assert fence is not None
+                actual = 0 if not kvs else _int(kvs[0], "create_revision", default=None)
+                if actual != fence[1]:
+                    raise StaleEpoch(writes[0].key if writes else key, fence[0], fence[1],
+                                     actual)
+                continue
+            actual = 0 if not kvs else _int(kvs[0], "mod_revision", default=None)
+            if actual != cw.expected:
+                raise Conflict(key, cw.expected or 0, actual)
+        raise StoreError("etcd refused a transaction but no compared key differs (raced)")
+
+    def scan_from(self, prefix: str, start: str, limit: int) -> list[KeyValue]:
+        """At most ``limit`` keys that start with ``prefix`` and are >= ``start``, sorted."""
+        first = self._full(prefix)
+        begin = max(first, self._full(start)) if start else first
+        msg = self._call("kv/range", {"key": _b64(begin), "range_end": _b64(prefix_end(first)),
+                                      "limit": str(int(limit))}, idempotent=True)
+        return [KeyValue(self._strip(_unb64(kv.get("key"), "key")),
+                         _unb64(kv.get("value", ""), "value"),
+                         _int(kv, "mod_revision", default=None)) for kv in self._kvs(msg)]
 
     def revision(self) -> int:
         msg = self._call(

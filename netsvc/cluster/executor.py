@@ -13,7 +13,10 @@ Invariants:
   ``run_timeout``, after which the action fails there and a late report is refused.
 - Phases run on threads of their own, so a slow readdress never delays a migration; two phases
   of the same VM never run at once (the manager holds one open exclusive action per VM).
-- A lost manager is retried with back-off; it never ends the loop.
+- A lost manager is retried with back-off; it never ends the loop. A phase's result is sent
+  again (same report) while no manager answers, for up to ``RESULT_RETRY_S``: a leader that
+  fails over in between gets it, since the next leader has the action CLAIMED from the store;
+  a refusal (4xx) ends the retries, so a result that already arrived is not applied twice.
 - Every VM the kernel's executors bring to this host passes the services' ``attaching`` hooks
   first (in plugin order; the first that raises fails the action and nothing is attached), then
   their ``attached`` hooks once the driver made its place here (the first that raises fails
@@ -33,6 +36,8 @@ from netsvc.cluster.service import AgentContext, Executor
 from netsvc.hypervisor.driver import DriverError
 
 CLAIM_WAIT = 10.0
+#: How long a phase's result is offered to the manager(s) while none answers (a failover).
+RESULT_RETRY_S = 30.0
 
 
 def _driver(ctx: AgentContext) -> Any:
@@ -165,7 +170,9 @@ def run_executor(
         result.setdefault("elapsed_ms", round((time.monotonic() - t0) * 1000, 3))
         result.pop("detail", None)
         ctx.log(f"{kind} {phase} of {vm} ({action['id']}): {'ok' if ok else 'FAILED'}: {detail}")
-        for attempt in range(5):
+        deadline = time.monotonic() + RESULT_RETRY_S
+        wait = 0.1
+        while True:
             try:
                 client.complete_action(str(action["id"]), ok, detail, result=result,
                                        host=ctx.host)
@@ -174,7 +181,13 @@ def run_executor(
                 if exc.status and 400 <= exc.status < 500:
                     ctx.log(f"the manager refused the result of {action['id']}: {exc}")
                     break
-                time.sleep(0.1 * (attempt + 1))
+                if time.monotonic() + wait > deadline:
+                    ctx.log(f"the result of {action['id']} could not be reported: {exc}")
+                    break
+                # No manager answers (one is failing over): the result waits for the next
+                # leader, which has the action CLAIMED from the store.
+                time.sleep(wait)
+                wait = min(wait * 2, 0.5)
         if on_done is not None:
             on_done(action, ok, detail)
 

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from netsvc.cluster.errors import ClusterError
 
@@ -268,6 +268,68 @@ def read_journal(path: str | Path, since_seq: int = 0) -> list[JournalEntry]:
             if complete and seq > since_seq:
                 out.append(decode_line(line, seq))
     return out
+
+
+class AuditJournal(Protocol):
+    """What the manager needs of a journal: ``Journal`` (a file) or
+    ``netsvc.cluster.store_journal.StoreJournal`` (the same chain, one store key per entry)."""
+
+    torn_tail: TornTail | None
+
+    @property
+    def last_seq(self) -> int: ...
+
+    def head(self) -> tuple[int, str]: ...
+
+    def append(
+        self,
+        *,
+        mono: float,
+        wall: float,
+        actor: str,
+        action: str,
+        subject: str,
+        reason: str,
+        dry_run: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> JournalEntry: ...
+
+    def read(self, since_seq: int = 0, limit: int | None = None) -> list[JournalEntry]: ...
+
+    def verify(self, anchor: tuple[int, str] | None = None) -> VerifyReport: ...
+
+    def close(self) -> None: ...
+
+
+def check_lines(lines: Iterator[bytes], anchor: tuple[int, str] | None = None) -> VerifyReport:
+    """Check a chain given as its lines (without newlines), in seq order from seq 1."""
+    prev = GENESIS
+    count = 0
+    hashes: dict[int, str] = {}
+    for line in lines:
+        seq = count + 1
+        try:
+            entry = decode_line(line, seq)
+        except JournalCorrupt as exc:
+            return VerifyReport(False, count, seq, str(exc))
+        if entry.prev != prev:
+            return VerifyReport(
+                False, count, seq,
+                f"seq {seq}: prev does not match the hash of seq {seq - 1} "
+                f"(seq {seq - 1} or {seq} was altered, or a line is missing)",
+            )
+        prev = line_hash(line)
+        if anchor is not None and seq == anchor[0]:
+            hashes[seq] = prev
+        count = seq
+    if anchor is not None:
+        a_seq, a_hash = anchor
+        if count < a_seq:
+            return VerifyReport(False, count, count + 1, f"journal ends at seq {count}, "
+                                f"the anchor says {a_seq}: entries were removed")
+        if a_seq >= 1 and hashes.get(a_seq) != a_hash:
+            return VerifyReport(False, count, a_seq, f"seq {a_seq} does not match the anchor hash")
+    return VerifyReport(True, count)
 
 
 # -- the file ---------------------------------------------------------------------------------

@@ -23,11 +23,18 @@ Invariants:
   corrects the model's placement of a VM with no open action (``vm-located``).
 - A service whose ``handle_timer`` raises is journaled (``service-error``) and skipped; the
   kernel and the other services go on.
-- The durable part of the model and the open actions are written to the store with
-  compare-and-put on the revision this manager last saw. A ``Conflict`` means another writer:
-  the core becomes *fenced* and refuses every further change (``Fenced``). Monotonic
-  timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
-  ``last_seen``, restored actions get fresh deadlines.
+- The durable part of the model and the open actions are written to the store one key per
+  host, VM, network and open action (``netsvc.cluster.persist``), only what changed, in one
+  commit per change, each key compared with the revision this manager last saw. A heartbeat
+  that changes only volatile fields (last heard, interface states, agent info) writes nothing.
+  A ``Conflict`` means another writer, and a ``StaleEpoch`` a lost leadership (the store is a
+  fenced one, ``netsvc.cluster.leader``): either way the core becomes *fenced* and refuses
+  every further change (``Fenced``); a journal append refused the same way fences it too.
+  Monotonic timestamps are never trusted across a restart: restored hosts are UNKNOWN with no
+  ``last_seen``, restored actions get fresh deadlines. The one exception is a failover on a
+  shared (HA) store: the leader writes which hosts are UP, with its wall time, once per
+  heartbeat interval (``LIVE_KEY``), and a new leader starts those hosts UP, as heard that
+  long ago, if that was less than one DOWN window before (by the wall clock).
 
 ``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
 thread. It is the only place that reads ``time.monotonic()``/``time.time()``, and it
@@ -39,6 +46,7 @@ those still queued when the manager stops are reported back as failed.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import math
 import queue
@@ -64,7 +72,9 @@ from netsvc.cluster.errors import (
     ValidationError,
 )
 from netsvc.cluster.fencing import FenceAgent, FencingConfig, FencingService
-from netsvc.cluster.journal import Journal, JournalEntry
+from netsvc.cluster.journal import AuditJournal, JournalEntry
+from netsvc.cluster.leader import refused_reports
+from netsvc.cluster.leases import StaleEpoch
 from netsvc.cluster.model import (
     UNSET,
     VM,
@@ -77,9 +87,10 @@ from netsvc.cluster.model import (
     check_name,
 )
 from netsvc.cluster.observe import CoreObserver
+from netsvc.cluster.persist import ACTIONS_KEY, MODEL_KEY, StatePersister
 from netsvc.cluster.server import HTTPServer, ServerLimits, TlsConfig
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
-from netsvc.cluster.store import Conflict, StateStore
+from netsvc.cluster.store import Conflict, StateStore, StoreError
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
 from netsvc.cluster.vmactions import MIGRATION_RULES, migration_violations, vm_action_problems
 
@@ -98,8 +109,10 @@ __all__ = [
     "ManagerServer",
 ]
 
-MODEL_KEY = "netsvc/cluster/model"
-ACTIONS_KEY = "netsvc/cluster/actions"
+#: The hosts a leader last saw UP, with its wall time (HA stores only; ``_write_liveness``).
+LIVE_KEY = "netsvc/cluster/live"
+#: Seconds between two looks for a deposed leader's refused-write reports (``leader``).
+REFUSED_SCAN_EVERY = 1.0
 DEFAULT_INTERVAL = 1.0
 DEFAULT_MISSED = 3
 DEFAULT_ACTION_TIMEOUT = 60.0
@@ -180,7 +193,7 @@ class ManagerCore:
     def __init__(
         self,
         store: StateStore,
-        journal: Journal,
+        journal: AuditJournal,
         *,
         now: float,
         wall: float,
@@ -203,16 +216,19 @@ class ManagerCore:
         self._wall_offset = wall - now
         self._started = now
         self._fenced: str | None = None
+        self._journal_fenced = False
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
         self._actions_version = 0
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
-        self._model_rev = 0
-        self._model_doc = b""
-        self._actions_rev = 0
-        self._actions_doc = b""
+        self._persister = StatePersister(store)
+        self._dirty_actions: set[str] = set()
+        self._open_ids: set[str] = set()  # the open actions (the timer looks at no other)
+        self._actions_version = 0
+        self._silence: list[tuple[float, str]] = []  # heap of (DOWN deadline, host)
+        self._refused_scan = -math.inf
         self._services: dict[str, ManagerService] = {}
         self._recovery: dict[str, str] = {}  # VM -> the service that recovers it itself
         self._kinds: dict[str, ActionKind] = {k.name: k for k in VM_KINDS}
@@ -228,6 +244,10 @@ class ManagerCore:
                 self._kinds[kind.name] = kind
                 self._kind_owner[kind.name] = svc.name
         self._load()
+        self._live_written = -math.inf
+        restored = self._restore_liveness(now, wall)
+        for name in self._model.hosts:
+            self._watch(name)
         for net in self.config.networks:
             self._model.add_network(net)
         for svc in self._services.values():
@@ -240,6 +260,8 @@ class ManagerCore:
                 "vms": len(self._model.vms),
                 "open_actions": len(self._actions),
                 "store_revision": store.revision(),
+                "store_upgraded_from_format": self._upgraded_from,
+                "hosts_restored_up": restored,
                 "heartbeat_interval": self.config.heartbeat_interval,
                 "missed_heartbeats": self.config.missed_heartbeats,
                 "services": sorted(self._services),
@@ -275,55 +297,47 @@ class ManagerCore:
     # -- persistence -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        got = self._store.get(MODEL_KEY)
-        if got is not None:
-            doc, rev = got
-            self._model = ClusterModel.from_json(doc)
-            self._model_rev, self._model_doc = rev, doc
-        got = self._store.get(ACTIONS_KEY)
-        if got is not None:
-            doc, rev = got
-            try:
-                data = json.loads(doc)
-                self._next_action = int(data["next"])
-                for rec in data["open"]:
-                    action = Action.from_record(rec)
-                    # Monotonic times of an earlier process mean nothing now: restart the
-                    # clocks of restored actions at this manager's start.
-                    kind = self._kinds.get(action.kind)
-                    timeout = (self.config.action_timeout
-                               if action.state is ActionState.PENDING or kind is None
-                               else kind.run_timeout)
-                    action = replace(
-                        action, created=self._started, deadline=self._started + timeout,
-                        claimed_at=None if action.claimed_at is None else self._started,
-                    )
-                    self._actions[action.id] = action
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
-            self._actions_rev, self._actions_doc = rev, doc
+        loaded = self._persister.load()
+        self._model = loaded.model
+        self._next_action = loaded.next_action
+        try:
+            for rec in loaded.actions:
+                action = Action.from_record(rec)
+                # Monotonic times of an earlier process mean nothing now: restart the
+                # clocks of restored actions at this manager's start.
+                kind = self._kinds.get(action.kind)
+                timeout = (self.config.action_timeout
+                           if action.state is ActionState.PENDING or kind is None
+                           else kind.run_timeout)
+                action = replace(
+                    action, created=self._started, deadline=self._started + timeout,
+                    claimed_at=None if action.claimed_at is None else self._started,
+                )
+                self._actions[action.id] = action
+                self._dirty_actions.add(action.id)  # written again only if its record changed
+                if action.is_open:
+                    self._open_ids.add(action.id)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
+        self._upgraded_from = loaded.upgraded_from
 
     def _persist(self) -> None:
-        model_doc = self._model.to_json(volatile=False).encode()
-        open_actions = [a.to_record() for a in self._sorted_actions() if a.is_open]
-        actions_doc = json.dumps(
-            {"next": self._next_action, "open": open_actions}, sort_keys=True
-        ).encode()
+        if self._fenced is not None:
+            raise Fenced(self._fenced)
+        dirty, self._dirty_actions = self._dirty_actions, set()
         try:
-            if model_doc != self._model_doc:
-                self._model_rev = self._store.compare_and_put(
-                    MODEL_KEY, model_doc, self._model_rev
-                )
-                self._model_doc = model_doc
-            if actions_doc != self._actions_doc:
-                self._actions_rev = self._store.compare_and_put(
-                    ACTIONS_KEY, actions_doc, self._actions_rev
-                )
-                self._actions_doc = actions_doc
+            self._persister.save(self._model, self._model.take_dirty(), self._actions, dirty,
+                                 self._next_action)
         except Conflict as exc:
-            self._fenced = f"the state store changed under this manager ({exc}); " \
-                           "another manager may be running, so this one takes no more decisions"
-            raise Fenced(self._fenced) from None
+            self._fence(f"the state store changed under this manager ({exc}); "
+                        "another manager may be running, so this one takes no more decisions")
+        except StaleEpoch as exc:
+            self._fence(f"this manager is no longer the leader ({exc}); its writes are "
+                        "refused, so it takes no more decisions")
+
+    def _fence(self, why: str) -> None:
+        self._fenced = why
+        raise Fenced(why) from None
 
     def persist(self) -> None:
         self._persist()
@@ -367,16 +381,35 @@ class ManagerCore:
         details: Mapping[str, Any] | None = None,
         actor: str | None = None,
     ) -> JournalEntry:
-        entry = self._journal.append(
-            mono=now,
-            wall=self._wall(now, wall),
-            actor=actor or self._actor,
-            action=action,
-            subject=subject,
-            reason=reason,
-            dry_run=dry_run,
-            details=details,
-        )
+        if self._fenced is not None and self._journal_fenced:
+            raise Fenced(self._fenced)
+        fields: dict[str, Any] = {
+            "mono": now, "wall": self._wall(now, wall), "actor": actor or self._actor,
+            "action": action, "subject": subject, "reason": reason, "dry_run": dry_run,
+            "details": details,
+        }
+        atomic = getattr(self._journal, "append_with", None)
+        entry: JournalEntry
+        try:
+            if atomic is not None and self._fenced is None:
+                # A journal in the store: the state changes made so far go in the entry's
+                # commit, so the store never holds the entry without the change or the
+                # reverse (a failover in between would hand an action out twice).
+                dirty, self._dirty_actions = self._dirty_actions, set()
+                writes = self._persister.writes(self._model, self._model.take_dirty(),
+                                                self._actions, dirty, self._next_action)
+                entry, revs = atomic(writes, **fields)
+                self._persister.applied(writes, revs)
+            else:
+                entry = self._journal.append(**fields)
+        except StaleEpoch as exc:
+            self._journal_fenced = True
+            self._fence(f"this manager is no longer the leader ({exc}); its journal entries "
+                        "are refused, so it takes no more decisions")
+        except Conflict as exc:
+            self._journal_fenced = True
+            self._fence(f"the state store changed under this manager ({exc}); another "
+                        "manager may be running, so this one takes no more decisions")
         if self._observer is not None:
             self._observer.journaled(entry)
         return entry
@@ -412,6 +445,11 @@ class ManagerCore:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
         self._actions_version += 1
+        self._dirty_actions.add(action.id)
+        if action.is_open:
+            self._open_ids.add(action.id)
+        else:
+            self._open_ids.discard(action.id)
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -541,6 +579,7 @@ class ManagerCore:
                         f"agent reports interface {ifname} {after} (was {before})",
                         details={"interface": ifname, "state": after, "previous": before},
                     )
+        self._watch(host)
         if vms:
             self._reconcile(host, vms, now, wall)
         self._last_hb_seq[host] = seq
@@ -572,13 +611,11 @@ class ManagerCore:
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``handle_timer`` has something to do, or None."""
         deadlines = []
-        for h in self._model.hosts.values():
-            if h.state is not HostState.DOWN:
-                base = h.last_seen if h.last_seen is not None else self._started
-                deadlines.append(base + self.down_after)
-        for a in self._actions.values():
-            if a.is_open:
-                deadlines.append(a.deadline)
+        first = self._next_silence()
+        if first is not None:
+            deadlines.append(first)
+        for action_id in self._open_ids:
+            deadlines.append(self._actions[action_id].deadline)
         for svc in self._services.values():
             try:
                 t = svc.next_timer()
@@ -588,19 +625,45 @@ class ManagerCore:
                 deadlines.append(t)
         return min(deadlines) if deadlines else None
 
+    def _watch(self, name: str) -> None:
+        """(Re)arm the DOWN deadline of host ``name`` (O(log hosts)); stale ones are skipped
+        when they come up (``_silence_valid``)."""
+        h = self._model.hosts[name]
+        if h.state is not HostState.DOWN:
+            base = h.last_seen if h.last_seen is not None else self._started
+            heapq.heappush(self._silence, (base + self.down_after, name))
+
+    def _silence_valid(self, deadline: float, name: str) -> bool:
+        h = self._model.hosts.get(name)
+        if h is None or h.state is HostState.DOWN:
+            return False
+        base = h.last_seen if h.last_seen is not None else self._started
+        return base + self.down_after == deadline
+
+    def _next_silence(self) -> float | None:
+        while self._silence and not self._silence_valid(*self._silence[0]):
+            heapq.heappop(self._silence)
+        return self._silence[0][0] if self._silence else None
+
     def handle_timer(self, now: float, wall: float | None = None) -> list[ManagerEvent]:
         """Mark silent hosts DOWN, expire and time out actions, run the services' timers."""
         events: list[ManagerEvent] = []
         if self._fenced is not None:
             return events
+        self._journal_refused(now, wall)
         cfg = self.config
-        for name in sorted(self._model.hosts):
+        due: set[str] = set()
+        while self._silence and self._silence[0][0] <= now:
+            deadline, name = heapq.heappop(self._silence)
+            if self._silence_valid(deadline, name):
+                due.add(name)
+        for name in sorted(due):
             h = self._model.hosts[name]
-            if h.state is HostState.DOWN:
-                continue
             base = h.last_seen if h.last_seen is not None else self._started
             silent = now - base
-            if silent >= self.down_after:
+            if silent < self.down_after:  # rounding: not quite due yet, look again later
+                heapq.heappush(self._silence, (base + self.down_after, name))
+            else:
                 self._model.set_host_state(name, HostState.DOWN)
                 heard = "since the last heartbeat" if h.last_seen is not None else \
                     "since the manager started (never heard from)"
@@ -614,7 +677,8 @@ class ManagerCore:
                              "vms": [vm.name for vm in self._model.vms_on(name)]},
                 )
                 events.append(HostDown(name, now, silent, reason))
-        for action in self._sorted_actions():
+        for action in sorted((self._actions[i] for i in self._open_ids),
+                             key=lambda a: int(a.id.split("-", 1)[1])):
             if not action.is_open or now < action.deadline:
                 continue
             if action.state is ActionState.PENDING:
@@ -653,7 +717,74 @@ class ManagerCore:
                     details={"traceback": traceback.format_exc(limit=5)[-2000:]})
         with contextlib.suppress(Fenced):
             self._persist()
+            self._write_liveness(now, wall)
         return events
+
+    # -- liveness across a failover (a shared, HA store only) ----------------------------------
+
+    def _ha_store(self) -> bool:
+        return bool(getattr(self._store, "reports_refused", False))
+
+    def _write_liveness(self, now: float, wall: float | None) -> None:
+        """Once per heartbeat interval, on a shared (HA) store: which hosts are UP, batched
+        into one key with this manager's wall time, so that a new leader need not wait a
+        heartbeat of every host before it can decide (``_restore_liveness``)."""
+        if not self._ha_store() or now - self._live_written < self.config.heartbeat_interval:
+            return
+        self._live_written = now
+        up = sorted(n for n, h in self._model.hosts.items() if h.state is HostState.UP
+                    and h.last_seen is not None and now - h.last_seen < self.alive_window)
+        doc = json.dumps({"wall": self._wall(now, wall), "up": up},
+                         separators=(",", ":")).encode()
+        try:
+            self._store.put(LIVE_KEY, doc)
+        except StaleEpoch as exc:
+            self._fence(f"this manager is no longer the leader ({exc}); its writes are "
+                        "refused, so it takes no more decisions")
+        except StoreError:
+            pass  # liveness is only a head start for the next leader
+
+    def _restore_liveness(self, now: float, wall: float) -> int:
+        """On a shared (HA) store, hosts the previous leader saw UP less than one DOWN window
+        ago (by the wall clocks) are UP here too, as heard that long ago; the rest stay
+        UNKNOWN. Returns how many were restored UP."""
+        if not self._ha_store():
+            return 0
+        try:
+            got = self._store.get(LIVE_KEY)
+            data = json.loads(got[0]) if got is not None else None
+            age = wall - float(data["wall"]) if isinstance(data, dict) else math.inf
+            up = [str(h) for h in data["up"]] if isinstance(data, dict) else []
+        except (StoreError, ValueError, KeyError, TypeError):
+            return 0
+        if not 0 <= age < self.down_after:
+            return 0
+        n = 0
+        for name in up:
+            if name in self._model.hosts:
+                self._model.update_host(name, state=HostState.UP, last_seen=now - age)
+                n += 1
+        return n
+
+    def _journal_refused(self, now: float, wall: float | None) -> None:
+        """Journal each refused-write report a deposed leader left (``leader.FencedStore``),
+        then delete it: the journal shows every split. At most once per second."""
+        if now - self._refused_scan < REFUSED_SCAN_EVERY or \
+                not getattr(self._store, "reports_refused", False):
+            return
+        self._refused_scan = now
+        try:
+            reports = refused_reports(self._store)
+        except StoreError:
+            return
+        for key, note in reports:
+            self._journal_append(
+                now, wall, "write-refused", _subject("manager", str(note.get("holder", "?"))),
+                f"a deposed leader (epoch {note.get('epoch')}) tried to write "
+                f"{note.get('writes')} key(s) after it lost the leader lock (now held at "
+                f"epoch {note.get('held_at')}); the store refused them",
+                details=dict(note))
+            self._store.delete(key)
 
     # -- VMs -----------------------------------------------------------------------------------
 
@@ -1080,7 +1211,7 @@ class ManagerServer:
         address: tuple[str, int],
         key: bytes | Keyring,
         store: StateStore,
-        journal: Journal,
+        journal: AuditJournal,
         *,
         config: ManagerConfig | None = None,
         services: Sequence[ManagerService] = (),

@@ -16,6 +16,9 @@ Invariants:
 - Every ``ClusterModel`` method either applies its whole change or raises and changes nothing.
 - ``ClusterModel.from_json(m.to_json())`` gives a model equal to ``m``; ``from_json`` validates
   every field through the same constructors, so a loaded model holds the same invariants.
+- Every change marks what it touched as dirty (``("host"|"vm"|"network", name)``);
+  ``take_dirty()`` hands that set over and clears it, so a persister writes only what changed
+  (O(1) per change, never the whole model).
 - The model never reads a clock: ``last_seen`` is a monotonic timestamp passed in by the caller.
 """
 
@@ -252,6 +255,19 @@ class ClusterModel:
         self._hosts: dict[str, Host] = {}
         self._vms: dict[str, VM] = {}
         self._networks: dict[str, Network] = {}
+        self._macs: dict[str, str] = {}  # MAC -> VM name (the unique-mac index)
+        self._dirty: set[tuple[str, str]] = set()
+
+    def take_dirty(self) -> set[tuple[str, str]]:
+        """What changed since the last call: ``(kind, name)`` pairs; the set is cleared."""
+        out, self._dirty = self._dirty, set()
+        return out
+
+    def mark_all_dirty(self) -> None:
+        """Mark every host, VM and network dirty (a store being rewritten in a new layout)."""
+        self._dirty.update(("network", n) for n in self._networks)
+        self._dirty.update(("host", n) for n in self._hosts)
+        self._dirty.update(("vm", n) for n in self._vms)
 
     # -- read access -------------------------------------------------------------------------
 
@@ -293,11 +309,13 @@ class ClusterModel:
         if not isinstance(network, Network):
             raise ModelError("add_network needs a Network")
         self._networks[network.name] = network
+        self._dirty.add(("network", network.name))
 
     def remove_network(self, name: str) -> None:
         if name not in self._networks:
             raise UnknownEntity("network", name)
         del self._networks[name]
+        self._dirty.add(("network", name))
 
     # -- hosts -------------------------------------------------------------------------------
 
@@ -308,6 +326,7 @@ class ClusterModel:
         if host.name in self._hosts:
             raise InvariantViolation("unique-host", f"host {host.name!r} already exists")
         self._hosts[host.name] = host
+        self._dirty.add(("host", host.name))
 
     def update_host(self, name: str, **changes: Any) -> Host:
         """Replace fields of a host. A ``state`` change follows ``HOST_TRANSITIONS``."""
@@ -320,6 +339,7 @@ class ClusterModel:
         check_host_transition(name, old.state, new_state)
         new = replace(old, **changes)
         self._hosts[name] = new
+        self._dirty.add(("host", name))
         return new
 
     def set_host_state(self, name: str, state: HostState) -> Host:
@@ -333,6 +353,7 @@ class ClusterModel:
                 "host-empty", f"host {name!r} still has VMs placed on it: {', '.join(placed)}"
             )
         del self._hosts[name]
+        self._dirty.add(("host", name))
 
     # -- VMs ---------------------------------------------------------------------------------
 
@@ -344,12 +365,12 @@ class ClusterModel:
             raise InvariantViolation(
                 "placed-when-running", f"VM {vm.name!r} is {vm.state.value} but has no host"
             )
-        for other in self._vms.values():
-            if other.name != vm.name and other.mac == vm.mac:
-                raise InvariantViolation(
-                    "unique-mac",
-                    f"MAC {vm.mac} of VM {vm.name!r} is already used by {other.name!r}",
-                )
+        other = self._macs.get(vm.mac)
+        if other is not None and other != vm.name:
+            raise InvariantViolation(
+                "unique-mac",
+                f"MAC {vm.mac} of VM {vm.name!r} is already used by {other!r}",
+            )
 
     def add_vm(self, vm: VM) -> VM:
         """Define a new VM (its host, if any, must exist)."""
@@ -359,6 +380,8 @@ class ClusterModel:
             raise InvariantViolation("unique-vm", f"VM {vm.name!r} already exists")
         self._check_vm(vm)
         self._vms[vm.name] = vm
+        self._macs[vm.mac] = vm.name
+        self._dirty.add(("vm", vm.name))
         return vm
 
     def update_vm(
@@ -390,6 +413,10 @@ class ClusterModel:
         new = replace(old, **changes)
         self._check_vm(new)
         self._vms[name] = new
+        if new.mac != old.mac:
+            self._macs.pop(old.mac, None)
+            self._macs[new.mac] = name
+        self._dirty.add(("vm", name))
         return new
 
     def place_vm(self, name: str, host: str | None) -> VM:
@@ -400,8 +427,10 @@ class ClusterModel:
         return self.update_vm(name, state=state)
 
     def remove_vm(self, name: str) -> None:
-        self.vm(name)
+        vm = self.vm(name)
         del self._vms[name]
+        self._macs.pop(vm.mac, None)
+        self._dirty.add(("vm", name))
 
     # -- serialisation -----------------------------------------------------------------------
 
@@ -477,6 +506,7 @@ class ClusterModel:
         new._hosts = dict(self._hosts)
         new._vms = dict(self._vms)
         new._networks = dict(self._networks)
+        new._macs = dict(self._macs)
         return new
 
 

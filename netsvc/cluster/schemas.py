@@ -352,6 +352,13 @@ class ManagerConfigFile(Schema, frozen=True):
     networks: Annotated[list[NetworkEntry], Meta(max_length=MAX_NETWORKS,
                                                  description="the cluster's networks")] \
         = field(default_factory=list)
+    ha: Annotated[bool, Meta(description="run as one of several managers on etcd: lead "
+                                         "or stand by")] = False
+    advertise_url: Annotated[str, Meta(min_length=1, max_length=256,
+                                       description="this manager's URL, told to clients by "
+                                       "the standbys")] | None = None
+    leader_ttl: Annotated[int, Meta(ge=1, le=60, description="seconds of the leader's etcd "
+                                    "lease")] = 2
 
 
 ServiceTable = Annotated[dict[Annotated[str, Meta(max_length=MAX_TEXT)], Any],

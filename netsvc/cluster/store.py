@@ -4,7 +4,8 @@ The ``StateStore`` protocol is shaped like etcd's KV API so that an etcd impleme
 stand behind it later:
 
 - the store has one global *revision*, a counter that grows by exactly one on every change
-  (put, successful compare-and-put, delete of an existing key) and never goes back, even when
+  (put, successful compare-and-put, delete of an existing key, one ``commit`` that changes
+  something) and never goes back, even when
   the key that carried the highest revision is deleted;
 - each key remembers the revision of its last change (etcd's ``mod_revision``), which ``get``,
   ``put`` and ``scan`` report;
@@ -22,6 +23,14 @@ Invariants of ``SqliteStore``:
 - keys are non-empty strings of at most ``MAX_KEY_LEN`` characters, values are bytes of at
   most ``MAX_VALUE_LEN`` bytes (etcd's default request limit is 1.5 MiB).
 
+Batched writes (``commit``): ``SqliteStore.commit(writes)`` and ``EtcdStore.commit(writes,
+fence=...)`` apply several ``Write``s (puts and deletes, each with an optional expected
+revision) in one transaction: all or none, one revision for the whole transaction (etcd's
+rule), and they return each write's revision. The module function ``commit(store, writes)`` uses
+that when the store has it and falls back to one call per write otherwise (then each write is
+atomic on its own, not the batch). ``scan_from(prefix, start, limit)`` reads a page of a prefix
+from a key on (the journal in the store reads its tail with it).
+
 ``open_store(spec, state_dir)`` picks the implementation: SQLite by default, or
 ``netsvc.cluster.etcd_store.EtcdStore`` for ``etcd://HOST:PORT[/PREFIX]``.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -60,6 +70,16 @@ class KeyValue:
     key: str
     value: bytes
     revision: int
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write of a batch: ``value`` None deletes. ``expected``: None writes whatever the
+    key's revision is; 0 only if the key is absent; n only if its mod revision is n."""
+
+    key: str
+    value: bytes | None
+    expected: int | None = None
 
 
 @runtime_checkable
@@ -128,6 +148,38 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
 """
+
+
+def _check_expected(expected: object) -> int | None:
+    if expected is None:
+        return None
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+        raise StoreError(f"expected revision must be an int >= 0 or None, not {expected!r}")
+    return expected
+
+
+def commit(store: StateStore, writes: Sequence[Write]) -> list[int]:
+    """Apply ``writes`` through ``store.commit`` when the store has it (one transaction), else
+    one ``compare_and_put``/``put``/``delete`` each; the mod revision of each written key (for
+    a delete, the revision after it)."""
+    batch = getattr(store, "commit", None)
+    if batch is not None:
+        return [int(r) for r in batch(list(writes))]
+    revs: list[int] = []
+    for w in writes:
+        if w.value is None:
+            if w.expected is not None:
+                got = store.get(w.key)
+                actual = 0 if got is None else got[1]
+                if actual != w.expected:
+                    raise Conflict(w.key, w.expected, actual)
+            store.delete(w.key)
+            revs.append(store.revision())
+        elif w.expected is None:
+            revs.append(store.put(w.key, w.value))
+        else:
+            revs.append(store.compare_and_put(w.key, w.value, w.expected))
+    return revs
 
 
 class SqliteStore:
@@ -243,6 +295,68 @@ class SqliteStore:
                     "SELECT key, value, mod_revision FROM kv "
                     "WHERE key >= ? AND substr(key, 1, ?) = ? ORDER BY key",
                     (prefix, len(prefix), prefix),
+                )
+                .fetchall()
+            )
+        return [KeyValue(str(k), bytes(v), int(r)) for k, v, r in rows]
+
+    def commit(self, writes: Sequence[Write]) -> list[int]:
+        """Apply ``writes`` in one transaction (all or none), as one change: the revision
+        grows by one and every written key gets that revision (as in one etcd transaction).
+        Returns that revision once per write. A write whose ``expected`` revision does not
+        match raises ``Conflict`` and nothing changes."""
+        checked = [
+            Write(_check_key(w.key), None if w.value is None else _check_value(w.value),
+                  _check_expected(w.expected))
+            for w in writes
+        ]
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (rev,) = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+                rev = int(rev) + 1
+                changed = False
+                for w in checked:
+                    row = db.execute("SELECT mod_revision FROM kv WHERE key = ?",
+                                     (w.key,)).fetchone()
+                    actual = 0 if row is None else int(row[0])
+                    if w.expected is not None and actual != w.expected:
+                        raise Conflict(w.key, w.expected, actual)
+                    if w.value is None:
+                        if row is not None:
+                            changed = True
+                            db.execute("DELETE FROM kv WHERE key = ?", (w.key,))
+                        continue
+                    changed = True
+                    if row is None:
+                        db.execute(
+                            "INSERT INTO kv (key, value, create_revision, mod_revision, version)"
+                            " VALUES (?, ?, ?, ?, 1)", (w.key, w.value, rev, rev))
+                    else:
+                        db.execute(
+                            "UPDATE kv SET value = ?, mod_revision = ?, version = version + 1 "
+                            "WHERE key = ?", (w.value, rev, w.key))
+                if changed:
+                    db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (rev,))
+                else:
+                    rev -= 1
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return [rev] * len(checked)
+
+    def scan_from(self, prefix: str, start: str, limit: int) -> list[KeyValue]:
+        """At most ``limit`` keys that start with ``prefix`` and are >= ``start``, sorted."""
+        prefix = _check_key(prefix)
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT key, value, mod_revision FROM kv "
+                    "WHERE key >= ? AND substr(key, 1, ?) = ? ORDER BY key LIMIT ?",
+                    (max(prefix, start), len(prefix), prefix, int(limit)),
                 )
                 .fetchall()
             )

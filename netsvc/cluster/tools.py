@@ -129,7 +129,7 @@ def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyReport:
 def _client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
     from netsvc.cluster.cli import client_from_args
 
-    return client_from_args(args, timeout)
+    return client_from_args(args, timeout)  # TLS options; several URLs follow the leader
 
 
 def _fail(command: str, message: str) -> int:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from netsvc.lab.hvstate import HvState, Inventory, VmRecord
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import (
     AGENT_METRICS_PORT,
+    ETCD_PORT,
     GATEWAY,
     GUEST_PORT,
     MANAGER_METRICS_PORT,
@@ -176,6 +177,7 @@ class Lab:
         self.agent_keys: dict[str, Path] = {}
         self.heartbeat_key_file: Path | None = None
         self.services: tuple[str, ...] = ()
+        self.ha_managers = 0  # managers run with --ha (0: one plain manager)
         self._power_lock = threading.RLock()
         #: What a service's lab part adds to the hardware's crash and power-on, whoever asks
         #: (a scenario or a BMC): ``before_crash``/``after_crash``/``after_power_on(host)``
@@ -842,12 +844,61 @@ class Lab:
     # --- manager and agents ------------------------------------------------------------
     @property
     def manager_url(self) -> str:
+        """The manager's URL; with several managers (``start_services(ha=N)``), every one's,
+        comma-separated (what agents take to follow the leader)."""
+        return ",".join(self.manager_urls)
+
+    @property
+    def manager_urls(self) -> list[str]:
         scheme = "https" if self.ca_file is not None else "http"
-        return f"{scheme}://{SERVICES_MGMT}:{MANAGER_PORT}"
+        n = max(1, self.ha_managers)
+        return [f"{scheme}://{SERVICES_MGMT}:{MANAGER_PORT + i}" for i in range(n)]
 
     def ca_args(self) -> list[str]:
         """``--ca-file CA`` for a client command line when the manager serves HTTPS."""
         return ["--ca-file", str(self.ca_file)] if self.ca_file is not None else []
+
+    @staticmethod
+    def manager_role(i: int) -> str:
+        """The process role of manager ``i`` (``manager``, ``manager-1``, ...)."""
+        return "manager" if i == 0 else f"manager-{i}"
+
+    def start_etcd(self, timeout: float = 15.0) -> None:
+        """A real etcd on ``svc`` (``etcd://198.18.0.2:2379``), healthy when this returns."""
+        data = self.run_dir / "etcd"
+        url = f"http://{SERVICES_MGMT}:{ETCD_PORT}"
+        self.popen(
+            "svc",
+            ["etcd", "--name", "svc", "--data-dir", str(data),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", "http://127.0.0.1:2380",
+             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+             "--initial-cluster", "svc=http://127.0.0.1:2380", "--initial-cluster-state", "new"],
+            role="etcd",
+        )  # fmt: skip
+        connect = self.connect_from("svc")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = connect(SERVICES_MGMT, ETCD_PORT, 0.5)
+                try:
+                    sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    buf = b""
+                    while len(buf) < 65536:
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if b'"health":"true"' in buf:
+                        break
+                finally:
+                    sock.close()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise LabError("etcd on svc did not become healthy in time")
+            time.sleep(0.1)
+        self.record("event", "svc", "etcd-ready", url=url)
 
     def start_services(
         self,
@@ -859,6 +910,7 @@ class Lab:
         services: tuple[str, ...] = (),
         tls: bool = False,
         per_host_keys: bool = True,
+        ha: int = 0,
     ) -> None:
         """Start the manager on the services node and an agent on every host. Every agent
         carries out its own host's actions through the lab's hypervisor driver.
@@ -873,7 +925,10 @@ class Lab:
         ``LabPart.agent_args``: ``acd`` runs the ARP monitor on the virtual switch,
         ``partition`` probes the management and VM networks apart); ``acd=True`` and
         ``partition=True`` are shorthands. ``store`` is the manager's ``--store`` (e.g.
-        ``etcd://198.18.0.2:2379``; default: its SQLite)."""
+        ``etcd://198.18.0.2:2379``; default: its SQLite). ``ha=N`` (N >= 2) runs N managers
+        with ``--ha`` on ports ``MANAGER_PORT + i`` of ``svc``, on a real etcd started here
+        (unless ``store`` names one): one leads, the others stand by, and the agents follow
+        the leader over every manager's URL."""
         chosen = list(services)
         for name, on in (("acd", acd), ("partition", partition)):
             if on and name not in chosen:
@@ -910,32 +965,16 @@ class Lab:
             for h in self._plan().host_names():
                 self.agent_keys[h] = self.run_dir / "creds" / f"{h}.token"
                 write_key_file(self.agent_keys[h], ring.issue("agent", h))
-        state = self.run_dir / "manager"
-        state.mkdir(exist_ok=True)
         self.start_bmcs()
         config = (config or "") + self._fencing_table()
-        self.popen(
-            "svc",
-            [
-                sys.executable,
-                "-m",
-                "netsvc",
-                "manager",
-                "--listen",
-                f"{SERVICES_MGMT}:{MANAGER_PORT}",
-                "--key-file",
-                str(self.key_file),
-                "--state-dir",
-                str(state),
-                "--heartbeat-interval",
-                str(self.heartbeat_interval),
-                "--metrics-addr", f"{SERVICES_MGMT}:{MANAGER_METRICS_PORT}",
-                "--config", str(self._write_manager_config(config)),
-                *(["--store", store] if store else []),
-                *tls_args,
-            ],
-            role="manager",
-        )
+        if ha >= 2:
+            self.ha_managers = ha
+            if store is None:
+                self.start_etcd()
+                store = f"etcd://{SERVICES_MGMT}:{ETCD_PORT}"
+        config_file = self._write_manager_config(config)
+        for i in range(max(1, self.ha_managers)):
+            self.start_manager(i, config_file, store, tls_args)
         self.record("event", "lab", "manager-start")
         for h in self._plan().host_names():
             self.start_agent(h)
@@ -961,6 +1000,38 @@ class Lab:
             self._follower = threading.Thread(target=self._follow_journal, daemon=True,
                                               name="lab-journal-follower")
             self._follower.start()
+
+    def start_manager(self, i: int, config_file: Path, store: str | None,
+                      tls_args: Sequence[str] = ()) -> None:
+        """Start manager ``i`` on ``svc`` (with ``--ha`` when the lab runs several, and
+        ``tls_args``: its certificate and key when the lab serves HTTPS)."""
+        state = self.run_dir / ("manager" if i == 0 else f"manager-{i}")
+        state.mkdir(exist_ok=True)
+        assert self.key_file is not None
+        self.popen(
+            "svc",
+            [
+                sys.executable,
+                "-m",
+                "netsvc",
+                "manager",
+                "--listen",
+                f"{SERVICES_MGMT}:{MANAGER_PORT + i}",
+                "--key-file",
+                str(self.key_file),
+                "--state-dir",
+                str(state),
+                "--heartbeat-interval",
+                str(self.heartbeat_interval),
+                "--metrics-addr", f"{SERVICES_MGMT}:{MANAGER_METRICS_PORT + i}",
+                "--config", str(config_file),
+                *(["--store", store] if store else []),
+                *(["--ha", "--advertise-url", self.manager_urls[i]]
+                  if self.ha_managers >= 2 else []),
+                *tls_args,
+            ],
+            role=self.manager_role(i),
+        )
 
     #: Journal actions the timeline shows (what the manager decided, what the agents did).
     FOLLOWED = ("-accepted", "-refused", "-done", "-failed", "-prepared", "action-claimed",
@@ -1159,14 +1230,15 @@ class Lab:
         return out
 
     def manager(self, via: str = "svc") -> Any:
-        """A ``ManagerClient`` whose connections start in ``via``'s namespace."""
-        from netsvc.cluster.client import ManagerClient
+        """A ``ManagerClient`` whose connections start in ``via``'s namespace (a
+        ``LeaderClient`` over every manager when the lab runs several)."""
+        from netsvc.cluster.failover_client import manager_client
 
         if self.key_file is None:
             raise LabError("the manager is not started")
         key = self.key_file.read_text().strip()
-        return ManagerClient(self.manager_url, key, timeout=3.0, connect=self.connect_from(via),
-                             ca_file=str(self.ca_file) if self.ca_file is not None else None)
+        return manager_client(self.manager_url, key, timeout=3.0, connect=self.connect_from(via),
+                              ca_file=str(self.ca_file) if self.ca_file is not None else None)
 
     def wait_actions(self, ids: list[str] | None = None, timeout: float = 20.0,
                      ) -> list[dict[str, Any]]:

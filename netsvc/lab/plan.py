@@ -53,6 +53,8 @@ MEMFAB_SERVICES = "198.18.6.2"
 ARRAY_ADDRS = {"storage-a": "198.18.2.3", "storage-b": "198.18.3.3"}
 ARRAY_PORT = 10809
 MANAGER_PORT = 8470
+#: etcd's client port on the services node (the state store of managers on etcd).
+ETCD_PORT = 2379
 #: The Prometheus endpoints: the manager's (on SERVICES_MGMT) and each agent's (on its host's
 #: management address).
 MANAGER_METRICS_PORT = 9470

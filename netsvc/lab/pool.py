@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from netsvc.lab.lab import Lab, LabError
-from netsvc.lab.plan import GUEST_PORT, MEMFAB_SERVICES, SERVICES_MGMT
+from netsvc.lab.plan import ETCD_PORT, GUEST_PORT, MEMFAB_SERVICES, SERVICES_MGMT
 from netsvc.memory import executor as mex
 from netsvc.memory.fabric import PORT as FABRIC_PORT
 from netsvc.memory.schemas import ACTOR, MEMORY_KINDS
 
-ETCD_PORT = 2379
 SECONDARY_PORT = GUEST_PORT + 1
 
 
@@ -198,34 +197,7 @@ class PoolLab:
         self.start_master()
 
     def start_etcd(self, timeout: float = 15.0) -> None:
-        data = self.lab.run_dir / "etcd"
-        url = f"http://{SERVICES_MGMT}:{ETCD_PORT}"
-        self.lab.popen(
-            "svc",
-            ["etcd", "--name", "svc", "--data-dir", str(data),
-             "--listen-client-urls", url, "--advertise-client-urls", url,
-             "--listen-peer-urls", "http://127.0.0.1:2380",
-             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-             "--initial-cluster", "svc=http://127.0.0.1:2380", "--initial-cluster-state", "new"],
-            role="etcd",
-        )  # fmt: skip
-        connect = self.lab.connect_from("svc")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock = connect(SERVICES_MGMT, ETCD_PORT, 0.5)
-                try:
-                    sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                    if b'"health":"true"' in _recv_all(sock):
-                        break
-                finally:
-                    sock.close()
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise LabError("etcd on svc did not become healthy in time")
-            time.sleep(0.1)
-        self.lab.record("event", "svc", "etcd-ready", url=url)
+        self.lab.start_etcd(timeout)
 
     def etcd_keys(self, prefix: str = "/netsvc/") -> int:
         """How many keys the etcd on ``svc`` holds under ``prefix`` (its v3 JSON gateway)."""

@@ -29,7 +29,8 @@ from netsvc.cluster.errors import Fenced
 from netsvc.cluster.etcd_store import EtcdStore, parse_endpoint, prefix_end
 from netsvc.cluster.journal import Journal
 from netsvc.cluster.leases import LeaseLost, LeaseStore, LockInfo, StaleEpoch
-from netsvc.cluster.manager import MODEL_KEY, ManagerConfig, ManagerCore
+from netsvc.cluster.manager import ManagerConfig, ManagerCore
+from netsvc.cluster.persist import META_KEY, VM_PREFIX
 from netsvc.cluster.store import Conflict, SqliteStore, StateStore, StoreError, open_store
 
 
@@ -482,12 +483,12 @@ def test_manager_persists_and_is_fenced_on_etcd(store: EtcdStore, tmp_path: Path
         core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.20", host="h1", now=1.0)
         again = ManagerCore(store, journal, now=10.0, wall=1.7e9 + 10, config=config)
         assert again.model.placements() == {"vm1": "h1"}
-        # Another writer: the manager is fenced by its compare_and_put on etcd.
-        doc = store.get(MODEL_KEY)
+        # Another writer: the manager is fenced by its compared write on etcd.
+        doc = store.get(VM_PREFIX + "vm1")
         assert doc is not None
-        store.put(MODEL_KEY, doc[0])
+        store.put(VM_PREFIX + "vm1", doc[0])
         with pytest.raises(Fenced):
-            core.put_vm("vm2", mac="52:54:00:00:00:02", ip="198.18.1.21", now=11.0)
+            core.put_vm("vm1", ip="198.18.1.29", now=11.0)
     finally:
         journal.close()
 
@@ -531,7 +532,7 @@ def test_manager_process_keeps_its_state_in_etcd(etcd: LoopbackEtcd, tmp_path: P
             proc.stderr.close()
     assert not (state / "state.sqlite").exists()
     with EtcdStore(etcd.endpoint, prefix=prefix) as s:
-        assert MODEL_KEY in [kv.key for kv in s.scan("")]
+        assert META_KEY in [kv.key for kv in s.scan("")]
 
 
 def test_manager_with_a_bad_store_exits_2(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from netsvc.cluster.errors import (
 )
 from netsvc.cluster.journal import Journal, JournalEntry
 from netsvc.cluster.manager import (
-    MODEL_KEY,
     ActionExpired,
     ActionState,
     HostDown,
@@ -29,6 +28,7 @@ from netsvc.cluster.manager import (
     ManagerCore,
 )
 from netsvc.cluster.model import HostState, Network, VMState
+from netsvc.cluster.persist import VM_PREFIX
 from netsvc.cluster.store import SqliteStore
 
 T0 = 1000.0
@@ -371,9 +371,10 @@ def test_restart_keeps_vms_placements_and_actions(two_hosts: Env) -> None:
 
 def test_another_writer_fences_the_manager(two_hosts: Env) -> None:
     env = two_hosts
-    env.store.put(MODEL_KEY, env.store.get(MODEL_KEY)[0])  # type: ignore[index]
+    # Another writer rewrites vm1's key: the core's next write of it compares revisions.
+    env.store.put(VM_PREFIX + "vm1", env.store.get(VM_PREFIX + "vm1")[0])  # type: ignore[index]
     with pytest.raises(Fenced):
-        env.core.put_vm("vm2", mac=MAC2, ip="198.18.1.21", now=T0)
+        env.core.put_vm("vm1", ip="198.18.1.29", now=T0)
     assert env.core.fenced
     with pytest.raises(Fenced):
         env.core.request_migration("vm1", to="h2", reason="x", now=T0)
@@ -405,17 +406,19 @@ def test_a_state_dir_from_before_the_plugins_still_starts(tmp_path: Path) -> Non
 
     from netsvc.acd.service import AcdService
     from netsvc.cluster.manager import ACTIONS_KEY, MODEL_KEY
+    from netsvc.cluster.model import VM, ClusterModel, Host
+    from netsvc.cluster.persist import META_KEY
 
     store = SqliteStore(tmp_path / "state.sqlite")
     journal = Journal(tmp_path / "journal.jsonl", fsync=False)
-    old = ManagerCore(store, journal, now=T0, wall=WALL0)
-    old.heartbeat("h1", seq=1, now=T0)
-    old.heartbeat("h2", seq=1, now=T0)
-    old.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.11", host="h1",
-               state=VMState.RUNNING, now=T0)
-    old.put_vm("vm2", mac="52:54:00:00:00:02", ip="198.18.1.12", host="h2",
-               state=VMState.RUNNING, now=T0)
-    model_doc, _ = store.get(MODEL_KEY) or (b"", 0)
+    # Format 1, as netsvc 0.1 wrote it: the whole durable model in one key, the open actions
+    # in another.
+    old = ClusterModel()
+    old.add_host(Host("h1"))
+    old.add_host(Host("h2"))
+    old.add_vm(VM("vm1", "52:54:00:00:00:01", "198.18.1.11", "h1", VMState.RUNNING))
+    old.add_vm(VM("vm2", "52:54:00:00:00:02", "198.18.1.12", "h2", VMState.RUNNING))
+    store.put(MODEL_KEY, old.to_json(volatile=False).encode())
     v1 = {"next": 3, "open": [
         {"id": "a-1", "kind": "migrate", "vm": "vm1", "from": "h1", "to": "h2",
          "reason": "drain h1", "state": "PENDING", "executor": None, "detail": None,
@@ -426,9 +429,7 @@ def test_a_state_dir_from_before_the_plugins_still_starts(tmp_path: Path) -> Non
          "state": "CLAIMED", "executor": "lab", "detail": None, "created": 13.0,
          "claimed_at": 13.5, "decision": {"rule": "newest"}},
     ]}
-    _, rev = store.get(ACTIONS_KEY) or (b"", 0)
-    store.compare_and_put(ACTIONS_KEY, _json.dumps(v1).encode(), rev)
-    assert model_doc
+    store.put(ACTIONS_KEY, _json.dumps(v1).encode())
     core = ManagerCore(store, journal, now=T0 + 100, wall=WALL0 + 100,
                        services=[AcdService()])
     a1, a2 = core.open_actions()
@@ -444,5 +445,11 @@ def test_a_state_dir_from_before_the_plugins_still_starts(tmp_path: Path) -> Non
     # what the new manager writes back is the new shape, and reads again
     again = ManagerCore(store, journal, now=T0 + 200, wall=WALL0 + 200, services=[AcdService()])
     assert [a.id for a in again.open_actions()] == ["a-1", "a-2"]
+    assert again.model.placements() == {"vm1": "h1", "vm2": "h2"}
+    # the upgrade wrote format 2 and removed the format-1 keys, in one commit
+    assert store.get(MODEL_KEY) is None and store.get(ACTIONS_KEY) is None
+    assert _json.loads(store.get(META_KEY)[0]) == {"format": 2, "next_action": 3}  # type: ignore[index]
+    (start,) = [e for e in journal.read() if e.action == "manager-start"][:1]
+    assert start.details["store_upgraded_from_format"] == 1
     journal.close()
     store.close()

@@ -170,9 +170,10 @@ def fence_figures(lab: Lab, host: str, t0: float) -> dict[str, Any]:
 class Run:
     """One scenario run: clients on the affected VMs, the executor loop, the figures."""
 
-    def __init__(self, lab: Lab, checks: Checks, host: str, policy: str = POLICY) -> None:
+    def __init__(self, lab: Lab, checks: Checks, host: str, policy: str = POLICY,
+                 **start: Any) -> None:
         self.lab, self.checks, self.host = lab, checks, host
-        lab.start_services(partition=True, config=policy)
+        lab.start_services(partition=True, config=policy, **start)
         wait_healthy(lab)
         self.vms = sorted(v.name for v in lab.vms.values() if v.host == host
                           and v.state == "running")
