@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--host-pid", type=int, metavar="PID", help="the host is this process")
     serve.add_argument("--power-file", type=Path, metavar="F", help="the host's power: on/off")
     serve.add_argument("--name", help="this BMC's name in logs (default bmc)")
+    serve.add_argument("--config-store", type=Path, metavar="F",
+                       help="serve a configuration store (IPMI OEM 0x30, config_store.py), "
+                       "kept in this file")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
                        default="info", help="least severe level logged (default info)")
@@ -133,6 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = args.name or "bmc"
         server = BmcServer(backend, {args.user: password}, bind=args.bind, port=args.port,
                            name=name)
+        if args.config_store is not None:
+            from netsvc.bmc.config_store import ConfigStore, install
+
+            install(server, ConfigStore(args.config_store))
     except (ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
