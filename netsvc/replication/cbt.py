@@ -73,6 +73,14 @@ class EpochTracker:
         self.bytes_written = 0
         self.writes = 0
 
+    def resume_after(self, epoch: int) -> None:
+        """Site B already holds ``epoch`` (an agent restarted): number the next epoch after it.
+        What changed meanwhile is unknown, so the next epoch must be a full one."""
+        if self.sealed is not None:
+            raise TrackerError("cannot renumber while an epoch is being shipped")
+        self.committed_epoch = max(self.committed_epoch, epoch)
+        self._next_epoch = max(self._next_epoch, epoch + 1)
+
     # -- the write path ---------------------------------------------------------------------------
 
     def blocks_of(self, offset: int, length: int) -> range:
