@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import threading
@@ -60,17 +61,17 @@ class NbdSink:
     a watchdog shuts the socket down under a request that hangs (a cut link)."""
 
     def __init__(self, addr: str, port: int, name: str, *, timeout: float = 5.0,
-                 source: str | None = None) -> None:
+                 source: str | None = None, depth: int = 16) -> None:
         self.addr, self.port, self.name, self.timeout = addr, port, name, timeout
         self.source = source
+        self.depth = depth  # data writes in flight (pipelined; site B handles them in order)
+        self._cookies: list[int] = []
         self._h: Any = None
         self._fd = -1
         self.size = -1
 
     def _conn(self) -> Any:
         if self._h is None:
-            import importlib
-
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.settimeout(self.timeout)
@@ -113,14 +114,30 @@ class NbdSink:
         finally:
             watchdog.cancel()
 
+    def _settle(self, h: Any, keep: int) -> None:
+        """Wait until at most ``keep`` data writes are in flight; a failed one raises."""
+        while len(self._cookies) > keep:
+            done = [c for c in self._cookies if h.aio_command_completed(c)]
+            if done:
+                self._cookies = [c for c in self._cookies if c not in done]
+                continue
+            h.poll(-1)
+
     def status(self) -> Status:
         return decode_status(self._do(lambda h: h.pread(CONTROL, h.get_size() - CONTROL)))
 
     def control(self, cmd: Command) -> None:
-        self._do(lambda h: h.pwrite(cmd.encode(), h.get_size() - CONTROL))
+        def go(h: Any) -> None:
+            self._settle(h, 0)  # every data write acknowledged before BEGIN/COMMIT
+            h.pwrite(cmd.encode(), h.get_size() - CONTROL)
+        self._do(go)
 
     def write(self, data: bytes, offset: int) -> None:
-        self._do(lambda h: h.pwrite(data, offset))
+        def go(h: Any) -> None:
+            self._settle(h, self.depth - 1)
+            buf = importlib.import_module("nbd").Buffer.from_bytearray(bytearray(data))
+            self._cookies.append(h.aio_pwrite(buf, offset))
+        self._do(go)
 
     def close(self) -> None:
         """Drop the connection (site B discards an epoch begun and not committed on it)."""
@@ -129,6 +146,7 @@ class NbdSink:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._h, self._fd = None, -1
+        self._cookies = []
 
 
 @dataclass(frozen=True)
