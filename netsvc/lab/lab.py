@@ -180,6 +180,8 @@ class Lab:
         self.after_crash: list[Callable[[str], None]] = []
         self.after_power_on: list[Callable[[str], None]] = []
         self._bmcs_started = False
+        #: serve a configuration store in every BMC (``bmc.config_store``; replication)
+        self.bmc_config_store = False
         self._follow_stop = threading.Event()
         self._follower: threading.Thread | None = None
         self.build_s = 0.0
@@ -978,7 +980,9 @@ class Lab:
                 f"bmc{n}",
                 [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
                  "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
-                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}"],
+                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}",
+                 *(["--config-store", str(d / f"{h}.config")] if self.bmc_config_store
+                   else [])],
                 role=f"bmcd{n}",
             )
             lines += [f"[bmcs.{h}]", f'addr = "{plan.bmc_addr(h)}"',

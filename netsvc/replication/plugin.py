@@ -104,6 +104,18 @@ def _start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str,
     return start_replica(action, ctx)
 
 
+def _lab_agent_args(plan: Any, host: str) -> list[str]:
+    from netsvc.lab.scenarios.replication import agent_args
+
+    return agent_args(plan, host)
+
+
+def _scenarios() -> tuple[Any, ...]:
+    from netsvc.lab.scenarios import replication
+
+    return (replication.SCENARIO,)
+
+
 def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from netsvc.replication.cli import register
 
@@ -118,6 +130,6 @@ PLUGIN = ServicePlugin(
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
                     executors={"replication-start": _start_replica}),
-    lab=LabPart(),
+    lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )

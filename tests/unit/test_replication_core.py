@@ -358,3 +358,16 @@ def test_scheduler_full_copy_first_then_by_interval_most_at_risk_first() -> None
     assert d.cut == () and d.order == ("a",) and d.late == ("a",)
     with pytest.raises(ValueError):
         s.set_target("c", 0)
+
+
+def test_the_scenarios_prefix_check_finds_the_first_missing_write() -> None:
+    from netsvc.lab.scenarios.replication import BLOCK as LB
+    from netsvc.lab.scenarios.replication import _prefix, block_of
+
+    disk = bytearray(8 * LB)
+    for i in range(5):
+        disk[i * LB:(i + 1) * LB] = block_of("ds1", i)
+    assert _prefix(bytes(disk), "ds1") == (5, True)
+    disk[6 * LB:7 * LB] = block_of("ds1", 6)  # write 6 without write 5: reordered
+    assert _prefix(bytes(disk), "ds1") == (5, False)
+    assert _prefix(bytes(disk), "ds2") == (0, False)
