@@ -182,6 +182,9 @@ class ReplicaStore:
     def commit(self, s: Session, epoch: int, extents: int, nbytes: int, sha256: bytes) -> None:
         """Check the staged epoch and make it the replica's content (all or nothing)."""
         try:
+            if self.live:
+                raise ReplicaError(f"{self.name} went live at site B while epoch {epoch} was "
+                                   "staged: it takes no more epochs")
             if epoch != s.epoch:
                 raise ReplicaError(f"commit of epoch {epoch} but {s.epoch} was begun")
             if (extents, nbytes) != (s.digest.extents, s.digest.nbytes):

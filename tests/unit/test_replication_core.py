@@ -199,10 +199,17 @@ def test_store_redoes_a_committed_epoch_after_a_crash_and_discards_an_uncommitte
 
 def test_a_live_replica_takes_no_more_epochs(tmp_path: Path) -> None:
     store = ReplicaStore(tmp_path, "vm1", BS)
+    stale = store.begin(0)  # a primary cut off mid-epoch, its connection not yet timed out
+    store.stage(stale, b"s" * BS, 0)
     with pytest.raises(ReplicaError, match="not live"):
         store.pwrite_live(b"x", 0)
     store.go_live()
+    d = EpochDigest()
+    d.add(0, b"s" * BS)
+    with pytest.raises(ReplicaError, match="went live"):
+        store.commit(stale, 0, d.extents, d.nbytes, d.digest())
     store.pwrite_live(b"x", 0)
+    assert store.pread(1, 0) == b"x"
     with pytest.raises(ReplicaError, match="live"):
         store.begin(0)
     assert ReplicaStore(tmp_path, "vm1", BS).live
