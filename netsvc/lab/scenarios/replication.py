@@ -60,7 +60,7 @@ PARAMS: dict[str, type | tuple[type, ...]] = {"load_s": (int, float),
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     load = float(params.get("load_s", 8.0))
-    rate = float(params.get("write_mb_s", 1.0))
+    rate = float(params.get("write_mb_s", 0.4))
     if not 2 <= load <= 60:
         raise ConfigError(f"load_s {load} must be in [2, 60] seconds")
     if not 0.1 <= rate <= 5:
@@ -235,11 +235,14 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                  (refused.stdout + refused.stderr)[-300:])
 
     # the primary site is lost: its traffic to site B dropped at gw, its hosts crashed
-    t_loss = time.monotonic()
+    running = {vm: w.is_alive() and not w.error for vm, w in writers.items()}
+    checks.check("the guests were still writing when the site was lost", all(running.values()),
+                 f"{running} (a writer that filled its disk first makes the loss vacuous)")
     for h in ("h1", "h2"):
         _mnexec(lab, "gw", ["iptables", "-I", "FORWARD", "-s", plan.host_addr(h, "vmnet"),
                             "-d", "198.18.4.0/24", "-j", "DROP"])
     lab.record("fault-start", "site-a", "site-link-cut", fault_id="site-a-lost")
+    t_loss = time.monotonic()
     for h in ("h1", "h2"):
         lab.crash_host(h)
     for w in writers.values():
