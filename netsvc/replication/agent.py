@@ -170,7 +170,7 @@ class ShippingAgent:
             raise RuntimeError(f"manager answered {status}: {body.get('error', body)}")
         want: Mapping[str, Any] = body.get("protect") or {}
         for vm, spec in want.items():
-            disks = list(spec.get("disks") or [vm])
+            disks = list(spec.get("disks") or [])
             disk = next((d for d in disks if d in self.shipping.disks), None)
             if disk is None:
                 continue

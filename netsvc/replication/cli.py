@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--rpo", type=float, metavar="SECONDS", help="RPO target")
     pr.add_argument("--disk", action="append", default=[], metavar="NAME[:SIZE]",
                     help="the VM's disk (a datastore; default: the VM's name)")
+    pr.add_argument("--no-disk", action="store_true",
+                    help="the VM has no replicated disk (its configuration only)")
     pr.add_argument("--cpus", type=int, default=1)
     pr.add_argument("--memory-mib", type=int, default=512)
     pr.add_argument("--network", help="the VM's network at site B")
@@ -150,6 +152,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
             print(f"netsvc replication protect: bad --disk {d!r}", file=sys.stderr)
             return 2
         disks.append({"name": name, "size": int(size or 0)})
+    if not disks and not args.no_disk:
+        disks = [{"name": args.vm, "size": 0}]
     body: dict[str, Any] = {"cpus": args.cpus, "memory_mib": args.memory_mib, "disks": disks,
                             "dry_run": args.dry_run, "reason": args.reason}
     if args.rpo is not None:

@@ -67,7 +67,9 @@ class ProtectRequest(Schema, frozen=True):
     rpo_s: Annotated[float, Meta(gt=0, le=86400)] | None = None
     cpus: Annotated[int, Meta(ge=1, le=512)] = 1
     memory_mib: Annotated[int, Meta(ge=16, le=1 << 22)] = 512
-    disks: Annotated[list[Disk], Meta(max_length=16)] = field(default_factory=list)
+    disks: Annotated[list[Disk], Meta(max_length=16, description=(
+        "the VM's replicated disks (datastores); none: its configuration only"))] \
+        = field(default_factory=list)
     network: Name | None = None
     dry_run: bool = False
     reason: Text = "operator request"

@@ -230,7 +230,7 @@ class ReplicationService(BaseManagerService):
         if vm not in k.model.vms:
             raise UnknownEntity("VM", vm)
         rpo = req.rpo_s or self.t.rpo_s
-        disks = tuple((d.name, d.size) for d in req.disks) or ((vm, 0),)
+        disks = tuple((d.name, d.size) for d in req.disks)  # none: its configuration only
         p = Protection(vm, rpo, req.cpus, req.memory_mib, disks,
                        req.network or self.t.default_network, now)
         entry = k.journal_append(now, wall, "replication-protect", f"vm:{vm}",
@@ -578,7 +578,8 @@ class ReplicationService(BaseManagerService):
             row: dict[str, Any] = {"rpo_target_s": p.rpo_s, "disks": [d for d, _ in p.disks],
                                    "network": p.network}
             if ship is None:
-                row.update(state="no report yet")
+                row.update(state="no report yet" if p.disks
+                           else "configuration only (no replicated disk)")
             else:
                 host, at, rep = ship
                 stale = now - at > REPORT_STALE_S

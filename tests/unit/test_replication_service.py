@@ -120,7 +120,7 @@ def test_protect_writes_the_configuration_to_the_sleeping_hosts_bmc(
          "bytes_behind": 8192, "bytes_written": 1 << 20, "bytes_shipped": 1 << 20,
          "epochs": 8, "failures": 0, "synced": True}]}, ShippingReport), now=env.now + 0.1)
     assert ans["protect"] == {"vm1": {"rpo_s": 0.5, "disks": ["vm1"]},
-                              "vm2": {"rpo_s": 1.0, "disks": ["vm2"]}}
+                              "vm2": {"rpo_s": 1.0, "disks": []}}  # configuration only
     assert env.tick(0.5) == []
     assert [o["kind"] for o in env.tick(2.0)] == ["write-config"]
     payload, info = read_config(raw)

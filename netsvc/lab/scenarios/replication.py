@@ -54,8 +54,11 @@ SITE_B_ADDR = "198.18.4.10"  # the lab's ``site`` node
 REPLICA_PORT = ARRAY_PORT
 BLOCK = 4096
 DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
+#: with ``vms = 4``: two more VMs, protected for their configuration only (the array has two
+#: datastores), so the failover powers on, loads and starts four VMs
+CONFIG_ONLY = {"vm3": "h1", "vm4": "h2"}
 PARAMS: dict[str, type | tuple[type, ...]] = {"load_s": (int, float),
-                                             "write_mb_s": (int, float)}
+                                             "write_mb_s": (int, float), "vms": int}
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
@@ -67,7 +70,10 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
         raise ConfigError(f"write_mb_s {rate} must be in [0.1, 5] per VM")
     if plan.hosts != 3:
         raise ConfigError("site-failover runs with 3 hosts (h1, h2 primary; h3 site B)")
-    return {"load_s": load, "write_mb_s": rate}
+    vms = int(params.get("vms", 2))
+    if vms not in (2, 4):
+        raise ConfigError(f"vms {vms} must be 2 or 4")
+    return {"load_s": load, "write_mb_s": rate, "vms": vms}
 
 
 def site_b_host(plan: LabPlan) -> str:
@@ -171,6 +177,22 @@ def _prefix(data: bytes, ds: str) -> tuple[int, bool]:
     return k, clean
 
 
+def _steps(journal: list[dict[str, Any]]) -> dict[str, float]:
+    """The failover's steps from the manager's journal, seconds after its decision."""
+    decided = [e for e in journal if e["action"] == "replication-failover-decision"
+               and not e["dry_run"]]
+    if not decided:
+        return {}
+    t0 = decided[-1]["wall"]
+    out: dict[str, float] = {}
+    for step in ("replication-power-on", "replication-config-loaded", "replication-start-done",
+                 "replication-failover-done"):
+        times = [e["wall"] for e in journal if e["action"] == step and e["wall"] >= t0]
+        if times:
+            out[step.removeprefix("replication-")] = round(max(times) - t0, 3)
+    return out
+
+
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     from netsvc.lab.scenarios.storage import DS_SIZE, _start_array, socket_path
 
@@ -190,7 +212,10 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     _shape(lab, "gw", gw_if)
     _shape(lab, "site", _iface_with(lab, "site", SITE_B_ADDR))
     lab.record("event", "site", "site-link-shaped", rate="100mbit", gw_if=gw_if)
+    extra = dict(CONFIG_ONLY) if params["vms"] == 4 else {}
     for vm, (host, _) in DISKS.items():
+        lab.create_vm(vm, host)
+    for vm, host in extra.items():
         lab.create_vm(vm, host)
     lab.bmc_config_store = True
     pw = lab.run_dir / "bmc" / f"{b}.pw"
@@ -208,6 +233,11 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "disks": [{"name": ds, "size": DS_SIZE}], "reason": "site-failover scenario"})
         if status != 200:
             raise LabError(f"protect {vm}: HTTP {status}: {body}")
+    for vm in extra:
+        status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
+            "rpo_s": 1.0, "network": "vmnet", "reason": "site-failover scenario (no disk)"})
+        if status != 200:
+            raise LabError(f"protect {vm}: HTTP {status}: {body}")
     rate = params["write_mb_s"] * 1e6
     writers = {vm: LogWriter(socket_path(plan, host), ds, rate, DS_SIZE // BLOCK)
                for vm, (host, ds) in DISKS.items()}
@@ -215,18 +245,19 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         w.start()
     wait_for("the initial copies at site B", lambda: all(
         r.get("synced") and r.get("remote_epoch", -1) >= 0
-        for r in _replication(lab)["vms"].values()), 60.0, 0.2)
+        for vm, r in _replication(lab)["vms"].items() if vm in DISKS), 60.0, 0.2)
     lab.record("event", "replication", "synced")
     samples: list[float] = []
     t_end = time.monotonic() + params["load_s"]
     while time.monotonic() < t_end:
-        for r in _replication(lab)["vms"].values():
-            samples.append(float(r["rpo_ms"]))
+        for vm, r in _replication(lab)["vms"].items():
+            if vm in DISKS:
+                samples.append(float(r["rpo_ms"]))
         time.sleep(0.2)
     st = _replication(lab)
     written = st["config"]["written"]
     checks.check("the configuration is in the site-B host's BMC while it is off",
-                 bool(written) and sorted(written.get("vms", [])) == sorted(DISKS)
+                 bool(written) and sorted(written.get("vms", [])) == sorted([*DISKS, *extra])
                  and b in lab.crashed, f"{written}")
 
     refused = _cli(lab, "failover", "--reason", "only the link?")
@@ -256,8 +287,10 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     if fo.returncode != 0:
         raise LabError(f"failover: {fo.stdout}{fo.stderr}")
     wait_for("every replica answering at site B",
-             lambda: all(lab.answers(vm) for vm in DISKS), 60.0, 0.1)
+             lambda: all(lab.answers(vm) for vm in [*DISKS, *extra]), 60.0, 0.1)
     rto = time.monotonic() - t_fo
+    wait_for("the failover's end at the manager", lambda: (
+        _replication(lab).get("failover") or {}).get("phase") in ("DONE", "FAILED"), 30.0, 0.1)
     st = _replication(lab)
     checks.check("the failover is DONE", (st.get("failover") or {}).get("phase") == "DONE",
                  str(st.get("failover"))[:300])
@@ -304,6 +337,8 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "rpo_p50_ms": round(statistics.median(samples), 1) if samples else None,
             "data_lost_writes": lost, "rto_s": round(rto, 3), "config_via_bmc": via_bmc,
             "replicas": figures, "write_mb_s_per_vm": params["write_mb_s"],
+            "vms": len(DISKS) + len(extra),
+            "failover_steps_s": _steps(journal),
             "start_epochs": {e["subject"]: e["details"].get("epoch") for e in starts},
             "manager": SERVICES_MGMT}
 
