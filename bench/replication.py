@@ -24,7 +24,9 @@ Phases (each ``--seconds`` long, same workload, one after the other on the same 
 
 Workloads: ``hot`` (each VM writes at random within a 1 MiB hot set of its disk: overwrites
 within an epoch are shipped once), ``uniform`` (at random over the whole disk) at the same
-rate, and ``uniform`` at 8 MB/s (under the link share).
+rate, ``uniform`` at 8 MB/s (under the link share), and ``sequential`` at 8 MB/s (each VM
+writes its disk in order, wrapping at the end: every write a block not written in the same
+epoch, so nothing coalesces: the case for the wire-efficiency goal).
 
 Wire efficiency: NBD payload shipped (data, control blocks) / bytes written, and the veth's
 transmitted bytes (TCP/IP and NBD headers included) / bytes written.
@@ -99,14 +101,15 @@ class Writers:
     def run(self, disk: Any, i: int) -> None:
         rng = random.Random(i)
         span = (self.hot or disk.size) // WRITE
-        base = 0 if self.hot is None else (i * 3 * MiB) % (disk.size - self.hot)
+        base = 0 if not self.hot else (i * 3 * MiB) % (disk.size - self.hot)
         per = self.rate / len(self.disks)
         t0 = time.monotonic()
         n = 0
         payload = bytearray(os.urandom(WRITE))
         while not self.stop.is_set():
             payload[:8] = n.to_bytes(8, "little")
-            disk.pwrite(bytes(payload), base + rng.randrange(span) * WRITE)
+            slot = n % span if self.hot == 0 else rng.randrange(span)  # 0: in sequence
+            disk.pwrite(bytes(payload), base + slot * WRITE)
             n += 1
             with self.lock:
                 self.written += WRITE
@@ -286,13 +289,15 @@ def phase_rsync(work: Path, ifname: str, rate: float, hot: int | None,
 
 
 WORKLOADS = [("hot-1MiB-20MB/s", 20e6, MiB), ("uniform-20MB/s", 20e6, None),
-             ("uniform-8MB/s", 8e6, None)]
+             ("uniform-8MB/s", 8e6, None), ("sequential-8MB/s", 8e6, 0)]
 
 
 def inner(args: argparse.Namespace) -> int:
     work = Path(args.work)
     out: dict[str, Any] = {}
     for name, rate, hot in WORKLOADS:
+        if args.workloads and name not in args.workloads.split(","):
+            continue
         print(f"bench: {name}: netsvc", file=sys.stderr, flush=True)
         n = phase_netsvc(work, args.ifname, rate, hot, args.seconds)
         print(f"bench: {name}: rsync", file=sys.stderr, flush=True)
@@ -346,7 +351,8 @@ def outer(args: argparse.Namespace) -> int:
             r = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, __file__,
                                 "--inner", "--work", str(work), "--ifname", va,
                                 "--ns-b", ns_b, "--result", str(result),
-                                "--seconds", str(args.seconds)], timeout=1800)
+                                "--seconds", str(args.seconds),
+                                "--workloads", args.workloads or ""], timeout=1800)
             if r.returncode != 0:
                 return r.returncode
             phases = json.loads(result.read_text())
@@ -378,6 +384,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--out", help="write the JSON here too")
+    p.add_argument("--workloads", default="", help="comma-separated names (default: all)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)
