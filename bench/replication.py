@@ -105,11 +105,10 @@ class Writers:
         per = self.rate / len(self.disks)
         t0 = time.monotonic()
         n = 0
-        payload = bytearray(os.urandom(WRITE))
         while not self.stop.is_set():
-            payload[:8] = n.to_bytes(8, "little")
+            # fresh random bytes every write: nothing for rsync's rolling checksum to match
             slot = n % span if self.hot == 0 else rng.randrange(span)  # 0: in sequence
-            disk.pwrite(bytes(payload), base + slot * WRITE)
+            disk.pwrite(os.urandom(WRITE), base + slot * WRITE)
             n += 1
             with self.lock:
                 self.written += WRITE
