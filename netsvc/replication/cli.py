@@ -5,6 +5,7 @@
                                   [--network NET] [--dry-run] [--reason TEXT] [--json]
     netsvc replication unprotect VM [--dry-run] [--reason TEXT] [--json]
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
+    netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--cpus", type=int, default=1)
     pr.add_argument("--memory-mib", type=int, default=512)
     pr.add_argument("--network", help="the VM's network at site B")
-    for q in (pr, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    mi = r.add_parser("migrate", help="planned migration to site B for zero loss (the VMs shut "
+                      "down at the primary, their last epochs ship, then they start at site B)")
+    for q in (pr, mi, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -58,6 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.set_defaults(func=cmd_protect)
     un.set_defaults(func=cmd_unprotect)
     fo.set_defaults(func=cmd_failover)
+    mi.set_defaults(func=cmd_migrate)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -194,3 +198,18 @@ def cmd_failover(args: argparse.Namespace) -> int:
             else f"failover started: powering {plan.get('power_on')} on; replicas {vms} "
             "(follow with 'netsvc replication status')")
     return _finish("failover", args, status, out, line)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    got = _call("migrate", args, "POST", "/v1/replication/migrate",
+                {"dry_run": args.dry_run, "reason": args.reason})
+    if got is None:
+        return 2
+    status, out = got
+    plan = out.get("plan") or {}
+    vms = ", ".join(plan.get("vms", []))
+    line = (f"dry run: would shut {vms} down, ship their last epochs and start them on "
+            f"{plan.get('power_on')}; nothing changed" if out.get("status") == "dry_run"
+            else f"planned migration started: {vms} shut down at the primary "
+            f"(follow with 'netsvc replication status')")
+    return _finish("migrate", args, status, out, line)

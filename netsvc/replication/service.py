@@ -98,11 +98,17 @@ class Protection:
 
 
 class Phase(Enum):
+    QUIESCING = "QUIESCING"  # planned migration: the VMs shut down at the primary
+    DRAINING = "DRAINING"  # planned migration: their last epochs ship
     POWERING_ON = "POWERING_ON"
     LOADING = "LOADING"
     STARTING = "STARTING"
     DONE = "DONE"
     FAILED = "FAILED"
+
+
+ACTIVE_PHASES = (Phase.QUIESCING, Phase.DRAINING, Phase.POWERING_ON, Phase.LOADING,
+                 Phase.STARTING)
 
 
 @dataclass
@@ -118,9 +124,14 @@ class Failover:
     detail: str = ""
     ended: float | None = None
     loaded: dict[str, Any] = field(default_factory=dict)
+    planned: bool = False
+    quiesce: dict[str, str] = field(default_factory=dict)  # vm -> its shutdown action
+    quiesced_at: float | None = None
+    final_epochs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self, t0: float) -> dict[str, Any]:
         return {"phase": self.phase.value, "reason": self.reason, "forced": self.forced,
+                "planned": self.planned, "final_epochs": dict(self.final_epochs),
                 "started_s": round(self.started - t0, 3), "vms": list(self.vms),
                 "actions": dict(self.actions), "done": dict(self.done),
                 "detail": self.detail, "loaded": dict(self.loaded),
@@ -178,6 +189,11 @@ class ReplicationService(BaseManagerService):
                   "its agent loads the configuration from the BMC, the replicas start from "
                   "their newest complete epoch (refused while the primary is alive, unless "
                   "force; dry_run: plan and journal only)"),
+            Route("POST", r"/v1/replication/migrate", "replication_migrate",
+                  self._route_migrate, body=_body(OperatorRequest), mutates=True,
+                  summary="planned migration to site B for zero loss: the VMs shut down at the "
+                  "primary, their last epochs ship, then the failover's steps (dry_run: check "
+                  "and journal only)"),
             Route("POST", r"/v1/replication/reports", "replication_report",
                   self._route_report, body=_body(ShippingReport), mutates=True,
                   summary="a primary host's shipping figures; answers the protected set"),
@@ -196,8 +212,10 @@ class ReplicationService(BaseManagerService):
         if self._config_dirty and not self._config_inflight and self.t.bmc is not None:
             times.append(self._config_due)
         f = self.failover
-        if f is not None and f.phase in (Phase.POWERING_ON, Phase.LOADING, Phase.STARTING):
+        if f is not None and f.phase in ACTIVE_PHASES:
             times.append(f.deadline)
+            if f.phase in (Phase.QUIESCING, Phase.DRAINING):
+                times.append(self._now + 0.25)  # poll the shutdowns and the reports
         return min(times) if times else None
 
     def handle_timer(self, now: float, wall: float | None) -> None:
@@ -206,8 +224,9 @@ class ReplicationService(BaseManagerService):
                 and now >= self._config_due):
             self._write_config(now, wall)
         f = self.failover
-        if f is not None and f.phase in (Phase.POWERING_ON, Phase.LOADING, Phase.STARTING) \
-                and now >= f.deadline:
+        if f is not None and f.phase in (Phase.QUIESCING, Phase.DRAINING):
+            self._planned_step(now, wall)
+        if f is not None and f.phase in ACTIVE_PHASES and now >= f.deadline:
             self._fail(f"{f.phase.value} passed its deadline", now, wall)
 
     def status(self, now: float) -> Mapping[str, Any]:
@@ -341,7 +360,7 @@ class ReplicationService(BaseManagerService):
         k.check_fenced()
         subject = f"site:{self.t.site_b_host}"
         f = self.failover
-        if f is not None and f.phase in (Phase.POWERING_ON, Phase.LOADING, Phase.STARTING):
+        if f is not None and f.phase in ACTIVE_PHASES:
             raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
         if self.t.bmc is None:
             raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
@@ -369,6 +388,96 @@ class ReplicationService(BaseManagerService):
                                  now + self.t.power_on_timeout_s, vms)
         self._effects.append(Effect(self.name, "power-on", {}, now))
         return {"status": "started", "plan": plan, "journal_seq": entry.seq}
+
+    def _route_migrate(self, r: Request) -> Reply:
+        return Reply(200, self.request_migration(r.body, now=r.now, wall=r.wall))
+
+    def request_migration(self, req: OperatorRequest, *, now: float,
+                          wall: float | None = None) -> dict[str, Any]:
+        """Planned migration to site B, for zero loss: the protected VMs shut down at the
+        primary (quiesced), their last epochs ship, then the failover's steps (the primary is
+        alive by design; the starts are re-checked: the VM must not run at the primary)."""
+        k = self.kernel
+        k.check_fenced()
+        subject = f"site:{self.t.site_b_host}"
+        f = self.failover
+        if f is not None and f.phase in ACTIVE_PHASES:
+            raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
+        if self.t.bmc is None:
+            raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
+        vms = tuple(sorted(self.protected))
+        if not vms:
+            raise Refused("nothing-protected", "no VM is protected")
+        unsynced = [vm for vm in vms if self.protected[vm].disks and not (
+            vm in self.shipping and self.shipping[vm][2].get("synced"))]
+        plan = {"vms": list(vms), "power_on": self.t.site_b_host, "planned": True}
+        if unsynced:
+            why = f"no complete epoch at site B yet for {', '.join(unsynced)}"
+            k.journal_append(now, wall, "replication-migrate-refused", subject, why,
+                             dry_run=req.dry_run, actor="operator",
+                             details={"rule": "not-synced", **plan})
+            raise Refused("not-synced", f"planned migration refused: {why}")
+        entry = k.journal_append(now, wall, "replication-migrate-decision", subject,
+                                 req.reason, dry_run=req.dry_run, actor="operator",
+                                 details=plan)
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        f = Failover(f"planned: {req.reason}", False, now, Phase.QUIESCING,
+                     now + self.t.loaded_timeout_s, vms, planned=True)
+        self.failover = f
+        for vm in vms:
+            m = k.model.vms.get(vm)
+            if m is None or m.state is not VMState.RUNNING or m.host is None:
+                continue
+            try:
+                a = k.queue_vm_action("shutdown", vm, m.host, None,
+                                      f"planned migration to site B: {req.reason}", now, wall)
+            except Refused as exc:
+                self._fail(f"cannot quiesce {vm}: {exc.message}", now, wall)
+                return {"status": "failed", "detail": f.detail}
+            f.quiesce[vm] = a.id
+        self._planned_step(now, wall)
+        return {"status": "started", "plan": plan, "journal_seq": entry.seq}
+
+    def _planned_step(self, now: float, wall: float | None) -> None:
+        f = self.failover
+        assert f is not None
+        k = self.kernel
+        if f.phase is Phase.QUIESCING:
+            for vm, aid in f.quiesce.items():
+                a = k.get_action(aid)
+                if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
+                                            ActionState.EXPIRED):
+                    self._fail(f"{vm} did not shut down ({aid}: "
+                               f"{'gone' if a is None else a.state.value})", now, wall)
+                    return
+                if a.state is not ActionState.SUCCEEDED:
+                    return
+            f.phase, f.quiesced_at = Phase.DRAINING, now
+            f.deadline = now + self.t.loaded_timeout_s
+            k.journal_append(now, wall, "replication-quiesced", f"site:{self.t.site_b_host}",
+                             f"{len(f.quiesce)} VMs shut down at the primary; their last "
+                             "epochs ship", details={"actions": dict(f.quiesce)})
+        if f.phase is Phase.DRAINING:
+            assert f.quiesced_at is not None
+            epochs = {}
+            for vm in f.vms:
+                if not self.protected.get(vm) or not self.protected[vm].disks:
+                    continue
+                ship = self.shipping.get(vm)
+                if ship is None or ship[1] <= f.quiesced_at:
+                    return  # wait for a report made after the VMs stopped
+                rep = ship[2]
+                if rep.get("bytes_behind") or rep.get("rpo_ms"):
+                    return
+                epochs[vm] = int(rep.get("remote_epoch", -1))
+            f.final_epochs = epochs
+            k.journal_append(now, wall, "replication-final-epochs",
+                             f"site:{self.t.site_b_host}",
+                             "every quiesced VM's last write is in an epoch at site B",
+                             details={"epochs": epochs})
+            f.phase, f.deadline = Phase.POWERING_ON, now + self.t.power_on_timeout_s
+            self._effects.append(Effect(self.name, "power-on", {}, now))
 
     def _fail(self, why: str, now: float, wall: float | None) -> None:
         f = self.failover
@@ -427,7 +536,7 @@ class ReplicationService(BaseManagerService):
             try:
                 a = k.queue_action(KIND_START, vm, payload={
                     "host": self.t.site_b_host, "epoch": reg.get("epoch", -1),
-                    "disks": reg.get("disks", []), "forced": f.forced,
+                    "disks": reg.get("disks", []), "forced": f.forced, "planned": f.planned,
                     "from_host": self._primary_of(vm)}, reason=f.reason, now=now, wall=wall)
             except Refused as exc:
                 f.done[vm] = False
@@ -471,7 +580,11 @@ class ReplicationService(BaseManagerService):
         f = self.failover
         if f is None or f.phase is not Phase.STARTING or action.vm not in f.actions:
             return ["no failover is starting this VM"], action
-        if not action.payload.get("forced"):
+        if action.payload.get("planned"):
+            m = kernel.model.vms.get(action.vm)
+            if m is not None and m.state is VMState.RUNNING and m.host != action.payload["host"]:
+                return [f"{action.vm} runs on {m.host} again (planned migration)"], action
+        elif not action.payload.get("forced"):
             alive = self.alive_primaries()
             if alive:
                 return [f"primary hosts {', '.join(alive)} came back (rule primary-alive)"], \

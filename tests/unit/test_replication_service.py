@@ -27,6 +27,7 @@ from netsvc.replication.agent import load_config_from_bmc
 from netsvc.replication.schemas import (
     FailoverRequest,
     LoadedReport,
+    OperatorRequest,
     ProtectRequest,
     ShippingReport,
 )
@@ -234,3 +235,56 @@ def test_a_failover_that_never_hears_from_site_b_fails_at_its_deadline(
         s.failover.detail
     assert all(a.state is not ActionState.PENDING for a in env.core.actions()
                if a.kind == "replication-start")
+
+
+def test_planned_migration_quiesces_ships_the_last_epoch_then_starts_at_site_b(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]) -> None:
+    server, _, pw, power = bmc
+    env = Env(tmp_path, server, pw)
+    s = env.service
+    s.protect("vm1", convert({"disks": [{"name": "ds1", "size": 4096}]}, ProtectRequest),
+              now=env.now)
+
+    def report(now: float, epoch: int, behind: int, rpo_ms: float) -> None:
+        s.report(convert({"host": "h1", "vms": [
+            {"vm": "vm1", "disk": "ds1", "rpo_target_s": 1.0, "rpo_ms": rpo_ms,
+             "remote_epoch": epoch, "bytes_behind": behind, "bytes_written": 8192,
+             "bytes_shipped": 8192, "epochs": epoch + 1, "failures": 0,
+             "synced": epoch >= 0}]}, ShippingReport), now=now)
+
+    with pytest.raises(Refused) as e:  # no complete epoch at site B yet
+        s.request_migration(convert({}, OperatorRequest), now=env.now)
+    assert e.value.rule == "not-synced"
+    report(env.now, 3, 4096, 300.0)
+    env.tick()
+    r = s.request_migration(convert({"reason": "maintenance of site A"}, OperatorRequest),
+                            now=env.now)
+    assert r["status"] == "started" and s.failover is not None
+    assert s.failover.phase is Phase.QUIESCING and power.read_text().strip() == "off"
+    [shutdown] = env.core.claim_actions("h1", "executor", now=env.now + 0.1)
+    assert shutdown.kind == "shutdown"
+    env.core.complete_action(shutdown.id, ok=True, now=env.now + 0.5, host="h1")
+    env.tick(0.5)
+    assert s.failover.phase is Phase.DRAINING
+    report(env.now - 0.1, 3, 4096, 300.0)  # a report from before the VM stopped: not enough
+    env.tick(0.3)
+    assert s.failover.phase is Phase.DRAINING
+    report(env.now, 4, 0, 0.0)  # the last epoch is at site B, nothing behind
+    out = env.tick(0.3)
+    assert [o["kind"] for o in out] == ["power-on"] and power.read_text().strip() == "on"
+    assert s.failover.final_epochs == {"vm1": 4}
+    logs: list[str] = []
+    rep = load_config_from_bmc(ctx("b1", logs),
+                               ipmitool_raw("127.0.0.1", "admin", pw, port=server.port),
+                               "ipmitool raw")
+    env.core.heartbeat("b1", seq=1, now=env.now)
+    s.loaded(convert(rep, LoadedReport), now=env.now + 1)
+    [start] = env.core.claim_actions("b1", "executor", now=env.now + 1.2)
+    assert start.payload["planned"] is True  # re-checked: vm1 must not run at the primary
+    env.core.complete_action(start.id, ok=True, result={"epoch": 4}, now=env.now + 2,
+                             host="b1")
+    assert s.failover.phase is Phase.DONE
+    acts = env.journal_actions()
+    for a in ("replication-migrate-decision", "replication-quiesced",
+              "replication-final-epochs", "replication-failover-done"):
+        assert a in acts, a
