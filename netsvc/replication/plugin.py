@@ -113,7 +113,7 @@ def _lab_agent_args(plan: Any, host: str) -> list[str]:
 def _scenarios() -> tuple[Any, ...]:
     from netsvc.lab.scenarios import replication
 
-    return (replication.SCENARIO,)
+    return (replication.SCENARIO, replication.PLANNED)
 
 
 def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

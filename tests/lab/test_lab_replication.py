@@ -34,3 +34,16 @@ def test_site_failover_through_the_sleeping_hosts_bmc(tmp_path: Path) -> None:
         rep = report["replicas"][vm]
         assert 0 < rep["replica_writes"] <= rep["acked"]
     assert report["data_lost_writes"] >= 0 and report["rto_s"] > 0
+
+
+def test_site_migration_loses_nothing(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-migration",
+                        "--hosts", "3", "--report", str(tmp_path)], capture_output=True,
+                       text=True, timeout=900, cwd=REPO)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]
+    assert report["data_lost_writes"] == 0 and report["config_via_bmc"] is True
+    for vm in ("vm1", "vm2"):
+        rep = report["replicas"][vm]
+        assert rep["replica_writes"] == rep["acked"] > 0
+    assert "final-epochs" in report["failover_steps_s"]

@@ -1,5 +1,7 @@
-"""Scenario ``site-failover``: replication to site B, the primary site lost, failover through
-the sleeping site-B host's BMC.
+"""Scenarios ``site-failover`` (replication to site B, the primary site lost, failover through
+the sleeping site-B host's BMC) and ``site-migration`` (the same set-up, then a planned
+migration: ``netsvc replication migrate`` shuts the VMs down at the primary, the guests
+quiesce, their last epochs ship, they start at site B: checked to lose nothing).
 
 Lab layout (additive; nothing changes for the other scenarios):
 
@@ -179,13 +181,15 @@ def _prefix(data: bytes, ds: str) -> tuple[int, bool]:
 
 def _steps(journal: list[dict[str, Any]]) -> dict[str, float]:
     """The failover's steps from the manager's journal, seconds after its decision."""
-    decided = [e for e in journal if e["action"] == "replication-failover-decision"
+    decided = [e for e in journal if e["action"] in ("replication-failover-decision",
+                                                     "replication-migrate-decision")
                and not e["dry_run"]]
     if not decided:
         return {}
     t0 = decided[-1]["wall"]
     out: dict[str, float] = {}
-    for step in ("replication-power-on", "replication-config-loaded", "replication-start-done",
+    for step in ("replication-quiesced", "replication-final-epochs", "replication-power-on",
+                 "replication-config-loaded", "replication-start-done",
                  "replication-failover-done"):
         times = [e["wall"] for e in journal if e["action"] == step and e["wall"] >= t0]
         if times:
@@ -194,6 +198,15 @@ def _steps(journal: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    return _run(lab, checks, params, planned=False)
+
+
+def run_planned(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    return _run(lab, checks, params, planned=True)
+
+
+def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
+         ) -> dict[str, Any]:
     from netsvc.lab.scenarios.storage import DS_SIZE, _start_array, socket_path
 
     plan = lab.require_plan()
@@ -265,27 +278,38 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                  refused.returncode == 1 and "primary-alive" in refused.stderr,
                  (refused.stdout + refused.stderr)[-300:])
 
-    # the primary site is lost: its traffic to site B dropped at gw, its hosts crashed
     running = {vm: w.is_alive() and not w.error for vm, w in writers.items()}
-    checks.check("the guests were still writing when the site was lost", all(running.values()),
-                 f"{running} (a writer that filled its disk first makes the loss vacuous)")
-    for h in ("h1", "h2"):
-        _mnexec(lab, "gw", ["iptables", "-I", "FORWARD", "-s", plan.host_addr(h, "vmnet"),
-                            "-d", "198.18.4.0/24", "-j", "DROP"])
-    lab.record("fault-start", "site-a", "site-link-cut", fault_id="site-a-lost")
-    t_loss = time.monotonic()
-    for h in ("h1", "h2"):
-        lab.crash_host(h)
-    for w in writers.values():
-        w.stop.set()
-        w.join(10)
-    wait_for("the primary hosts down at the manager", lambda: all(
-        mgr.status()["hosts"][h]["state"] == "DOWN" for h in ("h1", "h2")), 30.0, 0.1)
-
-    t_fo = time.monotonic()
-    fo = _cli(lab, "failover", "--reason", "site A lost (site-failover scenario)")
-    if fo.returncode != 0:
-        raise LabError(f"failover: {fo.stdout}{fo.stderr}")
+    checks.check("the guests were still writing at the " + ("migration" if planned else
+                                                           "site's loss"),
+                 all(running.values()),
+                 f"{running} (a writer that filled its disk first makes the check vacuous)")
+    if planned:  # the guests quiesce as they shut down; the primary stays up
+        t_fo = t_loss = time.monotonic()
+        fo = _cli(lab, "migrate", "--reason", "site-migration scenario")
+        for w in writers.values():
+            w.stop.set()
+            w.join(10)
+        if fo.returncode != 0:
+            raise LabError(f"migrate: {fo.stdout}{fo.stderr}")
+    else:
+        # the primary site is lost: its traffic to site B dropped at gw, its hosts crashed
+        for h in ("h1", "h2"):
+            _mnexec(lab, "gw", ["iptables", "-I", "FORWARD", "-s",
+                                plan.host_addr(h, "vmnet"), "-d", "198.18.4.0/24", "-j",
+                                "DROP"])
+        lab.record("fault-start", "site-a", "site-link-cut", fault_id="site-a-lost")
+        t_loss = time.monotonic()
+        for h in ("h1", "h2"):
+            lab.crash_host(h)
+        for w in writers.values():
+            w.stop.set()
+            w.join(10)
+        wait_for("the primary hosts down at the manager", lambda: all(
+            mgr.status()["hosts"][h]["state"] == "DOWN" for h in ("h1", "h2")), 30.0, 0.1)
+        t_fo = time.monotonic()
+        fo = _cli(lab, "failover", "--reason", "site A lost (site-failover scenario)")
+        if fo.returncode != 0:
+            raise LabError(f"failover: {fo.stdout}{fo.stderr}")
     wait_for("every replica answering at site B",
              lambda: all(lab.answers(vm) for vm in [*DISKS, *extra]), 60.0, 0.1)
     rto = time.monotonic() - t_fo
@@ -311,6 +335,9 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         checks.check(f"{vm}'s replica is a prefix of its acknowledged writes",
                      clean and k <= len(acked),
                      f"{k} of {len(acked)} writes, nothing after: {clean}")
+        if planned:
+            checks.check(f"{vm} lost nothing (planned migration)", k == len(acked),
+                         f"{k} of {len(acked)} acknowledged writes at site B")
         gap = t_loss - acked[k] if k < len(acked) else 0.0
         checks.check(f"{vm} lost only writes acknowledged within the RPO target (1 s)",
                      gap <= 1.0, f"the oldest lost write was acknowledged {gap:.3f} s "
@@ -343,6 +370,10 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "manager": SERVICES_MGMT}
 
 
+PLANNED = Scenario("site-migration", "planned migration to site B: the VMs quiesce, their "
+                   "last epochs ship, they start on the site-B host powered on through its "
+                   "BMC; zero loss", run_planned, min_hosts=3, vms_per_host=0, params=PARAMS,
+                   check=check)
 SCENARIO = Scenario("site-failover", "replication to site B; the primary site lost; failover "
                     "through the sleeping site-B host's BMC", run, min_hosts=3,
                     vms_per_host=0, params=PARAMS, check=check)
