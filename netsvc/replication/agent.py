@@ -7,9 +7,10 @@ On a primary host (``--replication-site-b ADDR:PORT``, the site-B storage node's
   is tracked in epochs;
 - a report loop posts the shipping figures (``POST /v1/replication/reports``) and learns from
   the answer which VMs (disks) to ship, with their RPO targets;
-- one shipping thread runs the ``scheduler.RpoScheduler``'s decisions: the initial full copy of
-  a newly protected disk (while the VM writes), then epochs, most-at-risk VM first, under one
-  ``throttle.Throttle`` for the whole site link.
+- two shipping workers run the ``scheduler.RpoScheduler``'s decisions under one
+  ``throttle.Throttle`` for the whole site link: one the initial full copies of newly
+  protected disks (while the VMs write), the other the synced VMs' epochs, most at risk first
+  (so an initial copy never holds the others' epochs back).
 
 On the site-B host (``--replication-bmc ADDR`` ...): in its start, before the agent's first
 heartbeat and before its executor runs (so before any VM can start here), the configuration is
@@ -19,8 +20,8 @@ told (``POST /v1/replication/loaded``) what was registered, or why the blob was 
 nothing is registered, and nothing can start from it). The ``replication-start`` executor then
 makes a replica live at its newest complete epoch and starts the VM here.
 
-Invariants: a disk is shipped by one thread at a time; an epoch that failed is aborted on both
-sides (``shipper``); the BMC's blob is acted on only whole and valid.
+Invariants: a disk is shipped by one worker at a time (``_busy``); an epoch that failed is
+aborted on both sides (``shipper``); the BMC's blob is acted on only whole and valid.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Shipping:
         self.ships: dict[str, _Ship] = {}  # vm -> its shipping (one disk per VM for now)
         self.lock = threading.Lock()
         self.history: list[Shipped] = []
+        self._busy: set[str] = set()  # VMs a worker is shipping now
         self.on_shipped: Callable[[Shipped], None] | None = None
 
     def track(self, name: str, backend: Any) -> TrackingBackend:
@@ -107,30 +109,49 @@ class Shipping:
                              t.rpo(self.clock()), s.shipper.last_cut)
         return out
 
-    def step(self) -> Shipped | None:
-        """One decision and at most one epoch shipped (the most at risk)."""
+    def step(self, initial: bool | None = None) -> Shipped | None:
+        """One decision and at most one epoch shipped: the most at risk of the VMs no other
+        worker is shipping (``initial``: only initial full copies, or only the others)."""
         with self.lock:
             d = self.scheduler.decide(self.views(), self.clock())
-            if not d.order:
+            unsynced = {vm for vm, s in self.ships.items() if not s.shipper.synced}
+            order = [vm for vm in d.order if vm not in self._busy
+                     and (initial is None or (vm in unsynced) == initial)]
+            if not order:
                 return None
-            vm = d.order[0]
+            vm = order[0]
             s = self.ships[vm]
-        r = s.shipper.ship_next(full=vm in d.full)
-        s.epochs += r.ok
-        s.failures += not r.ok
-        s.error = r.error
+            self._busy.add(vm)
+        try:
+            r = s.shipper.ship_next(full=vm in d.full)
+        finally:
+            with self.lock:
+                self._busy.discard(vm)
+        with self.lock:
+            s.epochs += r.ok
+            s.failures += not r.ok
+            s.error = r.error
+            self.history.append(r)
+            del self.history[:-1000]
         if not r.ok:
             self.log(f"replication: {vm} epoch {r.epoch} not shipped: {r.error}")
-        self.history.append(r)
-        del self.history[:-1000]
         if self.on_shipped is not None:
             self.on_shipped(r)
         return r
 
     def run(self, stop: threading.Event) -> None:
+        """Two workers under the one throttle: initial full copies on one, the synced VMs'
+        epochs on the other, so a long initial copy never holds the others' epochs back."""
+        first = threading.Thread(target=self._work, args=(stop, True), daemon=True,
+                                 name="replication-initial")
+        first.start()
+        self._work(stop, False)
+        first.join()
+
+    def _work(self, stop: threading.Event, initial: bool) -> None:
         while not stop.is_set():
             try:
-                r = self.step()
+                r = self.step(initial)
             except Exception as exc:  # a bug must not stop the shipping for good
                 self.log(f"replication: shipping step failed: {exc!r}")
                 r = None

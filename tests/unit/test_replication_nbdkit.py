@@ -50,7 +50,8 @@ def site_b(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     log = open(tmp_path / "nbdkit.log", "wb")  # noqa: SIM115 - closed below
     p = subprocess.Popen([nbdkit, "-f", "-v", "--exit-with-parent", "-i", "127.0.0.1", "-p",
-                          str(port), "python", str(PLUGIN), f"dir={d}", f"disk=vm1:{SIZE}"],
+                          str(port), "python", str(PLUGIN), f"dir={d}", f"disk=vm1:{SIZE}",
+                          f"disk=vm2:{4 * SIZE}"],
                          stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 15
