@@ -283,12 +283,15 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
                                                            "site's loss"),
                  all(running.values()),
                  f"{running} (a writer that filled its disk first makes the check vacuous)")
-    if planned:  # the guests quiesce as they shut down; the primary stays up
-        t_fo = t_loss = time.monotonic()
-        fo = _cli(lab, "migrate", "--reason", "site-migration scenario")
+    if planned:
+        # The writers stand for the guests, whose writes end as the shutdown begins: they stop
+        # first (a writer still going after its VM shut down would write to a disk no guest
+        # uses any more, and could race the last epoch). The primary stays up.
         for w in writers.values():
             w.stop.set()
             w.join(10)
+        t_fo = t_loss = time.monotonic()
+        fo = _cli(lab, "migrate", "--reason", "site-migration scenario")
         if fo.returncode != 0:
             raise LabError(f"migrate: {fo.stdout}{fo.stderr}")
     else:
