@@ -215,7 +215,7 @@ class ShippingAgent:
 
 
 def load_config_from_bmc(ctx: AgentContext, raw: Callable[[int, bytes], bytes],
-                         via: str) -> dict[str, Any]:
+                         via: str, batch: Any = None) -> dict[str, Any]:
     """Read, check and register the configuration in this host's BMC. Returns the report for
     the manager (``LoadedReport``); never raises for a bad blob (it is refused, and said)."""
     from netsvc.bmc.config_client import ConfigRefused, read_blob
@@ -223,7 +223,7 @@ def load_config_from_bmc(ctx: AgentContext, raw: Callable[[int, bytes], bytes],
     from netsvc.replication.vmconfig import ConfigError, parse
 
     try:
-        blob, info = read_blob(raw)
+        blob, info = read_blob(raw, batch)
         vms = parse(decode_blob(blob), ctx.host)
     except (BlobError, ConfigError, ConfigRefused, OSError) as exc:
         ctx.log(f"replication: REFUSED the configuration in my BMC: {exc}; nothing is "

@@ -61,15 +61,19 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
     if args.replication_site_b:
         ctx.options["replication.site_b"] = _site_b(args.replication_site_b)
     if args.replication_bmc:
-        from netsvc.bmc.config_client import ipmitool_raw
+        from netsvc.bmc.config_client import ipmitool_batch, ipmitool_raw
         from netsvc.replication.agent import load_config_from_bmc, post_loaded
 
         if not args.replication_bmc_password_file:
             raise ValueError("--replication-bmc needs --replication-bmc-password-file")
         raw = ipmitool_raw(args.replication_bmc, args.replication_bmc_user,
                            args.replication_bmc_password_file, port=args.replication_bmc_port)
+        batch = ipmitool_batch(args.replication_bmc, args.replication_bmc_user,
+                               args.replication_bmc_password_file,
+                               port=args.replication_bmc_port)
         report = load_config_from_bmc(
-            ctx, raw, f"ipmitool -I lanplus raw 0x30 (IPMI OEM) from BMC {args.replication_bmc}")
+            ctx, raw, f"ipmitool -I lanplus raw 0x30 (IPMI OEM) from BMC {args.replication_bmc}",
+            batch)
         threading.Thread(target=post_loaded, args=(ctx, report, threading.Event()),
                          name="replication-loaded", daemon=True).start()
         return

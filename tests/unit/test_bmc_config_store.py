@@ -18,6 +18,7 @@ from netsvc.bmc.client import BmcClient
 from netsvc.bmc.config_client import (
     ConfigRefused,
     info,
+    ipmitool_batch,
     ipmitool_raw,
     read_config,
     with_pyghmi,
@@ -160,6 +161,9 @@ def test_ipmitool_raw_writes_and_reads_the_configuration_while_the_host_is_off(
         raw(0x73, token)
     assert e.value.code == C_INVALID
     assert read_config(raw)[0] == PAYLOAD
+    # every chunk in one session (ipmitool exec): the same blob, checked by the same SHA-256
+    batch = ipmitool_batch(LOOPBACK, USER, pw, port=server.port, tool=tool)
+    assert read_config(raw, batch)[0] == PAYLOAD
     # a wrong password never reaches the store
     bad = tmp = pw.with_name("bad")
     tmp.write_text("wrong\n")
