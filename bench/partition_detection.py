@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -79,6 +80,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", type=Path)
+    p.add_argument("--logs", type=Path, help="copy the lab's logs (agents, manager) here")
     a = p.parse_args()
     ours, peer, mgr_ms = [], [], []
     lab = Lab(hosts=3, vms_per_host=1)
@@ -126,6 +128,8 @@ def main() -> int:
             # not the next flap of one link (a flapping link is held down on purpose: 3 s)
             time.sleep(6.0)
     finally:
+        if a.logs is not None:
+            shutil.copytree(lab.run_dir / "logs", a.logs, dirs_exist_ok=True)
         lab.teardown()
     summary = {
         "runs": a.runs,

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from netsvc.bmc.cli import register as register_bmc
     from netsvc.cluster.cli import register as register_cluster
     from netsvc.lab.cli import register as register_lab
+    from netsvc.ops.keys import register as register_keys
     from netsvc.services import PLUGINS
 
     p = argparse.ArgumentParser(
@@ -29,8 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
         if plugin.cli is not None:
             plugin.cli(sub)
     register_bmc(sub)
+    register_keys(sub)
     register_lab(sub)
+    c = sub.add_parser("completion", help="print a shell completion script (shtab)",
+                       description="Print the completion script for SHELL. Bash: "
+                       "`netsvc completion bash > /etc/bash_completion.d/netsvc`; zsh: write "
+                       "it as `_netsvc` into a directory on $fpath.")
+    c.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    c.set_defaults(func=lambda a: _completion(p, a.shell))
     return p
+
+
+def _completion(parser: argparse.ArgumentParser, shell: str) -> int:
+    """The script for ``shell``, generated from the parser itself (so it never drifts)."""
+    import shtab
+
+    print(shtab.complete(parser, shell=shell))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

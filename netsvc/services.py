@@ -15,6 +15,7 @@ from netsvc.cluster.service import ManagerService, ServicePlugin
 from netsvc.memory.plugin import PLUGIN as MEMORY
 from netsvc.nic.plugin import PLUGIN as NIC
 from netsvc.partition.plugin import PLUGIN as PARTITION
+from netsvc.power.plugin import PLUGIN as POWER
 from netsvc.replication.plugin import PLUGIN as REPLICATION
 from netsvc.storage.plugin import PLUGIN as STORAGE
 from netsvc.usbip.plugin import PLUGIN as USBIP
@@ -26,6 +27,7 @@ PLUGINS: tuple[ServicePlugin, ...] = (
     MEMORY,
     NIC,
     STORAGE,
+    POWER,
     REPLICATION,
 )
 

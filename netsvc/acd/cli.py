@@ -56,10 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="also see frames the interface forwards (watch a bridge's segment)",
     )
-    watch.add_argument(
-        "--manager", metavar="URL", help="report conflicts to this manager (POST /v1/conflicts)"
-    )
-    watch.add_argument("--key-file", metavar="F", help="the manager's API key file")
+    from netsvc.cluster.cli import add_connection_args
+
+    add_connection_args(watch)  # with --manager: report conflicts to it (POST /v1/conflicts)
     watch.add_argument("--reporter", metavar="NAME", default="", help="who reports (a host name)")
     watch.add_argument(
         "--dry-run",
@@ -299,12 +298,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
         report = None
         if args.manager:
-            from netsvc.cluster.auth import load_key
-            from netsvc.cluster.client import ManagerClient
+            from netsvc.cluster.cli import UsageError, client_from_args
 
             if not args.key_file:
                 raise ValueError("--manager needs --key-file")
-            client = ManagerClient(args.manager, load_key(args.key_file), timeout=2.0)
+            try:
+                client = client_from_args(args, timeout=2.0)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
             report = manager_reporter(client, args.reporter or args.iface, args.dry_run, show)
         deadline = None if args.duration is None else monotonic() + args.duration
         stats = watch(

@@ -43,6 +43,7 @@ from netsvc.acd.resolver import Claimant, YieldPolicy, choose_loser
 from netsvc.acd.resolver import Decision as ResolverDecision
 from netsvc.acd.schemas import MAX_CLAIMANTS, MIN_CLAIMANTS, ConflictReport
 from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import agent_of
 from netsvc.cluster.errors import ModelError, Refused, ValidationError
 from netsvc.cluster.model import ClusterModel, VMState, check_mac
 from netsvc.cluster.schema import convert
@@ -145,7 +146,8 @@ class AcdService(BaseManagerService):
     def routes(self) -> Sequence[Route]:
         return (Route("POST", r"/v1/conflicts", "conflict", self._route_conflict,
                       body=validate_conflict, mutates=True,
-                      summary="an agent reports an address claimed by several MACs"),)
+                      summary="an agent reports an address claimed by several MACs",
+                      access=agent_of(field="reporter")),)
 
     def action_kinds(self) -> Sequence[ActionKind]:
         return (

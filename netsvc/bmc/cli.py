@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--config-store", type=Path, metavar="F",
                        help="serve a configuration store (IPMI OEM 0x30, config_store.py), "
                        "kept in this file")
+    serve.add_argument("--dcmi-watts", metavar="on=W,off=W,storage=W",
+                       help="answer DCMI power readings with these watts (netsvc.bmc.dcmi)")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
                        default="info", help="least severe level logged (default info)")
@@ -137,9 +139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = BmcServer(backend, {args.user: password}, bind=args.bind, port=args.port,
                            name=name)
         if args.config_store is not None:
-            from netsvc.bmc.config_store import ConfigStore, install
+            from netsvc.bmc import config_store
 
-            install(server, ConfigStore(args.config_store))
+            config_store.install(server, config_store.ConfigStore(args.config_store))
+        if args.dcmi_watts is not None:
+            from netsvc.bmc.dcmi import DcmiConfig, install
+
+            install(server, DcmiConfig.parse(args.dcmi_watts))
     except (ValueError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

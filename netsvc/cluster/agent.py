@@ -289,10 +289,13 @@ def run_agent(
     inventory: Callable[[], Mapping[str, str]] | None = None,
     on_beat: Callable[[bool, float], None] | None = None,
     on_start: Callable[[], object] | None = None,
+    tls: Mapping[str, Any] | None = None,
 ) -> int:
-    """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code.
+    """Heartbeat until SIGTERM/SIGINT (or ``stop``); return an exit code. ``tls`` holds the
+    client's TLS options (``ca_file``, ``client_cert``, ``client_key``) for an https:// URL.
 
-    0: stopped cleanly. 2: the manager rejected the key (401), which retrying cannot fix;
+    0: stopped cleanly. 2: the manager rejected the credential (401, or 403: another host's),
+    which retrying cannot fix;
     every other failure is reported as an event and retried at the next interval.
     ``net_dir`` reads interface states from sysfs there instead of with ioctls in the current
     network namespace. ``inventory`` (the driver's ``list``) adds the VMs this host's
@@ -312,7 +315,9 @@ def run_agent(
         for sig in (signal.SIGTERM, signal.SIGINT):
             old_handlers[sig] = signal.signal(sig, on_signal)
     timeout = max(0.2, min(interval * 2, 5.0))
-    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect)
+    # One kept-alive connection for the heartbeats (over TLS, no handshake per heartbeat).
+    client = ManagerClient(manager_url, key, timeout=timeout, connect=connect, persistent=True,
+                           **(tls or {}))
     core = AgentCore(
         host,
         now=time.monotonic(),
@@ -344,8 +349,8 @@ def run_agent(
                 except ApiError as exc:
                     if on_beat is not None:
                         on_beat(False, time.monotonic() - sent)
-                    if exc.status == 401:
-                        emit(f"fatal: the manager rejected our key: {exc}")
+                    if exc.status in (401, 403):  # a wrong, expired or other host's credential
+                        emit(f"fatal: the manager rejected our credential: {exc}")
                         return 2
                     events = core.handle_failure(time.monotonic(), str(exc))
                 for ev in events:
@@ -360,6 +365,7 @@ def run_agent(
                     break
             stop.wait(max(0.0, core.next_timer() - time.monotonic()))
     finally:
+        client.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return 0

@@ -7,9 +7,16 @@ and returns a ``Response``; ``ManagerServer`` in ``manager.py`` is the socket ad
 
 Invariants:
 
-- Every path except ``GET /v1/health`` needs ``Authorization: Bearer <key>``; the key is
-  checked (``auth.check_authorization``) before anything else is looked at, and a failure
+- Every path except ``GET /v1/health`` needs ``Authorization: Bearer <credential>``; it is
+  checked (``auth.Keyring.authenticate``) before anything else is looked at, and a failure
   gives 401 with the body never read.
+- Each route's declared ``Access`` (default: admin only) is checked next: a role that may not
+  call the route gives 403 before the body is read; an agent naming another host than its own
+  (in the path, or in the body field the route declares) gives 403 after the body is decoded
+  and before the handler runs. Either way nothing is changed. Every 401 and 403 carries a
+  ``Denial`` that ``audit`` journals (``access-denied``), at most one entry per source and
+  reason every ``DENIAL_QUIET`` seconds (the ones left out are counted in the next), so a
+  flood of bad requests cannot flood the journal.
 - A body is read only for a route that takes one, only when ``Content-Length`` is present,
   well formed and at most ``MAX_BODY`` (64 KiB); otherwise 411, 400 or 413 is answered *before*
   reading, and the response asks to close the connection (``Response.close``).
@@ -27,15 +34,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
 from netsvc.cluster import schemas
-from netsvc.cluster.auth import check_authorization
+from netsvc.cluster.auth import READ, AuthFailure, Keyring, Principal, agent_of
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -58,6 +66,8 @@ if TYPE_CHECKING:
     from netsvc.cluster.manager import ManagerCore
 
 MAX_BODY = 64 * 1024
+DENIAL_QUIET = 10.0
+MAX_DENIAL_SOURCES = 1024
 ACTION_ID_RE = re.compile(r"^a-[0-9]{1,12}$")
 
 JSONObject = dict[str, Any]
@@ -135,11 +145,26 @@ def _short(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class Denial:
+    """A refused request, for the journal: who (``principal`` or ``anonymous``), what, why."""
+
+    status: int
+    reason: str
+    principal: str
+    method: str
+    path: str
+    route: str = ""
+    peer: str = ""
+    key_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Response:
     status: int
     body: JSONObject
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
+    denial: Denial | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.body, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
@@ -238,6 +263,19 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         return Reply(200, {"dry_run": True, "plan": decision.plan,
                            "journal_seq": decision.journal_seq})
 
+    def maintenance(r: Request) -> Reply:
+        name = _check_cluster_name(r.params[0], "host", "host")
+        req: schemas.HostMaintenance = r.body
+        if r.params[1] == "enter":
+            out = core.enter_maintenance(name, reason=req.reason, dry_run=req.dry_run,
+                                         force=req.force, now=r.now, wall=r.wall)
+        elif req.dry_run or req.force:
+            raise ValidationError("dry_run" if req.dry_run else "force",
+                                  "exit takes neither dry_run nor force")
+        else:
+            out = core.exit_maintenance(name, reason=req.reason, now=r.now, wall=r.wall)
+        return Reply(200, out)
+
     def lifecycle(r: Request) -> Reply:
         name = _check_cluster_name(r.params[0], "vm", "VM")
         vm = core.model.vms.get(name)
@@ -288,32 +326,41 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         return Reply(201, {"ok": True, "seq": entry.seq})
 
     return [
-        Route("GET", r"/v1/status", "status", status, summary="the cluster at a glance"),
+        Route("GET", r"/v1/status", "status", status, summary="the cluster at a glance",
+              access=READ),
         Route("POST", rf"/v1/hosts/{SEG}/heartbeat", "heartbeat", heartbeat,
-              body=schemas.Heartbeat, summary="an agent's heartbeat", mutates=True),
-        Route("GET", rf"/v1/vms/{SEG}", "get_vm", get_vm, summary="one VM"),
+              body=schemas.Heartbeat, summary="an agent's heartbeat", mutates=True,
+              access=agent_of(param=0)),
+        Route("GET", rf"/v1/vms/{SEG}", "get_vm", get_vm, summary="one VM", access=READ),
         Route("PUT", rf"/v1/vms/{SEG}", "put_vm", put_vm, body=schemas.VMPut,
               summary="define or update a VM", mutates=True),
         Route("POST", rf"/v1/vms/{SEG}/migrate", "migrate", migrate, body=schemas.Migrate,
               summary="ask for a live migration", mutates=True),
+        Route("POST", rf"/v1/hosts/{SEG}/maintenance/(enter|exit)", "host_maintenance",
+              maintenance, body=schemas.HostMaintenance, mutates=True,
+              summary="take a host out of service (its VMs are migrated away first) or back"),
         Route("POST", rf"/v1/vms/{SEG}/(start|shutdown|power-off)", "vm_lifecycle", lifecycle,
               body=schemas.VMLifecycle, mutates=True,
               summary="start a VM, shut it down or power it off on its host (its rules apply)"),
         Route("GET", r"/v1/actions", "list_actions", list_actions, query=schemas.ActionListQuery,
-              summary="open (or all recent) actions; changes nothing"),
+              summary="open (or all recent) actions; changes nothing", access=READ),
         Route("POST", r"/v1/actions/claim", "claim_actions", claim_actions,
               body=schemas.ClaimRequest, mutates=True,
-              summary="an agent claims its host's pending actions (long poll with wait_s)"),
+              summary="an agent claims its host's pending actions (long poll with wait_s)",
+              access=agent_of(field="host")),
         Route("POST", rf"/v1/actions/{SEG}/claim", "claim_action", claim_action,
-              body=schemas.ClaimRequest, mutates=True, summary="claim one action by id"),
-        Route("GET", rf"/v1/actions/{SEG}", "get_action", get_action, summary="one action"),
+              body=schemas.ClaimRequest, mutates=True, summary="claim one action by id",
+              access=agent_of(field="host")),
+        Route("GET", rf"/v1/actions/{SEG}", "get_action", get_action, summary="one action",
+              access=READ),
         Route("POST", rf"/v1/actions/{SEG}", "complete_action", complete_action,
               body=schemas.ActionResult, mutates=True,
-              summary="report the result of a claimed phase"),
+              summary="report the result of a claimed phase", access=agent_of(field="host")),
         Route("GET", r"/v1/journal", "journal", journal, query=schemas.JournalQuery,
-              summary="audit journal entries"),
+              summary="audit journal entries", access=READ),
         Route("POST", r"/v1/events", "event", event, body=schemas.Event, mutates=True,
-              summary="journal an external actor's event"),
+              summary="journal an external actor's event",
+              access=agent_of(field="actor", prefix="agent:")),
     ]
 
 
@@ -326,6 +373,10 @@ class Prepared:
     query: Any
     body_length: int
     close: bool = False
+    principal: Principal | None = None
+    method: str = ""
+    path: str = ""
+    peer: str = ""
 
 
 class Api:
@@ -336,10 +387,15 @@ class Api:
     the body at hand (tests, fuzzers).
     """
 
-    def __init__(self, core: ManagerCore, key: bytes, *, max_body: int = MAX_BODY) -> None:
+    def __init__(self, core: ManagerCore, key: bytes | Keyring, *,
+                 max_body: int = MAX_BODY) -> None:
         self.core = core
-        self._key = key
+        #: The accepted keys; the server swaps in a new keyring on a rotation (an assignment:
+        #: a request in flight keeps the one it started with).
+        self.keyring = key if isinstance(key, Keyring) else Keyring((key,))
         self.max_body = max_body
+        self._denials: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._denials_lock = threading.Lock()
         routes = kernel_routes(core)
         for svc in core.services.values():
             routes.extend(svc.routes())
@@ -361,21 +417,28 @@ class Api:
         now: float,
         wall: float,
     ) -> Response:
-        """``headers`` has lower-case names. ``read_body(n)`` reads up to n bytes of body."""
-        prepared = self.prepare(method, target, headers)
+        """``headers`` has lower-case names. ``read_body(n)`` reads up to n bytes of body.
+        A denial is journaled here (``audit``)."""
+        prepared = self.prepare(method, target, headers, wall=wall)
         if isinstance(prepared, Response):
+            self.audit(prepared, now=now, wall=wall)
             return prepared
         raw = read_body(prepared.body_length) if prepared.body_length else b""
-        return self.finish(prepared, raw, now=now, wall=wall)
+        resp = self.finish(prepared, raw, now=now, wall=wall)
+        self.audit(resp, now=now, wall=wall)
+        return resp
 
     def prepare(
-        self, method: str, target: str, headers: Mapping[str, str]
+        self, method: str, target: str, headers: Mapping[str, str], *,
+        wall: float | None = None, peer: str = "",
     ) -> Prepared | Response:
-        """Check the key, the route, the query and the body framing, reading nothing."""
+        """Check the credential, the route and its access, the query and the body framing,
+        reading nothing. ``wall`` is the time an expiring token is checked against (without
+        it, a token that expires is refused)."""
         declared = headers.get("content-length")
         has_body = declared not in (None, "0") or "transfer-encoding" in headers
         try:
-            return self._prepare(method, target, headers, declared, has_body)
+            return self._prepare(method, target, headers, declared, has_body, wall, peer)
         except ValidationError as exc:
             return error(400, str(exc), close=has_body, field=exc.field)
 
@@ -386,6 +449,8 @@ class Api:
         headers: Mapping[str, str],
         declared: str | None,
         has_body: bool,
+        wall: float | None,
+        peer: str,
     ) -> Prepared | Response:
         if not target.startswith("/"):
             return error(400, f"bad request target {target[:80]!r}", close=has_body)
@@ -393,17 +458,26 @@ class Api:
         path = parts.path
         if method == "GET" and path == "/v1/health":
             return Response(200, {"ok": True, "role": "manager"}, close=has_body)
-        if not check_authorization(headers.get("authorization"), self._key):
-            return error(401, "missing or wrong key: send 'Authorization: Bearer <key>'",
+        who = self.keyring.authenticate(headers.get("authorization"),
+                                        wall if wall is not None else float("inf"))
+        if isinstance(who, AuthFailure):
+            resp = error(401, f"{who.reason}: send 'Authorization: Bearer <credential>'",
                          close=has_body)
+            return replace(resp, denial=Denial(401, who.reason, "anonymous", method,
+                                               path[:200], peer=peer, key_id=who.key_id))
         route, params = self._route(method, path)
         if isinstance(route, Response):
             return Response(route.status, route.body, route.headers, close=has_body)
+        access = route.route.access
+        if not access.allows_role(who) or (
+                access.param is not None and not access.allows(who, params, None)):
+            return self._forbidden(who, route, method, path, peer, has_body)
         query = self._query(parts.query, route)
         if not route.body:
             # Bodies of GET requests are not read; closing keeps their bytes from being parsed
             # as the next request.
-            return Prepared(route, params, query, 0, close=has_body)
+            return Prepared(route, params, query, 0, close=has_body, principal=who,
+                            method=method, path=path, peer=peer)
         if "transfer-encoding" in headers:
             return error(411, "chunked bodies are not accepted: send Content-Length", close=True)
         if declared is None:
@@ -415,7 +489,67 @@ class Api:
         if length > self.max_body:
             return error(413, f"body of {length} bytes is larger than the limit of "
                          f"{self.max_body} bytes", close=True)
-        return Prepared(route, params, query, length)
+        return Prepared(route, params, query, length, principal=who, method=method, path=path,
+                        peer=peer)
+
+    def _forbidden(self, who: Principal, route: _Compiled, method: str, path: str, peer: str,
+                   close: bool) -> Response:
+        access = route.route.access
+        if who.role == "agent" and access.level == "agent":
+            reason = f"{who.name} may act only for its own host"
+        else:
+            reason = f"{who.name} may not call {route.name} (needs {access.describe()})"
+        resp = error(403, reason, close=close)
+        return replace(resp, denial=Denial(403, reason, who.name, method, path[:200],
+                                           route.name, peer, who.key_id))
+
+    def audit(self, resp: Response, *, now: float, wall: float | None) -> bool:
+        """Journal ``resp``'s denial (if any), rate-limited per source and reason; True if an
+        entry was written. Called under the core's lock, like any core call (the server calls
+        ``denial_due`` first without it, so a flood of refusals does not queue on the lock)."""
+        d = resp.denial
+        if d is None:
+            return False
+        suppressed = self.denial_due(d, now)
+        return suppressed is not None and self.journal_denial(d, suppressed, now, wall)
+
+    def denial_due(self, d: Denial, now: float) -> int | None:
+        """None if ``d``'s source was journaled less than ``DENIAL_QUIET`` seconds ago (it is
+        counted); otherwise how many of its refusals were left out since its last entry.
+        Thread-safe on its own lock; touches nothing of the core. At most
+        ``MAX_DENIAL_SOURCES`` sources are tracked: beyond, they share one."""
+        source = (d.principal if d.principal != "anonymous" else f"peer:{d.peer}",
+                  str(d.status), d.route or d.reason)
+        with self._denials_lock:
+            if source not in self._denials and len(self._denials) >= MAX_DENIAL_SOURCES:
+                self._denials = {k: v for k, v in self._denials.items()
+                                 if now - v[0] < DENIAL_QUIET}
+                if len(self._denials) >= MAX_DENIAL_SOURCES:
+                    source = ("overflow", "", "")
+            last = self._denials.get(source)
+            if last is not None and now - last[0] < DENIAL_QUIET:
+                self._denials[source] = (last[0], last[1] + 1)
+                return None
+            self._denials[source] = (now, 0)
+            return last[1] if last is not None else 0
+
+    def journal_denial(self, d: Denial, suppressed: int, now: float,
+                       wall: float | None) -> bool:
+        """The ``access-denied`` entry (under the core's lock)."""
+        details: JSONObject = {"status": d.status, "method": d.method, "path": d.path,
+                               "principal": d.principal, "suppressed_before": suppressed}
+        if d.route:
+            details["route"] = d.route
+        if d.peer:
+            details["peer"] = d.peer
+        if d.key_id:
+            details["key_id"] = d.key_id
+        try:
+            self.core.journal_append(now, wall, "access-denied", f"api:{d.method} {d.path}",
+                                     d.reason, details=details, actor="api")
+        except ClusterError:
+            return False
+        return True
 
     def finish(self, prepared: Prepared, raw: bytes, *, now: float, wall: float) -> Response:
         """Parse the body and call the route's handler."""
@@ -429,6 +563,11 @@ class Api:
                 body = decode_json(raw, decode)
             elif decode is not None:
                 body = decode(parse_body(raw))
+            who = prepared.principal
+            if who is not None and not prepared.route.route.access.allows(
+                    who, prepared.params, body):
+                return self._forbidden(who, prepared.route, prepared.method, prepared.path,
+                                       prepared.peer, prepared.close)
             resp = self._call(prepared.route, Request(prepared.params, prepared.query, body,
                                                       now, wall))
         except ValidationError as exc:

@@ -40,16 +40,18 @@ def reference(api: Any) -> str:
         for r in svc.routes():
             owner[r.name] = name
     lines = [MARKER, "", "## Endpoints", ""]
-    lines.append("| method | path | from | what it does |")
-    lines.append("|---|---|---|---|")
+    lines.append("| method | path | from | who may call it | what it does |")
+    lines.append("|---|---|---|---|---|")
     routes = [c.route for c in api.routes]
     for r in routes:
         path = _path(r.path, _PARAMS.get(r.name, ["param"] * r.path.count("([^/]+)")))
-        lines.append(f"| {r.method} | `{path}` | {owner.get(r.name, 'kernel')} | {r.summary} |")
+        lines.append(f"| {r.method} | `{path}` | {owner.get(r.name, 'kernel')} | "
+                     f"{r.access.describe()} | {r.summary} |")
     lines.append("")
     for r in routes:
         path = _path(r.path, _PARAMS.get(r.name, ["param"] * r.path.count("([^/]+)")))
-        lines += [f"### `{r.method} {path}`", "", r.summary[:1].upper() + r.summary[1:] + ".", ""]
+        lines += [f"### `{r.method} {path}`", "", r.summary[:1].upper() + r.summary[1:] + ".", "",
+                  f"Access: {r.access.describe()}.", ""]
         if isinstance(r.query, type) and issubclass(r.query, msgspec.Struct):
             lines += ["Query string:", "", markdown_table(r.query).rstrip(), ""]
         elif r.query:

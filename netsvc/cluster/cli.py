@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 ENV_MANAGER = "NETSVC_MANAGER"
 ENV_KEY_FILE = "NETSVC_KEY_FILE"
+ENV_CA_FILE = "NETSVC_CA_FILE"
 
 
 
@@ -57,7 +58,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         "(state.sqlite, unless --store names etcd) and the audit journal (journal.jsonl).",
     )
     p.add_argument("--listen", metavar="ADDR:PORT", help="address to serve the API on")
-    p.add_argument("--key-file", metavar="F", help="file holding the shared API key (mode 0600)")
+    p.add_argument("--key-file", metavar="F",
+                   help="the keyring: one secret per line, the first signs new tokens (mode "
+                   "0600; `netsvc key generate`); a change is picked up while serving")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--client-ca", metavar="PEM",
+                   help="with --tls-cert: require client certificates issued by this CA")
     p.add_argument("--state-dir", metavar="DIR", help="directory for state.sqlite and journal")
     p.add_argument(
         "--store",
@@ -98,8 +105,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         "states. Exits 0 on SIGTERM/SIGINT.",
     )
     p.add_argument("--host", metavar="NAME", required=True, help="this host's cluster name")
-    p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
-    p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
+    add_connection_args(p)
     p.add_argument(
         "--interval",
         metavar="S",
@@ -138,8 +144,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         help="the cluster at a glance",
         description="Show hosts, VMs and placements. Exit 1 if a host is DOWN or a VM CRASHED.",
     )
-    p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
-    p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
+    add_connection_args(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--timeout", metavar="S", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument("--watch", metavar="S", type=float, nargs="?", const=2.0, default=None,
@@ -152,8 +157,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def _manager_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manager", metavar="URL", help=f"manager URL (default ${ENV_MANAGER})")
-    p.add_argument("--key-file", metavar="F", help=f"shared key file (default ${ENV_KEY_FILE})")
+    add_connection_args(p)
 
 
 def _fail(command: str, message: str) -> int:
@@ -209,7 +213,7 @@ def load_manager_config(path: str, plugins: Sequence[ServicePlugin] = ()) -> dic
     data = {k: v for k, v in msgspec.structs.asdict(kernel).items()
             if v is not None or k in data}
     data["networks"] = [msgspec.structs.asdict(n) for n in kernel.networks]
-    for key in ("key_file", "state_dir"):
+    for key in ("key_file", "state_dir", "tls_cert", "tls_key", "client_ca"):
         if data.get(key):
             data[key] = os.path.join(base, os.path.expanduser(str(data[key])))
     services: dict[str, Any] = {}
@@ -259,11 +263,12 @@ def load_manager_config_defaults(plugins: Sequence[ServicePlugin]) -> dict[str, 
 def cmd_manager(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from netsvc.cluster.auth import load_key
+    from netsvc.cluster.auth import load_keyring
     from netsvc.cluster.errors import ClusterError
     from netsvc.cluster.journal import Journal
     from netsvc.cluster.manager import ManagerConfig, ManagerServer
     from netsvc.cluster.model import Network
+    from netsvc.cluster.server import KeyringWatcher, ServerLimits, TlsConfig
     from netsvc.cluster.store import open_store
     from netsvc.ops import logs, notify
 
@@ -292,6 +297,9 @@ def cmd_manager(args: argparse.Namespace) -> int:
             "action_timeout": args.action_timeout,
             "access_log": args.access_log,
             "metrics_addr": args.metrics_addr,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "client_ca": args.client_ca,
         }
         for k, v in opts.items():
             if v is not None:
@@ -318,7 +326,22 @@ def cmd_manager(args: argparse.Namespace) -> int:
                         if pl.manager is not None]
         except ClusterError as exc:
             raise UsageError(f"invalid setting: {exc}") from None
-        key = load_key(cfg["key_file"])
+        keyring = load_keyring(cfg["key_file"])
+        tls = None
+        if cfg.get("tls_cert") or cfg.get("tls_key") or cfg.get("client_ca"):
+            if not (cfg.get("tls_cert") and cfg.get("tls_key")):
+                raise UsageError("TLS needs both --tls-cert and --tls-key")
+            tls = TlsConfig(cfg["tls_cert"], cfg["tls_key"], cfg.get("client_ca"))
+            try:
+                tls.context()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise UsageError(f"cannot use the TLS files: {exc}") from None
+        limits = ServerLimits(
+            max_connections=cfg.get("max_connections", 4096),
+            max_per_peer=cfg.get("max_per_peer", 64),
+            request_timeout=cfg.get("request_timeout", 10.0),
+            idle_timeout=cfg.get("idle_timeout", 60.0),
+        )
         state_dir = Path(cfg["state_dir"])
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -342,7 +365,7 @@ def cmd_manager(args: argparse.Namespace) -> int:
         try:
             server = ManagerServer(
                 address,
-                key,
+                keyring,
                 store,
                 journal,
                 config=config,
@@ -351,8 +374,12 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 log=log,
                 access_log=bool(cfg.get("access_log", False)),
                 observer=metrics,
+                limits=limits,
+                tls=tls,
             )
+            server.api.max_body = cfg.get("max_body", server.api.max_body)
             if metrics is not None:
+                metrics.watch_server(lambda: server.http_stats)
                 metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)
         except OSError as exc:
             journal.close()
@@ -372,10 +399,12 @@ def cmd_manager(args: argparse.Namespace) -> int:
             log(f"metrics on {metrics_server.url}")
         notify.ready(f"serving on {server.url}")
 
+    watcher = KeyringWatcher(cfg["key_file"], server.set_keyring, log)
     try:
         reason = server.serve_until_signal(on_ready=ready)
     finally:
         notify.stopping()
+        watcher.close()
         server.stop()
         if metrics_server is not None:
             metrics_server.close()
@@ -396,12 +425,57 @@ def _default_config(daemon: str) -> str | None:
 # -- agent ------------------------------------------------------------------------------------
 
 
+def add_connection_args(q: argparse.ArgumentParser) -> None:
+    """How to reach the manager: its URL, the credential, and TLS (every client command and
+    the agent take these)."""
+    q.add_argument("--manager", metavar="URL",
+                   help=f"manager URL, http:// or https:// (default ${ENV_MANAGER})")
+    q.add_argument("--key-file", metavar="F",
+                   help=f"credential file: a token from `netsvc key issue` or the shared key "
+                   f"(default ${ENV_KEY_FILE})")
+    q.add_argument("--ca-file", metavar="PEM",
+                   help=f"verify an https:// manager against this CA (default ${ENV_CA_FILE}; "
+                   "else the system's CAs)")
+    q.add_argument("--client-cert", metavar="PEM",
+                   help="present this client certificate (when the manager asks for one)")
+    q.add_argument("--client-key", metavar="PEM", help="the private key of --client-cert")
+
+
 def add_manager_args(q: argparse.ArgumentParser, timeout: float = 5.0) -> None:
     """The options every service's operator command takes to reach the manager."""
-    q.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    q.add_argument("--key-file", metavar="F", help="key file (default $NETSVC_KEY_FILE)")
+    add_connection_args(q)
     q.add_argument("--json", action="store_true")
     q.add_argument("--timeout", type=float, default=timeout, help=argparse.SUPPRESS)
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``ManagerClient`` keyword arguments for ``add_connection_args``' TLS options."""
+    ca = getattr(args, "ca_file", None) or os.environ.get(ENV_CA_FILE) or None
+    url = getattr(args, "manager", None) or os.environ.get(ENV_MANAGER) or ""
+    if not url.startswith("https://"):
+        if getattr(args, "ca_file", None) or getattr(args, "client_cert", None):
+            raise UsageError("--ca-file and --client-cert need an https:// manager URL")
+        return {}
+    return {"ca_file": ca, "client_cert": getattr(args, "client_cert", None),
+            "client_key": getattr(args, "client_key", None)}
+
+
+def client_from_args(args: argparse.Namespace, timeout: float | None = None) -> Any:
+    """A ``ManagerClient`` for ``add_connection_args``' options; ``UsageError`` (exit 2) for a
+    missing URL or key, an unreadable key file or a bad URL or TLS file."""
+    from netsvc.cluster.auth import KeyFileError, load_key
+    from netsvc.cluster.client import ManagerClient
+
+    url, key_file = _manager_and_key(args)
+    try:
+        key = load_key(key_file)
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return ManagerClient(url, key, timeout=timeout if timeout is not None else
+                             getattr(args, "timeout", 5.0), **tls_options(args))
+    except ValueError as exc:
+        raise UsageError(f"bad --manager: {exc}") from None
 
 
 def print_usage(p: argparse.ArgumentParser) -> int:
@@ -413,11 +487,7 @@ def print_usage(p: argparse.ArgumentParser) -> int:
 def manager_client(args: argparse.Namespace) -> Any:
     """A client (``ManagerClient``) for ``add_manager_args``' options (a usage error if they
     are missing)."""
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ManagerClient
-
-    url, key_file = _manager_and_key(args)
-    return ManagerClient(url, load_key(key_file), timeout=args.timeout)
+    return client_from_args(args)
 
 
 def _manager_and_key(args: argparse.Namespace) -> tuple[str, str]:
@@ -461,8 +531,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         key = load_key(key_file)
+        tls = tls_options(args)
         try:
-            ManagerClient(url, key)
+            ManagerClient(url, key, **tls)
         except ValueError as exc:
             raise UsageError(f"bad --manager: {exc}") from None
     except (UsageError, ClusterError) as exc:
@@ -484,7 +555,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return _fail("agent", f"bad --driver {args.driver!r}: {exc}")
 
     def make_client(timeout: float = 2.0) -> ManagerClient:
-        return ManagerClient(url, key, timeout=timeout)
+        # kept-alive: a service's long-lived client (the partition poster, the executor's
+        # claims) pays one TLS handshake, not one per request
+        return ManagerClient(url, key, timeout=timeout, persistent=True, **tls)
 
     ctx = AgentContext(host=args.host, url=url, key=key, make_client=make_client,
                        driver=driver, log=log, mgmt_addr=mgmt, vm_addr=vm)
@@ -528,6 +601,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         inventory=inventory if driver is not None else None,
         on_beat=metrics.beat if metrics is not None else None,
         on_start=lambda: notify.ready(f"heartbeating to {url}"),
+        tls=tls,
     )
     notify.stopping()
     stop.set()
@@ -576,7 +650,7 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
             rows.append(
                 [
                     name,
-                    h["state"],
+                    h["state"] + (" (maintenance)" if h.get("maintenance") else ""),
                     "-" if ago is None else f"{ago:.1f}s",
                     h.get("mgmt_addr") or "-",
                     h.get("vm_addr") or "-",
@@ -616,15 +690,10 @@ def format_status(st: dict[str, Any], url: str) -> tuple[list[str], list[str]]:
 
 def _fetch_status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """The manager's status document and its URL; UsageError (exit 2) naming the problem."""
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ApiError, ConnectionFailed, ManagerClient
+    from netsvc.cluster.client import ApiError, ConnectionFailed
 
     url, key_file = _manager_and_key(args)
-    key = load_key(key_file)
-    try:
-        client = ManagerClient(url, key, timeout=args.timeout)
-    except ValueError as exc:
-        raise UsageError(f"bad --manager: {exc}") from None
+    client = client_from_args(args)
     try:
         return dict(client.status()), url
     except ConnectionFailed as exc:

@@ -3,7 +3,11 @@
 Invariants:
 
 - Every method makes one request on a fresh connection and closes it; no state is kept
-  between calls, so a client is safe to share between threads.
+  between calls, so a client is safe to share between threads. With ``persistent=True`` (the
+  agent's heartbeats) the client keeps one connection alive instead, used by one request at a
+  time (a lock), dropped on any error or when the server closes it; a request that fails on a
+  *reused* connection (the server closed it while idle) is sent once more on a fresh one. Over
+  TLS that saves a handshake per request (``bench/tls_cost.py``).
 - ``connect``, when given, replaces the TCP connect: it gets ``(host, port, timeout)`` and
   returns a connected socket (the lab uses it to open sockets inside network namespaces).
 - A non-2xx answer raises ``ApiError(status, message)`` with the server's ``error`` text and,
@@ -11,13 +15,20 @@ Invariants:
   raises ``ConnectionFailed`` (an ``ApiError`` with ``status == 0``). Nothing else escapes
   except ``ValueError`` for a bad base URL or key given to the constructor.
 - A response body larger than ``max_response`` bytes is refused, never read whole.
+- An ``https://`` URL is verified against ``ca_file`` (the cluster's CA; without it, the
+  system's CAs), host name or IP included; ``client_cert``/``client_key`` present a client
+  certificate when the manager asks for one. The TLS context is built once, in the
+  constructor (a missing or bad file is a ``ValueError`` there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -50,6 +61,14 @@ class ConnectionFailed(ApiError):
         super().__init__(0, message)
 
 
+def _nodelay(sock: socket.socket) -> socket.socket:
+    """As http.client's own connect does: a request's bytes go out at once, not after the
+    delayed ACK of the previous segment (Nagle: 40 ms on a kept-alive connection)."""
+    with contextlib.suppress(OSError):  # not a TCP socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, timeout: float, connect: ConnectFn) -> None:
         super().__init__(host, port, timeout=timeout)
@@ -57,7 +76,41 @@ class _Connection(http.client.HTTPConnection):
         self._timeout_s = timeout
 
     def connect(self) -> None:
-        self.sock = self._connect_fn(self.host, self.port, self._timeout_s)
+        self.sock = _nodelay(self._connect_fn(self.host, self.port, self._timeout_s))
+
+
+class _TlsConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, timeout: float, connect: ConnectFn,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._connect_fn = connect
+        self._timeout_s = timeout
+        self._ctx = context
+
+    def connect(self) -> None:
+        raw = _nodelay(self._connect_fn(self.host, self.port, self._timeout_s))
+        try:
+            self.sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+def tls_context(ca_file: str | None = None, client_cert: str | None = None,
+                client_key: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the manager (against ``ca_file`` if given)."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if client_cert:
+            ctx.load_cert_chain(client_cert, client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot set up TLS: {exc}") from None
+    return ctx
+
+
+def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
 
 
 class ManagerClient:
@@ -71,14 +124,25 @@ class ManagerClient:
         connect: ConnectFn | None = None,
         *,
         max_response: int = 16 * 1024 * 1024,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        context: ssl.SSLContext | None = None,
+        persistent: bool = False,
     ) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http":
-            raise ValueError(f"manager URL {base_url!r} must start with http://")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"manager URL {base_url!r} must start with http:// or https://")
         if not parts.hostname:
             raise ValueError(f"manager URL {base_url!r} has no host")
+        if parts.scheme == "http" and (ca_file or client_cert):
+            raise ValueError(f"manager URL {base_url!r}: a CA or client certificate needs "
+                             "https://")
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._tls = context or tls_context(ca_file, client_cert, client_key)
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if self._tls is not None else 80)
         except ValueError:
             raise ValueError(f"manager URL {base_url!r} has a bad port") from None
         if parts.query or parts.fragment:
@@ -95,10 +159,16 @@ class ManagerClient:
         self.timeout = float(timeout)
         self._connect = connect
         self.max_response = max_response
+        self.persistent = persistent
+        self._kept: http.client.HTTPConnection | None = None
+        self._kept_lock = threading.Lock()
 
     # -- transport -------------------------------------------------------------------------------
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return _TlsConnection(self.host, self.port, self.timeout,
+                                  self._connect or _tcp_connect, self._tls)
         if self._connect is not None:
             return _Connection(self.host, self.port, self.timeout, self._connect)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
@@ -116,24 +186,24 @@ class ManagerClient:
         target = self._prefix + path
         if query:
             target += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        headers = {"Accept": "application/json", "Connection": "close"}
+        headers = {"Accept": "application/json",
+                   "Connection": "keep-alive" if self.persistent else "close"}
         if auth:
             headers["Authorization"] = self._auth
         data = None
         if body is not None:
             data = json.dumps(body, allow_nan=False).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        conn = self._connection()
         try:
-            conn.request(method, target, body=data, headers=headers)
-            resp = conn.getresponse()
-            length = resp.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > self.max_response:
-                raise ApiError(resp.status, f"response of {length} bytes is too large")
-            raw = resp.read(self.max_response + 1)
-            if len(raw) > self.max_response:
-                raise ApiError(resp.status, "response is too large")
-            status = resp.status
+            if self.persistent:
+                with self._kept_lock:
+                    status, raw = self._kept_exchange(method, target, data, headers)
+            else:
+                conn = self._connection()
+                try:
+                    status, raw, _ = self._exchange(conn, method, target, data, headers)
+                finally:
+                    conn.close()
         except ApiError:
             raise
         except (OSError, http.client.HTTPException) as exc:
@@ -141,8 +211,6 @@ class ManagerClient:
             raise ConnectionFailed(
                 f"cannot reach the manager at {self.base_url}: {what}: {exc}"
             ) from None
-        finally:
-            conn.close()
         try:
             obj = json.loads(raw) if raw else {}
         except ValueError:
@@ -150,6 +218,50 @@ class ManagerClient:
         if not isinstance(obj, dict):
             raise ApiError(status, "the manager sent JSON that is not an object")
         return status, obj
+
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
+                  data: bytes | None, headers: Mapping[str, str]) -> tuple[int, bytes, bool]:
+        """One request and its whole answer on ``conn``: (status, body, server closes)."""
+        conn.request(method, target, body=data, headers=dict(headers))
+        resp = conn.getresponse()
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_response:
+            raise ApiError(resp.status, f"response of {length} bytes is too large")
+        raw = resp.read(self.max_response + 1)
+        if len(raw) > self.max_response:
+            raise ApiError(resp.status, "response is too large")
+        return resp.status, raw, bool(resp.will_close)
+
+    def _kept_exchange(self, method: str, target: str, data: bytes | None,
+                       headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """``_exchange`` on the kept connection (under ``_kept_lock``)."""
+        for attempt in (0, 1):
+            reused = self._kept is not None
+            conn = self._kept or self._connection()
+            self._kept = None
+            try:
+                status, raw, closing = self._exchange(conn, method, target, data, headers)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # closed by the server while idle: once more, on a new one
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if closing:
+                conn.close()
+            else:
+                self._kept = conn
+            return status, raw
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the kept connection, if any (``persistent``)."""
+        with self._kept_lock:
+            if self._kept is not None:
+                self._kept.close()
+                self._kept = None
 
     def _call(
         self,

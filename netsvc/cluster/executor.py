@@ -184,8 +184,8 @@ def run_executor(
                                                  kinds=kinds)
             backoff = 0.1
         except ApiError as exc:
-            if exc.status == 401:
-                ctx.log(f"executor: the manager rejected our key: {exc}")
+            if exc.status in (401, 403):
+                ctx.log(f"executor: the manager rejected our credential: {exc}")
                 return
             stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from netsvc.cluster.auth import READ
 from netsvc.cluster.errors import ValidationError
 from netsvc.cluster.schema import convert
 from netsvc.cluster.schemas import FenceRequest, FencingTable
@@ -254,7 +255,8 @@ class FencingService(BaseManagerService):
     def routes(self) -> Sequence[Route]:
         return (Route("GET", r"/v1/fencing", "fencing_status",
                       lambda r: Reply(200, dict(self.status(r.now))),
-                      summary="each host's BMC and the fences asked, with their outcome"),
+                      summary="each host's BMC and the fences asked, with their outcome",
+                      access=READ),
                 Route("POST", r"/v1/hosts/([^/]+)/fence", "fence", self._route_fence,
                       body=_fence_body, mutates=True,
                       summary="fence a host (refused while it heartbeats, unless "

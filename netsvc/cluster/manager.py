@@ -42,22 +42,18 @@ import contextlib
 import json
 import math
 import queue
-import select
 import signal
-import socket
-import socketserver
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
 from netsvc.cluster.actions import Action, ActionState
 from netsvc.cluster.api import Api, Prepared, Response, error
+from netsvc.cluster.auth import Keyring
 from netsvc.cluster.errors import (
     ClusterError,
     Fenced,
@@ -81,6 +77,7 @@ from netsvc.cluster.model import (
     check_name,
 )
 from netsvc.cluster.observe import CoreObserver
+from netsvc.cluster.server import HTTPServer, ServerLimits, TlsConfig
 from netsvc.cluster.service import ActionKind, Effect, ManagerService
 from netsvc.cluster.store import Conflict, StateStore
 from netsvc.cluster.vmactions import KINDS as VM_KINDS
@@ -208,6 +205,7 @@ class ManagerCore:
         self._fenced: str | None = None
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
+        self._actions_version = 0
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
@@ -403,9 +401,17 @@ class ManagerCore:
     def _sorted_actions(self) -> list[Action]:
         return sorted(self._actions.values(), key=lambda a: int(a.id.split("-", 1)[1]))
 
+    @property
+    def actions_version(self) -> int:
+        """Moves on with every change to any action (queued, claimed, advanced, finished):
+        the adapter wakes its long-polling claims only when it moved, and a claim that
+        changed nothing writes nothing."""
+        return self._actions_version
+
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
+        self._actions_version += 1
         if not action.is_open and self._observer is not None and (
                 before is None or before.is_open):
             self._observer.action_finished(action)
@@ -699,6 +705,80 @@ class ManagerCore:
 
     # -- VM life cycle decisions ---------------------------------------------------------------
 
+    # -- host maintenance --------------------------------------------------------------------
+
+    def enter_maintenance(self, host: str, *, reason: str, now: float,
+                          wall: float | None = None, dry_run: bool = False,
+                          force: bool = False) -> dict[str, Any]:
+        """Take ``host`` out of service: plan where its running VMs go
+        (``maintenance.plan_evacuation``), refuse (journaled, nothing changed) if one cannot
+        move unless ``force``, else mark the host and ask for the migrations. Journaled, dry
+        run or not. Asked again while the host is in maintenance, it moves what is still
+        there (an evacuation whose migration failed is retried this way)."""
+        from netsvc.cluster.maintenance import plan_evacuation
+
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        subject = _subject("host", host)
+        def leaving(vm: str) -> bool:
+            return any(a.vm == vm and a.is_open and a.kind == "migrate"
+                       and a.payload.get("from") == host for a in self._actions.values())
+
+        plan = plan_evacuation(self._model, host, self._open_exclusive, leaving)
+        if h.maintenance is not None and not dry_run and not plan.moves:
+            return {"host": host, "maintenance": h.maintenance, "already": True,
+                    **plan.to_dict()}
+        details = {**plan.to_dict(), "forced": force and bool(plan.stuck)}
+        if plan.stuck and not force:
+            first = plan.stuck[0]
+            self._journal_append(now, wall, "host-maintenance-refused", subject,
+                                 f"refused: {first.why}", dry_run=dry_run,
+                                 details={**details, "rule": first.rule})
+            raise Refused(first.rule, first.why, tuple(s.rule for s in plan.stuck))
+        why = (f"{reason}: {len(plan.moves)} VM(s) move away"
+               + (f"; forced, {len(plan.stuck)} stay ({', '.join(s.vm for s in plan.stuck)})"
+                  if plan.stuck else ""))
+        if dry_run:
+            self._journal_append(now, wall, "host-maintenance-enter", subject, why,
+                                 dry_run=True, details=details)
+            return {"host": host, "dry_run": True, **details}
+        already = h.maintenance is not None  # again: move what is still there (a retry)
+        if not already:
+            self._model.update_host(host, maintenance=reason)
+        self._journal_append(now, wall, "host-maintenance-entered", subject, why,
+                             details={**details, "again": already})
+        moves = []
+        for m in plan.moves:
+            try:
+                d = self.request_migration(m.vm, to=m.to, now=now, wall=wall,
+                                           reason=f"{host} enters maintenance: {reason}",
+                                           actor="maintenance")
+                moves.append({"vm": m.vm, "to": m.to,
+                              "action": d.action.id if d.action else None})
+            except (Refused, UnknownEntity) as exc:  # journaled by request_migration
+                moves.append({"vm": m.vm, "to": m.to, "action": None, "refused": str(exc)})
+        self._persist()
+        return {"host": host, "maintenance": h.maintenance or reason, "already": already,
+                **details, "moves": moves}
+
+    def exit_maintenance(self, host: str, *, reason: str, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        """Bring ``host`` back into service (VMs may be placed on it again; none is moved
+        back by this). Journaled."""
+        self._check_fenced()
+        h = self._model.hosts.get(host)
+        if h is None:
+            raise UnknownEntity("host", host)
+        if h.maintenance is None:
+            return {"host": host, "maintenance": None, "already": True}
+        self._model.update_host(host, maintenance=None)
+        self._journal_append(now, wall, "host-maintenance-exited", _subject("host", host),
+                             reason, details={"was": h.maintenance})
+        self._persist()
+        return {"host": host, "maintenance": None}
+
     def request_migration(
         self,
         vm: str,
@@ -790,6 +870,7 @@ class ManagerCore:
         self._check_fenced()
         check_name(host, "host name")
         claimed: list[Action] = []
+        version = self._actions_version  # an empty claim (the long polls' usual answer)
         for action in self._sorted_actions():
             if action.state is not ActionState.PENDING or action.host != host:
                 continue
@@ -798,7 +879,8 @@ class ManagerCore:
             taken = self._claim_one(action, host, executor, now, wall)
             if taken is not None:
                 claimed.append(taken)
-        self._persist()
+        if self._actions_version != version:
+            self._persist()
         return claimed
 
     def claim_action(self, action_id: str, host: str, executor: str, *, now: float,
@@ -955,6 +1037,7 @@ class ManagerCore:
                 "interfaces": dict(sorted(h.interfaces.items())),
                 "agent": dict(h.agent),
                 "vms": [vm.name for vm in self._model.vms_on(name)],
+                "maintenance": h.maintenance,
             }
         out: dict[str, Any] = {
             "role": "manager",
@@ -985,98 +1068,8 @@ class ManagerCore:
 # -- the adapter ---------------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], manager: ManagerServer) -> None:
-        self.manager = manager
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that goes away mid-answer is not worth a traceback on stderr.
-        exc = sys.exc_info()[1]
-        if not isinstance(exc, OSError):
-            self.manager.log_always(f"error serving {client_address}: {exc!r}")
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), which may wait on DNS; skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "netsvc-manager/0.1"
-    sys_version = ""
-    timeout = 10.0
-
-    _early: Prepared | None = None
-
-    def _prepare(self) -> Prepared | Response:
-        for name in ("content-length", "authorization", "transfer-encoding"):
-            if len(self.headers.get_all(name) or []) > 1:
-                return error(400, f"header {name} given more than once", close=True, field=name)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        return self.server.manager.api.prepare(self.command, self.path, headers)
-
-    def handle_expect_100(self) -> bool:
-        # curl sends "Expect: 100-continue" with larger bodies: check the key and the size
-        # before inviting the body, so a 413 or 401 goes out without reading anything.
-        prepared = self._prepare()
-        if isinstance(prepared, Response):
-            self._send(replace(prepared, close=True))
-            return False
-        self._early = prepared
-        return super().handle_expect_100()
-
-    def _dispatch(self) -> None:
-        prepared = self._early if self._early is not None else self._prepare()
-        self._early = None
-        if isinstance(prepared, Response):
-            self._send(prepared)
-            return
-        raw = b""
-        if prepared.body_length:
-            try:
-                raw = self.rfile.read(prepared.body_length)
-            except OSError:
-                raw = b""
-        self._send(self.server.manager.finish(prepared, raw, alive=self._peer_alive))
-
-    def _peer_alive(self) -> bool:
-        """False once the client has gone (its end closed: a crashed agent's long poll)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return True
-            return bool(self.connection.recv(1, socket.MSG_PEEK))
-        except (OSError, ValueError):
-            return False
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
-
-    def _send(self, resp: Response) -> None:
-        body = resp.encode()
-        self.send_response(resp.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in resp.headers:
-            self.send_header(name, value)
-        if resp.close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.manager.log(f"{self.address_string()} {format % args}")
+#: A request that waits for, or holds, the core lock this long is logged (``slow request``).
+SLOW_REQUEST_S = 0.1
 
 
 class ManagerServer:
@@ -1085,7 +1078,7 @@ class ManagerServer:
     def __init__(
         self,
         address: tuple[str, int],
-        key: bytes,
+        key: bytes | Keyring,
         store: StateStore,
         journal: Journal,
         *,
@@ -1096,7 +1089,11 @@ class ManagerServer:
         start_reason: str = "manager started",
         fence_agent: FenceAgent | None = None,
         observer: CoreObserver | None = None,
+        limits: ServerLimits | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
+        """``key`` is the keyring (a shared key's bytes: a keyring of one); ``tls`` serves
+        HTTPS; ``limits`` bound the connections (``netsvc.cluster.server``)."""
         self._fence_agent = fence_agent
         self._observer = observer
         self._lock = threading.Lock()
@@ -1111,7 +1108,7 @@ class ManagerServer:
         self.journal = journal
         self.store = store
         # Bind first: a manager that cannot listen journals nothing.
-        self._httpd = _HTTPServer(address, self)
+        self._httpd = HTTPServer(address, self, limits, tls)
         try:
             self._init_core(key, config, services, log, start_reason)
         except BaseException:
@@ -1120,7 +1117,7 @@ class ManagerServer:
 
     def _init_core(
         self,
-        key: bytes,
+        key: bytes | Keyring,
         config: ManagerConfig | None,
         services: Sequence[ManagerService],
         log: Callable[[str], None] | None,
@@ -1163,7 +1160,32 @@ class ManagerServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self._httpd.tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    @property
+    def http_stats(self) -> dict[str, int]:
+        """The transport's counters (refused, slow, oversized, denied; ``server.STAT_NAMES``)
+        and the connections open now."""
+        guard = self._httpd.guard
+        with guard.lock:
+            stats = dict(guard.stats)
+        stats["open_connections"] = guard.open_connections
+        return stats
+
+    def set_keyring(self, keyring: Keyring) -> None:
+        """Accept these keys from now on (a rotation): requests under way are unaffected."""
+        self.api.keyring = keyring
+
+    def audit(self, resp: Response) -> None:
+        """Journal a refused request (``Api.audit``: rate-limited); the core lock is taken
+        only when an entry is due, so a flood of refusals does not wait on it."""
+        if resp.denial is None:
+            return
+        suppressed = self.api.denial_due(resp.denial, time.monotonic())
+        if suppressed is not None:
+            with self._lock:
+                self.api.journal_denial(resp.denial, suppressed, time.monotonic(), time.time())
 
     def log(self, message: str) -> None:
         if self._log is not None and self._access_log:
@@ -1204,20 +1226,34 @@ class ManagerServer:
                     self._claims.wait(min(left, 1.0))
 
     def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
+        asked = time.monotonic()
         with self._lock:
             now, wall = time.monotonic(), time.time()
+            version = self.core.actions_version
             try:
                 resp = self.api.finish(prepared, raw, now=now, wall=wall)
             except Exception as exc:  # never let one request kill the daemon
                 if self._log is not None:
                     self._log(f"internal error: {type(exc).__name__}: {exc}")
                 resp = error(500, f"internal error: {type(exc).__name__}")
+            if resp.denial is not None:
+                self.api.audit(resp, now=now, wall=wall)
+                resp = replace(resp, denial=None)
             effects = self.core.take_effects()
+            moved = self.core.actions_version != version
+            held = time.monotonic() - now
+        if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
+            # etcd's "apply request took too long": the core lock serialises every request,
+            # so one slow holder delays every decision behind it; say which and where.
+            self.log_always(f"slow request: {prepared.route.name} waited "
+                            f"{(now - asked) * 1000:.0f} ms for the core and held it "
+                            f"{held * 1000:.0f} ms")
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
-        if prepared.route.mutates:
+        if moved:  # only then can a waiting claim find something (not on every heartbeat)
             self._actions_changed()
-        self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        if prepared.route.mutates:
+            self._wake.set()  # a heartbeat or an action may have moved the next deadline
         return resp
 
     def _actions_changed(self) -> None:
@@ -1266,7 +1302,7 @@ class ManagerServer:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                before = self.core.journal_seq
+                before = self.core.actions_version
                 try:
                     for ev in self.core.handle_timer(now, time.time()):
                         if self._log is not None and not isinstance(ev, ActionExpired):
@@ -1275,7 +1311,7 @@ class ManagerServer:
                     if self._log is not None:
                         self._log(f"timer: {exc}")
                 deadline = self.core.next_timer()
-                changed = self.core.journal_seq != before
+                changed = self.core.actions_version != before
                 effects = self.core.take_effects()
             for effect in effects:
                 self._effects.put(effect)

@@ -122,7 +122,9 @@ def check_vm_transition(name: str, old: VMState, new: VMState) -> None:
 
 @dataclass(frozen=True)
 class Host:
-    """A hypervisor host. ``agent`` and ``interfaces`` are copied in; treat them as read-only."""
+    """A hypervisor host. ``agent`` and ``interfaces`` are copied in; treat them as read-only.
+    ``maintenance`` is the operator's reason while the host is in maintenance (no VM is placed
+    on it), None otherwise; unlike ``state`` it is durable."""
 
     name: str
     mgmt_addr: str | None = None
@@ -131,9 +133,13 @@ class Host:
     last_seen: float | None = None
     agent: dict[str, Any] = field(default_factory=dict)
     interfaces: dict[str, str] = field(default_factory=dict)
+    maintenance: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "host name")
+        if self.maintenance is not None and (
+                not isinstance(self.maintenance, str) or not self.maintenance.strip()):
+            raise InvalidValue("maintenance", "must be a non-empty reason or null")
         if self.mgmt_addr is not None:
             object.__setattr__(self, "mgmt_addr", check_ip(self.mgmt_addr, "mgmt_addr"))
         if self.vm_addr is not None:
@@ -164,7 +170,13 @@ class Host:
             "last_seen": self.last_seen,
             "agent": dict(self.agent),
             "interfaces": dict(self.interfaces),
+            "maintenance": self.maintenance,
         }
+
+    @property
+    def placeable(self) -> bool:
+        """UP and not in maintenance: a VM may be started or moved here."""
+        return self.state is HostState.UP and self.maintenance is None
 
 
 @dataclass(frozen=True)
@@ -400,7 +412,8 @@ class ClusterModel:
         for name in sorted(self._hosts):
             h = self._hosts[name].to_dict()
             if not volatile:
-                h = {"name": h["name"], "mgmt_addr": h["mgmt_addr"], "vm_addr": h["vm_addr"]}
+                h = {"name": h["name"], "mgmt_addr": h["mgmt_addr"], "vm_addr": h["vm_addr"],
+                     **({"maintenance": h["maintenance"]} if h["maintenance"] else {})}
             hosts.append(h)
         return {
             "format": MODEL_FORMAT,

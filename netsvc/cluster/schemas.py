@@ -196,6 +196,17 @@ class Migrate(Schema, frozen=True):
     actor: Annotated[ActorName, Meta(description="journaled as the actor")] = "api"
 
 
+class HostMaintenance(Schema, frozen=True):
+    """``POST /v1/hosts/{host}/maintenance/enter|exit``: take a host out of service (its
+    running VMs are migrated away first) or bring it back."""
+
+    reason: Annotated[Reason, Meta(description="journaled; kept as the host's maintenance "
+                                               "reason")]
+    dry_run: Annotated[bool, Meta(description="enter: plan and journal only")] = False
+    force: Annotated[bool, Meta(description="enter even if some VM cannot move (it stays; "
+                                            "journaled as forced)")] = False
+
+
 class VMLifecycle(Schema, frozen=True):
     """``POST /v1/vms/{vm}/start|shutdown|power-off``: ask the VM's host to start it, shut it
     down or power it off where it is (the VM's own safety rules apply)."""
@@ -305,8 +316,24 @@ class ManagerConfigFile(Schema, frozen=True):
 
     listen: Annotated[str, Meta(min_length=1, max_length=64,
                                 description="ADDR:PORT to serve the API on")] | None = None
-    key_file: Annotated[PathText, Meta(description="the shared API key (mode 0600)")] | None \
+    key_file: Annotated[PathText, Meta(description="the keyring: one secret per line "
+                                       "(mode 0600)")] | None = None
+    tls_cert: Annotated[PathText, Meta(description="serve HTTPS with this PEM certificate")] \
+        | None = None
+    tls_key: Annotated[PathText, Meta(description="the private key of `tls_cert`")] | None \
         = None
+    client_ca: Annotated[PathText, Meta(description="require client certificates of this CA")] \
+        | None = None
+    max_connections: Annotated[int, Meta(ge=1, le=100_000,
+                                         description="open connections at most")] = 4096
+    max_per_peer: Annotated[int, Meta(ge=1, le=100_000,
+                                      description="open connections from one address")] = 64
+    request_timeout: Annotated[float, Meta(gt=0, le=3600, description="seconds a request may "
+                                           "take to arrive (slowloris bound)")] = 10.0
+    idle_timeout: Annotated[float, Meta(gt=0, le=86400, description="seconds a kept-alive "
+                                        "connection may wait for its next request")] = 60.0
+    max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024,
+                                  description="largest request body, bytes")] = 64 * 1024
     state_dir: Annotated[PathText, Meta(description="state store and journal")] | None = None
     store: Annotated[PathText, Meta(description="`etcd://HOST:2379`; default SQLite")] | None \
         = None

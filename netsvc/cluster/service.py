@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from netsvc.cluster.actions import Action
+from netsvc.cluster.auth import ADMIN, Access
 
 if TYPE_CHECKING:
     from netsvc.cluster.client import ManagerClient
@@ -127,7 +128,9 @@ class Route:
     """One endpoint. ``path`` is a regex with ``([^/]+)`` groups for parameters; ``body`` is
     the schema (a ``netsvc.cluster.schema.Schema``) its body is decoded into, or None for a
     route without a body; ``query`` is the schema of its query string (or the names it
-    accepts, as plain strings). The docs (``docs/api.md``) are generated from them."""
+    accepts, as plain strings). ``access`` says who may call it (``netsvc.cluster.auth``:
+    ``READ``, ``agent_of(...)``); a route that declares nothing is ``ADMIN`` only. The docs
+    (``docs/api.md``) are generated from them."""
 
     method: str
     path: str
@@ -137,6 +140,7 @@ class Route:
     query: Any = ()
     summary: str = ""
     mutates: bool = False
+    access: Access = ADMIN
 
 
 # -- action kinds ------------------------------------------------------------------------------

@@ -69,6 +69,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migrate)
 
+    h = sub.add_parser("host", help="operate on a host (maintenance)",
+                       description="Host operations.")
+    hsub = h.add_subparsers(dest="host_cmd", metavar="ACTION")
+    mt = hsub.add_parser("maintenance", help="take a host out of service, or back",
+                         description="enter: the host's running VMs are live-migrated away "
+                         "(to the least loaded hosts that are UP and out of maintenance), "
+                         "then nothing is placed on it; refused, naming the VM, if one "
+                         "cannot move (unless --force). exit: VMs may be placed on it again "
+                         "(none is moved back). Exit 1 if refused or a migration failed.")
+    mt.add_argument("op", choices=("enter", "exit"))
+    mt.add_argument("host", metavar="HOST")
+    manager_args(mt)
+    mt.add_argument("--reason", default="operator request (netsvc host maintenance)",
+                    help="journaled, and kept as the host's maintenance reason")
+    mt.add_argument("--dry-run", action="store_true",
+                    help="enter: show and journal the plan, change nothing")
+    mt.add_argument("--force", action="store_true",
+                    help="enter even if some VM cannot move (it stays; journaled as forced)")
+    mt.add_argument("--wait", type=float, default=0.0, metavar="S",
+                    help="enter: wait up to S seconds for the migrations to finish")
+    mt.add_argument("--json", action="store_true")
+    mt.set_defaults(func=cmd_host_maintenance)
+    h.set_defaults(func=lambda a: _usage(h))
+
 
 def _usage(p: argparse.ArgumentParser) -> int:
     p.print_help(sys.stderr)
@@ -103,16 +127,9 @@ def verify_entries(entries: Iterable[Mapping[str, Any]]) -> VerifyReport:
 
 
 def _client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.cli import UsageError, _manager_and_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.cli import client_from_args
 
-    url, key_file = _manager_and_key(args)
-    key = load_key(key_file)
-    try:
-        return ManagerClient(url, key, timeout=timeout)
-    except ValueError as exc:
-        raise UsageError(f"bad --manager: {exc}") from None
+    return client_from_args(args, timeout)
 
 
 def _fail(command: str, message: str) -> int:
@@ -232,6 +249,59 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 0 if out["ok"] else 1
 
     return _run("migrate", body)
+
+
+def cmd_host_maintenance(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    def body() -> int:
+        from netsvc.cluster.cli import UsageError
+
+        if args.op == "exit" and (args.dry_run or args.force or args.wait):
+            raise UsageError("exit takes none of --dry-run, --force, --wait")
+        client = _client(args, timeout=max(5.0, args.wait + 5.0))
+        status, answer = client.request(
+            "POST", f"/v1/hosts/{quote(args.host, safe='')}/maintenance/{args.op}",
+            {"reason": args.reason, "dry_run": args.dry_run, "force": args.force})
+        if status == 409:
+            if args.json:
+                print(json.dumps({"ok": False, **answer}, sort_keys=True))
+            else:
+                print(f"netsvc host maintenance: refused ({answer.get('rule', 'rule')}): "
+                      f"{answer.get('error')}", file=sys.stderr)
+            return 1
+        if status != 200:
+            return _fail("host maintenance", f"HTTP {status}: {answer.get('error', answer)}")
+        moves = [dict(m) for m in answer.get("moves") or []]
+        if args.op == "enter" and not args.dry_run and args.wait > 0:
+            # one deadline for them all; what is still open then is reported, not raised
+            deadline = time.monotonic() + args.wait
+            for m in moves:
+                if m.get("action"):
+                    try:
+                        a = client.wait_action(str(m["action"]),
+                                               timeout=max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        a = client.get_action(str(m["action"]))
+                    m["state"] = a.get("state")
+        failed = [m for m in moves if m.get("refused")
+                  or m.get("state") in ("FAILED", "EXPIRED", "CANCELLED", "PENDING",
+                                        "CLAIMED")]
+        out = {"ok": not failed, **answer, "moves": moves}
+        if args.json:
+            print(json.dumps(out, sort_keys=True))
+        else:
+            what = ("back in service" if args.op == "exit" else
+                    "would enter maintenance" if args.dry_run else "in maintenance")
+            print(f"{args.host}: {what}" + (" (already)" if answer.get("already") else ""))
+            for m in moves:
+                print(f"  {m['vm']} -> {m['to']}: " + str(
+                    m.get("refused") or m.get("state") or m.get("action") or "planned"))
+            for st in answer.get("stuck") or []:
+                print(f"  {st['vm']} stays: {st['why']}")
+        return 0 if out["ok"] else 1
+
+    return _run("host maintenance", body)
 
 
 def watch_status(render: Callable[[], tuple[list[str], int]], interval: float,

@@ -56,6 +56,9 @@ def migration_violations(kernel: Kernel, vm_name: str, to: str) -> list[tuple[st
         out.append(("target-exists", f"target host {to!r} does not exist"))
     elif target.state is not HostState.UP:
         out.append(("target-up", f"target host {to!r} is {target.state.value}, not UP"))
+    elif target.maintenance is not None:
+        out.append(("target-not-in-maintenance",
+                    f"target host {to!r} is in maintenance ({target.maintenance})"))
     if vm.state not in (VMState.RUNNING, VMState.MIGRATING):
         out.append(("vm-running", f"VM {vm_name!r} is {vm.state.value}, not RUNNING"))
     if vm.host == to:
@@ -188,10 +191,15 @@ def vm_action_problems(action: Action, kernel: Kernel) -> list[str]:
         target = kernel.model.hosts.get(str(to))
         if target is None or target.state is not HostState.UP:
             problems.append(f"target host {to!r} is not UP")
+        elif target.maintenance is not None and action.kind != "migrate-abort":
+            problems.append(f"target host {to!r} is in maintenance ({target.maintenance})")
     if action.kind in STOP_KINDS and vm.state is not VMState.RUNNING:
         problems.append(f"VM {action.vm!r} is {vm.state.value}, not RUNNING")
     if action.kind == "start" and vm.state is VMState.RUNNING:
         problems.append(f"VM {action.vm!r} is already RUNNING")
+    here = kernel.model.hosts.get(vm.host) if vm.host is not None else None
+    if action.kind == "start" and here is not None and here.maintenance is not None:
+        problems.append(f"host {vm.host!r} is in maintenance ({here.maintenance})")
     return problems
 
 

@@ -60,7 +60,7 @@ from netsvc.hypervisor.driver import DomainInfo, DriverError
 from netsvc.lab import registry
 from netsvc.lab.client import request
 from netsvc.lab.garp import announcement, open_sender
-from netsvc.lab.hvstate import HvState, HvStateError, Inventory, VmRecord
+from netsvc.lab.hvstate import HvState, HvStateError, Inventory, VmRecord, storage_socket
 from netsvc.lab.netns import connector, netns_path, run_in_netns
 from netsvc.lab.plan import GUEST_PORT, PREFIX_RE, LabPlan, PlanError, vm_index
 
@@ -380,9 +380,13 @@ class LabDriver:
         env = dict(os.environ)
         env[registry.ENV_MARKER] = self._inv.prefix  # teardown and `lab clean` find it
         argv = [sys.executable, "-m", "netsvc.lab.guest", "--name", vm, "--port", str(GUEST_PORT)]
-        datastore = self.state.get(vm).datastore
-        if datastore:
-            argv += ["--datastore", datastore]
+        rec = self.state.get(vm)
+        if rec.datastore:
+            argv += ["--datastore", rec.datastore]
+        elif rec.disk:
+            argv += ["--disk", self._disk_uri(rec.disk), "--control", str(self._control(vm))]
+            if rec.disk_region:
+                argv += ["--disk-region", rec.disk_region]
         with open(self.log_dir / f"guest-{vm}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["mnexec", "-a", str(self._vm_pid(vm)), *argv],
@@ -395,6 +399,64 @@ class LabDriver:
         with self._lock:
             self._children[vm] = proc
         return proc
+
+    # --- disks --------------------------------------------------------------------------
+    def _disk_uri(self, export: str, host: str | None = None) -> str:
+        """``export`` through ``host``'s (default: this host's) local storage endpoint."""
+        return f"nbd+unix:///{export}?socket={storage_socket(self.state.root, host or self.host)}"
+
+    def _control(self, vm: str) -> Path:
+        return self.state.vms_dir / f"{vm}.ctl"
+
+    def _check_disk(self, rec: VmRecord) -> None:
+        """Refuse to take ``rec`` here unless this host's endpoint serves its disk (as a
+        migration's target must open the same datastore)."""
+        if not rec.disk:
+            return
+        try:
+            import nbd  # type: ignore[import-untyped]
+
+            h = nbd.NBD()
+            h.set_export_name(rec.disk)
+            h.connect_unix(str(storage_socket(self.state.root, self.host)))
+            size = int(h.get_size())
+            h.shutdown()
+        except Exception as exc:  # ImportError, nbd.Error
+            raise DriverError(f"{rec.name}'s disk {rec.disk} is not served on {self.host}: "
+                              f"{exc}") from None
+        from netsvc.lab.disklog import DiskError, parse_region
+
+        try:
+            off, length = parse_region(rec.disk_region or "0:1048576")
+        except DiskError as exc:
+            raise DriverError(f"{rec.name}: {exc}") from None
+        if off + length > size:
+            raise DriverError(f"{rec.name}'s disk region {rec.disk_region} is past the end of "
+                              f"{rec.disk} ({size} bytes) on {self.host}")
+
+    def _disk_back(self, vm: str, export: str) -> str:
+        """Ask ``vm``'s guest to have its disk through this host's endpoint again (a failed
+        handover); "" if it did, else what went wrong, for the error."""
+        try:
+            self._guest_control(vm, f"DISK {self._disk_uri(export)}", timeout=40.0)
+        except DriverError as exc:
+            return f"; and its disk could not be brought back to {self.host}: {exc}"
+        return ""
+
+    def _guest_control(self, vm: str, line: str, timeout: float = 10.0) -> str:
+        """One line to ``vm``'s guest over its control socket (the hypervisor's channel to
+        the guest, as QMP is to qemu), and its answer; ``DriverError`` unless it is OK."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(timeout)
+                s.connect(str(self._control(vm)))
+                s.sendall(line.encode() + b"\n")
+                reply = s.makefile("rb").readline().decode(errors="replace").strip()
+        except OSError as exc:
+            raise DriverError(f"{vm}'s guest control: {exc}") from None
+        if not reply.startswith("OK"):
+            raise DriverError(f"{vm}'s guest refused {line.split()[0]}: {reply or 'no answer'}")
+        return reply
 
     def _wait_guest(
         self, vm: str, ip: str, proc: subprocess.Popen[bytes], timeout: float = GUEST_READY_S
@@ -680,6 +742,7 @@ class LabDriver:
                 raise DriverError(f"{vm} is on {rec.host}, not on {source}")
             if rec.state != "running" or not self._alive(rec.guest_pid, vm):
                 raise DriverError(f"{vm} is not running on {source} (state {rec.state})")
+            self._check_disk(rec)  # the target must open the same datastore
             generation = rec.generation + 1
             new_port = self.plan.vm_port(vm, generation)
             vif = self.plan.vif_name(vm)
@@ -769,7 +832,19 @@ class LabDriver:
                     f"{self.host}: {exc}"
                 ) from exc
             frame = announcement(rec.mac, rec.ip)
-            steps["ready"] = _ms(t)
+            steps["ready"], t = _ms(t), time.monotonic()
+            if rec.disk:
+                # The disk goes first: the guest reopens it through the target's endpoint
+                # (its requests wait meanwhile); a refusal leaves it all here. A timeout may
+                # hide a reopen that still happened: the disk is asked back here then.
+                try:
+                    self._guest_control(vm, f"DISK {self._disk_uri(rec.disk, target)}")
+                except DriverError as exc:
+                    sock.close()
+                    back = self._disk_back(vm, rec.disk)
+                    raise DriverError(f"{vm}: handover to {target} failed at the disk, the VM "
+                                      f"is still on {self.host}: {exc}{back}") from exc
+                steps["disk"] = _ms(t)
             # Switch: the VM now sends only through the new port; the old port still delivers
             # what is in flight towards this host, so nothing is dropped.
             self._release(vm, new_port)  # the new port may send from here on (it is silent)
@@ -781,9 +856,10 @@ class LabDriver:
                 with contextlib.suppress(Exception):
                     vm_ipr.brport("set", index=new_idx, **_SILENT)
                     self._hold(vm, new_port)
+                back = self._disk_back(vm, rec.disk) if rec.disk else ""
                 raise DriverError(
                     f"{vm}: handover to {target} failed at the switch, the VM is still on "
-                    f"{self.host}: {exc}"
+                    f"{self.host}: {exc}{back}"
                 ) from exc
             warnings: list[str] = []
             try:

@@ -21,9 +21,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
+from typing import Any
 
 from netsvc.guestwire import MAX_LINE, parse_request, serve_lines
 
@@ -104,23 +106,132 @@ class Persisted:
         return b"".join(replies)
 
 
-async def serve(name: str, host: str, port: int, datastore: str | None = None) -> None:
-    """Serve the guest store until SIGTERM or SIGINT (its writes kept on ``datastore``)."""
-    store: GuestStore | Persisted = GuestStore(name)
+class OnDisk:
+    """A ``GuestStore`` whose accepted writes are kept on a disk (``disklog.DiskLog``: a
+    region of a datastore over NBD, through the host's local endpoint). A fresh boot, on any
+    host, replays the disk.
+
+    Invariants: a write is acknowledged only after its record was written and flushed; a
+    batch that would not fit is refused whole (``ERR disk full``) and changes nothing; a disk
+    error stops the guest (``DiskStopped``, as qemu's ``werror=stop``): nothing unwritten
+    was acknowledged, and a restart replays what was."""
+
+    def __init__(self, store: GuestStore, disk: Any) -> None:
+        self.store = store
+        self.disk = disk
+        self.replayed = 0
+        for payload in disk.replayed:
+            for line in payload.split(b"\n"):
+                if store.handle(line).startswith(b"OK"):
+                    self.replayed += 1
+
+    def handle(self, line: bytes) -> bytes:
+        return self.handle_many([line])
+
+    def handle_many(self, lines: list[bytes]) -> bytes:
+        sets = [line.strip() for line in lines if line.lstrip()[:4].upper() == b"SET "]
+        if sets and not self.disk.fits(sum(len(x) + 1 for x in sets)):
+            return b"".join(b"ERR disk full\n" if line.lstrip()[:4].upper() == b"SET "
+                            else self.store.handle(line) for line in lines)
+        replies = [self.store.handle(line) for line in lines]
+        kept = [line.strip() for line, r in zip(lines, replies, strict=True)
+                if r.startswith(b"OK ") and line.lstrip()[:4].upper() == b"SET "]
+        if kept:
+            from netsvc.lab.disklog import DiskError
+
+            try:
+                self.disk.append(b"\n".join(kept))
+            except DiskError as exc:
+                raise DiskStopped(str(exc)) from None
+        return b"".join(replies)
+
+
+class DiskStopped(Exception):
+    """The guest's disk failed: it stops rather than acknowledge an unwritten write."""
+
+
+async def _control(disk: Any, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+    """The hypervisor's line to the guest (its control socket): ``DISK <uri>`` reopens the
+    disk there (a live migration's switch to the target host's endpoint), ``INFO`` tells
+    where the disk is. The guest's requests wait meanwhile (one event loop)."""
+    from netsvc.lab.disklog import DiskError
+
+    try:
+        while line := await reader.readline():
+            word, _, arg = line.decode(errors="replace").strip().partition(" ")
+            if word == "DISK" and disk is not None and arg:
+                try:
+                    disk.reopen(arg)
+                    reply = "OK " + json.dumps(disk.info(), sort_keys=True)
+                except DiskError as exc:
+                    reply = f"ERR {exc}"
+            elif word == "INFO":
+                reply = "OK " + json.dumps(None if disk is None else disk.info(), sort_keys=True)
+            else:
+                reply = "ERR expected DISK <uri> or INFO"
+            writer.write(reply.encode() + b"\n")
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(name: str, host: str, port: int, datastore: str | None = None,
+                disk: str | None = None, region: str | None = None,
+                control: str | None = None) -> int:
+    """Serve the guest store until SIGTERM or SIGINT (its writes kept on ``datastore`` or on
+    ``disk``); 3 if its disk failed."""
+    store: GuestStore | Persisted | OnDisk = GuestStore(name)
+    log = None
     if datastore is not None:
         assert isinstance(store, GuestStore)
         store = Persisted(store, datastore)
         print(f"guest {name} reloaded {store.replayed} writes from {store.path}", flush=True)
-    server = await asyncio.start_server(
-        lambda r, w: serve_lines(store, r, w), host, port, limit=MAX_LINE + 2, reuse_address=True
-    )
+    elif disk is not None:
+        from netsvc.lab.disklog import DiskLog, parse_region
+
+        off, size = parse_region(region or f"0:{1 << 20}")
+        log = DiskLog(disk, off, size)
+        assert isinstance(store, GuestStore)
+        store = OnDisk(store, log)
+        print(f"guest {name} reloaded {store.replayed} writes from {disk} "
+              f"({len(log.replayed)} records)", flush=True)
+    stopped: list[str] = []
     stop = asyncio.Event()
+
+    async def lines(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await serve_lines(store, r, w)
+        except DiskStopped as exc:
+            stopped.append(str(exc))
+            stop.set()
+            w.close()
+
+    server = await asyncio.start_server(lines, host, port, limit=MAX_LINE + 2,
+                                        reuse_address=True)
+    ctl = None
+    if control is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)
+        ctl = await asyncio.start_unix_server(lambda r, w: _control(log, r, w), control)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"guest {name} listening on {host}:{port}", flush=True)
     async with server:
         await stop.wait()
+    if ctl is not None:
+        ctl.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)  # type: ignore[arg-type]
+    if log is not None:
+        log.close()
+    if stopped:
+        print(f"guest {name} stopped: disk error: {stopped[0]}", flush=True)
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--port", type=int, default=7000)
     p.add_argument("--datastore", help="a directory: keep every write there, reload at boot")
+    p.add_argument("--disk", metavar="URI",
+                   help="nbd+unix:///EXPORT?socket=PATH: keep every write on this disk (its "
+                        "host's local endpoint), reload at boot")
+    p.add_argument("--disk-region", metavar="OFFSET:LENGTH",
+                   help="the guest's part of the export, in bytes (default 0:1048576)")
+    p.add_argument("--control", metavar="PATH",
+                   help="a Unix socket for the hypervisor: DISK <uri> (reopen), INFO")
     a = p.parse_args(argv)
-    asyncio.run(serve(a.name, a.bind, a.port, a.datastore))
-    return 0
+    if a.datastore and a.disk:
+        p.error("--datastore and --disk exclude each other")
+    try:
+        return asyncio.run(serve(a.name, a.bind, a.port, a.datastore, a.disk, a.disk_region,
+                                 a.control))
+    except Exception as exc:
+        from netsvc.lab.disklog import DiskError
+
+        if isinstance(exc, DiskError):
+            print(f"guest {a.name}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

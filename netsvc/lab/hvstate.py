@@ -67,9 +67,20 @@ class VmRecord:
     # a directory standing for a datastore every host reaches: the guest keeps its writes
     # there (``netsvc.lab.guest --datastore``) and a fresh boot reloads them
     datastore: str | None = None
+    # a disk on a real datastore (netsvc.storage): the export's name, reached through the
+    # local endpoint of whichever host runs the VM (``storage_socket``), and the guest's part
+    # of it ("OFFSET:LENGTH"); the guest keeps its writes there (``netsvc.lab.guest --disk``)
+    disk: str | None = None
+    disk_region: str | None = None
 
     def with_(self, **changes: Any) -> VmRecord:
         return replace(self, **changes)
+
+
+def storage_socket(hv_root: Path | str, host: str) -> Path:
+    """Where ``host``'s agent serves its datastores to its VMs in the lab (its
+    ``--storage-socket``): in the run's directory, which every namespace shares."""
+    return Path(hv_root).parent / f"storage-{host}.sock"
 
 
 class HvState:

@@ -170,6 +170,11 @@ class Lab:
         self._garp: dict[tuple[str, str], socket.socket] = {}
         self._lock = threading.RLock()
         self.key_file: Path | None = None
+        #: The cluster CA's certificate when the manager serves HTTPS (``start_services(tls=)``).
+        self.ca_file: Path | None = None
+        #: host -> its agent's own credential file (``start_services(per_host_keys=)``).
+        self.agent_keys: dict[str, Path] = {}
+        self.heartbeat_key_file: Path | None = None
         self.services: tuple[str, ...] = ()
         self._power_lock = threading.RLock()
         #: What a service's lab part adds to the hardware's crash and power-on, whoever asks
@@ -179,6 +184,9 @@ class Lab:
         self.before_crash: list[Callable[[str], None]] = []
         self.after_crash: list[Callable[[str], None]] = []
         self.after_power_on: list[Callable[[str], None]] = []
+        #: Extra ``netsvc bmc serve`` arguments for every BMC, set before ``start_bmcs`` (the
+        #: power scenario's ``--dcmi-watts``); empty: the BMCs as they always were.
+        self.bmc_args: list[str] = []
         self._bmcs_started = False
         #: serve a configuration store in every BMC (``bmc.config_store``; replication)
         self.bmc_config_store = False
@@ -632,6 +640,18 @@ class Lab:
             self.stop_vm(vm)
         self.start_vm(vm)
 
+    def set_disk(self, vm: str, export: str, region: str) -> None:
+        """Give ``vm`` a disk on the datastore ``export`` (``OFFSET:LENGTH`` of it), reached
+        through the local storage endpoint of whichever host runs it (the storage service
+        must be on): its guest keeps each write there, a migration reopens it through the
+        target's endpoint, and a fresh boot anywhere replays it. The running guest is
+        restarted through its host's driver to pick it up (its state so far is lost)."""
+        assert self.hv is not None
+        self.hv.update(vm, lambda r: r.with_(disk=export, disk_region=region, datastore=None))
+        if self._vm(vm).state == "running":
+            self.stop_vm(vm)
+        self.start_vm(vm)
+
     def set_guest(self, vm: str, pid: int) -> None:
         """Record that ``pid`` is now ``vm``'s running guest (a guest the lab started itself,
         such as a pooled-memory guest)."""
@@ -824,7 +844,12 @@ class Lab:
     # --- manager and agents ------------------------------------------------------------
     @property
     def manager_url(self) -> str:
-        return f"http://{SERVICES_MGMT}:{MANAGER_PORT}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://{SERVICES_MGMT}:{MANAGER_PORT}"
+
+    def ca_args(self) -> list[str]:
+        """``--ca-file CA`` for a client command line when the manager serves HTTPS."""
+        return ["--ca-file", str(self.ca_file)] if self.ca_file is not None else []
 
     def start_services(
         self,
@@ -834,9 +859,16 @@ class Lab:
         partition: bool = False,
         store: str | None = None,
         services: tuple[str, ...] = (),
+        tls: bool = False,
+        per_host_keys: bool = True,
     ) -> None:
         """Start the manager on the services node and an agent on every host. Every agent
         carries out its own host's actions through the lab's hypervisor driver.
+
+        ``key_file`` is the manager's keyring (its secret is the lab's admin credential);
+        with ``per_host_keys`` (the default) each agent gets a credential of its own host only
+        (``agent_keys``). With ``tls`` the manager serves HTTPS with a certificate of a CA
+        made for the run (``ca_file``; every client of the lab passes ``ca_args()``).
 
         ``config`` is extra TOML for the manager's ``--config`` file (e.g. an ``[acd]`` table);
         ``services`` names the services whose agent side runs on every host (each plugin's
@@ -859,6 +891,27 @@ class Lab:
         self.key_file = self.run_dir / "api.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
         self.key_file.chmod(0o600)
+        tls_args: list[str] = []
+        if tls:
+            from netsvc.ops.tls import make_ca, make_cert
+
+            pki = self.run_dir / "pki"
+            self.ca_file = make_ca(pki)
+            cert, key = make_cert(pki, "manager", ips=[SERVICES_MGMT])
+            tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        # The peers' heartbeat key (partition probes): shared by the hosts, not the API's.
+        self.heartbeat_key_file = self.run_dir / "heartbeat.key"
+        self.heartbeat_key_file.write_text(secrets.token_hex(32) + "\n")
+        self.heartbeat_key_file.chmod(0o600)
+        self.agent_keys = {}
+        if per_host_keys:
+            from netsvc.cluster.auth import load_keyring, write_key_file
+
+            ring = load_keyring(self.key_file)
+            (self.run_dir / "creds").mkdir(mode=0o700, exist_ok=True)
+            for h in self._plan().host_names():
+                self.agent_keys[h] = self.run_dir / "creds" / f"{h}.token"
+                write_key_file(self.agent_keys[h], ring.issue("agent", h))
         state = self.run_dir / "manager"
         state.mkdir(exist_ok=True)
         self.start_bmcs()
@@ -881,6 +934,7 @@ class Lab:
                 "--metrics-addr", f"{SERVICES_MGMT}:{MANAGER_METRICS_PORT}",
                 "--config", str(self._write_manager_config(config)),
                 *(["--store", store] if store else []),
+                *tls_args,
             ],
             role="manager",
         )
@@ -981,6 +1035,7 @@ class Lab:
                 [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
                  "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
                  "--power-file", str(self._power_file(h)), "--name", f"bmc{n}",
+                 *self.bmc_args,
                  *(["--config-store", str(d / f"{h}.config")] if self.bmc_config_store
                    else [])],
                 role=f"bmcd{n}",
@@ -1057,13 +1112,16 @@ class Lab:
                 extra += lab_part.agent_args(plan, host)
         if "partition" in self.services and self._bmcs_started:
             extra += ["--bmc-map", str(self.bmc_map)]
+        if "partition" in self.services:
+            extra += ["--partition-key-file", str(self.heartbeat_key_file)]
         self.popen(
             host,
             [
                 sys.executable, "-m", "netsvc", "agent",
                 "--host", host,
                 "--manager", self.manager_url,
-                "--key-file", str(self.key_file),
+                "--key-file", str(self.agent_keys.get(host, self.key_file)),
+                *self.ca_args(),
                 "--interval", str(self.heartbeat_interval),
                 "--mgmt-addr", plan.host_addr(host, "mgmt"),
                 "--vm-addr", plan.host_addr(host, "vmnet"),
@@ -1111,7 +1169,8 @@ class Lab:
         if self.key_file is None:
             raise LabError("the manager is not started")
         key = self.key_file.read_text().strip()
-        return ManagerClient(self.manager_url, key, timeout=3.0, connect=self.connect_from(via))
+        return ManagerClient(self.manager_url, key, timeout=3.0, connect=self.connect_from(via),
+                             ca_file=str(self.ca_file) if self.ca_file is not None else None)
 
     def wait_actions(self, ids: list[str] | None = None, timeout: float = 20.0,
                      ) -> list[dict[str, Any]]:

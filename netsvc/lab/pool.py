@@ -277,7 +277,7 @@ class PoolLab:
             [sys.executable, "-m", "netsvc.memory.agent", "--host", host, "--pool",
              str(self.path), "--ttl", str(self.ttl), "--renew-every", str(self.renew_every),
              "--mem-mib", str(self.mem_mib), *(f"--vm={s}" for s in specs),
-             "--manager", lab.manager_url, "--key-file", str(lab.key_file),
+             "--manager", lab.manager_url, "--key-file", str(lab.key_file), *lab.ca_args(),
              "--fabric", f"{MEMFAB_SERVICES}:{FABRIC_PORT}"],
             role=f"poolagent-{host}",
         )  # fmt: skip
@@ -317,8 +317,8 @@ class PoolLab:
         lab.popen(
             "svc",
             [sys.executable, "-m", "netsvc.memory.master", "--pool", str(self.path),
-             "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--ttl",
-             str(self.ttl), "--poll", str(self.poll), "--guest-port", str(GUEST_PORT),
+             "--manager", lab.manager_url, "--key-file", str(lab.key_file), *lab.ca_args(),
+             "--ttl", str(self.ttl), "--poll", str(self.poll), "--guest-port", str(GUEST_PORT),
              "--secondary-port", str(SECONDARY_PORT),
              *([] if self.partition else ["--no-partition"])],
             role="memory-master",

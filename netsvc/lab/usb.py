@@ -213,7 +213,8 @@ def place_in_lab(
     argv = [sys.executable, "-m", "netsvc", "usbip", "place", vm, device_host, busid,
             "--device-addr", addr, "--port", str(port), "--from-tc", f"{lab.pid(host)},{vif}",
             "--threshold", str(threshold), "--manager", lab.manager_url, "--key-file",
-            str(lab.key_file), "--json", "--channel", str(channel_path(lab, vm, busid)),
+            str(lab.key_file), *lab.ca_args(), "--json",
+            "--channel", str(channel_path(lab, vm, busid)),
             "--channel-netns", str(lab.pid(vm)), "--channel-user-timeout", "0.8",
             *(["--dry-run"] if dry_run else [])]  # fmt: skip
     code, lines, text = run_role(lab, host, argv, f"place-{vm}-{busid}", timeout=30)

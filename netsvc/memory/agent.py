@@ -295,10 +295,10 @@ class Journal:
     """Sends keeper events to the manager's journal from a thread, so a slow or unreachable
     manager never delays a renewal. Events that cannot be sent are dropped (stdout has them)."""
 
-    def __init__(self, url: str, key: str, actor: str) -> None:
+    def __init__(self, url: str, key: str, actor: str, ca_file: str | None = None) -> None:
         from netsvc.cluster.client import ManagerClient
 
-        self.client = ManagerClient(url, key, timeout=1.0)
+        self.client = ManagerClient(url, key, timeout=1.0, ca_file=ca_file)
         self.actor = actor
         self.q: queue.Queue[KeeperEvent | None] = queue.Queue(maxsize=100)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm", action="append", default=[], help="NAME:PAGES[:ft][:cold]")
     p.add_argument("--manager", help="manager URL, to journal lease events")
     p.add_argument("--key-file")
+    p.add_argument("--ca-file", help="verify an https:// manager against this CA")
     p.add_argument("--fabric", metavar="ADDR[:PORT]",
                    help="renew the lease over the memory fabric, at its desk (needs --key-file)")
     daemon.add_arguments(p, "pool-agent")
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     journal = None
     if a.manager and a.key_file:
         with open(a.key_file) as f:
-            journal = Journal(a.manager, f.read().strip(), f"poolagent-{a.host}")
+            journal = Journal(a.manager, f.read().strip(), f"poolagent-{a.host}", a.ca_file)
 
     def report(ev: KeeperEvent) -> None:
         lease_events.labels(ev.kind).inc()

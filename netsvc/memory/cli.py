@@ -70,8 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ft.add_argument("--pool", default=DEFAULT_POOL,
                     help=f"pool file, as the VM's host sees it (default {DEFAULT_POOL})")
     ft.add_argument("--reason", default=None, help="journaled (default: says who asked)")
-    ft.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    ft.add_argument("--key-file", metavar="F", help="shared key file (default $NETSVC_KEY_FILE)")
+    from netsvc.cluster.cli import add_connection_args
+
+    add_connection_args(ft)
     ft.add_argument("--dry-run", action="store_true", help="check and journal, change nothing")
     ft.add_argument("--json", action="store_true")
     ft.set_defaults(func=cmd_ft)
@@ -207,20 +208,15 @@ def cmd_ft(args: argparse.Namespace) -> int:
     """``netsvc memory ft VM on|off``: ask the manager to switch the VM's FT."""
     import os
 
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.cli import UsageError, _manager_and_key
-    from netsvc.cluster.client import ApiError, ManagerClient
+    from netsvc.cluster.cli import UsageError, client_from_args
+    from netsvc.cluster.client import ApiError
     from netsvc.cluster.errors import ClusterError
     from netsvc.memory.client import set_ft
 
     on = args.state == "on"
     reason = args.reason or f"FT switched {args.state} by {os.environ.get('USER', 'an operator')}"
     try:
-        url, key_file = _manager_and_key(args)
-        try:
-            client = ManagerClient(url, load_key(key_file), timeout=5.0)
-        except ValueError as exc:
-            raise UsageError(f"bad --manager: {exc}") from None
+        client = client_from_args(args, timeout=5.0)
         status, body = set_ft(client, args.vm, on, reason, pool=os.path.abspath(args.pool),
                               dry_run=args.dry_run, actor="cli")
     except ApiError as exc:

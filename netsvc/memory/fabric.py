@@ -14,7 +14,8 @@ Wire (UDP, one datagram each way, JSON): a request ``{"op", "host", "epoch", "tt
 "mac"}``, ``op`` one of ``acquire``/``renew``/``release``; an answer ``{"seq", "ok", "epoch",
 "expires", "error", "holder", "mac"}`` (``error``: ``lease-held``, ``lease-lost``,
 ``bad-request``, ``replay``). ``mac`` is HMAC-SHA256, under the cluster key, of the message
-without ``mac`` in canonical JSON.
+without ``mac`` in canonical JSON; ``kid`` names that key (``netsvc.cluster.auth.key_id``), so
+the key file may hold two keys during a rollover: the first one seals, every one is accepted.
 
 Invariants:
 
@@ -41,10 +42,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from netsvc.cluster.auth import key_id
 from netsvc.memory.errors import LeaseHeld, LeaseLost, MemoryError_, PoolUsageError, StaleEpoch
 from netsvc.memory.layout import check_name
 from netsvc.memory.lease import Grant
@@ -63,29 +65,47 @@ class FabricUnreachable(OSError):
     """No (authentic) answer from the desk in time."""
 
 
+#: The fabric's key, or its keys during a rollover (the first one seals).
+FabricKeys = bytes | Sequence[bytes]
+
+
+def _keys(key: FabricKeys) -> list[bytes]:
+    keys = [key] if isinstance(key, bytes) else list(key)
+    if not keys:
+        raise ValueError("no fabric key")
+    return keys
+
+
 def _mac(key: bytes, msg: Mapping[str, Any]) -> str:
     body = json.dumps({k: v for k, v in msg.items() if k != "mac"}, sort_keys=True,
                       separators=(",", ":"))
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
-def seal(key: bytes, msg: Mapping[str, Any]) -> bytes:
-    return json.dumps({**msg, "mac": _mac(key, msg)}, separators=(",", ":")).encode()
+def seal(key: FabricKeys, msg: Mapping[str, Any]) -> bytes:
+    secret = _keys(key)[0]
+    msg = {**msg, "kid": key_id(secret)}
+    return json.dumps({**msg, "mac": _mac(secret, msg)}, separators=(",", ":")).encode()
 
 
-def unseal(key: bytes, data: bytes) -> dict[str, Any]:
-    """The message in ``data``; ``FabricError`` if it is malformed or its MAC is wrong."""
+def unseal(key: FabricKeys, data: bytes) -> dict[str, Any]:
+    """The message in ``data``; ``FabricError`` if it is malformed, names a key id that is not
+    ours, or its MAC is wrong."""
     if len(data) > MAX_DATAGRAM:
         raise FabricError(f"datagram of {len(data)} bytes (at most {MAX_DATAGRAM})")
     try:
         msg = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FabricError(f"not JSON: {exc}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("mac"), str):
+    if not isinstance(msg, dict) or not isinstance(msg.get("mac"), str) \
+            or not isinstance(msg.get("kid"), str):
         raise FabricError("not a sealed message")
-    if not hmac.compare_digest(msg["mac"], _mac(key, msg)):
+    secret = next((k for k in _keys(key) if key_id(k) == msg["kid"]), None)
+    if secret is None:
+        raise FabricError(f"unknown key id {msg['kid'][:16]!r}")
+    if not hmac.compare_digest(msg["mac"], _mac(secret, msg)):
         raise FabricError("bad MAC")
-    del msg["mac"]
+    del msg["mac"], msg["kid"]
     return msg
 
 
@@ -159,7 +179,7 @@ def _request_fields(msg: Mapping[str, Any]) -> tuple[str, str, float, int]:
     return op, host, float(ttl or 0.0), int(epoch or 0)
 
 
-def serve(sock: socket.socket, desk: Desk, key: bytes, lock: threading.Lock,
+def serve(sock: socket.socket, desk: Desk, key: FabricKeys, lock: threading.Lock,
           stop: threading.Event) -> None:
     """The desk's adapter: answer each authentic datagram on ``sock`` until ``stop``."""
     sock.settimeout(0.2)
@@ -188,7 +208,7 @@ class FabricLeases:
     Raises ``LeaseHeld`` and ``LeaseLost`` as the pool would, ``FabricUnreachable`` when no
     authentic answer came within ``timeout``. Not thread-safe: one keeper uses it."""
 
-    def __init__(self, addr: str, port: int, key: bytes, timeout: float = 0.1) -> None:
+    def __init__(self, addr: str, port: int, key: FabricKeys, timeout: float = 0.1) -> None:
         self.peer = (addr, port)
         self.key = key
         self.timeout = timeout
@@ -263,10 +283,11 @@ def parse_fabric(text: str) -> tuple[str, int]:
     return addr, p
 
 
-def read_key(path: str) -> bytes:
-    from netsvc.cluster.auth import read_private_file
+def read_key(path: str) -> tuple[bytes, ...]:
+    """The fabric's keys: one per line, the first one seals (mode 0600)."""
+    from netsvc.cluster.auth import load_keyring
 
-    return read_private_file(path, "the fabric key file", 4096).strip().encode()
+    return load_keyring(path).secrets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1114,8 +1114,9 @@ class ManagerPowerFence:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netsvc-memory-master", description=__doc__.splitlines()[0])
     p.add_argument("--pool", required=True)
-    p.add_argument("--manager", required=True, help="manager URL, http://HOST:PORT")
-    p.add_argument("--key-file", required=True)
+    from netsvc.cluster.cli import add_connection_args
+
+    add_connection_args(p)  # --manager, --key-file (needed) and TLS
     p.add_argument("--holder", default="master")
     p.add_argument("--poll", type=float, default=0.02)
     p.add_argument("--ttl", type=float, default=0.5, help="TTL of the fence leases")
@@ -1154,7 +1155,6 @@ def main(argv: list[str] | None = None) -> int:
         decisions.labels(dec.action, dry).inc()
         if dec.action == "memory-fence":
             fences.labels(dry).inc()
-    from netsvc.cluster.client import ManagerClient
 
     reported: dict[tuple[str, str], float] = {}
     sink_ref: list[JournalSink] = []
@@ -1168,8 +1168,12 @@ def main(argv: list[str] | None = None) -> int:
         sink_ref[0](Decision(kind, "pool", f"{where}: {what}", {"where": where}))
 
     try:
-        with open(a.key_file) as f:
-            client = ManagerClient(a.manager, f.read().strip(), timeout=2.0)
+        from netsvc.cluster.cli import UsageError, client_from_args
+
+        try:
+            client = client_from_args(a, timeout=2.0)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
         pool = Pool.open(a.pool, report=lambda prob: report_once(prob.where, prob.what))
     except (OSError, ValueError, MemoryError_) as exc:
         d.log.error("%s", exc)

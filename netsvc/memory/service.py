@@ -130,6 +130,9 @@ def _problems(kernel: Kernel, vm: str, to: str) -> list[tuple[str, str]]:
         out.append(("target-exists", f"target host {to!r} does not exist"))
     elif host.state is not HostState.UP:
         out.append(("target-up", f"target host {to!r} is {host.state.value}, not UP"))
+    elif host.maintenance is not None:
+        out.append(("target-not-in-maintenance",
+                    f"target host {to!r} is in maintenance ({host.maintenance})"))
     return out
 
 
@@ -265,7 +268,8 @@ class MemoryService(BaseManagerService):
         details: dict[str, Any] = {"vm": vm, "enabled": req.enabled, "host": host,
                                    "kind": SET_FT_KIND}
         problems = [("vm-exists", f"VM {vm!r} does not exist")] if host is None else \
-            [p for p in _problems(k, vm, host) if p[0] != "target-exists"]
+            [p for p in _problems(k, vm, host)
+             if p[0] not in ("target-exists", "target-not-in-maintenance")]
         if problems:
             self._refuse_as(SET_FT_KIND, vm, req.actor, req.dry_run, req.reason, details,
                             problems[0][0], problems[0][1].replace("target host", "its host"),
@@ -313,6 +317,8 @@ class MemoryService(BaseManagerService):
         plan = {"kind": req.kind, "vm": req.vm, "to": req.to, "host": req.to,
                 "checks": list(MEMORY_RULES)}
         problems = _problems(k, req.vm, req.to)
+        if req.kind == "memory-promote":  # the secondary already runs there: a failover
+            problems = [p for p in problems if p[0] != "target-not-in-maintenance"]
         if req.kind in PRIMARY_KINDS:
             pending = self._pending(req.vm)
             if pending:
@@ -350,7 +356,12 @@ class MemoryService(BaseManagerService):
     # -- the action kinds ----------------------------------------------------------------------
 
     def _recheck(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
-        return [m for _, m in _problems(kernel, action.vm, str(action.payload["to"]))], action
+        # a promotion and an FT switch act where the VM (or its secondary) already is: a host
+        # in maintenance does not stop them; every other kind places a VM there
+        exempt = ("target-not-in-maintenance",) if action.kind in (
+            "memory-promote", SET_FT_KIND) else ()
+        return [m for r, m in _problems(kernel, action.vm, str(action.payload["to"]))
+                if r not in exempt], action
 
     def _complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
                   detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
 from netsvc.cluster.model import ClusterModel, HostState
 from netsvc.cluster.schema import convert
@@ -147,9 +148,11 @@ class NicService(BaseManagerService):
     def routes(self) -> Sequence[Route]:
         return (
             Route("GET", r"/v1/nic", "nic_status", lambda r: Reply(200, self.nic_status(r.now)),
-                  summary="every host's switches: uplinks, VM and host ports, state and why"),
+                  summary="every host's switches: uplinks, VM and host ports, state and why",
+                  access=READ),
             Route("POST", r"/v1/nic/reports", "nic_report", self._route_report, body=_report,
-                  mutates=True, summary="an agent's switches, as its kernel has them"),
+                  mutates=True, summary="an agent's switches, as its kernel has them",
+                  access=agent_of(field="host")),
             Route("POST", r"/v1/nic/([^/]+)/([^/]+)/(standby|wake)", "nic_operator",
                   self._route_operator, body=_operator, mutates=True,
                   summary="an operator puts a switch in standby or wakes it (dry_run: check "

@@ -181,6 +181,43 @@ class ManagerMetrics:
         with self._lock:
             return {h: max(0.0, now - t) for h, t in self._last.items()}
 
+    def watch_server(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the API transport's counters (``ManagerServer.http_stats``), read at scrape:
+        ``netsvc_manager_http_<name>_total`` and ``netsvc_manager_http_open_connections``."""
+        self.registry.register(_ServerCollector(stats))
+
+
+#: The API transport's counters, as exported (``netsvc.cluster.server.STAT_NAMES``).
+HTTP_COUNTERS = {
+    "connections_accepted": "connections accepted",
+    "refused_connections": "connections closed at once: over the total or per-address limit",
+    "slow_closed": "connections closed because a request did not arrive in time (slowloris)",
+    "idle_closed": "kept-alive connections closed after idle_timeout without a request",
+    "oversized": "requests refused for a body over the size cap (413)",
+    "unauthenticated": "requests refused for a missing, wrong or expired credential (401)",
+    "forbidden": "requests refused for a credential without the right (403)",
+    "tls_failures": "TLS handshakes that failed or timed out",
+}
+
+
+class _ServerCollector(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        for name, doc in HTTP_COUNTERS.items():
+            c = CounterMetricFamily(f"netsvc_manager_http_{name}", doc)
+            c.add_metric([], float(stats.get(name, 0)))
+            yield c
+        g = GaugeMetricFamily("netsvc_manager_http_open_connections",
+                              "connections open to the API now")
+        g.add_metric([], float(stats.get("open_connections", 0)))
+        yield g
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
 
 class _LagCollector(Collector):
     def __init__(self, metrics: ManagerMetrics) -> None:

@@ -48,7 +48,7 @@ from netsvc.partition.classifier import (
     IndirectProbe,
     SecondChannelQuery,
 )
-from netsvc.partition.heartbeat import Heartbeat, MsgType, Network, Receiver
+from netsvc.partition.heartbeat import Heartbeat, Keys, MsgType, Network, Receiver
 from netsvc.partition.heartbeat import encode as encode_heartbeat
 
 PORT = 8471
@@ -114,7 +114,7 @@ def _soft(exc: OSError) -> bool:
 
 def run_prober(
     host: str,
-    key: bytes,
+    key: Keys,
     links: list[Link],
     peers: Callable[[], Mapping[str, Mapping[Network, str]]],
     report: Callable[[ClassificationChanged], None],

@@ -53,10 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = part.add_parser(
         "status", help="each host's view of both networks, and the manager's verdicts"
     )
-    status.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    status.add_argument("--key-file", metavar="F", help="key file (default $NETSVC_KEY_FILE)")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    from netsvc.cluster.cli import add_manager_args
+
+    add_manager_args(status)
     status.set_defaults(func=cmd_status)
     p.set_defaults(func=lambda a: _usage(p))
 
@@ -110,14 +109,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.cli import UsageError, _manager_and_key
-    from netsvc.cluster.client import ApiError, ManagerClient
+    from netsvc.cluster.cli import UsageError, manager_client
+    from netsvc.cluster.client import ApiError
     from netsvc.cluster.errors import ClusterError
 
     try:
-        url, key_file = _manager_and_key(args)
-        client = ManagerClient(url, load_key(key_file), timeout=args.timeout)
+        client = manager_client(args)
         st = client.partition_status()
     except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
         print(f"netsvc partition status: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ Wire format (big-endian; one UDP datagram, at most ``MAX_DATAGRAM`` bytes)::
     type      1  1 HEARTBEAT, 2 PING_REQ ("please probe target for me"), 3 PING_ACK
     network   1  0 management, 1 VM network
     flags     1  bit 0 REACHED (PING_ACK only: the relay reached the target); others zero
+    key id    4  the first 4 bytes of SHA-256(key) of the key that made the tag
     seq       8  the sender's sequence number for this network (strictly increasing)
     sent_ms   8  the sender's monotonic send time, ms (only ever echoed, never compared)
     echo_ms   8  PING_ACK: the sent_ms of the PING_REQ it answers; otherwise 0
@@ -16,10 +17,15 @@ Wire format (big-endian; one UDP datagram, at most ``MAX_DATAGRAM`` bytes)::
                  on this network (distinct, total name bytes <= 1024)
     tag      32  HMAC-SHA256(key, every byte above)
 
+Keys: ``key`` is one secret, or a sequence of them (a rollover): the first one tags what is
+sent, every one is accepted, found by the datagram's key id (``netsvc.cluster.auth.key_id``
+names the same key ``k`` + the id's 8 hex digits). Version 1 (no key id) is refused.
+
 Invariants:
 
 - ``decode`` raises only ``HeartbeatError`` on any input, with a machine-readable ``.reason``
-  (one of ``REASONS``). The length, magic and version are checked first, then the HMAC (with
+  (one of ``REASONS``). The length, magic and version are checked first, then the key id (an
+  id of none of our keys: ``unknown-key``), then the HMAC (with
   ``hmac.compare_digest``) before any other field is interpreted, so unauthenticated bytes are
   never parsed further. Every length byte is bounded (names <= 32, peers <= 64, the whole datagram
   <= 1400) before it is used, and nothing is allocated from an unchecked length.
@@ -36,15 +42,17 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import struct
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 MAGIC = b"NVHB"
-VERSION = 1
+VERSION = 2
 MAX_DATAGRAM = 1400
 MAX_NAME = 32
 MAX_PEERS = 64
@@ -53,7 +61,8 @@ TAG_LEN = 32
 MIN_KEY_LEN = 16
 FLAG_REACHED = 0x01
 _U64 = (1 << 64) - 1
-_HEAD = struct.Struct("!4sBBBBQQQ")
+_HEAD = struct.Struct("!4sBBBB4sQQQ")
+KID_LEN = 4
 # Smallest datagram: header, 1-byte sender, empty target, no peers, tag.
 MIN_DATAGRAM = _HEAD.size + 2 + 1 + 1 + TAG_LEN
 _NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -64,6 +73,7 @@ REASONS = frozenset(
         "too-long",  # longer than MAX_DATAGRAM, or peer names over MAX_PEER_BYTES
         "bad-magic",
         "bad-version",
+        "unknown-key",  # the key id is none of ours (a key retired, or never ours)
         "bad-mac",  # the HMAC tag does not match (wrong key or altered bytes)
         "bad-type",
         "bad-network",
@@ -151,19 +161,41 @@ class Heartbeat:
             raise ValueError(f"peer names exceed {MAX_PEER_BYTES} bytes")
 
 
-def _check_key(key: bytes) -> bytes:
-    if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_KEY_LEN:
-        raise ValueError(f"the heartbeat key must be at least {MIN_KEY_LEN} bytes")
-    return bytes(key)
+#: One heartbeat key, or several during a rollover (the first one signs).
+Keys = bytes | Sequence[bytes]
+
+
+def key_id(key: bytes) -> bytes:
+    """The 4-byte id a datagram carries for ``key``."""
+    return hashlib.sha256(key).digest()[:KID_LEN]
+
+
+@functools.lru_cache(maxsize=16)
+def _keyring(keys: tuple[bytes, ...]) -> tuple[bytes, dict[bytes, bytes]]:
+    if not keys:
+        raise ValueError("no heartbeat key")
+    for key in keys:
+        if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_KEY_LEN:
+            raise ValueError(f"the heartbeat key must be at least {MIN_KEY_LEN} bytes")
+    return key_id(keys[0]), {key_id(k): bytes(k) for k in keys}
+
+
+def _check_key(key: Keys) -> tuple[bytes, dict[bytes, bytes]]:
+    """(the signing key's id, every accepted key by id)."""
+    keys = (bytes(key),) if isinstance(key, (bytes, bytearray)) else tuple(key)
+    if not keys or not all(isinstance(k, (bytes, bytearray)) for k in keys):
+        raise ValueError("the heartbeat key must be bytes, or a sequence of bytes")
+    return _keyring(tuple(bytes(k) for k in keys))
 
 
 def _tag(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, body, hashlib.sha256).digest()
 
 
-def encode(msg: Heartbeat, key: bytes) -> bytes:
-    """The datagram for ``msg``, tagged with ``key`` (>= 16 bytes)."""
-    key = _check_key(key)
+def encode(msg: Heartbeat, key: Keys) -> bytes:
+    """The datagram for ``msg``, tagged with ``key`` (>= 16 bytes; of several, the first)."""
+    kid, ring = _check_key(key)
+    secret = ring[kid]
     flags = FLAG_REACHED if msg.reached else 0
     parts = [
         _HEAD.pack(
@@ -172,6 +204,7 @@ def encode(msg: Heartbeat, key: bytes) -> bytes:
             msg.type.value,
             msg.network.value,
             flags,
+            kid,
             msg.seq,
             msg.sent_ms,
             msg.echo_ms,
@@ -185,7 +218,7 @@ def encode(msg: Heartbeat, key: bytes) -> bytes:
         raw = p.encode("ascii")
         parts.append(bytes([len(raw)]) + raw)
     body = b"".join(parts)
-    return body + _tag(key, body)
+    return body + _tag(secret, body)
 
 
 class _Reader:
@@ -214,9 +247,9 @@ class _Reader:
         return _check_name_bytes(self.take(n))
 
 
-def decode(data: bytes, key: bytes) -> Heartbeat:
+def decode(data: bytes, key: Keys) -> Heartbeat:
     """Parse and authenticate one datagram; raise ``HeartbeatError`` if it is not valid."""
-    key = _check_key(key)
+    _, ring = _check_key(key)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise HeartbeatError("truncated", "not bytes")
     data = bytes(data)
@@ -233,9 +266,12 @@ def decode(data: bytes, key: bytes) -> Heartbeat:
     if len(data) < MIN_DATAGRAM:
         raise HeartbeatError("truncated", f"{len(data)} bytes < {MIN_DATAGRAM}")
     body, tag = data[:-TAG_LEN], data[-TAG_LEN:]
-    if not hmac.compare_digest(_tag(key, body), tag):
+    _, _, mtype, net, flags, kid, seq, sent_ms, echo_ms = _HEAD.unpack_from(body)
+    secret = ring.get(kid)
+    if secret is None:
+        raise HeartbeatError("unknown-key", kid.hex())
+    if not hmac.compare_digest(_tag(secret, body), tag):
         raise HeartbeatError("bad-mac")
-    _, _, mtype, net, flags, seq, sent_ms, echo_ms = _HEAD.unpack_from(body)
     try:
         msg_type = MsgType(mtype)
     except ValueError:
@@ -326,9 +362,10 @@ class Receiver:
     """Decode, authenticate, drop our own and replayed datagrams; count every outcome."""
 
     def __init__(
-        self, key: bytes, own_name: str, *, window: int = 64, capacity: int = 1024
+        self, key: Keys, own_name: str, *, window: int = 64, capacity: int = 1024
     ) -> None:
-        self._key = _check_key(key)
+        _check_key(key)
+        self._key = key
         if not valid_name(own_name):
             raise ValueError(f"invalid own host name {own_name!r}")
         self.own_name = own_name

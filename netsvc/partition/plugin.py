@@ -32,6 +32,10 @@ def _manager(config: Any) -> Any:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition-key-file", metavar="F", default=None,
+                   help="the peers' heartbeat keys, one per line, the first signs (mode 0600; "
+                   "the same file on every host; default: the --key-file, which must then be "
+                   "a key shared by every host)")
     p.add_argument("--bmc-map", metavar="FILE", default=None,
                    help="the peers' BMCs (TOML, as the manager's [fencing] table: [bmcs.h2] "
                    "addr, user, password_file): asked over IPMI for a peer's power before it "
@@ -60,7 +64,12 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
             query = power_query(load_bmc_map(args.bmc_map))
         except OSError as exc:
             raise ValueError(f"--bmc-map {args.bmc_map}: {exc.strerror or exc}") from None
-    start_partition(ctx.host, ctx.key, links, lambda: ctx.make_client(timeout=2.0),
+    key: Any = ctx.key
+    if args.partition_key_file:
+        from netsvc.cluster.auth import load_keyring
+
+        key = load_keyring(args.partition_key_file).secrets  # KeyFileError: a usage error
+    start_partition(ctx.host, key, links, lambda: ctx.make_client(timeout=2.0),
                     ctx.log, query, stats=ctx.stats)
 
 

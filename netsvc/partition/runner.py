@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+#: A view post to the manager this slow is logged: it delays the manager's verdict.
+SLOW_POST_S = 0.1
+
 
 def parse_links(specs: list[str], mgmt: str | None, vm: str | None) -> list[Any]:
     """``--partition-link NET=IFACE,TARGET`` values as ``netsvc.partition.agent.Link``s."""
@@ -42,7 +45,7 @@ def receiver_stats(counts: Mapping[str, int]) -> dict[str, float]:
     return {f"heartbeats_{k}_total": float(v) for k, v in counts.items()}
 
 
-def start_partition(host: str, key: bytes, links: list[Any], make_client: Callable[[], Any],
+def start_partition(host: str, key: Any, links: list[Any], make_client: Callable[[], Any],
                      log: Callable[[str], None],
                     bmc_query: Callable[[str], bool | None] | None = None,
                     stats: dict[str, Callable[[], Mapping[str, float]]] | None = None) -> None:
@@ -57,6 +60,7 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
     import contextlib
     import json
     import threading
+    import time
 
     from netsvc.cluster.client import ApiError
     from netsvc.partition.agent import run_prober
@@ -101,8 +105,12 @@ def start_partition(host: str, key: bytes, links: list[Any], make_client: Callab
             # the view first: the manager judges on it; the journal's events can follow
             view, latest[0] = latest[0], None
             if view is not None:
+                t0 = time.monotonic()
                 with contextlib.suppress(ApiError, OSError):  # the next view replaces it
                     poster_client.partition_report(view)
+                took = time.monotonic() - t0
+                if took >= SLOW_POST_S:
+                    log(f"partition view post took {took * 1000:.0f} ms")
             while events:
                 subject, details = events[0]
                 body = {k: v for k, v in details.items() if k != "reason"}

@@ -28,9 +28,10 @@ from typing import Any
 
 import msgspec
 
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import Refused, UnknownEntity, ValidationError
 from netsvc.cluster.fencing import FenceState
-from netsvc.cluster.model import HostState, VMState
+from netsvc.cluster.model import VMState
 from netsvc.cluster.schema import convert
 from netsvc.cluster.service import BaseManagerService, Kernel, Reply, Request, Route
 from netsvc.partition.classifier import Classification
@@ -90,10 +91,12 @@ class PartitionService(BaseManagerService):
         return (
             Route("GET", r"/v1/partition", "partition_status",
                   lambda r: Reply(200, self.partition_status(r.now)),
-                  summary="each host's view of both networks, the verdicts and decisions"),
+                  summary="each host's view of both networks, the verdicts and decisions",
+                  access=READ),
             Route("POST", r"/v1/partition/reports", "partition_report", self._route_report,
                   body=_report_body, mutates=True,
-                  summary="an agent's view of the management and VM networks"),
+                  summary="an agent's view of the management and VM networks",
+                  access=agent_of(field="host")),
         )
 
     def _route_report(self, r: Request) -> Reply:
@@ -202,7 +205,8 @@ class PartitionService(BaseManagerService):
                              "sources": list(new.sources) if new else []},
                 )
         self._verdicts = verdicts
-        up = {h: x.state is HostState.UP for h, x in k.model.hosts.items()}
+        # a target must be UP and not in maintenance (``Host.placeable``)
+        up = {h: x.placeable for h, x in k.model.hosts.items()}
         vms = [VMInfo(v.name, v.host, v.state in (VMState.RUNNING, VMState.MIGRATING))
                for v in k.model.vms.values() if not self._owned(v.name, v.host, verdicts,
                                                                now, wall)]

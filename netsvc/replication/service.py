@@ -45,6 +45,7 @@ from typing import Any
 import msgspec
 
 from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import ModelError, Refused, UnknownEntity, ValidationError
 from netsvc.cluster.model import ClusterModel, HostState, VMState
 from netsvc.cluster.schema import convert
@@ -175,7 +176,7 @@ class ReplicationService(BaseManagerService):
             Route("GET", r"/v1/replication", "replication_status",
                   lambda r: Reply(200, self.replication_status(r.now)),
                   summary="per protected VM: RPO now, newest complete epoch at site B, bytes "
-                  "behind, link share; the BMC configuration; the failover"),
+                  "behind, link share; the BMC configuration; the failover", access=READ),
             Route("POST", r"/v1/replication/protect/([^/]+)", "replication_protect",
                   self._route_protect, body=_body(ProtectRequest), mutates=True,
                   summary="protect a VM (its disks ship to site B in epochs; its configuration "
@@ -196,11 +197,12 @@ class ReplicationService(BaseManagerService):
                   "and journal only)"),
             Route("POST", r"/v1/replication/reports", "replication_report",
                   self._route_report, body=_body(ShippingReport), mutates=True,
-                  summary="a primary host's shipping figures; answers the protected set"),
+                  summary="a primary host's shipping figures; answers the protected set",
+                  access=agent_of(field="host")),
             Route("POST", r"/v1/replication/loaded", "replication_loaded",
                   self._route_loaded, body=_body(LoadedReport), mutates=True,
                   summary="the site-B host's agent, at power-on: the configuration it read "
-                  "from its BMC (or why it refused it)"),
+                  "from its BMC (or why it refused it)", access=agent_of(field="host")),
         )
 
     def action_kinds(self) -> Sequence[ActionKind]:

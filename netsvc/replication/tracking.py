@@ -28,9 +28,9 @@ from netsvc.replication.cbt import EpochTracker, Sealed
 class Backend(Protocol):
     size: int
 
-    def pread(self, count: int, offset: int) -> bytes: ...
+    def pread(self, count: int, offset: int) -> bytes | bytearray: ...
 
-    def pwrite(self, buf: bytes, offset: int) -> None: ...
+    def pwrite(self, buf: bytes | bytearray, offset: int) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -46,10 +46,10 @@ class TrackingBackend:
         self.tracker = EpochTracker(backend.size, block_size)
         self.lock = threading.Lock()
 
-    def pread(self, count: int, offset: int) -> bytes:
+    def pread(self, count: int, offset: int) -> bytes | bytearray:
         return self.backend.pread(count, offset)
 
-    def pwrite(self, buf: bytes, offset: int) -> None:
+    def pwrite(self, buf: bytes | bytearray, offset: int) -> None:
         with self.lock:
             t = self.tracker
             for block in t.needs_copy(offset, len(buf)):
@@ -63,7 +63,7 @@ class TrackingBackend:
     def _read_block(self, block: int) -> bytes:
         bs = self.tracker.block_size
         off = block * bs
-        return self.backend.pread(min(bs, self.size - off), off)
+        return bytes(self.backend.pread(min(bs, self.size - off), off))
 
     # -- the shipper's side -------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ class TrackingBackend:
             kept = [self.tracker.capture(b) for b in range(first, first + count)]
             if all(k is None for k in kept):  # one read for the run
                 off = first * bs
-                return self.backend.pread(min(count * bs, self.size - off), off)
+                return bytes(self.backend.pread(min(count * bs, self.size - off), off))
             out = bytearray()
             for block, k in zip(range(first, first + count), kept, strict=True):
                 out += k if k is not None else self._read_block(block)

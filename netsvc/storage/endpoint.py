@@ -62,9 +62,9 @@ class Backend(Protocol):
 
     size: int
 
-    def pread(self, count: int, offset: int) -> bytes: ...
+    def pread(self, count: int, offset: int) -> bytes | bytearray: ...
 
-    def pwrite(self, buf: bytes, offset: int) -> None: ...
+    def pwrite(self, buf: bytes | bytearray, offset: int) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -73,14 +73,16 @@ class ProtocolError(Exception):
     """The peer sent something this server does not accept (what, in the message)."""
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
+def _recv(sock: socket.socket, n: int) -> bytearray:
+    """Exactly ``n`` bytes, received into one buffer (no copy per chunk, none at the end)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
             raise ConnectionError("peer closed")
-        buf += chunk
-    return bytes(buf)
+        got += k
+    return buf
 
 
 def _opt_reply(sock: socket.socket, opt: int, rtype: int, data: bytes = b"") -> None:
@@ -215,7 +217,8 @@ class Endpoint:
             if cmd == CMD_DISC:
                 return
             payload = _recv(c, length) if cmd == CMD_WRITE else b""
-            err, data = 0, b""
+            err = 0
+            data: bytes | bytearray = b""
             if cmd in (CMD_READ, CMD_WRITE) and offset + length > b.size:
                 err = EINVAL
             elif cmd == CMD_READ:
@@ -238,4 +241,9 @@ class Endpoint:
             if err:
                 self.stats["errors"] += 1
                 data = b""
-            c.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, err, cookie) + data)
+            head = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, err, cookie)
+            if len(data) > 65536:  # a large read: two sends rather than a copy of it
+                c.sendall(head)
+                c.sendall(data)
+            else:
+                c.sendall(head + data)

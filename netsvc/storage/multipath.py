@@ -222,6 +222,34 @@ class Multipath:
         self._queue.append(rid)
         return self._release(now)
 
+    def steady_path(self) -> str | None:
+        """The ACTIVE path when a new request would go straight to it (no drain under way,
+        nothing queued): the adapter may then issue requests there without ``submit`` (its
+        fast path), provided it ``adopt``s every one still in flight before any other call
+        that can move or fail a path, so drains and failovers see them all."""
+        if self.draining is not None or self._queue:
+            return None
+        return self.active
+
+    def idle(self) -> bool:
+        """Nothing registered in flight or queued and no drain: ``handle_timer`` has nothing
+        to do, and ``done`` of a request changes no path (the adapter's fast path relies on
+        both)."""
+        return not self._reqs and self.draining is None
+
+    def adopt(self, rid: int, path: str, issued: float) -> None:
+        """A request the adapter issued on the steady ACTIVE ``path`` at ``issued`` without
+        ``submit``: from now on it is in flight there as if dispatched then (its
+        ``io_timeout`` counts from ``issued``), and ``done`` reports it."""
+        if rid in self._reqs:
+            raise PathError(f"request {rid} is already known")
+        p = self._get(path)
+        if p.state is not PathState.ACTIVE or self.draining is not None:
+            raise PathError(f"request {rid} adopted on {path}, which is {p.state.value}"
+                            + (" (a drain is under way)" if self.draining else ""))
+        self._reqs[rid] = _Req(rid, 1, path, issued + self.io_timeout)
+        p.inflight.add(rid)
+
     def done(self, rid: int, ok: bool, now: float, error: str = "") -> list[Event]:
         """A request came back (``ok``, or failed with ``error``)."""
         req = self._reqs.get(rid)

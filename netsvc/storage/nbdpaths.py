@@ -3,7 +3,10 @@
 ``Datastore`` opens, for each path (host NIC, fabric switch, array ``addr:port``), one TCP
 socket (bound to the NIC's address when one is given, with a connect timeout) and hands it to
 a libnbd handle (``connect_socket``). VM I/O (``pread``/``pwrite``/``flush``) asks the core
-where to go, runs the libnbd call outside the lock, and reports back; a checker thread reads
+where to go, runs the libnbd call outside the lock, and reports back, except on the steady
+path (one ACTIVE path, no drain, nothing queued), where a request is only counted in
+(``_fast``) and handed to the core (``_fold`` -> ``Multipath.adopt``) before anything that
+could move or fail a path, or when it nears its ``io_timeout``; a checker thread reads
 the first sector of every path every ``check_every`` seconds (a FAILED path: reconnects).
 
 Invariants:
@@ -22,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import socket
@@ -54,8 +58,10 @@ class _Conn:
     fd: int  # a dup of the socket, to shut it down while libnbd blocks on it
 
 
+@functools.cache
 def _nbd() -> Any:
-    """Debian's python3-libnbd (linked into the venv by scripts/setup.sh; untyped)."""
+    """Debian's python3-libnbd (linked into the venv by scripts/setup.sh; untyped), looked up
+    once (every VM request needs its ``Error``: an import per request cost ~6 µs)."""
     return importlib.import_module("nbd")
 
 
@@ -67,8 +73,9 @@ def split_port(port: str) -> tuple[str, int]:
 
 
 def connect(pid: PathId, export: str, *, source: str | None = None,
-            timeout: float = CONNECT_TIMEOUT_S) -> _Conn:
-    """One NBD connection over ``pid`` (bound to ``source``, the NIC's address, if given)."""
+            timeout: float = CONNECT_TIMEOUT_S, meta: Sequence[str] = ()) -> _Conn:
+    """One NBD connection over ``pid`` (bound to ``source``, the NIC's address, if given),
+    asking for the metadata contexts ``meta`` (``base:allocation``: block status)."""
     nbd = _nbd()
     addr, port = split_port(pid.port)
     s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
@@ -86,6 +93,8 @@ def connect(pid: PathId, export: str, *, source: str | None = None,
     h = nbd.NBD()
     try:
         h.set_export_name(export)
+        for m in meta:
+            h.add_meta_context(m)
         h.connect_socket(s.detach())
     except Exception:
         os.close(dup)
@@ -140,7 +149,11 @@ class Datastore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.size = 0
-        self.stats = {"requests": 0, "retries": 0, "io_errors": 0}
+        self.stats = {"requests": 0, "retries": 0, "io_errors": 0, "fast": 0}
+        # the fast path (``_io``): requests issued on the steady path without the core,
+        # rid -> issue time; handed to the core by ``_fold`` before anything else asks it
+        self._fast: dict[int, float] = {}
+        self._fast_path: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -176,27 +189,41 @@ class Datastore:
 
     # -- VM I/O ----------------------------------------------------------------------------
 
-    def pread(self, count: int, offset: int) -> bytes:
-        return bytes(self._io(lambda h: h.pread(count, offset)))
+    def pread(self, count: int, offset: int) -> bytes | bytearray:
+        """``count`` bytes at ``offset``: libnbd's own buffer (a ``bytearray``), not copied."""
+        out: bytes | bytearray = self._io(lambda h: h.pread(count, offset))
+        return out
 
-    def pwrite(self, buf: bytes, offset: int) -> None:
+    def pwrite(self, buf: bytes | bytearray, offset: int) -> None:
         self._io(lambda h: h.pwrite(buf, offset))
 
     def flush(self) -> None:
         self._io(lambda h: h.flush())
 
     def _io(self, fn: Callable[[Any], Any]) -> Any:
-        """One VM request: ask the core for a path, run ``fn`` on its handle outside the
-        lock, report the outcome; again on the path the core gives for its one retry."""
+        """One VM request. On the steady path (``core.steady_path``: one ACTIVE path, no
+        drain, nothing queued) it is issued at once and only counted (``_fast``: the fast
+        path, a lock round trip and a dict entry); otherwise the core is asked for a path.
+        Either way ``fn`` runs on the path's handle outside the lock; a failure is reported
+        to the core (a fast request is adopted first) and retried once where it says."""
         nbd = _nbd()
         with self._lock:
             self._rid += 1
             rid = self._rid
             self.stats["requests"] += 1
-            events = self.core.submit(rid, self.clock())
-            self._apply(events, rid)
-            path = self._where.pop(rid, None)
+            if self._fast_path is None:
+                self._fast_path = self.core.steady_path()
+            path = self._fast_path
             conn = self._conns.get(path) if path is not None else None
+            if conn is not None:
+                self._fast[rid] = self.clock()
+                events: list[Event] = []
+            else:
+                self._fold()
+                events = self.core.submit(rid, self.clock())
+                self._apply(events, rid)
+                path = self._where.pop(rid, None)
+                conn = self._conns.get(path) if path is not None else None
         if len(events) > 1:
             self._notify(events)
         while True:
@@ -204,6 +231,7 @@ class Datastore:
                 with self._cv:
                     while rid not in self._where and rid not in self._errors:
                         self._cv.wait(0.5)
+                        self._fold()
                         ev = self.core.handle_timer(self.clock())
                         self._apply(ev)
                         if ev:
@@ -221,6 +249,16 @@ class Datastore:
             except (nbd.Error, OSError, AttributeError) as exc:  # AttributeError: closed
                 out, ok, err = None, False, str(exc)
             with self._lock:
+                issued = self._fast.pop(rid, None)
+                if issued is not None:
+                    if ok:  # a fast request done: the core never needed to know it
+                        self.stats["fast"] += 1
+                        return out
+                    assert path is not None
+                    self.core.adopt(rid, path, issued)  # its failure is the core's to judge
+                if not ok:  # a failure may change a path: the fast requests go in first.
+                    self._fold()  # (A success changes none while fast ones are out: they
+                # only are while the core is steady, and there ``done`` moves nothing.)
                 events = self.core.done(rid, ok, self.clock(), err)
                 if ok:
                     if events:
@@ -238,6 +276,19 @@ class Datastore:
             if ok:
                 return out
 
+    def _fold(self) -> None:
+        """Under the lock, before any core call but ``submit`` and a fast request's own
+        bookkeeping: hand the fast requests still in flight to the core (``adopt``, with
+        their issue times) and close the fast path, so a drain waits for them, a failover
+        sees them and their ``io_timeout`` runs. The next request re-opens it if the core is
+        steady again."""
+        if self._fast:
+            assert self._fast_path is not None
+            for rid, issued in self._fast.items():
+                self.core.adopt(rid, self._fast_path, issued)
+            self._fast.clear()
+        self._fast_path = None
+
     # -- moving ----------------------------------------------------------------------------
 
     def hold_switch(self, switch: str, reason: str, *, force: bool = False) -> list[Event]:
@@ -245,6 +296,7 @@ class Datastore:
         the drain timeout and a little) until no request is left on a path through it."""
         with self._lock:
             mark = self._base + len(self._moves)
+            self._fold()
             events = self.core.hold_switch(switch, self.clock(), reason, force=force)
             self._apply(events)
         return self._wait_drain(events, mark)
@@ -253,6 +305,7 @@ class Datastore:
         """Drain-then-switch to ``path`` (a healthy STANDBY path); waits for the drain."""
         with self._lock:
             mark = self._base + len(self._moves)
+            self._fold()
             events = self.core.switch_to(path, self.clock(), reason)
             self._apply(events)
         return self._wait_drain(events, mark)
@@ -266,6 +319,7 @@ class Datastore:
         with self._cv:
             while self.core.draining is not None and self.clock() < deadline:
                 self._cv.wait(0.01)
+                self._fold()
                 ev = self.core.handle_timer(self.clock())
                 self._apply(ev)
                 late += ev
@@ -276,6 +330,7 @@ class Datastore:
 
     def release_switch(self, switch: str, reason: str) -> list[Event]:
         with self._lock:
+            self._fold()
             events = self.core.release_switch(switch, self.clock(), reason)
             self._apply(events)
         self._notify(events)
@@ -323,6 +378,7 @@ class Datastore:
 
     def _checked(self, path: str, ok: bool, error: str = "") -> list[Event]:
         with self._lock:
+            self._fold()
             events = self.core.checked(path, ok, self.clock(), error)
             self._apply(events)
             if not ok:
@@ -338,7 +394,12 @@ class Datastore:
         while not self._stop.is_set():
             with self._lock:
                 now = self.clock()
-                ev = self.core.handle_timer(now)
+                if self._fast and self.core.idle() and \
+                        now - min(self._fast.values()) < self.core.io_timeout / 2:
+                    ev: list[Event] = []  # nothing for the timer; the fast ones stay fast
+                else:  # (one near its timeout is handed over, and times out like any other)
+                    self._fold()
+                    ev = self.core.handle_timer(now)
                 self._apply(ev)
                 due = self.core.checks_due(now)
                 nxt = self.core.next_timer()
@@ -378,6 +439,7 @@ class Datastore:
 
         if failed and path in self._reconnecting:
             with self._lock:
+                self._fold()
                 self.core.checked(path, False, self.clock(), "a reconnect is still pending")
             return
         t = threading.Thread(target=probe, daemon=True)

@@ -96,9 +96,9 @@ def _lab_agent_args(plan: Any, host: str) -> list[str]:
 
 
 def _scenarios() -> tuple[Any, ...]:
-    from netsvc.lab.scenarios import storage
+    from netsvc.lab.scenarios import disks, storage
 
-    return (storage.MAINTENANCE, storage.FAILURE)
+    return (storage.MAINTENANCE, storage.FAILURE, disks.SCENARIO)
 
 
 def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -59,6 +59,8 @@ class DatastoreReport(Schema, frozen=True):
     requests: Annotated[int, Meta(ge=0, le=2**62)] = 0
     retries: Annotated[int, Meta(ge=0, le=2**62)] = 0
     io_errors: Annotated[int, Meta(ge=0, le=2**62)] = 0
+    fast: Annotated[int, Meta(ge=0, le=2**62, description="requests done on the fast "
+                                                          "path (the steady path)")] = 0
     error: Text | None = None
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 
 from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.errors import Refused, UnknownEntity
 from netsvc.cluster.model import ClusterModel
 from netsvc.cluster.schema import convert
@@ -137,10 +138,12 @@ class StorageService(BaseManagerService):
             Route("GET", r"/v1/storage", "storage_status",
                   lambda r: Reply(200, self.storage_status(r.now)),
                   summary="switches (and their maintenance), every host's datastores and "
-                  "paths, the operation under way, recent decisions and emergencies"),
+                  "paths, the operation under way, recent decisions and emergencies",
+                  access=READ),
             Route("POST", r"/v1/storage/reports", "storage_report", self._route_report,
                   body=_report, mutates=True,
-                  summary="an agent's datastores, their paths and states"),
+                  summary="an agent's datastores, their paths and states",
+                  access=agent_of(field="host")),
             Route("POST", r"/v1/storage/maintenance/([^/]+)/(enter|exit)",
                   "storage_maintenance", self._route_maintenance, body=_request,
                   mutates=True,

@@ -45,7 +45,12 @@ from typing import Any
 from netsvc.cluster.service import AgentContext, VmHooks
 
 REPORT_INTERVAL = 2.0
-ACTOR = "usbip"
+
+
+def _actor(ctx: AgentContext) -> str:
+    """The journal's actor of this host's events: its agent (the only actor a host's own
+    credential may post as)."""
+    return f"agent:{ctx.host}"
 
 
 def parse_vifs(specs: list[str]) -> dict[str, str]:
@@ -207,7 +212,7 @@ class UsbipAgent:
                           f"{plan.rate_bps} bit/s: {exc}")
                 ctx.log(f"usbip: {reason}")
                 with contextlib.suppress(Exception):
-                    ctx.make_client().post_event(ACTOR, "usbip-allocation-failed", f"vm:{vm}",
+                    ctx.make_client().post_event(_actor(ctx), "usbip-allocation-failed", f"vm:{vm}",
                                                  reason, {**details, "error": str(exc)})
                 return
             finally:
@@ -220,7 +225,7 @@ class UsbipAgent:
                       f"{plan.source} to {ctx.host} ({plan.iface})")
         ctx.log(f"usbip: {reason}")
         try:
-            ctx.make_client().post_event(ACTOR, "usbip-allocation-followed", f"vm:{vm}",
+            ctx.make_client().post_event(_actor(ctx), "usbip-allocation-followed", f"vm:{vm}",
                                          reason, details)
         except Exception as exc:  # the shaping is in place; the journal entry is late
             ctx.log(f"usbip: journaling {vm}'s allocation failed: {exc}")

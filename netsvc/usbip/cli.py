@@ -86,6 +86,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--metrics-addr", metavar="ADDR:PORT", default=None,
                        help="serve Prometheus metrics (URBs, bytes) on http://ADDR:PORT/metrics")
     _tls_args(serve)
+    from netsvc.ops import config, logs
+
+    config.register(serve, "usbip-serve")  # /etc/netsvc/usbip-serve.toml
+    logs.add_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
     lst = u.add_parser("list", help="list the devices a server exports")
@@ -131,8 +135,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--port", type=int, default=3240)
     pl.add_argument("--need-bps", type=_bps, metavar="N", help="do not ask the device")
     pl.add_argument("--threshold", type=float, default=0.5, help="share of the allocation")
-    pl.add_argument("--manager", metavar="URL", help="manager URL (default $NETSVC_MANAGER)")
-    pl.add_argument("--key-file", metavar="F", help="API key file (default $NETSVC_KEY_FILE)")
+    from netsvc.cluster.cli import add_connection_args
+
+    add_connection_args(pl)
     pl.add_argument("--dry-run", action="store_true", help="print the numbers, move nothing")
     pl.add_argument("--no-open", action="store_true",
                     help="on a tunnel decision, print the attach command instead of opening "
@@ -193,7 +198,6 @@ def _server_stats(stats: dict[str, int]) -> dict[str, float]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
     import signal
 
     from netsvc.usbip.devices import from_spec
@@ -211,7 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"netsvc usbip serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from netsvc.ops import logs, notify
+
+    logs.setup("netsvc usbip serve", getattr(args, "log_level", None) or "info")
     server = UsbipServer(devices, opts)
 
     async def main() -> int:
@@ -251,7 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             devs = ", ".join(f"{e.busid}={e.device.kind}" for e in server.exports)
             print(f"usbip: serving {devs} on {args.bind}:{server.port}", flush=True)
+        notify.ready(f"serving {len(server.exports)} devices on {args.bind}:{server.port}")
         await stop.wait()
+        notify.stopping()
         await server.close()
         if metrics is not None:
             metrics.close()
@@ -525,14 +533,12 @@ def _open_channel(args: argparse.Namespace, addr: str, manager: Any
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from netsvc.cluster.auth import load_key
-    from netsvc.cluster.client import ManagerClient
+    from netsvc.cluster.cli import UsageError, client_from_args
 
-    url = str(args.manager or os.environ.get("NETSVC_MANAGER", ""))
-    key_file = args.key_file or os.environ.get("NETSVC_KEY_FILE")
-    if not key_file:
-        raise ValueError("--manager needs --key-file (or $NETSVC_KEY_FILE)")
-    return ManagerClient(url, load_key(key_file), timeout=5.0)
+    try:
+        return client_from_args(args, timeout=5.0)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from netsvc.cluster.api import SEG
+from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.schema import convert
 from netsvc.cluster.service import BaseManagerService, Reply, Request, Route
 from netsvc.usbip.allocations import AllocationBook
@@ -40,13 +41,15 @@ class UsbipService(BaseManagerService):
         return (
             Route("POST", r"/v1/usbip/allocations", "usbip_allocation_report",
                   self._route_report, body=_report_body, mutates=True,
-                  summary="an agent's view of its VMs' bandwidth allocations (tc)"),
+                  summary="an agent's view of its VMs' bandwidth allocations (tc)",
+                  access=agent_of(field="host")),
             Route("GET", r"/v1/usbip/allocations", "usbip_allocations",
                   lambda r: Reply(200, {"allocations": {
                       vm: a.as_dict() for vm, a in sorted(self.book.all().items())}}),
-                  summary="every VM's bandwidth allocation, as its host last reported it"),
+                  summary="every VM's bandwidth allocation, as its host last reported it",
+                  access=READ),
             Route("GET", rf"/v1/usbip/allocations/{SEG}", "usbip_allocation",
-                  self._route_get, summary="one VM's bandwidth allocation"),
+                  self._route_get, summary="one VM's bandwidth allocation", access=READ),
         )
 
     def _route_get(self, r: Request) -> Reply:

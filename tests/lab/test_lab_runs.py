@@ -43,6 +43,16 @@ def test_smoke_scenario_passes_and_reports(tmp_path: Path) -> None:
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_host_maintenance_scenario_evacuates_h1_through_the_operator_cli(
+        tmp_path: Path) -> None:
+    r = run("lab", "--scenario", "host-maintenance", "--report", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is True and report["leftovers"] == []
+    assert report["evacuated"] == 2
+    assert "h1" not in report["placements_after"].values()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -1,6 +1,6 @@
-"""Storage paths in the lab: the ``switch-maintenance`` and ``switch-failure`` scenarios, run as
-a user runs them (nbdkit on the array node, every agent over both fabrics, h3 on fabric A
-only)."""
+"""Storage paths in the lab: the ``switch-maintenance``, ``switch-failure`` and
+``disk-migration`` scenarios, run as a user runs them (nbdkit on the array node, every agent
+over both fabrics, h3 on fabric A only)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def test_switch_failure_fails_over_with_no_io_error(tmp_path: Path) -> None:
     assert report["ok"] is True and report["io_errors"] == 0
     assert int(report["paths_moved"]) >= 4  # type: ignore[call-overload]
     assert report["writes_mismatched"] == 0
+
+
+def test_a_guests_disk_follows_a_live_migration_and_a_cold_boot_replays_it(
+        tmp_path: Path) -> None:
+    report = _run("disk-migration", tmp_path)
+    assert report["ok"] is True and report["io_errors"] == 0
+    checks = {c["name"]: c for c in report["checks"]}  # type: ignore[attr-defined]
+    assert "storage-h2.sock" in checks[
+        "vm1's guest has its disk open through h2's endpoint"]["detail"]
+    assert report["writes_verified"] == report["writes"]
+    assert int(report["replayed_writes"]) > 0  # type: ignore[call-overload]
+    assert report["disk_switch_ms"] is not None

@@ -70,7 +70,7 @@ def test_register_adds_three_commands() -> None:
     parser = argparse.ArgumentParser(prog="netsvc")
     sub = parser.add_subparsers()
     register(sub)
-    assert set(sub.choices) == {"manager", "agent", "status", "journal", "migrate"}
+    assert set(sub.choices) == {"manager", "agent", "status", "journal", "migrate", "host"}
     args = parser.parse_args(["status", "--json"])
     assert callable(args.func) and args.json
 

@@ -81,7 +81,18 @@ def auth(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}", **(extra or {})}
 
 
-def test_full_flow_with_client(mgr: Running) -> None:
+@pytest.fixture
+def slow_mgr(tmp_path: Path) -> Iterator[Running]:
+    """A manager whose hosts stay UP through a whole flow on a loaded machine (5 s
+    heartbeats: with 0.2 s, a busy CI machine let h1 go DOWN between its heartbeat and the
+    handover, whose safety re-check then cancelled it)."""
+    r = Running(tmp_path, interval=5.0)
+    yield r
+    r.stop()
+
+
+def test_full_flow_with_client(slow_mgr: Running) -> None:
+    mgr = slow_mgr
     c = mgr.client()
     assert c.health() == {"ok": True, "role": "manager"}
     assert c.heartbeat("h1", {"seq": 1, "mgmt_addr": "198.18.0.11",

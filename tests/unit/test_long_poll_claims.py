@@ -75,3 +75,53 @@ def test_a_dead_waiter_claims_nothing(served: tuple[ManagerServer, ManagerClient
     time.sleep(1.5)
     assert client.get_action(action["id"])["state"] == "PENDING"
     assert not [e for e in client.journal(0) if e["action"] == "action-claimed"]
+
+
+def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
+        served: tuple[ManagerServer, ManagerClient]) -> None:
+    """The claim storm found behind issue 11's detection tail: every mutating request (each
+    heartbeat, each partition view) woke every waiting long poll, and each woken claim wrote
+    the whole model to the store: about half a core for three hosts, and answers 100-600 ms
+    late. Now a waiting claim is asked again only when some action changed, and a claim that
+    took nothing writes nothing."""
+    server, client = served
+    import threading
+
+    core = server.core
+    asked: list[str] = []
+    writes: list[str] = []
+    claim, put = core.claim_actions, core._store.compare_and_put
+
+    def counted_claim(host: str, executor: str, **kw: object) -> object:
+        asked.append(host)
+        return claim(host, executor, **kw)  # type: ignore[arg-type]
+
+    def counted_put(key: str, value: bytes, rev: object) -> object:
+        writes.append(key)
+        return put(key, value, rev)  # type: ignore[arg-type]
+
+    core.claim_actions = counted_claim  # type: ignore[method-assign]
+    core._store.compare_and_put = counted_put  # type: ignore[method-assign]
+    waiter = ManagerClient(server.url, KEY, timeout=40.0)
+    got: list[list[dict[str, object]]] = []
+    t = threading.Thread(target=lambda: got.append(
+        waiter.claim_actions("h2", "agent-h2", wait_s=30.0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked == ["h2"]  # it asked once and now waits
+    del writes[:]
+    assert client.claim_actions("h1", "agent-h1") == []
+    assert writes == [], f"an empty claim wrote {writes}"
+    del asked[1:]
+    gen = server._claims_gen  # bumped each time waiting claims are woken to ask again
+    for seq in range(2, 22):  # 20 heartbeats that change no action
+        client.heartbeat("h1", {"seq": seq})
+    # (asked may grow by the waiter's own 1 s re-ask on a slow machine; wake-ups may not)
+    assert server._claims_gen == gen, \
+        f"woken {server._claims_gen - gen} times by requests that changed no action"
+    client.migrate("vm1", "h2", "test")  # an action for h2: now it is woken, and claims it
+    t.join(timeout=10)
+    assert not t.is_alive() and got and [a["phase"] for a in got[0]] == ["prepare"]
+    assert server._claims_gen > gen and len(asked) >= 2

@@ -54,7 +54,7 @@ def desk(pool: Pool) -> Iterator[tuple[Desk, int]]:
 def test_seal_and_unseal_refuse_a_forged_or_altered_message() -> None:
     msg = {"op": "renew", "host": "h1", "epoch": 3, "ttl": 0.5, "seq": 7}
     assert unseal(KEY, seal(KEY, msg)) == msg
-    with pytest.raises(FabricError, match="bad MAC"):
+    with pytest.raises(FabricError, match="unknown key id"):
         unseal(b"x" * 32, seal(KEY, msg))
     altered = seal(KEY, msg).replace(b'"epoch":3', b'"epoch":4')
     with pytest.raises(FabricError, match="bad MAC"):
@@ -62,6 +62,21 @@ def test_seal_and_unseal_refuse_a_forged_or_altered_message() -> None:
     for junk in (b"", b"[]", b"{}", b"\xff" * 10, b"x" * 5000):
         with pytest.raises(FabricError):
             unseal(KEY, junk)
+
+
+def test_a_fabric_key_rollover() -> None:
+    """Messages name their key: during a rollover both keys are accepted, the first seals."""
+    msg = {"op": "renew", "host": "h1", "epoch": 3, "ttl": 0.5, "seq": 7}
+    new = b"n" * 32
+    old_sealed, new_sealed = seal(KEY, msg), seal([new, KEY], msg)
+    assert b'"kid":"k' in new_sealed and new_sealed != old_sealed
+    for ring in ([KEY, new], [new, KEY]):
+        assert unseal(ring, old_sealed) == unseal(ring, new_sealed) == msg
+    with pytest.raises(FabricError, match="unknown key id"):
+        unseal(new, old_sealed)  # the old key retired
+    swapped = new_sealed.replace(b'"kid":"k', b'"kid":"x')
+    with pytest.raises(FabricError, match="unknown key id"):
+        unseal([new, KEY], swapped)
 
 
 def test_the_desk_core_refuses_replays_and_bad_fields(pool: Pool) -> None:

@@ -296,3 +296,17 @@ def test_the_master_names_its_vms_and_the_kernel_knows_their_owner(env: Env) -> 
     env.post("/v1/memory/pooled", {"vms": ["vm9"]})  # vm1 left the pool: no owner any more
     assert env.core.recovery_owner("vm1") is None and len(env.entries("memory-pooled")) == 2
     assert env.post("/v1/memory/pooled", {"vms": ["bad name"]}).status == 400
+
+
+def test_a_host_in_maintenance_gets_no_respawn_but_a_promotion_there_goes_on(env: Env) -> None:
+    """Maintenance means nothing is placed on the host; a promotion is a failover onto the
+    secondary that already runs there, so it is not held up."""
+    env.core.enter_maintenance("h3", reason="firmware", now=T0 + 0.05, force=True)
+    r = env.ask(kind="memory-respawn", to="h3")
+    assert r.status == 409 and r.body["rule"] == "target-not-in-maintenance"
+    assert env.entries("memory-respawn-refused")[0].details["rule"] == \
+        "target-not-in-maintenance"
+    env.core.enter_maintenance("h2", reason="firmware", now=T0 + 0.05, force=True)
+    assert env.ask().status == 202  # memory-promote to h2
+    [promote] = env.core.claim_actions("h2", "agent-h2", now=T0 + 0.2)
+    assert promote.kind == "memory-promote"  # its claim-time re-check let it through

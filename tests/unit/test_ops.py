@@ -193,16 +193,17 @@ def _daemon_parser(words: list[str]) -> argparse.ArgumentParser:
     return p
 
 
-@pytest.mark.parametrize("daemon, words", [
-    ("agent", ["agent"]),
-    ("bmc", ["bmc", "serve"]),
+@pytest.mark.parametrize("daemon, words, credential", [
+    ("agent", ["agent"], ["--key-file", "k"]),
+    ("bmc", ["bmc", "serve"], ["--password-file", "p"]),
+    ("usbip-serve", ["usbip", "serve"], ["--tls-psk-file", "p"]),
 ])
-def test_example_configs_fit_the_netsvc_commands(daemon: str, words: list[str]) -> None:
+def test_example_configs_fit_the_netsvc_commands(daemon: str, words: list[str],
+                                                 credential: list[str]) -> None:
     path = REPO / "packaging" / "etc" / f"{daemon}.toml"
     p = _daemon_parser(words)
     assert config.FILES[p] == daemon
-    words = ["--config", str(path), "--key-file", "k"] if daemon == "agent" else \
-        ["--config", str(path), "--password-file", "p"]  # what the unit adds (credentials)
+    words = ["--config", str(path), *credential]  # what the unit adds (its credential)
     config.apply(p, words, daemon)
     assert p.parse_args(words).log_level == "info"
 

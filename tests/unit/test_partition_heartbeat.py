@@ -25,14 +25,16 @@ from netsvc.partition.heartbeat import (
 
 KEY = b"k" * 32
 OTHER_KEY = b"x" * 32
+KID = hashlib.sha256(KEY).digest()[:4]
 
 GOLDEN_MSG = Heartbeat(MsgType.HEARTBEAT, Network.VM, "h1", 42, 123456, peers=("h2", "h3"))
 GOLDEN = bytes.fromhex(
     "4e564842"  # magic NVHB
-    "01"  # version
+    "02"  # version
     "01"  # HEARTBEAT
     "01"  # VM network
     "00"  # flags
+    "5e318f8c"  # key id: SHA-256(b"k" * 32)[:4]
     "000000000000002a"  # seq 42
     "000000000001e240"  # sent_ms 123456
     "0000000000000000"  # echo_ms
@@ -45,7 +47,7 @@ GOLDEN = bytes.fromhex(
     + "02"
     + b"h3".hex()  # two peers
     # HMAC-SHA256 with key b"k" * 32
-    + "0a752b58072b8bd7ea0ed2c631a3928cbebc7763c02776351bbf649d822fc855"
+    + "273adba7a08f344ebf86cb7473564c2884717fc62b8b5d7b5ee149530e6b12fc"
 )
 
 
@@ -64,7 +66,7 @@ def _body(
     npeers: int | None = None,
     extra: bytes = b"",
 ) -> bytes:
-    head = struct.pack("!4sBBBBQQQ", b"NVHB", 1, mtype, net, flags, 1, 2, 0)
+    head = struct.pack("!4sBBBB4sQQQ", b"NVHB", 2, mtype, net, flags, KID, 1, 2, 0)
     plist = peers or []
     out = head + bytes([len(sender)]) + sender + bytes([len(target)]) + target
     out += bytes([len(plist) if npeers is None else npeers])
@@ -76,6 +78,21 @@ def _body(
 def test_golden() -> None:
     assert encode(GOLDEN_MSG, KEY) == GOLDEN
     assert decode(GOLDEN, KEY) == GOLDEN_MSG
+    assert _sign(GOLDEN[:-32]) == GOLDEN  # the tag is HMAC-SHA256 over everything before it
+
+
+def test_a_rollover_accepts_both_keys_and_signs_with_the_first() -> None:
+    """Key ids make rotation possible: during a rollover a receiver holds both keys."""
+    new = b"n" * 32
+    from_old = encode(GOLDEN_MSG, KEY)
+    from_new = encode(GOLDEN_MSG, [new, KEY])
+    assert from_new[8:12] == hashlib.sha256(new).digest()[:4]
+    for keys in ([KEY, new], [new, KEY]):
+        assert decode(from_old, keys) == decode(from_new, keys) == GOLDEN_MSG
+    assert _reason(from_old, new) == "unknown-key"  # the old key retired
+    r = Receiver([new, KEY], "h9")
+    assert r.receive(from_old, 0.0) == GOLDEN_MSG
+    assert r.stats() == {"accepted": 1}
 
 
 @pytest.mark.parametrize(
@@ -113,11 +130,13 @@ def test_error_reasons() -> None:
     assert _reason(GOLDEN[:-1]) == "bad-mac"
     assert _reason(GOLDEN[:20]) == "truncated"
     assert _reason(b"XXXX" + GOLDEN[4:]) == "bad-magic"
-    assert _reason(GOLDEN[:4] + b"\x02" + GOLDEN[5:]) == "bad-version"
+    assert _reason(GOLDEN[:4] + b"\x01" + GOLDEN[5:]) == "bad-version"  # no key id
     assert _reason(GOLDEN + b"\x00" * (MAX_DATAGRAM - len(GOLDEN) + 1)) == "too-long"
-    assert _reason(GOLDEN, OTHER_KEY) == "bad-mac"
+    assert _reason(GOLDEN, OTHER_KEY) == "unknown-key"
+    assert _reason(GOLDEN[:8] + hashlib.sha256(OTHER_KEY).digest()[:4] + GOLDEN[12:]) == \
+        "unknown-key"
     flipped = bytearray(GOLDEN)
-    flipped[10] ^= 1
+    flipped[14] ^= 1  # a bit of seq: the key id is ours, the tag does not match
     assert _reason(bytes(flipped)) == "bad-mac"
     assert _reason(_sign(_body(mtype=9))) == "bad-type"
     assert _reason(_sign(_body(net=2))) == "bad-network"
@@ -188,7 +207,9 @@ def test_receiver() -> None:
     assert r.receive(_hb("h1", 9), 0.3) is None  # our own, reflected
     assert r.receive(b"garbage", 0.4) is None
     assert r.receive(encode(GOLDEN_MSG, OTHER_KEY), 0.5) is None
-    assert r.stats() == {"accepted": 2, "replayed": 1, "own": 1, "bad-magic": 1, "bad-mac": 1}
+    assert r.receive(_hb("h2", 6)[:-1] + b"\x00", 0.6) is None
+    assert r.stats() == {"accepted": 2, "replayed": 1, "own": 1, "bad-magic": 1,
+                         "unknown-key": 1, "bad-mac": 1}
 
 
 def test_receiver_memory_bounded_with_many_senders() -> None:
@@ -212,7 +233,7 @@ def test_fuzz_decode_arbitrary(data: bytes) -> None:
 def test_fuzz_decode_signed(tail: bytes, net: int) -> None:
     """Authenticated garbage after a valid header reaches the field parser: still only
     HeartbeatError (or a valid message)."""
-    body = struct.pack("!4sBBBBQQQ", b"NVHB", 1, 1, net, 0, 1, 2, 0) + tail
+    body = struct.pack("!4sBBBB4sQQQ", b"NVHB", 2, 1, net, 0, KID, 1, 2, 0) + tail
     try:
         msg = decode(_sign(body), KEY)
     except HeartbeatError as exc:

@@ -293,6 +293,18 @@ def test_manager_queues_a_migration_for_a_vm_network_failure(tmp_path: Path) -> 
     assert st["reports"]["h1"]["fresh"] is True
 
 
+def test_manager_never_migrates_onto_a_host_in_maintenance(tmp_path: Path) -> None:
+    """h2 (the least loaded, first by name) is in maintenance: the VM goes to h3."""
+    core, _journal = manager(tmp_path)
+    core.enter_maintenance("h2", reason="disk swap", now=0.5)
+    svc(core).partition_report(report("h2", vm_sees=["h3"]), now=1.0)
+    svc(core).partition_report(report("h3", vm_sees=["h2"]), now=1.0)
+    svc(core).partition_report(report("h1", "vm-network-failure", vm_sees=[], vm_iso=False),
+                               now=1.1)
+    [action] = core.open_actions()
+    assert (action.kind, action.vm, action.payload["to"]) == ("migrate", "vm1", "h3")
+
+
 def test_manager_dry_run_journals_but_queues_nothing(tmp_path: Path) -> None:
     core, journal = manager(tmp_path, dry_run=True)
     svc(core).partition_report(report("h2"), now=1.0)

@@ -193,3 +193,31 @@ def test_a_held_path_failing_is_no_emergency() -> None:
     assert [e.emergency for e in ev if isinstance(e, PathFailed)] == [False]
     ev = m.checked(B.name, False, 0.2, "cut")  # the other one failing is the emergency
     assert [e.emergency for e in ev if isinstance(e, PathFailed)] == [True]
+
+
+def test_adopted_requests_hold_a_drain_like_submitted_ones() -> None:
+    """The adapter's fast path: requests issued on the steady path without ``submit`` are
+    adopted before anything else; from then on a drain waits for them, and their I/O timeout
+    counts from when they were issued."""
+    m = mp(io_timeout=5.0)
+    assert m.steady_path() == A.name
+    m.adopt(7, A.name, issued=1.0)
+    assert m.inflight(A.name) == 1
+    ev = m.hold_switch("stor-a", 2.0, "maintenance")
+    assert not any(isinstance(e, Moved) for e in ev)  # the drain waits for request 7
+    assert m.draining == A.name and m.steady_path() is None
+    with pytest.raises(PathError):
+        m.adopt(8, A.name, issued=2.0)  # nothing is adopted onto a draining path
+    ev = m.done(7, True, 2.5)
+    assert next(e for e in ev if isinstance(e, Moved)).to_path == B.name
+    assert m.steady_path() == B.name
+
+
+def test_an_adopted_request_times_out_from_its_issue() -> None:
+    m = mp(io_timeout=5.0)
+    m.adopt(3, A.name, issued=1.0)
+    m.handle_timer(5.9)
+    assert m.state(A.name) is PathState.ACTIVE  # not yet: 4.9 s since it was issued
+    ev = m.handle_timer(6.1)  # 1.0 + 5.0: the path fails, the request is retried on B
+    assert m.state(A.name) is PathState.FAILED
+    assert any(isinstance(e, Abort) for e in ev)

@@ -30,6 +30,8 @@ CAPS = {
     "netsvc-pool-agent.service": set(),
     "netsvc-memory-master.service": set(),
     "netsvc-bmc.service": {"CAP_NET_BIND_SERVICE", "CAP_KILL"},
+    "netsvc-usbip.service": set(),
+    "netsvc-memory-fabric.service": set(),
 }
 
 
@@ -52,6 +54,12 @@ def test_unit_says_what_the_issue_asks(name: str) -> None:
     assert s["RestartPreventExitStatus"] == "2"
     assert s["StateDirectory"].startswith("netsvc/")
     assert s["LoadCredential"].split(":")[1].startswith("/etc/netsvc/credentials/")
+    # every credential the command line reads (%d/NAME) is loaded (LoadCredential=NAME:...)
+    text = (UNITS / name).read_text()
+    loaded = {line.split("=", 1)[1].split(":")[0] for line in text.splitlines()
+              if line.startswith("LoadCredential=")}
+    used = {w.split("%d/", 1)[1] for w in s["ExecStart"].split() if "%d/" in w}
+    assert used == loaded, (used, loaded)
     assert set(s["CapabilityBoundingSet"].split()) == CAPS[name]
     assert set(s.get("AmbientCapabilities", "").split()) <= CAPS[name]
     assert s["ExecStart"].startswith(INSTALLED + " ")
@@ -103,7 +111,7 @@ def _configs(tmp: Path) -> dict[str, str]:
     pool = tmp / "pool"
     subprocess.run([str(NETSVC), "memory", "init", "--pool", str(pool), "--size", "4M"],
                    check=True, capture_output=True, timeout=60)
-    manager = f"http://127.0.0.1:{_free_port()}"
+    manager = f"https://127.0.0.1:{_free_port()}"
     return {
         "manager": f'listen = "127.0.0.1:0"\nmetrics_addr = "127.0.0.1:{_free_port()}"\n',
         "agent": f'host = "hv1"\nmanager = "{manager}"\ninterval = 5.0\n',
@@ -111,6 +119,8 @@ def _configs(tmp: Path) -> dict[str, str]:
         "memory-master": f'pool = "{pool}"\nmanager = "{manager}"\nno-partition = true\n',
         "bmc": f'user = "admin"\nbind = "127.0.0.1"\nport = 0\n'
                f'power-file = "{tmp / "power"}"\n',
+        "usbip-serve": 'bind = "127.0.0.1"\nport = 0\ndevice = ["keyboard"]\n',
+        "memory-fabric": f'pool = "{pool}"\nbind = "127.0.0.1"\nport = 0\n',
     }
 
 
@@ -130,13 +140,25 @@ def test_unit_command_line_boots_ready(name: str, tmp_path: Path) -> None:
     daemon = {"netsvc-manager.service": "manager", "netsvc-agent.service": "agent",
               "netsvc-pool-agent.service": "pool-agent",
               "netsvc-memory-master.service": "memory-master",
-              "netsvc-bmc.service": "bmc"}[name]
+              "netsvc-bmc.service": "bmc", "netsvc-usbip.service": "usbip-serve",
+              "netsvc-memory-fabric.service": "memory-fabric"}[name]
     (tmp_path / "etc").mkdir()
     (tmp_path / "creds").mkdir()
-    for cred, secret in (("api.key", "k" * 43), ("bmc.password", "secret")):
+    for cred, secret in (("api.key", "k" * 43), ("bmc.password", "secret"),
+                         ("agent.token", "nsv1.k00000000.agent.0.hv1.x"),
+                         ("usbip.psk", "p" * 32)):
         f = tmp_path / "creds" / cred
         f.write_text(secret + "\n")
         f.chmod(0o400)
+    # the TLS credentials: a CA and the manager's certificate (openssl)
+    from netsvc.ops.tls import make_ca, make_cert
+
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    make_cert(pki, "manager", ips=["127.0.0.1"])
+    for cred, src in (("ca.pem", "ca.pem"), ("tls.pem", "manager.pem"),
+                      ("tls.key", "manager.key")):
+        (tmp_path / "creds" / cred).write_bytes((pki / src).read_bytes())
     (tmp_path / "power").write_text("on\n")
     (tmp_path / "etc" / f"{daemon}.toml").write_text(_configs(tmp_path)[daemon])
     sock_path = tmp_path / "notify"

@@ -408,7 +408,7 @@ def test_cli_tunnel_is_journaled(
         (["--need-bps", "1", "--allocation-bps", "1M", "--classid", "1:10"], "with --from-tc"),
         (["--need-bps", "1", "--from-tc", "eth0", "--classid", "zz"], "bad class id"),
         (["--need-bps", "1", "--allocation-bps", "1M", "--manager", "http://127.0.0.1:1"],
-         "needs --key-file"),
+         "no key file"),
         (["--need-bps", "1", "--allocation-bps", "1M", "--port", "0"], "bad --port"),
     ],
 )

@@ -69,10 +69,10 @@ class Scenario:
 
 
 def _load() -> dict[str, Scenario]:
-    from netsvc.lab.scenarios import smoke
+    from netsvc.lab.scenarios import maintenance, smoke
     from netsvc.services import PLUGINS
 
-    found: list[Scenario] = [smoke.SCENARIO]
+    found: list[Scenario] = [smoke.SCENARIO, maintenance.SCENARIO]
     for plugin in PLUGINS:
         if plugin.lab is not None:
             found.extend(plugin.lab.scenarios())

@@ -390,7 +390,8 @@ def _start_standby(lab: Lab, pl: PoolLab, holder: str = "standby") -> None:
     lab.popen(
         "svc",
         [sys.executable, "-m", "netsvc.memory.master", "--pool", str(pl.path),
-         "--manager", lab.manager_url, "--key-file", str(lab.key_file), "--ttl", str(pl.ttl),
+         "--manager", lab.manager_url, "--key-file", str(lab.key_file), *lab.ca_args(),
+         "--ttl", str(pl.ttl),
          "--poll", str(pl.poll), "--guest-port", str(GUEST_PORT),
          "--secondary-port", str(SECONDARY_PORT), "--holder", holder, "--no-partition"],
         role=f"memory-master-{holder}",

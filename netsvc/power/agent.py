@@ -1,0 +1,214 @@
+"""The agent's side of power management: the VM disks this host serves to its VMs, each with
+its two copies, the reports, and the ``power-move`` executor.
+
+``--power-disk NAME@OWNER=FIRST_PATHS;SECOND_PATHS`` (paths as the storage service writes
+them: ``NIC>SWITCH>ADDR:PORT``, comma-separated; the NBD export is NAME) makes a
+``PowerVolume``; ``--power-socket`` serves them to the host's VMs (the storage service's local
+NBD endpoint). Every ``--power-report-every`` seconds the agent reports each disk (where its
+authoritative copy is, its dirty blocks, its I/O errors, whether each copy answers) and its
+VMs' demand (``--power-demand-file``: JSON ``{vm: cpu}`` or ``{vm: {cpu, mem, movable}}``;
+the lab's stand-in for the hypervisor's statistics).
+
+Invariants:
+
+- Where each disk is authoritative is written to ``--power-state-dir`` after every move
+  (atomically), and read at start: a restarted agent never serves a stale copy. A disk found
+  on its second copy at start has lost its dirty set with the old agent, so every block is
+  marked: its resync is a full copy, never a partial one that could miss a write.
+- A ``power-move`` stops at the first disk that fails; the disks moved before it stay moved
+  (each one authoritative on exactly one copy) and the error names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from netsvc.cluster.service import AgentContext
+from netsvc.power.copier import Resource
+from netsvc.power.volcore import Copy
+from netsvc.power.volume import MoveError, PowerVolume
+from netsvc.storage.multipath import PathError, PathId
+
+REPORT_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class DiskConf:
+    name: str
+    owner: str
+    first: tuple[PathId, ...]
+    second: tuple[PathId, ...]
+
+
+def parse_disks(specs: Sequence[str]) -> dict[str, DiskConf]:
+    """``NAME@OWNER=FIRST_PATHS;SECOND_PATHS`` values; ``ValueError`` names a bad one."""
+    from netsvc.storage.nbdpaths import split_port
+
+    out: dict[str, DiskConf] = {}
+    for spec in specs:
+        head, _, rest = spec.partition("=")
+        name, _, owner = head.partition("@")
+        first, _, second = rest.partition(";")
+        try:
+            f = tuple(PathId.parse(p) for p in first.split(",") if p)
+            s = tuple(PathId.parse(p) for p in second.split(",") if p)
+            for p in f + s:
+                split_port(p.port)
+        except (PathError, ValueError) as exc:
+            raise ValueError(f"bad --power-disk {spec!r}: {exc}") from None
+        if not name or not owner or not f or not s:
+            raise ValueError(f"bad --power-disk {spec!r}: expected "
+                             "NAME@OWNER=FIRST_PATHS;SECOND_PATHS")
+        if name in out:
+            raise ValueError(f"bad --power-disk {spec!r}: {name} is given twice")
+        out[name] = DiskConf(name, owner, f, s)
+    return out
+
+
+def _healthy(ds: Any) -> bool:
+    with ds._lock:
+        core = ds.core
+        return bool(core.active is not None or core.healthy_alternatives())
+
+
+class PowerAgent:
+    def __init__(self, ctx: AgentContext, disks: Mapping[str, DiskConf], *,
+                 socket_path: str | None = None, state_dir: str | None = None,
+                 demand_file: str | None = None, cpu: float = 4.0, mem: float = 16.0,
+                 networks: Sequence[str] = (), check_every: float = 0.5,
+                 io_timeout: float = 5.0) -> None:
+        self.ctx = ctx
+        self.confs = dict(disks)
+        self.socket_path = socket_path
+        self.state_dir = state_dir
+        self.demand_file = demand_file
+        self.cpu, self.mem, self.networks = cpu, mem, list(networks)
+        self.check_every = check_every
+        self.io_timeout = io_timeout
+        self.volumes: dict[str, PowerVolume] = {}
+        self._ds: list[Any] = []
+        self.endpoint: Any = None
+        self._lock = threading.Lock()  # one move at a time
+
+    def _state_path(self) -> str | None:
+        return os.path.join(self.state_dir, "power-disks.json") if self.state_dir else None
+
+    def _load_state(self) -> dict[str, str]:
+        p = self._state_path()
+        if p is None or not os.path.exists(p):
+            return {}
+        with open(p) as f:
+            data = json.load(f)
+        return {str(k): str(v) for k, v in data.items() if v in ("first", "second")}
+
+    def _save_state(self) -> None:
+        p = self._state_path()
+        if p is None:
+            return
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({n: v.where.value for n, v in self.volumes.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def open(self) -> None:
+        from netsvc.storage.nbdpaths import Datastore
+
+        state = self._load_state()
+        for name, c in self.confs.items():
+            dss = [Datastore(f"{name}-{w}", name, list(paths), check_every=self.check_every,
+                             io_timeout=self.io_timeout, queue_timeout=10.0)
+                   for w, paths in (("first", c.first), ("second", c.second))]
+            for ds in dss:
+                ds.open(require=False)
+                self._ds.append(ds)
+            where = Copy(state.get(name, "first"))
+            size = dss[0].size or dss[1].size
+            if not size:
+                raise OSError(f"power disk {name}: neither copy answers")
+            vol = PowerVolume(name, dss[0], dss[1], Resource(f"{name}-first", name, c.first),
+                              Resource(f"{name}-second", name, c.second), size=size,
+                              where=where)
+            if where is Copy.SECOND:
+                vol.core.track()
+                vol.core.mark(range(vol.core.nblocks))
+                self.ctx.log(f"power: {name} found on its second copy at start: its resync "
+                             "will be a full copy")
+            self.volumes[name] = vol
+        self._save_state()
+        if self.socket_path:
+            from netsvc.storage.endpoint import Endpoint
+
+            self.endpoint = Endpoint(self.socket_path, self.volumes, on_error=self.ctx.log)
+            self.endpoint.start()
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        for ds in self._ds:
+            ds.close()
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def demand(self) -> dict[str, Any]:
+        if not self.demand_file or not os.path.exists(self.demand_file):
+            return {}
+        try:
+            with open(self.demand_file) as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as exc:
+            self.ctx.log(f"power: demand file {self.demand_file}: {exc}")
+            return {}
+        out = {}
+        for vm, d in raw.items():
+            out[str(vm)] = d if isinstance(d, dict) else {"cpu": float(d)}
+        return out
+
+    def report(self) -> dict[str, Any]:
+        vols = []
+        for name, v in sorted(self.volumes.items()):
+            snap = v.snapshot()
+            vols.append({"name": name, "owner": self.confs[name].owner, "where": snap["where"],
+                         "size": snap["size"], "dirty_blocks": snap["dirty_blocks"],
+                         "block": snap["block"], "io_errors": snap["io_errors"],
+                         "first_ok": _healthy(v.ds[Copy.FIRST]),
+                         "second_ok": _healthy(v.ds[Copy.SECOND])})
+        return {"host": self.ctx.host, "volumes": vols, "demand": self.demand(),
+                "cpu": self.cpu, "mem": self.mem, "networks": self.networks}
+
+    def run(self, stop: threading.Event, every: float = REPORT_EVERY_S) -> None:
+        client = self.ctx.make_client(timeout=2.0)
+        while not stop.is_set():
+            try:
+                status, body = client.request("POST", "/v1/power/reports", self.report())
+                if status != 200:
+                    self.ctx.log(f"power report refused ({status}): {body}")
+            except Exception as exc:  # the manager may be away: report again later
+                self.ctx.log(f"power report failed: {exc}")
+            stop.wait(every)
+
+    # -- the executor ----------------------------------------------------------------------
+
+    def move(self, owner: str, to: str, disks: Sequence[str] | None = None) -> dict[str, Any]:
+        target = Copy(to)
+        names = sorted(n for n, c in self.confs.items() if c.owner == owner
+                       and (disks is None or n in disks))
+        done: dict[str, Any] = {}
+        with self._lock:
+            for n in names:
+                try:
+                    res = self.volumes[n].move(target)
+                except MoveError as exc:
+                    self._save_state()
+                    raise RuntimeError(
+                        f"disk {n}: {exc} (stays on its {self.volumes[n].where.value} copy; "
+                        f"moved before it: {', '.join(done) or 'none'})") from None
+                done[n] = res.to_dict()
+                self._save_state()
+        return {"owner": owner, "to": to, "disks": done}

@@ -1,0 +1,231 @@
+"""The power service plugged into a ManagerCore: reports in, the off/on sequences as
+journaled steps, agents' power-move actions out, BMC effects performed by the test (the I/O
+boundary). Time is passed in; nothing here sleeps or opens a socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netsvc.cluster.errors import Refused
+from netsvc.cluster.fencing import BmcEntry
+from netsvc.cluster.journal import Journal
+from netsvc.cluster.manager import ManagerConfig, ManagerCore
+from netsvc.cluster.model import VMState
+from netsvc.cluster.schema import convert
+from netsvc.cluster.store import SqliteStore
+from netsvc.power.schemas import OperatorRequest, PowerReport
+from netsvc.power.service import PowerConfig, PowerService
+
+T0 = 1000.0
+WALL0 = 1.7e9
+
+
+def vol(name: str, owner: str, where: str = "first", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "owner": owner, "where": where, "size": 1 << 20, **kw}
+
+
+class Env:
+    def __init__(self, tmp_path: Path, **table: Any) -> None:
+        self.journal = Journal(tmp_path / "journal.jsonl", fsync=False)
+        self.service = PowerService(PowerConfig.from_table(
+            {"window_s": 10, "min_on_s": 0, "min_off_s": 0, "protected": ["h2", "h3"], **table}))
+        self.core = ManagerCore(SqliteStore(":memory:"), self.journal, now=T0,
+                                wall=WALL0 + T0,
+                                config=ManagerConfig(heartbeat_interval=100.0,
+                                                     missed_heartbeats=3),
+                                services=[self.service])
+        self.service._bmcs = {h: BmcEntry(h, f"198.18.0.10{h[1]}", "admin", "/nonexistent")
+                              for h in ("h1", "h2", "h3", "h4")}
+        for h in ("h1", "h2", "h3", "h4"):
+            self.core.heartbeat(h, seq=1, now=T0)
+        self.core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.101", host="h1",
+                         state=VMState.RUNNING, now=T0)
+        self.reports(T0)
+
+    def reports(self, now: float, *, where: str = "first", demand: float = 0.2,
+                second_ok: bool = True, extra: dict[str, Any] | None = None) -> None:
+        # h1 serves d4 (data on h4) to vm1; h4 holds it
+        for h in ("h1", "h2", "h3", "h4"):
+            body: dict[str, Any] = {"host": h, "networks": ["vmnet"]}
+            if h == "h1":
+                body["volumes"] = [vol("d4", "h4", where, second_ok=second_ok)]
+                body["demand"] = {"vm1": {"cpu": demand}}
+            body.update((extra or {}).get(h, {}))
+            rep = convert(body, PowerReport)
+            self.service._reports[h] = (rep, now)
+
+    def tick(self, now: float) -> None:
+        self.core.handle_timer(now, WALL0 + now)
+
+    def actions(self, what: str) -> list[str]:
+        return [e.action for e in self.journal.read() if e.action.startswith(what)]
+
+    def run_move(self, now: float, ok: bool = True, detail: str = "") -> Any:
+        [a] = [x for x in self.core.open_actions() if x.kind == "power-move"]
+        self.core.claim_action(a.id, "h1", "test", now=now)
+        res = {"owner": "h4", "to": a.payload["to"], "disks": {"d4": {
+            "bytes_copied": 1 << 20 if a.payload["to"] == "second" else 65536,
+            "stall_ms": 3.0}}} if ok else None
+        self.core.complete_action(a.id, ok=ok, detail=detail, now=now, host="h1", result=res)
+        self.tick(now)  # the next step starts at the service's next tick
+        return a
+
+    def effect(self, kind: str, outcome: dict[str, Any], now: float) -> None:
+        effs = [e for e in self.core.take_effects() if e.kind == kind]
+        assert len(effs) == 1, effs
+        self.core.effect_done(effs[0], outcome, now=now, wall=WALL0 + now)
+
+
+def test_demand_low_powers_h4_off_step_by_step_and_back(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.tick(T0 + 1)
+    assert env.service._op is None
+    env.reports(T0 + 11)  # the agents report every few seconds
+    env.tick(T0 + 12)  # demand low for the 10 s window
+    op = env.service._op
+    assert op is not None and (op.op, op.host) == ("off", "h4")  # h1 reads a disk: kept
+    env.tick(T0 + 13)  # migrate: no VM on h4 -> move queued
+    a = env.run_move(T0 + 14)
+    assert a.payload == {"reader": "h1", "owner": "h4", "to": "second", "disks": ["d4"],
+                         "operation": op.id}
+    env.effect("bmc-off", {"ok": True, "off": True, "how": "soft", "attempts": 1}, T0 + 15)
+    env.tick(T0 + 16)  # confirm waits for a report after the off
+    assert op.step == "confirm"
+    env.reports(T0 + 17, where="second")
+    env.tick(T0 + 18)
+    assert env.service._op is None and op.state == "done"
+    assert env.service.power_status(T0 + 18)["hosts"]["h4"]["state"] == "off"
+    assert op.results["data_moved_bytes"] == 1 << 20
+    assert env.actions("power-off-") == [
+        "power-off-accepted", "power-off-migrate-start", "power-off-migrate-done",
+        "power-off-move-start", "power-off-move-done", "power-off-bmc-off-start",
+        "power-off-bmc-off-done", "power-off-confirm-start", "power-off-confirm-done",
+        "power-off-done"]
+    # demand rises: h4 comes back, only the changed blocks go back
+    env.reports(T0 + 20, where="second", demand=9.0)  # 9 / 12 cores on
+    env.tick(T0 + 21)
+    on = env.service._op
+    assert on is not None and (on.op, on.host, on.trigger) == ("on", "h4", "demand-high")
+    env.effect("bmc-on", {"ok": True, "on": True}, T0 + 22)
+    env.core.heartbeat("h4", seq=2, now=T0 + 23)
+    env.tick(T0 + 24)
+    b = env.run_move(T0 + 25)
+    assert b.payload["to"] == "first"
+    assert on.state == "done" and on.results["resync_bytes"] == 65536
+    assert env.service.power_status(T0 + 26)["hosts"]["h4"]["state"] == "on"
+
+
+def test_second_resource_failing_mid_copy_stops_before_the_bmc(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    env.run_move(T0 + 3, ok=False, detail="disk d4: copy: dst failed at offset 0 (stays on "
+                 "its first copy)")
+    op = env.service._history[-1]
+    assert op.state == "failed" and op.error is not None and op.error.startswith("move:")
+    assert [e for e in env.core.take_effects() if e.kind == "bmc-off"] == []
+    assert env.service.power_status(T0 + 4)["hosts"]["h4"]["state"] == "on"
+    [failed] = [e for e in env.journal.read() if e.action == "power-off-failed"]
+    assert failed.details["authoritative"] == {"d4": "first"}
+
+
+def test_bmc_that_does_not_confirm_off_is_reported(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    env.run_move(T0 + 3)
+    env.reports(T0 + 3.5, where="second")
+    env.effect("bmc-off", {"ok": False, "off": False, "attempts": 3,
+                           "error": "hard off not confirmed in 5 s"}, T0 + 4)
+    op = env.service._history[-1]
+    assert op.state == "failed" and "after 3 attempt(s)" in (op.error or "")
+    [failed] = [e for e in env.journal.read() if e.action == "power-off-failed"]
+    assert failed.details["authoritative"] == {"d4": "second"}  # still readable there
+
+
+@pytest.mark.parametrize("rule, extra", [
+    ("vms-can-move", {"h4": {"demand": {"vm4": {"cpu": 0.1, "movable": False,
+                                                "why_pinned": "USB passthrough"}}}}),
+    ("last-copy-has-second-resource", None),
+    ("not-last-host-of-network", {"h4": {"networks": ["vmnet", "vmnet-b"]}}),
+    ("not-a-disk-reader", None),
+])
+def test_operator_refusals_name_the_rule(tmp_path: Path, rule: str,
+                                         extra: dict[str, Any] | None) -> None:
+    env = Env(tmp_path)
+    host = "h4"
+    if rule == "vms-can-move":
+        env.core.put_vm("vm4", mac="52:54:00:00:00:04", ip="198.18.1.104", host="h4",
+                        state=VMState.RUNNING, now=T0)
+    if rule == "last-copy-has-second-resource":
+        env.reports(T0, second_ok=False)
+    if rule == "not-a-disk-reader":
+        host = "h1"
+    if extra:
+        env.reports(T0, extra=extra)
+    with pytest.raises(Refused) as exc:
+        env.service.operator(host, "off", OperatorRequest(), now=T0 + 1)
+    assert exc.value.rule == rule
+    assert env.service._op is None
+    [e] = [e for e in env.journal.read() if e.action == "power-off-refused"]
+    assert e.details["rule"] == rule
+
+
+def test_dry_run_journals_the_plan_and_does_nothing(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    out = env.service.operator("h4", "off", OperatorRequest(dry_run=True), now=T0 + 1)
+    assert out["dry_run"] is True and out["steps"] == ["migrate", "move", "bmc-off", "confirm"]
+    assert env.service._op is None and env.core.open_actions() == []
+    [e] = [e for e in env.journal.read() if e.action == "power-off-planned"]
+    assert e.dry_run
+
+
+def test_power_on_of_a_host_that_is_on_is_refused(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    with pytest.raises(Refused) as exc:
+        env.service.operator("h2", "on", OperatorRequest(), now=T0 + 1)
+    assert exc.value.rule == "host-off"
+
+
+def test_a_restarted_manager_finds_a_host_it_powered_off(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.reports(T0, where="second")  # h1 serves d4 from the second resource
+    env.core.heartbeat("h1", seq=2, now=T0 + 250)
+    env.core.heartbeat("h2", seq=2, now=T0 + 250)
+    env.core.heartbeat("h3", seq=2, now=T0 + 250)
+    env.tick(T0 + 400)  # h4 silent for 400 s > 300: DOWN
+    assert env.core.model.hosts["h4"].state.value == "DOWN"
+    assert env.service.power_status(T0 + 400)["hosts"]["h4"]["state"] == "off"
+    out = env.service.operator("h4", "on", OperatorRequest(), now=T0 + 401)
+    assert out["operation"]["op"] == "on"
+
+
+def test_a_host_in_the_kernels_maintenance_blocks_power_offs(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.core.enter_maintenance("h2", reason="firmware", now=T0 + 1)
+    with pytest.raises(Refused) as exc:
+        env.service.operator("h4", "off", OperatorRequest(), now=T0 + 2)
+    assert exc.value.rule == "no-host-in-maintenance"
+
+
+def test_the_planner_decides_nothing_while_a_host_up_has_not_reported(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.tick(T0 + 1)
+    env.reports(T0 + 29)
+    del env.service._reports["h3"]
+    env.tick(T0 + 30)
+    assert env.service._op is None
+    assert "no fresh power report from h3" in env.service.power_status(T0 + 30)["hosts"]["h4"][
+        "reason"]
+    assert [e for e in env.core.take_effects() if e.kind == "readings"]  # readings go on
+
+
+def test_an_unused_service_stays_idle(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.service._reports.clear()
+    env.tick(T0 + 1)
+    env.tick(T0 + 1000)
+    assert env.service._op is None and env.core.take_effects() == []
