@@ -16,6 +16,7 @@ from netsvc.memory.plugin import PLUGIN as MEMORY
 from netsvc.nic.plugin import PLUGIN as NIC
 from netsvc.partition.plugin import PLUGIN as PARTITION
 from netsvc.power.plugin import PLUGIN as POWER
+from netsvc.replication.plugin import PLUGIN as REPLICATION
 from netsvc.storage.plugin import PLUGIN as STORAGE
 from netsvc.usbip.plugin import PLUGIN as USBIP
 
@@ -27,6 +28,7 @@ PLUGINS: tuple[ServicePlugin, ...] = (
     NIC,
     STORAGE,
     POWER,
+    REPLICATION,
 )
 
 

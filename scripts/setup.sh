@@ -22,6 +22,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python  # the lab's storage array and netsvc.storage's local endpoint
   libnbd-bin       # nbdinfo, nbdcopy (the switch-maintenance scenario's read-back)
   python3-libnbd   # libnbd bindings (netsvc.storage's paths): linked into .venv below
+  rsync            # the peer beside netsvc.replication in bench/replication.py
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--host-pid", type=int, metavar="PID", help="the host is this process")
     serve.add_argument("--power-file", type=Path, metavar="F", help="the host's power: on/off")
     serve.add_argument("--name", help="this BMC's name in logs (default bmc)")
+    serve.add_argument("--config-store", type=Path, metavar="F",
+                       help="serve a configuration store (IPMI OEM 0x30, config_store.py), "
+                       "kept in this file")
     serve.add_argument("--dcmi-watts", metavar="on=W,off=W,storage=W",
                        help="answer DCMI power readings with these watts (netsvc.bmc.dcmi)")
     serve.add_argument("--json", action="store_true", help="print the ready line as JSON")
@@ -135,6 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = args.name or "bmc"
         server = BmcServer(backend, {args.user: password}, bind=args.bind, port=args.port,
                            name=name)
+        if args.config_store is not None:
+            from netsvc.bmc import config_store
+
+            config_store.install(server, config_store.ConfigStore(args.config_store))
         if args.dcmi_watts is not None:
             from netsvc.bmc.dcmi import DcmiConfig, install
 

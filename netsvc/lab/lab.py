@@ -190,6 +190,8 @@ class Lab:
         #: power scenario's ``--dcmi-watts``); empty: the BMCs as they always were.
         self.bmc_args: list[str] = []
         self._bmcs_started = False
+        #: serve a configuration store in every BMC (``bmc.config_store``; replication)
+        self.bmc_config_store = False
         self._follow_stop = threading.Event()
         self._follower: threading.Thread | None = None
         self.build_s = 0.0
@@ -1104,7 +1106,9 @@ class Lab:
                 [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
                  "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
                  "--power-file", str(self._power_file(h)), "--name", f"bmc{n}",
-                 *self.bmc_args],
+                 *self.bmc_args,
+                 *(["--config-store", str(d / f"{h}.config")] if self.bmc_config_store
+                   else [])],
                 role=f"bmcd{n}",
             )
             lines += [f"[bmcs.{h}]", f'addr = "{plan.bmc_addr(h)}"',

@@ -1,0 +1,382 @@
+"""Scenarios ``site-failover`` (replication to site B, the primary site lost, failover through
+the sleeping site-B host's BMC) and ``site-migration`` (the same set-up, then a planned
+migration: ``netsvc replication migrate`` shuts the VMs down at the primary, the guests
+quiesce, their last epochs ship, they start at site B: checked to lose nothing).
+
+Lab layout (additive; nothing changes for the other scenarios):
+
+- the **site-B host** is the lab's last host (``h3``; the issue's ``b1``): it runs no VM, its
+  BMC serves a configuration store (``Lab.bmc_config_store``), and it is powered off through
+  its BMC right after the cluster is up; it stays off until the failover;
+- the **site-B storage node** is the ``site`` node (198.18.4.10, on the site network behind
+  ``gw``): nbdkit with ``nbdkit_replica.py`` holds the replicas of ``ds1`` and ``ds2``;
+- the **site link** is ``gw``'s interface toward the site network, shaped with ``tc tbf``
+  (100 Mbit/s) in both directions (``gw`` toward site B, the ``site`` node back);
+- the primary hosts ``h1``/``h2`` run ``vm1``/``vm2``, whose disks are the array's datastores
+  ``ds1``/``ds2`` (``netsvc.storage``: each agent serves them on its local NBD endpoint, which
+  the replication agent wraps: changed-block tracking).
+
+Steps: the guests' disks are written steadily (a writer per VM through its host's endpoint,
+4 KiB blocks in sequence: block ``i`` holds write ``i``); both VMs are protected (RPO target
+1 s); the manager writes their configuration to h3's BMC while h3 is off; the status is
+sampled during the load; a failover is asked while the primary lives (refused, exit 1); then
+the primary site is lost: the primary hosts' traffic to site B is dropped at ``gw`` (the site
+link cut on the primary side) and ``h1`` and ``h2`` crash; once the manager has them down,
+``netsvc replication failover`` runs: h3 is powered on through IPMI, its agent reads the
+configuration from its BMC before its first heartbeat, and the replicas start on h3.
+
+Checks: the failover was refused while the primary lived; every replica VM answers at site B;
+each replica disk is a prefix of the acknowledged writes (blocks ``0..K-1`` hold writes
+``0..K-1``, nothing after: nothing reordered, no mixture); what was lost was acknowledged
+within the RPO target before the loss; the configuration came through the BMC (the journal's
+``replication-config-loaded``, and ``ipmitool raw 0x30 0x70`` shows the same SHA-256).
+
+Report: ``rpo_ms`` (p99 of the replicas' age during the load), ``data_lost_writes``,
+``rto_s`` (from the failover command to every replica answering), ``config_via_bmc``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from netsvc.lab.config import ConfigError
+from netsvc.lab.lab import Lab, LabError
+from netsvc.lab.plan import ARRAY_PORT, SERVICES_MGMT, LabPlan
+from netsvc.lab.scenarios import Checks, Scenario, wait_for
+
+SITE_B_ADDR = "198.18.4.10"  # the lab's ``site`` node
+REPLICA_PORT = ARRAY_PORT
+BLOCK = 4096
+DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
+#: with ``vms = 4``: two more VMs, protected for their configuration only (the array has two
+#: datastores), so the failover powers on, loads and starts four VMs
+CONFIG_ONLY = {"vm3": "h1", "vm4": "h2"}
+PARAMS: dict[str, type | tuple[type, ...]] = {"load_s": (int, float),
+                                             "write_mb_s": (int, float), "vms": int}
+
+
+def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
+    load = float(params.get("load_s", 8.0))
+    rate = float(params.get("write_mb_s", 0.4))
+    if not 2 <= load <= 60:
+        raise ConfigError(f"load_s {load} must be in [2, 60] seconds")
+    if not 0.1 <= rate <= 5:
+        raise ConfigError(f"write_mb_s {rate} must be in [0.1, 5] per VM")
+    if plan.hosts != 3:
+        raise ConfigError("site-failover runs with 3 hosts (h1, h2 primary; h3 site B)")
+    vms = int(params.get("vms", 2))
+    if vms not in (2, 4):
+        raise ConfigError(f"vms {vms} must be 2 or 4")
+    return {"load_s": load, "write_mb_s": rate, "vms": vms}
+
+
+def site_b_host(plan: LabPlan) -> str:
+    return plan.host_names()[-1]
+
+
+def agent_args(plan: LabPlan, host: str) -> list[str]:
+    """Primary hosts ship to the site node; the site-B host reads its BMC at start."""
+    from netsvc.lab.registry import run_dir
+
+    site = ["--replication-site-b", f"{SITE_B_ADDR}:{REPLICA_PORT}"]
+    if host == site_b_host(plan):
+        return [*site, "--replication-bmc", plan.bmc_addr(host),
+                "--replication-bmc-password-file", str(run_dir(plan.prefix) / "bmc" /
+                                                       f"{host}.pw")]
+    return [*site, "--replication-link-mbit", "100", "--replication-share", "0.8",
+            "--replication-report-every", "0.5"]
+
+
+def block_of(ds: str, i: int) -> bytes:
+    head = f"{ds}:{i:012d}:".encode()
+    return head + hashlib.sha256(head).digest() * ((BLOCK - len(head)) // 32) + \
+        bytes((BLOCK - len(head)) % 32)
+
+
+class LogWriter(threading.Thread):
+    """A guest writing its disk in sequence (block i = write i) at ``rate`` bytes/s through
+    its host's endpoint; remembers when each write was acknowledged."""
+
+    def __init__(self, sock: str, ds: str, rate: float, blocks: int) -> None:
+        super().__init__(daemon=True, name=f"log-{ds}")
+        nbd = importlib.import_module("nbd")  # Debian's python3-libnbd (untyped)
+        self.h = nbd.NBD()
+        self.h.set_export_name(ds)
+        self.h.connect_unix(sock)
+        self.ds, self.rate, self.blocks = ds, rate, blocks
+        self.stop = threading.Event()
+        self.acked: list[float] = []  # acked[i]: when write i was acknowledged
+        self.error = ""
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        i = 0
+        while not self.stop.is_set() and i < self.blocks:
+            try:
+                self.h.pwrite(block_of(self.ds, i), i * BLOCK)
+            except Exception as exc:  # the host crashed: the guest's disk is gone
+                self.error = str(exc)[:200]
+                return
+            self.acked.append(time.monotonic())
+            i += 1
+            ahead = i * BLOCK / self.rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def _mnexec(lab: Lab, node: str, argv: list[str], timeout: float = 30
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mnexec", "-a", str(lab.pid(node)), *argv], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _iface_with(lab: Lab, node: str, addr: str) -> str:
+    out = _mnexec(lab, node, ["ip", "-o", "-4", "addr", "show"]).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3].startswith(addr + "/"):
+            return parts[1]
+    raise LabError(f"{node} has no interface with {addr}")
+
+
+def _shape(lab: Lab, node: str, ifname: str) -> None:
+    r = _mnexec(lab, node, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate",
+                            "100mbit", "burst", "128kb", "latency", "20ms"])
+    if r.returncode != 0:
+        raise LabError(f"tc tbf on {node}/{ifname}: {r.stderr.strip()}")
+
+
+def _replication(lab: Lab) -> dict[str, Any]:
+    status, body = lab.manager().request("GET", "/v1/replication")
+    if status != 200:
+        raise LabError(f"GET /v1/replication: HTTP {status}: {body}")
+    return dict(body)
+
+
+def _cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    assert lab.key_file is not None
+    return _mnexec(lab, "svc", [sys.executable, "-m", "netsvc", "replication", *args,
+                                "--manager", lab.manager_url, "--key-file", str(lab.key_file)],
+                   timeout=60)
+
+
+def _prefix(data: bytes, ds: str) -> tuple[int, bool]:
+    """(K, clean): blocks 0..K-1 hold writes 0..K-1; ``clean``: every block after is zero."""
+    k = 0
+    n = len(data) // BLOCK
+    while k < n and data[k * BLOCK:(k + 1) * BLOCK] == block_of(ds, k):
+        k += 1
+    zero = bytes(BLOCK)
+    clean = all(data[j * BLOCK:(j + 1) * BLOCK] == zero for j in range(k, n))
+    return k, clean
+
+
+def _steps(journal: list[dict[str, Any]]) -> dict[str, float]:
+    """The failover's steps from the manager's journal, seconds after its decision."""
+    decided = [e for e in journal if e["action"] in ("replication-failover-decision",
+                                                     "replication-migrate-decision")
+               and not e["dry_run"]]
+    if not decided:
+        return {}
+    t0 = decided[-1]["wall"]
+    out: dict[str, float] = {}
+    for step in ("replication-quiesced", "replication-final-epochs", "replication-power-on",
+                 "replication-config-loaded", "replication-start-done",
+                 "replication-failover-done"):
+        times = [e["wall"] for e in journal if e["action"] == step and e["wall"] >= t0]
+        if times:
+            out[step.removeprefix("replication-")] = round(max(times) - t0, 3)
+    return out
+
+
+def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    return _run(lab, checks, params, planned=False)
+
+
+def run_planned(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    return _run(lab, checks, params, planned=True)
+
+
+def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
+         ) -> dict[str, Any]:
+    from netsvc.lab.scenarios.storage import DS_SIZE, _start_array, socket_path
+
+    plan = lab.require_plan()
+    b = site_b_host(plan)
+    # site B's storage node: nbdkit holding the replicas
+    rdir = lab.run_dir / "site-b"
+    rdir.mkdir(exist_ok=True)
+    plugin = Path(importlib.import_module("netsvc.replication").__file__ or "").with_name(
+        "nbdkit_replica.py")
+    lab.popen("site", ["nbdkit", "-f", "-i", SITE_B_ADDR, "-p", str(REPLICA_PORT), "python",
+                       str(plugin), f"dir={rdir}",
+                       *(f"disk={ds}:{DS_SIZE}" for _, ds in DISKS.values())],
+              role="nbdkit-site-b")
+    _start_array(lab)
+    gw_if = _iface_with(lab, "gw", "198.18.4.1")
+    _shape(lab, "gw", gw_if)
+    _shape(lab, "site", _iface_with(lab, "site", SITE_B_ADDR))
+    lab.record("event", "site", "site-link-shaped", rate="100mbit", gw_if=gw_if)
+    extra = dict(CONFIG_ONLY) if params["vms"] == 4 else {}
+    for vm, (host, _) in DISKS.items():
+        lab.create_vm(vm, host)
+    for vm, host in extra.items():
+        lab.create_vm(vm, host)
+    lab.bmc_config_store = True
+    pw = lab.run_dir / "bmc" / f"{b}.pw"
+    config = (f'[replication]\nsite_b_host = "{b}"\nprimary_hosts = ["h1", "h2"]\n'
+              f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "vmnet"\n'
+              f'[replication.bmc]\naddr = "{plan.bmc_addr(b)}"\nuser = "{lab.BMC_USER}"\n'
+              f'password_file = "{pw}"\n')
+    lab.start_services(services=("storage", "replication"), config=config)
+    lab.crash_host(b)  # the site-B host sleeps until the failover
+    lab.record("event", b, "site-b-host-asleep")
+    mgr = lab.manager()
+    for vm, (_, ds) in DISKS.items():
+        status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
+            "rpo_s": 1.0, "cpus": 1, "memory_mib": 256, "network": "vmnet",
+            "disks": [{"name": ds, "size": DS_SIZE}], "reason": "site-failover scenario"})
+        if status != 200:
+            raise LabError(f"protect {vm}: HTTP {status}: {body}")
+    for vm in extra:
+        status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
+            "rpo_s": 1.0, "network": "vmnet", "reason": "site-failover scenario (no disk)"})
+        if status != 200:
+            raise LabError(f"protect {vm}: HTTP {status}: {body}")
+    rate = params["write_mb_s"] * 1e6
+    writers = {vm: LogWriter(socket_path(plan, host), ds, rate, DS_SIZE // BLOCK)
+               for vm, (host, ds) in DISKS.items()}
+    for w in writers.values():
+        w.start()
+    wait_for("the initial copies at site B", lambda: all(
+        r.get("synced") and r.get("remote_epoch", -1) >= 0
+        for vm, r in _replication(lab)["vms"].items() if vm in DISKS), 60.0, 0.2)
+    lab.record("event", "replication", "synced")
+    samples: list[float] = []
+    t_end = time.monotonic() + params["load_s"]
+    while time.monotonic() < t_end:
+        for vm, r in _replication(lab)["vms"].items():
+            if vm in DISKS:
+                samples.append(float(r["rpo_ms"]))
+        time.sleep(0.2)
+    st = _replication(lab)
+    written = st["config"]["written"]
+    checks.check("the configuration is in the site-B host's BMC while it is off",
+                 bool(written) and sorted(written.get("vms", [])) == sorted([*DISKS, *extra])
+                 and b in lab.crashed, f"{written}")
+
+    refused = _cli(lab, "failover", "--reason", "only the link?")
+    checks.check("a failover while the primary lives is refused (exit 1, primary-alive)",
+                 refused.returncode == 1 and "primary-alive" in refused.stderr,
+                 (refused.stdout + refused.stderr)[-300:])
+
+    running = {vm: w.is_alive() and not w.error for vm, w in writers.items()}
+    checks.check("the guests were still writing at the " + ("migration" if planned else
+                                                           "site's loss"),
+                 all(running.values()),
+                 f"{running} (a writer that filled its disk first makes the check vacuous)")
+    if planned:
+        # The writers stand for the guests, whose writes end as the shutdown begins: they stop
+        # first (a writer still going after its VM shut down would write to a disk no guest
+        # uses any more, and could race the last epoch). The primary stays up.
+        for w in writers.values():
+            w.stop.set()
+            w.join(10)
+        t_fo = t_loss = time.monotonic()
+        fo = _cli(lab, "migrate", "--reason", "site-migration scenario")
+        if fo.returncode != 0:
+            raise LabError(f"migrate: {fo.stdout}{fo.stderr}")
+    else:
+        # the primary site is lost: its traffic to site B dropped at gw, its hosts crashed
+        for h in ("h1", "h2"):
+            _mnexec(lab, "gw", ["iptables", "-I", "FORWARD", "-s",
+                                plan.host_addr(h, "vmnet"), "-d", "198.18.4.0/24", "-j",
+                                "DROP"])
+        lab.record("fault-start", "site-a", "site-link-cut", fault_id="site-a-lost")
+        t_loss = time.monotonic()
+        for h in ("h1", "h2"):
+            lab.crash_host(h)
+        for w in writers.values():
+            w.stop.set()
+            w.join(10)
+        wait_for("the primary hosts down at the manager", lambda: all(
+            mgr.status()["hosts"][h]["state"] == "DOWN" for h in ("h1", "h2")), 30.0, 0.1)
+        t_fo = time.monotonic()
+        fo = _cli(lab, "failover", "--reason", "site A lost (site-failover scenario)")
+        if fo.returncode != 0:
+            raise LabError(f"failover: {fo.stdout}{fo.stderr}")
+    wait_for("every replica answering at site B",
+             lambda: all(lab.answers(vm) for vm in [*DISKS, *extra]), 60.0, 0.1)
+    rto = time.monotonic() - t_fo
+    wait_for("the failover's end at the manager", lambda: (
+        _replication(lab).get("failover") or {}).get("phase") in ("DONE", "FAILED"), 30.0, 0.1)
+    st = _replication(lab)
+    checks.check("the failover is DONE", (st.get("failover") or {}).get("phase") == "DONE",
+                 str(st.get("failover"))[:300])
+    checks.check("every replica VM answers at site B", True, f"in {rto:.2f} s")
+
+    # the replicas' state: a prefix of the acknowledged writes, loss within the RPO
+    lost = 0
+    figures: dict[str, Any] = {}
+    for vm, (_, ds) in DISKS.items():
+        out = lab.run_dir / f"replica-{ds}.img"
+        r = _mnexec(lab, "site", ["nbdcopy", f"nbd://{SITE_B_ADDR}:{REPLICA_PORT}/{ds}",
+                                  str(out)], timeout=120)
+        if r.returncode != 0:
+            raise LabError(f"nbdcopy {ds}: {r.stderr}")
+        k, clean = _prefix(out.read_bytes(), ds)
+        out.unlink()
+        acked = writers[vm].acked
+        checks.check(f"{vm}'s replica is a prefix of its acknowledged writes",
+                     clean and k <= len(acked),
+                     f"{k} of {len(acked)} writes, nothing after: {clean}")
+        if planned:
+            checks.check(f"{vm} lost nothing (planned migration)", k == len(acked),
+                         f"{k} of {len(acked)} acknowledged writes at site B")
+        gap = t_loss - acked[k] if k < len(acked) else 0.0
+        checks.check(f"{vm} lost only writes acknowledged within the RPO target (1 s)",
+                     gap <= 1.0, f"the oldest lost write was acknowledged {gap:.3f} s "
+                     "before the loss")
+        lost += len(acked) - k
+        figures[vm] = {"acked": len(acked), "replica_writes": k, "oldest_lost_age_s":
+                       round(gap, 3), "writer_error": writers[vm].error}
+
+    # the configuration came through the BMC: the journal, and ipmitool itself
+    journal = mgr.journal(0, limit=100000)
+    loaded = [e for e in journal if e["action"] == "replication-config-loaded"]
+    info = _mnexec(lab, "svc", ["ipmitool", "-I", "lanplus", "-H", plan.bmc_addr(b), "-U",
+                                lab.BMC_USER, "-f", str(pw), "raw", "0x30", "0x70"])
+    raw = bytes(int(x, 16) for x in info.stdout.split()) if info.returncode == 0 else b""
+    via_bmc = bool(loaded) and len(raw) == 42 and raw[1] == 1 and \
+        loaded[-1]["details"]["sha256"] == raw[10:42].hex()
+    checks.check("the configuration came through the BMC (journal and ipmitool raw agree)",
+                 via_bmc, f"journal: {loaded[-1]['details'] if loaded else None}; ipmitool: "
+                 f"{raw.hex()[:40]}... {info.stderr.strip()[:100]}")
+    starts = [e for e in journal if e["action"] == "replication-start-done"]
+    return {"rpo_ms": round(sorted(samples)[min(len(samples) - 1,
+                                                round(0.99 * (len(samples) - 1)))], 1)
+            if samples else None,
+            "rpo_p50_ms": round(statistics.median(samples), 1) if samples else None,
+            "data_lost_writes": lost, "rto_s": round(rto, 3), "config_via_bmc": via_bmc,
+            "replicas": figures, "write_mb_s_per_vm": params["write_mb_s"],
+            "vms": len(DISKS) + len(extra),
+            "failover_steps_s": _steps(journal),
+            "start_epochs": {e["subject"]: e["details"].get("epoch") for e in starts},
+            "manager": SERVICES_MGMT}
+
+
+PLANNED = Scenario("site-migration", "planned migration to site B: the VMs quiesce, their "
+                   "last epochs ship, they start on the site-B host powered on through its "
+                   "BMC; zero loss", run_planned, min_hosts=3, vms_per_host=0, params=PARAMS,
+                   check=check)
+SCENARIO = Scenario("site-failover", "replication to site B; the primary site lost; failover "
+                    "through the sleeping site-B host's BMC", run, min_hosts=3,
+                    vms_per_host=0, params=PARAMS, check=check)

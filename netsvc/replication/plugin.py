@@ -1,0 +1,139 @@
+"""netsvc.replication's plugin: its ``[replication]`` table, manager side (protection, the
+configuration in the site-B host's BMC, failover), agent side (shipping on primary hosts; on
+the site-B host, the configuration read from its BMC at start and the ``replication-start``
+executor) and CLI.
+
+Importing this module is cheap (argparse only); each part imports its code when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlugin
+
+AGENT_KEY = "replication.shipping"
+
+
+def _config(table: Mapping[str, Any], base_dir: str | None) -> Any:
+    from netsvc.replication.service import ReplicationConfig
+
+    return ReplicationConfig.from_table(table)
+
+
+def _manager(config: Any) -> Any:
+    from netsvc.replication.service import ReplicationService
+
+    return ReplicationService(config)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replication-site-b", metavar="ADDR:PORT",
+                   help="site B's replica store (nbdkit with nbdkit_replica.py): primary "
+                   "hosts ship there; the site-B host starts replicas from it")
+    p.add_argument("--replication-source", metavar="ADDR",
+                   help="the local address shipping connections leave from")
+    p.add_argument("--replication-link-mbit", type=float, default=100.0, metavar="MBIT",
+                   help="the site link's rate (default 100)")
+    p.add_argument("--replication-share", type=float, default=0.8, metavar="FRACTION",
+                   help="the share of the site link shipping may use (default 0.8)")
+    p.add_argument("--replication-report-every", type=float, default=0.5, metavar="SECONDS")
+    p.add_argument("--replication-bmc", metavar="ADDR",
+                   help="site-B host: read the replica VMs' configuration from this BMC at "
+                   "start (IPMI OEM, ipmitool raw)")
+    p.add_argument("--replication-bmc-user", default="admin", metavar="USER")
+    p.add_argument("--replication-bmc-password-file", metavar="F")
+    p.add_argument("--replication-bmc-port", type=int, default=623, metavar="PORT")
+
+
+def _site_b(value: str) -> tuple[str, int]:
+    addr, _, port = value.rpartition(":")
+    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad --replication-site-b {value!r}: expected ADDR:PORT")
+    return addr.strip("[]"), int(port)
+
+
+def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
+    import threading
+
+    if args.replication_site_b:
+        ctx.options["replication.site_b"] = _site_b(args.replication_site_b)
+    if args.replication_bmc:
+        from netsvc.bmc.config_client import ipmitool_batch, ipmitool_raw
+        from netsvc.replication.agent import load_config_from_bmc, post_loaded
+
+        if not args.replication_bmc_password_file:
+            raise ValueError("--replication-bmc needs --replication-bmc-password-file")
+        raw = ipmitool_raw(args.replication_bmc, args.replication_bmc_user,
+                           args.replication_bmc_password_file, port=args.replication_bmc_port)
+        batch = ipmitool_batch(args.replication_bmc, args.replication_bmc_user,
+                               args.replication_bmc_password_file,
+                               port=args.replication_bmc_port)
+        report = load_config_from_bmc(
+            ctx, raw, f"ipmitool -I lanplus raw 0x30 (IPMI OEM) from BMC {args.replication_bmc}",
+            batch)
+        threading.Thread(target=post_loaded, args=(ctx, report, threading.Event()),
+                         name="replication-loaded", daemon=True).start()
+        return
+    storage = ctx.options.get("storage.agent")
+    if not args.replication_site_b or storage is None:
+        return
+    from netsvc.replication.agent import Shipping, ShippingAgent
+
+    if not 0 < args.replication_share <= 1 or not 0 < args.replication_link_mbit <= 1e6:
+        raise ValueError("--replication-share must be in (0, 1] and --replication-link-mbit "
+                         "positive")
+    shipping = Shipping(ctx.options["replication.site_b"],
+                        link_bps=args.replication_link_mbit * 1e6,
+                        share=args.replication_share, source=args.replication_source,
+                        log=ctx.log)
+    for name, ds in storage.datastores.items():  # before any VM connects to the endpoint
+        tracked = shipping.track(name, ds)
+        if storage.endpoint is not None:
+            storage.endpoint.exports[name] = tracked
+    ctx.options[AGENT_KEY] = shipping
+    stop = threading.Event()
+    threading.Thread(target=shipping.run, args=(stop,), name="replication-ship",
+                     daemon=True).start()
+    threading.Thread(target=ShippingAgent(ctx, shipping).run,
+                     args=(stop, args.replication_report_every), name="replication-reports",
+                     daemon=True).start()
+
+
+def _start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    from netsvc.replication.agent import start_replica
+
+    return start_replica(action, ctx)
+
+
+def _lab_agent_args(plan: Any, host: str) -> list[str]:
+    from netsvc.lab.scenarios.replication import agent_args
+
+    return agent_args(plan, host)
+
+
+def _scenarios() -> tuple[Any, ...]:
+    from netsvc.lab.scenarios import replication
+
+    return (replication.SCENARIO, replication.PLANNED)
+
+
+def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from netsvc.replication.cli import register
+
+    register(sub)
+
+
+PLUGIN = ServicePlugin(
+    name="replication",
+    summary="VM disks replicated to site B in crash-consistent epochs; their configuration "
+    "handed to the sleeping site-B host through its BMC; failover",
+    config=_config,
+    manager=_manager,
+    agent=AgentPart(add_arguments=_add_arguments, start=_start,
+                    executors={"replication-start": _start_replica}),
+    lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
+    cli=_cli,
+)

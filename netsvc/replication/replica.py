@@ -1,0 +1,221 @@
+"""Site B's replica of one VM disk: stage an epoch, commit it atomically, recover (stdlib only:
+it runs inside nbdkit's Python plugin, ``nbdkit_replica.py``, on the site-B storage node).
+
+Files in the store's directory, for disk ``NAME``:
+
+- ``NAME.img``: the replica's content (always a whole epoch once one was applied);
+- ``NAME.state``: JSON ``{"applied": N, "pending": null | {"epoch": N, "stage": F}, "live":
+  bool}``, replaced atomically (write, fsync, rename, fsync the directory): **the rename that
+  writes ``pending`` is the commit point**;
+- ``NAME.stage-K`` and ``NAME.stage-K.idx``: one epoch's staged data and its write list.
+
+Invariants:
+
+- Write-order fidelity: ``NAME.img`` changes only by applying a whole committed epoch. A session
+  that ends (the link flapped, the shipper died) before COMMIT leaves ``NAME.img`` and
+  ``NAME.state`` untouched and its stage is deleted: the replica stays at the last whole epoch.
+- A crash between the commit point and the end of the apply is redone at the next open (the
+  apply is idempotent: the same writes at the same offsets).
+- A COMMIT whose count, byte total or SHA-256 does not match what was staged is refused and the
+  stage discarded. An epoch not newer than the applied one is refused. A live replica (started
+  at site B) takes no more epochs.
+- Nothing is allocated from a peer's length beyond the disk: a staged write must lie in
+  ``[0, size)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    from netsvc.replication.wire import EpochDigest
+except ImportError:  # inside nbdkit: the plugin puts this directory on sys.path
+    from wire import EpochDigest  # type: ignore[no-redef,import-not-found]
+
+
+class ReplicaError(Exception):
+    """A request site B refuses (why, in the message)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Session:
+    """One shipping connection's staging of one epoch."""
+
+    epoch: int
+    stage: Path
+    fd: int
+    writes: list[tuple[int, int, int]] = field(default_factory=list)  # offset, len, stage pos
+    digest: EpochDigest = field(default_factory=EpochDigest)
+    pos: int = 0
+
+
+class ReplicaStore:
+    """One disk's replica in ``directory`` (see the module docstring)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, directory: Path | str, name: str, size: int) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise ReplicaError(f"bad disk name {name!r}")
+        self.dir = Path(directory)
+        self.name = name
+        self.size = size
+        self.img = self.dir / f"{name}.img"
+        self.state_path = self.dir / f"{name}.state"
+        self.recovered: list[str] = []
+        if not self.img.exists():
+            with open(self.img, "wb") as f:
+                f.truncate(size)
+        elif self.img.stat().st_size != size:
+            raise ReplicaError(f"{self.img} is {self.img.stat().st_size} bytes, not {size}")
+        self.state = self._load()
+        self._recover()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            st = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {"applied": -1, "pending": None, "live": False}
+        if not isinstance(st, dict) or not isinstance(st.get("applied"), int):
+            raise ReplicaError(f"{self.state_path} is not a replica state")
+        st.setdefault("live", False)
+        st.setdefault("pending", None)
+        return st
+
+    def _save(self, st: dict[str, Any]) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(st, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        _fsync_dir(self.dir)
+        self.state = st
+
+    @property
+    def applied(self) -> int:
+        return int(self.state["applied"])
+
+    @property
+    def live(self) -> bool:
+        return bool(self.state.get("live"))
+
+    def _recover(self) -> None:
+        pending = self.state.get("pending")
+        if pending:
+            self._apply(Path(pending["stage"]))
+            self._save({**self.state, "applied": int(pending["epoch"]), "pending": None})
+            self.recovered.append(f"redid committed epoch {pending['epoch']}")
+        for stray in self.dir.glob(f"{self.name}.stage-*"):
+            stray.unlink(missing_ok=True)
+            if not stray.name.endswith(".idx"):
+                self.recovered.append(f"discarded uncommitted {stray.name}")
+
+    # -- reads and live writes --------------------------------------------------------------------
+
+    def pread(self, count: int, offset: int) -> bytes:
+        if offset < 0 or offset + count > self.size:
+            raise ReplicaError(f"read [{offset}, {offset + count}) outside {self.size}")
+        with open(self.img, "rb") as f:
+            f.seek(offset)
+            data = f.read(count)
+        return data + bytes(count - len(data))
+
+    def go_live(self) -> None:
+        """The replica is started at site B: from now on it is a disk, not a replica."""
+        if not self.live:
+            self._save({**self.state, "live": True})
+
+    def pwrite_live(self, data: bytes, offset: int) -> None:
+        if not self.live:
+            raise ReplicaError(f"{self.name} is a replica (not live): writes go through epochs")
+        if offset < 0 or offset + len(data) > self.size:
+            raise ReplicaError("write outside the disk")
+        fd = os.open(self.img, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    # -- epochs --------------------------------------------------------------------------------
+
+    def begin(self, epoch: int) -> Session:
+        if self.live:
+            raise ReplicaError(f"{self.name} is live at site B: it takes no more epochs")
+        if epoch <= self.applied:
+            raise ReplicaError(f"epoch {epoch} is not newer than the applied {self.applied}")
+        stage = self.dir / f"{self.name}.stage-{os.getpid()}-{next(self._ids)}"
+        fd = os.open(stage, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return Session(epoch, stage, fd)
+
+    def stage(self, s: Session, data: bytes, offset: int) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ReplicaError(f"staged write [{offset}, {offset + len(data)}) outside "
+                               f"{self.size}")
+        os.pwrite(s.fd, data, s.pos)
+        s.writes.append((offset, len(data), s.pos))
+        s.digest.add(offset, data)
+        s.pos += len(data)
+
+    def discard(self, s: Session) -> None:
+        with contextlib.suppress(OSError):
+            os.close(s.fd)
+        s.stage.unlink(missing_ok=True)
+        s.stage.with_name(s.stage.name + ".idx").unlink(missing_ok=True)
+
+    def commit(self, s: Session, epoch: int, extents: int, nbytes: int, sha256: bytes) -> None:
+        """Check the staged epoch and make it the replica's content (all or nothing)."""
+        try:
+            if self.live:
+                raise ReplicaError(f"{self.name} went live at site B while epoch {epoch} was "
+                                   "staged: it takes no more epochs")
+            if epoch != s.epoch:
+                raise ReplicaError(f"commit of epoch {epoch} but {s.epoch} was begun")
+            if (extents, nbytes) != (s.digest.extents, s.digest.nbytes):
+                raise ReplicaError(
+                    f"epoch {epoch}: {s.digest.extents} writes / {s.digest.nbytes} bytes "
+                    f"staged, the commit says {extents} / {nbytes}")
+            if sha256 != s.digest.digest():
+                raise ReplicaError(f"epoch {epoch}: the SHA-256 of the staged writes differs")
+            os.fsync(s.fd)
+            idx = s.stage.with_name(s.stage.name + ".idx")
+            with open(idx, "w") as f:
+                json.dump(s.writes, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.close(s.fd)
+        except BaseException:
+            self.discard(s)
+            raise
+        self._save({**self.state, "pending": {"epoch": epoch, "stage": str(s.stage)}})
+        self._apply(s.stage)
+        self._save({**self.state, "applied": epoch, "pending": None})
+        self.discard(s)
+
+    def _apply(self, stage: Path) -> None:
+        writes = json.loads(stage.with_name(stage.name + ".idx").read_text())
+        src = os.open(stage, os.O_RDONLY)
+        dst = os.open(self.img, os.O_WRONLY)
+        try:
+            for offset, length, pos in writes:
+                os.pwrite(dst, os.pread(src, length, pos), offset)
+            os.fsync(dst)
+        finally:
+            os.close(src)
+            os.close(dst)

@@ -1,0 +1,717 @@
+"""netsvc.replication as a service of the cluster kernel (the manager side; pure, time passed
+in, I/O only through effects).
+
+What it keeps:
+
+- the protected VMs (``POST /v1/replication/protect/{vm}`` / ``unprotect``): RPO target, CPUs,
+  memory, disks, the site-B network of each NIC. Agents report what they ship
+  (``POST /v1/replication/reports``) and get the protected set back in the answer, so a
+  manager restarted with an empty set learns it again from the agents' next reports;
+- the configuration for the sleeping site-B host: whenever the protected set changes (and at
+  most every ``config_every_s`` while epochs advance) a ``write-config`` effect writes it to the
+  site-B host's BMC (IPMI OEM, ``bmc.config_store``), with the newest complete epoch of each VM.
+  The outcome (generation, SHA-256, or the error) is journaled;
+- a failover (``POST /v1/replication/failover``), a state machine with a deadline per state:
+
+  ``POWERING_ON`` (effect ``power-on`` through the BMC) -> ``LOADING`` (waiting for the site-B
+  agent's ``POST /v1/replication/loaded``: the configuration it read from its own BMC, or why
+  it refused it) -> ``STARTING`` (one ``replication-start`` action per VM on the site-B host:
+  the agent makes the replica live at the newest complete epoch and starts the VM on its mapped
+  networks) -> ``DONE`` | ``FAILED``.
+
+Invariants:
+
+- A failover while any primary host is alive (its agent heard within the kernel's window) is
+  refused (rule ``primary-alive``: two sites would run the same VMs) unless ``force``; the
+  refusal, a forced failover and a dry run are journaled with the reason. A dry run journals the
+  plan and changes nothing.
+- One failover at a time. Every state has a deadline; a state that passes it fails the
+  failover, journaled.
+- ``replication-start`` is re-checked at claim time: the failover must still be starting and,
+  unless forced, the VM's primary host must not be alive.
+- A configuration the site-B agent refused (truncated, wrong version, checksum) starts nothing:
+  the failover fails, journaled with the agent's reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import msgspec
+
+from netsvc.cluster.actions import Action, ActionState
+from netsvc.cluster.auth import READ, agent_of
+from netsvc.cluster.errors import ModelError, Refused, UnknownEntity, ValidationError
+from netsvc.cluster.model import ClusterModel, HostState, VMState
+from netsvc.cluster.schema import convert
+from netsvc.cluster.service import (
+    ActionKind,
+    BaseManagerService,
+    Effect,
+    Kernel,
+    Reply,
+    Request,
+    Route,
+)
+from netsvc.replication.schemas import (
+    FailoverRequest,
+    LoadedReport,
+    OperatorRequest,
+    ProtectRequest,
+    ReplicationTable,
+    ShippingReport,
+)
+from netsvc.replication.vmconfig import Disk, Nic, ReplicaVm, payload
+
+KIND_START = "replication-start"
+REPORT_STALE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    table: ReplicationTable = field(default_factory=ReplicationTable)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> ReplicationConfig:
+        return cls(convert(table, ReplicationTable, prefix="replication"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = msgspec.to_builtins(self.table)
+        if d.get("bmc"):
+            d["bmc"] = {k: v for k, v in d["bmc"].items() if k != "password_file"}
+        return d
+
+
+@dataclass
+class Protection:
+    vm: str
+    rpo_s: float
+    cpus: int
+    memory_mib: int
+    disks: tuple[tuple[str, int], ...]
+    network: str
+    since: float
+
+
+class Phase(Enum):
+    QUIESCING = "QUIESCING"  # planned migration: the VMs shut down at the primary
+    DRAINING = "DRAINING"  # planned migration: their last epochs ship
+    POWERING_ON = "POWERING_ON"
+    LOADING = "LOADING"
+    STARTING = "STARTING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+ACTIVE_PHASES = (Phase.QUIESCING, Phase.DRAINING, Phase.POWERING_ON, Phase.LOADING,
+                 Phase.STARTING)
+
+
+@dataclass
+class Failover:
+    reason: str
+    forced: bool
+    started: float
+    phase: Phase
+    deadline: float
+    vms: tuple[str, ...]
+    actions: dict[str, str] = field(default_factory=dict)  # vm -> action id
+    done: dict[str, bool] = field(default_factory=dict)
+    detail: str = ""
+    ended: float | None = None
+    loaded: dict[str, Any] = field(default_factory=dict)
+    planned: bool = False
+    quiesce: dict[str, str] = field(default_factory=dict)  # vm -> its shutdown action
+    quiesced_at: float | None = None
+    final_epochs: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self, t0: float) -> dict[str, Any]:
+        return {"phase": self.phase.value, "reason": self.reason, "forced": self.forced,
+                "planned": self.planned, "final_epochs": dict(self.final_epochs),
+                "started_s": round(self.started - t0, 3), "vms": list(self.vms),
+                "actions": dict(self.actions), "done": dict(self.done),
+                "detail": self.detail, "loaded": dict(self.loaded),
+                "rto_s": None if self.ended is None else round(self.ended - self.started, 3)}
+
+
+def _body(schema: Any) -> Any:
+    def conv(obj: object) -> Any:
+        return convert(obj if obj is not None else {}, schema)
+    conv.__schema__ = schema  # type: ignore[attr-defined]
+    return conv
+
+
+class ReplicationService(BaseManagerService):
+    name = "replication"
+
+    def __init__(self, config: ReplicationConfig | None = None) -> None:
+        self.config = config or ReplicationConfig()
+        self.t = self.config.table
+        self.protected: dict[str, Protection] = {}
+        self.shipping: dict[str, tuple[str, float, dict[str, Any]]] = {}  # vm -> host, at, rep
+        self.links: dict[str, tuple[float, float, float]] = {}  # host -> at, share, limit
+        self._effects: list[Effect] = []
+        self._config_dirty = False
+        self._config_inflight = False
+        self._config_due = 0.0
+        self.config_written: dict[str, Any] = {}
+        self._written_epochs: dict[str, int] = {}  # in the payload last sent to the BMC
+        self.failover: Failover | None = None
+        self.registered: dict[str, dict[str, Any]] = {}  # from the site-B agent, at power-on
+        self._now = 0.0
+
+    def bind(self, kernel: Kernel) -> None:
+        super().bind(kernel)
+        self._now = kernel.started
+
+    # -- plugin surface --------------------------------------------------------------------
+
+    def routes(self) -> Sequence[Route]:
+        return (
+            Route("GET", r"/v1/replication", "replication_status",
+                  lambda r: Reply(200, self.replication_status(r.now)),
+                  summary="per protected VM: RPO now, newest complete epoch at site B, bytes "
+                  "behind, link share; the BMC configuration; the failover", access=READ),
+            Route("POST", r"/v1/replication/protect/([^/]+)", "replication_protect",
+                  self._route_protect, body=_body(ProtectRequest), mutates=True,
+                  summary="protect a VM (its disks ship to site B in epochs; its configuration "
+                  "goes to the site-B host's BMC)"),
+            Route("POST", r"/v1/replication/unprotect/([^/]+)", "replication_unprotect",
+                  self._route_unprotect, body=_body(OperatorRequest), mutates=True,
+                  summary="stop protecting a VM"),
+            Route("POST", r"/v1/replication/failover", "replication_failover",
+                  self._route_failover, body=_body(FailoverRequest), mutates=True,
+                  summary="fail over to site B: power the site-B host on through its BMC, "
+                  "its agent loads the configuration from the BMC, the replicas start from "
+                  "their newest complete epoch (refused while the primary is alive, unless "
+                  "force; dry_run: plan and journal only)"),
+            Route("POST", r"/v1/replication/migrate", "replication_migrate",
+                  self._route_migrate, body=_body(OperatorRequest), mutates=True,
+                  summary="planned migration to site B for zero loss: the VMs shut down at the "
+                  "primary, their last epochs ship, then the failover's steps (dry_run: check "
+                  "and journal only)"),
+            Route("POST", r"/v1/replication/reports", "replication_report",
+                  self._route_report, body=_body(ShippingReport), mutates=True,
+                  summary="a primary host's shipping figures; answers the protected set",
+                  access=agent_of(field="host")),
+            Route("POST", r"/v1/replication/loaded", "replication_loaded",
+                  self._route_loaded, body=_body(LoadedReport), mutates=True,
+                  summary="the site-B host's agent, at power-on: the configuration it read "
+                  "from its BMC (or why it refused it)", access=agent_of(field="host")),
+        )
+
+    def action_kinds(self) -> Sequence[ActionKind]:
+        return (ActionKind(KIND_START, self._plan, self._recheck, self._complete,
+                           run_timeout=30.0),)
+
+    def next_timer(self) -> float | None:
+        times = []
+        if self._config_dirty and not self._config_inflight and self.t.bmc is not None:
+            times.append(self._config_due)
+        f = self.failover
+        if f is not None and f.phase in ACTIVE_PHASES:
+            times.append(f.deadline)
+            if f.phase in (Phase.QUIESCING, Phase.DRAINING):
+                times.append(self._now + 0.25)  # poll the shutdowns and the reports
+        return min(times) if times else None
+
+    def handle_timer(self, now: float, wall: float | None) -> None:
+        self._now = now
+        if (self._config_dirty and not self._config_inflight and self.t.bmc is not None
+                and now >= self._config_due):
+            self._write_config(now, wall)
+        f = self.failover
+        if f is not None and f.phase in (Phase.QUIESCING, Phase.DRAINING):
+            self._planned_step(now, wall)
+        if f is not None and f.phase in ACTIVE_PHASES and now >= f.deadline:
+            self._fail(f"{f.phase.value} passed its deadline", now, wall)
+
+    def status(self, now: float) -> Mapping[str, Any]:
+        return {"protected": len(self.protected),
+                "failover": None if self.failover is None else self.failover.phase.value}
+
+    def take_effects(self) -> list[Effect]:
+        out, self._effects = self._effects, []
+        return out
+
+    # -- protection ------------------------------------------------------------------------
+
+    def _route_protect(self, r: Request) -> Reply:
+        return Reply(200, self.protect(r.params[0], r.body, now=r.now, wall=r.wall))
+
+    def protect(self, vm: str, req: ProtectRequest, *, now: float,
+                wall: float | None = None) -> dict[str, Any]:
+        k = self.kernel
+        k.check_fenced()
+        if vm not in k.model.vms:
+            raise UnknownEntity("VM", vm)
+        rpo = req.rpo_s or self.t.rpo_s
+        disks = tuple((d.name, d.size) for d in req.disks)  # none: its configuration only
+        p = Protection(vm, rpo, req.cpus, req.memory_mib, disks,
+                       req.network or self.t.default_network, now)
+        entry = k.journal_append(now, wall, "replication-protect", f"vm:{vm}",
+                                 f"{req.reason} (RPO target {rpo:g} s)", dry_run=req.dry_run,
+                                 actor="operator",
+                                 details={"rpo_s": rpo, "disks": [list(d) for d in disks],
+                                          "network": p.network})
+        if req.dry_run:
+            return {"status": "dry_run", "journal_seq": entry.seq}
+        self.protected[vm] = p
+        self._config_changed(now)
+        return {"status": "protected", "vm": vm, "rpo_s": rpo}
+
+    def _route_unprotect(self, r: Request) -> Reply:
+        return Reply(200, self.unprotect(r.params[0], r.body, now=r.now, wall=r.wall))
+
+    def unprotect(self, vm: str, req: OperatorRequest, *, now: float,
+                  wall: float | None = None) -> dict[str, Any]:
+        k = self.kernel
+        k.check_fenced()
+        if vm not in self.protected:
+            raise UnknownEntity("protected VM", vm)
+        k.journal_append(now, wall, "replication-unprotect", f"vm:{vm}", req.reason,
+                         dry_run=req.dry_run, actor="operator")
+        if req.dry_run:
+            return {"status": "dry_run"}
+        del self.protected[vm]
+        self.shipping.pop(vm, None)
+        self._config_changed(now)
+        return {"status": "unprotected", "vm": vm}
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def _route_report(self, r: Request) -> Reply:
+        return Reply(200, self.report(r.body, now=r.now, wall=r.wall))
+
+    def report(self, rep: ShippingReport, *, now: float,
+               wall: float | None = None) -> dict[str, Any]:
+        """A primary host's figures; the answer is what it must ship."""
+        self._now = now
+        self.links[rep.host] = (now, rep.link_share, rep.share_limit)
+        for v in rep.vms:
+            body = msgspec.to_builtins(v)
+            self.shipping[v.vm] = (rep.host, now, body)
+            if v.vm not in self.protected and v.synced:  # a restarted manager learns it back
+                self.protected[v.vm] = Protection(v.vm, v.rpo_target_s or self.t.rpo_s, 1, 512,
+                                                  ((v.disk, 0),), self.t.default_network, now)
+                self._config_changed(now)
+            elif v.vm in self.protected and \
+                    self._written_epochs.get(v.vm) != v.remote_epoch:
+                self._config_changed(now, urgent=False)
+        vm_host = {vm.name: vm.host for vm in self.kernel.model.vms.values()}
+        ship = {vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
+                for vm, p in sorted(self.protected.items()) if vm_host.get(vm) == rep.host}
+        return {"ok": True, "protect": ship}
+
+    # -- the configuration in the BMC --------------------------------------------------------
+
+    def _config_changed(self, now: float, *, urgent: bool = True) -> None:
+        if not self._config_dirty:
+            self._config_due = now if urgent else max(
+                now, float(self.config_written.get("at", -1e18)) + self.t.config_every_s)
+        elif urgent:
+            self._config_due = min(self._config_due, now)
+        self._config_dirty = True
+
+    def replica_vms(self) -> list[ReplicaVm]:
+        out = []
+        model = self.kernel.model
+        for vm, p in sorted(self.protected.items()):
+            m = model.vms.get(vm)
+            ship = self.shipping.get(vm)
+            epoch = int(ship[2].get("remote_epoch", -1)) if ship else -1
+            nics = () if m is None else (Nic(m.mac, m.ip, self._network(p)),)
+            out.append(ReplicaVm(vm, p.cpus, p.memory_mib, epoch,
+                                 None if m is None else m.host, nics,
+                                 tuple(Disk(d, s) for d, s in p.disks)))
+        return out
+
+    def _network(self, p: Protection) -> str:
+        return p.network if p.network else self.t.default_network
+
+    def _write_config(self, now: float, wall: float | None) -> None:
+        vms = self.replica_vms()
+        data = payload(self.t.site_b_host, vms, wall)
+        self._written_epochs = {v.name: v.epoch for v in vms}
+        self._config_dirty = False
+        self._config_inflight = True
+        self._effects.append(Effect(self.name, "write-config", {"payload": data}, now))
+
+    # -- failover ---------------------------------------------------------------------------
+
+    def primary_hosts(self, model: ClusterModel) -> list[str]:
+        return list(self.t.primary_hosts) or sorted(h for h in model.hosts
+                                                    if h != self.t.site_b_host)
+
+    def alive_primaries(self) -> list[str]:
+        model = self.kernel.model
+        return [h for h in self.primary_hosts(model)
+                if h in model.hosts and model.hosts[h].state is HostState.UP]
+
+    def _route_failover(self, r: Request) -> Reply:
+        return Reply(200, self.request_failover(r.body, now=r.now, wall=r.wall))
+
+    def request_failover(self, req: FailoverRequest, *, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        k = self.kernel
+        k.check_fenced()
+        subject = f"site:{self.t.site_b_host}"
+        f = self.failover
+        if f is not None and f.phase in ACTIVE_PHASES:
+            raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
+        if self.t.bmc is None:
+            raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
+        vms = tuple(sorted(self.protected))
+        if not vms:
+            raise Refused("nothing-protected", "no VM is protected")
+        alive = self.alive_primaries()
+        plan = {"vms": [v.to_dict() for v in self.replica_vms()],
+                "power_on": self.t.site_b_host, "alive_primaries": alive}
+        if alive and not req.force:
+            why = (f"primary hosts {', '.join(alive)} are alive: only the site link may be "
+                   "down, and two sites would run the same VMs (rule primary-alive; --force "
+                   "overrides)")
+            k.journal_append(now, wall, "replication-failover-refused", subject, why,
+                             dry_run=req.dry_run, actor="operator",
+                             details={"rule": "primary-alive", **plan})
+            raise Refused("primary-alive", f"failover refused: {why}")
+        reason = req.reason + (f" (forced while {', '.join(alive)} alive)" if alive else "")
+        entry = k.journal_append(now, wall, "replication-failover-decision", subject, reason,
+                                 dry_run=req.dry_run, actor="operator",
+                                 details={"forced": bool(alive), **plan})
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        self.failover = Failover(reason, bool(alive), now, Phase.POWERING_ON,
+                                 now + self.t.power_on_timeout_s, vms)
+        self._effects.append(Effect(self.name, "power-on", {}, now))
+        return {"status": "started", "plan": plan, "journal_seq": entry.seq}
+
+    def _route_migrate(self, r: Request) -> Reply:
+        return Reply(200, self.request_migration(r.body, now=r.now, wall=r.wall))
+
+    def request_migration(self, req: OperatorRequest, *, now: float,
+                          wall: float | None = None) -> dict[str, Any]:
+        """Planned migration to site B, for zero loss: the protected VMs shut down at the
+        primary (quiesced), their last epochs ship, then the failover's steps (the primary is
+        alive by design; the starts are re-checked: the VM must not run at the primary)."""
+        k = self.kernel
+        k.check_fenced()
+        subject = f"site:{self.t.site_b_host}"
+        f = self.failover
+        if f is not None and f.phase in ACTIVE_PHASES:
+            raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
+        if self.t.bmc is None:
+            raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
+        vms = tuple(sorted(self.protected))
+        if not vms:
+            raise Refused("nothing-protected", "no VM is protected")
+        unsynced = [vm for vm in vms if self.protected[vm].disks and not (
+            vm in self.shipping and self.shipping[vm][2].get("synced"))]
+        plan = {"vms": list(vms), "power_on": self.t.site_b_host, "planned": True}
+        if unsynced:
+            why = f"no complete epoch at site B yet for {', '.join(unsynced)}"
+            k.journal_append(now, wall, "replication-migrate-refused", subject, why,
+                             dry_run=req.dry_run, actor="operator",
+                             details={"rule": "not-synced", **plan})
+            raise Refused("not-synced", f"planned migration refused: {why}")
+        entry = k.journal_append(now, wall, "replication-migrate-decision", subject,
+                                 req.reason, dry_run=req.dry_run, actor="operator",
+                                 details=plan)
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        f = Failover(f"planned: {req.reason}", False, now, Phase.QUIESCING,
+                     now + self.t.loaded_timeout_s, vms, planned=True)
+        self.failover = f
+        for vm in vms:
+            m = k.model.vms.get(vm)
+            if m is None or m.state is not VMState.RUNNING or m.host is None:
+                continue
+            try:
+                a = k.queue_vm_action("shutdown", vm, m.host, None,
+                                      f"planned migration to site B: {req.reason}", now, wall)
+            except Refused as exc:
+                self._fail(f"cannot quiesce {vm}: {exc.message}", now, wall)
+                return {"status": "failed", "detail": f.detail}
+            f.quiesce[vm] = a.id
+        self._planned_step(now, wall)
+        return {"status": "started", "plan": plan, "journal_seq": entry.seq}
+
+    def _planned_step(self, now: float, wall: float | None) -> None:
+        f = self.failover
+        assert f is not None
+        k = self.kernel
+        if f.phase is Phase.QUIESCING:
+            for vm, aid in f.quiesce.items():
+                a = k.get_action(aid)
+                if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
+                                            ActionState.EXPIRED):
+                    self._fail(f"{vm} did not shut down ({aid}: "
+                               f"{'gone' if a is None else a.state.value})", now, wall)
+                    return
+                if a.state is not ActionState.SUCCEEDED:
+                    return
+            f.phase, f.quiesced_at = Phase.DRAINING, now
+            f.deadline = now + self.t.loaded_timeout_s
+            k.journal_append(now, wall, "replication-quiesced", f"site:{self.t.site_b_host}",
+                             f"{len(f.quiesce)} VMs shut down at the primary; their last "
+                             "epochs ship", details={"actions": dict(f.quiesce)})
+        if f.phase is Phase.DRAINING:
+            assert f.quiesced_at is not None
+            epochs = {}
+            for vm in f.vms:
+                if not self.protected.get(vm) or not self.protected[vm].disks:
+                    continue
+                ship = self.shipping.get(vm)
+                if ship is None or ship[1] <= f.quiesced_at:
+                    return  # wait for a report made after the VMs stopped
+                rep = ship[2]
+                if rep.get("bytes_behind") or rep.get("rpo_ms"):
+                    return
+                epochs[vm] = int(rep.get("remote_epoch", -1))
+            f.final_epochs = epochs
+            k.journal_append(now, wall, "replication-final-epochs",
+                             f"site:{self.t.site_b_host}",
+                             "every quiesced VM's last write is in an epoch at site B",
+                             details={"epochs": epochs})
+            f.phase, f.deadline = Phase.POWERING_ON, now + self.t.power_on_timeout_s
+            self._effects.append(Effect(self.name, "power-on", {}, now))
+
+    def _fail(self, why: str, now: float, wall: float | None) -> None:
+        f = self.failover
+        assert f is not None
+        f.phase, f.detail, f.ended = Phase.FAILED, why, now
+        self.kernel.journal_append(now, wall, "replication-failover-failed",
+                                   f"site:{self.t.site_b_host}", why,
+                                   details=f.to_dict(self.kernel.started))
+
+    def _route_loaded(self, r: Request) -> Reply:
+        return Reply(200, self.loaded(r.body, now=r.now, wall=r.wall))
+
+    def loaded(self, rep: LoadedReport, *, now: float,
+               wall: float | None = None) -> dict[str, Any]:
+        """The site-B agent read (or refused) the configuration in its BMC."""
+        k = self.kernel
+        subject = f"host:{rep.host}"
+        if rep.host != self.t.site_b_host:
+            raise Refused("not-site-b", f"{rep.host} is not the site-B host "
+                          f"{self.t.site_b_host}")
+        f = self.failover
+        if not rep.ok:
+            k.journal_append(now, wall, "replication-config-refused", subject,
+                             f"{rep.host} refused the configuration in its BMC: {rep.error}; "
+                             "it registered and starts nothing from it",
+                             details={"via": rep.via})
+            self.registered = {}
+            if f is not None and f.phase in (Phase.POWERING_ON, Phase.LOADING):
+                self._fail(f"the configuration was refused: {rep.error}", now, wall)
+            return {"ok": True}
+        self.registered = {v.name: msgspec.to_builtins(v) for v in rep.vms}
+        k.journal_append(now, wall, "replication-config-loaded", subject,
+                         f"{rep.host} read generation {rep.generation} of its configuration "
+                         f"from its BMC ({rep.via}) and registered {len(rep.vms)} replica "
+                         "VMs, ready to start",
+                         details={"generation": rep.generation, "sha256": rep.sha256,
+                                  "via": rep.via, "vms": sorted(self.registered)})
+        if f is not None and f.phase in (Phase.POWERING_ON, Phase.LOADING):
+            f.loaded = {"generation": rep.generation, "sha256": rep.sha256, "via": rep.via,
+                        "at_s": round(now - f.started, 3)}
+            self._start_replicas(now, wall)
+        return {"ok": True}
+
+    def _start_replicas(self, now: float, wall: float | None) -> None:
+        f = self.failover
+        assert f is not None
+        k = self.kernel
+        f.phase = Phase.STARTING
+        f.deadline = now + self.t.loaded_timeout_s
+        missing = [vm for vm in f.vms if vm not in self.registered]
+        for vm in f.vms:
+            if vm in missing:
+                f.done[vm] = False
+                continue
+            reg = self.registered[vm]
+            try:
+                a = k.queue_action(KIND_START, vm, payload={
+                    "host": self.t.site_b_host, "epoch": reg.get("epoch", -1),
+                    "disks": reg.get("disks", []), "forced": f.forced, "planned": f.planned,
+                    "from_host": self._primary_of(vm)}, reason=f.reason, now=now, wall=wall)
+            except Refused as exc:
+                f.done[vm] = False
+                k.journal_append(now, wall, "replication-start-refused", f"vm:{vm}",
+                                 exc.message, details={"rule": exc.rule})
+                continue
+            f.actions[vm] = a.id
+        if missing:
+            k.journal_append(now, wall, "replication-start-refused",
+                             f"site:{self.t.site_b_host}",
+                             f"not in the configuration the site-B host loaded: "
+                             f"{', '.join(missing)}", details={"vms": missing})
+        self._maybe_done(now, wall)
+
+    def _primary_of(self, vm: str) -> str | None:
+        m = self.kernel.model.vms.get(vm)
+        return None if m is None else m.host
+
+    def _maybe_done(self, now: float, wall: float | None) -> None:
+        f = self.failover
+        if f is None or f.phase is not Phase.STARTING or len(f.done) < len(f.vms):
+            return
+        if all(f.done.values()):
+            f.phase, f.ended = Phase.DONE, now
+            self.kernel.journal_append(now, wall, "replication-failover-done",
+                                       f"site:{self.t.site_b_host}",
+                                       f"{len(f.vms)} replicas started at site B in "
+                                       f"{now - f.started:.1f} s",
+                                       details=f.to_dict(self.kernel.started))
+        else:
+            self._fail("replicas not started: " + ", ".join(
+                vm for vm, ok in sorted(f.done.items()) if not ok), now, wall)
+
+    # -- the start action ------------------------------------------------------------------
+
+    def _plan(self, p: Mapping[str, Any], model: ClusterModel
+              ) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
+        return (str(p["host"]),), ("run",)
+
+    def _recheck(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
+        f = self.failover
+        if f is None or f.phase is not Phase.STARTING or action.vm not in f.actions:
+            return ["no failover is starting this VM"], action
+        if action.payload.get("planned"):
+            m = kernel.model.vms.get(action.vm)
+            if m is not None and m.state is VMState.RUNNING and m.host != action.payload["host"]:
+                return [f"{action.vm} runs on {m.host} again (planned migration)"], action
+        elif not action.payload.get("forced"):
+            alive = self.alive_primaries()
+            if alive:
+                return [f"primary hosts {', '.join(alive)} came back (rule primary-alive)"], \
+                    action
+        return [], action
+
+    def _complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                  detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:
+        res = dict(result or {})
+        details: dict[str, Any] = {"action": action.id, "epoch": res.get("epoch"),
+                                   "result": res}
+        if ok and action.vm in kernel.model.vms:
+            try:
+                kernel.model.update_vm(action.vm, host=str(action.payload["host"]),
+                                       state=VMState.RUNNING)
+            except ModelError as exc:
+                details["model_error"] = str(exc)
+        kernel.journal_append(now, wall, f"replication-start-{'done' if ok else 'failed'}",
+                              f"vm:{action.vm}",
+                              f"{action.vm} started on {action.payload['host']} from epoch "
+                              f"{res.get('epoch')}" if ok else f"start failed: {detail}",
+                              details=details)
+        f = self.failover
+        if f is not None and action.vm in f.actions and f.actions[action.vm] == action.id:
+            f.done[action.vm] = ok
+            self._maybe_done(now, wall)
+        return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                 detail=detail or None, result=res or None)
+
+    # -- effects (adapter side) ------------------------------------------------------------
+
+    def perform(self, effect: Effect) -> Mapping[str, Any]:
+        from netsvc.bmc.config_client import ConfigRefused, ipmitool_raw, write_config
+        from netsvc.bmc.config_store import BlobError
+
+        bmc = self.t.bmc
+        if bmc is None:
+            return {"ok": False, "error": "no BMC configured"}
+        if effect.kind == "write-config":
+            raw = ipmitool_raw(bmc.addr, bmc.user, bmc.password_file, port=bmc.port,
+                               tool=self.t.ipmitool)
+            data = dict(effect.data["payload"])
+            try:
+                gen = write_config(raw, data)
+            except (ConfigRefused, BlobError, OSError) as exc:
+                return {"ok": False, "error": str(exc)}
+            blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+            return {"ok": True, "generation": gen, "bytes": len(blob),
+                    "payload_sha256": hashlib.sha256(blob).hexdigest()[:16]}
+        if effect.kind == "power-on":
+            import subprocess
+
+            argv = [self.t.ipmitool, "-I", "lanplus", "-H", bmc.addr, "-p", str(bmc.port),
+                    "-U", bmc.user, "-f", bmc.password_file, "-N", "1", "-R", "3",
+                    "chassis", "power", "on"]
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": r.returncode == 0,
+                    "error": r.stderr.strip()[-200:] if r.returncode else "",
+                    "answer": r.stdout.strip()[-200:]}
+        return {"ok": False, "error": f"unknown effect {effect.kind}"}
+
+    def effect_done(self, effect: Effect, outcome: Mapping[str, Any], now: float,
+                    wall: float | None) -> None:
+        k = self.kernel
+        subject = f"host:{self.t.site_b_host}"
+        if effect.kind == "write-config":
+            self._config_inflight = False
+            vms = [v["name"] for v in effect.data["payload"]["vms"]]
+            if outcome.get("ok"):
+                self.config_written = {"at": now, "generation": outcome.get("generation"),
+                                       "vms": vms, "wall": wall}
+                k.journal_append(now, wall, "replication-config-written", subject,
+                                 f"configuration of {len(vms)} VMs written to "
+                                 f"{self.t.site_b_host}'s BMC (IPMI OEM), generation "
+                                 f"{outcome.get('generation')}",
+                                 details={"vms": vms, **dict(outcome)})
+            else:
+                k.journal_append(now, wall, "replication-config-write-failed", subject,
+                                 str(outcome.get("error")), details={"vms": vms})
+                self._config_changed(now, urgent=False)
+                self._config_due = now + self.t.config_every_s
+        elif effect.kind == "power-on":
+            f = self.failover
+            if outcome.get("ok"):
+                k.journal_append(now, wall, "replication-power-on", subject,
+                                 f"{self.t.site_b_host} powered on through its BMC",
+                                 details=dict(outcome))
+                if f is not None and f.phase is Phase.POWERING_ON:
+                    f.phase = Phase.LOADING
+                    f.deadline = now + self.t.loaded_timeout_s
+            elif f is not None and f.phase is Phase.POWERING_ON:
+                self._fail(f"power on through the BMC failed: {outcome.get('error')}", now,
+                           wall)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def replication_status(self, now: float) -> dict[str, Any]:
+        vms = {}
+        for vm, p in sorted(self.protected.items()):
+            ship = self.shipping.get(vm)
+            row: dict[str, Any] = {"rpo_target_s": p.rpo_s, "disks": [d for d, _ in p.disks],
+                                   "network": p.network}
+            if ship is None:
+                row.update(state="no report yet" if p.disks
+                           else "configuration only (no replicated disk)")
+            else:
+                host, at, rep = ship
+                stale = now - at > REPORT_STALE_S
+                link = self.links.get(host, (0.0, 0.0, 0.0))
+                row.update(host=host, report_age_s=round(now - at, 3), stale=stale,
+                           rpo_ms=rep["rpo_ms"], remote_epoch=rep["remote_epoch"],
+                           bytes_behind=rep["bytes_behind"], link_share=link[1],
+                           share_limit=link[2], synced=rep["synced"],
+                           bytes_written=rep["bytes_written"],
+                           bytes_shipped=rep["bytes_shipped"], error=rep.get("error", ""))
+                if stale:  # the primary is silent: the data at risk only ages
+                    row["rpo_ms"] = rep["rpo_ms"] + (now - at) * 1000.0
+            vms[vm] = row
+        return {"site_b_host": self.t.site_b_host, "vms": vms,
+                "config": {"written": dict(self.config_written), "pending": self._config_dirty
+                           or self._config_inflight},
+                "registered_at_site_b": sorted(self.registered),
+                "failover": None if self.failover is None
+                else self.failover.to_dict(self.kernel.started),
+                "settings": self.config.to_dict()}
