@@ -162,6 +162,47 @@ async def http_post(port: int, path: str, body: bytes, timeout: float = 10.0,
     return status, raw.split(b"\r\n\r\n", 1)[-1]
 
 
+class KeptConnection:
+    """One agent's kept-alive connection (what ``ManagerClient(persistent=True)`` does since
+    the security work): requests go one after another on it; it is opened again once if the
+    server closed it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            if self._rw is None:
+                self._rw = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", self.port), timeout)
+            reader, writer = self._rw
+            try:
+                writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                              f"Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                data = await asyncio.wait_for(reader.readexactly(length), timeout)
+                if b"connection: close" in head.lower():
+                    self.close()
+                return int(head.split(b" ", 2)[1]), data
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                self.close()
+                if attempt:
+                    raise OSError(f"{type(exc).__name__}: {exc}") from None
+        raise OSError("unreachable")
+
+    def close(self) -> None:
+        if self._rw is not None:
+            self._rw[1].close()
+            self._rw = None
+
+
 def machine() -> dict[str, Any]:
     import platform
 

@@ -9,8 +9,9 @@ before this change, exported with ``git archive``).
 Set-up per run: the cluster (hosts, and VMs spread round robin, each RUNNING on its host) is
 written straight into the store before the manager starts: format 2 (one key per host and VM)
 for the new code, the format-1 model document for the old code (the new code reads either).
-The manager runs pinned to CPU 0 (``taskset -c 0``); the generator (asyncio, one TCP connection
-per request, as the agent's client does) and etcd run on CPU 1. Each agent's heartbeat carries
+The manager runs pinned to CPU 0 (``taskset -c 0``); the generator (asyncio: one TCP connection
+per request, or with ``--keep-alive`` one kept connection per agent, as the agent's client does
+since the security work) and etcd run on CPU 1. Each agent's heartbeat carries
 seq, two interface states, agent info, a management address and the VMs its hypervisor runs
 (30 at 1,000 hosts / 30,000 VMs), as the real agent sends them.
 
@@ -95,7 +96,7 @@ async def warm_up(port: int, hosts: list[str], on: dict[str, list[str]]) -> None
 
 
 async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], duration: float,
-                   pid: int) -> dict[str, Any]:
+                   pid: int, keep_alive: bool = False) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     n = len(hosts)
     lags: list[float] = []
@@ -107,11 +108,13 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
     async def agent(i: int, h: str) -> None:
         due = t0 + i / n
         seq = 2
+        kept = hc.KeptConnection(port) if keep_alive else None
         while due < end:
             await asyncio.sleep(max(0.0, due - loop.time()))
             try:
-                status, _ = await hc.http_post(port, f"/v1/hosts/{h}/heartbeat",
-                                               bodies[h][seq % 2])
+                path, body = f"/v1/hosts/{h}/heartbeat", bodies[h][seq % 2]
+                status, _ = await (kept.post(path, body) if kept is not None
+                                   else hc.http_post(port, path, body))
                 if status != 200:
                     errors.append(f"{h}: HTTP {status}")
             except (TimeoutError, OSError) as exc:
@@ -119,6 +122,8 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
             lags.append(loop.time() - due)
             seq += 1
             due += 1.0
+        if kept is not None:
+            kept.close()
 
     cpu0 = hc.cpu_seconds(pid)
     w0 = time.monotonic()
@@ -168,6 +173,9 @@ async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds
             "heartbeats_per_cpu_s": round(done / cpu, 1) if cpu else None}
 
 
+KEEP_ALIVE = False  # --keep-alive: each agent keeps its connection (what agents do now)
+
+
 def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
             duration: float, do_max: bool, etcd_url: str | None, tmp: Path) -> dict[str, Any]:
     fmt = 1 if label == "old" else 2
@@ -200,7 +208,12 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         store.close()
     key = hc.write_key(run)
     port = hc.free_port()
-    proc = hc.start_process(hc.manager_argv(code, port, key, run, spec, cpu="0"),
+    extra: list[str] = []
+    if KEEP_ALIVE:  # every simulated agent comes from 127.0.0.1: lift the per-address cap
+        conf = run / "manager.toml"
+        conf.write_text(f"max_per_peer = {n_hosts + 64}\n")
+        extra = ["--config", str(conf)]
+    proc = hc.start_process(hc.manager_argv(code, port, key, run, spec, extra=extra, cpu="0"),
                             run / "manager.log")
     try:
         t = time.monotonic()
@@ -209,7 +222,8 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         t = time.monotonic()
         asyncio.run(warm_up(port, hosts, on))
         out["warm_up_s"] = round(time.monotonic() - t, 2)
-        out["rate"] = asyncio.run(rate_run(port, hosts, on, duration, proc.pid))
+        out["rate"] = asyncio.run(rate_run(port, hosts, on, duration, proc.pid, KEEP_ALIVE))
+        out["keep_alive"] = KEEP_ALIVE
         print(json.dumps({k: v for k, v in out.items()}), flush=True)
         if do_max:
             out["max"] = asyncio.run(max_run(port, hosts, on, 10.0, proc.pid))
@@ -232,7 +246,12 @@ def main() -> int:
     ap.add_argument("--sweep", default="1000,1500,2000,3000",
                     help="host counts (30 VMs each) to find the largest under 100 ms lag")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep-alive", action="store_true",
+                    help="each agent keeps one connection (as the agent does since the "
+                    "security work); default: a new connection per heartbeat")
     args = ap.parse_args()
+    global KEEP_ALIVE
+    KEEP_ALIVE = args.keep_alive
     os.sched_setaffinity(0, {1})
     stores = args.stores.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="netsvc-capacity-"))
