@@ -21,9 +21,10 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -505,6 +506,57 @@ def print_usage(p: argparse.ArgumentParser) -> int:
     """A command group run without a subcommand: its help on stderr, exit 2."""
     p.print_help(sys.stderr)
     return 2
+
+
+def fetch_json(args: argparse.Namespace, path: str, what: str) -> dict[str, Any] | None:
+    """``GET path`` on the manager ``add_manager_args``' options name: the document, or None
+    once the reason (a usage, connection or HTTP error) is on stderr as ``what: ...`` (the
+    caller exits 2). The status commands of the services share it."""
+    from netsvc.cluster.client import ApiError
+    from netsvc.cluster.errors import ClusterError
+
+    try:
+        status, st = manager_client(args).request("GET", path)
+        if status != 200:
+            raise ApiError(status, str(st.get("error", st)), st)
+    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return None
+    return dict(st)
+
+
+def post_operator(args: argparse.Namespace, path: str, body: dict[str, Any],
+                  what: str) -> tuple[int, dict[str, Any]]:
+    """An operator's ``POST path``: (0, the answer) when it was accepted (200), else (the
+    exit code, {}) once it was said: 1 for a refusal (409, its rule on stderr: nothing
+    changed), 2 for anything else. With ``--json`` the answer is printed as it came, with
+    its ``http_status``. The services' operator commands share it."""
+    from netsvc.cluster.client import ApiError
+    from netsvc.cluster.errors import ClusterError
+
+    try:
+        status, out = manager_client(args).request("POST", path, body)
+    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return 2, {}
+    if args.json:
+        print(json.dumps({"http_status": status, **out}, indent=2, sort_keys=True))
+    if status == 409:
+        if not args.json:
+            print(f"{what}: refused (rule {out.get('rule')}): {out.get('error')}; nothing "
+                  "changed", file=sys.stderr)
+        return 1, {}
+    if status != 200:
+        if not args.json:
+            print(f"{what}: {out.get('error', out)}", file=sys.stderr)
+        return 2, {}
+    return 0, dict(out)
+
+
+def show_json(args: argparse.Namespace, doc: Any, render: Callable[[Any], str]) -> int:
+    """Print ``doc`` as JSON with ``--json``, else ``render(doc)``; exit 0."""
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc))
+    return 0
 
 
 def manager_client(args: argparse.Namespace) -> Any:

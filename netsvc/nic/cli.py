@@ -12,10 +12,11 @@ error (a host or switch that does not exist, a bad name, no manager).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Any
+
+from netsvc.cluster.cli import add_manager_args, post_operator, print_usage
 
 _HOST = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._@-]{1,15}$")
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="The standby of virtual switches with no running VM.")
     nic = p.add_subparsers(dest="nic_cmd", metavar="ACTION")
     status = nic.add_parser("status", help="every host's switches, their NICs, state and why")
-    _common(status)
+    add_manager_args(status, timeout=5.0)
     status.set_defaults(func=cmd_status)
     for op, help_ in (("standby", "put a switch and its uplinks in standby (refused if a "
                        "running VM or a protected network would be cut off)"),
@@ -36,46 +37,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         q.add_argument("switch")
         q.add_argument("--dry-run", action="store_true", help="check and journal, change nothing")
         q.add_argument("--reason", default="operator request", help="journaled with it")
-        _common(q)
+        add_manager_args(q, timeout=5.0)
         q.set_defaults(func=cmd_operator, op=op)
-    p.set_defaults(func=lambda a: _usage(p))
-
-
-def _common(q: argparse.ArgumentParser) -> None:
-    from netsvc.cluster.cli import add_manager_args
-
-    add_manager_args(q, timeout=5.0)
-
-
-def _usage(p: argparse.ArgumentParser) -> int:
-    from netsvc.cluster.cli import print_usage
-
-    return print_usage(p)
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from netsvc.cluster.cli import manager_client
-
-    return manager_client(args)
+    p.set_defaults(func=lambda a: print_usage(p))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from netsvc.cluster.cli import UsageError
-    from netsvc.cluster.client import ApiError
-    from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.cli import fetch_json, show_json
 
-    try:
-        status, st = _client(args).request("GET", "/v1/nic")
-        if status != 200:
-            raise ApiError(status, str(st.get("error", st)), st)
-    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
-        print(f"netsvc nic status: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        print(format_status(st))
-    return 0
+    st = fetch_json(args, "/v1/nic", "netsvc nic status")
+    return 2 if st is None else show_json(args, st, format_status)
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -104,9 +75,6 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from netsvc.cluster.cli import UsageError
-    from netsvc.cluster.client import ApiError
-    from netsvc.cluster.errors import ClusterError
 
     what = f"netsvc nic {args.op}"
     if not _HOST.match(args.host):
@@ -116,24 +84,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"{what}: bad switch name {args.switch!r} (an interface name of at most 15 "
               "characters)", file=sys.stderr)
         return 2
-    try:
-        status, body = _client(args).request(
-            "POST", f"/v1/nic/{args.host}/{args.switch}/{args.op}",
-            {"dry_run": args.dry_run, "reason": args.reason})
-    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
-        print(f"{what}: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"http_status": status, **body}, indent=2, sort_keys=True))
-    if status == 409:
-        if not args.json:
-            print(f"{what}: refused (rule {body.get('rule')}): {body.get('error')}; "
-                  "nothing changed", file=sys.stderr)
-        return 1
-    if status != 200:
-        if not args.json:
-            print(f"{what}: {body.get('error', body)}", file=sys.stderr)
-        return 2
+    code, body = post_operator(args, f"/v1/nic/{args.host}/{args.switch}/{args.op}",
+                               {"dry_run": args.dry_run, "reason": args.reason}, what)
+    if code:
+        return code
     if not args.json:
         st = body.get("status")
         if st == "queued":

@@ -19,6 +19,8 @@ import re
 import sys
 from typing import Any
 
+from netsvc.cluster.cli import add_manager_args, post_operator, print_usage
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -27,12 +29,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Storage I/O paths and fabric switch maintenance.")
     st = p.add_subparsers(dest="storage_cmd", metavar="ACTION")
     paths = st.add_parser("paths", help="each host's datastores, their paths and states")
-    _common(paths)
+    add_manager_args(paths, timeout=10.0)
     paths.set_defaults(func=cmd_paths)
     m = st.add_parser("maintenance", help="a fabric switch's maintenance mode")
     ms = m.add_subparsers(dest="maint_cmd", metavar="OP")
     status = ms.add_parser("status", help="the switches and the operation under way")
-    _common(status)
+    add_manager_args(status, timeout=10.0)
     status.set_defaults(func=cmd_status)
     for op, help_ in (("enter", "move every active path off SWITCH, then mark it in "
                        "maintenance (refused if a host or datastore would lose its last "
@@ -46,43 +48,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                            help="enter even if a host or datastore loses its last path "
                            "(journaled as forced)")
         q.add_argument("--reason", default="operator request", help="journaled with it")
-        _common(q)
+        add_manager_args(q, timeout=10.0)
         q.set_defaults(func=cmd_maintenance, op=op)
-    m.set_defaults(func=lambda a: _usage(m))
-    p.set_defaults(func=lambda a: _usage(p))
-
-
-def _common(q: argparse.ArgumentParser) -> None:
-    from netsvc.cluster.cli import add_manager_args
-
-    add_manager_args(q, timeout=10.0)
-
-
-def _usage(p: argparse.ArgumentParser) -> int:
-    from netsvc.cluster.cli import print_usage
-
-    return print_usage(p)
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from netsvc.cluster.cli import manager_client
-
-    return manager_client(args)
+    m.set_defaults(func=lambda a: print_usage(m))
+    p.set_defaults(func=lambda a: print_usage(p))
 
 
 def _get(args: argparse.Namespace, what: str) -> dict[str, Any] | None:
-    from netsvc.cluster.cli import UsageError
-    from netsvc.cluster.client import ApiError
-    from netsvc.cluster.errors import ClusterError
+    from netsvc.cluster.cli import fetch_json
 
-    try:
-        status, st = _client(args).request("GET", "/v1/storage")
-        if status != 200:
-            raise ApiError(status, str(st.get("error", st)), st)
-    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
-        print(f"{what}: {exc}", file=sys.stderr)
-        return None
-    return dict(st)
+    return fetch_json(args, "/v1/storage", what)
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
@@ -147,9 +122,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_maintenance(args: argparse.Namespace) -> int:
-    from netsvc.cluster.cli import UsageError
-    from netsvc.cluster.client import ApiError
-    from netsvc.cluster.errors import ClusterError
 
     what = f"netsvc storage maintenance {args.op}"
     if not _NAME.match(args.switch):
@@ -158,23 +130,9 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     body = {"dry_run": args.dry_run, "reason": args.reason}
     if args.op == "enter":
         body["force"] = args.force
-    try:
-        status, out = _client(args).request(
-            "POST", f"/v1/storage/maintenance/{args.switch}/{args.op}", body)
-    except (UsageError, ClusterError, ApiError, ValueError, OSError) as exc:
-        print(f"{what}: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"http_status": status, **out}, indent=2, sort_keys=True))
-    if status == 409:
-        if not args.json:
-            print(f"{what}: refused (rule {out.get('rule')}): {out.get('error')}; nothing "
-                  "changed", file=sys.stderr)
-        return 1
-    if status != 200:
-        if not args.json:
-            print(f"{what}: {out.get('error', out)}", file=sys.stderr)
-        return 2
+    code, out = post_operator(args, f"/v1/storage/maintenance/{args.switch}/{args.op}", body, what)
+    if code:
+        return code
     if not args.json:
         s = out.get("status")
         plan = out.get("plan", {})
