@@ -222,8 +222,13 @@ class ReplicationService(BaseManagerService):
 
     def handle_timer(self, now: float, wall: float | None) -> None:
         self._now = now
+        # Written while the site-B host sleeps; from its power-on on, never again: its agent
+        # reads the store then (a new generation mid-read would fail the checksum), and a
+        # running host does not read it again.
+        powered = self.failover is not None and self.failover.phase in (
+            Phase.POWERING_ON, Phase.LOADING, Phase.STARTING, Phase.DONE)
         if (self._config_dirty and not self._config_inflight and self.t.bmc is not None
-                and now >= self._config_due):
+                and now >= self._config_due and not powered):
             self._write_config(now, wall)
         f = self.failover
         if f is not None and f.phase in (Phase.QUIESCING, Phase.DRAINING):

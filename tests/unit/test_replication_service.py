@@ -160,6 +160,10 @@ def test_failover_refused_while_the_primary_lives_then_runs_through_the_bmc(
     assert [o["kind"] for o in out] == ["power-on"] and out[0]["ok"], out
     assert power.read_text().strip() == "on"
     assert s.failover is not None and s.failover.phase is Phase.LOADING
+    # from the power-on on, the BMC's copy is never rewritten (the agent reads it now; a new
+    # generation mid-read would fail its checksum): a new epoch changes the config, no write
+    s._config_changed(env.now, urgent=True)
+    assert [o["kind"] for o in env.tick(3.0)] == []
 
     # b1 powers on: its agent reads the configuration from its own BMC first
     logs: list[str] = []
