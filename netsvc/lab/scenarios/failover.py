@@ -92,6 +92,7 @@ def _manager_failover(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[
         if starts else None
     out["decision_after_kill_ms"] = round((float(first_decision["wall"]) - killed_wall) * 1000,
                                           1) if first_decision else None
+    out["old_leader"] = lab.manager_urls[leader]  # whichever won the first election
     out["new_leader"] = mgr.leader_url
     checks.check("a standby took over as leader", bool(starts) and
                  mgr.leader_url != lab.manager_urls[leader],
