@@ -294,7 +294,7 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
     def claim_actions(r: Request) -> Reply:
         req: schemas.ClaimRequest = r.body
         actions = core.claim_actions(req.host, req.executor, kinds=req.kinds, now=r.now,
-                                     wall=r.wall)
+                                     wall=r.wall, holding=req.holding)
         return Reply(200, {"actions": [a.to_dict() for a in actions], "wait_s": req.wait_s})
 
     def claim_action(r: Request) -> Reply:

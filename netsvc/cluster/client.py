@@ -329,13 +329,16 @@ class ManagerClient:
         return self._call("POST", f"/v1/vms/{quote(vm, safe='')}/migrate", body)
 
     def claim_actions(self, host: str, executor: str, *, wait_s: float = 0.0,
-                      kinds: list[str] | None = None) -> list[JSONObject]:
+                      kinds: list[str] | None = None,
+                      holding: list[str] | None = None) -> list[JSONObject]:
         """``POST /v1/actions/claim``: ``host``'s pending actions, now claimed by ``executor``.
         With ``wait_s`` the manager holds the request until one is queued (long poll); this
         client's timeout must be longer than that."""
         body: dict[str, Any] = {"host": host, "executor": executor, "wait_s": wait_s}
         if kinds is not None:
             body["kinds"] = list(kinds)
+        if holding is not None:  # what this executor holds: the rest it claimed comes again
+            body["holding"] = list(holding)
         obj = self._call("POST", "/v1/actions/claim", body)
         return [dict(a) for a in obj.get("actions", [])]
 

@@ -156,8 +156,20 @@ def run_executor(
     kinds = sorted(executors)
     backoff = 0.1
     executor_name = f"agent-{ctx.host}"
+    # The actions this executor runs or still reports, by id: sent with every claim, so the
+    # manager delivers again only one whose claim answer never arrived (at least once), and
+    # skipped if one comes back while held (never twice at once).
+    held: set[str] = set()
+    held_lock = threading.Lock()
 
     def carry_out(action: Mapping[str, Any]) -> None:
+        try:
+            _carry_out(action)
+        finally:
+            with held_lock:
+                held.discard(str(action["id"]))
+
+    def _carry_out(action: Mapping[str, Any]) -> None:
         client = ctx.make_client()
         kind, vm, phase = str(action["kind"]), str(action["vm"]), str(action["phase"])
         t0 = time.monotonic()
@@ -193,8 +205,10 @@ def run_executor(
 
     while not stop.is_set():
         try:
+            with held_lock:
+                holding = sorted(held)
             claimed = claim_client.claim_actions(ctx.host, executor_name, wait_s=CLAIM_WAIT,
-                                                 kinds=kinds)
+                                                 kinds=kinds, holding=holding)
             backoff = 0.1
         except ApiError as exc:
             if exc.status in (401, 403):
@@ -204,5 +218,9 @@ def run_executor(
             backoff = min(backoff * 2, 2.0)
             continue
         for action in claimed:
+            with held_lock:
+                if str(action["id"]) in held:
+                    continue
+                held.add(str(action["id"]))
             threading.Thread(target=carry_out, args=(action,), daemon=True,
                              name=f"exec-{action['id']}").start()

@@ -994,13 +994,29 @@ class ManagerCore:
 
     def claim_actions(
         self, host: str, executor: str, *, now: float, wall: float | None = None,
-        kinds: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None, holding: Sequence[str] | None = None,
     ) -> list[Action]:
         """Hand ``host``'s pending actions (those whose current phase it carries out) to its
-        ``executor``, re-checking their safety rules first."""
+        ``executor``, re-checking their safety rules first. With ``holding`` (the ids the
+        executor says it runs or still reports), an action this executor already claimed for
+        its current phase on ``host`` and does not hold is delivered again, once per claim
+        (journaled ``action-redelivered``): the answer to its claim was lost, e.g. with a
+        manager killed between claiming it and answering."""
         self._check_fenced()
         check_name(host, "host name")
         claimed: list[Action] = []
+        if holding is not None:
+            held = set(holding)
+            for action in self._sorted_actions():
+                if (action.state is ActionState.CLAIMED and action.host == host
+                        and action.executor == executor and action.id not in held
+                        and (kinds is None or action.kind in kinds)):
+                    self._journal_append(
+                        now, wall, "action-redelivered", _subject("action", action.id),
+                        f"phase {action.phase_name} claimed by {executor}, which does not "
+                        "hold it (its claim's answer was lost): delivered again",
+                        details=action.to_dict())
+                    claimed.append(action)
         version = self._actions_version  # an empty claim (the long polls' usual answer)
         for action in self._sorted_actions():
             if action.state is not ActionState.PENDING or action.host != host:

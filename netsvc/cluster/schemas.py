@@ -286,6 +286,11 @@ class ClaimRequest(Schema, frozen=True):
     kinds: Annotated[list[ActionKindName],
                      Meta(max_length=MAX_CLAIM_KINDS, description="only these kinds")] \
         | None = None
+    holding: Annotated[list[Annotated[str, Meta(max_length=64)]],
+                       Meta(max_length=1024, description="the ids of the actions this "
+                            "executor holds (runs, or still reports): any other action it "
+                            "claimed whose phase is still its host's is delivered again (a "
+                            "claim answer lost with a manager that died)")] | None = None
 
 
 class ActionListQuery(Schema, frozen=True):

@@ -125,3 +125,21 @@ def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
     t.join(timeout=10)
     assert not t.is_alive() and got and [a["phase"] for a in got[0]] == ["prepare"]
     assert server._claims_gen > gen and len(asked) >= 2
+
+
+def test_a_claim_whose_answer_was_lost_is_delivered_again_to_its_executor(
+        served: tuple[ManagerServer, ManagerClient]) -> None:
+    """A manager killed between claiming an action and answering leaves it CLAIMED by an
+    executor that never saw it (the HA lab run caught it: the migration failed 15 s later).
+    The executor names what it holds with each claim; the rest it claimed comes again."""
+    _server, client = served
+    action = client.migrate("vm1", "h2", "test")["action"]
+    [got] = client.claim_actions("h2", "agent-h2")  # the answer "lost": the agent never ran it
+    assert got["id"] == action["id"]
+    assert client.claim_actions("h2", "agent-h2", holding=[action["id"]]) == []  # it runs it
+    again = client.claim_actions("h2", "agent-h2", holding=[])  # it does not hold it
+    assert [a["id"] for a in again] == [action["id"]] and again[0]["phase"] == "prepare"
+    assert client.claim_actions("h2", "agent-h3", holding=[]) == []  # not another executor's
+    assert client.claim_actions("h1", "agent-h2", holding=[]) == []  # nor another host's phase
+    assert [e["subject"] for e in client.journal(0) if e["action"] == "action-redelivered"] \
+        == [f"action:{action['id']}"]
