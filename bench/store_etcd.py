@@ -18,68 +18,24 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ha_common as hc  # the etcd the benchmarks start (one copy)
 
 from netsvc.cluster.etcd_store import EtcdStore
 from netsvc.cluster.store import SqliteStore, StateStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store_etcd.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_etcd(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        raise SystemExit("etcd is not installed (apt-get install etcd-server)")
-    client, peer = free_port(), free_port()
-    curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [etcd, "--name", "bench", "--data-dir", str(data_dir),
-             "--listen-client-urls", curl, "--advertise-client-urls", curl,
-             "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
-             "--initial-cluster", f"bench={purl}", "--log-level", "warn", "--logger", "zap"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            with urllib.request.urlopen(f"{curl}/health", timeout=0.5) as r:
-                if json.loads(r.read()).get("health") == "true":
-                    return proc, curl
-        except (OSError, ValueError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise SystemExit(f"etcd did not start: {log.read_text()[-1000:]}")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def summary(lat_s: list[float], wall_s: float) -> dict[str, float]:
@@ -166,7 +122,7 @@ def main() -> int:
         results["sqlite"] = bench_store(
             "sqlite", lambda: SqliteStore(tmp / "state.sqlite"), args.ops, args.threads, value
         )
-        proc, url = start_etcd(tmp / "etcd-data", tmp / "etcd.log")
+        proc, url = hc.start_etcd(tmp / "etcd-data", tmp / "etcd.log")
         try:
             version = subprocess.run(
                 ["etcd", "--version"], capture_output=True, text=True, check=False
@@ -175,7 +131,7 @@ def main() -> int:
                 "etcd", lambda: EtcdStore(url), args.ops, args.threads, value
             )
         finally:
-            stop(proc)
+            hc.stop(proc)
     fs = subprocess.run(
         ["df", "-T", tempfile.gettempdir()], capture_output=True, text=True, check=False
     ).stdout.splitlines()[-1].split()[1]
