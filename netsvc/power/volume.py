@@ -6,7 +6,8 @@ manager's failover), and the core says which copy a request goes to. ``move(to)`
 disk to the other copy:
 
 1. to the second resource: mark (dirty tracking on), copy every block first -> second with
-   ``copier`` (each chunk read back and its checksum compared: CRC-32, or SHA-256); to the
+   ``copier`` (each chunk read back and compared with what was written, byte for byte by
+   default, or by CRC-32 or SHA-256); to the
    first (resync after power-on): only the blocks marked since the disk moved to the second;
 2. copy the blocks written meanwhile, again, until few are left (``small``) or ``rounds``;
 3. drain-then-switch: stop new requests, wait for those in flight, copy the last dirty blocks,
@@ -52,7 +53,7 @@ class MoveResult:
     stall_ms: float
     seconds: float
     verified: bool
-    checksum: str = "crc32"
+    checksum: str = "exact"
     zero_bytes: int = 0  # of bytes_copied, holes of the source written as zeroes
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +64,7 @@ class PowerVolume:
     def __init__(self, name: str, first: Datastore, second: Datastore, first_res: Resource,
                  second_res: Resource, *, size: int, block: int = 65536,
                  where: Copy = Copy.FIRST, drain_timeout: float = 10.0,
-                 checksum: str = "crc32") -> None:
+                 checksum: str = "exact") -> None:
         self.name = name
         self.ds = {Copy.FIRST: first, Copy.SECOND: second}
         self.res = {Copy.FIRST: first_res, Copy.SECOND: second_res}

@@ -189,3 +189,48 @@ def test_sparse_copy_zeroes_holes_and_overwrites_stale_bytes(tmp_path: Path) -> 
         dense = copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [(0, MiB)],
                             sparse=False)
         assert dense.zero_bytes == 0
+
+
+@contextmanager
+def lossy_nbdkit(size: int) -> Iterator[Resource]:
+    """A real nbdkit ``null`` export: it acknowledges every write and reads back zeroes (a
+    second copy that silently loses what it is sent)."""
+    import socket
+    import subprocess
+    import time
+
+    from loopback_nbdkit import free_port
+
+    port = free_port()
+    p = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p",
+                          str(port), "null", f"size={size}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield Resource("lossy", "", (PathId("lo", "stor-a", f"127.0.0.1:{port}"),))
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("checksum", ["exact", "crc32", "sha256"])
+def test_verified_copy_detects_a_second_copy_that_loses_writes(tmp_path: Path,
+                                                               checksum: str) -> None:
+    """Fails if the read-back is removed: the null export acknowledges every write."""
+    with two_copies(tmp_path) as (vol, _), lossy_nbdkit(8 * MiB) as lossy:
+        with pytest.raises(CopyError) as exc:
+            copy_ranges(vol.res[Copy.FIRST], lossy, [(0, 8 * MiB)], checksum=checksum,
+                        sparse=False)
+        assert exc.value.side == "dst" and "mismatch" in str(exc)
+        # without the check the same copy "succeeds": the test above is what catches it
+        out = copy_ranges(vol.res[Copy.FIRST], lossy, [(0, 8 * MiB)], verify=False,
+                          sparse=False)
+        assert out.bytes == 8 * MiB and not out.verified
