@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,6 +155,8 @@ class DiskLog:
         self._end = got.end
         self._seq = len(got.records) + 1
         self.appended = 0
+        self.max_append_ms = 0.0  # the guest's own record of its longest write + flush
+        self.max_append_at = 0.0  # when it began (wall clock, seconds)
 
     def _open(self, uri: str) -> Any:
         export, sock = parse_uri(uri)
@@ -195,11 +198,15 @@ class DiskLog:
         rec = encode_record(self.log_id, self._seq, payload)
         if self._end + len(rec) > self.size:
             raise DiskError("the disk region is full")
+        t0, at = time.monotonic(), time.time()
         self._write(rec, self._end)
         try:
             self._h.flush()
         except Exception as exc:
             raise DiskError(f"flush: {exc}") from None
+        ms = (time.monotonic() - t0) * 1000
+        if ms > self.max_append_ms:
+            self.max_append_ms, self.max_append_at = ms, at
         self._end += len(rec)
         self._seq += 1
         self.appended += 1
@@ -223,7 +230,9 @@ class DiskLog:
 
     def info(self) -> dict[str, Any]:
         return {"uri": self.uri, "log_id": self.log_id.hex(), "records": self._seq - 1,
-                "end": self._end, "size": self.size}
+                "end": self._end, "size": self.size,
+                "max_append_ms": round(self.max_append_ms, 3),
+                "max_append_at": round(self.max_append_at, 3)}
 
     def close(self) -> None:
         _close(self._h)

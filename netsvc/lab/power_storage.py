@@ -12,7 +12,9 @@ For each host ``hN``:
 
 Disk ``dN`` (whose data lives on ``hN``) is served to its VM by another host's agent, its
 *reader*: ``h2`` for ``d1``, ``h1`` for the others. So a VM's data lives on a host other than
-the one that runs the VM (the readers serve the disks over their ``--power-socket``).
+the one that runs the VM (the readers serve the disks over their ``--power-socket``, at the
+host's local storage endpoint: a lab VM given a region of ``dN`` with ``Lab.set_disk`` and
+running on ``dN``'s reader keeps its writes there).
 
 Invariants: every name starts with the run's prefix (``<prefix>smN``, ``<prefix>smN-a``);
 every process is started with ``lab.popen`` (tracked, ended by id at teardown); nodes added
@@ -56,7 +58,12 @@ def _dir(plan: LabPlan) -> Path:
 
 
 def socket_path(plan: LabPlan, host: str) -> str:
-    return str(_dir(plan) / f"{host}.sock")
+    """Where a reader's agent serves its power disks (``--power-socket``): the host's local
+    storage endpoint, where the lab's hypervisor points a guest's ``--disk`` (``Lab.set_disk``)."""
+    from netsvc.lab.hvstate import storage_socket
+    from netsvc.lab.registry import run_dir
+
+    return str(storage_socket(run_dir(plan.prefix) / "hv", host))
 
 
 def demand_file(plan: LabPlan, host: str) -> str:

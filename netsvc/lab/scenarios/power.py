@@ -31,21 +31,22 @@ fabric to another node (a scratch export beside h4's storage module), timed befo
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import os
-import threading
 import time
 from typing import Any
 
+from netsvc.lab.client import GuestClient, request
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import LabPlan
-from netsvc.lab.power_storage import PowerStorage, demand_file, disk_of, reader_of, socket_path
+from netsvc.lab.power_storage import PowerStorage, demand_file, disk_of, reader_of
 from netsvc.lab.scenarios import Checks, Scenario, wait_for
 
 BLOCK = 65536
+REGION = 8 << 20  # each guest's part of a disk
+REGION_BASE = BLOCK  # past the seed data at every MiB (a disk log refuses a used sector 0)
+WRITE_EVERY_S = 0.02  # each guest's client: a write every 20 ms
 PARAMS: dict[str, type | tuple[type, ...]] = {"off_s": (int, float), "disk_mib": int}
 WATTS = "on=180,off=8,storage=15"
 CONFIG = """
@@ -67,58 +68,50 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     mib = int(params.get("disk_mib", 64))
     if not 1 <= off <= 120:
         raise ConfigError(f"off_s {off} must be in [1, 120] seconds")
-    if not 4 <= mib <= 4096:
-        raise ConfigError(f"disk_mib {mib} must be in [4, 4096]")
+    if not 32 <= mib <= 4096:
+        raise ConfigError(f"disk_mib {mib} must be in [32, 4096] (two guests' regions of "
+                          f"{REGION >> 20} MiB)")
     return {"off_s": off, "disk_mib": mib}
 
 
-class Writer(threading.Thread):
-    """A guest's writes to its disk through its reader's endpoint (64 KiB, aligned)."""
+def _guest_info(lab: Lab, vm: str) -> dict[str, Any]:
+    """The guest's own account of its disk (its control socket's ``INFO``): where it is
+    open, how many records, its longest write + flush (``max_append_ms``)."""
+    import socket
 
-    def __init__(self, sock: str, disk: str, blocks: int) -> None:
-        super().__init__(daemon=True, name=f"writer-{disk}")
-        nbd = importlib.import_module("nbd")  # Debian's python3-libnbd (untyped)
-        self.h = nbd.NBD()
-        self.h.set_export_name(disk)
-        self.h.connect_unix(sock)
-        self.disk, self.blocks = disk, blocks
-        self.stop = threading.Event()
-        self.acked: dict[int, bytes] = {}
-        self.errors: list[str] = []
-        self.writes = 0
-        self.max_ms = 0.0
-        self.max_at = 0.0
+    assert lab.hv is not None
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(lab.hv.vms_dir / f"{vm}.ctl"))
+        s.sendall(b"INFO\n")
+        reply = s.makefile("rb").readline().decode().strip()
+    if not reply.startswith("OK "):
+        raise LabError(f"{vm}'s guest control: {reply}")
+    return dict(json.loads(reply[3:]) or {})
 
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            blk = (i * 7) % self.blocks
-            data = hashlib.sha256(f"{self.disk}/{blk}/{i}".encode()).digest() * (BLOCK // 32)
-            t0 = time.monotonic()
-            try:
-                self.h.pwrite(data, blk * BLOCK)
-                self.acked[blk] = data
-            except Exception as exc:  # an I/O error the VM would see
-                self.errors.append(str(exc)[:200])
-            ms = (time.monotonic() - t0) * 1000
-            if ms > self.max_ms:
-                self.max_ms, self.max_at = ms, t0
-            self.writes += 1
-            i += 1
-            time.sleep(0.01)  # a guest that writes, not a benchmark
 
-    def close(self) -> None:
-        self.stop.set()
-        self.join(timeout=30)
+def _first_copy(lab: Lab, owner: str, offset: int, length: int) -> list[bytes]:
+    """The ``SET`` lines of the disk log in ``offset:length`` of ``owner``'s disk, read from
+    its first resource (``nbdcopy`` in ``owner``'s namespace: not through any reader, not from
+    the storage module) and decoded with the disk log's codec."""
+    import subprocess
 
-    def verify(self) -> tuple[int, int]:
-        ok = bad = 0
-        for blk, data in self.acked.items():
-            if bytes(self.h.pread(BLOCK, blk * BLOCK)) == data:
-                ok += 1
-            else:
-                bad += 1
-        return ok, bad
+    from netsvc.lab.disklog import SECTOR, read_label, scan
+    from netsvc.lab.power_storage import FIRST_PORT
+
+    out = lab.run_dir / f"readback-{disk_of(owner)}.img"
+    subprocess.run(["mnexec", "-a", str(lab.pid(owner)), "nbdcopy",
+                    f"nbd://127.0.0.1:{FIRST_PORT}/{disk_of(owner)}", str(out)], check=True,
+                   timeout=300)
+    try:
+        data = out.read_bytes()[offset:offset + length]
+    finally:
+        out.unlink()
+    log_id = read_label(data[:SECTOR])
+    if log_id is None:
+        return []
+    got = scan(lambda count, at: data[at:at + count], length, log_id)
+    return [line for rec in got.records for line in rec.split(b"\n")]
 
 
 def _power(lab: Lab) -> dict[str, Any]:
@@ -227,35 +220,57 @@ def _op(lab: Lab, op: str, host: str, timeout: float) -> dict[str, Any]:
     return found
 
 
-def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+def _place_guests(lab: Lab) -> dict[str, tuple[str, int]]:
+    """Give lab VMs disks in the power datastore: two VMs running on ``h3``'s reader (``h1``)
+    with their data on ``h3`` (the host the scenario powers off), one of them first migrated
+    there from ``h4`` through the manager; and ``h2``'s VM with its data on ``h1``. Returns
+    ``{vm: (owner of its data, offset of its region)}``."""
     plan = lab.require_plan()
+    on = {h: [v for v in lab.vms if lab.vms[v].host == h] for h in plan.host_names()}
+    reader = reader_of("h3")
+    mover = on["h4"][0]
+    mgr = lab.manager()
+    action = mgr.migrate(mover, reader, "power-cycle scenario: its disk will be on h3")["action"]
+    done = mgr.wait_action(action["id"], timeout=90.0)
+    if done["state"] != "SUCCEEDED":
+        raise LabError(f"migrating {mover} to {reader}: {done['state']}: {done.get('detail')}")
+    guests = {on[reader][0]: ("h3", REGION_BASE), mover: ("h3", REGION_BASE + REGION),
+              on[reader_of("h1")][0]: ("h1", REGION_BASE)}
+    for vm, (owner, off) in guests.items():
+        lab.set_disk(vm, disk_of(owner), f"{off}:{REGION}")
+    lab.wait_guests(list(guests), timeout=60.0)
+    lab.record("event", "lab", "power-guests", disks={v: f"{disk_of(o)}@{off}"
+                                                     for v, (o, off) in guests.items()})
+    return guests
+
+
+def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     store = PowerStorage(lab, params["disk_mib"] << 20)
     store.build()
     _demand(lab, 1.5)  # 4 VMs x 1.5 of 16 cores: 0.375, above off_below
     lab.bmc_args = ["--dcmi-watts", WATTS]
     lab.start_services(services=("power",), config=CONFIG)
-    disks = [disk_of(h) for h in plan.host_names()]
+    disks = [disk_of(h) for h in lab.require_plan().host_names()]
     wait_for("every disk reported", lambda: set(_power(lab)["placement"]) == set(disks),
              30.0, 0.25)
-    writers = [Writer(socket_path(plan, reader_of(h)), disk_of(h), (params["disk_mib"] << 20)
-                      // BLOCK // 4) for h in plan.host_names()]
-    for w in writers:
-        w.start()
+    guests = _place_guests(lab)
+    clients = {vm: GuestClient(lab.guest_connect(vm), interval=WRITE_EVERY_S,
+                               key_prefix=f"{vm}k").start() for vm in guests}
     figures: dict[str, Any] = {}
-    phases: list[tuple[float, str]] = [(time.monotonic(), "evacuation-peer")]
+    phases: list[tuple[float, str]] = [(time.time(), "evacuation-peer")]
     try:
         figures["full_evacuation_s"] = _evacuate(lab, store)
         _refusals(lab, store, checks)
-        phases.append((time.monotonic(), "load"))
+        phases.append((time.time(), "load"))
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
         watts_on = _power(lab)["hosts"]["h3"]["watts"]
         time.sleep(1.0)
         _demand(lab, 0.2)  # 0.8 of 16 cores: 0.05
         t_low = time.monotonic()
-        phases.append((t_low, "power-off"))
+        phases.append((time.time(), "power-off"))
         off = _op(lab, "off", "h3", 120.0)
-        phases.append((time.monotonic(), "off"))
+        phases.append((time.time(), "off"))
         figures["off_decided_after_s"] = round(time.monotonic() - t_low, 2)
         checks.check("the planner powered h3 off (demand low)", off["state"] == "done"
                      and off["trigger"] == "demand-low", f"{off['state']}: {off.get('error')}")
@@ -274,9 +289,9 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      h3["domains"].get("storage", {}).get("on") is True, str(h3["domains"]))
         dirty = _power(lab)["placement"]["d3"]["dirty_blocks"]
         _demand(lab, 3.0)  # 3 VMs x 3.0 of 12 cores: 0.75, above on_above
-        phases.append((time.monotonic(), "power-on"))
+        phases.append((time.time(), "power-on"))
         on = _op(lab, "on", "h3", 120.0)
-        phases.append((time.monotonic(), "on"))
+        phases.append((time.time(), "on"))
         checks.check("h3 powered on (demand high) and its data moved back",
                      on["state"] == "done" and on["trigger"] == "demand-high",
                      f"{on['state']}: {on.get('error')}")
@@ -292,30 +307,49 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "power_on_s": on.get("elapsed_s"), "off_steps": off.get("steps"),
             "switch_stall_ms": off["results"].get("max_switch_stall_ms"),
             "move_s": _step_s(off, "move")})
+        time.sleep(1.0)  # some writes after the paths moved back, too
     finally:
-        for w in writers:
-            w.close()
+        logs = {vm: c.stop() for vm, c in clients.items()}
+    writes = {vm: clients[vm].sent for vm in guests}
+    errors = sum(len(log.errors) for log in logs.values())
+    checks.check("zero I/O errors: no guest write failed", errors == 0,
+                 "; ".join(f"{vm}: {e}" for vm, log in logs.items() for _, e in log.errors[:2]))
+    violations = [v for log in logs.values() for v in log.violations]
+    checks.check("no write lost or replayed (each guest's counter)", not violations,
+                 "; ".join(violations[:3]))
+    infos: dict[str, dict[str, Any]] = {}
+    for vm in guests:  # a guest stops on a disk error: a stopped guest fails here
+        try:
+            pong = request(lab.guest_connect(vm), "PING")
+            infos[vm] = _guest_info(lab, vm)
+        except (OSError, LabError) as exc:
+            pong = f"no answer: {exc}"
+        checks.check(f"{vm}'s guest still runs, its counter at its {writes[vm]} writes",
+                     pong == f"PONG {vm} {writes[vm]}", pong[:200])
     verified = bad = 0
-    for w in writers:
-        ok, b = w.verify()
-        verified += ok
-        bad += b
-        w.h.shutdown()
-    errors = sum(len(w.errors) for w in writers)
-    checks.check("zero I/O errors in the guests' writes", errors == 0,
-                 "; ".join(e for w in writers for e in w.errors[:2])[:300])
-    checks.check("every acknowledged write reads back", bad == 0 and verified > 0,
-                 f"{verified} verified, {bad} differ")
+    for vm, (owner, start) in guests.items():
+        on_disk = _first_copy(lab, owner, start, REGION)
+        want = [f"SET {vm}k{n} v{n}".encode() for n in range(1, writes[vm] + 1)]
+        ok = on_disk[:len(want)] == want
+        checks.check(f"{vm}'s {len(want)} acknowledged writes are on {owner}'s first resource",
+                     ok and len(want) > 0, f"{len(on_disk)} records on the disk")
+        verified += len(want) if ok else 0
+        bad += 0 if ok else len(want)
     rb, db = figures.get("resync_bytes"), figures.get("resync_dirty_bytes_at_power_on")
     checks.check("only changed blocks were copied back (not a full copy)",
                  isinstance(rb, int) and 0 < rb < params["disk_mib"] << 20, f"{rb} bytes")
-    worst = max(writers, key=lambda w: w.max_ms)
-    figures["max_io_stall_phase"] = [n for t, n in phases if t <= worst.max_at][-1] \
-        if worst.max_at >= phases[0][0] else "start"
-    figures["max_io_stall_disk"] = worst.disk
+    stalls = {vm: float(i.get("max_append_ms") or 0.0) for vm, i in infos.items()}
+    worst = max(stalls, key=lambda v: stalls[v], default=None)
+    if worst is not None:
+        at = float(infos[worst].get("max_append_at") or 0.0)
+        figures["max_io_stall_phase"] = ([n for t, n in phases if t <= at] or ["start"])[-1]
+        figures["max_io_stall_vm"] = worst
+        figures["max_io_stall_disk"] = disk_of(guests[worst][0])
     return {"io_errors": errors, "writes_verified": verified, "writes_mismatched": bad,
-            "max_io_stall_ms": round(max((w.max_ms for w in writers), default=0.0), 3),
-            "writes": sum(w.writes for w in writers),
+            "max_io_stall_ms": round(max(stalls.values(), default=0.0), 3),
+            "max_reply_gap_ms": round(max(log.max_gap() for log in logs.values()) * 1000, 1),
+            "writes": sum(writes.values()), "guests": {v: f"{disk_of(o)}@{at}"
+                                                       for v, (o, at) in guests.items()},
             "resync_ratio": round(rb / db, 3) if rb and db else None, **figures}
 
 
