@@ -15,8 +15,9 @@ Invariants:
   (atomically), and read at start: a restarted agent never serves a stale copy. A disk found
   on its second copy at start has lost its dirty set with the old agent, so every block is
   marked: its resync is a full copy, never a partial one that could miss a write.
-- A ``power-move`` stops at the first disk that fails; the disks moved before it stay moved
-  (each one authoritative on exactly one copy) and the error names them.
+- A ``power-move`` stops at the first disk that fails. Towards the second copy, the disks it
+  moved before are moved back to their first copy (``move``); each disk is authoritative on
+  exactly one copy throughout, and the error names what moved and what came back.
 """
 
 from __future__ import annotations
@@ -196,6 +197,13 @@ class PowerAgent:
     # -- the executor ----------------------------------------------------------------------
 
     def move(self, owner: str, to: str, disks: Sequence[str] | None = None) -> dict[str, Any]:
+        """Move ``owner``'s disks to the ``to`` copy, in name order. A move to the second
+        copy (a power-off) that fails at one disk moves the disks it had already moved back
+        to their first copy (only their changed blocks), so a failed power-off leaves the
+        host's data where it was; a disk that cannot be moved back stays, authoritative, on
+        its second copy, and the error names it. A move back to the first copy (a power-on)
+        that fails is not undone: its host is on, and the disks already back are where
+        they belong."""
         target = Copy(to)
         names = sorted(n for n, c in self.confs.items() if c.owner == owner
                        and (disks is None or n in disks))
@@ -206,9 +214,24 @@ class PowerAgent:
                     res = self.volumes[n].move(target)
                 except MoveError as exc:
                     self._save_state()
+                    undone = self._undo(list(done), target) if target is Copy.SECOND else ""
                     raise RuntimeError(
                         f"disk {n}: {exc} (stays on its {self.volumes[n].where.value} copy; "
-                        f"moved before it: {', '.join(done) or 'none'})") from None
+                        f"moved before it: {', '.join(done) or 'none'}{undone})") from None
                 done[n] = res.to_dict()
                 self._save_state()
         return {"owner": owner, "to": to, "disks": done}
+
+    def _undo(self, moved: list[str], target: Copy) -> str:
+        """Move ``moved`` back from ``target`` (under the lock); what happened, for the
+        error."""
+        back, stuck = [], []
+        for n in reversed(moved):
+            try:
+                self.volumes[n].move(target.other)
+                back.append(n)
+            except MoveError as exc:
+                stuck.append(f"{n} ({exc})")
+            self._save_state()
+        out = f"; moved back to the {target.other.value} copy: {', '.join(back) or 'none'}"
+        return out + (f"; could not be moved back: {', '.join(stuck)}" if stuck else "")

@@ -69,3 +69,34 @@ def test_move_records_where_and_a_restart_resyncs_in_full(tmp_path: Path) -> Non
             assert (a.directory / "d3").read_bytes()[65536:65536 + 4096] == b"\x22" * 4096
         finally:
             again.close()
+
+
+def test_a_power_off_move_that_fails_part_way_moves_the_moved_disks_back(
+        tmp_path: Path) -> None:
+    """h3 holds d3 and d4; d4's storage module is gone: d4 fails after d3 moved, and d3 comes
+    back to its first copy (on the old code it stayed on its second copy)."""
+    for d in ("a", "b", "c", "state"):
+        (tmp_path / d).mkdir()
+    with ExitStack() as st:
+        a = st.enter_context(nbdkit_array(tmp_path / "a", {"d3": 4 * MiB, "d4": 4 * MiB},
+                                          ports=1))
+        b = st.enter_context(nbdkit_array(tmp_path / "b", {"d3": 4 * MiB}, ports=1))
+        c = st.enter_context(nbdkit_array(tmp_path / "c", {"d4": 4 * MiB}, ports=1))
+        specs = [f"d3@h3=lo>stor-a>{a.port(0)};lo>stor-a>{b.port(0)}",
+                 f"d4@h3=lo>stor-a>{a.port(0)};lo>stor-a>{c.port(0)}"]
+        agent = PowerAgent(ctx(), parse_disks(specs), state_dir=str(tmp_path / "state"))
+        agent.open()
+        try:
+            agent.volumes["d3"].pwrite(b"\x33" * 4096, 0)
+            c.kill(0)
+            with pytest.raises(RuntimeError) as exc:
+                agent.move("h3", "second")
+            assert "disk d4" in str(exc.value)
+            assert "moved back to the first copy: d3" in str(exc.value)
+            assert [agent.volumes[n].where.value for n in ("d3", "d4")] == ["first", "first"]
+            assert json.loads((tmp_path / "state" / "power-disks.json").read_text()) == \
+                {"d3": "first", "d4": "first"}
+            agent.volumes["d3"].pwrite(b"\x44" * 4096, 4096)  # goes to the first copy
+            assert (a.directory / "d3").read_bytes()[:8192] == b"\x33" * 4096 + b"\x44" * 4096
+        finally:
+            agent.close()
