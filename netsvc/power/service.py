@@ -23,7 +23,10 @@ Invariants:
 - Every step has a deadline (``step_timeout_s``; the BMC's own timeouts inside it).
 - A failure stops the operation where it is and journals it; nothing after it runs. Before
   ``bmc-off`` the host is still on and each disk has exactly one authoritative copy (an
-  aborted move leaves it on the first resource; ``volume.PowerVolume``); a BMC that does not
+  aborted move leaves it on the first resource; ``volume.PowerVolume``); when one reader's
+  move fails after others moved theirs to the second resource, those are moved back to the
+  first (``power-move`` with ``undo``, journaled ``power-off-move-undo``,
+  ``power-undo-done|failed``) before the operation fails; a BMC that does not
   confirm off leaves the host reported as on, its disks on the second resource, readable.
 - A power-off is checked against the planner's rules when decided and again for an
   operator; a refusal names the rule, is journaled, and changes nothing. Dry runs journal
@@ -125,6 +128,7 @@ class Operation:
     waiting: dict[str, str] = field(default_factory=dict)  # action id -> reader host
     results: dict[str, Any] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    undoing: bool = False  # a failed move to the second copy: moving the moved disks back
     ended: float | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -509,6 +513,9 @@ class PowerService(BaseManagerService):
             return
         if op.waiting:
             return
+        if op.failed and to == "second" and not op.undoing and op.results.get("moved_by"):
+            self._undo(op, now, wall)
+            return
         if op.failed:
             self._fail(op, now, wall, "; ".join(op.failed), **self._copies(op.host))
             return
@@ -517,6 +524,27 @@ class PowerService(BaseManagerService):
         self._next(op, now, wall, f"{moved} bytes copied to the {to} resource, paths switched",
                    **{key: moved, "disks": op.results.get(f"disks_{to}", {})})
 
+    def _undo(self, op: Operation, now: float, wall: float | None) -> None:
+        """A power-off's move failed at one reader after others had moved their disks to
+        the second copy: each of those moves them back to the first (its changed blocks),
+        then the operation fails. The host is still on; its data goes back where it was."""
+        op.undoing = True
+        moved = dict(op.results.get("moved_by") or {})
+        self._journal(op, "undo", f"moving back what {', '.join(sorted(moved))} moved, "
+                      f"after: {'; '.join(op.failed)}", now, wall, moved=moved)
+        for reader, disks in sorted(moved.items()):
+            try:
+                a = self.kernel.queue_action(
+                    "power-move", _key(reader, op.host),
+                    payload={"reader": reader, "owner": op.host, "to": "first",
+                             "disks": disks, "operation": op.id, "undo": True},
+                    reason=f"power off {op.host} failed: move {reader}'s disks back to "
+                           "the first resource", now=now, wall=wall)
+            except Refused as exc:
+                op.failed.append(f"{reader}: undo not queued: {exc}")
+                continue
+            op.waiting[a.id] = reader
+
     def _complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
                   detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:
         op = self._op
@@ -524,6 +552,22 @@ class PowerService(BaseManagerService):
         if op is not None and action.id in op.waiting:
             reader = op.waiting.pop(action.id)
             to = str(action.payload.get("to"))
+            if action.payload.get("undo"):
+                op.results.setdefault("moved_back", {})[reader] = (
+                    sorted(res.get("disks") or {}) if ok else f"failed: {detail}")
+                if not ok:
+                    op.failed.append(f"{reader}: moving back failed: {detail}")
+                kernel.journal_append(now, wall, f"power-undo-{'done' if ok else 'failed'}",
+                                      f"host:{reader}", f"{reader}'s disks of {op.host} "
+                                      f"{'back on' if ok else 'not all back on'} the first "
+                                      "resource" + ("" if ok else f": {detail}"),
+                                      details={"action": action.id, **res}, actor="power")
+                self._next_eval = now
+                return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                         detail=detail or None, result=res or None)
+            if ok and to == "second":
+                op.results.setdefault("moved_by", {})[reader] = sorted(
+                    str(d) for d in action.payload.get("disks") or [])
             key = "data_moved_bytes" if to == "second" else "resync_bytes"
             disks = res.get("disks") or {}
             op.results[key] = op.results.get(key, 0) + sum(

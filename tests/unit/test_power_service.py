@@ -229,3 +229,43 @@ def test_an_unused_service_stays_idle(tmp_path: Path) -> None:
     env.tick(T0 + 1)
     env.tick(T0 + 1000)
     assert env.service._op is None and env.core.take_effects() == []
+
+
+def test_a_failed_move_at_one_reader_moves_the_other_readers_disks_back(
+        tmp_path: Path) -> None:
+    """h1 and h2 both read disks of h4; h1's move succeeds, h2's fails: h1 is asked to move
+    d4 back to the first copy before the power-off fails (on the old code the operation
+    failed with d4 left on the second copy, and no BMC off)."""
+    env = Env(tmp_path)
+    extra = {"h2": {"volumes": [vol("d5", "h4")]}}
+    env.reports(T0, extra=extra)
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    moves = {a.payload["reader"]: a for a in env.core.open_actions() if a.kind == "power-move"}
+    assert set(moves) == {"h1", "h2"}
+    env.core.claim_action(moves["h1"].id, "h1", "test", now=T0 + 3)
+    env.core.complete_action(moves["h1"].id, ok=True, detail="", now=T0 + 3, host="h1",
+                             result={"owner": "h4", "to": "second", "disks": {
+                                 "d4": {"bytes_copied": 1 << 20, "stall_ms": 1.0}}})
+    env.core.claim_action(moves["h2"].id, "h2", "test", now=T0 + 4)
+    env.core.complete_action(moves["h2"].id, ok=False, now=T0 + 4, host="h2",
+                             detail="disk d5: copy: dst failed at offset 0")
+    env.tick(T0 + 5)
+    op = env.service._op
+    assert op is not None and op.state == "running" and op.undoing
+    [back] = [a for a in env.core.open_actions() if a.kind == "power-move"]
+    assert back.payload == {"reader": "h1", "owner": "h4", "to": "first", "disks": ["d4"],
+                            "operation": op.id, "undo": True}
+    env.core.claim_action(back.id, "h1", "test", now=T0 + 6)
+    env.core.complete_action(back.id, ok=True, detail="", now=T0 + 6, host="h1",
+                             result={"owner": "h4", "to": "first", "disks": {
+                                 "d4": {"bytes_copied": 65536, "stall_ms": 1.0}}})
+    env.tick(T0 + 7)
+    done = env.service._history[-1]
+    assert done.state == "failed" and "d5" in (done.error or "")
+    assert done.results["moved_back"] == {"h1": ["d4"]}
+    assert "resync_bytes" not in done.results  # an undo is not a resync
+    assert [e for e in env.core.take_effects() if e.kind == "bmc-off"] == []
+    assert env.service.power_status(T0 + 8)["hosts"]["h4"]["state"] == "on"
+    assert {"power-off-move-undo", "power-undo-done", "power-off-failed"} <= set(
+        env.actions("power-"))
