@@ -157,7 +157,7 @@ class Refusal:
 class Decision:
     op: str  # "off" | "on"
     host: str
-    trigger: str  # "demand-low" | "demand-high" | "host-failed" | "operator"
+    trigger: str  # "demand-low" | "demand-high" | "host-failed" | "operator" | "manager-restart"
     reason: str
     figures: Mapping[str, Any]
     placement: Mapping[str, str] = field(default_factory=dict)  # VM -> target (off)

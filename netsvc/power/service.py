@@ -17,6 +17,10 @@ starts, ends or fails (``power-off-migrate-start``, ``...-done``, ``...-failed``
 Invariants:
 
 - At most one operation at a time (and the planner decides nothing while one runs).
+- An operation lives in this manager's memory only; a restarted (or failed-over) manager does
+  not resume it, it undoes it: it waits for the ``power-move`` actions the kernel persisted
+  and for fresh reports, then moves the disks of any host that is up with its data on the
+  second resource back to the first (``_recovery``), before the planner decides anything.
 - The service is idle (no planner, no BMC readings) until an agent reports; the planner then
   decides only while every host that is up has a fresh report (``REPORT_TTL_S``): with the
   demand of a host unknown, nothing is powered off.
@@ -75,6 +79,7 @@ from netsvc.power.schemas import OperatorRequest, PowerReport, PowerTable
 
 OFF_STEPS = ("migrate", "move", "bmc-off", "confirm")
 ON_STEPS = ("bmc-on", "agent-up", "resync")
+RECOVER_STEPS = ("agent-up", "resync")  # after a restart: the host is on, its data is not
 EVAL_EVERY_S = 1.0
 DRIVE_EVERY_S = 0.2  # while an operation runs
 READ_EVERY_S = 2.0  # one host's DCMI readings per effect, round robin
@@ -191,6 +196,9 @@ class PowerService(BaseManagerService):
         self._reading = False
         self._read_turn = 0
         self._seq = 0
+        self._recovered = False  # the start-up sweep (``_recovery``) is over
+        self._recovering: set[str] = set()
+        self._moves_seen = -1.0  # when the sweep last saw a power-move action open
         self._bmcs: dict[str, Any] | None = None
         self._now = 0.0
 
@@ -351,6 +359,13 @@ class PowerService(BaseManagerService):
             self._reasons = {h: f"waiting: no fresh power report from {', '.join(silent)}"
                              for h in view.hosts}
             return
+        if not self._recovered:
+            waiting, d = self._recovery(view, now)
+            if waiting:
+                return
+            if d is not None:
+                self._start(d, now, wall, dry_run=self.config.dry_run, steps=RECOVER_STEPS)
+                return
         ev = self.planner.evaluate(view, now)
         self._demand = ev.demand
         self._reasons = dict(ev.reasons)
@@ -358,12 +373,43 @@ class PowerService(BaseManagerService):
         if d is not None:
             self._start(d, now, wall, dry_run=self.config.dry_run)
 
+    def _recovery(self, view: ClusterView, now: float) -> tuple[bool, Decision | None]:
+        """At start (a manager restart, or a failover), before the planner decides anything:
+        an operation the previous manager left unfinished is not resumed, it is undone. The
+        ``power-move`` actions it had queued are persisted by the kernel and still carried
+        out: wait for them, and for every reader's report sent after they ended (``(True,
+        None)``); then a host that is up and on with its disks
+        authoritative on the second copy gets them moved back (a ``manager-restart``
+        operation: agent-up -> resync, no BMC), one host at a time, each at most once.
+        A host that is down with its data on the second copy is off (``_state``)."""
+        if any(a.kind == "power-move" for a in self.kernel.open_actions()):
+            self._reasons = {h: "waiting: power-move actions queued before this manager "
+                                "started are still running" for h in view.hosts}
+            self._moves_seen = now
+            return True, None
+        if any(at <= self._moves_seen for rep, at in self._reports.values() if rep.volumes):
+            return True, None  # where the disks are now: the readers' next reports
+        up = {h for h, x in self.kernel.model.hosts.items() if x.state is HostState.UP}
+        stray = sorted({p["owner"] for p in self.placement().values()
+                        if p["where"] == "second" and p["owner"] in up
+                        and p["owner"] not in self._recovering
+                        and view.hosts[p["owner"]].power is PowerState.ON})
+        if not stray:
+            self._recovered = True
+            return False, None
+        host = stray[0]
+        self._recovering.add(host)
+        return False, Decision("on", host, "manager-restart",
+                               f"{host} is up with its disks on the second resource and no "
+                               "operation running (one a previous manager did not finish): "
+                               "moving them back", {})
+
     # -- operations ------------------------------------------------------------------------
 
-    def _start(self, d: Decision, now: float, wall: float | None, *, dry_run: bool
-               ) -> Operation | None:
+    def _start(self, d: Decision, now: float, wall: float | None, *, dry_run: bool,
+               steps: tuple[str, ...] | None = None) -> Operation | None:
         k = self.kernel
-        steps = OFF_STEPS if d.op == "off" else ON_STEPS
+        steps = steps or (OFF_STEPS if d.op == "off" else ON_STEPS)
         subject = f"host:{d.host}"
         details = {**d.to_dict(), "steps": list(steps)}
         if dry_run:

@@ -269,3 +269,53 @@ def test_a_failed_move_at_one_reader_moves_the_other_readers_disks_back(
     assert env.service.power_status(T0 + 8)["hosts"]["h4"]["state"] == "on"
     assert {"power-off-move-undo", "power-undo-done", "power-off-failed"} <= set(
         env.actions("power-"))
+
+
+def test_a_manager_restart_mid_power_off_undoes_it_once_its_moves_are_done(
+        tmp_path: Path) -> None:
+    """The manager dies after queueing h4's power-move (its store keeps the open action).
+    The next manager waits for that action, finds h4 up with d4 on the second copy and no
+    operation, and moves d4 back (on the old code nothing moved it back: h4 stayed on with
+    its data on its storage module)."""
+    db = tmp_path / "state.db"
+
+    def core(service: PowerService, now: float) -> ManagerCore:
+        return ManagerCore(SqliteStore(str(db)), env.journal, now=now, wall=WALL0 + now,
+                           config=ManagerConfig(heartbeat_interval=100.0, missed_heartbeats=3),
+                           services=[service])
+
+    env = Env(tmp_path)
+    env.core = core(env.service, T0)  # the same Env, on a store that outlives the manager
+    for h in ("h1", "h2", "h3", "h4"):
+        env.core.heartbeat(h, seq=1, now=T0)
+    env.core.put_vm("vm1", mac="52:54:00:00:00:01", ip="198.18.1.101", host="h1",
+                    state=VMState.RUNNING, now=T0)
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    [orphan] = [a for a in env.core.open_actions() if a.kind == "power-move"]
+    # the manager restarts: a new service, a new core over the same store
+    env.service = PowerService(PowerConfig.from_table(
+        {"window_s": 10, "min_on_s": 0, "min_off_s": 0, "protected": ["h2", "h3"]}))
+    env.core = core(env.service, T0 + 10)
+    env.service._bmcs = {}
+    for h in ("h1", "h2", "h3", "h4"):
+        env.core.heartbeat(h, seq=2, now=T0 + 10)
+    env.reports(T0 + 10)
+    env.tick(T0 + 11)
+    assert env.service._op is None  # the old move still runs: wait for it
+    assert any(a.id == orphan.id for a in env.core.open_actions())
+    env.run_move(T0 + 12)  # the agent finishes it: d4 on the second copy
+    env.reports(T0 + 13, where="second")
+    env.tick(T0 + 14)
+    op = env.service._op
+    assert op is not None and (op.op, op.host, op.trigger) == ("on", "h4", "manager-restart")
+    assert op.steps == ("agent-up", "resync")
+    env.core.heartbeat("h4", seq=3, now=T0 + 15)
+    env.tick(T0 + 16)
+    back = env.run_move(T0 + 17)
+    assert back.payload["to"] == "first" and back.payload["disks"] == ["d4"]
+    assert op.state == "done"
+    env.reports(T0 + 18)
+    env.tick(T0 + 30)
+    assert env.service._op is None  # once: nothing else to undo
+    assert env.service.power_status(T0 + 30)["hosts"]["h4"]["state"] == "on"
