@@ -7,7 +7,7 @@ second ``PowerService`` (pure, time passed in) turns the model and the reports i
 starts, ends or fails (``power-off-migrate-start``, ``...-done``, ``...-failed``):
 
 - off: ``migrate`` (the kernel's live migrations to the planner's placement) -> ``move`` (one
-  ``power-move`` action per reader host: copy first -> second with checksums, then
+  ``power-move`` action per reader host: copy first -> second, each chunk read back, then
   drain-then-switch; the agent carries it out) -> ``bmc-off`` (IPMI soft off, hard off after
   a timeout, retried; an effect) -> ``confirm`` (every reader reports the host's disks on the
   second resource, readable, after the BMC said off);
