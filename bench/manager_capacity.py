@@ -159,7 +159,8 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
     await asyncio.gather(*waiters, return_exceptions=True)
     lags.sort()
     return {
-        "heartbeats": len(lags), "claims_answered": claims, "errors": len(errors), "error_sample": errors[:5],
+        "heartbeats": len(lags), "claims_answered": claims, "errors": len(errors),
+        "error_sample": errors[:5],
         "wall_s": round(wall, 2), "heartbeats_per_s": round(len(lags) / wall, 1),
         "manager_cpu_share_of_one_core": round(cpu / wall, 3),
         "cpu_ms_per_heartbeat": round(1000 * cpu / max(len(lags), 1), 3),
@@ -201,13 +202,14 @@ async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds
 
 
 KEEP_ALIVE = False  # --keep-alive: each agent keeps its connection (what agents do now)
+OLD_FORMAT = 1  # --old-format: the state format the old tree reads (2 since per-key state)
 CLAIMS = False  # --claims: each agent's executor also holds a long-poll claim
 CLAIM_WAIT = 10.0  # netsvc.cluster.executor's CLAIM_WAIT
 
 
 def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
             duration: float, do_max: bool, etcd_url: str | None, tmp: Path) -> dict[str, Any]:
-    fmt = 1 if label == "old" else 2
+    fmt = OLD_FORMAT if label == "old" else 2
     hosts, on, docs = hc.cluster(n_hosts, n_vms)
     run = Path(tempfile.mkdtemp(prefix=f"{label}-{store_kind}-", dir=tmp))
     spec = None
@@ -282,8 +284,12 @@ def main() -> int:
     ap.add_argument("--claims", action="store_true",
                     help="each agent's executor also holds a long-poll claim on its own "
                     "kept connection, as real agents do")
+    ap.add_argument("--old-format", type=int, choices=(1, 2), default=1,
+                    help="the state format of --old-tree: 1 (one model document, before the "
+                    "per-key state) or 2")
     args = ap.parse_args()
-    global KEEP_ALIVE, CLAIMS
+    global KEEP_ALIVE, CLAIMS, OLD_FORMAT
+    OLD_FORMAT = args.old_format
     KEEP_ALIVE = args.keep_alive
     CLAIMS = args.claims
     os.sched_setaffinity(0, {1})

@@ -37,10 +37,12 @@ Invariants:
   long ago, if that was less than one DOWN window before (by the wall clock).
 
 ``ManagerServer`` is the thin adapter: the transport's event loop (``server.HTTPServer``), a
-timer thread and an effects thread. It is the only place that reads ``time.monotonic()``/``time.time()``, and it
-serialises every call into the core with one lock (request bodies are read, effects performed
-and long-polling claims wait, outside it). Effects run one at a time, in the order asked for;
-those still queued when the manager stops are reported back as failed.
+timer thread and an effects thread. It is the only place that reads ``time.monotonic()`` and
+``time.time()``, and it serialises every call into the core with one lock (request bodies are
+read, effects performed and long-polling claims wait, outside it); requests that arrive
+together are answered under one hold of it, with one group commit (``answer_many``). Effects
+run one at a time, in the order asked for; those still queued when the manager stops are
+reported back as failed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
@@ -216,6 +218,8 @@ class ManagerCore:
         self._wall_offset = wall - now
         self._started = now
         self._fenced: str | None = None
+        self._batching = False  # inside ``batch``: state is written when it ends
+        self._batch_dirty = False
         self._journal_fenced = False
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
@@ -321,9 +325,33 @@ class ManagerCore:
             raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
         self._upgraded_from = loaded.upgraded_from
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit, for requests answered together: inside, a change is not written per
+        request; when the batch ends, what changed is written in one store commit and the
+        journal's entries are made durable by one fsync (``Journal.group``). Invariant: the
+        caller sends no answer and performs no effect of the batch before it has ended; if
+        ending raises (``Fenced``, ``ClusterError``), none of its changes may be answered as
+        done."""
+        if self._batching:
+            yield
+            return
+        self._batching, self._batch_dirty = True, False
+        with self._journal.group():
+            try:
+                yield
+            finally:
+                self._batching = False
+                if self._batch_dirty:
+                    self._batch_dirty = False
+                    self._persist()
+
     def _persist(self) -> None:
         if self._fenced is not None:
             raise Fenced(self._fenced)
+        if self._batching:
+            self._batch_dirty = True
+            return
         dirty, self._dirty_actions = self._dirty_actions, set()
         try:
             self._persister.save(self._model, self._model.take_dirty(), self._actions, dirty,
@@ -1350,35 +1378,57 @@ class ManagerServer:
             self._log(message)
 
     def answer(self, prepared: Prepared, raw: bytes) -> Response:
-        """Answer one request once, under the core lock (the transport holds a long poll,
-        ``Response.long_poll``, and calls again when woken)."""
+        """Answer one request (``answer_many`` of one)."""
+        return self.answer_many([(prepared, raw)])[0]
+
+    def answer_many(self, requests: Sequence[tuple[Prepared, bytes]]) -> list[Response]:
+        """Answer requests that arrived together under one hold of the core lock, with one
+        group commit (``ManagerCore.batch``): at 1,000 agents a heartbeat that changes a host's
+        state (UP, DOWN) costs one commit and one fsync per batch, not per heartbeat. Nothing
+        is answered and no effect is performed before the batch's commit; if that commit
+        fails, every answer of a mutating request in it becomes a 503. The transport holds a
+        long poll (``Response.long_poll``) and calls again when woken."""
         asked = time.monotonic()
+        out: list[Response] = []
         with self._lock:
             now, wall = time.monotonic(), time.time()
             try:
-                resp = self.api.finish(prepared, raw, now=now, wall=wall)
-            except Exception as exc:  # never let one request kill the daemon
-                if self._log is not None:
-                    self._log(f"internal error: {type(exc).__name__}: {exc}")
-                resp = error(500, f"internal error: {type(exc).__name__}")
-            if resp.denial is not None:
-                self.api.audit(resp, now=now, wall=wall)
-                resp = replace(resp, denial=None)
+                with self.core.batch():
+                    for prepared, raw in requests:
+                        out.append(self._answer_one(prepared, raw, now, wall))
+            except ClusterError as exc:
+                failed = error(503, f"the change could not be stored: {exc}")
+                out = [failed if p.route.mutates else r
+                       for (p, _), r in zip(requests, out, strict=False)]
+                out += [failed] * (len(requests) - len(out))
             effects = self.core.take_effects()
             hosts = self.core.take_action_hosts()
             held = time.monotonic() - now
         if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
             # etcd's "apply request took too long": the core lock serialises every request,
             # so one slow holder delays every decision behind it; say which and where.
-            self.log_always(f"slow request: {prepared.route.name} waited "
+            names = sorted({p.route.name for p, _ in requests})
+            self.log_always(f"slow request: {len(requests)} x {', '.join(names)} waited "
                             f"{(now - asked) * 1000:.0f} ms for the core and held it "
                             f"{held * 1000:.0f} ms")
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
         if hosts:  # only then can a waiting claim find something (not on every heartbeat)
             self._actions_changed(hosts)
-        if prepared.route.mutates:
+        if any(p.route.mutates for p, _ in requests):
             self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        return out
+
+    def _answer_one(self, prepared: Prepared, raw: bytes, now: float, wall: float) -> Response:
+        try:
+            resp = self.api.finish(prepared, raw, now=now, wall=wall)
+        except Exception as exc:  # never let one request kill the daemon
+            if self._log is not None:
+                self._log(f"internal error: {type(exc).__name__}: {exc}")
+            resp = error(500, f"internal error: {type(exc).__name__}")
+        if resp.denial is not None:
+            self.api.audit(resp, now=now, wall=wall)
+            resp = replace(resp, denial=None)
         return resp
 
     def _actions_changed(self, hosts: set[str]) -> None:

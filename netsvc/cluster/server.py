@@ -25,7 +25,10 @@ handshake deadline; the HTTP framing is ``http1``'s (why not h11: its docstring)
 Invariants:
 
 - The loop never waits on a client: reading, the TLS handshake and writing are awaited, and
-  the only blocking call is the core's (``ManagerServer.answer``).
+  the only blocking call is the core's (``ManagerServer.answer_many``).
+- The requests read in one turn of the loop are answered together, under one hold of the
+  core lock and one group commit (at most ``MAX_BATCH``); none is answered before that
+  commit. Under load the batches grow by themselves, and so does what one fsync covers.
 - A connection beyond ``max_connections``, or beyond ``max_per_peer`` from one address, is
   closed at once and counted (``refused_connections``); the ones already open go on.
 - A connection's first request (its line, headers and body, and the TLS handshake before it)
@@ -189,6 +192,7 @@ class HTTPServer:
     the guard and its reaper."""
 
     BACKLOG = 1024
+    MAX_BATCH = 256  # requests answered under one hold of the core lock
 
     def __init__(self, address: tuple[str, int], manager: ManagerServer,
                  limits: ServerLimits | None = None, tls: TlsConfig | None = None) -> None:
@@ -215,6 +219,9 @@ class HTTPServer:
         # long-poll claims waiting, by key (``Response.long_poll``): a future each key's
         # waiters share, resolved (and dropped) by ``wake``
         self._waiting: dict[str, asyncio.Future[None]] = {}
+        # requests read in this turn of the loop, answered together (``ManagerServer.
+        # answer_many``: one hold of the core lock, one group commit)
+        self._batch: list[tuple[Prepared, bytes, asyncio.Future[Response]]] = []
 
     # -- the loop's life -----------------------------------------------------------------------
 
@@ -348,7 +355,7 @@ class HTTPServer:
                 writer.write(http1.CONTINUE)
             raw = await reader.readexactly(prepared.body_length)
         self.guard.serving(transport)
-        resp = self.manager.answer(prepared, raw)
+        resp = await self._answer(prepared, raw)
         if resp.long_poll is not None:
             resp = await self._long_poll(prepared, raw, resp, reader)
         return await self._send(writer, resp, parsed.keep_alive)
@@ -374,8 +381,29 @@ class HTTPServer:
                 return error(499, "the client went away while waiting", close=True)
             if loop.time() >= deadline:
                 break
-            resp = self.manager.answer(prepared, raw)
+            resp = await self._answer(prepared, raw)
         return resp
+
+    async def _answer(self, prepared: Prepared, raw: bytes) -> Response:
+        """Have the core answer, together with the other requests read in this turn."""
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._batch.append((prepared, raw, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        return await fut
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch[:self.MAX_BATCH], self._batch[self.MAX_BATCH:]
+        if self._batch:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        try:
+            answers = self.manager.answer_many([(p, raw) for p, raw, _ in batch])
+        except Exception as exc:  # never leave a request without an answer
+            self.manager.log_always(f"internal error: {type(exc).__name__}: {exc}")
+            answers = [error(500, f"internal error: {type(exc).__name__}")] * len(batch)
+        for (_, _, fut), resp in zip(batch, answers, strict=True):
+            if not fut.done():
+                fut.set_result(resp)
 
     async def _discard_body(self, reader: asyncio.StreamReader,
                             headers: dict[str, str]) -> None:
