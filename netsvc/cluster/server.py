@@ -232,7 +232,12 @@ class HTTPServer:
         try:
             loop.run_until_complete(self._serve())
         finally:
+            # the connections' tasks (aborted by ``_serve``) end before the loop closes
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._served.set()
