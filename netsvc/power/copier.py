@@ -381,6 +381,11 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
                 with lock:
                     failed.append(exc)
                 return
+            except Exception as exc:  # a bug must not pass for a finished copy
+                stop.set()
+                with lock:
+                    failed.append(CopyError("dst", -1, f"copier: {exc!r}"))
+                return
             with lock:
                 done[0] += n
 
@@ -394,6 +399,8 @@ def copy_ranges(src: Resource, dst: Resource, ranges: Sequence[tuple[int, int]],
         if failed:
             raise failed[0]
         copied = done[0]
+        if copied != sum(n for _, n in data):  # every chunk accounted for, or no result
+            raise CopyError("dst", -1, f"copied {copied} of {sum(n for _, n in data)} bytes")
         for _, d in conn:
             try:
                 d.handle.flush()

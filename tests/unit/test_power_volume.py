@@ -234,3 +234,18 @@ def test_verified_copy_detects_a_second_copy_that_loses_writes(tmp_path: Path,
         out = copy_ranges(vol.res[Copy.FIRST], lossy, [(0, 8 * MiB)], verify=False,
                           sparse=False)
         assert out.bytes == 8 * MiB and not out.verified
+
+
+def test_a_copier_bug_is_a_copy_error_not_a_finished_copy(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception inside the copy's event loop fails the copy (before, the
+    worker thread died and the copy returned 0 bytes as if done)."""
+    import netsvc.power.copier as copier
+
+    def broken(data: object, checksum: str) -> bytes:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(copier, "digest", broken)
+    with two_copies(tmp_path) as (vol, _), pytest.raises(CopyError, match="boom"):
+        copy_ranges(vol.res[Copy.FIRST], vol.res[Copy.SECOND], [(0, MiB)], sparse=False,
+                    checksum="crc32")
