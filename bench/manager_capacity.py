@@ -95,6 +95,8 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
     loop = asyncio.get_running_loop()
     lags: list[float] = []
     late: list[float] = []  # the generator's own part of the lag: from due to sent
+    served: list[float] = []  # from sent to answered (the manager, the loopback, and the
+    # generator's reading of the answer)
     errors: list[str] = []
     bodies = {h: [payload(h, i, s, on[h]) for s in (1, 2, 3)] for i, h in enumerate(hosts)}
     sem = asyncio.Semaphore(16)
@@ -155,6 +157,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
             if due >= window["start"]:
                 lags.append(loop.time() - due)
                 late.append(sent - due)
+                served.append(loop.time() - sent)
             seq += 1
             due += 1.0
         if kept is not None:
@@ -170,11 +173,8 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
         w.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     lags.sort()
-    late.sort()
     return {
-        "generator_late_ms": {"p50": round(1000 * statistics.median(late), 2),
-                              "p99": round(1000 * late[int(0.99 * (len(late) - 1))], 2),
-                              "max": round(1000 * late[-1], 2)} if late else None,
+        "generator_late_ms": _pcts(late), "sent_to_answer_ms": _pcts(served),
         "heartbeats": len(lags), "claims_answered": claims, "errors": len(errors),
         "error_sample": errors[:5],
         "wall_s": round(wall, 2), "heartbeats_per_s": round(len(lags) / wall, 1),
@@ -184,6 +184,15 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
                    "p99": round(1000 * lags[int(0.99 * (len(lags) - 1))], 2),
                    "max": round(1000 * lags[-1], 2)} if lags else None,
     }
+
+
+def _pcts(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return {"p50": round(1000 * statistics.median(xs), 2),
+            "p99": round(1000 * xs[int(0.99 * (len(xs) - 1))], 2),
+            "max": round(1000 * xs[-1], 2)}
 
 
 async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds: float,
