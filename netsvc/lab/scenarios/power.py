@@ -2,11 +2,15 @@
 reachable, and comes back with only the changed blocks copied back.
 
 The lab: 4 hosts, one VM each; the power datastore (``lab.power_storage``): disk ``dN`` lives
-on ``hN``'s first resource and is served by its reader's agent (``h1``, or ``h2`` for ``d1``);
-each host's BMC answers DCMI readings (``--dcmi-watts``). Writers stand in for the guests:
-one per disk, writing 64 KiB blocks (aligned to the tracking block) without pause through the
-reader's local endpoint (libnbd over its Unix socket); each acknowledged write is remembered.
-Demand is the lab's knob: every agent reads the same demand file (``{vm: cpu}``).
+on ``hN``'s first resource and is served by its reader's agent (``h1``, or ``h2`` for ``d1``)
+at the reader's local storage endpoint; each host's BMC answers DCMI readings
+(``--dcmi-watts``). The guests are the lab's VMs (``_place_guests``): ``h4``'s VM is migrated
+to ``h1`` through the manager, then it and ``h1``'s VM get 8 MiB regions of ``d3`` (data on
+``h3``, the host this scenario powers off; the VMs run on ``h1``), and ``h2``'s VM a region of
+``d1`` (data on ``h1``), with ``Lab.set_disk``: each guest keeps every acknowledged write in
+its disk log (written and flushed before the reply; a disk error stops the guest). A client
+on the gateway sends each guest a ``SET`` every 20 ms. Demand is the lab's knob: every agent
+reads the same demand file (``{vm: cpu}``).
 
 Steps:
 0. bad input, as an operator: power off h1 (it serves disks) and h4 (protected) refused with
@@ -19,10 +23,14 @@ Steps:
 2. the guests keep writing for ``off_s`` (``d3``'s writes go to the storage module);
 3. demand rises: the planner powers ``h3`` on (IPMI), its agent and first resource come back,
    only the blocks written meanwhile are copied back, the paths move back;
-4. the writers stop; every acknowledged write is read back through the endpoints.
+4. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
+   stopped on a disk error fails here), and every acknowledged write must be in its disk log
+   read back with ``nbdcopy`` from the owner's first resource (after the resync; not through
+   any reader), in order.
 
 ``report.json``: ``power_off_s`` (decision -> BMC confirmed off), ``data_moved_bytes``,
-``io_errors``, ``max_io_stall_ms`` (the longest write), ``resync_bytes``,
+``io_errors`` (failed client writes), ``max_io_stall_ms`` (the guests' own longest write +
+flush, from their disk logs; ``max_reply_gap_ms``: the clients' longest gap), ``resync_bytes``,
 ``resync_dirty_bytes`` (what was dirty when the power-on began), ``writes_verified``,
 ``watts_saved`` (the node's DCMI reading on vs off); beside them ``move_s`` (the move step)
 and ``full_evacuation_s``: the vSAN-style peer, ``nbdcopy`` of all of h3's disk over the same
