@@ -9,16 +9,18 @@ Two nbdkit processes (``file`` plugin) stand for one host's first resource and i
 resource (the storage module); a third for another host's disk (the vSAN-style target).
 
 1. ``speed``: the same full copy, first -> second, ``--repeat`` rounds of every variant in a
-   shuffled order: ``nbdcopy`` (its defaults: 4 connections, 64 requests of 256 KiB);
-   ``nbdcopy`` followed by ``nbdcopy SECOND null:`` (the same copy plus a read of the whole
-   destination: what any check by read-back costs at least); netsvc's copier with its
+   shuffled order: ``nbdcopy`` (its defaults: 4 connections, 64 requests of 256 KiB, and no
+   flush at the end); ``nbdcopy --flush`` (durable at the end, as netsvc's copy is: it flushes
+   every destination connection before it reports, since the host is powered off after it);
+   that followed by ``nbdcopy SECOND null:`` (plus a read of the whole destination: what any
+   check by read-back costs at least); netsvc's copier with its
    read-back compared byte for byte (what ``PowerVolume.move`` does), compared by CRC-32,
    and without a read-back.
 2. ``power_off``: a host with ``--mib`` of VM data, decision -> data moved -> BMC confirms off:
    A5 (``PowerVolume.move`` to the second resource: full copy with read-back, dirty rounds,
    drain-then-switch; then IPMI soft off through ``ipmitool -I lanplus`` to a netsvc BMC on
-   loopback, polled until off) against a vSAN-style full evacuation (``nbdcopy`` of the same
-   data to another host's export, then the same BMC off). VM migration is not in either.
+   loopback, polled until off) against a vSAN-style full evacuation (``nbdcopy --flush`` of
+   the same data to another host's export, then the same BMC off). VM migration is not in either.
    The way back is timed too: A5 copies back the blocks written while off; a full evacuation
    copies everything back (or rebalances it).
 3. ``resync``: after a move to the second copy, write N 64 KiB blocks (aligned to the tracking
@@ -111,9 +113,9 @@ def reset(dst: Nbdkit, size: int) -> None:
 def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, Any]:
     """Each run: every variant once, in a shuffled order (the machine is shared: a burst of
     someone else's load then lands on a different variant each time)."""
-    runs: dict[str, list[float]] = {"nbdcopy": [], "nbdcopy+readback": [],
-                                    "netsvc-verified": [], "netsvc-verified-crc32": [],
-                                    "netsvc-unverified": []}
+    runs: dict[str, list[float]] = {"nbdcopy": [], "nbdcopy-flush": [],
+                                    "nbdcopy-flush+readback": [], "netsvc-verified": [],
+                                    "netsvc-verified-crc32": [], "netsvc-unverified": []}
     order = list(runs)
     rnd = random.Random(3)
     for _ in range(repeat):
@@ -122,7 +124,8 @@ def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, An
             reset(second, size)
             t0 = time.monotonic()
             if name.startswith("nbdcopy"):
-                subprocess.run(["nbdcopy", first.uri, second.uri], check=True)
+                flush = ["--flush"] if "flush" in name else []
+                subprocess.run(["nbdcopy", *flush, first.uri, second.uri], check=True)
                 if name.endswith("readback"):  # nbdcopy has no check: its own read of dst
                     subprocess.run(["nbdcopy", second.uri, "null:"], check=True)
             else:
@@ -135,7 +138,7 @@ def speed(first: Nbdkit, second: Nbdkit, size: int, repeat: int) -> dict[str, An
         med = statistics.median(xs)
         out[name] = {"median_s": round(med, 3), "best_s": round(min(xs), 3),
                      "runs_s": [round(x, 3) for x in xs], "mb_s": round(size / MiB / med, 1)}
-    for peer in ("nbdcopy", "nbdcopy+readback"):
+    for peer in ("nbdcopy", "nbdcopy-flush", "nbdcopy-flush+readback"):
         base, best = out[peer]["median_s"], out[peer]["best_s"]
         for name in ("netsvc-verified", "netsvc-verified-crc32", "netsvc-unverified"):
             out[name][f"pct_of_{peer}"] = round(100 * base / out[name]["median_s"], 1)
@@ -196,11 +199,11 @@ def power_off(first: Nbdkit, second: Nbdkit, other: Nbdkit, size: int, tmp: Path
                     d.close()
             reset(other, size)
             t0 = time.monotonic()
-            subprocess.run(["nbdcopy", first.uri, other.uri], check=True)
+            subprocess.run(["nbdcopy", "--flush", first.uri, other.uri], check=True)
             moved = time.monotonic() - t0
             off = bmc_off(bmc, pw, pf)
             t1 = time.monotonic()
-            subprocess.run(["nbdcopy", other.uri, first.uri], check=True)
+            subprocess.run(["nbdcopy", "--flush", other.uri, first.uri], check=True)
             vsan.append({"move_s": moved, "bmc_off_s": off, "total_s": moved + off,
                          "back_s": time.monotonic() - t1, "back_bytes": size})
 
