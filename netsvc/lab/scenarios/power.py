@@ -189,9 +189,10 @@ def _step_s(op: dict[str, Any], step: str) -> float | None:
 
 
 def _evacuate(lab: Lab, store: PowerStorage) -> float:
-    """The vSAN-style peer: a full evacuation of h3's disk with ``nbdcopy`` over the same
-    fabric, from h3's first resource to another node's export (a scratch file beside h4's
-    second resource), run in h4's namespace while the guests write. Its seconds."""
+    """The vSAN-style peer: a full evacuation of h3's disk with ``nbdcopy --flush`` (durable,
+    as the move is) over the same fabric, from h3's first resource to another node's export
+    (a scratch file beside h4's second resource), run in h4's namespace while the guests
+    write. Its seconds."""
     import subprocess
 
     from netsvc.lab.power_storage import FIRST_PORT, SECOND_PORT, module_addr
@@ -203,7 +204,7 @@ def _evacuate(lab: Lab, store: PowerStorage) -> float:
     src = f"nbd://{plan.host_addr('h3', 'storage-a')}:{FIRST_PORT}/d3"
     dst = f"nbd://{module_addr('h4', 'storage-a')}:{SECOND_PORT}/evac-d3"
     t0 = time.monotonic()
-    r = subprocess.run(["mnexec", "-a", str(lab.pid("h4")), "nbdcopy", src, dst],
+    r = subprocess.run(["mnexec", "-a", str(lab.pid("h4")), "nbdcopy", "--flush", src, dst],
                        capture_output=True, text=True, timeout=600)
     took = time.monotonic() - t0
     scratch.unlink()
