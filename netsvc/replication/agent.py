@@ -256,6 +256,43 @@ def post_loaded(ctx: AgentContext, report: Mapping[str, Any], stop: threading.Ev
             return
 
 
+def parse_network(value: str) -> tuple[str, tuple[str, int]]:
+    """``NAME=GATEWAY/PREFIXLEN`` (a site-B network this host's switch carries)."""
+    import ipaddress
+
+    name, _, rest = value.partition("=")
+    gw, _, plen = rest.partition("/")
+    try:
+        ipaddress.IPv4Address(gw)
+        ok = bool(name) and plen.isdigit() and 8 <= int(plen) <= 30
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"bad --replication-network {value!r}: expected NAME=GATEWAY/PREFIXLEN"
+                         " (site-b=198.18.4.1/24)")
+    return name, (gw, int(plen))
+
+
+def _to_site_b_networks(vm: str, nics: Any, nets: Mapping[str, tuple[str, int]],
+                        driver: Any) -> dict[str, str]:
+    """Give the started VM its address on its site-B network (``--replication-network``): the
+    NIC's address there, its gateway there, then announce it. Without networks configured the
+    VM keeps its address (one network stretched over both sites)."""
+    out: dict[str, str] = {}
+    if not nets:
+        return out
+    have = {d.name: d.ip for d in driver.list()}
+    for nic in nics:
+        gateway, plen = nets[nic.network]
+        old = have.get(vm) or nic.ip
+        if nic.ip and old != nic.ip:
+            driver.readdress(vm, old, nic.ip, plen, gateway)
+        out[nic.network] = nic.ip or str(old)
+    if out:
+        driver.announce(vm)
+    return out
+
+
 def _nbd_connect(addr: str, port: int, export: str) -> Any:
     import importlib
 
@@ -274,6 +311,13 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     registered = ctx.options.get("replication.registered") or {}
     if vm not in registered:
         raise RuntimeError(f"{vm} is not in the configuration this host read from its BMC")
+    nets: Mapping[str, tuple[str, int]] = ctx.options.get("replication.networks") or {}
+    nics = registered[vm].nics
+    if nets:  # every NIC's site-B network must be here, or the VM would start unreachable
+        absent = sorted({n.network for n in nics if n.network not in nets})
+        if absent:
+            raise RuntimeError(f"{vm}'s network(s) {', '.join(absent)} are not at this host "
+                               f"(it has {', '.join(sorted(nets))})")
     site_b = ctx.options.get("replication.site_b")
     if site_b is None:
         raise RuntimeError("no site-B storage (--replication-site-b)")
@@ -298,7 +342,11 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     res = ctx.driver.restart(vm, action.get("from_host") or None)
     attached(vm, action, ctx)
     steps["start_ms"] = round((time.monotonic() - t1) * 1000, 3)
+    readdressed = _to_site_b_networks(vm, nics, nets, ctx.driver)
+    if readdressed:
+        steps["readdress_ms"] = round((time.monotonic() - t1) * 1000 - steps["start_ms"], 3)
     epoch = min(epochs.values()) if epochs else -1
     ctx.log(f"replication: {vm} started from epoch {epoch} ({json.dumps(epochs)})")
     return {"vm": vm, "epoch": epoch, "disks": epochs, "steps_ms": steps,
+            "networks": readdressed,
             "driver": {k: v for k, v in dict(res).items() if k in ("host", "pid", "from")}}

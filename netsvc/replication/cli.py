@@ -2,7 +2,8 @@
 
     netsvc replication status [--json]
     netsvc replication protect VM [--rpo S] [--disk NAME[:SIZE]] [--cpus N] [--memory-mib M]
-                                  [--network NET] [--dry-run] [--reason TEXT] [--json]
+                                  [--network NET] [--site-b-ip ADDR] [--dry-run]
+                                  [--reason TEXT] [--json]
     netsvc replication unprotect VM [--dry-run] [--reason TEXT] [--json]
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
@@ -46,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--cpus", type=int, default=1)
     pr.add_argument("--memory-mib", type=int, default=512)
     pr.add_argument("--network", help="the VM's network at site B")
+    pr.add_argument("--site-b-ip", metavar="ADDR",
+                    help="the VM's address on its network at site B (default: the one it has)")
     mi = r.add_parser("migrate", help="planned migration to site B for zero loss (the VMs shut "
                       "down at the primary, their last epochs ship, then they start at site B)")
     for q in (pr, mi, un := r.add_parser("unprotect", help="stop protecting a VM"),
@@ -164,6 +167,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         body["rpo_s"] = args.rpo
     if args.network:
         body["network"] = args.network
+    if args.site_b_ip:
+        body["site_b_ip"] = args.site_b_ip
     got = _call("protect", args, "POST", f"/v1/replication/protect/{args.vm}", body)
     if got is None:
         return 2

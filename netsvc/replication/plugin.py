@@ -46,6 +46,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replication-bmc-user", default="admin", metavar="USER")
     p.add_argument("--replication-bmc-password-file", metavar="F")
     p.add_argument("--replication-bmc-port", type=int, default=623, metavar="PORT")
+    p.add_argument("--replication-network", action="append", default=[],
+                   metavar="NAME=GATEWAY/PREFIXLEN",
+                   help="site-B host: a site-B network its switch carries (repeatable); a "
+                   "replica whose NIC maps to it starts with its address there")
 
 
 def _site_b(value: str) -> tuple[str, int]:
@@ -60,6 +64,11 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
 
     if args.replication_site_b:
         ctx.options["replication.site_b"] = _site_b(args.replication_site_b)
+    if args.replication_network:
+        from netsvc.replication.agent import parse_network
+
+        ctx.options["replication.networks"] = dict(map(parse_network,
+                                                       args.replication_network))
     if args.replication_bmc:
         from netsvc.bmc.config_client import ipmitool_batch, ipmitool_raw
         from netsvc.replication.agent import load_config_from_bmc, post_loaded

@@ -18,7 +18,7 @@ from typing import Annotated
 
 from msgspec import Meta, field
 
-from netsvc.cluster.schema import Schema
+from netsvc.cluster.schema import IPv4Address, Schema
 
 NAME = r"^[a-z][a-z0-9-]{0,30}\Z"
 Name = Annotated[str, Meta(pattern=NAME, max_length=31)]
@@ -71,6 +71,9 @@ class ProtectRequest(Schema, frozen=True):
         "the VM's replicated disks (datastores); none: its configuration only"))] \
         = field(default_factory=list)
     network: Name | None = None
+    site_b_ip: Annotated[IPv4Address | None, Meta(description=(
+        "the NIC's address on its network at site B (none: it keeps its address there)"))] \
+        = None
     dry_run: bool = False
     reason: Text = "operator request"
 

@@ -96,6 +96,7 @@ class Protection:
     disks: tuple[tuple[str, int], ...]
     network: str
     since: float
+    site_b_ip: str = ""  # the NIC's address at site B ("": the one it has)
 
 
 class Phase(Enum):
@@ -258,12 +259,13 @@ class ReplicationService(BaseManagerService):
         rpo = req.rpo_s or self.t.rpo_s
         disks = tuple((d.name, d.size) for d in req.disks)  # none: its configuration only
         p = Protection(vm, rpo, req.cpus, req.memory_mib, disks,
-                       req.network or self.t.default_network, now)
+                       req.network or self.t.default_network, now, req.site_b_ip or "")
         entry = k.journal_append(now, wall, "replication-protect", f"vm:{vm}",
                                  f"{req.reason} (RPO target {rpo:g} s)", dry_run=req.dry_run,
                                  actor="operator",
                                  details={"rpo_s": rpo, "disks": [list(d) for d in disks],
-                                          "network": p.network})
+                                          "network": p.network,
+                                          "site_b_ip": p.site_b_ip or None})
         if req.dry_run:
             return {"status": "dry_run", "journal_seq": entry.seq}
         self.protected[vm] = p
@@ -330,7 +332,7 @@ class ReplicationService(BaseManagerService):
             m = model.vms.get(vm)
             ship = self.shipping.get(vm)
             epoch = int(ship[2].get("remote_epoch", -1)) if ship else -1
-            nics = () if m is None else (Nic(m.mac, m.ip, self._network(p)),)
+            nics = () if m is None else (Nic(m.mac, p.site_b_ip or m.ip, self._network(p)),)
             out.append(ReplicaVm(vm, p.cpus, p.memory_mib, epoch,
                                  None if m is None else m.host, nics,
                                  tuple(Disk(d, s) for d, s in p.disks)))

@@ -21,7 +21,7 @@ def test_site_failover_through_the_sleeping_hosts_bmc(tmp_path: Path) -> None:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing (scripts/setup.sh installs it)")
     r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-failover",
-                        "--hosts", "3", "--report", str(tmp_path)], capture_output=True,
+                        "--hosts", "2", "--report", str(tmp_path)], capture_output=True,
                        text=True, timeout=900, cwd=REPO)
     report = json.loads((tmp_path / "report.json").read_text())
     assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]
@@ -38,7 +38,7 @@ def test_site_failover_through_the_sleeping_hosts_bmc(tmp_path: Path) -> None:
 
 def test_site_migration_loses_nothing(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-migration",
-                        "--hosts", "3", "--report", str(tmp_path)], capture_output=True,
+                        "--hosts", "2", "--report", str(tmp_path)], capture_output=True,
                        text=True, timeout=900, cwd=REPO)
     report = json.loads((tmp_path / "report.json").read_text())
     assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]

@@ -3,29 +3,39 @@ the sleeping site-B host's BMC) and ``site-migration`` (the same set-up, then a 
 migration: ``netsvc replication migrate`` shuts the VMs down at the primary, the guests
 quiesce, their last epochs ship, they start at site B: checked to lose nothing).
 
-Lab layout (additive; nothing changes for the other scenarios):
+Lab layout (these two scenarios build the lab with ``site_b_hosts=1``; nothing changes for the
+other scenarios):
 
-- the **site-B host** is the lab's last host (``h3``; the issue's ``b1``): it runs no VM, its
-  BMC serves a configuration store (``Lab.bmc_config_store``), and it is powered off through
-  its BMC right after the cluster is up; it stays off until the failover;
-- the **site-B storage node** is the ``site`` node (198.18.4.10, on the site network behind
-  ``gw``): nbdkit with ``nbdkit_replica.py`` holds the replicas of ``ds1`` and ``ds2``;
+- the primary site is ``h1``/``h2`` (management, VM network, storage as always);
+- the **site-B network** is the site network 198.18.4.0/24 behind ``gw``. On it: the
+  **site-B host** ``b1`` (198.18.4.21; its one NIC is its switch ``vs0``'s port, so a VM
+  started there is on the site-B network), **its BMC** ``bmcb1`` (198.18.4.31, the same lab
+  BMC as every host's, serving a configuration store: ``Lab.bmc_config_store``), and the
+  **site-B storage node** ``site`` (198.18.4.10): nbdkit with ``nbdkit_replica.py`` holds the
+  replicas of ``ds1`` and ``ds2``. ``b1`` starts **powered off** (before the cluster starts:
+  it has never run an agent) and stays off until the failover;
 - the **site link** is ``gw``'s interface toward the site network, shaped with ``tc tbf``
-  (100 Mbit/s) in both directions (``gw`` toward site B, the ``site`` node back);
+  (100 Mbit/s) in both directions (``gw`` toward site B, the ``site`` node back). Everything
+  between the sites crosses it: the shipping, and the manager's IPMI to ``bmcb1`` and its
+  traffic with ``b1``'s agent (``gw``'s leg on management routes it);
+- each VM is protected with its site-B network (``site-b``) and its address there
+  (198.18.4.100 + N); ``b1``'s agent carries ``--replication-network
+  site-b=198.18.4.1/24``, so a replica starts on the site-B network with that address;
 - the primary hosts ``h1``/``h2`` run ``vm1``/``vm2``, whose disks are the array's datastores
   ``ds1``/``ds2`` (``netsvc.storage``: each agent serves them on its local NBD endpoint, which
   the replication agent wraps: changed-block tracking).
 
 Steps: the guests' disks are written steadily (a writer per VM through its host's endpoint,
 4 KiB blocks in sequence: block ``i`` holds write ``i``); both VMs are protected (RPO target
-1 s); the manager writes their configuration to h3's BMC while h3 is off; the status is
+1 s); the manager writes their configuration to b1's BMC while b1 is off; the status is
 sampled during the load; a failover is asked while the primary lives (refused, exit 1); then
 the primary site is lost: the primary hosts' traffic to site B is dropped at ``gw`` (the site
 link cut on the primary side) and ``h1`` and ``h2`` crash; once the manager has them down,
-``netsvc replication failover`` runs: h3 is powered on through IPMI, its agent reads the
-configuration from its BMC before its first heartbeat, and the replicas start on h3.
+``netsvc replication failover`` runs: b1 is powered on through IPMI, its agent reads the
+configuration from its BMC before its first heartbeat, and the replicas start on b1.
 
-Checks: the failover was refused while the primary lived; every replica VM answers at site B;
+Checks: the failover was refused while the primary lived; every replica VM answers at site B,
+on b1, with its site-B address;
 each replica disk is a prefix of the acknowledged writes (blocks ``0..K-1`` hold writes
 ``0..K-1``, nothing after: nothing reordered, no mixture); what was lost was acknowledged
 within the RPO target before the loss; the configuration came through the BMC (the journal's
@@ -49,10 +59,11 @@ from typing import Any
 
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
-from netsvc.lab.plan import ARRAY_PORT, SERVICES_MGMT, LabPlan
+from netsvc.lab.plan import ARRAY_PORT, SERVICES_MGMT, SITE_GATEWAY, LabPlan
 from netsvc.lab.scenarios import Checks, Scenario, wait_for
 
 SITE_B_ADDR = "198.18.4.10"  # the lab's ``site`` node
+SITE_B_NET = "site-b"  # the protected VMs' network at site B (the lab's site network)
 REPLICA_PORT = ARRAY_PORT
 BLOCK = 4096
 DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
@@ -70,8 +81,9 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
         raise ConfigError(f"load_s {load} must be in [2, 60] seconds")
     if not 0.1 <= rate <= 5:
         raise ConfigError(f"write_mb_s {rate} must be in [0.1, 5] per VM")
-    if plan.hosts != 3:
-        raise ConfigError("site-failover runs with 3 hosts (h1, h2 primary; h3 site B)")
+    if plan.hosts != 2:
+        raise ConfigError("site-failover runs with 2 hosts (h1, h2 at the primary site; b1 at "
+                          "site B is added)")
     vms = int(params.get("vms", 2))
     if vms not in (2, 4):
         raise ConfigError(f"vms {vms} must be 2 or 4")
@@ -79,7 +91,7 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
 
 
 def site_b_host(plan: LabPlan) -> str:
-    return plan.host_names()[-1]
+    return plan.site_b_names()[0]
 
 
 def agent_args(plan: LabPlan, host: str) -> list[str]:
@@ -87,8 +99,9 @@ def agent_args(plan: LabPlan, host: str) -> list[str]:
     from netsvc.lab.registry import run_dir
 
     site = ["--replication-site-b", f"{SITE_B_ADDR}:{REPLICA_PORT}"]
-    if host == site_b_host(plan):
-        return [*site, "--replication-bmc", plan.bmc_addr(host),
+    if plan.is_site_b(host):
+        return [*site, "--replication-network", f"{SITE_B_NET}={SITE_GATEWAY}/24",
+                "--replication-bmc", plan.bmc_addr(host),
                 "--replication-bmc-password-file", str(run_dir(plan.prefix) / "bmc" /
                                                        f"{host}.pw")]
     return [*site, "--replication-link-mbit", "100", "--replication-share", "0.8",
@@ -211,6 +224,8 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
 
     plan = lab.require_plan()
     b = site_b_host(plan)
+    lab.crash_host(b)  # b1 starts powered off: it sleeps until the failover
+    lab.record("event", b, "site-b-host-asleep")
     # site B's storage node: nbdkit holding the replicas
     rdir = lab.run_dir / "site-b"
     rdir.mkdir(exist_ok=True)
@@ -233,22 +248,22 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
     lab.bmc_config_store = True
     pw = lab.run_dir / "bmc" / f"{b}.pw"
     config = (f'[replication]\nsite_b_host = "{b}"\nprimary_hosts = ["h1", "h2"]\n'
-              f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "vmnet"\n'
+              f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "{SITE_B_NET}"\n'
               f'[replication.bmc]\naddr = "{plan.bmc_addr(b)}"\nuser = "{lab.BMC_USER}"\n'
               f'password_file = "{pw}"\n')
     lab.start_services(services=("storage", "replication"), config=config)
-    lab.crash_host(b)  # the site-B host sleeps until the failover
-    lab.record("event", b, "site-b-host-asleep")
     mgr = lab.manager()
     for vm, (_, ds) in DISKS.items():
         status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
-            "rpo_s": 1.0, "cpus": 1, "memory_mib": 256, "network": "vmnet",
+            "rpo_s": 1.0, "cpus": 1, "memory_mib": 256, "network": SITE_B_NET,
+            "site_b_ip": plan.site_b_vm_addr(vm),
             "disks": [{"name": ds, "size": DS_SIZE}], "reason": "site-failover scenario"})
         if status != 200:
             raise LabError(f"protect {vm}: HTTP {status}: {body}")
     for vm in extra:
         status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
-            "rpo_s": 1.0, "network": "vmnet", "reason": "site-failover scenario (no disk)"})
+            "rpo_s": 1.0, "network": SITE_B_NET, "site_b_ip": plan.site_b_vm_addr(vm),
+            "reason": "site-failover scenario (no disk)"})
         if status != 200:
             raise LabError(f"protect {vm}: HTTP {status}: {body}")
     rate = params["write_mb_s"] * 1e6
@@ -321,7 +336,10 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
     st = _replication(lab)
     checks.check("the failover is DONE", (st.get("failover") or {}).get("phase") == "DONE",
                  str(st.get("failover"))[:300])
-    checks.check("every replica VM answers at site B", True, f"in {rto:.2f} s")
+    where = {vm: (lab.vm(vm).host, lab.vm(vm).ip) for vm in [*DISKS, *extra]}
+    checks.check("every replica VM answers at site B, on b1, with its site-B address",
+                 all(h == b and ip == plan.site_b_vm_addr(vm) for vm, (h, ip) in where.items()),
+                 f"in {rto:.2f} s: {where}")
 
     # the replicas' state: a prefix of the acknowledged writes, loss within the RPO
     lost = 0
@@ -375,8 +393,8 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
 
 PLANNED = Scenario("site-migration", "planned migration to site B: the VMs quiesce, their "
                    "last epochs ship, they start on the site-B host powered on through its "
-                   "BMC; zero loss", run_planned, min_hosts=3, vms_per_host=0, params=PARAMS,
-                   check=check)
+                   "BMC; zero loss", run_planned, min_hosts=2, vms_per_host=0, params=PARAMS,
+                   check=check, site_b_hosts=1)
 SCENARIO = Scenario("site-failover", "replication to site B; the primary site lost; failover "
-                    "through the sleeping site-B host's BMC", run, min_hosts=3,
-                    vms_per_host=0, params=PARAMS, check=check)
+                    "through the sleeping site-B host's BMC", run, min_hosts=2,
+                    vms_per_host=0, params=PARAMS, check=check, site_b_hosts=1)
