@@ -273,21 +273,22 @@ def parse_network(value: str) -> tuple[str, tuple[str, int]]:
     return name, (gw, int(plen))
 
 
-def _to_site_b_networks(vm: str, nics: Any, nets: Mapping[str, tuple[str, int]],
-                        driver: Any) -> dict[str, str]:
-    """Give the started VM its address on its site-B network (``--replication-network``): the
-    NIC's address there, its gateway there, then announce it. Without networks configured the
-    VM keeps its address (one network stretched over both sites)."""
+def to_networks(vm: str, nics: list[tuple[str, str]], nets: Mapping[str, tuple[str, int]],
+                driver: Any) -> dict[str, str]:
+    """Give the started VM its address on each NIC's network here (``nics``: (network, its
+    address there); ``nets``: ``--replication-network``, each network's gateway and prefix),
+    then announce it. Without networks configured the VM keeps its address (one network
+    stretched over both sites)."""
     out: dict[str, str] = {}
     if not nets:
         return out
     have = {d.name: d.ip for d in driver.list()}
-    for nic in nics:
-        gateway, plen = nets[nic.network]
-        old = have.get(vm) or nic.ip
-        if nic.ip and old != nic.ip:
-            driver.readdress(vm, old, nic.ip, plen, gateway)
-        out[nic.network] = nic.ip or str(old)
+    for network, ip in nics:
+        gateway, plen = nets[network]
+        old = have.get(vm) or ip
+        if ip and old != ip:
+            driver.readdress(vm, old, ip, plen, gateway)
+        out[network] = ip or str(old)
     if out:
         driver.announce(vm)
     return out
@@ -342,11 +343,14 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     res = ctx.driver.restart(vm, action.get("from_host") or None)
     attached(vm, action, ctx)
     steps["start_ms"] = round((time.monotonic() - t1) * 1000, 3)
-    readdressed = _to_site_b_networks(vm, nics, nets, ctx.driver)
+    readdressed = to_networks(vm, [(n.network, n.ip) for n in nics], nets, ctx.driver)
     if readdressed:
         steps["readdress_ms"] = round((time.monotonic() - t1) * 1000 - steps["start_ms"], 3)
     epoch = min(epochs.values()) if epochs else -1
+    from netsvc.replication.failback import serve_started
+
+    served = serve_started(ctx, list(epochs))  # tracked for the way back (failback)
     ctx.log(f"replication: {vm} started from epoch {epoch} ({json.dumps(epochs)})")
     return {"vm": vm, "epoch": epoch, "disks": epochs, "steps_ms": steps,
-            "networks": readdressed,
+            "networks": readdressed, "served_for_failback": served,
             "driver": {k: v for k, v in dict(res).items() if k in ("host", "pid", "from")}}

@@ -7,6 +7,7 @@
     netsvc replication unprotect VM [--dry-run] [--reason TEXT] [--json]
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
+    netsvc replication failback [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -51,7 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="the VM's address on its network at site B (default: the one it has)")
     mi = r.add_parser("migrate", help="planned migration to site B for zero loss (the VMs shut "
                       "down at the primary, their last epochs ship, then they start at site B)")
-    for q in (pr, mi, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    fb = r.add_parser("failback", help="after a failover: the VMs home (they shut down at site "
+                      "B, their last epochs ship back, they start on their primary hosts)")
+    for q in (pr, mi, fb, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -65,6 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     un.set_defaults(func=cmd_unprotect)
     fo.set_defaults(func=cmd_failover)
     mi.set_defaults(func=cmd_migrate)
+    fb.set_defaults(func=cmd_failback)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -218,3 +222,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             else f"planned migration started: {vms} shut down at the primary "
             f"(follow with 'netsvc replication status')")
     return _finish("migrate", args, status, out, line)
+
+
+def cmd_failback(args: argparse.Namespace) -> int:
+    got = _call("failback", args, "POST", "/v1/replication/failback",
+                {"dry_run": args.dry_run, "reason": args.reason})
+    if got is None:
+        return 2
+    status, out = got
+    plan = out.get("plan") or {}
+    homes = ", ".join(f"{vm} -> {h}" for vm, h in sorted((plan.get("homes") or {}).items()))
+    line = (f"dry run: would shut {homes or 'nothing'} down at site B, ship their last epochs "
+            "back and start them at home; nothing changed" if out.get("status") == "dry_run"
+            else f"failback started: {homes} (follow with 'netsvc replication status')")
+    return _finish("failback", args, status, out, line)

@@ -46,16 +46,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replication-bmc-user", default="admin", metavar="USER")
     p.add_argument("--replication-bmc-password-file", metavar="F")
     p.add_argument("--replication-bmc-port", type=int, default=623, metavar="PORT")
+    p.add_argument("--replication-primary", metavar="ADDR:PORT",
+                   help="the primary site's receiver for failback (nbdkit with "
+                   "nbdkit_replica.py over the primary datastores): the site-B host ships the "
+                   "started replicas' writes there; a primary host starts a VM coming home "
+                   "from it")
+    p.add_argument("--replication-socket", metavar="PATH",
+                   help="site-B host: serve the started replicas' disks on this NBD socket "
+                   "(tracked, shipped back to --replication-primary)")
     p.add_argument("--replication-network", action="append", default=[],
                    metavar="NAME=GATEWAY/PREFIXLEN",
                    help="site-B host: a site-B network its switch carries (repeatable); a "
                    "replica whose NIC maps to it starts with its address there")
 
 
-def _site_b(value: str) -> tuple[str, int]:
+def _site_b(value: str, flag: str = "--replication-site-b") -> tuple[str, int]:
     addr, _, port = value.rpartition(":")
     if not addr or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad --replication-site-b {value!r}: expected ADDR:PORT")
+        raise ValueError(f"bad {flag} {value!r}: expected ADDR:PORT")
     return addr.strip("[]"), int(port)
 
 
@@ -64,6 +72,9 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
 
     if args.replication_site_b:
         ctx.options["replication.site_b"] = _site_b(args.replication_site_b)
+    if args.replication_primary:
+        ctx.options["replication.primary"] = _site_b(args.replication_primary,
+                                                     "--replication-primary")
     if args.replication_network:
         from netsvc.replication.agent import parse_network
 
@@ -85,6 +96,13 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
             batch)
         threading.Thread(target=post_loaded, args=(ctx, report, threading.Event()),
                          name="replication-loaded", daemon=True).start()
+        if args.replication_primary and args.replication_socket:
+            from netsvc.replication.failback import start_reverse
+
+            start_reverse(ctx, ctx.options["replication.primary"], args.replication_socket,
+                          link_bps=args.replication_link_mbit * 1e6,
+                          share=args.replication_share,
+                          report_every=args.replication_report_every)
         return
     storage = ctx.options.get("storage.agent")
     if not args.replication_site_b or storage is None:
@@ -117,6 +135,12 @@ def _start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str,
     return start_replica(action, ctx)
 
 
+def _failback(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    from netsvc.replication.failback import failback_start
+
+    return failback_start(action, ctx)
+
+
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
     from netsvc.lab.scenarios.replication import agent_args
 
@@ -142,7 +166,8 @@ PLUGIN = ServicePlugin(
     config=_config,
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
-                    executors={"replication-start": _start_replica}),
+                    executors={"replication-start": _start_replica,
+                               "replication-failback": _failback}),
     lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )

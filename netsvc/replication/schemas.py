@@ -48,6 +48,8 @@ class ReplicationTable(Schema, frozen=True):
         max_length=64, description="primary network -> its network at site B")] \
         = field(default_factory=dict)
     default_network: Name = "site-b"
+    primary_network: Annotated[Name, Meta(description=(
+        "the VMs' network at the primary (where failback readdresses them)"))] = "vmnet"
     config_every_s: Annotated[float, Meta(ge=0.5, le=3600, description=(
         "rewrite the BMC's configuration at most this often (epochs change)"))] = 5.0
     power_on_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 20.0
