@@ -150,7 +150,7 @@ def _lab_agent_args(plan: Any, host: str) -> list[str]:
 def _scenarios() -> tuple[Any, ...]:
     from netsvc.lab.scenarios import replication
 
-    return (replication.SCENARIO, replication.PLANNED)
+    return (replication.SCENARIO, replication.PLANNED, replication.FAILBACK)
 
 
 def _cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
