@@ -58,8 +58,9 @@ class Shipping:
 
     def __init__(self, site_b: tuple[str, int], *, link_bps: float, share: float,
                  source: str | None = None, log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, precopy: bool = True) -> None:
         self.site_b = site_b
+        self.precopy = precopy  # the initial copies as pre-copies (``shipper``)
         self.source = source
         self.log = log
         self.clock = clock
@@ -85,7 +86,8 @@ class Shipping:
             if vm in self.ships and self.ships[vm].disk == disk:
                 return
             sink = NbdSink(self.site_b[0], self.site_b[1], disk, source=self.source)
-            sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock)
+            sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock,
+                         precopy=self.precopy)
             try:  # an agent restarted: site B holds epochs already; number after them
                 self.disks[disk].tracker.resume_after(sink.status().applied)
             except (ConnectionError, ValueError) as exc:
