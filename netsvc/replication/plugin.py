@@ -1,7 +1,8 @@
 """netsvc.replication's plugin: its ``[replication]`` table, manager side (protection, the
-configuration in the site-B host's BMC, failover), agent side (shipping on primary hosts; on
-the site-B host, the configuration read from its BMC at start and the ``replication-start``
-executor) and CLI.
+configuration in the site-B host's BMC, failover, failback), agent side (shipping on primary
+hosts and their ``replication-failback`` executor; on the site-B host, the configuration read
+from its BMC at start, the ``replication-start`` executor, and the way back: its started
+replicas' disks served tracked and shipped to the primary's receiver) and CLI.
 
 Importing this module is cheap (argparse only); each part imports its code when it runs.
 """
