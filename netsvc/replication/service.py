@@ -209,6 +209,9 @@ class ReplicationService(BaseManagerService):
         #: the way back: the site-B host's shipping figures per VM (host, at, report)
         self.reverse: dict[str, tuple[str, float, dict[str, Any]]] = {}
         self.failback: Failback | None = None
+        #: VMs whose replica at site B went live (a failover started them): they take no
+        #: more epochs, so no primary host is asked to ship them (re-seeding: not done yet)
+        self.live_at_b: set[str] = set()
         self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
@@ -379,7 +382,8 @@ class ReplicationService(BaseManagerService):
                 self._config_changed(now, urgent=False)
         vm_host = {vm.name: vm.host for vm in self.kernel.model.vms.values()}
         ship = {vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
-                for vm, p in sorted(self.protected.items()) if vm_host.get(vm) == rep.host}
+                for vm, p in sorted(self.protected.items())
+                if vm_host.get(vm) == rep.host and vm not in self.live_at_b}
         return {"ok": True, "protect": ship}
 
     def _reverse_report(self, rep: ShippingReport, now: float) -> dict[str, Any]:
@@ -866,6 +870,8 @@ class ReplicationService(BaseManagerService):
         res = dict(result or {})
         details: dict[str, Any] = {"action": action.id, "epoch": res.get("epoch"),
                                    "result": res}
+        if ok:
+            self.live_at_b.add(action.vm)
         if ok and action.vm in kernel.model.vms:
             try:
                 kernel.model.update_vm(action.vm, host=str(action.payload["host"]),
@@ -959,7 +965,8 @@ class ReplicationService(BaseManagerService):
         for vm, p in sorted(self.protected.items()):
             ship = self.shipping.get(vm)
             row: dict[str, Any] = {"rpo_target_s": p.rpo_s, "disks": [d for d, _ in p.disks],
-                                   "network": p.network}
+                                   "network": p.network,
+                                   "replica_live_at_site_b": vm in self.live_at_b}
             if ship is None:
                 row.update(state="no report yet" if p.disks
                            else "configuration only (no replicated disk)")

@@ -88,6 +88,10 @@ class Env:
         return [e.action for e in self.core.journal_entries()]
 
 
+def st_live(s: ReplicationService) -> bool:
+    return bool(s.replication_status(s._now)["vms"]["vm1"]["replica_live_at_site_b"])
+
+
 def ctx(host: str, logs: list[str]) -> AgentContext:
     return AgentContext(host=host, url="http://127.0.0.1:1", key=b"k", make_client=None,  # type: ignore[arg-type]
                         driver=None, log=logs.append)
@@ -385,6 +389,9 @@ def test_failback_refused_when_unsafe_then_brings_the_vms_home(
               "replication-failback-done"):
         assert a in acts, a
     assert back(3, 0, 0.0)["protect"] == {}  # home: nothing ships back any more
+    fwd = s.report(convert({"host": "h1", "vms": []}, ShippingReport), now=env.now)
+    assert fwd["protect"] == {}  # nor forward: site B's replica is live, it takes no epoch
+    assert st_live(s)
     refused("no-failover")
     st = s.replication_status(env.now)
     assert st["failback"]["phase"] == "DONE" and st["reverse"]["vm1"]["remote_epoch"] == 3
