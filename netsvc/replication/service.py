@@ -4,9 +4,11 @@ in, I/O only through effects).
 What it keeps:
 
 - the protected VMs (``POST /v1/replication/protect/{vm}`` / ``unprotect``): RPO target, CPUs,
-  memory, disks, the site-B network of each NIC. Agents report what they ship
-  (``POST /v1/replication/reports``) and get the protected set back in the answer, so a
-  manager restarted with an empty set learns it again from the agents' next reports;
+  memory, disks, the site-B network of each NIC and the VM's address there, where it ran.
+  Each is stored in the kernel's state store (``ClusterModel.service_docs``, key
+  ``replication/<vm>``), so a restarted manager (or the next leader) has the whole protection
+  before any agent reports; a protected VM an agent reports and the store lacks (a store from
+  before this) is still learned back from its report;
 - the configuration for the sleeping site-B host: whenever the protected set changes (and at
   most every ``config_every_s`` while epochs advance) a ``write-config`` effect writes it to the
   site-B host's BMC (IPMI OEM, ``bmc.config_store``), with the newest complete epoch of each VM.
@@ -182,6 +184,15 @@ class Failover:
                 "rto_s": None if self.ended is None else round(self.ended - self.started, 3)}
 
 
+def _protection(vm: str, doc: Mapping[str, Any], now: float) -> Protection:
+    """A protection from its stored document (``ReplicationService._store``)."""
+    return Protection(vm, float(doc["rpo_s"]), int(doc["cpus"]), int(doc["memory_mib"]),
+                      tuple((str(d), int(s)) for d, s in doc["disks"]), str(doc["network"]),
+                      now, str(doc.get("site_b_ip") or ""),
+                      None if doc.get("primary_host") is None else str(doc["primary_host"]),
+                      str(doc.get("primary_ip") or ""))
+
+
 def _body(schema: Any) -> Any:
     def conv(obj: object) -> Any:
         return convert(obj if obj is not None else {}, schema)
@@ -217,6 +228,27 @@ class ReplicationService(BaseManagerService):
     def bind(self, kernel: Kernel) -> None:
         super().bind(kernel)
         self._now = kernel.started
+        for key, doc in kernel.model.service_docs.items():
+            svc, _, vm = key.partition("/")
+            if svc != self.name:
+                continue
+            try:
+                self.protected[vm] = _protection(vm, doc, kernel.started)
+            except (KeyError, TypeError, ValueError):
+                continue  # an unreadable document: the agents' reports teach it again
+            if doc.get("live_at_b"):
+                self.live_at_b.add(vm)
+        if self.protected:
+            self._config_changed(kernel.started)
+
+    def _store(self, vm: str) -> None:
+        """Write ``vm``'s protection to the kernel's state store (None: it is gone)."""
+        p = self.protected.get(vm)
+        self.kernel.model.set_service_doc(f"{self.name}/{vm}", None if p is None else {
+            "rpo_s": p.rpo_s, "cpus": p.cpus, "memory_mib": p.memory_mib,
+            "disks": [[d, s] for d, s in p.disks], "network": p.network,
+            "site_b_ip": p.site_b_ip, "primary_host": p.primary_host,
+            "primary_ip": p.primary_ip, "live_at_b": vm in self.live_at_b})
 
     # -- plugin surface --------------------------------------------------------------------
 
@@ -337,6 +369,7 @@ class ReplicationService(BaseManagerService):
         if req.dry_run:
             return {"status": "dry_run", "journal_seq": entry.seq}
         self.protected[vm] = p
+        self._store(vm)
         self._config_changed(now)
         return {"status": "protected", "vm": vm, "rpo_s": rpo}
 
@@ -355,6 +388,7 @@ class ReplicationService(BaseManagerService):
             return {"status": "dry_run"}
         del self.protected[vm]
         self.shipping.pop(vm, None)
+        self._store(vm)
         self._config_changed(now)
         return {"status": "unprotected", "vm": vm}
 
@@ -376,6 +410,7 @@ class ReplicationService(BaseManagerService):
             if v.vm not in self.protected and v.synced:  # a restarted manager learns it back
                 self.protected[v.vm] = Protection(v.vm, v.rpo_target_s or self.t.rpo_s, 1, 512,
                                                   ((v.disk, 0),), self.t.default_network, now)
+                self._store(v.vm)
                 self._config_changed(now)
             elif v.vm in self.protected and \
                     self._written_epochs.get(v.vm) != v.remote_epoch:
@@ -872,6 +907,8 @@ class ReplicationService(BaseManagerService):
                                    "result": res}
         if ok:
             self.live_at_b.add(action.vm)
+            if action.vm in self.protected:
+                self._store(action.vm)
         if ok and action.vm in kernel.model.vms:
             try:
                 kernel.model.update_vm(action.vm, host=str(action.payload["host"]),

@@ -395,3 +395,42 @@ def test_failback_refused_when_unsafe_then_brings_the_vms_home(
     refused("no-failover")
     st = s.replication_status(env.now)
     assert st["failback"]["phase"] == "DONE" and st["reverse"]["vm1"]["remote_epoch"] == 3
+
+
+def test_protection_survives_a_manager_restart_before_any_agent_reports(
+        tmp_path: Path) -> None:
+    """The protection is in the kernel's state store: a new manager on the same store has it
+    (and writes it to the BMC) with no report from any agent; unprotect deletes it there."""
+    def manager(journal: str) -> tuple[ManagerCore, ReplicationService]:
+        svc = ReplicationService(ReplicationConfig.from_table({"site_b_host": "b1"}))
+        core = ManagerCore(SqliteStore(tmp_path / "state.db"),
+                           Journal(tmp_path / journal, fsync=False), now=T0,
+                           wall=WALL0 + T0, services=[svc])
+        return core, svc
+
+    core, s = manager("j1.jsonl")
+    core.heartbeat("h1", seq=1, now=T0)
+    for i, vm in enumerate(("vm1", "vm2")):
+        core.put_vm(vm, mac=f"52:54:00:00:00:0{i + 1}", ip=f"198.18.1.1{i + 1}", host="h1",
+                    state=VMState.RUNNING, now=T0)
+    s.protect("vm1", convert({"rpo_s": 0.5, "cpus": 2, "memory_mib": 1024,
+                              "disks": [{"name": "ds1", "size": 1 << 24}],
+                              "network": "site-b", "site_b_ip": "198.18.4.101"},
+                             ProtectRequest), now=T0)
+    s.protect("vm2", convert({}, ProtectRequest), now=T0)
+    s.unprotect("vm2", convert({}, OperatorRequest), now=T0)
+    core.persist()
+    before = s.replica_vms()
+    del core, s
+
+    core2, s2 = manager("j2.jsonl")  # a new manager process: nothing reported yet
+    assert sorted(s2.protected) == ["vm1"]
+    p = s2.protected["vm1"]
+    assert (p.rpo_s, p.cpus, p.memory_mib, p.disks, p.network, p.site_b_ip, p.primary_host,
+            p.primary_ip) == (0.5, 2, 1024, (("ds1", 1 << 24),), "site-b", "198.18.4.101",
+                              "h1", "198.18.1.11")
+    assert s2.replica_vms() == before  # the same configuration for the BMC
+    assert s2._config_dirty  # and it is written there again
+    core2.heartbeat("h1", seq=1, now=T0 + 1)
+    ans = s2.report(convert({"host": "h1", "vms": []}, ShippingReport), now=T0 + 1)
+    assert ans["protect"] == {"vm1": {"rpo_s": 0.5, "disks": ["ds1"]}}
