@@ -26,8 +26,11 @@ Measured per run:
 - ``sweep`` (new code, SQLite and etcd): the largest cluster of the sweep (30 VMs per host)
   whose every heartbeat's lag stays under 100 ms at 1 Hz.
 
-Writes ``bench/results/manager_capacity.json``. Leaves out: the agents' action claims (long
-polls) and executors, TLS, and more than one etcd member.
+With ``--claims`` each agent's executor also holds a long-poll claim (``wait_s`` 10 s, the
+executor's) on a second kept connection, one after another, as real agents do.
+
+Writes ``bench/results/manager_capacity.json``. Leaves out: actions being queued and carried
+out (the claims wait and come back empty), TLS, and more than one etcd member.
 """
 
 from __future__ import annotations
@@ -105,6 +108,26 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
     t0 = loop.time() + 0.5
     end = t0 + duration
 
+    claims = 0
+
+    async def executor(h: str) -> None:
+        """The agent's executor: one long-poll claim after another on its own connection,
+        as ``netsvc.cluster.executor`` holds them (nothing is queued, so each waits)."""
+        nonlocal claims
+        kept = hc.KeptConnection(port)
+        body = json.dumps({"host": h, "executor": "bench", "wait_s": CLAIM_WAIT}).encode()
+        while loop.time() < end:
+            try:
+                status, _ = await kept.post("/v1/actions/claim", body,
+                                            timeout=CLAIM_WAIT + 30)
+                claims += 1
+                if status != 200:
+                    errors.append(f"{h} claim: HTTP {status}")
+            except (TimeoutError, OSError) as exc:
+                errors.append(f"{h} claim: {type(exc).__name__}")
+                await asyncio.sleep(1.0)
+        kept.close()
+
     async def agent(i: int, h: str) -> None:
         due = t0 + i / n
         seq = 2
@@ -127,12 +150,17 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
 
     cpu0 = hc.cpu_seconds(pid)
     w0 = time.monotonic()
+    waiters = [asyncio.create_task(executor(h)) for h in hosts] if CLAIMS else []
     await asyncio.gather(*(agent(i, h) for i, h in enumerate(hosts)))
     wall = time.monotonic() - w0
     cpu = hc.cpu_seconds(pid) - cpu0
+    for w in waiters:  # their waits outlast the run; the CPU is already counted
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
     lags.sort()
     return {
-        "heartbeats": len(lags), "errors": len(errors), "error_sample": errors[:5],
+        "heartbeats": len(lags), "claims_answered": claims, "errors": len(errors),
+        "error_sample": errors[:5],
         "wall_s": round(wall, 2), "heartbeats_per_s": round(len(lags) / wall, 1),
         "manager_cpu_share_of_one_core": round(cpu / wall, 3),
         "cpu_ms_per_heartbeat": round(1000 * cpu / max(len(lags), 1), 3),
@@ -174,11 +202,14 @@ async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds
 
 
 KEEP_ALIVE = False  # --keep-alive: each agent keeps its connection (what agents do now)
+OLD_FORMAT = 1  # --old-format: the state format the old tree reads (2 since per-key state)
+CLAIMS = False  # --claims: each agent's executor also holds a long-poll claim
+CLAIM_WAIT = 10.0  # netsvc.cluster.executor's CLAIM_WAIT
 
 
 def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
             duration: float, do_max: bool, etcd_url: str | None, tmp: Path) -> dict[str, Any]:
-    fmt = 1 if label == "old" else 2
+    fmt = OLD_FORMAT if label == "old" else 2
     hosts, on, docs = hc.cluster(n_hosts, n_vms)
     run = Path(tempfile.mkdtemp(prefix=f"{label}-{store_kind}-", dir=tmp))
     spec = None
@@ -209,9 +240,9 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
     key = hc.write_key(run)
     port = hc.free_port()
     extra: list[str] = []
-    if KEEP_ALIVE:  # every simulated agent comes from 127.0.0.1: lift the per-address cap
+    if KEEP_ALIVE or CLAIMS:  # every simulated agent is on 127.0.0.1: lift the per-address cap
         conf = run / "manager.toml"
-        conf.write_text(f"max_per_peer = {n_hosts + 64}\n")
+        conf.write_text(f"max_per_peer = {2 * n_hosts + 64}\n")
         extra = ["--config", str(conf)]
     proc = hc.start_process(hc.manager_argv(code, port, key, run, spec, extra=extra, cpu="0"),
                             run / "manager.log")
@@ -224,6 +255,7 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         out["warm_up_s"] = round(time.monotonic() - t, 2)
         out["rate"] = asyncio.run(rate_run(port, hosts, on, duration, proc.pid, KEEP_ALIVE))
         out["keep_alive"] = KEEP_ALIVE
+        out["claims"] = CLAIMS
         print(json.dumps({k: v for k, v in out.items()}), flush=True)
         if do_max:
             out["max"] = asyncio.run(max_run(port, hosts, on, 10.0, proc.pid))
@@ -249,9 +281,17 @@ def main() -> int:
     ap.add_argument("--keep-alive", action="store_true",
                     help="each agent keeps one connection (as the agent does since the "
                     "security work); default: a new connection per heartbeat")
+    ap.add_argument("--claims", action="store_true",
+                    help="each agent's executor also holds a long-poll claim on its own "
+                    "kept connection, as real agents do")
+    ap.add_argument("--old-format", type=int, choices=(1, 2), default=1,
+                    help="the state format of --old-tree: 1 (one model document, before the "
+                    "per-key state) or 2")
     args = ap.parse_args()
-    global KEEP_ALIVE
+    global KEEP_ALIVE, CLAIMS, OLD_FORMAT
+    OLD_FORMAT = args.old_format
     KEEP_ALIVE = args.keep_alive
+    CLAIMS = args.claims
     os.sched_setaffinity(0, {1})
     stores = args.stores.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="netsvc-capacity-"))

@@ -165,6 +165,9 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
     denial: Denial | None = None
+    # an empty answer the transport may hold up to the given seconds, asking again when the
+    # key is woken (``Reply.long_poll``)
+    long_poll: tuple[str, float] | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.body, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
@@ -222,6 +225,11 @@ def _action_id(text: str) -> str:
 def _unset(value: Any) -> Any:
     """msgspec's UNSET (a field the body left out) as the model's."""
     return UNSET if isinstance(value, msgspec.UnsetType) else value
+
+
+def actions_key(host: str) -> str:
+    """The long-poll key of a host's actions (woken when any of them changes)."""
+    return f"actions:{host}"
 
 
 def kernel_routes(core: ManagerCore) -> list[Route]:
@@ -295,7 +303,10 @@ def kernel_routes(core: ManagerCore) -> list[Route]:
         req: schemas.ClaimRequest = r.body
         actions = core.claim_actions(req.host, req.executor, kinds=req.kinds, now=r.now,
                                      wall=r.wall, holding=req.holding)
-        return Reply(200, {"actions": [a.to_dict() for a in actions], "wait_s": req.wait_s})
+        # nothing yet: the transport may hold the answer until this host's actions change
+        poll = (actions_key(req.host), req.wait_s) if not actions and req.wait_s else None
+        return Reply(200, {"actions": [a.to_dict() for a in actions], "wait_s": req.wait_s},
+                     long_poll=poll)
 
     def claim_action(r: Request) -> Reply:
         req: schemas.ClaimRequest = r.body
@@ -573,7 +584,7 @@ class Api:
         except ValidationError as exc:
             resp = error(400, str(exc), field=exc.field)
         if prepared.close and not resp.close:
-            resp = Response(resp.status, resp.body, resp.headers, close=True)
+            resp = replace(resp, close=True)
         return resp
 
     def _route(self, method: str, path: str) -> tuple[_Compiled | Response, tuple[str, ...]]:
@@ -617,7 +628,7 @@ class Api:
     def _call(self, route: _Compiled, request: Request) -> Response:
         try:
             reply = route.route.handler(request)
-            return Response(reply.status, reply.body)
+            return Response(reply.status, reply.body, long_poll=reply.long_poll)
         except ValidationError:
             raise
         except UnknownEntity as exc:

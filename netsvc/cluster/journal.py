@@ -16,7 +16,9 @@ Invariants:
   are finite numbers passed in by the caller (this module never reads a clock); ``details`` is
   a JSON object.
 - ``append`` writes one whole line, then flushes and fsyncs it, under a lock, before it
-  returns. If the write fails, the file is cut back to its previous length.
+  returns. If the write fails, the file is cut back to its previous length. Inside ``group()``
+  (group commit) the lines are written at once and fsynced together when the outermost group
+  ends, before it returns: whoever groups answers nobody before that.
 - A final line without its newline (a crash in the middle of a write) is never silently
   extended or reused: opening such a journal raises ``JournalTruncated``, or, with
   ``repair=True``, saves the torn bytes to ``<path>.torn-<offset>``, cuts the file back to the
@@ -298,6 +300,8 @@ class AuditJournal(Protocol):
 
     def verify(self, anchor: tuple[int, str] | None = None) -> VerifyReport: ...
 
+    def group(self) -> contextlib.AbstractContextManager[None]: ...
+
     def close(self) -> None: ...
 
 
@@ -342,6 +346,8 @@ class Journal:
         self.path = str(path)
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._groups = 0
+        self._unsynced = False
         self.torn_tail: TornTail | None = None
         try:
             self._fd: int | None = os.open(
@@ -440,7 +446,9 @@ class Journal:
                 while view:
                     n = os.write(self._fd, view)
                     view = view[n:]
-                if self._fsync:
+                if self._fsync and self._groups:
+                    self._unsynced = True
+                elif self._fsync:
                     os.fsync(self._fd)
             except OSError as exc:
                 with contextlib.suppress(OSError):
@@ -451,6 +459,27 @@ class Journal:
             self._last_seq = entry.seq
             self._last_hash = line_hash(line)
             return entry
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Group commit: the appends made inside are made durable by one fsync when the
+        outermost group ends (a failed fsync raises ``JournalError`` there)."""
+        with self._lock:
+            self._groups += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._groups -= 1
+                due = not self._groups and self._unsynced and self._fd is not None
+                self._unsynced = False
+                if due:
+                    assert self._fd is not None
+                    try:
+                        os.fsync(self._fd)
+                    except OSError as exc:
+                        raise JournalError(f"cannot sync journal {self.path}: "
+                                           f"{exc.strerror}") from None
 
     def read(self, since_seq: int = 0, limit: int | None = None) -> list[JournalEntry]:
         """Entries with ``seq > since_seq``, oldest first, at most ``limit`` of them."""

@@ -36,11 +36,13 @@ Invariants:
   heartbeat interval (``LIVE_KEY``), and a new leader starts those hosts UP, as heard that
   long ago, if that was less than one DOWN window before (by the wall clock).
 
-``ManagerServer`` is the thin adapter: a ``ThreadingHTTPServer``, a timer thread and an effects
-thread. It is the only place that reads ``time.monotonic()``/``time.time()``, and it
-serialises every call into the core with one lock (request bodies are read, effects performed
-and long-polling claims wait, outside it). Effects run one at a time, in the order asked for;
-those still queued when the manager stops are reported back as failed.
+``ManagerServer`` is the thin adapter: the transport's event loop (``server.HTTPServer``), a
+timer thread and an effects thread. It is the only place that reads ``time.monotonic()`` and
+``time.time()``, and it serialises every call into the core with one lock (request bodies are
+read, effects performed and long-polling claims wait, outside it); requests that arrive
+together are answered under one hold of it, with one group commit (``answer_many``). Effects
+run one at a time, in the order asked for; those still queued when the manager stops are
+reported back as failed.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
 from netsvc.cluster.actions import Action, ActionState
-from netsvc.cluster.api import Api, Prepared, Response, error
+from netsvc.cluster.api import Api, Prepared, Response, actions_key, error
 from netsvc.cluster.auth import Keyring
 from netsvc.cluster.errors import (
     ClusterError,
@@ -216,17 +218,19 @@ class ManagerCore:
         self._wall_offset = wall - now
         self._started = now
         self._fenced: str | None = None
+        self._batching = False  # inside ``batch``: state is written when it ends
+        self._batch_dirty = False
         self._journal_fenced = False
         self._last_hb_seq: dict[str, int] = {}
         self._actions: dict[str, Action] = {}
         self._actions_version = 0
+        self._action_hosts: set[str] = set()
         self._finished: list[str] = []
         self._next_action = 1
         self._model = ClusterModel()
         self._persister = StatePersister(store)
         self._dirty_actions: set[str] = set()
         self._open_ids: set[str] = set()  # the open actions (the timer looks at no other)
-        self._actions_version = 0
         self._silence: list[tuple[float, str]] = []  # heap of (DOWN deadline, host)
         self._refused_scan = -math.inf
         self._services: dict[str, ManagerService] = {}
@@ -321,9 +325,33 @@ class ManagerCore:
             raise InvalidValue("actions", f"stored actions are unreadable: {exc}") from None
         self._upgraded_from = loaded.upgraded_from
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit, for requests answered together: inside, a change is not written per
+        request; when the batch ends, what changed is written in one store commit and the
+        journal's entries are made durable by one fsync (``Journal.group``). Invariant: the
+        caller sends no answer and performs no effect of the batch before it has ended; if
+        ending raises (``Fenced``, ``ClusterError``), none of its changes may be answered as
+        done."""
+        if self._batching:
+            yield
+            return
+        self._batching, self._batch_dirty = True, False
+        with self._journal.group():
+            try:
+                yield
+            finally:
+                self._batching = False
+                if self._batch_dirty:
+                    self._batch_dirty = False
+                    self._persist()
+
     def _persist(self) -> None:
         if self._fenced is not None:
             raise Fenced(self._fenced)
+        if self._batching:
+            self._batch_dirty = True
+            return
         dirty, self._dirty_actions = self._dirty_actions, set()
         try:
             self._persister.save(self._model, self._model.take_dirty(), self._actions, dirty,
@@ -441,10 +469,18 @@ class ManagerCore:
         changed nothing writes nothing."""
         return self._actions_version
 
+    def take_action_hosts(self) -> set[str]:
+        """The hosts whose actions changed since the last call (whose long-polling claims
+        the adapter wakes), and forget them."""
+        hosts, self._action_hosts = self._action_hosts, set()
+        return hosts
+
     def _set_action(self, action: Action) -> None:
         before = self._actions.get(action.id)
         self._actions[action.id] = action
         self._actions_version += 1
+        if action.host is not None:
+            self._action_hosts.add(action.host)
         self._dirty_actions.add(action.id)
         if action.is_open:
             self._open_ids.add(action.id)
@@ -1246,8 +1282,7 @@ class ManagerServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._claims = threading.Condition()
-        self._claims_gen = 0
+        self._claims_gen = 0  # how often long-polling claims were woken (a test reads it)
         self._log = log
         self._access_log = access_log
         self._threads: list[threading.Thread] = []
@@ -1342,71 +1377,64 @@ class ManagerServer:
         if self._log is not None:
             self._log(message)
 
-    def finish(self, prepared: Prepared, raw: bytes,
-               alive: Callable[[], bool] | None = None) -> Response:
-        """Answer one request. A claim with ``wait_s`` is a long poll: while nothing is
-        pending for its host it waits (outside the core lock) and asks again; before each new
-        ask it checks ``alive()``, so an agent that died while waiting (its host crashed) never
-        claims an action it cannot carry out."""
-        wait = 0.0
-        first = True
-        while True:
-            with self._claims:
-                gen = self._claims_gen
-            if not first and alive is not None and not alive():
-                return error(499, "the client went away while waiting", close=True)
-            first = False
-            resp = self._finish_once(prepared, raw)
-            if prepared.route.name != "claim_actions" or resp.status != 200 \
-                    or resp.body.get("actions"):
-                return resp
-            if not wait:
-                wait = float(resp.body.get("wait_s") or 0.0)
-                deadline = time.monotonic() + wait
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stop.is_set():
-                return resp
-            # Long poll: nothing for this host yet; wait (outside the core lock) until some
-            # other request or timer may have queued an action, then ask again.
-            with self._claims:
-                if self._claims_gen == gen:
-                    self._claims.wait(min(left, 1.0))
+    def answer(self, prepared: Prepared, raw: bytes) -> Response:
+        """Answer one request (``answer_many`` of one)."""
+        return self.answer_many([(prepared, raw)])[0]
 
-    def _finish_once(self, prepared: Prepared, raw: bytes) -> Response:
+    def answer_many(self, requests: Sequence[tuple[Prepared, bytes]]) -> list[Response]:
+        """Answer requests that arrived together under one hold of the core lock, with one
+        group commit (``ManagerCore.batch``): at 1,000 agents a heartbeat that changes a host's
+        state (UP, DOWN) costs one commit and one fsync per batch, not per heartbeat. Nothing
+        is answered and no effect is performed before the batch's commit; if that commit
+        fails, every answer of a mutating request in it becomes a 503. The transport holds a
+        long poll (``Response.long_poll``) and calls again when woken."""
         asked = time.monotonic()
+        out: list[Response] = []
         with self._lock:
             now, wall = time.monotonic(), time.time()
-            version = self.core.actions_version
             try:
-                resp = self.api.finish(prepared, raw, now=now, wall=wall)
-            except Exception as exc:  # never let one request kill the daemon
-                if self._log is not None:
-                    self._log(f"internal error: {type(exc).__name__}: {exc}")
-                resp = error(500, f"internal error: {type(exc).__name__}")
-            if resp.denial is not None:
-                self.api.audit(resp, now=now, wall=wall)
-                resp = replace(resp, denial=None)
+                with self.core.batch():
+                    for prepared, raw in requests:
+                        out.append(self._answer_one(prepared, raw, now, wall))
+            except ClusterError as exc:
+                failed = error(503, f"the change could not be stored: {exc}")
+                out = [failed if p.route.mutates else r
+                       for (p, _), r in zip(requests, out, strict=False)]
+                out += [failed] * (len(requests) - len(out))
             effects = self.core.take_effects()
-            moved = self.core.actions_version != version
+            hosts = self.core.take_action_hosts()
             held = time.monotonic() - now
         if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
             # etcd's "apply request took too long": the core lock serialises every request,
             # so one slow holder delays every decision behind it; say which and where.
-            self.log_always(f"slow request: {prepared.route.name} waited "
+            names = sorted({p.route.name for p, _ in requests})
+            self.log_always(f"slow request: {len(requests)} x {', '.join(names)} waited "
                             f"{(now - asked) * 1000:.0f} ms for the core and held it "
                             f"{held * 1000:.0f} ms")
         for effect in effects:  # carried out by the effects thread, outside the lock
             self._effects.put(effect)
-        if moved:  # only then can a waiting claim find something (not on every heartbeat)
-            self._actions_changed()
-        if prepared.route.mutates:
+        if hosts:  # only then can a waiting claim find something (not on every heartbeat)
+            self._actions_changed(hosts)
+        if any(p.route.mutates for p, _ in requests):
             self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        return out
+
+    def _answer_one(self, prepared: Prepared, raw: bytes, now: float, wall: float) -> Response:
+        try:
+            resp = self.api.finish(prepared, raw, now=now, wall=wall)
+        except Exception as exc:  # never let one request kill the daemon
+            if self._log is not None:
+                self._log(f"internal error: {type(exc).__name__}: {exc}")
+            resp = error(500, f"internal error: {type(exc).__name__}")
+        if resp.denial is not None:
+            self.api.audit(resp, now=now, wall=wall)
+            resp = replace(resp, denial=None)
         return resp
 
-    def _actions_changed(self) -> None:
-        with self._claims:
-            self._claims_gen += 1
-            self._claims.notify_all()
+    def _actions_changed(self, hosts: set[str]) -> None:
+        """Wake the long-polling claims of these hosts."""
+        self._claims_gen += 1
+        self._httpd.wake({actions_key(h) for h in hosts})
 
     def _perform(self, effect: Effect) -> Mapping[str, Any]:
         try:
@@ -1420,6 +1448,9 @@ class ManagerServer:
                 self.core.effect_done(effect, outcome, now=time.monotonic(), wall=time.time())
             except ClusterError as exc:
                 self.log_always(f"could not journal the outcome of {effect.kind}: {exc}")
+            hosts = self.core.take_action_hosts()
+        if hosts:
+            self._actions_changed(hosts)
         self._wake.set()  # an outcome (a confirmed fence) may let a service act now
         if self._log is not None and not outcome.get("ok"):
             self._log(f"{effect.service} {effect.kind} failed: {outcome.get('error')}")
@@ -1449,7 +1480,6 @@ class ManagerServer:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                before = self.core.actions_version
                 try:
                     for ev in self.core.handle_timer(now, time.time()):
                         if self._log is not None and not isinstance(ev, ActionExpired):
@@ -1458,12 +1488,12 @@ class ManagerServer:
                     if self._log is not None:
                         self._log(f"timer: {exc}")
                 deadline = self.core.next_timer()
-                changed = self.core.actions_version != before
+                changed = self.core.take_action_hosts()
                 effects = self.core.take_effects()
             for effect in effects:
                 self._effects.put(effect)
             if changed:  # a timer may have queued actions (a partition response, a retry)
-                self._actions_changed()
+                self._actions_changed(changed)
             wait = self.core.config.heartbeat_interval
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
@@ -1487,7 +1517,6 @@ class ManagerServer:
             return
         self._stop.set()
         self._wake.set()
-        self._actions_changed()
         if self._threads:
             self._httpd.shutdown()
         self._httpd.server_close()

@@ -1,4 +1,12 @@
-"""The manager API's HTTP(S) transport: a bounded, thread-per-connection server around ``Api``.
+"""The manager API's HTTP(S) transport: one asyncio event loop in front of the sans-IO ``Api``.
+
+One thread runs the loop; it accepts, does the TLS handshakes, reads the requests
+(``netsvc.cluster.http1`` parses the heads), calls the core (``ManagerServer.answer``, under the
+core lock, a fraction of a millisecond) and writes the answers. A kept-alive agent costs a
+socket and a few hundred bytes, not a thread: 1,000 agents were 1,000 threads in the
+thread-per-connection server this replaces, and queued on the core lock until their lag passed
+the DOWN window (``BENCHMARKS.md``, "Manager capacity"). A long-poll claim parks on a future of
+its host and is woken only when that host's actions changed (``wake``).
 
 Why not waitress (or another WSGI server)? It was considered and not taken:
 
@@ -9,46 +17,47 @@ Why not waitress (or another WSGI server)? It was considered and not taken:
   claims (``POST /v1/actions/claim`` with ``wait_s``) hold a worker each for up to 30 s, so a
   few agents more than workers would starve every other request (heartbeats included);
 - WSGI hides the socket: the early answer to ``Expect: 100-continue`` (401/413 before any body
-  is sent) and the check that a long-polling agent is still there need it;
-- it is not in this Debian image, the standard library's ``http.server`` and ``ssl`` are.
+  is sent) and the check that a long-polling agent is still there need it.
 
-So the server stays ``http.server``'s, and what waitress would have brought is done here
-explicitly and tested: a connection limit (total and per peer address), a deadline for each
-request's arrival, a per-operation socket timeout, the TLS handshake in the connection's own
-thread under the same deadline, and the body cap (``Api.max_body``).
+asyncio (the standard library's, well kept) brings the loop, TLS (``start_tls``) and the
+handshake deadline; the HTTP framing is ``http1``'s (why not h11: its docstring).
 
 Invariants:
 
-- The accepting thread never blocks on a client: it counts the connection and hands it to a
-  thread; the TLS handshake happens in that thread.
+- The loop never waits on a client: reading, the TLS handshake and writing are awaited, and
+  the only blocking call is the core's (``ManagerServer.answer_many``).
+- The requests read in one turn of the loop are answered together, under one hold of the
+  core lock and one group commit (at most ``MAX_BATCH``); none is answered before that
+  commit. Under load the batches grow by themselves, and so does what one fsync covers.
 - A connection beyond ``max_connections``, or beyond ``max_per_peer`` from one address, is
   closed at once and counted (``refused_connections``); the ones already open go on.
 - A connection's first request (its line, headers and body, and the TLS handshake before it)
-  must arrive within ``request_timeout`` seconds; the reaper thread shuts a late one down and
-  counts it (``slow_closed``), however slowly its bytes trickle in (slowloris). A kept-alive
+  must arrive within ``request_timeout`` seconds; the reaper shuts a late one down and counts
+  it (``slow_closed``), however slowly its bytes trickle in (slowloris). A kept-alive
   connection may then wait ``idle_timeout`` seconds for each next request (an agent's
   heartbeats), after which it is closed and counted as ``idle_closed``. A request being
   *served* (a long-poll claim) is never reaped.
+- A long-poll claim is asked again only when its host's actions changed (or its wait ran
+  out), and never for a client that has closed its end.
 - ``stats`` are plain counters, read by the metrics endpoint; nothing here decides anything
   the ``Api`` decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import select
+import resource
 import socket
-import socketserver
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from netsvc.cluster import http1
 from netsvc.cluster.api import Prepared, Response, error
 
 if TYPE_CHECKING:
@@ -92,54 +101,61 @@ STAT_NAMES = ("connections_accepted", "refused_connections", "slow_closed", "idl
 
 
 class _Guard:
-    """The open connections, their phase and deadline; the reaper closes late ones."""
+    """The open connections, their phase and deadline; the reaper closes late ones.
+
+    Connections are keyed by their transport; every method but the ``stats`` read runs in the
+    loop's thread, the lock is for the metrics endpoint's reads."""
 
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
         self.lock = threading.Lock()
         self.stats = dict.fromkeys(STAT_NAMES, 0)
-        # socket -> (peer, deadline or None while it is being served, what the deadline is for:
-        # "slow_closed" a request, "idle_closed" the wait between two)
-        self._conns: dict[socket.socket, tuple[str, float | None, str]] = {}
+        # transport -> (peer, deadline or None while it is being served, what the deadline is
+        # for: "slow_closed" a request, "idle_closed" the wait between two)
+        self._conns: dict[asyncio.BaseTransport, tuple[str, float | None, str]] = {}
         self._per_peer: dict[str, int] = {}
 
     def count(self, name: str) -> None:
         with self.lock:
             self.stats[name] += 1
 
-    def admit(self, sock: socket.socket, peer: str, now: float) -> bool:
+    def admit(self, conn: asyncio.BaseTransport, peer: str, now: float) -> bool:
         with self.lock:
             if len(self._conns) >= self.limits.max_connections \
                     or self._per_peer.get(peer, 0) >= self.limits.max_per_peer:
                 self.stats["refused_connections"] += 1
                 return False
-            self._conns[sock] = (peer, now + self.limits.request_timeout, "slow_closed")
+            self._conns[conn] = (peer, now + self.limits.request_timeout, "slow_closed")
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self.stats["connections_accepted"] += 1
             return True
 
-    def rebind(self, old: socket.socket, new: socket.socket) -> None:
-        """The TLS socket replaces the plain one it wraps (same descriptor)."""
+    def rebind(self, old: asyncio.BaseTransport, new: asyncio.BaseTransport) -> None:
+        """The TLS transport replaces the plain one under it."""
         with self.lock:
             if old in self._conns:
                 self._conns[new] = self._conns.pop(old)
 
-    def waiting(self, sock: socket.socket, now: float) -> None:
+    def waiting(self, conn: asyncio.BaseTransport, now: float) -> None:
         """Between two requests of a kept-alive connection."""
-        with self.lock:
-            if sock in self._conns:
-                self._conns[sock] = (self._conns[sock][0], now + self.limits.idle_timeout,
-                                     "idle_closed")
+        entry = self._conns.get(conn)
+        if entry is not None:
+            self._conns[conn] = (entry[0], now + self.limits.idle_timeout, "idle_closed")
 
-    def serving(self, sock: socket.socket) -> None:
-        with self.lock:
-            if sock in self._conns:
-                self._conns[sock] = (self._conns[sock][0], None, "")
+    def reaped(self, conn: asyncio.BaseTransport) -> bool:
+        """True if the reaper shut this connection down (so its end is counted already)."""
+        entry = self._conns.get(conn)
+        return entry is not None and entry[1] is None
 
-    def release(self, sock: socket.socket) -> None:
-        """Before the socket is closed (so the reaper never shuts a reused descriptor)."""
+    def serving(self, conn: asyncio.BaseTransport) -> None:
+        entry = self._conns.get(conn)
+        if entry is not None:
+            self._conns[conn] = (entry[0], None, "")
+
+    def release(self, conn: asyncio.BaseTransport) -> None:
+        """When the connection is closed."""
         with self.lock:
-            entry = self._conns.pop(sock, None)
+            entry = self._conns.pop(conn, None)
             if entry is not None:
                 left = self._per_peer.get(entry[0], 1) - 1
                 if left:
@@ -153,174 +169,260 @@ class _Guard:
             return len(self._conns)
 
     def reap(self, now: float) -> int:
-        """Shut down every connection whose request is late; return how many."""
+        """Abort every connection whose request is late; return how many."""
         n = 0
         with self.lock:
-            for sock, (peer, deadline, why) in list(self._conns.items()):
+            for conn, (peer, deadline, why) in list(self._conns.items()):
                 if deadline is not None and now >= deadline:
-                    self._conns[sock] = (peer, None, "")  # once
-                    with contextlib.suppress(OSError):
-                        # socket.socket's own shutdown (not SSLSocket's, which would drop its
-                        # TLS state under the thread still reading it): the blocked read ends.
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    self._conns[conn] = (peer, None, "")  # once
+                    conn.abort()  # type: ignore[attr-defined]
                     self.stats[why] += 1
                     n += 1
         return n
 
+    def close_all(self) -> None:
+        with self.lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.abort()  # type: ignore[attr-defined]
 
-class HTTPServer(ThreadingHTTPServer):
-    """The listening socket, the guard and its reaper thread."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class HTTPServer:
+    """The listening socket, the event loop (run by ``serve_forever`` in its caller's thread),
+    the guard and its reaper."""
+
+    BACKLOG = 1024
+    MAX_BATCH = 256  # requests answered under one hold of the core lock
 
     def __init__(self, address: tuple[str, int], manager: ManagerServer,
                  limits: ServerLimits | None = None, tls: TlsConfig | None = None) -> None:
         self.manager = manager
-        self.limits = limits or ServerLimits()
+        self.limits = _within_open_files(limits or ServerLimits(), manager)
         self.guard = _Guard(self.limits)
         self.tls = tls
         self.ssl_context = tls.context() if tls is not None else None
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        handler = type("Handler", (_Handler,), {"timeout": self.limits.io_timeout})
-        self._reaper_stop = threading.Event()
-        super().__init__(address, handler)
-        self._reaper = threading.Thread(target=self._reap_loop, name="netsvc-manager-reaper",
-                                        daemon=True)
-        self._reaper.start()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(address)
+            self._sock.listen(self.BACKLOG)
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.server_address: tuple[Any, ...] = self._sock.getsockname()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._served = threading.Event()
+        self._closed = False
+        # long-poll claims waiting, by key (``Response.long_poll``): a future each key's
+        # waiters share, resolved (and dropped) by ``wake``
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        # requests read in this turn of the loop, answered together (``ManagerServer.
+        # answer_many``: one hold of the core lock, one group commit)
+        self._batch: list[tuple[Prepared, bytes, asyncio.Future[Response]]] = []
 
-    def _reap_loop(self) -> None:
-        while not self._reaper_stop.wait(self.limits.reap_interval):
+    # -- the loop's life -----------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.2) -> None:
+        """Serve until ``shutdown`` (``poll_interval`` is the reaper's cadence ceiling)."""
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._served.set()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self._sock,
+                                            limit=http1.MAX_HEAD, backlog=self.BACKLOG)
+        reaper = asyncio.create_task(self._reap_loop())
+        try:
+            await self._stopping.wait()
+        finally:
+            reaper.cancel()
+            server.close()
+            self.guard.close_all()
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_result(None)
+            self._waiting.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.reap_interval)
             self.guard.reap(time.monotonic())
 
-    def server_close(self) -> None:
-        self._reaper_stop.set()
-        super().server_close()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.guard.admit(request, str(client_address[0]), time.monotonic())
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The answer's head and body are two writes: without NODELAY, Nagle holds the body
-        # until the client's delayed ACK of the head, 40 ms on a kept-alive connection.
-        with contextlib.suppress(OSError):
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            request.settimeout(self.limits.io_timeout)
-            wrapped: ssl.SSLSocket | None = None
-            try:
-                wrapped = self.ssl_context.wrap_socket(request, server_side=True,
-                                                       do_handshake_on_connect=False)
-                self.guard.rebind(request, wrapped)
-                wrapped.do_handshake()
-            except (OSError, ValueError):
-                self.guard.count("tls_failures")
-                self.guard.release(request)
-                if wrapped is not None:
-                    self.guard.release(wrapped)
-                    wrapped.close()
-                return
-            request = wrapped
-        try:
-            super().finish_request(request, client_address)
-        finally:
-            if self.ssl_context is not None:
-                self.guard.release(request)
-                request.close()
-
-    def shutdown_request(self, request: Any) -> None:
-        self.guard.release(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that goes away mid-answer is not worth a traceback on stderr.
-        exc = sys.exc_info()[1]
-        if not isinstance(exc, OSError):
-            self.manager.log_always(f"error serving {client_address}: {exc!r}")
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), which may wait on DNS; skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "netsvc-manager/0.1"
-    sys_version = ""
-    timeout = 10.0
-
-    _early: Prepared | None = None
-
-    def handle_one_request(self) -> None:
-        super().handle_one_request()
-        # Between requests of a kept-alive connection the deadline runs again.
-        self.server.guard.waiting(self.connection, time.monotonic())
-
-    def _prepare(self) -> Prepared | Response:
-        for name in ("content-length", "authorization", "transfer-encoding"):
-            if len(self.headers.get_all(name) or []) > 1:
-                return error(400, f"header {name} given more than once", close=True, field=name)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        return self.server.manager.api.prepare(self.command, self.path, headers,
-                                               wall=time.time(), peer=self.client_address[0])
-
-    def handle_expect_100(self) -> bool:
-        # curl sends "Expect: 100-continue" with larger bodies: check the key and the size
-        # before inviting the body, so a 413 or 401 goes out without reading anything.
-        prepared = self._prepare()
-        if isinstance(prepared, Response):
-            self._send(replace(prepared, close=True))
-            return False
-        self._early = prepared
-        return super().handle_expect_100()
-
-    def _dispatch(self) -> None:
-        prepared = self._early if self._early is not None else self._prepare()
-        self._early = None
-        if isinstance(prepared, Response):
-            self._discard_body()
-            self._send(prepared)
+    def shutdown(self) -> None:
+        """Stop serving (from another thread) and wait until the loop has ended."""
+        loop, stopping = self._loop, self._stopping
+        if loop is None or stopping is None:
             return
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            loop.call_soon_threadsafe(stopping.set)
+        self._served.wait(10.0)
+
+    def server_close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+    def wake(self, keys: set[str]) -> None:
+        """Wake the long polls waiting on any of ``keys`` (any thread)."""
+        loop = self._loop
+        if loop is None or not keys or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._wake_in_loop, keys)
+
+    def _wake_in_loop(self, keys: set[str]) -> None:
+        for key in keys:
+            fut = self._waiting.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        transport: asyncio.BaseTransport = writer.transport
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if peername else ""
+        if not self.guard.admit(transport, peer, time.monotonic()):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # The answer is one write, but a 100 Continue and the answer are two.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                try:
+                    # the reaper enforces the request deadline; this one is a backstop
+                    await writer.start_tls(self.ssl_context,
+                                           ssl_handshake_timeout=2 * self.limits.request_timeout)
+                except (OSError, ssl.SSLError, ConnectionError):  # TimeoutError is an OSError
+                    if not self.guard.reaped(transport):
+                        self.guard.count("tls_failures")
+                    return
+                self.guard.rebind(transport, writer.transport)
+                transport = writer.transport
+            while await self._one_request(reader, writer, transport, peer):
+                self.guard.waiting(transport, time.monotonic())
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ssl.SSLError, ConnectionError):
+            transport.abort()  # type: ignore[attr-defined]  # went away, or was reaped
+        except Exception as exc:  # never let one connection's bug end the loop
+            self.manager.log_always(f"error serving {peer}: {type(exc).__name__}: {exc}")
+            transport.abort()  # type: ignore[attr-defined]
+        finally:
+            self.guard.release(transport)
+            writer.close()
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           transport: asyncio.BaseTransport, peer: str) -> bool:
+        """Read, answer and write one request; False when the connection is to be closed."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                await self._send(writer, error(400, "request head cut short", close=True))
+            return False
+        except asyncio.LimitOverrunError:
+            await self._send(writer, error(431, f"request head larger than {http1.MAX_HEAD} "
+                                           "bytes", close=True))
+            return False
+        parsed = http1.parse_head(head)
+        if isinstance(parsed, http1.HeadError):
+            await self._send(writer, error(parsed.status, parsed.message, close=True))
+            return False
+        prepared = self.manager.api.prepare(parsed.method, parsed.target, parsed.headers,
+                                            wall=time.time(), peer=peer)
+        if isinstance(prepared, Response):
+            await self._discard_body(reader, parsed.headers)
+            return await self._send(writer, prepared, parsed.keep_alive)
         raw = b""
         if prepared.body_length:
-            try:
-                raw = self.rfile.read(prepared.body_length)
-            except OSError:
-                raw = b""
-        self.server.guard.serving(self.connection)
-        self._send(self.server.manager.finish(prepared, raw, alive=self._peer_alive))
+            if parsed.expect_continue:
+                writer.write(http1.CONTINUE)
+            raw = await reader.readexactly(prepared.body_length)
+        self.guard.serving(transport)
+        resp = await self._answer(prepared, raw)
+        if resp.long_poll is not None:
+            resp = await self._long_poll(prepared, raw, resp, reader)
+        return await self._send(writer, resp, parsed.keep_alive)
 
-    def _discard_body(self) -> None:
-        """Read (and drop) the body of a request refused before reading it, if it is within the
-        cap: closing with unread bytes would reset the connection, and the client could lose
-        the answer (a 401 or 403) before reading it. A larger body is not read (413)."""
-        declared = (self.headers.get("content-length") or "").strip()
-        if "transfer-encoding" in self.headers or not declared.isdigit() or len(declared) > 12:
-            return
-        if 0 < int(declared) <= self.server.manager.api.max_body:
-            with contextlib.suppress(OSError):
-                self.rfile.read(int(declared))
+    async def _long_poll(self, prepared: Prepared, raw: bytes, resp: Response,
+                         reader: asyncio.StreamReader) -> Response:
+        """Hold an empty answer until its key is woken or its wait runs out, then ask again
+        (unless the client has gone: a crashed agent's claim must not take an action)."""
+        assert resp.long_poll is not None
+        key, wait = resp.long_poll
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while resp.long_poll is not None:
+            left = deadline - loop.time()
+            if left <= 0 or self._stopping is None or self._stopping.is_set():
+                break
+            fut = self._waiting.get(key)
+            if fut is None or fut.done():
+                fut = self._waiting[key] = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), left)
+            if reader.at_eof():
+                return error(499, "the client went away while waiting", close=True)
+            if loop.time() >= deadline:
+                break
+            resp = await self._answer(prepared, raw)
+        return resp
 
-    def _peer_alive(self) -> bool:
-        """False once the client has gone (its end closed: a crashed agent's long poll)."""
+    async def _answer(self, prepared: Prepared, raw: bytes) -> Response:
+        """Have the core answer, together with the other requests read in this turn."""
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._batch.append((prepared, raw, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        return await fut
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch[:self.MAX_BATCH], self._batch[self.MAX_BATCH:]
+        if self._batch:
+            asyncio.get_running_loop().call_soon(self._run_batch)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return True
-            # the TCP bytes (not TLS records): a peek at whether the peer closed its end
-            return bool(socket.socket.recv(self.connection, 1, socket.MSG_PEEK))
-        except (OSError, ValueError):
-            return False
+            answers = self.manager.answer_many([(p, raw) for p, raw, _ in batch])
+        except Exception as exc:  # never leave a request without an answer
+            self.manager.log_always(f"internal error: {type(exc).__name__}: {exc}")
+            answers = [error(500, f"internal error: {type(exc).__name__}")] * len(batch)
+        for (_, _, fut), resp in zip(batch, answers, strict=True):
+            if not fut.done():
+                fut.set_result(resp)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+    async def _discard_body(self, reader: asyncio.StreamReader,
+                            headers: dict[str, str]) -> None:
+        """Read (and drop) the body of a request refused before reading it, if it is within the
+        cap and arrives at once: closing with unread bytes would reset the connection, and the
+        client could lose the answer (a 401 or 403) before reading it. A larger body is not
+        read (413)."""
+        declared = headers.get("content-length", "").strip()
+        if "transfer-encoding" in headers or not declared.isdigit() or len(declared) > 12:
+            return
+        n = int(declared)
+        if 0 < n <= self.manager.api.max_body:
+            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(reader.readexactly(n), self.limits.io_timeout)
 
-    def _send(self, resp: Response) -> None:
-        guard = self.server.guard
+    async def _send(self, writer: asyncio.StreamWriter, resp: Response,
+                    keep_alive: bool = False) -> bool:
+        """Write one answer; True if the connection stays open for the next request."""
+        guard = self.guard
         if resp.status == 413:
             guard.count("oversized")
         elif resp.status == 401:
@@ -328,22 +430,35 @@ class _Handler(BaseHTTPRequestHandler):
         elif resp.status == 403:
             guard.count("forbidden")
         if resp.denial is not None:
-            self.server.manager.audit(resp)
+            self.manager.audit(resp)
         body = resp.encode()
-        self.send_response(resp.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in resp.headers:
-            self.send_header(name, value)
-        if resp.close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        close = resp.close or not keep_alive
+        headers = [("Server", "netsvc-manager/0.1"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                   *resp.headers]
+        if close:
+            headers.append(("Connection", "close"))
+        writer.write(http1.encode_head(resp.status, headers) + body)
+        await writer.drain()
+        return not close
 
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.manager.log(f"{self.address_string()} {format % args}")
+
+def _within_open_files(limits: ServerLimits, manager: ManagerServer) -> ServerLimits:
+    """Raise the soft limit of open files to the hard one, and keep ``max_connections``
+    within it (less a reserve for the store, the journal and the BMC sessions): past it
+    ``accept`` would fail for everybody instead of the excess being refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    room = max(16, soft - 128) if soft != resource.RLIM_INFINITY else limits.max_connections
+    if limits.max_connections > room:
+        manager.log_always(f"max_connections {limits.max_connections} is more than the open "
+                           f"files allowed ({soft}); serving at most {room}")
+        return replace(limits, max_connections=room)
+    return limits
+
 
 
 class KeyringWatcher:

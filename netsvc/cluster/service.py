@@ -119,8 +119,13 @@ class Request:
 
 @dataclass(frozen=True)
 class Reply:
+    """A handler's answer. ``long_poll`` (key, seconds): the answer is empty for now, and the
+    transport may hold it up to that long, asking the handler again whenever the key is
+    woken (``ManagerServer`` wakes ``actions:<host>`` when that host's actions change)."""
+
     status: int
     body: dict[str, Any]
+    long_poll: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)

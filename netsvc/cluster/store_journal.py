@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -160,6 +161,11 @@ class StoreJournal:
             if len(kvs) < page:
                 return
             start += len(kvs)
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Nothing to group: each entry is already durable in its own store transaction."""
+        yield
 
     def read(self, since_seq: int = 0, limit: int | None = None) -> list[JournalEntry]:
         """Entries with ``seq > since_seq``, oldest first, at most ``limit`` of them."""

@@ -91,7 +91,8 @@ def test_a_restart_the_driver_refuses_fails_and_the_vm_stays_put(
     with server._lock:  # the adapter serialises calls into the core
         action = server.core.queue_vm_action("restart", "vm1", "h1", "h2", "test",
                                              time.monotonic())
-    server._actions_changed()
+        hosts = server.core.take_action_hosts()
+    server._actions_changed(hosts)
     done = client.wait_action(action.id, timeout=20)
     assert done["state"] == "FAILED" and done["executor"] == "agent-h2"
     assert "still runs on h1" in done["detail"], done["detail"]

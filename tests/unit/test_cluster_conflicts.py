@@ -801,13 +801,13 @@ def test_updates_never_sent_are_journaled_at_stop(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.jsonl")
     server = ManagerServer(("127.0.0.1", 0), KEY.encode(), store, journal,
                            services=[AcdService(acd(**DNS), dns_sender=stub)])
-    try:  # never started: requests go through finish() by hand, nothing sends
+    try:  # never started: requests go through answer() by hand, nothing sends
         def call(method: str, path: str, obj: object) -> Any:
             data = json.dumps(obj).encode()
             prepared = server.api.prepare(method, path, {"authorization": f"Bearer {KEY}",
                                                          "content-length": str(len(data))})
             assert isinstance(prepared, Prepared), prepared
-            return server.finish(prepared, data)
+            return server.answer(prepared, data)
 
         for host in ("h1", "h2"):
             call("POST", f"/v1/hosts/{host}/heartbeat", {"seq": 1})

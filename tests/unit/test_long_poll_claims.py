@@ -143,3 +143,70 @@ def test_a_claim_whose_answer_was_lost_is_delivered_again_to_its_executor(
     assert client.claim_actions("h1", "agent-h2", holding=[]) == []  # nor another host's phase
     assert [e["subject"] for e in client.journal(0) if e["action"] == "action-redelivered"] \
         == [f"action:{action['id']}"]
+
+
+def test_a_waiting_claim_is_asked_again_only_when_its_own_hosts_actions_change(
+        served: tuple[ManagerServer, ManagerClient]) -> None:
+    """Each long poll parks on its host's key: an action for h1 does not make h2's claim ask
+    again, and nothing re-asks on a clock (the old server re-asked every second, 1,000 core
+    calls a second for 1,000 waiting agents)."""
+    server, client = served
+    import threading
+
+    core = server.core
+    asked: list[str] = []
+    claim = core.claim_actions
+
+    def counted_claim(host: str, executor: str, **kw: object) -> object:
+        asked.append(host)
+        return claim(host, executor, **kw)  # type: ignore[arg-type]
+
+    core.claim_actions = counted_claim  # type: ignore[method-assign]
+    client.heartbeat("h3", {"seq": 1})
+    client.put_vm("vm3", mac="52:54:00:00:00:03", ip="198.18.1.13", host="h3",
+                  state="RUNNING")
+    waiter = ManagerClient(server.url, KEY, timeout=40.0)
+    got: list[list[dict[str, object]]] = []
+    t = threading.Thread(target=lambda: got.append(
+        waiter.claim_actions("h2", "agent-h2", wait_s=30.0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while "h2" not in asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked == ["h2"]
+    # an action for h1 (a migration of vm3 from h3 to h1: its prepare is h1's)
+    client.migrate("vm3", "h1", "test")
+    time.sleep(2.5)  # longer than the old server's 1 s re-ask
+    assert asked.count("h2") == 1, asked
+    client.migrate("vm1", "h2", "test")  # now h2's: it is woken and claims it
+    t.join(timeout=10)
+    assert not t.is_alive() and [a["phase"] for a in got[0]] == ["prepare"]
+    assert asked.count("h2") == 2, asked
+
+
+def test_kept_alive_connections_cost_no_thread_each(
+        served: tuple[ManagerServer, ManagerClient]) -> None:
+    """Hundreds of agents keeping a connection open (and a long-poll claim waiting on some)
+    are served by the transport's one loop: the manager's thread count does not grow."""
+    import threading
+
+    server, client = served
+    before = threading.active_count()
+    socks = []
+    addr, port = server.address
+    for _ in range(48):
+        s = socket.create_connection((addr, port), timeout=5)
+        socks.append(s)
+    waiting = [_raw_claim(server, "h2", 20.0) for _ in range(8)]
+    try:
+        for s in socks:  # each kept-alive connection carries a request and stays open
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in socks:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert server.http_stats["open_connections"] >= 56
+        assert threading.active_count() <= before + 2, threading.enumerate()
+        # and they are all still served
+        assert client.health()["ok"]
+    finally:
+        for s in socks + waiting:
+            s.close()
