@@ -48,6 +48,9 @@ def main() -> int:
             runs.append({"ok": report["ok"], "rto_s": report.get("rto_s"),
                          "steps_s": report.get("failover_steps_s"),
                          "rpo_ms": report.get("rpo_ms"),
+                         "rpo_p50_ms": report.get("rpo_p50_ms"),
+                         "initial_sync_s": report.get("initial_sync_s"),
+                         "load_average": os.getloadavg()[0],
                          "data_lost_writes": report.get("data_lost_writes"),
                          "config_via_bmc": report.get("config_via_bmc"),
                          "error": report.get("error") or (r.stderr[-300:] if r.returncode
