@@ -18,12 +18,10 @@ Phases (each ``--seconds`` long, same workload, one after the other on the same 
   and every replica is compared with its disk, byte for byte. ``steady_rpo_*`` counts only
   the samples after the first instant at which every VM's RPO was under its 1 s target at
   once (the backlog the initial copies left has drained); ``rpo_*`` counts them all.
-  The initial copy is a pre-copy (``shipper``: sealed at its end), held to a floor of 0.1 of
-  the link while a synced VM is over half its RPO target (``agent.Shipping``); with
-  ``--seal-first`` a second netsvc phase of the same workload runs the way it was before
-  (sealed at its start, no floor), to compare in the same run. What "the run" means for each
-  figure: ``rpo_*`` counts each VM from the commit of its initial copy on (a protected VM:
-  what an RPO is defined for);
+  The initial copy is a pre-copy (``shipper``: sealed at its end); with ``--seal-first`` a
+  second netsvc phase of the same workload runs with the copy sealed at its start (the old
+  way), to compare in the same run. What "the run" means for each figure: ``rpo_*`` counts
+  each VM from the commit of its initial copy on (a protected VM: what an RPO is defined for);
   ``whole_run_rpo_*`` counts every VM from its protection on, a VM not yet synced counting as
   old as the time since then (nothing of it is at site B); ``where_the_time_goes`` gives per
   VM its initial copy's time on the link, its RPO the instant that copy committed, and its
@@ -182,8 +180,7 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
         p.write_bytes(os.urandom(DISK))
         disks.append(FileDisk(p))
     shipping = Shipping((B_ADDR, PORT), link_bps=100e6, share=0.8, source=A_ADDR,
-                        log=lambda m: None, precopy=precopy,
-                        initial_floor=0.1 if precopy else None)
+                        log=lambda m: None, precopy=precopy)
     tracked = [shipping.track(f"vm{i + 1}", d) for i, d in enumerate(disks)]
     for i in range(VMS):
         shipping.protect(f"vm{i + 1}", f"vm{i + 1}", 1.0)
@@ -247,8 +244,7 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
     fails = sum(s.failures for s in shipping.ships.values())
     total_written = writers.written
     return {
-        "initial_copy": "pre-copy, sealed at its end; floor 0.1 while a VM is at risk"
-        if precopy else "sealed at its start; no floor (before)",
+        "initial_copy": "pre-copy, sealed at its end" if precopy else "sealed at its start",
         "write_rate_mb_s": round(written_during / elapsed / 1e6, 2),
         "initial_sync_s": round(max(synced_at.values()), 2) if synced_at else None,
         "whole_run_rpo_p50_ms": round(pct(whole, 0.5) * 1000, 1),

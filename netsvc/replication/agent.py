@@ -10,9 +10,7 @@ On a primary host (``--replication-site-b ADDR:PORT``, the site-B storage node's
 - two shipping workers run the ``scheduler.RpoScheduler``'s decisions under one
   ``throttle.Throttle`` for the whole site link: one the initial full copies of newly
   protected disks (while the VMs write), the other the synced VMs' epochs, most at risk first
-  (so an initial copy never holds the others' epochs back); while a synced VM's RPO is over
-  half its target, the initial copies also pass a floor throttle (``initial_floor``, 0.1 of
-  the link): the epochs of protected VMs come first, a new VM still gets protected.
+  (so an initial copy never holds the others' epochs back).
 
 On the site-B host (``--replication-bmc ADDR`` ...): in its start, before the agent's first
 heartbeat and before its executor runs (so before any VM can start here), the configuration is
@@ -60,13 +58,9 @@ class Shipping:
 
     def __init__(self, site_b: tuple[str, int], *, link_bps: float, share: float,
                  source: str | None = None, log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.monotonic, precopy: bool = True,
-                 initial_floor: float | None = 0.1) -> None:
+                 clock: Callable[[], float] = time.monotonic, precopy: bool = True) -> None:
         self.site_b = site_b
         self.precopy = precopy  # the initial copies as pre-copies (``shipper``)
-        #: while a synced VM is at risk (RPO over half its target), the initial copies go no
-        #: faster than this share of the link (None: they share the link evenly always)
-        self.floor = None if initial_floor is None else Throttle(link_bps, initial_floor)
         self.source = source
         self.log = log
         self.clock = clock
@@ -93,23 +87,13 @@ class Shipping:
                 return
             sink = NbdSink(self.site_b[0], self.site_b[1], disk, source=self.source)
             sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock,
-                         precopy=self.precopy, initial_gate=self._initial_gate)
+                         precopy=self.precopy)
             try:  # an agent restarted: site B holds epochs already; number after them
                 self.disks[disk].tracker.resume_after(sink.status().applied)
             except (ConnectionError, ValueError) as exc:
                 self.log(f"replication: {disk} at site B not reachable yet ({exc})")
             self.ships[vm] = _Ship(vm, disk, sh)
             self.log(f"replication: protecting {vm} (disk {disk}, RPO {rpo_s:g} s)")
-
-    def _initial_gate(self) -> Throttle | None:
-        """The initial copies' floor while a synced VM is at risk: its epochs first."""
-        if self.floor is None:
-            return None
-        for vm, s in list(self.ships.items()):
-            if s.shipper.synced and s.shipper.tracked.rpo() > \
-                    0.5 * self.scheduler.targets.get(vm, 1.0):
-                return self.floor
-        return None
 
     def unprotect(self, vm: str) -> None:
         with self.lock:

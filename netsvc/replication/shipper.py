@@ -177,8 +177,7 @@ class Shipper:
                  throttle: Throttle | None = None, *, max_extent_blocks: int = 256,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 throttle_lock: threading.Lock | None = None, precopy: bool = True,
-                 initial_gate: Callable[[], Throttle | None] | None = None) -> None:
+                 throttle_lock: threading.Lock | None = None, precopy: bool = True) -> None:
         self.vm = vm
         self.tracked = tracked
         self.sink = sink
@@ -186,10 +185,6 @@ class Shipper:
         self.throttle_lock = throttle_lock or threading.Lock()
         self.max_extent_blocks = max_extent_blocks
         self.precopy = precopy
-        #: during the initial copy, before the link's throttle: a throttle to pass first (the
-        #: initial copies' floor while a synced VM is at risk), or None
-        self.initial_gate = initial_gate
-        self._initial = False
         self.clock = clock
         self.sleep = sleep
         self.synced = False
@@ -200,12 +195,6 @@ class Shipper:
 
     def _pace(self, n: int) -> None:
         self.wire_bytes += n
-        gate = self.initial_gate() if self._initial and self.initial_gate else None
-        if gate is not None:
-            with self.throttle_lock:
-                wait = gate.reserve(n, self.clock())
-            if wait > 0:
-                self.sleep(wait)
         if self.throttle is None:
             return
         with self.throttle_lock:
@@ -214,13 +203,6 @@ class Shipper:
             self.sleep(wait)
 
     def ship_next(self, *, full: bool = False) -> Shipped:
-        self._initial = full
-        try:
-            return self._ship(full)
-        finally:
-            self._initial = False
-
-    def _ship(self, full: bool) -> Shipped:
         if full and self.precopy:
             return self._ship_precopy()
         t0 = self.clock()

@@ -48,23 +48,3 @@ def test_a_synced_vm_ships_while_another_is_in_its_initial_copy(
     for s in sh.ships.values():
         s.shipper.sink.close()
     assert read_replica(port) == bytes(d1.backend.data)  # type: ignore[attr-defined]
-
-
-def test_initial_copies_pass_the_floor_only_while_a_synced_vm_is_at_risk() -> None:
-    t = [100.0]
-    sh = Shipping(("127.0.0.1", 9), link_bps=100e6, share=0.8, log=lambda m: None,
-                  clock=lambda: t[0])
-    d1 = sh.track("vm1", MemDisk(SIZE))
-    sh.track("vm2", MemDisk(SIZE))
-    sh.protect("vm1", "vm1", 1.0)  # site B unreachable here: nothing ships in this test
-    sh.protect("vm2", "vm2", 1.0)
-    assert sh._initial_gate() is None  # nothing synced: nothing at risk
-    sh.ships["vm1"].shipper.synced = True
-    d1.pwrite(b"x" * 4096, 0)
-    t[0] += 0.4
-    assert sh._initial_gate() is None  # vm1's RPO 0.4 s: under half its 1 s target
-    t[0] += 0.2
-    gate = sh._initial_gate()
-    assert gate is not None and gate.share == 0.1  # 0.6 s: its epochs come first
-    assert Shipping(("127.0.0.1", 9), link_bps=1e8, share=0.8, log=lambda m: None,
-                    initial_floor=None)._initial_gate() is None
