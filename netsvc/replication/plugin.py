@@ -41,6 +41,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replication-share", type=float, default=0.8, metavar="FRACTION",
                    help="the share of the site link shipping may use (default 0.8)")
     p.add_argument("--replication-report-every", type=float, default=0.5, metavar="SECONDS")
+    p.add_argument("--replication-initial", choices=("precopy", "seal"), default="precopy",
+                   help="the initial copy: a pre-copy sealed at its end (default; better for "
+                   "disks written in a small set) or sealed at its start (better when the "
+                   "writes cover the disk during the copy: see BENCHMARKS.md)")
     p.add_argument("--replication-bmc", metavar="ADDR",
                    help="site-B host: read the replica VMs' configuration from this BMC at "
                    "start (IPMI OEM, ipmitool raw)")
@@ -116,7 +120,7 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
     shipping = Shipping(ctx.options["replication.site_b"],
                         link_bps=args.replication_link_mbit * 1e6,
                         share=args.replication_share, source=args.replication_source,
-                        log=ctx.log)
+                        log=ctx.log, precopy=args.replication_initial == "precopy")
     for name, ds in storage.datastores.items():  # before any VM connects to the endpoint
         tracked = shipping.track(name, ds)
         if storage.endpoint is not None:
