@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -85,29 +86,23 @@ def payload(host: str, i: int, seq: int, vms: list[str]) -> bytes:
     }, separators=(",", ":")).encode()
 
 
-async def warm_up(port: int, hosts: list[str], on: dict[str, list[str]]) -> None:
-    sem = asyncio.Semaphore(16)
-
-    async def one(i: int, h: str) -> None:
-        async with sem:
-            status, body = await hc.http_post(port, f"/v1/hosts/{h}/heartbeat",
-                                              payload(h, i, 1, on[h]), timeout=120)
-            if status != 200:
-                raise SystemExit(f"warm-up heartbeat of {h}: HTTP {status} {body[:200]!r}")
-
-    await asyncio.gather(*(one(i, h) for i, h in enumerate(hosts)))
-
-
 async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], duration: float,
                    pid: int, keep_alive: bool = False) -> dict[str, Any]:
+    """Every agent sends its first heartbeat (the host comes UP; 16 at a time, not measured)
+    and goes on at 1 Hz from when it was answered, as a real agent does (a gap longer than
+    the DOWN window would have hosts flap DOWN and UP). The measurement starts once every
+    agent is up, and lasts ``duration`` s."""
     loop = asyncio.get_running_loop()
-    n = len(hosts)
     lags: list[float] = []
+    late: list[float] = []  # the generator's own part of the lag: from due to sent
+    served: list[float] = []  # from sent to answered (the manager, the loopback, and the
+    # generator's reading of the answer)
     errors: list[str] = []
-    bodies = {h: [payload(h, i, s, on[h]) for s in (2, 3)] for i, h in enumerate(hosts)}
-    t0 = loop.time() + 0.5
-    end = t0 + duration
-
+    bodies = {h: [payload(h, i, s, on[h]) for s in (1, 2, 3)] for i, h in enumerate(hosts)}
+    sem = asyncio.Semaphore(16)
+    warmed = 0
+    all_up = asyncio.Event()
+    window = {"start": math.inf, "end": math.inf, "cpu0": 0.0}
     claims = 0
 
     async def executor(h: str) -> None:
@@ -116,7 +111,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
         nonlocal claims
         kept = hc.KeptConnection(port)
         body = json.dumps({"host": h, "executor": "bench", "wait_s": CLAIM_WAIT}).encode()
-        while loop.time() < end:
+        while loop.time() < window["end"]:
             try:
                 status, _ = await kept.post("/v1/actions/claim", body,
                                             timeout=CLAIM_WAIT + 30)
@@ -128,37 +123,58 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
                 await asyncio.sleep(1.0)
         kept.close()
 
-    async def agent(i: int, h: str) -> None:
-        due = t0 + i / n
-        seq = 2
+    async def agent(h: str) -> None:
+        nonlocal warmed
         kept = hc.KeptConnection(port) if keep_alive else None
-        while due < end:
+        path = f"/v1/hosts/{h}/heartbeat"
+
+        async def send(body: bytes, timeout: float = 10.0) -> int:
+            if kept is not None:
+                return (await kept.post(path, body, timeout))[0]
+            return (await hc.http_post(port, path, body, timeout))[0]
+
+        async with sem:
+            status = await send(bodies[h][0], timeout=120)
+        if status != 200:
+            raise SystemExit(f"first heartbeat of {h}: HTTP {status}")
+        due = loop.time() + 1.0
+        warmed += 1
+        if warmed == len(hosts):
+            window["cpu0"] = hc.cpu_seconds(pid)
+            window["start"] = loop.time()
+            window["end"] = window["start"] + duration
+            all_up.set()
+        seq = 2
+        while due < window["end"]:
             await asyncio.sleep(max(0.0, due - loop.time()))
+            sent = loop.time()
             try:
-                path, body = f"/v1/hosts/{h}/heartbeat", bodies[h][seq % 2]
-                status, _ = await (kept.post(path, body) if kept is not None
-                                   else hc.http_post(port, path, body))
+                status = await send(bodies[h][1 + seq % 2])
                 if status != 200:
                     errors.append(f"{h}: HTTP {status}")
             except (TimeoutError, OSError) as exc:
                 errors.append(f"{h}: {type(exc).__name__}")
-            lags.append(loop.time() - due)
+            if due >= window["start"]:
+                lags.append(loop.time() - due)
+                late.append(sent - due)
+                served.append(loop.time() - sent)
             seq += 1
             due += 1.0
         if kept is not None:
             kept.close()
 
-    cpu0 = hc.cpu_seconds(pid)
-    w0 = time.monotonic()
+    agents = [asyncio.create_task(agent(h)) for h in hosts]
+    await all_up.wait()
     waiters = [asyncio.create_task(executor(h)) for h in hosts] if CLAIMS else []
-    await asyncio.gather(*(agent(i, h) for i, h in enumerate(hosts)))
-    wall = time.monotonic() - w0
-    cpu = hc.cpu_seconds(pid) - cpu0
+    await asyncio.gather(*agents)
+    wall = loop.time() - window["start"]
+    cpu = hc.cpu_seconds(pid) - window["cpu0"]
     for w in waiters:  # their waits outlast the run; the CPU is already counted
         w.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     lags.sort()
     return {
+        "generator_late_ms": _pcts(late), "sent_to_answer_ms": _pcts(served),
         "heartbeats": len(lags), "claims_answered": claims, "errors": len(errors),
         "error_sample": errors[:5],
         "wall_s": round(wall, 2), "heartbeats_per_s": round(len(lags) / wall, 1),
@@ -168,6 +184,15 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
                    "p99": round(1000 * lags[int(0.99 * (len(lags) - 1))], 2),
                    "max": round(1000 * lags[-1], 2)} if lags else None,
     }
+
+
+def _pcts(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return {"p50": round(1000 * statistics.median(xs), 2),
+            "p99": round(1000 * xs[int(0.99 * (len(xs) - 1))], 2),
+            "max": round(1000 * xs[-1], 2)}
 
 
 async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds: float,
@@ -250,9 +275,6 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         t = time.monotonic()
         hc.wait_http(port, proc, timeout=900)
         out["manager_start_s"] = round(time.monotonic() - t, 2)
-        t = time.monotonic()
-        asyncio.run(warm_up(port, hosts, on))
-        out["warm_up_s"] = round(time.monotonic() - t, 2)
         out["rate"] = asyncio.run(rate_run(port, hosts, on, duration, proc.pid, KEEP_ALIVE))
         out["keep_alive"] = KEEP_ALIVE
         out["claims"] = CLAIMS
@@ -284,6 +306,8 @@ def main() -> int:
     ap.add_argument("--claims", action="store_true",
                     help="each agent's executor also holds a long-poll claim on its own "
                     "kept connection, as real agents do")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the run's directory (the managers' logs and state)")
     ap.add_argument("--old-format", type=int, choices=(1, 2), default=1,
                     help="the state format of --old-tree: 1 (one model document, before the "
                     "per-key state) or 2")
@@ -337,7 +361,10 @@ def main() -> int:
             hc.stop(etcd_proc)
         import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"kept {tmp} (the managers' logs and state)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

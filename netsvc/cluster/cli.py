@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -402,6 +403,9 @@ def cmd_manager(args: argparse.Namespace) -> int:
                 tls=tls,
             )
             server.api.max_body = cfg.get("max_body", server.api.max_body)
+            # The state just loaded lives as long as the daemon: keep it out of the cyclic
+            # collector's full passes (30 ms each at 30,000 VMs, a pause for every request).
+            gc.freeze()
             if metrics is not None:
                 metrics.watch_server(lambda: server.http_stats)
                 metrics_server = MetricsServer(cfg["metrics_addr"], metrics.registry)

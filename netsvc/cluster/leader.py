@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import threading
 import time
@@ -460,10 +461,12 @@ over plain HTTP: with TLS, clients reach the leader through their URL list).
     def build(fenced: FencedStore, reason: str) -> ServerLike:
         services = [pl.manager(cfg["services"].get(pl.name)) for pl in plugins
                     if pl.manager is not None]
-        return ManagerServer(address, key, fenced, StoreJournal(fenced), config=config,
-                             services=services, fence_agent=fence_agent, log=log,
-                             access_log=bool(cfg.get("access_log", False)),
-                             start_reason=reason, observer=observer, limits=limits, tls=tls)
+        server = ManagerServer(address, key, fenced, StoreJournal(fenced), config=config,
+                               services=services, fence_agent=fence_agent, log=log,
+                               access_log=bool(cfg.get("access_log", False)),
+                               start_reason=reason, observer=observer, limits=limits, tls=tls)
+        gc.freeze()  # the state just loaded is long-lived (see the manager command)
+        return server
 
     stop = threading.Event()
     ready = threading.Event()

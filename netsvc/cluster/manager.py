@@ -1283,6 +1283,7 @@ class ManagerServer:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._claims_gen = 0  # how often long-polling claims were woken (a test reads it)
+        self._timer_due = 0.0  # when the timer thread wakes next by itself (under the lock)
         self._log = log
         self._access_log = access_log
         self._threads: list[threading.Thread] = []
@@ -1403,6 +1404,11 @@ class ManagerServer:
                 out += [failed] * (len(requests) - len(out))
             effects = self.core.take_effects()
             hosts = self.core.take_action_hosts()
+            # Wake the timer only if its next deadline came earlier than the one it sleeps
+            # to: a heartbeat only puts its host's deadline later (waking the timer thread
+            # for each cost the loop a tenth of its time at 1,000 agents).
+            due = self.core.next_timer() if any(p.route.mutates for p, _ in requests) else None
+            early = due is not None and due < self._timer_due
             held = time.monotonic() - now
         if now - asked >= SLOW_REQUEST_S or held >= SLOW_REQUEST_S:
             # etcd's "apply request took too long": the core lock serialises every request,
@@ -1415,8 +1421,8 @@ class ManagerServer:
             self._effects.put(effect)
         if hosts:  # only then can a waiting claim find something (not on every heartbeat)
             self._actions_changed(hosts)
-        if any(p.route.mutates for p, _ in requests):
-            self._wake.set()  # a heartbeat or an action may have moved the next deadline
+        if early:
+            self._wake.set()
         return out
 
     def _answer_one(self, prepared: Prepared, raw: bytes, now: float, wall: float) -> Response:
@@ -1490,13 +1496,14 @@ class ManagerServer:
                 deadline = self.core.next_timer()
                 changed = self.core.take_action_hosts()
                 effects = self.core.take_effects()
+                wait = self.core.config.heartbeat_interval
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
+                self._timer_due = time.monotonic() + wait  # read by answer_many, under the lock
             for effect in effects:
                 self._effects.put(effect)
             if changed:  # a timer may have queued actions (a partition response, a retry)
                 self._actions_changed(changed)
-            wait = self.core.config.heartbeat_interval
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
             self._wake.wait(wait)
             self._wake.clear()
 

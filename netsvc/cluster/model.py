@@ -259,6 +259,7 @@ class ClusterModel:
         self._vms: dict[str, VM] = {}
         self._networks: dict[str, Network] = {}
         self._macs: dict[str, str] = {}  # MAC -> VM name (the unique-mac index)
+        self._on: dict[str, set[str]] = {}  # host -> names of the VMs placed on it
         self._dirty: set[tuple[str, str]] = set()
         self._service_docs: dict[str, dict[str, Any]] = {}
 
@@ -329,7 +330,18 @@ class ClusterModel:
         return {name: self._vms[name].host for name in sorted(self._vms)}
 
     def vms_on(self, host: str) -> list[VM]:
-        return [vm for _, vm in sorted(self._vms.items()) if vm.host == host]
+        """The VMs placed on ``host``, by name (an index: not a scan of every VM)."""
+        return [self._vms[n] for n in sorted(self._on.get(host, ()))]
+
+    def _index(self, old: VM | None, new: VM | None) -> None:
+        if old is not None and old.host is not None and (new is None or new.host != old.host):
+            names = self._on.get(old.host)
+            if names is not None:
+                names.discard(old.name)
+                if not names:
+                    del self._on[old.host]
+        if new is not None and new.host is not None:
+            self._on.setdefault(new.host, set()).add(new.name)
 
     # -- networks ----------------------------------------------------------------------------
 
@@ -410,6 +422,7 @@ class ClusterModel:
         self._check_vm(vm)
         self._vms[vm.name] = vm
         self._macs[vm.mac] = vm.name
+        self._index(None, vm)
         self._dirty.add(("vm", vm.name))
         return vm
 
@@ -442,6 +455,7 @@ class ClusterModel:
         new = replace(old, **changes)
         self._check_vm(new)
         self._vms[name] = new
+        self._index(old, new)
         if new.mac != old.mac:
             self._macs.pop(old.mac, None)
             self._macs[new.mac] = name
@@ -458,6 +472,7 @@ class ClusterModel:
     def remove_vm(self, name: str) -> None:
         vm = self.vm(name)
         del self._vms[name]
+        self._index(vm, None)
         self._macs.pop(vm.mac, None)
         self._dirty.add(("vm", name))
 
@@ -536,6 +551,8 @@ class ClusterModel:
         new._vms = dict(self._vms)
         new._networks = dict(self._networks)
         new._macs = dict(self._macs)
+        new._on = {h: set(names) for h, names in self._on.items()}
+        new._service_docs = {k: dict(v) for k, v in self._service_docs.items()}
         return new
 
 

@@ -189,7 +189,7 @@ class _Guard:
 
 class HTTPServer:
     """The listening socket, the event loop (run by ``serve_forever`` in its caller's thread),
-    the guard and its reaper."""
+    the guard and its reaper, the batch of requests for the core, and the parked long polls."""
 
     BACKLOG = 1024
     MAX_BATCH = 256  # requests answered under one hold of the core lock
@@ -216,42 +216,45 @@ class HTTPServer:
         self._stopping: asyncio.Event | None = None
         self._served = threading.Event()
         self._closed = False
-        # long-poll claims waiting, by key (``Response.long_poll``): a future each key's
-        # waiters share, resolved (and dropped) by ``wake``
-        self._waiting: dict[str, asyncio.Future[None]] = {}
         # requests read in this turn of the loop, answered together (``ManagerServer.
         # answer_many``: one hold of the core lock, one group commit)
-        self._batch: list[tuple[Prepared, bytes, asyncio.Future[Response]]] = []
+        self._batch: list[tuple[_Connection, Prepared, bytes]] = []
+        # long polls parked on a key (``Response.long_poll``) until ``wake`` or their deadline
+        self._parked: dict[str, set[_Connection]] = {}
 
     # -- the loop's life -----------------------------------------------------------------------
 
     def serve_forever(self, poll_interval: float = 0.2) -> None:
-        """Serve until ``shutdown`` (``poll_interval`` is the reaper's cadence ceiling)."""
+        """Serve until ``shutdown`` (``poll_interval`` is unused: the loop needs no polling)."""
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
         finally:
+            tasks = asyncio.all_tasks(loop)  # TLS handshakes under way
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._served.set()
 
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._connection, sock=self._sock,
-                                            limit=http1.MAX_HEAD, backlog=self.BACKLOG)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), sock=self._sock,
+                                          backlog=self.BACKLOG)
         reaper = asyncio.create_task(self._reap_loop())
         try:
             await self._stopping.wait()
         finally:
             reaper.cancel()
             server.close()
+            for conn in [c for conns in self._parked.values() for c in conns]:
+                conn.unpark()
+            self._parked.clear()
             self.guard.close_all()
-            for fut in self._waiting.values():
-                if not fut.done():
-                    fut.set_result(None)
-            self._waiting.clear()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
 
@@ -274,8 +277,45 @@ class HTTPServer:
             self._closed = True
             self._sock.close()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is None or self._stopping.is_set()
+
+    # -- the core, in batches ------------------------------------------------------------------
+
+    def submit(self, conn: _Connection, prepared: Prepared, raw: bytes) -> None:
+        """Have the core answer this request, together with the others read in this turn;
+        ``conn.answered`` gets the answer."""
+        self._batch.append((conn, prepared, raw))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch[:self.MAX_BATCH], self._batch[self.MAX_BATCH:]
+        if self._batch:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        try:
+            answers = self.manager.answer_many([(p, raw) for _, p, raw in batch])
+        except Exception as exc:  # never leave a request without an answer
+            self.manager.log_always(f"internal error: {type(exc).__name__}: {exc}")
+            answers = [error(500, f"internal error: {type(exc).__name__}")] * len(batch)
+        for (conn, prepared, raw), resp in zip(batch, answers, strict=True):
+            conn.answered(prepared, raw, resp)
+
+    # -- long polls ----------------------------------------------------------------------------
+
+    def park(self, key: str, conn: _Connection) -> None:
+        self._parked.setdefault(key, set()).add(conn)
+
+    def unpark(self, key: str, conn: _Connection) -> None:
+        conns = self._parked.get(key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._parked[key]
+
     def wake(self, keys: set[str]) -> None:
-        """Wake the long polls waiting on any of ``keys`` (any thread)."""
+        """Wake the long polls parked on any of ``keys`` (any thread)."""
         loop = self._loop
         if loop is None or not keys or loop.is_closed():
             return
@@ -284,145 +324,221 @@ class HTTPServer:
 
     def _wake_in_loop(self, keys: set[str]) -> None:
         for key in keys:
-            fut = self._waiting.pop(key, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            for conn in list(self._parked.pop(key, ())):
+                conn.woken()
 
-    # -- one connection ------------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        transport: asyncio.BaseTransport = writer.transport
-        peername = writer.get_extra_info("peername")
-        peer = str(peername[0]) if peername else ""
-        if not self.guard.admit(transport, peer, time.monotonic()):
-            transport.abort()  # type: ignore[attr-defined]
+class _Connection(asyncio.Protocol):
+    """One client connection: bytes in, one request at a time through the core, answers out.
+
+    States: reading a head; waiting for a body (``_need`` bytes, after a 100 Continue if
+    asked); being answered (``_busy``: the core's batch, or parked as a long poll). Bytes that
+    arrive meanwhile wait in the buffer (pipelining), at most a head and a body's worth."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.s = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._buf = bytearray()
+        self._head: http1.Head | None = None
+        self._pending: Prepared | Response | None = None  # the request whose body is awaited
+        self._need = 0
+        self._busy = False
+        self._eof = False
+        self._gone = False
+        self._tls_pending = False
+        self._in_process = False
+        # a parked long poll: its key, deadline and timer, and the request to ask again
+        self._park: tuple[str, float, asyncio.TimerHandle] | None = None
+        self._parked: tuple[Prepared, bytes] | None = None
+        self._asking = False  # a request of this connection is in the core's batch
+
+    # -- asyncio's callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if peername else ""
+        if not self.s.guard.admit(transport, self.peer, time.monotonic()):
+            self._gone = True
+            transport.abort()
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.s.ssl_context is not None:
+            # scheduled now, so it runs before any read of the client's bytes
+            self._tls_pending = True
+            asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        assert self.s.ssl_context is not None
         try:
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                # The answer is one write, but a 100 Continue and the answer are two.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                try:
-                    # the reaper enforces the request deadline; this one is a backstop
-                    await writer.start_tls(self.ssl_context,
-                                           ssl_handshake_timeout=2 * self.limits.request_timeout)
-                except (OSError, ssl.SSLError, ConnectionError):  # TimeoutError is an OSError
-                    if not self.guard.reaped(transport):
-                        self.guard.count("tls_failures")
-                    return
-                self.guard.rebind(transport, writer.transport)
-                transport = writer.transport
-            while await self._one_request(reader, writer, transport, peer):
-                self.guard.waiting(transport, time.monotonic())
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ssl.SSLError, ConnectionError):
-            transport.abort()  # type: ignore[attr-defined]  # went away, or was reaped
-        except Exception as exc:  # never let one connection's bug end the loop
-            self.manager.log_always(f"error serving {peer}: {type(exc).__name__}: {exc}")
-            transport.abort()  # type: ignore[attr-defined]
+            # the reaper enforces the request deadline; this one is a backstop
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, self.s.ssl_context, server_side=True,
+                ssl_handshake_timeout=2 * self.s.limits.request_timeout)
+        except (OSError, ssl.SSLError, ConnectionError):  # TimeoutError is an OSError
+            if not self.s.guard.reaped(raw):
+                self.s.guard.count("tls_failures")
+            self._gone = True
+            self.s.guard.release(raw)
+            raw.abort()
+            return
+        if tls is None:
+            self._gone = True
+            self.s.guard.release(raw)
+            return
+        self.s.guard.rebind(raw, tls)
+        self.transport = tls
+        self._tls_pending = False
+        self._process()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if not self._busy and not self._tls_pending:
+            self._process()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if not self._busy and not self._tls_pending:
+            self._process()  # answers what is complete, then closes
+        return True  # we close, once what is under way is answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        if self.transport is not None:
+            self.s.guard.release(self.transport)
+        self.unpark()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Take the next requests out of the buffer, as long as they are all there."""
+        if self._in_process:
+            return
+        self._in_process = True
+        try:
+            self._take()
         finally:
-            self.guard.release(transport)
-            writer.close()
+            self._in_process = False
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           transport: asyncio.BaseTransport, peer: str) -> bool:
-        """Read, answer and write one request; False when the connection is to be closed."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                await self._send(writer, error(400, "request head cut short", close=True))
-            return False
-        except asyncio.LimitOverrunError:
-            await self._send(writer, error(431, f"request head larger than {http1.MAX_HEAD} "
-                                           "bytes", close=True))
-            return False
-        parsed = http1.parse_head(head)
-        if isinstance(parsed, http1.HeadError):
-            await self._send(writer, error(parsed.status, parsed.message, close=True))
-            return False
-        prepared = self.manager.api.prepare(parsed.method, parsed.target, parsed.headers,
-                                            wall=time.time(), peer=peer)
+    def _take(self) -> None:
+        while not self._busy and not self._gone:
+            if self._head is None:
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buf) > http1.MAX_HEAD:
+                        self._send(error(431, f"request head larger than {http1.MAX_HEAD} "
+                                         "bytes", close=True))
+                    elif self._eof:
+                        if self._buf:
+                            self._send(error(400, "request head cut short", close=True))
+                        else:
+                            self._close()
+                    return
+                head = http1.parse_head(bytes(self._buf[:end + 4]))
+                del self._buf[:end + 4]
+                if isinstance(head, http1.HeadError):
+                    self._send(error(head.status, head.message, close=True))
+                    return
+                self._head = head
+                self._start(head)
+                continue
+            if len(self._buf) < self._need:
+                if self._eof:
+                    self._send(error(400, "body cut short", close=True))
+                return
+            raw = bytes(self._buf[:self._need])
+            del self._buf[:self._need]
+            pending, self._pending, self._need = self._pending, None, 0
+            if isinstance(pending, Response):  # a refusal whose body we read and dropped
+                self._send(pending)
+            else:
+                assert pending is not None
+                self._busy = True
+                assert self.transport is not None
+                self.s.guard.serving(self.transport)
+                self._ask(pending, raw)
+
+    def _start(self, head: http1.Head) -> None:
+        """A head has been read: check it (reading no body) and say what body to await."""
+        prepared = self.s.manager.api.prepare(head.method, head.target, head.headers,
+                                              wall=time.time(), peer=self.peer)
         if isinstance(prepared, Response):
-            await self._discard_body(reader, parsed.headers)
-            return await self._send(writer, prepared, parsed.keep_alive)
-        raw = b""
-        if prepared.body_length:
-            if parsed.expect_continue:
-                writer.write(http1.CONTINUE)
-            raw = await reader.readexactly(prepared.body_length)
-        self.guard.serving(transport)
-        resp = await self._answer(prepared, raw)
-        if resp.long_poll is not None:
-            resp = await self._long_poll(prepared, raw, resp, reader)
-        return await self._send(writer, resp, parsed.keep_alive)
-
-    async def _long_poll(self, prepared: Prepared, raw: bytes, resp: Response,
-                         reader: asyncio.StreamReader) -> Response:
-        """Hold an empty answer until its key is woken or its wait runs out, then ask again
-        (unless the client has gone: a crashed agent's claim must not take an action)."""
-        assert resp.long_poll is not None
-        key, wait = resp.long_poll
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while resp.long_poll is not None:
-            left = deadline - loop.time()
-            if left <= 0 or self._stopping is None or self._stopping.is_set():
-                break
-            fut = self._waiting.get(key)
-            if fut is None or fut.done():
-                fut = self._waiting[key] = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), left)
-            if reader.at_eof():
-                return error(499, "the client went away while waiting", close=True)
-            if loop.time() >= deadline:
-                break
-            resp = await self._answer(prepared, raw)
-        return resp
-
-    async def _answer(self, prepared: Prepared, raw: bytes) -> Response:
-        """Have the core answer, together with the other requests read in this turn."""
-        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._batch.append((prepared, raw, fut))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._run_batch)
-        return await fut
-
-    def _run_batch(self) -> None:
-        batch, self._batch = self._batch[:self.MAX_BATCH], self._batch[self.MAX_BATCH:]
-        if self._batch:
-            asyncio.get_running_loop().call_soon(self._run_batch)
-        try:
-            answers = self.manager.answer_many([(p, raw) for p, raw, _ in batch])
-        except Exception as exc:  # never leave a request without an answer
-            self.manager.log_always(f"internal error: {type(exc).__name__}: {exc}")
-            answers = [error(500, f"internal error: {type(exc).__name__}")] * len(batch)
-        for (_, _, fut), resp in zip(batch, answers, strict=True):
-            if not fut.done():
-                fut.set_result(resp)
-
-    async def _discard_body(self, reader: asyncio.StreamReader,
-                            headers: dict[str, str]) -> None:
-        """Read (and drop) the body of a request refused before reading it, if it is within the
-        cap and arrives at once: closing with unread bytes would reset the connection, and the
-        client could lose the answer (a 401 or 403) before reading it. A larger body is not
-        read (413)."""
-        declared = headers.get("content-length", "").strip()
-        if "transfer-encoding" in headers or not declared.isdigit() or len(declared) > 12:
+            # Read (and drop) the body of a refused request within the cap: closing with
+            # unread bytes would reset the connection, and the client could lose the answer
+            # (a 401 or 403). A larger one is not read (413), nor one not sent yet because
+            # the client waits for a 100 Continue.
+            declared = head.headers.get("content-length", "").strip()
+            n = int(declared) if declared.isdigit() and len(declared) <= 12 else 0
+            if head.expect_continue or "transfer-encoding" in head.headers or \
+                    n > self.s.manager.api.max_body:
+                n = 0
+                prepared = replace(prepared, close=True)
+            self._pending, self._need = prepared, n
             return
-        n = int(declared)
-        if 0 < n <= self.manager.api.max_body:
-            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
-                await asyncio.wait_for(reader.readexactly(n), self.limits.io_timeout)
+        if prepared.body_length and head.expect_continue and self.transport is not None:
+            self.transport.write(http1.CONTINUE)
+        self._pending, self._need = prepared, prepared.body_length
 
-    async def _send(self, writer: asyncio.StreamWriter, resp: Response,
-                    keep_alive: bool = False) -> bool:
-        """Write one answer; True if the connection stays open for the next request."""
-        guard = self.guard
+    def _ask(self, prepared: Prepared, raw: bytes) -> None:
+        self._asking = True
+        self.s.submit(self, prepared, raw)
+
+    def answered(self, prepared: Prepared, raw: bytes, resp: Response) -> None:
+        """The core's answer (from the batch)."""
+        self._asking = False
+        if self._gone:
+            return
+        if resp.long_poll is not None and not self.s.stopping:
+            key, wait = resp.long_poll
+            if self._park is None:  # the first answer: the wait starts now
+                deadline = asyncio.get_running_loop().time() + wait
+            else:
+                deadline = self._park[1]
+                self._park[2].cancel()
+            left = deadline - asyncio.get_running_loop().time()
+            if left > 0:
+                timer = asyncio.get_running_loop().call_later(left, self._expired, resp)
+                self._park = (key, deadline, timer)
+                self._parked = (prepared, raw)
+                self.s.park(key, self)
+                return
+        self.unpark()
+        self._send(resp)
+
+    def woken(self) -> None:
+        """Its key was woken: ask again, unless the client has gone (a crashed agent's claim
+        must not take an action it cannot carry out)."""
+        if self._park is None:
+            return
+        if self._eof or self._gone:
+            self.unpark()
+            self._send(error(499, "the client went away while waiting", close=True))
+            return
+        assert self._parked is not None
+        self._ask(*self._parked)  # ``answered`` parks it again or answers
+
+    def _expired(self, resp: Response) -> None:
+        if self._asking:  # asked again just now: that answer comes after the deadline
+            return
+        self.unpark()
+        self._send(resp)
+
+    def unpark(self) -> None:
+        if self._park is not None:
+            key, _, timer = self._park
+            timer.cancel()
+            self._park = self._parked = None
+            self.s.unpark(key, self)
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def _send(self, resp: Response) -> None:
+        guard = self.s.guard
         if resp.status == 413:
             guard.count("oversized")
         elif resp.status == 401:
@@ -430,17 +546,31 @@ class HTTPServer:
         elif resp.status == 403:
             guard.count("forbidden")
         if resp.denial is not None:
-            self.manager.audit(resp)
+            self.s.manager.audit(resp)
+        head, self._head = self._head, None
+        self._busy = False
+        if self._gone or self.transport is None:
+            return
         body = resp.encode()
-        close = resp.close or not keep_alive
+        close = resp.close or head is None or not head.keep_alive or self._eof
         headers = [("Server", "netsvc-manager/0.1"), ("Content-Type", "application/json"),
                    ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
                    *resp.headers]
         if close:
             headers.append(("Connection", "close"))
-        writer.write(http1.encode_head(resp.status, headers) + body)
-        await writer.drain()
-        return not close
+        self.transport.write(http1.encode_head(resp.status, headers) + body)
+        if close:
+            self._close()
+            return
+        guard.waiting(self.transport, time.monotonic())
+        if self._buf or self._eof:
+            self._process()  # pipelined requests (a no-op when called from ``_take``)
+
+    def _close(self) -> None:
+        self._gone = True
+        self.unpark()
+        if self.transport is not None:
+            self.transport.close()  # after what was written has gone out
 
 
 def _within_open_files(limits: ServerLimits, manager: ManagerServer) -> ServerLimits:
