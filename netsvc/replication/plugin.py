@@ -43,8 +43,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replication-report-every", type=float, default=0.5, metavar="SECONDS")
     p.add_argument("--replication-initial", choices=("precopy", "seal"), default="precopy",
                    help="the initial copy: a pre-copy sealed at its end (default; better for "
-                   "disks written in a small set) or sealed at its start (better when the "
-                   "writes cover the disk during the copy: see BENCHMARKS.md)")
+                   "disks written in a small set) or sealed at its start (as good or better "
+                   "when the writes cover the disk during the copy: see BENCHMARKS.md)")
     p.add_argument("--replication-bmc", metavar="ADDR",
                    help="site-B host: read the replica VMs' configuration from this BMC at "
                    "start (IPMI OEM, ipmitool raw)")
