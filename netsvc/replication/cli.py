@@ -2,10 +2,12 @@
 
     netsvc replication status [--json]
     netsvc replication protect VM [--rpo S] [--disk NAME[:SIZE]] [--cpus N] [--memory-mib M]
-                                  [--network NET] [--dry-run] [--reason TEXT] [--json]
+                                  [--network NET] [--site-b-ip ADDR] [--dry-run]
+                                  [--reason TEXT] [--json]
     netsvc replication unprotect VM [--dry-run] [--reason TEXT] [--json]
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
+    netsvc replication failback [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -46,9 +48,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--cpus", type=int, default=1)
     pr.add_argument("--memory-mib", type=int, default=512)
     pr.add_argument("--network", help="the VM's network at site B")
+    pr.add_argument("--site-b-ip", metavar="ADDR",
+                    help="the VM's address on its network at site B (default: the one it has)")
     mi = r.add_parser("migrate", help="planned migration to site B for zero loss (the VMs shut "
                       "down at the primary, their last epochs ship, then they start at site B)")
-    for q in (pr, mi, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    fb = r.add_parser("failback", help="after a failover: the VMs home (they shut down at site "
+                      "B, their last epochs ship back, they start on their primary hosts)")
+    for q in (pr, mi, fb, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -62,6 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     un.set_defaults(func=cmd_unprotect)
     fo.set_defaults(func=cmd_failover)
     mi.set_defaults(func=cmd_migrate)
+    fb.set_defaults(func=cmd_failback)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -164,6 +171,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         body["rpo_s"] = args.rpo
     if args.network:
         body["network"] = args.network
+    if args.site_b_ip:
+        body["site_b_ip"] = args.site_b_ip
     got = _call("protect", args, "POST", f"/v1/replication/protect/{args.vm}", body)
     if got is None:
         return 2
@@ -213,3 +222,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             else f"planned migration started: {vms} shut down at the primary "
             f"(follow with 'netsvc replication status')")
     return _finish("migrate", args, status, out, line)
+
+
+def cmd_failback(args: argparse.Namespace) -> int:
+    got = _call("failback", args, "POST", "/v1/replication/failback",
+                {"dry_run": args.dry_run, "reason": args.reason})
+    if got is None:
+        return 2
+    status, out = got
+    plan = out.get("plan") or {}
+    homes = ", ".join(f"{vm} -> {h}" for vm, h in sorted((plan.get("homes") or {}).items()))
+    line = (f"dry run: would shut {homes or 'nothing'} down at site B, ship their last epochs "
+            "back and start them at home; nothing changed" if out.get("status") == "dry_run"
+            else f"failback started: {homes} (follow with 'netsvc replication status')")
+    return _finish("failback", args, status, out, line)
