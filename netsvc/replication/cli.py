@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -194,45 +195,47 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
     return _finish("unprotect", args, status, out, f"{args.vm}: {out.get('status')}")
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    got = _call("failover", args, "POST", "/v1/replication/failover",
-                {"dry_run": args.dry_run, "force": args.force, "reason": args.reason})
+def _site_operation(name: str, args: argparse.Namespace, body: dict[str, Any],
+                    describe: Callable[[Mapping[str, Any], bool], str]) -> int:
+    """POST a site-wide operation (failover, migrate, failback); ``describe(plan, dry_run)``
+    says what was (or would be) done."""
+    got = _call(name, args, "POST", f"/v1/replication/{name}",
+                {"dry_run": args.dry_run, "reason": args.reason, **body})
     if got is None:
         return 2
     status, out = got
-    plan = out.get("plan") or {}
-    vms = ", ".join(v["name"] + f"@{v['epoch']}" for v in plan.get("vms", []))
-    line = (f"dry run: would power {plan.get('power_on')} on through its BMC and start "
-            f"{vms}; nothing changed" if out.get("status") == "dry_run"
-            else f"failover started: powering {plan.get('power_on')} on; replicas {vms} "
-            "(follow with 'netsvc replication status')")
-    return _finish("failover", args, status, out, line)
+    line = describe(out.get("plan") or {}, out.get("status") == "dry_run")
+    return _finish(name, args, status, out, line)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        vms = ", ".join(v["name"] + f"@{v['epoch']}" for v in plan.get("vms", []))
+        return (f"dry run: would power {plan.get('power_on')} on through its BMC and start "
+                f"{vms}; nothing changed" if dry
+                else f"failover started: powering {plan.get('power_on')} on; replicas {vms} "
+                "(follow with 'netsvc replication status')")
+
+    return _site_operation("failover", args, {"force": args.force}, describe)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    got = _call("migrate", args, "POST", "/v1/replication/migrate",
-                {"dry_run": args.dry_run, "reason": args.reason})
-    if got is None:
-        return 2
-    status, out = got
-    plan = out.get("plan") or {}
-    vms = ", ".join(plan.get("vms", []))
-    line = (f"dry run: would shut {vms} down, ship their last epochs and start them on "
-            f"{plan.get('power_on')}; nothing changed" if out.get("status") == "dry_run"
-            else f"planned migration started: {vms} shut down at the primary "
-            f"(follow with 'netsvc replication status')")
-    return _finish("migrate", args, status, out, line)
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        vms = ", ".join(plan.get("vms", []))
+        return (f"dry run: would shut {vms} down, ship their last epochs and start them on "
+                f"{plan.get('power_on')}; nothing changed" if dry
+                else f"planned migration started: {vms} shut down at the primary "
+                "(follow with 'netsvc replication status')")
+
+    return _site_operation("migrate", args, {}, describe)
 
 
 def cmd_failback(args: argparse.Namespace) -> int:
-    got = _call("failback", args, "POST", "/v1/replication/failback",
-                {"dry_run": args.dry_run, "reason": args.reason})
-    if got is None:
-        return 2
-    status, out = got
-    plan = out.get("plan") or {}
-    homes = ", ".join(f"{vm} -> {h}" for vm, h in sorted((plan.get("homes") or {}).items()))
-    line = (f"dry run: would shut {homes or 'nothing'} down at site B, ship their last epochs "
-            "back and start them at home; nothing changed" if out.get("status") == "dry_run"
-            else f"failback started: {homes} (follow with 'netsvc replication status')")
-    return _finish("failback", args, status, out, line)
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        homes = ", ".join(f"{vm} -> {h}"
+                          for vm, h in sorted((plan.get("homes") or {}).items()))
+        return (f"dry run: would shut {homes or 'nothing'} down at site B, ship their last "
+                "epochs back and start them at home; nothing changed" if dry
+                else f"failback started: {homes} (follow with 'netsvc replication status')")
+
+    return _site_operation("failback", args, {}, describe)

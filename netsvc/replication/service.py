@@ -611,12 +611,7 @@ class ReplicationService(BaseManagerService):
             self._effects.append(Effect(self.name, "power-on", {}, now))
 
     def _fail(self, why: str, now: float, wall: float | None) -> None:
-        f = self.failover
-        assert f is not None
-        f.phase, f.detail, f.ended = Phase.FAILED, why, now
-        self.kernel.journal_append(now, wall, "replication-failover-failed",
-                                   f"site:{self.t.site_b_host}", why,
-                                   details=f.to_dict(self.kernel.started))
+        self._failed(self.failover, "failover", why, now, wall)
 
     def _route_loaded(self, r: Request) -> Reply:
         return Reply(200, self.loaded(r.body, now=r.now, wall=r.wall))
@@ -687,19 +682,30 @@ class ReplicationService(BaseManagerService):
         return None if m is None else m.host
 
     def _maybe_done(self, now: float, wall: float | None) -> None:
-        f = self.failover
-        if f is None or f.phase is not Phase.STARTING or len(f.done) < len(f.vms):
+        self._settle(self.failover, "failover", "replicas started at site B",
+                     "replicas not started", now, wall)
+
+    def _settle(self, op: Any, kind: str, done: str, failed: str, now: float,
+                wall: float | None) -> None:
+        """A failover's or failback's last step: DONE once every VM started, FAILED (naming
+        the ones that did not) once each has an outcome."""
+        if op is None or op.phase is not Phase.STARTING or len(op.done) < len(op.vms):
             return
-        if all(f.done.values()):
-            f.phase, f.ended = Phase.DONE, now
-            self.kernel.journal_append(now, wall, "replication-failover-done",
+        if all(op.done.values()):
+            op.phase, op.ended = Phase.DONE, now
+            self.kernel.journal_append(now, wall, f"replication-{kind}-done",
                                        f"site:{self.t.site_b_host}",
-                                       f"{len(f.vms)} replicas started at site B in "
-                                       f"{now - f.started:.1f} s",
-                                       details=f.to_dict(self.kernel.started))
+                                       f"{len(op.vms)} {done} in {now - op.started:.1f} s",
+                                       details=op.to_dict(self.kernel.started))
         else:
-            self._fail("replicas not started: " + ", ".join(
-                vm for vm, ok in sorted(f.done.items()) if not ok), now, wall)
+            self._failed(op, kind, f"{failed}: " + ", ".join(
+                vm for vm, ok in sorted(op.done.items()) if not ok), now, wall)
+
+    def _failed(self, op: Any, kind: str, why: str, now: float, wall: float | None) -> None:
+        op.phase, op.detail, op.ended = Phase.FAILED, why, now
+        self.kernel.journal_append(now, wall, f"replication-{kind}-failed",
+                                   f"site:{self.t.site_b_host}", why,
+                                   details=op.to_dict(self.kernel.started))
 
     # -- failback --------------------------------------------------------------------------
 
@@ -826,27 +832,11 @@ class ReplicationService(BaseManagerService):
             self._maybe_home(now, wall)
 
     def _maybe_home(self, now: float, wall: float | None) -> None:
-        b = self.failback
-        if b is None or b.phase is not Phase.STARTING or len(b.done) < len(b.vms):
-            return
-        if all(b.done.values()):
-            b.phase, b.ended = Phase.DONE, now
-            self.kernel.journal_append(now, wall, "replication-failback-done",
-                                       f"site:{self.t.site_b_host}",
-                                       f"{len(b.vms)} VMs home at the primary in "
-                                       f"{now - b.started:.1f} s",
-                                       details=b.to_dict(self.kernel.started))
-        else:
-            self._fail_back("VMs not started at the primary: " + ", ".join(
-                vm for vm, ok in sorted(b.done.items()) if not ok), now, wall)
+        self._settle(self.failback, "failback", "VMs home at the primary",
+                     "VMs not started at the primary", now, wall)
 
     def _fail_back(self, why: str, now: float, wall: float | None) -> None:
-        b = self.failback
-        assert b is not None
-        b.phase, b.detail, b.ended = Phase.FAILED, why, now
-        self.kernel.journal_append(now, wall, "replication-failback-failed",
-                                   f"site:{self.t.site_b_host}", why,
-                                   details=b.to_dict(self.kernel.started))
+        self._failed(self.failback, "failback", why, now, wall)
 
     def _recheck_back(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
         b = self.failback
