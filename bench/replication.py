@@ -18,6 +18,14 @@ Phases (each ``--seconds`` long, same workload, one after the other on the same 
   and every replica is compared with its disk, byte for byte. ``steady_rpo_*`` counts only
   the samples after the first instant at which every VM's RPO was under its 1 s target at
   once (the backlog the initial copies left has drained); ``rpo_*`` counts them all.
+  The initial copy is a pre-copy (``shipper``: sealed at its end); with ``--seal-first`` a
+  second netsvc phase of the same workload runs with the copy sealed at its start (the old
+  way), to compare in the same run. What "the run" means for each figure: ``rpo_*`` counts
+  each VM from the commit of its initial copy on (a protected VM: what an RPO is defined for);
+  ``whole_run_rpo_*`` counts every VM from its protection on, a VM not yet synced counting as
+  old as the time since then (nothing of it is at site B); ``where_the_time_goes`` gives per
+  VM its initial copy's time on the link, its RPO the instant that copy committed, and its
+  catch-up (until first under 1 s), and how many of the samples over 1 s fell in a catch-up.
 - ``rsync``: ``rsync -I --inplace --no-whole-file`` of the 4 images to the daemon, back to back
   (the shortest period rsync can do); the RPO of a sample is its age since the start of the
   last completed run (what that run can at best hold; rsync gives no point in time at all).
@@ -130,8 +138,40 @@ def tx_bytes(ifname: str) -> int:
     return int(Path(f"/sys/class/net/{ifname}/statistics/tx_bytes").read_text())
 
 
+def where_the_time_goes(trace: list[tuple[float, str, float]], history: list[Any],
+                        synced_at: dict[str, float], t0: float) -> dict[str, Any]:
+    """Per VM: how long its initial copy took on the link, its RPO the instant that copy
+    committed (the age of the point in time it gave), how long until it was first under its
+    1 s target after that (the catch-up), and which share of the samples over 1 s fell in
+    that catch-up; and the later epochs' shipping times."""
+    out: dict[str, Any] = {}
+    over_all = sum(1 for _, _, r in trace if r >= 1.0)
+    over_catch = 0
+    for vm in sorted(synced_at):
+        mine = [(t, r) for t, v, r in trace if v == vm]
+        first = mine[0][1] if mine else None
+        under = next((t for t, r in mine if r < 1.0), None)
+        catch_end = under if under is not None else (mine[-1][0] if mine else 0.0)
+        over_catch += sum(1 for t, r in mine if r >= 1.0 and t <= catch_end)
+        full = [h.seconds for h in history if h.vm == vm and h.full and h.ok]
+        out[vm] = {"initial_copy_s": round(full[0], 2) if full else None,
+                   "synced_at_s": round(synced_at[vm], 2),
+                   "rpo_at_sync_ms": None if first is None else round(first * 1000, 1),
+                   "catch_up_s": None if under is None else round(under - t0 - synced_at[vm],
+                                                                  2)}
+    later = [h.seconds for h in history if h.ok and not h.full]
+    blocks = [h.blocks for h in history if h.ok and not h.full]
+    return {"per_vm": out, "samples_over_1s": over_all,
+            "samples_over_1s_in_catch_up": over_catch,
+            "epoch_ship_p50_ms": round(pct(later, 0.5) * 1000, 1),
+            "epoch_ship_p99_ms": round(pct(later, 0.99) * 1000, 1),
+            "epoch_blocks_p50": pct([float(b) for b in blocks], 0.5),
+            "epoch_blocks_p99": pct([float(b) for b in blocks], 0.99),
+            "failed_epochs": sum(1 for h in history if not h.ok)}
+
+
 def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, precopy: bool = True) -> dict[str, Any]:
     from netsvc.replication.agent import Shipping
 
     disks = []
@@ -140,7 +180,7 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
         p.write_bytes(os.urandom(DISK))
         disks.append(FileDisk(p))
     shipping = Shipping((B_ADDR, PORT), link_bps=100e6, share=0.8, source=A_ADDR,
-                        log=lambda m: None)
+                        log=lambda m: None, precopy=precopy)
     tracked = [shipping.track(f"vm{i + 1}", d) for i, d in enumerate(disks)]
     for i in range(VMS):
         shipping.protect(f"vm{i + 1}", f"vm{i + 1}", 1.0)
@@ -153,6 +193,8 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
     shipper.start()
     synced_at: dict[str, float] = {}
     samples: list[float] = []
+    trace: list[tuple[float, str, float]] = []  # (time, vm, RPO) once the VM is synced
+    whole: list[float] = []  # every VM from its protection on: unsynced, all since then
     steady: list[float] = []  # once every VM's RPO was under its 1 s target at once
     steady_from: float | None = None
     while time.monotonic() - t0 < seconds + 60:
@@ -162,6 +204,10 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
             if s.shipper.synced:
                 synced_at.setdefault(vm, now - t0)
                 now_rpo.append(s.shipper.tracked.rpo())
+                trace.append((now, vm, now_rpo[-1]))
+                whole.append(now_rpo[-1])
+            else:  # no point in time at site B yet: everything since protection is at risk
+                whole.append(now - t0)
         samples += now_rpo
         if steady_from is None and len(now_rpo) == VMS and max(now_rpo) < 1.0:
             steady_from = now - t0
@@ -198,8 +244,13 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
     fails = sum(s.failures for s in shipping.ships.values())
     total_written = writers.written
     return {
+        "initial_copy": "pre-copy, sealed at its end" if precopy else "sealed at its start",
         "write_rate_mb_s": round(written_during / elapsed / 1e6, 2),
         "initial_sync_s": round(max(synced_at.values()), 2) if synced_at else None,
+        "whole_run_rpo_p50_ms": round(pct(whole, 0.5) * 1000, 1),
+        "whole_run_rpo_p99_ms": round(pct(whole, 0.99) * 1000, 1),
+        "where_the_time_goes": where_the_time_goes(trace, list(shipping.history), synced_at,
+                                                   t0),
         "rpo_samples": len(samples),
         "rpo_p50_ms": round(pct(samples, 0.5) * 1000, 1),
         "rpo_p99_ms": round(pct(samples, 0.99) * 1000, 1),
@@ -299,9 +350,16 @@ def inner(args: argparse.Namespace) -> int:
             continue
         print(f"bench: {name}: netsvc", file=sys.stderr, flush=True)
         n = phase_netsvc(work, args.ifname, rate, hot, args.seconds)
+        for p in work.glob("a-vm*.img"):  # site B keeps its replicas: the next phase
+            p.unlink()  # numbers its epochs after them and its full copies overwrite them
+        out[name] = {"netsvc": n}
+        if args.seal_first:
+            print(f"bench: {name}: netsvc, initial copy sealed first", file=sys.stderr,
+                  flush=True)
+            out[name]["netsvc_sealed_first"] = phase_netsvc(work, args.ifname, rate, hot,
+                                                            args.seconds, precopy=False)
         print(f"bench: {name}: rsync", file=sys.stderr, flush=True)
-        r = phase_rsync(work, args.ifname, rate, hot, args.seconds)
-        out[name] = {"netsvc": n, "rsync": r}
+        out[name]["rsync"] = phase_rsync(work, args.ifname, rate, hot, args.seconds)
         for p in work.glob("a-vm*.img"):
             p.unlink()
     Path(args.result).write_text(json.dumps(out))
@@ -351,7 +409,8 @@ def outer(args: argparse.Namespace) -> int:
                                 "--inner", "--work", str(work), "--ifname", va,
                                 "--ns-b", ns_b, "--result", str(result),
                                 "--seconds", str(args.seconds),
-                                "--workloads", args.workloads or ""], timeout=1800)
+                                "--workloads", args.workloads or "",
+                                *(["--seal-first"] if args.seal_first else [])], timeout=3600)
             if r.returncode != 0:
                 return r.returncode
             phases = json.loads(result.read_text())
@@ -384,6 +443,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--out", help="write the JSON here too")
     p.add_argument("--workloads", default="", help="comma-separated names (default: all)")
+    p.add_argument("--seal-first", action="store_true",
+                   help="also run netsvc with the initial copies sealed at their start (the "
+                   "old way), in the same run")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)

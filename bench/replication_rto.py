@@ -3,7 +3,7 @@
     .venv/bin/python bench/replication_rto.py [--runs 3] [--out FILE]
 
 Runs the lab scenario ``site-failover`` with ``vms = 4`` (``netsvc lab --scenario
-site-failover``: 3 hosts, h3 asleep as site B's host) ``--runs`` times, and collects from each
+site-failover``: h1, h2 and b1 asleep at site B) ``--runs`` times, and collects from each
 report: ``rto_s`` (from ``netsvc replication failover`` to every replica answering: the site-B
 host's power-on through IPMI, its agent's start and its read of the configuration from its
 BMC, the four starts), the step times from the manager's journal, ``rpo_ms`` and
@@ -38,7 +38,7 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="nvrto-") as tmp:
         cfg = Path(tmp) / "lab.toml"
-        cfg.write_text("[lab]\nhosts = 3\n\n[site-failover]\nvms = 4\n")
+        cfg.write_text("[lab]\nhosts = 2\n\n[site-failover]\nvms = 4\n")
         for i in range(args.runs):
             rep = Path(tmp) / f"run{i}"
             r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario",
@@ -48,6 +48,9 @@ def main() -> int:
             runs.append({"ok": report["ok"], "rto_s": report.get("rto_s"),
                          "steps_s": report.get("failover_steps_s"),
                          "rpo_ms": report.get("rpo_ms"),
+                         "rpo_p50_ms": report.get("rpo_p50_ms"),
+                         "initial_sync_s": report.get("initial_sync_s"),
+                         "load_average": os.getloadavg()[0],
                          "data_lost_writes": report.get("data_lost_writes"),
                          "config_via_bmc": report.get("config_via_bmc"),
                          "error": report.get("error") or (r.stderr[-300:] if r.returncode

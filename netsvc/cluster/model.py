@@ -16,6 +16,9 @@ Invariants:
 - Every ``ClusterModel`` method either applies its whole change or raises and changes nothing.
 - ``ClusterModel.from_json(m.to_json())`` gives a model equal to ``m``; ``from_json`` validates
   every field through the same constructors, so a loaded model holds the same invariants.
+- Services' durable documents (``service_docs``, key ``<service>/<name>``, a JSON object each)
+  ride along: kept by the persister like hosts and VMs (``("service", key)`` dirty), never in
+  ``to_dict``/``__eq__`` (they are not the cluster's model, only stored with it).
 - Every change marks what it touched as dirty (``("host"|"vm"|"network", name)``);
   ``take_dirty()`` hands that set over and clears it, so a persister writes only what changed
   (O(1) per change, never the whole model).
@@ -258,6 +261,31 @@ class ClusterModel:
         self._macs: dict[str, str] = {}  # MAC -> VM name (the unique-mac index)
         self._on: dict[str, set[str]] = {}  # host -> names of the VMs placed on it
         self._dirty: set[tuple[str, str]] = set()
+        self._service_docs: dict[str, dict[str, Any]] = {}
+
+    @property
+    def service_docs(self) -> Mapping[str, Mapping[str, Any]]:
+        """Services' durable documents by key ``<service>/<name>`` (module docstring)."""
+        return MappingProxyType(self._service_docs)
+
+    def set_service_doc(self, key: str, doc: Mapping[str, Any] | None) -> None:
+        """Store (``None``: delete) a service's durable document; raises ``InvalidValue`` for a
+        bad key or a document that is not a JSON object, and changes nothing then."""
+        svc, _, name = key.partition("/")
+        if not NAME_RE.match(svc) or not name or len(key) > 200 or any(
+                c.isspace() for c in key):
+            raise InvalidValue("service_doc", f"bad key {key!r}: expected <service>/<name>")
+        if doc is None:
+            if self._service_docs.pop(key, None) is not None:
+                self._dirty.add(("service", key))
+            return
+        try:
+            copy = json.loads(json.dumps(dict(doc), sort_keys=True))
+        except (TypeError, ValueError) as exc:
+            raise InvalidValue("service_doc", f"{key}: not a JSON object: {exc}") from None
+        if self._service_docs.get(key) != copy:
+            self._service_docs[key] = copy
+            self._dirty.add(("service", key))
 
     def take_dirty(self) -> set[tuple[str, str]]:
         """What changed since the last call: ``(kind, name)`` pairs; the set is cleared."""
@@ -269,6 +297,7 @@ class ClusterModel:
         self._dirty.update(("network", n) for n in self._networks)
         self._dirty.update(("host", n) for n in self._hosts)
         self._dirty.update(("vm", n) for n in self._vms)
+        self._dirty.update(("service", k) for k in self._service_docs)
 
     # -- read access -------------------------------------------------------------------------
 
@@ -523,6 +552,7 @@ class ClusterModel:
         new._networks = dict(self._networks)
         new._macs = dict(self._macs)
         new._on = {h: set(names) for h, names in self._on.items()}
+        new._service_docs = {k: dict(v) for k, v in self._service_docs.items()}
         return new
 
 

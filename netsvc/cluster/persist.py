@@ -9,7 +9,8 @@ Layout (format 2), every key under ``netsvc/cluster/``:
   heartbeat that changes only them writes nothing;
 - ``vm/<name>``: ``VM.to_dict()``; ``network/<name>``: ``Network.to_dict()``;
 - ``action/<id>``: ``Action.to_record()`` of an *open* action; the key is deleted when the
-  action finishes.
+  action finishes;
+- ``service/<service>/<name>``: a service's durable document (``ClusterModel.service_docs``).
 
 Format 1 (netsvc before this layout) kept the whole model in ``MODEL_KEY`` and
 ``{"next", "open"}`` in ``ACTIONS_KEY``. ``load`` reads it when there is no ``meta`` key, and
@@ -45,6 +46,7 @@ HOST_PREFIX = ROOT + "host/"
 VM_PREFIX = ROOT + "vm/"
 NETWORK_PREFIX = ROOT + "network/"
 ACTION_PREFIX = ROOT + "action/"
+SERVICE_PREFIX = ROOT + "service/"
 #: Format 1: the whole model and the open actions, one document each.
 MODEL_KEY = ROOT + "model"
 ACTIONS_KEY = ROOT + "actions"
@@ -113,6 +115,12 @@ class StatePersister:
                 except ValueError as exc:
                     raise InvalidValue(kv.key, f"stored document is not JSON: {exc}") from None
         model = ClusterModel.from_dict({"format": MODEL_FORMAT, **parts})
+        for kv in self._store.scan(SERVICE_PREFIX):
+            self._cache[kv.key] = (kv.value, kv.revision)
+            try:
+                model.set_service_doc(kv.key[len(SERVICE_PREFIX):], json.loads(kv.value))
+            except ValueError as exc:
+                raise InvalidValue(kv.key, f"stored document is not JSON: {exc}") from None
         model.take_dirty()
         actions = []
         for kv in self._store.scan(ACTION_PREFIX):
@@ -192,6 +200,9 @@ class StatePersister:
             elif kind == "network":
                 net = model.networks.get(name)
                 put(NETWORK_PREFIX + name, None if net is None else _doc(net.to_dict()))
+            elif kind == "service":
+                doc = model.service_docs.get(name)
+                put(SERVICE_PREFIX + name, None if doc is None else _doc(doc))
         for action_id in sorted(dirty_actions):
             action = actions.get(action_id)
             open_ = action is not None and action.is_open

@@ -1,12 +1,14 @@
 """The manager API's HTTP(S) transport: one asyncio event loop in front of the sans-IO ``Api``.
 
-One thread runs the loop; it accepts, does the TLS handshakes, reads the requests
-(``netsvc.cluster.http1`` parses the heads), calls the core (``ManagerServer.answer``, under the
-core lock, a fraction of a millisecond) and writes the answers. A kept-alive agent costs a
+One thread runs the loop; each connection is an ``asyncio.Protocol`` (no coroutine per
+request): it does the TLS handshake, takes requests out of its buffer (``netsvc.cluster.http1``
+parses the heads), hands them to the core in batches (``ManagerServer.answer_many``, under the
+core lock, a fraction of a millisecond each) and writes the answers. A kept-alive agent costs a
 socket and a few hundred bytes, not a thread: 1,000 agents were 1,000 threads in the
 thread-per-connection server this replaces, and queued on the core lock until their lag passed
-the DOWN window (``BENCHMARKS.md``, "Manager capacity"). A long-poll claim parks on a future of
-its host and is woken only when that host's actions changed (``wake``).
+the DOWN window (``BENCHMARKS.md``, "Manager capacity"). A long-poll claim parks on its host's
+key with a timer for its deadline, and is asked again only when that host's actions changed
+(``wake``).
 
 Why not waitress (or another WSGI server)? It was considered and not taken:
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netsvc.lab.plan import LabPlan, PlanError, host_index, vm_index
+from netsvc.lab.plan import LabPlan, PlanError, host_index, site_b_index, vm_index
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,12 @@ def check_link(spec: str, plan: LabPlan) -> str:
             if port not in ("", "eth0"):
                 raise ConfigError(f"link {spec!r}: a BMC has one link, eth0")
             host_index(f"h{node[3:]}")
+            return spec
+        if site_b_index(node) is not None:
+            if not plan.is_site_b(node):
+                raise ConfigError(f"link {spec!r}: no site-B host {node} in this lab")
+            if port not in ("", "eth0", "site"):
+                raise ConfigError(f"link {spec!r}: a site-B host has one link, eth0 (site)")
             return spec
         if node in OTHER_LINKS:
             m = re.fullmatch(r"eth(\d)", port)

@@ -61,6 +61,8 @@ HOST_PORTS = {
     "memfab": ("eth5",),
     "vmnet-b": ("eth6", "eth7"),
 }
+#: A site-B host's one NIC (``LabPlan.site_b_hosts``): eth0 on the site network.
+SITE_B_PORTS = {"site": ("eth0",)}
 
 
 # Bridge-port flags of a VM's NIC ports: a silent port delivers what it receives but sends
@@ -148,8 +150,10 @@ class Lab:
         timeline: Recorder | None = None,
         scenario: str = "manual",
         heartbeat_interval: float = 0.5,
+        site_b_hosts: int = 0,
     ) -> None:
-        LabPlan(prefix="nvzz", hosts=hosts, vms_per_host=vms_per_host)  # validate first
+        # validate first
+        LabPlan(prefix="nvzz", hosts=hosts, vms_per_host=vms_per_host, site_b_hosts=site_b_hosts)
         if os.geteuid() != 0:
             raise LabError("the lab needs root (it creates network namespaces)")
         for tool in ("mnexec", "ip", "nft", "brctl"):
@@ -157,6 +161,7 @@ class Lab:
                 raise LabError(f"{tool} is not installed: run scripts/setup.sh")
         self.hosts_n = hosts
         self.vms_per_host = vms_per_host
+        self.site_b_hosts = site_b_hosts
         self.timeline = timeline
         self.scenario = scenario
         self.heartbeat_interval = heartbeat_interval
@@ -229,7 +234,8 @@ class Lab:
 
         t0 = time.monotonic()
         self.info = registry.allocate(self.scenario)
-        self.plan = LabPlan(self.info.prefix, self.hosts_n, self.vms_per_host)
+        self.plan = LabPlan(self.info.prefix, self.hosts_n, self.vms_per_host,
+                            self.site_b_hosts)
         self.record(
             "action",
             "lab",
@@ -240,7 +246,8 @@ class Lab:
         )
         with self._marked():
             setLogLevel("error")
-            topo = ClusterTopo(hosts=self.hosts_n, vms=self.vms_per_host, prefix=self.prefix)
+            topo = ClusterTopo(hosts=self.hosts_n, vms=self.vms_per_host, prefix=self.prefix,
+                               site_b=self.site_b_hosts)
             self.net = Mininet(
                 topo=topo,
                 switch=LinuxBridge,
@@ -428,6 +435,8 @@ class Lab:
             return f"vm{rest[1:]}"
         if rest[0] == "b" and rest[1:].isdigit():
             return f"bmc{rest[1:]}"
+        if rest[0] in "yz" and rest[1:].isdigit():  # site B: a host, its BMC
+            return f"{'b' if rest[0] == 'y' else 'bmcb'}{rest[1:]}"
         return rest
 
     def link_ends(self, spec: str) -> list[tuple[str | None, str]]:
@@ -443,6 +452,8 @@ class Lab:
         self.node(node)
         if port in HOST_PORTS and node.startswith("h"):
             ports = list(HOST_PORTS[port])
+        elif port in SITE_B_PORTS and plan.is_site_b(node):
+            ports = list(SITE_B_PORTS[port])
         elif port.startswith("eth") and port[3:].isdigit():
             ports = [port]
         else:
@@ -764,7 +775,7 @@ class Lab:
     # --- hosts -------------------------------------------------------------------------
     def host_ends(self, host: str) -> list[tuple[str | None, str]]:
         ends: list[tuple[str | None, str]] = []
-        for net in HOST_PORTS:
+        for net in SITE_B_PORTS if self._plan().is_site_b(host) else HOST_PORTS:
             ends += self.link_ends(f"{host}:{net}")
         return ends
 
@@ -979,7 +990,8 @@ class Lab:
             self.start_manager(i, config_file, store, tls_args)
         self.record("event", "lab", "manager-start")
         for h in self._plan().host_names():
-            self.start_agent(h)
+            if h not in self.crashed:  # a host powered off runs no agent (until powered on)
+                self.start_agent(h)
         from netsvc.cluster.client import ApiError
 
         client = self.manager()
@@ -988,7 +1000,7 @@ class Lab:
             try:
                 status = client.status()
                 up = {n for n, h in status["hosts"].items() if h["state"] == "UP"}
-                if up >= set(self._plan().host_names()):
+                if up >= set(self._plan().host_names()) - self.crashed:
                     break
             except (OSError, ApiError):
                 pass
@@ -1100,12 +1112,13 @@ class Lab:
             pw.write_text(secrets.token_hex(8) + "\n")
             pw.chmod(0o600)
             self._power_file(h).write_text("off\n" if h in self.crashed else "on\n")
-            n = h[1:]
+            bmc = plan.bmc_name(h)
+            n = bmc[3:]
             self.popen(
-                f"bmc{n}",
+                bmc,
                 [sys.executable, "-m", "netsvc", "bmc", "serve", "--bind", plan.bmc_addr(h),
                  "--port", "623", "--user", self.BMC_USER, "--password-file", str(pw),
-                 "--power-file", str(self._power_file(h)), "--name", f"bmc{n}",
+                 "--power-file", str(self._power_file(h)), "--name", bmc,
                  *self.bmc_args,
                  *(["--config-store", str(d / f"{h}.config")] if self.bmc_config_store
                    else [])],

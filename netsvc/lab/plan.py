@@ -6,7 +6,8 @@ Invariants:
 - Every kernel-visible name (node, bridge, interface) starts with the run's prefix, so that
   ``netsvc lab clean`` can find what a run made, and only that. Prefixes match
   ``PREFIX_RE``; interface names stay within the kernel's 15 characters.
-- Public names (``h1``, ``vm3``, ``bmc2``, ``gw``, ``svc``, ``site``) are what users type;
+- Public names (``h1``, ``vm3``, ``bmc2``, ``gw``, ``svc``, ``site``; at site B ``b1`` and its
+  BMC ``bmcb1``) are what users type;
   node names are ``prefix + short name`` and never leak into reports.
 """
 
@@ -60,6 +61,15 @@ ETCD_PORT = 2379
 MANAGER_METRICS_PORT = 9470
 AGENT_METRICS_PORT = 9471
 GUEST_PORT = 7000
+#: Site B (replication): hosts ``b1``.. on the site network (198.18.4.0/24), each with its own
+#: BMC there, in a lab built with ``site_b_hosts``. ``gw`` routes between the sites (its leg on
+#: the site network is the site link) and, in such a lab only, has a leg on management too, so
+#: the manager reaches site B's agents and BMCs over the site link.
+MAX_SITE_B = 4
+SITE_GATEWAY = "198.18.4.1"
+GATEWAY_MGMT = "198.18.0.1"
+SITE_B_HOST_BASE = 20  # b1: 198.18.4.21
+SITE_B_BMC_BASE = 30  # b1's BMC: 198.18.4.31
 
 
 class PlanError(ValueError):
@@ -67,6 +77,7 @@ class PlanError(ValueError):
 
 
 HOST_RE = re.compile(r"^h([1-9][0-9]?)$")
+SITE_B_RE = re.compile(r"^b([1-9])$")
 VM_RE = re.compile(r"^vm([1-9][0-9]{0,2})$")
 
 
@@ -76,6 +87,12 @@ def host_index(name: str) -> int:
     if not m:
         raise PlanError(f"invalid host name {name!r}: expected h1, h2, ...")
     return int(m.group(1))
+
+
+def site_b_index(name: str) -> int | None:
+    """The number of site-B host ``bN``, or None for any other name."""
+    m = SITE_B_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def vm_index(name: str) -> int:
@@ -99,8 +116,12 @@ class LabPlan:
     prefix: str
     hosts: int = 3
     vms_per_host: int = 2
+    #: hosts ``b1``.. at site B, on the site network (0: none, the lab as it always was)
+    site_b_hosts: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.site_b_hosts <= MAX_SITE_B:
+            raise PlanError(f"bad site-B host count {self.site_b_hosts}: at most {MAX_SITE_B}")
         if not PREFIX_RE.match(self.prefix):
             raise PlanError(f"invalid lab prefix {self.prefix!r}: expected nv + 2 of [a-z0-9]")
         if not 1 <= self.hosts <= MAX_HOSTS:
@@ -115,6 +136,10 @@ class LabPlan:
         """The Mininet node name of a public name (``h1`` -> ``nvk3h1``, ``vm2`` -> ``nvk3v2``)."""
         if public.startswith("vm"):
             return f"{self.prefix}v{vm_index(public)}"
+        if (b := site_b_index(public)) is not None:  # site B: y (host), z (its BMC)
+            return f"{self.prefix}y{b}"
+        if public.startswith("bmcb") and (b := site_b_index(public[3:])) is not None:
+            return f"{self.prefix}z{b}"
         if public.startswith("bmc"):
             return f"{self.prefix}b{int(public[3:])}"
         return f"{self.prefix}{public}"
@@ -125,13 +150,31 @@ class LabPlan:
         return f"{self.prefix}{SWITCH_OF[network]}"
 
     def host_names(self) -> list[str]:
+        """Every hypervisor: ``h1``.. (the primary site), then site B's ``b1``.."""
+        return self.primary_names() + self.site_b_names()
+
+    def primary_names(self) -> list[str]:
+        """The primary site's hypervisors ``h1``.. (those on every network but the site's)."""
         return [f"h{i}" for i in range(1, self.hosts + 1)]
 
+    def site_b_names(self) -> list[str]:
+        return [f"b{i}" for i in range(1, self.site_b_hosts + 1)]
+
+    def is_site_b(self, host: str) -> bool:
+        b = site_b_index(host)
+        return b is not None and b <= self.site_b_hosts
+
+    def bmc_name(self, host: str) -> str:
+        """The public name of ``host``'s BMC node (``bmc2`` for ``h2``, ``bmcb1`` for ``b1``)."""
+        if site_b_index(host) is not None:
+            return f"bmc{host}"
+        return f"bmc{host_index(host)}"
+
     def initial_vms(self) -> list[tuple[str, str]]:
-        """(vm, host) pairs placed at build time: vm1, vm2 on h1, and so on."""
+        """(vm, host) pairs placed at build time: vm1, vm2 on h1, and so on (none at site B)."""
         out = []
         n = 1
-        for h in self.host_names():
+        for h in self.primary_names():
             for _ in range(self.vms_per_host):
                 out.append((f"vm{n}", h))
                 n += 1
@@ -152,17 +195,29 @@ class LabPlan:
 
     # --- addresses -----------------------------------------------------------------------
     def host_addr(self, host: str, network: str) -> str:
+        """A host's address on ``network``; a site-B host has one network, the site network,
+        which is its management and its VM network too."""
+        if (b := site_b_index(host)) is not None:
+            if network not in ("mgmt", "vmnet", "site"):
+                raise PlanError(f"site-B host {host} has no address on {network!r}")
+            return _addr("site", SITE_B_HOST_BASE + b)
         i = host_index(host)
         if network not in ("mgmt", "vmnet", "storage-a", "storage-b", "memfab"):
             raise PlanError(f"hosts have no address on {network!r}")
         return _addr(network, 10 + i)
 
     def bmc_addr(self, host: str) -> str:
+        if (b := site_b_index(host)) is not None:
+            return _addr("site", SITE_B_BMC_BASE + b)
         return _addr("mgmt", 100 + host_index(host))
 
     def vm_addr(self, vm: str, switch: str = "vs0") -> str:
         """A VM's address on the network of the host switch ``switch`` its NIC uses."""
         return _addr(switch_network(switch), 100 + vm_index(vm))
+
+    def site_b_vm_addr(self, vm: str) -> str:
+        """A VM's address at site B, on the site network (where its replica starts)."""
+        return _addr("site", 100 + vm_index(vm))
 
     def vm_mac(self, vm: str) -> str:
         i = vm_index(vm)

@@ -39,7 +39,7 @@ def validate(name: str, hosts: int | None, config: Path | None = None) -> LabCon
                 f"bad host count {cfg.hosts}: scenario {name} needs {sc.min_hosts} to "
                 f"{MAX_HOSTS} hosts"
             )
-        plan = LabPlan("nvzz", cfg.hosts, sc.vms_per_host)
+        plan = LabPlan("nvzz", cfg.hosts, sc.vms_per_host, sc.site_b_hosts)
         return replace(cfg, scenario=sc.check(cfg.scenario, plan))
     except (ConfigError, PlanError) as exc:
         raise UsageError(str(exc)) from exc
@@ -70,6 +70,7 @@ def run_scenario(
         timeline=timeline,
         scenario=name,
         heartbeat_interval=cfg.heartbeat_interval,
+        site_b_hosts=sc.site_b_hosts,
     )
     t0 = time.monotonic()
     with signals_as_exceptions():

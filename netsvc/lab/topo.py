@@ -21,6 +21,11 @@ Shape (see ``plan.py`` for the addresses):
   networks' gateway (198.18.1.1, and 198.18.5.1 on vmnet-b), routing to the ``site`` node;
   ``arr`` the storage array (198.18.2.3 and 198.18.3.3, one leg on each storage fabric), where
   the storage scenarios run nbdkit.
+- with ``site_b`` (replication's scenarios only): site-B hosts ``bN`` whose one NIC (eth0) is on
+  the site network as their ``vs0``'s port (their address there, default route via ``gw``), and
+  their BMCs ``bmcbN`` on the site network; ``gw`` then has a leg on management (198.18.0.1)
+  and ``svc`` a route to the site network through it, so the manager's traffic to site B
+  crosses the site link.
 
 Invariant: every node, switch and interface name starts with the plan's prefix.
 """
@@ -36,7 +41,9 @@ from netsvc.lab.plan import (
     ARRAY_ADDRS,
     GATEWAY,
     GATEWAY_B,
+    GATEWAY_MGMT,
     MEMFAB_SERVICES,
+    SITE_GATEWAY,
     LabPlan,
     prefix_len,
     switch_gateway,
@@ -48,6 +55,7 @@ class HypervisorHost(Host):  # type: ignore[misc]
 
     def config(self, **params: Any) -> Any:
         vm_addr = params.pop("vm_addr", None)
+        gateway = params.pop("gateway", None)  # a site-B host's default route
         uplinks = params.pop("uplinks", ())
         standby = params.pop("standby_uplinks", ())
         b_uplinks = params.pop("b_uplinks", ())
@@ -67,7 +75,8 @@ class HypervisorHost(Host):  # type: ignore[misc]
         cmds.append("ip link set vs0 up")
         if vm_addr:
             cmds.append(f"ip addr add {vm_addr}/{prefix_len('vmnet')} dev vs0")
-            cmds.append(f"ip route add 198.18.4.0/24 via {GATEWAY} dev vs0")
+            cmds.append(f"ip route add default via {gateway} dev vs0" if gateway else
+                        f"ip route add 198.18.4.0/24 via {GATEWAY} dev vs0")
         for intf in self.intfNames():
             if intf.endswith("-vif"):
                 cmds.append(f"ip link set {intf} master vs0 up")
@@ -111,6 +120,7 @@ class RouterHost(Host):  # type: ignore[misc]
     def config(self, **params: Any) -> Any:
         site_addr = params.pop("site_addr")
         b_addr = params.pop("b_addr", None)
+        mgmt_addr = params.pop("mgmt_addr", None)  # with site-B hosts: a leg on management
         r = super().config(**params)
         self.cmd(
             f"ip addr add {site_addr}/24 dev {self.intfNames()[1]} && "
@@ -118,6 +128,19 @@ class RouterHost(Host):  # type: ignore[misc]
         )
         if b_addr:
             self.cmd(f"ip addr add {b_addr}/24 dev {self.intfNames()[2]}")
+        if mgmt_addr:
+            self.cmd(f"ip addr add {mgmt_addr}/24 dev {self.intfNames()[3]}")
+        return r
+
+
+class RoutedHost(Host):  # type: ignore[misc]
+    """A host with extra static routes (``routes``: (destination, via) pairs)."""
+
+    def config(self, **params: Any) -> Any:
+        routes = params.pop("routes", ())
+        r = super().config(**params)
+        for dst, via in routes:
+            self.cmd(f"ip route add {dst} via {via}")
         return r
 
 
@@ -125,9 +148,10 @@ class ClusterTopo(Topo):  # type: ignore[misc]
     """The netsvc cluster: ``hosts`` hypervisors with ``vms`` VMs each, plus the shared nodes."""
 
     #: The parameters ``build`` takes (``mn --topo cluster,hosts=4,vms=1``).
-    PARAMS = ("hosts", "vms", "prefix")
+    PARAMS = ("hosts", "vms", "prefix", "site_b")
 
-    def build(self, hosts: int = 3, vms: int = 2, prefix: str = "nvmn", **unknown: Any) -> None:
+    def build(self, hosts: int = 3, vms: int = 2, prefix: str = "nvmn", site_b: int = 0,
+              **unknown: Any) -> None:
         # Mininet passes every ``--topo`` parameter through as a keyword: refuse a typo such as
         # ``host=3`` rather than build the default cluster without a word.
         if unknown:
@@ -136,13 +160,16 @@ class ClusterTopo(Topo):  # type: ignore[misc]
                 f"ClusterTopo: unknown parameter{'s' if len(unknown) > 1 else ''} {names} "
                 f"(it takes {', '.join(self.PARAMS)})"
             )
-        plan = LabPlan(prefix=prefix, hosts=hosts, vms_per_host=vms)
+        plan = LabPlan(prefix=prefix, hosts=hosts, vms_per_host=vms, site_b_hosts=site_b)
         self.plan = plan
         sw = {}
         for i, net in enumerate(("mgmt", "vmnet", "storage-a", "storage-b", "site", "memfab")):
             sw[net] = self.addSwitch(plan.switch(net), dpid=f"{0x4E5600 + i:016x}")
 
-        svc = self.addHost(plan.node("svc"), ip=f"198.18.0.2/{prefix_len('mgmt')}")
+        # with site-B hosts, the manager reaches site B through gw's leg on management
+        svc = self.addHost(plan.node("svc"), ip=f"198.18.0.2/{prefix_len('mgmt')}",
+                           **({"cls": RoutedHost, "routes": [("198.18.4.0/24", GATEWAY_MGMT)]}
+                              if site_b else {}))
         self.addLink(svc, sw["mgmt"])
         self.addLink(svc, sw["storage-a"], params1={"ip": "198.18.2.2/24"})
         self.addLink(svc, sw["storage-b"], params1={"ip": "198.18.3.2/24"})
@@ -156,15 +183,17 @@ class ClusterTopo(Topo):  # type: ignore[misc]
         sw["vmnet-b"] = self.addSwitch(plan.switch("vmnet-b"), dpid=f"{0x4E5610:016x}")
         gw = self.addHost(
             plan.node("gw"), cls=RouterHost, ip=f"{GATEWAY}/24", site_addr="198.18.4.1",
-            b_addr=GATEWAY_B,
+            b_addr=GATEWAY_B, **({"mgmt_addr": GATEWAY_MGMT} if site_b else {}),
         )
         self.addLink(gw, sw["vmnet"])
         self.addLink(gw, sw["site"])
         self.addLink(gw, sw["vmnet-b"])
+        if site_b:
+            self.addLink(gw, sw["mgmt"])
         site = self.addHost(plan.node("site"), ip="198.18.4.10/24", defaultRoute="via 198.18.4.1")
         self.addLink(site, sw["site"])
 
-        for h in plan.host_names():
+        for h in plan.primary_names():
             node = plan.node(h)
             self.addHost(
                 node,
@@ -200,6 +229,17 @@ class ClusterTopo(Topo):  # type: ignore[misc]
                 self.addLink(node, sw["vmnet-b"], intfName1=plan.host_ifname(h, port))
             bmc = self.addHost(plan.node(f"bmc{h[1:]}"), ip=f"{plan.bmc_addr(h)}/24")
             self.addLink(bmc, sw["mgmt"])
+
+        # site B: each host's one NIC, eth0 on the site network, is its switch vs0's port (its
+        # management and VM network at once); its BMC on the site network too
+        for h in plan.site_b_names():
+            node = plan.node(h)
+            self.addHost(node, cls=HypervisorHost, ip=None, vm_addr=plan.host_addr(h, "site"),
+                         gateway=SITE_GATEWAY, uplinks=(plan.host_ifname(h, "eth0"),))
+            self.addLink(node, sw["site"], intfName1=plan.host_ifname(h, "eth0"))
+            bmc = self.addHost(plan.node(plan.bmc_name(h)), ip=f"{plan.bmc_addr(h)}/24",
+                               defaultRoute=f"via {SITE_GATEWAY}")
+            self.addLink(bmc, sw["site"])
 
         for vm, h in plan.initial_vms():
             self.add_vm(vm, h)

@@ -58,8 +58,9 @@ class Shipping:
 
     def __init__(self, site_b: tuple[str, int], *, link_bps: float, share: float,
                  source: str | None = None, log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, precopy: bool = True) -> None:
         self.site_b = site_b
+        self.precopy = precopy  # the initial copies as pre-copies (``shipper``)
         self.source = source
         self.log = log
         self.clock = clock
@@ -85,7 +86,8 @@ class Shipping:
             if vm in self.ships and self.ships[vm].disk == disk:
                 return
             sink = NbdSink(self.site_b[0], self.site_b[1], disk, source=self.source)
-            sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock)
+            sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock,
+                         precopy=self.precopy)
             try:  # an agent restarted: site B holds epochs already; number after them
                 self.disks[disk].tracker.resume_after(sink.status().applied)
             except (ConnectionError, ValueError) as exc:
@@ -256,6 +258,44 @@ def post_loaded(ctx: AgentContext, report: Mapping[str, Any], stop: threading.Ev
             return
 
 
+def parse_network(value: str) -> tuple[str, tuple[str, int]]:
+    """``NAME=GATEWAY/PREFIXLEN`` (a site-B network this host's switch carries)."""
+    import ipaddress
+
+    name, _, rest = value.partition("=")
+    gw, _, plen = rest.partition("/")
+    try:
+        ipaddress.IPv4Address(gw)
+        ok = bool(name) and plen.isdigit() and 8 <= int(plen) <= 30
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"bad --replication-network {value!r}: expected NAME=GATEWAY/PREFIXLEN"
+                         " (site-b=198.18.4.1/24)")
+    return name, (gw, int(plen))
+
+
+def to_networks(vm: str, nics: list[tuple[str, str]], nets: Mapping[str, tuple[str, int]],
+                driver: Any) -> dict[str, str]:
+    """Give the started VM its address on each NIC's network here (``nics``: (network, its
+    address there); ``nets``: ``--replication-network``, each network's gateway and prefix),
+    then announce it. Without networks configured the VM keeps its address (one network
+    stretched over both sites)."""
+    out: dict[str, str] = {}
+    if not nets:
+        return out
+    have = {d.name: d.ip for d in driver.list()}
+    for network, ip in nics:
+        gateway, plen = nets[network]
+        old = have.get(vm) or ip
+        if ip and old != ip:
+            driver.readdress(vm, old, ip, plen, gateway)
+        out[network] = ip or str(old)
+    if out:
+        driver.announce(vm)
+    return out
+
+
 def _nbd_connect(addr: str, port: int, export: str) -> Any:
     import importlib
 
@@ -274,6 +314,13 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     registered = ctx.options.get("replication.registered") or {}
     if vm not in registered:
         raise RuntimeError(f"{vm} is not in the configuration this host read from its BMC")
+    nets: Mapping[str, tuple[str, int]] = ctx.options.get("replication.networks") or {}
+    nics = registered[vm].nics
+    if nets:  # every NIC's site-B network must be here, or the VM would start unreachable
+        absent = sorted({n.network for n in nics if n.network not in nets})
+        if absent:
+            raise RuntimeError(f"{vm}'s network(s) {', '.join(absent)} are not at this host "
+                               f"(it has {', '.join(sorted(nets))})")
     site_b = ctx.options.get("replication.site_b")
     if site_b is None:
         raise RuntimeError("no site-B storage (--replication-site-b)")
@@ -298,7 +345,14 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     res = ctx.driver.restart(vm, action.get("from_host") or None)
     attached(vm, action, ctx)
     steps["start_ms"] = round((time.monotonic() - t1) * 1000, 3)
+    readdressed = to_networks(vm, [(n.network, n.ip) for n in nics], nets, ctx.driver)
+    if readdressed:
+        steps["readdress_ms"] = round((time.monotonic() - t1) * 1000 - steps["start_ms"], 3)
     epoch = min(epochs.values()) if epochs else -1
+    from netsvc.replication.failback import serve_started
+
+    served = serve_started(ctx, list(epochs))  # tracked for the way back (failback)
     ctx.log(f"replication: {vm} started from epoch {epoch} ({json.dumps(epochs)})")
     return {"vm": vm, "epoch": epoch, "disks": epochs, "steps_ms": steps,
+            "networks": readdressed, "served_for_failback": served,
             "driver": {k: v for k, v in dict(res).items() if k in ("host", "pid", "from")}}

@@ -2,10 +2,12 @@
 
     netsvc replication status [--json]
     netsvc replication protect VM [--rpo S] [--disk NAME[:SIZE]] [--cpus N] [--memory-mib M]
-                                  [--network NET] [--dry-run] [--reason TEXT] [--json]
+                                  [--network NET] [--site-b-ip ADDR] [--dry-run]
+                                  [--reason TEXT] [--json]
     netsvc replication unprotect VM [--dry-run] [--reason TEXT] [--json]
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
+    netsvc replication failback [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -46,9 +49,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--cpus", type=int, default=1)
     pr.add_argument("--memory-mib", type=int, default=512)
     pr.add_argument("--network", help="the VM's network at site B")
+    pr.add_argument("--site-b-ip", metavar="ADDR",
+                    help="the VM's address on its network at site B (default: the one it has)")
     mi = r.add_parser("migrate", help="planned migration to site B for zero loss (the VMs shut "
                       "down at the primary, their last epochs ship, then they start at site B)")
-    for q in (pr, mi, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    fb = r.add_parser("failback", help="after a failover: the VMs home (they shut down at site "
+                      "B, their last epochs ship back, they start on their primary hosts)")
+    for q in (pr, mi, fb, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -62,6 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     un.set_defaults(func=cmd_unprotect)
     fo.set_defaults(func=cmd_failover)
     mi.set_defaults(func=cmd_migrate)
+    fb.set_defaults(func=cmd_failback)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -164,6 +172,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         body["rpo_s"] = args.rpo
     if args.network:
         body["network"] = args.network
+    if args.site_b_ip:
+        body["site_b_ip"] = args.site_b_ip
     got = _call("protect", args, "POST", f"/v1/replication/protect/{args.vm}", body)
     if got is None:
         return 2
@@ -185,31 +195,47 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
     return _finish("unprotect", args, status, out, f"{args.vm}: {out.get('status')}")
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    got = _call("failover", args, "POST", "/v1/replication/failover",
-                {"dry_run": args.dry_run, "force": args.force, "reason": args.reason})
+def _site_operation(name: str, args: argparse.Namespace, body: dict[str, Any],
+                    describe: Callable[[Mapping[str, Any], bool], str]) -> int:
+    """POST a site-wide operation (failover, migrate, failback); ``describe(plan, dry_run)``
+    says what was (or would be) done."""
+    got = _call(name, args, "POST", f"/v1/replication/{name}",
+                {"dry_run": args.dry_run, "reason": args.reason, **body})
     if got is None:
         return 2
     status, out = got
-    plan = out.get("plan") or {}
-    vms = ", ".join(v["name"] + f"@{v['epoch']}" for v in plan.get("vms", []))
-    line = (f"dry run: would power {plan.get('power_on')} on through its BMC and start "
-            f"{vms}; nothing changed" if out.get("status") == "dry_run"
-            else f"failover started: powering {plan.get('power_on')} on; replicas {vms} "
-            "(follow with 'netsvc replication status')")
-    return _finish("failover", args, status, out, line)
+    line = describe(out.get("plan") or {}, out.get("status") == "dry_run")
+    return _finish(name, args, status, out, line)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        vms = ", ".join(v["name"] + f"@{v['epoch']}" for v in plan.get("vms", []))
+        return (f"dry run: would power {plan.get('power_on')} on through its BMC and start "
+                f"{vms}; nothing changed" if dry
+                else f"failover started: powering {plan.get('power_on')} on; replicas {vms} "
+                "(follow with 'netsvc replication status')")
+
+    return _site_operation("failover", args, {"force": args.force}, describe)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    got = _call("migrate", args, "POST", "/v1/replication/migrate",
-                {"dry_run": args.dry_run, "reason": args.reason})
-    if got is None:
-        return 2
-    status, out = got
-    plan = out.get("plan") or {}
-    vms = ", ".join(plan.get("vms", []))
-    line = (f"dry run: would shut {vms} down, ship their last epochs and start them on "
-            f"{plan.get('power_on')}; nothing changed" if out.get("status") == "dry_run"
-            else f"planned migration started: {vms} shut down at the primary "
-            f"(follow with 'netsvc replication status')")
-    return _finish("migrate", args, status, out, line)
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        vms = ", ".join(plan.get("vms", []))
+        return (f"dry run: would shut {vms} down, ship their last epochs and start them on "
+                f"{plan.get('power_on')}; nothing changed" if dry
+                else f"planned migration started: {vms} shut down at the primary "
+                "(follow with 'netsvc replication status')")
+
+    return _site_operation("migrate", args, {}, describe)
+
+
+def cmd_failback(args: argparse.Namespace) -> int:
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        homes = ", ".join(f"{vm} -> {h}"
+                          for vm, h in sorted((plan.get("homes") or {}).items()))
+        return (f"dry run: would shut {homes or 'nothing'} down at site B, ship their last "
+                "epochs back and start them at home; nothing changed" if dry
+                else f"failback started: {homes} (follow with 'netsvc replication status')")
+
+    return _site_operation("failback", args, {}, describe)

@@ -18,7 +18,7 @@ from typing import Annotated
 
 from msgspec import Meta, field
 
-from netsvc.cluster.schema import Schema
+from netsvc.cluster.schema import IPv4Address, Schema
 
 NAME = r"^[a-z][a-z0-9-]{0,30}\Z"
 Name = Annotated[str, Meta(pattern=NAME, max_length=31)]
@@ -48,6 +48,8 @@ class ReplicationTable(Schema, frozen=True):
         max_length=64, description="primary network -> its network at site B")] \
         = field(default_factory=dict)
     default_network: Name = "site-b"
+    primary_network: Annotated[Name, Meta(description=(
+        "the VMs' network at the primary (where failback readdresses them)"))] = "vmnet"
     config_every_s: Annotated[float, Meta(ge=0.5, le=3600, description=(
         "rewrite the BMC's configuration at most this often (epochs change)"))] = 5.0
     power_on_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 20.0
@@ -71,6 +73,9 @@ class ProtectRequest(Schema, frozen=True):
         "the VM's replicated disks (datastores); none: its configuration only"))] \
         = field(default_factory=list)
     network: Name | None = None
+    site_b_ip: Annotated[IPv4Address | None, Meta(description=(
+        "the NIC's address on its network at site B (none: it keeps its address there)"))] \
+        = None
     dry_run: bool = False
     reason: Text = "operator request"
 

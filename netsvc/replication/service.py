@@ -4,9 +4,11 @@ in, I/O only through effects).
 What it keeps:
 
 - the protected VMs (``POST /v1/replication/protect/{vm}`` / ``unprotect``): RPO target, CPUs,
-  memory, disks, the site-B network of each NIC. Agents report what they ship
-  (``POST /v1/replication/reports``) and get the protected set back in the answer, so a
-  manager restarted with an empty set learns it again from the agents' next reports;
+  memory, disks, the site-B network of each NIC and the VM's address there, where it ran.
+  Each is stored in the kernel's state store (``ClusterModel.service_docs``, key
+  ``replication/<vm>``), so a restarted manager (or the next leader) has the whole protection
+  before any agent reports; a protected VM an agent reports and the store lacks (a store from
+  before this) is still learned back from its report;
 - the configuration for the sleeping site-B host: whenever the protected set changes (and at
   most every ``config_every_s`` while epochs advance) a ``write-config`` effect writes it to the
   site-B host's BMC (IPMI OEM, ``bmc.config_store``), with the newest complete epoch of each VM.
@@ -31,6 +33,18 @@ Invariants:
   unless forced, the VM's primary host must not be alive.
 - A configuration the site-B agent refused (truncated, wrong version, checksum) starts nothing:
   the failover fails, journaled with the agent's reason.
+
+Failback (``POST /v1/replication/failback``), after a failover is DONE: the site-B host ships
+what the started replicas write back to the primary's receiver (the replication reversed: it
+reports like a primary host, ``reverse`` in the status), then a planned migration home, a
+state machine with a deadline per state: ``QUIESCING`` (the VMs shut down at site B) ->
+``DRAINING`` (a report made after the shutdowns shows nothing behind: the final epochs,
+journaled) -> ``STARTING`` (one ``replication-failback`` action per VM on its primary host: the
+primary copy goes live if it holds the final epoch, the VM starts there on its primary network
+with its primary address) -> ``DONE`` | ``FAILED``. Refused, journaled with the rule, when
+unsafe: ``no-failover`` (nothing runs at site B by a failover), ``primary-not-back`` (a VM's
+primary host is not UP), ``replica-not-current`` (the way back has no complete, fresh epoch of
+a VM's disk), ``failback-in-progress``; a dry run journals the plan and changes nothing.
 """
 
 from __future__ import annotations
@@ -96,6 +110,9 @@ class Protection:
     disks: tuple[tuple[str, int], ...]
     network: str
     since: float
+    site_b_ip: str = ""  # the NIC's address at site B ("": the one it has)
+    primary_host: str | None = None  # where it ran when protected (failback brings it there)
+    primary_ip: str = ""
 
 
 class Phase(Enum):
@@ -110,6 +127,34 @@ class Phase(Enum):
 
 ACTIVE_PHASES = (Phase.QUIESCING, Phase.DRAINING, Phase.POWERING_ON, Phase.LOADING,
                  Phase.STARTING)
+KIND_FAILBACK = "replication-failback"
+
+
+@dataclass
+class Failback:
+    """A failback's state (``Phase``: QUIESCING, DRAINING, STARTING, DONE, FAILED)."""
+
+    reason: str
+    started: float
+    phase: Phase
+    deadline: float
+    vms: tuple[str, ...]
+    homes: dict[str, str]  # vm -> its primary host
+    quiesce: dict[str, str] = field(default_factory=dict)  # vm -> its shutdown at site B
+    quiesced_at: float | None = None
+    final_epochs: dict[str, int] = field(default_factory=dict)
+    actions: dict[str, str] = field(default_factory=dict)
+    done: dict[str, bool] = field(default_factory=dict)
+    detail: str = ""
+    ended: float | None = None
+
+    def to_dict(self, t0: float) -> dict[str, Any]:
+        return {"phase": self.phase.value, "reason": self.reason, "vms": list(self.vms),
+                "homes": dict(self.homes), "started_s": round(self.started - t0, 3),
+                "quiesce": dict(self.quiesce), "final_epochs": dict(self.final_epochs),
+                "actions": dict(self.actions), "done": dict(self.done),
+                "detail": self.detail,
+                "took_s": None if self.ended is None else round(self.ended - self.started, 3)}
 
 
 @dataclass
@@ -139,6 +184,15 @@ class Failover:
                 "rto_s": None if self.ended is None else round(self.ended - self.started, 3)}
 
 
+def _protection(vm: str, doc: Mapping[str, Any], now: float) -> Protection:
+    """A protection from its stored document (``ReplicationService._store``)."""
+    return Protection(vm, float(doc["rpo_s"]), int(doc["cpus"]), int(doc["memory_mib"]),
+                      tuple((str(d), int(s)) for d, s in doc["disks"]), str(doc["network"]),
+                      now, str(doc.get("site_b_ip") or ""),
+                      None if doc.get("primary_host") is None else str(doc["primary_host"]),
+                      str(doc.get("primary_ip") or ""))
+
+
 def _body(schema: Any) -> Any:
     def conv(obj: object) -> Any:
         return convert(obj if obj is not None else {}, schema)
@@ -163,11 +217,38 @@ class ReplicationService(BaseManagerService):
         self._written_epochs: dict[str, int] = {}  # in the payload last sent to the BMC
         self.failover: Failover | None = None
         self.registered: dict[str, dict[str, Any]] = {}  # from the site-B agent, at power-on
+        #: the way back: the site-B host's shipping figures per VM (host, at, report)
+        self.reverse: dict[str, tuple[str, float, dict[str, Any]]] = {}
+        self.failback: Failback | None = None
+        #: VMs whose replica at site B went live (a failover started them): they take no
+        #: more epochs, so no primary host is asked to ship them (re-seeding: not done yet)
+        self.live_at_b: set[str] = set()
         self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
         super().bind(kernel)
         self._now = kernel.started
+        for key, doc in kernel.model.service_docs.items():
+            svc, _, vm = key.partition("/")
+            if svc != self.name:
+                continue
+            try:
+                self.protected[vm] = _protection(vm, doc, kernel.started)
+            except (KeyError, TypeError, ValueError):
+                continue  # an unreadable document: the agents' reports teach it again
+            if doc.get("live_at_b"):
+                self.live_at_b.add(vm)
+        if self.protected:
+            self._config_changed(kernel.started)
+
+    def _store(self, vm: str) -> None:
+        """Write ``vm``'s protection to the kernel's state store (None: it is gone)."""
+        p = self.protected.get(vm)
+        self.kernel.model.set_service_doc(f"{self.name}/{vm}", None if p is None else {
+            "rpo_s": p.rpo_s, "cpus": p.cpus, "memory_mib": p.memory_mib,
+            "disks": [[d, s] for d, s in p.disks], "network": p.network,
+            "site_b_ip": p.site_b_ip, "primary_host": p.primary_host,
+            "primary_ip": p.primary_ip, "live_at_b": vm in self.live_at_b})
 
     # -- plugin surface --------------------------------------------------------------------
 
@@ -195,6 +276,12 @@ class ReplicationService(BaseManagerService):
                   summary="planned migration to site B for zero loss: the VMs shut down at the "
                   "primary, their last epochs ship, then the failover's steps (dry_run: check "
                   "and journal only)"),
+            Route("POST", r"/v1/replication/failback", "replication_failback",
+                  self._route_failback, body=_body(OperatorRequest), mutates=True,
+                  summary="after a failover: bring the VMs home with a planned migration (they "
+                  "shut down at site B, their last epochs ship back, they start on their "
+                  "primary hosts); refused unless the primary is back and the way back is "
+                  "current (dry_run: check and journal only)"),
             Route("POST", r"/v1/replication/reports", "replication_report",
                   self._route_report, body=_body(ShippingReport), mutates=True,
                   summary="a primary host's shipping figures; answers the protected set",
@@ -207,7 +294,9 @@ class ReplicationService(BaseManagerService):
 
     def action_kinds(self) -> Sequence[ActionKind]:
         return (ActionKind(KIND_START, self._plan, self._recheck, self._complete,
-                           run_timeout=30.0),)
+                           run_timeout=30.0),
+                ActionKind(KIND_FAILBACK, self._plan, self._recheck_back, self._complete_back,
+                           run_timeout=30.0))
 
     def next_timer(self) -> float | None:
         times = []
@@ -218,6 +307,11 @@ class ReplicationService(BaseManagerService):
             times.append(f.deadline)
             if f.phase in (Phase.QUIESCING, Phase.DRAINING):
                 times.append(self._now + 0.25)  # poll the shutdowns and the reports
+        b = self.failback
+        if b is not None and b.phase in ACTIVE_PHASES:
+            times.append(b.deadline)
+            if b.phase in (Phase.QUIESCING, Phase.DRAINING):
+                times.append(self._now + 0.25)
         return min(times) if times else None
 
     def handle_timer(self, now: float, wall: float | None) -> None:
@@ -235,6 +329,11 @@ class ReplicationService(BaseManagerService):
             self._planned_step(now, wall)
         if f is not None and f.phase in ACTIVE_PHASES and now >= f.deadline:
             self._fail(f"{f.phase.value} passed its deadline", now, wall)
+        b = self.failback
+        if b is not None and b.phase in (Phase.QUIESCING, Phase.DRAINING):
+            self._failback_step(now, wall)
+        if b is not None and b.phase in ACTIVE_PHASES and now >= b.deadline:
+            self._fail_back(f"{b.phase.value} passed its deadline", now, wall)
 
     def status(self, now: float) -> Mapping[str, Any]:
         return {"protected": len(self.protected),
@@ -257,16 +356,20 @@ class ReplicationService(BaseManagerService):
             raise UnknownEntity("VM", vm)
         rpo = req.rpo_s or self.t.rpo_s
         disks = tuple((d.name, d.size) for d in req.disks)  # none: its configuration only
+        m = k.model.vms[vm]
         p = Protection(vm, rpo, req.cpus, req.memory_mib, disks,
-                       req.network or self.t.default_network, now)
+                       req.network or self.t.default_network, now, req.site_b_ip or "",
+                       m.host, m.ip or "")
         entry = k.journal_append(now, wall, "replication-protect", f"vm:{vm}",
                                  f"{req.reason} (RPO target {rpo:g} s)", dry_run=req.dry_run,
                                  actor="operator",
                                  details={"rpo_s": rpo, "disks": [list(d) for d in disks],
-                                          "network": p.network})
+                                          "network": p.network,
+                                          "site_b_ip": p.site_b_ip or None})
         if req.dry_run:
             return {"status": "dry_run", "journal_seq": entry.seq}
         self.protected[vm] = p
+        self._store(vm)
         self._config_changed(now)
         return {"status": "protected", "vm": vm, "rpo_s": rpo}
 
@@ -285,6 +388,7 @@ class ReplicationService(BaseManagerService):
             return {"status": "dry_run"}
         del self.protected[vm]
         self.shipping.pop(vm, None)
+        self._store(vm)
         self._config_changed(now)
         return {"status": "unprotected", "vm": vm}
 
@@ -298,19 +402,39 @@ class ReplicationService(BaseManagerService):
         """A primary host's figures; the answer is what it must ship."""
         self._now = now
         self.links[rep.host] = (now, rep.link_share, rep.share_limit)
+        if rep.host == self.t.site_b_host:
+            return self._reverse_report(rep, now)
         for v in rep.vms:
             body = msgspec.to_builtins(v)
             self.shipping[v.vm] = (rep.host, now, body)
             if v.vm not in self.protected and v.synced:  # a restarted manager learns it back
                 self.protected[v.vm] = Protection(v.vm, v.rpo_target_s or self.t.rpo_s, 1, 512,
                                                   ((v.disk, 0),), self.t.default_network, now)
+                self._store(v.vm)
                 self._config_changed(now)
             elif v.vm in self.protected and \
                     self._written_epochs.get(v.vm) != v.remote_epoch:
                 self._config_changed(now, urgent=False)
         vm_host = {vm.name: vm.host for vm in self.kernel.model.vms.values()}
         ship = {vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
-                for vm, p in sorted(self.protected.items()) if vm_host.get(vm) == rep.host}
+                for vm, p in sorted(self.protected.items())
+                if vm_host.get(vm) == rep.host and vm not in self.live_at_b}
+        return {"ok": True, "protect": ship}
+
+    def _reverse_report(self, rep: ShippingReport, now: float) -> dict[str, Any]:
+        """The site-B host's figures (the way back); the answer: the VMs a DONE failover
+        started there, not yet home, with disks."""
+        for v in rep.vms:
+            self.reverse[v.vm] = (rep.host, now, msgspec.to_builtins(v))
+        f, b = self.failover, self.failback
+        ship: dict[str, Any] = {}
+        if f is not None and f.phase is Phase.DONE and not (
+                b is not None and b.phase is Phase.DONE and b.started > f.started):
+            model = self.kernel.model
+            ship = {vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
+                    for vm, p in sorted(self.protected.items())
+                    if p.disks and vm in f.vms and model.vms.get(vm) is not None
+                    and model.vms[vm].host == rep.host}
         return {"ok": True, "protect": ship}
 
     # -- the configuration in the BMC --------------------------------------------------------
@@ -330,7 +454,7 @@ class ReplicationService(BaseManagerService):
             m = model.vms.get(vm)
             ship = self.shipping.get(vm)
             epoch = int(ship[2].get("remote_epoch", -1)) if ship else -1
-            nics = () if m is None else (Nic(m.mac, m.ip, self._network(p)),)
+            nics = () if m is None else (Nic(m.mac, p.site_b_ip or m.ip, self._network(p)),)
             out.append(ReplicaVm(vm, p.cpus, p.memory_mib, epoch,
                                  None if m is None else m.host, nics,
                                  tuple(Disk(d, s) for d, s in p.disks)))
@@ -487,12 +611,7 @@ class ReplicationService(BaseManagerService):
             self._effects.append(Effect(self.name, "power-on", {}, now))
 
     def _fail(self, why: str, now: float, wall: float | None) -> None:
-        f = self.failover
-        assert f is not None
-        f.phase, f.detail, f.ended = Phase.FAILED, why, now
-        self.kernel.journal_append(now, wall, "replication-failover-failed",
-                                   f"site:{self.t.site_b_host}", why,
-                                   details=f.to_dict(self.kernel.started))
+        self._failed(self.failover, "failover", why, now, wall)
 
     def _route_loaded(self, r: Request) -> Reply:
         return Reply(200, self.loaded(r.body, now=r.now, wall=r.wall))
@@ -563,19 +682,192 @@ class ReplicationService(BaseManagerService):
         return None if m is None else m.host
 
     def _maybe_done(self, now: float, wall: float | None) -> None:
-        f = self.failover
-        if f is None or f.phase is not Phase.STARTING or len(f.done) < len(f.vms):
+        self._settle(self.failover, "failover", "replicas started at site B",
+                     "replicas not started", now, wall)
+
+    def _settle(self, op: Any, kind: str, done: str, failed: str, now: float,
+                wall: float | None) -> None:
+        """A failover's or failback's last step: DONE once every VM started, FAILED (naming
+        the ones that did not) once each has an outcome."""
+        if op is None or op.phase is not Phase.STARTING or len(op.done) < len(op.vms):
             return
-        if all(f.done.values()):
-            f.phase, f.ended = Phase.DONE, now
-            self.kernel.journal_append(now, wall, "replication-failover-done",
+        if all(op.done.values()):
+            op.phase, op.ended = Phase.DONE, now
+            self.kernel.journal_append(now, wall, f"replication-{kind}-done",
                                        f"site:{self.t.site_b_host}",
-                                       f"{len(f.vms)} replicas started at site B in "
-                                       f"{now - f.started:.1f} s",
-                                       details=f.to_dict(self.kernel.started))
+                                       f"{len(op.vms)} {done} in {now - op.started:.1f} s",
+                                       details=op.to_dict(self.kernel.started))
         else:
-            self._fail("replicas not started: " + ", ".join(
-                vm for vm, ok in sorted(f.done.items()) if not ok), now, wall)
+            self._failed(op, kind, f"{failed}: " + ", ".join(
+                vm for vm, ok in sorted(op.done.items()) if not ok), now, wall)
+
+    def _failed(self, op: Any, kind: str, why: str, now: float, wall: float | None) -> None:
+        op.phase, op.detail, op.ended = Phase.FAILED, why, now
+        self.kernel.journal_append(now, wall, f"replication-{kind}-failed",
+                                   f"site:{self.t.site_b_host}", why,
+                                   details=op.to_dict(self.kernel.started))
+
+    # -- failback --------------------------------------------------------------------------
+
+    def _route_failback(self, r: Request) -> Reply:
+        return Reply(200, self.request_failback(r.body, now=r.now, wall=r.wall))
+
+    def _refuse_back(self, rule: str, why: str, req: OperatorRequest, now: float,
+                     wall: float | None, plan: Mapping[str, Any]) -> Refused:
+        self.kernel.journal_append(now, wall, "replication-failback-refused",
+                                   f"site:{self.t.site_b_host}", why, dry_run=req.dry_run,
+                                   actor="operator", details={"rule": rule, **plan})
+        return Refused(rule, f"failback refused: {why}")
+
+    def request_failback(self, req: OperatorRequest, *, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        """Bring the VMs a failover started at site B home (see the module docstring)."""
+        k = self.kernel
+        k.check_fenced()
+        b = self.failback
+        if b is not None and b.phase in ACTIVE_PHASES:
+            raise Refused("failback-in-progress", f"a failback is {b.phase.value}")
+        f = self.failover
+        at_b = [] if f is None else [
+            vm for vm in f.vms if vm in self.protected and k.model.vms.get(vm) is not None
+            and k.model.vms[vm].host == self.t.site_b_host]
+        homes = {vm: self.protected[vm].primary_host or "" for vm in at_b}
+        plan: dict[str, Any] = {"vms": at_b, "homes": homes}
+        if f is None or f.phase is not Phase.DONE or not at_b or (
+                b is not None and b.phase is Phase.DONE and b.started > f.started):
+            raise self._refuse_back("no-failover", "no VM runs at site B by a failover",
+                                    req, now, wall, plan)
+        model = k.model
+        down = sorted({f"{vm} -> {h or 'no primary host'}" for vm, h in homes.items()
+                       if not h or h not in model.hosts
+                       or model.hosts[h].state is not HostState.UP})
+        if down:
+            raise self._refuse_back("primary-not-back", "the primary hosts are not back: "
+                                    + ", ".join(down), req, now, wall, plan)
+        behind = []
+        for vm in at_b:
+            if not self.protected[vm].disks:
+                continue
+            r = self.reverse.get(vm)
+            if r is None or now - r[1] > REPORT_STALE_S or not r[2].get("synced") \
+                    or int(r[2].get("remote_epoch", -1)) < 0:
+                behind.append(vm)
+        if behind:
+            raise self._refuse_back(
+                "replica-not-current", "no complete, fresh epoch at the primary yet for "
+                + ", ".join(behind), req, now, wall, plan)
+        entry = k.journal_append(now, wall, "replication-failback-decision",
+                                 f"site:{self.t.site_b_host}", req.reason,
+                                 dry_run=req.dry_run, actor="operator", details=plan)
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        b = Failback(req.reason, now, Phase.QUIESCING, now + self.t.loaded_timeout_s,
+                     tuple(at_b), homes)
+        self.failback = b
+        for vm in at_b:
+            if model.vms[vm].state is not VMState.RUNNING:
+                continue
+            try:
+                a = k.queue_vm_action("shutdown", vm, self.t.site_b_host, None,
+                                      f"failback: {req.reason}", now, wall)
+            except Refused as exc:
+                self._fail_back(f"cannot quiesce {vm} at site B: {exc.message}", now, wall)
+                return {"status": "failed", "detail": b.detail}
+            b.quiesce[vm] = a.id
+        self._failback_step(now, wall)
+        return {"status": "started", "plan": plan, "journal_seq": entry.seq}
+
+    def _failback_step(self, now: float, wall: float | None) -> None:
+        b = self.failback
+        assert b is not None
+        k = self.kernel
+        subject = f"site:{self.t.site_b_host}"
+        if b.phase is Phase.QUIESCING:
+            for vm, aid in b.quiesce.items():
+                a = k.get_action(aid)
+                if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
+                                            ActionState.EXPIRED):
+                    self._fail_back(f"{vm} did not shut down at site B ({aid}: "
+                                    f"{'gone' if a is None else a.state.value})", now, wall)
+                    return
+                if a.state is not ActionState.SUCCEEDED:
+                    return
+            b.phase, b.quiesced_at = Phase.DRAINING, now
+            b.deadline = now + self.t.loaded_timeout_s
+            k.journal_append(now, wall, "replication-failback-quiesced", subject,
+                             f"{len(b.quiesce)} VMs shut down at site B; their last epochs "
+                             "ship back", details={"actions": dict(b.quiesce)})
+        if b.phase is Phase.DRAINING:
+            assert b.quiesced_at is not None
+            epochs = {}
+            for vm in b.vms:
+                if not self.protected.get(vm) or not self.protected[vm].disks:
+                    continue
+                r = self.reverse.get(vm)
+                if r is None or r[1] <= b.quiesced_at:
+                    return  # wait for a report made after the VMs stopped
+                if r[2].get("bytes_behind") or r[2].get("rpo_ms"):
+                    return
+                epochs[vm] = int(r[2].get("remote_epoch", -1))
+            b.final_epochs = epochs
+            k.journal_append(now, wall, "replication-failback-final-epochs", subject,
+                             "every VM's last write at site B is in an epoch at the primary",
+                             details={"epochs": epochs})
+            b.phase, b.deadline = Phase.STARTING, now + self.t.loaded_timeout_s
+            for vm in b.vms:
+                p = self.protected[vm]
+                disks = [d for d, _ in p.disks]
+                try:
+                    a = k.queue_action(KIND_FAILBACK, vm, payload={
+                        "host": b.homes[vm], "from_host": self.t.site_b_host,
+                        "disks": disks, "ip": p.primary_ip, "network": self.t.primary_network,
+                        "final_epochs": {d: epochs[vm] for d in disks if vm in epochs}},
+                        reason=f"failback: {b.reason}", now=now, wall=wall)
+                except Refused as exc:
+                    b.done[vm] = False
+                    k.journal_append(now, wall, "replication-failback-start-refused",
+                                     f"vm:{vm}", exc.message, details={"rule": exc.rule})
+                    continue
+                b.actions[vm] = a.id
+            self._maybe_home(now, wall)
+
+    def _maybe_home(self, now: float, wall: float | None) -> None:
+        self._settle(self.failback, "failback", "VMs home at the primary",
+                     "VMs not started at the primary", now, wall)
+
+    def _fail_back(self, why: str, now: float, wall: float | None) -> None:
+        self._failed(self.failback, "failback", why, now, wall)
+
+    def _recheck_back(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
+        b = self.failback
+        if b is None or b.phase is not Phase.STARTING or action.vm not in b.actions:
+            return ["no failback is starting this VM"], action
+        m = kernel.model.vms.get(action.vm)
+        if m is not None and m.state is VMState.RUNNING:
+            return [f"{action.vm} runs on {m.host} (it must be shut down at site B)"], action
+        return [], action
+
+    def _complete_back(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                       detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:
+        res = dict(result or {})
+        host = str(action.payload["host"])
+        details: dict[str, Any] = {"action": action.id, "result": res}
+        if ok and action.vm in kernel.model.vms:
+            try:
+                kernel.model.update_vm(action.vm, host=host, state=VMState.RUNNING)
+            except ModelError as exc:
+                details["model_error"] = str(exc)
+        kernel.journal_append(now, wall,
+                              f"replication-failback-start-{'done' if ok else 'failed'}",
+                              f"vm:{action.vm}", f"{action.vm} home on {host} from epochs "
+                              f"{res.get('epochs')}" if ok else f"start failed: {detail}",
+                              details=details)
+        b = self.failback
+        if b is not None and b.actions.get(action.vm) == action.id:
+            b.done[action.vm] = ok
+            self._maybe_home(now, wall)
+        return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                 detail=detail or None, result=res or None)
 
     # -- the start action ------------------------------------------------------------------
 
@@ -603,6 +895,10 @@ class ReplicationService(BaseManagerService):
         res = dict(result or {})
         details: dict[str, Any] = {"action": action.id, "epoch": res.get("epoch"),
                                    "result": res}
+        if ok:
+            self.live_at_b.add(action.vm)
+            if action.vm in self.protected:
+                self._store(action.vm)
         if ok and action.vm in kernel.model.vms:
             try:
                 kernel.model.update_vm(action.vm, host=str(action.payload["host"]),
@@ -696,7 +992,8 @@ class ReplicationService(BaseManagerService):
         for vm, p in sorted(self.protected.items()):
             ship = self.shipping.get(vm)
             row: dict[str, Any] = {"rpo_target_s": p.rpo_s, "disks": [d for d, _ in p.disks],
-                                   "network": p.network}
+                                   "network": p.network,
+                                   "replica_live_at_site_b": vm in self.live_at_b}
             if ship is None:
                 row.update(state="no report yet" if p.disks
                            else "configuration only (no replicated disk)")
@@ -719,4 +1016,11 @@ class ReplicationService(BaseManagerService):
                 "registered_at_site_b": sorted(self.registered),
                 "failover": None if self.failover is None
                 else self.failover.to_dict(self.kernel.started),
+                "reverse": {vm: {"host": h, "report_age_s": round(now - at, 3),
+                                 **{k: rep.get(k) for k in (
+                                     "rpo_ms", "remote_epoch", "bytes_behind", "synced",
+                                     "bytes_written", "bytes_shipped", "error")}}
+                            for vm, (h, at, rep) in sorted(self.reverse.items())},
+                "failback": None if self.failback is None
+                else self.failback.to_dict(self.kernel.started),
                 "settings": self.config.to_dict()}

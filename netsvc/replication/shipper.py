@@ -8,6 +8,14 @@ One epoch: ``seal`` (a point in time), BEGIN, every sealed extent captured (copy
 keeps it as it was at the seal) and written under the throttle, COMMIT with the count, bytes and
 SHA-256. Site B applies the epoch whole or not at all (``replica.py``).
 
+The initial copy (``full``) is a **pre-copy** by default: BEGIN, the whole disk streamed as it is
+while the VM writes (every write marked in the open epoch), *then* the seal, then the blocks
+written since the tracking began, as they were at the seal, in the same staged epoch, and one
+COMMIT. Site B applies the staged writes in order, so each block ends as it was at the seal:
+the replica's first point in time is the end of the copy, not its start (a copy sealed first,
+``precopy=False``, is a point in time as old as the copy is long, and the VM's RPO starts at
+that age when the copy commits). It costs the blocks written during the copy, sent twice.
+
 Invariants:
 
 - The tracker's epoch is committed only after site B acknowledged the COMMIT write. Any failure
@@ -29,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from netsvc.replication.cbt import extents
+from netsvc.replication.cbt import TrackerError, extents
 from netsvc.replication.throttle import Throttle
 from netsvc.replication.tracking import TrackingBackend
 from netsvc.replication.wire import (
@@ -169,13 +177,14 @@ class Shipper:
                  throttle: Throttle | None = None, *, max_extent_blocks: int = 256,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 throttle_lock: threading.Lock | None = None) -> None:
+                 throttle_lock: threading.Lock | None = None, precopy: bool = True) -> None:
         self.vm = vm
         self.tracked = tracked
         self.sink = sink
         self.throttle = throttle
         self.throttle_lock = throttle_lock or threading.Lock()
         self.max_extent_blocks = max_extent_blocks
+        self.precopy = precopy
         self.clock = clock
         self.sleep = sleep
         self.synced = False
@@ -194,6 +203,8 @@ class Shipper:
             self.sleep(wait)
 
     def ship_next(self, *, full: bool = False) -> Shipped:
+        if full and self.precopy:
+            return self._ship_precopy()
         t0 = self.clock()
         sealed = self.tracked.seal(full=full)
         self.last_cut = sealed.sealed_at
@@ -223,3 +234,48 @@ class Shipper:
         self.data_bytes += sent
         return Shipped(self.vm, sealed.epoch, True, len(sealed.blocks), sent,
                        sent + 2 * CONTROL, self.clock() - t0, full)
+
+    def _ship_precopy(self) -> Shipped:
+        """The initial copy as a pre-copy (see the module docstring)."""
+        t0 = self.clock()
+        tr = self.tracked
+        bs = tr.tracker.block_size
+        epoch = tr.tracker.next_epoch
+        digest = EpochDigest()
+        sent = blocks = 0
+        step = self.max_extent_blocks * bs
+        try:
+            self._pace(CONTROL)
+            self.sink.control(Command(OP_BEGIN, epoch))
+            for off in range(0, tr.size, step):
+                # as it is now (a write racing this read is marked, so it ships again below)
+                data = bytes(tr.backend.pread(min(step, tr.size - off), off))
+                self._pace(len(data))
+                self.sink.write(data, off)
+                digest.add(off, data)
+                sent += len(data)
+            sealed = tr.seal()
+            if sealed.epoch != epoch:
+                raise TrackerError(f"sealed epoch {sealed.epoch}, not {epoch}")
+            self.last_cut = sealed.sealed_at
+            blocks = tr.tracker.nblocks + len(sealed.blocks)
+            for first, count in extents(sealed.blocks, self.max_extent_blocks):
+                data = tr.capture(first, count)
+                self._pace(len(data))
+                self.sink.write(data, first * bs)
+                digest.add(first * bs, data)
+                sent += len(data)
+            self._pace(CONTROL)
+            self.sink.control(Command(OP_COMMIT, epoch, digest.extents, digest.nbytes,
+                                      digest.digest()))
+        except Exception as exc:
+            tr.abort()
+            self.sink.close()
+            return Shipped(self.vm, epoch, False, blocks, sent, sent, self.clock() - t0, True,
+                           f"{type(exc).__name__}: {exc}")
+        tr.commit(epoch)
+        self.remote_epoch = epoch
+        self.synced = True
+        self.data_bytes += sent
+        return Shipped(self.vm, epoch, True, blocks, sent, sent + 2 * CONTROL,
+                       self.clock() - t0, True)

@@ -81,9 +81,13 @@ def _release(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
 
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
     """Both datastores over both fabrics (eth3 via stor-a, eth4 via stor-b), served on the
-    host's local socket; the last host (with 3 or more) has fabric A only, by config."""
+    host's local socket; the last host (with 3 or more) has fabric A only, by config. A
+    site-B host (replication's scenarios) is on no storage fabric: nothing."""
     from netsvc.lab.plan import ARRAY_ADDRS, ARRAY_PORT
     from netsvc.lab.scenarios.storage import DATASTORES, single_fabric, socket_path
+
+    if plan.is_site_b(host):
+        return []
 
     legs = [(plan.host_ifname(host, "eth3"), "stor-a", ARRAY_ADDRS["storage-a"])]
     if host != single_fabric(plan):

@@ -1,6 +1,7 @@
-"""Replication in the lab: the ``site-failover`` scenario, run as a user runs it (nbdkit with
-the replica plugin on the site node behind a tbf-shaped link, the site-B host asleep until
-its BMC powers it on, the configuration read from that BMC)."""
+"""Replication in the lab: the ``site-failover``, ``site-migration`` and ``site-failback``
+scenarios, run as a user runs them (nbdkit with the replica plugin on the site node behind a
+tbf-shaped link, the site-B host b1 asleep until its BMC powers it on, the configuration read
+from that BMC; for failback, the way back to a receiver over the primary datastores)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_site_failover_through_the_sleeping_hosts_bmc(tmp_path: Path) -> None:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing (scripts/setup.sh installs it)")
     r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-failover",
-                        "--hosts", "3", "--report", str(tmp_path)], capture_output=True,
+                        "--hosts", "2", "--report", str(tmp_path)], capture_output=True,
                        text=True, timeout=900, cwd=REPO)
     report = json.loads((tmp_path / "report.json").read_text())
     assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]
@@ -38,7 +39,7 @@ def test_site_failover_through_the_sleeping_hosts_bmc(tmp_path: Path) -> None:
 
 def test_site_migration_loses_nothing(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-migration",
-                        "--hosts", "3", "--report", str(tmp_path)], capture_output=True,
+                        "--hosts", "2", "--report", str(tmp_path)], capture_output=True,
                        text=True, timeout=900, cwd=REPO)
     report = json.loads((tmp_path / "report.json").read_text())
     assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]
@@ -47,3 +48,22 @@ def test_site_migration_loses_nothing(tmp_path: Path) -> None:
         rep = report["replicas"][vm]
         assert rep["replica_writes"] == rep["acked"] > 0
     assert "final-epochs" in report["failover_steps_s"]
+
+
+def test_site_failback_brings_every_write_at_site_b_home(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "netsvc", "lab", "--scenario", "site-failback",
+                        "--hosts", "2", "--report", str(tmp_path)], capture_output=True,
+                       text=True, timeout=1200, cwd=REPO)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert r.returncode == 0, json.dumps(report.get("checks"), indent=1) + r.stderr[-2000:]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["a failback while the primary is down is refused (exit 1, "
+                  "primary-not-back)"]["ok"]
+    assert report["failback_lost_writes"] == 0
+    for vm in ("vm1", "vm2"):
+        assert checks[f"{vm}: every write acknowledged at site B reads back at the "
+                      "primary"]["ok"]
+        d = report["failback_disks"][vm]
+        assert d["at_primary"] == d["written_at_site_b"] > 0
+    assert set(report["failback_steps_s"]) >= {"quiesced", "final-epochs", "done"}
+    assert report["leftovers"] == []

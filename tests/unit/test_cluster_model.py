@@ -246,6 +246,23 @@ def test_random_operations_keep_invariants(steps: list[tuple[str, str, object]])
         assert ClusterModel.from_json(m.to_json()) == m
 
 
+def test_service_docs_are_validated_marked_dirty_and_not_part_of_the_model() -> None:
+    m = ClusterModel()
+    m.set_service_doc("replication/vm1", {"rpo_s": 1.0})
+    assert m.take_dirty() == {("service", "replication/vm1")}
+    m.set_service_doc("replication/vm1", {"rpo_s": 1.0})  # the same: nothing to write
+    assert m.take_dirty() == set()
+    for key in ("replication", "Bad/vm1", "replication/", "replication/a b"):
+        with pytest.raises(InvalidValue):
+            m.set_service_doc(key, {})
+    with pytest.raises(InvalidValue):
+        m.set_service_doc("replication/vm2", {"x": object()})
+    assert list(m.service_docs) == ["replication/vm1"] and m == ClusterModel()
+    assert "service" not in m.to_json()
+    m.set_service_doc("replication/vm1", None)
+    assert m.take_dirty() == {("service", "replication/vm1")} and not m.service_docs
+
+
 @given(st.lists(st.tuples(st.sampled_from(["add", "move", "remove"]),
                           st.integers(0, 5), st.sampled_from(["h1", "h2", "h3", None])),
                 max_size=40))

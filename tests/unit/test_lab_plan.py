@@ -85,3 +85,29 @@ def test_a_vm_on_vs1_is_addressed_on_vmnet_b_and_an_unknown_switch_is_refused() 
     assert plan.host_ifname("h2", "eth7") == "nvtth2-eth7"
     with pytest.raises(PlanError, match="unknown virtual switch 'vs9'"):
         plan.vm_addr("vm7", "vs9")
+
+
+def test_site_b_hosts_have_their_own_names_and_addresses_on_the_site_network() -> None:
+    plan = LabPlan(prefix="nvt1", hosts=2, vms_per_host=1, site_b_hosts=2)
+    assert plan.host_names() == ["h1", "h2", "b1", "b2"]
+    assert LabPlan(prefix="nvt1", hosts=2, vms_per_host=1).host_names() == ["h1", "h2"]
+    site = ipaddress.ip_network("198.18.4.0/24")
+    names = set()
+    for h in ("b1", "b2"):
+        assert plan.is_site_b(h)
+        for net in ("mgmt", "vmnet", "site"):
+            assert ipaddress.ip_address(plan.host_addr(h, net)) in site
+        assert ipaddress.ip_address(plan.bmc_addr(h)) in site
+        with pytest.raises(PlanError, match="no address on 'storage-a'"):
+            plan.host_addr(h, "storage-a")
+        names |= {plan.node(h), plan.node(plan.bmc_name(h))}
+    addrs = [plan.host_addr(h, "site") for h in ("b1", "b2")] + \
+        [plan.bmc_addr(h) for h in ("b1", "b2")] + ["198.18.4.1", "198.18.4.10"] + \
+        [plan.site_b_vm_addr(f"vm{i}") for i in range(1, 151)]
+    assert len(set(addrs)) == len(addrs)  # no clash with gw, the site node, the VMs
+    # no clash with the primary hosts' and BMCs' node names (bmc1 is nvt1b1)
+    assert names.isdisjoint({plan.node(n) for n in ("h1", "h2", "bmc1", "bmc2", "vm1")})
+    assert len(names) == 4 and all(n.startswith("nvt1") for n in names)
+    assert not plan.is_site_b("b3") and not plan.is_site_b("h1")
+    with pytest.raises(PlanError, match="site-B host count"):
+        LabPlan(prefix="nvt1", hosts=2, site_b_hosts=9)

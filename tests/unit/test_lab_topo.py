@@ -46,7 +46,7 @@ def test_every_host_has_two_vmnet_b_uplinks_and_the_gateway_is_on_vmnet_b() -> N
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"host": 3}, r"unknown parameter 'host' \(it takes hosts, vms, prefix\)"),
+        ({"host": 3}, r"unknown parameter 'host' \(it takes hosts, vms, prefix, site_b\)"),
         ({"hosts": 2, "vm": 1, "prfix": "x"}, r"unknown parameters 'prfix', 'vm' \(it takes"),
     ],
 )
@@ -63,3 +63,21 @@ def test_mn_custom_file_passes_its_parameters_and_refuses_a_typo() -> None:
     assert topo.plan == LabPlan(prefix="nvmn", hosts=2, vms_per_host=1)
     with pytest.raises(TypeError, match="unknown parameter 'host'"):
         buildTopo(topos, "cluster,host=3")
+
+
+def test_site_b_hosts_are_on_the_site_network_only_when_asked() -> None:
+    plain = ClusterTopo(hosts=2, vms=1, prefix="nvtt")
+    topo = ClusterTopo(hosts=2, vms=1, prefix="nvtt", site_b=1)
+    plan = LabPlan(prefix="nvtt", hosts=2, vms_per_host=1, site_b_hosts=1)
+    added = set(topo.hosts()) - set(plain.hosts())
+    assert added == {plan.node("b1"), plan.node("bmcb1")}
+    site, mgmt = plan.switch("site"), plan.switch("mgmt")
+    ends = {(info["node1"], info["node2"]) for _, _, info in topo.links(withInfo=True)}
+    assert (plan.node("b1"), site) in ends and (plan.node("bmcb1"), site) in ends
+    # b1 has one NIC, on the site network; the gateway gains a leg on management
+    assert [n2 for n1, n2 in ends if n1 == plan.node("b1")] == [site]
+    assert (plan.node("gw"), mgmt) in ends
+    assert (plan.node("gw"), mgmt) not in {(i["node1"], i["node2"])
+                                           for _, _, i in plain.links(withInfo=True)}
+    assert topo.nodeInfo(plan.node("b1"))["vm_addr"] == "198.18.4.21"
+    assert topo.nodeInfo(plan.node("bmcb1"))["ip"] == "198.18.4.31/24"

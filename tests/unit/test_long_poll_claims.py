@@ -46,6 +46,19 @@ def _raw_claim(server: ManagerServer, host: str, wait_s: float) -> socket.socket
     return sock
 
 
+def _count_claims(server: ManagerServer) -> list[str]:
+    """The hosts the core is asked to claim for, in order (the core's method, wrapped)."""
+    asked: list[str] = []
+    claim = server.core.claim_actions
+
+    def counted_claim(host: str, executor: str, **kw: object) -> object:
+        asked.append(host)
+        return claim(host, executor, **kw)  # type: ignore[arg-type]
+
+    server.core.claim_actions = counted_claim  # type: ignore[method-assign]
+    return asked
+
+
 def test_a_long_poll_returns_the_action_as_soon_as_it_is_queued(
         served: tuple[ManagerServer, ManagerClient]) -> None:
     server, client = served
@@ -88,19 +101,14 @@ def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
     import threading
 
     core = server.core
-    asked: list[str] = []
+    asked = _count_claims(server)
     writes: list[str] = []
-    claim, put = core.claim_actions, core._store.compare_and_put
-
-    def counted_claim(host: str, executor: str, **kw: object) -> object:
-        asked.append(host)
-        return claim(host, executor, **kw)  # type: ignore[arg-type]
+    put = core._store.compare_and_put
 
     def counted_put(key: str, value: bytes, rev: object) -> object:
         writes.append(key)
         return put(key, value, rev)  # type: ignore[arg-type]
 
-    core.claim_actions = counted_claim  # type: ignore[method-assign]
     core._store.compare_and_put = counted_put  # type: ignore[method-assign]
     waiter = ManagerClient(server.url, KEY, timeout=40.0)
     got: list[list[dict[str, object]]] = []
@@ -153,15 +161,7 @@ def test_a_waiting_claim_is_asked_again_only_when_its_own_hosts_actions_change(
     server, client = served
     import threading
 
-    core = server.core
-    asked: list[str] = []
-    claim = core.claim_actions
-
-    def counted_claim(host: str, executor: str, **kw: object) -> object:
-        asked.append(host)
-        return claim(host, executor, **kw)  # type: ignore[arg-type]
-
-    core.claim_actions = counted_claim  # type: ignore[method-assign]
+    asked = _count_claims(server)
     client.heartbeat("h3", {"seq": 1})
     client.put_vm("vm3", mac="52:54:00:00:00:03", ip="198.18.1.13", host="h3",
                   state="RUNNING")

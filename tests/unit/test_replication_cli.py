@@ -69,3 +69,18 @@ def test_protect_status_and_a_refused_failover(server: tuple[ManagerServer, list
     assert body["status"] == "dry_run" and body["plan"]["power_on"] == "b1"
     assert run("replication", "unprotect", "vm9", *common) == 2
     assert run("replication", "protect", "Bad_Name", *common) == 2
+
+
+def test_failback_without_a_failover_is_refused_by_name(
+        server: tuple[ManagerServer, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    _, common = server
+    assert run("replication", "protect", "vm1", "--disk", "vm1:4096", "--site-b-ip",
+               "198.18.4.101", *common) == 0
+    capsys.readouterr()
+    assert run("replication", "failback", "--dry-run", *common) == 1
+    err = capsys.readouterr().err
+    assert "no-failover" in err and "nothing changed" in err
+    assert run("replication", "status", "--json", *common) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["failback"] is None and st["reverse"] == {}
+    assert run("replication", "protect", "vm1", "--site-b-ip", "198.18.4.999", *common) == 2

@@ -231,18 +231,18 @@ def test_control_blocks_round_trip_and_garbage_is_named() -> None:
 # -- shipping ------------------------------------------------------------------------------------
 
 
-def make(tmp_path: Path, nblocks: int = 64) -> tuple[MemDisk, TrackingBackend, StoreSink,
-                                                      Shipper, Clock]:
+def make(tmp_path: Path, nblocks: int = 64, *, precopy: bool = True
+         ) -> tuple[MemDisk, TrackingBackend, StoreSink, Shipper, Clock]:
     clock = Clock()
     disk = MemDisk(nblocks * BS)
     tracked = TrackingBackend(disk, block_size=BS, clock=clock)
     sink = StoreSink(ReplicaStore(tmp_path, "vm1", disk.size))
     return disk, tracked, sink, Shipper("vm1", tracked, sink, clock=clock, sleep=clock.sleep,
-                                        max_extent_blocks=4), clock
+                                        max_extent_blocks=4, precopy=precopy), clock
 
 
 def test_initial_full_copy_while_the_vm_writes_is_the_disk_at_the_seal(tmp_path: Path) -> None:
-    disk, tracked, sink, shipper, _clock = make(tmp_path)
+    disk, tracked, sink, shipper, _clock = make(tmp_path, precopy=False)
     for b in range(64):
         vm_write(tracked, b, 1)
     at_seal: list[bytes] = []
@@ -260,6 +260,49 @@ def test_initial_full_copy_while_the_vm_writes_is_the_disk_at_the_seal(tmp_path:
     assert sink.store.pread(disk.size, 0) == at_seal[0]  # epoch 0 = the disk at its seal
     assert bytes(disk.data) != at_seal[0]  # and the VM did write meanwhile
     sink.on_write = lambda: None
+    r = shipper.ship_next()
+    assert r.ok and r.epoch == 1
+    assert sink.store.pread(disk.size, 0) == bytes(disk.data)
+
+
+def test_a_precopy_commits_the_disk_as_it_was_at_the_end_of_the_copy(tmp_path: Path) -> None:
+    """The initial pre-copy streams the disk while the VM writes, seals at the end, ships what
+    was written meanwhile as it was at that seal, in the same epoch: the replica is the disk at
+    a seal that comes after every pre-copied byte (a copy sealed first commits a point in time
+    as old as the copy)."""
+    disk, tracked, sink, shipper, clock = make(tmp_path)
+    for b in range(64):
+        vm_write(tracked, b, 1)
+    n = iter(range(10_000))
+    copy_writes: list[float] = []
+    snapshots: list[tuple[float, bytes]] = []
+    real_seal = tracked.seal
+
+    def seal(*, full: bool = False):  # type: ignore[no-untyped-def]
+        s = real_seal(full=full)
+        snapshots.append((s.sealed_at, bytes(disk.data)))
+        return s
+
+    tracked.seal = seal  # type: ignore[method-assign]
+
+    def writes_during_copy() -> None:
+        clock.t += 0.01  # each staged extent takes time on the link
+        if not snapshots:
+            copy_writes.append(clock.t)  # still pre-copying (no seal yet)
+        k = next(n)
+        vm_write(tracked, (k * 7) % 64, 100 + k)  # the VM keeps writing, all over the disk
+
+    sink.on_write = writes_during_copy
+    r = shipper.ship_next(full=True)
+    assert r.ok and r.full and r.epoch == 0
+    [(sealed_at, at_seal)] = snapshots
+    assert len(copy_writes) == 16  # the 64 blocks in extents of 4, before the seal
+    assert sealed_at >= max(copy_writes) and shipper.last_cut == sealed_at
+    assert sink.store.pread(disk.size, 0) == at_seal  # epoch 0 = the disk at that seal
+    assert r.data_bytes > 64 * BS  # the blocks written during the copy went twice
+    assert bytes(disk.data) != at_seal  # the VM wrote during the delta too
+    sink.on_write = lambda: None
+    assert tracked.rpo() < 1.0  # only the writes since the seal are owed
     r = shipper.ship_next()
     assert r.ok and r.epoch == 1
     assert sink.store.pread(disk.size, 0) == bytes(disk.data)

@@ -88,6 +88,10 @@ class Env:
         return [e.action for e in self.core.journal_entries()]
 
 
+def st_live(s: ReplicationService) -> bool:
+    return bool(s.replication_status(s._now)["vms"]["vm1"]["replica_live_at_site_b"])
+
+
 def ctx(host: str, logs: list[str]) -> AgentContext:
     return AgentContext(host=host, url="http://127.0.0.1:1", key=b"k", make_client=None,  # type: ignore[arg-type]
                         driver=None, log=logs.append)
@@ -292,3 +296,141 @@ def test_planned_migration_quiesces_ships_the_last_epoch_then_starts_at_site_b(
     for a in ("replication-migrate-decision", "replication-quiesced",
               "replication-final-epochs", "replication-failover-done"):
         assert a in acts, a
+
+
+def test_failback_refused_when_unsafe_then_brings_the_vms_home(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]) -> None:
+    server, _, pw, _power = bmc
+    env = Env(tmp_path, server, pw)
+    s = env.service
+    s.protect("vm1", convert({"disks": [{"name": "ds1", "size": 4096}],
+                              "site_b_ip": "198.18.4.101"}, ProtectRequest), now=env.now)
+
+    def back(epoch: int, behind: int, rpo_ms: float) -> dict[str, Any]:
+        return s.report(convert({"host": "b1", "vms": [
+            {"vm": "vm1", "disk": "ds1", "rpo_target_s": 1.0, "rpo_ms": rpo_ms,
+             "remote_epoch": epoch, "bytes_behind": behind, "bytes_written": 8192,
+             "bytes_shipped": 8192, "epochs": epoch + 1, "failures": 0,
+             "synced": epoch >= 0}]}, ShippingReport), now=env.now)
+
+    def refused(rule: str) -> None:
+        with pytest.raises(Refused) as e:
+            s.request_failback(convert({}, OperatorRequest), now=env.now)
+        assert e.value.rule == rule
+        last = [x for x in env.core.journal_entries()
+                if x.action == "replication-failback-refused"][-1]
+        assert last.details["rule"] == rule
+
+    refused("no-failover")  # nothing runs at site B
+    assert back(-1, 0, 0.0)["protect"] == {}  # and b1 is told to ship nothing back
+    # the primary is lost, the failover runs to DONE (as in the failover test)
+    env.tick()
+    env.tick(5.0)
+    s.request_failover(convert({"reason": "site A lost"}, FailoverRequest), now=env.now)
+    env.tick()
+    rep = load_config_from_bmc(ctx("b1", []),
+                               ipmitool_raw("127.0.0.1", "admin", pw, port=server.port),
+                               "ipmitool raw")
+    env.core.heartbeat("b1", seq=1, now=env.now)
+    s.loaded(convert(rep, LoadedReport), now=env.now)
+    [start] = env.core.claim_actions("b1", "executor", now=env.now)
+    env.core.complete_action(start.id, ok=True, result={"epoch": 4}, now=env.now, host="b1")
+    assert s.failover is not None and s.failover.phase is Phase.DONE
+    assert rep["vms"] and s.registered
+
+    # the way back: b1 is told to ship vm1's disk to the primary
+    assert back(-1, 4096, 500.0)["protect"] == {"vm1": {"rpo_s": 1.0, "disks": ["ds1"]}}
+    refused("primary-not-back")  # h1 is still down
+    env.core.heartbeat("h1", seq=2, now=env.now)
+    env.core.heartbeat("b1", seq=2, now=env.now)
+    refused("replica-not-current")  # the way back has no complete epoch yet
+    back(2, 4096, 300.0)
+    env.now += 6.0  # that report goes stale
+    for h in ("h1", "b1"):
+        env.core.heartbeat(h, seq=3, now=env.now)
+    refused("replica-not-current")
+    back(2, 4096, 300.0)
+    dry = s.request_failback(convert({"dry_run": True}, OperatorRequest), now=env.now)
+    assert dry["status"] == "dry_run" and s.failback is None
+    assert dry["plan"]["homes"] == {"vm1": "h1"}
+
+    r = s.request_failback(convert({"reason": "site A is back"}, OperatorRequest),
+                           now=env.now)
+    assert r["status"] == "started" and s.failback is not None
+    assert s.failback.phase is Phase.QUIESCING
+    with pytest.raises(Refused) as e:
+        s.request_failback(convert({}, OperatorRequest), now=env.now)
+    assert e.value.rule == "failback-in-progress"
+    [shutdown] = env.core.claim_actions("b1", "executor", now=env.now + 0.1)
+    assert shutdown.kind == "shutdown"
+    env.core.complete_action(shutdown.id, ok=True, now=env.now + 0.2, host="b1")
+    env.tick(0.5)
+    assert s.failback.phase is Phase.DRAINING
+    back(2, 4096, 300.0)
+    env.now -= 0.6  # a report from before the shutdown is not enough
+    env.tick(0.6)
+    assert s.failback.phase is Phase.DRAINING
+    env.tick(0.3)
+    back(3, 0, 0.0)  # the last write at site B is in an epoch at the primary
+    env.tick(0.3)
+    assert s.failback.phase is Phase.STARTING and s.failback.final_epochs == {"vm1": 3}
+    env.core.heartbeat("h1", seq=4, now=env.now)
+    [home] = env.core.claim_actions("h1", "executor", now=env.now)
+    assert home.kind == "replication-failback"
+    assert home.payload["final_epochs"] == {"ds1": 3} and home.payload["from_host"] == "b1"
+    assert home.payload["ip"] == "198.18.1.11" and home.payload["network"] == "vmnet"
+    env.core.complete_action(home.id, ok=True, result={"epochs": {"ds1": 3}}, now=env.now,
+                             host="h1")
+    assert s.failback.phase is Phase.DONE
+    assert env.core.model.vms["vm1"].host == "h1"
+    acts = env.journal_actions()
+    for a in ("replication-failback-decision", "replication-failback-quiesced",
+              "replication-failback-final-epochs", "replication-failback-start-done",
+              "replication-failback-done"):
+        assert a in acts, a
+    assert back(3, 0, 0.0)["protect"] == {}  # home: nothing ships back any more
+    fwd = s.report(convert({"host": "h1", "vms": []}, ShippingReport), now=env.now)
+    assert fwd["protect"] == {}  # nor forward: site B's replica is live, it takes no epoch
+    assert st_live(s)
+    refused("no-failover")
+    st = s.replication_status(env.now)
+    assert st["failback"]["phase"] == "DONE" and st["reverse"]["vm1"]["remote_epoch"] == 3
+
+
+def test_protection_survives_a_manager_restart_before_any_agent_reports(
+        tmp_path: Path) -> None:
+    """The protection is in the kernel's state store: a new manager on the same store has it
+    (and writes it to the BMC) with no report from any agent; unprotect deletes it there."""
+    def manager(journal: str) -> tuple[ManagerCore, ReplicationService]:
+        svc = ReplicationService(ReplicationConfig.from_table({"site_b_host": "b1"}))
+        core = ManagerCore(SqliteStore(tmp_path / "state.db"),
+                           Journal(tmp_path / journal, fsync=False), now=T0,
+                           wall=WALL0 + T0, services=[svc])
+        return core, svc
+
+    core, s = manager("j1.jsonl")
+    core.heartbeat("h1", seq=1, now=T0)
+    for i, vm in enumerate(("vm1", "vm2")):
+        core.put_vm(vm, mac=f"52:54:00:00:00:0{i + 1}", ip=f"198.18.1.1{i + 1}", host="h1",
+                    state=VMState.RUNNING, now=T0)
+    s.protect("vm1", convert({"rpo_s": 0.5, "cpus": 2, "memory_mib": 1024,
+                              "disks": [{"name": "ds1", "size": 1 << 24}],
+                              "network": "site-b", "site_b_ip": "198.18.4.101"},
+                             ProtectRequest), now=T0)
+    s.protect("vm2", convert({}, ProtectRequest), now=T0)
+    s.unprotect("vm2", convert({}, OperatorRequest), now=T0)
+    core.persist()
+    before = s.replica_vms()
+    del core, s
+
+    core2, s2 = manager("j2.jsonl")  # a new manager process: nothing reported yet
+    assert sorted(s2.protected) == ["vm1"]
+    p = s2.protected["vm1"]
+    assert (p.rpo_s, p.cpus, p.memory_mib, p.disks, p.network, p.site_b_ip, p.primary_host,
+            p.primary_ip) == (0.5, 2, 1024, (("ds1", 1 << 24),), "site-b", "198.18.4.101",
+                              "h1", "198.18.1.11")
+    assert s2.replica_vms() == before  # the same configuration for the BMC
+    assert s2._config_dirty  # and it is written there again
+    core2.heartbeat("h1", seq=1, now=T0 + 1)
+    ans = s2.report(convert({"host": "h1", "vms": []}, ShippingReport), now=T0 + 1)
+    assert ans["protect"] == {"vm1": {"rpo_s": 0.5, "disks": ["ds1"]}}

@@ -66,6 +66,8 @@ class Scenario:
     vms_per_host: int = 2
     params: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
     check: Callable[[dict[str, Any], LabPlan], dict[str, Any]] = no_params
+    #: site-B hosts ``b1``.. on the site network (``LabPlan.site_b_hosts``); 0 for most
+    site_b_hosts: int = 0
 
 
 def _load() -> dict[str, Scenario]:

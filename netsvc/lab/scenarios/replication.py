@@ -3,36 +3,53 @@ the sleeping site-B host's BMC) and ``site-migration`` (the same set-up, then a 
 migration: ``netsvc replication migrate`` shuts the VMs down at the primary, the guests
 quiesce, their last epochs ship, they start at site B: checked to lose nothing).
 
-Lab layout (additive; nothing changes for the other scenarios):
+Lab layout (these two scenarios build the lab with ``site_b_hosts=1``; nothing changes for the
+other scenarios):
 
-- the **site-B host** is the lab's last host (``h3``; the issue's ``b1``): it runs no VM, its
-  BMC serves a configuration store (``Lab.bmc_config_store``), and it is powered off through
-  its BMC right after the cluster is up; it stays off until the failover;
-- the **site-B storage node** is the ``site`` node (198.18.4.10, on the site network behind
-  ``gw``): nbdkit with ``nbdkit_replica.py`` holds the replicas of ``ds1`` and ``ds2``;
+- the primary site is ``h1``/``h2`` (management, VM network, storage as always);
+- the **site-B network** is the site network 198.18.4.0/24 behind ``gw``. On it: the
+  **site-B host** ``b1`` (198.18.4.21; its one NIC is its switch ``vs0``'s port, so a VM
+  started there is on the site-B network), **its BMC** ``bmcb1`` (198.18.4.31, the same lab
+  BMC as every host's, serving a configuration store: ``Lab.bmc_config_store``), and the
+  **site-B storage node** ``site`` (198.18.4.10): nbdkit with ``nbdkit_replica.py`` holds the
+  replicas of ``ds1`` and ``ds2``. ``b1`` starts **powered off** (before the cluster starts:
+  it has never run an agent) and stays off until the failover;
 - the **site link** is ``gw``'s interface toward the site network, shaped with ``tc tbf``
-  (100 Mbit/s) in both directions (``gw`` toward site B, the ``site`` node back);
+  (100 Mbit/s) in both directions (``gw`` toward site B, the ``site`` node back). Everything
+  between the sites crosses it: the shipping, and the manager's IPMI to ``bmcb1`` and its
+  traffic with ``b1``'s agent (``gw``'s leg on management routes it);
+- each VM is protected with its site-B network (``site-b``) and its address there
+  (198.18.4.100 + N); ``b1``'s agent carries ``--replication-network
+  site-b=198.18.4.1/24``, so a replica starts on the site-B network with that address;
 - the primary hosts ``h1``/``h2`` run ``vm1``/``vm2``, whose disks are the array's datastores
   ``ds1``/``ds2`` (``netsvc.storage``: each agent serves them on its local NBD endpoint, which
   the replication agent wraps: changed-block tracking).
 
 Steps: the guests' disks are written steadily (a writer per VM through its host's endpoint,
 4 KiB blocks in sequence: block ``i`` holds write ``i``); both VMs are protected (RPO target
-1 s); the manager writes their configuration to h3's BMC while h3 is off; the status is
+1 s); the manager writes their configuration to b1's BMC while b1 is off; the status is
 sampled during the load; a failover is asked while the primary lives (refused, exit 1); then
 the primary site is lost: the primary hosts' traffic to site B is dropped at ``gw`` (the site
 link cut on the primary side) and ``h1`` and ``h2`` crash; once the manager has them down,
-``netsvc replication failover`` runs: h3 is powered on through IPMI, its agent reads the
-configuration from its BMC before its first heartbeat, and the replicas start on h3.
+``netsvc replication failover`` runs: b1 is powered on through IPMI, its agent reads the
+configuration from its BMC before its first heartbeat, and the replicas start on b1.
 
-Checks: the failover was refused while the primary lived; every replica VM answers at site B;
+Checks: the failover was refused while the primary lived; every replica VM answers at site B,
+on b1, with its site-B address;
 each replica disk is a prefix of the acknowledged writes (blocks ``0..K-1`` hold writes
 ``0..K-1``, nothing after: nothing reordered, no mixture); what was lost was acknowledged
 within the RPO target before the loss; the configuration came through the BMC (the journal's
 ``replication-config-loaded``, and ``ipmitool raw 0x30 0x70`` shows the same SHA-256).
 
-Report: ``rpo_ms`` (p99 of the replicas' age during the load), ``data_lost_writes``,
-``rto_s`` (from the failover command to every replica answering), ``config_via_bmc``.
+Report: ``rpo_ms`` (p99 of the replicas' age during the load, sampled from the manager's
+status every 0.2 s once every VM's initial copy has committed: the RPO of protected VMs; the
+time to protection is not in it), ``data_lost_writes``,
+``rto_s`` (from the failover command to every replica answering), ``config_via_bmc``,
+``initial_sync_s`` (from the guests' first writes to every initial copy committed).
+``site-failback`` adds ``failback_s`` (from the failback command to every VM answering at
+home), ``failback_lost_writes`` (writes acknowledged at site B missing at the primary),
+``failback_steps_s``, ``reverse_sync_s`` (from the primary's return to the way back synced)
+and the way back's RPO while the guests write at site B.
 """
 
 from __future__ import annotations
@@ -49,10 +66,15 @@ from typing import Any
 
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
-from netsvc.lab.plan import ARRAY_PORT, SERVICES_MGMT, LabPlan
+from netsvc.lab.plan import ARRAY_PORT, GATEWAY, SERVICES_MGMT, SITE_GATEWAY, LabPlan
 from netsvc.lab.scenarios import Checks, Scenario, wait_for
 
 SITE_B_ADDR = "198.18.4.10"  # the lab's ``site`` node
+SITE_B_NET = "site-b"  # the protected VMs' network at site B (the lab's site network)
+#: the primary site's receiver for failback: nbdkit with ``nbdkit_replica.py`` on ``svc``,
+#: whose images are the array's datastore files (the array node is on the storage fabrics
+#: only, which site B cannot reach; ``svc`` is on management, which it can, through gw)
+PRIMARY_RECEIVER = (SERVICES_MGMT, ARRAY_PORT + 1)
 REPLICA_PORT = ARRAY_PORT
 BLOCK = 4096
 DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
@@ -70,8 +92,9 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
         raise ConfigError(f"load_s {load} must be in [2, 60] seconds")
     if not 0.1 <= rate <= 5:
         raise ConfigError(f"write_mb_s {rate} must be in [0.1, 5] per VM")
-    if plan.hosts != 3:
-        raise ConfigError("site-failover runs with 3 hosts (h1, h2 primary; h3 site B)")
+    if plan.hosts != 2:
+        raise ConfigError("site-failover runs with 2 hosts (h1, h2 at the primary site; b1 at "
+                          "site B is added)")
     vms = int(params.get("vms", 2))
     if vms not in (2, 4):
         raise ConfigError(f"vms {vms} must be 2 or 4")
@@ -79,20 +102,32 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
 
 
 def site_b_host(plan: LabPlan) -> str:
-    return plan.host_names()[-1]
+    return plan.site_b_names()[0]
 
 
 def agent_args(plan: LabPlan, host: str) -> list[str]:
-    """Primary hosts ship to the site node; the site-B host reads its BMC at start."""
+    """Primary hosts ship to the site node; the site-B host reads its BMC at start, and
+    ships what the started replicas write back to the primary's receiver (failback)."""
     from netsvc.lab.registry import run_dir
 
-    site = ["--replication-site-b", f"{SITE_B_ADDR}:{REPLICA_PORT}"]
-    if host == site_b_host(plan):
-        return [*site, "--replication-bmc", plan.bmc_addr(host),
+    site = ["--replication-site-b", f"{SITE_B_ADDR}:{REPLICA_PORT}",
+            "--replication-primary", "{}:{}".format(*PRIMARY_RECEIVER),
+            "--replication-link-mbit", "100", "--replication-share", "0.8",
+            "--replication-report-every", "0.5"]
+    if plan.is_site_b(host):
+        return [*site, "--replication-network", f"{SITE_B_NET}={SITE_GATEWAY}/24",
+                "--replication-socket", site_b_socket(plan, host),
+                "--replication-bmc", plan.bmc_addr(host),
                 "--replication-bmc-password-file", str(run_dir(plan.prefix) / "bmc" /
                                                        f"{host}.pw")]
-    return [*site, "--replication-link-mbit", "100", "--replication-share", "0.8",
-            "--replication-report-every", "0.5"]
+    return [*site, "--replication-network", f"vmnet={GATEWAY}/24"]
+
+
+def site_b_socket(plan: LabPlan, host: str) -> str:
+    """Where the site-B host serves its started replicas' disks (tracked for the way back)."""
+    from netsvc.lab.registry import run_dir
+
+    return str(run_dir(plan.prefix) / f"replicas-{host}.sock")
 
 
 def block_of(ds: str, i: int) -> bytes:
@@ -105,29 +140,31 @@ class LogWriter(threading.Thread):
     """A guest writing its disk in sequence (block i = write i) at ``rate`` bytes/s through
     its host's endpoint; remembers when each write was acknowledged."""
 
-    def __init__(self, sock: str, ds: str, rate: float, blocks: int) -> None:
+    def __init__(self, sock: str, ds: str, rate: float, blocks: int, *, first: int = 0,
+                 tag: str | None = None) -> None:
         super().__init__(daemon=True, name=f"log-{ds}")
         nbd = importlib.import_module("nbd")  # Debian's python3-libnbd (untyped)
         self.h = nbd.NBD()
         self.h.set_export_name(ds)
         self.h.connect_unix(sock)
         self.ds, self.rate, self.blocks = ds, rate, blocks
+        self.first, self.tag = first, tag or ds  # writes first.., block i holds (tag, i)
         self.stop = threading.Event()
-        self.acked: list[float] = []  # acked[i]: when write i was acknowledged
+        self.acked: list[float] = []  # acked[j]: when write first + j was acknowledged
         self.error = ""
 
     def run(self) -> None:
         t0 = time.monotonic()
-        i = 0
+        i = self.first
         while not self.stop.is_set() and i < self.blocks:
             try:
-                self.h.pwrite(block_of(self.ds, i), i * BLOCK)
+                self.h.pwrite(block_of(self.tag, i), i * BLOCK)
             except Exception as exc:  # the host crashed: the guest's disk is gone
                 self.error = str(exc)[:200]
                 return
             self.acked.append(time.monotonic())
             i += 1
-            ahead = i * BLOCK / self.rate - (time.monotonic() - t0)
+            ahead = (i - self.first) * BLOCK / self.rate - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
 
@@ -205,12 +242,31 @@ def run_planned(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, A
     return _run(lab, checks, params, planned=True)
 
 
-def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
-         ) -> dict[str, Any]:
+def run_failback(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
+    return _run(lab, checks, params, planned=False, failback=True)
+
+
+def _start_primary_receiver(lab: Lab, array: Path, size: int, plugin: Path) -> None:
+    """The primary's receiver for failback, on ``svc``: its images are the array's datastore
+    files (links), so an epoch shipped back lands in the disk the primary host serves."""
+    rdir = lab.run_dir / "primary-receiver"
+    rdir.mkdir(exist_ok=True)
+    for _, ds in DISKS.values():
+        (rdir / f"{ds}.img").symlink_to(array / ds)
+    addr, port = PRIMARY_RECEIVER
+    lab.popen("svc", ["nbdkit", "-f", "-i", addr, "-p", str(port), "python", str(plugin),
+                      f"dir={rdir}", *(f"disk={ds}:{size}" for _, ds in DISKS.values())],
+              role="nbdkit-primary-receiver")
+
+
+def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool,
+         failback: bool = False) -> dict[str, Any]:
     from netsvc.lab.scenarios.storage import DS_SIZE, _start_array, socket_path
 
     plan = lab.require_plan()
     b = site_b_host(plan)
+    lab.crash_host(b)  # b1 starts powered off: it sleeps until the failover
+    lab.record("event", b, "site-b-host-asleep")
     # site B's storage node: nbdkit holding the replicas
     rdir = lab.run_dir / "site-b"
     rdir.mkdir(exist_ok=True)
@@ -220,10 +276,11 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
                        str(plugin), f"dir={rdir}",
                        *(f"disk={ds}:{DS_SIZE}" for _, ds in DISKS.values())],
               role="nbdkit-site-b")
-    _start_array(lab)
+    _start_primary_receiver(lab, _start_array(lab), DS_SIZE, plugin)
     gw_if = _iface_with(lab, "gw", "198.18.4.1")
     _shape(lab, "gw", gw_if)
     _shape(lab, "site", _iface_with(lab, "site", SITE_B_ADDR))
+    _shape(lab, b, plan.host_ifname(b, "eth0"))  # b1's way back (failback) crosses it too
     lab.record("event", "site", "site-link-shaped", rate="100mbit", gw_if=gw_if)
     extra = dict(CONFIG_ONLY) if params["vms"] == 4 else {}
     for vm, (host, _) in DISKS.items():
@@ -233,33 +290,35 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
     lab.bmc_config_store = True
     pw = lab.run_dir / "bmc" / f"{b}.pw"
     config = (f'[replication]\nsite_b_host = "{b}"\nprimary_hosts = ["h1", "h2"]\n'
-              f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "vmnet"\n'
+              f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "{SITE_B_NET}"\n'
               f'[replication.bmc]\naddr = "{plan.bmc_addr(b)}"\nuser = "{lab.BMC_USER}"\n'
               f'password_file = "{pw}"\n')
     lab.start_services(services=("storage", "replication"), config=config)
-    lab.crash_host(b)  # the site-B host sleeps until the failover
-    lab.record("event", b, "site-b-host-asleep")
     mgr = lab.manager()
     for vm, (_, ds) in DISKS.items():
         status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
-            "rpo_s": 1.0, "cpus": 1, "memory_mib": 256, "network": "vmnet",
+            "rpo_s": 1.0, "cpus": 1, "memory_mib": 256, "network": SITE_B_NET,
+            "site_b_ip": plan.site_b_vm_addr(vm),
             "disks": [{"name": ds, "size": DS_SIZE}], "reason": "site-failover scenario"})
         if status != 200:
             raise LabError(f"protect {vm}: HTTP {status}: {body}")
     for vm in extra:
         status, body = mgr.request("POST", f"/v1/replication/protect/{vm}", {
-            "rpo_s": 1.0, "network": "vmnet", "reason": "site-failover scenario (no disk)"})
+            "rpo_s": 1.0, "network": SITE_B_NET, "site_b_ip": plan.site_b_vm_addr(vm),
+            "reason": "site-failover scenario (no disk)"})
         if status != 200:
             raise LabError(f"protect {vm}: HTTP {status}: {body}")
     rate = params["write_mb_s"] * 1e6
     writers = {vm: LogWriter(socket_path(plan, host), ds, rate, DS_SIZE // BLOCK)
                for vm, (host, ds) in DISKS.items()}
+    t_w0 = time.monotonic()
     for w in writers.values():
         w.start()
     wait_for("the initial copies at site B", lambda: all(
         r.get("synced") and r.get("remote_epoch", -1) >= 0
         for vm, r in _replication(lab)["vms"].items() if vm in DISKS), 60.0, 0.2)
     lab.record("event", "replication", "synced")
+    initial_sync = time.monotonic() - t_w0
     samples: list[float] = []
     t_end = time.monotonic() + params["load_s"]
     while time.monotonic() < t_end:
@@ -321,7 +380,10 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
     st = _replication(lab)
     checks.check("the failover is DONE", (st.get("failover") or {}).get("phase") == "DONE",
                  str(st.get("failover"))[:300])
-    checks.check("every replica VM answers at site B", True, f"in {rto:.2f} s")
+    where = {vm: (lab.vm(vm).host, lab.vm(vm).ip) for vm in [*DISKS, *extra]}
+    checks.check("every replica VM answers at site B, on b1, with its site-B address",
+                 all(h == b and ip == plan.site_b_vm_addr(vm) for vm, (h, ip) in where.items()),
+                 f"in {rto:.2f} s: {where}")
 
     # the replicas' state: a prefix of the acknowledged writes, loss within the RPO
     lost = 0
@@ -361,11 +423,13 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
                  via_bmc, f"journal: {loaded[-1]['details'] if loaded else None}; ipmitool: "
                  f"{raw.hex()[:40]}... {info.stderr.strip()[:100]}")
     starts = [e for e in journal if e["action"] == "replication-start-done"]
-    return {"rpo_ms": round(sorted(samples)[min(len(samples) - 1,
+    back = _failback(lab, checks, params, figures) if failback else {}
+    return {**back, "rpo_ms": round(sorted(samples)[min(len(samples) - 1,
                                                 round(0.99 * (len(samples) - 1)))], 1)
             if samples else None,
             "rpo_p50_ms": round(statistics.median(samples), 1) if samples else None,
             "data_lost_writes": lost, "rto_s": round(rto, 3), "config_via_bmc": via_bmc,
+            "initial_sync_s": round(initial_sync, 3),
             "replicas": figures, "write_mb_s_per_vm": params["write_mb_s"],
             "vms": len(DISKS) + len(extra),
             "failover_steps_s": _steps(journal),
@@ -373,10 +437,129 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool
             "manager": SERVICES_MGMT}
 
 
+def _failback(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[str, Any]
+              ) -> dict[str, Any]:
+    """After the failover: the guests write at site B (through b1's endpoint, tracked), a
+    failback while the primary is still down is refused, the primary comes back, the
+    replication reverses (a full copy first, then epochs), the guests stop, ``netsvc
+    replication failback`` brings the VMs home. Checked: each VM answers on its primary host
+    with its primary address, and each primary datastore holds exactly the writes kept at the
+    failover then every write acknowledged at site B (their blocks tagged apart), nothing
+    after (the primary's writes that never reached site B are overwritten)."""
+    from netsvc.lab.scenarios.storage import DS_SIZE
+
+    plan = lab.require_plan()
+    b = site_b_host(plan)
+    mgr = lab.manager()
+    sock = site_b_socket(plan, b)
+    first = {vm: int(figures[vm]["replica_writes"]) for vm in DISKS}
+    writers = {vm: LogWriter(sock, ds, params["write_mb_s"] * 1e6, DS_SIZE // BLOCK,
+                             first=first[vm], tag=f"{ds}@b") for vm, (_, ds) in DISKS.items()}
+    for w in writers.values():
+        w.start()
+    early = _cli(lab, "failback", "--reason", "too early")
+    checks.check("a failback while the primary is down is refused (exit 1, primary-not-back)",
+                 early.returncode == 1 and "primary-not-back" in early.stderr,
+                 (early.stdout + early.stderr)[-300:])
+    # the primary site comes back: its link to site B, its hosts (their agents restart)
+    for h in ("h1", "h2"):
+        _mnexec(lab, "gw", ["iptables", "-D", "FORWARD", "-s", plan.host_addr(h, "vmnet"),
+                            "-d", "198.18.4.0/24", "-j", "DROP"])
+        lab.power_on(h)
+    lab.record("fault-end", "site-a", "site-link-cut", fault_id="site-a-lost")
+    wait_for("the primary hosts up at the manager", lambda: all(
+        mgr.status()["hosts"][h]["state"] == "UP" for h in ("h1", "h2")), 30.0, 0.1)
+    t_back = time.monotonic()
+    wait_for("the way back synced (a full copy, then an epoch, at the primary)", lambda: all(
+        (_replication(lab).get("reverse") or {}).get(vm, {}).get("synced")
+        and (_replication(lab)["reverse"][vm].get("remote_epoch") or -1) >= 0
+        for vm in DISKS), 180.0, 0.5)
+    reverse_sync_s = time.monotonic() - t_back
+    samples: list[float] = []
+    t_end = time.monotonic() + params["load_s"] / 2
+    while time.monotonic() < t_end:
+        for vm, r in (_replication(lab).get("reverse") or {}).items():
+            if vm in DISKS and r.get("rpo_ms") is not None:
+                samples.append(float(r["rpo_ms"]))
+        time.sleep(0.2)
+    running = {vm: w.is_alive() and not w.error for vm, w in writers.items()}
+    checks.check("the guests were writing at site B until the failback", all(running.values()),
+                 f"{running} {[w.error for w in writers.values()]}")
+    for w in writers.values():  # the guests' writes end as their shutdown begins
+        w.stop.set()
+        w.join(10)
+    dry = _cli(lab, "failback", "--dry-run", "--reason", "site A is back (dry run)")
+    checks.check("a failback dry run passes its checks and changes nothing",
+                 dry.returncode == 0 and "dry run" in dry.stdout
+                 and (_replication(lab).get("failback") is None),
+                 (dry.stdout + dry.stderr)[-300:])
+    t0 = time.monotonic()
+    fb = _cli(lab, "failback", "--reason", "site A is back (site-failback scenario)")
+    if fb.returncode != 0:
+        raise LabError(f"failback: {fb.stdout}{fb.stderr}")
+    wait_for("the failback's end at the manager", lambda: (
+        _replication(lab).get("failback") or {}).get("phase") in ("DONE", "FAILED"), 90.0, 0.1)
+    wait_for("every VM answering at home", lambda: all(lab.answers(vm) for vm in DISKS),
+             30.0, 0.1)
+    took = time.monotonic() - t0
+    st = _replication(lab)
+    checks.check("the failback is DONE", (st.get("failback") or {}).get("phase") == "DONE",
+                 str(st.get("failback"))[:300])
+    home = {vm: (lab.vm(vm).host, lab.vm(vm).ip) for vm in DISKS}
+    checks.check("every VM answers at home, on its primary host with its primary address",
+                 all(home[vm] == (h, plan.vm_addr(vm)) for vm, (h, _) in DISKS.items()),
+                 f"in {took:.2f} s: {home}")
+    lost = 0
+    out: dict[str, Any] = {}
+    for vm, (_, ds) in DISKS.items():
+        img = lab.run_dir / f"home-{ds}.img"
+        r = _mnexec(lab, "arr", ["nbdcopy", f"nbd://127.0.0.1:{ARRAY_PORT}/{ds}", str(img)],
+                    timeout=120)
+        if r.returncode != 0:
+            raise LabError(f"nbdcopy {ds} at the array: {r.stderr}")
+        data = img.read_bytes()
+        img.unlink()
+        k0, m = first[vm], len(writers[vm].acked)
+        kept = all(data[i * BLOCK:(i + 1) * BLOCK] == block_of(ds, i) for i in range(k0))
+        at_b = sum(data[i * BLOCK:(i + 1) * BLOCK] == block_of(f"{ds}@b", i)
+                   for i in range(k0, k0 + m))
+        zero = bytes(BLOCK)
+        clean = all(data[i * BLOCK:(i + 1) * BLOCK] == zero
+                    for i in range(k0 + m, len(data) // BLOCK))
+        checks.check(f"{vm}: every write acknowledged at site B reads back at the primary",
+                     kept and at_b == m and m > 0 and clean,
+                     f"{k0} writes kept at the failover: {kept}; {at_b} of {m} written at site "
+                     f"B; nothing after (the primary's unshipped writes overwritten): {clean}")
+        lost += m - at_b
+        out[vm] = {"kept_at_failover": k0, "written_at_site_b": m, "at_primary": at_b}
+    journal = mgr.journal(0, limit=100000)
+    decided = [e for e in journal if e["action"] == "replication-failback-decision"
+               and not e["dry_run"]]
+    steps: dict[str, float] = {}
+    if decided:
+        for step in ("replication-failback-quiesced", "replication-failback-final-epochs",
+                     "replication-failback-start-done", "replication-failback-done"):
+            times = [e["wall"] for e in journal if e["action"] == step
+                     and e["wall"] >= decided[-1]["wall"]]
+            if times:
+                steps[step.removeprefix("replication-failback-")] = round(
+                    max(times) - decided[-1]["wall"], 3)
+    return {"failback_s": round(took, 3), "failback_lost_writes": lost,
+            "failback_steps_s": steps, "failback_disks": out,
+            "reverse_sync_s": round(reverse_sync_s, 3),
+            "reverse_rpo_p50_ms": round(statistics.median(samples), 1) if samples else None,
+            "reverse_rpo_max_ms": round(max(samples), 1) if samples else None}
+
+
 PLANNED = Scenario("site-migration", "planned migration to site B: the VMs quiesce, their "
                    "last epochs ship, they start on the site-B host powered on through its "
-                   "BMC; zero loss", run_planned, min_hosts=3, vms_per_host=0, params=PARAMS,
-                   check=check)
+                   "BMC; zero loss", run_planned, min_hosts=2, vms_per_host=0, params=PARAMS,
+                   check=check, site_b_hosts=1)
+FAILBACK = Scenario("site-failback", "site-failover, then failback: the guests write at site B, "
+                    "the primary comes back, the replication reverses, the VMs come home "
+                    "with a planned migration; every write acknowledged at site B reads back "
+                    "at the primary", run_failback, min_hosts=2, vms_per_host=0,
+                    params=PARAMS, check=check, site_b_hosts=1)
 SCENARIO = Scenario("site-failover", "replication to site B; the primary site lost; failover "
-                    "through the sleeping site-B host's BMC", run, min_hosts=3,
-                    vms_per_host=0, params=PARAMS, check=check)
+                    "through the sleeping site-B host's BMC", run, min_hosts=2,
+                    vms_per_host=0, params=PARAMS, check=check, site_b_hosts=1)

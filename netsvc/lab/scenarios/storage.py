@@ -67,7 +67,7 @@ def socket_path(plan: LabPlan, host: str) -> str:
 
 def single_fabric(plan: LabPlan) -> str | None:
     """The host that by config has fabric A only (the last one, with 3 hosts or more)."""
-    return plan.host_names()[-1] if plan.hosts >= 3 else None
+    return plan.primary_names()[-1] if plan.hosts >= 3 else None
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
