@@ -134,9 +134,14 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
             return (await hc.http_post(port, path, body, timeout))[0]
 
         async with sem:
-            status = await send(bodies[h][0], timeout=120)
-        if status != 200:
-            raise SystemExit(f"first heartbeat of {h}: HTTP {status}")
+            try:
+                status = await send(bodies[h][0], timeout=60)
+            except (TimeoutError, OSError) as exc:
+                status, why = 0, type(exc).__name__
+            else:
+                why = f"HTTP {status}"
+        if status != 200:  # counted; the run goes on (a manager that cannot take them all)
+            errors.append(f"{h} first heartbeat: {why}")
         due = loop.time() + 1.0
         warmed += 1
         if warmed == len(hosts):

@@ -110,6 +110,16 @@ def scan(read: Callable[[int, int], bytes], size: int, log_id: bytes) -> Scan:
     return Scan(out, at)
 
 
+def lines_in_image(data: bytes, length: int) -> list[bytes]:
+    """The ``SET`` lines of the disk log at the start of ``data`` (a region read off a disk
+    image, ``length`` bytes): nothing if it holds no label, else every whole record's lines."""
+    log_id = read_label(data[:SECTOR])
+    if log_id is None:
+        return []
+    got = scan(lambda count, at: data[at:at + count], length, log_id)
+    return [line for rec in got.records for line in rec.split(b"\n")]
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     """``nbd+unix:///EXPORT?socket=PATH`` -> (export, socket path); ``DiskError`` if not."""
     u = urlparse(uri)

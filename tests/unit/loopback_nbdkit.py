@@ -39,6 +39,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (a server just started)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 @dataclass
 class Array:
     directory: Path
@@ -86,15 +99,7 @@ def nbdkit_array(tmp: Path, datastores: dict[str, int], ports: int = 2) -> Itera
             arr.ports.append(port)
             arr.procs.append(p)
         for port in arr.ports:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+            wait_listening(port)
         yield arr
     finally:
         for p in arr.procs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,11 +60,23 @@ def _count_claims(server: ManagerServer) -> list[str]:
     return asked
 
 
+def _waiting_claim(server: ManagerServer, asked: list[str]
+                   ) -> tuple[threading.Thread, list[list[dict[str, object]]]]:
+    """h2's executor long-polling (30 s) in a thread, once the core was asked for it."""
+    waiter = ManagerClient(server.url, KEY, timeout=40.0)
+    got: list[list[dict[str, object]]] = []
+    t = threading.Thread(target=lambda: got.append(
+        waiter.claim_actions("h2", "agent-h2", wait_s=30.0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while "h2" not in asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return t, got
+
+
 def test_a_long_poll_returns_the_action_as_soon_as_it_is_queued(
         served: tuple[ManagerServer, ManagerClient]) -> None:
     server, client = served
-    import threading
-
     waiter = ManagerClient(server.url, KEY, timeout=40.0)
     got: list[list[dict[str, object]]] = []
     t = threading.Thread(target=lambda: got.append(
@@ -98,8 +111,6 @@ def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
     late. Now a waiting claim is asked again only when some action changed, and a claim that
     took nothing writes nothing."""
     server, client = served
-    import threading
-
     core = server.core
     asked = _count_claims(server)
     writes: list[str] = []
@@ -110,14 +121,7 @@ def test_requests_that_change_no_action_neither_wake_a_waiting_claim_nor_write(
         return put(key, value, rev)  # type: ignore[arg-type]
 
     core._store.compare_and_put = counted_put  # type: ignore[method-assign]
-    waiter = ManagerClient(server.url, KEY, timeout=40.0)
-    got: list[list[dict[str, object]]] = []
-    t = threading.Thread(target=lambda: got.append(
-        waiter.claim_actions("h2", "agent-h2", wait_s=30.0)))
-    t.start()
-    deadline = time.monotonic() + 5
-    while not asked and time.monotonic() < deadline:
-        time.sleep(0.01)
+    t, got = _waiting_claim(server, asked)
     assert asked == ["h2"]  # it asked once and now waits
     del writes[:]
     assert client.claim_actions("h1", "agent-h1") == []
@@ -159,21 +163,12 @@ def test_a_waiting_claim_is_asked_again_only_when_its_own_hosts_actions_change(
     again, and nothing re-asks on a clock (the old server re-asked every second, 1,000 core
     calls a second for 1,000 waiting agents)."""
     server, client = served
-    import threading
-
     asked = _count_claims(server)
     client.heartbeat("h3", {"seq": 1})
     client.put_vm("vm3", mac="52:54:00:00:00:03", ip="198.18.1.13", host="h3",
                   state="RUNNING")
-    waiter = ManagerClient(server.url, KEY, timeout=40.0)
-    got: list[list[dict[str, object]]] = []
-    t = threading.Thread(target=lambda: got.append(
-        waiter.claim_actions("h2", "agent-h2", wait_s=30.0)))
-    t.start()
-    deadline = time.monotonic() + 5
-    while "h2" not in asked and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert asked == ["h2"]
+    t, got = _waiting_claim(server, asked)
+    assert asked == ["h2"]  # it asked once and now waits
     # an action for h1 (a migration of vm3 from h3 to h1: its prepare is h1's)
     client.migrate("vm3", "h1", "test")
     time.sleep(2.5)  # longer than the old server's 1 s re-ask
@@ -188,8 +183,6 @@ def test_kept_alive_connections_cost_no_thread_each(
         served: tuple[ManagerServer, ManagerClient]) -> None:
     """Hundreds of agents keeping a connection open (and a long-poll claim waiting on some)
     are served by the transport's one loop: the manager's thread count does not grow."""
-    import threading
-
     server, client = served
     before = threading.active_count()
     socks = []

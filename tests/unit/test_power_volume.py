@@ -195,26 +195,16 @@ def test_sparse_copy_zeroes_holes_and_overwrites_stale_bytes(tmp_path: Path) -> 
 def lossy_nbdkit(size: int) -> Iterator[Resource]:
     """A real nbdkit ``null`` export: it acknowledges every write and reads back zeroes (a
     second copy that silently loses what it is sent)."""
-    import socket
     import subprocess
-    import time
 
-    from loopback_nbdkit import free_port
+    from loopback_nbdkit import free_port, wait_listening
 
     port = free_port()
     p = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p",
                           str(port), "null", f"size={size}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        wait_listening(port)
         yield Resource("lossy", "", (PathId("lo", "stor-a", f"127.0.0.1:{port}"),))
     finally:
         p.kill()

@@ -36,7 +36,7 @@ from typing import Any
 
 from netsvc.lab.client import GuestClient, request
 from netsvc.lab.config import ConfigError
-from netsvc.lab.disklog import SECTOR, read_label, scan
+from netsvc.lab.disklog import lines_in_image
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import ARRAY_PORT, LabPlan
 from netsvc.lab.scenarios import Checks, Scenario, wait_for
@@ -63,11 +63,7 @@ def _on_array(lab: Lab, export: str, offset: int, length: int) -> list[bytes]:
         data = out.read_bytes()[offset:offset + length]
     finally:
         out.unlink()
-    log_id = read_label(data[:SECTOR])
-    if log_id is None:
-        return []
-    got = scan(lambda count, at: data[at:at + count], length, log_id)
-    return [line for rec in got.records for line in rec.split(b"\n")]
+    return lines_in_image(data, length)
 
 
 def _guest_disk(lab: Lab, vm: str) -> str:

@@ -104,7 +104,7 @@ def _first_copy(lab: Lab, owner: str, offset: int, length: int) -> list[bytes]:
     the storage module) and decoded with the disk log's codec."""
     import subprocess
 
-    from netsvc.lab.disklog import SECTOR, read_label, scan
+    from netsvc.lab.disklog import lines_in_image
     from netsvc.lab.power_storage import FIRST_PORT
 
     out = lab.run_dir / f"readback-{disk_of(owner)}.img"
@@ -115,11 +115,7 @@ def _first_copy(lab: Lab, owner: str, offset: int, length: int) -> list[bytes]:
         data = out.read_bytes()[offset:offset + length]
     finally:
         out.unlink()
-    log_id = read_label(data[:SECTOR])
-    if log_id is None:
-        return []
-    got = scan(lambda count, at: data[at:at + count], length, log_id)
-    return [line for rec in got.records for line in rec.split(b"\n")]
+    return lines_in_image(data, length)
 
 
 def _power(lab: Lab) -> dict[str, Any]:
