@@ -628,10 +628,11 @@ class ManagerCore:
                    wall: float | None) -> None:
         """A VM that ``host``'s hypervisor runs, placed elsewhere in the model and with no
         open action, is where the hypervisor says (a handover whose report was lost)."""
-        for name, state in sorted(vms.items()):
-            vm = self._model.vms.get(name)
-            if vm is None or state != "running" or vm.host == host:
-                continue
+        placed = self._model.vms
+        elsewhere = [name for name, state in vms.items() if state == "running"
+                     and (vm := placed.get(name)) is not None and vm.host != host]
+        for name in sorted(elsewhere):  # usually none: every VM is where the model has it
+            vm = placed[name]
             if any(a.vm == name and a.is_open for a in self._actions.values()):
                 continue
             try:

@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -63,14 +64,24 @@ def check_name(name: object, what: str = "name") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=8192)
+def normal_ip(text: str) -> str | None:
+    """The normalised text of an IPv4/IPv6 address, or None (cached: every heartbeat carries
+    its host's addresses again)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
 def check_ip(value: object, field_name: str) -> str:
     """Return the normalised text of an IPv4/IPv6 address, else raise ``InvalidValue``."""
     if not isinstance(value, str):
         raise InvalidValue(field_name, f"must be an IP address string, not {type(value).__name__}")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise InvalidValue(field_name, f"{value!r} is not an IP address") from None
+    normal = normal_ip(value)
+    if normal is None:
+        raise InvalidValue(field_name, f"{value!r} is not an IP address")
+    return normal
 
 
 def check_mac(value: object, field_name: str = "mac") -> str:

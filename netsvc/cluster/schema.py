@@ -65,7 +65,7 @@ import msgspec.inspect as mi
 from msgspec import UNSET, Meta, UnsetType
 
 from netsvc.cluster.errors import ValidationError
-from netsvc.cluster.model import NAME_RE
+from netsvc.cluster.model import NAME_RE, normal_ip
 
 __all__ = [
     "MAX_FREE_DEPTH",
@@ -155,10 +155,10 @@ def _join(base: str, sub: str) -> str:
 def _check_ip(value: object) -> object:
     if not isinstance(value, str):
         return value
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ValueError(f"{_short(value)} is not an IP address") from None
+    normal = normal_ip(value)
+    if normal is None:
+        raise ValueError(f"{_short(value)} is not an IP address")
+    return normal
 
 
 def _check_network(value: object) -> object:
