@@ -19,7 +19,8 @@ Invariants:
 - Services' durable documents (``service_docs``, key ``<service>/<name>``, a JSON object each)
   ride along: kept by the persister like hosts and VMs (``("service", key)`` dirty), never in
   ``to_dict``/``__eq__`` (they are not the cluster's model, only stored with it).
-- Every change marks what it touched as dirty (``("host"|"vm"|"network", name)``);
+- Every durable change marks what it touched as dirty (``("host"|"vm"|"network", name)``;
+  a host's volatile fields, ``HOST_DURABLE``'s complement, are not stored and mark nothing);
   ``take_dirty()`` hands that set over and clears it, so a persister writes only what changed
   (O(1) per change, never the whole model).
 - The model never reads a clock: ``last_seen`` is a monotonic timestamp passed in by the caller.
@@ -135,6 +136,11 @@ def check_host_transition(name: str, old: HostState, new: HostState) -> None:
 def check_vm_transition(name: str, old: VMState, new: VMState) -> None:
     if old is not new and new not in VM_TRANSITIONS[old]:
         raise IllegalTransition("VM", name, old.value, new.value)
+
+
+#: The fields of a ``Host`` that are stored (``persist.host_doc``); the others (state,
+#: last_seen, agent, interfaces) are volatile: changing only them marks nothing dirty.
+HOST_DURABLE = ("name", "mgmt_addr", "vm_addr", "maintenance")
 
 
 @dataclass(frozen=True)
@@ -391,7 +397,8 @@ class ClusterModel:
         check_host_transition(name, old.state, new_state)
         new = replace(old, **changes)
         self._hosts[name] = new
-        self._dirty.add(("host", name))
+        if any(getattr(new, f) != getattr(old, f) for f in HOST_DURABLE):
+            self._dirty.add(("host", name))  # not for a heartbeat's volatile fields only
         return new
 
     def set_host_state(self, name: str, state: HostState) -> Host:

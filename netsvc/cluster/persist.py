@@ -58,6 +58,7 @@ def _doc(obj: Mapping[str, Any]) -> bytes:
 
 
 def host_doc(host: Host) -> bytes:
+    """A host's stored fields (``model.HOST_DURABLE``; maintenance only when set)."""
     doc: dict[str, Any] = {"name": host.name, "mgmt_addr": host.mgmt_addr,
                            "vm_addr": host.vm_addr}
     if host.maintenance is not None:  # the operator's mark is durable (absent: none)

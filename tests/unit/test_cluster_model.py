@@ -283,3 +283,19 @@ def test_vms_on_is_an_index_that_always_agrees_with_a_scan(
             for h in ("h1", "h2", "h3"):
                 assert [v.name for v in copy.vms_on(h)] == \
                     sorted(n for n, v in copy.vms.items() if v.host == h)
+
+
+def test_only_a_hosts_durable_fields_mark_it_dirty_and_they_are_what_is_stored() -> None:
+    from netsvc.cluster.model import HOST_DURABLE
+    from netsvc.cluster.persist import host_doc
+
+    m = model_with_hosts("h1")
+    m.take_dirty()
+    m.update_host("h1", state=HostState.UP, last_seen=5.0, agent={"pid": 3},
+                  interfaces={"eth0": "up"})
+    assert m.take_dirty() == set()  # a heartbeat's volatile fields: nothing to store
+    m.update_host("h1", maintenance="disk swap")
+    assert m.take_dirty() == {("host", "h1")}
+    m.update_host("h1", mgmt_addr="198.18.0.11")
+    assert m.take_dirty() == {("host", "h1")}
+    assert set(json.loads(host_doc(m.hosts["h1"]))) == set(HOST_DURABLE)
