@@ -120,6 +120,24 @@ def lines_in_image(data: bytes, length: int) -> list[bytes]:
     return [line for rec in got.records for line in rec.split(b"\n")]
 
 
+def guest_info(control: str) -> dict[str, Any]:
+    """A guest's own account of its disk: ``INFO`` on its control socket (``control``, the
+    lab's ``<vms_dir>/<vm>.ctl``): where it is open (``uri``), how many records, its longest
+    write + flush (``max_append_ms``); ``{}`` for a guest without a disk. Raises
+    ``RuntimeError`` if the guest refuses."""
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(control)
+        s.sendall(b"INFO\n")
+        reply = s.makefile("rb").readline().decode().strip()
+    if not reply.startswith("OK "):
+        raise RuntimeError(f"guest control {control}: {reply}")
+    return dict(json.loads(reply[3:]) or {})
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     """``nbd+unix:///EXPORT?socket=PATH`` -> (export, socket path); ``DiskError`` if not."""
     u = urlparse(uri)

@@ -10,13 +10,14 @@ scenario (``smoke``) is listed here; every service adds its scenarios through it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from netsvc.lab.plan import LabPlan
 
 if TYPE_CHECKING:
+    from netsvc.lab.client import ReplyLog
     from netsvc.lab.lab import Lab
 
 
@@ -33,6 +34,17 @@ class Checks:
     @property
     def ok(self) -> bool:
         return bool(self.items) and all(c["ok"] for c in self.items)
+
+    def client_logs(self, logs: Mapping[str, ReplyLog], errors_check: str) -> int:
+        """Check the guests' clients' logs: no failed write (named ``errors_check``) and no
+        write lost or replayed (each guest's counter); return the number of failed writes."""
+        errors = sum(len(log.errors) for log in logs.values())
+        self.check(errors_check, errors == 0,
+                   "; ".join(f"{vm}: {e}" for vm, log in logs.items() for _, e in log.errors[:2]))
+        violations = [v for log in logs.values() for v in log.violations]
+        self.check("no write lost or replayed (each guest's counter)", not violations,
+                   "; ".join(violations[:3]))
+        return errors
 
 
 def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.05) -> float:
