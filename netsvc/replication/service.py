@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -570,25 +570,36 @@ class ReplicationService(BaseManagerService):
         self._planned_step(now, wall)
         return {"status": "started", "plan": plan, "journal_seq": entry.seq}
 
+    def _quiesced(self, op: Any, where: str, event: str, done: str,
+                  fail: Callable[[str, float, float | None], None], now: float,
+                  wall: float | None) -> bool:
+        """A planned migration's or failback's quiesce step: True (and DRAINING, journaled)
+        once every shutdown succeeded; False while one is under way, or after failing the
+        operation (``fail``) when one failed, was cancelled, expired or is gone."""
+        for vm, aid in op.quiesce.items():
+            a = self.kernel.get_action(aid)
+            if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
+                                        ActionState.EXPIRED):
+                fail(f"{vm} did not shut down{where} ({aid}: "
+                     f"{'gone' if a is None else a.state.value})", now, wall)
+                return False
+            if a.state is not ActionState.SUCCEEDED:
+                return False
+        op.phase, op.quiesced_at = Phase.DRAINING, now
+        op.deadline = now + self.t.loaded_timeout_s
+        self.kernel.journal_append(now, wall, event, f"site:{self.t.site_b_host}",
+                                   f"{len(op.quiesce)} VMs shut down {done}",
+                                   details={"actions": dict(op.quiesce)})
+        return True
+
     def _planned_step(self, now: float, wall: float | None) -> None:
         f = self.failover
         assert f is not None
         k = self.kernel
-        if f.phase is Phase.QUIESCING:
-            for vm, aid in f.quiesce.items():
-                a = k.get_action(aid)
-                if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
-                                            ActionState.EXPIRED):
-                    self._fail(f"{vm} did not shut down ({aid}: "
-                               f"{'gone' if a is None else a.state.value})", now, wall)
-                    return
-                if a.state is not ActionState.SUCCEEDED:
-                    return
-            f.phase, f.quiesced_at = Phase.DRAINING, now
-            f.deadline = now + self.t.loaded_timeout_s
-            k.journal_append(now, wall, "replication-quiesced", f"site:{self.t.site_b_host}",
-                             f"{len(f.quiesce)} VMs shut down at the primary; their last "
-                             "epochs ship", details={"actions": dict(f.quiesce)})
+        if f.phase is Phase.QUIESCING and not self._quiesced(
+                f, "", "replication-quiesced", "at the primary; their last epochs ship",
+                self._fail, now, wall):
+            return
         if f.phase is Phase.DRAINING:
             assert f.quiesced_at is not None
             epochs = {}
@@ -782,21 +793,10 @@ class ReplicationService(BaseManagerService):
         assert b is not None
         k = self.kernel
         subject = f"site:{self.t.site_b_host}"
-        if b.phase is Phase.QUIESCING:
-            for vm, aid in b.quiesce.items():
-                a = k.get_action(aid)
-                if a is None or a.state in (ActionState.FAILED, ActionState.CANCELLED,
-                                            ActionState.EXPIRED):
-                    self._fail_back(f"{vm} did not shut down at site B ({aid}: "
-                                    f"{'gone' if a is None else a.state.value})", now, wall)
-                    return
-                if a.state is not ActionState.SUCCEEDED:
-                    return
-            b.phase, b.quiesced_at = Phase.DRAINING, now
-            b.deadline = now + self.t.loaded_timeout_s
-            k.journal_append(now, wall, "replication-failback-quiesced", subject,
-                             f"{len(b.quiesce)} VMs shut down at site B; their last epochs "
-                             "ship back", details={"actions": dict(b.quiesce)})
+        if b.phase is Phase.QUIESCING and not self._quiesced(
+                b, " at site B", "replication-failback-quiesced",
+                "at site B; their last epochs ship back", self._fail_back, now, wall):
+            return
         if b.phase is Phase.DRAINING:
             assert b.quiesced_at is not None
             epochs = {}
