@@ -592,6 +592,23 @@ class ReplicationService(BaseManagerService):
                                    details={"actions": dict(op.quiesce)})
         return True
 
+    def _drained(self, op: Any, reports: Mapping[str, Any]) -> dict[str, int] | None:
+        """Each quiesced VM's last epoch, once a report made after the quiesce shows nothing
+        behind for every protected VM with disks (``reports``: VM -> (..., time, report));
+        None while one is still shipping or has not reported since."""
+        assert op.quiesced_at is not None
+        epochs = {}
+        for vm in op.vms:
+            if not self.protected.get(vm) or not self.protected[vm].disks:
+                continue
+            got = reports.get(vm)
+            if got is None or got[1] <= op.quiesced_at:
+                return None  # wait for a report made after the VMs stopped
+            if got[2].get("bytes_behind") or got[2].get("rpo_ms"):
+                return None
+            epochs[vm] = int(got[2].get("remote_epoch", -1))
+        return epochs
+
     def _planned_step(self, now: float, wall: float | None) -> None:
         f = self.failover
         assert f is not None
@@ -601,18 +618,9 @@ class ReplicationService(BaseManagerService):
                 self._fail, now, wall):
             return
         if f.phase is Phase.DRAINING:
-            assert f.quiesced_at is not None
-            epochs = {}
-            for vm in f.vms:
-                if not self.protected.get(vm) or not self.protected[vm].disks:
-                    continue
-                ship = self.shipping.get(vm)
-                if ship is None or ship[1] <= f.quiesced_at:
-                    return  # wait for a report made after the VMs stopped
-                rep = ship[2]
-                if rep.get("bytes_behind") or rep.get("rpo_ms"):
-                    return
-                epochs[vm] = int(rep.get("remote_epoch", -1))
+            epochs = self._drained(f, self.shipping)
+            if epochs is None:
+                return
             f.final_epochs = epochs
             k.journal_append(now, wall, "replication-final-epochs",
                              f"site:{self.t.site_b_host}",
@@ -798,17 +806,9 @@ class ReplicationService(BaseManagerService):
                 "at site B; their last epochs ship back", self._fail_back, now, wall):
             return
         if b.phase is Phase.DRAINING:
-            assert b.quiesced_at is not None
-            epochs = {}
-            for vm in b.vms:
-                if not self.protected.get(vm) or not self.protected[vm].disks:
-                    continue
-                r = self.reverse.get(vm)
-                if r is None or r[1] <= b.quiesced_at:
-                    return  # wait for a report made after the VMs stopped
-                if r[2].get("bytes_behind") or r[2].get("rpo_ms"):
-                    return
-                epochs[vm] = int(r[2].get("remote_epoch", -1))
+            epochs = self._drained(b, self.reverse)
+            if epochs is None:
+                return
             b.final_epochs = epochs
             k.journal_append(now, wall, "replication-failback-final-epochs", subject,
                              "every VM's last write at site B is in an epoch at the primary",
