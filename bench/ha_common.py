@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -167,15 +168,18 @@ class KeptConnection:
     the security work): requests go one after another on it; it is opened again once if the
     server closed it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls
         self._rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def post(self, path: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
         for attempt in (0, 1):
             if self._rw is None:
                 self._rw = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.port), timeout)
+                    asyncio.open_connection("127.0.0.1", self.port, ssl=self.tls,
+                                            server_hostname="127.0.0.1" if self.tls else None),
+                    timeout)
             reader, writer = self._rw
             try:
                 writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "

@@ -40,6 +40,7 @@ import asyncio
 import json
 import math
 import os
+import ssl
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from netsvc.cluster.etcd_store import EtcdStore
 from netsvc.cluster.model import VM, ClusterModel, Host, VMState
 from netsvc.cluster.persist import MODEL_KEY, StatePersister
 from netsvc.cluster.store import MAX_VALUE_LEN, SqliteStore, StateStore
+from netsvc.ops.tls import make_ca, make_cert
 
 RESULTS = Path(__file__).resolve().parent / "results" / "manager_capacity.json"
 ETCD_LIMIT = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
@@ -109,7 +111,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
         """The agent's executor: one long-poll claim after another on its own connection,
         as ``netsvc.cluster.executor`` holds them (nothing is queued, so each waits)."""
         nonlocal claims
-        kept = hc.KeptConnection(port)
+        kept = hc.KeptConnection(port, TLS_CTX)
         body = json.dumps({"host": h, "executor": "bench", "wait_s": CLAIM_WAIT}).encode()
         while loop.time() < window["end"]:
             try:
@@ -125,7 +127,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
 
     async def agent(h: str) -> None:
         nonlocal warmed
-        kept = hc.KeptConnection(port) if keep_alive else None
+        kept = hc.KeptConnection(port, TLS_CTX) if keep_alive else None
         path = f"/v1/hosts/{h}/heartbeat"
 
         async def send(body: bytes, timeout: float = 10.0) -> int:
@@ -232,7 +234,9 @@ async def max_run(port: int, hosts: list[str], on: dict[str, list[str]], seconds
 
 
 KEEP_ALIVE = False  # --keep-alive: each agent keeps its connection (what agents do now)
+TLS_DIR = Path("/nonexistent")
 OLD_FORMAT = 1  # --old-format: the state format the old tree reads (2 since per-key state)
+TLS_CTX: ssl.SSLContext | None = None  # --tls: the managers serve HTTPS (kept connections)
 CLAIMS = False  # --claims: each agent's executor also holds a long-poll claim
 CLAIM_WAIT = 10.0  # netsvc.cluster.executor's CLAIM_WAIT
 
@@ -274,6 +278,9 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         conf = run / "manager.toml"
         conf.write_text(f"max_per_peer = {2 * n_hosts + 64}\n")
         extra = ["--config", str(conf)]
+    if TLS_CTX is not None:  # the certificate of the CA the generator trusts (``main``)
+        cert, cert_key = make_cert(TLS_DIR, f"manager-{port}", ips=["127.0.0.1"])
+        extra += ["--tls-cert", str(cert), "--tls-key", str(cert_key)]
     proc = hc.start_process(hc.manager_argv(code, port, key, run, spec, extra=extra, cpu="0"),
                             run / "manager.log")
     try:
@@ -284,7 +291,8 @@ def one_run(code: Path, label: str, store_kind: str, n_hosts: int, n_vms: int,
         out["keep_alive"] = KEEP_ALIVE
         out["claims"] = CLAIMS
         print(json.dumps({k: v for k, v in out.items()}), flush=True)
-        if do_max:
+        out["tls"] = TLS_CTX is not None
+        if do_max and TLS_CTX is None:  # (the closed loop opens plain connections)
             out["max"] = asyncio.run(max_run(port, hosts, on, 10.0, proc.pid))
     finally:
         hc.stop(proc)
@@ -311,19 +319,26 @@ def main() -> int:
     ap.add_argument("--claims", action="store_true",
                     help="each agent's executor also holds a long-poll claim on its own "
                     "kept connection, as real agents do")
+    ap.add_argument("--tls", action="store_true",
+                    help="the managers serve HTTPS (a CA made for the run); needs --keep-alive")
     ap.add_argument("--keep", action="store_true",
                     help="keep the run's directory (the managers' logs and state)")
     ap.add_argument("--old-format", type=int, choices=(1, 2), default=1,
                     help="the state format of --old-tree: 1 (one model document, before the "
                     "per-key state) or 2")
     args = ap.parse_args()
-    global KEEP_ALIVE, CLAIMS, OLD_FORMAT
+    global KEEP_ALIVE, CLAIMS, OLD_FORMAT, TLS_CTX, TLS_DIR
     OLD_FORMAT = args.old_format
     KEEP_ALIVE = args.keep_alive
     CLAIMS = args.claims
     os.sched_setaffinity(0, {1})
     stores = args.stores.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="netsvc-capacity-"))
+    if args.tls:
+        if not args.keep_alive:
+            ap.error("--tls needs --keep-alive (agents keep their TLS connections)")
+        TLS_DIR = tmp / "pki"
+        TLS_CTX = ssl.create_default_context(cafile=str(make_ca(TLS_DIR)))
     etcd_proc = None
     etcd_url = None
     results: dict[str, Any] = {
