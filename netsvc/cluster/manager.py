@@ -1510,7 +1510,7 @@ class ManagerServer:
 
     def start(self) -> None:
         """Serve in background threads."""
-        t1 = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        t1 = threading.Thread(target=self._httpd.serve_forever,
                               name="netsvc-manager-http", daemon=True)
         t2 = threading.Thread(target=self._timer_loop, name="netsvc-manager-timer", daemon=True)
         t3 = threading.Thread(target=self._effects_loop, name="netsvc-manager-effects",

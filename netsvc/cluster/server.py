@@ -75,7 +75,6 @@ class ServerLimits:
     max_per_peer: int = 64
     request_timeout: float = 10.0
     idle_timeout: float = 60.0
-    io_timeout: float = 10.0
     reap_interval: float = 0.25
 
 
@@ -226,8 +225,8 @@ class HTTPServer:
 
     # -- the loop's life -----------------------------------------------------------------------
 
-    def serve_forever(self, poll_interval: float = 0.2) -> None:
-        """Serve until ``shutdown`` (``poll_interval`` is unused: the loop needs no polling)."""
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown``, in the caller's thread."""
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
