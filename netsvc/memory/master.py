@@ -536,6 +536,11 @@ class MasterLoop:
                      if self.power is not None else ""),
                   host=host, epoch=g.epoch, power_fence=self.power is not None)  # fmt: skip
         if self.power is not None:
+            # the journal says the pool fence before the power fence: the two are posted by
+            # two threads (the sink's and the fence's), so let the sink's go out first
+            flush = getattr(self.sink, "flush", None)
+            if flush is not None:
+                flush()
             self.power.request(host, f"memory: the pool lease of {host} lapsed (taken at epoch "
                                      f"{g.epoch}); its VMs move only once it is off")
             self._powering[host] = _Powering(g, now)
@@ -825,14 +830,23 @@ class JournalSink:
         self.q.put(None)
         self.thread.join(timeout)
 
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait (at most ``timeout``) until every decision said so far has been posted;
+        False if some were still under way."""
+        with self.q.all_tasks_done:
+            return self.q.all_tasks_done.wait_for(lambda: not self.q.unfinished_tasks, timeout)
+
     def _run(self) -> None:
         while (d := self.q.get()) is not None:
-            if d.action == COLD_BOOT and self.guest is not None:
-                self._ask(d, cold_boot=True)
-            elif d.action in EXECUTED and self.guest is not None:
-                self._ask(d)
-            else:
-                self._event(d)
+            try:
+                if d.action == COLD_BOOT and self.guest is not None:
+                    self._ask(d, cold_boot=True)
+                elif d.action in EXECUTED and self.guest is not None:
+                    self._ask(d)
+                else:
+                    self._event(d)
+            finally:
+                self.q.task_done()
 
     def _event(self, d: Decision) -> None:
         from netsvc.cluster.client import ApiError

@@ -733,3 +733,30 @@ def test_an_ft_fallback_never_outruns_the_power_fence(pool: Pool) -> None:
     (off,) = w.actions("memory-power-fenced")
     assert all(w.log.index(off) < w.log.index(d) for d in moved)
     w.close()
+
+
+def test_the_sink_can_be_flushed_so_the_pool_fence_is_journaled_before_the_power_fence() -> None:
+    """The sink posts from its own thread; ``flush`` returns once what was said is posted
+    (the master flushes before it asks for the power fence, which another thread posts)."""
+    import threading as _threading
+    import time as _time
+
+    from netsvc.memory.master import Decision, JournalSink
+
+    posted: list[str] = []
+    gate = _threading.Event()
+
+    class SlowClient:
+        def post_event(self, actor: str, action: str, *a: object, **k: object) -> None:
+            gate.wait(5)
+            _time.sleep(0.05)
+            posted.append(action)
+
+    sink = JournalSink(SlowClient())
+    try:
+        sink(Decision("memory-fence", "host:h1", "lease taken", {}))
+        assert not sink.flush(timeout=0.05) and posted == []  # still under way
+        gate.set()
+        assert sink.flush(timeout=5) and posted == ["memory-fence"]
+    finally:
+        sink.close()
