@@ -10,9 +10,11 @@ Demand is the running VMs' CPU demand over the capacity of the hosts that are on
 Power-off requirement (all of it, checked in ``POWER_OFF_RULES`` order; the first rule that
 fails is the one named in a refusal):
 
-- the host is on, not protected, serves no VM disk itself (its agent is the disk's reader:
-  moving that endpoint with the VM is not done yet), and nothing else is being powered off
-  or on;
+- the host is on, not protected, and nothing else is being powered off or on;
+- each VM disk this host reads (serves to its VMs) has a new reader (``reader_moves``): the
+  VMs that use a disk move together, to a host that declares it can serve the disk, and that
+  host becomes its reader; a disk no VM uses goes to the first other host that is on and
+  declares it (``disk-has-a-new-reader`` when there is none);
 - no host of the cluster is in maintenance or partitioned (its view of the cluster is not
   trusted then);
 - the host has been on for ``min_on_s`` (operator requests skip this);
@@ -41,6 +43,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,10 +52,11 @@ from typing import Any
 
 #: The rules that can refuse a power-off, in the order they are checked.
 POWER_OFF_RULES = (
-    "host-on", "not-protected", "not-a-disk-reader", "one-transition-at-a-time",
+    "host-on", "not-protected", "one-transition-at-a-time",
     "no-host-in-maintenance", "no-host-partitioned", "min-time-on", "vms-can-move",
     "last-copy-has-second-resource",
-    "not-last-host-of-network", "remaining-hosts-hold-every-vm", "no-thrash",
+    "not-last-host-of-network", "remaining-hosts-hold-every-vm", "disk-has-a-new-reader",
+    "no-thrash",
     "demand-low-for-window",
 )
 #: Rules an operator's request skips (the DPM timing; never the safety rules).
@@ -104,7 +108,9 @@ class DiskView:
     owner: str
     copies: int = 1
     second_ok: bool = True
-    reader: str | None = None  # the host whose agent serves the disk to its VM
+    reader: str | None = None  # the host whose agent serves the disk to its VMs
+    servers: tuple[str, ...] = ()  # the hosts whose agents declare they can serve it
+    users: tuple[str, ...] = ()  # the VMs that use it
 
 
 @dataclass(frozen=True)
@@ -161,11 +167,12 @@ class Decision:
     reason: str
     figures: Mapping[str, Any]
     placement: Mapping[str, str] = field(default_factory=dict)  # VM -> target (off)
+    readers: Mapping[str, str] = field(default_factory=dict)  # disk -> its new reader (off)
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "host": self.host, "trigger": self.trigger,
                 "reason": self.reason, "figures": dict(self.figures),
-                "placement": dict(self.placement)}
+                "placement": dict(self.placement), "readers": dict(self.readers)}
 
 
 @dataclass(frozen=True)
@@ -184,25 +191,101 @@ def demand(view: ClusterView) -> float:
 
 
 def place(vms: Sequence[VmView], hosts: Sequence[HostView], used: Mapping[str, tuple[float,
-          float]], headroom: float) -> tuple[dict[str, str], str | None]:
+          float]], headroom: float, *, together: Sequence[Sequence[str]] = (),
+          allowed: Mapping[str, frozenset[str]] | None = None
+          ) -> tuple[dict[str, str], str | None]:
     """First-fit decreasing of ``vms`` onto ``hosts`` (each kept at ``1 - headroom`` of its
     CPU and memory, ``used`` already there, the VM's networks present): (placement, None) or
-    (partial, the VM that does not fit)."""
+    (partial, the VM that does not fit). ``together``: groups of VM names that go to one host
+    (the VMs that share a disk); ``allowed``: VM -> the only hosts it may go to (the hosts
+    that can serve its disks)."""
     free = {h.name: [h.cpu * (1 - headroom) - used.get(h.name, (0.0, 0.0))[0],
                      h.mem * (1 - headroom) - used.get(h.name, (0.0, 0.0))[1]] for h in hosts}
     nets = {h.name: set(h.networks) for h in hosts}
+    by_name = {v.name: v for v in vms}
+    grouped: set[str] = set()
+    units: list[list[VmView]] = []
+    for g in together:
+        unit = [by_name[n] for n in sorted(set(g)) if n in by_name and n not in grouped]
+        if unit:
+            grouped.update(v.name for v in unit)
+            units.append(unit)
+    units += [[v] for v in vms if v.name not in grouped]
     out: dict[str, str] = {}
-    for vm in sorted(vms, key=lambda v: (-v.cpu, -v.mem, v.name)):
+    for unit in sorted(units, key=lambda u: (-sum(v.cpu for v in u), -sum(v.mem for v in u),
+                                             u[0].name)):
+        cpu, mem = sum(v.cpu for v in unit), sum(v.mem for v in unit)
+        want = set().union(*(set(v.networks) for v in unit))
+        ok_hosts: set[str] | None = None
+        for v in unit:
+            if allowed is not None and v.name in allowed:
+                ok_hosts = set(allowed[v.name]) if ok_hosts is None \
+                    else ok_hosts & allowed[v.name]
         for h in hosts:
             f = free[h.name]
-            if f[0] >= vm.cpu and f[1] >= vm.mem and set(vm.networks) <= nets[h.name]:
-                f[0] -= vm.cpu
-                f[1] -= vm.mem
-                out[vm.name] = h.name
+            if (f[0] >= cpu and f[1] >= mem and want <= nets[h.name]
+                    and (ok_hosts is None or h.name in ok_hosts)):
+                f[0] -= cpu
+                f[1] -= mem
+                for v in unit:
+                    out[v.name] = h.name
                 break
         else:
-            return out, vm.name
+            return out, unit[0].name
     return out, None
+
+
+def disk_groups(view: ClusterView, host: str) -> tuple[list[list[str]], dict[str, frozenset[str]]]:
+    """For the VMs on ``host``: the groups that must move together (VMs linked through the
+    disks ``host`` reads, transitively) and, per VM, the hosts that declare every such disk
+    it uses."""
+    mine = {v.name for v in view.vms.values() if v.host == host}
+    parent = {v: v for v in mine}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    allowed: dict[str, frozenset[str]] = {}
+    for d in view.disks.values():
+        if d.reader != host:
+            continue
+        users = sorted(u for u in d.users if u in mine)
+        for u in users:
+            allowed[u] = (allowed[u] & frozenset(d.servers)) if u in allowed \
+                else frozenset(d.servers)
+        for a, b in itertools.pairwise(users):
+            parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for v in sorted(mine):
+        groups.setdefault(root(v), []).append(v)
+    return [g for g in groups.values() if len(g) > 1], allowed
+
+
+def reader_moves(view: ClusterView, host: str, placement: Mapping[str, str]
+                 ) -> tuple[dict[str, str], list[str]]:
+    """Where each disk ``host`` reads goes: ``(disk -> new reader, disks with nowhere to
+    go)``. A disk whose VMs (on ``host``) are placed goes where they go (``place`` keeps them
+    together, on a host that declares the disk); one used by no VM on ``host``: the first
+    other host that is on and declares it, by name; VMs on other hosts using it go with it
+    only if they are already there."""
+    moves: dict[str, str] = {}
+    stuck: list[str] = []
+    on = {h.name for h in view.hosts.values() if h.power is PowerState.ON and h.name != host}
+    for d in sorted(view.disks.values(), key=lambda x: x.name):
+        if d.reader != host:
+            continue
+        targets = sorted({placement[u] for u in d.users if u in placement})
+        elsewhere = sorted({view.vms[u].host for u in d.users
+                            if u in view.vms and view.vms[u].host != host})
+        cand = [t for t in (targets or elsewhere or sorted(on)) if t in d.servers and t in on]
+        if len(set(targets) | set(elsewhere)) > 1 or not cand:
+            stuck.append(d.name)
+        else:
+            moves[d.name] = cand[0]
+    return moves, stuck
 
 
 class Planner:
@@ -260,10 +343,6 @@ class Planner:
             refuse("host-on", f"{host} is {h.power.value}")
         if host in c.protected:
             refuse("not-protected", f"{host} is protected by the config")
-        reads = sorted(d.name for d in view.disks.values() if d.reader == host)
-        if reads:
-            refuse("not-a-disk-reader", f"{host} serves {', '.join(reads)} to its VMs (moving "
-                   "a disk's endpoint with its VM is not done yet)")
         busy = [x.name for x in view.hosts.values()
                 if x.power in (PowerState.GOING_OFF, PowerState.GOING_ON)]
         if busy:
@@ -298,11 +377,18 @@ class Planner:
             if v.host != host:
                 u = used.get(v.host, (0.0, 0.0))
                 used[v.host] = (u[0] + v.cpu, u[1] + v.mem)
+        together, allowed = disk_groups(view, host)
         placement, misfit = place(mine, sorted(others, key=lambda x: x.name), used,
-                                  c.headroom)
+                                  c.headroom, together=together, allowed=allowed)
         if misfit is not None:
             refuse("remaining-hosts-hold-every-vm", f"{misfit} fits on no other host with "
-                   f"{c.headroom:.0%} headroom")
+                   f"{c.headroom:.0%} headroom" + (" (with the VMs that share its disks, on "
+                                                  "a host that can serve them)"
+                                                  if misfit in allowed else ""))
+        _moves, stuck = reader_moves(view, host, placement) if misfit is None else ({}, [])
+        if stuck:
+            refuse("disk-has-a-new-reader", f"{host} reads {', '.join(stuck)}: no other host "
+                   "that is on declares it can serve it (or its VMs would be split)")
         cap_after = sum(x.cpu for x in others)
         use = sum(v.cpu for v in view.vms.values()
                   if v.host in view.hosts and view.hosts[v.host].power is PowerState.ON)
@@ -380,4 +466,5 @@ class Planner:
             "off", best[1], "demand-low",
             f"demand {d:.2f} below off_below {c.off_below} for {now - self._low_since:.0f} s; "
             f"the other hosts hold its {len(best[2])} VM(s) with {c.headroom:.0%} headroom",
-            {**figures, "vm_cpu": best[0]}, best[2]), reasons)
+            {**figures, "vm_cpu": best[0]}, best[2],
+            reader_moves(view, best[1], best[2])[0]), reasons)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netsvc.power.planner import (
     POWER_OFF_RULES,
@@ -15,6 +17,7 @@ from netsvc.power.planner import (
     PowerState,
     VmView,
     demand,
+    reader_moves,
 )
 
 ON, OFF = PowerState.ON, PowerState.OFF
@@ -200,9 +203,88 @@ def test_auto_off_leaves_decisions_to_the_operator() -> None:
     assert e.decision is None and e.reasons["h4"] == "power-off requirement met"
 
 
-def test_a_host_that_serves_a_disk_is_not_powered_off() -> None:
+def test_a_reader_is_powered_off_once_its_disks_have_a_new_reader() -> None:
+    # the old planner refused this (rule not-a-disk-reader): h2 reads d1 for vm2
     p = Planner(cfg())
-    v = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2")})
-    assert [r.rule for r in p.check_off(v, "h2", 0.0, operator=True)[0]] == [
-        "not-a-disk-reader"]
-    assert p.check_off(v, "h4", 0.0, operator=True)[0] == []
+    v = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2", servers=("h2", "h3"),
+                                             users=("vm2",))})
+    refusals, placement = p.check_off(v, "h2", 0.0, operator=True)
+    assert refusals == []
+    assert placement["vm2"] == "h3"  # the only other host that can serve d1
+    assert reader_moves(v, "h2", placement) == ({"d1": "h3"}, [])
+    assert "not-a-disk-reader" not in POWER_OFF_RULES
+
+
+def test_a_disk_with_nowhere_to_go_refuses_with_its_rule() -> None:
+    p = Planner(cfg())
+    v = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2", servers=("h2",),
+                                             users=("vm2",))})
+    rules = [r.rule for r in p.check_off(v, "h2", 0.0, operator=True)[0]]
+    assert rules == ["remaining-hosts-hold-every-vm"]  # vm2 can only be served on h2
+    unused = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2", servers=("h2",))})
+    rules = [r.rule for r in p.check_off(unused, "h2", 0.0, operator=True)[0]]
+    assert rules == ["disk-has-a-new-reader"]
+    # a declaring host that is off is no refuge
+    off = cluster(QUIET, power={"h3": OFF}, disks={
+        "d1": DiskView("d1", "h4", reader="h2", servers=("h2", "h3"))})
+    assert "disk-has-a-new-reader" in [r.rule for r in
+                                       p.check_off(off, "h2", 0.0, operator=True)[0]]
+
+
+def test_vms_sharing_a_disk_move_together_and_the_disk_goes_with_them() -> None:
+    vms = {"a": ("h1", 0.5), "b": ("h1", 0.5), "c": ("h1", 0.5), "x": ("h2", 2.0)}
+    disks = {"d3": DiskView("d3", "h3", reader="h1", servers=("h1", "h2", "h4"),
+                            users=("a", "b")),
+             "d2": DiskView("d2", "h2", reader="h1", servers=("h1", "h3"))}
+    v = cluster(vms, disks=disks)
+    refusals, placement = Planner(cfg()).check_off(v, "h1", 0.0, operator=True)
+    assert refusals == []
+    assert placement["a"] == placement["b"] != "h3"  # together, on a host declaring d3
+    moves, stuck = reader_moves(v, "h1", placement)
+    assert stuck == [] and moves == {"d3": placement["a"], "d2": "h3"}
+
+
+def test_the_decision_carries_its_reader_moves() -> None:
+    p = Planner(cfg())
+    v = cluster({"vm4": ("h4", 0.25), "vm1": ("h1", 0.5), "vm2": ("h2", 0.5),
+                 "vm3": ("h3", 0.5)},
+                disks={"d9": DiskView("d9", "h1", reader="h4", servers=("h4", "h2"),
+                                      users=("vm4",))})
+    p.evaluate(v, 0.0)
+    d = p.evaluate(v, 60.0).decision
+    assert d is not None and d.host == "h4"
+    assert d.placement == {"vm4": "h2"} and d.readers == {"d9": "h2"}
+    assert d.to_dict()["readers"] == {"d9": "h2"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_reader_moves_follow_the_vms_to_hosts_that_declare_the_disk(data: st.DataObject
+                                                                    ) -> None:
+    hosts = ["h1", "h2", "h3", "h4"]
+    nvms = data.draw(st.integers(0, 6))
+    vms = {f"v{i}": (data.draw(st.sampled_from(hosts)), data.draw(st.sampled_from(
+        [0.1, 0.5, 1.0]))) for i in range(nvms)}
+    disks = {}
+    for i in range(data.draw(st.integers(0, 4))):
+        servers = tuple(data.draw(st.lists(st.sampled_from(hosts), unique=True, min_size=1)))
+        users = tuple(data.draw(st.lists(st.sampled_from(sorted(vms) or ["none"]),
+                                         unique=True)))
+        disks[f"d{i}"] = DiskView(f"d{i}", data.draw(st.sampled_from(hosts)),
+                                  reader=data.draw(st.sampled_from(hosts)), servers=servers,
+                                  users=tuple(u for u in users if u in vms))
+    v = cluster(vms, disks=disks)
+    host = data.draw(st.sampled_from(hosts))
+    refusals, placement = Planner(cfg()).check_off(v, host, 0.0, operator=True)
+    if refusals:
+        assert all(r.rule in POWER_OFF_RULES for r in refusals)
+        return
+    moves, stuck = reader_moves(v, host, placement)
+    assert stuck == []
+    for d in disks.values():
+        if d.reader != host:
+            continue
+        t = moves[d.name]  # every disk the host reads has somewhere to go
+        assert t != host and t in d.servers
+        for u in d.users:  # and every VM that uses it runs there afterwards
+            assert placement.get(u, vms[u][0]) == t
