@@ -1,5 +1,5 @@
 """The agent's side of power management: the VM disks this host serves to its VMs, each with
-its two copies, the reports, and the ``power-move`` executor.
+its two copies, the reports, and the ``power-move`` and ``power-reader`` executors.
 
 ``--power-disk NAME@OWNER=FIRST_PATHS;SECOND_PATHS`` (paths as the storage service writes
 them: ``NIC>SWITCH>ADDR:PORT``, comma-separated; the NBD export is NAME) makes a
@@ -7,7 +7,14 @@ them: ``NIC>SWITCH>ADDR:PORT``, comma-separated; the NBD export is NAME) makes a
 NBD endpoint). Every ``--power-report-every`` seconds the agent reports each disk (where its
 authoritative copy is, its dirty blocks, its I/O errors, whether each copy answers) and its
 VMs' demand (``--power-demand-file``: JSON ``{vm: cpu}`` or ``{vm: {cpu, mem, movable}}``;
-the lab's stand-in for the hypervisor's statistics).
+the lab's stand-in for the hypervisor's statistics; ``disks``: the power disks a VM uses).
+
+A host *declares* the disks it can serve (``--power-disk``: served from the start;
+``--power-disk-standby``: only once the manager makes this host the disk's reader); the
+manager owns which host is each disk's reader and moves it with the disk's VMs through
+``power-reader`` actions (``handover``): ``open`` (serve the disk too, on the copy the manager
+names, its dirty set joined), ``release`` (drain, stop serving, hand back where the disk is
+and its dirty set), ``merge`` (join a released dirty set).
 
 Invariants:
 
@@ -15,6 +22,12 @@ Invariants:
   (atomically), and read at start: a restarted agent never serves a stale copy. A disk found
   on its second copy at start has lost its dirty set with the old agent, so every block is
   marked: its resync is a full copy, never a partial one that could miss a write.
+- What this host serves is recorded with where each disk is (the state file lists the disks
+  served, nothing else); a restarted agent serves what it served, and a standby disk only
+  when the manager opens it. With no state file yet, the ``--power-disk`` disks are served.
+- ``release`` of a disk not served here hands back nothing (an undo of an open that never
+  happened is safe); ``open`` and ``merge`` check the copy the manager names: a disk served
+  here on another copy is an error, never silently switched.
 - A ``power-move`` stops at the first disk that fails. Towards the second copy, the disks it
   moved before are moved back to their first copy (``move``); each disk is authoritative on
   exactly one copy throughout, and the error names what moved and what came back.
@@ -44,14 +57,16 @@ class DiskConf:
     owner: str
     first: tuple[PathId, ...]
     second: tuple[PathId, ...]
+    initial: bool = True  # served from the start (not only once the manager says so)
 
 
-def parse_disks(specs: Sequence[str]) -> dict[str, DiskConf]:
-    """``NAME@OWNER=FIRST_PATHS;SECOND_PATHS`` values; ``ValueError`` names a bad one."""
+def parse_disks(specs: Sequence[str], standby: Sequence[str] = ()) -> dict[str, DiskConf]:
+    """``NAME@OWNER=FIRST_PATHS;SECOND_PATHS`` values (``standby``: the disks served only
+    once the manager opens them here); ``ValueError`` names a bad one."""
     from netsvc.storage.nbdpaths import split_port
 
     out: dict[str, DiskConf] = {}
-    for spec in specs:
+    for spec, initial in [(x, True) for x in specs] + [(x, False) for x in standby]:
         head, _, rest = spec.partition("=")
         name, _, owner = head.partition("@")
         first, _, second = rest.partition(";")
@@ -67,7 +82,7 @@ def parse_disks(specs: Sequence[str]) -> dict[str, DiskConf]:
                              "NAME@OWNER=FIRST_PATHS;SECOND_PATHS")
         if name in out:
             raise ValueError(f"bad --power-disk {spec!r}: {name} is given twice")
-        out[name] = DiskConf(name, owner, f, s)
+        out[name] = DiskConf(name, owner, f, s, initial)
     return out
 
 
@@ -92,17 +107,17 @@ class PowerAgent:
         self.check_every = check_every
         self.io_timeout = io_timeout
         self.volumes: dict[str, PowerVolume] = {}
-        self._ds: list[Any] = []
+        self._ds: dict[str, list[Any]] = {}
         self.endpoint: Any = None
         self._lock = threading.Lock()  # one move at a time
 
     def _state_path(self) -> str | None:
         return os.path.join(self.state_dir, "power-disks.json") if self.state_dir else None
 
-    def _load_state(self) -> dict[str, str]:
+    def _load_state(self) -> dict[str, str] | None:
         p = self._state_path()
         if p is None or not os.path.exists(p):
-            return {}
+            return None
         with open(p) as f:
             data = json.load(f)
         return {str(k): str(v) for k, v in data.items() if v in ("first", "second")}
@@ -119,41 +134,55 @@ class PowerAgent:
         os.replace(tmp, p)
 
     def open(self) -> None:
-        from netsvc.storage.nbdpaths import Datastore
-
         state = self._load_state()
+        if self.socket_path:
+            from netsvc.storage.endpoint import Endpoint
+
+            self.endpoint = Endpoint(self.socket_path, {}, on_error=self.ctx.log)
         for name, c in self.confs.items():
-            dss = [Datastore(f"{name}-{w}", name, list(paths), check_every=self.check_every,
-                             io_timeout=self.io_timeout, queue_timeout=10.0)
-                   for w, paths in (("first", c.first), ("second", c.second))]
-            for ds in dss:
-                ds.open(require=False)
-                self._ds.append(ds)
-            where = Copy(state.get(name, "first"))
-            size = dss[0].size or dss[1].size
-            if not size:
-                raise OSError(f"power disk {name}: neither copy answers")
-            vol = PowerVolume(name, dss[0], dss[1], Resource(f"{name}-first", name, c.first),
-                              Resource(f"{name}-second", name, c.second), size=size,
-                              where=where)
+            served = c.initial if state is None else name in state
+            if not served:
+                continue  # standby: served once the manager makes this host its reader
+            where = Copy((state or {}).get(name, "first"))
+            vol = self._open_disk(name, where)
             if where is Copy.SECOND:
                 vol.core.track()
                 vol.core.mark(range(vol.core.nblocks))
                 self.ctx.log(f"power: {name} found on its second copy at start: its resync "
                              "will be a full copy")
-            self.volumes[name] = vol
         self._save_state()
-        if self.socket_path:
-            from netsvc.storage.endpoint import Endpoint
-
-            self.endpoint = Endpoint(self.socket_path, self.volumes, on_error=self.ctx.log)
+        if self.endpoint is not None:
             self.endpoint.start()
+
+    def _open_disk(self, name: str, where: Copy) -> PowerVolume:
+        """Open ``name``'s two copies and serve it (authoritative on ``where``)."""
+        from netsvc.storage.nbdpaths import Datastore
+
+        c = self.confs[name]
+        dss = [Datastore(f"{name}-{w}", name, list(paths), check_every=self.check_every,
+                         io_timeout=self.io_timeout, queue_timeout=10.0)
+               for w, paths in (("first", c.first), ("second", c.second))]
+        for ds in dss:
+            ds.open(require=False)
+        size = dss[0].size or dss[1].size
+        if not size:
+            for ds in dss:
+                ds.close()
+            raise OSError(f"power disk {name}: neither copy answers")
+        vol = PowerVolume(name, dss[0], dss[1], Resource(f"{name}-first", name, c.first),
+                          Resource(f"{name}-second", name, c.second), size=size, where=where)
+        self._ds[name] = dss
+        self.volumes[name] = vol
+        if self.endpoint is not None:
+            self.endpoint.exports[name] = vol
+        return vol
 
     def close(self) -> None:
         if self.endpoint is not None:
             self.endpoint.close()
-        for ds in self._ds:
-            ds.close()
+        for dss in self._ds.values():
+            for ds in dss:
+                ds.close()
 
     # -- reports ---------------------------------------------------------------------------
 
@@ -181,7 +210,8 @@ class PowerAgent:
                          "first_ok": _healthy(v.ds[Copy.FIRST]),
                          "second_ok": _healthy(v.ds[Copy.SECOND])})
         return {"host": self.ctx.host, "volumes": vols, "demand": self.demand(),
-                "cpu": self.cpu, "mem": self.mem, "networks": self.networks}
+                "cpu": self.cpu, "mem": self.mem, "networks": self.networks,
+                "declares": sorted(self.confs)}
 
     def run(self, stop: threading.Event, every: float = REPORT_EVERY_S) -> None:
         client = self.ctx.make_client(timeout=2.0)
@@ -206,7 +236,7 @@ class PowerAgent:
         they belong."""
         target = Copy(to)
         names = sorted(n for n, c in self.confs.items() if c.owner == owner
-                       and (disks is None or n in disks))
+                       and n in self.volumes and (disks is None or n in disks))
         done: dict[str, Any] = {}
         with self._lock:
             for n in names:
@@ -235,3 +265,53 @@ class PowerAgent:
             self._save_state()
         out = f"; moved back to the {target.other.value} copy: {', '.join(back) or 'none'}"
         return out + (f"; could not be moved back: {', '.join(stuck)}" if stuck else "")
+
+    # -- the reader handover (``power-reader``) --------------------------------------------
+
+    def reader(self, op: str, disk: str, where: str,
+               dirty: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
+        """Carry out one step of a disk's reader handover (module docstring)."""
+        from netsvc.power.handover import from_ranges, to_ranges
+
+        if disk not in self.confs:
+            raise RuntimeError(f"{self.ctx.host} does not declare {disk} (--power-disk)")
+        want = Copy(where)
+        with self._lock:
+            vol = self.volumes.get(disk)
+            if op == "release":
+                if vol is None:
+                    return {"disk": disk, "where": where, "dirty": [], "served": False}
+                try:
+                    at, blocks = vol.retire()
+                except MoveError as exc:
+                    raise RuntimeError(f"{disk}: {exc}") from None
+                if self.endpoint is not None:
+                    self.endpoint.exports.pop(disk, None)
+                del self.volumes[disk]
+                for ds in self._ds.pop(disk, []):
+                    ds.close()
+                self._save_state()
+                return {"disk": disk, "where": at.value, "dirty": to_ranges(blocks),
+                        "served": True, "io_errors": vol.stats["io_errors"]}
+            if op not in ("open", "merge"):
+                raise RuntimeError(f"unknown power-reader op {op!r}")
+            if vol is None:
+                if op == "merge":
+                    raise RuntimeError(f"{disk} is not served on {self.ctx.host}")
+                try:
+                    vol = self._open_disk(disk, want)
+                except OSError as exc:
+                    raise RuntimeError(str(exc)) from None
+                if want is Copy.SECOND:
+                    with vol._cv:
+                        vol.core.track()
+            if vol.where is not want:
+                raise RuntimeError(f"{disk} is on its {vol.where.value} copy here, not "
+                                   f"{want.value}")
+            blocks = sorted(from_ranges(dirty))
+            if blocks and want is Copy.SECOND:
+                with vol._cv:
+                    vol.core.mark(blocks)
+            self._save_state()
+            return {"disk": disk, "where": vol.where.value, "merged_blocks": len(blocks),
+                    "dirty_blocks": vol.dirty()}

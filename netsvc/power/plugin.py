@@ -1,6 +1,6 @@
 """netsvc.power's plugin: its ``[power]`` table, manager side (the planner and the power
-off/on sequences), agent side (the VM disks' two copies, reports, the ``power-move``
-executor), lab side and CLI.
+off/on sequences), agent side (the VM disks' two copies, reports, the ``power-move`` and
+``power-reader`` executors), lab side and CLI.
 
 Importing this module is cheap (argparse only); each part imports its code when it runs.
 """
@@ -34,6 +34,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a VM disk this host serves, whose data lives on OWNER's first "
                    "storage resource, with OWNER's second resource beside it (paths: "
                    "NIC>SWITCH>ADDR:PORT, comma-separated) (repeatable)")
+    p.add_argument("--power-disk-standby", metavar="NAME@OWNER=FIRST_PATHS;SECOND_PATHS",
+                   action="append", default=[],
+                   help="a VM disk this host can serve, once the manager makes it the disk's "
+                   "reader (its VMs moved here) (repeatable)")
     p.add_argument("--power-socket", metavar="PATH",
                    help="serve the disks to this host's VMs over NBD on this Unix socket")
     p.add_argument("--power-state-dir", metavar="DIR",
@@ -48,7 +52,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
-    if not (args.power_disk or args.power_demand_file or args.power_network):
+    if not (args.power_disk or args.power_disk_standby or args.power_demand_file
+            or args.power_network):
         return
     import threading
 
@@ -60,7 +65,8 @@ def _start(args: argparse.Namespace, ctx: AgentContext) -> None:
         cpu, mem = (float(x) for x in args.power_capacity.split(","))
     except ValueError:
         raise ValueError(f"bad --power-capacity {args.power_capacity!r}: CPU,MEM") from None
-    agent = PowerAgent(ctx, parse_disks(args.power_disk), socket_path=args.power_socket,
+    agent = PowerAgent(ctx, parse_disks(args.power_disk, args.power_disk_standby),
+                       socket_path=args.power_socket,
                        state_dir=args.power_state_dir, demand_file=args.power_demand_file,
                        cpu=cpu, mem=mem, networks=args.power_network)
     agent.open()
@@ -76,6 +82,15 @@ def _move(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     disks = action.get("disks")
     return dict(agent.move(str(action["owner"]), str(action["to"]),
                            [str(d) for d in disks] if isinstance(disks, list) else None))
+
+
+def _reader(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    agent = ctx.options.get(AGENT_KEY)
+    if agent is None:
+        raise RuntimeError(f"{ctx.host}'s agent serves no power disk (--power-disk)")
+    dirty = action.get("dirty")
+    return dict(agent.reader(str(action["op"]), str(action["disk"]), str(action["where"]),
+                             dirty if isinstance(dirty, list) else ()))
 
 
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
@@ -103,7 +118,7 @@ PLUGIN = ServicePlugin(
     config=_config,
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
-                    executors={"power-move": _move}),
+                    executors={"power-move": _move, "power-reader": _reader}),
     lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )

@@ -15,6 +15,10 @@ disk to the other copy:
 4. moving to the second starts a new mark (the blocks written while the host is off: the
    resync's set); moving back to the first stops tracking.
 
+``retire()`` ends this host's part in a reader handover (``handover``): drain (stop new
+requests, wait for those in flight), then hand back where the disk is authoritative and its
+dirty set; requests after that fail (the VMs have moved to the new reader).
+
 Invariants:
 
 - A failure before the switch (the destination fails mid-copy, the drain does not end in
@@ -22,6 +26,9 @@ Invariants:
   ``MoveError`` with the step; the dirty set is kept (merged back), so a retry misses nothing.
 - VM I/O never goes to the copy that is not authoritative (the core's rule); the lock is never
   held during a libnbd call.
+- A retired volume serves nothing: its dirty set is the one handed over, whole (a write
+  acknowledged before the drain ended is in it; none is acknowledged after). A drain that does
+  not end in ``drain_timeout`` leaves the volume serving, as it was (``MoveError``).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class PowerVolume:
         self._go: dict[int, Copy] = {}
         self._rid = 0
         self._moving = threading.Lock()
+        self.retired = False
         self.stats = {"requests": 0, "io_errors": 0, "max_wait_ms": 0.0}
 
     @property
@@ -110,6 +118,8 @@ class PowerVolume:
                 where = go.copy
         ok = False
         try:
+            if self.retired:
+                raise StorageIoError(f"{self.name} is served by another host now")
             out = fn(self.ds[where])
             ok = True
             return out
@@ -195,6 +205,25 @@ class PowerVolume:
             stall = (time.monotonic() - gate) * 1000
             return MoveResult(to.value, copied + last, full, n, last, stall,
                               time.monotonic() - t0, verify, self.checksum, zeroed)
+
+    def retire(self, timeout: float | None = None) -> tuple[Copy, list[int]]:
+        """Drain and stop serving (see the module docstring): (where, dirty blocks)."""
+        limit = self.drain_timeout if timeout is None else timeout
+        with self._moving, self._cv:
+            if self.retired:
+                return self.core.where, self.core.dirty_blocks()
+            self.core.begin_switch()
+            gate = time.monotonic()
+            while not self.core.drained:
+                if time.monotonic() - gate > limit:
+                    self._release(self.core.abort_switch())
+                    raise MoveError("drain", f"{self.core.inflight} request(s) still in "
+                                    f"flight after {limit} s; {self.name} is still served here")
+                self._cv.wait(0.01)
+            self.retired = True
+            out = self.core.where, self.core.dirty_blocks()
+            self._release(self.core.abort_switch())  # the waiting ones fail: retired
+            return out
 
     def dirty(self) -> int:
         with self._cv:

@@ -100,3 +100,57 @@ def test_a_power_off_move_that_fails_part_way_moves_the_moved_disks_back(
             assert (a.directory / "d3").read_bytes()[:8192] == b"\x33" * 4096 + b"\x44" * 4096
         finally:
             agent.close()
+
+
+def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_set(
+        tmp_path: Path) -> None:
+    """d3 is on its second copy (h3 off), read by h1; h2 declares it (standby). h2 opens it
+    on the second copy, h1 releases it (its dirty set), h2 merges that set: a write through
+    h1 before and one through h2 after are both on the second copy, both in h2's dirty set,
+    and h2's resync copies exactly them back. h1 serves d3 no more, and says so."""
+    for d in ("a", "b", "s1", "s2"):
+        (tmp_path / d).mkdir()
+    with ExitStack() as st:
+        a = st.enter_context(nbdkit_array(tmp_path / "a", {"d3": 4 * MiB}, ports=1))
+        b = st.enter_context(nbdkit_array(tmp_path / "b", {"d3": 4 * MiB}, ports=1))
+        spec = f"d3@h3=lo>stor-a>{a.port(0)};lo>stor-a>{b.port(0)}"
+        h1 = PowerAgent(ctx(), parse_disks([spec]), state_dir=str(tmp_path / "s1"))
+        h2 = PowerAgent(ctx(), parse_disks([], [spec]), state_dir=str(tmp_path / "s2"))
+        h1.open()
+        h2.open()
+        try:
+            assert h2.volumes == {} and h2.report()["declares"] == ["d3"]
+            h1.move("h3", "second")
+            h1.volumes["d3"].pwrite(b"\x01" * 4096, 0)  # block 0, while h3 is off
+            opened = h2.reader("open", "d3", "second")
+            assert opened["where"] == "second" and opened["dirty_blocks"] == 0
+            old = h1.volumes["d3"]
+            released = h1.reader("release", "d3", "second")
+            assert released["where"] == "second" and released["dirty"] == [[0, 1]]
+            assert "d3" not in h1.volumes and h1.report()["volumes"] == []
+            with pytest.raises(OSError):  # a VM left behind is told, not served stale data
+                old.pwrite(b"\x09" * 4096, 0)
+            assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing to give
+            h2.volumes["d3"].pwrite(b"\x02" * 4096, 3 * 65536)  # block 3, through h2
+            merged = h2.reader("merge", "d3", "second", released["dirty"])
+            assert merged["dirty_blocks"] == 2
+            assert h2.volumes["d3"].pread(4096, 0) == b"\x01" * 4096
+            with pytest.raises(RuntimeError, match="second copy here, not first"):
+                h2.reader("merge", "d3", "first", [])
+            assert json.loads((tmp_path / "s1" / "power-disks.json").read_text()) == {}
+            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text()) == \
+                {"d3": "second"}
+            back = h2.move("h3", "first")["disks"]["d3"]
+            assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
+            first = (a.directory / "d3").read_bytes()
+            assert first[:4096] == b"\x01" * 4096
+            assert first[3 * 65536:3 * 65536 + 4096] == b"\x02" * 4096
+        finally:
+            h1.close()
+            h2.close()
+
+
+def test_an_agent_refuses_a_disk_it_does_not_declare() -> None:
+    agent = PowerAgent(ctx(), {})
+    with pytest.raises(RuntimeError, match="does not declare d9"):
+        agent.reader("open", "d9", "first")
