@@ -2,7 +2,8 @@
 
 - ``PowerReport`` (with ``VolumeReport``): ``POST /v1/power/reports``, every few seconds from
   each agent: the VM disks it reads (where each one's authoritative copy is, its dirty blocks,
-  its I/O errors, whether its second resource answers) and its VMs' CPU/memory demand;
+  its I/O errors, whether its second resource answers), the disks it can serve (``declares``)
+  and its VMs' CPU/memory demand (and the disks each VM uses);
 - ``OperatorRequest``: ``POST /v1/power/{host}/off|on``;
 - ``PowerTable``: the ``[power]`` table of the manager's TOML.
 
@@ -46,6 +47,7 @@ class VmDemand(Schema, frozen=True):
     mem: Amount = 0.0
     movable: bool = True
     why_pinned: Text = ""
+    disks: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
 
 
 class PowerReport(Schema, frozen=True):
@@ -58,6 +60,8 @@ class PowerReport(Schema, frozen=True):
     cpu: Amount = 4.0
     mem: Amount = 16.0
     networks: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
+    #: the disks this host's agent can serve (``--power-disk`` and ``--power-disk-standby``)
+    declares: Annotated[list[Name], Meta(max_length=256)] = field(default_factory=list)
 
 
 class OperatorRequest(Schema, frozen=True):

@@ -6,13 +6,23 @@ second ``PowerService`` (pure, time passed in) turns the model and the reports i
 /v1/power/{host}/off|on``) starts one ``Operation``, a sequence of steps each journaled when it
 starts, ends or fails (``power-off-migrate-start``, ``...-done``, ``...-failed``):
 
-- off: ``migrate`` (the kernel's live migrations to the planner's placement) -> ``move`` (one
+- off: ``migrate`` (the reader handover of each disk the host serves to its VMs, around the
+  kernel's live migrations to the planner's placement: ``power-reader`` open at the new
+  reader, the migrations, release at the host, merge at the new reader; ``handover``) ->
+  ``move`` (one
   ``power-move`` action per reader host: copy first -> second, each chunk read back, then
   drain-then-switch; the agent carries it out) -> ``bmc-off`` (IPMI soft off, hard off after
   a timeout, retried; an effect) -> ``confirm`` (every reader reports the host's disks on the
   second resource, readable, after the BMC said off);
 - on: ``bmc-on`` -> ``agent-up`` (the host's agent heard again) -> ``resync`` (``power-move``
   back: only the blocks written while off, then the paths back).
+
+Each disk's reader (the host whose agent serves it to its VMs) is the manager's: a durable
+document per disk in the kernel's state store (``power/<disk>``: reader, where the disk is
+authoritative, the dirty set while a handover holds it, the handover's phase). A disk first
+reported by a host with no document gets that host as its reader (the agents'
+``--power-disk``); a report from another host is not taken as the reader (journaled
+``power-reader-conflict`` once).
 
 Invariants:
 
@@ -64,6 +74,7 @@ from netsvc.cluster.service import (
     Request,
     Route,
 )
+from netsvc.power.handover import Handover, Phase
 from netsvc.power.planner import (
     ClusterView,
     Decision,
@@ -74,6 +85,7 @@ from netsvc.power.planner import (
     PlannerError,
     PowerState,
     VmView,
+    reader_moves,
 )
 from netsvc.power.schemas import OperatorRequest, PowerReport, PowerTable
 
@@ -125,6 +137,10 @@ class Operation:
     started: float
     steps: tuple[str, ...]
     placement: dict[str, str] = field(default_factory=dict)
+    readers: dict[str, str] = field(default_factory=dict)  # disk -> its new reader
+    handovers: dict[str, Handover] = field(default_factory=dict)
+    reader_waiting: dict[str, str] = field(default_factory=dict)  # action id -> disk
+    migrating: bool = False  # the VMs' migrations are requested
     index: int = 0
     step_started: float = 0.0
     entered: bool = False
@@ -145,13 +161,19 @@ class Operation:
         return {"id": self.id, "op": self.op, "host": self.host, "trigger": self.trigger,
                 "reason": self.reason, "state": self.state, "step": self.step,
                 "error": self.error, "elapsed_s": round((self.ended or now) - self.started, 3),
-                "placement": dict(self.placement), "steps": list(self.log),
+                "placement": dict(self.placement), "readers": dict(self.readers),
+                "handovers": {d: h.phase.value for d, h in self.handovers.items()},
+                "steps": list(self.log),
                 "results": self.results}
 
 
 def _key(reader: str, owner: str) -> str:
     key = re.sub(r"[^a-z0-9-]", "-", f"pw-{reader}-{owner}".lower())
     return key[:31]
+
+
+def _rkey(disk: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"pr-{disk}".lower())[:31]
 
 
 def _report(obj: object) -> PowerReport:
@@ -201,10 +223,25 @@ class PowerService(BaseManagerService):
         self._moves_seen = -1.0  # when the sweep last saw a power-move action open
         self._bmcs: dict[str, Any] | None = None
         self._now = 0.0
+        self._docs: dict[str, dict[str, Any]] = {}  # disk -> its durable document
+        self._conflicts: set[tuple[str, str]] = set()  # (disk, host) journaled
 
     def bind(self, kernel: Kernel) -> None:
         super().bind(kernel)
         self._next_eval = kernel.started
+        for key, doc in kernel.model.service_docs.items():
+            svc, _, disk = key.partition("/")
+            if svc == self.name and isinstance(doc.get("reader"), str):
+                self._docs[disk] = dict(doc)
+
+    def _store_disk(self, disk: str, doc: Mapping[str, Any]) -> None:
+        """Keep ``disk``'s document (the reader the manager assigned) in the state store."""
+        self._docs[disk] = dict(doc)
+        self.kernel.model.set_service_doc(f"{self.name}/{disk}", doc)
+
+    def reader_of(self, disk: str) -> str | None:
+        doc = self._docs.get(disk)
+        return str(doc["reader"]) if doc else None
 
     # -- plugin surface --------------------------------------------------------------------
 
@@ -226,7 +263,9 @@ class PowerService(BaseManagerService):
 
     def action_kinds(self) -> Sequence[ActionKind]:
         return (ActionKind("power-move", _plan, _no_recheck, self._complete,
-                           run_timeout=self.config.step_timeout_s),)
+                           run_timeout=self.config.step_timeout_s),
+                ActionKind("power-reader", _plan, _no_recheck, self._reader_complete,
+                           run_timeout=min(self.config.step_timeout_s, 120.0)))
 
     def next_timer(self) -> float | None:
         return min(self._next_eval, self._next_read) if self.kernel.model.hosts else None
@@ -243,7 +282,34 @@ class PowerService(BaseManagerService):
         if rep.host not in self.kernel.model.hosts:
             raise UnknownEntity("host", rep.host)
         self._reports[rep.host] = (rep, r.now)
+        self._adopt(rep, r.now, r.wall)
         return Reply(200, {"ok": True})
+
+    def _adopt(self, rep: PowerReport, now: float, wall: float | None) -> None:
+        """The readers' documents from a report: a disk with none gets the reporting host;
+        its reader's report keeps where the disk is authoritative up to date."""
+        moving = {d for h in ((self._op.handovers if self._op else {}).values())
+                  for d in [h.disk] if not h.phase.final}
+        for v in rep.volumes:
+            doc = self._docs.get(v.name)
+            if doc is None:
+                self._store_disk(v.name, {"reader": rep.host, "where": v.where,
+                                          "owner": v.owner, "handover": None, "dirty": []})
+                self.kernel.journal_append(now, wall, "power-reader-assigned",
+                                           f"disk:{v.name}", f"{rep.host} serves {v.name}: it "
+                                           "is its reader", actor="power",
+                                           details={"reader": rep.host, "where": v.where})
+            elif doc["reader"] == rep.host:
+                if doc.get("where") != v.where and v.name not in moving:
+                    self._store_disk(v.name, {**doc, "where": v.where})
+            elif v.name not in moving and (v.name, rep.host) not in self._conflicts \
+                    and (doc.get("handover") or {}).get("phase") not in ("split",):
+                self._conflicts.add((v.name, rep.host))
+                self.kernel.journal_append(
+                    now, wall, "power-reader-conflict", f"disk:{v.name}",
+                    f"{rep.host} serves {v.name} but its reader is {doc['reader']}: no move of "
+                    "it is safe until one of them stops", actor="power",
+                    details={"reader": doc["reader"], "also": rep.host})
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -290,11 +356,24 @@ class PowerService(BaseManagerService):
             d = demand.get(v.name)
             vms[v.name] = VmView(v.name, v.host, d.cpu if d else 0.0, d.mem if d else 0.0,
                                  d.movable if d else True, d.why_pinned if d else "")
+        servers: dict[str, list[str]] = {}
+        for r, _ in self._reports.values():
+            for d in r.declares:
+                servers.setdefault(d, []).append(r.host)
+        users: dict[str, list[str]] = {}
+        for vm, dem in demand.items():
+            if vm in vms:
+                for d in dem.disks:
+                    users.setdefault(d, []).append(vm)
         disks: dict[str, DiskView] = {}
         for r, _ in self._reports.values():
             for vol in r.volumes:
+                reader = self.reader_of(vol.name) or r.host
+                if reader != r.host and vol.name in disks:
+                    continue  # the reader's own report wins
                 disks[vol.name] = DiskView(vol.name, vol.owner, vol.copies, vol.second_ok,
-                                          r.host)
+                                          reader, tuple(sorted(servers.get(vol.name, []))),
+                                          tuple(sorted(users.get(vol.name, []))))
         return ClusterView(hosts, vms, disks)
 
     def _peers(self) -> tuple[set[str], list[str]]:
@@ -320,13 +399,18 @@ class PowerService(BaseManagerService):
 
     def placement(self) -> dict[str, dict[str, Any]]:
         """disk -> owner, reader, where its authoritative copy is, dirty blocks, errors."""
-        out = {}
-        for reader, (rep, _at) in sorted(self._reports.items()):
+        out: dict[str, dict[str, Any]] = {}
+        for host, (rep, _at) in sorted(self._reports.items()):
             for v in rep.volumes:
+                reader = self.reader_of(v.name) or host
+                if reader != host and v.name in out:
+                    continue  # the reader's own report wins
+                doc = self._docs.get(v.name) or {}
                 out[v.name] = {"owner": v.owner, "reader": reader, "where": v.where,
                                "size": v.size, "dirty_blocks": v.dirty_blocks,
                                "io_errors": v.io_errors, "second_ok": v.second_ok,
-                               "first_ok": v.first_ok}
+                               "first_ok": v.first_ok,
+                               "handover": (doc.get("handover") or {}).get("phase")}
         return out
 
     # -- timers ----------------------------------------------------------------------------
@@ -419,7 +503,7 @@ class PowerService(BaseManagerService):
             return None
         self._seq += 1
         op = Operation(f"p-{self._seq}", d.op, d.host, d.trigger, d.reason, now, steps,
-                       dict(d.placement), step_started=now)
+                       dict(d.placement), dict(d.readers), step_started=now)
         self._op = op
         self._power[d.host] = (PowerState.GOING_OFF if d.op == "off" else PowerState.GOING_ON,
                                now)
@@ -497,33 +581,137 @@ class PowerService(BaseManagerService):
     # each step: (op, entering, now, wall); calls _next or _fail when it ends
 
     def _step_migrate(self, op: Operation, first: bool, now: float, wall: float | None) -> None:
+        """The reader handovers around the VMs' migrations (``handover``): open each disk
+        the host reads at its new reader; once every open is done, migrate the VMs; once
+        they have left, release each disk here and merge its state at the new reader. A
+        handover that fails is undone (or left split, both serving the one copy), and the
+        step fails once every handover has ended."""
         m = self.kernel.model
         mine = sorted(v.name for v in m.vms.values()
                       if v.host == op.host and v.state in (VMState.RUNNING, VMState.MIGRATING))
         if first:
-            for vm in mine:
-                to = op.placement.get(vm)
-                if to is None:
-                    self._fail(op, now, wall, f"no placement for {vm}")
-                    return
-                try:
-                    self.kernel.request_migration(vm, to=to, reason=f"power off {op.host}",
-                                                  now=now, wall=wall, actor="power")
-                except (Refused, UnknownEntity) as exc:
-                    self._fail(op, now, wall, f"migration of {vm} to {to} refused: {exc}")
-                    return
-            op.results["vms_moved"] = mine
+            for disk, target in sorted(op.readers.items()):
+                doc = self._docs.get(disk) or {}
+                where = str(doc.get("where") or self.placement().get(disk, {}).get("where")
+                            or "first")
+                h = Handover(disk, str(doc.get("owner") or ""), op.host, target, where, now,
+                             self.config.step_timeout_s * 0.8,
+                             reason=f"power off {op.host}: {disk}'s VMs move to {target}")
+                op.handovers[disk] = h
+                self._journal(op, "reader", f"{disk}'s reader moves {op.host} -> {target} "
+                              f"with its VMs (authoritative on its {where} copy)", now, wall,
+                              disk=disk, source=op.host, target=target, where=where)
+        hs = op.handovers
+        for h in hs.values():
+            h.check(now)
+        if not op.migrating:
+            if any(h.phase is Phase.UNDONE for h in hs.values()):
+                for h in hs.values():  # an open failed: nothing migrates, the others back
+                    h.vms_stayed(now, "another disk's open failed")
+            elif all(h.phase is Phase.OPENED for h in hs.values()):
+                op.migrating = True
+                for vm in mine:
+                    to = op.placement.get(vm)
+                    if to is None:
+                        self._fail(op, now, wall, f"no placement for {vm}")
+                        return
+                    try:
+                        self.kernel.request_migration(vm, to=to,
+                                                      reason=f"power off {op.host}",
+                                                      now=now, wall=wall, actor="power")
+                    except (Refused, UnknownEntity) as exc:
+                        for h in hs.values():
+                            h.vms_stayed(now, f"migration of {vm} refused: {exc}")
+                        op.failed.append(f"migration of {vm} to {to} refused: {exc}")
+                        break
+                op.results["vms_moved"] = mine
+        elif any(h.phase is Phase.OPENED for h in hs.values()):
+            moving = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
+            if not mine or not (set(mine) & moving):
+                for h in hs.values():
+                    self._settle(h, op, mine, now)
+        self._reader_steps(op, now, wall)
+        if not all(h.phase.final for h in hs.values()):
             return
-        if not mine:
-            self._next(op, now, wall, f"{len(op.results.get('vms_moved', []))} VM(s) moved "
-                       f"off {op.host}", vms=op.results.get("vms_moved", []))
+        if op.failed or any(h.phase is not Phase.DONE for h in hs.values()):
+            errs = op.failed + [f"{h.disk}: {h.phase.value}: {h.error}" for h in hs.values()
+                                if h.phase is not Phase.DONE]
+            self._fail(op, now, wall, "; ".join(errs) or "a reader handover failed",
+                       readers={d: self.reader_of(d) for d in hs})
+            return
+        if not op.migrating or mine:
+            return  # the migrations are still under way (the step's deadline bounds them)
+        self._next(op, now, wall, f"{len(op.results.get('vms_moved', []))} VM(s) moved "
+                   f"off {op.host}" + (f"; {len(hs)} disk reader(s) moved with them"
+                                       if hs else ""),
+                   vms=op.results.get("vms_moved", []),
+                   readers={d: h.reader for d, h in hs.items()})
+
+    def _settle(self, h: Handover, op: Operation, mine: list[str], now: float) -> None:
+        """The migrations ended: where the disk's VMs run says what the handover does."""
+        users = self.view(now).disks.get(h.disk)
+        where = {self.kernel.model.vms[u].host for u in (users.users if users else ())
+                 if u in self.kernel.model.vms}
+        if where <= {h.target}:
+            h.vms_moved(now)
+        elif where <= {h.source}:
+            h.vms_stayed(now, f"{h.disk}'s VMs did not leave {h.source}")
+        else:
+            h.vms_split(now, f"{h.disk}'s VMs run on {', '.join(sorted(str(x) for x in where))}")
+
+    def _reader_steps(self, op: Operation, now: float, wall: float | None) -> None:
+        """Queue what each handover wants; keep each disk's document in step."""
+        for disk, h in sorted(op.handovers.items()):
+            step = h.want(now)
+            if step is None:
+                continue
+            try:
+                a = self.kernel.queue_action(
+                    "power-reader", _rkey(disk),
+                    payload={**step.payload, "reader": step.host, "operation": op.id},
+                    reason=f"{h.reason}: {step.op} at {step.host}", now=now, wall=wall)
+            except Refused as exc:
+                h.queued = False  # an earlier action of the disk is still open: next tick
+                self._journal(op, "reader-wait", f"{disk}: {step.op} at {step.host} not "
+                              f"queued yet: {exc}", now, wall, disk=disk)
+                continue
+            op.reader_waiting[a.id] = disk
+            self._journal(op, "reader-" + step.op, f"{disk}: {step.op} at {step.host} "
+                          f"({h.phase.value})", now, wall, disk=disk, host=step.host,
+                          action=a.id)
+            self._store_disk(disk, h.doc())
+
+    def _reader_complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                         detail: str, kernel: Kernel, now: float,
+                         wall: float | None) -> Action:
+        op = self._op
+        res = dict(result or {})
+        disk = op.reader_waiting.pop(action.id, None) if op is not None else None
+        host = str(action.payload.get("reader"))
+        what = str(action.payload.get("op"))
+        if op is not None and disk is not None and disk in op.handovers:
+            h = op.handovers[disk]
+            before = h.phase
+            h.result(what, host, ok, res, detail, now)
+            self._store_disk(disk, h.doc())
+            kernel.journal_append(now, wall, f"power-reader-{what}-{'done' if ok else 'failed'}",
+                                  f"disk:{disk}", f"{what} of {disk} at {host}: "
+                                  f"{before.value} -> {h.phase.value}"
+                                  + ("" if ok else f": {detail}"), actor="power",
+                                  details={"action": action.id, "operation": op.id,
+                                           "reader": h.reader, "held_blocks": len(h.held),
+                                           **{k: v for k, v in res.items() if k != "dirty"},
+                                           "dirty_blocks": sum(int(r[1]) for r in
+                                                               res.get("dirty") or [])})
+            self._next_eval = now
+        return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                 detail=detail or None, result=res or None)
 
     def _readers(self, owner: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for reader, (rep, _) in self._reports.items():
-            for v in rep.volumes:
-                if v.owner == owner:
-                    out.setdefault(reader, []).append(v.name)
+        for name, p in sorted(self.placement().items()):
+            if p["owner"] == owner:
+                out.setdefault(str(p["reader"]), []).append(name)
         return out
 
     def _queue_moves(self, op: Operation, to: str, now: float, wall: float | None) -> bool:
@@ -770,7 +958,7 @@ class PowerService(BaseManagerService):
                 raise Refused(r0.rule, f"power off of {host} refused: {r0.detail}",
                               tuple(x.rule for x in refusals))
             d = Decision("off", host, "operator", req.reason, {"demand": self._demand},
-                         placement)
+                         placement, reader_moves(view, host, placement)[0])
         else:
             st = view.hosts[host].power
             if st is not PowerState.OFF:

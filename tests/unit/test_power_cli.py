@@ -65,7 +65,7 @@ def test_status_json_and_text(server: tuple[ManagerServer, Path],
     st = json.loads(capsys.readouterr().out)
     assert st["placement"]["d3"] == {"owner": "h3", "reader": "h1", "where": "first",
                                      "size": 1 << 20, "dirty_blocks": 0, "io_errors": 0,
-                                     "second_ok": True, "first_ok": True}
+                                     "second_ok": True, "first_ok": True, "handover": None}
     assert set(st["hosts"]) == {"h1", "h2", "h3"}
     assert run("power", "status", *opts(srv, key)) == 0
     assert "d3@first" in capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_refusal_exits_1_naming_the_rule(server: tuple[ManagerServer, Path],
     srv, key = server
     assert run("power", "off", "h1", *opts(srv, key)) == 1
     err = capsys.readouterr().err
-    assert "rule not-a-disk-reader" in err and "nothing changed" in err
+    assert "rule disk-has-a-new-reader" in err and "nothing changed" in err
 
 
 def test_dry_run_and_bad_input(server: tuple[ManagerServer, Path],

@@ -151,7 +151,7 @@ def test_bmc_that_does_not_confirm_off_is_reported(tmp_path: Path) -> None:
                                                 "why_pinned": "USB passthrough"}}}}),
     ("last-copy-has-second-resource", None),
     ("not-last-host-of-network", {"h4": {"networks": ["vmnet", "vmnet-b"]}}),
-    ("not-a-disk-reader", None),
+    ("disk-has-a-new-reader", None),
 ])
 def test_operator_refusals_name_the_rule(tmp_path: Path, rule: str,
                                          extra: dict[str, Any] | None) -> None:
@@ -162,7 +162,7 @@ def test_operator_refusals_name_the_rule(tmp_path: Path, rule: str,
                         state=VMState.RUNNING, now=T0)
     if rule == "last-copy-has-second-resource":
         env.reports(T0, second_ok=False)
-    if rule == "not-a-disk-reader":
+    if rule == "disk-has-a-new-reader":
         host = "h1"
     if extra:
         env.reports(T0, extra=extra)
@@ -319,3 +319,104 @@ def test_a_manager_restart_mid_power_off_undoes_it_once_its_moves_are_done(
     env.tick(T0 + 30)
     assert env.service._op is None  # once: nothing else to undo
     assert env.service.power_status(T0 + 30)["hosts"]["h4"]["state"] == "on"
+
+
+def run_action(env: Env, kind: str, now: float, ok: bool = True,
+               result: dict[str, Any] | None = None, detail: str = "") -> Any:
+    """Carry out the one open action of ``kind`` (every phase), as its agents would."""
+    [a] = [x for x in env.core.open_actions() if x.kind == kind]
+    while True:
+        env.core.claim_action(a.id, a.host, f"agent-{a.host}", now=now)
+        env.core.complete_action(a.id, ok=ok, detail=detail, now=now, host=a.host,
+                                 result=result if ok else None)
+        a = env.core.action(a.id)
+        if a.state.value in ("SUCCEEDED", "FAILED") or not ok:
+            break
+    env.tick(now)
+    return a
+
+
+def reader_env(tmp_path: Path) -> Env:
+    """h1 reads d4 (data on h4, on its second copy: h4 is off) for vm1; h2 declares it too."""
+    env = Env(tmp_path, protected=["h3"])
+    env.core.put_vm("vm2", mac="52:54:00:00:00:02", ip="198.18.1.102", host="h2",
+                    state=VMState.RUNNING, now=T0)
+    extra = {"h1": {"declares": ["d4"], "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]}},
+                    "volumes": [vol("d4", "h4", "second", dirty_blocks=2)]},
+             "h2": {"declares": ["d4"]}}
+    env.reports(T0, extra=extra)
+    env.service._adopt(env.service._reports["h1"][0], T0, None)  # as the route does
+    return env
+
+
+def test_a_reader_is_powered_off_its_disk_reader_moves_with_its_vm(tmp_path: Path) -> None:
+    env = reader_env(tmp_path)
+    assert env.service.reader_of("d4") == "h1"
+    assert env.core.model.service_docs["power/d4"]["reader"] == "h1"  # durable
+    dry = env.service.operator("h1", "off", OperatorRequest(dry_run=True), now=T0 + 1)
+    assert dry["decision"]["readers"] == {"d4": "h2"}  # the dry run shows the reader move
+    assert dry["decision"]["placement"] == {"vm1": "h2"}
+    [planned] = [e for e in env.journal.read() if e.action == "power-off-planned"]
+    assert planned.details["readers"] == {"d4": "h2"}
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    op = env.service._op
+    assert op is not None and op.readers == {"d4": "h2"}
+    # 1. open at h2, on the copy the manager knows (second: h4 is off)
+    [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (o.host, o.payload["op"], o.payload["where"]) == ("h2", "open", "second")
+    assert [x for x in env.core.open_actions() if x.kind == "migrate"] == []  # not yet
+    run_action(env, "power-reader", T0 + 3, result={"where": "second"})
+    # 2. the VM migrates (only now)
+    [m] = [x for x in env.core.open_actions() if x.kind == "migrate"]
+    assert m.payload["to"] == "h2"
+    run_action(env, "migrate", T0 + 4, result={})
+    assert env.core.model.vms["vm1"].host == "h2"
+    # 3. release at h1: its dirty set goes to the manager (journaled, in the document)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")
+    run_action(env, "power-reader", T0 + 5,
+               result={"where": "second", "dirty": [[0, 1], [7, 1]], "served": True})
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["dirty"] == [[0, 1], [7, 1]] and doc["handover"]["phase"] == "merge"
+    assert doc["reader"] == "h1"  # until h2 holds the state
+    # 4. merge at h2: h2 is the reader
+    [g] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["dirty"]) == ("h2", "merge", [[0, 1], [7, 1]])
+    run_action(env, "power-reader", T0 + 6, result={"where": "second"})
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["reader"] == "h2" and doc["dirty"] == [] and doc["handover"]["phase"] == "done"
+    assert op.step == "bmc-off"  # the host's own disks moved (none here), then the BMC
+    events = env.actions("power-reader-")
+    assert events[:1] == ["power-reader-assigned"] and events[1:] == [
+        "power-reader-open-done", "power-reader-release-done", "power-reader-merge-done"]
+    assert "power-off-migrate-done" in env.actions("power-off-")
+
+
+def test_a_handover_whose_vm_does_not_move_is_undone(tmp_path: Path) -> None:
+    env = reader_env(tmp_path)
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    run_action(env, "power-reader", T0 + 3, result={"where": "second"})  # open at h2
+    run_action(env, "migrate", T0 + 4, ok=False, detail="target refused")
+    env.tick(T0 + 4.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h2", "release")  # the target hands back
+    run_action(env, "power-reader", T0 + 5, result={"where": "second", "dirty": [[3, 1]]})
+    [g] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["dirty"]) == ("h1", "merge", [[3, 1]])
+    run_action(env, "power-reader", T0 + 6, result={"where": "second"})
+    op = env.service._history[-1]
+    assert op.state == "failed" and op.error is not None and op.error.startswith("migrate:")
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["reader"] == "h1" and doc["handover"]["phase"] == "undone"
+    assert env.service.power_status(T0 + 7)["hosts"]["h1"]["state"] == "on"
+
+
+def test_a_failed_open_migrates_nothing(tmp_path: Path) -> None:
+    env = reader_env(tmp_path)
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    run_action(env, "power-reader", T0 + 3, ok=False, detail="neither copy answers")
+    env.tick(T0 + 4)
+    op = env.service._history[-1]
+    assert op.state == "failed" and "open at h2" in (op.error or "")
+    assert [x for x in env.core.actions() if x.kind == "migrate"] == []
+    assert env.service.reader_of("d4") == "h1"
