@@ -11,7 +11,9 @@ For each host ``hN``:
   198.18.3.(60+N)), on ``SECOND_PORT``. It stays up while the host is off.
 
 Disk ``dN`` (whose data lives on ``hN``) is served to its VM by another host's agent, its
-*reader*: ``h2`` for ``d1``, ``h1`` for the others. So a VM's data lives on a host other than
+*reader*: ``h2`` for ``d1``, ``h1`` for the others at the start (``--power-disk``); every
+other host but the owner declares it can serve it too (``--power-disk-standby``), so the
+manager can move the reader with the disk's VMs. So a VM's data lives on a host other than
 the one that runs the VM (the readers serve the disks over their ``--power-socket``, at the
 host's local storage endpoint: a lab VM given a region of ``dN`` with ``Lab.set_disk`` and
 running on ``dN``'s reader keeps its writes there).
@@ -70,9 +72,10 @@ def demand_file(plan: LabPlan, host: str) -> str:
     return str(_dir(plan) / f"demand-{host}.json")
 
 
-def disk_spec(plan: LabPlan, owner: str) -> str:
-    """``--power-disk`` for ``owner``'s disk, from its reader: two paths to each copy."""
-    reader = reader_of(owner)
+def disk_spec(plan: LabPlan, owner: str, reader: str | None = None) -> str:
+    """``--power-disk`` for ``owner``'s disk, from ``reader`` (default: its first reader):
+    two paths to each copy."""
+    reader = reader or reader_of(owner)
     legs = [("eth3", "stor-a", "storage-a"), ("eth4", "stor-b", "storage-b")]
     first = ",".join(f"{plan.host_ifname(reader, nic)}>{sw}>"
                      f"{plan.host_addr(owner, fab)}:{FIRST_PORT}" for nic, sw, fab in legs)
@@ -85,7 +88,9 @@ def agent_args(plan: LabPlan, host: str) -> list[str]:
     out: list[str] = []
     for owner in plan.host_names():
         if reader_of(owner) == host:
-            out += ["--power-disk", disk_spec(plan, owner)]
+            out += ["--power-disk", disk_spec(plan, owner, host)]
+        elif owner != host:
+            out += ["--power-disk-standby", disk_spec(plan, owner, host)]
     if out:
         out += ["--power-socket", socket_path(plan, host),
                 "--power-state-dir", str(_dir(plan) / f"state-{host}")]

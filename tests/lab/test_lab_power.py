@@ -29,7 +29,8 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     assert report["leftovers"] == []
     assert all(c["ok"] for c in report["checks"]), report["checks"]
     names = {c["name"] for c in report["checks"]}
-    assert {"power off h1 refused (not-a-disk-reader)", "power off h4 refused (not-protected)",
+    assert {"a dry run of power off h1 (a reader) plans its disks' reader moves",
+            "power off h4 refused (not-protected)",
             "power off h3 refused while its storage module is down",
             "a dry run of power off h3 changes nothing"} <= names
     assert report["io_errors"] == 0 and report["writes_mismatched"] == 0
@@ -43,8 +44,16 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     assert 0 < report["resync_bytes"] < disk  # never a full copy back
     assert report["power_off_s"] > 0 and report["watts_saved"] > 0
     assert 0 < report["max_io_stall_ms"] < STALL_SANITY_MS
+    # a reader powered off: h1 served d2, d3, d4 and ran both d3 guests; each disk's reader
+    # moved with its VMs (d3's to where its guests went), and the guests kept writing
+    assert set(report["reader_moves"]) == {"d2", "d3", "d4"}
+    assert "h1" not in report["reader_moves"].values()
+    assert {"h1 (a reader of d2, d3, d4) powered off, its readers moved with its VMs",
+            "d3's guests run on d3's new reader",
+            "each moved disk's reader is the planned host (the manager's record)"} <= names
     events = {json.loads(x)["name"] for x in (tmp_path / "timeline.jsonl").read_text()
               .splitlines()}
-    assert {"power-off-accepted", "power-off-move-done", "power-off-bmc-off-done",
+    assert {"power-reader-open-done", "power-reader-release-done", "power-reader-merge-done",
+            "power-off-accepted", "power-off-move-done", "power-off-bmc-off-done",
             "power-off-confirm-done", "power-on-resync-done", "first-resource-started",
             "power-off-refused"} <= events

@@ -2,28 +2,37 @@
 reachable, and comes back with only the changed blocks copied back.
 
 The lab: 4 hosts, one VM each; the power datastore (``lab.power_storage``): disk ``dN`` lives
-on ``hN``'s first resource and is served by its reader's agent (``h1``, or ``h2`` for ``d1``)
-at the reader's local storage endpoint; each host's BMC answers DCMI readings
-(``--dcmi-watts``). The guests are the lab's VMs (``_place_guests``): ``h4``'s VM is migrated
-to ``h1`` through the manager, then it and ``h1``'s VM get 8 MiB regions of ``d3`` (data on
-``h3``, the host this scenario powers off; the VMs run on ``h1``), and ``h2``'s VM a region of
-``d1`` (data on ``h1``), with ``Lab.set_disk``: each guest keeps every acknowledged write in
-its disk log (written and flushed before the reply; a disk error stops the guest). A client
-on the gateway sends each guest a ``SET`` every 20 ms. Demand is the lab's knob: every agent
-reads the same demand file (``{vm: cpu}``).
+on ``hN``'s first resource and is served by its reader's agent (``h1``, or ``h2`` for ``d1``,
+at the start; every other host but the owner can serve it too, and the manager moves the reader
+with the disk's VMs) at the reader's local storage endpoint; each host's BMC answers DCMI
+readings (``--dcmi-watts``). The guests are the lab's VMs (``_place_guests``): ``h4``'s VM is
+migrated to ``h1`` through the manager, then it and ``h1``'s VM get 8 MiB regions of ``d3``
+(data on ``h3``, the host this scenario powers off; the VMs run on ``h1``), and ``h2``'s VM a
+region of ``d1`` (data on ``h1``), with ``Lab.set_disk``: each guest keeps every acknowledged
+write in its disk log (written and flushed before the reply; a disk error stops the guest). A
+client on the gateway sends each guest a ``SET`` every 20 ms. Demand is the lab's knob: every
+agent reads the same demand file (``{vm: {cpu, mem, disks}}``: the guests name their disk).
 
 Steps:
-0. bad input, as an operator: power off h1 (it serves disks) and h4 (protected) refused with
-   their rules; a dry run of h3; h3's storage module killed: power off h3 refused
-   (``last-copy-has-second-resource``), then the module restarted;
-1. demand drops: the planner picks a host (``h1``/``h2`` serve disks and ``h4`` is protected
-   by this scenario's config, so ``h3``) after its window; the manager migrates its VM, the
-   reader copies ``d3`` to the second resource and switches its paths, the BMC powers ``h3``
-   off (soft off: the lab crashes the host, its first nbdkit dies with it);
+0. bad input, as an operator: power off h4 (protected) refused with its rule; a dry run of
+   h3, and one of h1 that shows its readers' moves (``d3`` with its two guests, together);
+   h3's storage module killed: power off h3 refused (``last-copy-has-second-resource``),
+   then the module restarted;
+1. demand drops: the planner picks a host (``h2`` and ``h4`` are protected by this
+   scenario's config; ``h3`` is less loaded than ``h1``) after its window; the manager
+   migrates its VM, the reader copies ``d3`` to the second resource and switches its paths,
+   the BMC powers ``h3`` off (soft off: the lab crashes the host, its first nbdkit dies with it);
 2. the guests keep writing for ``off_s`` (``d3``'s writes go to the storage module);
 3. demand rises: the planner powers ``h3`` on (IPMI), its agent and first resource come back,
    only the blocks written meanwhile are copied back, the paths move back;
-4. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
+4. a reader is powered off (the operator, demand in the middle band): ``h1`` serves ``d2``,
+   ``d3``, ``d4`` and runs both ``d3`` guests. The manager opens each disk at its new reader
+   (``d3`` where its guests go, together), migrates the VMs (the guests reopen ``d3`` through
+   the new reader's endpoint), releases each disk at ``h1`` (drain, hand over where it is and
+   its dirty set) and merges that at the new reader; then ``h1``'s own ``d1`` moves to its
+   storage module and the BMC powers it off; the guests keep writing; ``h1`` comes back with
+   ``d1`` resynced;
+5. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
    stopped on a disk error fails here), and every acknowledged write must be in its disk log
    read back with ``nbdcopy`` from the owner's first resource (after the resync; not through
    any reader), in order.
@@ -32,7 +41,9 @@ Steps:
 ``io_errors`` (failed client writes), ``max_io_stall_ms`` (the guests' own longest write +
 flush, from their disk logs; ``max_reply_gap_ms``: the clients' longest gap), ``resync_bytes``,
 ``resync_dirty_bytes`` (what was dirty when the power-on began), ``writes_verified``,
-``watts_saved`` (the node's DCMI reading on vs off); beside them ``move_s`` (the move step)
+``watts_saved`` (the node's DCMI reading on vs off); ``reader_moves`` (the reader power-off's
+disk -> new reader), ``reader_power_off_s``, ``reader_migrate_s`` (its migrate step: opens,
+migrations, releases, merges); beside them ``move_s`` (the move step)
 and ``full_evacuation_s``: the vSAN-style peer, ``nbdcopy`` of all of h3's disk over the same
 fabric to another node (a scratch export beside h4's storage module), timed before step 1.
 """
@@ -65,10 +76,11 @@ window_s = 3
 min_on_s = 0
 min_off_s = 3
 headroom = 0.2
-protected = ["h4"]
+protected = ["h2", "h4"]
 soft_off_timeout_s = 3
 step_timeout_s = 120
 """
+READER_CPU = 1.4  # the middle band: 4 VMs x 1.4 of 16 cores = 0.35 (neither off nor on)
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
@@ -120,9 +132,10 @@ def _power(lab: Lab) -> dict[str, Any]:
     return dict(body)
 
 
-def _demand(lab: Lab, cpu: float) -> None:
+def _demand(lab: Lab, cpu: float, disks: dict[str, str] | None = None) -> None:
     plan = lab.require_plan()
-    vms = {v: {"cpu": cpu, "mem": 1.0} for v in lab.vms}
+    vms = {v: {"cpu": cpu, "mem": 1.0, "disks": [d] if d else []}
+           for v in lab.vms for d in [(disks or {}).get(v)]}
     for h in plan.host_names():
         path = demand_file(plan, h)
         with open(path + ".tmp", "w") as f:
@@ -146,13 +159,23 @@ def _operator(lab: Lab, host: str, op: str, dry_run: bool = False) -> tuple[int,
     return status, body
 
 
-def _refusals(lab: Lab, store: PowerStorage, checks: Checks) -> None:
+def _refusals(lab: Lab, store: PowerStorage, checks: Checks,
+              guests: dict[str, tuple[str, int]]) -> None:
     """Bad input, through the API as an operator would: each refused with its rule, nothing
     changed; a dry run journals the plan and does nothing."""
-    for host, rule in (("h1", "not-a-disk-reader"), ("h4", "not-protected")):
-        status, body = _operator(lab, host, "off")
-        checks.check(f"power off {host} refused ({rule})",
-                     status == 409 and body.get("rule") == rule, f"HTTP {status}: {body}"[:300])
+    status, body = _operator(lab, "h4", "off")
+    checks.check("power off h4 refused (not-protected)",
+                 status == 409 and body.get("rule") == "not-protected",
+                 f"HTTP {status}: {body}"[:300])
+    status, body = _operator(lab, "h1", "off", dry_run=True)
+    dec = body.get("decision") or {}
+    readers, placed = dec.get("readers") or {}, dec.get("placement") or {}
+    d3_guests = {v for v, (o, _) in guests.items() if o == "h3"}
+    checks.check("a dry run of power off h1 (a reader) plans its disks' reader moves",
+                 status == 200 and set(readers) == {"d2", "d3", "d4"}
+                 and {placed.get(v) for v in d3_guests} == {readers.get("d3")}
+                 and _power(lab)["placement"]["d3"]["reader"] == "h1",
+                 f"HTTP {status}: {dec}"[:300])
     status, body = _operator(lab, "h3", "off", dry_run=True)
     checks.check("a dry run of power off h3 changes nothing",
                  status == 200 and body.get("dry_run") is True
@@ -244,6 +267,49 @@ def _place_guests(lab: Lab) -> dict[str, tuple[str, int]]:
     return guests
 
 
+def _reader_cycle(lab: Lab, checks: Checks, guests: dict[str, tuple[str, int]],
+                  params: dict[str, Any], phases: list[tuple[float, str]]) -> dict[str, Any]:
+    """Step 4: power off ``h1``, the reader of ``d2``, ``d3``, ``d4`` that runs both ``d3``
+    guests; its readers move with its VMs; then power it on again."""
+    uses = {vm: disk_of(o) for vm, (o, _) in guests.items()}
+    _demand(lab, READER_CPU, uses)
+    wait_for("the middle demand reported", lambda: 0.3 <= _power(lab)["demand"] < 0.6,
+             10.0, 0.25)
+    d3_guests = sorted(v for v, (o, _) in guests.items() if o == "h3")
+    phases.append((time.time(), "reader-power-off"))
+    status, body = _operator(lab, "h1", "off")
+    if status != 200:
+        raise LabError(f"power off h1: HTTP {status}: {body}")
+    readers = dict((body.get("decision") or {}).get("readers") or {})
+    off = _op(lab, "off", "h1", 180.0)
+    phases.append((time.time(), "reader-off"))
+    checks.check("h1 (a reader of d2, d3, d4) powered off, its readers moved with its VMs",
+                 off["state"] == "done" and set(readers) == {"d2", "d3", "d4"},
+                 f"{off['state']}: {off.get('error')}; readers {readers}")
+    st = _power(lab)
+    now_readers = {d: st["placement"].get(d, {}).get("reader") for d in readers}
+    checks.check("each moved disk's reader is the planned host (the manager's record)",
+                 now_readers == readers, f"{now_readers} vs {readers}")
+    hosts = {v: lab.vms[v].host for v in d3_guests}
+    checks.check("d3's guests run on d3's new reader",
+                 set(hosts.values()) == {readers.get("d3")}, str(hosts))
+    checks.check("h1's own disk d1 answers on its storage module while h1 is off",
+                 _reported_on(lab, "d1", "second"), json.dumps(st["placement"].get("d1")))
+    time.sleep(params["off_s"])
+    phases.append((time.time(), "reader-power-on"))
+    status, body = _operator(lab, "h1", "on")
+    if status != 200:
+        raise LabError(f"power on h1: HTTP {status}: {body}")
+    on = _op(lab, "on", "h1", 180.0)
+    phases.append((time.time(), "reader-on"))
+    checks.check("h1 powered on and d1 moved back", on["state"] == "done"
+                 and _reported_on(lab, "d1", "first"), f"{on['state']}: {on.get('error')}")
+    time.sleep(1.0)
+    return {"reader_moves": readers, "reader_power_off_s": off["results"].get("power_off_s"),
+            "reader_migrate_s": _step_s(off, "migrate"),
+            "reader_resync_bytes": on["results"].get("resync_bytes")}
+
+
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     store = PowerStorage(lab, params["disk_mib"] << 20)
     store.build()
@@ -254,19 +320,21 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     wait_for("every disk reported", lambda: set(_power(lab)["placement"]) == set(disks),
              30.0, 0.25)
     guests = _place_guests(lab)
+    uses = {vm: disk_of(o) for vm, (o, _) in guests.items()}
+    _demand(lab, 1.5, uses)
     clients = {vm: GuestClient(lab.guest_connect(vm), interval=WRITE_EVERY_S,
                                key_prefix=f"{vm}k").start() for vm in guests}
     figures: dict[str, Any] = {}
     phases: list[tuple[float, str]] = [(time.time(), "evacuation-peer")]
     try:
         figures["full_evacuation_s"] = _evacuate(lab, store)
-        _refusals(lab, store, checks)
+        _refusals(lab, store, checks, guests)
         phases.append((time.time(), "load"))
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
         watts_on = _power(lab)["hosts"]["h3"]["watts"]
         time.sleep(1.0)
-        _demand(lab, 0.2)  # 0.8 of 16 cores: 0.05
+        _demand(lab, 0.2, uses)  # 0.8 of 16 cores: 0.05
         t_low = time.monotonic()
         phases.append((time.time(), "power-off"))
         off = _op(lab, "off", "h3", 120.0)
@@ -288,7 +356,7 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         checks.check("the storage module stays powered while h3 is off",
                      h3["domains"].get("storage", {}).get("on") is True, str(h3["domains"]))
         dirty = _power(lab)["placement"]["d3"]["dirty_blocks"]
-        _demand(lab, 3.0)  # 3 VMs x 3.0 of 12 cores: 0.75, above on_above
+        _demand(lab, 3.0, uses)  # 3 VMs x 3.0 of 12 cores: 0.75, above on_above
         phases.append((time.time(), "power-on"))
         on = _op(lab, "on", "h3", 120.0)
         phases.append((time.time(), "on"))
@@ -308,6 +376,7 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "switch_stall_ms": off["results"].get("max_switch_stall_ms"),
             "move_s": _step_s(off, "move")})
         time.sleep(1.0)  # some writes after the paths moved back, too
+        figures.update(_reader_cycle(lab, checks, guests, params, phases))
     finally:
         logs = {vm: c.stop() for vm, c in clients.items()}
     writes = {vm: clients[vm].sent for vm in guests}
