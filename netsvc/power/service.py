@@ -398,8 +398,14 @@ class PowerService(BaseManagerService):
         return partitioned, maint
 
     def placement(self) -> dict[str, dict[str, Any]]:
-        """disk -> owner, reader, where its authoritative copy is, dirty blocks, errors."""
+        """disk -> owner, reader (the manager's), where its authoritative copy is, dirty
+        blocks, errors, the handover's phase, the VMs that use it."""
         out: dict[str, dict[str, Any]] = {}
+        users: dict[str, list[str]] = {}
+        for rep, _at in self._reports.values():
+            for vm, dem in rep.demand.items():
+                for d in dem.disks:
+                    users.setdefault(d, []).append(vm)
         for host, (rep, _at) in sorted(self._reports.items()):
             for v in rep.volumes:
                 reader = self.reader_of(v.name) or host
@@ -410,7 +416,8 @@ class PowerService(BaseManagerService):
                                "size": v.size, "dirty_blocks": v.dirty_blocks,
                                "io_errors": v.io_errors, "second_ok": v.second_ok,
                                "first_ok": v.first_ok,
-                               "handover": (doc.get("handover") or {}).get("phase")}
+                               "handover": (doc.get("handover") or {}).get("phase"),
+                               "users": sorted(set(users.get(v.name, [])))}
         return out
 
     # -- timers ----------------------------------------------------------------------------

@@ -21,18 +21,18 @@ Steps:
 1. demand drops: the planner picks a host (``h2`` and ``h4`` are protected by this
    scenario's config; ``h3`` is less loaded than ``h1``) after its window; the manager
    migrates its VM, the reader copies ``d3`` to the second resource and switches its paths,
-   the BMC powers ``h3`` off (soft off: the lab crashes the host, its first nbdkit dies with it);
-2. the guests keep writing for ``off_s`` (``d3``'s writes go to the storage module);
-3. demand rises: the planner powers ``h3`` on (IPMI), its agent and first resource come back,
-   only the blocks written meanwhile are copied back, the paths move back;
-4. a reader is powered off (the operator, demand in the middle band): ``h1`` serves ``d2``,
-   ``d3``, ``d4`` and runs both ``d3`` guests. The manager opens each disk at its new reader
+   the BMC powers ``h3`` off (soft off: the lab crashes the host, its first nbdkit dies with
+   it); demand still low, the planner then powers off ``h1``, a reader (``d2``, ``d3``,
+   ``d4``) that runs both ``d3`` guests: the manager opens each disk at its new reader
    (``d3`` where its guests go, together), migrates the VMs (the guests reopen ``d3`` through
    the new reader's endpoint), releases each disk at ``h1`` (drain, hand over where it is and
-   its dirty set) and merges that at the new reader; then ``h1``'s own ``d1`` moves to its
-   storage module and the BMC powers it off; the guests keep writing; ``h1`` comes back with
-   ``d1`` resynced;
-5. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
+   its dirty set: ``d3``'s owner is off) and merges that at the new reader; then ``h1``'s own
+   ``d1`` moves to its storage module and the BMC powers ``h1`` off;
+2. the guests keep writing for ``off_s`` (``d3``'s writes go to the storage module);
+3. demand rises: the planner powers ``h3`` on (IPMI), its agent and first resource come back,
+   only the blocks written meanwhile are copied back (by ``d3``'s new reader, with the set
+   ``h1`` handed over), the paths move back; then ``h1`` the same way (``d1``);
+4. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
    stopped on a disk error fails here), and every acknowledged write must be in its disk log
    read back with ``nbdcopy`` from the owner's first resource (after the resync; not through
    any reader), in order.
@@ -41,9 +41,12 @@ Steps:
 ``io_errors`` (failed client writes), ``max_io_stall_ms`` (the guests' own longest write +
 flush, from their disk logs; ``max_reply_gap_ms``: the clients' longest gap), ``resync_bytes``,
 ``resync_dirty_bytes`` (what was dirty when the power-on began), ``writes_verified``,
-``watts_saved`` (the node's DCMI reading on vs off); ``reader_moves`` (the reader power-off's
+``watts_saved`` (the node's DCMI reading on vs off); ``reader_moves`` (``h1``'s power-off:
 disk -> new reader), ``reader_power_off_s``, ``reader_migrate_s`` (its migrate step: opens,
-migrations, releases, merges); beside them ``move_s`` (the move step)
+migrations, releases, merges), ``reader_resync_bytes``, ``reader_off_max_gap_ms`` (the
+``d3`` guests' longest gap between replies from when ``h3`` is seen off to when ``h1`` is:
+their migration and ``d3``'s reader handover are in it) beside ``load_max_gap_ms`` (the same
+guests' longest gap in the steady load before); beside them ``move_s`` (the move step)
 and ``full_evacuation_s``: the vSAN-style peer, ``nbdcopy`` of all of h3's disk over the same
 fabric to another node (a scratch export beside h4's storage module), timed before step 1.
 """
@@ -80,7 +83,6 @@ protected = ["h2", "h4"]
 soft_off_timeout_s = 3
 step_timeout_s = 120
 """
-READER_CPU = 1.4  # the middle band: 4 VMs x 1.4 of 16 cores = 0.35 (neither off nor on)
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
@@ -167,6 +169,9 @@ def _refusals(lab: Lab, store: PowerStorage, checks: Checks,
     checks.check("power off h4 refused (not-protected)",
                  status == 409 and body.get("rule") == "not-protected",
                  f"HTTP {status}: {body}"[:300])
+    wait_for("the guests' disks reported (the VMs that use each disk)",
+             lambda: sorted(_power(lab)["placement"]["d3"].get("users") or [])
+             == sorted(v for v, (o, _) in guests.items() if o == "h3"), 10.0, 0.2)
     status, body = _operator(lab, "h1", "off", dry_run=True)
     dec = body.get("decision") or {}
     readers, placed = dec.get("readers") or {}, dec.get("placement") or {}
@@ -267,47 +272,28 @@ def _place_guests(lab: Lab) -> dict[str, tuple[str, int]]:
     return guests
 
 
-def _reader_cycle(lab: Lab, checks: Checks, guests: dict[str, tuple[str, int]],
-                  params: dict[str, Any], phases: list[tuple[float, str]]) -> dict[str, Any]:
-    """Step 4: power off ``h1``, the reader of ``d2``, ``d3``, ``d4`` that runs both ``d3``
-    guests; its readers move with its VMs; then power it on again."""
-    uses = {vm: disk_of(o) for vm, (o, _) in guests.items()}
-    _demand(lab, READER_CPU, uses)
-    wait_for("the middle demand reported", lambda: 0.3 <= _power(lab)["demand"] < 0.6,
-             10.0, 0.25)
-    d3_guests = sorted(v for v, (o, _) in guests.items() if o == "h3")
-    phases.append((time.time(), "reader-power-off"))
-    status, body = _operator(lab, "h1", "off")
-    if status != 200:
-        raise LabError(f"power off h1: HTTP {status}: {body}")
-    readers = dict((body.get("decision") or {}).get("readers") or {})
-    off = _op(lab, "off", "h1", 180.0)
-    phases.append((time.time(), "reader-off"))
-    checks.check("h1 (a reader of d2, d3, d4) powered off, its readers moved with its VMs",
-                 off["state"] == "done" and set(readers) == {"d2", "d3", "d4"},
+def _reader_off(lab: Lab, checks: Checks, guests: dict[str, tuple[str, int]]
+                ) -> dict[str, Any]:
+    """Step 1b: with ``h3`` off and demand still low, the planner powers off ``h1``, the reader
+    of ``d2``, ``d3``, ``d4`` that runs both ``d3`` guests: each disk's reader moves with its
+    VMs (``d3``'s with its dirty set: its owner ``h3`` is off)."""
+    off = _op(lab, "off", "h1", 120.0)
+    readers = dict(off.get("readers") or {})
+    checks.check("the planner powered h1 off too (a reader of d2, d3, d4), its readers moved "
+                 "with its VMs", off["state"] == "done" and off["trigger"] == "demand-low"
+                 and set(readers) == {"d2", "d3", "d4"} and "h1" not in readers.values(),
                  f"{off['state']}: {off.get('error')}; readers {readers}")
     st = _power(lab)
     now_readers = {d: st["placement"].get(d, {}).get("reader") for d in readers}
     checks.check("each moved disk's reader is the planned host (the manager's record)",
                  now_readers == readers, f"{now_readers} vs {readers}")
-    hosts = {v: lab.vms[v].host for v in d3_guests}
-    checks.check("d3's guests run on d3's new reader",
+    hosts = {v: lab.vms[v].host for v, (o, _) in guests.items() if o == "h3"}
+    checks.check("d3's guests run on d3's new reader, together",
                  set(hosts.values()) == {readers.get("d3")}, str(hosts))
     checks.check("h1's own disk d1 answers on its storage module while h1 is off",
                  _reported_on(lab, "d1", "second"), json.dumps(st["placement"].get("d1")))
-    time.sleep(params["off_s"])
-    phases.append((time.time(), "reader-power-on"))
-    status, body = _operator(lab, "h1", "on")
-    if status != 200:
-        raise LabError(f"power on h1: HTTP {status}: {body}")
-    on = _op(lab, "on", "h1", 180.0)
-    phases.append((time.time(), "reader-on"))
-    checks.check("h1 powered on and d1 moved back", on["state"] == "done"
-                 and _reported_on(lab, "d1", "first"), f"{on['state']}: {on.get('error')}")
-    time.sleep(1.0)
     return {"reader_moves": readers, "reader_power_off_s": off["results"].get("power_off_s"),
-            "reader_migrate_s": _step_s(off, "migrate"),
-            "reader_resync_bytes": on["results"].get("resync_bytes")}
+            "reader_migrate_s": _step_s(off, "migrate")}
 
 
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
@@ -330,10 +316,12 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         figures["full_evacuation_s"] = _evacuate(lab, store)
         _refusals(lab, store, checks, guests)
         phases.append((time.time(), "load"))
+        t_load = time.monotonic()
         wait_for("DCMI readings", lambda: all(h.get("watts") for h in
                                               _power(lab)["hosts"].values()), 30.0, 0.5)
         watts_on = _power(lab)["hosts"]["h3"]["watts"]
         time.sleep(1.0)
+        t_load_end = time.monotonic()
         _demand(lab, 0.2, uses)  # 0.8 of 16 cores: 0.05
         t_low = time.monotonic()
         phases.append((time.time(), "power-off"))
@@ -347,6 +335,15 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      _reported_on(lab, "d3", "second") and st["hosts"]["h3"]["state"] == "off",
                      json.dumps(st["placement"]["d3"]))
         checks.check("the BMC reports h3 off", "h3" in lab.crashed, str(sorted(lab.crashed)))
+        t_reader = time.monotonic()
+        figures.update(_reader_off(lab, checks, guests))
+        t_reader_end = time.monotonic()
+        phases.append((time.time(), "reader-off"))
+        movers = [v for v, (o, _) in guests.items() if o == "h3"]
+        figures["reader_off_max_gap_ms"] = round(max(
+            clients[v].log.max_gap(t_reader, t_reader_end) for v in movers) * 1000, 1)
+        figures["load_max_gap_ms"] = round(max(
+            clients[v].log.max_gap(t_load, t_load_end) for v in movers) * 1000, 1)
         time.sleep(params["off_s"])
         wait_for("a DCMI reading of h3 off",
                  lambda: (_power(lab)["hosts"]["h3"].get("domains", {}).get("host", {})
@@ -356,7 +353,7 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
         checks.check("the storage module stays powered while h3 is off",
                      h3["domains"].get("storage", {}).get("on") is True, str(h3["domains"]))
         dirty = _power(lab)["placement"]["d3"]["dirty_blocks"]
-        _demand(lab, 3.0, uses)  # 3 VMs x 3.0 of 12 cores: 0.75, above on_above
+        _demand(lab, 3.0, uses)  # 4 VMs x 3.0 of 8 cores: above on_above
         phases.append((time.time(), "power-on"))
         on = _op(lab, "on", "h3", 120.0)
         phases.append((time.time(), "on"))
@@ -365,6 +362,12 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      f"{on['state']}: {on.get('error')}")
         checks.check("d3 is on its first resource again (its reader's next report)",
                      _reported_on(lab, "d3", "first"), json.dumps(_power(lab)["placement"]))
+        on1 = _op(lab, "on", "h1", 120.0)  # 4 x 3.0 of 12 cores: still above on_above
+        phases.append((time.time(), "reader-on"))
+        checks.check("h1 powered on (demand high) and d1 moved back",
+                     on1["state"] == "done" and _reported_on(lab, "d1", "first"),
+                     f"{on1['state']}: {on1.get('error')}")
+        figures["reader_resync_bytes"] = on1["results"].get("resync_bytes")
         figures.update({
             "power_off_s": off["results"].get("power_off_s"),
             "data_moved_bytes": off["results"].get("data_moved_bytes"),
@@ -376,7 +379,6 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "switch_stall_ms": off["results"].get("max_switch_stall_ms"),
             "move_s": _step_s(off, "move")})
         time.sleep(1.0)  # some writes after the paths moved back, too
-        figures.update(_reader_cycle(lab, checks, guests, params, phases))
     finally:
         logs = {vm: c.stop() for vm, c in clients.items()}
     writes = {vm: clients[vm].sent for vm in guests}
