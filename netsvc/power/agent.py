@@ -110,6 +110,7 @@ class PowerAgent:
         self._ds: dict[str, list[Any]] = {}
         self.endpoint: Any = None
         self._lock = threading.Lock()  # one move at a time
+        self._openers: list[threading.Thread] = []  # background opens of a disk's other copy
 
     def _state_path(self) -> str | None:
         return os.path.join(self.state_dir, "power-disks.json") if self.state_dir else None
@@ -154,35 +155,53 @@ class PowerAgent:
         if self.endpoint is not None:
             self.endpoint.start()
 
-    def _open_disk(self, name: str, where: Copy) -> PowerVolume:
-        """Open ``name``'s two copies and serve it (authoritative on ``where``)."""
+    def _open_disk(self, name: str, where: Copy, *, lazy_other: bool = False) -> PowerVolume:
+        """Open ``name``'s two copies and serve it (authoritative on ``where``).
+        ``lazy_other`` (a handover's open): connect the other copy in the background (its
+        paths may lead to a host that is off, whose connects time out; no VM I/O goes there,
+        and a later move waits for it through its own connections)."""
         from netsvc.storage.nbdpaths import Datastore
 
         c = self.confs[name]
-        dss = [Datastore(f"{name}-{w}", name, list(paths), check_every=self.check_every,
-                         io_timeout=self.io_timeout, queue_timeout=10.0)
-               for w, paths in (("first", c.first), ("second", c.second))]
-        for ds in dss:
-            ds.open(require=False)
-        size = dss[0].size or dss[1].size
+        dss = {w: Datastore(f"{name}-{w.value}", name, list(paths),
+                            check_every=self.check_every, io_timeout=self.io_timeout,
+                            queue_timeout=10.0)
+               for w, paths in ((Copy.FIRST, c.first), (Copy.SECOND, c.second))}
+        dss[where].open(require=False)
+        other = dss[where.other]
+        if lazy_other:
+            t = threading.Thread(target=other.open, kwargs={"require": False},
+                                 name=f"power-open-{name}", daemon=True)
+            t.start()
+            self._openers.append(t)
+        else:
+            other.open(require=False)
+        size = dss[where].size or (0 if lazy_other else other.size)
         if not size:
-            for ds in dss:
-                ds.close()
-            raise OSError(f"power disk {name}: neither copy answers")
-        vol = PowerVolume(name, dss[0], dss[1], Resource(f"{name}-first", name, c.first),
+            self._close_all([dss[Copy.FIRST], dss[Copy.SECOND]])
+            raise OSError(f"power disk {name}: "
+                          + (f"its {where.value} copy does not answer" if lazy_other
+                             else "neither copy answers"))
+        vol = PowerVolume(name, dss[Copy.FIRST], dss[Copy.SECOND],
+                          Resource(f"{name}-first", name, c.first),
                           Resource(f"{name}-second", name, c.second), size=size, where=where)
-        self._ds[name] = dss
+        self._ds[name] = [dss[Copy.FIRST], dss[Copy.SECOND]]
         self.volumes[name] = vol
         if self.endpoint is not None:
             self.endpoint.exports[name] = vol
         return vol
 
+    def _close_all(self, dss: list[Any]) -> None:
+        for t in self._openers:  # a background open must end before its datastore closes
+            t.join(timeout=30)
+        self._openers = [t for t in self._openers if t.is_alive()]
+        for ds in dss:
+            ds.close()
+
     def close(self) -> None:
         if self.endpoint is not None:
             self.endpoint.close()
-        for dss in self._ds.values():
-            for ds in dss:
-                ds.close()
+        self._close_all([ds for dss in self._ds.values() for ds in dss])
 
     # -- reports ---------------------------------------------------------------------------
 
@@ -288,8 +307,7 @@ class PowerAgent:
                 if self.endpoint is not None:
                     self.endpoint.exports.pop(disk, None)
                 del self.volumes[disk]
-                for ds in self._ds.pop(disk, []):
-                    ds.close()
+                self._close_all(self._ds.pop(disk, []))
                 self._save_state()
                 return {"disk": disk, "where": at.value, "dirty": to_ranges(blocks),
                         "served": True, "io_errors": vol.stats["io_errors"]}
@@ -299,7 +317,7 @@ class PowerAgent:
                 if op == "merge":
                     raise RuntimeError(f"{disk} is not served on {self.ctx.host}")
                 try:
-                    vol = self._open_disk(disk, want)
+                    vol = self._open_disk(disk, want, lazy_other=True)
                 except OSError as exc:
                     raise RuntimeError(str(exc)) from None
                 if want is Copy.SECOND:

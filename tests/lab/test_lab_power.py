@@ -45,11 +45,13 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     assert report["power_off_s"] > 0 and report["watts_saved"] > 0
     assert 0 < report["max_io_stall_ms"] < STALL_SANITY_MS
     # a reader powered off: h1 served d2, d3, d4 and ran both d3 guests; each disk's reader
-    # moved with its VMs (d3's to where its guests went), and the guests kept writing
+    # moved with its VMs (d3's to where its guests went, with the dirty set kept while its
+    # owner h3 was off), and the guests kept writing
     assert set(report["reader_moves"]) == {"d2", "d3", "d4"}
     assert "h1" not in report["reader_moves"].values()
-    assert {"h1 (a reader of d2, d3, d4) powered off, its readers moved with its VMs",
-            "d3's guests run on d3's new reader",
+    assert {"the planner powered h1 off too (a reader of d2, d3, d4), its readers moved with "
+            "its VMs", "d3's guests run on d3's new reader, together",
+            "h1 powered on (demand high) and d1 moved back",
             "each moved disk's reader is the planned host (the manager's record)"} <= names
     events = {json.loads(x)["name"] for x in (tmp_path / "timeline.jsonl").read_text()
               .splitlines()}

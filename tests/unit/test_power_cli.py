@@ -65,7 +65,8 @@ def test_status_json_and_text(server: tuple[ManagerServer, Path],
     st = json.loads(capsys.readouterr().out)
     assert st["placement"]["d3"] == {"owner": "h3", "reader": "h1", "where": "first",
                                      "size": 1 << 20, "dirty_blocks": 0, "io_errors": 0,
-                                     "second_ok": True, "first_ok": True, "handover": None}
+                                     "second_ok": True, "first_ok": True, "handover": None,
+                                     "users": []}
     assert set(st["hosts"]) == {"h1", "h2", "h3"}
     assert run("power", "status", *opts(srv, key)) == 0
     assert "d3@first" in capsys.readouterr().out
