@@ -56,7 +56,8 @@ def one(run: int) -> dict[str, Any]:
     out.update({"run": run, "exit": r.returncode, "seconds": round(took, 1),
                 "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)})
     if r.returncode != 0:
-        out["tail"] = (r.stdout + r.stderr)[-1500:]
+        out["failed_checks"] = [c for c in rep.get("checks", []) if not c.get("ok")]
+        out["tail"] = (r.stdout + r.stderr)[-600:]
     return out
 
 

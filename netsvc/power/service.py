@@ -335,7 +335,6 @@ class PowerService(BaseManagerService):
         self._now = now
         m = self.kernel.model
         hosts: dict[str, HostView] = {}
-        demand: dict[str, Any] = {}
         partitioned, storage_maint = self._peers()
         for name in sorted(m.hosts):
             st, since = self._state(name, now)
@@ -344,11 +343,11 @@ class PowerService(BaseManagerService):
             if got is not None:
                 r = got[0]
                 cpu, mem, nets = r.cpu, r.mem, tuple(r.networks)
-                demand.update(r.demand)
             hosts[name] = HostView(name, st, since, cpu, mem, nets,
                                    maintenance=m.hosts[name].maintenance is not None
                                    or bool(storage_maint),
                                    partitioned=name in partitioned)
+        demand = self._vm_demand()
         vms = {}
         for v in m.vms.values():
             if v.host is None or v.state not in (VMState.RUNNING, VMState.MIGRATING):
@@ -376,6 +375,21 @@ class PowerService(BaseManagerService):
                                           tuple(sorted(users.get(vol.name, []))))
         return ClusterView(hosts, vms, disks)
 
+    def _vm_demand(self) -> dict[str, Any]:
+        """Each VM's demand (and the disks it uses) from the report of the host it runs on
+        (its hypervisor's figures), else from any report that names it."""
+        out: dict[str, Any] = {}
+        mine: set[str] = set()
+        vms = self.kernel.model.vms
+        for host, (r, _at) in sorted(self._reports.items()):
+            for vm, dem in r.demand.items():
+                here = vm in vms and vms[vm].host == host
+                if here or vm not in mine:
+                    out[vm] = dem
+                if here:
+                    mine.add(vm)
+        return out
+
     def _peers(self) -> tuple[set[str], list[str]]:
         """What other services say (asked through the kernel, never imported): the hosts the
         partition service's verdicts call isolated or partitioned (a host that is down is a
@@ -402,10 +416,9 @@ class PowerService(BaseManagerService):
         blocks, errors, the handover's phase, the VMs that use it."""
         out: dict[str, dict[str, Any]] = {}
         users: dict[str, list[str]] = {}
-        for rep, _at in self._reports.values():
-            for vm, dem in rep.demand.items():
-                for d in dem.disks:
-                    users.setdefault(d, []).append(vm)
+        for vm, dem in self._vm_demand().items():
+            for d in dem.disks:
+                users.setdefault(d, []).append(vm)
         for host, (rep, _at) in sorted(self._reports.items()):
             for v in rep.volumes:
                 reader = self.reader_of(v.name) or host
