@@ -420,3 +420,14 @@ def test_a_failed_open_migrates_nothing(tmp_path: Path) -> None:
     assert op.state == "failed" and "open at h2" in (op.error or "")
     assert [x for x in env.core.actions() if x.kind == "migrate"] == []
     assert env.service.reader_of("d4") == "h1"
+
+
+def test_a_vms_disks_come_from_the_report_of_its_host(tmp_path: Path) -> None:
+    """h4's report still has vm1's old demand (no disks): the host vm1 runs on says."""
+    env = reader_env(tmp_path)
+    env.reports(T0 + 1, extra={
+        "h1": {"declares": ["d4"], "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]}},
+               "volumes": [vol("d4", "h4", "second")]},
+        "h2": {"declares": ["d4"]}, "h4": {"demand": {"vm1": {"cpu": 0.2}}}})
+    assert env.service.view(T0 + 1).disks["d4"].users == ("vm1",)
+    assert env.service.placement()["d4"]["users"] == ["vm1"]
