@@ -83,6 +83,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
         steps = " -> ".join(body.get("steps", []))
         if body.get("dry_run"):
             print(f"dry run: power {args.op} {args.host} would run {steps}; nothing changed")
+            dec = body.get("decision") or {}
+            for vm, to in sorted((dec.get("placement") or {}).items()):
+                print(f"  VM {vm} -> {to}")
+            for disk, to in sorted((dec.get("readers") or {}).items()):
+                print(f"  disk {disk}: reader {args.host} -> {to} (with its VMs)")
         else:
             print(f"power {args.op} {args.host} started as {body['operation']['id']}: {steps}")
     return 0

@@ -89,3 +89,19 @@ def test_dry_run_and_bad_input(server: tuple[ManagerServer, Path],
     assert run("power", "off", "H3!", *opts(srv, key)) == 2
     assert run("power", "off", "h9", *opts(srv, key)) == 2  # unknown host
     assert run("power", "on", "h2", *opts(srv, key)) == 1  # on already
+
+
+def test_a_dry_run_shows_the_reader_moves(server: tuple[ManagerServer, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    srv, key = server
+    from netsvc.cluster.client import ManagerClient
+
+    c = ManagerClient(srv.url, KEY.encode())
+    assert c.request("POST", "/v1/power/reports",
+                     {"host": "h2", "networks": ["vmnet"], "declares": ["d3"]})[0] == 200
+    assert run("power", "off", "h1", "--dry-run", *opts(srv, key)) == 0
+    out = capsys.readouterr().out
+    assert "dry run: power off h1 would run migrate" in out
+    assert "disk d3: reader h1 -> h2 (with its VMs)" in out
+    assert run("power", "status", "--json", *opts(srv, key)) == 0
+    assert '"reader": "h1"' in capsys.readouterr().out  # a dry run changes nothing
