@@ -25,6 +25,11 @@ Invariants:
 - What this host serves is recorded with where each disk is (the state file lists the disks
   served, nothing else); a restarted agent serves what it served, and a standby disk only
   when the manager opens it. With no state file yet, the ``--power-disk`` disks are served.
+- Before this host takes a VM in a live migration (the ``attaching`` hook of the migration's
+  prepare), the VM's disks this host declares and does not serve are asked for
+  (``POST /v1/power/follow``); the hook returns once the manager's ``open`` made them served
+  here, and fails the migration (nothing attached) if that is refused, fails or takes longer
+  than ``FOLLOW_WAIT_S``.
 - ``release`` of a disk not served here hands back nothing (an undo of an open that never
   happened is safe); ``open`` and ``merge`` check the copy the manager names: a disk served
   here on another copy is an error, never silently switched.
@@ -49,6 +54,7 @@ from netsvc.power.volume import MoveError, PowerVolume
 from netsvc.storage.multipath import PathError, PathId
 
 REPORT_EVERY_S = 1.0
+FOLLOW_WAIT_S = 30.0  # an incoming migration waits this long for its disks to be opened here
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class PowerAgent:
         self.endpoint: Any = None
         self._lock = threading.Lock()  # one move at a time
         self._openers: list[threading.Thread] = []  # background opens of a disk's other copy
+        self._open_errors: dict[str, str] = {}  # disk -> why its last open here failed
 
     def _state_path(self) -> str | None:
         return os.path.join(self.state_dir, "power-disks.json") if self.state_dir else None
@@ -319,7 +326,9 @@ class PowerAgent:
                 try:
                     vol = self._open_disk(disk, want, lazy_other=True)
                 except OSError as exc:
+                    self._open_errors[disk] = str(exc)
                     raise RuntimeError(str(exc)) from None
+                self._open_errors.pop(disk, None)
                 if want is Copy.SECOND:
                     with vol._cv:
                         vol.core.track()
@@ -333,3 +342,41 @@ class PowerAgent:
             self._save_state()
             return {"disk": disk, "where": vol.where.value, "merged_blocks": len(blocks),
                     "dirty_blocks": vol.dirty()}
+
+    # -- a VM coming here in a live migration -------------------------------------------
+
+    def attaching(self, vm: str, action: Mapping[str, Any], *,
+                  wait: float = FOLLOW_WAIT_S) -> None:
+        """Before an incoming migration's prepare: have ``vm``'s disks served here (module
+        docstring)."""
+        import time
+
+        if action.get("kind") != "migrate":
+            return
+        dem = self.demand().get(vm) or {}
+        uses = [str(d) for d in (dem.get("disks") or []) if str(d) in self.confs]
+        need = sorted(d for d in uses if d not in self.volumes)
+        if not need:
+            return
+        for d in need:
+            self._open_errors.pop(d, None)
+        client = self.ctx.make_client(timeout=5.0)
+        status, body = client.request("POST", "/v1/power/follow",
+                                      {"host": self.ctx.host, "vm": vm, "disks": need})
+        if status != 200:
+            why = body.get("error") if isinstance(body, dict) else body
+            raise RuntimeError(f"power: {vm}'s disks {', '.join(need)} cannot follow it here "
+                               f"({status}: {why})")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [d for d in need if d not in self.volumes]
+            if not missing:
+                self.ctx.log(f"power: {', '.join(need)} served here for {vm}")
+                return
+            failed = {d: self._open_errors[d] for d in missing if d in self._open_errors}
+            if failed:
+                raise RuntimeError(f"power: opening {vm}'s disks here failed: {failed}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"power: {', '.join(missing)} not opened here for {vm} "
+                                   f"within {wait:.0f} s")
+            time.sleep(0.05)

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlugin
+from netsvc.cluster.service import AgentContext, AgentPart, LabPart, ServicePlugin, VmHooks
 
 AGENT_KEY = "power.agent"
 
@@ -93,6 +93,12 @@ def _reader(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
                              dirty if isinstance(dirty, list) else ()))
 
 
+def _attaching(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:
+    agent = ctx.options.get(AGENT_KEY)
+    if agent is not None:
+        agent.attaching(vm, action)
+
+
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
     from netsvc.lab.power_storage import agent_args
 
@@ -118,7 +124,8 @@ PLUGIN = ServicePlugin(
     config=_config,
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
-                    executors={"power-move": _move, "power-reader": _reader}),
+                    executors={"power-move": _move, "power-reader": _reader},
+                    vm_hooks=VmHooks(attaching=_attaching)),
     lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )

@@ -4,6 +4,7 @@
   each agent: the VM disks it reads (where each one's authoritative copy is, its dirty blocks,
   its I/O errors, whether its second resource answers), the disks it can serve (``declares``)
   and its VMs' CPU/memory demand (and the disks each VM uses);
+- ``FollowRequest``: ``POST /v1/power/follow``, from a migration's target before its prepare;
 - ``OperatorRequest``: ``POST /v1/power/{host}/off|on``;
 - ``PowerTable``: the ``[power]`` table of the manager's TOML.
 
@@ -62,6 +63,15 @@ class PowerReport(Schema, frozen=True):
     networks: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
     #: the disks this host's agent can serve (``--power-disk`` and ``--power-disk-standby``)
     declares: Annotated[list[Name], Meta(max_length=256)] = field(default_factory=list)
+
+
+class FollowRequest(Schema, frozen=True):
+    """``POST /v1/power/follow``: a migration's target (``host``) is about to take ``vm``,
+    which uses ``disks``."""
+
+    host: Name
+    vm: Name
+    disks: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
 
 
 class OperatorRequest(Schema, frozen=True):

@@ -24,6 +24,14 @@ reported by a host with no document gets that host as its reader (the agents'
 ``--power-disk``); a report from another host is not taken as the reader (journaled
 ``power-reader-conflict`` once).
 
+Any live migration of a VM that uses a disk (not only a power-off's): the target's agent, in
+its ``attaching`` hook before the migration's prepare, asks ``POST /v1/power/follow`` for the
+VM's disks it declares and does not serve; the manager starts a handover per disk (the same
+``power-reader`` actions: open there now; once the migration has ended, release at the old
+reader and merge at the new one if every VM of the disk runs there, hand back if none does,
+``split`` if they are on both), journaled ``power-reader-follow-*``. No planner decision and no
+operation starts while one runs; none is accepted while an operation runs.
+
 Invariants:
 
 - At most one operation at a time (and the planner decides nothing while one runs).
@@ -87,7 +95,7 @@ from netsvc.power.planner import (
     VmView,
     reader_moves,
 )
-from netsvc.power.schemas import OperatorRequest, PowerReport, PowerTable
+from netsvc.power.schemas import FollowRequest, OperatorRequest, PowerReport, PowerTable
 
 OFF_STEPS = ("migrate", "move", "bmc-off", "confirm")
 ON_STEPS = ("bmc-on", "agent-up", "resync")
@@ -183,6 +191,13 @@ def _report(obj: object) -> PowerReport:
 _report.__schema__ = PowerReport  # type: ignore[attr-defined]
 
 
+def _follow(obj: object) -> FollowRequest:
+    return convert(obj, FollowRequest)
+
+
+_follow.__schema__ = FollowRequest  # type: ignore[attr-defined]
+
+
 def _operator(obj: object) -> OperatorRequest:
     return convert(obj if obj is not None else {}, OperatorRequest)
 
@@ -224,6 +239,9 @@ class PowerService(BaseManagerService):
         self._bmcs: dict[str, Any] | None = None
         self._now = 0.0
         self._docs: dict[str, dict[str, Any]] = {}  # disk -> its durable document
+        self._follows: dict[str, tuple[Handover, str]] = {}  # disk -> (handover, the VM)
+        self._follow_waiting: dict[str, str] = {}  # action id -> disk
+        self._followed: list[dict[str, Any]] = []  # the last follows that ended
         self._conflicts: set[tuple[str, str]] = set()  # (disk, host) journaled
 
     def bind(self, kernel: Kernel) -> None:
@@ -254,6 +272,11 @@ class PowerService(BaseManagerService):
             Route("POST", r"/v1/power/reports", "power_report", self._route_report,
                   body=_report, mutates=True, access=agent_of(field="host"),
                   summary="an agent's VM disks (where each copy is) and its VMs' demand"),
+            Route("POST", r"/v1/power/follow", "power_follow", self._route_follow,
+                  body=_follow, mutates=True, access=agent_of(field="host"),
+                  summary="a migration's target asks for the VM's disks before its prepare: "
+                  "each disk's reader follows the VM there (opened there now, handed over "
+                  "once the migration ended)"),
             Route("POST", r"/v1/power/([^/]+)/(off|on)", "power_operator",
                   self._route_operator, body=_operator, mutates=True,
                   summary="an operator powers a host off (its VMs and data moved first) or "
@@ -289,7 +312,7 @@ class PowerService(BaseManagerService):
         """The readers' documents from a report: a disk with none gets the reporting host;
         its reader's report keeps where the disk is authoritative up to date."""
         moving = {d for h in ((self._op.handovers if self._op else {}).values())
-                  for d in [h.disk] if not h.phase.final}
+                  for d in [h.disk] if not h.phase.final} | set(self._follows)
         for v in rep.volumes:
             doc = self._docs.get(v.name)
             if doc is None:
@@ -453,6 +476,12 @@ class PowerService(BaseManagerService):
         if self._op is not None:
             self._next_eval = now + DRIVE_EVERY_S
             self._drive(now, wall)
+            return
+        if self._follows:
+            self._next_eval = now + DRIVE_EVERY_S
+            self._drive_follows(now, wall)
+            self._reasons = {h: "waiting: the reader of " + ", ".join(sorted(self._follows))
+                             + " follows its VM" for h in view.hosts}
             return
         self._next_eval = now + EVAL_EVERY_S
         silent = sorted(h for h, x in self.kernel.model.hosts.items()
@@ -701,11 +730,140 @@ class PowerService(BaseManagerService):
                           action=a.id)
             self._store_disk(disk, h.doc())
 
+    def _journal_reader(self, kernel: Kernel, h: Handover, action: Action, ok: bool,
+                        res: Mapping[str, Any], detail: str, before: Phase, now: float,
+                        wall: float | None, operation: str | None) -> None:
+        what, host = str(action.payload.get("op")), str(action.payload.get("reader"))
+        kernel.journal_append(now, wall, f"power-reader-{what}-{'done' if ok else 'failed'}",
+                              f"disk:{h.disk}", f"{what} of {h.disk} at {host}: "
+                              f"{before.value} -> {h.phase.value}"
+                              + ("" if ok else f": {detail}"), actor="power",
+                              details={"action": action.id, "operation": operation,
+                                       "reader": h.reader, "held_blocks": len(h.held),
+                                       **{k: v for k, v in res.items() if k != "dirty"},
+                                       "dirty_blocks": sum(int(r[1]) for r in
+                                                           res.get("dirty") or [])})
+
+    # -- a reader following a VM's live migration (any migration) --------------------------
+
+    def _route_follow(self, r: Request) -> Reply:
+        return Reply(200, self.follow(r.body, now=r.now, wall=r.wall))
+
+    def follow(self, req: FollowRequest, *, now: float, wall: float | None = None
+               ) -> dict[str, Any]:
+        """``req.host`` is about to take ``req.vm`` (a migration's prepare): each of its disks
+        that ``req.host`` declares and does not read gets a handover towards it. Refused
+        (``Refused``, journaled) while an operation runs, for a disk that is moving, or one
+        ``req.host`` does not declare; nothing starts then."""
+        k = self.kernel
+        k.check_fenced()
+        if req.host not in k.model.hosts:
+            raise UnknownEntity("host", req.host)
+        vm = k.model.vms.get(req.vm)
+        if vm is None:
+            raise UnknownEntity("VM", req.vm)
+        subject = f"vm:{req.vm}"
+        rep = self._reports.get(req.host)
+        declared = set(rep[0].declares) if rep else set()
+
+        def refuse(rule: str, why: str) -> None:
+            k.journal_append(now, wall, "power-reader-follow-refused", subject,
+                             f"refused ({rule}): {why}", actor="power",
+                             details={"rule": rule, "host": req.host, "disks": req.disks})
+            raise Refused(rule, f"{req.vm}'s disks cannot follow it to {req.host}: {why}")
+
+        if self._op is not None:
+            refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
+                   f"{self._op.host}) is under way")
+        todo = []
+        for disk in sorted(set(req.disks)):
+            doc = self._docs.get(disk)
+            if doc is None:
+                refuse("disk-known", f"no reader is known for {disk}")
+                return {}
+            if doc["reader"] == req.host:
+                continue
+            if disk not in declared:
+                refuse("host-declares-disk", f"{req.host} does not declare {disk}")
+            if disk in self._follows:
+                h0, vm0 = self._follows[disk]
+                if h0.target == req.host:
+                    continue  # this VM goes where the disk already goes
+                refuse("one-handover-per-disk", f"{disk} is following {vm0} to {h0.target}")
+            todo.append((disk, doc))
+        started = {}
+        for disk, doc in todo:
+            h = Handover(disk, str(doc.get("owner") or ""), str(doc["reader"]), req.host,
+                         str(doc.get("where") or "first"), now,
+                         min(self.config.step_timeout_s, 120.0),
+                         reason=f"{req.vm} migrates to {req.host}: {disk}'s reader follows")
+            self._follows[disk] = (h, req.vm)
+            started[disk] = {"source": h.source, "target": h.target, "where": h.where}
+            k.journal_append(now, wall, "power-reader-follow", f"disk:{disk}",
+                             f"{disk}'s reader moves {h.source} -> {h.target} with {req.vm} "
+                             f"(authoritative on its {h.where} copy)", actor="power",
+                             details={"vm": req.vm, **started[disk]})
+        if started:
+            self._drive_follows(now, wall)
+            self._next_eval = min(self._next_eval, now + DRIVE_EVERY_S)
+        return {"vm": req.vm, "host": req.host, "handovers": started}
+
+    def _drive_follows(self, now: float, wall: float | None) -> None:
+        m = self.kernel.model
+        migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
+        for disk, (h, vm) in sorted(self._follows.items()):
+            h.check(now)
+            if h.phase is Phase.OPENED and vm not in migrating:
+                v = m.vms.get(vm)
+                users = self.placement().get(disk, {}).get("users") or [vm]
+                where = {m.vms[u].host for u in {*users, vm} if u in m.vms}
+                if v is not None and where <= {h.target}:
+                    h.vms_moved(now)
+                elif v is None or where <= {h.source}:
+                    h.vms_stayed(now, f"{vm} did not move to {h.target}")
+                else:
+                    h.vms_split(now, f"{disk}'s VMs run on "
+                                + ", ".join(sorted(str(x) for x in where)))
+            step = h.want(now)
+            if step is not None:
+                try:
+                    a = self.kernel.queue_action(
+                        "power-reader", _rkey(disk),
+                        payload={**step.payload, "reader": step.host, "follow": vm},
+                        reason=f"{h.reason}: {step.op} at {step.host}", now=now, wall=wall)
+                    self._follow_waiting[a.id] = disk
+                except Refused:
+                    h.queued = False  # the disk's previous action is still open: next tick
+            self._store_disk(disk, h.doc())
+            if h.phase.final:
+                del self._follows[disk]
+                self._followed = [*self._followed[-9:], {
+                    "disk": disk, "vm": vm, "source": h.source, "target": h.target,
+                    "phase": h.phase.value, "error": h.error, "reader": h.reader}]
+                self.kernel.journal_append(
+                    now, wall, f"power-reader-follow-{h.phase.value}", f"disk:{disk}",
+                    f"{disk}'s reader is {h.reader}" + (f" ({h.error})" if h.error else ""),
+                    actor="power", details={"vm": vm, "source": h.source,
+                                            "target": h.target, "phase": h.phase.value})
+
     def _reader_complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
                          detail: str, kernel: Kernel, now: float,
                          wall: float | None) -> Action:
         op = self._op
         res = dict(result or {})
+        if action.id in self._follow_waiting:
+            fdisk = self._follow_waiting.pop(action.id)
+            if fdisk in self._follows:
+                h, _vm = self._follows[fdisk]
+                before = h.phase
+                h.result(str(action.payload.get("op")), str(action.payload.get("reader")), ok,
+                         res, detail, now)
+                self._store_disk(fdisk, h.doc())
+                self._journal_reader(kernel, h, action, ok, res, detail, before, now, wall,
+                                     None)
+                self._next_eval = now
+            return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
+                                     detail=detail or None, result=res or None)
         disk = op.reader_waiting.pop(action.id, None) if op is not None else None
         host = str(action.payload.get("reader"))
         what = str(action.payload.get("op"))
@@ -714,15 +872,7 @@ class PowerService(BaseManagerService):
             before = h.phase
             h.result(what, host, ok, res, detail, now)
             self._store_disk(disk, h.doc())
-            kernel.journal_append(now, wall, f"power-reader-{what}-{'done' if ok else 'failed'}",
-                                  f"disk:{disk}", f"{what} of {disk} at {host}: "
-                                  f"{before.value} -> {h.phase.value}"
-                                  + ("" if ok else f": {detail}"), actor="power",
-                                  details={"action": action.id, "operation": op.id,
-                                           "reader": h.reader, "held_blocks": len(h.held),
-                                           **{k: v for k, v in res.items() if k != "dirty"},
-                                           "dirty_blocks": sum(int(r[1]) for r in
-                                                               res.get("dirty") or [])})
+            self._journal_reader(kernel, h, action, ok, res, detail, before, now, wall, op.id)
             self._next_eval = now
         return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                  detail=detail or None, result=res or None)
@@ -960,8 +1110,10 @@ class PowerService(BaseManagerService):
             raise UnknownEntity("host", host)
         subject = f"host:{host}"
         view = self.view(now)
-        if self._op is not None:
-            why = f"operation {self._op.id} ({self._op.op} {self._op.host}) is under way"
+        if self._op is not None or self._follows:
+            why = (f"operation {self._op.id} ({self._op.op} {self._op.host}) is under way"
+                   if self._op is not None else "the reader of "
+                   + ", ".join(sorted(self._follows)) + " is following its VM")
             k.journal_append(now, wall, f"power-{op}-refused", subject, why,
                              dry_run=req.dry_run, actor="operator",
                              details={"rule": "one-transition-at-a-time"})
@@ -1019,7 +1171,10 @@ class PowerService(BaseManagerService):
                            "auto": self.config.planner.auto, "dry_run": self.config.dry_run},
                 "hosts": hosts, "placement": placement, "watts": watts_total or None,
                 "operation": self._op.to_dict(now) if self._op else None,
-                "history": [o.to_dict(now) for o in self._history[-5:]]}
+                "history": [o.to_dict(now) for o in self._history[-5:]],
+                "follows": {d: {"vm": vm, "source": h.source, "target": h.target,
+                                "phase": h.phase.value} for d, (h, vm) in self._follows.items()},
+                "followed": list(self._followed)}
 
 
 def report_to_dict(rep: PowerReport) -> dict[str, Any]:

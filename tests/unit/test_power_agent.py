@@ -154,3 +154,54 @@ def test_an_agent_refuses_a_disk_it_does_not_declare() -> None:
     agent = PowerAgent(ctx(), {})
     with pytest.raises(RuntimeError, match="does not declare d9"):
         agent.reader("open", "d9", "first")
+
+
+def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
+        tmp_path: Path) -> None:
+    """The attaching hook asks the manager (a stand-in that opens the disk here from another
+    thread, as the manager's power-reader action would) and returns once the disk is served;
+    a refusal fails the migration."""
+    import threading
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    demand = tmp_path / "demand.json"
+    demand.write_text(json.dumps({"vm1": {"cpu": 0.1, "disks": ["d3"]}}))
+    asked: list[Any] = []
+
+    class Manager:
+        def __init__(self, status: int) -> None:
+            self.status = status
+
+        def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+            asked.append((method, path, body))
+            if self.status == 200:
+                threading.Timer(0.2, lambda: agent.reader("open", "d3", "first")).start()
+            return self.status, {"error": "refused (one-transition-at-a-time)"}
+
+    with ExitStack() as st:
+        a = st.enter_context(nbdkit_array(tmp_path / "a", {"d3": 4 * MiB}, ports=1))
+        b = st.enter_context(nbdkit_array(tmp_path / "b", {"d3": 4 * MiB}, ports=1))
+        spec = f"d3@h3=lo>stor-a>{a.port(0)};lo>stor-a>{b.port(0)}"
+        c = ctx()
+        manager = Manager(409)
+        c = AgentContext(host="h2", url=c.url, key=c.key, driver=None, log=c.log,
+                         make_client=lambda **kw: manager)  # type: ignore[arg-type,return-value]
+        agent = PowerAgent(c, parse_disks([], [spec]), demand_file=str(demand))
+        agent.open()
+        try:
+            agent.attaching("vm1", {"kind": "start"})  # not a migration: nothing asked
+            assert asked == []
+            with pytest.raises(RuntimeError, match="cannot follow it here"):
+                agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"})
+            assert "d3" not in agent.volumes
+            manager.status = 200
+            agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"}, wait=10.0)
+            assert "d3" in agent.volumes
+            assert asked[-1] == ("POST", "/v1/power/follow",
+                                 {"host": "h2", "vm": "vm1", "disks": ["d3"]})
+            n = len(asked)
+            agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"})  # served: no ask
+            assert len(asked) == n
+        finally:
+            agent.close()

@@ -431,3 +431,61 @@ def test_a_vms_disks_come_from_the_report_of_its_host(tmp_path: Path) -> None:
         "h2": {"declares": ["d4"]}, "h4": {"demand": {"vm1": {"cpu": 0.2}}}})
     assert env.service.view(T0 + 1).disks["d4"].users == ("vm1",)
     assert env.service.placement()["d4"]["users"] == ["vm1"]
+
+
+def test_a_live_migration_takes_its_disks_reader_with_it(tmp_path: Path) -> None:
+    """Not a power-off: an operator migrates vm1 (d4's only VM) from h1 to h2. h2's agent,
+    before the prepare, asks for d4 (follow); the manager opens it at h2, and once the
+    migration ended releases it at h1 and merges its dirty set at h2."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 1)
+    assert out["handovers"] == {"d4": {"source": "h1", "target": "h2", "where": "second"}}
+    with pytest.raises(Refused) as exc:  # no operation while a reader follows its VM
+        env.service.operator("h3", "off", OperatorRequest(), now=T0 + 1)
+    assert exc.value.rule == "one-transition-at-a-time"
+    [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (o.host, o.payload["op"], o.payload["where"]) == ("h2", "open", "second")
+    run_action(env, "power-reader", T0 + 2, result={"where": "second"})
+    env.tick(T0 + 2.5)
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []  # migrating
+    run_action(env, "migrate", T0 + 3, result={})
+    env.tick(T0 + 3.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")
+    run_action(env, "power-reader", T0 + 4, result={"where": "second", "dirty": [[5, 2]]})
+    env.tick(T0 + 4.5)
+    [g] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["dirty"]) == ("h2", "merge", [[5, 2]])
+    run_action(env, "power-reader", T0 + 5, result={"where": "second"})
+    env.tick(T0 + 5.5)
+    assert env.service.reader_of("d4") == "h2"
+    assert env.core.model.service_docs["power/d4"]["reader"] == "h2"
+    st = env.service.power_status(T0 + 6)
+    assert st["follows"] == {} and st["followed"][-1]["phase"] == "done"
+    assert "power-reader-follow-done" in env.actions("power-reader-follow")
+
+
+def test_a_follow_is_refused_for_an_undeclared_disk_and_undone_if_the_vm_stays(
+        tmp_path: Path) -> None:
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    with pytest.raises(Refused) as exc:
+        env.service.follow(FollowRequest(host="h3", vm="vm1", disks=["d4"]), now=T0 + 1)
+    assert exc.value.rule == "host-declares-disk"
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    env.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 1)
+    run_action(env, "power-reader", T0 + 2, result={"where": "second"})
+    run_action(env, "migrate", T0 + 3, ok=False, detail="prepare failed")
+    env.tick(T0 + 3.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h2", "release")  # the target hands back
+    run_action(env, "power-reader", T0 + 4, result={"where": "second", "dirty": []})
+    env.tick(T0 + 4.5)
+    run_action(env, "power-reader", T0 + 5, result={"where": "second"})  # merge at h1
+    env.tick(T0 + 5.5)
+    assert env.service.reader_of("d4") == "h1"
+    assert env.service.power_status(T0 + 6)["followed"][-1]["phase"] == "undone"
