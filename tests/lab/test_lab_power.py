@@ -52,10 +52,12 @@ def test_power_cycle_moves_data_keeps_writes_and_resyncs_only_changes(tmp_path: 
     assert {"the planner powered h1 off too (a reader of d2, d3, d4), its readers moved with "
             "its VMs", "d3's guests run on d3's new reader, together",
             "h1 powered on (demand high) and d1 moved back",
+            "vm2 migrated h2 -> h4 (an operator's migration) and d1's reader followed it",
             "each moved disk's reader is the planned host (the manager's record)"} <= names
     events = {json.loads(x)["name"] for x in (tmp_path / "timeline.jsonl").read_text()
               .splitlines()}
-    assert {"power-reader-open-done", "power-reader-release-done", "power-reader-merge-done",
+    assert {"power-reader-follow-done", "power-reader-open-done", "power-reader-release-done",
+            "power-reader-merge-done",
             "power-off-accepted", "power-off-move-done", "power-off-bmc-off-done",
             "power-off-confirm-done", "power-on-resync-done", "first-resource-started",
             "power-off-refused"} <= events

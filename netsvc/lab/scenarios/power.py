@@ -32,6 +32,9 @@ Steps:
 3. demand rises: the planner powers ``h3`` on (IPMI), its agent and first resource come back,
    only the blocks written meanwhile are copied back (by ``d3``'s new reader, with the set
    ``h1`` handed over), the paths move back; then ``h1`` the same way (``d1``);
+   Then an operator migrates ``d1``'s guest from ``h2`` to ``h4``: ``h4``'s agent asks for
+   ``d1`` before the prepare, the manager opens it there, and once the migration ended
+   releases it at ``h2`` and merges its state at ``h4`` (``follow_s``);
 4. the clients stop; each guest must still answer ``PING`` with its whole count (a guest that
    stopped on a disk error fails here), and every acknowledged write must be in its disk log
    read back with ``nbdcopy`` from the owner's first resource (after the resync; not through
@@ -296,6 +299,27 @@ def _reader_off(lab: Lab, checks: Checks, guests: dict[str, tuple[str, int]]
             "reader_migrate_s": _step_s(off, "migrate")}
 
 
+def _follow(lab: Lab, checks: Checks, guests: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """Step 3b: an operator migrates ``d1``'s guest (on ``h2``, ``d1``'s reader) to ``h4``;
+    ``d1``'s reader follows it (``h4``'s agent asks before the prepare)."""
+    [vm] = [v for v, (o, _) in guests.items() if o == "h1"]
+    source = lab.vms[vm].host
+    target = "h4" if source != "h4" else "h3"
+    t0 = time.monotonic()
+    mgr = lab.manager()
+    action = mgr.migrate(vm, target, "power-cycle scenario: d1's reader follows its VM")["action"]
+    done = mgr.wait_action(action["id"], timeout=90.0)
+    wait_for("d1's reader handover", lambda: not _power(lab)["follows"], 30.0, 0.1)
+    took = time.monotonic() - t0
+    st = _power(lab)
+    last = (st.get("followed") or [{}])[-1]
+    checks.check(f"{vm} migrated {source} -> {target} (an operator's migration) and d1's "
+                 "reader followed it", done["state"] == "SUCCEEDED" and lab.vms[vm].host == target
+                 and st["placement"]["d1"]["reader"] == target and last.get("phase") == "done",
+                 f"{done['state']}: {done.get('detail')}; {last}")
+    return {"follow_s": round(took, 3), "follow": last}
+
+
 def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     store = PowerStorage(lab, params["disk_mib"] << 20)
     store.build()
@@ -379,6 +403,9 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
             "switch_stall_ms": off["results"].get("max_switch_stall_ms"),
             "move_s": _step_s(off, "move")})
         time.sleep(1.0)  # some writes after the paths moved back, too
+        phases.append((time.time(), "follow"))
+        figures.update(_follow(lab, checks, guests))
+        time.sleep(1.0)  # and some through the reader the disk followed
     finally:
         logs = {vm: c.stop() for vm, c in clients.items()}
     writes = {vm: clients[vm].sent for vm in guests}
