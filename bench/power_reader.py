@@ -17,6 +17,9 @@ new reader. Figures per run, from the scenario's report:
   steady load before anything moves (the peer: what the clients see anyway);
 - ``reader_migrate_s``: the migrate step of ``h1``'s power-off (opens, migrations, releases,
   merges); ``reader_power_off_s``: decision -> BMC confirmed ``h1`` off;
+- ``follow_s``: later in the run, an operator's live migration of ``d1``'s guest from ``h2`` to
+  ``h4``, from the request to ``d1``'s reader being ``h4`` (its open there before the
+  migration's prepare, the migration, the release and merge after it);
 - ``io_errors`` and ``writes_verified`` / ``writes`` over the whole scenario.
 
 Left out: the lab's migration is the lab hypervisor's (a guest process whose disk reopens),
@@ -39,7 +42,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("reader_off_max_gap_ms", "load_max_gap_ms", "reader_migrate_s", "reader_power_off_s",
-        "max_io_stall_ms", "io_errors", "writes", "writes_verified", "reader_moves", "ok")
+        "max_io_stall_ms", "io_errors", "writes", "writes_verified", "reader_moves",
+        "follow_s", "ok")
 
 
 def one(run: int) -> dict[str, Any]:
@@ -80,7 +84,8 @@ def main() -> int:
 
     summary = {"runs_ok": len(good), "runs": len(runs),
                **{f"median_{k}": med(k) for k in ("reader_off_max_gap_ms", "load_max_gap_ms",
-                                                  "reader_migrate_s", "reader_power_off_s")},
+                                                  "reader_migrate_s", "reader_power_off_s",
+                                                  "follow_s")},
                "max_reader_off_max_gap_ms": max((float(x["reader_off_max_gap_ms"])
                                                  for x in good), default=None),
                "io_errors": sum(int(x.get("io_errors") or 0) for x in runs)}
