@@ -5,8 +5,8 @@ Files in the store's directory, for disk ``NAME``:
 
 - ``NAME.img``: the replica's content (always a whole epoch once one was applied);
 - ``NAME.state``: JSON ``{"applied": N, "pending": null | {"epoch": N, "stage": F}, "live":
-  bool, "fresh": bool}``, replaced atomically (write, fsync, rename, fsync the directory): **the rename that
-  writes ``pending`` is the commit point**;
+  bool, "fresh": bool}``, replaced atomically (write, fsync, rename, fsync the directory):
+  **the rename that writes ``pending`` is the commit point**;
 - ``NAME.stage-K`` and ``NAME.stage-K.idx``: one epoch's staged data and its write list.
 
 The first epoch of a replica the store created itself (``fresh``: its image was never a point in
