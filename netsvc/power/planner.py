@@ -11,6 +11,8 @@ Power-off requirement (all of it, checked in ``POWER_OFF_RULES`` order; the firs
 fails is the one named in a refusal):
 
 - the host is on, not protected, and nothing else is being powered off or on;
+- no disk it owns or reads is served by two hosts at once (``split``: a move's
+  drain-then-switch covers one reader's I/O only);
 - each VM disk this host reads (serves to its VMs) has a new reader (``reader_moves``): the
   VMs that use a disk move together, to a host that declares it can serve the disk, and that
   host becomes its reader; a disk no VM uses goes to the first other host that is on and
@@ -52,7 +54,7 @@ from typing import Any
 
 #: The rules that can refuse a power-off, in the order they are checked.
 POWER_OFF_RULES = (
-    "host-on", "not-protected", "one-transition-at-a-time",
+    "host-on", "not-protected", "one-transition-at-a-time", "one-reader-per-disk",
     "no-host-in-maintenance", "no-host-partitioned", "min-time-on", "vms-can-move",
     "last-copy-has-second-resource",
     "not-last-host-of-network", "remaining-hosts-hold-every-vm", "disk-has-a-new-reader",
@@ -111,6 +113,7 @@ class DiskView:
     reader: str | None = None  # the host whose agent serves the disk to its VMs
     servers: tuple[str, ...] = ()  # the hosts whose agents declare they can serve it
     users: tuple[str, ...] = ()  # the VMs that use it
+    split: tuple[str, ...] = ()  # a handover left it served by these two hosts at once
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,11 @@ class Planner:
                 if x.power in (PowerState.GOING_OFF, PowerState.GOING_ON)]
         if busy:
             refuse("one-transition-at-a-time", f"{', '.join(sorted(busy))} in transition")
+        split = sorted(d.name for d in view.disks.values() if d.split and (
+            d.owner == host or d.reader == host or host in d.split))
+        if split:
+            refuse("one-reader-per-disk", f"{', '.join(split)} is served by two hosts at once "
+                   "(a handover left it split): no move of it is safe")
         maint = sorted(x.name for x in view.hosts.values() if x.maintenance)
         if maint:
             refuse("no-host-in-maintenance", f"in maintenance: {', '.join(maint)}")

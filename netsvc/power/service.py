@@ -393,9 +393,12 @@ class PowerService(BaseManagerService):
                 reader = self.reader_of(vol.name) or r.host
                 if reader != r.host and vol.name in disks:
                     continue  # the reader's own report wins
+                ho = (self._docs.get(vol.name) or {}).get("handover") or {}
+                split = (str(ho.get("source")), str(ho.get("target"))) \
+                    if ho.get("phase") == "split" else ()
                 disks[vol.name] = DiskView(vol.name, vol.owner, vol.copies, vol.second_ok,
                                           reader, tuple(sorted(servers.get(vol.name, []))),
-                                          tuple(sorted(users.get(vol.name, []))))
+                                          tuple(sorted(users.get(vol.name, []))), split)
         return ClusterView(hosts, vms, disks)
 
     def _vm_demand(self) -> dict[str, Any]:
@@ -477,6 +480,7 @@ class PowerService(BaseManagerService):
             self._next_eval = now + DRIVE_EVERY_S
             self._drive(now, wall)
             return
+        self._resolve_splits(now, wall)
         if self._follows:
             self._next_eval = now + DRIVE_EVERY_S
             self._drive_follows(now, wall)
@@ -808,6 +812,37 @@ class PowerService(BaseManagerService):
             self._next_eval = min(self._next_eval, now + DRIVE_EVERY_S)
         return {"vm": req.vm, "host": req.host, "handovers": started}
 
+    def _resolve_splits(self, now: float, wall: float | None) -> None:
+        """A disk a handover left served by two hosts (``split``) whose VMs now all run on
+        one of them, none migrating: hand it over to that one (both serve it already: the
+        handover starts at its release)."""
+        m = self.kernel.model
+        migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
+        users = {d: p.get("users") or [] for d, p in self.placement().items()}
+        for disk, doc in sorted(self._docs.items()):
+            ho = doc.get("handover") or {}
+            if ho.get("phase") != "split" or disk in self._follows:
+                continue
+            vms = [u for u in users.get(disk, []) if u in m.vms]
+            hosts = {m.vms[u].host for u in vms}
+            if not vms or set(vms) & migrating or len(hosts) != 1:
+                continue
+            [at] = hosts
+            src, tgt = str(ho.get("source")), str(ho.get("target"))
+            if at not in (src, tgt):
+                continue
+            keep, drop = (tgt, src) if at == tgt else (src, tgt)
+            h = Handover(disk, str(doc.get("owner") or ""), drop, keep,
+                         str(doc.get("where") or "first"), now,
+                         min(self.config.step_timeout_s, 120.0), phase=Phase.OPENED,
+                         reason=f"{disk} was split; its VMs all run on {keep}")
+            h.held = set()
+            self._follows[disk] = (h, vms[0])
+            self.kernel.journal_append(now, wall, "power-reader-follow", f"disk:{disk}",
+                                       f"{disk} was served by {src} and {tgt}; its VMs all run "
+                                       f"on {keep}: {drop} hands it over", actor="power",
+                                       details={"source": drop, "target": keep})
+
     def _drive_follows(self, now: float, wall: float | None) -> None:
         m = self.kernel.model
         migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
@@ -885,6 +920,11 @@ class PowerService(BaseManagerService):
         return out
 
     def _queue_moves(self, op: Operation, to: str, now: float, wall: float | None) -> bool:
+        split = sorted(d for d, doc in self._docs.items() if doc.get("owner") == op.host
+                       and (doc.get("handover") or {}).get("phase") == "split")
+        if split:
+            raise Refused("one-reader-per-disk", f"{', '.join(split)} is served by two hosts "
+                          "at once: a move's drain would miss the other's writes")
         readers = self._readers(op.host)
         if not readers:
             return False

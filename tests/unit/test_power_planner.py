@@ -288,3 +288,13 @@ def test_reader_moves_follow_the_vms_to_hosts_that_declare_the_disk(data: st.Dat
         assert t != host and t in d.servers
         for u in d.users:  # and every VM that uses it runs there afterwards
             assert placement.get(u, vms[u][0]) == t
+
+
+def test_a_split_disk_refuses_moving_it() -> None:
+    v = cluster(QUIET, disks={"d1": DiskView("d1", "h4", reader="h2", servers=("h2", "h3"),
+                                             split=("h2", "h3"))})
+    p = Planner(cfg())
+    for host in ("h4", "h2", "h3"):  # its owner, and both hosts that serve it
+        assert "one-reader-per-disk" in [r.rule for r in
+                                         p.check_off(v, host, 0.0, operator=True)[0]]
+    assert p.check_off(v, "h1", 0.0, operator=True)[0] == []

@@ -346,6 +346,7 @@ def reader_env(tmp_path: Path) -> Env:
              "h2": {"declares": ["d4"]}}
     env.reports(T0, extra=extra)
     env.service._adopt(env.service._reports["h1"][0], T0, None)  # as the route does
+    env.service._recovered = True  # h4 is up with d4 on its second copy: not a restart's
     return env
 
 
@@ -489,3 +490,48 @@ def test_a_follow_is_refused_for_an_undeclared_disk_and_undone_if_the_vm_stays(
     env.tick(T0 + 5.5)
     assert env.service.reader_of("d4") == "h1"
     assert env.service.power_status(T0 + 6)["followed"][-1]["phase"] == "undone"
+
+
+def test_a_split_disk_refuses_moves_and_is_resolved_once_its_vms_are_together(
+        tmp_path: Path) -> None:
+    """vm1 and vm3 share d4 on h1; vm1 alone migrates to h2: d4 ends split (both serve it);
+    powering its owner off is refused (one-reader-per-disk). Once vm3 is on h2 too, h1 hands
+    d4 over by itself."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.core.put_vm("vm3", mac="52:54:00:00:00:03", ip="198.18.1.103", host="h1",
+                    state=VMState.RUNNING, now=T0)
+    extra = {"h1": {"declares": ["d4"], "volumes": [vol("d4", "h4", "second")],
+                    "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]},
+                               "vm3": {"cpu": 0.2, "disks": ["d4"]}}},
+             "h2": {"declares": ["d4"]}}
+    env.reports(T0 + 0.5, extra=extra)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    env.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 1)
+    run_action(env, "power-reader", T0 + 2, result={"where": "second"})
+    run_action(env, "migrate", T0 + 3, result={})
+    env.tick(T0 + 3.5)
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["handover"]["phase"] == "split" and doc["reader"] == "h1"
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    with pytest.raises(Refused) as exc:
+        env.service.operator("h4", "off", OperatorRequest(), now=T0 + 4)
+    assert exc.value.rule == "one-reader-per-disk"
+    # vm3 joins vm1 on h2 (h2 already serves d4: its agent asks nothing)
+    env.core.request_migration("vm3", to="h2", reason="operator", now=T0 + 5)
+    run_action(env, "migrate", T0 + 6, result={})
+    env.reports(T0 + 6, extra={**extra, "h1": {**extra["h1"], "demand": {}},
+                               "h2": {"declares": ["d4"], "volumes": [vol("d4", "h4", "second")],
+                                      "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]},
+                                                 "vm3": {"cpu": 0.2, "disks": ["d4"]}}}})
+    env.tick(T0 + 7)
+    env.tick(T0 + 7.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")
+    run_action(env, "power-reader", T0 + 8, result={"where": "second", "dirty": [[1, 1]]})
+    env.tick(T0 + 8.5)
+    run_action(env, "power-reader", T0 + 9, result={"where": "second"})  # merge at h2
+    env.tick(T0 + 9.5)
+    assert env.service.reader_of("d4") == "h2"
+    assert env.core.model.service_docs["power/d4"]["handover"]["phase"] == "done"
