@@ -82,7 +82,7 @@ from netsvc.cluster.service import (
     Request,
     Route,
 )
-from netsvc.power.handover import Handover, Phase
+from netsvc.power.handover import Handover, HandoverError, Phase, from_ranges
 from netsvc.power.planner import (
     ClusterView,
     Decision,
@@ -251,6 +251,14 @@ class PowerService(BaseManagerService):
             svc, _, disk = key.partition("/")
             if svc == self.name and isinstance(doc.get("reader"), str):
                 self._docs[disk] = dict(doc)
+                ho = doc.get("handover") or {}
+                if ho.get("phase") in ("open", "opened", "release", "undo-release"):
+                    # a previous manager stopped mid-handover: which of the two serves the
+                    # disk is not known, so both may (releasing one that does not is a no-op);
+                    # it is split, and handed over once its VMs are on one of them
+                    self._docs[disk]["handover"] = {**ho, "phase": "split",
+                                                    "error": "interrupted by a manager restart "
+                                                    f"at {ho.get('phase')}"}
 
     def _store_disk(self, disk: str, doc: Mapping[str, Any]) -> None:
         """Keep ``disk``'s document (the reader the manager assigned) in the state store."""
@@ -815,12 +823,29 @@ class PowerService(BaseManagerService):
     def _resolve_splits(self, now: float, wall: float | None) -> None:
         """A disk a handover left served by two hosts (``split``) whose VMs now all run on
         one of them, none migrating: hand it over to that one (both serve it already: the
-        handover starts at its release)."""
+        handover starts at its release). A merge a previous manager left (the released state
+        in the document) goes on."""
         m = self.kernel.model
         migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
         users = {d: p.get("users") or [] for d, p in self.placement().items()}
         for disk, doc in sorted(self._docs.items()):
             ho = doc.get("handover") or {}
+            if ho.get("phase") in ("merge", "undo-merge") and disk not in self._follows:
+                # a previous manager held a released state: the merge goes on from the document
+                try:
+                    held = from_ranges(doc.get("dirty") or [])
+                except HandoverError:
+                    continue
+                h = Handover(disk, str(doc.get("owner") or ""), str(ho.get("source")),
+                             str(ho.get("target")), str(doc.get("where") or "first"), now,
+                             min(self.config.step_timeout_s, 120.0), phase=Phase(ho["phase"]),
+                             held=held, reason=f"{disk}'s {ho['phase']} resumed")
+                self._follows[disk] = (h, (users.get(disk) or [""])[0])
+                self.kernel.journal_append(now, wall, "power-reader-follow", f"disk:{disk}",
+                                           f"{disk}'s {ho['phase']} resumed ({len(held)} dirty "
+                                           "block(s) from the document)", actor="power",
+                                           details={"source": h.source, "target": h.target})
+                continue
             if ho.get("phase") != "split" or disk in self._follows:
                 continue
             vms = [u for u in users.get(disk, []) if u in m.vms]

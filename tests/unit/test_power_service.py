@@ -535,3 +535,43 @@ def test_a_split_disk_refuses_moves_and_is_resolved_once_its_vms_are_together(
     env.tick(T0 + 9.5)
     assert env.service.reader_of("d4") == "h2"
     assert env.core.model.service_docs["power/d4"]["handover"]["phase"] == "done"
+
+
+def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_handover(
+        tmp_path: Path) -> None:
+    """The first manager stopped with d4's state released by h1 and held in its document
+    (merge at h2 pending), and d5's handover at its open: the next manager merges d4's dirty
+    set at h2, and holds d5 as split (no move of it) until its VMs are on one host."""
+    def manager(journal: str) -> tuple[ManagerCore, PowerService]:
+        svc = PowerService(PowerConfig.from_table({"min_on_s": 0}))
+        core = ManagerCore(SqliteStore(tmp_path / "state.db"),
+                           Journal(tmp_path / journal, fsync=False), now=T0,
+                           wall=WALL0 + T0, services=[svc])
+        return core, svc
+
+    core, _svc = manager("j1.jsonl")
+    for h in ("h1", "h2", "h3", "h4"):
+        core.heartbeat(h, seq=1, now=T0)
+    core.model.set_service_doc("power/d4", {
+        "reader": "h1", "where": "second", "owner": "h4", "dirty": [[3, 2]],
+        "handover": {"source": "h1", "target": "h2", "phase": "merge", "error": ""}})
+    core.model.set_service_doc("power/d5", {
+        "reader": "h1", "where": "first", "owner": "h3", "dirty": [],
+        "handover": {"source": "h1", "target": "h2", "phase": "opened", "error": ""}})
+    core.persist()
+    del core, _svc
+
+    core2, s2 = manager("j2.jsonl")
+    for h in ("h1", "h2", "h3", "h4"):
+        core2.heartbeat(h, seq=2, now=T0 + 1)
+        s2._reports[h] = (convert({"host": h, "declares": ["d4", "d5"]}, PowerReport), T0 + 1)
+    assert s2._docs["d5"]["handover"]["phase"] == "split"
+    core2.handle_timer(T0 + 2, WALL0 + T0 + 2)
+    [g] = [x for x in core2.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["disk"], g.payload["dirty"]) == \
+        ("h2", "merge", "d4", [[3, 2]])
+    core2.claim_action(g.id, "h2", "agent-h2", now=T0 + 3)
+    core2.complete_action(g.id, ok=True, now=T0 + 3, host="h2", result={"where": "second"})
+    core2.handle_timer(T0 + 4, WALL0 + T0 + 4)
+    assert s2.reader_of("d4") == "h2"
+    assert core2.model.service_docs["power/d4"]["dirty"] == []
