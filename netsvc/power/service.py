@@ -30,7 +30,10 @@ VM's disks it declares and does not serve; the manager starts a handover per dis
 ``power-reader`` actions: open there now; once the migration has ended, release at the old
 reader and merge at the new one if every VM of the disk runs there, hand back if none does,
 ``split`` if they are on both), journaled ``power-reader-follow-*``. No planner decision and no
-operation starts while one runs; none is accepted while an operation runs.
+operation starts while one runs; none is accepted while an operation runs. A disk left
+``split`` refuses any move of it (``one-reader-per-disk``) and is handed over once its VMs all
+run on one of its two hosts; a restarted manager resumes a merge its document holds the state
+of, and holds a handover stopped before the release as split.
 
 Invariants:
 
