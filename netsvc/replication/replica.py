@@ -18,7 +18,8 @@ Invariants:
   apply is idempotent: the same writes at the same offsets).
 - A COMMIT whose count, byte total or SHA-256 does not match what was staged is refused and the
   stage discarded. An epoch not newer than the applied one is refused. A live replica (started
-  at site B) takes no more epochs.
+  at site B) takes no more epochs, until it is released (``release``: after a failback, its
+  content is the primary's at the common point; it is a replica again at a newer epoch number).
 - Nothing is allocated from a peer's length beyond the disk: a staged write must lie in
   ``[0, size)``.
 """
@@ -141,6 +142,19 @@ class ReplicaStore:
         """The replica is started at site B: from now on it is a disk, not a replica."""
         if not self.live:
             self._save({**self.state, "live": True})
+
+    def release(self, epoch: int) -> None:
+        """A live image becomes a replica again, as it is, numbered ``epoch`` (the failback's
+        common point: the caller proved the primary holds the same bytes). Refused unless
+        live, and unless ``epoch`` is newer than the applied one."""
+        if not self.live:
+            raise ReplicaError(f"{self.name} is not live: there is nothing to release")
+        if epoch <= self.applied:
+            raise ReplicaError(f"release at epoch {epoch}: not newer than the applied "
+                               f"{self.applied}")
+        with open(self.img, "rb+") as f:
+            os.fsync(f.fileno())
+        self._save({"applied": epoch, "pending": None, "live": False})
 
     def pwrite_live(self, data: bytes, offset: int) -> None:
         if not self.live:
