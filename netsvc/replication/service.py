@@ -561,6 +561,7 @@ class ReplicationService(BaseManagerService):
             return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
         self.failover = Failover(reason, bool(alive), now, Phase.POWERING_ON,
                                  now + self.t.power_on_timeout_s, vms)
+        self.reprotect.clear()  # the last failback's re-protection is history now
         self.site_b_awake = True
         self._effects.append(Effect(self.name, "power-on", {}, now))
         return {"status": "started", "plan": plan, "journal_seq": entry.seq}
@@ -601,6 +602,7 @@ class ReplicationService(BaseManagerService):
         f = Failover(f"planned: {req.reason}", False, now, Phase.QUIESCING,
                      now + self.t.loaded_timeout_s, vms, planned=True)
         self.failover = f
+        self.reprotect.clear()
         for vm in vms:
             m = k.model.vms.get(vm)
             if m is None or m.state is not VMState.RUNNING or m.host is None:
