@@ -58,6 +58,9 @@ class ReplicationTable(Schema, frozen=True):
     site_b_sleep: Annotated[str, Meta(pattern=r"^(on|dry-run|off)\Z", description=(
         "after a failback's re-protection released site B's images: power the site-B host "
         "off through its BMC (on), only journal it (dry-run), or leave it (off)"))] = "on"
+    reprotect: Annotated[str, Meta(pattern=r"^(auto|full)\Z", description=(
+        "after a failback: resume from the common point when it is proven (auto), or always "
+        "re-seed site B in full (full)"))] = "auto"
     reprotect_timeout_s: Annotated[float, Meta(gt=0, le=86400, description=(
         "a re-protection's release, resume or re-seed must reach its next state within "
         "this"))] = 300.0

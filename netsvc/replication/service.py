@@ -988,6 +988,8 @@ class ReplicationService(BaseManagerService):
         primary_epoch = (home.get("epochs") or {}).get(r.disk)
         why = common_point(r.final_epoch, None if primary_epoch is None else int(primary_epoch),
                            r.tracking, got)
+        if self.t.reprotect == "full" and not why:
+            why = "a full re-seed is asked (replication.reprotect = full)"
         r.released(int(got.get("base_epoch", -1)), why, now, self.t.reprotect_timeout_s)
         self.live_at_b.discard(vm)  # site B's image takes epochs again: ship it forward
         self.shipping.pop(vm, None)  # the figures from before the failover are stale
@@ -1225,6 +1227,7 @@ class ReplicationService(BaseManagerService):
                     f.phase = Phase.LOADING
                     f.deadline = now + self.t.loaded_timeout_s
             elif f is not None and f.phase is Phase.POWERING_ON:
+                self.site_b_awake = False  # it did not power on: its BMC may be written
                 self._fail(f"power on through the BMC failed: {outcome.get('error')}", now,
                            wall)
 

@@ -91,7 +91,8 @@ DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
 #: datastores), so the failover powers on, loads and starts four VMs
 CONFIG_ONLY = {"vm3": "h1", "vm4": "h2"}
 PARAMS: dict[str, type | tuple[type, ...]] = {"load_s": (int, float),
-                                             "write_mb_s": (int, float), "vms": int}
+                                             "write_mb_s": (int, float), "vms": int,
+                                             "reprotect": str}
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
@@ -107,7 +108,10 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     vms = int(params.get("vms", 2))
     if vms not in (2, 4):
         raise ConfigError(f"vms {vms} must be 2 or 4")
-    return {"load_s": load, "write_mb_s": rate, "vms": vms}
+    reprotect = str(params.get("reprotect", "auto"))
+    if reprotect not in ("auto", "full"):
+        raise ConfigError(f"reprotect {reprotect!r} must be auto or full")
+    return {"load_s": load, "write_mb_s": rate, "vms": vms, "reprotect": reprotect}
 
 
 def site_b_host(plan: LabPlan) -> str:
@@ -300,6 +304,7 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool,
     pw = lab.run_dir / "bmc" / f"{b}.pw"
     config = (f'[replication]\nsite_b_host = "{b}"\nprimary_hosts = ["h1", "h2"]\n'
               f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "{SITE_B_NET}"\n'
+              f'reprotect = "{params["reprotect"]}"\n'
               f'[replication.bmc]\naddr = "{plan.bmc_addr(b)}"\nuser = "{lab.BMC_USER}"\n'
               f'password_file = "{pw}"\n')
     lab.start_services(services=("storage", "replication"), config=config)
@@ -603,9 +608,12 @@ def _reprotect(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[s
              and not (_replication(lab).get("site_b") or {}).get("awake"), 60.0, 0.2)
     asleep_s = time.monotonic() - t0
     got = rows()
-    checks.check("every VM is protected toward site B again from the failback's common point "
-                 "(no full re-seed)",
-                 all(r.get("state") == "PROTECTED" and r.get("mode") == "delta"
+    full = params["reprotect"] == "full"
+    checks.check("every VM is protected toward site B again " + (
+        "after a full re-seed (reprotect = full)" if full
+        else "from the failback's common point (no full re-seed)"),
+                 all(r.get("state") == "PROTECTED"
+                     and r.get("mode") == ("full" if full else "delta")
                      for r in got.values()), json.dumps(got)[:600])
     time.sleep(params["load_s"] / 2)  # the guests keep writing at home; epochs ship
     st = _replication(lab)
@@ -616,10 +624,11 @@ def _reprotect(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[s
         figs[vm] = {"bytes_shipped": shipped, "bytes_written": written,
                     "base_epoch": got[vm].get("base_epoch"), "epoch": r.get("remote_epoch"),
                     "bytes_behind": r.get("bytes_behind")}
-        checks.check(f"{vm}: the re-protection shipped about what was written at home, not "
-                     "the disk",
-                     written > 0 and shipped <= 1.25 * written + 65536
-                     and shipped < DS_SIZE // 4
+        near = shipped <= 1.25 * written + 65536 and shipped < DS_SIZE // 4
+        checks.check(f"{vm}: the re-protection shipped " + (
+            "the whole disk (a full re-seed)" if full
+            else "about what was written at home, not the disk"),
+                     written > 0 and (shipped >= DS_SIZE if full else near)
                      and int(r.get("remote_epoch", -1)) > int(got[vm].get("base_epoch", 0)),
                      f"{shipped} bytes shipped for {written} written (disk {DS_SIZE}); epoch "
                      f"{r.get('remote_epoch')} after the base {got[vm].get('base_epoch')}")
@@ -650,7 +659,7 @@ def _reprotect(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[s
         w.join(10)
     wait_for("the primary hosts down at the manager (second loss)", lambda: all(
         mgr.status()["hosts"][h]["state"] == "DOWN" for h in ("h1", "h2")), 30.0, 0.1)
-    t_fo = time.monotonic()
+    t_fo, t_fo_wall = time.monotonic(), time.time()
     fo = _cli(lab, "failover", "--reason", "site A lost again (after the failback)")
     if fo.returncode != 0:
         raise LabError(f"second failover: {fo.stdout}{fo.stderr}")
@@ -696,7 +705,20 @@ def _reprotect(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[s
         figs[vm].update(acked_at_home=len(acked), at_site_b=j, oldest_lost_age_s=round(gap, 3))
     shipped = sum(f["bytes_shipped"] for f in figs.values())
     written = sum(f["bytes_written"] for f in figs.values())
+    journal = mgr.journal(0, limit=100000)
+    done = [e["wall"] for e in journal if e["action"] == "replication-failback-done"]
+    steps: dict[str, float] = {}
+    for step in ("reprotect-released", "reprotect-done", "site-b-asleep"):
+        times = [e["wall"] for e in journal if e["action"] == f"replication-{step}"
+                 and done and done[-1] <= e["wall"] <= t_fo_wall]
+        if times:
+            steps[step] = round(max(times) - done[-1], 3)
+    written_cfg = [e["wall"] for e in journal if e["action"] == "replication-config-written"
+                   and asleep and asleep[-1] <= e["wall"] <= t_fo_wall]
+    if written_cfg and done:
+        steps["config-written"] = round(min(written_cfg) - done[-1], 3)
     return {"reprotect": figs, "reprotect_asleep_s": round(asleep_s, 3),
+            "reprotect_steps_s": steps,
             "reprotect_protected_s": round(protected_s, 3),
             "reprotect_bytes_shipped": shipped, "reprotect_bytes_written": written,
             "reprotect_ratio": round(shipped / written, 3) if written else None,
