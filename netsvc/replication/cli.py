@@ -9,6 +9,7 @@
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
     netsvc replication failback [--dry-run] [--reason TEXT] [--json]
     netsvc replication sleep [--dry-run] [--reason TEXT] [--json]
+    netsvc replication reprotect VM [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -58,7 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       "B, their last epochs ship back, they start on their primary hosts)")
     sl = r.add_parser("sleep", help="power the site-B host off through its BMC (after a "
                       "failback: refused while a VM runs there or an image is not released)")
-    for q in (pr, mi, fb, sl, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    rp = r.add_parser("reprotect", help="retry a VM's re-protection toward site B after a "
+                      "failback (the site-B host releases its image again; a full re-seed)")
+    rp.add_argument("vm")
+    for q in (pr, mi, fb, sl, rp, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -74,6 +78,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mi.set_defaults(func=cmd_migrate)
     fb.set_defaults(func=cmd_failback)
     sl.set_defaults(func=cmd_sleep)
+    rp.set_defaults(func=cmd_reprotect)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -273,3 +278,18 @@ def cmd_sleep(args: argparse.Namespace) -> int:
                 "(follow with 'netsvc replication status')")
 
     return _site_operation("sleep", args, {}, describe)
+
+
+def cmd_reprotect(args: argparse.Namespace) -> int:
+    if not _vm("reprotect", args.vm):
+        return 2
+    got = _call("reprotect", args, "POST", f"/v1/replication/reprotect/{args.vm}",
+                {"dry_run": args.dry_run, "reason": args.reason})
+    if got is None:
+        return 2
+    status, out = got
+    return _finish("reprotect", args, status, out,
+                   f"dry run: {args.vm}'s image at site B would be released again and "
+                   "shipped forward; nothing changed" if out.get("status") == "dry_run"
+                   else f"{args.vm}: re-protection {out.get('state')} (follow with "
+                   "'netsvc replication status')")

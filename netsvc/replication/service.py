@@ -306,6 +306,11 @@ class ReplicationService(BaseManagerService):
                   "shut down at site B, their last epochs ship back, they start on their "
                   "primary hosts); refused unless the primary is back and the way back is "
                   "current (dry_run: check and journal only)"),
+            Route("POST", r"/v1/replication/reprotect/([^/]+)", "replication_reprotect",
+                  self._route_reprotect, body=_body(OperatorRequest), mutates=True,
+                  summary="retry a VM's re-protection toward site B after a failback (the "
+                  "site-B host releases its image again; refused unless the VM is home, its "
+                  "image at site B still live and the site-B host up; dry_run: check only)"),
             Route("POST", r"/v1/replication/sleep", "replication_sleep",
                   self._route_sleep, body=_body(OperatorRequest), mutates=True,
                   summary="power the site-B host off through its BMC (after a failback: its "
@@ -929,7 +934,6 @@ class ReplicationService(BaseManagerService):
         """The failback is DONE: each VM home with a disk gets its site-B image released by
         the site-B host's agent (``replication-release``), then ships forward again, from the
         common point when it is proven (``reprotect``), else with a full re-seed."""
-        k = self.kernel
         for vm in b.vms:
             p = self.protected.get(vm)
             if p is None:
@@ -938,26 +942,78 @@ class ReplicationService(BaseManagerService):
                 self.live_at_b.discard(vm)
                 self._store(vm)
                 continue
-            disk = p.disks[0][0]
-            home = self.homecoming.get(vm, {})
-            r = Reprotect(vm, b.homes[vm], disk, int(b.final_epochs.get(vm, -1)), now,
-                          now + self.t.reprotect_timeout_s,
-                          tracking=str((home.get("tracking") or {}).get(disk) or ""))
-            self.reprotect[vm] = r
-            try:
-                a = k.queue_action(KIND_RELEASE, vm, payload={
-                    "host": self.t.site_b_host, "disks": [disk],
-                    "final_epochs": {disk: r.final_epoch}},
-                    reason=f"re-protect {vm} toward site B after the failback", now=now,
-                    wall=wall)
-            except Refused as exc:
-                self._reprotect_failed(r, f"cannot release at site B: {exc.message}", now, wall)
-                continue
-            k.journal_append(now, wall, "replication-reprotect-release", f"vm:{vm}",
-                             f"the failback is done: {self.t.site_b_host} releases {disk}'s "
-                             "image at site B (a replica again), then it ships forward from "
-                             "the common point", details={"action": a.id,
-                                                          "final_epoch": r.final_epoch})
+            self._release(vm, b.homes[vm], int(b.final_epochs.get(vm, -1)),
+                          f"re-protect {vm} toward site B after the failback", now, wall)
+
+    def _release(self, vm: str, home: str, final_epoch: int, reason: str, now: float,
+                 wall: float | None) -> Reprotect:
+        disk = self.protected[vm].disks[0][0]
+        came = self.homecoming.get(vm, {})
+        r = Reprotect(vm, home, disk, final_epoch, now, now + self.t.reprotect_timeout_s,
+                      tracking=str((came.get("tracking") or {}).get(disk) or ""))
+        self.reprotect[vm] = r
+        k = self.kernel
+        try:
+            a = k.queue_action(KIND_RELEASE, vm, payload={
+                "host": self.t.site_b_host, "disks": [disk], "final_epochs": {disk: final_epoch}},
+                reason=reason, now=now, wall=wall)
+        except Refused as exc:
+            self._reprotect_failed(r, f"cannot release at site B: {exc.message}", now, wall)
+            return r
+        k.journal_append(now, wall, "replication-reprotect-release", f"vm:{vm}",
+                         f"{reason}: {self.t.site_b_host} releases {disk}'s image at site B (a "
+                         "replica again), then it ships forward from the common point if "
+                         "proven, else in full", details={"action": a.id,
+                                                          "final_epoch": final_epoch})
+        return r
+
+    def _route_reprotect(self, r: Request) -> Reply:
+        return Reply(200, self.request_reprotect(r.params[0], r.body, now=r.now, wall=r.wall))
+
+    def request_reprotect(self, vm: str, req: OperatorRequest, *, now: float,
+                          wall: float | None = None) -> dict[str, Any]:
+        """The operator's retry of a re-protection that failed (or never ran): the site-B
+        host's agent releases the image again; with no proof left there (its tracker was
+        dropped at the first release), it is a full re-seed."""
+        k = self.kernel
+        k.check_fenced()
+        if vm not in self.protected:
+            raise UnknownEntity("protected VM", vm)
+        m = k.model.vms.get(vm)
+        r = self.reprotect.get(vm)
+        f, b = self.failover, self.failback
+        site_b = k.model.hosts.get(self.t.site_b_host)
+        problems = []
+        if not self.protected[vm].disks or vm not in self.live_at_b:
+            problems.append(("not-live-at-site-b", f"{vm}'s image at site B is not live: it is "
+                             "protected (or being protected) already"))
+        if m is None or m.host is None or m.host == self.t.site_b_host:
+            problems.append(("runs-at-site-b", f"{vm} is not home (a failback brings it)"))
+        if (r is not None and r.state not in (RState.PROTECTED, RState.FAILED)) or (
+                f is not None and f.phase in ACTIVE_PHASES) or (
+                b is not None and b.phase in ACTIVE_PHASES):
+            problems.append(("in-progress", "a re-protection, failover or failback is under "
+                             "way"))
+        if site_b is None or site_b.state is not HostState.UP:
+            problems.append(("site-b-down", f"{self.t.site_b_host}'s agent must release the "
+                             "image and it is not up"))
+        plan = {"vm": vm, "home": None if m is None else m.host}
+        if problems:
+            rule, why = problems[0]
+            k.journal_append(now, wall, "replication-reprotect-refused", f"vm:{vm}",
+                             "; ".join(w for _, w in problems), dry_run=req.dry_run,
+                             actor="operator", details={"rule": rule, **plan})
+            raise Refused(rule, f"re-protection refused: {why}")
+        entry = k.journal_append(now, wall, "replication-reprotect-decision", f"vm:{vm}",
+                                 req.reason, dry_run=req.dry_run, actor="operator",
+                                 details=plan)
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        assert m is not None and m.host is not None
+        final = -1 if b is None else int(b.final_epochs.get(vm, -1))
+        got = self._release(vm, m.host, final, f"operator: {req.reason}", now, wall)
+        return {"status": "started", "plan": plan, "state": got.state.value,
+                "journal_seq": entry.seq}
 
     def _recheck_release(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
         r = self.reprotect.get(action.vm)

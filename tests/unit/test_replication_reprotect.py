@@ -376,3 +376,29 @@ def test_a_release_that_fails_leaves_b1_awake_and_the_deadline_fails_the_reprote
     with pytest.raises(Refused) as e:
         s.request_sleep(convert({"dry_run": True}, OperatorRequest), now=env.now)
     assert e.value.rule == "not-released"
+    # the operator retries: b1's agent releases again; its tracker went at the first
+    # attempt, so the proof is gone there: a full re-seed
+    dry = s.request_reprotect("vm1", convert({"dry_run": True}, OperatorRequest), now=env.now)
+    assert dry["status"] == "dry_run" and s.reprotect["vm1"].state is RState.FAILED
+    again = s.request_reprotect("vm1", convert({"reason": "retry"}, OperatorRequest),
+                                now=env.now)
+    assert again["state"] == "RELEASING"
+    with pytest.raises(Refused) as e:
+        s.request_reprotect("vm1", convert({}, OperatorRequest), now=env.now)
+    assert e.value.rule == "in-progress"
+    [rel2] = env.core.claim_actions("b1", "executor", now=env.now)
+    env.core.complete_action(rel2.id, ok=True, result={"disks": {"ds1": {
+        "base_epoch": 12, "proven": False, "why": "the disk was not tracked at site B"}}},
+        now=env.now, host="b1")
+    r = s.reprotect["vm1"]
+    assert (r.state, r.mode, r.why) == (RState.RESEEDING, "full",
+                                        "the disk was not tracked at site B")
+    assert "resume" not in forward(s, env.now, synced=False)["protect"]["vm1"]
+    with pytest.raises(Refused) as e:  # its image is a replica again
+        s.request_reprotect("vm1", convert({}, OperatorRequest), now=env.now)
+    assert e.value.rule == "not-live-at-site-b"
+    acts = [x.action for x in env.core.journal_entries()]
+    assert "replication-reprotect-failed" in acts and "replication-reprotect-refused" in acts
+    # a re-seed that never completes fails at its deadline (reprotect_timeout_s, 300 s)
+    env.tick(301.0)
+    assert r.state is RState.FAILED and "passed its deadline" in r.why
