@@ -24,7 +24,8 @@ Any part that fails means a full re-seed (the pre-copy), said in the journal and
 States per VM (``RState``, transitions enforced): ``RELEASING`` (the site-B host's agent
 releases the image) -> ``RESUMING`` (delta from the base) | ``RESEEDING`` (full copy) ->
 ``PROTECTED`` (an epoch after the base committed at site B); ``RESUMING`` -> ``RESEEDING``
-(the primary host could not prove its part); any state but ``PROTECTED`` -> ``FAILED`` at
+(the primary host could not prove its part, or the VM moved to another host before it
+resumed); any state but ``PROTECTED`` -> ``FAILED`` at
 its deadline or on an error.
 
 Invariants: no I/O and no clock here; a VM is shipped forward again only after site B's image
@@ -154,6 +155,20 @@ class Reprotect:
     def fail(self, why: str, now: float) -> None:
         self.why = why
         self.move(RState.FAILED, now)
+
+    def moved(self, host: str, now: float) -> bool:
+        """The VM runs on ``host`` now, not on the host it came home to: that host's tracker
+        never saw the writes made before, so a resume is no longer proven (a full re-seed
+        from ``host``). True if that changed the state."""
+        if host == self.host or self.state not in (RState.RESUMING, RState.RESEEDING):
+            return False
+        old, self.host = self.host, host
+        if self.state is RState.RESUMING:
+            self.mode, self.why = "full", (f"the VM moved from {old} to {host} before it "
+                                           "resumed: its writes there were not tracked here")
+            self.move(RState.RESEEDING, now)
+            return True
+        return False
 
     def report(self, rep: Mapping[str, Any], now: float) -> str | None:
         """The primary host's report for the VM; returns the event to journal (None: none):

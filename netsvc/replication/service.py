@@ -445,6 +445,14 @@ class ReplicationService(BaseManagerService):
         self.links[rep.host] = (now, rep.link_share, rep.share_limit)
         if rep.host == self.t.site_b_host:
             return self._reverse_report(rep, now)
+        model = self.kernel.model
+        for rp in self.reprotect.values():  # moved before it resumed: no proof any more
+            m = model.vms.get(rp.vm)
+            if m is not None and m.host and m.host != self.t.site_b_host \
+                    and rp.moved(m.host, now):
+                self.kernel.journal_append(
+                    now, wall, "replication-reprotect-reseed", f"vm:{rp.vm}",
+                    f"FULL RE-SEED: {rp.why}", details=rp.to_dict(self.kernel.started))
         for v in rep.vms:
             body = msgspec.to_builtins(v)
             self.shipping[v.vm] = (rep.host, now, body)

@@ -107,6 +107,13 @@ def test_reprotect_states_with_deadlines_and_enforced_transitions() -> None:
     assert (q.state, q.mode, q.why) == (RState.RESEEDING, "full", "agent restarted")
     assert q.report({"remote_epoch": 13, "synced": True}, 110.0) == "protected"
 
+    mv = Reprotect("vm5", "h1", "ds1", 3, 100.0, 130.0)
+    mv.released(12, "", 101.0, 60.0)
+    assert not mv.moved("h1", 102.0)
+    assert mv.moved("h2", 102.0)  # moved before it resumed: h2's writes were never tracked
+    assert (mv.state, mv.mode, mv.host) == (RState.RESEEDING, "full", "h2")
+    assert "moved from h1 to h2" in mv.why
+
     f = Reprotect("vm3", "h1", "ds1", 3, 100.0, 130.0)
     f.released(12, "3 blocks written at site B", 101.0, 60.0)
     assert (f.state, f.mode) == (RState.RESEEDING, "full")
@@ -402,3 +409,32 @@ def test_a_release_that_fails_leaves_b1_awake_and_the_deadline_fails_the_reprote
     # a re-seed that never completes fails at its deadline (reprotect_timeout_s, 300 s)
     env.tick(301.0)
     assert r.state is RState.FAILED and "passed its deadline" in r.why
+
+
+def test_a_vm_that_moves_before_it_resumes_is_reseeded_by_its_new_host(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]  # noqa: F811
+) -> None:
+    server, _, pw, _power = bmc
+    env = RealEnv(tmp_path, server, pw)
+    s = _to_failback_done(env, {"ds1": 3})
+    env.core.heartbeat("b1", seq=5, now=env.now)
+    [rel] = env.core.claim_actions("b1", "executor", now=env.now)
+    env.core.complete_action(rel.id, ok=True, result={"disks": {"ds1": {
+        "base_epoch": 12, "proven": True, "why": ""}}}, now=env.now, host="b1")
+    assert s.reprotect["vm1"].state is RState.RESUMING
+    env.core.heartbeat("h2", seq=5, now=env.now)
+    env.core.model.update_vm("vm1", host="h2")  # migrated before h1 resumed
+    ans = s.report(convert({"host": "h2", "vms": []}, ShippingReport), now=env.now)
+    r = s.reprotect["vm1"]
+    assert (r.state, r.mode, r.host) == (RState.RESEEDING, "full", "h2")
+    assert ans["protect"]["vm1"] == {"rpo_s": 1.0, "disks": ["ds1"]}  # no resume: in full
+    reseed = [e for e in env.core.journal_entries()
+              if e.action == "replication-reprotect-reseed"]
+    assert reseed and "moved from h1 to h2" in reseed[-1].reason
+    forward(s, env.now, remote_epoch=13, synced=True)  # h1's report no longer counts
+    assert r.state is RState.RESEEDING
+    row = {"vm": "vm1", "disk": "ds1", "rpo_target_s": 1.0, "rpo_ms": 0.0, "remote_epoch": 13,
+           "bytes_behind": 0, "bytes_written": 0, "bytes_shipped": SIZE, "epochs": 1,
+           "failures": 0, "synced": True}
+    s.report(convert({"host": "h2", "vms": [row]}, ShippingReport), now=env.now)
+    assert r.state is RState.PROTECTED
