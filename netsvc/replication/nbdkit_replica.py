@@ -14,7 +14,9 @@ Exports (the NBD export name):
   a failback); writes still arriving on a live connection are then refused.
 
 Invariants: one ``ReplicaStore`` per disk in this process (its recovery runs once, at
-start-up); requests are serialised (``SERIALIZE_ALL_REQUESTS``).
+start-up); the requests of one connection are handled in order, one at a time, and
+connections run in parallel (``SERIALIZE_REQUESTS``: one disk's commit, with its fsyncs, does
+not stall the others' epochs); each store's lock serialises what touches its image and state.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ _stores: dict[str, Any] = {}
 
 
 def thread_model() -> int:
-    return int(nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 def config(key: str, value: str) -> None:

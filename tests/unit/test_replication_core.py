@@ -91,6 +91,9 @@ class StoreSink:
         assert self.session is not None
         self.store.stage(self.session, data, offset)
 
+    def wait(self, seconds: float) -> None:
+        pass  # nothing in flight on an in-memory link (the tests pace with their clock)
+
     def close(self) -> None:
         if self.session is not None:
             self.store.discard(self.session)
@@ -146,8 +149,14 @@ def test_extents_are_sorted_runs_bounded_in_length() -> None:
 # -- site B's store ------------------------------------------------------------------------------
 
 
+def existing(tmp_path: Path, size: int) -> ReplicaStore:
+    """A store over an image that was there before it (not fresh: every epoch is staged)."""
+    (tmp_path / "vm1.img").write_bytes(bytes(size))
+    return ReplicaStore(tmp_path, "vm1", size)
+
+
 def test_store_applies_a_whole_epoch_and_refuses_a_bad_commit(tmp_path: Path) -> None:
-    store = ReplicaStore(tmp_path, "vm1", 4 * BS)
+    store = existing(tmp_path, 4 * BS)
     s = store.begin(0)
     store.stage(s, b"a" * BS, 0)
     store.stage(s, b"b" * BS, 2 * BS)
@@ -174,7 +183,7 @@ def test_store_applies_a_whole_epoch_and_refuses_a_bad_commit(tmp_path: Path) ->
 
 def test_store_redoes_a_committed_epoch_after_a_crash_and_discards_an_uncommitted_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = ReplicaStore(tmp_path, "vm1", 2 * BS)
+    store = existing(tmp_path, 2 * BS)
     s = store.begin(5)
     store.stage(s, b"z" * BS, BS)
     d = EpochDigest()
@@ -197,8 +206,40 @@ def test_store_redoes_a_committed_epoch_after_a_crash_and_discards_an_uncommitte
     assert not list(tmp_path.glob("vm1.stage-*"))
 
 
+def test_a_fresh_replicas_first_epoch_is_written_in_place_and_read_only_once_committed(
+        tmp_path: Path) -> None:
+    store = ReplicaStore(tmp_path, "vm1", 4 * BS)  # the store created the image: fresh
+    s = store.begin(3)
+    assert s.direct
+    store.stage(s, b"a" * BS, 0)
+    store.stage(s, b"b" * BS, 0)  # a block staged twice (a pre-copy's delta): the last wins
+    d = EpochDigest()
+    d.add(0, b"a" * BS)
+    d.add(0, b"b" * BS)
+    assert store.pread(BS, 0) == bytes(BS)  # no point in time before the commit
+    store.discard(s)  # a half-shipped first epoch (the link flapped)
+    assert (tmp_path / "vm1.img").exists() and ReplicaStore(tmp_path, "vm1", 4 * BS).fresh
+    assert store.pread(BS, 0) == bytes(BS)
+    s = store.begin(4)
+    store.stage(s, b"b" * BS, 0)
+    with pytest.raises(ReplicaError, match="SHA-256"):
+        store.commit(s, 4, 1, BS, bytes(32))
+    assert store.fresh and store.applied == -1 and store.pread(BS, 0) == bytes(BS)
+    s = store.begin(5)
+    store.stage(s, b"a" * BS, 0)
+    store.stage(s, b"b" * BS, 0)
+    store.commit(s, 5, d.extents, d.nbytes, d.digest())
+    assert not store.fresh and store.applied == 5 and store.pread(BS, 0) == b"b" * BS
+    again = ReplicaStore(tmp_path, "vm1", 4 * BS)  # durable
+    assert again.applied == 5 and not again.fresh and again.pread(BS, 0) == b"b" * BS
+    s = again.begin(6)  # later epochs are staged: the image holds a point in time now
+    assert not s.direct
+    again.discard(s)
+    assert not list(tmp_path.glob("vm1.stage-*"))
+
+
 def test_a_live_replica_takes_no_more_epochs(tmp_path: Path) -> None:
-    store = ReplicaStore(tmp_path, "vm1", BS)
+    store = existing(tmp_path, BS)
     stale = store.begin(0)  # a primary cut off mid-epoch, its connection not yet timed out
     store.stage(stale, b"s" * BS, 0)
     with pytest.raises(ReplicaError, match="not live"):
@@ -390,6 +431,55 @@ def test_throttle_keeps_under_its_share_of_the_link() -> None:
     assert 0.4 < th.used_share(now) <= 0.55
     with pytest.raises(ValueError):
         Throttle(100e6, 1.5)
+
+
+def simulate_classes(th: Throttle, until: float, epochs_until: float,
+                     chunk: int = 1 << 20, epoch_chunk: int = 64 * 1024
+                     ) -> tuple[dict[str, list[tuple[float, int]]], float]:
+    """An epoch sender that always has data until ``epochs_until`` and a bulk copier that
+    always has data, each sending as soon as the throttle lets it (time passed in). Returns
+    when each class's bytes went, and the longest an epoch chunk waited."""
+    sent: dict[str, list[tuple[float, int]]] = {"epoch": [], "bulk": []}
+    nxt = {"epoch": 0.0, "bulk": 0.0}
+    longest = 0.0
+    while True:
+        who = min((w for w in nxt if w == "bulk" or nxt[w] < epochs_until),
+                  key=lambda w: nxt[w])
+        now = nxt[who]
+        if now >= until:
+            return sent, longest
+        if who == "epoch":
+            wait = th.reserve(epoch_chunk, now)
+            longest = max(longest, wait)
+            sent["epoch"].append((now + wait, epoch_chunk))
+        else:
+            hold = th.admit_bulk(chunk, now)
+            if hold > 0:
+                nxt[who] = now + hold
+                continue
+            wait = th.reserve(chunk, now, bulk=True)
+            sent["bulk"].append((now + wait, chunk))
+        nxt[who] = now + wait
+
+
+def test_throttle_lets_epochs_go_first_and_keeps_the_initial_copies_at_their_floor() -> None:
+    th = Throttle(link_bps=100e6, share=0.8, burst_s=0.05, bulk_floor=0.25)
+    sent, longest = simulate_classes(th, until=20.0, epochs_until=10.0)
+
+    def rate(cls: str, a: float, b: float) -> float:
+        return sum(n for t, n in sent[cls] if a <= t < b) / (b - a)
+
+    total = sum(n for c in sent.values() for t, n in c if t < 20.0)
+    assert total <= th.rate * 20.0 + th.burst + (1 << 20)  # both classes under the share
+    # while the epochs ship: the copy gets its floor (a quarter), the epochs the rest
+    assert 0.2 * th.rate <= rate("bulk", 1.0, 9.0) <= 0.3 * th.rate
+    assert rate("epoch", 1.0, 9.0) >= 0.7 * th.rate
+    # an epoch never waits behind more than one bulk chunk (and the burst)
+    assert longest <= (1 << 20) / th.rate + th.burst / th.rate + 0.01
+    # once no epoch ships, the copy takes the whole share
+    assert rate("bulk", 11.0, 19.0) >= 0.95 * th.rate
+    with pytest.raises(ValueError, match="bulk floor"):
+        Throttle(100e6, 0.8, bulk_floor=0.0)
 
 
 def test_scheduler_full_copy_first_then_by_interval_most_at_risk_first() -> None:
