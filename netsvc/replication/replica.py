@@ -5,8 +5,8 @@ Files in the store's directory, for disk ``NAME``:
 
 - ``NAME.img``: the replica's content (always a whole epoch once one was applied);
 - ``NAME.state``: JSON ``{"applied": N, "pending": null | {"epoch": N, "stage": F}, "live":
-  bool, "fresh": bool}``, replaced atomically (write, fsync, rename, fsync the directory): **the rename that
-  writes ``pending`` is the commit point**;
+  bool, "fresh": bool}``, replaced atomically (write, fsync, rename, fsync the directory):
+  **the rename that writes ``pending`` is the commit point**;
 - ``NAME.stage-K`` and ``NAME.stage-K.idx``: one epoch's staged data and its write list.
 
 The first epoch of a replica the store created itself (``fresh``: its image was never a point in
@@ -178,14 +178,15 @@ class ReplicaStore:
         """A live image becomes a replica again, as it is, numbered ``epoch`` (the failback's
         common point: the caller proved the primary holds the same bytes). Refused unless
         live, and unless ``epoch`` is newer than the applied one."""
-        if not self.live:
-            raise ReplicaError(f"{self.name} is not live: there is nothing to release")
-        if epoch <= self.applied:
-            raise ReplicaError(f"release at epoch {epoch}: not newer than the applied "
-                               f"{self.applied}")
-        with open(self.img, "rb+") as f:
-            os.fsync(f.fileno())
-        self._save({"applied": epoch, "pending": None, "live": False})
+        with self.lock:
+            if not self.live:
+                raise ReplicaError(f"{self.name} is not live: there is nothing to release")
+            if epoch <= self.applied:
+                raise ReplicaError(f"release at epoch {epoch}: not newer than the applied "
+                                   f"{self.applied}")
+            with open(self.img, "rb+") as f:
+                os.fsync(f.fileno())
+            self._save({"applied": epoch, "pending": None, "live": False, "fresh": False})
 
     def pwrite_live(self, data: bytes, offset: int) -> None:
         if not self.live:
