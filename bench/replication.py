@@ -171,7 +171,8 @@ def where_the_time_goes(trace: list[tuple[float, str, float]], history: list[Any
 
 
 def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
-                 seconds: float, precopy: bool = True) -> dict[str, Any]:
+                 seconds: float, precopy: bool = True, epoch_workers: int = 2
+                 ) -> dict[str, Any]:
     from netsvc.replication.agent import Shipping
 
     disks = []
@@ -180,7 +181,7 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
         p.write_bytes(os.urandom(DISK))
         disks.append(FileDisk(p))
     shipping = Shipping((B_ADDR, PORT), link_bps=100e6, share=0.8, source=A_ADDR,
-                        log=lambda m: None, precopy=precopy)
+                        log=lambda m: None, precopy=precopy, epoch_workers=epoch_workers)
     tracked = [shipping.track(f"vm{i + 1}", d) for i, d in enumerate(disks)]
     for i in range(VMS):
         shipping.protect(f"vm{i + 1}", f"vm{i + 1}", 1.0)
@@ -349,15 +350,17 @@ def inner(args: argparse.Namespace) -> int:
         if args.workloads and name not in args.workloads.split(","):
             continue
         print(f"bench: {name}: netsvc", file=sys.stderr, flush=True)
-        n = phase_netsvc(work, args.ifname, rate, hot, args.seconds)
+        n = phase_netsvc(work, args.ifname, rate, hot, args.seconds,
+                         epoch_workers=args.epoch_workers)
         for p in work.glob("a-vm*.img"):  # site B keeps its replicas: the next phase
             p.unlink()  # numbers its epochs after them and its full copies overwrite them
         out[name] = {"netsvc": n}
         if args.seal_first:
             print(f"bench: {name}: netsvc, initial copy sealed first", file=sys.stderr,
                   flush=True)
-            out[name]["netsvc_sealed_first"] = phase_netsvc(work, args.ifname, rate, hot,
-                                                            args.seconds, precopy=False)
+            out[name]["netsvc_sealed_first"] = phase_netsvc(
+                work, args.ifname, rate, hot, args.seconds, precopy=False,
+                epoch_workers=args.epoch_workers)
         print(f"bench: {name}: rsync", file=sys.stderr, flush=True)
         out[name]["rsync"] = phase_rsync(work, args.ifname, rate, hot, args.seconds)
         for p in work.glob("a-vm*.img"):
@@ -410,6 +413,7 @@ def outer(args: argparse.Namespace) -> int:
                                 "--ns-b", ns_b, "--result", str(result),
                                 "--seconds", str(args.seconds),
                                 "--workloads", args.workloads or "",
+                                "--epoch-workers", str(args.epoch_workers),
                                 *(["--seal-first"] if args.seal_first else [])], timeout=3600)
             if r.returncode != 0:
                 return r.returncode
@@ -429,7 +433,8 @@ def outer(args: argparse.Namespace) -> int:
         "benchmark": "replication", "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs (shared)",
         "link": "veth, tc tbf 100mbit both ways", "vms": VMS, "disk_mib": DISK // MiB,
-        "write_bytes": WRITE, "link_share": 0.8, "seconds": args.seconds, "phases": phases,
+        "write_bytes": WRITE, "link_share": 0.8, "seconds": args.seconds,
+        "epoch_workers": args.epoch_workers, "phases": phases,
     }
     text = json.dumps(out, indent=2)
     print(text)
@@ -446,6 +451,8 @@ def main() -> int:
     p.add_argument("--seal-first", action="store_true",
                    help="also run netsvc with the initial copies sealed at their start (the "
                    "old way), in the same run")
+    p.add_argument("--epoch-workers", type=int, default=2,
+                   help="shipping workers for the protected VMs' epochs (agent.Shipping)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)

@@ -7,10 +7,11 @@ On a primary host (``--replication-site-b ADDR:PORT``, the site-B storage node's
   is tracked in epochs;
 - a report loop posts the shipping figures (``POST /v1/replication/reports``) and learns from
   the answer which VMs (disks) to ship, with their RPO targets;
-- two shipping workers run the ``scheduler.RpoScheduler``'s decisions under one
+- shipping workers run the ``scheduler.RpoScheduler``'s decisions under one
   ``throttle.Throttle`` for the whole site link: one the initial full copies of newly
-  protected disks (while the VMs write), the other the synced VMs' epochs, most at risk first
-  (so an initial copy never holds the others' epochs back).
+  protected disks (while the VMs write, behind the epochs in the throttle), the others
+  (``epoch_workers``) the synced VMs' epochs, most at risk first (so an initial copy never
+  holds the others' epochs back).
 
 On the site-B host (``--replication-bmc ADDR`` ...): in its start, before the agent's first
 heartbeat and before its executor runs (so before any VM can start here), the configuration is
@@ -57,11 +58,15 @@ class _Ship:
 
 
 class Shipping:
-    """The primary side: tracked disks, their shippers and the schedule (one thread ships)."""
+    """The primary side: tracked disks, their shippers and the schedule (see ``run``)."""
 
     def __init__(self, site_b: tuple[str, int], *, link_bps: float, share: float,
                  source: str | None = None, log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.monotonic, precopy: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, precopy: bool = True,
+                 epoch_workers: int = 2) -> None:
+        if epoch_workers < 1:
+            raise ValueError(f"need at least one epoch worker, not {epoch_workers}")
+        self.epoch_workers = epoch_workers
         self.site_b = site_b
         self.precopy = precopy  # the initial copies as pre-copies (``shipper``)
         self.source = source
@@ -180,13 +185,20 @@ class Shipping:
         return r
 
     def run(self, stop: threading.Event) -> None:
-        """Two workers under the one throttle: initial full copies on one, the synced VMs'
-        epochs on the other, so a long initial copy never holds the others' epochs back."""
-        first = threading.Thread(target=self._work, args=(stop, True), daemon=True,
-                                 name="replication-initial")
-        first.start()
+        """Workers under the one throttle: initial full copies on one, the synced VMs' epochs
+        on ``epoch_workers`` others (most at risk first, one VM per worker at a time), so a
+        long initial copy never holds the others' epochs back and one VM's commit round trip
+        (site B's fsyncs) does not hold the next VM's epoch."""
+        threads = [threading.Thread(target=self._work, args=(stop, True), daemon=True,
+                                    name="replication-initial")]
+        threads += [threading.Thread(target=self._work, args=(stop, False), daemon=True,
+                                     name=f"replication-epochs-{i}")
+                    for i in range(1, self.epoch_workers)]
+        for t in threads:
+            t.start()
         self._work(stop, False)
-        first.join()
+        for t in threads:
+            t.join()
 
     def _work(self, stop: threading.Event, initial: bool) -> None:
         while not stop.is_set():

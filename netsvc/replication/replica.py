@@ -234,9 +234,17 @@ class ReplicaStore:
         with self.lock:
             self._discard(s)
 
+    @staticmethod
+    def _close(s: Session) -> None:
+        """Close the session's file once: a second close could hit a descriptor number
+        another connection's session got since (connections run in parallel)."""
+        fd, s.fd = s.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def _discard(self, s: Session) -> None:
-        with contextlib.suppress(OSError):
-            os.close(s.fd)
+        self._close(s)
         if s.direct:  # the image stays fresh: no read sees what the session wrote
             return
         s.stage.unlink(missing_ok=True)
@@ -262,7 +270,7 @@ class ReplicaStore:
                 raise ReplicaError(f"epoch {epoch}: the SHA-256 of the staged writes differs")
             if s.direct:  # the fresh image's first epoch: durable, then the state says so
                 os.fdatasync(s.fd)
-                os.close(s.fd)
+                self._close(s)
                 self._save({**self.state, "applied": epoch, "pending": None, "fresh": False})
                 return
             os.fsync(s.fd)
@@ -271,7 +279,7 @@ class ReplicaStore:
                 json.dump(s.writes, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.close(s.fd)
+            self._close(s)
         except BaseException:
             self._discard(s)
             raise

@@ -4,6 +4,8 @@ flaps mid-epoch, the throttle and the RPO schedule. Time is passed in; nothing s
 
 from __future__ import annotations
 
+import os
+
 import random
 from pathlib import Path
 
@@ -236,6 +238,23 @@ def test_a_fresh_replicas_first_epoch_is_written_in_place_and_read_only_once_com
     assert not s.direct
     again.discard(s)
     assert not list(tmp_path.glob("vm1.stage-*"))
+
+
+def test_a_session_closes_its_file_once(tmp_path: Path) -> None:
+    """Connections run in parallel at site B: closing a committed session's descriptor again
+    would close whatever file another connection opened under that number since."""
+    store = existing(tmp_path, 2 * BS)
+    s = store.begin(0)
+    store.stage(s, b"a" * BS, 0)
+    d = EpochDigest()
+    d.add(0, b"a" * BS)
+    store.commit(s, 0, d.extents, d.nbytes, d.digest())
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)  # likely the number s had
+    try:
+        store.discard(s)  # e.g. the connection closes after its commit
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
 
 
 def test_a_live_replica_takes_no_more_epochs(tmp_path: Path) -> None:
