@@ -5,7 +5,6 @@ flaps mid-epoch, the throttle and the RPO schedule. Time is passed in; nothing s
 from __future__ import annotations
 
 import os
-
 import random
 from pathlib import Path
 
