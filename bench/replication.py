@@ -170,9 +170,16 @@ def where_the_time_goes(trace: list[tuple[float, str, float]], history: list[Any
             "failed_epochs": sum(1 for h in history if not h.ok)}
 
 
+#: the shipping as it was before the fifth session's changes, for ``--ablation``: one epoch
+#: worker, the copies not behind the epochs, the pacing a plain sleep. It runs after the
+#: first netsvc phase, on site-B replicas that are no longer fresh, so its initial copies are
+#: staged and applied as they were before; site B's connections stay parallel (not undone).
+BEFORE = {"epoch_workers": 1, "bulk_floor": 1.0, "poll_while_pacing": False}
+
+
 def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
-                 seconds: float, precopy: bool = True, epoch_workers: int = 2
-                 ) -> dict[str, Any]:
+                 seconds: float, precopy: bool = True, epoch_workers: int = 2,
+                 **knobs: Any) -> dict[str, Any]:
     from netsvc.replication.agent import Shipping
 
     disks = []
@@ -181,7 +188,8 @@ def phase_netsvc(work: Path, ifname: str, rate: float, hot: int | None,
         p.write_bytes(os.urandom(DISK))
         disks.append(FileDisk(p))
     shipping = Shipping((B_ADDR, PORT), link_bps=100e6, share=0.8, source=A_ADDR,
-                        log=lambda m: None, precopy=precopy, epoch_workers=epoch_workers)
+                        log=lambda m: None, precopy=precopy, epoch_workers=epoch_workers,
+                        **knobs)
     tracked = [shipping.track(f"vm{i + 1}", d) for i, d in enumerate(disks)]
     for i in range(VMS):
         shipping.protect(f"vm{i + 1}", f"vm{i + 1}", 1.0)
@@ -361,6 +369,12 @@ def inner(args: argparse.Namespace) -> int:
             out[name]["netsvc_sealed_first"] = phase_netsvc(
                 work, args.ifname, rate, hot, args.seconds, precopy=False,
                 epoch_workers=args.epoch_workers)
+        if args.ablation:
+            print(f"bench: {name}: netsvc, shipping as before", file=sys.stderr, flush=True)
+            out[name]["netsvc_before"] = phase_netsvc(work, args.ifname, rate, hot,
+                                                      args.seconds, **BEFORE)
+            for p in work.glob("a-vm*.img"):
+                p.unlink()
         print(f"bench: {name}: rsync", file=sys.stderr, flush=True)
         out[name]["rsync"] = phase_rsync(work, args.ifname, rate, hot, args.seconds)
         for p in work.glob("a-vm*.img"):
@@ -414,7 +428,8 @@ def outer(args: argparse.Namespace) -> int:
                                 "--seconds", str(args.seconds),
                                 "--workloads", args.workloads or "",
                                 "--epoch-workers", str(args.epoch_workers),
-                                *(["--seal-first"] if args.seal_first else [])], timeout=3600)
+                                *(["--seal-first"] if args.seal_first else []),
+                                *(["--ablation"] if args.ablation else [])], timeout=3600)
             if r.returncode != 0:
                 return r.returncode
             phases = json.loads(result.read_text())
@@ -453,6 +468,9 @@ def main() -> int:
                    "old way), in the same run")
     p.add_argument("--epoch-workers", type=int, default=2,
                    help="shipping workers for the protected VMs' epochs (agent.Shipping)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run netsvc with the shipping as it was before (BEFORE), in the "
+                   "same run")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)

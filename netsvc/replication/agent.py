@@ -63,16 +63,21 @@ class Shipping:
     def __init__(self, site_b: tuple[str, int], *, link_bps: float, share: float,
                  source: str | None = None, log: Callable[[str], None] = print,
                  clock: Callable[[], float] = time.monotonic, precopy: bool = True,
-                 epoch_workers: int = 2) -> None:
+                 epoch_workers: int = 2, bulk_floor: float = 0.25,
+                 poll_while_pacing: bool = True) -> None:
+        """``bulk_floor``: the initial copies' share of the link while epochs ship
+        (``throttle``; 1.0: no priority); ``poll_while_pacing=False`` pauses with a plain
+        sleep (``NbdSink.wait`` says why not): both there to measure what they buy."""
         if epoch_workers < 1:
             raise ValueError(f"need at least one epoch worker, not {epoch_workers}")
         self.epoch_workers = epoch_workers
+        self.poll_while_pacing = poll_while_pacing
         self.site_b = site_b
         self.precopy = precopy  # the initial copies as pre-copies (``shipper``)
         self.source = source
         self.log = log
         self.clock = clock
-        self.throttle = Throttle(link_bps, share)
+        self.throttle = Throttle(link_bps, share, bulk_floor=bulk_floor)
         self.scheduler = RpoScheduler()
         self.disks: dict[str, TrackingBackend] = {}
         self.ships: dict[str, _Ship] = {}  # vm -> its shipping (one disk per VM for now)
@@ -103,7 +108,8 @@ class Shipping:
             tracked = self.disks[disk]
             sink = NbdSink(self.site_b[0], self.site_b[1], disk, source=self.source)
             sh = Shipper(vm, tracked, sink, self.throttle, clock=self.clock,
-                         precopy=self.precopy)
+                         precopy=self.precopy,
+                         sleep=None if self.poll_while_pacing else time.sleep)
             try:
                 st = sink.status()
             except (ConnectionError, ValueError) as exc:
