@@ -26,6 +26,9 @@ Phases (each ``--seconds`` long, same workload, one after the other on the same 
   old as the time since then (nothing of it is at site B); ``where_the_time_goes`` gives per
   VM its initial copy's time on the link, its RPO the instant that copy committed, and its
   catch-up (until first under 1 s), and how many of the samples over 1 s fell in a catch-up.
+- ``netsvc_before`` (with ``--ablation``): the shipping as it was before the third pass
+  (``BEFORE``: one epoch worker, the copies not behind the epochs, the pacing a plain sleep),
+  to show in the same run what those changes buy.
 - ``rsync``: ``rsync -I --inplace --no-whole-file`` of the 4 images to the daemon, back to back
   (the shortest period rsync can do); the RPO of a sample is its age since the start of the
   last completed run (what that run can at best hold; rsync gives no point in time at all).

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from netsvc.cluster.service import AgentContext
+from netsvc.replication.cbt import TrackerError
 from netsvc.replication.scheduler import RpoScheduler, VmView
 from netsvc.replication.shipper import NbdSink, Shipped, Shipper
 from netsvc.replication.throttle import Throttle
@@ -52,6 +53,8 @@ class _Ship:
     epochs: int = 0
     failures: int = 0
     error: str = ""
+    resumed_from: int = -1  # after a failback: the base epoch it ships from, no full copy
+    reseed: str = ""  # after a failback: why it could not resume (a full copy instead)
 
 
 class Shipping:
@@ -88,22 +91,57 @@ class Shipping:
         self.disks[name] = t
         return t
 
-    def protect(self, vm: str, disk: str, rpo_s: float) -> None:
+    def protect(self, vm: str, disk: str, rpo_s: float,
+                resume: Mapping[str, Any] | None = None) -> None:
+        """Ship ``vm``'s ``disk``. ``resume`` (after a failback: ``epoch``, ``tracking``):
+        site B's replica is this disk at that base epoch, so ship only the blocks written
+        since, if this host can prove its part (``reprotect.resume_check``); else a full
+        copy, and the report says why (``reseed``)."""
+        from netsvc.replication.reprotect import resume_check
+
         with self.lock:
             if disk not in self.disks:
                 raise KeyError(f"no tracked disk {disk} on this host")
             self.scheduler.set_target(vm, rpo_s)
             if vm in self.ships and self.ships[vm].disk == disk:
                 return
+            tracked = self.disks[disk]
             sink = NbdSink(self.site_b[0], self.site_b[1], disk, source=self.source)
-            sh = Shipper(vm, self.disks[disk], sink, self.throttle, clock=self.clock,
+            sh = Shipper(vm, tracked, sink, self.throttle, clock=self.clock,
                          precopy=self.precopy,
                          sleep=None if self.poll_while_pacing else time.sleep)
-            try:  # an agent restarted: site B holds epochs already; number after them
-                self.disks[disk].tracker.resume_after(sink.status().applied)
+            try:
+                st = sink.status()
             except (ConnectionError, ValueError) as exc:
+                if resume is not None:  # the proof needs site B: try again at the next report
+                    sink.close()
+                    raise ConnectionError(f"{disk} at site B not reachable ({exc})") from exc
                 self.log(f"replication: {disk} at site B not reachable yet ({exc})")
-            self.ships[vm] = _Ship(vm, disk, sh)
+                st = None
+            ship = _Ship(vm, disk, sh)
+            if resume is not None:
+                assert st is not None
+                why = resume_check(resume, tracked.id, tracked.tracker.sealed is not None,
+                                   st.applied, st.live)
+                base = int(resume.get("epoch", -1))
+                if not why:
+                    try:
+                        with tracked.lock:
+                            tracked.tracker.rebase(base)
+                    except TrackerError as exc:
+                        why = str(exc)
+                if not why:
+                    sh.synced, sh.remote_epoch, ship.resumed_from = True, base, base
+                    self.log(f"replication: {vm} resumes from the failback's common point, "
+                             f"epoch {base} at site B: only the blocks written since ship")
+                else:
+                    ship.reseed = why
+                    self.log(f"replication: {vm} cannot resume from the common point ({why}): "
+                             "a full re-seed")
+            if ship.resumed_from < 0 and st is not None:
+                # an agent restarted: site B holds epochs already; number after them
+                tracked.tracker.resume_after(st.applied)
+            self.ships[vm] = ship
             self.log(f"replication: protecting {vm} (disk {disk}, RPO {rpo_s:g} s)")
 
     def unprotect(self, vm: str) -> None:
@@ -192,7 +230,8 @@ class Shipping:
                         "bytes_behind": t.bytes_behind(), "bytes_written": t.bytes_written,
                         "bytes_shipped": s.shipper.wire_bytes, "epochs": s.epochs,
                         "failures": s.failures, "synced": s.shipper.synced,
-                        "error": s.error[:300]})
+                        "error": s.error[:300], "resumed_from": s.resumed_from,
+                        "reseed": s.reseed[:300]})
         return {"host": host, "link_share": round(self.throttle.used_share(now), 4),
                 "share_limit": self.throttle.share, "vms": vms}
 
@@ -216,8 +255,9 @@ class ShippingAgent:
             if disk is None:
                 continue
             try:
-                self.shipping.protect(vm, disk, float(spec.get("rpo_s") or 1.0))
-            except (KeyError, ValueError) as exc:
+                self.shipping.protect(vm, disk, float(spec.get("rpo_s") or 1.0),
+                                      spec.get("resume"))
+            except (KeyError, ValueError, ConnectionError) as exc:
                 self.ctx.log(f"replication: cannot protect {vm}: {exc}")
         for vm in [vm for vm in self.shipping.ships if vm not in want]:
             self.shipping.unprotect(vm)

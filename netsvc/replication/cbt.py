@@ -81,6 +81,18 @@ class EpochTracker:
         self.committed_epoch = max(self.committed_epoch, epoch)
         self._next_epoch = max(self._next_epoch, epoch + 1)
 
+    def rebase(self, epoch: int) -> None:
+        """Site B holds, as ``epoch``, the disk as it was before every write still in the open
+        epoch (a failback's common point, ``reprotect``): the next epoch ships only those
+        blocks, no full copy. The caller proved it; this only renumbers."""
+        if self.sealed is not None:
+            raise TrackerError("cannot rebase while an epoch is being shipped")
+        if epoch < 0 or epoch < self.committed_epoch:
+            raise TrackerError(f"cannot rebase at epoch {epoch} (committed "
+                               f"{self.committed_epoch})")
+        self.committed_epoch = epoch
+        self._next_epoch = epoch + 1
+
     # -- the write path ---------------------------------------------------------------------------
 
     def blocks_of(self, offset: int, length: int) -> range:

@@ -8,6 +8,8 @@
     netsvc replication failover [--dry-run] [--force] [--reason TEXT] [--json]
     netsvc replication migrate [--dry-run] [--reason TEXT] [--json]
     netsvc replication failback [--dry-run] [--reason TEXT] [--json]
+    netsvc replication sleep [--dry-run] [--reason TEXT] [--json]
+    netsvc replication reprotect VM [--dry-run] [--reason TEXT] [--json]
 
 (``--manager URL --key-file F`` or ``$NETSVC_MANAGER``/``$NETSVC_KEY_FILE`` reach the manager.)
 
@@ -55,7 +57,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       "down at the primary, their last epochs ship, then they start at site B)")
     fb = r.add_parser("failback", help="after a failover: the VMs home (they shut down at site "
                       "B, their last epochs ship back, they start on their primary hosts)")
-    for q in (pr, mi, fb, un := r.add_parser("unprotect", help="stop protecting a VM"),
+    sl = r.add_parser("sleep", help="power the site-B host off through its BMC (after a "
+                      "failback: refused while a VM runs there or an image is not released)")
+    rp = r.add_parser("reprotect", help="retry a VM's re-protection toward site B after a "
+                      "failback (the site-B host releases its image again; a full re-seed)")
+    rp.add_argument("vm")
+    for q in (pr, mi, fb, sl, rp, un := r.add_parser("unprotect", help="stop protecting a VM"),
               fo := r.add_parser("failover", help="fail over to site B (power the site-B host "
                                  "on through its BMC, start the replicas)")):
         q.add_argument("--dry-run", action="store_true", help="check and journal, change "
@@ -70,6 +77,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fo.set_defaults(func=cmd_failover)
     mi.set_defaults(func=cmd_migrate)
     fb.set_defaults(func=cmd_failback)
+    sl.set_defaults(func=cmd_sleep)
+    rp.set_defaults(func=cmd_reprotect)
     p.set_defaults(func=lambda a: print_usage(p))
 
 
@@ -129,6 +138,9 @@ def format_status(st: dict[str, Any]) -> str:
             continue
         note = "STALE report" if r.get("stale") else ("initial copy" if not r.get("synced")
                                                       else "")
+        rp = r.get("reprotect")
+        if rp and rp["state"] != "PROTECTED":
+            note = (note + f" re-protecting: {rp['state']}").strip()
         if r.get("error"):
             note = (note + " " + r["error"]).strip()
         lines.append(f"{vm:12} {r['host']:6} {r['rpo_ms']:>9.0f} {r['rpo_target_s']:>8g} "
@@ -139,6 +151,24 @@ def format_status(st: dict[str, Any]) -> str:
                  + (f"generation {cw.get('generation')}, {len(cw.get('vms', []))} VMs"
                     if cw else "not written yet")
                  + (" (a rewrite is pending)" if st.get("config", {}).get("pending") else ""))
+    for vm, r in sorted(st.get("vms", {}).items()):
+        rp = r.get("reprotect")
+        if not rp:
+            if r.get("replica_live_at_site_b"):
+                lines.append(f"{vm}: its replica went live at site B (not protected there)")
+            continue
+        how = {"delta": "from the failback's common point (no full copy)",
+               "full": "FULL RE-SEED"}.get(rp.get("mode") or "", "releasing site B's image")
+        lines.append(f"re-protection of {vm}: {rp['state']}, {how}; base epoch "
+                     f"{rp['base_epoch']}, epoch at B {rp['epoch']}, {rp['bytes_behind']} "
+                     f"bytes behind, {rp['bytes_shipped']} shipped for {rp['bytes_written']} "
+                     "written" + (f" ({rp['why']})" if rp.get("why") else ""))
+    sb = st.get("site_b") or {}
+    if sb.get("sleep") or sb.get("awake"):
+        sleep = sb.get("sleep") or {}
+        lines.append(f"site-B host {st.get('site_b_host')}: "
+                     + ("awake" if sb.get("awake") else "asleep")
+                     + (f" (sleep: {sleep.get('outcome')})" if sleep else ""))
     f = st.get("failover")
     if f:
         lines.append(f"failover: {f['phase']} ({f['reason']})"
@@ -239,3 +269,27 @@ def cmd_failback(args: argparse.Namespace) -> int:
                 else f"failback started: {homes} (follow with 'netsvc replication status')")
 
     return _site_operation("failback", args, {}, describe)
+
+
+def cmd_sleep(args: argparse.Namespace) -> int:
+    def describe(plan: Mapping[str, Any], dry: bool) -> str:
+        return ("dry run: the site-B host would be powered off through its BMC; nothing "
+                "changed" if dry else "the site-B host is being powered off through its BMC "
+                "(follow with 'netsvc replication status')")
+
+    return _site_operation("sleep", args, {}, describe)
+
+
+def cmd_reprotect(args: argparse.Namespace) -> int:
+    if not _vm("reprotect", args.vm):
+        return 2
+    got = _call("reprotect", args, "POST", f"/v1/replication/reprotect/{args.vm}",
+                {"dry_run": args.dry_run, "reason": args.reason})
+    if got is None:
+        return 2
+    status, out = got
+    return _finish("reprotect", args, status, out,
+                   f"dry run: {args.vm}'s image at site B would be released again and "
+                   "shipped forward; nothing changed" if out.get("status") == "dry_run"
+                   else f"{args.vm}: re-protection {out.get('state')} (follow with "
+                   "'netsvc replication status')")

@@ -15,10 +15,20 @@ primary copy of each disk live at the receiver (after checking that it holds the
 the manager names: shipped after the VM was quiesced at site B), then starts the VM here and
 gives it its address on its primary network (``--replication-network``).
 
+Re-protection (``replication-release`` on the site-B host, after a failback is DONE): the
+disk's export is withdrawn from this host's endpoint (nothing more can write it here), the
+shipping back stops, the tracker is checked (``reprotect.reverse_clean``: nothing written after
+the final epoch shipped home), and site B's image is released (``RELEASE``: a replica again,
+numbered after its applied epoch). The answer says per disk the base epoch and whether the
+common point is proven; the image is released either way (a full re-seed needs a replica too).
+A primary host's ``replication-failback`` names, per disk, the tracker its VM will write
+through (``TrackingBackend.id``), taken before the VM starts there.
+
 Invariants: a disk is served at site B only once its replica went live (never before the
 replica holds a whole epoch); the primary copy goes live only if its newest complete epoch is
 at least the final one (nothing acknowledged at site B is left behind), and once live it takes
-no more epochs.
+no more epochs; an image is released only after its export here is withdrawn and its
+connection to site B closed.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from netsvc.cluster.service import AgentContext
-from netsvc.replication.wire import CONTROL, decode_status
+from netsvc.replication.wire import CONTROL, OP_RELEASE, Command, decode_status
 
 REVERSE_KEY = "replication.reverse"
 
@@ -58,6 +68,10 @@ class NbdBackend:
         with self.lock:
             self.h.flush()
 
+    def close(self) -> None:
+        with self.lock:
+            self.h.shutdown()
+
 
 def status_at(addr: str, port: int, disk: str) -> Any:
     """The control block's status of ``replica/disk`` at a replica store."""
@@ -76,6 +90,59 @@ def go_live(addr: str, port: int, disk: str) -> None:
     h.set_export_name(f"live/{disk}")
     h.connect_tcp(addr, str(port))
     h.shutdown()
+
+
+def release_at(addr: str, port: int, disk: str) -> int:
+    """Make the live image of ``disk`` at a replica store a replica again, numbered one after
+    its applied epoch; returns that number (the base)."""
+    h = importlib.import_module("nbd").NBD()
+    h.set_export_name(f"replica/{disk}")
+    h.connect_tcp(addr, str(port))
+    try:
+        st = decode_status(h.pread(CONTROL, h.get_size() - CONTROL))
+        base = st.applied + 1
+        h.pwrite(Command(OP_RELEASE, base).encode(), h.get_size() - CONTROL)
+        after = decode_status(h.pread(CONTROL, h.get_size() - CONTROL))
+    finally:
+        h.shutdown()
+    if after.live or after.applied != base:
+        raise RuntimeError(f"{disk} at site B after the release: epoch {after.applied}, "
+                           f"live {after.live}")
+    return base
+
+
+def release_replicas(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    """``replication-release`` on the site-B host (see the module docstring)."""
+    from netsvc.replication.reprotect import reverse_clean
+
+    vm = str(action["vm"])
+    site_b = ctx.options.get("replication.site_b")
+    if site_b is None:
+        raise RuntimeError("no site-B storage (--replication-site-b)")
+    rev = ctx.options.get(REVERSE_KEY)
+    finals: Mapping[str, int] = action.get("final_epochs") or {}
+    out: dict[str, Any] = {}
+    for d in [str(x) for x in action.get("disks") or []]:
+        tracked = None
+        if rev is not None:
+            shipping, endpoint = rev
+            endpoint.exports.pop(d, None)  # nothing more writes it here
+            shipping.unprotect(vm)
+            tracked = shipping.disks.pop(d, None)
+        if tracked is None:
+            why = reverse_clean(None, int(finals.get(d, -1)))
+        else:
+            with tracked.lock:  # a write in progress ends (marked) before; none succeeds after
+                if isinstance(tracked.backend, NbdBackend):
+                    tracked.backend.close()
+                why = reverse_clean(tracked.tracker, int(finals.get(d, -1)))
+        base = release_at(site_b[0], site_b[1], d)
+        out[d] = {"base_epoch": base, "proven": not why, "why": why,
+                  "reverse_epoch": None if tracked is None
+                  else tracked.tracker.committed_epoch}
+        ctx.log(f"replication: released {d} at site B as a replica at epoch {base} "
+                + ("(common point proven)" if not why else f"(full re-seed: {why})"))
+    return {"vm": vm, "disks": out}
 
 
 def start_reverse(ctx: AgentContext, primary: tuple[str, int], socket_path: str, *,
@@ -127,6 +194,9 @@ def failback_start(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str,
         raise RuntimeError(f"{vm}'s primary network {network!r} is not at this host "
                            f"(--replication-network: {', '.join(sorted(nets)) or 'none'})")
     finals: Mapping[str, int] = action.get("final_epochs") or {}
+    shipping = ctx.options.get("replication.shipping")  # the trackers the VM writes through
+    tracking = {str(d): shipping.disks[str(d)].id for d in action.get("disks") or []
+                if shipping is not None and str(d) in shipping.disks}
     t0 = time.monotonic()
     epochs = {}
     for d in action.get("disks") or []:
@@ -150,4 +220,5 @@ def failback_start(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str,
     steps["start_ms"] = round((time.monotonic() - t1) * 1000, 3)
     addressed = to_networks(vm, [(network, ip)] if ip else [], nets, ctx.driver)
     ctx.log(f"replication: {vm} is home from epochs {epochs} on {addressed}")
-    return {"vm": vm, "epochs": epochs, "networks": addressed, "steps_ms": steps}
+    return {"vm": vm, "epochs": epochs, "networks": addressed, "steps_ms": steps,
+            "tracking": tracking}

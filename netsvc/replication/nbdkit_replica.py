@@ -10,7 +10,8 @@ Exports (the NBD export name):
   that closes with an epoch begun and not committed discards it: the half-shipped epoch.
 - ``NAME``: the replica's content, read-only while it is a replica;
 - ``live/NAME``: the disk of the VM started at site B (opening it read-write makes the replica
-  live: it takes no more epochs).
+  live: it takes no more epochs). A RELEASE on ``replica/NAME`` makes it a replica again (after
+  a failback); writes still arriving on a live connection are then refused.
 
 Invariants: one ``ReplicaStore`` per disk in this process (its recovery runs once, at
 start-up); the requests of one connection are handled in order, one at a time, and
@@ -32,6 +33,7 @@ from replica import ReplicaError, ReplicaStore  # type: ignore[import-not-found]
 from wire import (  # type: ignore[import-not-found]
     CONTROL,
     OP_BEGIN,
+    OP_RELEASE,
     Status,
     WireError,
     decode_command,
@@ -132,6 +134,10 @@ def pwrite(h: dict[str, Any], buf: Any, offset: int, flags: int) -> None:
                     store.discard(h["session"])
                     h["session"] = None
                 h["session"] = store.begin(cmd.epoch)
+            elif cmd.op == OP_RELEASE:
+                if h["session"] is not None:
+                    raise ReplicaError("release while an epoch is staged")
+                store.release(cmd.epoch)
             else:
                 s = h["session"]
                 if s is None:

@@ -2,7 +2,8 @@
 configuration in the site-B host's BMC, failover, failback), agent side (shipping on primary
 hosts and their ``replication-failback`` executor; on the site-B host, the configuration read
 from its BMC at start, the ``replication-start`` executor, and the way back: its started
-replicas' disks served tracked and shipped to the primary's receiver) and CLI.
+replicas' disks served tracked and shipped to the primary's receiver, and their release after a
+failback: ``replication-release``) and CLI.
 
 Importing this module is cheap (argparse only); each part imports its code when it runs.
 """
@@ -146,6 +147,12 @@ def _failback(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]
     return failback_start(action, ctx)
 
 
+def _release(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
+    from netsvc.replication.failback import release_replicas
+
+    return release_replicas(action, ctx)
+
+
 def _lab_agent_args(plan: Any, host: str) -> list[str]:
     from netsvc.lab.scenarios.replication import agent_args
 
@@ -172,7 +179,8 @@ PLUGIN = ServicePlugin(
     manager=_manager,
     agent=AgentPart(add_arguments=_add_arguments, start=_start,
                     executors={"replication-start": _start_replica,
-                               "replication-failback": _failback}),
+                               "replication-failback": _failback,
+                               "replication-release": _release}),
     lab=LabPart(agent_args=_lab_agent_args, scenarios=_scenarios),
     cli=_cli,
 )

@@ -25,7 +25,8 @@ Invariants:
   apply is idempotent: the same writes at the same offsets).
 - A COMMIT whose count, byte total or SHA-256 does not match what was staged is refused and the
   stage discarded. An epoch not newer than the applied one is refused. A live replica (started
-  at site B) takes no more epochs.
+  at site B) takes no more epochs, until it is released (``release``: after a failback, its
+  content is the primary's at the common point; it is a replica again at a newer epoch number).
 - Nothing is allocated from a peer's length beyond the disk: a staged write must lie in
   ``[0, size)``.
 - One lock per store serialises begin, commit (the apply), discard, reads and live writes, so
@@ -172,6 +173,20 @@ class ReplicaStore:
         with self.lock:
             if not self.live:  # (a live disk is a disk: no longer fresh)
                 self._save({**self.state, "live": True, "fresh": False})
+
+    def release(self, epoch: int) -> None:
+        """A live image becomes a replica again, as it is, numbered ``epoch`` (the failback's
+        common point: the caller proved the primary holds the same bytes). Refused unless
+        live, and unless ``epoch`` is newer than the applied one."""
+        with self.lock:
+            if not self.live:
+                raise ReplicaError(f"{self.name} is not live: there is nothing to release")
+            if epoch <= self.applied:
+                raise ReplicaError(f"release at epoch {epoch}: not newer than the applied "
+                                   f"{self.applied}")
+            with open(self.img, "rb+") as f:
+                os.fsync(f.fileno())
+            self._save({"applied": epoch, "pending": None, "live": False, "fresh": False})
 
     def pwrite_live(self, data: bytes, offset: int) -> None:
         if not self.live:

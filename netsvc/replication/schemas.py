@@ -55,6 +55,15 @@ class ReplicationTable(Schema, frozen=True):
     power_on_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 20.0
     loaded_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 60.0
     ipmitool: Annotated[str, Meta(max_length=4096)] = "ipmitool"
+    site_b_sleep: Annotated[str, Meta(pattern=r"^(on|dry-run|off)\Z", description=(
+        "after a failback's re-protection released site B's images: power the site-B host "
+        "off through its BMC (on), only journal it (dry-run), or leave it (off)"))] = "on"
+    reprotect: Annotated[str, Meta(pattern=r"^(auto|full)\Z", description=(
+        "after a failback: resume from the common point when it is proven (auto), or always "
+        "re-seed site B in full (full)"))] = "auto"
+    reprotect_timeout_s: Annotated[float, Meta(gt=0, le=86400, description=(
+        "a re-protection's release, resume or re-seed must reach its next state within "
+        "this"))] = 300.0
     primary_hosts: Annotated[list[Name], Meta(
         max_length=256, description="the primary site's hosts (default: every host but the "
         "site-B one)")] = field(default_factory=list)
@@ -104,6 +113,8 @@ class VmShipping(Schema, frozen=True):
     failures: Annotated[int, Meta(ge=0)]
     synced: bool
     error: Text = ""
+    resumed_from: Epoch = -1  # after a failback: the base epoch shipped from (no full copy)
+    reseed: Text = ""  # after a failback: why a full re-seed instead
 
 
 class ShippingReport(Schema, frozen=True):

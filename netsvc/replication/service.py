@@ -45,6 +45,20 @@ with its primary address) -> ``DONE`` | ``FAILED``. Refused, journaled with the 
 unsafe: ``no-failover`` (nothing runs at site B by a failover), ``primary-not-back`` (a VM's
 primary host is not UP), ``replica-not-current`` (the way back has no complete, fresh epoch of
 a VM's disk), ``failback-in-progress``; a dry run journals the plan and changes nothing.
+
+Re-protection after a failback (``reprotect.py``): once the failback is DONE, each VM home
+with a disk gets a ``replication-release`` action on the site-B host (its image withdrawn
+there, checked to hold nothing after the final epoch, released at site B: a replica again at
+a base epoch); the manager checks its own part of the proof (the primary copy went live at
+exactly the final epoch; the primary host named the tracker its VM writes through) and answers
+the primary host's next report with ``resume`` (base epoch and tracker: ship only the blocks
+written since) or, when the common point is not proven, nothing (a full re-seed, the
+pre-copy), journaled with the reason. ``PROTECTED`` once an epoch after the base is at site
+B. Then, if nothing runs on the site-B host and every image was released, it is powered off
+through its BMC (``site_b_sleep``: on, dry-run, off; or ``POST /v1/replication/sleep``,
+refused while it is needed), journaled with the reason; once it is off, the configuration
+with the new epochs is written to its BMC again (it is written only while the host sleeps),
+so a later failover works as the first did.
 """
 
 from __future__ import annotations
@@ -72,6 +86,7 @@ from netsvc.cluster.service import (
     Request,
     Route,
 )
+from netsvc.replication.reprotect import Reprotect, RState, common_point
 from netsvc.replication.schemas import (
     FailoverRequest,
     LoadedReport,
@@ -128,6 +143,7 @@ class Phase(Enum):
 ACTIVE_PHASES = (Phase.QUIESCING, Phase.DRAINING, Phase.POWERING_ON, Phase.LOADING,
                  Phase.STARTING)
 KIND_FAILBACK = "replication-failback"
+KIND_RELEASE = "replication-release"
 
 
 @dataclass
@@ -223,6 +239,14 @@ class ReplicationService(BaseManagerService):
         #: VMs whose replica at site B went live (a failover started them): they take no
         #: more epochs, so no primary host is asked to ship them (re-seeding: not done yet)
         self.live_at_b: set[str] = set()
+        #: after a failback: each VM's re-protection toward site B (``reprotect``)
+        self.reprotect: dict[str, Reprotect] = {}
+        #: what each VM's primary host said when it came home: its epochs, its trackers
+        self.homecoming: dict[str, dict[str, Any]] = {}
+        #: the site-B host was powered on by a failover and not yet put back to sleep (the
+        #: configuration is written to its BMC only while it sleeps)
+        self.site_b_awake = False
+        self.sleep: dict[str, Any] = {}  # the last sleep asked (and its outcome)
         self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
@@ -282,6 +306,16 @@ class ReplicationService(BaseManagerService):
                   "shut down at site B, their last epochs ship back, they start on their "
                   "primary hosts); refused unless the primary is back and the way back is "
                   "current (dry_run: check and journal only)"),
+            Route("POST", r"/v1/replication/reprotect/([^/]+)", "replication_reprotect",
+                  self._route_reprotect, body=_body(OperatorRequest), mutates=True,
+                  summary="retry a VM's re-protection toward site B after a failback (the "
+                  "site-B host releases its image again; refused unless the VM is home, its "
+                  "image at site B still live and the site-B host up; dry_run: check only)"),
+            Route("POST", r"/v1/replication/sleep", "replication_sleep",
+                  self._route_sleep, body=_body(OperatorRequest), mutates=True,
+                  summary="power the site-B host off through its BMC (after a failback: its "
+                  "images released, nothing running on it); refused while it is needed "
+                  "(dry_run: check and journal only)"),
             Route("POST", r"/v1/replication/reports", "replication_report",
                   self._route_report, body=_body(ShippingReport), mutates=True,
                   summary="a primary host's shipping figures; answers the protected set",
@@ -296,7 +330,9 @@ class ReplicationService(BaseManagerService):
         return (ActionKind(KIND_START, self._plan, self._recheck, self._complete,
                            run_timeout=30.0),
                 ActionKind(KIND_FAILBACK, self._plan, self._recheck_back, self._complete_back,
-                           run_timeout=30.0))
+                           run_timeout=30.0),
+                ActionKind(KIND_RELEASE, self._plan, self._recheck_release,
+                           self._complete_release, run_timeout=30.0, exclusive=False))
 
     def next_timer(self) -> float | None:
         times = []
@@ -312,6 +348,8 @@ class ReplicationService(BaseManagerService):
             times.append(b.deadline)
             if b.phase in (Phase.QUIESCING, Phase.DRAINING):
                 times.append(self._now + 0.25)
+        times += [r.deadline for r in self.reprotect.values()
+                  if r.state not in (RState.PROTECTED, RState.FAILED)]
         return min(times) if times else None
 
     def handle_timer(self, now: float, wall: float | None) -> None:
@@ -319,8 +357,7 @@ class ReplicationService(BaseManagerService):
         # Written while the site-B host sleeps; from its power-on on, never again: its agent
         # reads the store then (a new generation mid-read would fail the checksum), and a
         # running host does not read it again.
-        powered = self.failover is not None and self.failover.phase in (
-            Phase.POWERING_ON, Phase.LOADING, Phase.STARTING, Phase.DONE)
+        powered = self.site_b_awake
         if (self._config_dirty and not self._config_inflight and self.t.bmc is not None
                 and now >= self._config_due and not powered):
             self._write_config(now, wall)
@@ -334,6 +371,10 @@ class ReplicationService(BaseManagerService):
             self._failback_step(now, wall)
         if b is not None and b.phase in ACTIVE_PHASES and now >= b.deadline:
             self._fail_back(f"{b.phase.value} passed its deadline", now, wall)
+        for r in self.reprotect.values():
+            if r.expired(now):
+                self._reprotect_failed(r, f"{r.state.value} passed its deadline", now, wall)
+        self._maybe_sleep(now, wall)
 
     def status(self, now: float) -> Mapping[str, Any]:
         return {"protected": len(self.protected),
@@ -404,9 +445,20 @@ class ReplicationService(BaseManagerService):
         self.links[rep.host] = (now, rep.link_share, rep.share_limit)
         if rep.host == self.t.site_b_host:
             return self._reverse_report(rep, now)
+        model = self.kernel.model
+        for rp in self.reprotect.values():  # moved before it resumed: no proof any more
+            m = model.vms.get(rp.vm)
+            if m is not None and m.host and m.host != self.t.site_b_host \
+                    and rp.moved(m.host, now):
+                self.kernel.journal_append(
+                    now, wall, "replication-reprotect-reseed", f"vm:{rp.vm}",
+                    f"FULL RE-SEED: {rp.why}", details=rp.to_dict(self.kernel.started))
         for v in rep.vms:
             body = msgspec.to_builtins(v)
             self.shipping[v.vm] = (rep.host, now, body)
+            r = self.reprotect.get(v.vm)
+            if r is not None and r.host == rep.host:
+                self._reprotect_report(r, body, now, wall)
             if v.vm not in self.protected and v.synced:  # a restarted manager learns it back
                 self.protected[v.vm] = Protection(v.vm, v.rpo_target_s or self.t.rpo_s, 1, 512,
                                                   ((v.disk, 0),), self.t.default_network, now)
@@ -416,9 +468,14 @@ class ReplicationService(BaseManagerService):
                     self._written_epochs.get(v.vm) != v.remote_epoch:
                 self._config_changed(now, urgent=False)
         vm_host = {vm.name: vm.host for vm in self.kernel.model.vms.values()}
-        ship = {vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
-                for vm, p in sorted(self.protected.items())
-                if vm_host.get(vm) == rep.host and vm not in self.live_at_b}
+        ship: dict[str, Any] = {
+            vm: {"rpo_s": p.rpo_s, "disks": [d for d, _ in p.disks]}
+            for vm, p in sorted(self.protected.items())
+            if vm_host.get(vm) == rep.host and vm not in self.live_at_b}
+        for vm, spec in ship.items():
+            r = self.reprotect.get(vm)
+            if r is not None and r.state is RState.RESUMING and r.host == rep.host:
+                spec["resume"] = {"epoch": r.base_epoch, "tracking": r.tracking}
         return {"ok": True, "protect": ship}
 
     def _reverse_report(self, rep: ShippingReport, now: float) -> dict[str, Any]:
@@ -517,6 +574,8 @@ class ReplicationService(BaseManagerService):
             return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
         self.failover = Failover(reason, bool(alive), now, Phase.POWERING_ON,
                                  now + self.t.power_on_timeout_s, vms)
+        self.reprotect.clear()  # the last failback's re-protection is history now
+        self.site_b_awake = True
         self._effects.append(Effect(self.name, "power-on", {}, now))
         return {"status": "started", "plan": plan, "journal_seq": entry.seq}
 
@@ -556,6 +615,7 @@ class ReplicationService(BaseManagerService):
         f = Failover(f"planned: {req.reason}", False, now, Phase.QUIESCING,
                      now + self.t.loaded_timeout_s, vms, planned=True)
         self.failover = f
+        self.reprotect.clear()
         for vm in vms:
             m = k.model.vms.get(vm)
             if m is None or m.state is not VMState.RUNNING or m.host is None:
@@ -627,6 +687,7 @@ class ReplicationService(BaseManagerService):
                              "every quiesced VM's last write is in an epoch at site B",
                              details={"epochs": epochs})
             f.phase, f.deadline = Phase.POWERING_ON, now + self.t.power_on_timeout_s
+            self.site_b_awake = True
             self._effects.append(Effect(self.name, "power-on", {}, now))
 
     def _fail(self, why: str, now: float, wall: float | None) -> None:
@@ -834,6 +895,9 @@ class ReplicationService(BaseManagerService):
     def _maybe_home(self, now: float, wall: float | None) -> None:
         self._settle(self.failback, "failback", "VMs home at the primary",
                      "VMs not started at the primary", now, wall)
+        b = self.failback
+        if b is not None and b.phase is Phase.DONE:
+            self._start_reprotect(b, now, wall)
 
     def _fail_back(self, why: str, now: float, wall: float | None) -> None:
         self._failed(self.failback, "failback", why, now, wall)
@@ -857,6 +921,9 @@ class ReplicationService(BaseManagerService):
                 kernel.model.update_vm(action.vm, host=host, state=VMState.RUNNING)
             except ModelError as exc:
                 details["model_error"] = str(exc)
+        if ok:
+            self.homecoming[action.vm] = {"host": host, "epochs": dict(res.get("epochs") or {}),
+                                          "tracking": dict(res.get("tracking") or {})}
         kernel.journal_append(now, wall,
                               f"replication-failback-start-{'done' if ok else 'failed'}",
                               f"vm:{action.vm}", f"{action.vm} home on {host} from epochs "
@@ -868,6 +935,233 @@ class ReplicationService(BaseManagerService):
             self._maybe_home(now, wall)
         return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                  detail=detail or None, result=res or None)
+
+    # -- re-protection after a failback ----------------------------------------------------
+
+    def _start_reprotect(self, b: Failback, now: float, wall: float | None) -> None:
+        """The failback is DONE: each VM home with a disk gets its site-B image released by
+        the site-B host's agent (``replication-release``), then ships forward again, from the
+        common point when it is proven (``reprotect``), else with a full re-seed."""
+        for vm in b.vms:
+            p = self.protected.get(vm)
+            if p is None:
+                continue
+            if not p.disks:  # configuration only: nothing at site B went live
+                self.live_at_b.discard(vm)
+                self._store(vm)
+                continue
+            self._release(vm, b.homes[vm], int(b.final_epochs.get(vm, -1)),
+                          f"re-protect {vm} toward site B after the failback", now, wall)
+
+    def _release(self, vm: str, home: str, final_epoch: int, reason: str, now: float,
+                 wall: float | None) -> Reprotect:
+        disk = self.protected[vm].disks[0][0]
+        came = self.homecoming.get(vm, {})
+        r = Reprotect(vm, home, disk, final_epoch, now, now + self.t.reprotect_timeout_s,
+                      tracking=str((came.get("tracking") or {}).get(disk) or ""))
+        self.reprotect[vm] = r
+        k = self.kernel
+        try:
+            a = k.queue_action(KIND_RELEASE, vm, payload={
+                "host": self.t.site_b_host, "disks": [disk], "final_epochs": {disk: final_epoch}},
+                reason=reason, now=now, wall=wall)
+        except Refused as exc:
+            self._reprotect_failed(r, f"cannot release at site B: {exc.message}", now, wall)
+            return r
+        k.journal_append(now, wall, "replication-reprotect-release", f"vm:{vm}",
+                         f"{reason}: {self.t.site_b_host} releases {disk}'s image at site B (a "
+                         "replica again), then it ships forward from the common point if "
+                         "proven, else in full", details={"action": a.id,
+                                                          "final_epoch": final_epoch})
+        return r
+
+    def _route_reprotect(self, r: Request) -> Reply:
+        return Reply(200, self.request_reprotect(r.params[0], r.body, now=r.now, wall=r.wall))
+
+    def request_reprotect(self, vm: str, req: OperatorRequest, *, now: float,
+                          wall: float | None = None) -> dict[str, Any]:
+        """The operator's retry of a re-protection that failed (or never ran): the site-B
+        host's agent releases the image again; with no proof left there (its tracker was
+        dropped at the first release), it is a full re-seed."""
+        k = self.kernel
+        k.check_fenced()
+        if vm not in self.protected:
+            raise UnknownEntity("protected VM", vm)
+        m = k.model.vms.get(vm)
+        r = self.reprotect.get(vm)
+        f, b = self.failover, self.failback
+        site_b = k.model.hosts.get(self.t.site_b_host)
+        problems = []
+        if not self.protected[vm].disks or vm not in self.live_at_b:
+            problems.append(("not-live-at-site-b", f"{vm}'s image at site B is not live: it is "
+                             "protected (or being protected) already"))
+        if m is None or m.host is None or m.host == self.t.site_b_host:
+            problems.append(("runs-at-site-b", f"{vm} is not home (a failback brings it)"))
+        if (r is not None and r.state not in (RState.PROTECTED, RState.FAILED)) or (
+                f is not None and f.phase in ACTIVE_PHASES) or (
+                b is not None and b.phase in ACTIVE_PHASES):
+            problems.append(("in-progress", "a re-protection, failover or failback is under "
+                             "way"))
+        if site_b is None or site_b.state is not HostState.UP:
+            problems.append(("site-b-down", f"{self.t.site_b_host}'s agent must release the "
+                             "image and it is not up"))
+        plan = {"vm": vm, "home": None if m is None else m.host}
+        if problems:
+            rule, why = problems[0]
+            k.journal_append(now, wall, "replication-reprotect-refused", f"vm:{vm}",
+                             "; ".join(w for _, w in problems), dry_run=req.dry_run,
+                             actor="operator", details={"rule": rule, **plan})
+            raise Refused(rule, f"re-protection refused: {why}")
+        entry = k.journal_append(now, wall, "replication-reprotect-decision", f"vm:{vm}",
+                                 req.reason, dry_run=req.dry_run, actor="operator",
+                                 details=plan)
+        if req.dry_run:
+            return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
+        assert m is not None and m.host is not None
+        final = -1 if b is None else int(b.final_epochs.get(vm, -1))
+        got = self._release(vm, m.host, final, f"operator: {req.reason}", now, wall)
+        return {"status": "started", "plan": plan, "state": got.state.value,
+                "journal_seq": entry.seq}
+
+    def _recheck_release(self, action: Action, kernel: Kernel) -> tuple[list[str], Action]:
+        r = self.reprotect.get(action.vm)
+        if r is None or r.state is not RState.RELEASING:
+            return [f"no re-protection of {action.vm} is releasing"], action
+        m = kernel.model.vms.get(action.vm)
+        if m is not None and m.host == self.t.site_b_host:
+            return [f"{action.vm} is at site B again"], action
+        return [], action
+
+    def _complete_release(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
+                          detail: str, kernel: Kernel, now: float,
+                          wall: float | None) -> Action:
+        res = dict(result or {})
+        vm = action.vm
+        r = self.reprotect.get(vm)
+        state = ActionState.SUCCEEDED if ok else ActionState.FAILED
+        if r is None or r.state is not RState.RELEASING:
+            kernel.journal_append(now, wall, "replication-reprotect-release-ignored",
+                                  f"vm:{vm}", "no re-protection of it is releasing",
+                                  details={"action": action.id, "result": res})
+            return action.with_state(state, detail=detail or None, result=res or None)
+        if not ok:
+            self._reprotect_failed(r, f"the release at site B failed: {detail}", now, wall)
+            return action.with_state(state, detail=detail or None, result=res or None)
+        got = dict((res.get("disks") or {}).get(r.disk) or {})
+        home = self.homecoming.get(vm, {})
+        primary_epoch = (home.get("epochs") or {}).get(r.disk)
+        why = common_point(r.final_epoch, None if primary_epoch is None else int(primary_epoch),
+                           r.tracking, got)
+        if self.t.reprotect == "full" and not why:
+            why = "a full re-seed is asked (replication.reprotect = full)"
+        r.released(int(got.get("base_epoch", -1)), why, now, self.t.reprotect_timeout_s)
+        self.live_at_b.discard(vm)  # site B's image takes epochs again: ship it forward
+        self.shipping.pop(vm, None)  # the figures from before the failover are stale
+        if vm in self.protected:
+            self._store(vm)
+        kernel.journal_append(
+            now, wall, "replication-reprotect-released", f"vm:{vm}",
+            f"{r.disk} is a replica at site B again at epoch {r.base_epoch}; "
+            + ("the common point is proven: only the blocks written at home since ship"
+               if not why else f"FULL RE-SEED (the common point is not proven: {why})"),
+            details={"action": action.id, "base_epoch": r.base_epoch, "mode": r.mode,
+                     "why": why, "final_epoch": r.final_epoch,
+                     "primary_epoch": primary_epoch, "site_b": got})
+        self._maybe_sleep(now, wall)
+        return action.with_state(state, detail=detail or None, result=res or None)
+
+    def _reprotect_report(self, r: Reprotect, rep: Mapping[str, Any], now: float,
+                          wall: float | None) -> None:
+        event = r.report(rep, now)
+        k = self.kernel
+        if event == "reseed":
+            k.journal_append(now, wall, "replication-reprotect-reseed", f"vm:{r.vm}",
+                             f"FULL RE-SEED: {r.host} cannot ship from the common point: "
+                             f"{r.why}", details=r.to_dict(k.started))
+        elif event == "protected":
+            k.journal_append(now, wall, "replication-reprotect-done", f"vm:{r.vm}",
+                             f"{r.vm} is protected toward site B again ("
+                             + ("from the common point, no full copy" if r.mode == "delta"
+                                else "after a full re-seed")
+                             + f"): epoch {r.epoch} at site B, {r.bytes_shipped} bytes shipped "
+                             f"for {r.bytes_written} written at home",
+                             details=r.to_dict(k.started))
+            self._config_changed(now)  # the BMC gets the new epoch
+
+    def _reprotect_failed(self, r: Reprotect, why: str, now: float,
+                          wall: float | None) -> None:
+        r.fail(why, now)
+        self.kernel.journal_append(now, wall, "replication-reprotect-failed", f"vm:{r.vm}",
+                                   why, details=r.to_dict(self.kernel.started))
+
+    # -- the site-B host back to sleep -----------------------------------------------------
+
+    def _sleep_problems(self) -> list[tuple[str, str]]:
+        """Why the site-B host may not be powered off now: (rule, why) pairs."""
+        out = []
+        f, b = self.failover, self.failback
+        if (f is not None and f.phase in ACTIVE_PHASES) or (
+                b is not None and b.phase in ACTIVE_PHASES):
+            out.append(("in-progress", "a failover or failback is under way"))
+        running = sorted(vm.name for vm in self.kernel.model.vms.values()
+                         if vm.host == self.t.site_b_host and vm.state is VMState.RUNNING)
+        if running:
+            out.append(("vms-at-site-b", f"{', '.join(running)} run on "
+                        f"{self.t.site_b_host}"))
+        live = sorted(self.live_at_b)
+        if live:
+            out.append(("not-released", f"site B's images of {', '.join(live)} are still "
+                        "live (not released to replicas)"))
+        return out
+
+    def _maybe_sleep(self, now: float, wall: float | None) -> None:
+        """After a failback: once every release is done and nothing runs on the site-B
+        host, put it back to sleep (``site_b_sleep``: on, dry-run, off), once per failback."""
+        b = self.failback
+        if (self.t.site_b_sleep == "off" or not self.site_b_awake or b is None
+                or b.phase is not Phase.DONE or self.sleep.get("failback") == b.started
+                or any(r.state is RState.RELEASING for r in self.reprotect.values())
+                or self._sleep_problems()):
+            return
+        self._sleep(f"the failback is done and {self.t.site_b_host}'s images are released: "
+                    "nothing runs on it", self.t.site_b_sleep == "dry-run", "manager", now,
+                    wall)
+        self.sleep["failback"] = b.started
+
+    def _sleep(self, reason: str, dry_run: bool, actor: str, now: float,
+               wall: float | None) -> dict[str, Any]:
+        entry = self.kernel.journal_append(
+            now, wall, "replication-site-b-sleep", f"host:{self.t.site_b_host}",
+            f"power {self.t.site_b_host} off through its BMC: {reason}", dry_run=dry_run,
+            actor=actor, details={"dry_run": dry_run})
+        self.sleep = {"asked_s": round(now - self.kernel.started, 3), "dry_run": dry_run,
+                      "reason": reason, "outcome": "dry run" if dry_run else "pending",
+                      "failback": self.sleep.get("failback")}
+        if not dry_run:
+            self._effects.append(Effect(self.name, "power-off", {}, now))
+        return {"status": "dry_run" if dry_run else "started", "journal_seq": entry.seq,
+                "host": self.t.site_b_host}
+
+    def _route_sleep(self, r: Request) -> Reply:
+        return Reply(200, self.request_sleep(r.body, now=r.now, wall=r.wall))
+
+    def request_sleep(self, req: OperatorRequest, *, now: float,
+                      wall: float | None = None) -> dict[str, Any]:
+        """The operator's way to put the site-B host to sleep (power off through IPMI);
+        refused while anything needs it (``_sleep_problems``)."""
+        k = self.kernel
+        k.check_fenced()
+        if self.t.bmc is None:
+            raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
+        problems = self._sleep_problems()
+        if problems:
+            rule, why = problems[0]
+            k.journal_append(now, wall, "replication-site-b-sleep-refused",
+                             f"host:{self.t.site_b_host}", "; ".join(w for _, w in problems),
+                             dry_run=req.dry_run, actor="operator",
+                             details={"rule": rule})
+            raise Refused(rule, f"sleep refused: {why}")
+        return self._sleep(req.reason, req.dry_run, "operator", now, wall)
 
     # -- the start action ------------------------------------------------------------------
 
@@ -937,12 +1231,12 @@ class ReplicationService(BaseManagerService):
             blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
             return {"ok": True, "generation": gen, "bytes": len(blob),
                     "payload_sha256": hashlib.sha256(blob).hexdigest()[:16]}
-        if effect.kind == "power-on":
+        if effect.kind in ("power-on", "power-off"):
             import subprocess
 
             argv = [self.t.ipmitool, "-I", "lanplus", "-H", bmc.addr, "-p", str(bmc.port),
                     "-U", bmc.user, "-f", bmc.password_file, "-N", "1", "-R", "3",
-                    "chassis", "power", "on"]
+                    "chassis", "power", effect.kind.removeprefix("power-")]
             try:
                 r = subprocess.run(argv, capture_output=True, text=True, timeout=15)
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -966,12 +1260,27 @@ class ReplicationService(BaseManagerService):
                                  f"configuration of {len(vms)} VMs written to "
                                  f"{self.t.site_b_host}'s BMC (IPMI OEM), generation "
                                  f"{outcome.get('generation')}",
-                                 details={"vms": vms, **dict(outcome)})
+                                 details={"vms": vms, "epochs": {
+                                     v["name"]: v.get("epoch") for v in
+                                     effect.data["payload"]["vms"]}, **dict(outcome)})
             else:
                 k.journal_append(now, wall, "replication-config-write-failed", subject,
                                  str(outcome.get("error")), details={"vms": vms})
                 self._config_changed(now, urgent=False)
                 self._config_due = now + self.t.config_every_s
+        elif effect.kind == "power-off":
+            if outcome.get("ok"):
+                self.site_b_awake = False
+                self.sleep["outcome"] = "asleep"
+                k.journal_append(now, wall, "replication-site-b-asleep", subject,
+                                 f"{self.t.site_b_host} powered off through its BMC; its "
+                                 "configuration is written there again",
+                                 details=dict(outcome))
+                self._config_changed(now)
+            else:
+                self.sleep["outcome"] = f"failed: {outcome.get('error')}"
+                k.journal_append(now, wall, "replication-site-b-sleep-failed", subject,
+                                 str(outcome.get("error")), details=dict(outcome))
         elif effect.kind == "power-on":
             f = self.failover
             if outcome.get("ok"):
@@ -982,6 +1291,7 @@ class ReplicationService(BaseManagerService):
                     f.phase = Phase.LOADING
                     f.deadline = now + self.t.loaded_timeout_s
             elif f is not None and f.phase is Phase.POWERING_ON:
+                self.site_b_awake = False  # it did not power on: its BMC may be written
                 self._fail(f"power on through the BMC failed: {outcome.get('error')}", now,
                            wall)
 
@@ -994,6 +1304,8 @@ class ReplicationService(BaseManagerService):
             row: dict[str, Any] = {"rpo_target_s": p.rpo_s, "disks": [d for d, _ in p.disks],
                                    "network": p.network,
                                    "replica_live_at_site_b": vm in self.live_at_b}
+            if vm in self.reprotect:
+                row["reprotect"] = self.reprotect[vm].to_dict(self.kernel.started)
             if ship is None:
                 row.update(state="no report yet" if p.disks
                            else "configuration only (no replicated disk)")
@@ -1014,6 +1326,7 @@ class ReplicationService(BaseManagerService):
                 "config": {"written": dict(self.config_written), "pending": self._config_dirty
                            or self._config_inflight},
                 "registered_at_site_b": sorted(self.registered),
+                "site_b": {"awake": self.site_b_awake, "sleep": dict(self.sleep) or None},
                 "failover": None if self.failover is None
                 else self.failover.to_dict(self.kernel.started),
                 "reverse": {vm: {"host": h, "report_age_s": round(now - at, 3),

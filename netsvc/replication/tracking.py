@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -45,6 +46,9 @@ class TrackingBackend:
         self.clock = clock
         self.tracker = EpochTracker(backend.size, block_size)
         self.lock = threading.Lock()
+        #: names this tracker (and so the writes it saw): a failback's re-protection resumes
+        #: without a full copy only from the tracker that was there before the VM came home
+        self.id = uuid.uuid4().hex[:16]
 
     def pread(self, count: int, offset: int) -> bytes | bytearray:
         return self.backend.pread(count, offset)

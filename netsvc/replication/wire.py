@@ -8,7 +8,9 @@ of ``CONTROL`` bytes at offset ``size``. The shipper drives an epoch with plain 
   applied;
 - ``COMMIT epoch extents bytes sha256``: site B checks the staged writes against the count, the
   byte total and the SHA-256 (over ``>QI offset length`` + data of each write, in order), then
-  makes them the replica's content atomically. A mismatch is refused (``EIO``), nothing applied.
+  makes them the replica's content atomically. A mismatch is refused (``EIO``), nothing applied;
+- ``RELEASE epoch``: a live image (started at site B, now home again after a failback) becomes
+  a replica again, its content as it is, numbered ``epoch`` (``replica.ReplicaStore.release``).
 
 Reading the control block gives the status: the newest epoch applied (-1: none yet), the epoch
 being staged (-1: none) and whether the replica went live (started at site B: no more epochs).
@@ -26,7 +28,7 @@ CONTROL = 4096
 VERSION = 1
 CMD_MAGIC = b"NSRC"
 STATUS_MAGIC = b"NSRS"
-OP_BEGIN, OP_COMMIT = 1, 2
+OP_BEGIN, OP_COMMIT, OP_RELEASE = 1, 2, 3
 _CMD = struct.Struct(">4sBBHqIQ32s")
 _STATUS = struct.Struct(">4sBBHqqQ")
 
@@ -57,7 +59,7 @@ def decode_command(buf: bytes) -> Command:
         raise WireError(f"bad control magic {magic!r}")
     if version != VERSION:
         raise WireError(f"control version {version} (this side speaks {VERSION})")
-    if op not in (OP_BEGIN, OP_COMMIT):
+    if op not in (OP_BEGIN, OP_COMMIT, OP_RELEASE):
         raise WireError(f"unknown control op {op}")
     if epoch < 0:
         raise WireError(f"negative epoch {epoch}")

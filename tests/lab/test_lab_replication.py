@@ -66,4 +66,16 @@ def test_site_failback_brings_every_write_at_site_b_home(tmp_path: Path) -> None
         d = report["failback_disks"][vm]
         assert d["at_primary"] == d["written_at_site_b"] > 0
     assert set(report["failback_steps_s"]) >= {"quiesced", "final-epochs", "done"}
+    # re-protected from the common point (no full copy), then a second failover from it
+    assert checks["every VM is protected toward site B again from the failback's common "
+                  "point (no full re-seed)"]["ok"]
+    for vm in ("vm1", "vm2"):
+        rp = report["reprotect"][vm]
+        assert 0 < rp["bytes_shipped"] < 16 * 1024 * 1024 // 4
+        assert rp["bytes_shipped"] <= 1.25 * rp["bytes_written"] + 65536
+        assert 0 < rp["at_site_b"] <= rp["acked_at_home"]
+        assert checks[f"{vm}'s replica after the second failover is a prefix of every "
+                      "acknowledged write, the writes at home after the failback "
+                      "included"]["ok"]
+    assert report["second_rto_s"] > 0
     assert report["leftovers"] == []

@@ -84,3 +84,22 @@ def test_failback_without_a_failover_is_refused_by_name(
     st = json.loads(capsys.readouterr().out)
     assert st["failback"] is None and st["reverse"] == {}
     assert run("replication", "protect", "vm1", "--site-b-ip", "198.18.4.999", *common) == 2
+
+
+def test_reprotect_and_sleep_are_refused_by_name_when_nothing_failed_back(
+        server: tuple[ManagerServer, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    _, common = server
+    assert run("replication", "protect", "vm1", "--disk", "vm1:4096", *common) == 0
+    capsys.readouterr()
+    assert run("replication", "reprotect", "vm1", "--dry-run", *common) == 1
+    err = capsys.readouterr().err
+    assert "not-live-at-site-b" in err and "nothing changed" in err
+    assert run("replication", "reprotect", "vm9", *common) == 2  # not protected
+    assert run("replication", "reprotect", "Bad_Name", *common) == 2
+    capsys.readouterr()
+    # nothing runs on b1 and nothing is live there: a dry run of the sleep passes, journaled
+    assert run("replication", "sleep", "--dry-run", "--json", *common) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["status"] == "dry_run" and body["host"] == "b1"
+    assert run("replication", "status", *common) == 0
+    assert "site-B host b1: asleep (sleep: dry run)" in capsys.readouterr().out

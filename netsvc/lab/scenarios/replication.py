@@ -49,13 +49,22 @@ time to protection is not in it), ``data_lost_writes``,
 ``site-failback`` adds ``failback_s`` (from the failback command to every VM answering at
 home), ``failback_lost_writes`` (writes acknowledged at site B missing at the primary),
 ``failback_steps_s``, ``reverse_sync_s`` (from the primary's return to the way back synced)
-and the way back's RPO while the guests write at site B.
+and the way back's RPO while the guests write at site B. It then goes on (``_reprotect``): the
+guests write at home at once; b1 releases site B's images and is powered off through its BMC;
+the VMs are protected toward site B again from the failback's common point (checked: no full
+copy, the bytes shipped near the bytes written, not the disk size); the configuration with the
+new epochs is written to b1's BMC; the primary site is lost a second time and the failover
+runs again, checked as the first (each replica a prefix of every acknowledged write, the
+writes at home after the failback included). Keys: ``reprotect_bytes_shipped``,
+``reprotect_bytes_written``, ``reprotect_ratio``, ``reprotect_protected_s``,
+``reprotect_asleep_s`` (from the failback's end), ``second_rto_s``, ``second_lost_writes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import statistics
 import subprocess
 import sys
@@ -82,7 +91,8 @@ DISKS = {"vm1": ("h1", "ds1"), "vm2": ("h2", "ds2")}
 #: datastores), so the failover powers on, loads and starts four VMs
 CONFIG_ONLY = {"vm3": "h1", "vm4": "h2"}
 PARAMS: dict[str, type | tuple[type, ...]] = {"load_s": (int, float),
-                                             "write_mb_s": (int, float), "vms": int}
+                                             "write_mb_s": (int, float), "vms": int,
+                                             "reprotect": str}
 
 
 def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
@@ -98,7 +108,10 @@ def check(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     vms = int(params.get("vms", 2))
     if vms not in (2, 4):
         raise ConfigError(f"vms {vms} must be 2 or 4")
-    return {"load_s": load, "write_mb_s": rate, "vms": vms}
+    reprotect = str(params.get("reprotect", "auto"))
+    if reprotect not in ("auto", "full"):
+        raise ConfigError(f"reprotect {reprotect!r} must be auto or full")
+    return {"load_s": load, "write_mb_s": rate, "vms": vms, "reprotect": reprotect}
 
 
 def site_b_host(plan: LabPlan) -> str:
@@ -291,6 +304,7 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool,
     pw = lab.run_dir / "bmc" / f"{b}.pw"
     config = (f'[replication]\nsite_b_host = "{b}"\nprimary_hosts = ["h1", "h2"]\n'
               f'rpo_s = 1.0\nconfig_every_s = 2.0\ndefault_network = "{SITE_B_NET}"\n'
+              f'reprotect = "{params["reprotect"]}"\n'
               f'[replication.bmc]\naddr = "{plan.bmc_addr(b)}"\nuser = "{lab.BMC_USER}"\n'
               f'password_file = "{pw}"\n')
     lab.start_services(services=("storage", "replication"), config=config)
@@ -424,6 +438,8 @@ def _run(lab: Lab, checks: Checks, params: dict[str, Any], *, planned: bool,
                  f"{raw.hex()[:40]}... {info.stderr.strip()[:100]}")
     starts = [e for e in journal if e["action"] == "replication-start-done"]
     back = _failback(lab, checks, params, figures) if failback else {}
+    if failback:
+        back.update(_reprotect(lab, checks, params, figures, back))
     return {**back, "rpo_ms": round(sorted(samples)[min(len(samples) - 1,
                                                 round(0.99 * (len(samples) - 1)))], 1)
             if samples else None,
@@ -544,11 +560,170 @@ def _failback(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[st
             if times:
                 steps[step.removeprefix("replication-failback-")] = round(
                     max(times) - decided[-1]["wall"], 3)
+    out["_written_at_b"] = {vm: len(writers[vm].acked) for vm in DISKS}
     return {"failback_s": round(took, 3), "failback_lost_writes": lost,
             "failback_steps_s": steps, "failback_disks": out,
             "reverse_sync_s": round(reverse_sync_s, 3),
             "reverse_rpo_p50_ms": round(statistics.median(samples), 1) if samples else None,
             "reverse_rpo_max_ms": round(max(samples), 1) if samples else None}
+
+
+def _reprotect(lab: Lab, checks: Checks, params: dict[str, Any], figures: dict[str, Any],
+               back: dict[str, Any]) -> dict[str, Any]:
+    """After the failback: b1 releases site B's images and goes back to sleep (powered off
+    through its BMC); the guests write at home; their epochs reach site B again from the
+    failback's common point, with no full copy (the bytes shipped are checked against the
+    bytes written, not the disk size); the configuration with the new epochs is written to
+    b1's BMC; then the primary site is lost a SECOND time and the failover runs from those
+    epochs: each replica is a prefix of every acknowledged write, the writes made at home after
+    the failback included."""
+    from netsvc.lab.scenarios.storage import DS_SIZE, socket_path
+
+    plan = lab.require_plan()
+    b = site_b_host(plan)
+    mgr = lab.manager()
+    t0 = time.monotonic()
+
+    def rows() -> dict[str, Any]:
+        return {vm: r.get("reprotect") or {} for vm, r in _replication(lab)["vms"].items()
+                if vm in DISKS}
+
+    # the guests write at home at once (before site B's images are released and the
+    # shipping resumes: those writes must be in the first epoch after the common point),
+    # after the writes kept at the first failover and those made at site B
+    written_at_b = back["failback_disks"].pop("_written_at_b")
+    start = {vm: int(figures[vm]["replica_writes"]) + int(written_at_b[vm]) for vm in DISKS}
+    writers = {vm: LogWriter(socket_path(plan, host), ds, params["write_mb_s"] * 1e6,
+                             DS_SIZE // BLOCK, first=start[vm], tag=f"{ds}@home")
+               for vm, (host, ds) in DISKS.items()}
+    for w in writers.values():
+        w.start()
+    wait_for("site B's images released (re-protection resuming or re-seeding)", lambda: all(
+        r.get("state") in ("RESUMING", "RESEEDING", "PROTECTED", "FAILED")
+        for r in rows().values()), 60.0, 0.2)
+    wait_for("every VM protected toward site B again", lambda: all(
+        r.get("state") in ("PROTECTED", "FAILED") for r in rows().values()), 120.0, 0.2)
+    protected_s = time.monotonic() - t0
+    wait_for(f"{b} asleep again (powered off through its BMC)", lambda: b in lab.crashed
+             and not (_replication(lab).get("site_b") or {}).get("awake"), 60.0, 0.2)
+    asleep_s = time.monotonic() - t0
+    got = rows()
+    full = params["reprotect"] == "full"
+    checks.check("every VM is protected toward site B again " + (
+        "after a full re-seed (reprotect = full)" if full
+        else "from the failback's common point (no full re-seed)"),
+                 all(r.get("state") == "PROTECTED"
+                     and r.get("mode") == ("full" if full else "delta")
+                     for r in got.values()), json.dumps(got)[:600])
+    time.sleep(params["load_s"] / 2)  # the guests keep writing at home; epochs ship
+    st = _replication(lab)
+    figs: dict[str, Any] = {}
+    for vm in DISKS:
+        r = st["vms"][vm]
+        shipped, written = int(r.get("bytes_shipped", 0)), int(r.get("bytes_written", 0))
+        figs[vm] = {"bytes_shipped": shipped, "bytes_written": written,
+                    "base_epoch": got[vm].get("base_epoch"), "epoch": r.get("remote_epoch"),
+                    "bytes_behind": r.get("bytes_behind")}
+        near = shipped <= 1.25 * written + 65536 and shipped < DS_SIZE // 4
+        checks.check(f"{vm}: the re-protection shipped " + (
+            "the whole disk (a full re-seed)" if full
+            else "about what was written at home, not the disk"),
+                     written > 0 and (shipped >= DS_SIZE if full else near)
+                     and int(r.get("remote_epoch", -1)) > int(got[vm].get("base_epoch", 0)),
+                     f"{shipped} bytes shipped for {written} written (disk {DS_SIZE}); epoch "
+                     f"{r.get('remote_epoch')} after the base {got[vm].get('base_epoch')}")
+    journal = mgr.journal(0, limit=100000)
+    asleep = [e["wall"] for e in journal if e["action"] == "replication-site-b-asleep"]
+    bases = {vm: int(got[vm].get("base_epoch") or 0) for vm in DISKS}
+    wait_for("the configuration with the new epochs in b1's BMC", lambda: any(
+        e["action"] == "replication-config-written" and asleep and e["wall"] >= asleep[-1]
+        and all(int((e["details"].get("epochs") or {}).get(vm, -1)) > bases[vm]
+                for vm in DISKS)
+        for e in mgr.journal(0, limit=100000)), 30.0, 0.3)
+    checks.check(f"{b} went back to sleep through its BMC with a journaled reason, and its "
+                 "BMC holds the new epochs", bool(asleep) and b in lab.crashed,
+                 f"asleep {asleep_s:.2f} s after the failback")
+
+    # the primary site is lost a second time; the failover runs from the new epochs
+    running = {vm: w.is_alive() and not w.error for vm, w in writers.items()}
+    checks.check("the guests were writing at home at the second loss", all(running.values()),
+                 f"{running}")
+    for h in ("h1", "h2"):
+        _mnexec(lab, "gw", ["iptables", "-I", "FORWARD", "-s", plan.host_addr(h, "vmnet"),
+                            "-d", "198.18.4.0/24", "-j", "DROP"])
+    t_loss = time.monotonic()
+    for h in ("h1", "h2"):
+        lab.crash_host(h)
+    for w in writers.values():
+        w.stop.set()
+        w.join(10)
+    wait_for("the primary hosts down at the manager (second loss)", lambda: all(
+        mgr.status()["hosts"][h]["state"] == "DOWN" for h in ("h1", "h2")), 30.0, 0.1)
+    t_fo, t_fo_wall = time.monotonic(), time.time()
+    fo = _cli(lab, "failover", "--reason", "site A lost again (after the failback)")
+    if fo.returncode != 0:
+        raise LabError(f"second failover: {fo.stdout}{fo.stderr}")
+    wait_for("every replica answering at site B (second failover)",
+             lambda: all(lab.answers(vm) for vm in DISKS), 60.0, 0.1)
+    rto2 = time.monotonic() - t_fo
+    wait_for("the second failover's end", lambda: (
+        _replication(lab).get("failover") or {}).get("phase") in ("DONE", "FAILED"), 30.0, 0.1)
+    checks.check("the second failover is DONE",
+                 (_replication(lab).get("failover") or {}).get("phase") == "DONE",
+                 str(_replication(lab).get("failover"))[:300])
+    lost = 0
+    for vm, (_, ds) in DISKS.items():
+        out = lab.run_dir / f"replica2-{ds}.img"
+        r = _mnexec(lab, "site", ["nbdcopy", f"nbd://{SITE_B_ADDR}:{REPLICA_PORT}/{ds}",
+                                  str(out)], timeout=120)
+        if r.returncode != 0:
+            raise LabError(f"nbdcopy {ds}: {r.stderr}")
+        data = out.read_bytes()
+        out.unlink()
+        k0, m = int(figures[vm]["replica_writes"]), int(written_at_b[vm])
+        acked = writers[vm].acked
+        before = all(data[i * BLOCK:(i + 1) * BLOCK] == block_of(ds, i) for i in range(k0)) \
+            and all(data[i * BLOCK:(i + 1) * BLOCK] == block_of(f"{ds}@b", i)
+                    for i in range(k0, k0 + m))
+        j = 0
+        n = len(data) // BLOCK
+        while k0 + m + j < n and data[(k0 + m + j) * BLOCK:(k0 + m + j + 1) * BLOCK] == \
+                block_of(f"{ds}@home", k0 + m + j):
+            j += 1
+        zero = bytes(BLOCK)
+        clean = all(data[i * BLOCK:(i + 1) * BLOCK] == zero for i in range(k0 + m + j, n))
+        checks.check(f"{vm}'s replica after the second failover is a prefix of every "
+                     "acknowledged write, the writes at home after the failback included",
+                     before and clean and 0 < j <= len(acked),
+                     f"{k0} kept at the first failover and {m} written at site B: {before}; "
+                     f"{j} of {len(acked)} written at home; nothing after: {clean}")
+        gap = t_loss - acked[j] if j < len(acked) else 0.0
+        checks.check(f"{vm} lost only writes acknowledged within the RPO target (1 s) at the "
+                     "second loss", gap <= 1.0, f"the oldest lost write was acknowledged "
+                     f"{gap:.3f} s before the loss")
+        lost += len(acked) - j
+        figs[vm].update(acked_at_home=len(acked), at_site_b=j, oldest_lost_age_s=round(gap, 3))
+    shipped = sum(f["bytes_shipped"] for f in figs.values())
+    written = sum(f["bytes_written"] for f in figs.values())
+    journal = mgr.journal(0, limit=100000)
+    done = [e["wall"] for e in journal if e["action"] == "replication-failback-done"]
+    steps: dict[str, float] = {}
+    for step in ("reprotect-released", "reprotect-done", "site-b-asleep"):
+        times = [e["wall"] for e in journal if e["action"] == f"replication-{step}"
+                 and done and done[-1] <= e["wall"] <= t_fo_wall]
+        if times:
+            steps[step] = round(max(times) - done[-1], 3)
+    written_cfg = [e["wall"] for e in journal if e["action"] == "replication-config-written"
+                   and asleep and asleep[-1] <= e["wall"] <= t_fo_wall]
+    if written_cfg and done:
+        steps["config-written"] = round(min(written_cfg) - done[-1], 3)
+    return {"reprotect": figs, "reprotect_asleep_s": round(asleep_s, 3),
+            "reprotect_steps_s": steps,
+            "reprotect_protected_s": round(protected_s, 3),
+            "reprotect_bytes_shipped": shipped, "reprotect_bytes_written": written,
+            "reprotect_ratio": round(shipped / written, 3) if written else None,
+            "second_rto_s": round(rto2, 3), "second_lost_writes": lost,
+            "second_failover_steps_s": _steps(mgr.journal(0, limit=100000))}
 
 
 PLANNED = Scenario("site-migration", "planned migration to site B: the VMs quiesce, their "
