@@ -798,6 +798,9 @@ class PowerService(BaseManagerService):
                 return {}
             if doc["reader"] == req.host:
                 continue
+            if doc.get("where") not in ("first", "second"):
+                refuse("where-known", f"where {disk} is authoritative is not known yet (a move "
+                       "failed; its reader's next report says)")
             if disk not in declared:
                 refuse("host-declares-disk", f"{req.host} does not declare {disk}")
             if disk in self._follows:
@@ -1017,10 +1020,26 @@ class PowerService(BaseManagerService):
                 continue
             op.waiting[a.id] = reader
 
+    def _moved(self, action: Action, ok: bool, res: Mapping[str, Any]) -> None:
+        """Keep the readers' documents' ``where`` in step with a finished ``power-move``
+        (before any handover may read it): the disks it moved are on ``to``; after a failed
+        one, where each disk is is unknown until its reader's next report."""
+        to = str(action.payload.get("to"))
+        moved = res.get("disks") if ok else None
+        for disk in [str(d) for d in action.payload.get("disks") or []]:
+            doc = self._docs.get(disk)
+            if doc is None:
+                continue
+            if isinstance(moved, dict) and disk in moved:
+                self._store_disk(disk, {**doc, "where": to})
+            elif not ok:
+                self._store_disk(disk, {**doc, "where": None})
+
     def _complete(self, action: Action, ok: bool, result: Mapping[str, Any] | None,
                   detail: str, kernel: Kernel, now: float, wall: float | None) -> Action:
         op = self._op
         res = dict(result or {})
+        self._moved(action, ok, res)
         if op is not None and action.id in op.waiting:
             reader = op.waiting.pop(action.id)
             to = str(action.payload.get("to"))

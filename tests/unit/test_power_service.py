@@ -575,3 +575,30 @@ def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_hand
     core2.handle_timer(T0 + 4, WALL0 + T0 + 4)
     assert s2.reader_of("d4") == "h2"
     assert core2.model.service_docs["power/d4"]["dirty"] == []
+
+
+def test_a_moves_result_updates_where_the_documents_say_the_disk_is(tmp_path: Path) -> None:
+    """A handover opens a disk on the copy the document names: a finished power-move sets it
+    at once (not at the reader's next report); after a failed one it is unknown, and a follow
+    is refused until a report says."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = Env(tmp_path)
+    env.service._adopt(env.service._reports["h1"][0], T0, None)
+    assert env.core.model.service_docs["power/d4"]["where"] == "first"
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    env.run_move(T0 + 3)
+    assert env.core.model.service_docs["power/d4"]["where"] == "second"
+    (tmp_path / "second").mkdir()
+    env2 = Env(tmp_path / "second")
+    env2.service._adopt(env2.service._reports["h1"][0], T0, None)
+    env2.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env2.tick(T0 + 2)
+    env2.run_move(T0 + 3, ok=False, detail="disk d4: copy: failed")
+    assert env2.core.model.service_docs["power/d4"]["where"] is None
+    with pytest.raises(Refused) as exc:
+        env2.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 4)
+    assert exc.value.rule == "where-known"
+    env2.service._adopt(env2.service._reports["h1"][0], T0 + 5, None)  # the next report
+    assert env2.core.model.service_docs["power/d4"]["where"] == "first"
