@@ -654,10 +654,15 @@ class PowerService(BaseManagerService):
         mine = sorted(v.name for v in m.vms.values()
                       if v.host == op.host and v.state in (VMState.RUNNING, VMState.MIGRATING))
         if first:
+            unknown = sorted(d for d in op.readers
+                             if (self._docs.get(d) or {}).get("where") not in ("first", "second"))
+            if unknown:
+                self._fail(op, now, wall, f"where {', '.join(unknown)} is authoritative is not "
+                           "known yet (a move failed; its reader's next report says)")
+                return
             for disk, target in sorted(op.readers.items()):
                 doc = self._docs.get(disk) or {}
-                where = str(doc.get("where") or self.placement().get(disk, {}).get("where")
-                            or "first")
+                where = str(doc["where"])
                 h = Handover(disk, str(doc.get("owner") or ""), op.host, target, where, now,
                              self.config.step_timeout_s * 0.8,
                              reason=f"power off {op.host}: {disk}'s VMs move to {target}")
