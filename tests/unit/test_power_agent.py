@@ -51,7 +51,9 @@ def test_move_records_where_and_a_restart_resyncs_in_full(tmp_path: Path) -> Non
             vol.pwrite(b"\x11" * 4096, 0)
             out: dict[str, Any] = agent.move("h3", "second")
             assert out["disks"]["d3"]["to"] == "second"
-            assert json.loads((state / "power-disks.json").read_text()) == {"d3": "second"}
+            saved = json.loads((state / "power-disks.json").read_text())
+            assert saved["served"] == {"d3": "second"} and saved["gens"] == {"d3": 1}
+            assert out["disks"]["d3"]["gen"] == 1
             vol.pwrite(b"\x22" * 4096, 65536)
             rep = agent.report()
             assert rep["volumes"][0]["where"] == "second" and rep["volumes"][0]["dirty_blocks"] == 1
@@ -94,8 +96,9 @@ def test_a_power_off_move_that_fails_part_way_moves_the_moved_disks_back(
             assert "disk d4" in str(exc.value)
             assert "moved back to the first copy: d3" in str(exc.value)
             assert [agent.volumes[n].where.value for n in ("d3", "d4")] == ["first", "first"]
-            assert json.loads((tmp_path / "state" / "power-disks.json").read_text()) == \
-                {"d3": "first", "d4": "first"}
+            saved = json.loads((tmp_path / "state" / "power-disks.json").read_text())
+            assert saved["served"] == {"d3": "first", "d4": "first"}
+            assert saved["gens"] == {"d3": 2}  # moved, then moved back
             agent.volumes["d3"].pwrite(b"\x44" * 4096, 4096)  # goes to the first copy
             assert (a.directory / "d3").read_bytes()[:8192] == b"\x33" * 4096 + b"\x44" * 4096
         finally:
@@ -130,16 +133,26 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             assert "d3" not in h1.volumes and h1.report()["volumes"] == []
             with pytest.raises(OSError):  # a VM left behind is told, not served stale data
                 old.pwrite(b"\x09" * 4096, 0)
-            assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing to give
+            # released again (its result lost, a split's resolution): the same set, kept
+            # durably until the manager says it merged it
+            again = h1.reader("release", "d3", "second")
+            assert again["dirty"] == [[0, 1]] and again["served"] is False
+            assert h1.report()["released"] == {"d3": released["released"]}
+            kept = json.loads((tmp_path / "s1" / "power-disks.json").read_text())["released"]
+            assert kept["d3"]["dirty"] == [[0, 1]]
             h2.volumes["d3"].pwrite(b"\x02" * 4096, 3 * 65536)  # block 3, through h2
             merged = h2.reader("merge", "d3", "second", released["dirty"])
             assert merged["dirty_blocks"] == 2
             assert h2.volumes["d3"].pread(4096, 0) == b"\x01" * 4096
             with pytest.raises(RuntimeError, match="second copy here, not first"):
                 h2.reader("merge", "d3", "first", [])
-            assert json.loads((tmp_path / "s1" / "power-disks.json").read_text()) == {}
-            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text()) == \
-                {"d3": "second"}
+            assert h1.forget({"d3": released["released"] + 1}) == []  # another set: kept
+            assert h1.forget({"d3": released["released"]}) == ["d3"]
+            assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing left
+            s1 = json.loads((tmp_path / "s1" / "power-disks.json").read_text())
+            assert s1["served"] == {} and s1["released"] == {}
+            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text())["served"] \
+                == {"d3": "second"}
             back = h2.move("h3", "first")["disks"]["d3"]
             assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
             first = (a.directory / "d3").read_bytes()

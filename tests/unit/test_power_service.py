@@ -416,6 +416,14 @@ def test_a_failed_open_migrates_nothing(tmp_path: Path) -> None:
     env = reader_env(tmp_path)
     env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
     run_action(env, "power-reader", T0 + 3, ok=False, detail="neither copy answers")
+    env.tick(T0 + 3.5)
+    # h2 releases what it may have opened after all (nothing here), h1 merges that
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h2", "release")
+    assert [x for x in env.core.actions() if x.kind == "migrate"] == []
+    run_action(env, "power-reader", T0 + 3.6, result={"where": "second", "dirty": []})
+    env.tick(T0 + 3.7)
+    run_action(env, "power-reader", T0 + 3.8, result={"where": "second"})  # merge at h1
     env.tick(T0 + 4)
     op = env.service._history[-1]
     assert op.state == "failed" and "open at h2" in (op.error or "")
