@@ -35,6 +35,8 @@ Invariants:
   blocks it carried; what joined ``held`` meanwhile is merged next. The agent keeps a
   released set too, until the manager acknowledges it (``agent``), so a release whose
   result never arrived is handed over again by a repeated release.
+- An ``OPENED`` handover whose VMs are migrating is not undone at the deadline: the
+  migration's outcome says (``check``).
 - A release action that is still open (queued, no result yet) is waited for: the deadline
   does not end ``RELEASE`` or ``UNDO_RELEASE`` then (the action's own deadline does, through
   its result), since the agent may be handing over a dirty set right now.
@@ -241,12 +243,17 @@ class Handover:
             self.error = why
             self._to(Phase.SPLIT, now, why)
 
-    def check(self, now: float) -> None:
+    def check(self, now: float, migrating: bool = False) -> None:
         """The deadline: past it, a handover not released yet is undone, one between
         release and merge keeps retrying the merge (its state is held), a release whose
         action is still open waits for that action's result (its own deadline), anything
-        else that has not ended is split."""
+        else that has not ended is split. ``migrating``: the disk's VMs are still moving
+        (a migration action is open): an ``OPENED`` handover waits for its outcome (the
+        migration's own deadline), since undoing it would take the disk from the host a
+        VM may be arriving on."""
         if self.phase.final or now - self.started <= self.deadline_s:
+            return
+        if self.phase is Phase.OPENED and migrating:
             return
         if self.phase in (Phase.RELEASE, Phase.UNDO_RELEASE) and self.queued:
             return  # the agent may be draining: its result (or its action's timeout) ends it

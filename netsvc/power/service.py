@@ -29,7 +29,9 @@ its ``attaching`` hook before the migration's prepare, asks ``POST /v1/power/fol
 VM's disks it declares and does not serve; the manager starts a handover per disk (the same
 ``power-reader`` actions: open there now; once the migration has ended, release at the old
 reader and merge at the new one if every VM of the disk runs there, hand back if none does,
-``split`` if they are on both), journaled ``power-reader-follow-*``. No planner decision and no
+``split`` if they are on both), journaled ``power-reader-follow-*``. An agent keeps each set
+it released until the manager acknowledges it: the reply to its report names (``forget``)
+those whose documents have merged them (``acks``). No planner decision and no
 operation starts while one runs; none is accepted while an operation runs. A disk left
 ``split`` refuses any move of it (``one-reader-per-disk``) and is handed over once its VMs all
 run on one of its two hosts; a restarted manager resumes a merge its document holds the state
@@ -37,6 +39,15 @@ of, and holds a handover stopped before the release as split.
 
 Invariants:
 
+- No released dirty set is dropped: a ``power-reader`` release result that no handover waits
+  for (its operation failed, its follow ended) joins the disk's document (``_orphan``): a
+  split keeps it for its resolution (which starts with the document's set held), any other
+  document gets a merge of it at its reader. An operation that fails marks its handovers
+  that have not ended (and hold no released state) ``split`` at once, so no move of their
+  disks is queued while two hosts may serve them.
+- A report's ``where`` is taken only from a report at least as new as the disk's last move
+  (the move generation the agent reports, ``gen``, against the document's, set from the
+  move's result): a report built before a switch and processed after it changes nothing.
 - At most one operation at a time (and the planner decides nothing while one runs).
 - An operation lives in this manager's memory only; a restarted (or failed-over) manager does
   not resume it, it undoes it: it waits for the ``power-move`` actions the kernel persisted
@@ -704,8 +715,6 @@ class PowerService(BaseManagerService):
                               f"with its VMs (authoritative on its {where} copy)", now, wall,
                               disk=disk, source=op.host, target=target, where=where)
         hs = op.handovers
-        for h in hs.values():
-            h.check(now)
         if not op.migrating:
             if any(h.phase in (Phase.UNDO_RELEASE, Phase.UNDO_MERGE, Phase.UNDONE)
                    for h in hs.values()):
@@ -733,7 +742,14 @@ class PowerService(BaseManagerService):
             if not mine or not (set(mine) & moving):
                 for h in hs.values():
                     self._settle(h, op, mine, now)
+        moving = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
+        busy = op.migrating and bool(set(op.results.get("vms_moved") or []) & moving)
         self._reader_steps(op, now, wall)
+        for h in hs.values():  # after the migrations' outcome and the phases' actions
+            before = h.phase
+            h.check(now, migrating=busy)
+            if h.phase is not before:
+                self._store_disk(h.disk, h.doc())
         if not all(h.phase.final for h in hs.values()):
             return
         if op.failed or any(h.phase is not Phase.DONE for h in hs.values()):
@@ -921,7 +937,6 @@ class PowerService(BaseManagerService):
         m = self.kernel.model
         migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
         for disk, (h, vm) in sorted(self._follows.items()):
-            h.check(now)
             if h.phase is Phase.OPENED and vm not in migrating:
                 v = m.vms.get(vm)
                 users = self.placement().get(disk, {}).get("users") or [vm]
@@ -944,6 +959,8 @@ class PowerService(BaseManagerService):
                     self._follow_waiting[a.id] = disk
                 except Refused:
                     h.queued = False  # the disk's previous action is still open: next tick
+            # the deadline, after the migration's outcome and this phase's action queued
+            h.check(now, migrating=vm in migrating)
             self._store_disk(disk, h.doc())
             if h.phase.final:
                 del self._follows[disk]

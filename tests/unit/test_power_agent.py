@@ -125,8 +125,9 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             assert h2.volumes == {} and h2.report()["declares"] == ["d3"]
             h1.move("h3", "second")
             h1.volumes["d3"].pwrite(b"\x01" * 4096, 0)  # block 0, while h3 is off
-            opened = h2.reader("open", "d3", "second")
+            opened = h2.reader("open", "d3", "second", gen=3)  # the document's generation
             assert opened["where"] == "second" and opened["dirty_blocks"] == 0
+            assert h2.report()["volumes"][0]["gen"] == 3
             old = h1.volumes["d3"]
             released = h1.reader("release", "d3", "second")
             assert released["where"] == "second" and released["dirty"] == [[0, 1]]
@@ -155,6 +156,7 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
                 == {"d3": "second"}
             back = h2.move("h3", "first")["disks"]["d3"]
             assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
+            assert back["gen"] == 4 and h2.report()["volumes"][0]["gen"] == 4
             first = (a.directory / "d3").read_bytes()
             assert first[:4096] == b"\x01" * 4096
             assert first[3 * 65536:3 * 65536 + 4096] == b"\x02" * 4096

@@ -694,3 +694,30 @@ def test_a_report_built_before_a_move_does_not_undo_where(tmp_path: Path) -> Non
     later = convert({"host": "h1", "volumes": [vol("d4", "h4", "first", gen=2)]}, PowerReport)
     env.service._adopt(later, T0 + 9, None)  # a later move (a failed one's undo, say)
     assert env.core.model.service_docs["power/d4"]["where"] == "first"
+
+
+def test_a_follow_waits_for_a_migration_still_running_at_its_deadline(tmp_path: Path) -> None:
+    """d4 is open at h2 and vm1's migration is still running when the follow's deadline
+    passes: the handover is not undone under the arriving VM (h2 keeps serving d4); the
+    migration's outcome settles it."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path, step_timeout_s=20)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    env.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 1)
+    run_action(env, "power-reader", T0 + 2, result={"where": "second"})  # open at h2
+    [m] = [x for x in env.core.open_actions() if x.kind == "migrate"]
+    env.core.claim_action(m.id, m.host, f"agent-{m.host}", now=T0 + 10)  # under way
+    env.tick(T0 + 23)  # past the follow's deadline (20 s); the migration is still open
+    assert env.service._follows["d4"][0].phase.value == "opened"
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    m = env.core.action(m.id)
+    while m.state.value not in ("SUCCEEDED", "FAILED"):  # each phase of the migration
+        if m.state.value != "CLAIMED":
+            env.core.claim_action(m.id, m.host, f"agent-{m.host}", now=T0 + 24)
+        env.core.complete_action(m.id, ok=True, now=T0 + 24, host=m.host, result={})
+        m = env.core.action(m.id)
+    assert m.state.value == "SUCCEEDED" and env.core.model.vms["vm1"].host == "h2", m
+    env.tick(T0 + 24.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")  # not h2's undo
