@@ -26,10 +26,12 @@ Invariants:
   served, nothing else); a restarted agent serves what it served, and a standby disk only
   when the manager opens it. With no state file yet, the ``--power-disk`` disks are served.
 - Before this host takes a VM in a live migration (the ``attaching`` hook of the migration's
-  prepare), the VM's disks this host declares and does not serve are asked for
-  (``POST /v1/power/follow``); the hook returns once the manager's ``open`` made them served
-  here, and fails the migration (nothing attached) if that is refused, fails or takes longer
-  than ``FOLLOW_WAIT_S``.
+  prepare), when it declares a disk it does not serve, it asks the manager for the VM's
+  disks (``POST /v1/power/follow``: the manager knows which disks the VM uses, from the
+  report of the host it runs on; this host's own demand file is not asked); the hook returns
+  once the manager's ``open`` made the disks its answer names (``wait``) served here, and
+  fails the migration (nothing attached) if that is refused, fails or takes longer than
+  ``FOLLOW_WAIT_S``.
 - A released disk's dirty set (and where it was) is kept in the state file (atomically, with
   a sequence number) until the manager acknowledges it (the ``forget`` of a report's reply,
   for that sequence number: its document has merged it) or this host serves the disk again
@@ -425,20 +427,21 @@ class PowerAgent:
 
         if action.get("kind") != "migrate":
             return
-        dem = self.demand().get(vm) or {}
-        uses = [str(d) for d in (dem.get("disks") or []) if str(d) in self.confs]
-        need = sorted(d for d in uses if d not in self.volumes)
+        if all(d in self.volumes for d in self.confs):
+            return  # every disk this host can serve is served here already
+        client = self.ctx.make_client(timeout=5.0)
+        status, body = client.request("POST", "/v1/power/follow",
+                                      {"host": self.ctx.host, "vm": vm, "disks": []})
+        if status != 200:
+            why = body.get("error") if isinstance(body, dict) else body
+            raise RuntimeError(f"power: {vm}'s disks cannot follow it here ({status}: {why})")
+        named = body.get("wait") if isinstance(body, dict) else None
+        need = sorted(str(d) for d in named or [] if str(d) in self.confs
+                      and str(d) not in self.volumes)
         if not need:
             return
         for d in need:
             self._open_errors.pop(d, None)
-        client = self.ctx.make_client(timeout=5.0)
-        status, body = client.request("POST", "/v1/power/follow",
-                                      {"host": self.ctx.host, "vm": vm, "disks": need})
-        if status != 200:
-            why = body.get("error") if isinstance(body, dict) else body
-            raise RuntimeError(f"power: {vm}'s disks {', '.join(need)} cannot follow it here "
-                               f"({status}: {why})")
         deadline = time.monotonic() + wait
         while True:
             missing = [d for d in need if d not in self.volumes]

@@ -26,7 +26,8 @@ reported by a host with no document gets that host as its reader (the agents'
 
 Any live migration of a VM that uses a disk (not only a power-off's): the target's agent, in
 its ``attaching`` hook before the migration's prepare, asks ``POST /v1/power/follow`` for the
-VM's disks it declares and does not serve; the manager starts a handover per disk (the same
+VM (the manager names its disks, from the report of the host it runs on, and the answer's
+``wait`` says which the target must serve first); the manager starts a handover per disk (the same
 ``power-reader`` actions: open there now; once the migration has ended, release at the old
 reader and merge at the new one if every VM of the disk runs there, hand back if none does,
 ``split`` if they are on both), journaled ``power-reader-follow-*``. An agent keeps each set
@@ -823,9 +824,11 @@ class PowerService(BaseManagerService):
     def follow(self, req: FollowRequest, *, now: float, wall: float | None = None
                ) -> dict[str, Any]:
         """``req.host`` is about to take ``req.vm`` (a migration's prepare): each of its disks
-        that ``req.host`` declares and does not read gets a handover towards it. Refused
-        (``Refused``, journaled) while an operation runs, for a disk that is moving, or one
-        ``req.host`` does not declare; nothing starts then."""
+        (``req.disks`` and those the report of the host it runs on names: the manager's,
+        not the target's idea of them) that ``req.host`` does not read gets a handover
+        towards it. Refused (``Refused``, journaled) while an operation runs, for a disk that
+        is moving, or one ``req.host`` does not declare; nothing starts then. The answer's
+        ``wait`` names the disks the target must serve before it takes the VM."""
         k = self.kernel
         k.check_fenced()
         if req.host not in k.model.hosts:
@@ -846,12 +849,15 @@ class PowerService(BaseManagerService):
         if self._op is not None:
             refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
                    f"{self._op.host}) is under way")
-        todo = []
-        for disk in sorted(set(req.disks)):
+        dem = self._vm_demand().get(req.vm)
+        uses = set(req.disks) | set(dem.disks if dem is not None else ())
+        todo, wait = [], []
+        for disk in sorted(uses):
             doc = self._docs.get(disk)
             if doc is None:
                 refuse("disk-known", f"no reader is known for {disk}")
                 return {}
+            wait.append(disk)
             if doc["reader"] == req.host:
                 continue
             if doc.get("where") not in ("first", "second"):
@@ -880,7 +886,7 @@ class PowerService(BaseManagerService):
         if started:
             self._drive_follows(now, wall)
             self._next_eval = min(self._next_eval, now + DRIVE_EVERY_S)
-        return {"vm": req.vm, "host": req.host, "handovers": started}
+        return {"vm": req.vm, "host": req.host, "handovers": started, "wait": wait}
 
     def _resolve_splits(self, now: float, wall: float | None) -> None:
         """A disk a handover left served by two hosts (``split``) whose VMs now all run on

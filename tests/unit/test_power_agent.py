@@ -173,15 +173,16 @@ def test_an_agent_refuses_a_disk_it_does_not_declare() -> None:
 
 def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
         tmp_path: Path) -> None:
-    """The attaching hook asks the manager (a stand-in that opens the disk here from another
-    thread, as the manager's power-reader action would) and returns once the disk is served;
-    a refusal fails the migration."""
+    """The attaching hook asks the manager (a stand-in that names vm1's disk and opens it here
+    from another thread, as the manager's power-reader action would) and returns once the
+    disk is served; a refusal fails the migration. The VM's disks come from the manager's
+    answer: this host's demand file says nothing of vm1."""
     import threading
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     demand = tmp_path / "demand.json"
-    demand.write_text(json.dumps({"vm1": {"cpu": 0.1, "disks": ["d3"]}}))
+    demand.write_text(json.dumps({"vm9": {"cpu": 0.1}}))
     asked: list[Any] = []
 
     class Manager:
@@ -192,7 +193,9 @@ def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
             asked.append((method, path, body))
             if self.status == 200:
                 threading.Timer(0.2, lambda: agent.reader("open", "d3", "first")).start()
-            return self.status, {"error": "refused (one-transition-at-a-time)"}
+            if self.status != 200:
+                return self.status, {"error": "refused (one-transition-at-a-time)"}
+            return 200, {"vm": "vm1", "host": "h2", "handovers": {}, "wait": ["d3"]}
 
     with ExitStack() as st:
         a = st.enter_context(nbdkit_array(tmp_path / "a", {"d3": 4 * MiB}, ports=1))
@@ -214,7 +217,7 @@ def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
             agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"}, wait=10.0)
             assert "d3" in agent.volumes
             assert asked[-1] == ("POST", "/v1/power/follow",
-                                 {"host": "h2", "vm": "vm1", "disks": ["d3"]})
+                                 {"host": "h2", "vm": "vm1", "disks": []})
             n = len(asked)
             agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"})  # served: no ask
             assert len(asked) == n

@@ -721,3 +721,22 @@ def test_a_follow_waits_for_a_migration_still_running_at_its_deadline(tmp_path: 
     env.tick(T0 + 24.5)
     [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
     assert (r.host, r.payload["op"]) == ("h1", "release")  # not h2's undo
+
+
+def test_a_follow_takes_the_vms_disks_from_the_managers_reports(tmp_path: Path) -> None:
+    """h2's agent names no disk (its own demand file knows nothing of vm1): the manager
+    knows vm1 uses d4 (the report of h1, where vm1 runs), starts its handover and tells h2
+    to wait for it; a disk h2 reads already is named too, and nothing starts for it."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 1)
+    assert out["wait"] == ["d4"] and list(out["handovers"]) == ["d4"]
+    [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (o.host, o.payload["op"], o.payload["disk"]) == ("h2", "open", "d4")
+    with pytest.raises(Refused) as exc:  # h3 does not declare d4: vm1 cannot go there
+        env.service.follow(FollowRequest(host="h3", vm="vm1"), now=T0 + 1)
+    assert exc.value.rule == "host-declares-disk"
+    again = env.service.follow(FollowRequest(host="h1", vm="vm1"), now=T0 + 1)
+    assert again["wait"] == ["d4"] and again["handovers"] == {}  # h1 reads d4 already
