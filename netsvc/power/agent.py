@@ -288,17 +288,21 @@ class PowerAgent:
         client = self.ctx.make_client(timeout=2.0)
         while not stop.is_set():
             try:
-                status, body = client.request("POST", "/v1/power/reports", self.report())
-                if status != 200:
-                    self.ctx.log(f"power report refused ({status}): {body}")
-                elif isinstance(body, dict) and isinstance(body.get("forget"), dict):
-                    gone = self.forget(body["forget"])
-                    if gone:
-                        self.ctx.log(f"power: the manager merged what {', '.join(gone)} "
-                                     "released here")
+                self.report_once(client)
             except Exception as exc:  # the manager may be away: report again later
                 self.ctx.log(f"power report failed: {exc}")
             stop.wait(every)
+
+    def report_once(self, client: Any) -> None:
+        """One report; the reply's ``forget`` drops the released sets the manager merged."""
+        status, body = client.request("POST", "/v1/power/reports", self.report())
+        if status != 200:
+            self.ctx.log(f"power report refused ({status}): {body}")
+        elif isinstance(body, dict) and isinstance(body.get("forget"), dict):
+            gone = self.forget(body["forget"])
+            if gone:
+                self.ctx.log(f"power: the manager merged what {', '.join(gone)} released "
+                             "here")
 
     # -- the executor ----------------------------------------------------------------------
 

@@ -826,9 +826,10 @@ class PowerService(BaseManagerService):
         """``req.host`` is about to take ``req.vm`` (a migration's prepare): each of its disks
         (``req.disks`` and those the report of the host it runs on names: the manager's,
         not the target's idea of them) that ``req.host`` does not read gets a handover
-        towards it. Refused (``Refused``, journaled) while an operation runs, for a disk that
-        is moving, or one ``req.host`` does not declare; nothing starts then. The answer's
-        ``wait`` names the disks the target must serve before it takes the VM."""
+        towards it (unless an operation's handover takes it there). Refused (``Refused``,
+        journaled) when a disk needs one while an operation runs, for a disk that is moving,
+        or one ``req.host`` does not declare; nothing starts then. The answer's ``wait`` names
+        the disks the target must serve before it takes the VM."""
         k = self.kernel
         k.check_fenced()
         if req.host not in k.model.hosts:
@@ -846,20 +847,23 @@ class PowerService(BaseManagerService):
                              details={"rule": rule, "host": req.host, "disks": req.disks})
             raise Refused(rule, f"{req.vm}'s disks cannot follow it to {req.host}: {why}")
 
-        if self._op is not None:
-            refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
-                   f"{self._op.host}) is under way")
         dem = self._vm_demand().get(req.vm)
-        uses = set(req.disks) | set(dem.disks if dem is not None else ())
+        named = set(dem.disks if dem is not None else ())
+        ours = {d: h for d, h in (self._op.handovers if self._op else {}).items()
+                if not h.phase.final}
         todo, wait = [], []
-        for disk in sorted(uses):
+        for disk in sorted(set(req.disks) | named):
             doc = self._docs.get(disk)
             if doc is None:
+                if disk not in req.disks:
+                    continue  # a disk no agent serves: not a power disk
                 refuse("disk-known", f"no reader is known for {disk}")
                 return {}
             wait.append(disk)
             if doc["reader"] == req.host:
                 continue
+            if disk in ours and ours[disk].target == req.host:
+                continue  # the operation's own handover opened it there before migrating
             if doc.get("where") not in ("first", "second"):
                 refuse("where-known", f"where {disk} is authoritative is not known yet (a move "
                        "failed; its reader's next report says)")
@@ -871,6 +875,9 @@ class PowerService(BaseManagerService):
                     continue  # this VM goes where the disk already goes
                 refuse("one-handover-per-disk", f"{disk} is following {vm0} to {h0.target}")
             todo.append((disk, doc))
+        if todo and self._op is not None:
+            refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
+                   f"{self._op.host}) is under way")
         started = {}
         for disk, doc in todo:
             h = Handover(disk, str(doc.get("owner") or ""), str(doc["reader"]), req.host,

@@ -148,7 +148,14 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             with pytest.raises(RuntimeError, match="second copy here, not first"):
                 h2.reader("merge", "d3", "first", [])
             assert h1.forget({"d3": released["released"] + 1}) == []  # another set: kept
-            assert h1.forget({"d3": released["released"]}) == ["d3"]
+
+            class Manager:  # the report's reply: the manager merged that set
+                def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+                    assert body["released"] == {"d3": released["released"]}
+                    return 200, {"ok": True, "forget": body["released"]}
+
+            h1.report_once(Manager())
+            assert h1.released == {}
             assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing left
             s1 = json.loads((tmp_path / "s1" / "power-disks.json").read_text())
             assert s1["served"] == {} and s1["released"] == {}
@@ -223,3 +230,10 @@ def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
             assert len(asked) == n
         finally:
             agent.close()
+
+
+def test_a_state_file_of_the_first_version_is_read(tmp_path: Path) -> None:
+    (tmp_path / "power-disks.json").write_text(json.dumps({"d3": "second"}))
+    agent = PowerAgent(ctx(), {}, state_dir=str(tmp_path))
+    assert agent._load_state() == {"d3": "second"}
+    assert agent.released == {} and agent.gens == {}

@@ -740,3 +740,17 @@ def test_a_follow_takes_the_vms_disks_from_the_managers_reports(tmp_path: Path) 
     assert exc.value.rule == "host-declares-disk"
     again = env.service.follow(FollowRequest(host="h1", vm="vm1"), now=T0 + 1)
     assert again["wait"] == ["d4"] and again["handovers"] == {}  # h1 reads d4 already
+
+
+def test_a_power_offs_own_migration_asks_and_is_not_refused(tmp_path: Path) -> None:
+    """During h1's power-off, vm1's target (h2) asks for vm1's disks as any migration's
+    target does: d4 was opened there by the operation's own handover, so the answer names
+    it and refuses nothing; a VM that uses no power disk is not refused either."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    run_action(env, "power-reader", T0 + 3, result={"where": "second"})  # open at h2
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 3.5)
+    assert out["wait"] == ["d4"] and out["handovers"] == {}
+    assert env.service.follow(FollowRequest(host="h3", vm="vm2"), now=T0 + 3.5)["wait"] == []
