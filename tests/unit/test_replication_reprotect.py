@@ -146,7 +146,7 @@ def test_a_live_image_is_released_as_a_replica_at_a_newer_epoch(tmp_path: Path) 
     with pytest.raises(ReplicaError, match="not live"):
         store.release(1)
     s = store.begin(0)
-    store.stage(s, b"\x01" * BS, 0)
+    store.stage(s, b"\x01" * BS + bytes(7 * BS), 0)  # a first epoch covers the disk
     d = s.digest
     store.commit(s, 0, d.extents, d.nbytes, d.digest())
     store.go_live()
