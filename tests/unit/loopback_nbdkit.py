@@ -40,11 +40,17 @@ def free_port() -> int:
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:
-    """Until something accepts on 127.0.0.1:``port`` (a server just started)."""
+    """Until something accepts on 127.0.0.1:``port`` (a server just started). A connect to
+    an ephemeral port nobody listens on can connect to itself (TCP simultaneous open, when
+    the kernel picks that same port as the source): that is not a server, so it is retried
+    (it made a test fail now and then: the server was not up yet)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            s = socket.create_connection(("127.0.0.1", port), 0.2)
+            with s:
+                if s.getsockname() == s.getpeername():
+                    raise ConnectionRefusedError("connected to itself: nobody listens yet")
             return
         except OSError:
             if time.monotonic() > deadline:
