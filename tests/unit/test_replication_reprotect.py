@@ -236,6 +236,27 @@ def test_reprotect_with_another_tracker_falls_back_to_a_full_reseed(
 # -- the manager's steps ------------------------------------------------------------------
 
 
+def failback_done(tmp_path: Path, the_bmc: tuple[BmcServer, ConfigStore, Path, Path],
+                  home_epochs: dict[str, int]) -> tuple[RealEnv, ReplicationService, Path]:
+    """A failback DONE with a real BMC for b1, b1's agent heard: (env, service, b1's power
+    file)."""
+    server, _, pw, power = the_bmc
+    env = RealEnv(tmp_path, server, pw)
+    s = _to_failback_done(env, home_epochs)
+    env.core.heartbeat("b1", seq=5, now=env.now)
+    return env, s, power
+
+
+def b1_answers_release(env: RealEnv, *, ok: bool = True, proven: bool = True, why: str = "",
+                       detail: str = "") -> None:
+    """b1's agent claims the one queued action (the release) and answers it for ``ds1``."""
+    [rel] = env.core.claim_actions("b1", "executor", now=env.now)
+    assert rel.kind == "replication-release"
+    result = {"disks": {"ds1": {"base_epoch": 12, "proven": proven, "why": why}}}
+    env.core.complete_action(rel.id, ok=ok, result=result if ok else None, detail=detail,
+                             now=env.now, host="b1")
+
+
 def _to_failback_done(env: Env, home_epochs: dict[str, int]) -> ReplicationService:
     """Protect vm1, fail over, ship back, fail back (as test_replication_service does)."""
     s = env.service
@@ -344,16 +365,12 @@ def test_after_a_failback_the_vm_is_protected_again_from_the_common_point_and_b1
 def test_an_unproven_common_point_means_a_full_reseed_said_in_journal_and_status(
         tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]  # noqa: F811
 ) -> None:
-    server, _, pw, power = bmc
-    env = RealEnv(tmp_path, server, pw)
-    s = _to_failback_done(env, {"ds1": 4})  # the primary copy went live past the final epoch
-    env.core.heartbeat("b1", seq=5, now=env.now)
+    # the primary copy went live past the final epoch
+    env, s, power = failback_done(tmp_path, bmc, {"ds1": 4})
     with pytest.raises(Refused) as e:  # b1 is needed until the release is done
         s.request_sleep(convert({}, OperatorRequest), now=env.now)
     assert e.value.rule == "not-released"
-    [rel] = env.core.claim_actions("b1", "executor", now=env.now)
-    env.core.complete_action(rel.id, ok=True, result={"disks": {"ds1": {
-        "base_epoch": 12, "proven": True, "why": ""}}}, now=env.now, host="b1")
+    b1_answers_release(env)
     r = s.reprotect["vm1"]
     assert (r.state, r.mode) == (RState.RESEEDING, "full") and "final one is 3" in r.why
     assert "resume" not in forward(s, env.now, synced=False)["protect"]["vm1"]
@@ -371,13 +388,8 @@ def test_an_unproven_common_point_means_a_full_reseed_said_in_journal_and_status
 def test_a_release_that_fails_leaves_b1_awake_and_the_deadline_fails_the_reprotect(
         tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]  # noqa: F811
 ) -> None:
-    server, _, pw, power = bmc
-    env = RealEnv(tmp_path, server, pw)
-    s = _to_failback_done(env, {"ds1": 3})
-    env.core.heartbeat("b1", seq=5, now=env.now)
-    [rel] = env.core.claim_actions("b1", "executor", now=env.now)
-    env.core.complete_action(rel.id, ok=False, detail="site B unreachable", now=env.now,
-                             host="b1")
+    env, s, power = failback_done(tmp_path, bmc, {"ds1": 3})
+    b1_answers_release(env, ok=False, detail="site B unreachable")
     assert s.reprotect["vm1"].state is RState.FAILED
     assert forward(s, env.now)["protect"] == {}  # still live at site B: not shipped
     env.tick(0.1)
@@ -395,10 +407,7 @@ def test_a_release_that_fails_leaves_b1_awake_and_the_deadline_fails_the_reprote
     with pytest.raises(Refused) as e:
         s.request_reprotect("vm1", convert({}, OperatorRequest), now=env.now)
     assert e.value.rule == "in-progress"
-    [rel2] = env.core.claim_actions("b1", "executor", now=env.now)
-    env.core.complete_action(rel2.id, ok=True, result={"disks": {"ds1": {
-        "base_epoch": 12, "proven": False, "why": "the disk was not tracked at site B"}}},
-        now=env.now, host="b1")
+    b1_answers_release(env, proven=False, why="the disk was not tracked at site B")
     r = s.reprotect["vm1"]
     assert (r.state, r.mode, r.why) == (RState.RESEEDING, "full",
                                         "the disk was not tracked at site B")
@@ -416,13 +425,8 @@ def test_a_release_that_fails_leaves_b1_awake_and_the_deadline_fails_the_reprote
 def test_a_vm_that_moves_before_it_resumes_is_reseeded_by_its_new_host(
         tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]  # noqa: F811
 ) -> None:
-    server, _, pw, _power = bmc
-    env = RealEnv(tmp_path, server, pw)
-    s = _to_failback_done(env, {"ds1": 3})
-    env.core.heartbeat("b1", seq=5, now=env.now)
-    [rel] = env.core.claim_actions("b1", "executor", now=env.now)
-    env.core.complete_action(rel.id, ok=True, result={"disks": {"ds1": {
-        "base_epoch": 12, "proven": True, "why": ""}}}, now=env.now, host="b1")
+    env, s, _power = failback_done(tmp_path, bmc, {"ds1": 3})
+    b1_answers_release(env)
     assert s.reprotect["vm1"].state is RState.RESUMING
     env.core.heartbeat("h2", seq=5, now=env.now)
     env.core.model.update_vm("vm1", host="h2")  # migrated before h1 resumed
