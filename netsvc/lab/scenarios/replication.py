@@ -25,7 +25,7 @@ other scenarios):
   array's datastores ``ds1``/``ds2`` (``Lab.set_disk``; ``netsvc.storage``: each agent serves
   them on its local NBD endpoint, which the replication agent wraps: changed-block tracking).
   Each guest keeps its writes there as a disk log (``netsvc.lab.disklog``): a ``SET`` is
-  acknowledged only after its record (RECORD bytes, block-aligned) was written and flushed
+  acknowledged only after its record (RECORD bytes, four to a block) was written and flushed
   through its host's endpoint. At site B, ``b1``'s agent serves a started replica's disk on
   b1's lab storage socket (``--replication-socket``, tracked for the way back), so the replica
   VM's guest opens and replays its replicated disk there as it boots.
@@ -171,7 +171,8 @@ def site_b_socket(plan: LabPlan, host: str) -> str:
 
 def disk_region() -> tuple[int, int]:
     """Each guest's part of its datastore (``Lab.set_disk``): the label in the sector before
-    the second block, so that the records (RECORD bytes each) are block-aligned."""
+    the second block, so that the records (RECORD bytes each) start on a block and none
+    straddles two blocks."""
     from netsvc.lab.scenarios.storage import DS_SIZE
 
     return BLOCK - SECTOR, DS_SIZE - BLOCK
@@ -233,26 +234,31 @@ class DiskLogRead:
         return got, at == len(self.lines)
 
 
-def _read_log(lab: Lab, node: str, url: str, name: str) -> DiskLogRead:
-    """The disk log in the guests' region of the image at ``url`` (``nbdcopy`` in ``node``'s
-    namespace), decoded with the disk log's codec."""
+def decode_log(image: bytes) -> DiskLogRead:
+    """The disk log in the guests' region (``disk_region``) of a disk image, decoded with the
+    disk log's codec."""
     from netsvc.lab.disklog import read_label, scan
 
-    out = lab.run_dir / f"{name}.img"
-    r = _mnexec(lab, node, ["nbdcopy", url, str(out)], timeout=120)
-    if r.returncode != 0:
-        raise LabError(f"nbdcopy {url}: {r.stderr}")
     off, length = disk_region()
-    try:
-        data = out.read_bytes()[off:off + length]
-    finally:
-        out.unlink()
+    data = image[off:off + length]
     log_id = read_label(data[:SECTOR])
     if log_id is None:
         return DiskLogRead([], not any(data))
     got = scan(lambda count, at: data[at:at + count], length, log_id)
     return DiskLogRead([ln for rec in got.records for ln in rec.split(b"\n")],
                        not any(data[got.end:]))
+
+
+def _read_log(lab: Lab, node: str, url: str, name: str) -> DiskLogRead:
+    """The guest's disk log in the image at ``url`` (``nbdcopy`` in ``node``'s namespace)."""
+    out = lab.run_dir / f"{name}.img"
+    r = _mnexec(lab, node, ["nbdcopy", url, str(out)], timeout=120)
+    if r.returncode != 0:
+        raise LabError(f"nbdcopy {url}: {r.stderr}")
+    try:
+        return decode_log(out.read_bytes())
+    finally:
+        out.unlink()
 
 
 def _guest_state(lab: Lab, vm: str, lines: list[bytes], host: str) -> tuple[bool, str]:
