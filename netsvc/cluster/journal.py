@@ -336,10 +336,46 @@ def check_lines(lines: Iterator[bytes], anchor: tuple[int, str] | None = None) -
     return VerifyReport(True, count)
 
 
-# -- the file ---------------------------------------------------------------------------------
+# -- the writers ------------------------------------------------------------------------------
 
 
-class Journal:
+class ChainHead:
+    """What every journal writer keeps: the last entry's seq and the hash of its line, under
+    ``_lock``; and the next entry chained to them (``_next``). The writer sets ``_last_seq``
+    and ``_last_hash`` only once the entry is durable (the file written, or the store
+    transaction committed)."""
+
+    _lock: threading.Lock
+    _last_seq: int
+    _last_hash: str
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def head(self) -> tuple[int, str]:
+        """(last seq, hash of the last line): an anchor to keep elsewhere."""
+        with self._lock:
+            return self._last_seq, self._last_hash
+
+    def _next(self, *, mono: float, wall: float, actor: str, action: str, subject: str,
+              reason: str, dry_run: bool, details: Mapping[str, Any] | None) -> JournalEntry:
+        """The entry after the head (the caller holds ``_lock``)."""
+        return JournalEntry(
+            seq=self._last_seq + 1,
+            mono=_check_time(mono, "mono"),
+            wall=_check_time(wall, "wall"),
+            actor=actor,
+            action=action,
+            subject=subject,
+            reason=reason,
+            dry_run=dry_run,
+            details=dict(details or {}),
+            prev=self._last_hash,
+        )
+
+
+class Journal(ChainHead):
     """The writer of one journal file. Thread-safe."""
 
     def __init__(self, path: str | Path, *, repair: bool = False, fsync: bool = True) -> None:
@@ -402,15 +438,6 @@ class Journal:
             entry = decode_line(last, len(offsets))
             self._last_seq, self._last_hash = entry.seq, line_hash(last)
 
-    @property
-    def last_seq(self) -> int:
-        return self._last_seq
-
-    def head(self) -> tuple[int, str]:
-        """(last seq, hash of the last line): an anchor to keep elsewhere."""
-        with self._lock:
-            return self._last_seq, self._last_hash
-
     def append(
         self,
         *,
@@ -427,18 +454,9 @@ class Journal:
         with self._lock:
             if self._fd is None:
                 raise JournalError(f"journal {self.path} is closed")
-            entry = JournalEntry(
-                seq=self._last_seq + 1,
-                mono=_check_time(mono, "mono"),
-                wall=_check_time(wall, "wall"),
-                actor=actor,
-                action=action,
-                subject=subject,
-                reason=reason,
-                dry_run=dry_run,
-                details=dict(details or {}),
-                prev=self._last_hash,
-            )
+            entry = self._next(mono=mono, wall=wall, actor=actor, action=action,
+                               subject=subject, reason=reason, dry_run=dry_run,
+                               details=details)
             line = encode_entry(entry)
             data = line + b"\n"
             try:

@@ -33,11 +33,11 @@ from typing import Any
 
 from netsvc.cluster.journal import (
     GENESIS,
+    ChainHead,
     JournalEntry,
     JournalError,
     TornTail,
     VerifyReport,
-    _check_time,
     check_lines,
     decode_line,
     encode_entry,
@@ -55,7 +55,7 @@ def entry_key(seq: int) -> str:
     return f"{ENTRY_PREFIX}{seq:012d}"
 
 
-class StoreJournal:
+class StoreJournal(ChainHead):
     """A journal whose entries are keys of a ``StateStore``. Thread-safe."""
 
     torn_tail: TornTail | None = None  # a store write is atomic: no torn line, ever
@@ -78,14 +78,6 @@ class StoreJournal:
         except (ValueError, KeyError, TypeError) as exc:
             raise JournalError(f"journal head in the store is unreadable: {exc}") from None
         self._last_seq, self._last_hash, self._head_rev = seq, digest, rev
-
-    @property
-    def last_seq(self) -> int:
-        return self._last_seq
-
-    def head(self) -> tuple[int, str]:
-        with self._lock:
-            return self._last_seq, self._last_hash
 
     def append(
         self,
@@ -120,18 +112,9 @@ class StoreJournal:
         """Append one entry in the same commit as ``writes`` (the state change it records):
         both or neither. Returns the entry and the revision of each of ``writes``."""
         with self._lock:
-            entry = JournalEntry(
-                seq=self._last_seq + 1,
-                mono=_check_time(mono, "mono"),
-                wall=_check_time(wall, "wall"),
-                actor=actor,
-                action=action,
-                subject=subject,
-                reason=reason,
-                dry_run=dry_run,
-                details=dict(details or {}),
-                prev=self._last_hash,
-            )
+            entry = self._next(mono=mono, wall=wall, actor=actor, action=action,
+                               subject=subject, reason=reason, dry_run=dry_run,
+                               details=details)
             line = encode_entry(entry)
             digest = line_hash(line)
             head = json.dumps({"seq": entry.seq, "hash": digest}, sort_keys=True).encode()

@@ -214,15 +214,21 @@ def cmd_protect(args: argparse.Namespace) -> int:
                    else f"{args.vm} protected (RPO target {out.get('rpo_s')} s)")
 
 
-def cmd_unprotect(args: argparse.Namespace) -> int:
-    if not _vm("unprotect", args.vm):
+def _vm_operation(verb: str, args: argparse.Namespace,
+                  describe: Callable[[dict[str, Any]], str]) -> int:
+    """``POST /v1/replication/VERB/VM`` with the dry run and reason; exit as ``_finish``."""
+    if not _vm(verb, args.vm):
         return 2
-    got = _call("unprotect", args, "POST", f"/v1/replication/unprotect/{args.vm}",
+    got = _call(verb, args, "POST", f"/v1/replication/{verb}/{args.vm}",
                 {"dry_run": args.dry_run, "reason": args.reason})
     if got is None:
         return 2
     status, out = got
-    return _finish("unprotect", args, status, out, f"{args.vm}: {out.get('status')}")
+    return _finish(verb, args, status, out, describe(out))
+
+
+def cmd_unprotect(args: argparse.Namespace) -> int:
+    return _vm_operation("unprotect", args, lambda out: f"{args.vm}: {out.get('status')}")
 
 
 def _site_operation(name: str, args: argparse.Namespace, body: dict[str, Any],
@@ -281,15 +287,8 @@ def cmd_sleep(args: argparse.Namespace) -> int:
 
 
 def cmd_reprotect(args: argparse.Namespace) -> int:
-    if not _vm("reprotect", args.vm):
-        return 2
-    got = _call("reprotect", args, "POST", f"/v1/replication/reprotect/{args.vm}",
-                {"dry_run": args.dry_run, "reason": args.reason})
-    if got is None:
-        return 2
-    status, out = got
-    return _finish("reprotect", args, status, out,
-                   f"dry run: {args.vm}'s image at site B would be released again and "
-                   "shipped forward; nothing changed" if out.get("status") == "dry_run"
-                   else f"{args.vm}: re-protection {out.get('state')} (follow with "
-                   "'netsvc replication status')")
+    return _vm_operation("reprotect", args, lambda out: (
+        f"dry run: {args.vm}'s image at site B would be released again and shipped forward; "
+        "nothing changed" if out.get("status") == "dry_run"
+        else f"{args.vm}: re-protection {out.get('state')} (follow with "
+        "'netsvc replication status')"))

@@ -92,14 +92,18 @@ def go_live(addr: str, port: int, disk: str) -> None:
     h.shutdown()
 
 
-def release_at(addr: str, port: int, disk: str) -> int:
+def release_at(addr: str, port: int, disk: str) -> tuple[int, bool]:
     """Make the live image of ``disk`` at a replica store a replica again, numbered one after
-    its applied epoch; returns that number (the base)."""
+    its applied epoch; returns that number (the base), and whether it had been released
+    already (a retry, e.g. after a manager restart lost the first answer: the image is a
+    replica at that epoch, and nothing is changed)."""
     h = importlib.import_module("nbd").NBD()
     h.set_export_name(f"replica/{disk}")
     h.connect_tcp(addr, str(port))
     try:
         st = decode_status(h.pread(CONTROL, h.get_size() - CONTROL))
+        if not st.live:
+            return st.applied, True
         base = st.applied + 1
         h.pwrite(Command(OP_RELEASE, base).encode(), h.get_size() - CONTROL)
         after = decode_status(h.pread(CONTROL, h.get_size() - CONTROL))
@@ -108,7 +112,7 @@ def release_at(addr: str, port: int, disk: str) -> int:
     if after.live or after.applied != base:
         raise RuntimeError(f"{disk} at site B after the release: epoch {after.applied}, "
                            f"live {after.live}")
-    return base
+    return base, False
 
 
 def release_replicas(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
@@ -136,7 +140,10 @@ def release_replicas(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[st
                 if isinstance(tracked.backend, NbdBackend):
                     tracked.backend.close()
                 why = reverse_clean(tracked.tracker, int(finals.get(d, -1)))
-        base = release_at(site_b[0], site_b[1], d)
+        base, before = release_at(site_b[0], site_b[1], d)
+        if before:
+            why = why or ("released before (a retry): the common point is not proven again, "
+                          "so a full re-seed")
         out[d] = {"base_epoch": base, "proven": not why, "why": why,
                   "reverse_epoch": None if tracked is None
                   else tracked.tracker.committed_epoch}

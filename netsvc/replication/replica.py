@@ -12,7 +12,10 @@ Files in the store's directory, for disk ``NAME``:
 The first epoch of a replica the store created itself (``fresh``: its image was never a point in
 time, so nothing can be mixed) is written straight into ``NAME.img`` instead of being staged and
 applied: half the I/O of the initial copy, and no long apply at its commit. Until that epoch
-commits, reads of the image give zeroes (it holds no point in time yet). A staged session is
+commits, reads of the image give zeroes (it holds no point in time yet). Only the newest such
+session writes (a shipper that reconnects supersedes its old connection, whose late writes are
+refused), and its commit is refused unless it wrote the whole disk in one sweep from offset 0,
+so no byte of the committed image is an older session's. A staged session is
 flushed (``fdatasync``) every ``SYNC_EVERY`` bytes, so a commit never waits for a long write-back.
 
 Invariants:
@@ -74,6 +77,7 @@ class Session:
     digest: EpochDigest = field(default_factory=EpochDigest)
     pos: int = 0
     direct: bool = False  # the fresh replica's first epoch, written straight into the image
+    covered: int = 0  # (direct) the disk is written from 0 up to here, in one sweep
     unsynced: int = 0  # bytes written since the last fdatasync
 
 
@@ -96,6 +100,7 @@ class ReplicaStore:
         self.state_path = self.dir / f"{name}.state"
         self.recovered: list[str] = []
         self.lock = threading.Lock()
+        self._direct: Session | None = None  # the one first-epoch session allowed to write
         created = False
         if not self.img.exists():
             with open(self.img, "wb") as f:
@@ -189,11 +194,12 @@ class ReplicaStore:
             self._save({"applied": epoch, "pending": None, "live": False, "fresh": False})
 
     def pwrite_live(self, data: bytes, offset: int) -> None:
-        if not self.live:
-            raise ReplicaError(f"{self.name} is a replica (not live): writes go through epochs")
         if offset < 0 or offset + len(data) > self.size:
             raise ReplicaError("write outside the disk")
-        with self.lock:
+        with self.lock:  # (live checked under the lock: a release refuses every later write)
+            if not self.live:
+                raise ReplicaError(f"{self.name} is a replica (not live): writes go through "
+                                   "epochs")
             fd = os.open(self.img, os.O_WRONLY)
             try:
                 os.pwrite(fd, data, offset)
@@ -209,7 +215,12 @@ class ReplicaStore:
             if epoch <= self.applied:
                 raise ReplicaError(f"epoch {epoch} is not newer than the applied {self.applied}")
             if self.fresh and not self.state.get("pending"):
-                return Session(epoch, self.img, os.open(self.img, os.O_WRONLY), direct=True)
+                # the newest first-epoch session writes the image; an earlier one (a shipper
+                # that reconnected: its old connection's writes may still be arriving) is
+                # superseded: its writes are refused from now on
+                s = Session(epoch, self.img, os.open(self.img, os.O_WRONLY), direct=True)
+                self._direct = s
+                return s
             stage = self.dir / f"{self.name}.stage-{os.getpid()}-{next(self._ids)}"
             fd = os.open(stage, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             return Session(epoch, stage, fd)
@@ -219,7 +230,12 @@ class ReplicaStore:
             raise ReplicaError(f"staged write [{offset}, {offset + len(data)}) outside "
                                f"{self.size}")
         if s.direct:
-            os.pwrite(s.fd, data, offset)
+            with self.lock:  # (fresh only: nothing else waits on this lock meanwhile)
+                if s is not self._direct or not self.fresh:
+                    raise ReplicaError(f"{self.name}: a newer first epoch superseded this one")
+                os.pwrite(s.fd, data, offset)
+            if offset <= s.covered:
+                s.covered = max(s.covered, offset + len(data))
         else:
             os.pwrite(s.fd, data, s.pos)
             s.writes.append((offset, len(data), s.pos))
@@ -246,6 +262,8 @@ class ReplicaStore:
     def _discard(self, s: Session) -> None:
         self._close(s)
         if s.direct:  # the image stays fresh: no read sees what the session wrote
+            if self._direct is s:
+                self._direct = None
             return
         s.stage.unlink(missing_ok=True)
         s.stage.with_name(s.stage.name + ".idx").unlink(missing_ok=True)
@@ -269,6 +287,11 @@ class ReplicaStore:
             if sha256 != s.digest.digest():
                 raise ReplicaError(f"epoch {epoch}: the SHA-256 of the staged writes differs")
             if s.direct:  # the fresh image's first epoch: durable, then the state says so
+                if s is not self._direct or not self.fresh:
+                    raise ReplicaError(f"epoch {epoch}: a newer first epoch superseded it")
+                if s.covered < self.size:  # every byte is this session's, none an older one's
+                    raise ReplicaError(f"epoch {epoch}: a first epoch must write the whole "
+                                       f"disk ({s.covered} of {self.size} bytes in one sweep)")
                 os.fdatasync(s.fd)
                 self._close(s)
                 self._save({**self.state, "applied": epoch, "pending": None, "fresh": False})

@@ -207,36 +207,70 @@ def test_store_redoes_a_committed_epoch_after_a_crash_and_discards_an_uncommitte
     assert not list(tmp_path.glob("vm1.stage-*"))
 
 
+def sweep(store: ReplicaStore, s: Session, blocks: list[bytes]) -> EpochDigest:
+    """Stage ``blocks`` from offset 0 on, in order (a first epoch's sweep of the disk)."""
+    d = EpochDigest()
+    for i, b in enumerate(blocks):
+        store.stage(s, b, i * BS)
+        d.add(i * BS, b)
+    return d
+
+
 def test_a_fresh_replicas_first_epoch_is_written_in_place_and_read_only_once_committed(
         tmp_path: Path) -> None:
     store = ReplicaStore(tmp_path, "vm1", 4 * BS)  # the store created the image: fresh
+    disk = [b"a" * BS, b"c" * BS, b"d" * BS, b"e" * BS]
     s = store.begin(3)
     assert s.direct
-    store.stage(s, b"a" * BS, 0)
-    store.stage(s, b"b" * BS, 0)  # a block staged twice (a pre-copy's delta): the last wins
-    d = EpochDigest()
-    d.add(0, b"a" * BS)
-    d.add(0, b"b" * BS)
+    sweep(store, s, disk)
     assert store.pread(BS, 0) == bytes(BS)  # no point in time before the commit
     store.discard(s)  # a half-shipped first epoch (the link flapped)
     assert (tmp_path / "vm1.img").exists() and ReplicaStore(tmp_path, "vm1", 4 * BS).fresh
     assert store.pread(BS, 0) == bytes(BS)
     s = store.begin(4)
-    store.stage(s, b"b" * BS, 0)
+    sweep(store, s, disk)
     with pytest.raises(ReplicaError, match="SHA-256"):
-        store.commit(s, 4, 1, BS, bytes(32))
+        store.commit(s, 4, 4, 4 * BS, bytes(32))
     assert store.fresh and store.applied == -1 and store.pread(BS, 0) == bytes(BS)
-    s = store.begin(5)
-    store.stage(s, b"a" * BS, 0)
-    store.stage(s, b"b" * BS, 0)
-    store.commit(s, 5, d.extents, d.nbytes, d.digest())
-    assert not store.fresh and store.applied == 5 and store.pread(BS, 0) == b"b" * BS
+    s = store.begin(5)  # a first epoch that does not write the whole disk is refused
+    d = sweep(store, s, disk[:3])
+    with pytest.raises(ReplicaError, match="whole disk"):
+        store.commit(s, 5, d.extents, d.nbytes, d.digest())
+    assert store.fresh
+    s = store.begin(6)
+    d = sweep(store, s, disk)
+    store.stage(s, b"b" * BS, 0)  # a block staged twice (a pre-copy's delta): the last wins
+    d.add(0, b"b" * BS)
+    store.commit(s, 6, d.extents, d.nbytes, d.digest())
+    assert not store.fresh and store.applied == 6 and store.pread(BS, 0) == b"b" * BS
     again = ReplicaStore(tmp_path, "vm1", 4 * BS)  # durable
-    assert again.applied == 5 and not again.fresh and again.pread(BS, 0) == b"b" * BS
-    s = again.begin(6)  # later epochs are staged: the image holds a point in time now
+    assert again.applied == 6 and not again.fresh and again.pread(2 * BS, 0) == b"b" * BS + \
+        b"c" * BS
+    s = again.begin(7)  # later epochs are staged: the image holds a point in time now
     assert not s.direct
     again.discard(s)
     assert not list(tmp_path.glob("vm1.stage-*"))
+
+
+def test_a_superseded_first_epoch_cannot_write_into_the_committed_image(
+        tmp_path: Path) -> None:
+    """The link flapped during the initial copy: the shipper reconnected (B) while writes of
+    its old connection (A) are still being handled, in parallel at site B. A must not mix
+    its bytes into B's committed first epoch."""
+    store = ReplicaStore(tmp_path, "vm1", 2 * BS)
+    a = store.begin(0)
+    store.stage(a, b"o" * BS, 0)
+    b = store.begin(1)
+    d = sweep(store, b, [b"n" * BS, b"m" * BS])
+    with pytest.raises(ReplicaError, match="superseded"):
+        store.stage(a, b"o" * BS, BS)  # A's late write, before B's commit
+    store.commit(b, 1, d.extents, d.nbytes, d.digest())
+    with pytest.raises(ReplicaError, match="superseded"):
+        store.stage(a, b"o" * BS, 0)  # and after it
+    with pytest.raises(ReplicaError):
+        store.commit(a, 0, 1, BS, bytes(32))
+    store.discard(a)
+    assert store.applied == 1 and store.pread(2 * BS, 0) == b"n" * BS + b"m" * BS
 
 
 def test_a_session_closes_its_file_once(tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_a_live_image_is_released_as_a_replica_at_a_newer_epoch(tmp_path: Path) 
     with pytest.raises(ReplicaError, match="not live"):
         store.release(1)
     s = store.begin(0)
-    store.stage(s, b"\x01" * BS, 0)
+    store.stage(s, b"\x01" * BS + bytes(7 * BS), 0)  # a first epoch covers the disk
     d = s.digest
     store.commit(s, 0, d.extents, d.nbytes, d.digest())
     store.go_live()
@@ -188,8 +188,10 @@ def test_reprotect_through_nbdkit_ships_only_the_writes_since_the_common_point(
     live.close()
     # failback: the primary's disk gets site B's bytes (the way back, not through the tracker)
     disk.data[:] = read_replica(port)
-    base = release_at("127.0.0.1", port, "vm1")
-    assert base == first.epoch + 1
+    base, before = release_at("127.0.0.1", port, "vm1")
+    assert base == first.epoch + 1 and not before
+    # a retry (the manager restarted and lost the answer): the same base, nothing changed
+    assert release_at("127.0.0.1", port, "vm1") == (base, True)
     # home: the VM writes through the same tracker, then the primary host resumes
     for b in (3, 4, 200):
         tracked.pwrite(bytes([b]) * BS, b * BS)
@@ -217,7 +219,7 @@ def test_reprotect_with_another_tracker_falls_back_to_a_full_reseed(
     assert first is not None and first.ok
     sh.unprotect("vm1")
     NbdBackend("127.0.0.1", port, "live/vm1").close()  # opened read-write: live
-    base = release_at("127.0.0.1", port, "vm1")
+    base, _ = release_at("127.0.0.1", port, "vm1")
     disk.data[: 4 * BS] = b"\x09" * (4 * BS)  # written where no tracker saw it
     # the agent restarted: a new tracker, not the one at the VM's start
     sh2 = Shipping(("127.0.0.1", port), link_bps=1e9, share=1.0, log=lambda m: None)
