@@ -26,13 +26,24 @@ Invariants:
   served, nothing else); a restarted agent serves what it served, and a standby disk only
   when the manager opens it. With no state file yet, the ``--power-disk`` disks are served.
 - Before this host takes a VM in a live migration (the ``attaching`` hook of the migration's
-  prepare), the VM's disks this host declares and does not serve are asked for
-  (``POST /v1/power/follow``); the hook returns once the manager's ``open`` made them served
-  here, and fails the migration (nothing attached) if that is refused, fails or takes longer
-  than ``FOLLOW_WAIT_S``.
-- ``release`` of a disk not served here hands back nothing (an undo of an open that never
-  happened is safe); ``open`` and ``merge`` check the copy the manager names: a disk served
-  here on another copy is an error, never silently switched.
+  prepare), when it declares a disk it does not serve, it asks the manager for the VM's
+  disks (``POST /v1/power/follow``: the manager knows which disks the VM uses, from the
+  report of the host it runs on; this host's own demand file is not asked); the hook returns
+  once the manager's ``open`` made the disks its answer names (``wait``) served here, and
+  fails the migration (nothing attached) if that is refused, fails or takes longer than
+  ``FOLLOW_WAIT_S``.
+- A released disk's dirty set (and where it was) is kept in the state file (atomically, with
+  a sequence number) until the manager acknowledges it (the ``forget`` of a report's reply,
+  for that sequence number: its document has merged it) or this host serves the disk again
+  (the set joins the new volume's); a repeated ``release`` (a split's resolution, a result
+  that never reached the manager) hands the kept set back, never an empty one. Reports list
+  the kept sets (``released``). Keeping a set too long only makes a resync copy more.
+- Each disk's move generation (``gen``: one more after every move that changed its copy;
+  at least the one an ``open`` or ``merge`` names) is in the state file and in every report,
+  so the manager tells a report built before a move from one built after it.
+- ``release`` of a disk not served here and with no kept set hands back nothing (an undo of
+  an open that never happened is safe); ``open`` and ``merge`` check the copy the manager
+  names: a disk served here on another copy is an error, never silently switched.
 - A ``power-move`` stops at the first disk that fails. Towards the second copy, the disks it
   moved before are moved back to their first copy (``move``); each disk is authoritative on
   exactly one copy throughout, and the error names what moved and what came back.
@@ -118,17 +129,33 @@ class PowerAgent:
         self._lock = threading.Lock()  # one move at a time
         self._openers: list[threading.Thread] = []  # background opens of a disk's other copy
         self._open_errors: dict[str, str] = {}  # disk -> why its last open here failed
+        # disk -> {"where", "dirty" (ranges), "seq"}: released here, not acknowledged yet
+        self.released: dict[str, dict[str, Any]] = {}
+        self.gens: dict[str, int] = {}  # disk -> its move generation
+        self._seq = 0
 
     def _state_path(self) -> str | None:
         return os.path.join(self.state_dir, "power-disks.json") if self.state_dir else None
 
     def _load_state(self) -> dict[str, str] | None:
+        """The disks served (name -> where); the kept released sets and the move
+        generations into ``released`` and ``gens``. (Version 1: only the served map.)"""
         p = self._state_path()
         if p is None or not os.path.exists(p):
             return None
         with open(p) as f:
             data = json.load(f)
-        return {str(k): str(v) for k, v in data.items() if v in ("first", "second")}
+        if data.get("version") == 2:
+            served = data.get("served") or {}
+            self.released = {str(k): {"where": str(v["where"]), "dirty": v.get("dirty") or [],
+                                      "seq": int(v["seq"])}
+                             for k, v in (data.get("released") or {}).items()}
+            self.gens = {str(k): int(v) for k, v in (data.get("gens") or {}).items()}
+            self._seq = max([int(data.get("seq") or 0),
+                             *(r["seq"] for r in self.released.values())])
+        else:
+            served = data
+        return {str(k): str(v) for k, v in served.items() if v in ("first", "second")}
 
     def _save_state(self) -> None:
         p = self._state_path()
@@ -136,7 +163,9 @@ class PowerAgent:
             return
         tmp = p + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({n: v.where.value for n, v in self.volumes.items()}, f)
+            json.dump({"version": 2,
+                       "served": {n: v.where.value for n, v in self.volumes.items()},
+                       "released": self.released, "gens": self.gens, "seq": self._seq}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -231,24 +260,49 @@ class PowerAgent:
         for name, v in sorted(self.volumes.items()):
             snap = v.snapshot()
             vols.append({"name": name, "owner": self.confs[name].owner, "where": snap["where"],
+                         "gen": self.gens.get(name, 0),
                          "size": snap["size"], "dirty_blocks": snap["dirty_blocks"],
                          "block": snap["block"], "io_errors": snap["io_errors"],
                          "first_ok": _healthy(v.ds[Copy.FIRST]),
                          "second_ok": _healthy(v.ds[Copy.SECOND])})
         return {"host": self.ctx.host, "volumes": vols, "demand": self.demand(),
                 "cpu": self.cpu, "mem": self.mem, "networks": self.networks,
-                "declares": sorted(self.confs)}
+                "declares": sorted(self.confs),
+                "released": {d: r["seq"] for d, r in sorted(self.released.items())}}
+
+    def forget(self, acks: Mapping[str, Any]) -> list[str]:
+        """The manager merged these kept released sets (disk -> the sequence number it
+        saw): drop them (a set released again since, with another number, stays)."""
+        gone = []
+        with self._lock:
+            for disk, seq in acks.items():
+                rec = self.released.get(str(disk))
+                if rec is not None and rec["seq"] == seq:
+                    del self.released[str(disk)]
+                    gone.append(str(disk))
+            if gone:
+                self._save_state()
+        return gone
 
     def run(self, stop: threading.Event, every: float = REPORT_EVERY_S) -> None:
         client = self.ctx.make_client(timeout=2.0)
         while not stop.is_set():
             try:
-                status, body = client.request("POST", "/v1/power/reports", self.report())
-                if status != 200:
-                    self.ctx.log(f"power report refused ({status}): {body}")
+                self.report_once(client)
             except Exception as exc:  # the manager may be away: report again later
                 self.ctx.log(f"power report failed: {exc}")
             stop.wait(every)
+
+    def report_once(self, client: Any) -> None:
+        """One report; the reply's ``forget`` drops the released sets the manager merged."""
+        status, body = client.request("POST", "/v1/power/reports", self.report())
+        if status != 200:
+            self.ctx.log(f"power report refused ({status}): {body}")
+        elif isinstance(body, dict) and isinstance(body.get("forget"), dict):
+            gone = self.forget(body["forget"])
+            if gone:
+                self.ctx.log(f"power: the manager merged what {', '.join(gone)} released "
+                             "here")
 
     # -- the executor ----------------------------------------------------------------------
 
@@ -275,8 +329,15 @@ class PowerAgent:
                         f"disk {n}: {exc} (stays on its {self.volumes[n].where.value} copy; "
                         f"moved before it: {', '.join(done) or 'none'}{undone})") from None
                 done[n] = res.to_dict()
+                self._bump(n, done[n])
                 self._save_state()
         return {"owner": owner, "to": to, "disks": done}
+
+    def _bump(self, disk: str, res: dict[str, Any]) -> None:
+        """A move of ``disk`` ended (``res``, its result): one generation more (named in
+        ``res``)."""
+        self.gens[disk] = self.gens.get(disk, 0) + 1
+        res["gen"] = self.gens[disk]
 
     def _undo(self, moved: list[str], target: Copy) -> str:
         """Move ``moved`` back from ``target`` (under the lock); what happened, for the
@@ -284,7 +345,7 @@ class PowerAgent:
         back, stuck = [], []
         for n in reversed(moved):
             try:
-                self.volumes[n].move(target.other)
+                self._bump(n, self.volumes[n].move(target.other).to_dict())
                 back.append(n)
             except MoveError as exc:
                 stuck.append(f"{n} ({exc})")
@@ -295,7 +356,7 @@ class PowerAgent:
     # -- the reader handover (``power-reader``) --------------------------------------------
 
     def reader(self, op: str, disk: str, where: str,
-               dirty: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
+               dirty: Sequence[Sequence[int]] = (), gen: int = 0) -> dict[str, Any]:
         """Carry out one step of a disk's reader handover (module docstring)."""
         from netsvc.power.handover import from_ranges, to_ranges
 
@@ -305,19 +366,30 @@ class PowerAgent:
         with self._lock:
             vol = self.volumes.get(disk)
             if op == "release":
+                kept = self.released.get(disk)
                 if vol is None:
+                    if kept is not None:  # released before: hand the same set back
+                        return {"disk": disk, "where": kept["where"], "dirty": kept["dirty"],
+                                "served": False, "released": kept["seq"]}
                     return {"disk": disk, "where": where, "dirty": [], "served": False}
                 try:
                     at, blocks = vol.retire()
                 except MoveError as exc:
                     raise RuntimeError(f"{disk}: {exc}") from None
+                if kept is not None and kept["where"] == at.value:
+                    blocks = sorted(set(blocks) | from_ranges(kept["dirty"]))
+                self._seq += 1
+                self.released[disk] = {"where": at.value, "dirty": to_ranges(blocks),
+                                       "seq": self._seq}
+                self._save_state()  # the set is durable before the volume goes
                 if self.endpoint is not None:
                     self.endpoint.exports.pop(disk, None)
                 del self.volumes[disk]
                 self._close_all(self._ds.pop(disk, []))
                 self._save_state()
                 return {"disk": disk, "where": at.value, "dirty": to_ranges(blocks),
-                        "served": True, "io_errors": vol.stats["io_errors"]}
+                        "served": True, "io_errors": vol.stats["io_errors"],
+                        "released": self._seq}
             if op not in ("open", "merge"):
                 raise RuntimeError(f"unknown power-reader op {op!r}")
             if vol is None:
@@ -336,9 +408,15 @@ class PowerAgent:
                 raise RuntimeError(f"{disk} is on its {vol.where.value} copy here, not "
                                    f"{want.value}")
             blocks = sorted(from_ranges(dirty))
+            kept = self.released.get(disk)
+            if kept is not None and kept["where"] == want.value:
+                # released here before, not acknowledged: served again, its set joins
+                blocks = sorted(set(blocks) | from_ranges(kept["dirty"]))
+                del self.released[disk]
             if blocks and want is Copy.SECOND:
                 with vol._cv:
                     vol.core.mark(blocks)
+            self.gens[disk] = max(self.gens.get(disk, 0), int(gen))
             self._save_state()
             return {"disk": disk, "where": vol.where.value, "merged_blocks": len(blocks),
                     "dirty_blocks": vol.dirty()}
@@ -353,20 +431,21 @@ class PowerAgent:
 
         if action.get("kind") != "migrate":
             return
-        dem = self.demand().get(vm) or {}
-        uses = [str(d) for d in (dem.get("disks") or []) if str(d) in self.confs]
-        need = sorted(d for d in uses if d not in self.volumes)
+        if all(d in self.volumes for d in self.confs):
+            return  # every disk this host can serve is served here already
+        client = self.ctx.make_client(timeout=5.0)
+        status, body = client.request("POST", "/v1/power/follow",
+                                      {"host": self.ctx.host, "vm": vm, "disks": []})
+        if status != 200:
+            why = body.get("error") if isinstance(body, dict) else body
+            raise RuntimeError(f"power: {vm}'s disks cannot follow it here ({status}: {why})")
+        named = body.get("wait") if isinstance(body, dict) else None
+        need = sorted(str(d) for d in named or [] if str(d) in self.confs
+                      and str(d) not in self.volumes)
         if not need:
             return
         for d in need:
             self._open_errors.pop(d, None)
-        client = self.ctx.make_client(timeout=5.0)
-        status, body = client.request("POST", "/v1/power/follow",
-                                      {"host": self.ctx.host, "vm": vm, "disks": need})
-        if status != 200:
-            why = body.get("error") if isinstance(body, dict) else body
-            raise RuntimeError(f"power: {vm}'s disks {', '.join(need)} cannot follow it here "
-                               f"({status}: {why})")
         deadline = time.monotonic() + wait
         while True:
             missing = [d for d in need if d not in self.volumes]

@@ -15,21 +15,33 @@ The manager owns which host is a disk's reader; the agents carry out the steps
    (journaled, in its durable document) until
 4. ``merge`` at the target: the dirty set joins the target's own. The target is the reader.
 
-Undo, when it fails part-way (``open`` fails, the VMs do not move, the deadline passes before
-the release): the target releases what it saw (``release`` there) and the source merges it
-back (``merge`` there): the source stays the reader. A handover whose VMs ended up split over
-both hosts, or whose release or undo cannot end, is ``SPLIT``: both hosts still serve the
-disk on its one authoritative copy, and the manager allows no move of it (a move's
-drain-then-switch covers one reader's I/O only).
+Undo, when it fails part-way (``open`` fails or times out, the VMs do not move, the deadline
+passes before the release): the target releases what it saw (``release`` there: nothing
+where it serves nothing, so a timed-out open that did open is undone too) and the source
+merges it back (``merge`` there): the source stays the reader. A handover whose VMs ended
+up split over both hosts, or whose release or undo cannot end, is ``SPLIT``: both hosts may
+still serve the disk on its one authoritative copy, and the manager allows no move of it (a
+move's drain-then-switch covers one reader's I/O only).
 
 Invariants:
 
 - The authoritative copy (``where``) never changes during a handover; every step checks it.
 - The manager's ``reader`` is the source until the target has merged the source's state,
   then the target; at every phase one host is the reader.
-- No dirty block is dropped: ``held`` keeps every released set until a merge succeeded, and a
-  failed merge is retried until the deadline (the set stays in the manager's document).
-- Each phase queues its action once (``want``); a result for another phase is ignored.
+- No dirty block is dropped: every successful release's ``dirty`` joins ``held``, whatever
+  the phase (a late result, a repeated release, one that names another copy); ``held`` keeps
+  it (in the manager's document, also when ``SPLIT``) until a merge that carried it
+  succeeded, and a failed merge is retried until the deadline. A merge clears only the
+  blocks it carried; what joined ``held`` meanwhile is merged next. The agent keeps a
+  released set too, until the manager acknowledges it (``agent``), so a release whose
+  result never arrived is handed over again by a repeated release.
+- An ``OPENED`` handover whose VMs are migrating is not undone at the deadline: the
+  migration's outcome says (``check``).
+- A release action that is still open (queued, no result yet) is waited for: the deadline
+  does not end ``RELEASE`` or ``UNDO_RELEASE`` then (the action's own deadline does, through
+  its result), since the agent may be handing over a dirty set right now.
+- Each phase queues its action once (``want``); a result for another phase changes no
+  phase (its dirty set, if any, is still kept).
 """
 
 from __future__ import annotations
@@ -102,7 +114,8 @@ class Handover:
     reason: str = ""
     phase: Phase = Phase.OPEN
     held: set[int] = field(default_factory=set)  # released blocks not merged yet
-    queued: bool = False  # this phase's action is queued
+    queued: bool = False  # this phase's action is queued (and its result not in yet)
+    merging: frozenset[int] = frozenset()  # the blocks the queued merge carries
     error: str = ""
     history: list[tuple[float, str, str]] = field(default_factory=list)
 
@@ -145,24 +158,35 @@ class Handover:
             return Step(self.target, "open", self._payload("open"))
         if self.phase is Phase.RELEASE:
             return Step(self.source, "release", self._payload("release"))
-        if self.phase is Phase.MERGE:
-            return Step(self.target, "merge", self._payload("merge",
-                                                            dirty=to_ranges(self.held)))
         if self.phase is Phase.UNDO_RELEASE:
             return Step(self.target, "release", self._payload("release"))
-        assert self.phase is Phase.UNDO_MERGE
-        return Step(self.source, "merge", self._payload("merge", dirty=to_ranges(self.held)))
+        assert self.phase in (Phase.MERGE, Phase.UNDO_MERGE)
+        self.merging = frozenset(self.held)
+        return Step(self.target if self.phase is Phase.MERGE else self.source, "merge",
+                    self._payload("merge", dirty=to_ranges(self.merging)))
+
+    def keep(self, res: Mapping[str, Any]) -> str:
+        """A successful release's dirty set joins ``held`` (whatever the phase, whichever
+        host): "" or why it is unreadable."""
+        try:
+            self.held |= from_ranges(res.get("dirty") or [])
+        except (HandoverError, TypeError, ValueError) as exc:
+            return f"unreadable dirty set: {exc}"
+        return ""
 
     def result(self, op: str, host: str, ok: bool, result: Mapping[str, Any] | None,
                detail: str, now: float) -> None:
         """An action of this handover ended (``op`` at ``host``)."""
         res = dict(result or {})
+        bad = self.keep(res) if ok and op == "release" else ""
         expect = {Phase.OPEN: ("open", self.target), Phase.RELEASE: ("release", self.source),
                   Phase.MERGE: ("merge", self.target),
                   Phase.UNDO_RELEASE: ("release", self.target),
                   Phase.UNDO_MERGE: ("merge", self.source)}.get(self.phase)
         if expect != (op, host) or not self.queued:
             return  # a late result of an earlier phase
+        if bad:
+            ok, detail = False, bad
         if ok and op in ("release", "merge") and res.get("where") not in (None, self.where):
             ok, detail = False, (f"{host} has {self.disk} on its {res.get('where')} copy, not "
                                  f"{self.where}")
@@ -170,24 +194,29 @@ class Handover:
             if ok:
                 self._to(Phase.OPENED, now, f"{self.target} serves {self.disk} too")
             else:
+                # the agent cleans up a failed open, but a timed-out one may have opened
+                # after all: the target releases (a no-op where it serves nothing)
                 self.error = f"open at {self.target}: {detail}"
-                self._to(Phase.UNDONE, now, self.error)  # the agent cleaned up its open
+                self._to(Phase.UNDO_RELEASE, now, f"undo: {self.error}")
         elif self.phase in (Phase.RELEASE, Phase.UNDO_RELEASE):
-            if ok:
-                try:
-                    self.held |= from_ranges(res.get("dirty") or [])
-                except (HandoverError, TypeError, ValueError) as exc:
-                    ok, detail = False, f"unreadable dirty set: {exc}"
             if ok:
                 nxt = Phase.MERGE if self.phase is Phase.RELEASE else Phase.UNDO_MERGE
                 self._to(nxt, now, f"{host} released {self.disk} ({len(self.held)} dirty "
                          "block(s) held by the manager)")
             else:
                 self.error = f"release at {host}: {detail}"
-                self._to(Phase.SPLIT, now, self.error)  # the agent reopened: both serve
+                # the agent reopened (both serve), or it released and the result was lost
+                # (its own copy of the dirty set waits for a repeated release): split
+                self._to(Phase.SPLIT, now, self.error)
         else:  # a merge
             if ok:
-                self.held = set()
+                self.held -= self.merging
+                self.merging = frozenset()
+                if self.held:  # a release's set joined while this merge ran: merge it too
+                    self.queued = False
+                    self.history.append((now, self.phase.value, f"{len(self.held)} more "
+                                         "block(s) to merge"))
+                    return
                 nxt = Phase.DONE if self.phase is Phase.MERGE else Phase.UNDONE
                 self._to(nxt, now, f"{host} took {self.disk}'s state: it is the reader")
             else:
@@ -214,12 +243,20 @@ class Handover:
             self.error = why
             self._to(Phase.SPLIT, now, why)
 
-    def check(self, now: float) -> None:
+    def check(self, now: float, migrating: bool = False) -> None:
         """The deadline: past it, a handover not released yet is undone, one between
-        release and merge keeps retrying the merge (its state is held), anything else that
-        has not ended is split."""
+        release and merge keeps retrying the merge (its state is held), a release whose
+        action is still open waits for that action's result (its own deadline), anything
+        else that has not ended is split. ``migrating``: the disk's VMs are still moving
+        (a migration action is open): an ``OPENED`` handover waits for its outcome (the
+        migration's own deadline), since undoing it would take the disk from the host a
+        VM may be arriving on."""
         if self.phase.final or now - self.started <= self.deadline_s:
             return
+        if self.phase is Phase.OPENED and migrating:
+            return
+        if self.phase in (Phase.RELEASE, Phase.UNDO_RELEASE) and self.queued:
+            return  # the agent may be draining: its result (or its action's timeout) ends it
         why = f"not done in {self.deadline_s:.0f} s (at {self.phase.value})"
         if self.phase in (Phase.OPEN, Phase.OPENED):
             self.error = why

@@ -89,8 +89,10 @@ def _reader(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, Any]:
     if agent is None:
         raise RuntimeError(f"{ctx.host}'s agent serves no power disk (--power-disk)")
     dirty = action.get("dirty")
+    gen = action.get("gen")
     return dict(agent.reader(str(action["op"]), str(action["disk"]), str(action["where"]),
-                             dirty if isinstance(dirty, list) else ()))
+                             dirty if isinstance(dirty, list) else (),
+                             gen if isinstance(gen, int) else 0))
 
 
 def _attaching(vm: str, action: Mapping[str, Any], ctx: AgentContext) -> None:

@@ -41,6 +41,8 @@ class VolumeReport(Schema, frozen=True):
     second_ok: bool = True
     first_ok: bool = True
     copies: Annotated[int, Meta(ge=1, le=16)] = 1
+    #: the disk's move generation on the reporting host (one more after each move)
+    gen: Annotated[int, Meta(ge=0, le=1 << 62)] = 0
 
 
 class VmDemand(Schema, frozen=True):
@@ -63,6 +65,10 @@ class PowerReport(Schema, frozen=True):
     networks: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
     #: the disks this host's agent can serve (``--power-disk`` and ``--power-disk-standby``)
     declares: Annotated[list[Name], Meta(max_length=256)] = field(default_factory=list)
+    #: the released dirty sets this agent keeps until the manager merged them (disk -> the
+    #: set's sequence number); the reply's ``forget`` names those it may drop
+    released: Annotated[dict[Name, Annotated[int, Meta(ge=0, le=1 << 62)]],
+                        Meta(max_length=256)] = field(default_factory=dict)
 
 
 class FollowRequest(Schema, frozen=True):

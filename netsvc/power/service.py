@@ -26,10 +26,13 @@ reported by a host with no document gets that host as its reader (the agents'
 
 Any live migration of a VM that uses a disk (not only a power-off's): the target's agent, in
 its ``attaching`` hook before the migration's prepare, asks ``POST /v1/power/follow`` for the
-VM's disks it declares and does not serve; the manager starts a handover per disk (the same
+VM (the manager names its disks, from the report of the host it runs on, and the answer's
+``wait`` says which the target must serve first); the manager starts a handover per disk (the same
 ``power-reader`` actions: open there now; once the migration has ended, release at the old
 reader and merge at the new one if every VM of the disk runs there, hand back if none does,
-``split`` if they are on both), journaled ``power-reader-follow-*``. No planner decision and no
+``split`` if they are on both), journaled ``power-reader-follow-*``. An agent keeps each set
+it released until the manager acknowledges it: the reply to its report names (``forget``)
+those whose documents have merged them (``acks``). No planner decision and no
 operation starts while one runs; none is accepted while an operation runs. A disk left
 ``split`` refuses any move of it (``one-reader-per-disk``) and is handed over once its VMs all
 run on one of its two hosts; a restarted manager resumes a merge its document holds the state
@@ -37,6 +40,15 @@ of, and holds a handover stopped before the release as split.
 
 Invariants:
 
+- No released dirty set is dropped: a ``power-reader`` release result that no handover waits
+  for (its operation failed, its follow ended) joins the disk's document (``_orphan``): a
+  split keeps it for its resolution (which starts with the document's set held), any other
+  document gets a merge of it at its reader. An operation that fails marks its handovers
+  that have not ended (and hold no released state) ``split`` at once, so no move of their
+  disks is queued while two hosts may serve them.
+- A report's ``where`` is taken only from a report at least as new as the disk's last move
+  (the move generation the agent reports, ``gen``, against the document's, set from the
+  move's result): a report built before a switch and processed after it changes nothing.
 - At most one operation at a time (and the planner decides nothing while one runs).
 - An operation lives in this manager's memory only; a restarted (or failed-over) manager does
   not resume it, it undoes it: it waits for the ``power-move`` actions the kernel persisted
@@ -85,7 +97,7 @@ from netsvc.cluster.service import (
     Request,
     Route,
 )
-from netsvc.power.handover import Handover, HandoverError, Phase, from_ranges
+from netsvc.power.handover import Handover, HandoverError, Phase, from_ranges, to_ranges
 from netsvc.power.planner import (
     ClusterView,
     Decision,
@@ -264,7 +276,10 @@ class PowerService(BaseManagerService):
                                                     f"at {ho.get('phase')}"}
 
     def _store_disk(self, disk: str, doc: Mapping[str, Any]) -> None:
-        """Keep ``disk``'s document (the reader the manager assigned) in the state store."""
+        """Keep ``disk``'s document (the reader the manager assigned) in the state store
+        (its move generation kept when ``doc`` does not name one)."""
+        old = self._docs.get(disk) or {}
+        doc = {**({"gen": old["gen"]} if "gen" in old else {}), **doc}
         self._docs[disk] = dict(doc)
         self.kernel.model.set_service_doc(f"{self.name}/{disk}", doc)
 
@@ -317,13 +332,35 @@ class PowerService(BaseManagerService):
             raise UnknownEntity("host", rep.host)
         self._reports[rep.host] = (rep, r.now)
         self._adopt(rep, r.now, r.wall)
-        return Reply(200, {"ok": True})
+        return Reply(200, {"ok": True, "forget": self.acks(rep)})
+
+    def _moving(self) -> set[str]:
+        """The disks a handover is moving now."""
+        return {d for h in ((self._op.handovers if self._op else {}).values())
+                for d in [h.disk] if not h.phase.final} | set(self._follows)
+
+    def acks(self, rep: PowerReport) -> dict[str, int]:
+        """The released sets ``rep`` says its agent keeps that the disks' documents have
+        merged (no handover moving the disk, its last one ended done or undone, no dirty
+        set held): the agent may drop them. A release happens only once its handover's
+        document left done/undone, and that handover ends done/undone only after a merge
+        that carried the release's set, so a document at done/undone with nothing held has
+        merged every set released before the report was processed."""
+        moving = self._moving()
+        out = {}
+        for disk, seq in rep.released.items():
+            doc = self._docs.get(disk)
+            if doc is None or disk in moving or doc.get("dirty"):
+                continue
+            if (doc.get("handover") or {}).get("phase") in (None, "done", "undone"):
+                out[disk] = seq
+        return out
 
     def _adopt(self, rep: PowerReport, now: float, wall: float | None) -> None:
         """The readers' documents from a report: a disk with none gets the reporting host;
-        its reader's report keeps where the disk is authoritative up to date."""
-        moving = {d for h in ((self._op.handovers if self._op else {}).values())
-                  for d in [h.disk] if not h.phase.final} | set(self._follows)
+        its reader's report keeps where the disk is authoritative up to date, unless it was
+        built before the disk's last move (its ``gen`` older than the document's)."""
+        moving = self._moving()
         for v in rep.volumes:
             doc = self._docs.get(v.name)
             if doc is None:
@@ -334,8 +371,9 @@ class PowerService(BaseManagerService):
                                            "is its reader", actor="power",
                                            details={"reader": rep.host, "where": v.where})
             elif doc["reader"] == rep.host:
-                if doc.get("where") != v.where and v.name not in moving:
-                    self._store_disk(v.name, {**doc, "where": v.where})
+                stale = v.gen < int(doc.get("gen") or 0)
+                if doc.get("where") != v.where and v.name not in moving and not stale:
+                    self._store_disk(v.name, {**doc, "where": v.where, "gen": v.gen})
             elif v.name not in moving and (v.name, rep.host) not in self._conflicts \
                     and (doc.get("handover") or {}).get("phase") not in ("split",):
                 self._conflicts.add((v.name, rep.host))
@@ -612,6 +650,13 @@ class PowerService(BaseManagerService):
             self._power[op.host] = (PowerState.ON, self._power.get(op.host, (None, now))[1])
         else:
             self._power[op.host] = (PowerState.OFF, now)
+        for disk, h in sorted(op.handovers.items()):
+            if not h.phase.final and h.phase not in (Phase.MERGE, Phase.UNDO_MERGE):
+                # which of the two serves the disk is not known now (an action may still
+                # run): split at once, so no move of it is allowed; a held merge goes on
+                # from the document (``_resolve_splits``)
+                h.vms_split(now, f"the operation failed at {h.phase.value}: {error}")
+                self._store_disk(disk, h.doc())
         self.kernel.journal_append(now, wall, f"power-{op.op}-failed", f"host:{op.host}",
                                    f"power {op.op} of {op.host} stopped at {op.error}",
                                    details={**op.to_dict(now), **self._copies(op.host)},
@@ -671,10 +716,9 @@ class PowerService(BaseManagerService):
                               f"with its VMs (authoritative on its {where} copy)", now, wall,
                               disk=disk, source=op.host, target=target, where=where)
         hs = op.handovers
-        for h in hs.values():
-            h.check(now)
         if not op.migrating:
-            if any(h.phase is Phase.UNDONE for h in hs.values()):
+            if any(h.phase in (Phase.UNDO_RELEASE, Phase.UNDO_MERGE, Phase.UNDONE)
+                   for h in hs.values()):
                 for h in hs.values():  # an open failed: nothing migrates, the others back
                     h.vms_stayed(now, "another disk's open failed")
             elif all(h.phase is Phase.OPENED for h in hs.values()):
@@ -699,7 +743,14 @@ class PowerService(BaseManagerService):
             if not mine or not (set(mine) & moving):
                 for h in hs.values():
                     self._settle(h, op, mine, now)
+        moving = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
+        busy = op.migrating and bool(set(op.results.get("vms_moved") or []) & moving)
         self._reader_steps(op, now, wall)
+        for h in hs.values():  # after the migrations' outcome and the phases' actions
+            before = h.phase
+            h.check(now, migrating=busy)
+            if h.phase is not before:
+                self._store_disk(h.disk, h.doc())
         if not all(h.phase.final for h in hs.values()):
             return
         if op.failed or any(h.phase is not Phase.DONE for h in hs.values()):
@@ -737,7 +788,8 @@ class PowerService(BaseManagerService):
             try:
                 a = self.kernel.queue_action(
                     "power-reader", _rkey(disk),
-                    payload={**step.payload, "reader": step.host, "operation": op.id},
+                    payload={**step.payload, "reader": step.host, "operation": op.id,
+                             "gen": int((self._docs.get(disk) or {}).get("gen") or 0)},
                     reason=f"{h.reason}: {step.op} at {step.host}", now=now, wall=wall)
             except Refused as exc:
                 h.queued = False  # an earlier action of the disk is still open: next tick
@@ -772,9 +824,12 @@ class PowerService(BaseManagerService):
     def follow(self, req: FollowRequest, *, now: float, wall: float | None = None
                ) -> dict[str, Any]:
         """``req.host`` is about to take ``req.vm`` (a migration's prepare): each of its disks
-        that ``req.host`` declares and does not read gets a handover towards it. Refused
-        (``Refused``, journaled) while an operation runs, for a disk that is moving, or one
-        ``req.host`` does not declare; nothing starts then."""
+        (``req.disks`` and those the report of the host it runs on names: the manager's,
+        not the target's idea of them) that ``req.host`` does not read gets a handover
+        towards it (unless an operation's handover takes it there). Refused (``Refused``,
+        journaled) when a disk needs one while an operation runs, for a disk that is moving,
+        or one ``req.host`` does not declare; nothing starts then. The answer's ``wait`` names
+        the disks the target must serve before it takes the VM."""
         k = self.kernel
         k.check_fenced()
         if req.host not in k.model.hosts:
@@ -792,17 +847,23 @@ class PowerService(BaseManagerService):
                              details={"rule": rule, "host": req.host, "disks": req.disks})
             raise Refused(rule, f"{req.vm}'s disks cannot follow it to {req.host}: {why}")
 
-        if self._op is not None:
-            refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
-                   f"{self._op.host}) is under way")
-        todo = []
-        for disk in sorted(set(req.disks)):
+        dem = self._vm_demand().get(req.vm)
+        named = set(dem.disks if dem is not None else ())
+        ours = {d: h for d, h in (self._op.handovers if self._op else {}).items()
+                if not h.phase.final}
+        todo, wait = [], []
+        for disk in sorted(set(req.disks) | named):
             doc = self._docs.get(disk)
             if doc is None:
+                if disk not in req.disks:
+                    continue  # a disk no agent serves: not a power disk
                 refuse("disk-known", f"no reader is known for {disk}")
                 return {}
+            wait.append(disk)
             if doc["reader"] == req.host:
                 continue
+            if disk in ours and ours[disk].target == req.host:
+                continue  # the operation's own handover opened it there before migrating
             if doc.get("where") not in ("first", "second"):
                 refuse("where-known", f"where {disk} is authoritative is not known yet (a move "
                        "failed; its reader's next report says)")
@@ -814,6 +875,9 @@ class PowerService(BaseManagerService):
                     continue  # this VM goes where the disk already goes
                 refuse("one-handover-per-disk", f"{disk} is following {vm0} to {h0.target}")
             todo.append((disk, doc))
+        if todo and self._op is not None:
+            refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
+                   f"{self._op.host}) is under way")
         started = {}
         for disk, doc in todo:
             h = Handover(disk, str(doc.get("owner") or ""), str(doc["reader"]), req.host,
@@ -829,7 +893,7 @@ class PowerService(BaseManagerService):
         if started:
             self._drive_follows(now, wall)
             self._next_eval = min(self._next_eval, now + DRIVE_EVERY_S)
-        return {"vm": req.vm, "host": req.host, "handovers": started}
+        return {"vm": req.vm, "host": req.host, "handovers": started, "wait": wait}
 
     def _resolve_splits(self, now: float, wall: float | None) -> None:
         """A disk a handover left served by two hosts (``split``) whose VMs now all run on
@@ -872,7 +936,10 @@ class PowerService(BaseManagerService):
                          str(doc.get("where") or "first"), now,
                          min(self.config.step_timeout_s, 120.0), phase=Phase.OPENED,
                          reason=f"{disk} was split; its VMs all run on {keep}")
-            h.held = set()
+            try:  # a dirty set the split held (a release's that came late) is merged too
+                h.held = from_ranges(doc.get("dirty") or [])
+            except HandoverError:
+                continue
             self._follows[disk] = (h, vms[0])
             self.kernel.journal_append(now, wall, "power-reader-follow", f"disk:{disk}",
                                        f"{disk} was served by {src} and {tgt}; its VMs all run "
@@ -883,7 +950,6 @@ class PowerService(BaseManagerService):
         m = self.kernel.model
         migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
         for disk, (h, vm) in sorted(self._follows.items()):
-            h.check(now)
             if h.phase is Phase.OPENED and vm not in migrating:
                 v = m.vms.get(vm)
                 users = self.placement().get(disk, {}).get("users") or [vm]
@@ -900,11 +966,14 @@ class PowerService(BaseManagerService):
                 try:
                     a = self.kernel.queue_action(
                         "power-reader", _rkey(disk),
-                        payload={**step.payload, "reader": step.host, "follow": vm},
+                        payload={**step.payload, "reader": step.host, "follow": vm,
+                                 "gen": int((self._docs.get(disk) or {}).get("gen") or 0)},
                         reason=f"{h.reason}: {step.op} at {step.host}", now=now, wall=wall)
                     self._follow_waiting[a.id] = disk
                 except Refused:
                     h.queued = False  # the disk's previous action is still open: next tick
+            # the deadline, after the migration's outcome and this phase's action queued
+            h.check(now, migrating=vm in migrating)
             self._store_disk(disk, h.doc())
             if h.phase.final:
                 del self._follows[disk]
@@ -933,6 +1002,8 @@ class PowerService(BaseManagerService):
                 self._journal_reader(kernel, h, action, ok, res, detail, before, now, wall,
                                      None)
                 self._next_eval = now
+            else:
+                self._orphan(action, ok, res, now, wall)
             return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                      detail=detail or None, result=res or None)
         disk = op.reader_waiting.pop(action.id, None) if op is not None else None
@@ -945,8 +1016,51 @@ class PowerService(BaseManagerService):
             self._store_disk(disk, h.doc())
             self._journal_reader(kernel, h, action, ok, res, detail, before, now, wall, op.id)
             self._next_eval = now
+        else:
+            self._orphan(action, ok, res, now, wall)
         return action.with_state(ActionState.SUCCEEDED if ok else ActionState.FAILED,
                                  detail=detail or None, result=res or None)
+
+    def _orphan(self, action: Action, ok: bool, res: Mapping[str, Any], now: float,
+                wall: float | None) -> None:
+        """A ``power-reader`` result no handover waits for (its operation failed at its
+        step's deadline, its follow ended): a release's dirty set is never dropped. It joins
+        the disk's document; a split keeps it for its resolution, any other document gets a
+        merge of it at its reader (``_resolve_splits`` resumes it)."""
+        disk, host = str(action.payload.get("disk")), str(action.payload.get("reader"))
+        doc = self._docs.get(disk)
+        if not ok or action.payload.get("op") != "release" or doc is None:
+            return
+        try:
+            got = from_ranges(res.get("dirty") or [])
+            held = from_ranges(doc.get("dirty") or [])
+        except HandoverError:
+            return
+        if not got - held:
+            return
+        ho = dict(doc.get("handover") or {})
+        active = disk in self._moving()
+        if not active and ho.get("phase") != "split":
+            if doc["reader"] != host:
+                ho = {"source": host, "target": doc["reader"], "phase": "merge",
+                      "error": f"a late release at {host} handed over {len(got)} block(s)"}
+            else:
+                ho = {**ho, "phase": "split",
+                      "error": f"{host}, its reader, released it late"}
+        self._store_disk(disk, {**doc, "dirty": [list(r) for r in to_ranges(held | got)],
+                                "handover": ho or None})
+        if active:  # the handover object in memory keeps it too
+            live = self._follows.get(disk, (None, ""))[0] or (
+                self._op.handovers.get(disk) if self._op else None)
+            if live is not None:
+                live.held |= got
+                self._store_disk(disk, live.doc())
+        self.kernel.journal_append(now, wall, "power-reader-late-release", f"disk:{disk}",
+                                   f"a release of {disk} at {host} no handover waited for "
+                                   f"handed over {len(got)} dirty block(s): kept in its "
+                                   "document", actor="power",
+                                   details={"action": action.id, "host": host,
+                                            "dirty_blocks": len(got)})
 
     def _readers(self, owner: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -1027,8 +1141,10 @@ class PowerService(BaseManagerService):
 
     def _moved(self, action: Action, ok: bool, res: Mapping[str, Any]) -> None:
         """Keep the readers' documents' ``where`` in step with a finished ``power-move``
-        (before any handover may read it): the disks it moved are on ``to``; after a failed
-        one, where each disk is is unknown until its reader's next report."""
+        (before any handover may read it): the disks it moved are on ``to``, with the move
+        generation the agent gave (a report older than that is not taken for ``where``,
+        ``_adopt``); after a failed one, where each disk is is unknown until its reader's
+        next report."""
         to = str(action.payload.get("to"))
         moved = res.get("disks") if ok else None
         for disk in [str(d) for d in action.payload.get("disks") or []]:
@@ -1036,7 +1152,10 @@ class PowerService(BaseManagerService):
             if doc is None:
                 continue
             if isinstance(moved, dict) and disk in moved:
-                self._store_disk(disk, {**doc, "where": to})
+                gen = (moved[disk] or {}).get("gen") if isinstance(moved[disk], dict) else None
+                self._store_disk(disk, {**doc, "where": to,
+                                        "gen": gen if isinstance(gen, int)
+                                        else int(doc.get("gen") or 0)})
             elif not ok:
                 self._store_disk(disk, {**doc, "where": None})
 

@@ -51,7 +51,9 @@ def test_move_records_where_and_a_restart_resyncs_in_full(tmp_path: Path) -> Non
             vol.pwrite(b"\x11" * 4096, 0)
             out: dict[str, Any] = agent.move("h3", "second")
             assert out["disks"]["d3"]["to"] == "second"
-            assert json.loads((state / "power-disks.json").read_text()) == {"d3": "second"}
+            saved = json.loads((state / "power-disks.json").read_text())
+            assert saved["served"] == {"d3": "second"} and saved["gens"] == {"d3": 1}
+            assert out["disks"]["d3"]["gen"] == 1
             vol.pwrite(b"\x22" * 4096, 65536)
             rep = agent.report()
             assert rep["volumes"][0]["where"] == "second" and rep["volumes"][0]["dirty_blocks"] == 1
@@ -94,8 +96,9 @@ def test_a_power_off_move_that_fails_part_way_moves_the_moved_disks_back(
             assert "disk d4" in str(exc.value)
             assert "moved back to the first copy: d3" in str(exc.value)
             assert [agent.volumes[n].where.value for n in ("d3", "d4")] == ["first", "first"]
-            assert json.loads((tmp_path / "state" / "power-disks.json").read_text()) == \
-                {"d3": "first", "d4": "first"}
+            saved = json.loads((tmp_path / "state" / "power-disks.json").read_text())
+            assert saved["served"] == {"d3": "first", "d4": "first"}
+            assert saved["gens"] == {"d3": 2}  # moved, then moved back
             agent.volumes["d3"].pwrite(b"\x44" * 4096, 4096)  # goes to the first copy
             assert (a.directory / "d3").read_bytes()[:8192] == b"\x33" * 4096 + b"\x44" * 4096
         finally:
@@ -122,26 +125,45 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             assert h2.volumes == {} and h2.report()["declares"] == ["d3"]
             h1.move("h3", "second")
             h1.volumes["d3"].pwrite(b"\x01" * 4096, 0)  # block 0, while h3 is off
-            opened = h2.reader("open", "d3", "second")
+            opened = h2.reader("open", "d3", "second", gen=3)  # the document's generation
             assert opened["where"] == "second" and opened["dirty_blocks"] == 0
+            assert h2.report()["volumes"][0]["gen"] == 3
             old = h1.volumes["d3"]
             released = h1.reader("release", "d3", "second")
             assert released["where"] == "second" and released["dirty"] == [[0, 1]]
             assert "d3" not in h1.volumes and h1.report()["volumes"] == []
             with pytest.raises(OSError):  # a VM left behind is told, not served stale data
                 old.pwrite(b"\x09" * 4096, 0)
-            assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing to give
+            # released again (its result lost, a split's resolution): the same set, kept
+            # durably until the manager says it merged it
+            again = h1.reader("release", "d3", "second")
+            assert again["dirty"] == [[0, 1]] and again["served"] is False
+            assert h1.report()["released"] == {"d3": released["released"]}
+            kept = json.loads((tmp_path / "s1" / "power-disks.json").read_text())["released"]
+            assert kept["d3"]["dirty"] == [[0, 1]]
             h2.volumes["d3"].pwrite(b"\x02" * 4096, 3 * 65536)  # block 3, through h2
             merged = h2.reader("merge", "d3", "second", released["dirty"])
             assert merged["dirty_blocks"] == 2
             assert h2.volumes["d3"].pread(4096, 0) == b"\x01" * 4096
             with pytest.raises(RuntimeError, match="second copy here, not first"):
                 h2.reader("merge", "d3", "first", [])
-            assert json.loads((tmp_path / "s1" / "power-disks.json").read_text()) == {}
-            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text()) == \
-                {"d3": "second"}
+            assert h1.forget({"d3": released["released"] + 1}) == []  # another set: kept
+
+            class Manager:  # the report's reply: the manager merged that set
+                def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+                    assert body["released"] == {"d3": released["released"]}
+                    return 200, {"ok": True, "forget": body["released"]}
+
+            h1.report_once(Manager())
+            assert h1.released == {}
+            assert h1.reader("release", "d3", "second")["dirty"] == []  # nothing left
+            s1 = json.loads((tmp_path / "s1" / "power-disks.json").read_text())
+            assert s1["served"] == {} and s1["released"] == {}
+            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text())["served"] \
+                == {"d3": "second"}
             back = h2.move("h3", "first")["disks"]["d3"]
             assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
+            assert back["gen"] == 4 and h2.report()["volumes"][0]["gen"] == 4
             first = (a.directory / "d3").read_bytes()
             assert first[:4096] == b"\x01" * 4096
             assert first[3 * 65536:3 * 65536 + 4096] == b"\x02" * 4096
@@ -158,15 +180,16 @@ def test_an_agent_refuses_a_disk_it_does_not_declare() -> None:
 
 def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
         tmp_path: Path) -> None:
-    """The attaching hook asks the manager (a stand-in that opens the disk here from another
-    thread, as the manager's power-reader action would) and returns once the disk is served;
-    a refusal fails the migration."""
+    """The attaching hook asks the manager (a stand-in that names vm1's disk and opens it here
+    from another thread, as the manager's power-reader action would) and returns once the
+    disk is served; a refusal fails the migration. The VM's disks come from the manager's
+    answer: this host's demand file says nothing of vm1."""
     import threading
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     demand = tmp_path / "demand.json"
-    demand.write_text(json.dumps({"vm1": {"cpu": 0.1, "disks": ["d3"]}}))
+    demand.write_text(json.dumps({"vm9": {"cpu": 0.1}}))
     asked: list[Any] = []
 
     class Manager:
@@ -177,7 +200,9 @@ def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
             asked.append((method, path, body))
             if self.status == 200:
                 threading.Timer(0.2, lambda: agent.reader("open", "d3", "first")).start()
-            return self.status, {"error": "refused (one-transition-at-a-time)"}
+            if self.status != 200:
+                return self.status, {"error": "refused (one-transition-at-a-time)"}
+            return 200, {"vm": "vm1", "host": "h2", "handovers": {}, "wait": ["d3"]}
 
     with ExitStack() as st:
         a = st.enter_context(nbdkit_array(tmp_path / "a", {"d3": 4 * MiB}, ports=1))
@@ -199,9 +224,16 @@ def test_an_incoming_migration_waits_until_the_manager_opened_its_disks_here(
             agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"}, wait=10.0)
             assert "d3" in agent.volumes
             assert asked[-1] == ("POST", "/v1/power/follow",
-                                 {"host": "h2", "vm": "vm1", "disks": ["d3"]})
+                                 {"host": "h2", "vm": "vm1", "disks": []})
             n = len(asked)
             agent.attaching("vm1", {"kind": "migrate", "phase": "prepare"})  # served: no ask
             assert len(asked) == n
         finally:
             agent.close()
+
+
+def test_a_state_file_of_the_first_version_is_read(tmp_path: Path) -> None:
+    (tmp_path / "power-disks.json").write_text(json.dumps({"d3": "second"}))
+    agent = PowerAgent(ctx(), {}, state_dir=str(tmp_path))
+    assert agent._load_state() == {"d3": "second"}
+    assert agent.released == {} and agent.gens == {}

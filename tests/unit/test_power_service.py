@@ -336,9 +336,9 @@ def run_action(env: Env, kind: str, now: float, ok: bool = True,
     return a
 
 
-def reader_env(tmp_path: Path) -> Env:
+def reader_env(tmp_path: Path, **table: Any) -> Env:
     """h1 reads d4 (data on h4, on its second copy: h4 is off) for vm1; h2 declares it too."""
-    env = Env(tmp_path, protected=["h3"])
+    env = Env(tmp_path, protected=["h3"], **table)
     env.core.put_vm("vm2", mac="52:54:00:00:00:02", ip="198.18.1.102", host="h2",
                     state=VMState.RUNNING, now=T0)
     extra = {"h1": {"declares": ["d4"], "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]}},
@@ -416,6 +416,14 @@ def test_a_failed_open_migrates_nothing(tmp_path: Path) -> None:
     env = reader_env(tmp_path)
     env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
     run_action(env, "power-reader", T0 + 3, ok=False, detail="neither copy answers")
+    env.tick(T0 + 3.5)
+    # h2 releases what it may have opened after all (nothing here), h1 merges that
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h2", "release")
+    assert [x for x in env.core.actions() if x.kind == "migrate"] == []
+    run_action(env, "power-reader", T0 + 3.6, result={"where": "second", "dirty": []})
+    env.tick(T0 + 3.7)
+    run_action(env, "power-reader", T0 + 3.8, result={"where": "second"})  # merge at h1
     env.tick(T0 + 4)
     op = env.service._history[-1]
     assert op.state == "failed" and "open at h2" in (op.error or "")
@@ -602,3 +610,147 @@ def test_a_moves_result_updates_where_the_documents_say_the_disk_is(tmp_path: Pa
     assert exc.value.rule == "where-known"
     env2.service._adopt(env2.service._reports["h1"][0], T0 + 5, None)  # the next report
     assert env2.core.model.service_docs["power/d4"]["where"] == "first"
+
+
+def test_a_release_draining_past_the_deadline_keeps_its_dirty_set(tmp_path: Path) -> None:
+    """h1's release of d4 is still draining when the handover's deadline and then the
+    step's pass: the handover waits for it, the failed operation marks d4 split at once (no
+    move of it), and the release's 100 blocks, arriving after that, are kept in d4's
+    document; once vm1's host is known, h1 releases again (its agent hands back the same
+    set) and h2 merges all of them. Only then are the agents told to drop their sets."""
+    env = reader_env(tmp_path, step_timeout_s=60)
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    run_action(env, "power-reader", T0 + 3, result={"where": "second"})  # open at h2
+    run_action(env, "migrate", T0 + 4, result={})
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")
+    env.core.claim_action(r.id, "h1", "agent-h1", now=T0 + 5)  # the agent drains
+    env.tick(T0 + 51)  # past the handover's deadline (48 s)
+    op = env.service._op
+    assert op is not None and op.handovers["d4"].phase.value == "release"
+    env.tick(T0 + 63)  # past the step's: the operation fails
+    assert env.service._op is None and op.state == "failed"
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["handover"]["phase"] == "split"
+    with pytest.raises(Refused) as exc:
+        env.service.operator("h4", "off", OperatorRequest(), now=T0 + 63)
+    assert exc.value.rule == "one-reader-per-disk"
+    rep = convert({"host": "h1", "released": {"d4": 7}}, PowerReport)
+    assert env.service.acks(rep) == {}  # split: the agent keeps its set
+    env.core.complete_action(r.id, ok=True, now=T0 + 64, host="h1",
+                             result={"where": "second", "dirty": [[0, 100]], "released": 7})
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["dirty"] == [[0, 100]] and doc["handover"]["phase"] == "split"
+    assert "power-reader-late-release" in env.actions("power-reader-")
+    env.tick(T0 + 65)  # vm1 runs on h2: h1 hands d4 over (again)
+    env.tick(T0 + 65.5)
+    [r2] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r2.host, r2.payload["op"]) == ("h1", "release")
+    run_action(env, "power-reader", T0 + 66,
+               result={"where": "second", "dirty": [[0, 100]], "served": False})
+    env.tick(T0 + 66.5)
+    [g] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["dirty"]) == ("h2", "merge", [[0, 100]])
+    run_action(env, "power-reader", T0 + 67, result={"where": "second"})
+    env.tick(T0 + 67.5)
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["reader"] == "h2" and doc["dirty"] == [] and doc["handover"]["phase"] == "done"
+    assert env.service.acks(rep) == {"d4": 7}
+
+
+def test_a_late_release_after_a_done_handover_is_merged_at_the_reader(tmp_path: Path) -> None:
+    """A release result no handover waits for, with blocks d4's document does not hold:
+    merged at d4's reader (a merge resumed from the document)."""
+    env = reader_env(tmp_path)
+    env.core.queue_action("power-reader", "pr-d4", payload={
+        "reader": "h2", "disk": "d4", "owner": "h4", "op": "release", "where": "second"},
+        reason="test: a release whose handover is gone", now=T0 + 1)
+    run_action(env, "power-reader", T0 + 2, result={"where": "second", "dirty": [[4, 2]]})
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["dirty"] == [[4, 2]] and doc["handover"]["phase"] == "merge"
+    assert env.service.acks(convert({"host": "h2", "released": {"d4": 1}},
+                                    PowerReport)) == {}
+    env.tick(T0 + 3)
+    [g] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (g.host, g.payload["op"], g.payload["dirty"]) == ("h1", "merge", [[4, 2]])
+
+
+def test_a_report_built_before_a_move_does_not_undo_where(tmp_path: Path) -> None:
+    """h1 moved d4 to its second copy (generation 1); a report h1 built just before the
+    switch, processed just after, still says first (generation 0): not taken."""
+    env = Env(tmp_path)
+    env.service._adopt(env.service._reports["h1"][0], T0, None)
+    env.service.operator("h4", "off", OperatorRequest(), now=T0 + 1)
+    env.tick(T0 + 2)
+    [a] = [x for x in env.core.open_actions() if x.kind == "power-move"]
+    env.core.claim_action(a.id, "h1", "test", now=T0 + 3)
+    env.core.complete_action(a.id, ok=True, now=T0 + 3, host="h1", result={
+        "owner": "h4", "to": "second", "disks": {"d4": {"bytes_copied": 1 << 20, "gen": 1}}})
+    doc = env.core.model.service_docs["power/d4"]
+    assert (doc["where"], doc["gen"]) == ("second", 1)
+    stale = convert({"host": "h1", "volumes": [vol("d4", "h4", "first", gen=0)]}, PowerReport)
+    env.service._adopt(stale, T0 + 3.1, None)
+    assert env.core.model.service_docs["power/d4"]["where"] == "second"
+    later = convert({"host": "h1", "volumes": [vol("d4", "h4", "first", gen=2)]}, PowerReport)
+    env.service._adopt(later, T0 + 9, None)  # a later move (a failed one's undo, say)
+    assert env.core.model.service_docs["power/d4"]["where"] == "first"
+
+
+def test_a_follow_waits_for_a_migration_still_running_at_its_deadline(tmp_path: Path) -> None:
+    """d4 is open at h2 and vm1's migration is still running when the follow's deadline
+    passes: the handover is not undone under the arriving VM (h2 keeps serving d4); the
+    migration's outcome settles it."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path, step_timeout_s=20)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    env.service.follow(FollowRequest(host="h2", vm="vm1", disks=["d4"]), now=T0 + 1)
+    run_action(env, "power-reader", T0 + 2, result={"where": "second"})  # open at h2
+    [m] = [x for x in env.core.open_actions() if x.kind == "migrate"]
+    env.core.claim_action(m.id, m.host, f"agent-{m.host}", now=T0 + 10)  # under way
+    env.tick(T0 + 23)  # past the follow's deadline (20 s); the migration is still open
+    assert env.service._follows["d4"][0].phase.value == "opened"
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    m = env.core.action(m.id)
+    while m.state.value not in ("SUCCEEDED", "FAILED"):  # each phase of the migration
+        if m.state.value != "CLAIMED":
+            env.core.claim_action(m.id, m.host, f"agent-{m.host}", now=T0 + 24)
+        env.core.complete_action(m.id, ok=True, now=T0 + 24, host=m.host, result={})
+        m = env.core.action(m.id)
+    assert m.state.value == "SUCCEEDED" and env.core.model.vms["vm1"].host == "h2", m
+    env.tick(T0 + 24.5)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "release")  # not h2's undo
+
+
+def test_a_follow_takes_the_vms_disks_from_the_managers_reports(tmp_path: Path) -> None:
+    """h2's agent names no disk (its own demand file knows nothing of vm1): the manager
+    knows vm1 uses d4 (the report of h1, where vm1 runs), starts its handover and tells h2
+    to wait for it; a disk h2 reads already is named too, and nothing starts for it."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 1)
+    assert out["wait"] == ["d4"] and list(out["handovers"]) == ["d4"]
+    [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (o.host, o.payload["op"], o.payload["disk"]) == ("h2", "open", "d4")
+    with pytest.raises(Refused) as exc:  # h3 does not declare d4: vm1 cannot go there
+        env.service.follow(FollowRequest(host="h3", vm="vm1"), now=T0 + 1)
+    assert exc.value.rule == "host-declares-disk"
+    again = env.service.follow(FollowRequest(host="h1", vm="vm1"), now=T0 + 1)
+    assert again["wait"] == ["d4"] and again["handovers"] == {}  # h1 reads d4 already
+
+
+def test_a_power_offs_own_migration_asks_and_is_not_refused(tmp_path: Path) -> None:
+    """During h1's power-off, vm1's target (h2) asks for vm1's disks as any migration's
+    target does: d4 was opened there by the operation's own handover, so the answer names
+    it and refuses nothing; a VM that uses no power disk is not refused either."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.service.operator("h1", "off", OperatorRequest(), now=T0 + 2)
+    run_action(env, "power-reader", T0 + 3, result={"where": "second"})  # open at h2
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 3.5)
+    assert out["wait"] == ["d4"] and out["handovers"] == {}
+    assert env.service.follow(FollowRequest(host="h3", vm="vm2"), now=T0 + 3.5)["wait"] == []
