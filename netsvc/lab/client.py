@@ -58,8 +58,17 @@ class ReplyLog:
         return sum(1 for t in self.times if start <= t <= end)
 
 
+def set_line(key_prefix: str, n: int, pad_to: int = 0) -> str:
+    """The ``n``-th (1, 2, ...) request of a ``GuestClient`` with ``key_prefix``, without its
+    newline: ``SET <prefix><n> v<n>``, the value padded with dots so the line is ``pad_to``
+    characters (when it is shorter). A checker rebuilds what a client sent with it."""
+    line = f"SET {key_prefix}{n} v{n}"
+    return line + "." * (pad_to - len(line)) if pad_to > len(line) else line
+
+
 class GuestClient:
-    """A thread that writes to a guest every ``interval`` seconds and logs each reply."""
+    """A thread that writes to a guest every ``interval`` seconds and logs each reply
+    (``pad_to``: each request line that many characters, ``set_line``)."""
 
     def __init__(
         self,
@@ -67,11 +76,13 @@ class GuestClient:
         interval: float = 0.002,
         timeout: float = 3.0,
         key_prefix: str = "c",
+        pad_to: int = 0,
     ) -> None:
         self._connect = connect
         self.interval = interval
         self.timeout = timeout
         self.key_prefix = key_prefix
+        self.pad_to = pad_to
         self.log = ReplyLog()
         self.sent = 0
         self._stop = threading.Event()
@@ -98,7 +109,7 @@ class GuestClient:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     buf = b""
                 n = self.sent + 1
-                sock.sendall(f"SET {self.key_prefix}{n} v{n}\n".encode())
+                sock.sendall(set_line(self.key_prefix, n, self.pad_to).encode() + b"\n")
                 while b"\n" not in buf:
                     chunk = sock.recv(4096)
                     if not chunk:

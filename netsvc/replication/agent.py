@@ -19,7 +19,9 @@ read from this host's own BMC (``bmc.config_client.read_config`` over ``ipmitool
 checked (SHA-256, version, ``vmconfig.parse``) and the replica VMs registered; the manager is
 told (``POST /v1/replication/loaded``) what was registered, or why the blob was refused (then
 nothing is registered, and nothing can start from it). The ``replication-start`` executor then
-makes a replica live at its newest complete epoch and starts the VM here.
+makes a replica live at its newest complete epoch, serves its disks on this host's endpoint
+(``failback.serve_started``: tracked for the way back), and only then starts the VM here (its
+guest opens its disk as it boots).
 
 Invariants: a disk is shipped by one worker at a time (``_busy``); an epoch that failed is
 aborted on both sides (``shipper``); the BMC's blob is acted on only whole and valid.
@@ -398,6 +400,11 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     steps = {"replicas_live_ms": round((time.monotonic() - t0) * 1000, 3)}
     if ctx.driver is None:
         raise RuntimeError("this agent has no hypervisor driver")
+    from netsvc.replication.failback import serve_started
+
+    # the disks are served here (tracked for the way back) before the VM starts: a guest
+    # opens its disk as it boots, through this host's endpoint
+    served = serve_started(ctx, list(epochs))
     attaching(vm, action, ctx)
     t1 = time.monotonic()
     res = ctx.driver.restart(vm, action.get("from_host") or None)
@@ -407,9 +414,6 @@ def start_replica(action: Mapping[str, Any], ctx: AgentContext) -> Mapping[str, 
     if readdressed:
         steps["readdress_ms"] = round((time.monotonic() - t1) * 1000 - steps["start_ms"], 3)
     epoch = min(epochs.values()) if epochs else -1
-    from netsvc.replication.failback import serve_started
-
-    served = serve_started(ctx, list(epochs))  # tracked for the way back (failback)
     ctx.log(f"replication: {vm} started from epoch {epoch} ({json.dumps(epochs)})")
     return {"vm": vm, "epoch": epoch, "disks": epochs, "steps_ms": steps,
             "networks": readdressed, "served_for_failback": served,

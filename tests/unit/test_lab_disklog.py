@@ -26,6 +26,7 @@ from netsvc.lab.disklog import (
     label,
     parse_region,
     parse_uri,
+    read_ahead,
     read_label,
     scan,
 )
@@ -71,6 +72,22 @@ def test_scan_stops_at_a_torn_record_and_at_another_logs_record() -> None:
     skip = bytearray(buf)
     skip[2 * SECTOR:3 * SECTOR] = encode_record(LOG, 5, b"SET b 2")
     assert scan(_read(skip), len(skip), LOG).records == [b"SET a 1"]
+
+
+def test_a_replay_read_ahead_gives_the_same_records_in_few_reads() -> None:
+    payloads = [f"SET k{n} ".encode() + b"x" * (n * 37 % 900) for n in range(40)]
+    buf = _region(payloads) + bytearray(64 * SECTOR)
+    calls: list[tuple[int, int]] = []
+
+    def counted(count: int, at: int) -> bytes:
+        calls.append((count, at))
+        return bytes(buf[at:at + count])
+
+    direct = scan(_read(buf), len(buf), LOG)
+    ahead = scan(read_ahead(counted, len(buf), chunk=8 * SECTOR), len(buf), LOG)
+    assert ahead == direct and ahead.records == payloads
+    assert len(calls) < len(payloads)  # not one or two reads per record
+    assert all(at + count <= len(buf) for count, at in calls)  # never past the region
 
 
 def test_bad_uris_and_regions_are_refused_with_the_reason() -> None:

@@ -553,13 +553,44 @@ def test_scheduler_full_copy_first_then_by_interval_most_at_risk_first() -> None
 
 
 def test_the_scenarios_prefix_check_finds_the_first_missing_write() -> None:
-    from netsvc.lab.scenarios.replication import BLOCK as LB
-    from netsvc.lab.scenarios.replication import _prefix, block_of
+    """The replication scenarios' check of a guest's disk log (``DiskLogRead.match``): how
+    much of each client's writes, in turn, the log holds; anything else in it is seen."""
+    from netsvc.lab.scenarios.replication import LINE, RECORD, DiskLogRead, wants
 
-    disk = bytearray(8 * LB)
-    for i in range(5):
-        disk[i * LB:(i + 1) * LB] = block_of("ds1", i)
-    assert _prefix(bytes(disk), "ds1") == (5, True)
-    disk[6 * LB:7 * LB] = block_of("ds1", 6)  # write 6 without write 5: reordered
-    assert _prefix(bytes(disk), "ds1") == (5, False)
-    assert _prefix(bytes(disk), "ds2") == (0, False)
+    a, b = wants("vm1", "a", 6), wants("vm1", "b", 3)
+    assert all(len(x) == LINE for x in a + b) and a[0].startswith(b"SET vm1a1 v1.")
+    from netsvc.lab.disklog import record_size
+
+    assert record_size(LINE) == RECORD  # one write, one record (4 a block)
+    assert DiskLogRead(a[:5], True).match(a) == ([5], True)
+    assert DiskLogRead(a[:4] + b[:2], True).match(a[:4], b) == ([4, 2], True)
+    # a write of the second client before the first's were all there: not a prefix
+    assert DiskLogRead(a[:3] + b[:1], True).match(a[:4], b) == ([3, 0], False)
+    # write 6 without write 5 (reordered): the log goes on past the prefix
+    assert DiskLogRead(a[:4] + a[5:6], True).match(a) == ([4], False)
+    assert DiskLogRead(a[:2], True).match(wants("vm2", "a", 2)) == ([0], False)
+
+
+def test_the_scenarios_log_decoder_sees_a_record_after_a_missing_one() -> None:
+    """``decode_log``: a guest's disk log read off an image; a record written after a gap (a
+    later write without the one before it: a mixture of points in time) is not in the
+    prefix, and the log is not clean."""
+    from netsvc.lab.disklog import encode_record, label
+    from netsvc.lab.scenarios.replication import RECORD, decode_log, disk_region, wants
+
+    off, _ = disk_region()
+    lines = wants("vm1", "a", 4)
+    image = bytearray(off + 64 * RECORD)
+    log = b"I" * 16
+    image[off:off + 512] = label(log)
+    for seq, line in enumerate(lines[:3], 1):
+        at = off + 512 + (seq - 1) * RECORD
+        assert at % 4096 + RECORD <= 4096  # no record straddles two blocks
+        image[at:at + RECORD] = encode_record(log, seq, line)
+    got = decode_log(bytes(image))
+    assert got.lines == lines[:3] and got.clean
+    at = off + 512 + 4 * RECORD  # record 5 where 4 was never written
+    image[at:at + RECORD] = encode_record(log, 5, b"SET vm1a5 v5")
+    got = decode_log(bytes(image))
+    assert got.lines == lines[:3] and not got.clean
+    assert decode_log(bytes(len(image))).lines == [] and decode_log(bytes(len(image))).clean

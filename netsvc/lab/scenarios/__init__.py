@@ -35,12 +35,17 @@ class Checks:
     def ok(self) -> bool:
         return bool(self.items) and all(c["ok"] for c in self.items)
 
-    def client_logs(self, logs: Mapping[str, ReplyLog], errors_check: str) -> int:
+    def client_logs(self, logs: Mapping[str, ReplyLog], errors_check: str,
+                    until: float | None = None) -> int:
         """Check the guests' clients' logs: no failed write (named ``errors_check``) and no
-        write lost or replayed (each guest's counter); return the number of failed writes."""
-        errors = sum(len(log.errors) for log in logs.values())
+        write lost or replayed (each guest's counter); return the number of failed writes.
+        ``until`` (monotonic): only the errors up to then count (after it the guests' host was
+        lost on purpose)."""
+        errs = {vm: [e for t, e in log.errors if until is None or t <= until]
+                for vm, log in logs.items()}
+        errors = sum(len(e) for e in errs.values())
         self.check(errors_check, errors == 0,
-                   "; ".join(f"{vm}: {e}" for vm, log in logs.items() for _, e in log.errors[:2]))
+                   "; ".join(f"{vm}: {e}" for vm, es in errs.items() for e in es[:2]))
         violations = [v for log in logs.values() for v in log.violations]
         self.check("no write lost or replayed (each guest's counter)", not violations,
                    "; ".join(violations[:3]))
