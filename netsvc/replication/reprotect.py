@@ -30,6 +30,12 @@ its deadline or on an error.
 
 Invariants: no I/O and no clock here; a VM is shipped forward again only after site B's image
 is a replica (released) again; ``PROTECTED`` needs a report with an epoch newer than the base.
+
+Durable (``to_record`` / ``from_record``): the manager stores each record in its state store;
+its times are written as wall-clock times (``offset``: wall minus monotonic, of the process
+that writes or reads), so a restarted manager's deadlines keep counting from the first one's:
+a deadline that passed while no manager ran is passed at the load. The release action's id
+(``action``) is kept so that only the release the record waits for counts.
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ class Reprotect:
     bytes_written: int = 0
     bytes_behind: int = 0
     history: list[tuple[float, str]] = field(default_factory=list)
+    action: str = ""  # the release action this record waits for (RELEASING)
 
     def move(self, to: RState, now: float) -> None:
         if to not in _MOVES[self.state]:
@@ -194,6 +201,34 @@ class Reprotect:
 
     def expired(self, now: float) -> bool:
         return self.state not in (RState.PROTECTED, RState.FAILED) and now >= self.deadline
+
+    def to_record(self, offset: float) -> dict[str, Any]:
+        """The durable form (JSON): times as wall-clock times (``offset``: wall - monotonic)."""
+        def wall(t: float | None) -> float | None:
+            return None if t is None else round(t + offset, 6)
+        return {"state": self.state.value, "host": self.host, "disk": self.disk,
+                "final_epoch": self.final_epoch, "mode": self.mode, "why": self.why,
+                "base_epoch": self.base_epoch, "tracking": self.tracking,
+                "epoch": self.epoch, "action": self.action,
+                "started_wall": wall(self.started), "deadline_wall": wall(self.deadline),
+                "released_wall": wall(self.released_at), "done_wall": wall(self.done_at)}
+
+    @classmethod
+    def from_record(cls, vm: str, rec: Mapping[str, Any], offset: float) -> Reprotect:
+        """A record from ``to_record``, its times on this process's monotonic clock
+        (``offset``: its wall - monotonic); raises KeyError, TypeError or ValueError for an
+        unreadable one."""
+        def mono(key: str) -> float | None:
+            v = rec.get(key)
+            return None if v is None else float(v) - offset
+        started, deadline = mono("started_wall"), mono("deadline_wall")
+        if started is None or deadline is None:
+            raise ValueError("a re-protection record without its start or deadline")
+        return cls(vm, str(rec["host"]), str(rec["disk"]), int(rec["final_epoch"]), started,
+                   deadline, RState(str(rec["state"])), str(rec.get("mode") or ""),
+                   str(rec.get("why") or ""), int(rec.get("base_epoch", -1)),
+                   str(rec.get("tracking") or ""), mono("released_wall"), mono("done_wall"),
+                   int(rec.get("epoch", -1)), action=str(rec.get("action") or ""))
 
     def to_dict(self, t0: float) -> dict[str, Any]:
         return {"state": self.state.value, "mode": self.mode or None, "why": self.why,

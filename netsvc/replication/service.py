@@ -59,6 +59,17 @@ through its BMC (``site_b_sleep``: on, dry-run, off; or ``POST /v1/replication/s
 refused while it is needed), journaled with the reason; once it is off, the configuration
 with the new epochs is written to its BMC again (it is written only while the host sleeps),
 so a later failover works as the first did.
+
+The re-protection is durable too: each VM's record (``Reprotect.to_record``: state, mode,
+base epoch, the proof's parts, the release it waits for, its deadline as a wall-clock time,
+why) and what its primary host said when it came home are in its stored document, and
+whether the site-B host is awake and owed its sleep in ``replication/.site-b``. A restarted
+manager (or the next leader) resumes them at its start, journaled
+(``replication-reprotect-resumed``): a record RELEASING queues its release again (only that
+release counts; an image released already is answered with its epoch, a full re-seed),
+RESUMING and RESEEDING wait for the primary host's report again; every deadline keeps
+counting from the stored time, so one that passed while no manager ran fails the record at
+the start, said why. A FAILED record is kept for the operator; a PROTECTED one is dropped.
 """
 
 from __future__ import annotations
@@ -98,6 +109,7 @@ from netsvc.replication.schemas import (
 from netsvc.replication.vmconfig import Disk, Nic, ReplicaVm, payload
 
 KIND_START = "replication-start"
+SITE_DOC = ".site-b"  # the site-B host's document (no VM name starts with a dot)
 REPORT_STALE_S = 5.0
 
 
@@ -247,14 +259,24 @@ class ReplicationService(BaseManagerService):
         #: configuration is written to its BMC only while it sleeps)
         self.site_b_awake = False
         self.sleep: dict[str, Any] = {}  # the last sleep asked (and its outcome)
+        #: a failback is done and its automatic sleep of the site-B host not asked yet
+        self._sleep_due = False
+        #: wall minus monotonic time of this manager, learned from its journal's entries (the
+        #: re-protection records are stored with wall-clock times)
+        self._offset: float | None = None
         self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
         super().bind(kernel)
         self._now = kernel.started
+        records: dict[str, Mapping[str, Any]] = {}
         for key, doc in kernel.model.service_docs.items():
             svc, _, vm = key.partition("/")
             if svc != self.name:
+                continue
+            if vm == SITE_DOC:
+                self.site_b_awake = bool(doc.get("awake"))
+                self._sleep_due = bool(doc.get("sleep_due"))
                 continue
             try:
                 self.protected[vm] = _protection(vm, doc, kernel.started)
@@ -262,17 +284,94 @@ class ReplicationService(BaseManagerService):
                 continue  # an unreadable document: the agents' reports teach it again
             if doc.get("live_at_b"):
                 self.live_at_b.add(vm)
+            if isinstance(doc.get("homecoming"), Mapping):
+                self.homecoming[vm] = dict(doc["homecoming"])
+            if isinstance(doc.get("reprotect"), Mapping):
+                records[vm] = doc["reprotect"]
         if self.protected:
             self._config_changed(kernel.started)
+        for vm, rec in sorted(records.items()):
+            self._resume(vm, rec, kernel.started)
+
+    def _j(self, now: float, wall: float | None, action: str, subject: str, reason: str,
+           **kw: Any) -> None:
+        """Journal, and learn this manager's wall-clock offset from the entry."""
+        entry = self.kernel.journal_append(now, wall, action, subject, reason, **kw)
+        self._offset = entry.wall - entry.mono
+
+    def _resume(self, vm: str, rec: Mapping[str, Any], now: float) -> None:
+        """At the start: ``vm``'s stored re-protection record resumes (see the docstring)."""
+        state = str(rec.get("state"))
+        active = state in (RState.RELEASING.value, RState.RESUMING.value,
+                           RState.RESEEDING.value)
+        what = {RState.RELEASING.value: f"its release on {self.t.site_b_host} is queued "
+                "again (an image released already is answered with its epoch: then a full "
+                "re-seed, the proof was not kept)",
+                RState.RESUMING.value: f"it waits for {rec.get('host')}'s report again "
+                f"(shipping from the base epoch {rec.get('base_epoch')}, no full copy)",
+                RState.RESEEDING.value: f"it waits for {rec.get('host')}'s report again (a "
+                "full re-seed)"}.get(state, "")
+        self._j(now, None, "replication-reprotect-resumed" if active
+                else "replication-reprotect-restored", f"vm:{vm}",
+                f"manager restart: {vm}'s re-protection was {state} when the last manager "
+                "stopped; " + (what if active else "restored for the status (nothing to "
+                               "resume; `netsvc replication reprotect` retries a failed one)"),
+                details={"record": dict(rec)})
+        assert self._offset is not None  # learned from that entry
+        try:
+            r = Reprotect.from_record(vm, rec, self._offset)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._j(now, None, "replication-reprotect-failed", f"vm:{vm}",
+                    f"its stored re-protection record is unreadable ({exc}); "
+                    "`netsvc replication reprotect` retries it")
+            return
+        self.reprotect[vm] = r
+        if not active:
+            return
+        if r.expired(now):
+            self._reprotect_failed(r, f"{state} passed its deadline while no manager ran (it "
+                                   f"was due {now - r.deadline:.1f} s before this manager "
+                                   "started)", now, None)
+        elif r.state is RState.RELEASING:
+            self._queue_release(r, "manager restart: release again", now, None)
 
     def _store(self, vm: str) -> None:
-        """Write ``vm``'s protection to the kernel's state store (None: it is gone)."""
+        """Write ``vm``'s protection to the kernel's state store (None: it is gone), with its
+        re-protection record (not once PROTECTED) and its homecoming."""
         p = self.protected.get(vm)
-        self.kernel.model.set_service_doc(f"{self.name}/{vm}", None if p is None else {
+        key = f"{self.name}/{vm}"
+        if p is None:
+            self.kernel.model.set_service_doc(key, None)
+            return
+        doc: dict[str, Any] = {
             "rpo_s": p.rpo_s, "cpus": p.cpus, "memory_mib": p.memory_mib,
             "disks": [[d, s] for d, s in p.disks], "network": p.network,
             "site_b_ip": p.site_b_ip, "primary_host": p.primary_host,
-            "primary_ip": p.primary_ip, "live_at_b": vm in self.live_at_b})
+            "primary_ip": p.primary_ip, "live_at_b": vm in self.live_at_b}
+        if vm in self.homecoming:
+            doc["homecoming"] = self.homecoming[vm]
+        r = self.reprotect.get(vm)
+        if r is not None and r.state is not RState.PROTECTED:
+            if self._offset is not None:
+                doc["reprotect"] = r.to_record(self._offset)
+            else:  # not reached: each change of a record is journaled first
+                old = self.kernel.model.service_docs.get(key, {}).get("reprotect")
+                if old is not None:
+                    doc["reprotect"] = old
+        self.kernel.model.set_service_doc(key, doc)
+
+    def _store_site(self) -> None:
+        """Write whether the site-B host is awake and owed its sleep to the state store."""
+        self.kernel.model.set_service_doc(f"{self.name}/{SITE_DOC}", {
+            "awake": self.site_b_awake, "sleep_due": self._sleep_due})
+
+    def _clear_reprotect(self) -> None:
+        """A failover or planned migration: the last failback's re-protection is history."""
+        vms = list(self.reprotect)
+        self.reprotect.clear()
+        self._sleep_due = False
+        for vm in vms:
+            self._store(vm)
 
     # -- plugin surface --------------------------------------------------------------------
 
@@ -450,9 +549,9 @@ class ReplicationService(BaseManagerService):
             m = model.vms.get(rp.vm)
             if m is not None and m.host and m.host != self.t.site_b_host \
                     and rp.moved(m.host, now):
-                self.kernel.journal_append(
-                    now, wall, "replication-reprotect-reseed", f"vm:{rp.vm}",
-                    f"FULL RE-SEED: {rp.why}", details=rp.to_dict(self.kernel.started))
+                self._j(now, wall, "replication-reprotect-reseed", f"vm:{rp.vm}",
+                        f"FULL RE-SEED: {rp.why}", details=rp.to_dict(self.kernel.started))
+                self._store(rp.vm)
         for v in rep.vms:
             body = msgspec.to_builtins(v)
             self.shipping[v.vm] = (rep.host, now, body)
@@ -574,8 +673,9 @@ class ReplicationService(BaseManagerService):
             return {"status": "dry_run", "plan": plan, "journal_seq": entry.seq}
         self.failover = Failover(reason, bool(alive), now, Phase.POWERING_ON,
                                  now + self.t.power_on_timeout_s, vms)
-        self.reprotect.clear()  # the last failback's re-protection is history now
+        self._clear_reprotect()  # the last failback's re-protection is history now
         self.site_b_awake = True
+        self._store_site()
         self._effects.append(Effect(self.name, "power-on", {}, now))
         return {"status": "started", "plan": plan, "journal_seq": entry.seq}
 
@@ -615,7 +715,8 @@ class ReplicationService(BaseManagerService):
         f = Failover(f"planned: {req.reason}", False, now, Phase.QUIESCING,
                      now + self.t.loaded_timeout_s, vms, planned=True)
         self.failover = f
-        self.reprotect.clear()
+        self._clear_reprotect()
+        self._store_site()
         for vm in vms:
             m = k.model.vms.get(vm)
             if m is None or m.state is not VMState.RUNNING or m.host is None:
@@ -688,6 +789,7 @@ class ReplicationService(BaseManagerService):
                              details={"epochs": epochs})
             f.phase, f.deadline = Phase.POWERING_ON, now + self.t.power_on_timeout_s
             self.site_b_awake = True
+            self._store_site()
             self._effects.append(Effect(self.name, "power-on", {}, now))
 
     def _fail(self, why: str, now: float, wall: float | None) -> None:
@@ -924,6 +1026,8 @@ class ReplicationService(BaseManagerService):
         if ok:
             self.homecoming[action.vm] = {"host": host, "epochs": dict(res.get("epochs") or {}),
                                           "tracking": dict(res.get("tracking") or {})}
+            if action.vm in self.protected:
+                self._store(action.vm)
         kernel.journal_append(now, wall,
                               f"replication-failback-start-{'done' if ok else 'failed'}",
                               f"vm:{action.vm}", f"{action.vm} home on {host} from epochs "
@@ -942,6 +1046,8 @@ class ReplicationService(BaseManagerService):
         """The failback is DONE: each VM home with a disk gets its site-B image released by
         the site-B host's agent (``replication-release``), then ships forward again, from the
         common point when it is proven (``reprotect``), else with a full re-seed."""
+        self._sleep_due = True
+        self._store_site()
         for vm in b.vms:
             p = self.protected.get(vm)
             if p is None:
@@ -960,20 +1066,25 @@ class ReplicationService(BaseManagerService):
         r = Reprotect(vm, home, disk, final_epoch, now, now + self.t.reprotect_timeout_s,
                       tracking=str((came.get("tracking") or {}).get(disk) or ""))
         self.reprotect[vm] = r
-        k = self.kernel
+        self._queue_release(r, reason, now, wall)
+        return r
+
+    def _queue_release(self, r: Reprotect, reason: str, now: float,
+                       wall: float | None) -> None:
+        """Queue ``r``'s release on the site-B host; only that action's answer counts."""
         try:
-            a = k.queue_action(KIND_RELEASE, vm, payload={
-                "host": self.t.site_b_host, "disks": [disk], "final_epochs": {disk: final_epoch}},
-                reason=reason, now=now, wall=wall)
+            a = self.kernel.queue_action(KIND_RELEASE, r.vm, payload={
+                "host": self.t.site_b_host, "disks": [r.disk],
+                "final_epochs": {r.disk: r.final_epoch}}, reason=reason, now=now, wall=wall)
         except Refused as exc:
             self._reprotect_failed(r, f"cannot release at site B: {exc.message}", now, wall)
-            return r
-        k.journal_append(now, wall, "replication-reprotect-release", f"vm:{vm}",
-                         f"{reason}: {self.t.site_b_host} releases {disk}'s image at site B (a "
-                         "replica again), then it ships forward from the common point if "
-                         "proven, else in full", details={"action": a.id,
-                                                          "final_epoch": final_epoch})
-        return r
+            return
+        r.action = a.id
+        self._j(now, wall, "replication-reprotect-release", f"vm:{r.vm}",
+                f"{reason}: {self.t.site_b_host} releases {r.disk}'s image at site B (a "
+                "replica again), then it ships forward from the common point if proven, else "
+                "in full", details={"action": a.id, "final_epoch": r.final_epoch})
+        self._store(r.vm)
 
     def _route_reprotect(self, r: Request) -> Reply:
         return Reply(200, self.request_reprotect(r.params[0], r.body, now=r.now, wall=r.wall))
@@ -1027,6 +1138,9 @@ class ReplicationService(BaseManagerService):
         r = self.reprotect.get(action.vm)
         if r is None or r.state is not RState.RELEASING:
             return [f"no re-protection of {action.vm} is releasing"], action
+        if r.action and action.id != r.action:
+            return [f"{action.vm}'s re-protection waits for the release {r.action} (this one "
+                    "is from before a manager restart)"], action
         m = kernel.model.vms.get(action.vm)
         if m is not None and m.host == self.t.site_b_host:
             return [f"{action.vm} is at site B again"], action
@@ -1039,10 +1153,14 @@ class ReplicationService(BaseManagerService):
         vm = action.vm
         r = self.reprotect.get(vm)
         state = ActionState.SUCCEEDED if ok else ActionState.FAILED
-        if r is None or r.state is not RState.RELEASING:
+        if r is None or r.state is not RState.RELEASING or (r.action and
+                                                            action.id != r.action):
             kernel.journal_append(now, wall, "replication-reprotect-release-ignored",
-                                  f"vm:{vm}", "no re-protection of it is releasing",
-                                  details={"action": action.id, "result": res})
+                                  f"vm:{vm}", "no re-protection of it is releasing" if r is None
+                                  or r.state is not RState.RELEASING else
+                                  f"it waits for the release {r.action}, queued after a "
+                                  "manager restart", details={"action": action.id,
+                                                              "result": res})
             return action.with_state(state, detail=detail or None, result=res or None)
         if not ok:
             self._reprotect_failed(r, f"the release at site B failed: {detail}", now, wall)
@@ -1057,9 +1175,7 @@ class ReplicationService(BaseManagerService):
         r.released(int(got.get("base_epoch", -1)), why, now, self.t.reprotect_timeout_s)
         self.live_at_b.discard(vm)  # site B's image takes epochs again: ship it forward
         self.shipping.pop(vm, None)  # the figures from before the failover are stale
-        if vm in self.protected:
-            self._store(vm)
-        kernel.journal_append(
+        self._j(
             now, wall, "replication-reprotect-released", f"vm:{vm}",
             f"{r.disk} is a replica at site B again at epoch {r.base_epoch}; "
             + ("the common point is proven: only the blocks written at home since ship"
@@ -1067,6 +1183,8 @@ class ReplicationService(BaseManagerService):
             details={"action": action.id, "base_epoch": r.base_epoch, "mode": r.mode,
                      "why": why, "final_epoch": r.final_epoch,
                      "primary_epoch": primary_epoch, "site_b": got})
+        if vm in self.protected:
+            self._store(vm)
         self._maybe_sleep(now, wall)
         return action.with_state(state, detail=detail or None, result=res or None)
 
@@ -1075,24 +1193,27 @@ class ReplicationService(BaseManagerService):
         event = r.report(rep, now)
         k = self.kernel
         if event == "reseed":
-            k.journal_append(now, wall, "replication-reprotect-reseed", f"vm:{r.vm}",
-                             f"FULL RE-SEED: {r.host} cannot ship from the common point: "
-                             f"{r.why}", details=r.to_dict(k.started))
+            self._j(now, wall, "replication-reprotect-reseed", f"vm:{r.vm}",
+                    f"FULL RE-SEED: {r.host} cannot ship from the common point: {r.why}",
+                    details=r.to_dict(k.started))
         elif event == "protected":
-            k.journal_append(now, wall, "replication-reprotect-done", f"vm:{r.vm}",
-                             f"{r.vm} is protected toward site B again ("
-                             + ("from the common point, no full copy" if r.mode == "delta"
-                                else "after a full re-seed")
-                             + f"): epoch {r.epoch} at site B, {r.bytes_shipped} bytes shipped "
-                             f"for {r.bytes_written} written at home",
-                             details=r.to_dict(k.started))
+            self._j(now, wall, "replication-reprotect-done", f"vm:{r.vm}",
+                    f"{r.vm} is protected toward site B again ("
+                    + ("from the common point, no full copy" if r.mode == "delta"
+                       else "after a full re-seed")
+                    + f"): epoch {r.epoch} at site B, {r.bytes_shipped} bytes shipped "
+                    f"for {r.bytes_written} written at home", details=r.to_dict(k.started))
             self._config_changed(now)  # the BMC gets the new epoch
+        if event is not None and r.vm in self.protected:
+            self._store(r.vm)
 
     def _reprotect_failed(self, r: Reprotect, why: str, now: float,
                           wall: float | None) -> None:
         r.fail(why, now)
-        self.kernel.journal_append(now, wall, "replication-reprotect-failed", f"vm:{r.vm}",
-                                   why, details=r.to_dict(self.kernel.started))
+        self._j(now, wall, "replication-reprotect-failed", f"vm:{r.vm}", why,
+                details=r.to_dict(self.kernel.started))
+        if r.vm in self.protected:
+            self._store(r.vm)
 
     # -- the site-B host back to sleep -----------------------------------------------------
 
@@ -1116,17 +1237,21 @@ class ReplicationService(BaseManagerService):
 
     def _maybe_sleep(self, now: float, wall: float | None) -> None:
         """After a failback: once every release is done and nothing runs on the site-B
-        host, put it back to sleep (``site_b_sleep``: on, dry-run, off), once per failback."""
+        host, put it back to sleep (``site_b_sleep``: on, dry-run, off), once per failback
+        (asked again after a manager restart that lost its power-off before the outcome)."""
         b = self.failback
-        if (self.t.site_b_sleep == "off" or not self.site_b_awake or b is None
-                or b.phase is not Phase.DONE or self.sleep.get("failback") == b.started
+        if (self.t.site_b_sleep == "off" or not self.site_b_awake or not self._sleep_due
+                or self.sleep.get("outcome") == "pending"
                 or any(r.state is RState.RELEASING for r in self.reprotect.values())
                 or self._sleep_problems()):
             return
+        dry = self.t.site_b_sleep == "dry-run"
         self._sleep(f"the failback is done and {self.t.site_b_host}'s images are released: "
-                    "nothing runs on it", self.t.site_b_sleep == "dry-run", "manager", now,
-                    wall)
-        self.sleep["failback"] = b.started
+                    "nothing runs on it", dry, "manager", now, wall)
+        if dry:  # else once the power-off has an outcome (a restart before it asks again)
+            self._sleep_due = False
+            self._store_site()
+        self.sleep["failback"] = None if b is None else b.started
 
     def _sleep(self, reason: str, dry_run: bool, actor: str, now: float,
                wall: float | None) -> dict[str, Any]:
@@ -1269,8 +1394,11 @@ class ReplicationService(BaseManagerService):
                 self._config_changed(now, urgent=False)
                 self._config_due = now + self.t.config_every_s
         elif effect.kind == "power-off":
+            self._sleep_due = False
+            self._store_site()
             if outcome.get("ok"):
                 self.site_b_awake = False
+                self._store_site()
                 self.sleep["outcome"] = "asleep"
                 k.journal_append(now, wall, "replication-site-b-asleep", subject,
                                  f"{self.t.site_b_host} powered off through its BMC; its "
@@ -1292,6 +1420,7 @@ class ReplicationService(BaseManagerService):
                     f.deadline = now + self.t.loaded_timeout_s
             elif f is not None and f.phase is Phase.POWERING_ON:
                 self.site_b_awake = False  # it did not power on: its BMC may be written
+                self._store_site()
                 self._fail(f"power on through the BMC failed: {outcome.get('error')}", now,
                            wall)
 

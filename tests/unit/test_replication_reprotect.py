@@ -308,7 +308,7 @@ def forward(s: ReplicationService, now: float, **kw: Any) -> dict[str, Any]:
 
 class RealEnv(Env):
     def __init__(self, tmp_path: Path, server: BmcServer, pw: Path) -> None:
-        super().__init__(tmp_path, server, pw)
+        super().__init__(tmp_path, server, pw, db=tmp_path / "state.db")  # a restart keeps it
         self.pw, self.port = pw, server.port
 
 
@@ -444,3 +444,102 @@ def test_a_vm_that_moves_before_it_resumes_is_reseeded_by_its_new_host(
            "failures": 0, "synced": True}
     s.report(convert({"host": "h2", "vms": [row]}, ShippingReport), now=env.now)
     assert r.state is RState.PROTECTED
+
+
+# -- a manager restart during the re-protection --------------------------------------------
+
+
+def resumed(env: RealEnv) -> list[Any]:
+    return [e for e in env.core.journal_entries()
+            if e.action == "replication-reprotect-resumed"]
+
+
+def test_a_manager_restarted_while_releasing_releases_again_and_ends_protected(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path]  # noqa: F811
+) -> None:
+    env, s, power = failback_done(tmp_path, bmc, {"ds1": 3})
+    [lost] = env.core.claim_actions("b1", "executor", now=env.now)  # b1 releases the image,
+    assert lost.kind == "replication-release"  # but the manager dies before its answer
+    s = env.restart(down_s=5.0)
+    r = s.reprotect["vm1"]
+    assert r.state is RState.RELEASING and r.action and r.action != lost.id
+    assert r.tracking == "tracker-h1" and r.final_epoch == 3
+    [entry] = resumed(env)
+    assert "manager restart" in entry.reason and "queued again" in entry.reason
+    assert s.site_b_awake  # b1 is still owed its sleep
+    assert forward(s, env.now)["protect"] == {}  # still live at site B: not shipped yet
+    # b1's agent answers the release queued again: released before, so a full re-seed
+    env.core.heartbeat("b1", seq=1, now=env.now)
+    b1_answers_release(env, proven=False, why="released before (a retry): the common point "
+                       "is not proven again, so a full re-seed")
+    assert (r.state, r.mode, r.base_epoch) == (RState.RESEEDING, "full", 12)
+    # the first release's answer, late: it is not the one the record waits for
+    env.core.complete_action(lost.id, ok=True, result={"disks": {"ds1": {
+        "base_epoch": 12, "proven": True, "why": ""}}}, now=env.now, host="b1")
+    assert r.state is RState.RESEEDING
+    assert "replication-reprotect-release-ignored" in env.journal_actions()
+    env.core.heartbeat("h1", seq=1, now=env.now)
+    assert "resume" not in forward(s, env.now, synced=False)["protect"]["vm1"]
+    forward(s, env.now + 1, remote_epoch=13, synced=True)
+    assert r.state is RState.PROTECTED  # with no operator
+    env.tick(0.1)  # every image released, nothing runs on b1: it sleeps, as before
+    assert power.read_text().strip() == "off" and not s.site_b_awake
+
+
+@pytest.mark.parametrize("home_epoch", [4, 3])  # 4: RESEEDING (unproven), 3: RESUMING
+def test_a_manager_restarted_while_reseeding_or_resuming_waits_for_the_report_and_ends_protected(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path],  # noqa: F811
+        home_epoch: int) -> None:
+    env, s, power = failback_done(tmp_path, bmc, {"ds1": home_epoch})
+    b1_answers_release(env)
+    state = RState.RESEEDING if home_epoch == 4 else RState.RESUMING
+    assert s.reprotect["vm1"].state is state
+    s = env.restart(down_s=30.0)
+    r = s.reprotect["vm1"]
+    assert (r.state, r.base_epoch, r.tracking) == (state, 12, "tracker-h1")
+    assert "final one is 3" in r.why if home_epoch == 4 else r.mode == "delta"
+    [entry] = resumed(env)
+    assert "manager restart" in entry.reason and "report again" in entry.reason
+    assert env.core.claim_actions("b1", "executor", now=env.now) == []  # no release again
+    env.core.heartbeat("h1", seq=1, now=env.now)
+    ans = forward(s, env.now, remote_epoch=-1, synced=False)["protect"]["vm1"]
+    if state is RState.RESUMING:  # the primary host is told again to ship from the base
+        assert ans["resume"] == {"epoch": 12, "tracking": "tracker-h1"}
+    else:
+        assert "resume" not in ans
+    forward(s, env.now + 1, remote_epoch=13, resumed_from=12, synced=True)
+    assert r.state is RState.PROTECTED
+    assert r.done_at is not None and r.done_at - r.started >= 30.0  # counted across it
+    env.tick(0.1)
+    assert power.read_text().strip() == "off"
+    s = env.restart(down_s=1.0)  # a PROTECTED record is not kept: nothing to resume
+    assert s.reprotect == {} and not s.site_b_awake and resumed(env) == []
+
+
+@pytest.mark.parametrize("down_s", [400.0, 200.0])
+def test_a_reprotect_deadline_keeps_counting_across_a_manager_restart(
+        tmp_path: Path, bmc: tuple[BmcServer, ConfigStore, Path, Path],  # noqa: F811
+        down_s: float) -> None:
+    env, s, _power = failback_done(tmp_path, bmc, {"ds1": 4})
+    b1_answers_release(env)
+    assert s.reprotect["vm1"].state is RState.RESEEDING  # its deadline: 300 s from here
+    env.tick(10.0)
+    s = env.restart(down_s=down_s)
+    r = s.reprotect["vm1"]
+    if down_s == 400.0:  # it passed while no manager ran: failed at the start, said why
+        assert r.state is RState.FAILED
+        assert "RESEEDING passed its deadline while no manager ran" in r.why
+        assert "due 110.0 s before this manager started" in r.why
+        failed = [e for e in env.core.journal_entries()
+                  if e.action == "replication-reprotect-failed"]
+        assert failed and failed[-1].reason == r.why
+    else:  # 90 s are left of it, not a new 300 s
+        assert r.state is RState.RESEEDING
+        env.tick(89.0)
+        assert r.state is RState.RESEEDING
+        env.tick(1.5)
+        assert r.state is RState.FAILED and r.why == "RESEEDING passed its deadline"
+    assert "resume" not in forward(s, env.now, synced=False)["protect"]["vm1"]  # released
+    s = env.restart(down_s=1.0)  # a FAILED record is kept for the operator, with its why
+    assert s.reprotect["vm1"].state is RState.FAILED and s.reprotect["vm1"].why == r.why
+    assert "replication-reprotect-restored" in env.journal_actions()

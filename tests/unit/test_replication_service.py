@@ -55,13 +55,15 @@ def bmc(tmp_path: Path) -> Iterator[tuple[BmcServer, ConfigStore, Path, Path]]:
 
 
 class Env:
-    def __init__(self, tmp_path: Path, server: BmcServer, pw: Path) -> None:
+    def __init__(self, tmp_path: Path, server: BmcServer, pw: Path,
+                 db: Path | str = ":memory:") -> None:
+        self.tmp_path, self.db, self.wall0 = tmp_path, db, WALL0
         self.journal = Journal(tmp_path / "journal.jsonl", fsync=False)
-        self.service = ReplicationService(ReplicationConfig.from_table({
-            "site_b_host": "b1", "rpo_s": 1.0, "config_every_s": 2.0,
-            "bmc": {"addr": "127.0.0.1", "port": server.port, "user": "admin",
-                    "password_file": str(pw)}}))
-        self.core = ManagerCore(SqliteStore(":memory:"), self.journal, now=T0,
+        self.table = {"site_b_host": "b1", "rpo_s": 1.0, "config_every_s": 2.0,
+                      "bmc": {"addr": "127.0.0.1", "port": server.port, "user": "admin",
+                              "password_file": str(pw)}}
+        self.service = ReplicationService(ReplicationConfig.from_table(self.table))
+        self.core = ManagerCore(SqliteStore(db), self.journal, now=T0,
                                 wall=WALL0 + T0,
                                 config=ManagerConfig(heartbeat_interval=1.0,
                                                      missed_heartbeats=3),
@@ -76,13 +78,28 @@ class Env:
     def tick(self, dt: float = 0.0) -> list[dict[str, Any]]:
         """Advance time, run the timers, carry out the effects (real ipmitool)."""
         self.now += dt
-        self.core.handle_timer(self.now, WALL0 + self.now)
+        self.core.handle_timer(self.now, self.wall0 + self.now)
         outcomes = []
         for e in self.core.take_effects():
             out = self.service.perform(e)
-            self.core.effect_done(e, out, now=self.now, wall=WALL0 + self.now)
+            self.core.effect_done(e, out, now=self.now, wall=self.wall0 + self.now)
             outcomes.append({"kind": e.kind, **dict(out)})
         return outcomes
+
+    def restart(self, down_s: float, mono: float = 50.0) -> ReplicationService:
+        """The manager process stops (its state stored) and a new one starts on the same
+        store ``down_s`` later by the wall clock, its monotonic clock at ``mono`` (a new
+        process's: unrelated to the first's)."""
+        self.core.persist()
+        wall = self.wall0 + self.now + down_s
+        self.now, self.wall0 = mono, wall - mono
+        self.journal = Journal(self.tmp_path / f"journal-{wall:.0f}.jsonl", fsync=False)
+        self.service = ReplicationService(ReplicationConfig.from_table(self.table))
+        self.core = ManagerCore(SqliteStore(self.db), self.journal, now=mono, wall=wall,
+                                config=ManagerConfig(heartbeat_interval=1.0,
+                                                     missed_heartbeats=3),
+                                services=[self.service])
+        return self.service
 
     def journal_actions(self) -> list[str]:
         return [e.action for e in self.core.journal_entries()]
