@@ -26,14 +26,17 @@ whichever fabric works.
 Invariants:
 
 - Nothing is reported copied unless every chunk was written, (with ``verify``) read back
-  equal, and every destination connection flushed. The first failure stops every worker and
-  raises ``CopyError`` naming the side (``src`` or ``dst``) and the offset: the caller then
-  knows which resource failed, and the source is never written.
+  equal, and every destination connection flushed. The first failure stops every worker,
+  lets the requests in flight finish (at most ``DRAIN_S``: connections are not dropped with
+  replies in flight where it can be helped), and raises ``CopyError`` naming the side
+  (``src`` or ``dst``) and the offset: the caller then knows which resource failed, and the
+  source is never written.
 - ``coalesce`` turns sorted block numbers into ranges clipped to the disk's size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import select
 import threading
@@ -52,6 +55,10 @@ DEPTH = 4  # chunks in flight per connection pair (nbdcopy: 64 requests, 16 MiB 
 #          only added contention in nbdkit's file plugin here (bench/power_move.py)
 THREADS = 1  # one event loop for every pair measured faster than one per pair on 2 cores
 IO_TIMEOUT_MS = 30_000  # no reply from either side in this long: that side failed
+DRAIN_S = 2.0  # after a failure, how long the requests still in flight get to finish before
+#              the connections are dropped (nbdkit 1.32 can die of an assertion when a client
+#              drops a connection with replies in flight: one failed copy must not take a
+#              server, perhaps the storage module, down with it)
 ZERO_CHUNK = 32 * 1024 * 1024  # NBD servers commonly cap a request at 32 MiB
 SPARSE_FROM = 1024 * 1024  # smaller ranges (dirty blocks: just written) are copied as data
 CHECKSUMS = ("exact", "crc32", "sha256")
@@ -294,8 +301,9 @@ def _pump(pairs: Sequence[tuple[Any, Any]], todo: list[tuple[int, int]], depth: 
                     raise CopyError(side[id(h)], slot.off, str(exc)) from None
                 done(i, slot)
 
-    fill()
-    while inflight:
+    def turn(timeout_ms: int) -> bool:
+        """One poll over the handles with commands pending, and their I/O moved on; False
+        when nothing was ready in ``timeout_ms``."""
         p = select.poll()
         fds: dict[int, Any] = {}
         for h in handles:
@@ -307,10 +315,7 @@ def _pump(pairs: Sequence[tuple[Any, Any]], todo: list[tuple[int, int]], depth: 
                 raise CopyError(side[id(h)], -1, str(exc)) from None
             p.register(fd, (select.POLLIN if d & 1 else 0) | (select.POLLOUT if d & 2 else 0))
             fds[fd] = h
-        ready = p.poll(IO_TIMEOUT_MS)
-        if not ready:
-            h = next(iter(fds.values()))
-            raise CopyError(side[id(h)], -1, f"no reply in {IO_TIMEOUT_MS} ms")
+        ready = p.poll(timeout_ms)
         for fd, ev in ready:
             h = fds[fd]
             try:
@@ -320,8 +325,42 @@ def _pump(pairs: Sequence[tuple[Any, Any]], todo: list[tuple[int, int]], depth: 
                     h.aio_notify_write()
             except Exception as exc:
                 raise CopyError(side[id(h)], -1, str(exc)) from None
-        harvest()
-        fill()
+        return bool(ready)
+
+    def drain() -> None:
+        """After a failure: let the commands in flight finish (their results ignored) for at
+        most ``DRAIN_S``, so the connections close with nothing in flight where they can."""
+        deadline = time.monotonic() + DRAIN_S
+        while any(pending.values()) and (left := deadline - time.monotonic()) > 0:
+            try:
+                turn(max(1, int(left * 1000)))
+            except CopyError:
+                return  # a connection is gone: nothing more to wait for on it
+            for h in handles:
+                while pending[id(h)]:
+                    try:
+                        c = h.aio_peek_command_completed()
+                    except Exception:
+                        return
+                    if c <= 0:
+                        break
+                    inflight.pop((id(h), c), None)
+                    pending[id(h)] -= 1
+                    with contextlib.suppress(Exception):
+                        h.aio_command_completed(c)
+
+    fill()
+    try:
+        while inflight:
+            if not turn(IO_TIMEOUT_MS):
+                h = next(h for h in handles if pending[id(h)])
+                raise CopyError(side[id(h)], -1, f"no reply in {IO_TIMEOUT_MS} ms")
+            harvest()
+            fill()
+    except CopyError:
+        stop.set()
+        drain()
+        raise
     return copied
 
 
