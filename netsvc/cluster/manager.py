@@ -394,8 +394,11 @@ class ManagerCore:
     def journal_seq(self) -> int:
         return self._journal.last_seq
 
+    def wall_at(self, now: float) -> float:
+        return now + self._wall_offset
+
     def _wall(self, now: float, wall: float | None) -> float:
-        return now + self._wall_offset if wall is None else wall
+        return self.wall_at(now) if wall is None else wall
 
     def journal_append(
         self,

@@ -60,6 +60,10 @@ class Kernel(Protocol):
         """A host heard within this many seconds is alive: it is never fenced as "down"
         (two heartbeat intervals)."""
 
+    def wall_at(self, now: float) -> float:
+        """The wall-clock time (epoch seconds) at this manager's monotonic ``now``: for what
+        must outlive the manager (a deadline stored for the next one to honour)."""
+
     def journal_append(
         self, now: float, wall: float | None, action: str, subject: str, reason: str, *,
         dry_run: bool = False, details: Mapping[str, Any] | None = None,

@@ -261,9 +261,6 @@ class ReplicationService(BaseManagerService):
         self.sleep: dict[str, Any] = {}  # the last sleep asked (and its outcome)
         #: a failback is done and its automatic sleep of the site-B host not asked yet
         self._sleep_due = False
-        #: wall minus monotonic time of this manager, learned from its journal's entries (the
-        #: re-protection records are stored with wall-clock times)
-        self._offset: float | None = None
         self._now = 0.0
 
     def bind(self, kernel: Kernel) -> None:
@@ -295,9 +292,12 @@ class ReplicationService(BaseManagerService):
 
     def _j(self, now: float, wall: float | None, action: str, subject: str, reason: str,
            **kw: Any) -> None:
-        """Journal, and learn this manager's wall-clock offset from the entry."""
-        entry = self.kernel.journal_append(now, wall, action, subject, reason, **kw)
-        self._offset = entry.wall - entry.mono
+        self.kernel.journal_append(now, wall, action, subject, reason, **kw)
+
+    def _wall_offset(self) -> float:
+        """This manager's wall minus monotonic time (re-protection records are stored with
+        wall-clock times, so the next manager's deadlines count from the same instants)."""
+        return self.kernel.wall_at(0.0)
 
     def _resume(self, vm: str, rec: Mapping[str, Any], now: float) -> None:
         """At the start: ``vm``'s stored re-protection record resumes (see the docstring)."""
@@ -317,9 +317,8 @@ class ReplicationService(BaseManagerService):
                 "stopped; " + (what if active else "restored for the status (nothing to "
                                "resume; `netsvc replication reprotect` retries a failed one)"),
                 details={"record": dict(rec)})
-        assert self._offset is not None  # learned from that entry
         try:
-            r = Reprotect.from_record(vm, rec, self._offset)
+            r = Reprotect.from_record(vm, rec, self._wall_offset())
         except (KeyError, TypeError, ValueError) as exc:
             self._j(now, None, "replication-reprotect-failed", f"vm:{vm}",
                     f"its stored re-protection record is unreadable ({exc}); "
@@ -352,12 +351,7 @@ class ReplicationService(BaseManagerService):
             doc["homecoming"] = self.homecoming[vm]
         r = self.reprotect.get(vm)
         if r is not None and r.state is not RState.PROTECTED:
-            if self._offset is not None:
-                doc["reprotect"] = r.to_record(self._offset)
-            else:  # not reached: each change of a record is journaled first
-                old = self.kernel.model.service_docs.get(key, {}).get("reprotect")
-                if old is not None:
-                    doc["reprotect"] = old
+            doc["reprotect"] = r.to_record(self._wall_offset())
         self.kernel.model.set_service_doc(key, doc)
 
     def _store_site(self) -> None:
