@@ -101,13 +101,16 @@ class Renew:
 
 @dataclass(frozen=True)
 class KeeperEvent:
-    """Something worth reporting: ``kind`` is acquired, lost or rejoining."""
+    """Something worth reporting: ``kind`` is acquired, waiting, lapsed or lost. ``at``: when
+    the keeper saw it; ``expires`` (``lapsed`` only): when the grant itself ran out, by the lease
+    desk's clock (CLOCK_MONOTONIC, like ``at``); the master cannot take the lease before it."""
 
     kind: str
     host: str
     epoch: int
     at: float
     reason: str
+    expires: float | None = None
 
 
 class LeaseKeeper:
@@ -192,7 +195,7 @@ class LeaseKeeper:
         return KeeperEvent(
             "lapsed", self.host, g.epoch, now,
             f"no renewal answered for {now - g.expires + self.ttl:.2f} s: the lease (epoch "
-            f"{g.epoch}) expired; the master may fence this host",
+            f"{g.epoch}) expired; the master may fence this host", g.expires,
         )  # fmt: skip
 
     def lost(self, cur_holder: str, cur_epoch: int, now: float) -> KeeperEvent:
@@ -315,7 +318,8 @@ class Journal:
             with contextlib.suppress(ApiError):
                 self.client.post_event(
                     self.actor, f"memory-lease-{ev.kind}", f"host:{ev.host}", ev.reason,
-                    {"host": ev.host, "epoch": ev.epoch},
+                    {"host": ev.host, "epoch": ev.epoch, "at": ev.at}
+                    | ({} if ev.expires is None else {"expires": ev.expires}),
                 )  # fmt: skip
 
 

@@ -155,9 +155,12 @@ def test_a_cut_fabric_lets_the_lease_lapse_and_the_keeper_says_so(pool: Pool) ->
     clock, fabric = Clock(), CutFabric(pool)
     keeper = LeaseKeeper("h1", ttl=0.5, renew_every=0.1)
     events: list[str] = []
+    lapses: list[Any] = []
 
     def report(ev: Any) -> None:
         events.append(ev.kind)
+        if ev.kind == "lapsed":
+            lapses.append(ev)
 
     def tick(seconds: float) -> None:
         end = clock.t + seconds
@@ -174,6 +177,8 @@ def test_a_cut_fabric_lets_the_lease_lapse_and_the_keeper_says_so(pool: Pool) ->
     tick(0.5)
     assert not pool.lease("h1").held_by("h1", clock.t)  # lapsed in the pool
     assert events == ["acquired", "lapsed"]  # said once, not every retry
+    # the report carries when the grant ran out (the pool's own expiry), seen a little later
+    assert lapses[0].expires == pool.lease("h1").expires < lapses[0].at
     fabric.cut = False  # nobody took it: the holder may renew it again
     tick(0.3)
     assert pool.lease("h1").held_by("h1", clock.t) and events == ["acquired", "lapsed"]

@@ -48,7 +48,8 @@ Parameters (a ``[NAME]`` table of the lab config): ``ttl`` (the hosts' lease TTL
 - ``isolation``: cut h1's management link (the partition service says ``mgmt-isolation``; h1
   still renews its lease over the memory fabric, so its VM neither respawns nor moves:
   ``isolated_not_respawned``); heal it, then cut h1's memory fabric link (``h1:memfab``): h1
-  still runs and heartbeats, but its lease lapses (``lease_lapsed_ms``), the master takes it
+  still runs and heartbeats, but its lease lapses (``lease_lapsed_ms``: the grant's expiry by
+  the desk's clock; ``lapse_reported_ms``: h1's agent journaled it), the master takes it
   (``pool_fence_ms``), has the manager power h1 off through its BMC (``fence_ms``, to the BMC's
   confirmation; ``fenced_by``, the BMC) and only then respawns the VM (``restart_ms``, to the
   VM answering with its state elsewhere). A writer on a connection to the old guest counts
@@ -732,7 +733,11 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
         respawns = pl.finished("memory-respawn", t1)
         out = {
             "isolated_not_respawned": iso and not respawned_early and not moved,
-            "lease_lapsed_ms": ms(float(lapsed[0]["mono"]), t1) if lapsed else None,
+            # when the grant ran out (the desk's clock): the pool refuses the master's take
+            # before it; the agent's report of it arrives later (it retries, then journals)
+            "lease_lapsed_ms": ms(float(lapsed[0]["details"]["expires"]), t1)
+            if lapsed and "expires" in (lapsed[0].get("details") or {}) else None,
+            "lapse_reported_ms": ms(float(lapsed[0]["mono"]), t1) if lapsed else None,
             "pool_fence_ms": ms(t_fence, t1),
             "fence_ms": ms(float(confirmed[0]["mono"]), t1) if confirmed else None,
             "fenced_by": confirmed[0]["details"].get("fenced_by") if confirmed else None,
@@ -743,8 +748,13 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
             "stale_writes_accepted": sum(1 for r in after_fence if r.startswith("OK")),
             "stale_replies_after_fence": sorted(set(after_fence))[:5],
         }
-        checks.check("h1's pool agent found its lease lapsed over the cut fabric", bool(lapsed),
-                     str(out["lease_lapsed_ms"]))
+        expired, fenced = out["lease_lapsed_ms"], out["pool_fence_ms"]
+        checks.check("h1's pool agent found its lease lapsed over the cut fabric, and the pool "
+                     "fence came after the grant ran out",
+                     isinstance(expired, float) and isinstance(fenced, float)
+                     and expired <= fenced,
+                     f"expired at {out['lease_lapsed_ms']} ms, reported at "
+                     f"{out['lapse_reported_ms']} ms, pool fence {out['pool_fence_ms']} ms")
         checks.check("h1 was powered off through its BMC, confirmed, before vm1 moved",
                      bool(pool_fence and confirmed and power_fenced and respawn)
                      and float(confirmed[0]["mono"]) <= float(respawn[0]["mono"])
