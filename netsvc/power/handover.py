@@ -23,6 +23,13 @@ up split over both hosts, or whose release or undo cannot end, is ``SPLIT``: bot
 still serve the disk on its one authoritative copy, and the manager allows no move of it (a
 move's drain-then-switch covers one reader's I/O only).
 
+Resolving a split (``resolving``): once the disk's VMs all run on one of the two hosts, a
+handover to that host starts at ``open`` there too, since a split may have come after that
+host released the disk (a failed operation between release and merge; an agent opens a disk
+it serves already as a no-op, and one it released takes its own kept set back). Such a
+handover is never undone: where a plain one would undo, it is split again (both may serve; the
+manager tries again later).
+
 Invariants:
 
 - The authoritative copy (``where``) never changes during a handover; every step checks it.
@@ -42,6 +49,7 @@ Invariants:
   its result), since the agent may be handing over a dirty set right now.
 - Each phase queues its action once (``want``); a result for another phase changes no
   phase (its dirty set, if any, is still kept).
+- A ``resolving`` handover never reaches ``UNDO_RELEASE``: it ends ``DONE`` or ``SPLIT``.
 """
 
 from __future__ import annotations
@@ -118,6 +126,7 @@ class Handover:
     merging: frozenset[int] = frozenset()  # the blocks the queued merge carries
     error: str = ""
     history: list[tuple[float, str, str]] = field(default_factory=list)
+    resolving: bool = False  # a split's resolution: split again where a handover would undo
 
     def __post_init__(self) -> None:
         if self.source == self.target:
@@ -144,6 +153,15 @@ class Handover:
         self.phase = phase
         self.queued = False
         self.history.append((now, phase.value, why))
+
+    def _undo(self, now: float, why: str) -> None:
+        """Failed before the release: hand back (``UNDO_RELEASE``), or split again when
+        resolving a split (undoing would take the disk from the host its VMs run on)."""
+        self.error = why
+        if self.resolving:
+            self._to(Phase.SPLIT, now, f"still split: {why}")
+        else:
+            self._to(Phase.UNDO_RELEASE, now, f"undo: {why}")
 
     def _payload(self, op: str, **extra: Any) -> dict[str, Any]:
         return {"disk": self.disk, "owner": self.owner, "op": op, "where": self.where,
@@ -196,8 +214,7 @@ class Handover:
             else:
                 # the agent cleans up a failed open, but a timed-out one may have opened
                 # after all: the target releases (a no-op where it serves nothing)
-                self.error = f"open at {self.target}: {detail}"
-                self._to(Phase.UNDO_RELEASE, now, f"undo: {self.error}")
+                self._undo(now, f"open at {self.target}: {detail}")
         elif self.phase in (Phase.RELEASE, Phase.UNDO_RELEASE):
             if ok:
                 nxt = Phase.MERGE if self.phase is Phase.RELEASE else Phase.UNDO_MERGE
@@ -234,8 +251,7 @@ class Handover:
         if self.phase in (Phase.OPEN, Phase.OPENED):
             # an open still under way: the target's release of a disk it does not serve
             # hands back an empty set (the agent's rule), so the undo is safe either way
-            self.error = why
-            self._to(Phase.UNDO_RELEASE, now, f"undo: {why}")
+            self._undo(now, why)
 
     def vms_split(self, now: float, why: str) -> None:
         """The VMs ended up on both hosts: both serve the disk."""
@@ -259,8 +275,7 @@ class Handover:
             return  # the agent may be draining: its result (or its action's timeout) ends it
         why = f"not done in {self.deadline_s:.0f} s (at {self.phase.value})"
         if self.phase in (Phase.OPEN, Phase.OPENED):
-            self.error = why
-            self._to(Phase.UNDO_RELEASE, now, f"undo: {why}")
+            self._undo(now, why)
         elif self.phase in (Phase.RELEASE, Phase.UNDO_RELEASE):
             self.error = why
             self._to(Phase.SPLIT, now, why)

@@ -35,7 +35,9 @@ it released until the manager acknowledges it: the reply to its report names (``
 those whose documents have merged them (``acks``). No planner decision and no
 operation starts while one runs; none is accepted while an operation runs. A disk left
 ``split`` refuses any move of it (``one-reader-per-disk``) and is handed over once its VMs all
-run on one of its two hosts; a restarted manager resumes a merge its document holds the state
+run on one of its two hosts (opened there first, since that host may have released it before
+the split; a failed resolution stays split and is tried again ``SPLIT_RETRY_S`` later); a
+restarted manager resumes a merge its document holds the state
 of, and holds a handover stopped before the release as split.
 
 Invariants:
@@ -120,6 +122,7 @@ DRIVE_EVERY_S = 0.2  # while an operation runs
 READ_EVERY_S = 2.0  # one host's DCMI readings per effect, round robin
 HISTORY = 20
 REPORT_TTL_S = 10.0  # a host up whose power report is older: the planner decides nothing
+SPLIT_RETRY_S = 30.0  # a split's resolution that failed is tried again after this
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class PowerService(BaseManagerService):
         self._follows: dict[str, tuple[Handover, str]] = {}  # disk -> (handover, the VM)
         self._follow_waiting: dict[str, str] = {}  # action id -> disk
         self._followed: list[dict[str, Any]] = []  # the last follows that ended
+        self._split_retry: dict[str, float] = {}  # disk -> not resolved again before
         self._conflicts: set[tuple[str, str]] = set()  # (disk, host) journaled
 
     def bind(self, kernel: Kernel) -> None:
@@ -897,8 +901,10 @@ class PowerService(BaseManagerService):
 
     def _resolve_splits(self, now: float, wall: float | None) -> None:
         """A disk a handover left served by two hosts (``split``) whose VMs now all run on
-        one of them, none migrating: hand it over to that one (both serve it already: the
-        handover starts at its release). A merge a previous manager left (the released state
+        one of them, none migrating: hand it over to that one, starting with an ``open``
+        there (a no-op where it serves the disk; where it released it before the split, it
+        serves it again), never undone (``Handover.resolving``); one that fails is tried
+        again ``SPLIT_RETRY_S`` later. A merge a previous manager left (the released state
         in the document) goes on."""
         m = self.kernel.model
         migrating = {a.vm for a in self.kernel.open_actions() if a.kind == "migrate"}
@@ -921,7 +927,8 @@ class PowerService(BaseManagerService):
                                            "block(s) from the document)", actor="power",
                                            details={"source": h.source, "target": h.target})
                 continue
-            if ho.get("phase") != "split" or disk in self._follows:
+            if (ho.get("phase") != "split" or disk in self._follows
+                    or now < self._split_retry.get(disk, 0.0)):
                 continue
             vms = [u for u in users.get(disk, []) if u in m.vms]
             hosts = {m.vms[u].host for u in vms}
@@ -934,7 +941,7 @@ class PowerService(BaseManagerService):
             keep, drop = (tgt, src) if at == tgt else (src, tgt)
             h = Handover(disk, str(doc.get("owner") or ""), drop, keep,
                          str(doc.get("where") or "first"), now,
-                         min(self.config.step_timeout_s, 120.0), phase=Phase.OPENED,
+                         min(self.config.step_timeout_s, 120.0), resolving=True,
                          reason=f"{disk} was split; its VMs all run on {keep}")
             try:  # a dirty set the split held (a release's that came late) is merged too
                 h.held = from_ranges(doc.get("dirty") or [])
@@ -977,6 +984,8 @@ class PowerService(BaseManagerService):
             self._store_disk(disk, h.doc())
             if h.phase.final:
                 del self._follows[disk]
+                if h.resolving and h.phase is Phase.SPLIT:
+                    self._split_retry[disk] = now + SPLIT_RETRY_S
                 self._followed = [*self._followed[-9:], {
                     "disk": disk, "vm": vm, "source": h.source, "target": h.target,
                     "phase": h.phase.value, "error": h.error, "reader": h.reader}]

@@ -536,6 +536,10 @@ def test_a_split_disk_refuses_moves_and_is_resolved_once_its_vms_are_together(
     env.tick(T0 + 7)
     env.tick(T0 + 7.5)
     [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h2", "open")  # served already: a no-op there
+    run_action(env, "power-reader", T0 + 7.6, result={"where": "second"})
+    env.tick(T0 + 7.8)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
     assert (r.host, r.payload["op"]) == ("h1", "release")
     run_action(env, "power-reader", T0 + 8, result={"where": "second", "dirty": [[1, 1]]})
     env.tick(T0 + 8.5)
@@ -543,6 +547,91 @@ def test_a_split_disk_refuses_moves_and_is_resolved_once_its_vms_are_together(
     env.tick(T0 + 9.5)
     assert env.service.reader_of("d4") == "h2"
     assert env.core.model.service_docs["power/d4"]["handover"]["phase"] == "done"
+
+
+class FakeReaders:
+    """The agents' ``power-reader`` rules (``PowerAgent.reader``) over one disk, enough to
+    play a handover end to end: ``open`` serves it (a no-op where served; a kept released
+    set is taken back), ``release`` hands over what was written here (nothing where it is
+    not served), ``merge`` fails where the disk is not served."""
+
+    def __init__(self, serving: dict[str, set[int]], kept: dict[str, set[int]]) -> None:
+        self.serving, self.kept = serving, kept
+        self.merged: dict[str, set[int]] = {}
+
+    def play(self, env: Env, now: float) -> int:
+        from netsvc.power.handover import from_ranges, to_ranges
+
+        done = 0
+        for a in [x for x in env.core.open_actions() if x.kind == "power-reader"]:
+            host, op = a.host, a.payload["op"]
+            ok, res, detail = True, {"where": "second"}, ""
+            if op == "open":
+                self.serving.setdefault(host, set()).update(self.kept.pop(host, set()))
+            elif op == "release":
+                blocks = self.serving.pop(host, None)
+                if blocks is None:
+                    blocks = self.kept.get(host, set())
+                else:
+                    self.kept[host] = blocks
+                res["dirty"] = to_ranges(blocks)
+            elif host not in self.serving:
+                ok, detail = False, f"d4 is not served on {host}"
+            else:
+                got = from_ranges(a.payload.get("dirty") or [])
+                self.serving[host] |= got
+                self.merged.setdefault(host, set()).update(got)
+            env.core.claim_action(a.id, host, f"agent-{host}", now=now)
+            env.core.complete_action(a.id, ok=ok, detail=detail, now=now, host=host,
+                                     result=res if ok else None)
+            done += 1
+        return done
+
+
+def test_a_split_whose_vms_are_back_on_the_host_that_released_it_is_resolved(
+        tmp_path: Path) -> None:
+    """d4's handover h1 -> h2 failed after h1 released it (blocks 3-4 held, the merge at h2
+    never done): split. vm1 is back on h1, which serves d4 no more. The resolution opens d4 at
+    h1 again, releases it at h2 and merges every block at h1 (it used to release at h2 and
+    then retry a merge at h1, where d4 was not served, until it failed)."""
+    env = reader_env(tmp_path)
+    env.core.model.set_service_doc("power/d4", {
+        "reader": "h1", "where": "second", "owner": "h4", "dirty": [[3, 2]], "gen": 0,
+        "handover": {"source": "h1", "target": "h2", "phase": "split", "error": "failed"}})
+    env.service._docs["d4"] = dict(env.core.model.service_docs["power/d4"])
+    agents = FakeReaders(serving={"h2": {7}}, kept={"h1": {3, 4}})
+    now = T0 + 1
+    for _ in range(20):
+        env.tick(now)
+        now += 0.5
+        agents.play(env, now)
+    doc = env.core.model.service_docs["power/d4"]
+    assert doc["handover"]["phase"] == "done" and env.service.reader_of("d4") == "h1"
+    assert set(agents.serving) == {"h1"} and agents.serving["h1"] >= {3, 4, 7}
+    assert agents.merged["h1"] == {3, 4, 7} and doc["dirty"] == []
+
+
+def test_a_failed_split_resolution_stays_split_and_is_tried_again_later(
+        tmp_path: Path) -> None:
+    """The open at the host the VMs run on fails: nothing is undone (d4 stays split, no
+    release at the host that keeps serving), and the resolution is tried again later."""
+    env = reader_env(tmp_path)
+    env.core.model.set_service_doc("power/d4", {
+        "reader": "h1", "where": "second", "owner": "h4", "dirty": [], "gen": 0,
+        "handover": {"source": "h1", "target": "h2", "phase": "split", "error": "failed"}})
+    env.service._docs["d4"] = dict(env.core.model.service_docs["power/d4"])
+    env.tick(T0 + 1)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "open")
+    run_action(env, "power-reader", T0 + 2, ok=False, detail="connection refused")
+    env.tick(T0 + 3)
+    assert env.core.model.service_docs["power/d4"]["handover"]["phase"] == "split"
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    env.tick(T0 + 20)
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    env.tick(T0 + 40)  # SPLIT_RETRY_S later
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "open")
 
 
 def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_handover(
@@ -642,8 +731,12 @@ def test_a_release_draining_past_the_deadline_keeps_its_dirty_set(tmp_path: Path
     doc = env.core.model.service_docs["power/d4"]
     assert doc["dirty"] == [[0, 100]] and doc["handover"]["phase"] == "split"
     assert "power-reader-late-release" in env.actions("power-reader-")
-    env.tick(T0 + 65)  # vm1 runs on h2: h1 hands d4 over (again)
+    env.tick(T0 + 65)  # vm1 runs on h2: h2 opens it (served: a no-op), h1 hands d4 over
     env.tick(T0 + 65.5)
+    [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (o.host, o.payload["op"]) == ("h2", "open")
+    run_action(env, "power-reader", T0 + 65.6, result={"where": "second"})
+    env.tick(T0 + 65.8)
     [r2] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
     assert (r2.host, r2.payload["op"]) == ("h1", "release")
     run_action(env, "power-reader", T0 + 66,
