@@ -21,8 +21,10 @@ Why not waitress (or another WSGI server)? It was considered and not taken:
 - WSGI hides the socket: the early answer to ``Expect: 100-continue`` (401/413 before any body
   is sent) and the check that a long-polling agent is still there need it.
 
-asyncio (the standard library's, well kept) brings the loop, TLS (``start_tls``) and the
-handshake deadline; the HTTP framing is ``http1``'s (why not h11: its docstring).
+asyncio (the standard library's, well kept) brings the loop; TLS is ``tlstransport``'s (an
+``ssl.SSLSocket`` driven from the loop, its record layer in C rather than asyncio's
+``sslproto`` in Python: why, its docstring), with its handshake deadline; the HTTP framing is
+``http1``'s (why not h11: its docstring).
 
 Invariants:
 
@@ -59,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from netsvc.cluster import http1
+from netsvc.cluster import http1, tlstransport
 from netsvc.cluster.api import Prepared, Response, error
 
 if TYPE_CHECKING:
@@ -130,12 +132,6 @@ class _Guard:
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self.stats["connections_accepted"] += 1
             return True
-
-    def rebind(self, old: asyncio.BaseTransport, new: asyncio.BaseTransport) -> None:
-        """The TLS transport replaces the plain one under it."""
-        with self.lock:
-            if old in self._conns:
-                self._conns[new] = self._conns.pop(old)
 
     def waiting(self, conn: asyncio.BaseTransport, now: float) -> None:
         """Between two requests of a kept-alive connection."""
@@ -232,7 +228,7 @@ class HTTPServer:
         try:
             loop.run_until_complete(self._serve())
         finally:
-            tasks = asyncio.all_tasks(loop)  # TLS handshakes under way
+            tasks = asyncio.all_tasks(loop)
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(Exception):
@@ -244,8 +240,17 @@ class HTTPServer:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self), sock=self._sock,
-                                          backlog=self.BACKLOG)
+        server: asyncio.AbstractServer | tlstransport.TlsListener
+        if self.ssl_context is not None:
+            # the reaper enforces the request deadline; the handshake's is a backstop
+            server = tlstransport.TlsListener(
+                loop, self._sock, self.ssl_context, lambda: _Connection(self),
+                handshake_timeout=2 * self.limits.request_timeout,
+                log=self.manager.log_always)
+            server.start()
+        else:
+            server = await loop.create_server(lambda: _Connection(self), sock=self._sock,
+                                              backlog=self.BACKLOG)
         reaper = asyncio.create_task(self._reap_loop())
         try:
             await self._stopping.wait()
@@ -256,8 +261,9 @@ class HTTPServer:
                 conn.unpark()
             self._parked.clear()
             self.guard.close_all()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+            if isinstance(server, asyncio.AbstractServer):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 2.0)
 
     async def _reap_loop(self) -> None:
         while True:
@@ -347,7 +353,6 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._eof = False
         self._gone = False
-        self._tls_pending = False
         self._in_process = False
         # a parked long poll: its key, deadline and timer, and the request to ask again
         self._park: tuple[str, float, asyncio.TimerHandle] | None = None
@@ -369,48 +374,25 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.s.ssl_context is not None:
-            # scheduled now, so it runs before any read of the client's bytes
-            self._tls_pending = True
-            asyncio.get_running_loop().create_task(self._start_tls(transport))
-
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        assert self.s.ssl_context is not None
-        try:
-            # the reaper enforces the request deadline; this one is a backstop
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, self, self.s.ssl_context, server_side=True,
-                ssl_handshake_timeout=2 * self.s.limits.request_timeout)
-        except (OSError, ssl.SSLError, ConnectionError):  # TimeoutError is an OSError
-            if not self.s.guard.reaped(raw):
-                self.s.guard.count("tls_failures")
-            self._gone = True
-            self.s.guard.release(raw)
-            raw.abort()
-            return
-        if tls is None:
-            self._gone = True
-            self.s.guard.release(raw)
-            return
-        self.s.guard.rebind(raw, tls)
-        self.transport = tls
-        self._tls_pending = False
-        self._process()
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if not self._busy and not self._tls_pending:
+        if not self._busy:
             self._process()
 
     def eof_received(self) -> bool:
         self._eof = True
-        if not self._busy and not self._tls_pending:
+        if not self._busy:
             self._process()  # answers what is complete, then closes
         return True  # we close, once what is under way is answered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         if self.transport is not None:
+            # a TLS handshake that failed or ran out of time (not one the reaper cut short)
+            if isinstance(exc, tlstransport.HandshakeFailed) \
+                    and not self.s.guard.reaped(self.transport):
+                self.s.guard.count("tls_failures")
             self.s.guard.release(self.transport)
         self.unpark()
 
