@@ -40,6 +40,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 import ssl
 import statistics
 import sys
@@ -57,10 +58,100 @@ from netsvc.cluster.etcd_store import EtcdStore
 from netsvc.cluster.model import VM, ClusterModel, Host, VMState
 from netsvc.cluster.persist import MODEL_KEY, StatePersister
 from netsvc.cluster.store import MAX_VALUE_LEN, SqliteStore, StateStore
+from netsvc.cluster.tlstransport import TlsTransport
 from netsvc.ops.tls import make_ca, make_cert
 
 RESULTS = Path(__file__).resolve().parent / "results" / "manager_capacity.json"
 ETCD_LIMIT = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
+
+
+class _Answers(asyncio.Protocol):
+    """The generator's side of one kept TLS connection: answers parsed as they come."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = self.buf[:end]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if len(self.buf) < end + 4 + length:
+            return
+        body, self.buf = self.buf[end + 4:end + 4 + length], self.buf[end + 4 + length:]
+        if not self.waiter.done():
+            self.waiter.set_result((int(head.split(b" ", 2)[1]), body))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(OSError(f"connection lost: {exc}"))
+
+
+class CKeptConnection:
+    """``ha_common.KeptConnection`` over TLS with the record layer in C (``--c-client``): the
+    generator's own TLS through ``TlsTransport`` (client side) instead of asyncio's
+    ``sslproto``, so that 2,000 TLS connections do not make the generator the bottleneck."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext) -> None:
+        self.port = port
+        self.tls = tls
+        self._conn: tuple[TlsTransport, _Answers] | None = None
+
+    async def _open(self, timeout: float) -> tuple[TlsTransport, _Answers]:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", self.port)), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.tls.wrap_socket(sock, server_hostname="127.0.0.1",
+                                       do_handshake_on_connect=False)
+        except BaseException:
+            sock.close()
+            raise
+        proto = _Answers()
+        transport = TlsTransport(loop, tls, proto, timeout, ("127.0.0.1", self.port))
+        transport.start()
+        return transport, proto
+
+    async def post(self, path: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            if self._conn is None or self._conn[1].lost:
+                self._conn = await self._open(timeout)
+            transport, proto = self._conn
+            proto.waiter = asyncio.get_running_loop().create_future()
+            transport.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                             f"Bearer {hc.KEY}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            try:
+                return await asyncio.wait_for(proto.waiter, timeout)
+            except OSError as exc:
+                self.close()
+                if attempt:
+                    raise OSError(f"{type(exc).__name__}: {exc}") from None
+        raise OSError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn[0].close()
+            self._conn = None
+
+
+def _kept(port: int) -> hc.KeptConnection | CKeptConnection:
+    if C_CLIENT and TLS_CTX is not None:
+        return CKeptConnection(port, TLS_CTX)
+    return hc.KeptConnection(port, TLS_CTX)
 
 
 def populate(store: StateStore, hosts: list[str], vm_docs: list[dict[str, Any]],
@@ -111,7 +202,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
         """The agent's executor: one long-poll claim after another on its own connection,
         as ``netsvc.cluster.executor`` holds them (nothing is queued, so each waits)."""
         nonlocal claims
-        kept = hc.KeptConnection(port, TLS_CTX)
+        kept = _kept(port)
         body = json.dumps({"host": h, "executor": "bench", "wait_s": CLAIM_WAIT}).encode()
         while loop.time() < window["end"]:
             try:
@@ -127,7 +218,7 @@ async def rate_run(port: int, hosts: list[str], on: dict[str, list[str]], durati
 
     async def agent(h: str) -> None:
         nonlocal warmed
-        kept = hc.KeptConnection(port, TLS_CTX) if keep_alive else None
+        kept = _kept(port) if keep_alive else None
         path = f"/v1/hosts/{h}/heartbeat"
 
         async def send(body: bytes, timeout: float = 10.0) -> int:
@@ -237,6 +328,7 @@ KEEP_ALIVE = False  # --keep-alive: each agent keeps its connection (what agents
 TLS_DIR = Path("/nonexistent")
 OLD_FORMAT = 1  # --old-format: the state format the old tree reads (2 since per-key state)
 TLS_CTX: ssl.SSLContext | None = None  # --tls: the managers serve HTTPS (kept connections)
+C_CLIENT = False  # --c-client: the generator's TLS through TlsTransport (C record layer)
 CLAIMS = False  # --claims: each agent's executor also holds a long-poll claim
 CLAIM_WAIT = 10.0  # netsvc.cluster.executor's CLAIM_WAIT
 
@@ -321,13 +413,17 @@ def main() -> int:
                     "kept connection, as real agents do")
     ap.add_argument("--tls", action="store_true",
                     help="the managers serve HTTPS (a CA made for the run); needs --keep-alive")
+    ap.add_argument("--c-client", action="store_true",
+                    help="with --tls: the generator's own TLS connections through "
+                    "netsvc.cluster.tlstransport (record layer in C) instead of asyncio's")
     ap.add_argument("--keep", action="store_true",
                     help="keep the run's directory (the managers' logs and state)")
     ap.add_argument("--old-format", type=int, choices=(1, 2), default=1,
                     help="the state format of --old-tree: 1 (one model document, before the "
                     "per-key state) or 2")
     args = ap.parse_args()
-    global KEEP_ALIVE, CLAIMS, OLD_FORMAT, TLS_CTX, TLS_DIR
+    global KEEP_ALIVE, CLAIMS, OLD_FORMAT, TLS_CTX, TLS_DIR, C_CLIENT
+    C_CLIENT = args.c_client
     OLD_FORMAT = args.old_format
     KEEP_ALIVE = args.keep_alive
     CLAIMS = args.claims

@@ -321,7 +321,7 @@ class TlsTransport(asyncio.Transport):
                 return
             except ssl.SSLWantReadError:
                 self._write_wants_read = True
-                self._set_writer(False)
+                self._set_writer(self._read_wants_write)
                 self._set_reader(True)
                 return
             except (OSError, ValueError) as exc:
@@ -331,7 +331,7 @@ class TlsTransport(asyncio.Transport):
             if n < len(chunk):  # SSL_write took a part (not with the default modes)
                 self._out.appendleft(chunk[n:])
             self.state.sent(n)
-        self._set_writer(False)
+        self._set_writer(self._read_wants_write)  # a read may still wait for it
         if self.state.resume_writing():
             self._protocol.resume_writing()
         if self.state.flushed_while_closing():
