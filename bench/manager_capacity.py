@@ -29,8 +29,13 @@ Measured per run:
 With ``--claims`` each agent's executor also holds a long-poll claim (``wait_s`` 10 s, the
 executor's) on a second kept connection, one after another, as real agents do.
 
+With ``--tls`` the managers serve HTTPS and the generator's kept connections verify them; with
+``--c-client`` as well, the generator's own TLS goes through ``netsvc.cluster.tlstransport``
+(record layer in C) instead of asyncio's, so that its 2,000 TLS connections on the core it
+shares with etcd do not make it the bottleneck (the managers compared are the same either way).
+
 Writes ``bench/results/manager_capacity.json``. Leaves out: actions being queued and carried
-out (the claims wait and come back empty), TLS, and more than one etcd member.
+out (the claims wait and come back empty), and more than one etcd member.
 """
 
 from __future__ import annotations
@@ -413,6 +418,8 @@ def main() -> int:
                     "kept connection, as real agents do")
     ap.add_argument("--tls", action="store_true",
                     help="the managers serve HTTPS (a CA made for the run); needs --keep-alive")
+    ap.add_argument("--old-first", action="store_true",
+                    help="at each point, run the old tree's manager before the new one")
     ap.add_argument("--c-client", action="store_true",
                     help="with --tls: the generator's own TLS connections through "
                     "netsvc.cluster.tlstransport (record layer in C) instead of asyncio's")
@@ -448,11 +455,14 @@ def main() -> int:
         for point in (p for p in args.old_points.split(",") if p):
             h, v = (int(x) for x in point.split(":"))
             for store in stores:
-                results["runs"].append(one_run(new, "new", store, h, v, args.duration, True,
-                                               etcd_url, tmp))
+                trees: list[tuple[Path, str]] = [(new, "new")]
                 if args.old_tree is not None:
-                    results["runs"].append(one_run(args.old_tree, "old", store, h, v,
-                                                   args.duration, True, etcd_url, tmp))
+                    trees.append((args.old_tree, "old"))
+                if args.old_first:
+                    trees.reverse()
+                for tree, label in trees:
+                    results["runs"].append(one_run(tree, label, store, h, v, args.duration,
+                                                   True, etcd_url, tmp))
         if args.hosts and f"{args.hosts}:{args.vms}" not in args.old_points.split(","):
             for store in stores:
                 results["runs"].append(one_run(new, "new", store, args.hosts, args.vms,

@@ -1,6 +1,6 @@
 """Benchmark: what TLS costs a heartbeat, plain HTTP and HTTPS side by side in one run.
 
-    .venv/bin/python bench/tls_cost.py [--beats 300] [--rounds 6]
+    .venv/bin/python bench/tls_cost.py [--beats 300] [--rounds 6] [--old-tree DIR] [--out F]
 
 Two ``netsvc manager`` processes on 127.0.0.1, the same build and settings, one plain and one
 serving HTTPS (a P-256 certificate from a CA made for the run, TLS 1.3). The client (this
@@ -13,7 +13,11 @@ does, in two ways:
   one kept-alive connection for every heartbeat of a round (its first pays the handshake), so
   TLS costs mostly its record layer.
 
-Rounds alternate between the two managers (plain, TLS, plain, ...) so that a drift of the
+With ``--old-tree DIR`` (a code tree exported with ``git archive``) a third manager, the
+old tree's, serves HTTPS beside them (``tls-old``), so that two TLS transports are compared in
+one run.
+
+Rounds alternate between the managers (plain, TLS, plain, ...) so that a drift of the
 shared machine hits both alike. Per mode: latency p50/p99/mean in ms over every heartbeat, and
 the manager process's CPU time per heartbeat (``/proc/PID/stat`` utime+stime, read before and
 after each round). Writes ``bench/results/tls_cost.json``.
@@ -55,11 +59,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Manager:
-    def __init__(self, work: Path, name: str, ring: Path, tls: tuple[Path, Path] | None) -> None:
+    def __init__(self, work: Path, name: str, ring: Path, tls: tuple[Path, Path] | None,
+                 tree: Path | None = None) -> None:
         self.port = free_port()
         state = work / name
         state.mkdir()
-        argv = [sys.executable, "-m", "netsvc", "manager", "--listen",
+        run = ["-m", "netsvc"] if tree is None else [
+            "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from netsvc.cli import main; "
+            "sys.exit(main())"]
+        argv = [sys.executable, *run, "manager", "--listen",
                 f"127.0.0.1:{self.port}", "--key-file", str(ring), "--state-dir", str(state),
                 "--heartbeat-interval", "1", "--log-level", "warning"]
         if tls is not None:
@@ -131,6 +139,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--beats", type=int, default=300, help="heartbeats per round")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per manager and mode")
+    ap.add_argument("--old-tree", type=Path, default=None,
+                    help="a code tree (git archive) whose manager serves HTTPS beside")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="netsvc-tls-bench-") as tmp:
         work = Path(tmp)
@@ -142,24 +153,27 @@ def main() -> int:
         ca = str(work / "pki" / "ca.pem")
         plain = Manager(work, "plain", ring, None)
         tls = Manager(work, "tls", ring, (cert, key))
+        procs = {"plain": plain, "tls": tls}
+        if args.old_tree is not None:
+            procs["tls-old"] = Manager(work, "tls-old", ring, (cert, key), args.old_tree)
         try:
-            clients = {"plain": ManagerClient(plain.url, token, timeout=10),
-                       "tls": ManagerClient(tls.url, token, timeout=10, ca_file=ca)}
-            plain.wait(clients["plain"])
-            tls.wait(clients["tls"])
-            procs = {"plain": plain, "tls": tls}
-            kept = {"plain": ManagerClient(plain.url, token, timeout=10, persistent=True),
-                    "tls": ManagerClient(tls.url, token, timeout=10, ca_file=ca,
-                                         persistent=True)}
+            clients = {name: ManagerClient(m.url, token, timeout=10,
+                                           ca_file=None if name == "plain" else ca)
+                       for name, m in procs.items()}
+            for name, m in procs.items():
+                m.wait(clients[name])
+            kept = {name: ManagerClient(m.url, token, timeout=10,
+                                        ca_file=None if name == "plain" else ca,
+                                        persistent=True) for name, m in procs.items()}
             lat: dict[str, list[float]] = {}
             cpu: dict[str, float] = {}
-            seq = {"plain": 1, "tls": 1}
-            for name in ("plain", "tls"):  # warm-up, not counted
+            seq = dict.fromkeys(procs, 1)
+            for name in procs:  # warm-up, not counted
                 run_fresh(clients[name], 50, seq[name])
                 seq[name] += 50
             for _ in range(args.rounds):
                 for mode in ("fresh", "kept"):
-                    for name in ("plain", "tls"):
+                    for name in procs:
                         pid = procs[name].proc.pid
                         c0 = cpu_seconds(pid)
                         if mode == "fresh":
@@ -172,31 +186,40 @@ def main() -> int:
                         seq[name] += args.beats
             with socket.create_connection(("127.0.0.1", tls.port)) as raw, \
                     tls_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                tls_version, cipher = s.version(), s.cipher()[0]
+                tls_version, cipher = s.version(), (s.cipher() or ("?",))[0]
         finally:
-            plain.stop()
-            tls.stop()
+            for m in procs.values():
+                m.stop()
     total = args.beats * args.rounds
     results = {k: summary(v, cpu[k], total) for k, v in lat.items()}
-    ratios = {mode: {
+    ratios: dict[str, dict[str, float]] = {mode: {
         "p50": round(results[f"{mode}/tls"]["p50_ms"] / results[f"{mode}/plain"]["p50_ms"], 2),
         "p99": round(results[f"{mode}/tls"]["p99_ms"] / results[f"{mode}/plain"]["p99_ms"], 2),
         "manager_cpu": round(results[f"{mode}/tls"]["manager_cpu_ms_per_beat"]
                              / max(1e-9, results[f"{mode}/plain"]["manager_cpu_ms_per_beat"]),
                              2)} for mode in ("fresh", "kept")}
+    if args.old_tree is not None:
+        ratios.update({f"{mode}: tls over tls-old": {
+            "p50": round(results[f"{mode}/tls"]["p50_ms"]
+                         / results[f"{mode}/tls-old"]["p50_ms"], 2),
+            "manager_cpu": round(results[f"{mode}/tls"]["manager_cpu_ms_per_beat"]
+                                 / max(1e-9, results[f"{mode}/tls-old"][
+                                     "manager_cpu_ms_per_beat"]), 2)}
+            for mode in ("fresh", "kept")})
     report = {
         "command": " ".join([".venv/bin/python", "bench/tls_cost.py", *sys.argv[1:]]),
         "machine": {"uname_r": platform.release(), "nproc": os.cpu_count(),
                     "python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION},
         "setup": {"beats_per_round": args.beats, "rounds": args.rounds,
                   "tls": f"{tls_version} {cipher}, P-256 certificate",
-                  "managers": "two `netsvc manager` processes on 127.0.0.1, SQLite store, "
+                  "old_tree": str(args.old_tree) if args.old_tree else None,
+                  "managers": "`netsvc manager` processes on 127.0.0.1, SQLite store, "
                   "one host", "credential": "agent token of h1"},
         "results": results,
         "tls_over_plain": ratios,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
 
