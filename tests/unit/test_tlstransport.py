@@ -190,7 +190,7 @@ class ToyServer:
         self.loop.close()
         self.sock.close()
 
-    def lost(self, i: int = -1) -> Exception | None | bool:
+    def lost(self, i: int = -1) -> Exception | bool | None:
         """The argument of connection i's ``connection_lost``, False before it."""
         for name, arg in list(self.events[i]):
             if name == "lost":
