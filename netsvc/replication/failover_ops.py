@@ -63,11 +63,10 @@ class FailoverOps(ReplicationState):
         return [h for h in self.primary_hosts(model)
                 if h in model.hosts and model.hosts[h].state is HostState.UP]
 
-    def request_failover(self, req: FailoverRequest, *, now: float,
-                         wall: float | None = None) -> dict[str, Any]:
-        k = self.kernel
-        k.check_fenced()
-        subject = f"site:{self.t.site_b_host}"
+    def _failover_vms(self) -> tuple[str, ...]:
+        """The VMs a failover or planned migration would start at site B (the protected
+        ones); refused while a failover is under way or nothing is protected, invalid while
+        no BMC of the site-B host is configured."""
         f = self.failover
         if f is not None and f.phase in ACTIVE_PHASES:
             raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
@@ -76,6 +75,14 @@ class FailoverOps(ReplicationState):
         vms = tuple(sorted(self.protected))
         if not vms:
             raise Refused("nothing-protected", "no VM is protected")
+        return vms
+
+    def request_failover(self, req: FailoverRequest, *, now: float,
+                         wall: float | None = None) -> dict[str, Any]:
+        k = self.kernel
+        k.check_fenced()
+        subject = f"site:{self.t.site_b_host}"
+        vms = self._failover_vms()
         alive = self.alive_primaries()
         plan = {"vms": [v.to_dict() for v in self.replica_vms()],
                 "power_on": self.t.site_b_host, "alive_primaries": alive}
@@ -109,14 +116,7 @@ class FailoverOps(ReplicationState):
         k = self.kernel
         k.check_fenced()
         subject = f"site:{self.t.site_b_host}"
-        f = self.failover
-        if f is not None and f.phase in ACTIVE_PHASES:
-            raise Refused("failover-in-progress", f"a failover is {f.phase.value}")
-        if self.t.bmc is None:
-            raise ValidationError("replication.bmc", "no BMC of the site-B host is configured")
-        vms = tuple(sorted(self.protected))
-        if not vms:
-            raise Refused("nothing-protected", "no VM is protected")
+        vms = self._failover_vms()
         unsynced = [vm for vm in vms if self.protected[vm].disks and not (
             vm in self.shipping and self.shipping[vm][2].get("synced"))]
         plan = {"vms": list(vms), "power_on": self.t.site_b_host, "planned": True}
