@@ -276,13 +276,19 @@ class OffOnStepOps(PowerServiceState):
 
     # -- the BMC and the confirmations -----------------------------------------------------
 
+    def _ask_bmc(self, op: Operation, kind: str, now: float, wall: float | None) -> None:
+        """Ask ``op.host``'s BMC for ``kind`` (``bmc-off``, ``bmc-on``: an effect whose outcome
+        ends the step, ``bmc_effects.py``); a host with no BMC configured fails the
+        operation."""
+        if op.host not in self._bmc_entries():
+            self._fail(op, now, wall, f"no BMC configured for {op.host}")
+            return
+        self._effects.append(Effect(self.name, kind, {"host": op.host, "operation": op.id},
+                                    now))
+
     def _step_bmc_off(self, op: Operation, first: bool, now: float, wall: float | None) -> None:
         if first:
-            if op.host not in self._bmc_entries():
-                self._fail(op, now, wall, f"no BMC configured for {op.host}")
-                return
-            self._effects.append(Effect(self.name, "bmc-off",
-                                        {"host": op.host, "operation": op.id}, now))
+            self._ask_bmc(op, "bmc-off", now, wall)
 
     def _step_confirm(self, op: Operation, first: bool, now: float, wall: float | None) -> None:
         off_at = float(op.results.get("bmc_off_at", op.step_started))
@@ -301,11 +307,7 @@ class OffOnStepOps(PowerServiceState):
 
     def _step_bmc_on(self, op: Operation, first: bool, now: float, wall: float | None) -> None:
         if first:
-            if op.host not in self._bmc_entries():
-                self._fail(op, now, wall, f"no BMC configured for {op.host}")
-                return
-            self._effects.append(Effect(self.name, "bmc-on",
-                                        {"host": op.host, "operation": op.id}, now))
+            self._ask_bmc(op, "bmc-on", now, wall)
 
     def _step_agent_up(self, op: Operation, first: bool, now: float,
                        wall: float | None) -> None:
