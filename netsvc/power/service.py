@@ -42,8 +42,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgspec
-
 from netsvc.cluster.actions import Action
 from netsvc.cluster.auth import READ, agent_of
 from netsvc.cluster.model import ClusterModel, HostState
@@ -84,7 +82,6 @@ __all__ = [
     "Operation",
     "PowerConfig",
     "PowerService",
-    "report_to_dict",
 ]
 
 
@@ -225,7 +222,3 @@ class PowerService(ReaderDocOps, ViewOps, OperationOps, OffOnStepOps, FollowOps,
         d = ev.decision
         if d is not None:
             self._start(d, now, wall, dry_run=self.config.dry_run)
-
-
-def report_to_dict(rep: PowerReport) -> dict[str, Any]:
-    return dict(msgspec.to_builtins(rep))

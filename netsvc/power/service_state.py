@@ -17,8 +17,8 @@ Invariants:
   the end of ``PowerServiceState`` for the type checker only.
 - A document keeps its move generation when it is stored again without one (``_store_disk``).
 - Volatile: the host power states and the operation live in the manager's memory (only the
-  documents are durable). Not done yet: a restarted manager forgets an operation under way
-  (``operations.py``: it undoes it instead).
+  documents are durable): a restarted manager does not resume an operation under way, it
+  undoes it (``operations.py``, ``_recovery``).
 """
 
 from __future__ import annotations
