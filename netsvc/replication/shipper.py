@@ -49,6 +49,7 @@ from netsvc.replication.wire import (
     Status,
     decode_status,
 )
+from netsvc.storage.nbdpaths import disconnect
 
 
 class Sink(Protocol):
@@ -107,7 +108,10 @@ class NbdSink:
         return self._h
 
     def _kill(self) -> None:
+        """The watchdog: reset the connection (nothing it still queued reaches site B
+        later, when the link comes back) and wake the call blocked on it."""
         if self._fd >= 0:
+            disconnect(self._fd)
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
 
