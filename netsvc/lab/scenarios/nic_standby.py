@@ -192,11 +192,12 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
                      and (e.get("details") or {}).get("id") == queued["action"]["id"]
                      and (e.get("details") or {}).get("phase") == "handover"), None)
     out["migration_wake_ms"] = None if wake3 is None else wake3["details"]["wake_ms"]
-    # when the wake was ready: the agent's own clock (its event is posted on a thread and may
-    # be journaled after the handover's claim; the lab's hosts share one CLOCK_MONOTONIC), or
-    # the manager's nic-wake action's completion
-    woke = None if wake3 is None else float((wake3.get("details") or {}).get("ready_mono")
-                                            or wake3["mono"])
+    # when the wake was ready, on the agent's own clock, whoever asked for it (its hook's
+    # event is posted on a thread, and the manager's nic-wake action's report comes from
+    # another of its threads: either may be journaled after the handover's claim; the lab's
+    # hosts share one CLOCK_MONOTONIC)
+    ready = None if wake3 is None else (wake3.get("details") or {}).get("ready_mono")
+    woke = None if ready is None else float(ready)
     checks.check("h3's vs1 awake before the switch-over",
                  mig["ok"] and woke is not None and handover is not None
                  and woke < float(handover["mono"]),
