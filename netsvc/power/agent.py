@@ -40,7 +40,9 @@ Invariants:
   the kept sets (``released``). Keeping a set too long only makes a resync copy more.
 - Each disk's move generation (``gen``: one more after every move that changed its copy;
   at least the one an ``open`` or ``merge`` names) is in the state file and in every report,
-  so the manager tells a report built before a move from one built after it.
+  so the manager tells a report built before a move from one built after it. An agent that
+  counts behind the manager (its state file was lost) takes the manager's from the report's
+  reply (``gens``; raised, never lowered).
 - ``release`` of a disk not served here and with no kept set hands back nothing (an undo of
   an open that never happened is safe); ``open`` and ``merge`` check the copy the manager
   names: a disk served here on another copy is an error, never silently switched.
@@ -293,16 +295,37 @@ class PowerAgent:
                 self.ctx.log(f"power report failed: {exc}")
             stop.wait(every)
 
+    def catch_up(self, gens: Mapping[str, Any]) -> list[str]:
+        """The manager's move generations of disks served here that this agent counts
+        behind (its state file was lost): raised to them, never lowered."""
+        raised = []
+        with self._lock:
+            for disk, gen in gens.items():
+                if str(disk) in self.volumes and isinstance(gen, int) \
+                        and gen > self.gens.get(str(disk), 0):
+                    self.gens[str(disk)] = gen
+                    raised.append(str(disk))
+            if raised:
+                self._save_state()
+        return raised
+
     def report_once(self, client: Any) -> None:
-        """One report; the reply's ``forget`` drops the released sets the manager merged."""
+        """One report; the reply's ``forget`` drops the released sets the manager merged,
+        its ``gens`` brings move generations this agent lost up to date."""
         status, body = client.request("POST", "/v1/power/reports", self.report())
         if status != 200:
             self.ctx.log(f"power report refused ({status}): {body}")
-        elif isinstance(body, dict) and isinstance(body.get("forget"), dict):
+            return
+        if isinstance(body, dict) and isinstance(body.get("forget"), dict):
             gone = self.forget(body["forget"])
             if gone:
                 self.ctx.log(f"power: the manager merged what {', '.join(gone)} released "
                              "here")
+        if isinstance(body, dict) and isinstance(body.get("gens"), dict):
+            raised = self.catch_up(body["gens"])
+            if raised:
+                self.ctx.log(f"power: move generation of {', '.join(raised)} taken from the "
+                             "manager (this agent counted behind)")
 
     # -- the executor ----------------------------------------------------------------------
 

@@ -336,7 +336,19 @@ class PowerService(BaseManagerService):
             raise UnknownEntity("host", rep.host)
         self._reports[rep.host] = (rep, r.now)
         self._adopt(rep, r.now, r.wall)
-        return Reply(200, {"ok": True, "forget": self.acks(rep)})
+        return Reply(200, {"ok": True, "forget": self.acks(rep), "gens": self.gens(rep)})
+
+    def gens(self, rep: PowerReport) -> dict[str, int]:
+        """The disks ``rep``'s host reads whose move generation it reports behind the
+        document's: the agent catches up (it lost its state file, or the report was built
+        before a move), so its next report's ``where`` counts again."""
+        out = {}
+        for v in rep.volumes:
+            doc = self._docs.get(v.name)
+            if doc is not None and doc["reader"] == rep.host \
+                    and v.gen < int(doc.get("gen") or 0):
+                out[v.name] = int(doc.get("gen") or 0)
+        return out
 
     def _moving(self) -> set[str]:
         """The disks a handover is moving now."""

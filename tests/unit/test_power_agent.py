@@ -164,6 +164,20 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             back = h2.move("h3", "first")["disks"]["d3"]
             assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
             assert back["gen"] == 4 and h2.report()["volumes"][0]["gen"] == 4
+
+            class Ahead:  # h2 lost its state file once: the manager counts further
+                def __init__(self, gens: dict[str, int]) -> None:
+                    self.gens = gens
+
+                def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+                    return 200, {"ok": True, "forget": {}, "gens": self.gens}
+
+            h2.report_once(Ahead({"d3": 9, "d9": 5}))  # d9: not served here, ignored
+            assert h2.report()["volumes"][0]["gen"] == 9 and "d9" not in h2.gens
+            h2.report_once(Ahead({"d3": 2}))  # never lowered
+            assert h2.report()["volumes"][0]["gen"] == 9
+            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text())["gens"] \
+                == {"d3": 9}
             first = (a.directory / "d3").read_bytes()
             assert first[:4096] == b"\x01" * 4096
             assert first[3 * 65536:3 * 65536 + 4096] == b"\x02" * 4096

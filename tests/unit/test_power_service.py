@@ -674,6 +674,28 @@ def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_hand
     assert core2.model.service_docs["power/d4"]["dirty"] == []
 
 
+def test_an_agent_counting_behind_is_told_the_documents_generation(tmp_path: Path) -> None:
+    """h1's agent lost its state file: it reports d4 at generation 0, the document is at 3.
+    Its report's ``where`` is not taken (it may predate a move), and the reply names the
+    generation; the next report, at 3, counts again."""
+    from netsvc.cluster.service import Request
+
+    env = Env(tmp_path)
+    env.service._adopt(env.service._reports["h1"][0], T0, None)
+    doc = env.core.model.service_docs["power/d4"]
+    env.service._store_disk("d4", {**doc, "gen": 3})
+
+    def report(gen: int, now: float) -> Any:
+        body = convert({"host": "h1", "volumes": [vol("d4", "h4", "second", gen=gen)]},
+                       PowerReport)
+        return env.service._route_report(Request((), None, body, now, WALL0 + now)).body
+
+    assert report(0, T0 + 1)["gens"] == {"d4": 3}
+    assert env.core.model.service_docs["power/d4"]["where"] == "first"  # not taken
+    assert report(3, T0 + 2)["gens"] == {}
+    assert env.core.model.service_docs["power/d4"]["where"] == "second"
+
+
 def test_a_moves_result_updates_where_the_documents_say_the_disk_is(tmp_path: Path) -> None:
     """A handover opens a disk on the copy the document names: a finished power-move sets it
     at once (not at the reader's next report); after a failed one it is unknown, and a follow
