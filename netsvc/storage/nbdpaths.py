@@ -19,7 +19,10 @@ Invariants:
   (``connect`` with ``AF_UNSPEC``: the kernel's TCP disconnect) drops what the socket still
   holds to send or resend, so a write queued on a dead path never reaches the array when the
   link comes back, after its retry on another path (and a newer write of the same block) did;
-  a plain ``shutdown`` would keep it queued, then send it.
+  a plain ``shutdown`` would keep it queued, then send it. The reset cannot recall a write
+  the array already received and carries out late (a slow path, not a dead one): ordering
+  across paths then rests on the array. A plain ``close`` (nothing to abort) shuts the
+  connection down gracefully.
 - A request is issued at most twice (the core's rule); a VM sees an error only when both
   attempts failed or no path came back within the queue timeout.
 - Handles are never reused after a failure: a FAILED path gets a new connection when its
@@ -130,8 +133,10 @@ def kill(conn: _Conn) -> None:
 
 
 def close(conn: _Conn) -> None:
-    """Shut the socket down; libnbd closes the handle when the last reference goes."""
-    kill(conn)
+    """Shut the socket down (gracefully: what it sent is delivered; ``kill`` first to
+    abort); libnbd closes the handle when the last reference goes."""
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(conn.fd)).shutdown(socket.SHUT_RDWR)
     conn.handle = None
     with contextlib.suppress(OSError):
         os.close(conn.fd)
