@@ -12,8 +12,12 @@ at the new one if every VM of the disk runs there, hand back if none does, ``spl
 are on both), journaled ``power-reader-follow-*``. A disk left ``split`` is handed over once
 its VMs all run on one of its two hosts (opened there first, since that host may have released
 it before the split; a failed resolution stays split and is tried again ``SPLIT_RETRY_S``
-later); a restarted manager resumes a merge its document holds the state of, and holds a
-handover stopped before the release as split (``service.PowerService.bind``).
+later, twice as long after each further failure, up to 16 times as long); while it is
+split, its VMs may move only between those two hosts (a follow elsewhere is refused:
+``one-reader-per-disk``), and none may move anywhere but to a handover's target while one
+runs (``one-handover-per-disk``). A restarted manager resumes a merge its document holds the
+state of, and holds a handover stopped before the release as split
+(``service.PowerService.bind``).
 
 Invariants:
 
@@ -90,6 +94,16 @@ class FollowOps(PowerServiceState):
                 refuse("disk-known", f"no reader is known for {disk}")
                 return {}
             wait.append(disk)
+            if disk in self._follows and self._follows[disk][0].target != req.host:
+                h0, vm0 = self._follows[disk]
+                refuse("one-handover-per-disk", f"{disk} is following {vm0} to {h0.target}")
+            split = doc.get("handover") or {}
+            if split.get("phase") == "split" and req.host not in (split.get("source"),
+                                                                   split.get("target")):
+                # a third host would serve it too, and the resolution knows two hosts only
+                refuse("one-reader-per-disk", f"{disk} is served by {split.get('source')} "
+                       f"and {split.get('target')} at once: its VMs may move only between "
+                       "those two until it is resolved")
             if doc["reader"] == req.host:
                 continue
             if disk in ours and ours[disk].target == req.host:
@@ -100,10 +114,10 @@ class FollowOps(PowerServiceState):
             if disk not in declared:
                 refuse("host-declares-disk", f"{req.host} does not declare {disk}")
             if disk in self._follows:
-                h0, vm0 = self._follows[disk]
-                if h0.target == req.host:
-                    continue  # this VM goes where the disk already goes
-                refuse("one-handover-per-disk", f"{disk} is following {vm0} to {h0.target}")
+                continue  # this VM goes where the disk already goes (its target, above)
+            if split.get("phase") == "split":
+                continue  # to the other host of the two: the target's agent waits until
+                # it serves the disk, and the split is resolved once its VMs are together
             todo.append((disk, doc))
         if todo and self._op is not None:
             refuse("one-transition-at-a-time", f"operation {self._op.id} ({self._op.op} "
@@ -137,6 +151,8 @@ class FollowOps(PowerServiceState):
         users = {d: p.get("users") or [] for d, p in self.placement().items()}
         for disk, doc in sorted(self._docs.items()):
             ho = doc.get("handover") or {}
+            if doc.get("where") not in ("first", "second"):
+                continue  # not known (a move failed): its reader's next report says
             if ho.get("phase") in ("merge", "undo-merge") and disk not in self._follows:
                 # a previous manager held a released state: the merge goes on from the document
                 try:
@@ -210,8 +226,13 @@ class FollowOps(PowerServiceState):
             self._store_disk(disk, h.doc())
             if h.phase.final:
                 del self._follows[disk]
-                if h.resolving and h.phase is Phase.SPLIT:
-                    self._split_retry[disk] = now + SPLIT_RETRY_S
+                if h.resolving and h.phase is Phase.SPLIT:  # tried again later, less often
+                    tries = self._split_tries.get(disk, 0) + 1
+                    self._split_tries[disk] = tries
+                    self._split_retry[disk] = now + SPLIT_RETRY_S * 2 ** min(tries - 1, 4)
+                elif h.phase is not Phase.SPLIT:
+                    self._split_tries.pop(disk, None)
+                    self._split_retry.pop(disk, None)
                 self._followed = [*self._followed[-9:], {
                     "disk": disk, "vm": vm, "source": h.source, "target": h.target,
                     "phase": h.phase.value, "error": h.error, "reader": h.reader}]

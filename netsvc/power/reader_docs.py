@@ -47,13 +47,15 @@ class ReaderDocOps(PowerServiceState):
 
     def gens(self, rep: PowerReport) -> dict[str, int]:
         """The disks ``rep``'s host reads whose move generation it reports behind the
-        document's: the agent catches up (it lost its state file, or the report was built
-        before a move), so its next report's ``where`` counts again."""
+        document's, on the copy the document names: the agent catches up (it lost its state
+        file, or the report was built before a move), so its next report counts again. Not
+        for a disk it reports on another copy (an agent that lost its state serves the first
+        copy): that one stays behind, its reports ignored (``_adopt`` journals it)."""
         out = {}
         for v in rep.volumes:
             doc = self._docs.get(v.name)
             if doc is not None and doc["reader"] == rep.host \
-                    and v.gen < int(doc.get("gen") or 0):
+                    and v.gen < int(doc.get("gen") or 0) and v.where == doc.get("where"):
                 out[v.name] = int(doc.get("gen") or 0)
         return out
 
@@ -97,6 +99,18 @@ class ReaderDocOps(PowerServiceState):
                 stale = v.gen < int(doc.get("gen") or 0)
                 if doc.get("where") != v.where and v.name not in moving and not stale:
                     self._store_disk(v.name, {**doc, "where": v.where, "gen": v.gen})
+                elif stale and doc.get("where") not in (None, v.where) \
+                        and v.name not in moving and (v.name, rep.host) not in self._mismatches:
+                    self._mismatches.add((v.name, rep.host))
+                    self.kernel.journal_append(
+                        now, wall, "power-reader-where-mismatch", f"disk:{v.name}",
+                        f"{rep.host} serves {v.name} on its {v.where} copy at generation "
+                        f"{v.gen}, but it is authoritative on its {doc.get('where')} copy "
+                        f"(generation {doc.get('gen')}): its reports are ignored until it "
+                        "serves that copy (an agent that lost its state file?)", actor="power",
+                        details={"host": rep.host, "where": v.where, "gen": v.gen,
+                                 "document": {"where": doc.get("where"),
+                                              "gen": doc.get("gen")}})
             elif v.name not in moving and (v.name, rep.host) not in self._conflicts \
                     and (doc.get("handover") or {}).get("phase") not in ("split",):
                 self._conflicts.add((v.name, rep.host))

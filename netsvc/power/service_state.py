@@ -46,7 +46,8 @@ DRIVE_EVERY_S = 0.2  # while an operation runs
 READ_EVERY_S = 2.0  # one host's DCMI readings per effect, round robin
 HISTORY = 20
 REPORT_TTL_S = 10.0  # a host up whose power report is older: the planner decides nothing
-SPLIT_RETRY_S = 30.0  # a split's resolution that failed is tried again after this
+SPLIT_RETRY_S = 30.0  # a split's failed resolution is tried again after this, doubled
+# after each further failure (at most 16 times: 8 minutes)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,9 @@ class PowerServiceState(BaseManagerService):
         self._follow_waiting: dict[str, str] = {}  # action id -> disk
         self._followed: list[dict[str, Any]] = []  # the last follows that ended
         self._split_retry: dict[str, float] = {}  # disk -> not resolved again before
+        self._split_tries: dict[str, int] = {}  # disk -> resolutions failed in a row
         self._conflicts: set[tuple[str, str]] = set()  # (disk, host) journaled
+        self._mismatches: set[tuple[str, str]] = set()  # (disk, host): another copy, journaled
 
     def _store_disk(self, disk: str, doc: Mapping[str, Any]) -> None:
         """Keep ``disk``'s document (the reader the manager assigned) in the state store

@@ -148,6 +148,11 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             with pytest.raises(RuntimeError, match="second copy here, not first"):
                 h2.reader("merge", "d3", "first", [])
             assert h1.forget({"d3": released["released"] + 1}) == []  # another set: kept
+            # h1 released d3 on the second copy: an open on the first would serve stale
+            # blocks and lose its kept set at the next release
+            with pytest.raises(RuntimeError, match="released here on its second copy"):
+                h1.reader("open", "d3", "first")
+            assert "d3" not in h1.volumes and h1.released["d3"]["dirty"] == [[0, 1]]
 
             class Manager:  # the report's reply: the manager merged that set
                 def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
