@@ -288,24 +288,27 @@ def _steps(lab: Lab, checks: Checks, params: dict[str, Any], maintenance: bool
         # to go: its I/O waits for stor-a)
         active = [k for k, v in _paths_state(lab, "stor-a").items()
                   if v == "active" and not k.startswith(f"{single}/")]
-        phases.append((time.monotonic(), "bridge-down"))
+        t_down = time.monotonic()
+        phases.append((t_down, "bridge-down"))
         _bridge(lab, False)
         time.sleep(params["down_s"])
         if not maintenance:
-            def failovers() -> int:
-                return sum(1 for x in lab.manager().journal(0, limit=10000)
-                           if x["action"] == "storage-path-moved"
-                           and (x.get("details") or {}).get("kind") == "failover")
+            def failovers() -> set[str]:  # the host/datastore pairs that failed over
+                return {str(x["subject"]).removeprefix("path:")
+                        for x in lab.manager().journal(0, limit=10000)
+                        if x["action"] == "storage-path-moved" and float(x["mono"]) >= t_down
+                        and (x.get("details") or {}).get("kind") == "failover"}
 
             # every path that was active on stor-a moves: waited for with the bridge still
             # down (a sanity bound), not counted at the end of a fixed down_s (the agents'
             # moves reach the journal when they do, later on a loaded machine)
-            poll(lambda: failovers() >= len(active), FAILOVER_WITHIN_S, every=0.2)
-            moved = failovers()
+            poll(lambda: set(active) <= failovers(), FAILOVER_WITHIN_S, every=0.2)
+            failed_over = failovers()
+            moved = len(failed_over)
             figures["active_on_stor_a_before"] = len(active)
             checks.check("every dual-fabric path active on stor-a failed over to stor-b",
-                         moved >= len(active) > 0,
-                         f"{moved} failovers journaled for {len(active)} active paths "
+                         bool(active) and set(active) <= failed_over,
+                         f"failed over: {sorted(failed_over)}; active on stor-a before: "
                          f"{sorted(active)}")
         phases.append((time.monotonic(), "bridge-up"))
         _bridge(lab, True)
