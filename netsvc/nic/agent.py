@@ -232,6 +232,9 @@ class NicAgent:
                 if io.is_ready(idx[0], now):
                     return {"switch": switch, "wake_ms": 0.0, "already": True}
                 out = io.wake(self.ipr, switch, conf.uplinks, self.wake_timeout, idx)
+                # when it was ready, on this host's clock: the action's report (or the hook's
+                # event) may reach the journal after what follows the wake
+                out["ready_mono"] = round(time.monotonic(), 6)
         # No report at once: a wake is usually followed by an attach or a migration's
         # switch-over, which should not share the cores with a report; the next one says it.
         return out
@@ -271,7 +274,7 @@ class NicAgent:
                              "wake_ms": out["wake_ms"],
                              # when it was ready, on this host's clock (the post may land in
                              # the journal after what follows the attach)
-                             "ready_mono": round(time.monotonic(), 6)})
+                             "ready_mono": out["ready_mono"]})
 
     def detached(self, vm: str, action: Mapping[str, Any]) -> None:
         self.release(vm)

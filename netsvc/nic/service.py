@@ -316,7 +316,8 @@ class NicService(BaseManagerService):
             self.planner.settle(host, switch, op, ok, now,
                                 action.reason if ok else f"{op} failed: {detail}")
         figures: dict[str, Any] = {k: res[k] for k in ("standby_ms", "wake_ms", "nics",
-                                                        "elapsed_ms", "already") if k in res}
+                                                        "elapsed_ms", "already", "ready_mono")
+                                   if k in res}
         kernel.journal_append(now, wall, f"nic-{op}-{'done' if ok else 'failed'}",
                               f"switch:{host}/{switch}",
                               (f"{host}/{switch} in standby" if op == "standby"

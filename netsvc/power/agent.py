@@ -40,10 +40,16 @@ Invariants:
   the kept sets (``released``). Keeping a set too long only makes a resync copy more.
 - Each disk's move generation (``gen``: one more after every move that changed its copy;
   at least the one an ``open`` or ``merge`` names) is in the state file and in every report,
-  so the manager tells a report built before a move from one built after it.
+  so the manager tells a report built before a move from one built after it. An agent that
+  counts behind the manager (its state file was lost) takes the manager's from the report's
+  reply (``gens``; raised, never lowered).
 - ``release`` of a disk not served here and with no kept set hands back nothing (an undo of
   an open that never happened is safe); ``open`` and ``merge`` check the copy the manager
-  names: a disk served here on another copy is an error, never silently switched.
+  names: a disk served here on another copy is an error, never silently switched, and so is
+  an ``open`` of a disk released here on another copy (its kept set names that copy). A disk
+  a handover opens on its second copy is tracked from before it is served.
+- A report's generation is read before its copy: a move ending in between makes the report
+  look older than it is, never newer.
 - A ``power-move`` stops at the first disk that fails. Towards the second copy, the disks it
   moved before are moved back to their first copy (``move``); each disk is authoritative on
   exactly one copy throughout, and the error names what moved and what came back.
@@ -191,11 +197,13 @@ class PowerAgent:
         if self.endpoint is not None:
             self.endpoint.start()
 
-    def _open_disk(self, name: str, where: Copy, *, lazy_other: bool = False) -> PowerVolume:
+    def _open_disk(self, name: str, where: Copy, *, lazy_other: bool = False,
+                   track: bool = False) -> PowerVolume:
         """Open ``name``'s two copies and serve it (authoritative on ``where``).
         ``lazy_other`` (a handover's open): connect the other copy in the background (its
         paths may lead to a host that is off, whose connects time out; no VM I/O goes there,
-        and a later move waits for it through its own connections)."""
+        and a later move waits for it through its own connections). ``track``: track the
+        blocks written from before the disk is served (a VM here may write at once)."""
         from netsvc.storage.nbdpaths import Datastore
 
         c = self.confs[name]
@@ -221,6 +229,9 @@ class PowerAgent:
         vol = PowerVolume(name, dss[Copy.FIRST], dss[Copy.SECOND],
                           Resource(f"{name}-first", name, c.first),
                           Resource(f"{name}-second", name, c.second), size=size, where=where)
+        if track:
+            with vol._cv:
+                vol.core.track()
         self._ds[name] = [dss[Copy.FIRST], dss[Copy.SECOND]]
         self.volumes[name] = vol
         if self.endpoint is not None:
@@ -258,9 +269,12 @@ class PowerAgent:
     def report(self) -> dict[str, Any]:
         vols = []
         for name, v in sorted(self.volumes.items()):
+            # the generation before the copy: a move ending in between makes this report
+            # look older than it is (ignored), never newer (a copy it no longer has)
+            gen = self.gens.get(name, 0)
             snap = v.snapshot()
             vols.append({"name": name, "owner": self.confs[name].owner, "where": snap["where"],
-                         "gen": self.gens.get(name, 0),
+                         "gen": gen,
                          "size": snap["size"], "dirty_blocks": snap["dirty_blocks"],
                          "block": snap["block"], "io_errors": snap["io_errors"],
                          "first_ok": _healthy(v.ds[Copy.FIRST]),
@@ -293,16 +307,37 @@ class PowerAgent:
                 self.ctx.log(f"power report failed: {exc}")
             stop.wait(every)
 
+    def catch_up(self, gens: Mapping[str, Any]) -> list[str]:
+        """The manager's move generations of disks served here that this agent counts
+        behind (its state file was lost): raised to them, never lowered."""
+        raised = []
+        with self._lock:
+            for disk, gen in gens.items():
+                if str(disk) in self.volumes and isinstance(gen, int) \
+                        and gen > self.gens.get(str(disk), 0):
+                    self.gens[str(disk)] = gen
+                    raised.append(str(disk))
+            if raised:
+                self._save_state()
+        return raised
+
     def report_once(self, client: Any) -> None:
-        """One report; the reply's ``forget`` drops the released sets the manager merged."""
+        """One report; the reply's ``forget`` drops the released sets the manager merged,
+        its ``gens`` brings move generations this agent lost up to date."""
         status, body = client.request("POST", "/v1/power/reports", self.report())
         if status != 200:
             self.ctx.log(f"power report refused ({status}): {body}")
-        elif isinstance(body, dict) and isinstance(body.get("forget"), dict):
+            return
+        if isinstance(body, dict) and isinstance(body.get("forget"), dict):
             gone = self.forget(body["forget"])
             if gone:
                 self.ctx.log(f"power: the manager merged what {', '.join(gone)} released "
                              "here")
+        if isinstance(body, dict) and isinstance(body.get("gens"), dict):
+            raised = self.catch_up(body["gens"])
+            if raised:
+                self.ctx.log(f"power: move generation of {', '.join(raised)} taken from the "
+                             "manager (this agent counted behind)")
 
     # -- the executor ----------------------------------------------------------------------
 
@@ -365,8 +400,8 @@ class PowerAgent:
         want = Copy(where)
         with self._lock:
             vol = self.volumes.get(disk)
+            kept = self.released.get(disk)
             if op == "release":
-                kept = self.released.get(disk)
                 if vol is None:
                     if kept is not None:  # released before: hand the same set back
                         return {"disk": disk, "where": kept["where"], "dirty": kept["dirty"],
@@ -395,20 +430,23 @@ class PowerAgent:
             if vol is None:
                 if op == "merge":
                     raise RuntimeError(f"{disk} is not served on {self.ctx.host}")
+                if kept is not None and kept["where"] != want.value:
+                    # what this host released is on the other copy: serving the copy the
+                    # manager names would read stale blocks, and drop this set at the next
+                    # release
+                    raise RuntimeError(f"{disk} was released here on its {kept['where']} "
+                                       f"copy, not {want.value}")
                 try:
-                    vol = self._open_disk(disk, want, lazy_other=True)
+                    vol = self._open_disk(disk, want, lazy_other=True,
+                                          track=want is Copy.SECOND)
                 except OSError as exc:
                     self._open_errors[disk] = str(exc)
                     raise RuntimeError(str(exc)) from None
                 self._open_errors.pop(disk, None)
-                if want is Copy.SECOND:
-                    with vol._cv:
-                        vol.core.track()
             if vol.where is not want:
                 raise RuntimeError(f"{disk} is on its {vol.where.value} copy here, not "
                                    f"{want.value}")
             blocks = sorted(from_ranges(dirty))
-            kept = self.released.get(disk)
             if kept is not None and kept["where"] == want.value:
                 # released here before, not acknowledged: served again, its set joins
                 blocks = sorted(set(blocks) | from_ranges(kept["dirty"]))

@@ -49,6 +49,7 @@ from netsvc.replication.wire import (
     Status,
     decode_status,
 )
+from netsvc.storage.nbdpaths import disconnect
 
 
 class Sink(Protocol):
@@ -69,7 +70,10 @@ class Sink(Protocol):
 class NbdSink:
     """``replica/NAME`` on site B's nbdkit, over one libnbd connection (opened on first use,
     dropped on any error; the next call reconnects). Every request is bounded by ``timeout``:
-    a watchdog shuts the socket down under a request that hangs (a cut link)."""
+    a watchdog resets the connection under a request that hangs (a cut link). A watchdog acts
+    only on the connection it was set for (``_gen``), under ``_fd_lock``, so one that fires
+    as its request ends never touches a later connection, nor a descriptor number reused by
+    another once this one is closed."""
 
     def __init__(self, addr: str, port: int, name: str, *, timeout: float = 5.0,
                  source: str | None = None, depth: int = 16) -> None:
@@ -79,6 +83,8 @@ class NbdSink:
         self._cookies: list[int] = []
         self._h: Any = None
         self._fd = -1
+        self._gen = 0  # one more per connection
+        self._fd_lock = threading.Lock()
         self.size = -1
 
     def _conn(self) -> Any:
@@ -102,28 +108,39 @@ class NbdSink:
             except Exception:
                 os.close(fd)
                 raise
-            self._h, self._fd = h, fd
+            with self._fd_lock:
+                self._h, self._fd = h, fd
+                self._gen += 1
             self.size = h.get_size() - CONTROL
         return self._h
 
-    def _kill(self) -> None:
-        if self._fd >= 0:
+    def _kill(self, gen: int | None = None) -> None:
+        """Reset the connection (nothing it still queued reaches site B later, when the link
+        comes back) and wake the call blocked on it; ``gen``: only if it is still that
+        connection (the watchdog's)."""
+        with self._fd_lock:
+            if self._fd < 0 or (gen is not None and gen != self._gen):
+                return
+            disconnect(self._fd)
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
 
     def _do(self, fn: Callable[[Any], Any]) -> Any:
-        watchdog = threading.Timer(self.timeout, self._kill)
-        watchdog.daemon = True
+        watchdog: threading.Timer | None = None
         try:
             h = self._conn()
+            watchdog = threading.Timer(self.timeout, self._kill, args=(self._gen,))
+            watchdog.daemon = True
             watchdog.start()
             return fn(h)
         except Exception as exc:
+            self._kill()  # a failed request: nothing it queued is sent later
             self.close()
             raise ConnectionError(f"replica/{self.name} at {self.addr}:{self.port}: {exc}") \
                 from exc
         finally:
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
 
     def _settle(self, h: Any, keep: int) -> None:
         """Wait until at most ``keep`` data writes are in flight; a failed one raises."""
@@ -169,11 +186,13 @@ class NbdSink:
 
     def close(self) -> None:
         """Drop the connection (site B discards an epoch begun and not committed on it)."""
-        self._kill()
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._h, self._fd = None, -1
+        with self._fd_lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):  # graceful: ``_kill`` first to abort
+                    socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+            self._h, self._fd = None, -1
         self._cookies = []
 
 

@@ -13,9 +13,16 @@ Invariants:
 
 - Only this module touches libnbd and the clock for the core; the core's decisions are taken
   under one lock (``self._lock``), libnbd calls are made outside it.
-- An ``Abort`` shuts the path's socket down (a ``dup`` of the fd kept at connect time, as
+- An ``Abort`` resets the path's connection (a ``dup`` of the fd kept at connect time, as
   libnbd holds its handle lock for the whole of a blocking call): every call blocked on it
-  returns an error at once, which the core turns into one retry on a healthy path.
+  returns an error at once, which the core turns into one retry on a healthy path. The reset
+  (``connect`` with ``AF_UNSPEC``: the kernel's TCP disconnect) drops what the socket still
+  holds to send or resend, so a write queued on a dead path never reaches the array when the
+  link comes back, after its retry on another path (and a newer write of the same block) did;
+  a plain ``shutdown`` would keep it queued, then send it. The reset cannot recall a write
+  the array already received and carries out late (a slow path, not a dead one): ordering
+  across paths then rests on the array. A plain ``close`` (nothing to abort) shuts the
+  connection down gracefully.
 - A request is issued at most twice (the core's rule); a VM sees an error only when both
   attempts failed or no path came back within the queue timeout.
 - Handles are never reused after a failure: a FAILED path gets a new connection when its
@@ -25,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import os
@@ -103,14 +111,32 @@ def connect(pid: PathId, export: str, *, source: str | None = None,
     return _Conn(h, dup)
 
 
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def disconnect(fd: int) -> bool:
+    """Reset the TCP connection of ``fd`` at once, whoever else holds the socket: a
+    ``connect`` to an ``AF_UNSPEC`` address (Linux: ``tcp_disconnect``) sends a RST and
+    purges the send and retransmit queues. False where the socket refuses (not TCP)."""
+    unspec = (ctypes.c_ubyte * 16)()  # a sockaddr whose sa_family is 0: AF_UNSPEC
+    return bool(_libc().connect(fd, unspec, ctypes.sizeof(unspec)) == 0)
+
+
 def kill(conn: _Conn) -> None:
+    """Abort a path's connection: reset (nothing it queued is sent later), then shut down
+    (wakes a call blocked on it, also where the reset does not apply)."""
+    disconnect(conn.fd)
     with contextlib.suppress(OSError):
         socket.socket(fileno=os.dup(conn.fd)).shutdown(socket.SHUT_RDWR)
 
 
 def close(conn: _Conn) -> None:
-    """Shut the socket down; libnbd closes the handle when the last reference goes."""
-    kill(conn)
+    """Shut the socket down (gracefully: what it sent is delivered; ``kill`` first to
+    abort); libnbd closes the handle when the last reference goes."""
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(conn.fd)).shutdown(socket.SHUT_RDWR)
     conn.handle = None
     with contextlib.suppress(OSError):
         os.close(conn.fd)

@@ -91,7 +91,11 @@ def test_arping_sees_a_defended_address_as_in_use(lab: Lab) -> None:
 def test_watch_reports_a_clone_conflict(lab: Lab) -> None:
     w = popen(lab, "gw", *NETSVC, "acd", "watch", "--iface", gw_if(lab), "--json",
               "--duration", "4")
-    time.sleep(1.0)
+    # its socket is open once it says so (a fixed wait lost the frames to a slow start-up);
+    # its --duration ends it, so this read cannot hang
+    assert w.stdout is not None and w.stderr is not None
+    first = w.stdout.readline()
+    assert json.loads(first or "{}").get("event") == "Listening", first + w.stderr.read()
     vm1 = lab.vms["vm1"]
     # vm1 announces itself (the real arping); then vm2 claims vm1's address, as a clone would.
     run(lab, "vm1", "arping", "-U", "-c", "1", "-I", "vnic", "-s", vm1.ip, vm1.ip)
@@ -101,7 +105,7 @@ def test_watch_reports_a_clone_conflict(lab: Lab) -> None:
     with sender:
         sender.send(announcement(lab.vms["vm2"].mac, vm1.ip))
     out, err = w.communicate(timeout=20)
-    events = [json.loads(x) for x in out.splitlines()]
+    events = [json.loads(x) for x in (first + out).splitlines()]
     conflicts = [e for e in events if e["event"] == "Conflict" and e["ip"] == vm1.ip]
     assert conflicts, out + err
     assert set(conflicts[0]["macs"]) == {vm1.mac, lab.vms["vm2"].mac}

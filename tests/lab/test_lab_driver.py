@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from netsvc.lab.hvstate import HvState
 from netsvc.lab.lab import Lab
 from netsvc.lab.netns import connector
 from netsvc.lab.plan import GATEWAY, GUEST_PORT
+from netsvc.lab.scenarios import poll
 
 pytestmark = pytest.mark.lab
 
@@ -126,13 +128,14 @@ def test_lab_driver_moves_stops_and_restarts_vms(lab: Lab) -> None:
 
         # Live migration h1 -> h2 under a writing client: nothing lost, state kept.
         client = GuestClient(lab.guest_connect("vm1"), interval=0.002).start()
-        time.sleep(0.5)
+        # so many replies before and after, however long they take (not so many in 0.5 s)
+        assert poll(lambda: len(client.log.times) > 50, 20.0), client.log.errors[:3]
         before = len(client.log.times)
         t_prepare = time.monotonic()
         token = d2.migrate_prepare("vm1", "h1")
         result = d1.migrate_handover("vm1", "h2", token)
         t = time.monotonic()
-        time.sleep(0.5)
+        poll(lambda: client.log.count(t, math.inf) > 50, 20.0)
         log = client.stop()
         after = len([x for x in log.times if x > t])
         print(f"\nhandover: switch_ms={result['switch_ms']} steps_ms={result['steps_ms']}")

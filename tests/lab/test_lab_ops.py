@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import pytest
 from netsvc.lab.client import GuestClient, request
 from netsvc.lab.faults import Faults
 from netsvc.lab.lab import Lab, LabError
+from netsvc.lab.scenarios import poll
 
 pytestmark = pytest.mark.lab
 
@@ -74,11 +76,12 @@ def test_host_networks_reach_services_and_bmc(lab: Lab) -> None:
 
 def test_migration_keeps_guest_state_and_client_session(lab: Lab) -> None:
     client = GuestClient(lab.guest_connect("vm1"), interval=0.002).start()
-    time.sleep(0.5)
+    # so many replies before and after, however long they take (not so many in half a second)
+    assert poll(lambda: len(client.log.times) > 50, 20.0), client.log.errors[:3]
     before = len(client.log.times)
     r = lab.migrate("vm1", "h2")
     t = time.monotonic()
-    time.sleep(0.5)
+    poll(lambda: client.log.count(t, math.inf) > 50, 20.0)
     log = client.stop()
     after = len([x for x in log.times if x > t])
     assert before > 50 and after > 50, (before, after, log.errors[:3])

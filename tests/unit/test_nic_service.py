@@ -271,9 +271,11 @@ def test_a_migration_onto_a_sleeping_switch_wakes_it_and_only_there(env: Env) ->
     assert [(a.host, a.payload["switch"]) for a in wakes] == [("h3", "vs1")]
     assert "pending" in wakes[0].reason
     [c] = env.core.claim_actions("h3", "agent-h3", now=T0 + 1.4, kinds=["nic-wake"])
-    env.core.complete_action(c.id, ok=True, now=T0 + 1.45, host="h3", result={"wake_ms": 4.2})
+    env.core.complete_action(c.id, ok=True, now=T0 + 1.45, host="h3", result={"wake_ms": 4.2,
+                                                                    "ready_mono": T0 + 1.44})
     [done] = env.entries("nic-wake-done")
-    assert done.details["wake_ms"] == 4.2
+    # with when it was ready, on the host's clock (its report may come after what follows)
+    assert done.details["wake_ms"] == 4.2 and done.details["ready_mono"] == T0 + 1.44
     # h3's vs1, awake and idle, does not sleep while the migration onto it is open ...
     env.standard("h3", T0 + 2, vms={})
     env.tick(T0 + 8)

@@ -148,6 +148,11 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             with pytest.raises(RuntimeError, match="second copy here, not first"):
                 h2.reader("merge", "d3", "first", [])
             assert h1.forget({"d3": released["released"] + 1}) == []  # another set: kept
+            # h1 released d3 on the second copy: an open on the first would serve stale
+            # blocks and lose its kept set at the next release
+            with pytest.raises(RuntimeError, match="released here on its second copy"):
+                h1.reader("open", "d3", "first")
+            assert "d3" not in h1.volumes and h1.released["d3"]["dirty"] == [[0, 1]]
 
             class Manager:  # the report's reply: the manager merged that set
                 def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -164,6 +169,20 @@ def test_a_reader_handover_between_two_agents_keeps_every_write_and_the_dirty_se
             back = h2.move("h3", "first")["disks"]["d3"]
             assert back["bytes_copied"] == 2 * 65536  # the two blocks, not a full copy
             assert back["gen"] == 4 and h2.report()["volumes"][0]["gen"] == 4
+
+            class Ahead:  # h2 lost its state file once: the manager counts further
+                def __init__(self, gens: dict[str, int]) -> None:
+                    self.gens = gens
+
+                def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+                    return 200, {"ok": True, "forget": {}, "gens": self.gens}
+
+            h2.report_once(Ahead({"d3": 9, "d9": 5}))  # d9: not served here, ignored
+            assert h2.report()["volumes"][0]["gen"] == 9 and "d9" not in h2.gens
+            h2.report_once(Ahead({"d3": 2}))  # never lowered
+            assert h2.report()["volumes"][0]["gen"] == 9
+            assert json.loads((tmp_path / "s2" / "power-disks.json").read_text())["gens"] \
+                == {"d3": 9}
             first = (a.directory / "d3").read_bytes()
             assert first[:4096] == b"\x01" * 4096
             assert first[3 * 65536:3 * 65536 + 4096] == b"\x02" * 4096

@@ -632,6 +632,48 @@ def test_a_failed_split_resolution_stays_split_and_is_tried_again_later(
     env.tick(T0 + 40)  # SPLIT_RETRY_S later
     [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
     assert (r.host, r.payload["op"]) == ("h1", "open")
+    run_action(env, "power-reader", T0 + 41, ok=False, detail="connection refused")
+    env.tick(T0 + 42)
+    env.tick(T0 + 90)  # failed twice: 60 s this time
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+    env.tick(T0 + 103)
+    [r] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
+    assert (r.host, r.payload["op"]) == ("h1", "open")
+
+
+def test_a_split_disk_is_not_resolved_while_where_it_is_authoritative_is_unknown(
+        tmp_path: Path) -> None:
+    """A split's resolution opens the disk on the document's copy: while that is unknown (a
+    move failed), nothing starts (it used to guess the first copy)."""
+    env = reader_env(tmp_path)
+    env.core.model.set_service_doc("power/d4", {
+        "reader": "h1", "where": None, "owner": "h4", "dirty": [], "gen": 0,
+        "handover": {"source": "h1", "target": "h2", "phase": "split", "error": "failed"}})
+    env.service._docs["d4"] = dict(env.core.model.service_docs["power/d4"])
+    env.tick(T0 + 1)
+    env.tick(T0 + 2)
+    assert [x for x in env.core.open_actions() if x.kind == "power-reader"] == []
+
+
+def test_a_split_disks_vms_may_move_only_between_its_two_hosts(tmp_path: Path) -> None:
+    """d4 is split between h1 and h2: a VM of it may go to h2 (the target's agent waits until
+    it serves d4; nothing starts), not to h3, which would be a third host serving it."""
+    from netsvc.power.schemas import FollowRequest
+
+    env = reader_env(tmp_path)
+    env.reports(T0 + 0.5, extra={
+        "h1": {"declares": ["d4"], "volumes": [vol("d4", "h4", "second")],
+               "demand": {"vm1": {"cpu": 0.2, "disks": ["d4"]}}},
+        "h2": {"declares": ["d4"]}, "h3": {"declares": ["d4"]}})
+    env.core.model.set_service_doc("power/d4", {
+        "reader": "h1", "where": "second", "owner": "h4", "dirty": [], "gen": 0,
+        "handover": {"source": "h1", "target": "h2", "phase": "split", "error": "failed"}})
+    env.service._docs["d4"] = dict(env.core.model.service_docs["power/d4"])
+    with pytest.raises(Refused) as exc:
+        env.service.follow(FollowRequest(host="h3", vm="vm1"), now=T0 + 1)
+    assert exc.value.rule == "one-reader-per-disk"
+    out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 1)
+    assert out["wait"] == ["d4"] and out["handovers"] == {}
 
 
 def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_handover(
@@ -672,6 +714,34 @@ def test_a_restarted_manager_resumes_a_held_merge_and_splits_an_interrupted_hand
     core2.handle_timer(T0 + 4, WALL0 + T0 + 4)
     assert s2.reader_of("d4") == "h2"
     assert core2.model.service_docs["power/d4"]["dirty"] == []
+
+
+def test_an_agent_counting_behind_is_told_the_documents_generation(tmp_path: Path) -> None:
+    """d4 is on its second copy at generation 3. h1's agent lost its state file and serves
+    it on the first copy (its default) at generation 0: its reports are ignored, journaled
+    once, and it is not told the generation (catching up would make the manager take its
+    copy). Once it reports the document's copy, it is told the generation, and its reports
+    count again."""
+    from netsvc.cluster.service import Request
+
+    env = Env(tmp_path)
+    env.service._adopt(env.service._reports["h1"][0], T0, None)
+    doc = env.core.model.service_docs["power/d4"]
+    env.service._store_disk("d4", {**doc, "where": "second", "gen": 3})
+
+    def report(where: str, gen: int, now: float) -> Any:
+        body = convert({"host": "h1", "volumes": [vol("d4", "h4", where, gen=gen)]},
+                       PowerReport)
+        return env.service._route_report(Request((), None, body, now, WALL0 + now)).body
+
+    assert report("first", 0, T0 + 1)["gens"] == {}
+    assert report("first", 0, T0 + 2)["gens"] == {}
+    assert env.core.model.service_docs["power/d4"]["where"] == "second"  # not taken
+    assert env.actions("power-reader-where-mismatch") == ["power-reader-where-mismatch"]
+    assert report("second", 0, T0 + 3)["gens"] == {"d4": 3}  # the right copy: catch up
+    assert report("second", 3, T0 + 4)["gens"] == {}
+    report("first", 4, T0 + 5)  # a move this agent made (generation 4): taken
+    assert env.core.model.service_docs["power/d4"]["where"] == "first"
 
 
 def test_a_moves_result_updates_where_the_documents_say_the_disk_is(tmp_path: Path) -> None:
@@ -823,16 +893,22 @@ def test_a_follow_takes_the_vms_disks_from_the_managers_reports(tmp_path: Path) 
     from netsvc.power.schemas import FollowRequest
 
     env = reader_env(tmp_path)
+    with pytest.raises(Refused) as exc:  # h3 does not declare d4: vm1 cannot go there
+        env.service.follow(FollowRequest(host="h3", vm="vm1"), now=T0 + 0.5)
+    assert exc.value.rule == "host-declares-disk"
+    same = env.service.follow(FollowRequest(host="h1", vm="vm1"), now=T0 + 0.5)
+    assert same["wait"] == ["d4"] and same["handovers"] == {}  # h1 reads d4 already
     env.core.request_migration("vm1", to="h2", reason="operator", now=T0 + 1)
     out = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 1)
     assert out["wait"] == ["d4"] and list(out["handovers"]) == ["d4"]
     [o] = [x for x in env.core.open_actions() if x.kind == "power-reader"]
     assert (o.host, o.payload["op"], o.payload["disk"]) == ("h2", "open", "d4")
-    with pytest.raises(Refused) as exc:  # h3 does not declare d4: vm1 cannot go there
-        env.service.follow(FollowRequest(host="h3", vm="vm1"), now=T0 + 1)
-    assert exc.value.rule == "host-declares-disk"
-    again = env.service.follow(FollowRequest(host="h1", vm="vm1"), now=T0 + 1)
-    assert again["wait"] == ["d4"] and again["handovers"] == {}  # h1 reads d4 already
+    again = env.service.follow(FollowRequest(host="h2", vm="vm1"), now=T0 + 1)
+    assert again["handovers"] == {}  # where d4 already goes: nothing more starts
+    for host in ("h3", "h1"):  # d4 is on its way to h2: no VM may go elsewhere meanwhile,
+        with pytest.raises(Refused) as exc:  # not even to h1, which is about to release it
+            env.service.follow(FollowRequest(host=host, vm="vm1"), now=T0 + 1)
+        assert exc.value.rule == "one-handover-per-disk"
 
 
 def test_a_power_offs_own_migration_asks_and_is_not_refused(tmp_path: Path) -> None:

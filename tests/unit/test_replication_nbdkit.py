@@ -146,3 +146,30 @@ def test_epochs_through_nbdkit_and_a_cut_connection(site_b: tuple[int, Path]) ->
     assert sink.status().applied == 2
     assert read_replica(port) == epoch2
     sink.close()
+
+
+def test_a_late_watchdog_never_resets_a_later_connection() -> None:
+    """The watchdog set for one connection fires after the sink moved on to the next: it
+    leaves that one alone (it used to act on whatever descriptor the sink held then); set
+    for the current one, it resets it (the peer sees a reset, not an orderly end)."""
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        cli = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+        sink = NbdSink("127.0.0.1", 1, "vm1")
+        sink._fd, sink._gen = os.dup(cli.fileno()), 2  # the sink's second connection
+        try:
+            sink._kill(1)  # the first connection's watchdog, late
+            cli.sendall(b"still here")
+            peer.settimeout(5.0)
+            assert peer.recv(100) == b"still here"
+            sink._kill(2)
+            with pytest.raises(ConnectionResetError):
+                peer.recv(100)
+        finally:
+            sink.close()
+            cli.close()
+            peer.close()

@@ -269,3 +269,40 @@ def test_garbage_reply_fails_the_path_and_the_io_moves(tmp_path: Path) -> None:
         finally:
             ds.close()
             proxy.close()
+
+
+def test_an_aborted_path_never_sends_what_it_still_held() -> None:
+    """A path's abort resets its connection: bytes the socket still held to send (a write
+    queued while the fabric was down) never reach the array, which sees a reset instead.
+    With a plain ``shutdown`` (the old abort) the array got all of it, after the retry on
+    another path could have written the same block anew. The array here stops reading, so the
+    client's send queue fills, as it does when a link is down."""
+    import socket
+
+    from netsvc.storage.nbdpaths import _Conn, kill
+
+    with contextlib.ExitStack() as st:
+        srv = st.enter_context(socket.socket())
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        cli = st.enter_context(socket.create_connection(srv.getsockname()))
+        arr, _ = srv.accept()
+        st.enter_context(arr)
+        cli.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent += cli.send(b"w" * 65536)
+        assert sent > 1 << 20  # the array's buffer is small: most of it is still queued
+        fd = os.dup(cli.fileno())  # what the adapter keeps beside libnbd's handle
+        kill(_Conn(None, fd))
+        os.close(fd)
+        arr.settimeout(5.0)
+        got, error = 0, ""
+        try:
+            while chunk := arr.recv(1 << 20):
+                got += len(chunk)
+        except ConnectionResetError as exc:
+            error = str(exc)
+        assert got < sent // 4 and "reset" in error.lower(), (got, sent, error)

@@ -67,6 +67,19 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 
     return time.monotonic() - t0
 
 
+def poll(cond: Callable[[], Any], timeout: float, every: float = 0.05) -> bool:
+    """Poll ``cond`` until true (True), or for at most ``timeout`` seconds (False): for a
+    check that waits on a condition (so many replies, say) rather than for a fixed time."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return bool(cond())
+        time.sleep(every)
+    return True
+
+
 def no_params(params: dict[str, Any], plan: LabPlan) -> dict[str, Any]:
     return params
 

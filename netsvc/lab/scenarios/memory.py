@@ -53,7 +53,8 @@ Parameters (a ``[NAME]`` table of the lab config): ``ttl`` (the hosts' lease TTL
   (``pool_fence_ms``), has the manager power h1 off through its BMC (``fence_ms``, to the BMC's
   confirmation; ``fenced_by``, the BMC) and only then respawns the VM (``restart_ms``, to the
   VM answering with its state elsewhere). A writer on a connection to the old guest counts
-  writes acknowledged after the pool fence (``stale_writes_accepted``, must be 0). Then the
+  the writes it sent after the pool fence (journaled) that the guest acknowledged
+  (``stale_writes_accepted``, must be 0; ``stale_writes_sent_after_fence``). Then the
   fabric comes back and h1 is powered on through its BMC: it rejoins with a new lease.
 """
 
@@ -729,6 +730,9 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
         respawn = journal_since(lab, "memory-respawn", t1)
         lapsed = journal_since(lab, "memory-lease-lapsed", t1)
         t_fence = float(pool_fence[0]["mono"]) if pool_fence else None
+        # the requests sent once the journal had the pool fence: the guest handled each after
+        # the master took the lease, so it must refuse every one (a reply that merely arrived
+        # after the fence may answer a write handled before it: not a stale write)
         after_fence = [r for t, r in writer.replies if t_fence is not None and t >= t_fence]
         respawns = pl.finished("memory-respawn", t1)
         out = {
@@ -745,6 +749,7 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
             "respawned_on": lab.vm("vm1").host,
             "respawn_executor": respawns[0].executor if respawns else None,
             "stale_writes_sent": len(writer.replies),
+            "stale_writes_sent_after_fence": len(after_fence),
             "stale_writes_accepted": sum(1 for r in after_fence if r.startswith("OK")),
             "stale_replies_after_fence": sorted(set(after_fence))[:5],
         }
@@ -793,7 +798,9 @@ def _isolation(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, An
 
 class StaleWriter:
     """Writes ``SET staleN x`` every 20 ms on one connection to a guest, and keeps each reply
-    with when it came (a connection that died ends it)."""
+    with when its request was sent (a connection that died ends it). The send time, not the
+    reply's arrival: a request sent after an instant was handled by the guest after it, while
+    a reply read after it may answer a request handled before it."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -821,6 +828,7 @@ class StaleWriter:
         i = 0
         while not self._stop.wait(0.02):
             key = f"stale{i}"
+            sent_at = time.monotonic()
             try:
                 f.write(f"SET {key} x\n".encode())
                 f.flush()
@@ -830,7 +838,7 @@ class StaleWriter:
             if not line:
                 return
             self.sent.append(key)
-            self.replies.append((time.monotonic(), line.decode(errors="replace").strip()[:80]))
+            self.replies.append((sent_at, line.decode(errors="replace").strip()[:80]))
             i += 1
 
 

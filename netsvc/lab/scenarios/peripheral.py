@@ -30,7 +30,7 @@ namespace, where an agent would, for each need:
    consumer reading its socket never restarts.
 
 ``report.json`` holds, beside the checks: ``decisions`` (device, kind, vm, need_bps,
-allocation_bps, threshold, action, exit), ``reconnect_ms`` (link restored -> channel ready
+allocation_bps, threshold, action, exit), ``reconnect_ms`` (link restore asked -> channel ready
 again), ``channel_outage_ms`` (the channel's own loss -> ready), ``keyboard_gap_ms`` (longest
 pause in typed text around the flap), ``tunnel_bulk_mbytes_per_s`` and
 ``local_bulk_mbytes_per_s`` (the bulk device over the shaped tunnel and after the migration,
@@ -347,8 +347,10 @@ def run(lab: Lab, checks: Checks, params: dict[str, Any]) -> dict[str, Any]:
     fid = faults.cut(f"{VM_HOST}:vmnet")
     t_down = time.monotonic()
     time.sleep(params["flap_s"])
-    faults.heal(fid)
+    # the instant the heal was asked for: the link is up inside heal(), and the channel may
+    # reconnect before heal() returns (it still records the fault's end)
     t_up = time.monotonic()
+    faults.heal(fid)
     ready = wait_json(channel_log, lambda e: e.get("event") == "state"
                       and e.get("detail") == "reconnected" and e["t"] >= t_down,
                       timeout=20)  # fmt: skip

@@ -20,11 +20,14 @@ region. Every acknowledged write is remembered (block -> its bytes).
 (A guest's own writes on a datastore across a real live migration: ``disk-migration``,
 ``scenarios/disks.py``.)
 
-``switch-failure``: ``stor-a``'s bridge goes down with no warning for ``down_s``: the checker
-and the I/O errors fail the paths, the I/O moves to ``stor-b`` and is retried once.
+``switch-failure``: ``stor-a``'s bridge goes down with no warning for ``down_s`` (and until
+every dual-fabric host's path active on it was failed over, journaled, at most
+``FAILOVER_WITHIN_S``): the checker and the I/O errors fail the paths, the I/O moves to
+``stor-b`` and is retried once.
 
 Checks: zero I/O errors in the writers; every acknowledged write reads back (every block,
-read with ``nbdcopy`` through the array's own export); the refused entry (maintenance).
+read with ``nbdcopy`` through the array's own export); the refused entry (maintenance);
+every dual-fabric host's path active on ``stor-a`` failed over (failure).
 ``report.json``: ``paths_moved``, ``io_errors``, ``max_io_stall_ms`` (the longest write, from
 request to acknowledgement), ``writes_verified``, beside ``writes``, ``writes_per_s`` and the
 journal's ``max_drain_ms`` (maintenance).
@@ -46,11 +49,12 @@ from typing import Any
 from netsvc.lab.config import ConfigError
 from netsvc.lab.lab import Lab, LabError
 from netsvc.lab.plan import ARRAY_ADDRS, ARRAY_PORT, LabPlan
-from netsvc.lab.scenarios import Checks, Scenario, wait_for
+from netsvc.lab.scenarios import Checks, Scenario, poll, wait_for
 
 DATASTORES = ("ds1", "ds2")
 DS_SIZE = 16 * 1024 * 1024
 BLOCK = 4096
+FAILOVER_WITHIN_S = 30.0  # switch-failure: a sanity bound on the failovers (down_s is 3 s)
 SLOW_MS = 20.0  # writes slower than this are listed in the report, by phase
 PARAMS: dict[str, type | tuple[type, ...]] = {"down_s": (int, float),
                                              "load_s": (int, float)}
@@ -280,14 +284,32 @@ def _steps(lab: Lab, checks: Checks, params: dict[str, Any], maintenance: bool
                          str(left))
             checks.check("the forced entry is journaled as forced",
                          bool(e["details"].get("forced")), str(e["details"].get("left")))
-        phases.append((time.monotonic(), "bridge-down"))
+        # the dual-fabric hosts' paths active on stor-a (the single-fabric host has nowhere
+        # to go: its I/O waits for stor-a)
+        active = [k for k, v in _paths_state(lab, "stor-a").items()
+                  if v == "active" and not k.startswith(f"{single}/")]
+        t_down = time.monotonic()
+        phases.append((t_down, "bridge-down"))
         _bridge(lab, False)
         time.sleep(params["down_s"])
         if not maintenance:
-            moves = [x for x in lab.manager().journal(0, limit=10000)
-                     if x["action"] == "storage-path-moved"
-                     and (x.get("details") or {}).get("kind") == "failover"]
-            moved = len(moves)
+            def failovers() -> set[str]:  # the host/datastore pairs that failed over
+                return {str(x["subject"]).removeprefix("path:")
+                        for x in lab.manager().journal(0, limit=10000)
+                        if x["action"] == "storage-path-moved" and float(x["mono"]) >= t_down
+                        and (x.get("details") or {}).get("kind") == "failover"}
+
+            # every path that was active on stor-a moves: waited for with the bridge still
+            # down (a sanity bound), not counted at the end of a fixed down_s (the agents'
+            # moves reach the journal when they do, later on a loaded machine)
+            poll(lambda: set(active) <= failovers(), FAILOVER_WITHIN_S, every=0.2)
+            failed_over = failovers()
+            moved = len(failed_over)
+            figures["active_on_stor_a_before"] = len(active)
+            checks.check("every dual-fabric path active on stor-a failed over to stor-b",
+                         bool(active) and set(active) <= failed_over,
+                         f"failed over: {sorted(failed_over)}; active on stor-a before: "
+                         f"{sorted(active)}")
         phases.append((time.monotonic(), "bridge-up"))
         _bridge(lab, True)
         _wait("stor-a's paths healthy again",
