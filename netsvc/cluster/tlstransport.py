@@ -453,17 +453,22 @@ class TlsListener:
         self._timeout = handshake_timeout
         self._log = log
         self._on = False
+        self._closed = False
 
     def start(self) -> None:
-        if not self._on:
+        if not self._on and not self._closed:
             self._on = True
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
-    def close(self) -> None:
-        """Accept no more (the connections already accepted go on)."""
+    def _pause(self) -> None:
         if self._on:
             self._on = False
             self._loop.remove_reader(self._sock.fileno())
+
+    def close(self) -> None:
+        """Accept no more (the connections already accepted go on)."""
+        self._closed = True
+        self._pause()
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_TURN):
@@ -476,7 +481,7 @@ class TlsListener:
                     # out of descriptors: pause accepting for a second instead of spinning
                     if self._log is not None:
                         self._log(f"accept: {exc}; pausing for 1 s")
-                    self.close()
+                    self._pause()
                     self._loop.call_later(1.0, self.start)
                     return
                 raise
