@@ -144,6 +144,13 @@ class _Guard:
         entry = self._conns.get(conn)
         return entry is not None and entry[1] is None
 
+    def closing(self, conn: asyncio.BaseTransport, now: float) -> None:
+        """Its last answer is written and the connection closes once the client has read it:
+        a client that stops reading it is cut after ``idle_timeout`` (``slow_closed``)."""
+        entry = self._conns.get(conn)
+        if entry is not None:
+            self._conns[conn] = (entry[0], now + self.limits.idle_timeout, "slow_closed")
+
     def serving(self, conn: asyncio.BaseTransport) -> None:
         entry = self._conns.get(conn)
         if entry is not None:
@@ -379,6 +386,11 @@ class _Connection(asyncio.Protocol):
         self._buf += data
         if not self._busy:
             self._process()
+        elif len(self._buf) > http1.MAX_HEAD + self.s.manager.api.max_body \
+                and self.transport is not None and self.transport.is_reading():
+            # pipelined bytes while a request is answered (or parked): at most a head and a
+            # body's worth wait; the rest waits in the socket until this one is answered
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -534,6 +546,8 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         if self._gone or self.transport is None:
             return
+        if not self.transport.is_reading() and not self.transport.is_closing():
+            self.transport.resume_reading()
         body = resp.encode()
         close = resp.close or head is None or not head.keep_alive or self._eof
         headers = [("Server", "netsvc-manager/0.1"), ("Content-Type", "application/json"),
@@ -553,6 +567,7 @@ class _Connection(asyncio.Protocol):
         self._gone = True
         self.unpark()
         if self.transport is not None:
+            self.s.guard.closing(self.transport, time.monotonic())
             self.transport.close()  # after what was written has gone out
 
 

@@ -24,14 +24,21 @@ Invariants:
 - The handshake must end within ``handshake_timeout`` seconds of the accept, or the
   connection is aborted and ``connection_lost`` gets a ``HandshakeFailed``; so does a failed
   handshake (a bad certificate, plain HTTP, a client that closes halfway).
-- A ``write`` after ``close`` or ``abort`` is dropped. ``close`` sends what is buffered, then
-  a close_notify, then shuts the socket's sending side and drops what the client still sends
-  for at most ``LINGER`` seconds (so that closing with unread bytes does not reset the
-  connection under an answer not read yet), then closes it. ``abort`` closes at once.
+- A ``write`` after ``close`` or ``abort`` is dropped. ``close`` sends what is buffered
+  (within ``CLOSE_TIMEOUT`` seconds, else the connection is aborted: a client that stops
+  reading cannot hold it open), then a close_notify, then shuts the socket's sending side
+  and drops what the client still sends for at most ``LINGER`` seconds (so that closing with
+  unread bytes does not reset the connection under an answer not read yet), then closes it.
+  ``abort`` closes at once.
 - The bytes buffered for writing are reported to the protocol with ``pause_writing`` above
   the high mark and ``resume_writing`` below the low one; past ``MAX_BUFFER`` the connection is
   aborted (a client that never reads cannot make the server hold unbounded memory). Nothing is
-  buffered for reading: each record read goes to the protocol at once.
+  buffered for reading: each record read goes to the protocol at once. A large write is sent
+  from an offset into it (no copy of what is left per chunk).
+- An exception raised by the protocol's callbacks (``data_received``, ``eof_received``,
+  ``pause_writing``, ``resume_writing``) ends the connection (``connection_lost`` gets it) and
+  is reported to the loop's exception handler once, as asyncio's own transports do; it never
+  leaves the connection open with nobody driving it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ HIGH_WATER = 65536
 LOW_WATER = 16384
 MAX_BUFFER = 64 * 1024 * 1024
 LINGER = 2.0  # seconds to drain the client's bytes after our close
+CLOSE_TIMEOUT = 30.0  # seconds for the client to read what was buffered at close
 ACCEPTS_PER_TURN = 128
 
 
@@ -148,8 +156,9 @@ class TlsTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self.state = TlsState()
-        self._out: deque[bytes] = deque()  # bytes not given to SSL_write yet
-        self._inflight: bytes | None = None  # given to SSL_write, which wants it again
+        self._out: deque[bytes] = deque()  # bytes not all sent yet
+        self._off = 0  # how much of ``_out[0]`` is sent
+        self._inflight: memoryview | None = None  # given to SSL_write, which wants it again
         self._reading = True  # the protocol's pause_reading/resume_reading
         self._reader_on = False
         self._writer_on = False
@@ -162,9 +171,21 @@ class TlsTransport(asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             handshake_timeout, self._handshake_timed_out)
 
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the protocol; an exception ends the connection (``connection_lost`` gets it)
+        and goes to the loop's exception handler."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # the protocol's bug: this connection ends, the loop goes on
+            self._loop.call_exception_handler({
+                "message": f"TlsTransport: the protocol's {what} raised", "exception": exc,
+                "transport": self, "protocol": self._protocol})
+            self._fatal(exc)
+            return None
+
     def start(self) -> None:
         """Tell the protocol, then start the handshake (called once by the listener)."""
-        self._protocol.connection_made(self)
+        self._call("connection_made", self._protocol.connection_made, self)
         if not self.state.closing:
             self._set_reader(True)
             self._handshake()
@@ -232,6 +253,8 @@ class TlsTransport(asyncio.Transport):
         self._extra["cipher"] = self._sock.cipher()
         self._set_writer(False)
         self._flush()  # what the protocol wrote before the handshake was done
+        if self.state.phase == "closed":
+            return
         if self._reading:
             self._set_reader(True)
             self._read()  # a request may be in the handshake's last flight
@@ -262,7 +285,7 @@ class TlsTransport(asyncio.Transport):
             if not data:  # close_notify, or the TCP FIN (a ragged EOF)
                 self._eof()
                 return
-            self._protocol.data_received(data)
+            self._call("data_received", self._protocol.data_received, data)
             if not self.state.reads_to_protocol() or not self._sock.pending():
                 return
 
@@ -270,8 +293,8 @@ class TlsTransport(asyncio.Transport):
         self.state.eof = True
         if self.state.phase == "open":
             self._set_reader(False)
-        keep_open = self._protocol.eof_received()
-        if not keep_open:
+        keep_open = self._call("eof_received", self._protocol.eof_received)
+        if not keep_open and self.state.phase != "closed":
             self.close()
 
     def _drain(self) -> None:
@@ -301,19 +324,15 @@ class TlsTransport(asyncio.Transport):
         if self.state.phase == "open" and not self._writer_on and not self._write_wants_read:
             self._flush()
         if self.state.pause_writing():
-            self._protocol.pause_writing()
+            self._call("pause_writing", self._protocol.pause_writing)
 
     def _flush(self) -> None:
         """Give the socket what it takes of the buffer."""
         if self.state.phase not in ("open", "closing"):
             return
-        while self._inflight is not None or self._out:
-            if self._inflight is None:
-                chunk = self._out.popleft()
-                if len(chunk) > MAX_CHUNK:
-                    self._out.appendleft(chunk[MAX_CHUNK:])
-                    chunk = chunk[:MAX_CHUNK]
-                self._inflight = chunk
+        while self._out:
+            if self._inflight is None:  # the next chunk: a view from the offset, no copy
+                self._inflight = memoryview(self._out[0])[self._off:self._off + MAX_CHUNK]
             try:
                 n = self._sock.send(self._inflight)
             except ssl.SSLWantWriteError:
@@ -327,13 +346,17 @@ class TlsTransport(asyncio.Transport):
             except (OSError, ValueError) as exc:
                 self._fatal(exc)
                 return
-            chunk, self._inflight = self._inflight, None
-            if n < len(chunk):  # SSL_write took a part (not with the default modes)
-                self._out.appendleft(chunk[n:])
+            self._inflight = None  # (a part only if SSL_write took a part: not by default)
+            self._off += n
+            if self._off >= len(self._out[0]):
+                self._out.popleft()
+                self._off = 0
             self.state.sent(n)
         self._set_writer(self._read_wants_write)  # a read may still wait for it
         if self.state.resume_writing():
-            self._protocol.resume_writing()
+            self._call("resume_writing", self._protocol.resume_writing)
+            if self.state.phase == "closed":
+                return
         if self.state.flushed_while_closing():
             self._shutdown()
 
@@ -349,7 +372,14 @@ class TlsTransport(asyncio.Transport):
             self.state.buffered = 0
             self.state.phase = "lingering"
             self._shutdown()
-        # else: ``_flush`` calls ``_shutdown`` when the buffer is empty
+        else:  # ``_flush`` calls ``_shutdown`` when the buffer is empty, if the client reads
+            self._timer = self._loop.call_later(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._timer = None
+        if self.state.phase == "closing":
+            self._fatal(TimeoutError(f"the client did not read the answer within "
+                                     f"{CLOSE_TIMEOUT:g} s of the close"))
 
     def _handshake_pending(self) -> bool:
         return "ssl_object" not in self._extra
@@ -357,6 +387,7 @@ class TlsTransport(asyncio.Transport):
     def _shutdown(self) -> None:
         """Send the close_notify (when the handshake was done), shut our sending side, and
         linger until the client's FIN or ``LINGER`` seconds."""
+        self._timer_cancel()
         self._set_writer(False)
         if not self._handshake_pending():
             with contextlib.suppress(OSError, ValueError):  # SSLWant*Error included
@@ -388,6 +419,7 @@ class TlsTransport(asyncio.Transport):
         self._set_reader(False)
         self._set_writer(False)
         self._out.clear()
+        self._off = 0
         self._inflight = None
         with contextlib.suppress(OSError):
             self._sock.close()

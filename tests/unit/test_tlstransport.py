@@ -125,6 +125,12 @@ class Toy:
                 self.transport.close()
                 self.transport.write(b"dropped")
                 return
+            if target == "/raise":
+                raise RuntimeError("the protocol's bug")
+            if target.startswith("/close/"):  # a large answer, then close
+                self.transport.write(_answer(_pattern(int(target[7:]))))
+                self.transport.close()
+                return
             if target == "/peer":
                 cert = self.transport.get_extra_info("peercert")
                 self.transport.write(_answer(json.dumps(cert).encode()))
@@ -430,3 +436,46 @@ def test_the_manager_over_tls_in_one_byte_records_and_kept_alive(tmp_path: Path,
         assert resp.status == 200 and "h1" in json.loads(resp.read())["hosts"]
         conn.close()
         _wait(lambda: m.http_stats.get("connections_accepted", 0) >= 3, "accepts counted")
+
+
+def test_a_protocol_that_raises_ends_its_connection(pki: Path) -> None:
+    """An exception in ``data_received`` ends the connection (``connection_lost`` gets it)
+    instead of leaving it open with nobody driving it; the server goes on."""
+    srv = ToyServer(pki)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw, \
+                _client_ctx(pki).wrap_socket(raw, server_hostname="127.0.0.1") as c:
+            c.settimeout(BOUND)
+            c.sendall(b"GET /raise HTTP/1.1\r\n\r\n")
+            _wait(lambda: srv.lost(0) is not False, "connection_lost")
+            err = srv.lost(0)
+            assert isinstance(err, RuntimeError) and "bug" in str(err)
+            with contextlib.suppress(OSError):
+                assert c.recv(100) == b""  # the client sees the end
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=_client_ctx(pki),
+                                           timeout=BOUND)
+        conn.request("GET", "/5")
+        assert conn.getresponse().read() == _pattern(5)  # the next connection is served
+        conn.close()
+    finally:
+        srv.close()
+
+
+def test_a_close_whose_answer_the_client_never_reads_ends(pki: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """The protocol writes an answer larger than the socket's buffers and closes; the client
+    never reads: after ``CLOSE_TIMEOUT`` the connection is aborted, not held open for ever
+    (it was: only an empty buffer started the close's timer)."""
+    import netsvc.cluster.tlstransport as tt
+
+    monkeypatch.setattr(tt, "CLOSE_TIMEOUT", 0.5)
+    srv = ToyServer(pki)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw, \
+                _client_ctx(pki).wrap_socket(raw, server_hostname="127.0.0.1") as c:
+            c.sendall(b"GET /close/16777216 HTTP/1.1\r\n\r\n")
+            _wait(lambda: srv.lost(0) is not False, "the close to give up")
+            assert isinstance(srv.lost(0), TimeoutError)
+    finally:
+        srv.close()
