@@ -314,7 +314,12 @@ class HTTPServer:
             self.manager.log_always(f"internal error: {type(exc).__name__}: {exc}")
             answers = [error(500, f"internal error: {type(exc).__name__}")] * len(batch)
         for (conn, prepared, raw), resp in zip(batch, answers, strict=True):
-            conn.answered(prepared, raw, resp)
+            try:
+                conn.answered(prepared, raw, resp)
+            except Exception as exc:  # that connection's failure: the batch's others go on
+                self.manager.log_always(f"internal error answering {conn.peer}: "
+                                        f"{type(exc).__name__}: {exc}")
+                conn.fail()
 
     # -- long polls ----------------------------------------------------------------------------
 
@@ -541,7 +546,11 @@ class _Connection(asyncio.Protocol):
         elif resp.status == 403:
             guard.count("forbidden")
         if resp.denial is not None:
-            self.s.manager.audit(resp)
+            try:
+                self.s.manager.audit(resp)
+            except Exception as exc:  # the journal failed (a full disk): answer all the same
+                self.s.manager.log_always(f"cannot journal a refused request: "
+                                          f"{type(exc).__name__}: {exc}")
         head, self._head = self._head, None
         self._busy = False
         if self._gone or self.transport is None:
@@ -562,6 +571,14 @@ class _Connection(asyncio.Protocol):
         guard.waiting(self.transport, time.monotonic())
         if self._buf or self._eof:
             self._process()  # pipelined requests (a no-op when called from ``_take``)
+
+    def fail(self) -> None:
+        """Answering this connection failed in the server itself: drop it (its client sees
+        the connection end, not a wait for ever)."""
+        self._gone = True
+        self.unpark()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _close(self) -> None:
         self._gone = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import socket
 import threading
 import time
@@ -299,3 +300,38 @@ def test_a_persistent_client_keeps_one_connection_and_survives_idle_closes(
         stats = m.server.http_stats
         assert stats["connections_accepted"] == 2 and stats["slow_closed"] == 0
         c.close()
+
+
+def test_a_refusal_is_answered_when_its_journal_entry_fails_and_a_failed_answer_drops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journaling a refused request fails (a full disk): the client still gets its 401 (it
+    waited for ever: the exception left the server's batch before the answer). And when
+    answering a connection fails in the server itself, that connection is dropped (its
+    client sees the end), and the other requests are served."""
+    import netsvc.cluster.server as srv
+
+    with running(tmp_path) as m:
+        def broken_audit(resp: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(m.server, "audit", broken_audit)
+        host, port = m.server.address
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("POST", "/v1/hosts/h1/heartbeat", body=json.dumps(HB),
+                     headers={"Authorization": "Bearer not-a-key"})
+        assert conn.getresponse().status == 401
+        conn.close()
+
+        def broken_answered(self: Any, prepared: Any, raw: bytes, resp: Any) -> None:
+            raise RuntimeError("a bug while answering")
+
+        monkeypatch.setattr(srv._Connection, "answered", broken_answered)
+        with socket.create_connection((host, port), timeout=10) as s:
+            body = json.dumps(HB).encode()
+            s.sendall(b"POST /v1/hosts/h1/heartbeat HTTP/1.1\r\nHost: m\r\nAuthorization: "
+                      b"Bearer " + ROOT + b"\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""  # dropped, not left waiting (a timeout fails)
+        monkeypatch.undo()
+        assert ManagerClient(m.server.url, ROOT).heartbeat("h1", HB)["ok"]
