@@ -49,7 +49,7 @@ from netsvc.replication.wire import (
     Status,
     decode_status,
 )
-from netsvc.storage.nbdpaths import disconnect
+from netsvc.storage.nbdpaths import abort_fd, shut
 
 
 class Sink(Protocol):
@@ -121,9 +121,7 @@ class NbdSink:
         with self._fd_lock:
             if self._fd < 0 or (gen is not None and gen != self._gen):
                 return
-            disconnect(self._fd)
-            with contextlib.suppress(OSError):
-                socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
+            abort_fd(self._fd)
 
     def _do(self, fn: Callable[[Any], Any]) -> Any:
         watchdog: threading.Timer | None = None
@@ -188,8 +186,7 @@ class NbdSink:
         """Drop the connection (site B discards an epoch begun and not committed on it)."""
         with self._fd_lock:
             if self._fd >= 0:
-                with contextlib.suppress(OSError):  # graceful: ``_kill`` first to abort
-                    socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
+                shut(self._fd)  # graceful: ``_kill`` first to abort
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
             self._h, self._fd = None, -1

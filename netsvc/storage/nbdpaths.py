@@ -124,19 +124,29 @@ def disconnect(fd: int) -> bool:
     return bool(_libc().connect(fd, unspec, ctypes.sizeof(unspec)) == 0)
 
 
-def kill(conn: _Conn) -> None:
-    """Abort a path's connection: reset (nothing it queued is sent later), then shut down
-    (wakes a call blocked on it, also where the reset does not apply)."""
-    disconnect(conn.fd)
+def shut(fd: int) -> None:
+    """Shut the socket of ``fd`` down in both directions (gracefully: what it queued still
+    goes out), whoever else holds it: a call blocked on it returns at once."""
     with contextlib.suppress(OSError):
-        socket.socket(fileno=os.dup(conn.fd)).shutdown(socket.SHUT_RDWR)
+        socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+
+
+def abort_fd(fd: int) -> None:
+    """Abort the connection of ``fd``: reset (nothing it queued is sent later), then shut
+    down (wakes a call blocked on it, also where the reset does not apply)."""
+    disconnect(fd)
+    shut(fd)
+
+
+def kill(conn: _Conn) -> None:
+    """Abort a path's connection (``abort_fd``)."""
+    abort_fd(conn.fd)
 
 
 def close(conn: _Conn) -> None:
     """Shut the socket down (gracefully: what it sent is delivered; ``kill`` first to
     abort); libnbd closes the handle when the last reference goes."""
-    with contextlib.suppress(OSError):
-        socket.socket(fileno=os.dup(conn.fd)).shutdown(socket.SHUT_RDWR)
+    shut(conn.fd)
     conn.handle = None
     with contextlib.suppress(OSError):
         os.close(conn.fd)

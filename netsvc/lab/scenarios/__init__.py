@@ -60,10 +60,8 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 
     from netsvc.lab.lab import LabError
 
     t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
+    if not poll(cond, timeout, every):
+        raise LabError(f"timed out after {timeout:g} s waiting for {what}")
     return time.monotonic() - t0
 
 
